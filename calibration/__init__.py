@@ -1,0 +1,1 @@
+"""Sample data for calibration and evaluation: readers, preprocessing, feeds for each backend."""

@@ -1,0 +1,46 @@
+"""Feed a CalibrationSet to each backend's calibrator. Backend libraries are imported lazily."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from edgebuild.calibration.dataset import CalibrationSet
+
+
+def ort_reader(calib: CalibrationSet):
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over the samples (re-windable)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = calib.feeds()
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self):
+            self._it = calib.feeds()
+
+        def __len__(self):
+            return len(calib)
+
+    return _Reader()
+
+
+def nncf_dataset(calib: CalibrationSet, transform=None):
+    """An ``nncf.Dataset`` of feeds (dicts input name -> array), optionally transformed per backend."""
+    import nncf
+
+    return nncf.Dataset(list(calib.feeds()), transform)
+
+
+def representative_dataset(calib: CalibrationSet, transform=None) -> callable:
+    """A TFLite converter ``representative_dataset``: yields lists of arrays in input order."""
+
+    def gen() -> Iterator[list[np.ndarray]]:
+        for feed in calib.feeds():
+            feed = transform(feed) if transform else feed
+            yield [feed[k] for k in feed]
+
+    return gen

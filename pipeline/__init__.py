@@ -1,0 +1,1 @@
+"""The staged build: spec, stages, validation, report, CLI."""

@@ -1,0 +1,233 @@
+"""The edgebuild command line: flags -> BuildSpec -> the same API a Python user calls.
+
+Exit codes: 0 all targets built and within budget · 1 a budget failed (artifacts kept, marked failed)
+· 2 bad usage or bad input · 3 a conversion failed · 130 interrupted.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from edgebuild.pipeline.errors import BadInputError, EdgeBuildError
+
+EXIT_CODES = """\b
+Exit codes:
+  0    all targets built and within budget
+  1    a budget failed (artifacts kept, marked failed in manifest.json)
+  2    bad usage or bad input (one-line error)
+  3    a conversion failed (reported per target)
+  130  interrupted
+"""
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _parse_shape(text: str | None):
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise BadInputError(f"--input-shape must look like 1,3,224,224, got {text!r}") from None
+
+
+def spec_from_flags(config: str | None, **flags):
+    from edgebuild.pipeline.spec import BuildSpec, load_config
+
+    data = {}
+    config_path = config or ("edgebuild.yaml" if Path("edgebuild.yaml").is_file() else None)
+    if config_path:
+        data = load_config(config_path)
+    shape = _parse_shape(flags.pop("input_shape"))
+    if shape:
+        first = dict((data.get("inputs") or [{}])[0])
+        first.update(shape=list(shape))
+        data["inputs"] = [first, *(data.get("inputs") or [])[1:]]
+    budgets = dict(data.get("budgets") or {})
+    for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb"):
+        value = flags.pop(name)
+        if value is not None:
+            budgets[name] = value
+    data["budgets"] = budgets
+    if flags.pop("no_auto"):
+        data["auto"] = False
+    if flags.pop("no_cache"):
+        data["cache_dir"] = None
+        data["_no_cache"] = True
+    targets = flags.pop("target")
+    if targets:
+        data["targets"] = [t for chunk in targets for t in chunk.split(",") if t]
+    profiles = flags.pop("profile")
+    if profiles:
+        data["profile_files"] = [*data.get("profile_files", []), *profiles]
+    for k, v in flags.items():
+        if v is not None:
+            data[k] = v
+    no_cache = data.pop("_no_cache", False)
+    spec = BuildSpec.from_dict(data)
+    return spec, config_path, no_cache
+
+
+@contextmanager
+def _progress(console, enabled: bool):
+    if not enabled:
+        yield lambda text: _nullcontext()
+        return
+    status = console.status("starting", spinner="dots")
+    status.start()
+
+    @contextmanager
+    def stage(text: str):
+        status.update(f"[bold]{text}[/bold]")
+        yield
+
+    try:
+        yield stage
+    finally:
+        status.stop()
+
+
+@contextmanager
+def _nullcontext():
+    yield
+
+
+@click.group(invoke_without_command=True, epilog=EXIT_CODES,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--target", "-t", multiple=True, help="Target profile(s) to build (repeat or comma-separate; 'all' for the catalogue).")
+@click.option("--model", "-m", help="Model: file.onnx, TorchScript .pt, torch.export .pt2, or package.module:attr. Default: the built-in demo.")
+@click.option("--weights", help="Weights for a package.module:attr model (.safetensors or a state-dict .pt).")
+@click.option("--input-shape", help="Input shape for torch models, e.g. 1,3,224,224.")
+@click.option("--config", "-c", type=click.Path(dir_okay=False), help="Build config (default: ./edgebuild.yaml when present).")
+@click.option("--calib", help="Calibration data: image folder, .npy, .npz, or digits[:train|:test].")
+@click.option("--eval", "eval_", help="Evaluation data (same kinds). One source alone is split into disjoint parts.")
+@click.option("--calib-samples", type=int, help="At most this many calibration samples (default 300).")
+@click.option("--out", "-o", help="Output directory (default: out), replaced atomically.")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32", "dynamic"]), help="Override the profiles' precision.")
+@click.option("--max-accuracy-drop", type=float, help="Budget: accuracy drop vs FP32 in points.")
+@click.option("--max-latency-ms", type=float, help="Budget: p50 latency at batch 1 in ms.")
+@click.option("--max-size-mb", type=float, help="Budget: artifact size in MB.")
+@click.option("--profile", type=click.Path(dir_okay=False), multiple=True, help="Extra target profile YAML file(s).")
+@click.option("--no-auto", is_flag=True, help="Build the first INT8 configuration only (no accuracy search).")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the stage cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout (for CI).")
+@click.pass_context
+def cli(ctx, as_json, config, eval_, **flags):
+    """edgebuild: turn a trained model into validated edge artifacts.
+
+    \b
+      edgebuild --target arm64                  demo (or ./edgebuild.yaml) for 64-bit ARM boards
+      edgebuild --target x86 --model m.onnx --calib data/calib --eval data/val
+      edgebuild targets                         the target profile catalogue
+      edgebuild validate out/arm64 --eval data/val
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgebuild.pipeline.build import build
+
+    spec, config_path, no_cache = spec_from_flags(config, eval=eval_, **flags)
+    console = _console()
+    if no_cache:
+        import tempfile
+
+        spec = spec.replace(cache_dir=tempfile.mkdtemp(prefix="edgebuild-nocache-"))
+    if spec.is_demo:
+        console.print("[dim]no model given: building the built-in demo (DigitsCNN on scikit-learn digits)[/dim]")
+    elif config_path:
+        console.print(f"[dim]config: {config_path}[/dim]")
+    with _progress(console, not as_json and console.is_terminal) as stage:
+        result = build(spec, stage=stage)
+    if as_json:
+        click.echo(json.dumps(result.manifest, indent=2, default=str))
+    else:
+        _print_summary(result.manifest, result.out)
+    result.raise_for_verdict()
+
+
+def _print_summary(manifest: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgebuild.pipeline.report import summary_rows
+
+    table = Table(title=f"edgebuild — {manifest['verdict'].upper()} ({manifest['seconds']} s)")
+    for col in ("target", "verdict", "artifact", "accuracy", "drop", "p50", "size", "size_ratio", "speedup"):
+        table.add_column(col.replace("_", " "))
+    for row in summary_rows(manifest):
+        style = {"PASS": "green", "FAIL": "red", "ERROR": "red"}[row["verdict"]]
+        table.add_row(*[row[c] for c in ("target", "verdict", "artifact", "accuracy", "drop", "p50", "size", "size_ratio", "speedup")], style=style)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)
+    for name, t in manifest["targets"].items():
+        if t.get("search", {}).get("float_layers"):
+            console.print(f"{name}: kept in float: {', '.join(t['search']['float_layers'])}")
+    console.print(f"artifacts in {out}/ (manifest.json, report.md)")
+
+
+@cli.command()
+@click.option("--profile", type=click.Path(dir_okay=False), multiple=True, help="Extra target profile YAML file(s).")
+def targets(profile):
+    """List the target profiles (one line each)."""
+    from edgebuild.targets.profiles import catalogue
+
+    for p in catalogue(tuple(profile)).values():
+        first = p.description.strip().splitlines()[0]
+        click.echo(f"{p.name:<16} {p.backend:<9} {p.precision:<7} {first}")
+
+
+@cli.command("validate")
+@click.argument("artifact_dir", type=click.Path(file_okay=False))
+@click.option("--eval", "eval_", required=True, help="Evaluation data (image folder, .npy, .npz, digits...).")
+@click.option("--json", "as_json", is_flag=True, help="Print the validation result as JSON.")
+def validate_cmd(artifact_dir, eval_, as_json):
+    """Re-check an existing artifact directory (e.g. out/arm64) on evaluation data."""
+    from edgebuild.pipeline.revalidate import revalidate
+
+    result = revalidate(Path(artifact_dir), eval_)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        m = result["metrics"]
+        acc = f"accuracy {m['accuracy']:.2f} % (FP32 {m['accuracy_reference']:.2f} %)" if "accuracy" in m else \
+            f"cosine {m['cosine_min']:.4f}"
+        click.echo(f"{result['target']}: {result['verdict'].upper()} — {acc}, p50 {result['latency']['p50_ms']:.3f} ms")
+        for f in result["failures"]:
+            click.echo(f"  failed: {f}")
+    if result["failures"]:
+        from edgebuild.pipeline.errors import BudgetError
+
+        raise BudgetError(f"{result['target']}: " + "; ".join(result["failures"]))
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="edgebuild", standalone_mode=False)
+        return 0
+    except EdgeBuildError as e:
+        click.echo(f"edgebuild: error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("edgebuild: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("edgebuild: interrupted", err=True)
+        return 130
+    except click.exceptions.ClickException as e:
+        e.show()
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

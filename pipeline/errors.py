@@ -1,0 +1,41 @@
+"""The one error family of edgebuild.
+
+Every error a user can cause or a build can meet is an ``EdgeBuildError``; the CLI catches it once,
+prints its message as one line and exits with its ``exit_code``. Anything else is a bug and keeps its
+traceback.
+"""
+from __future__ import annotations
+
+
+class EdgeBuildError(Exception):
+    """Base class: one line for the user, one exit code."""
+
+    exit_code = 3
+
+
+class BadInputError(EdgeBuildError):
+    """Bad usage, a missing or corrupt file, an inconsistent configuration (exit 2)."""
+
+    exit_code = 2
+
+
+class BudgetError(EdgeBuildError):
+    """A build finished but at least one target missed a budget (exit 1)."""
+
+    exit_code = 1
+
+
+class ConversionError(EdgeBuildError):
+    """A backend failed to convert or to run a model (exit 3)."""
+
+    exit_code = 3
+
+
+class MissingToolError(ConversionError):
+    """A backend's library is not installed: says which and how to install it."""
+
+    def __init__(self, target: str, package: str):
+        super().__init__(
+            f"target {target} needs {package}; install the toolchain with `bash scripts/bootstrap.sh` "
+            f"(or `pip install -r requirements.lock`)"
+        )

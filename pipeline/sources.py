@@ -1,0 +1,165 @@
+"""Load a model source: ONNX file, TorchScript file, torch.export program (.pt2), or ``package.module:attr``."""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgebuild.pipeline.errors import BadInputError
+from edgebuild.pipeline.spec import BuildSpec, InputSpec
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
+
+
+@dataclass
+class LoadedModel:
+    kind: str  # "onnx" | "torch"
+    description: str  # what was loaded, for the manifest
+    inputs: tuple[InputSpec, ...]
+    onnx_path: Path | None = None
+    module: Any = None  # torch.nn.Module (or the module of an ExportedProgram)
+    exported_program: Any = None  # torch.export.ExportedProgram for .pt2 sources
+
+
+def load_model(spec: BuildSpec) -> LoadedModel:
+    if spec.is_demo:
+        from edgebuild.pipeline.demo_model import INPUT_SHAPE, load_demo
+
+        return LoadedModel("torch", "built-in demo: DigitsCNN on scikit-learn digits",
+                           (InputSpec("input", INPUT_SHAPE, "float32", "NCHW"),), module=load_demo())
+    src = spec.model
+    path = Path(src)
+    if path.suffix == ".onnx":
+        return _onnx(path, spec)
+    if path.suffix == ".pt2":
+        return _exported_program(path, spec)
+    if path.suffix in TORCHSCRIPT_SUFFIXES:
+        return _torchscript(path, spec)
+    if ":" in src and not path.exists():
+        return _python_reference(src, spec)
+    if not path.exists():
+        raise BadInputError(f"model not found: {src}")
+    raise BadInputError(f"{src}: unknown model format (use .onnx, TorchScript .pt, torch.export .pt2 or package.module:attr)")
+
+
+def _need_file(path: Path) -> None:
+    if not path.is_file():
+        raise BadInputError(f"model not found: {path}")
+
+
+def _onnx(path: Path, spec: BuildSpec) -> LoadedModel:
+    import onnx
+
+    _need_file(path)
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+        onnx.checker.check_model(model)
+    except Exception as e:  # protobuf DecodeError, ValidationError, ...
+        raise BadInputError(f"{path}: not a valid ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    init = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in init]
+    given = {i.name: i for i in spec.inputs}
+    inputs = []
+    for gi in graph_inputs:
+        t = gi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if gi.name in given:
+            inputs.append(given[gi.name])
+            continue
+        if None in dims[1:]:
+            raise BadInputError(f"{path}: input {gi.name} has dynamic dimensions {dims}; give its shape in edgebuild.yaml (input: {{name: {gi.name}, shape: [...]}})")
+        shape = tuple(1 if d is None else d for d in dims)  # edge builds run at batch 1
+        layout = "NCHW" if len(shape) == 4 and shape[1] in (1, 3, 4) else ("NHWC" if len(shape) == 4 and shape[3] in (1, 3, 4) else "ANY")
+        inputs.append(InputSpec(gi.name, shape, dtype, layout))
+    return LoadedModel("onnx", f"ONNX file {path.name}", tuple(inputs), onnx_path=path)
+
+
+def _torch_inputs(spec: BuildSpec, what: str) -> tuple[InputSpec, ...]:
+    if not spec.inputs or not all(i.shape for i in spec.inputs):
+        raise BadInputError(f"{what}: torch sources need the input shape: --input-shape 1,3,224,224 "
+                            "or `input: {name: input, shape: [1, 3, 224, 224]}` in edgebuild.yaml")
+    return spec.inputs
+
+
+def _torchscript(path: Path, spec: BuildSpec) -> LoadedModel:
+    import torch
+
+    _need_file(path)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise BadInputError(f"{path}: not a TorchScript file ({str(e).splitlines()[0][:160]}); "
+                            "for a state dict use package.module:attr with --weights") from None
+    return LoadedModel("torch", f"TorchScript file {path.name}", _torch_inputs(spec, str(path)), module=module.eval())
+
+
+def _exported_program(path: Path, spec: BuildSpec) -> LoadedModel:
+    import torch
+
+    _need_file(path)
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise BadInputError(f"{path}: not a torch.export program ({str(e).splitlines()[0][:160]})") from None
+    inputs = spec.inputs
+    if not inputs:
+        user = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+        nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+        inputs = []
+        for s in user:
+            val = nodes[s.arg.name].meta.get("val")
+            if val is None or not all(isinstance(d, int) for d in val.shape):
+                raise BadInputError(f"{path}: input {s.arg.name} has dynamic shape; give it in edgebuild.yaml")
+            inputs.append(InputSpec(s.arg.name, tuple(val.shape), str(val.dtype).replace("torch.", ""),
+                                    "NCHW" if val.dim() == 4 else "ANY"))
+        inputs = tuple(inputs)
+    return LoadedModel("torch", f"torch.export program {path.name}", inputs, module=ep.module(), exported_program=ep)
+
+
+def _python_reference(ref: str, spec: BuildSpec) -> LoadedModel:
+    import torch
+
+    mod_name, _, attr = ref.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # a user's model package next to edgebuild.yaml
+    try:
+        obj = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise BadInputError(f"cannot import model {ref}: {e}") from None
+    if not isinstance(obj, torch.nn.Module):
+        if not callable(obj):
+            raise BadInputError(f"{ref} is neither an nn.Module nor a factory returning one")
+        obj = obj()
+        if not isinstance(obj, torch.nn.Module):
+            raise BadInputError(f"{ref}() returned {type(obj).__name__}, not an nn.Module")
+    if spec.weights:
+        obj.load_state_dict(load_state_dict(Path(spec.weights)))
+    return LoadedModel("torch", f"python reference {ref}" + (f" + {Path(spec.weights).name}" if spec.weights else ""),
+                       _torch_inputs(spec, ref), module=obj.eval())
+
+
+def load_state_dict(path: Path) -> dict:
+    import torch
+
+    if not path.is_file():
+        raise BadInputError(f"weights not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInputError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BadInputError(f"{path}: not a state dict")
+    return state

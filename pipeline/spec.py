@@ -1,0 +1,192 @@
+"""BuildSpec: everything one build needs, from edgebuild.yaml and CLI flags.
+
+Frozen dataclasses, validated in one place (``__post_init__``), round-tripping through JSON so a build
+can be re-run from its manifest (``BuildSpec.from_dict(manifest["spec"])``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgebuild.pipeline.errors import BadInputError
+
+DTYPES = ("float32", "float16", "int64", "int32", "uint8", "int8")
+LAYOUTS = ("NCHW", "NHWC", "NC", "NCW", "NTC", "ANY")
+PRECISIONS = ("int8", "fp16", "fp32", "dynamic")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise BadInputError(msg)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input. For ONNX sources it is read from the graph; torch sources need it given."""
+
+    name: str = "input"
+    shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    layout: str = "NCHW"
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        _check(self.dtype in DTYPES, f"input {self.name}: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.layout in LAYOUTS, f"input {self.name}: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        _check(all(d > 0 for d in self.shape), f"input {self.name}: shape must be positive integers, got {list(self.shape)}")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How image files become input tensors (used by image-folder data sources)."""
+
+    resize: tuple[int, int] | None = None  # (height, width)
+    color: str = "rgb"  # rgb | bgr | gray
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    layout: str = "NCHW"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.resize is not None:
+            object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
+            _check(len(self.resize) == 2, "preprocess.resize must be [height, width]")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        _check(self.color in ("rgb", "bgr", "gray"), f"preprocess.color must be rgb, bgr or gray, got {self.color!r}")
+        _check(self.layout in ("NCHW", "NHWC"), f"preprocess.layout must be NCHW or NHWC, got {self.layout!r}")
+        _check(all(s != 0 for s in self.std), "preprocess.std must not contain 0")
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Budget overrides; ``None`` keeps the profile's value."""
+
+    max_accuracy_drop: float | None = None  # percentage points
+    max_latency_ms: float | None = None  # p50 at batch 1
+    max_size_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class CompressStep:
+    """One compression step before export, e.g. ``{prune: {method: structured, ratio: 0.5}}``."""
+
+    kind: str
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    model: str | None = None  # None: the built-in demo model
+    weights: str | None = None
+    inputs: tuple[InputSpec, ...] = ()
+    preprocess: PreprocessSpec = PreprocessSpec()
+    calib: str | None = None
+    eval: str | None = None
+    calib_samples: int = 300
+    eval_fraction: float = 0.5  # used when one data source must be split
+    targets: tuple[str, ...] = ()
+    profile_files: tuple[str, ...] = ()
+    out: str = "out"
+    precision: str | None = None
+    budgets: Budgets = Budgets()
+    compress: tuple[CompressStep, ...] = ()
+    train: str | None = None
+    auto: bool = True
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "profile_files", tuple(self.profile_files))
+        object.__setattr__(self, "compress", tuple(self.compress))
+        _check(self.precision is None or self.precision in PRECISIONS,
+               f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(self.calib_samples > 0, "calib_samples must be positive")
+        _check(0.0 < self.eval_fraction < 1.0, "eval_fraction must be between 0 and 1")
+        _check(len({i.name for i in self.inputs}) == len(self.inputs), "input names must be unique")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model is None
+
+    # ---- JSON round trip -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BuildSpec":
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        _check(not unknown, f"unknown build option(s): {', '.join(sorted(unknown))}")
+        if "inputs" in data:
+            data["inputs"] = tuple(InputSpec(**_known(InputSpec, i, "input")) for i in data["inputs"] or ())
+        if "preprocess" in data:
+            data["preprocess"] = PreprocessSpec(**_known(PreprocessSpec, data["preprocess"] or {}, "preprocess"))
+        if "budgets" in data:
+            data["budgets"] = Budgets(**_known(Budgets, data["budgets"] or {}, "budgets"))
+        if "compress" in data:
+            data["compress"] = tuple(_compress_step(s) for s in data["compress"] or ())
+        try:
+            return cls(**data)
+        except TypeError as e:  # wrong value types from a hand-written config
+            raise BadInputError(f"invalid build option: {e}") from None
+
+    def replace(self, **changes) -> "BuildSpec":
+        return dataclasses.replace(self, **changes)
+
+
+def _known(cls, data: dict, where: str) -> dict:
+    _check(isinstance(data, dict), f"{where} must be a mapping")
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    _check(not unknown, f"unknown {where} option(s): {', '.join(sorted(unknown))}")
+    return data
+
+
+def _compress_step(step: Any) -> CompressStep:
+    if isinstance(step, CompressStep):
+        return step
+    if isinstance(step, dict) and set(step) == {"kind", "options"}:
+        return CompressStep(step["kind"], dict(step["options"] or {}))
+    _check(isinstance(step, dict) and len(step) == 1,
+           f"each compress step must be a one-key mapping like {{prune: {{...}}}}, got {step!r}")
+    (kind, options), = step.items()
+    return CompressStep(str(kind), dict(options or {}))
+
+
+CONFIG_KEYS = {"input": "inputs"}  # yaml spelling -> field name
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read edgebuild.yaml into a dict of BuildSpec fields (relative paths resolved against its folder)."""
+    import yaml
+
+    path = Path(path)
+    _check(path.is_file(), f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    _check(isinstance(data, dict), f"{path}: top level must be a mapping")
+    data = {CONFIG_KEYS.get(k, k): v for k, v in data.items()}
+    if isinstance(data.get("inputs"), dict):
+        data["inputs"] = [data["inputs"]]
+    if isinstance(data.get("targets"), str):
+        data["targets"] = [data["targets"]]
+    base = path.parent
+    for key in ("model", "weights", "calib", "eval", "train"):
+        value = data.get(key)
+        if isinstance(value, str) and not _is_builtin_or_module(value) and not Path(value).is_absolute():
+            data[key] = str(base / value)
+    if "profile_files" in data:
+        data["profile_files"] = [str(base / p) for p in data["profile_files"]]
+    return data
+
+
+def _is_builtin_or_module(value: str) -> bool:
+    return value.startswith("digits") or (":" in value and not value.endswith((".onnx", ".pt", ".pt2")) and "/" not in value)

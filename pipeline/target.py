@@ -1,0 +1,156 @@
+"""Stage: build one target profile — convert (cached), validate against the FP32 reference, judge budgets."""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.pipeline import validate as V
+from edgebuild.pipeline.cache import StageCache, key
+from edgebuild.pipeline.errors import BadInputError, ConversionError
+from edgebuild.pipeline.export import file_hash
+from edgebuild.pipeline.spec import BuildSpec
+from edgebuild.pipeline.versions import tool_versions
+from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, get_backend
+from edgebuild.targets.profiles import TargetProfile
+
+
+@dataclass
+class BuildContext:
+    spec: BuildSpec
+    model: ModelInput
+    calib: CalibrationSet
+    evalset: CalibrationSet
+    reference: list  # FP32 reference outputs on the evaluation set
+    cache: StageCache
+    scratch: Path  # throw-away work (baselines, candidates)
+    stage: Callable[[str], object] = field(default=lambda text: _null())  # progress: `with ctx.stage("..."):`
+
+
+@dataclass
+class Attempt:
+    """One conversion with its validation."""
+
+    artifact: Artifact
+    metrics: dict
+    latency: dict
+    failures: list[str]
+
+    def summary(self) -> dict:
+        name, value = V.quality_metric(self.metrics)
+        return {"precision": self.artifact.precision, "settings": self.artifact.settings, name: value,
+                "size_bytes": self.artifact.size_bytes, "latency_p50_ms": self.latency.get("p50_ms"),
+                "failures": self.failures}
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def precision_for(profile: TargetProfile, spec: BuildSpec) -> str:
+    precision = spec.precision or profile.precision
+    if precision not in profile.precisions:
+        raise BadInputError(f"target {profile.name} does not run {precision} (it runs {', '.join(profile.precisions)})")
+    return precision
+
+
+def budget_for(profile: TargetProfile, spec: BuildSpec) -> V.Budget:
+    b, o = profile.budgets, spec.budgets
+    pick = lambda name: getattr(o, name) if getattr(o, name) is not None else getattr(b, name)  # noqa: E731
+    return V.Budget(pick("max_accuracy_drop"), pick("max_latency_ms"), pick("max_size_mb"), b.min_cosine)
+
+
+def open_runner(backend: Backend, artifact: Artifact, threads: int) -> Runner:
+    if backend.isolate_runner:
+        from edgebuild.targets.isolated import IsolatedRunner
+
+        return IsolatedRunner(backend.name, artifact, threads)
+    return backend.runner(artifact, threads)
+
+
+def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, directory: Path,
+            settings: dict | None = None) -> Artifact:
+    settings = {**backend.default_settings(profile, precision), **(settings or {})}
+    versions = {k: v for k, v in tool_versions().items() if v}
+    k = key(stage="convert", backend=backend.name, profile=profile.to_dict() | {"source": ""},
+            precision=precision, settings=settings, model=ctx.model.content_hash,
+            calib=ctx.calib.content_hash() if precision == "int8" else None, versions=versions)
+    directory.mkdir(parents=True, exist_ok=True)
+    cached = ctx.cache.get(k, directory)
+    if cached is not None:
+        return cached
+    art = backend.convert(ctx.model, profile, precision, ctx.calib, directory, settings)
+    ctx.cache.put(k, art)
+    return art
+
+
+def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: Artifact, budget: V.Budget,
+             timed: bool = True) -> Attempt:
+    with open_runner(backend, art, profile.threads) as runner:
+        outputs = V.collect(runner, ctx.evalset)
+        lat = V.latency(runner, ctx.evalset) if timed else {}
+    try:
+        metrics = V.compare(ctx.reference, outputs, ctx.evalset.labels)
+    except ValueError as e:
+        raise ConversionError(f"{profile.name}: {art.main} gives outputs unlike the source model ({e})") from e
+    failures = V.judge(metrics, art.size_bytes, lat or None, budget)
+    return Attempt(art, metrics, lat, failures)
+
+
+def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> dict:
+    """Build, validate and describe one target; raises ConversionError when it cannot be built."""
+    backend = get_backend(profile.backend)
+    backend.check_available(profile.name)
+    precision = precision_for(profile, ctx.spec)
+    budget = budget_for(profile, ctx.spec)
+    with ctx.stage(f"{profile.name}: converting to {precision}"):
+        art = convert(ctx, backend, profile, precision, outdir)
+    with ctx.stage(f"{profile.name}: validating {art.main}"):
+        chosen = evaluate(ctx, backend, profile, art, budget)
+    baseline = None
+    if precision != "fp32":
+        with ctx.stage(f"{profile.name}: FP32 baseline for size and speed ratios"):
+            base_art = convert(ctx, backend, profile, "fp32", ctx.scratch / profile.name / "fp32")
+            baseline = evaluate(ctx, backend, profile, base_art, budget)
+    return describe(ctx, profile, backend, chosen, baseline, budget, outdir)
+
+
+def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen: Attempt, baseline: Attempt | None,
+             budget: V.Budget, outdir: Path, search: dict | None = None) -> dict:
+    art = chosen.artifact
+    files = {f: {"bytes": (outdir / f).stat().st_size, "sha256": file_hash(outdir / f)} for f in art.files}
+    metadata = {
+        "target": profile.name, "backend": backend.name, "precision": art.precision, "artifact": art.main,
+        "files": files, "io": art.io, "settings": art.settings, "notes": art.notes,
+        "runtime": {"host": profile.host_runtime, "device": profile.device_runtime, "threads": profile.threads},
+        "host_validation": profile.host_validation, "devices": list(profile.devices),
+        "source_model_sha256": ctx.model.content_hash, "reference": "../reference/model_fp32.onnx",
+        "budgets": budget.__dict__, "preprocess": asdict(ctx.spec.preprocess),
+    }
+    validation = {
+        "verdict": "fail" if chosen.failures else "pass", "failures": chosen.failures,
+        "metrics": chosen.metrics, "latency": chosen.latency, "size_bytes": art.size_bytes,
+        "budgets": budget.__dict__, "threads": profile.threads, "evaluation": ctx.evalset.describe(),
+    }
+    if baseline is not None:
+        b = baseline.artifact
+        validation["baseline_fp32"] = {"artifact": b.main, "size_bytes": b.size_bytes, "latency": baseline.latency,
+                                       "metrics": baseline.metrics}
+        validation["ratios"] = {
+            "size_vs_fp32": art.size_bytes / b.size_bytes,
+            "speedup_vs_fp32": baseline.latency["p50_ms"] / chosen.latency["p50_ms"],
+        }
+    if search is not None:
+        validation["search"] = search
+    (outdir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
+    (outdir / "validation.json").write_text(json.dumps(validation, indent=2, default=str))
+    return {"verdict": validation["verdict"], "backend": backend.name, "precision": art.precision,
+            "artifact": art.main, "files": files, "settings": art.settings, "metrics": chosen.metrics,
+            "latency": chosen.latency, "size_bytes": art.size_bytes, "ratios": validation.get("ratios"),
+            "baseline_fp32": validation.get("baseline_fp32"), "failures": chosen.failures, "notes": art.notes,
+            "budgets": budget.__dict__, "host_validation": profile.host_validation,
+            **({"search": search} if search is not None else {})}

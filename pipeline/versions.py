@@ -1,0 +1,20 @@
+"""Versions of the toolchain, read from package metadata (imports nothing heavy)."""
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+TOOLS = ("edgebuild", "torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorflow", "onnx2tf",
+         "ai-edge-litert", "litert-torch", "numpy", "tensorrt")
+
+
+def tool_versions(names=TOOLS) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["python"] = platform.python_version()
+    out["machine"] = platform.machine()
+    return out

@@ -1,0 +1,1 @@
+"""Target backends (one module per format) and target profiles (YAML data)."""

@@ -1,0 +1,163 @@
+"""The Backend contract, the Artifact it produces and the Runner that executes it.
+
+A backend lives in ``targets/<name>.py`` and registers itself with ``@register("<name>")``; it is found
+by name (``get_backend``), importing only that module. Heavy libraries are imported inside its methods.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from edgebuild.pipeline.errors import BadInputError, ConversionError, MissingToolError
+
+if TYPE_CHECKING:
+    from edgebuild.calibration.dataset import CalibrationSet
+    from edgebuild.targets.profiles import TargetProfile
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str = "ANY"
+    scale: float | None = None  # quantized I/O: real = scale * (q - zero_point)
+    zero_point: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What a backend converts: the exported FP32 ONNX model (and the torch module when there is one)."""
+
+    onnx_path: Path
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    opset: int
+    torch_module: Any = None  # nn.Module or None (ONNX sources)
+    content_hash: str = ""
+
+
+@dataclass
+class Artifact:
+    """Files a backend wrote into ``directory``; ``main`` is the model file a runtime loads."""
+
+    target: str
+    backend: str
+    precision: str
+    directory: Path
+    main: str
+    files: list[str]
+    settings: dict = field(default_factory=dict)  # the conversion/quantization options actually used
+    io: dict = field(default_factory=dict)  # {"inputs": [TensorInfo...], "outputs": [...]} of the artifact itself
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.main
+
+    @property
+    def size_bytes(self) -> int:
+        return sum((self.directory / f).stat().st_size for f in self.files)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["directory"] = str(self.directory)
+        return json.loads(json.dumps(d, default=str))
+
+    @classmethod
+    def from_dict(cls, d: dict, directory: Path | None = None) -> "Artifact":
+        d = dict(d)
+        d["directory"] = Path(directory or d["directory"])
+        return cls(**d)
+
+
+class Runner:
+    """Runs an artifact on feeds in the *source* model's layout and dtype; returns float outputs."""
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def time_ms(self, feed: dict[str, np.ndarray], warmup: int, runs: int, budget_s: float) -> list[float]:
+        """Latency samples in ms: ``warmup`` untimed runs, then up to ``runs`` timed ones within ``budget_s``."""
+        for _ in range(warmup):
+            self.run(feed)
+        times: list[float] = []
+        deadline = time.perf_counter() + budget_s
+        while len(times) < runs and (len(times) < 20 or time.perf_counter() < deadline):
+            t0 = time.perf_counter()
+            self.run(feed)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Backend:
+    """One artifact format. Subclasses set ``name``/``requires`` and implement ``convert`` and ``runner``."""
+
+    name: str = ""
+    requires: tuple[str, ...] = ()  # import names of the libraries this backend needs
+    isolate_runner: bool = False  # run the runtime in a subprocess (native code that may crash)
+
+    def check_available(self, target: str) -> None:
+        for mod in self.requires:
+            if importlib.util.find_spec(mod) is None:
+                raise MissingToolError(target, mod)
+
+    def convert(self, model: ModelInput, profile: "TargetProfile", precision: str,
+                calib: "CalibrationSet", workdir: Path, settings: dict | None = None) -> Artifact:
+        raise NotImplementedError
+
+    def runner(self, artifact: Artifact, threads: int) -> Runner:
+        raise NotImplementedError
+
+    def default_settings(self, profile: "TargetProfile", precision: str) -> dict:
+        """Quantization/conversion settings for ``precision`` on this profile (profile.quant overrides)."""
+        return dict(profile.quant) if precision == "int8" else {}
+
+    def artifact_name(self, precision: str) -> str:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register(name: str) -> Callable[[type[Backend]], type[Backend]]:
+    def deco(cls: type[Backend]) -> type[Backend]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def backend_module(name: str) -> str:
+    return f"edgebuild.targets.{name}"
+
+
+def backend_exists(name: str) -> bool:
+    return name.isidentifier() and importlib.util.find_spec(backend_module(name)) is not None
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _REGISTRY:
+        if not backend_exists(name):
+            raise BadInputError(f"unknown backend {name!r}")
+        importlib.import_module(backend_module(name))
+    if name not in _REGISTRY:
+        raise ConversionError(f"module {backend_module(name)} does not register backend {name!r}")
+    return _REGISTRY[name]()

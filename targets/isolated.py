@@ -1,0 +1,75 @@
+"""Run a backend's Runner in a spawned subprocess, so a native crash becomes a ConversionError."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import traceback
+
+import numpy as np
+
+from edgebuild.pipeline.errors import ConversionError
+from edgebuild.targets.base import Artifact, Runner, get_backend
+
+START_TIMEOUT_S = 120
+
+
+def _serve(conn, backend: str, artifact: dict, threads: int) -> None:
+    try:
+        runner = get_backend(backend).runner(Artifact.from_dict(artifact), threads)
+        conn.send(("ok", None))
+    except BaseException as e:  # report, then stop: the parent turns it into a ConversionError
+        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        return
+    while True:
+        op, args = conn.recv()
+        if op == "close":
+            return
+        try:
+            result = runner.run(*args) if op == "run" else runner.time_ms(*args)
+            conn.send(("ok", result))
+        except BaseException as e:
+            conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+
+
+class IsolatedRunner(Runner):
+    def __init__(self, backend: str, artifact: Artifact, threads: int):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, backend, artifact.to_dict(), threads), daemon=True)
+        self._proc.start()
+        self._what = f"{artifact.target}/{artifact.main}"
+        self._wait(START_TIMEOUT_S)
+
+    def _wait(self, timeout: float | None = None):
+        waited = 0.0
+        while not self._conn.poll(0.5):
+            waited += 0.5
+            if not self._proc.is_alive():
+                raise ConversionError(f"{self._what}: the runtime crashed (exit code {self._proc.exitcode})")
+            if timeout is not None and waited > timeout:
+                self.close()
+                raise ConversionError(f"{self._what}: the runtime did not start within {timeout} s")
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise ConversionError(f"{self._what}: the runtime crashed (exit code {self._proc.exitcode})") from None
+        if status != "ok":
+            raise ConversionError(f"{self._what}: {value.splitlines()[0]}")
+        return value
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._conn.send(("run", (feed,)))
+        return self._wait()
+
+    def time_ms(self, feed, warmup, runs, budget_s) -> list[float]:
+        self._conn.send(("time", (feed, warmup, runs, budget_s)))
+        return self._wait()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("close", ()))
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()

@@ -1,0 +1,137 @@
+"""ONNX backend: FP32, FP16 (float32 I/O), dynamic INT8 and static INT8 (QDQ) via onnxruntime.quantization."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.pipeline.errors import ConversionError
+from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register
+from edgebuild.targets.profiles import TargetProfile
+
+NAMES = {"fp32": "model_fp32.onnx", "fp16": "model_fp16.onnx", "dynamic": "model_dynamic_int8.onnx",
+         "int8": "model_int8_qdq.onnx"}
+# onnxruntime's defaults, overridden per profile (targets/profiles/*.yaml `quant:`) and by the accuracy search
+INT8_DEFAULTS = {
+    "activation_type": "uint8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
+    "calibrate_method": "minmax", "symmetric_activations": False, "symmetric_weights": True,
+    "nodes_to_exclude": [], "percentile": 99.999,
+}
+
+
+@register("onnx")
+class OnnxBackend(Backend):
+    requires = ("onnx", "onnxruntime")
+    simulate_quantization = False  # run QDQ graphs unfused on the host (see tensorrt backend)
+
+    def artifact_name(self, precision: str) -> str:
+        return NAMES[precision]
+
+    def default_settings(self, profile: TargetProfile, precision: str) -> dict:
+        return {**INT8_DEFAULTS, **profile.quant} if precision == "int8" else {}
+
+    def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
+                workdir: Path, settings: dict | None = None) -> Artifact:
+        self.check_available(profile.name)
+        settings = {**self.default_settings(profile, precision), **(settings or {})}
+        out = workdir / self.artifact_name(precision)
+        try:
+            if precision == "fp32":
+                shutil.copyfile(model.onnx_path, out)
+            elif precision == "fp16":
+                _to_fp16(model.onnx_path, out)
+            elif precision == "dynamic":
+                _quantize_dynamic(model.onnx_path, out, workdir)
+            elif precision == "int8":
+                _quantize_static(model.onnx_path, out, calib, settings, workdir)
+            else:
+                raise ConversionError(f"{profile.name}: onnx backend cannot build precision {precision}")
+        except ConversionError:
+            raise
+        except Exception as e:  # onnxruntime raises many types; they are conversion failures of this target
+            raise ConversionError(f"{profile.name}: ONNX {precision} conversion failed: {_one_line(e)}") from e
+        io = {"inputs": [_info(t) for t in model.inputs], "outputs": [_info(t) for t in model.outputs]}
+        return Artifact(profile.name, self.name, precision, workdir, out.name, [out.name], settings, io)
+
+    def runner(self, artifact: Artifact, threads: int) -> Runner:
+        return OrtRunner(artifact.path, threads, simulate=self.simulate_quantization and artifact.precision == "int8")
+
+
+class OrtRunner(Runner):
+    def __init__(self, path: Path, threads: int, simulate: bool = False):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        if simulate:  # keep Q/DQ as separate ops: float math on quantized values, like TensorRT's int8 kernels
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ConversionError(f"onnxruntime cannot load {path.name}: {_one_line(e)}") from e
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(o, dtype=np.float32) for o in self.session.run(self.output_names, feed)]
+
+
+def _info(t: TensorInfo) -> dict:
+    return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "layout": t.layout}
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _to_fp16(src: Path, out: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(out))
+
+
+def _preprocessed(src: Path, workdir: Path) -> Path:
+    """onnxruntime's quantization pre-processing (shape inference + graph optimization)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = workdir / "_preprocessed.onnx"
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    return pre
+
+
+def _quantize_dynamic(src: Path, out: Path, workdir: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    pre = _preprocessed(src, workdir)
+    quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8)
+    pre.unlink()
+
+
+def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workdir: Path) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from edgebuild.calibration.adapters import ort_reader
+
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    pre = _preprocessed(src, workdir)
+    extra = {"ActivationSymmetric": bool(s["symmetric_activations"]), "WeightSymmetric": bool(s["symmetric_weights"])}
+    if s["calibrate_method"] == "percentile":
+        extra["CalibPercentile"] = float(s["percentile"])
+    quantize_static(
+        str(pre), str(out), ort_reader(calib), quant_format=QuantFormat.QDQ,
+        activation_type=types[s["activation_type"]], weight_type=types[s["weight_type"]],
+        per_channel=bool(s["per_channel"]), reduce_range=bool(s["reduce_range"]),
+        calibrate_method=methods[s["calibrate_method"]], nodes_to_exclude=list(s["nodes_to_exclude"]),
+        extra_options=extra,
+    )
+    pre.unlink()
+    for leftover in workdir.glob("*.onnx.data"):
+        leftover.unlink()

@@ -1,0 +1,100 @@
+"""Target profiles: what a device family needs, as data (targets/profiles/*.yaml)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from edgebuild.pipeline.errors import BadInputError
+from edgebuild.pipeline.spec import PRECISIONS
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+@dataclass(frozen=True)
+class ProfileBudgets:
+    max_accuracy_drop: float = 0.5  # percentage points vs the FP32 source (or top-1 disagreement without labels)
+    max_latency_ms: float | None = None  # p50 at batch 1 on the host runtime
+    max_size_mb: float | None = None
+    min_cosine: float | None = None  # fidelity floor for outputs that are not class scores
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    backend: str
+    description: str
+    precision: str = "int8"
+    precisions: tuple[str, ...] = PRECISIONS  # precisions this device family can run
+    io_dtype: str = "float32"  # dtype of the artifact's own inputs/outputs (int8: quantized I/O)
+    layout: str = "source"  # source | NHWC: the artifact's input layout
+    threads: int = 2
+    host_runtime: str = ""
+    device_runtime: str = ""
+    devices: tuple[str, ...] = ()
+    budgets: ProfileBudgets = ProfileBudgets()
+    quant: dict = field(default_factory=dict)  # backend-specific INT8 settings
+    allow_float_layers: bool = True  # may the accuracy search keep layers in float?
+    host_validation: str = ""  # how the host check relates to the device (shown in the report)
+    source: str = ""  # the YAML file it came from
+
+    def __post_init__(self):
+        object.__setattr__(self, "precisions", tuple(self.precisions))
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if self.precision not in self.precisions:
+            raise BadInputError(f"profile {self.name}: default precision {self.precision} not in {self.precisions}")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad:
+            raise BadInputError(f"profile {self.name}: unknown precision(s) {bad}")
+        if self.io_dtype not in ("float32", "int8", "uint8"):
+            raise BadInputError(f"profile {self.name}: io_dtype must be float32, int8 or uint8")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_profile(path: str | Path) -> TargetProfile:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"profile file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: a profile must be a mapping")
+    known = {f.name for f in fields(TargetProfile)}
+    unknown = set(data) - known
+    if unknown:
+        raise BadInputError(f"{path}: unknown profile key(s) {', '.join(sorted(unknown))}")
+    missing = {"name", "backend", "description"} - set(data)
+    if missing:
+        raise BadInputError(f"{path}: profile needs {', '.join(sorted(missing))}")
+    budgets = data.pop("budgets", None) or {}
+    unknown = set(budgets) - {f.name for f in fields(ProfileBudgets)}
+    if unknown:
+        raise BadInputError(f"{path}: unknown budget(s) {', '.join(sorted(unknown))}")
+    try:
+        return TargetProfile(**data, budgets=ProfileBudgets(**budgets), source=str(path))
+    except TypeError as e:
+        raise BadInputError(f"{path}: {e}") from None
+
+
+def catalogue(extra: tuple[str, ...] = ()) -> dict[str, TargetProfile]:
+    """Every built-in profile plus user profile files, by name (a user file may replace a built-in)."""
+    profiles = {}
+    for path in sorted(PROFILE_DIR.glob("*.yaml")) + [Path(p) for p in extra]:
+        p = load_profile(path)
+        profiles[p.name] = p
+    return profiles
+
+
+def resolve(names: tuple[str, ...], extra: tuple[str, ...] = ()) -> list[TargetProfile]:
+    cat = catalogue(extra)
+    if "all" in names:
+        return list(cat.values())
+    unknown = [n for n in names if n not in cat]
+    if unknown:
+        raise BadInputError(f"unknown target(s) {', '.join(unknown)}; `edgebuild targets` lists them: {', '.join(cat)}")
+    return [cat[n] for n in dict.fromkeys(names)]
