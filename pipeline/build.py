@@ -79,6 +79,11 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
             loaded = load_model(spec)
         with stage("reading calibration and evaluation data"):
             calib, evalset, data_record = resolve_data(spec, loaded.inputs)
+        compress_record = None
+        if spec.compress:
+            from edgebuild.pipeline.compress import compress
+
+            loaded, compress_record = compress(loaded, spec, evalset, stage)
         refdir = staging / "reference"
         refdir.mkdir()
         with stage("exporting FP32 ONNX"):
@@ -95,6 +100,8 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
             targets[profile.name] = _build_one(ctx, profile, staging / profile.name, build_target)
         manifest = _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets,
                              time.perf_counter() - t_start)
+        if compress_record is not None:
+            manifest["compression"] = compress_record
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         from edgebuild.pipeline.report import write_report
 

@@ -62,6 +62,9 @@ def spec_from_flags(config: str | None, **flags):
     if flags.pop("no_cache"):
         data["cache_dir"] = None
         data["_no_cache"] = True
+    steps = flags.pop("compress_steps")
+    if steps:
+        data["compress"] = [_parse_step(s) for s in steps]
     targets = flags.pop("target")
     if targets:
         data["targets"] = [t for chunk in targets for t in chunk.split(",") if t]
@@ -74,6 +77,20 @@ def spec_from_flags(config: str | None, **flags):
     no_cache = data.pop("_no_cache", False)
     spec = BuildSpec.from_dict(data)
     return spec, config_path, no_cache
+
+
+def _parse_step(text: str) -> dict:
+    """`prune:method=structured,ratio=0.5` -> {"prune": {"method": "structured", "ratio": 0.5}}."""
+    import yaml
+
+    kind, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise BadInputError(f"--compress {text!r}: options must be key=value, comma-separated")
+        options[k.strip()] = yaml.safe_load(v)
+    return {kind.strip(): options}
 
 
 @contextmanager
@@ -116,6 +133,9 @@ def _nullcontext():
 @click.option("--max-latency-ms", type=float, help="Budget: p50 latency at batch 1 in ms.")
 @click.option("--max-size-mb", type=float, help="Budget: artifact size in MB.")
 @click.option("--profile", type=click.Path(dir_okay=False), multiple=True, help="Extra target profile YAML file(s).")
+@click.option("--compress", "compress_steps", multiple=True, metavar="KIND[:k=v,...]",
+              help="Compression step before export, in order, e.g. prune:method=structured,ratio=0.5 · lowrank:energy=0.9 · distill:epochs=5 (torch models).")
+@click.option("--train", help="Training data for fine-tuning/distillation (same kinds as --calib; must not overlap --eval).")
 @click.option("--no-auto", is_flag=True, help="Build the first INT8 configuration only (no accuracy search).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the stage cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout (for CI).")

@@ -17,7 +17,7 @@ NAMES = {"fp32": "model_fp32.onnx", "fp16": "model_fp16.onnx", "dynamic": "model
 INT8_DEFAULTS = {
     "activation_type": "uint8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
     "calibrate_method": "minmax", "symmetric_activations": False, "symmetric_weights": True,
-    "nodes_to_exclude": [], "percentile": 99.999,
+    "nodes_to_exclude": [], "percentile": 99.999, "quantize_bias": True, "dedicated_qdq_pair": False,
 }
 
 
@@ -122,7 +122,8 @@ def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workd
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
     pre = _preprocessed(src, workdir)
-    extra = {"ActivationSymmetric": bool(s["symmetric_activations"]), "WeightSymmetric": bool(s["symmetric_weights"])}
+    extra = {"ActivationSymmetric": bool(s["symmetric_activations"]), "WeightSymmetric": bool(s["symmetric_weights"]),
+             "QuantizeBias": bool(s["quantize_bias"]), "DedicatedQDQPair": bool(s["dedicated_qdq_pair"])}
     if s["calibrate_method"] == "percentile":
         extra["CalibPercentile"] = float(s["percentile"])
     quantize_static(
