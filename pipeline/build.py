@@ -94,7 +94,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
             reference = V.collect(OrtRunner(model.onnx_path, 2), evalset)
             _save_reference(refdir / "outputs.npz", reference, evalset)
         cache = StageCache(Path(spec.cache_dir) if spec.cache_dir else default_root())
-        ctx = BuildContext(spec, model, calib, evalset, reference, cache, scratch, stage)
+        ctx = BuildContext(spec, model, calib, evalset, reference, cache, scratch, stage=stage)
         targets = {}
         for profile in profiles:
             targets[profile.name] = _build_one(ctx, profile, staging / profile.name, build_target)

@@ -97,6 +97,8 @@ class BuildSpec:
     compress: tuple[CompressStep, ...] = ()
     train: str | None = None
     auto: bool = True
+    auto_max_tries: int = 12  # accuracy search: conversions tried per target at most
+    auto_max_seconds: float = 600.0  # accuracy search: time per target at most
     seed: int = 0
     cache_dir: str | None = None
 

@@ -27,6 +27,7 @@ class BuildContext:
     reference: list  # FP32 reference outputs on the evaluation set
     cache: StageCache
     scratch: Path  # throw-away work (baselines, candidates)
+    shared: dict = field(default_factory=dict)  # per-build results reused across targets (layer sensitivity)
     stage: Callable[[str], object] = field(default=lambda text: _null())  # progress: `with ctx.stage("..."):`
 
 
@@ -38,10 +39,15 @@ class Attempt:
     metrics: dict
     latency: dict
     failures: list[str]
+    label: str = "profile settings"
+
+    @property
+    def quality_ok(self) -> bool:
+        return not any(f.startswith(V.QUALITY_FAILURES) for f in self.failures)
 
     def summary(self) -> dict:
         name, value = V.quality_metric(self.metrics)
-        return {"precision": self.artifact.precision, "settings": self.artifact.settings, name: value,
+        return {"label": self.label, "precision": self.artifact.precision, "settings": self.artifact.settings, name: value,
                 "size_bytes": self.artifact.size_bytes, "latency_p50_ms": self.latency.get("p50_ms"),
                 "failures": self.failures}
 
@@ -89,12 +95,14 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
 
 
 def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: Artifact, budget: V.Budget,
-             timed: bool = True) -> Attempt:
+             timed: bool = True, data: tuple[CalibrationSet, list] | None = None) -> Attempt:
+    """Validate ``art`` on the evaluation set (or on ``data`` = (a subset, its reference outputs))."""
+    evalset, reference = data or (ctx.evalset, ctx.reference)
     with open_runner(backend, art, profile.threads) as runner:
-        outputs = V.collect(runner, ctx.evalset)
-        lat = V.latency(runner, ctx.evalset) if timed else {}
+        outputs = V.collect(runner, evalset)
+        lat = V.latency(runner, evalset) if timed else {}
     try:
-        metrics = V.compare(ctx.reference, outputs, ctx.evalset.labels)
+        metrics = V.compare(reference, outputs, evalset.labels)
     except ValueError as e:
         raise ConversionError(f"{profile.name}: {art.main} gives outputs unlike the source model ({e})") from e
     failures = V.judge(metrics, art.size_bytes, lat or None, budget)
@@ -111,12 +119,17 @@ def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> dic
         art = convert(ctx, backend, profile, precision, outdir)
     with ctx.stage(f"{profile.name}: validating {art.main}"):
         chosen = evaluate(ctx, backend, profile, art, budget)
+    search = None
+    if precision == "int8" and ctx.spec.auto:
+        from edgebuild.pipeline.recover import recover
+
+        chosen, search = recover(ctx, backend, profile, budget, chosen, outdir)
     baseline = None
     if precision != "fp32":
         with ctx.stage(f"{profile.name}: FP32 baseline for size and speed ratios"):
             base_art = convert(ctx, backend, profile, "fp32", ctx.scratch / profile.name / "fp32")
             baseline = evaluate(ctx, backend, profile, base_art, budget)
-    return describe(ctx, profile, backend, chosen, baseline, budget, outdir)
+    return describe(ctx, profile, backend, chosen, baseline, budget, outdir, search)
 
 
 def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen: Attempt, baseline: Attempt | None,

@@ -13,6 +13,7 @@ from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.targets.base import Runner
 
 WARMUP, MAX_RUNS, TIME_BUDGET_S = 10, 300, 3.0
+QUALITY_FAILURES = ("accuracy drop", "top-1 disagreement", "cosine similarity")  # how quality failures begin
 DEFAULT_MIN_COSINE = 0.99  # for outputs that are not class scores, when the profile sets none
 
 

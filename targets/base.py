@@ -129,8 +129,21 @@ class Backend:
         """Quantization/conversion settings for ``precision`` on this profile (profile.quant overrides)."""
         return dict(profile.quant) if precision == "int8" else {}
 
-    def artifact_name(self, precision: str) -> str:
+    def artifact_name(self, precision: str, settings: dict | None = None) -> str:
         raise NotImplementedError
+
+    # ---- accuracy search hooks (pipeline/recover.py) -------------------------------------------
+    supports_float_layers: bool = False  # can settings["float_layers"] (ONNX node names) stay in float?
+
+    def recovery_candidates(self, profile: "TargetProfile", settings: dict) -> list[tuple[str, dict]]:
+        """Cheaper INT8 variants to try before keeping layers in float: (label, settings overrides)."""
+        return []
+
+
+def stem(precision: str, settings: dict | None = None) -> str:
+    """Honest file stem: `_int8` only for full-integer models, `_int8_mixed` when layers stay in float."""
+    base = {"int8": "model_int8", "fp16": "model_fp16", "fp32": "model_fp32", "dynamic": "model_dynamic_int8"}[precision]
+    return base + "_mixed" if precision == "int8" and (settings or {}).get("float_layers") else base
 
 
 _REGISTRY: dict[str, type[Backend]] = {}

@@ -8,16 +8,14 @@ import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline.errors import ConversionError
-from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register
+from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register, stem
 from edgebuild.targets.profiles import TargetProfile
 
-NAMES = {"fp32": "model_fp32.onnx", "fp16": "model_fp16.onnx", "dynamic": "model_dynamic_int8.onnx",
-         "int8": "model_int8_qdq.onnx"}
 # onnxruntime's defaults, overridden per profile (targets/profiles/*.yaml `quant:`) and by the accuracy search
 INT8_DEFAULTS = {
     "activation_type": "uint8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
     "calibrate_method": "minmax", "symmetric_activations": False, "symmetric_weights": True,
-    "nodes_to_exclude": [], "percentile": 99.999, "quantize_bias": True, "dedicated_qdq_pair": False,
+    "nodes_to_exclude": [], "nodes_to_quantize": [], "float_layers": [], "percentile": 99.999, "quantize_bias": True, "dedicated_qdq_pair": False,
 }
 
 
@@ -25,9 +23,21 @@ INT8_DEFAULTS = {
 class OnnxBackend(Backend):
     requires = ("onnx", "onnxruntime")
     simulate_quantization = False  # run QDQ graphs unfused on the host (see tensorrt backend)
+    supports_float_layers = True
 
-    def artifact_name(self, precision: str) -> str:
-        return NAMES[precision]
+    def artifact_name(self, precision: str, settings: dict | None = None) -> str:
+        return stem(precision, settings) + ("_qdq.onnx" if precision == "int8" else ".onnx")
+
+    def recovery_candidates(self, profile: TargetProfile, settings: dict) -> list[tuple[str, dict]]:
+        out = [("percentile calibration (99.999)", {"calibrate_method": "percentile"}),
+               ("entropy calibration", {"calibrate_method": "entropy"}),
+               ("per-tensor weights" if settings["per_channel"] else "per-channel weights",
+                {"per_channel": not settings["per_channel"]})]
+        if not settings["symmetric_activations"]:  # x86 without VNNI: 7-bit weights or unsigned weights
+            if not settings["reduce_range"]:
+                out.append(("7-bit weights (reduce_range)", {"reduce_range": True}))
+            out.append(("U8U8 (unsigned weights)", {"weight_type": "uint8", "symmetric_weights": False}))
+        return out
 
     def default_settings(self, profile: TargetProfile, precision: str) -> dict:
         return {**INT8_DEFAULTS, **profile.quant} if precision == "int8" else {}
@@ -36,7 +46,7 @@ class OnnxBackend(Backend):
                 workdir: Path, settings: dict | None = None) -> Artifact:
         self.check_available(profile.name)
         settings = {**self.default_settings(profile, precision), **(settings or {})}
-        out = workdir / self.artifact_name(precision)
+        out = workdir / self.artifact_name(precision, settings)
         try:
             if precision == "fp32":
                 shutil.copyfile(model.onnx_path, out)
@@ -130,7 +140,8 @@ def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workd
         str(pre), str(out), ort_reader(calib), quant_format=QuantFormat.QDQ,
         activation_type=types[s["activation_type"]], weight_type=types[s["weight_type"]],
         per_channel=bool(s["per_channel"]), reduce_range=bool(s["reduce_range"]),
-        calibrate_method=methods[s["calibrate_method"]], nodes_to_exclude=list(s["nodes_to_exclude"]),
+        calibrate_method=methods[s["calibrate_method"]],
+        nodes_to_exclude=[*s["nodes_to_exclude"], *s["float_layers"]], nodes_to_quantize=list(s["nodes_to_quantize"]) or None,
         extra_options=extra,
     )
     pre.unlink()

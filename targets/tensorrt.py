@@ -20,9 +20,6 @@ TRTEXEC_FLAGS = {"int8": "--int8 --fp16", "fp16": "--fp16", "fp32": ""}  # int8:
 class TensorRTBackend(OnnxBackend):
     simulate_quantization = True
 
-    def artifact_name(self, precision: str) -> str:
-        return {"int8": "model_int8_qdq.onnx", "fp16": "model_fp16.onnx", "fp32": "model_fp32.onnx"}[precision]
-
     def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
                 workdir: Path, settings: dict | None = None) -> Artifact:
         if precision == "fp16":  # TensorRT builds FP16 itself from the FP32 graph; ship FP32 weights

@@ -1,0 +1,50 @@
+"""Per-layer INT8 sensitivity, measured once per build in ONNX space and shared by every target.
+
+Each quantizable layer (Conv, Gemm, MatMul, ...) is quantized *alone* (onnxruntime QDQ, per-tensor uint8
+activations, per-channel int8 weights) and run unfused on ONNX Runtime CPU (fake-quant: the arithmetic of
+an int8 kernel without any CPU-specific saturation); its sensitivity is the quality it costs on the
+selection part of the evaluation split. Layer names are the FP32 ONNX graph's node names, which every
+backend maps onto its own ops.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.pipeline import validate as V
+
+QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+SENSITIVITY_CALIB_SAMPLES = 64
+SIM_SETTINGS = {"activation_type": "uint8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
+                "calibrate_method": "minmax", "symmetric_activations": False, "symmetric_weights": True}
+
+
+def quantizable_layers(onnx_path: Path) -> list[str]:
+    import onnx
+
+    return [n.name for n in onnx.load(str(onnx_path)).graph.node if n.op_type in QUANTIZABLE and n.name]
+
+
+def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: CalibrationSet, reference: list,
+                      deadline: float, max_layers: int = 64) -> dict[str, float]:
+    """Quality loss (accuracy drop, top-1 disagreement or 1 - cosine) per layer, most sensitive first."""
+    import numpy as np
+
+    from edgebuild.targets.onnx import INT8_DEFAULTS, OrtRunner, _quantize_static
+
+    layers = quantizable_layers(onnx_path)[:max_layers]
+    small = calib.subset(np.arange(min(len(calib), SENSITIVITY_CALIB_SAMPLES)))
+    scores: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="edgebuild-sens-") as tmp:
+        for name in layers:
+            if time.monotonic() > deadline:
+                break
+            out = Path(tmp) / "one_layer.onnx"
+            _quantize_static(onnx_path, out, small, {**INT8_DEFAULTS, **SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp))
+            with OrtRunner(out, 1, simulate=True) as runner:
+                metrics = V.compare(reference, V.collect(runner, select), select.labels)
+            metric, value = V.quality_metric(metrics)
+            scores[name] = 1.0 - value if metric == "cosine_min" else value
+    return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
