@@ -192,3 +192,20 @@ def test_validate_command_rechecks_an_artifact(tmp_path, capsys):
     (out / "onnx-cpu" / "model_int8_qdq.onnx").unlink()
     code, _, err = run(["validate", str(out / "onnx-cpu"), "--eval", "digits:test"], capsys)
     assert code == 2 and "missing" in err
+
+
+@pytest.mark.slow
+def test_old_opset_onnx_with_dynamic_batch_is_upgraded_and_fixed_to_batch_1(tmp_path, capsys):
+    import torch
+
+    from edgebuild.pipeline.demo_model import load_demo
+
+    src = tmp_path / "op11.onnx"
+    torch.onnx.export(load_demo(), (torch.zeros(1, 1, 8, 8),), str(src), dynamo=False, opset_version=11,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    code, stdout, err = run(["--model", str(src), "--calib", "digits:train", "--eval", "digits:test",
+                             "--target", "onnx-cpu", "--out", str(tmp_path / "out"), "--json"], capsys)
+    assert code == 0, err
+    m = json.loads(stdout)
+    assert m["model"]["opset"] == 13 and "opset upgraded 11 -> 13" in m["model"]["notes"][0]
+    assert m["model"]["inputs"][0]["shape"] == [1, 1, 8, 8]
