@@ -6,6 +6,7 @@ Exit codes: 0 all targets built and within budget · 1 a budget failed (artifact
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,7 +86,7 @@ def _parse_step(text: str) -> dict:
 
     kind, _, rest = text.partition(":")
     options = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [a,b] belong to the list
         k, eq, v = item.partition("=")
         if not eq or not k:
             raise BadInputError(f"--compress {text!r}: options must be key=value, comma-separated")

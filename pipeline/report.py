@@ -39,6 +39,10 @@ def write_report(manifest: dict, path: Path) -> None:
     for r in summary_rows(manifest):
         lines.append(f"| {r['target']} | {r['verdict']} | {r['artifact']} | {r['accuracy']} | {r['drop']} | {r['p50']} | "
                      f"{r['size']} | {r['size_ratio']} | {r['speedup']} |")
+    if manifest.get("compression"):
+        from edgebuild.pipeline.compress import markdown
+
+        lines += ["", *markdown(manifest["compression"])]
     for name, t in manifest["targets"].items():
         lines += ["", f"## {name}", "", t["profile"]["description"].strip(), ""]
         if t["verdict"] == "error":
