@@ -43,6 +43,8 @@ class BuildResult:
         targets = self.manifest["targets"]
         errors = [f"{n}: {t['error']}" for n, t in targets.items() if t["verdict"] == "error"]
         failed = [f"{n}: {'; '.join(t['failures'])}" for n, t in targets.items() if t["verdict"] == "fail"]
+        if self.manifest.get("compression", {}).get("failure"):
+            failed.insert(0, self.manifest["compression"]["failure"])
         if errors:
             raise ConversionError("conversion failed — " + " | ".join(errors + failed))
         if failed:
@@ -101,7 +103,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
         manifest = _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets,
                              time.perf_counter() - t_start)
         if compress_record is not None:
-            manifest["compression"] = compress_record
+            _gate_compression(manifest, compress_record, spec)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         from edgebuild.pipeline.report import write_report
 
@@ -148,6 +150,18 @@ def _save_reference(path: Path, reference: list, evalset) -> None:
     if evalset.labels is not None:
         arrays["labels"] = evalset.labels
     np.savez_compressed(path, **arrays)
+
+
+def _gate_compression(manifest: dict, record: dict, spec: BuildSpec) -> None:
+    """Compression may not silently cost accuracy: its FP32 drop is gated like a target's budget."""
+    limit = spec.budgets.max_compression_drop
+    drop = record["summary"].get("accuracy_drop")
+    record["budget"] = {"max_compression_drop": limit}
+    if drop is not None and drop > limit:
+        record["failure"] = f"compression accuracy drop {drop:.2f} pt > max {limit} pt"
+        if manifest["exit_code"] == 0:
+            manifest["exit_code"], manifest["verdict"] = 1, "fail"
+    manifest["compression"] = record
 
 
 def _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets, seconds) -> dict:

@@ -53,7 +53,7 @@ def spec_from_flags(config: str | None, **flags):
         first.update(shape=list(shape))
         data["inputs"] = [first, *(data.get("inputs") or [])[1:]]
     budgets = dict(data.get("budgets") or {})
-    for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb"):
+    for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "max_compression_drop"):
         value = flags.pop(name)
         if value is not None:
             budgets[name] = value
@@ -133,6 +133,7 @@ def _nullcontext():
 @click.option("--max-accuracy-drop", type=float, help="Budget: accuracy drop vs FP32 in points.")
 @click.option("--max-latency-ms", type=float, help="Budget: p50 latency at batch 1 in ms.")
 @click.option("--max-size-mb", type=float, help="Budget: artifact size in MB.")
+@click.option("--max-compression-drop", type=float, help="Budget: FP32 accuracy the compression steps may cost, in points (default 1.0).")
 @click.option("--profile", type=click.Path(dir_okay=False), multiple=True, help="Extra target profile YAML file(s).")
 @click.option("--compress", "compress_steps", multiple=True, metavar="KIND[:k=v,...]",
               help="Compression step before export, in order, e.g. prune:method=structured,ratio=0.5 · lowrank:energy=0.9 · distill:epochs=5 (torch models).")

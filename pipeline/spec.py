@@ -69,6 +69,7 @@ class Budgets:
     max_accuracy_drop: float | None = None  # percentage points
     max_latency_ms: float | None = None  # p50 at batch 1
     max_size_mb: float | None = None
+    max_compression_drop: float = 1.0  # FP32 accuracy the compression steps may cost, in points
 
 
 @dataclass(frozen=True)

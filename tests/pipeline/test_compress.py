@@ -344,3 +344,17 @@ def test_yaml_lowrank_and_distillation_build_int8(tmp_path, capsys):
     c = json.loads((out / "manifest.json").read_text())["compression"]
     assert c["summary"]["param_reduction"] >= 2.0 and c["summary"]["accuracy_drop"] <= 1.0
     assert c["steps"][0]["details"]["left_alone"]["classifier.4"] == "final classifier"
+
+
+@pytest.mark.slow
+def test_compression_that_costs_accuracy_fails_the_build(tmp_path, capsys):
+    """Pruning without fine-tuning drops the demo to ~28 %: the build must say so and exit 1."""
+    from edgebuild.pipeline.cli import main
+
+    out = tmp_path / "out"
+    code = main(["--target", "onnx-cpu", "--compress", "prune:method=structured,ratio=0.5", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "compression accuracy drop" in err and "max 1.0 pt" in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verdict"] == "fail" and "failure" in m["compression"]
