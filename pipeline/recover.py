@@ -81,7 +81,7 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
 
 
 def _search(ctx, backend: Backend, profile: TargetProfile, first: Attempt, attempt, record, select):
-    settings = first.artifact.settings
+    settings = backend.default_settings(profile, "int8")  # what `first` was asked for (its record may say more)
     for label, overrides in backend.recovery_candidates(profile, settings):
         a = attempt(label, "int8", {**settings, **overrides})
         if a is not None and a.quality_ok:

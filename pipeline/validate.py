@@ -66,7 +66,8 @@ def compare(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]], 
 def latency(runner: Runner, evalset: CalibrationSet) -> dict:
     times = np.array(runner.time_ms(evalset.feed(0), WARMUP, MAX_RUNS, TIME_BUDGET_S))
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)),
-            "p99_ms": float(np.percentile(times, 99)), "runs": int(len(times)), "warmup": WARMUP}
+            "p99_ms": float(np.percentile(times, 99)), "runs": int(len(times)), "warmup": WARMUP,
+            "threads_used": runner.threads_used()}
 
 
 def quality_metric(m: dict) -> tuple[str, float]:

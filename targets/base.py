@@ -96,6 +96,10 @@ class Runner:
             times.append((time.perf_counter() - t0) * 1e3)
         return times
 
+    def threads_used(self) -> int | None:
+        """Threads the runtime really uses (a runtime may use fewer than asked, e.g. no more than the cores)."""
+        return None
+
     def close(self) -> None:
         pass
 

@@ -24,7 +24,7 @@ def _serve(conn, backend: str, artifact: dict, threads: int) -> None:
         if op == "close":
             return
         try:
-            result = runner.run(*args) if op == "run" else runner.time_ms(*args)
+            result = {"run": runner.run, "time": runner.time_ms, "threads": runner.threads_used}[op](*args)
             conn.send(("ok", result))
         except BaseException as e:
             conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
@@ -62,6 +62,10 @@ class IsolatedRunner(Runner):
 
     def time_ms(self, feed, warmup, runs, budget_s) -> list[float]:
         self._conn.send(("time", (feed, warmup, runs, budget_s)))
+        return self._wait()
+
+    def threads_used(self) -> int | None:
+        self._conn.send(("threads", ()))
         return self._wait()
 
     def close(self) -> None:

@@ -84,6 +84,10 @@ class OrtRunner(Runner):
         except Exception as e:
             raise ConversionError(f"onnxruntime cannot load {path.name}: {_one_line(e)}") from e
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.threads = threads
+
+    def threads_used(self) -> int:
+        return self.threads
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(o, dtype=np.float32) for o in self.session.run(self.output_names, feed)]

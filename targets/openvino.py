@@ -156,6 +156,12 @@ class OpenVinoRunner(Runner):
         result = self.request.infer({k: np.ascontiguousarray(v) for k, v in feed.items()})
         return [np.array(result[o], dtype=np.float32) for o in self.outputs]
 
+    def threads_used(self) -> int | None:
+        try:
+            return int(self.property("INFERENCE_NUM_THREADS"))
+        except Exception:  # a plugin without the property: unknown, not a failure
+            return None
+
     def property(self, name: str):
         """A property of the compiled model, e.g. INFERENCE_NUM_THREADS (what the plugin really uses)."""
         return self.compiled.get_property(name)
