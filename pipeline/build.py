@@ -58,7 +58,6 @@ def _quiet_stage(text: str):
 
 def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> BuildResult:
     """Run a whole build; returns the result (check ``exit_code``), raises EdgeBuildError on bad input."""
-    from edgebuild.calibration.dataset import CalibrationSet  # noqa: F401  (light)
     from edgebuild.pipeline.data import resolve_data
     from edgebuild.pipeline.export import export_onnx
     from edgebuild.pipeline.sources import load_model
@@ -95,7 +94,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
 
             reference = V.collect(OrtRunner(model.onnx_path, 2), evalset)
             _save_reference(refdir / "outputs.npz", reference, evalset)
-        cache = StageCache(Path(spec.cache_dir) if spec.cache_dir else default_root())
+        cache = StageCache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
         ctx = BuildContext(spec, model, calib, evalset, reference, cache, scratch, stage=stage)
         targets = {}
         for profile in profiles:

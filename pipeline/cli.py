@@ -61,8 +61,7 @@ def spec_from_flags(config: str | None, **flags):
     if flags.pop("no_auto"):
         data["auto"] = False
     if flags.pop("no_cache"):
-        data["cache_dir"] = None
-        data["_no_cache"] = True
+        data["cache"] = False
     steps = flags.pop("compress_steps")
     if steps:
         data["compress"] = [_parse_step(s) for s in steps]
@@ -75,9 +74,7 @@ def spec_from_flags(config: str | None, **flags):
     for k, v in flags.items():
         if v is not None:
             data[k] = v
-    no_cache = data.pop("_no_cache", False)
-    spec = BuildSpec.from_dict(data)
-    return spec, config_path, no_cache
+    return BuildSpec.from_dict(data), config_path
 
 
 def _parse_step(text: str) -> dict:
@@ -155,12 +152,8 @@ def cli(ctx, as_json, config, eval_, **flags):
         return
     from edgebuild.pipeline.build import build
 
-    spec, config_path, no_cache = spec_from_flags(config, eval=eval_, **flags)
+    spec, config_path = spec_from_flags(config, eval=eval_, **flags)
     console = _console()
-    if no_cache:
-        import tempfile
-
-        spec = spec.replace(cache_dir=tempfile.mkdtemp(prefix="edgebuild-nocache-"))
     if spec.is_demo:
         console.print("[dim]no model given: building the built-in demo (DigitsCNN on scikit-learn digits)[/dim]")
     elif config_path:

@@ -101,7 +101,8 @@ class BuildSpec:
     auto_max_tries: int = 12  # accuracy search: conversions tried per target at most
     auto_max_seconds: float = 600.0  # accuracy search: time per target at most
     seed: int = 0
-    cache_dir: str | None = None
+    cache: bool = True  # read/write the stage cache
+    cache_dir: str | None = None  # default: $EDGEBUILD_CACHE or ~/.cache/edgebuild
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
