@@ -79,7 +79,13 @@ def _npz(path: Path, inputs: tuple[InputSpec, ...]) -> CalibrationSet:
     else:
         raise BadInputError(f"{path}: cannot tell which arrays are inputs; name them after the model inputs {names} or 'x'")
     if labels is not None:
-        labels = labels.reshape(len(labels), -1)[:, 0] if labels.ndim > 1 and labels.shape[1] == 1 else labels
+        if labels.ndim == 2 and labels.shape[1] > 1:  # one-hot
+            labels = labels.argmax(1)
+        elif labels.ndim > 1:
+            labels = labels.reshape(len(labels), -1)[:, 0]
+        if not np.issubdtype(labels.dtype, np.integer) and not np.all(np.mod(labels, 1) == 0):
+            raise BadInputError(f"{path}: labels must be class indices (or one-hot), got {labels.dtype} values")
+        labels = labels.astype(np.int64)
     return CalibrationSet(path.name, x, labels, {"source": str(path)})
 
 

@@ -5,6 +5,7 @@ Entries live under ``$EDGEBUILD_CACHE`` (default ``~/.cache/edgebuild``); each i
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,19 @@ from edgebuild.targets.base import Artifact
 
 def default_root() -> Path:
     return Path(os.environ.get("EDGEBUILD_CACHE") or Path.home() / ".cache" / "edgebuild")
+
+
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """Hash of edgebuild's own sources: a changed converter never gets a stale cache hit."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for folder in ("targets", "calibration", "pipeline"):
+        for f in sorted((root / folder).rglob("*")):
+            if f.suffix in (".py", ".yaml") and f.is_file():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def key(**parts) -> str:
@@ -46,6 +60,12 @@ class StageCache:
     def put(self, k: str, art: Artifact) -> None:
         if self.root is None:
             return
+        try:
+            self._put(k, art)
+        except OSError as e:  # an unwritable cache costs speed, not the build
+            art.notes.append(f"not stored in the stage cache ({type(e).__name__}: {e.strerror or e})")
+
+    def _put(self, k: str, art: Artifact) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         try:

@@ -242,6 +242,12 @@ def main(argv=None) -> int:
         return 2
     except click.exceptions.Exit as e:
         return e.exit_code
+    except Exception:  # a bug, not a user error: keep the traceback, and never exit 0 or 1 ("budget failed")
+        import traceback
+
+        traceback.print_exc()
+        click.echo("edgebuild: internal error (the traceback above is a bug report); exit 3", err=True)
+        return 3
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[Calibr
     if calib_src and eval_src and calib_src != eval_src:
         calib = load_source(calib_src, inputs, spec.preprocess)
         evalset = load_source(eval_src, inputs, spec.preprocess)
+        classes = [d.origin.get("classes") for d in (calib, evalset)]
+        if all(classes) and classes[0] != classes[1]:
+            raise BadInputError(f"calibration and evaluation folders have different class sub-folders "
+                                f"({len(classes[0])} vs {len(classes[1])}); labels would not match")
         calib, removed = drop_overlap(calib, evalset)
         if removed:
             record["overlap_removed_from_calibration"] = removed

@@ -153,7 +153,7 @@ def _fidelity(loaded: LoadedModel, onnx_path: Path, evalset: CalibrationSet) -> 
         for i in range(n):
             feed = evalset.feed(i)
             ref = loaded.module(*[torch.from_numpy(feed[s.name]) for s in loaded.inputs])
-            ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+            ref = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
             got = sess.run(None, feed)
             for r, g in zip(ref, got):
                 r, g = r.numpy().ravel().astype(np.float64), np.asarray(g).ravel().astype(np.float64)

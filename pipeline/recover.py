@@ -20,6 +20,7 @@ from edgebuild.targets.base import Backend
 from edgebuild.targets.profiles import TargetProfile
 
 SELECT_FRACTION = 0.4
+MIN_SEARCH_SAMPLES = 10
 FLOAT_LAYER_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
@@ -43,8 +44,14 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     record: dict = {"enabled": True, "tries": [first.summary() | {"data": "evaluation (all)"}], "chosen": first.label}
     if first.quality_ok:
         return first, record
-    started, tries = time.monotonic(), [first]
+    if len(ctx.evalset) < MIN_SEARCH_SAMPLES:
+        record["result"] = f"no search: {len(ctx.evalset)} evaluation samples cannot be split into selection and hold-out"
+        return first, record
+    started = time.monotonic()
     select, holdout = _split(ctx)
+    first_on_select = evaluate(ctx, backend, profile, first.artifact, budget, timed=False, data=select)
+    first_on_select.label = first.label
+    tries = [first_on_select]
     record["selection"] = (f"candidates judged on {len(select[0])} samples of the evaluation split (seed "
                            f"{ctx.spec.seed + 1}); the chosen one is reported on the other {len(holdout[0])}")
     deadline = started + ctx.spec.auto_max_seconds
@@ -67,10 +74,10 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
         return a
 
     found = _search(ctx, backend, profile, first, attempt, record, select)
-    best = found or min(tries[1:] or tries, key=_quality)
+    best = found or min(tries, key=_quality)
     record["chosen"] = best.label
     record["seconds"] = round(time.monotonic() - started, 2)
-    if best is first:
+    if best is first_on_select:
         record["result"] = "no configuration met the budget; the profile settings are kept"
         return first, record
     if not found:

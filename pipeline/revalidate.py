@@ -28,8 +28,8 @@ def revalidate(artifact_dir: Path, eval_source: str) -> dict:
     backend = get_backend(meta["backend"])
     art = Artifact(meta["target"], meta["backend"], meta["precision"], artifact_dir, meta["artifact"],
                    list(meta["files"]), meta["settings"], meta["io"])
-    inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i.get("layout", "ANY"))
-                   for i in meta["io"]["inputs"])
+    inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i.get("layout") or "ANY")
+                   for i in meta["source_inputs"])  # feeds are in the source model's layout; runners adapt
     pre = PreprocessSpec(**meta.get("preprocess", {}))
     evalset = load_source(eval_source, inputs, pre)
     ref_outputs = V.collect(OrtRunner(reference, meta["runtime"]["threads"]), evalset)

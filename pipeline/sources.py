@@ -138,7 +138,10 @@ def _python_reference(ref: str, spec: BuildSpec) -> LoadedModel:
         if not isinstance(obj, torch.nn.Module):
             raise BadInputError(f"{ref}() returned {type(obj).__name__}, not an nn.Module")
     if spec.weights:
-        obj.load_state_dict(load_state_dict(Path(spec.weights)))
+        try:
+            obj.load_state_dict(load_state_dict(Path(spec.weights)))
+        except RuntimeError as e:  # missing/unexpected keys, shape mismatches
+            raise BadInputError(f"{spec.weights} does not fit {ref}: {str(e).splitlines()[0][:200]}") from None
     return LoadedModel("torch", f"python reference {ref}" + (f" + {Path(spec.weights).name}" if spec.weights else ""),
                        _torch_inputs(spec, ref), module=obj.eval())
 

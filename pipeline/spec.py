@@ -193,4 +193,4 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def _is_builtin_or_module(value: str) -> bool:
-    return value.startswith("digits") or (":" in value and not value.endswith((".onnx", ".pt", ".pt2")) and "/" not in value)
+    return value == "digits" or value.startswith("digits:") or (":" in value and not value.endswith((".onnx", ".pt", ".pt2")) and "/" not in value)

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline import validate as V
-from edgebuild.pipeline.cache import StageCache, key
+from edgebuild.pipeline.cache import StageCache, code_hash, key
 from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.pipeline.export import file_hash
 from edgebuild.pipeline.spec import BuildSpec
@@ -40,6 +40,7 @@ class Attempt:
     latency: dict
     failures: list[str]
     label: str = "profile settings"
+    data: dict = field(default_factory=dict)  # the evaluation data these numbers were measured on
 
     @property
     def quality_ok(self) -> bool:
@@ -83,7 +84,8 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
     settings = {**backend.default_settings(profile, precision), **(settings or {})}
     versions = {k: v for k, v in tool_versions().items() if v}
     k = key(stage="convert", backend=backend.name, profile=profile.to_dict() | {"source": ""},
-            precision=precision, settings=settings, model=ctx.model.content_hash,
+            precision=precision, settings=settings, model=ctx.model.content_hash, code=code_hash(),
+            inputs=[asdict(i) for i in ctx.model.inputs],
             calib=ctx.calib.content_hash() if precision == "int8" else None, versions=versions)
     directory.mkdir(parents=True, exist_ok=True)
     cached = ctx.cache.get(k, directory)
@@ -106,7 +108,7 @@ def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: A
     except ValueError as e:
         raise ConversionError(f"{profile.name}: {art.main} gives outputs unlike the source model ({e})") from e
     failures = V.judge(metrics, art.size_bytes, lat or None, budget)
-    return Attempt(art, metrics, lat, failures)
+    return Attempt(art, metrics, lat, failures, data=evalset.describe())
 
 
 def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> dict:
@@ -142,12 +144,13 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
         "runtime": {"host": profile.host_runtime, "device": profile.device_runtime, "threads": profile.threads},
         "host_validation": profile.host_validation, "devices": list(profile.devices),
         "source_model_sha256": ctx.model.content_hash, "reference": "../reference/model_fp32.onnx",
+        "source_inputs": [asdict(i) for i in ctx.model.inputs],
         "budgets": budget.__dict__, "preprocess": asdict(ctx.spec.preprocess),
     }
     validation = {
         "verdict": "fail" if chosen.failures else "pass", "failures": chosen.failures,
         "metrics": chosen.metrics, "latency": chosen.latency, "size_bytes": art.size_bytes,
-        "budgets": budget.__dict__, "threads": profile.threads, "evaluation": ctx.evalset.describe(),
+        "budgets": budget.__dict__, "threads": profile.threads, "evaluation": chosen.data,
     }
     if baseline is not None:
         b = baseline.artifact

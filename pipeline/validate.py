@@ -40,27 +40,46 @@ def accuracy(outputs: list[list[np.ndarray]], labels: np.ndarray) -> float:
 
 
 def compare(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]], labels: np.ndarray | None) -> dict:
-    """Accuracy (when labels exist), and fidelity of ``outputs`` to ``reference``."""
-    cos, err = [], 0.0
+    """Accuracy (when labels exist), and fidelity of ``outputs`` to ``reference``.
+
+    Cosine similarity is per sample for vector outputs and, for each output, over the whole evaluation set
+    (so scalar outputs are judged too); ``cosine_min`` is the worst of both. Non-finite values fail it.
+    """
+    if len(reference) != len(outputs):
+        raise ValueError(f"{len(outputs)} artifact results for {len(reference)} reference samples")
+    cos, err, finite = [], 0.0, True
+    n_out = len(reference[0])
     for ref, out in zip(reference, outputs):
+        if len(out) != len(ref):
+            raise ValueError(f"artifact has {len(out)} outputs, the reference {len(ref)}")
         for r, o in zip(ref, out):
             r, o = r.astype(np.float64).ravel(), o.astype(np.float64).ravel()
             if r.shape != o.shape:
                 raise ValueError(f"artifact output has {o.size} values, reference {r.size}")
-            err = max(err, float(np.abs(r - o).max(initial=0.0)))
-            denom = np.linalg.norm(r) * np.linalg.norm(o)
-            cos.append(float(r @ o / denom) if denom else float(np.allclose(r, o)))
-    m: dict = {"samples": len(outputs), "cosine_mean": float(np.mean(cos)), "cosine_min": float(np.min(cos)),
-               "max_abs_error": err, "classifier": is_classifier(reference)}
+            finite = finite and bool(np.isfinite(o).all())
+            err = max(err, float(np.abs(r - o).max(initial=0.0))) if finite else float("inf")
+            if r.size > 1:
+                cos.append(_cosine(r, o))
+    whole = [_cosine(np.concatenate([s[j].astype(np.float64).ravel() for s in reference]),
+                     np.concatenate([s[j].astype(np.float64).ravel() for s in outputs])) for j in range(n_out)]
+    cos_min = min(cos + whole) if finite else 0.0
+    m: dict = {"samples": len(outputs), "cosine_mean": float(np.mean(cos or whole)) if finite else 0.0,
+               "cosine_min": float(cos_min), "max_abs_error": err, "finite": finite,
+               "classifier": is_classifier(reference)}
     if m["classifier"]:
         ref_top = np.array([o[0].reshape(-1).argmax() for o in reference])
         out_top = np.array([o[0].reshape(-1).argmax() for o in outputs])
-        m["top1_agreement"] = float((ref_top == out_top).mean() * 100)
+        m["top1_agreement"] = float((ref_top == out_top).mean() * 100) if finite else 0.0
         if labels is not None:
             m["accuracy_reference"] = accuracy(reference, labels)
-            m["accuracy"] = accuracy(outputs, labels)
+            m["accuracy"] = accuracy(outputs, labels) if finite else 0.0
             m["accuracy_drop"] = m["accuracy_reference"] - m["accuracy"]
     return m
+
+
+def _cosine(r: np.ndarray, o: np.ndarray) -> float:
+    denom = np.linalg.norm(r) * np.linalg.norm(o)
+    return float(r @ o / denom) if denom else float(np.allclose(r, o))
 
 
 def latency(runner: Runner, evalset: CalibrationSet) -> dict:
@@ -82,6 +101,8 @@ def quality_metric(m: dict) -> tuple[str, float]:
 def judge(m: dict, size_bytes: int, lat: dict | None, budget: Budget) -> list[str]:
     """Every budget the artifact misses, each as one readable line with the number and the limit."""
     failures = []
+    if not m.get("finite", True):
+        failures.append("cosine similarity 0: the artifact produces NaN/Inf outputs")
     name, value = quality_metric(m)
     if name == "cosine_min":
         floor = budget.min_cosine if budget.min_cosine is not None else DEFAULT_MIN_COSINE

@@ -46,6 +46,7 @@ class OnnxBackend(Backend):
                 workdir: Path, settings: dict | None = None) -> Artifact:
         self.check_available(profile.name)
         settings = {**self.default_settings(profile, precision), **(settings or {})}
+        workdir.mkdir(parents=True, exist_ok=True)
         out = workdir / self.artifact_name(precision, settings)
         try:
             if precision == "fp32":
@@ -110,12 +111,16 @@ def _to_fp16(src: Path, out: Path) -> None:
     onnx.save(model, str(out))
 
 
-def _preprocessed(src: Path, workdir: Path) -> Path:
-    """onnxruntime's quantization pre-processing (shape inference + graph optimization)."""
+def _preprocessed(src: Path, workdir: Path, keep_names: bool = False) -> Path:
+    """onnxruntime's quantization pre-processing (shape inference + graph optimization).
+
+    With ``keep_names`` the optimization (which fuses and renames nodes, e.g. MatMul+Add) is skipped, so
+    node names given by the user or the accuracy search still name the FP32 graph's nodes.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = workdir / "_preprocessed.onnx"
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=keep_names)
     return pre
 
 
@@ -135,7 +140,15 @@ def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workd
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
-    pre = _preprocessed(src, workdir)
+    named = [*s["nodes_to_exclude"], *s["float_layers"], *s["nodes_to_quantize"]]
+    pre = _preprocessed(src, workdir, keep_names=bool(named))
+    if named:
+        import onnx
+
+        present = {n.name for n in onnx.load(str(pre)).graph.node}
+        missing = sorted(set(named) - present)
+        if missing:
+            raise ConversionError(f"nodes named in the quantization settings are not in the model: {', '.join(missing[:5])}")
     extra = {"ActivationSymmetric": bool(s["symmetric_activations"]), "WeightSymmetric": bool(s["symmetric_weights"]),
              "QuantizeBias": bool(s["quantize_bias"]), "DedicatedQDQPair": bool(s["dedicated_qdq_pair"])}
     if s["calibrate_method"] == "percentile":

@@ -1,6 +1,7 @@
 """Target profiles: what a device family needs, as data (targets/profiles/*.yaml)."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -38,6 +39,9 @@ class TargetProfile:
     source: str = ""  # the YAML file it came from
 
     def __post_init__(self):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.name) or self.name in ("reference", "all"):
+            raise BadInputError(f"profile name {self.name!r}: use lower-case letters, digits, '.', '_' or '-' "
+                                "(and not 'reference' or 'all')")
         object.__setattr__(self, "precisions", tuple(self.precisions))
         object.__setattr__(self, "devices", tuple(self.devices))
         if self.precision not in self.precisions:

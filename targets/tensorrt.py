@@ -22,13 +22,7 @@ class TensorRTBackend(OnnxBackend):
 
     def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
                 workdir: Path, settings: dict | None = None) -> Artifact:
-        if precision == "fp16":  # TensorRT builds FP16 itself from the FP32 graph; ship FP32 weights
-            art = super().convert(model, profile, "fp32", calib, workdir, settings)
-            (workdir / art.main).rename(workdir / "model_fp32_for_fp16_engine.onnx")
-            art.main, art.files, art.precision = "model_fp32_for_fp16_engine.onnx", ["model_fp32_for_fp16_engine.onnx"], "fp16"
-            art.notes.append("FP16 is applied by TensorRT when the engine is built (--fp16); the ONNX keeps FP32 weights")
-        else:
-            art = super().convert(model, profile, precision, calib, workdir, settings)
+        art = super().convert(model, profile, precision, calib, workdir, settings)
         script = workdir / "build_engine.sh"
         script.write_text(_script(art.main, precision))
         script.chmod(0o755)

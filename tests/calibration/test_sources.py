@@ -105,3 +105,25 @@ def test_adapters_feed_every_sample():
     reader.rewind()
     assert reader.get_next() is not None
     assert len(list(representative_dataset(data)())) == 7
+
+
+def test_one_hot_labels_become_indices(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 64), np.float32), y=np.eye(10)[[3, 1, 4, 1]])
+    data = load_source(str(tmp_path / "d.npz"), NCHW, PreprocessSpec())
+    assert list(data.labels) == [3, 1, 4, 1]
+
+
+def test_calibration_and_evaluation_folders_must_share_classes(tmp_path):
+    from PIL import Image
+
+    from edgebuild.pipeline.data import resolve_data
+    from edgebuild.pipeline.spec import BuildSpec
+
+    for split, classes in (("calib", ["a", "b", "c"]), ("eval", ["a", "c"])):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("L", (8, 8), 10 * len(c)).save(tmp_path / split / c / f"{split}.png")
+    spec = BuildSpec(model="m.onnx", calib=str(tmp_path / "calib"), eval=str(tmp_path / "eval"),
+                     preprocess=PreprocessSpec(color="gray"))
+    with pytest.raises(BadInputError, match="different class sub-folders"):
+        resolve_data(spec, NCHW)

@@ -66,3 +66,21 @@ def test_symmetric_s8s8_needs_unfused_host_validation(model, small_sets, tmp_pat
     art = get_backend("tensorrt").convert(model, catalogue()["jetson-orin"], "int8", calib, tmp_path, None)
     with OrtRunner(model.onnx_path, 1) as ref, OrtRunner(art.path, 1, simulate=True) as sim:
         assert _accuracy(ref, test) - _accuracy(sim, test) <= 0.5
+
+
+def test_float_layers_keep_their_nodes_float_and_unknown_names_fail(model, small_sets, tmp_path):
+    import onnx
+
+    from edgebuild.pipeline.errors import ConversionError
+
+    calib, _ = small_sets
+    backend, profile = get_backend("onnx"), catalogue()["onnx-cpu"]
+    art = backend.convert(model, profile, "int8", calib, tmp_path / "a", {"float_layers": ["/classifier/classifier.1/Gemm"]})
+    assert art.main == "model_int8_mixed_qdq.onnx"
+    graph = onnx.load(str(art.path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    gemm = next(n for n in graph.node if n.name == "/classifier/classifier.1/Gemm")
+    assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in gemm.input[1:]), \
+        "the float layer's weights are not quantized"
+    with pytest.raises(ConversionError, match="not in the model"):
+        backend.convert(model, profile, "int8", calib, tmp_path / "b", {"float_layers": ["/no/such/Conv"]})
