@@ -20,7 +20,7 @@ Exit codes:
   0    all targets built and within budget
   1    a budget failed (artifacts kept, marked failed in manifest.json)
   2    bad usage or bad input (one-line error)
-  3    a conversion failed (reported per target)
+  3    a conversion failed (reported per target), or an internal error
   130  interrupted
 """
 
