@@ -1,0 +1,329 @@
+"""TFLite backend (LiteRT): FP32, FP16, dynamic-range INT8 and full-integer INT8 ``.tflite`` models.
+
+Conversion: the exported FP32 ONNX -> onnx2tf (a TF graph, channels-last) -> TensorFlow's TFLiteConverter,
+calibrated on the build's CalibrationSet for INT8, then checked: an ``_int8`` model whose ops are not all
+integer is a ConversionError naming the ops left in float. It runs in a child process
+(targets/tflite_convert.py) that cannot reach the network, so a converter crash (the TF calibrator
+segfaults on some graphs) is a ConversionError naming the phase, and onnx2tf's files and logs stay in a
+temp dir.
+
+Chosen over litert-torch 0.10 (torch.export + PT2E) by measurement on the architectures of
+tests/targets/test_tflite_coverage.py: both convert all of them with the same accuracy, but this path
+gives full-integer models for all (PT2E left float ops in the MobileNetV2 block, the LSTM and attention),
+converts ONNX sources too (litert-torch needs the torch module), and took 1-2.5 s per conversion after
+start-up against 2-8 s (15 s for the demo's INT8 calibration).
+
+Runtime: ai_edge_litert's Interpreter (XNNPACK, ``threads`` threads) behind a Runner that takes and returns
+tensors in the source model's layout and dtype: it transposes NCHW <-> NHWC and (de)quantizes int8 I/O.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.pipeline.errors import BadInputError, ConversionError
+from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register
+from edgebuild.targets.profiles import TargetProfile
+from edgebuild.targets.tflite_convert import CHANNEL_LAST
+
+NAMES = {"fp32": "model_fp32.tflite", "fp16": "model_fp16.tflite", "dynamic": "model_dynamic_int8.tflite",
+         "int8": "model_int8.tflite"}
+# Settings for every precision (profile `quant:` keys override them) ...
+DEFAULTS = {
+    "input_layout": "NHWC",  # NHWC: 4-D NCHW inputs become channels-last (native to TFLite); source: kept
+    "rnn_unroll": True,  # onnx2tf unrolls LSTM/GRU/RNN: the TF calibrator crashes on the loop form
+    "host_kernels": "xnnpack",  # xnnpack | builtin | reference (TFLite reference kernels, as on MCUs)
+    "c_array": False,  # also write <model>_data.cc/.h (a C array for TensorFlow Lite Micro)
+    "timeout_s": 900,
+}
+# ... and for full-integer INT8 only.
+INT8_DEFAULTS = {"io_dtype": "float32", "per_channel": True, "calibration_samples": None,
+                 "quantizer": "auto"}  # auto | mlir | legacy: TF's quantizer (auto: legacy for LSTM/GRU/RNN)
+FLOAT_CHECK_SAMPLES = 8  # samples sent to float conversions (onnx2tf's shape inference, the FP32 graph check)
+CHOICES = {"input_layout": ("NHWC", "source"), "host_kernels": ("xnnpack", "builtin", "reference"),
+           "io_dtype": ("float32", "int8", "uint8"), "quantizer": ("auto", "mlir", "legacy")}
+
+
+@register("tflite")
+class TFLiteBackend(Backend):
+    requires = ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "onnxruntime", "ai_edge_litert")
+    isolate_runner = True
+
+    def artifact_name(self, precision: str) -> str:
+        if precision not in NAMES:
+            raise BadInputError(f"tflite backend cannot build precision {precision!r}")
+        return NAMES[precision]
+
+    def default_settings(self, profile: TargetProfile, precision: str) -> dict:
+        s = {**DEFAULTS, "input_layout": "source" if profile.layout == "source" else "NHWC"}
+        if precision == "int8":
+            s.update(INT8_DEFAULTS, io_dtype=profile.io_dtype)
+        quant = {k: v for k, v in profile.quant.items() if precision == "int8" or k in DEFAULTS}
+        return {**s, **quant}
+
+    def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
+                workdir: Path, settings: dict | None = None) -> Artifact:
+        self.check_available(profile.name)
+        out = workdir / self.artifact_name(precision)
+        s = {**self.default_settings(profile, precision), **(settings or {})}
+        _check_settings(s, profile.name)
+        inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-") as tmp:
+            job_dir = Path(tmp)
+            n = _samples_to_send(len(calib), precision, s)
+            np.savez(job_dir / "calib.npz", **{t.name: calib.inputs[t.name][:n] for t in model.inputs})
+            job = {"onnx": str(Path(model.onnx_path).resolve()), "precision": precision, "settings": s, "inputs": inputs,
+                   "outputs": [{"name": o.name, "shape": list(o.shape)} for o in model.outputs]}
+            (job_dir / "job.json").write_text(json.dumps(job, default=str))
+            result = _run_child(job_dir, f"{profile.name}: TFLite {precision}", float(s["timeout_s"]))
+            workdir.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(job_dir / "model.tflite"), out)
+        seconds = time.perf_counter() - t0
+        io = _artifact_io(model, inputs, result, profile.name)
+        files = [out.name] + (_write_c_array(out) if s["c_array"] else [])
+        used = {**s, "converter": _converter_version(), "calibration_samples_used": n if precision == "int8" else 0,
+                "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"]}}
+        if precision == "int8":
+            used["quantizer_used"] = result["quantizer_used"]
+        else:
+            used["io_dtype"] = "float32"
+        notes = _notes(precision, io, result, used, seconds)
+        return Artifact(profile.name, self.name, precision, workdir, out.name, files, used, io, notes)
+
+    def runner(self, artifact: Artifact, threads: int) -> Runner:
+        return TFLiteRunner(artifact.path, artifact.io, threads, artifact.settings.get("host_kernels", "xnnpack"))
+
+
+class TFLiteRunner(Runner):
+    """A .tflite on LiteRT, fed and read in the source model's layout and dtype.
+
+    ``time_ms`` times ``invoke()`` alone with the inputs already set (as LiteRT's benchmark_model does), so
+    the numpy (de)quantization and transposes done here for the source layout are not counted.
+    """
+
+    def __init__(self, path: Path, io: dict, threads: int, kernels: str = "xnnpack"):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        resolver = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                    "reference": OpResolverType.BUILTIN_REF}[kernels]
+        try:
+            with _quiet_native_stderr():  # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" per model
+                self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
+                                               experimental_op_resolver_type=resolver)
+                self.interpreter.allocate_tensors()
+            signature = self.interpreter.get_signature_runner()
+            ins, outs = signature.get_input_details(), signature.get_output_details()
+            self.inputs = [_Port(spec, ins[spec["signature_key"]]) for spec in io["inputs"]]
+            self.outputs = [_Port(spec, outs[spec["signature_key"]]) for spec in io["outputs"]]
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise ConversionError(f"LiteRT cannot load {Path(path).name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+
+    def _set(self, feed: dict[str, np.ndarray]) -> None:
+        for port in self.inputs:
+            self.interpreter.set_tensor(port.index, port.to_tensor(feed[port.name]))
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._set(feed)
+        self.interpreter.invoke()
+        return [port.from_tensor(self.interpreter.get_tensor(port.index)) for port in self.outputs]
+
+    def time_ms(self, feed: dict[str, np.ndarray], warmup: int, runs: int, budget_s: float) -> list[float]:
+        self._set(feed)
+        for _ in range(warmup):
+            self.interpreter.invoke()
+        times: list[float] = []
+        deadline = time.perf_counter() + budget_s
+        while len(times) < runs and (len(times) < 20 or time.perf_counter() < deadline):
+            t0 = time.perf_counter()
+            self.interpreter.invoke()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+
+class _Port:
+    """One model input or output: its tensor, layout permutation and quantization (read from the model)."""
+
+    def __init__(self, spec: dict, details: dict):
+        self.name, self.index = spec["name"], details["index"]
+        self.dtype = np.dtype(details["dtype"])
+        self.perm = tuple(spec["perm"]) if spec.get("perm") else None  # inputs: source -> tflite; outputs: tflite -> source
+        scale, zero_point = details["quantization"]
+        self.quantized = self.dtype.kind in "iu" and scale != 0.0
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def to_tensor(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if self.perm:
+            x = x.transpose(self.perm)
+        if self.quantized and x.dtype.kind == "f":
+            info = np.iinfo(self.dtype)
+            x = np.clip(np.round(x / self.scale) + self.zero_point, info.min, info.max)
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
+    def from_tensor(self, y: np.ndarray) -> np.ndarray:
+        y = (y.astype(np.float32) - self.zero_point) * np.float32(self.scale) if self.quantized else y.astype(np.float32)
+        return np.ascontiguousarray(y.transpose(self.perm) if self.perm else y)
+
+
+@contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a moment (native log lines); errors still raise."""
+    try:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters, some test runners)
+        yield
+        return
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _samples_to_send(available: int, precision: str, s: dict) -> int:
+    if precision == "int8":
+        return min(available, int(s.get("calibration_samples") or available))
+    return min(available, FLOAT_CHECK_SAMPLES)
+
+
+def _check_settings(s: dict, target: str) -> None:
+    for key, allowed in CHOICES.items():
+        if key in s and s[key] not in allowed:
+            raise BadInputError(f"{target}: tflite setting {key} must be one of {', '.join(allowed)}, got {s[key]!r}")
+
+
+def _input_plan(t: TensorInfo, layout: str) -> dict:
+    """How one source input enters the TFLite model: 4-D NCHW becomes NHWC unless the profile keeps it."""
+    channels_first = len(t.shape) == 4 and t.layout in ("NCHW", "ANY")  # ANY 4-D: the ONNX convention, NCHW
+    perm = list(CHANNEL_LAST[4]) if channels_first and layout == "NHWC" else None
+    return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "layout": t.layout, "perm": perm,
+            "keep_source_layout": channels_first and perm is None}
+
+
+def _run_child(job_dir: Path, what: str, timeout: float) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore"}
+    log = job_dir / "convert.log"
+    with open(log, "wb") as f:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "edgebuild.targets.tflite_convert", str(job_dir)],
+                                  cwd=job_dir, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ConversionError(f"{what}: conversion took longer than {timeout:.0f} s during {_phase(job_dir)} "
+                                  "(raise the profile's quant.timeout_s)") from None
+    result_file = job_dir / "result.json"
+    if not result_file.is_file():
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        raise ConversionError(f"{what}: the converter crashed ({how}) during {_phase(job_dir)}{_log_hint(log)}")
+    return _checked(json.loads(result_file.read_text()), what, log)
+
+
+def _checked(result: dict, what: str, log: Path) -> dict:
+    if not result["ok"]:
+        op = f" [unsupported op: {result['op']}]" if result.get("op") else ""
+        hint = _log_hint(log) if "see the converter log" in result["message"] else ""
+        err = ConversionError(f"{what} conversion failed: {result['message']}{op}{hint}")
+        err.unsupported_op = result.get("op")
+        raise err
+    return result
+
+
+def _phase(job_dir: Path) -> str:
+    phase = job_dir / "phase"
+    return phase.read_text() if phase.is_file() else "start-up"
+
+
+def _log_hint(log: Path) -> str:
+    """The converter's last error line, when its log has one (onnx2tf prints errors before sys.exit)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))
+    lines = [ln.strip() for ln in text.splitlines() if re.search(r"\bERROR:|Error:|Fatal Python error", ln)]
+    return f" — {lines[-1][:200]}" if lines else ""
+
+
+def _artifact_io(model: ModelInput, inputs: list[dict], result: dict, target: str) -> dict:
+    def port(key: str, details: dict, name: str, layout: str, perm, source: TensorInfo) -> dict:
+        return {"name": name, "signature_key": key, "shape": details["shape"], "dtype": details["dtype"],
+                "layout": layout, "scale": details["scale"], "zero_point": details["zero_point"], "perm": perm,
+                "source_shape": list(source.shape), "source_dtype": source.dtype, "source_layout": source.layout}
+
+    keys_in, keys_out = result["keras_inputs"], result["keras_outputs"]
+    missing = [k for k in keys_in if k not in result["inputs"]] + [k for k in keys_out if k not in result["outputs"]]
+    if missing or len(keys_in) != len(inputs) or len(keys_out) != len(model.outputs):
+        raise ConversionError(f"{target}: the TFLite signature ({list(result['inputs'])} -> {list(result['outputs'])}) "
+                              f"does not match the model's inputs/outputs {[i['name'] for i in inputs]}")
+    io_in = []
+    for plan, key, src in zip(inputs, keys_in, model.inputs):
+        expected = list(np.array(plan["shape"])[plan["perm"]]) if plan["perm"] else plan["shape"]
+        if [int(v) for v in expected] != result["inputs"][key]["shape"]:
+            raise ConversionError(f"{target}: TFLite input {key} has shape {result['inputs'][key]['shape']}, expected {expected}")
+        layout = "NHWC" if plan["perm"] else src.layout
+        io_in.append(port(key, result["inputs"][key], src.name, layout, plan["perm"], src))
+    io_out = [port(key, result["outputs"][key], src.name, "NHWC" if perm else src.layout, perm, src)
+              for key, perm, src in zip(keys_out, result["output_perms"], model.outputs)]
+    return {"inputs": io_in, "outputs": io_out}
+
+
+def _converter_version() -> str:
+    v = {n: _version(n) for n in ("onnx2tf", "tensorflow")}
+    return f"onnx2tf {v['onnx2tf']} -> tf.lite.TFLiteConverter (tensorflow {v['tensorflow']})"
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> list[str]:
+    notes = [f"converted in {seconds:.1f} s with {_converter_version()}",
+             f"device runtime: LiteRT / TensorFlow Lite >= {result.get('min_runtime_version', '?')} "
+             f"(the model's min_runtime_version); builtin ops: {', '.join(result['ops'])}"]
+    what = {"fp32": "FP32 weights and arithmetic",
+            "fp16": "FP16 weights (half size): the GPU delegate computes in FP16; XNNPACK on CPU dequantizes to FP32",
+            "dynamic": "weight-only INT8 (dynamic range): activations stay float, quantized on the fly per op",
+            "int8": f"full-integer INT8 (every op int8; calibrated on {s.get('calibration_samples_used')} samples; "
+                    f"{'per-channel' if s.get('per_channel', True) else 'per-tensor'} weights; "
+                    f"TF's {s.get('quantizer_used')} quantizer)"}
+    notes.append(what[precision])
+    for p in io["inputs"] + io["outputs"]:
+        if p["scale"] is not None:
+            notes.append(f"{p['name']} is {p['dtype']} on the device: real = {p['scale']:.6g} * (q - {p['zero_point']})")
+    for p in io["inputs"]:
+        if p["perm"]:
+            notes.append(f"input {p['name']} is NHWC {p['shape']} on the device (source NCHW {p['source_shape']}); "
+                         "edgebuild's runner transposes, a device app feeds channels-last")
+    notes.append(f"host check: LiteRT {_version('ai-edge-litert')} with {s['host_kernels']} kernels; "
+                 "latency times invoke() only, like benchmark_model")
+    return notes
+
+
+def _write_c_array(model_path: Path) -> list[str]:
+    """``<stem>_data.cc``/``.h``: the model as an aligned C array, the form TensorFlow Lite Micro loads."""
+    data = model_path.read_bytes()
+    stem, symbol = model_path.stem + "_data", "g_" + model_path.stem.replace("-", "_")
+    rows = ",\n".join("  " + ", ".join(f"0x{b:02x}" for b in data[i:i + 12]) for i in range(0, len(data), 12))
+    header = (f"// {model_path.name} as a C array (generated by edgebuild)\n#pragma once\n\n"
+              f"extern const unsigned char {symbol}[];\nextern const unsigned int {symbol}_len;\n")
+    source = (f'#include "{stem}.h"\n\n// {model_path.name}, {len(data)} bytes; 16-byte aligned for TFLite Micro\n'
+              f"alignas(16) const unsigned char {symbol}[] = {{\n{rows}\n}};\n"
+              f"const unsigned int {symbol}_len = {len(data)};\n")
+    (model_path.parent / f"{stem}.h").write_text(header)
+    (model_path.parent / f"{stem}.cc").write_text(source)
+    return [f"{stem}.cc", f"{stem}.h"]
