@@ -26,7 +26,7 @@ from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import backend_exists, get_backend
 from edgebuild.targets.profiles import TargetProfile, resolve
 
-DEFAULT_TARGETS = ("onnx-cpu",)
+DEFAULT_TARGETS = ("arm64",)  # when neither --target nor edgebuild.yaml names one
 
 
 @dataclass

@@ -209,3 +209,23 @@ def test_old_opset_onnx_with_dynamic_batch_is_upgraded_and_fixed_to_batch_1(tmp_
     m = json.loads(stdout)
     assert m["model"]["opset"] == 13 and "opset upgraded 11 -> 13" in m["model"]["notes"][0]
     assert m["model"]["inputs"][0]["shape"] == [1, 1, 8, 8]
+
+
+@pytest.mark.slow
+def test_all_targets_build_the_demo_and_every_artifact_revalidates(tmp_path, capsys):
+    from edgebuild.targets.profiles import catalogue
+
+    out = tmp_path / "out"
+    code, _, err = run(["--target", "all", "--out", str(out)], capsys)
+    assert code == 0, err
+    m = manifest(out)
+    assert set(m["targets"]) == set(catalogue())
+    for name, t in m["targets"].items():
+        assert t["verdict"] == "pass", (name, t["failures"])
+        if t["precision"] == "int8":
+            assert t["metrics"]["accuracy_drop"] <= 0.5 and t["ratios"]["size_vs_fp32"] <= 0.3, name
+    # `edgebuild validate` feeds the source layout, whatever the artifact's own (NHWC, int8 I/O)
+    for name in ("arm64", "cortex-m", "x86"):
+        code, stdout, err = run(["validate", str(out / name), "--eval", "digits:test", "--json"], capsys)
+        assert code == 0, (name, err)
+        assert json.loads(stdout)["metrics"]["accuracy_drop"] <= 0.5
