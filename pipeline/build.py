@@ -23,7 +23,7 @@ from edgebuild.pipeline.cache import StageCache, default_root
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError, EdgeBuildError
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.versions import tool_versions
-from edgebuild.targets.base import backend_exists, get_backend
+from edgebuild.targets.base import backend_exists
 from edgebuild.targets.profiles import TargetProfile, resolve
 
 DEFAULT_TARGETS = ("arm64",)  # when neither --target nor edgebuild.yaml names one

@@ -1,22 +1,9 @@
 import numpy as np
 import pytest
 
-from edgebuild.pipeline.export import file_hash
-from edgebuild.targets.base import ModelInput, TensorInfo, get_backend
+from edgebuild.targets.base import get_backend
 from edgebuild.targets.onnx import OrtRunner
 from edgebuild.targets.profiles import catalogue
-
-
-@pytest.fixture(scope="module")
-def model(demo_onnx):
-    return ModelInput(demo_onnx, (TensorInfo("input", (1, 1, 8, 8), "float32", "NCHW"),),
-                      (TensorInfo("logits", (1, 10), "float32"),), 17, None, file_hash(demo_onnx))
-
-
-@pytest.fixture(scope="module")
-def small_sets(digits_split):
-    train, test = digits_split
-    return train.subset(np.arange(100)), test.subset(np.arange(300))
 
 
 def _accuracy(runner, data):

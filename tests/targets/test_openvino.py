@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.pipeline.export import file_hash
 from edgebuild.targets.base import ModelInput, TensorInfo, get_backend
 from edgebuild.targets.onnx import OrtRunner
 from edgebuild.targets.profiles import catalogue
@@ -18,18 +17,6 @@ pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 ONNX_CONV = "/features/features.3/Conv"  # the demo's second convolution, as the ONNX export names it
-
-
-@pytest.fixture(scope="module")
-def model(demo_onnx):
-    return ModelInput(demo_onnx, (TensorInfo("input", (1, 1, 8, 8), "float32", "NCHW"),),
-                      (TensorInfo("logits", (1, 10), "float32"),), 17, None, file_hash(demo_onnx))
-
-
-@pytest.fixture(scope="module")
-def small_sets(digits_split):
-    train, test = digits_split
-    return train.subset(np.arange(100)), test.subset(np.arange(300))
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +223,7 @@ def test_no_telemetry_no_network_and_lazy_imports(demo_onnx, tmp_path):
 
         import numpy as np
         from pathlib import Path
-        from edgebuild.targets.base import ModelInput, TensorInfo, get_backend
+        from edgebuild.targets.base import get_backend
         from edgebuild.targets.profiles import catalogue
         from edgebuild.calibration.sources import digits
         backend = get_backend("openvino")

@@ -1,0 +1,19 @@
+"""Fixtures shared by the backend tests: the demo as a backend's ModelInput, and small data sets."""
+import numpy as np
+import pytest
+
+from edgebuild.pipeline.export import file_hash
+from edgebuild.targets.base import ModelInput, TensorInfo
+
+
+@pytest.fixture(scope="module")
+def model(demo_onnx):
+    return ModelInput(demo_onnx, (TensorInfo("input", (1, 1, 8, 8), "float32", "NCHW"),),
+                      (TensorInfo("logits", (1, 10), "float32"),), 17, None, file_hash(demo_onnx))
+
+
+@pytest.fixture(scope="module")
+def small_sets(digits_split):
+    """(100 calibration samples, 300 labelled evaluation samples)."""
+    train, test = digits_split
+    return train.subset(np.arange(100)), test.subset(np.arange(300))
