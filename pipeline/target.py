@@ -83,13 +83,15 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
             settings: dict | None = None) -> Artifact:
     settings = {**backend.default_settings(profile, precision), **(settings or {})}
     versions = {k: v for k, v in tool_versions().items() if v}
-    k = key(stage="convert", backend=backend.name, profile=profile.to_dict() | {"source": ""},
+    # what a conversion depends on; two profiles that differ only in budgets/threads share artifacts
+    k = key(stage="convert", backend=backend.name, io=(profile.io_dtype, profile.layout), quant=profile.quant,
             precision=precision, settings=settings, model=ctx.model.content_hash, code=code_hash(),
             inputs=[asdict(i) for i in ctx.model.inputs],
             calib=ctx.calib.content_hash() if precision == "int8" else None, versions=versions)
     directory.mkdir(parents=True, exist_ok=True)
     cached = ctx.cache.get(k, directory)
     if cached is not None:
+        cached.target = profile.name
         return cached
     art = backend.convert(ctx.model, profile, precision, ctx.calib, directory, settings)
     ctx.cache.put(k, art)
