@@ -7,6 +7,11 @@ integer is a ConversionError naming the ops left in float. It runs in a child pr
 segfaults on some graphs) is a ConversionError naming the phase, and onnx2tf's files and logs stay in a
 temp dir.
 
+Mixed precision (``float_layers``, ONNX node names from the accuracy search): the TFLite ops built from those
+nodes stay float and everything else int8 (``model_int8_mixed.tflite``; the check allows float only there).
+A layer is float from its own input on: the tensor it reads is still int8 when the op producing it is int8,
+so an outlier activation is only rescued when its producer stays float too (the search then adds it).
+
 Chosen over litert-torch 0.10 (torch.export + PT2E) by measurement on the architectures of
 tests/targets/test_tflite_coverage.py: both convert all of them with the same accuracy, but this path
 gives full-integer models for all (PT2E left float ops in the MobileNetV2 block, the LSTM and attention),
@@ -35,12 +40,11 @@ import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register
+from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register, stem
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.tflite_convert import CHANNEL_LAST
 
-NAMES = {"fp32": "model_fp32.tflite", "fp16": "model_fp16.tflite", "dynamic": "model_dynamic_int8.tflite",
-         "int8": "model_int8.tflite"}
+PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 # Settings for every precision (profile `quant:` keys override them) ...
 DEFAULTS = {
     "input_layout": "NHWC",  # NHWC: 4-D NCHW inputs become channels-last (native to TFLite); source: kept
@@ -51,7 +55,8 @@ DEFAULTS = {
 }
 # ... and for full-integer INT8 only.
 INT8_DEFAULTS = {"io_dtype": "float32", "per_channel": True, "calibration_samples": None,
-                 "quantizer": "auto"}  # auto | mlir | legacy: TF's quantizer (auto: legacy for LSTM/GRU/RNN)
+                 "quantizer": "auto",  # auto | mlir | legacy: TF's quantizer (auto: legacy for LSTM/GRU/RNN)
+                 "float_layers": []}  # ONNX node names whose TFLite ops stay float (the accuracy search's mixed precision)
 FLOAT_CHECK_SAMPLES = 8  # samples sent to float conversions (onnx2tf's shape inference, the FP32 graph check)
 CHOICES = {"input_layout": ("NHWC", "source"), "host_kernels": ("xnnpack", "builtin", "reference"),
            "io_dtype": ("float32", "int8", "uint8"), "quantizer": ("auto", "mlir", "legacy")}
@@ -61,11 +66,19 @@ CHOICES = {"input_layout": ("NHWC", "source"), "host_kernels": ("xnnpack", "buil
 class TFLiteBackend(Backend):
     requires = ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "onnxruntime", "ai_edge_litert")
     isolate_runner = True
+    supports_float_layers = True
 
-    def artifact_name(self, precision: str) -> str:
-        if precision not in NAMES:
+    def artifact_name(self, precision: str, settings: dict | None = None) -> str:
+        if precision not in PRECISIONS:
             raise BadInputError(f"tflite backend cannot build precision {precision!r}")
-        return NAMES[precision]
+        return stem(precision, settings) + ".tflite"
+
+    def recovery_candidates(self, profile: TargetProfile, settings: dict) -> list[tuple[str, dict]]:
+        """None: TFLite has no cheaper INT8 variant worth a conversion. Both TF quantizers calibrate min-max
+        per-tensor activation ranges (no percentile or entropy calibration), weights are already per-channel,
+        and the other quantizer did not help where INT8 collapses (the outlier model: 87.7 pt accuracy drop
+        with the legacy quantizer, 89.3 pt with MLIR); so the search goes straight to layers in float."""
+        return []
 
     def default_settings(self, profile: TargetProfile, precision: str) -> dict:
         s = {**DEFAULTS, "input_layout": "source" if profile.layout == "source" else "NHWC"}
@@ -77,9 +90,11 @@ class TFLiteBackend(Backend):
     def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
                 workdir: Path, settings: dict | None = None) -> Artifact:
         self.check_available(profile.name)
-        out = workdir / self.artifact_name(precision)
         s = {**self.default_settings(profile, precision), **(settings or {})}
         _check_settings(s, profile.name)
+        if precision == "int8" and s["float_layers"] and not profile.allow_float_layers:
+            raise BadInputError(f"{profile.name} runs integer-only: float_layers {s['float_layers']} cannot stay in float")
+        out = workdir / self.artifact_name(precision, s)
         inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-") as tmp:
@@ -99,6 +114,8 @@ class TFLiteBackend(Backend):
                 "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"]}}
         if precision == "int8":
             used["quantizer_used"] = result["quantizer_used"]
+            if s["float_layers"]:
+                used["float_layers_kept"] = result["float_layers_kept"]  # ONNX node -> "TFLITE_OP output-tensor"
         else:
             used["io_dtype"] = "float32"
         notes = _notes(precision, io, result, used, seconds)
@@ -207,6 +224,11 @@ def _check_settings(s: dict, target: str) -> None:
     for key, allowed in CHOICES.items():
         if key in s and s[key] not in allowed:
             raise BadInputError(f"{target}: tflite setting {key} must be one of {', '.join(allowed)}, got {s[key]!r}")
+    layers = s.get("float_layers") or []
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(n, str) and n for n in layers):
+        raise BadInputError(f"{target}: tflite setting float_layers must be a list of ONNX node names, got {layers!r}")
+    if "float_layers" in s:
+        s["float_layers"] = list(layers)
 
 
 def _input_plan(t: TensorInfo, layout: str) -> dict:
@@ -301,7 +323,17 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
             "int8": f"full-integer INT8 (every op int8; calibrated on {s.get('calibration_samples_used')} samples; "
                     f"{'per-channel' if s.get('per_channel', True) else 'per-tensor'} weights; "
                     f"TF's {s.get('quantizer_used')} quantizer)"}
+    if s.get("float_layers_kept"):
+        kept = s["float_layers_kept"]
+        what["int8"] = (f"mixed INT8: every op int8 except the {sum(map(len, kept.values()))} TFLite op(s) of "
+                        f"{len(kept)} ONNX layer(s) kept in float (float weights and activations, with QUANTIZE/"
+                        f"DEQUANTIZE at their borders; calibrated on {s.get('calibration_samples_used')} samples; "
+                        f"{'per-channel' if s.get('per_channel', True) else 'per-tensor'} weights; TF's mlir quantizer, "
+                        "as the legacy one cannot keep layers in float)")
     notes.append(what[precision])
+    for node, ops in (s.get("float_layers_kept") or {}).items():
+        notes.append(f"float layer {node}: " + ("; ".join(ops) if ops else "no TFLite op of its own stayed float "
+                                                "(folded or fused by the converter)"))
     for p in io["inputs"] + io["outputs"]:
         if p["scale"] is not None:
             notes.append(f"{p['name']} is {p['dtype']} on the device: real = {p['scale']:.6g} * (q - {p['zero_point']})")

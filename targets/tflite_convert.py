@@ -12,6 +12,10 @@ into a TF/Keras graph in NHWC, and TensorFlow's ``TFLiteConverter`` writes FP32,
 full-integer INT8 (calibrated on our samples). Nothing may download: the socket layer refuses any
 non-local connection, and onnx2tf's sample-image download (it fetches MS-COCO images from GitHub for every
 model whose inputs are all 3-channel 4-D tensors) is replaced by our own calibration images.
+
+``settings.float_layers`` (ONNX node names): onnx2tf's ONNX tensor -> Keras tensor map gives each node's Keras
+layers, TFLite names every op's output after the layers fused into it, and the MLIR quantizer leaves the ops
+on its deny list in float (selective quantization, as tf.lite.experimental.QuantizationDebugger does).
 """
 from __future__ import annotations
 
@@ -81,20 +85,28 @@ def _onnx2tf(onnx_path: str, job: dict, calib: dict, workdir: Path):
     keep_shape = [i["name"] for i in inputs if not i.get("perm") and not i.get("keep_source_layout")]
     keep_nchw = [i["name"] for i in inputs if i.get("keep_source_layout")]
     graph = constants_to_initializers(onnx.load(onnx_path))
-    originals = o2t_main.download_test_image_data, o2t_common.download_test_image_data
+    originals = o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs
     sample = offline_sample_images(calib, job)
     o2t_main.download_test_image_data = sample  # the name onnx2tf.convert calls
     o2t_common.download_test_image_data = sample
+    tensors: dict = {}
+
+    def outputs_keeping_tensors(*args, **kwargs):  # onnx2tf's map ONNX tensor name -> TF tensor, kept for float_layers
+        tensors.update(kwargs.get("tf_layers_dict") or {})
+        return originals[2](*args, **kwargs)
+
+    o2t_main.get_tf_model_outputs = outputs_keeping_tensors
     try:
         # a graph, not a file path: onnx2tf then starts no onnxsim subprocess and no auto-JSON retries
-        return onnx2tf.convert(
+        km = onnx2tf.convert(
             onnx_graph=graph, output_folder_path=str(workdir / "onnx2tf"), disable_model_save=True,
             non_verbose=True, verbosity="error", not_use_onnxsim=True,
             enable_rnn_unroll=bool(job["settings"].get("rnn_unroll", True)),
             keep_shape_absolutely_input_names=keep_shape or None, keep_ncw_or_nchw_or_ncdhw_input_names=keep_nchw or None,
         )
+        return km, {name: v["tf_node"] for name, v in tensors.items() if isinstance(v, dict) and "tf_node" in v}
     finally:  # converting in the caller's process (tests) must leave onnx2tf as it was
-        o2t_main.download_test_image_data, o2t_common.download_test_image_data = originals
+        o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs = originals
 
 
 def constants_to_initializers(model):
@@ -208,9 +220,93 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
         converter.inference_output_type = io_type
         converter._experimental_disable_per_channel = not settings.get("per_channel", True)
         converter.experimental_new_quantizer = job["quantizer_used"] == "mlir"
+        if job.get("float_layer_map"):
+            return _selective_int8(converter, km, job, io_type)
     elif precision != "fp32":
         raise ConversionFailure("tflite converter", f"unknown precision {precision}")
     return converter.convert()
+
+
+def float_layer_map(km, tensors: dict, onnx_path: str, names: list[str]) -> dict[str, list[str]]:
+    """The Keras layers onnx2tf made for each ONNX node of ``names``: those that compute the node's outputs
+    from its inputs (a Conv's Pad, convolution and bias Add). A name that is not an ONNX node fails."""
+    import onnx
+
+    nodes = {n.name: n for n in onnx.load(onnx_path, load_external_data=False).graph.node}
+    missing = [n for n in names if n not in nodes]
+    if missing:
+        raise ConversionFailure("float layers", f"float_layers not in the model: {', '.join(missing)} "
+                                                f"(nodes include {', '.join(list(nodes)[:4])}, ...)")
+
+    def keras(name: str):
+        t = tensors.get(name.replace(":", "__"))  # onnx2tf's sanitized tensor names
+        return t if hasattr(t, "_keras_history") else None
+
+    return {n: sorted(_layers_behind([keras(o) for o in nodes[n].output]) - _layers_behind([keras(i) for i in nodes[n].input]))
+            for n in names}
+
+
+def _layers_behind(keras_tensors) -> set[str]:
+    """Names of the Keras layers that the given tensors are computed by, transitively."""
+    seen, stack = set(), [t for t in keras_tensors if t is not None]
+    while stack:
+        layer, index, _ = stack.pop()._keras_history
+        if layer.name not in seen:
+            seen.add(layer.name)
+            stack.extend(layer._inbound_nodes[index].keras_inputs)
+    return seen
+
+
+def tflite_ops_of(model: bytes, km, layer_map: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """Per ONNX node: the TFLite ops built from its Keras layers, ``{"op": type, "tensor": output name}``.
+
+    TFLite names an op's output after the TF ops fused into it (``model/tf.nn.relu_1/Relu;model/
+    tf.math.add_1/Add;model/tf.nn.convolution_1/convolution;...``); a model output is named after the
+    signature instead (``PartitionedCall:0``), so it is matched through the Keras model's outputs.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=model)
+    tensor_names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    signature = it.get_signature_runner().get_output_details()
+    output_layer = {signature[key]["index"]: t._keras_history[0].name
+                    for key, t in zip(km.output_names, km.outputs) if key in signature}
+    prefix = km.name + "/"
+
+    def layers(index: int) -> set[str]:
+        found = {output_layer[index]} if index in output_layer else set()
+        for segment in tensor_names[index].split(";"):
+            if segment.startswith(prefix):
+                found |= {name for name in _all_layers(km) if segment[len(prefix):].startswith(name + "/")
+                          or segment[len(prefix):] == name}
+        return found
+
+    ops = [(op, set().union(*(layers(int(i)) for i in op["outputs"]))) for op in it._get_ops_details()]
+    return {node: [{"op": op["op_name"], "tensor": tensor_names[int(o)]} for op, found in ops if found & set(wanted)
+                   for o in op["outputs"]] for node, wanted in layer_map.items()}
+
+
+def _all_layers(km) -> list[str]:
+    return [layer.name for layer in km.layers]
+
+
+def _selective_int8(converter, km, job: dict, io_type) -> bytes:
+    """INT8 with the ops of ``float_layers`` left in float: calibrate once, then quantize with those ops'
+    output tensors on the MLIR quantizer's deny list (what tf.lite.experimental.QuantizationDebugger's
+    ``denylisted_nodes`` does; TF's legacy quantizer cannot do this). The map of ONNX node -> TFLite
+    tensors is written into ``job["float_ops_requested"]``."""
+    from tensorflow.lite.python import convert as tf_convert
+
+    converter._experimental_calibrate_only = True
+    calibrated = converter.convert()
+    requested = tflite_ops_of(calibrated, km, job["float_layer_map"])
+    job["float_ops_requested"] = requested
+    deny = sorted({op["tensor"] for ops in requested.values() for op in ops})
+    if not deny:
+        return tf_convert.mlir_quantize(calibrated, converter._experimental_disable_per_channel, fully_quantize=False,
+                                        input_data_type=io_type, output_data_type=io_type)
+    return tf_convert.mlir_quantize(calibrated, converter._experimental_disable_per_channel, fully_quantize=False,
+                                    input_data_type=io_type, output_data_type=io_type, denylisted_nodes=deny)
 
 
 def describe_tflite(path: Path) -> dict:
@@ -243,7 +339,8 @@ def describe_tflite(path: Path) -> dict:
 
 
 def _float_ops(model, names: dict) -> list[str]:
-    """Ops of the main graph that touch a float tensor other than the model's own inputs and outputs."""
+    """Ops of the main graph that touch a float tensor other than the model's own inputs and outputs:
+    ``{"op": type, "outputs": [output tensor names]}``."""
     from ai_edge_litert import schema_py_generated as schema
 
     graph = model.subgraphs[0]
@@ -254,8 +351,13 @@ def _float_ops(model, names: dict) -> list[str]:
     for op in graph.operators:
         if inner & ({int(i) for i in op.inputs if i >= 0} | {int(i) for i in op.outputs}):
             code = model.operatorCodes[op.opcodeIndex]
-            ops.append(names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"))
+            ops.append({"op": names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"),
+                        "outputs": [_text(graph.tensors[int(i)].name) for i in op.outputs]})
     return ops
+
+
+def _text(name) -> str:
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
 class ConversionFailure(Exception):
@@ -303,26 +405,28 @@ def run(job_dir: Path) -> dict:
     phase = "onnx2tf"
     try:
         _phase(job_dir, phase)
-        km = _onnx2tf(job["onnx"], job, calib, job_dir)
+        km, tensors = _onnx2tf(job["onnx"], job, calib, job_dir)
+        float_layers = [str(n) for n in job["settings"].get("float_layers") or []] if job["precision"] == "int8" else []
+        if float_layers:
+            job["float_layer_map"] = float_layer_map(km, tensors, job["onnx"], float_layers)
         phase = "FP32 graph check"
         _phase(job_dir, phase)
         out_perms, check = _check_float_graph(km, job, calib)
         phase = "tflite converter" if job["precision"] != "int8" else "tflite converter (INT8 calibration)"
         _phase(job_dir, phase)
-        job["quantizer_used"] = pick_quantizer(job["settings"].get("quantizer", "auto"), job["onnx"])
+        # keeping layers in float needs the MLIR quantizer's deny list
+        job["quantizer_used"] = "mlir" if float_layers else pick_quantizer(job["settings"].get("quantizer", "auto"), job["onnx"])
         model = _tflite_bytes(km, job["precision"], job["settings"], calib, job)
         path = job_dir / "model.tflite"
         path.write_bytes(model)
         phase = "reading the model back"
         _phase(job_dir, phase)
         described = describe_tflite(path)
-        if job["precision"] == "int8" and described["float_ops"]:
-            left = sorted(set(described["float_ops"]) - {"QUANTIZE", "DEQUANTIZE"}) or sorted(set(described["float_ops"]))
-            raise ConversionFailure("full-integer check", f"the INT8 model is not full-integer: {len(described['float_ops'])} "
-                                                          f"op(s) still run in float ({', '.join(left)})", left[0])
+        kept = check_integer(described["float_ops"], job) if job["precision"] == "int8" else {}
+        described["float_ops"] = [op["op"] for op in described["float_ops"]]
         result = {"ok": True, "keras_inputs": list(km.input_names), "keras_outputs": list(km.output_names),
                   "quantizer_used": job["quantizer_used"] if job["precision"] == "int8" else None,
-                  "output_perms": out_perms, "fp32_graph_check": check, **described}
+                  "output_perms": out_perms, "fp32_graph_check": check, **described, **kept}
     except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit() on some errors
         result = {"ok": False, "phase": phase, **_explain(e, phase, job["onnx"]),
                   "traceback": traceback.format_exc(limit=8)}
@@ -330,6 +434,38 @@ def run(job_dir: Path) -> dict:
         _release_tf()
     (job_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return result
+
+
+def check_integer(float_ops: list[dict], job: dict) -> dict:
+    """The full-integer check: every op int8, except (mixed precision) the ops of the requested float layers
+    and the QUANTIZE/DEQUANTIZE at their borders. Returns what stayed float, per ONNX node."""
+    requested = job.get("float_ops_requested") or {}
+    wanted = [op for ops in requested.values() for op in ops]
+    stray = [op for op in float_ops if op["op"] not in ("QUANTIZE", "DEQUANTIZE") and not any(map(_same_op(op), wanted))]
+    if stray or (float_ops and not requested):
+        left = sorted({op["op"] for op in stray}) or sorted({op["op"] for op in float_ops})
+        where = " outside the requested float layers" if requested else ""
+        raise ConversionFailure("full-integer check", f"the INT8 model is not full-integer{where}: {len(stray or float_ops)} "
+                                                      f"op(s) still run in float ({', '.join(left)})", left[0])
+    if not requested:
+        return {}
+    kept = {node: [f"{w['op']} {w['tensor']}" for w in ops if any(_same_op(op)(w) for op in float_ops)]
+            for node, ops in requested.items()}
+    ignored = [node for node, ops in requested.items() if ops and not kept[node]]
+    if ignored:
+        raise ConversionFailure("float layers", f"the quantizer did not keep {', '.join(ignored)} in float")
+    return {"float_layers_kept": kept, "float_layers_keras": job["float_layer_map"],
+            "float_layers_border_ops": sum(op["op"] in ("QUANTIZE", "DEQUANTIZE") for op in float_ops)}
+
+
+def _same_op(op: dict):
+    """Does a requested op (calibrated model) match ``op`` of the quantized model? The quantizer keeps tensor
+    names but makes them unique when it inserts a QUANTIZE that takes over a model output's name
+    (``PartitionedCall:0`` -> ``PartitionedCall:01``)."""
+    def match(wanted: dict) -> bool:
+        return wanted["op"] == op["op"] and any(
+            t == wanted["tensor"] or re.fullmatch(re.escape(wanted["tensor"]) + r"\d+", t) for t in op["outputs"])
+    return match
 
 
 def _release_tf() -> None:

@@ -7,7 +7,7 @@ from edgebuild.pipeline.cli import main
 
 OUTLIER = ["--model", "tests.outlier_model:outlier_demo", "--input-shape", "1,1,8,8",
            "--calib", "digits:train", "--eval", "digits:test"]
-HOST_TARGETS = ["onnx-cpu", "jetson-orin", "x86"]
+HOST_TARGETS = ["onnx-cpu", "jetson-orin", "x86", "arm64"]
 
 
 def build(tmp_path, *argv):

@@ -97,8 +97,16 @@ def test_honest_artifact_names(backend):
     assert backend.artifact_name("dynamic") == "model_dynamic_int8.tflite"
     assert backend.artifact_name("fp16") == "model_fp16.tflite"
     assert backend.artifact_name("fp32") == "model_fp32.tflite"
+    assert backend.artifact_name("int8", {"float_layers": ["/features/features.3/Conv"]}) == "model_int8_mixed.tflite"
+    assert backend.artifact_name("int8", {"float_layers": []}) == "model_int8.tflite"
     with pytest.raises(BadInputError):
         backend.artifact_name("int4")
+
+
+def test_accuracy_search_hooks(backend, profiles):
+    assert backend.supports_float_layers and not profiles["cortex-m"].allow_float_layers
+    settings = backend.default_settings(profiles["arm64"], "int8")
+    assert settings["float_layers"] == [] and backend.recovery_candidates(profiles["arm64"], settings) == []
 
 
 def test_default_settings(backend, profiles):
@@ -112,6 +120,11 @@ def test_default_settings(backend, profiles):
 def test_bad_setting_is_bad_input(backend, profiles, demo_onnx, digits_split, tmp_path):
     with pytest.raises(BadInputError, match="io_dtype"):
         backend.convert(demo_model(demo_onnx), profiles["arm64"], "int8", digits_split[0], tmp_path, {"io_dtype": "int16"})
+    with pytest.raises(BadInputError, match="float_layers"):
+        backend.convert(demo_model(demo_onnx), profiles["arm64"], "int8", digits_split[0], tmp_path, {"float_layers": "/a/Conv"})
+    with pytest.raises(BadInputError, match="integer-only"):
+        backend.convert(demo_model(demo_onnx), profiles["cortex-m"], "int8", digits_split[0], tmp_path,
+                        {"float_layers": ["/features/features.3/Conv"]})
 
 
 def test_port_layout_and_quantization():
@@ -157,6 +170,35 @@ def test_int8_demo_accuracy_size_and_full_integer(backend, built, reference, dig
     assert requires["min_runtime_version"] and any(op.startswith("CONV_2D") for op in requires["builtin_ops"])
     assert any("min_runtime_version" in n for n in art.notes)
     assert art.settings["calibration_samples_used"] == CALIB_SAMPLES and art.settings["io_dtype"] == "float32"
+
+
+def test_float_layers_stay_float_and_nothing_else(backend, built, reference, digits_split):
+    """Mixed precision: the ops of the named ONNX layers (here a middle Conv and the output Gemm, whose TFLite
+    tensor is named after the signature) compute in float; every other op stays int8."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    layers = ("/features/features.3/Conv", "/classifier/classifier.4/Gemm")
+    art = built("arm64", "int8", float_layers=layers)
+    assert art.main == "model_int8_mixed.tflite" and art.settings["quantizer_used"] == "mlir"
+    kept = art.settings["float_layers_kept"]
+    assert list(kept) == list(layers) and [len(v) for v in kept.values()] == [1, 1]
+    assert kept[layers[0]][0].startswith("CONV_2D ") and kept[layers[1]][0].startswith("FULLY_CONNECTED ")
+    it = Interpreter(model_path=str(art.path))
+    dtype = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+    compute = [(op["op_name"], [dtype[i] for i in op["inputs"] if i >= 0])
+               for op in it._get_ops_details() if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")]
+    floating = [i for i, (_, ins) in enumerate(compute) if all(d == np.float32 for d in ins)]  # input, weights, bias
+    assert floating == [1, len(compute) - 1]  # features.3 is the 2nd conv; the output Gemm the last op
+    assert compute[1][0] == "CONV_2D" and compute[-1][0] == "FULLY_CONNECTED"
+    assert all(np.float32 not in ins for i, (_, ins) in enumerate(compute) if i not in floating)
+    assert any(layers[0] in n for n in art.notes) and any(n.startswith("mixed INT8") for n in art.notes)
+    assert evaluate(backend, art, reference, digits_split[1])["accuracy_drop"] <= 0.5
+
+
+def test_float_layer_not_in_the_model_fails(backend, profiles, demo_onnx, digits_split, tmp_path):
+    calib = digits_split[0].subset(np.arange(20))
+    with pytest.raises(ConversionError, match="not in the model: /no/such/Conv"):
+        backend.convert(demo_model(demo_onnx), profiles["arm64"], "int8", calib, tmp_path, {"float_layers": ["/no/such/Conv"]})
 
 
 def test_int8_io_profile(backend, built, reference, digits_split):
