@@ -223,7 +223,7 @@ def test_no_telemetry_no_network_and_lazy_imports(demo_onnx, tmp_path):
 
         import numpy as np
         from pathlib import Path
-        from edgebuild.targets.base import get_backend
+        from edgebuild.targets.base import ModelInput, TensorInfo, get_backend
         from edgebuild.targets.profiles import catalogue
         from edgebuild.calibration.sources import digits
         backend = get_backend("openvino")
