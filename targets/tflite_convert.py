@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgebuild.targets.tflite_mixed import ConversionFailure, check_integer, float_layer_map, selective_int8
+
 CHANNEL_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}  # NC... -> N...C
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "")
 
@@ -221,92 +223,10 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
         converter._experimental_disable_per_channel = not settings.get("per_channel", True)
         converter.experimental_new_quantizer = job["quantizer_used"] == "mlir"
         if job.get("float_layer_map"):
-            return _selective_int8(converter, km, job, io_type)
+            return selective_int8(converter, km, job, io_type)
     elif precision != "fp32":
         raise ConversionFailure("tflite converter", f"unknown precision {precision}")
     return converter.convert()
-
-
-def float_layer_map(km, tensors: dict, onnx_path: str, names: list[str]) -> dict[str, list[str]]:
-    """The Keras layers onnx2tf made for each ONNX node of ``names``: those that compute the node's outputs
-    from its inputs (a Conv's Pad, convolution and bias Add). A name that is not an ONNX node fails."""
-    import onnx
-
-    nodes = {n.name: n for n in onnx.load(onnx_path, load_external_data=False).graph.node}
-    missing = [n for n in names if n not in nodes]
-    if missing:
-        raise ConversionFailure("float layers", f"float_layers not in the model: {', '.join(missing)} "
-                                                f"(nodes include {', '.join(list(nodes)[:4])}, ...)")
-
-    def keras(name: str):
-        t = tensors.get(name.replace(":", "__"))  # onnx2tf's sanitized tensor names
-        return t if hasattr(t, "_keras_history") else None
-
-    return {n: sorted(_layers_behind([keras(o) for o in nodes[n].output]) - _layers_behind([keras(i) for i in nodes[n].input]))
-            for n in names}
-
-
-def _layers_behind(keras_tensors) -> set[str]:
-    """Names of the Keras layers that the given tensors are computed by, transitively."""
-    seen, stack = set(), [t for t in keras_tensors if t is not None]
-    while stack:
-        layer, index, _ = stack.pop()._keras_history
-        if layer.name not in seen:
-            seen.add(layer.name)
-            stack.extend(layer._inbound_nodes[index].keras_inputs)
-    return seen
-
-
-def tflite_ops_of(model: bytes, km, layer_map: dict[str, list[str]]) -> dict[str, list[dict]]:
-    """Per ONNX node: the TFLite ops built from its Keras layers, ``{"op": type, "tensor": output name}``.
-
-    TFLite names an op's output after the TF ops fused into it (``model/tf.nn.relu_1/Relu;model/
-    tf.math.add_1/Add;model/tf.nn.convolution_1/convolution;...``); a model output is named after the
-    signature instead (``PartitionedCall:0``), so it is matched through the Keras model's outputs.
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_content=model)
-    tensor_names = {t["index"]: t["name"] for t in it.get_tensor_details()}
-    signature = it.get_signature_runner().get_output_details()
-    output_layer = {signature[key]["index"]: t._keras_history[0].name
-                    for key, t in zip(km.output_names, km.outputs) if key in signature}
-    prefix = km.name + "/"
-
-    def layers(index: int) -> set[str]:
-        found = {output_layer[index]} if index in output_layer else set()
-        for segment in tensor_names[index].split(";"):
-            if segment.startswith(prefix):
-                found |= {name for name in _all_layers(km) if segment[len(prefix):].startswith(name + "/")
-                          or segment[len(prefix):] == name}
-        return found
-
-    ops = [(op, set().union(*(layers(int(i)) for i in op["outputs"]))) for op in it._get_ops_details()]
-    return {node: [{"op": op["op_name"], "tensor": tensor_names[int(o)]} for op, found in ops if found & set(wanted)
-                   for o in op["outputs"]] for node, wanted in layer_map.items()}
-
-
-def _all_layers(km) -> list[str]:
-    return [layer.name for layer in km.layers]
-
-
-def _selective_int8(converter, km, job: dict, io_type) -> bytes:
-    """INT8 with the ops of ``float_layers`` left in float: calibrate once, then quantize with those ops'
-    output tensors on the MLIR quantizer's deny list (what tf.lite.experimental.QuantizationDebugger's
-    ``denylisted_nodes`` does; TF's legacy quantizer cannot do this). The map of ONNX node -> TFLite
-    tensors is written into ``job["float_ops_requested"]``."""
-    from tensorflow.lite.python import convert as tf_convert
-
-    converter._experimental_calibrate_only = True
-    calibrated = converter.convert()
-    requested = tflite_ops_of(calibrated, km, job["float_layer_map"])
-    job["float_ops_requested"] = requested
-    deny = sorted({op["tensor"] for ops in requested.values() for op in ops})
-    if not deny:
-        return tf_convert.mlir_quantize(calibrated, converter._experimental_disable_per_channel, fully_quantize=False,
-                                        input_data_type=io_type, output_data_type=io_type)
-    return tf_convert.mlir_quantize(calibrated, converter._experimental_disable_per_channel, fully_quantize=False,
-                                    input_data_type=io_type, output_data_type=io_type, denylisted_nodes=deny)
 
 
 def describe_tflite(path: Path) -> dict:
@@ -358,12 +278,6 @@ def _float_ops(model, names: dict) -> list[str]:
 
 def _text(name) -> str:
     return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
-
-
-class ConversionFailure(Exception):
-    def __init__(self, stage: str, message: str, op: str | None = None):
-        super().__init__(message)
-        self.stage, self.op = stage, op
 
 
 def _explain(e: BaseException, phase: str, onnx_path: str) -> dict:
@@ -434,38 +348,6 @@ def run(job_dir: Path) -> dict:
         _release_tf()
     (job_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return result
-
-
-def check_integer(float_ops: list[dict], job: dict) -> dict:
-    """The full-integer check: every op int8, except (mixed precision) the ops of the requested float layers
-    and the QUANTIZE/DEQUANTIZE at their borders. Returns what stayed float, per ONNX node."""
-    requested = job.get("float_ops_requested") or {}
-    wanted = [op for ops in requested.values() for op in ops]
-    stray = [op for op in float_ops if op["op"] not in ("QUANTIZE", "DEQUANTIZE") and not any(map(_same_op(op), wanted))]
-    if stray or (float_ops and not requested):
-        left = sorted({op["op"] for op in stray}) or sorted({op["op"] for op in float_ops})
-        where = " outside the requested float layers" if requested else ""
-        raise ConversionFailure("full-integer check", f"the INT8 model is not full-integer{where}: {len(stray or float_ops)} "
-                                                      f"op(s) still run in float ({', '.join(left)})", left[0])
-    if not requested:
-        return {}
-    kept = {node: [f"{w['op']} {w['tensor']}" for w in ops if any(_same_op(op)(w) for op in float_ops)]
-            for node, ops in requested.items()}
-    ignored = [node for node, ops in requested.items() if ops and not kept[node]]
-    if ignored:
-        raise ConversionFailure("float layers", f"the quantizer did not keep {', '.join(ignored)} in float")
-    return {"float_layers_kept": kept, "float_layers_keras": job["float_layer_map"],
-            "float_layers_border_ops": sum(op["op"] in ("QUANTIZE", "DEQUANTIZE") for op in float_ops)}
-
-
-def _same_op(op: dict):
-    """Does a requested op (calibrated model) match ``op`` of the quantized model? The quantizer keeps tensor
-    names but makes them unique when it inserts a QUANTIZE that takes over a model output's name
-    (``PartitionedCall:0`` -> ``PartitionedCall:01``)."""
-    def match(wanted: dict) -> bool:
-        return wanted["op"] == op["op"] and any(
-            t == wanted["tensor"] or re.fullmatch(re.escape(wanted["tensor"]) + r"\d+", t) for t in op["outputs"])
-    return match
 
 
 def _release_tf() -> None:
