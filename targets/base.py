@@ -31,6 +31,10 @@ class TensorInfo:
     scale: float | None = None  # quantized I/O: real = scale * (q - zero_point)
     zero_point: int | None = None
 
+    def to_dict(self) -> dict:
+        """The source-side description recorded in an artifact's ``io`` (metadata.json)."""
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "layout": self.layout}
+
 
 @dataclass(frozen=True)
 class ModelInput:

@@ -8,7 +8,7 @@ import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline.errors import ConversionError
-from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register, stem
+from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, register, stem
 from edgebuild.targets.profiles import TargetProfile
 
 # onnxruntime's defaults, overridden per profile (targets/profiles/*.yaml `quant:`) and by the accuracy search
@@ -63,7 +63,7 @@ class OnnxBackend(Backend):
             raise
         except Exception as e:  # onnxruntime raises many types; they are conversion failures of this target
             raise ConversionError(f"{profile.name}: ONNX {precision} conversion failed: {_one_line(e)}") from e
-        io = {"inputs": [_info(t) for t in model.inputs], "outputs": [_info(t) for t in model.outputs]}
+        io = {"inputs": [t.to_dict() for t in model.inputs], "outputs": [t.to_dict() for t in model.outputs]}
         return Artifact(profile.name, self.name, precision, workdir, out.name, [out.name], settings, io)
 
     def runner(self, artifact: Artifact, threads: int) -> Runner:
@@ -92,10 +92,6 @@ class OrtRunner(Runner):
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(o, dtype=np.float32) for o in self.session.run(self.output_names, feed)]
-
-
-def _info(t: TensorInfo) -> dict:
-    return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "layout": t.layout}
 
 
 def _one_line(e: Exception) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline.errors import BadInputError, ConversionError, EdgeBuildError, MissingToolError
-from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register, stem
+from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, register, stem
 from edgebuild.targets.profiles import TargetProfile
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -115,7 +115,7 @@ class OpenVinoBackend(Backend):
             raise ConversionError(f"{profile.name}: OpenVINO {precision} conversion failed: {_one_line(e)}") from e
         applied.update(converter=f"openvino.convert_model(ONNX) {ov.get_version().split('-')[0]}",
                        compile_config=compile_config(precision))
-        io_ = {"inputs": [_info(t) for t in model.inputs], "outputs": [_info(t) for t in model.outputs]}
+        io_ = {"inputs": [t.to_dict() for t in model.inputs], "outputs": [t.to_dict() for t in model.outputs]}
         files = [xml.name, xml.with_suffix(".bin").name]
         return Artifact(profile.name, self.name, precision, workdir, xml.name, files, {**settings, APPLIED: applied},
                         io_, notes)
@@ -320,10 +320,6 @@ def import_without_telemetry(name: str):
 
         TelemetrySender.send = lambda *args, **kwargs: None
     return importlib.import_module(name)
-
-
-def _info(t: TensorInfo) -> dict:
-    return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "layout": t.layout}
 
 
 def _one_line(e: Exception) -> str:
