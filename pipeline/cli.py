@@ -62,6 +62,8 @@ def spec_from_flags(config: str | None, **flags):
         data["auto"] = False
     if flags.pop("no_cache"):
         data["cache"] = False
+    if flags.pop("trust_model"):
+        data["trust_model"] = True
     steps = flags.pop("compress_steps")
     if steps:
         data["compress"] = [_parse_step(s) for s in steps]
@@ -137,6 +139,7 @@ def _nullcontext():
 @click.option("--train", help="Training data for fine-tuning/distillation (same kinds as --calib; must not overlap --eval).")
 @click.option("--no-auto", is_flag=True, help="Build the first INT8 configuration only (no accuracy search).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the stage cache.")
+@click.option("--trust-model", is_flag=True, help="Load a .pt2 archive even if it could run code when loaded (pickles beyond tensors, guard code, compiled code). Only for files you trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout (for CI).")
 @click.pass_context
 def cli(ctx, as_json, config, eval_, **flags):

@@ -44,6 +44,11 @@ def load_model(spec: BuildSpec) -> LoadedModel:
     raise BadInputError(f"{src}: unknown model format (use .onnx, TorchScript .pt, torch.export .pt2 or package.module:attr)")
 
 
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 def _need_file(path: Path) -> None:
     if not path.is_file():
         raise BadInputError(f"model not found: {path}")
@@ -85,25 +90,39 @@ def _torch_inputs(spec: BuildSpec, what: str) -> tuple[InputSpec, ...]:
 
 
 def _torchscript(path: Path, spec: BuildSpec) -> LoadedModel:
+    """TorchScript archives hold pickles, but ``torch.jit.load`` reads them with TorchScript's own C++
+    unpickler, which resolves globals only to tensors, a few containers and the archive's TorchScript classes
+    (compiled TorchScript, no Python): a crafted ``data.pkl`` fails to load instead of running code
+    (tests/reliability prove it)."""
     import torch
 
     _need_file(path)
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
-        raise BadInputError(f"{path}: not a TorchScript file ({str(e).splitlines()[0][:160]}); "
+        raise BadInputError(f"{path}: not a TorchScript file ({_first_line(e)}); "
                             "for a state dict use package.module:attr with --weights") from None
     return LoadedModel("torch", f"TorchScript file {path.name}", _torch_inputs(spec, str(path)), module=module.eval())
 
 
 def _exported_program(path: Path, spec: BuildSpec) -> LoadedModel:
+    import io
+
     import torch
 
+    from edgebuild.pipeline.trust import audit_pt2
+
     _need_file(path)
+    data = path.read_bytes()  # audit and load the same bytes
+    problems = [] if spec.trust_model else audit_pt2(data)
+    if problems:
+        raise BadInputError(f"{path}: refusing to load a torch.export archive that could run code when loaded "
+                            f"({problems[0]}{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); "
+                            "if you trust this file, pass --trust-model")
     try:
-        ep = torch.export.load(str(path))
+        ep = torch.export.load(io.BytesIO(data))
     except Exception as e:
-        raise BadInputError(f"{path}: not a torch.export program ({str(e).splitlines()[0][:160]})") from None
+        raise BadInputError(f"{path}: not a torch.export program ({_first_line(e)})") from None
     inputs = spec.inputs
     if not inputs:
         user = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]

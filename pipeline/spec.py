@@ -103,6 +103,7 @@ class BuildSpec:
     seed: int = 0
     cache: bool = True  # read/write the stage cache
     cache_dir: str | None = None  # default: $EDGEBUILD_CACHE or ~/.cache/edgebuild
+    trust_model: bool = False  # load a .pt2 that fails the no-code-execution audit (pipeline/trust.py)
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))

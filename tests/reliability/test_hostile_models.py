@@ -1,0 +1,191 @@
+"""Hostile model files never run code: crafted .pt2 and TorchScript archives are refused (exit 2)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+class _Payload:
+    """Pickles to ``os.system("touch <path>")``: runs the moment a full unpickler reads it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _pt2(path: Path) -> Path:
+    ep = torch.export.export(_Tiny().eval(), (torch.zeros(1, 4),))
+    torch.export.save(ep, str(path))
+    return path
+
+
+def _rewrite(path: Path, edit) -> Path:
+    """Rewrite a zip archive: ``edit(name, data) -> bytes | None`` (None drops it); returns extra entries."""
+    with zipfile.ZipFile(path) as z:
+        entries = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+    out = path.with_name("crafted-" + path.name)
+    with zipfile.ZipFile(out, "w") as z:
+        for name, data in entries:
+            new = edit(name, data)
+            if new is not None:
+                z.writestr(name, new)
+        for name, data in getattr(edit, "extra", {}).items():
+            z.writestr(name, data)
+    return out
+
+
+def _evil_torch_save(marker: Path) -> bytes:
+    buf = io.BytesIO()
+    torch.save(_Payload(marker), buf)
+    return buf.getvalue()
+
+
+def _sample_inputs_pickle(src, marker):
+    return _rewrite(src, lambda n, d: _evil_torch_save(marker) if n.endswith("sample_inputs/model.pt") else d)
+
+
+def _pickled_weight(src, marker):
+    def edit(n, d):
+        if n.endswith("model_weights_config.json"):
+            cfg = json.loads(d)
+            cfg["config"]["fc.weight"]["use_pickle"] = True
+            return json.dumps(cfg).encode()
+        if n.endswith("data/weights/" + "weight_0"):
+            return _evil_torch_save(marker)
+        return d
+    return _rewrite(src, edit)
+
+
+def _guard_code(src, marker):
+    def edit(n, d):
+        if n.endswith("models/model.json"):
+            doc = json.loads(d)
+            doc["guards_code"] = [f"__import__('os').system('touch {marker}')"]
+            return json.dumps(doc).encode()
+        return d
+    return _rewrite(src, edit)
+
+
+def _call_target(src, marker):
+    def edit(n, d):
+        if n.endswith("models/model.json"):
+            doc = json.loads(d)
+            doc["graph_module"]["graph"]["nodes"][0]["target"] = "torch.serialization.os.system"
+            return json.dumps(doc).encode()
+        return d
+    return _rewrite(src, edit)
+
+
+def _shape_expr(src, marker):
+    def edit(n, d):
+        if n.endswith("models/model.json"):
+            doc = json.loads(d)
+            doc["graph_module"]["graph"]["sym_int_values"] = {
+                "s0": {"as_expr": {"expr_str": f"__import__('os').system('touch {marker}')", "hint": None}}}
+            return json.dumps(doc).encode()
+        return d
+    return _rewrite(src, edit)
+
+
+def _aoti(src, marker):
+    def edit(n, d):
+        return d
+    edit.extra = {f"{src.stem}/data/aotinductor/model/model.so": b"\x7fELF"}
+    return _rewrite(src, edit)
+
+
+def _opaque_constant(src, marker):
+    import pickle
+
+    def edit(n, d):
+        if n.endswith("model_constants_config.json"):
+            return json.dumps({"config": {"c": {"path_name": "opaque_obj_0", "is_param": False,
+                                                 "use_pickle": True, "tensor_meta": None}}}).encode()
+        return d
+    edit.extra = {f"{src.stem}/data/constants/opaque_obj_0": pickle.dumps(_Payload(marker))}
+    return _rewrite(src, edit)
+
+
+CRAFTED = {
+    "pickled sample inputs": _sample_inputs_pickle,
+    "pickled weight": _pickled_weight,
+    "guard code": _guard_code,
+    "call target reaching os.system": _call_target,
+    "shape expression eval": _shape_expr,
+    "AOTInductor shared library": _aoti,
+    "opaque constant": _opaque_constant,
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_pt2_is_refused_and_runs_nothing(case, workdir, edgebuild):
+    marker = workdir / "pwned"
+    model = CRAFTED[case](_pt2(workdir / "m.pt2"), marker)
+    r = edgebuild("--model", model, "--target", "onnx-cpu", "--calib", "x.npy", "--no-cache")
+    r.check(2, r"refusing to load a torch.export archive .*--trust-model")
+    assert not marker.exists()
+    assert not (workdir / "out").exists()
+
+
+def test_the_crafted_payload_is_live_without_the_audit(workdir):
+    """Proof the pickle case tests something: torch's own loader runs the payload (so edgebuild must not)."""
+    marker = workdir / "pwned"
+    model = _sample_inputs_pickle(_pt2(workdir / "m.pt2"), marker)
+    try:
+        torch.export.load(str(model))
+    except Exception:
+        pass
+    assert marker.exists()
+
+
+def test_a_clean_pt2_passes_the_audit_and_loads(workdir):
+    from edgebuild.pipeline.sources import load_model
+    from edgebuild.pipeline.spec import BuildSpec
+    from edgebuild.pipeline.trust import audit_pt2
+
+    path = _pt2(workdir / "m.pt2")
+    assert audit_pt2(path.read_bytes()) == []
+    loaded = load_model(BuildSpec(model=str(path)))
+    assert loaded.inputs[0].shape == (1, 4)
+
+
+def test_torchscript_with_a_crafted_data_pkl_is_refused(workdir, edgebuild):
+    """torch.jit.load reads data.pkl with TorchScript's C++ unpickler: a Python global is an error, not a call."""
+    import pickle
+
+    marker = workdir / "pwned"
+    src = workdir / "m.pt"
+    torch.jit.save(torch.jit.script(_Tiny().eval()), str(src))
+    model = _rewrite(src, lambda n, d: pickle.dumps(_Payload(marker), protocol=2) if n.endswith("/data.pkl") else d)
+    r = edgebuild("--model", model, "--input-shape", "1,4", "--target", "onnx-cpu", "--calib", "x.npy", "--no-cache")
+    r.check(2, r"not a TorchScript file")
+    assert not marker.exists()
+    assert not (workdir / "out").exists()
+
+
+def test_pickle_in_a_state_dict_is_refused(workdir, edgebuild):
+    marker = workdir / "pwned"
+    weights = workdir / "w.pt"
+    weights.write_bytes(_evil_torch_save(marker))
+    r = edgebuild("--model", "tests.reliability.models:tiny", "--weights", weights, "--input-shape", "1,4",
+                  "--target", "onnx-cpu", "--no-cache")
+    r.check(2, r"cannot read weights")
+    assert not marker.exists()
