@@ -1,4 +1,16 @@
-"""CalibrationSet: a sized, re-iterable source of input feeds with optional labels."""
+"""CalibrationSet: a sized, re-iterable source of input feeds with optional labels.
+
+The feed contract (every backend, the validator and the exporter rely on it): ``feed(i)`` is a dict
+``input name -> np.ndarray`` in the model's input order, each array with *exactly* the model input's full
+shape and dtype, batch 1 — a 0-d input stays 0-d, a recurrent state ``[layers, 1, hidden]`` stays so.
+
+Storage: ``inputs[name]`` stacks the samples along a new leading axis, each sample being the model input
+*without its batch axis* (``[N, C, H, W]`` for an input ``[1, C, H, W]``, ``[N, 2, 128]`` for a state
+``[2, 1, 128]``, ``[N]`` for a 0-d scalar). The batch axis of an input is its first axis of size 1 (the ONNX
+loader fixes a symbolic dimension to 1 wherever it is); a 0-d input, or one without an axis of size 1,
+has none. ``shapes`` holds the full model input shapes; a set without them (raw data, ``digits``) treats
+axis 0 as the batch.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -10,25 +22,49 @@ import numpy as np
 from edgebuild.pipeline.errors import BadInputError
 
 
+def batch_axis(shape: tuple[int, ...]) -> int | None:
+    """The batch axis of a model input of ``shape``: its first axis of size 1; None for 0-d inputs and
+    inputs with no axis of size 1 (those are fed whole, one value for the batch)."""
+    return next((a for a, d in enumerate(shape) if d == 1), None)
+
+
+def sample_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One sample of an input of ``shape`` as stored in a CalibrationSet: the shape without its batch axis."""
+    axis = batch_axis(shape)
+    return tuple(shape) if axis is None else tuple(shape[:axis]) + tuple(shape[axis + 1:])
+
+
 @dataclass
 class CalibrationSet:
-    """Samples for one model, stacked per input along a leading sample axis.
+    """Samples for one model, stacked per input along a leading sample axis (see the module docstring).
 
-    ``inputs[name][i]`` is sample ``i`` of input ``name`` *without* the batch dimension; ``feeds()``
-    yields batch-1 feeds in the source model's layout and dtype, ready for any backend's runner.
+    ``feed(i)`` / ``feeds()`` give batch-1 feeds in the model's exact input shapes and dtypes;
+    ``batch(idx)`` gives several samples at once along each input's batch axis (for torch evaluation).
     """
 
     name: str
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     origin: dict = field(default_factory=dict)  # where the samples came from (recorded in the manifest)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # full model input shapes, by input
 
     def __post_init__(self):
+        if not self.inputs:
+            raise BadInputError(f"{self.name}: no input arrays")
+        for k, v in self.inputs.items():
+            if np.ndim(v) == 0:
+                raise BadInputError(f"{self.name}: input {k} has no sample axis (a single value); "
+                                    "stack the samples along a leading axis")
         sizes = {len(a) for a in self.inputs.values()}
         if len(sizes) != 1:
             raise BadInputError(f"{self.name}: inputs have different sample counts {sorted(sizes)}")
         if self.labels is not None and len(self.labels) != len(self):
             raise BadInputError(f"{self.name}: {len(self.labels)} labels for {len(self)} samples")
+        self.shapes = {k: tuple(int(d) for d in s) for k, s in self.shapes.items()}
+        for k, s in self.shapes.items():
+            if k in self.inputs and self.inputs[k].shape[1:] != sample_shape(s):
+                raise BadInputError(f"{self.name}: samples of {k} have shape {list(self.inputs[k].shape[1:])}, "
+                                    f"input shape {list(s)} needs {list(sample_shape(s))}")
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -37,8 +73,13 @@ class CalibrationSet:
     def has_labels(self) -> bool:
         return self.labels is not None
 
+    def input_shape(self, name: str) -> tuple[int, ...]:
+        """The full model input shape of ``name`` (batch 1)."""
+        return self.shapes[name] if name in self.shapes else (1, *self.inputs[name].shape[1:])
+
     def feed(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i : i + 1] for k, v in self.inputs.items()}
+        """Sample ``i`` as one batch-1 feed: every array in the model input's exact shape and dtype."""
+        return {k: np.ascontiguousarray(v[i]).reshape(self.input_shape(k)) for k, v in self.inputs.items()}
 
     def feeds(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(len(self)):
@@ -47,6 +88,31 @@ class CalibrationSet:
     def __iter__(self):
         return self.feeds()
 
+    def batch(self, idx) -> dict[str, np.ndarray]:
+        """Samples ``idx`` as one feed of batch ``len(idx)``: stacked along each input's batch axis.
+
+        An input without a batch axis (0-d, or no axis of size 1) is one value for the whole batch, so its
+        samples must agree; otherwise batch them one by one (``feed``)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = {}
+        for k, v in self.inputs.items():
+            axis = batch_axis(self.input_shape(k))
+            part = v[idx]
+            if axis is None:
+                if len(part) and not np.all(part == part[:1]):
+                    raise BadInputError(f"{self.name}: input {k} has no batch axis and its samples differ; "
+                                        "run them one by one")
+                out[k] = np.array(part[0]).reshape(self.input_shape(k)) if len(part) else part
+            else:
+                out[k] = np.ascontiguousarray(np.moveaxis(part, 0, axis))
+        return out
+
+    def stacked_feeds(self, n: int | None = None) -> dict[str, np.ndarray]:
+        """The first ``n`` feeds stacked along a new leading axis: ``[n, *input shape]`` per input, so that
+        ``stacked[name][i]`` is exactly ``feed(i)[name]`` (for handing samples to a child process)."""
+        n = len(self) if n is None else min(n, len(self))
+        return {k: np.ascontiguousarray(v[:n]).reshape((n, *self.input_shape(k))) for k, v in self.inputs.items()}
+
     def subset(self, idx, name: str | None = None, **origin) -> "CalibrationSet":
         idx = np.asarray(idx, dtype=np.int64)
         return CalibrationSet(
@@ -54,6 +120,7 @@ class CalibrationSet:
             {k: v[idx] for k, v in self.inputs.items()},
             None if self.labels is None else self.labels[idx],
             {**self.origin, **origin},
+            dict(self.shapes),
         )
 
     def sample_hashes(self) -> list[str]:
@@ -80,7 +147,7 @@ class CalibrationSet:
             "name": self.name,
             "samples": len(self),
             "labels": self.has_labels,
-            "inputs": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in self.inputs.items()},
+            "inputs": {k: {"shape": list(self.input_shape(k)), "dtype": str(v.dtype)} for k, v in self.inputs.items()},
             "content_hash": self.content_hash(),
             **self.origin,
         }

@@ -6,11 +6,12 @@ a ``.npy`` file (inputs), a ``.npz`` file (inputs by input name or ``x``/``input
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import CalibrationSet, sample_shape
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.spec import InputSpec, PreprocessSpec
 
@@ -44,7 +45,7 @@ def load_source(source: str, inputs: tuple[InputSpec, ...], pre: PreprocessSpec)
         if not path.exists():
             raise BadInputError(f"data source not found: {source}")
         if path.is_dir():
-            data = _image_folder(path, pre)
+            data = _image_folder(path, _image_preprocessing(path, inputs, pre))
         elif path.suffix == ".npy":
             data = _npy(path)
         elif path.suffix == ".npz":
@@ -54,42 +55,79 @@ def load_source(source: str, inputs: tuple[InputSpec, ...], pre: PreprocessSpec)
     return fit_to_inputs(data, inputs)
 
 
-def _npy(path: Path) -> CalibrationSet:
+@dataclass
+class RawData:
+    """Arrays as a source holds them, before they are fitted to the model's inputs (counts may differ:
+    a single value or a single sample is broadcast to every sample)."""
+
+    name: str
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    origin: dict = field(default_factory=dict)
+
+
+def _npy(path: Path) -> RawData:
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise BadInputError(f"{path}: not a readable .npy file ({e})") from None
-    return CalibrationSet(path.name, {"input": x}, None, {"source": str(path)})
+        raise BadInputError(f"{path}: not a readable .npy file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    return RawData(path.name, {"input": x}, None, {"source": str(path)})
 
 
-def _npz(path: Path, inputs: tuple[InputSpec, ...]) -> CalibrationSet:
+def _npz(path: Path, inputs: tuple[InputSpec, ...]) -> RawData:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:
-        raise BadInputError(f"{path}: not a readable .npz file ({e})") from None
-    label_key = next((k for k in LABEL_KEYS if k in arrays), None)
-    labels = arrays.pop(label_key) if label_key else None
+    except (ValueError, OSError, KeyError) as e:
+        raise BadInputError(f"{path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else e!r})") from None
     names = [i.name for i in inputs]
+    label_key = next((k for k in LABEL_KEYS if k in arrays and k not in names), None)
+    labels = arrays.pop(label_key) if label_key else None
     if names and all(n in arrays for n in names):
         x = {n: arrays[n] for n in names}
     elif len(arrays) == 1 or any(k in arrays for k in ("x", "inputs", "input")):
-        key = next((k for k in ("x", "inputs", "input") if k in arrays), next(iter(arrays)))
+        key = next((k for k in ("x", "inputs", "input") if k in arrays), next(iter(arrays), None))
+        if key is None:
+            raise BadInputError(f"{path}: holds no arrays")
         x = {"input": arrays[key]}
+        if len(names) > 1:
+            missing = [n for n in names if n not in arrays]
+            raise BadInputError(f"{path}: the model has inputs {names}; name the arrays after them "
+                                f"(missing: {missing}; the file has {sorted(arrays)})")
     else:
-        raise BadInputError(f"{path}: cannot tell which arrays are inputs; name them after the model inputs {names} or 'x'")
+        raise BadInputError(f"{path}: cannot tell which arrays are inputs; name them after the model inputs {names} or 'x' "
+                            f"(the file has {sorted(arrays)})")
     if labels is not None:
-        if labels.ndim == 2 and labels.shape[1] > 1:  # one-hot
-            labels = labels.argmax(1)
-        elif labels.ndim > 1:
-            labels = labels.reshape(len(labels), -1)[:, 0]
-        if not np.issubdtype(labels.dtype, np.integer) and not np.all(np.mod(labels, 1) == 0):
-            raise BadInputError(f"{path}: labels must be class indices (or one-hot), got {labels.dtype} values")
-        labels = labels.astype(np.int64)
-    return CalibrationSet(path.name, x, labels, {"source": str(path)})
+        labels = _labels(path, labels)
+    return RawData(path.name, x, labels, {"source": str(path)})
 
 
-def _image_folder(root: Path, pre: PreprocessSpec) -> CalibrationSet:
+def _labels(path: Path, labels: np.ndarray) -> np.ndarray:
+    if labels.dtype.kind not in "biuf":
+        raise BadInputError(f"{path}: labels must be class indices (or one-hot), got {labels.dtype} values")
+    if labels.ndim == 0:
+        raise BadInputError(f"{path}: labels must have one entry per sample, got a single value")
+    if labels.ndim == 2 and labels.shape[1] > 1:  # one-hot
+        labels = labels.argmax(1)
+    elif labels.ndim > 1:
+        labels = labels.reshape(len(labels), -1)[:, 0]
+    if not np.issubdtype(labels.dtype, np.integer) and not np.all(np.mod(labels, 1) == 0):
+        raise BadInputError(f"{path}: labels must be class indices (or one-hot), got {labels.dtype} values")
+    return labels.astype(np.int64)
+
+
+def _image_preprocessing(root: Path, inputs: tuple[InputSpec, ...], pre: PreprocessSpec) -> PreprocessSpec:
+    """An image folder feeds the model's one input; scaling and normalisation apply to float inputs only
+    (an integer image input gets the raw pixel values in its dtype)."""
+    if len(inputs) > 1:
+        raise BadInputError(f"{root}: an image folder gives one input, the model has {len(inputs)} "
+                            f"({[i.name for i in inputs]}); give a .npz keyed by input name")
+    if inputs and np.dtype(inputs[0].dtype).kind != "f":
+        return replace(pre, scale=1.0, mean=(), std=(), dtype=inputs[0].dtype)
+    return pre
+
+
+def _image_folder(root: Path, pre: PreprocessSpec) -> RawData:
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -111,7 +149,7 @@ def _image_folder(root: Path, pre: PreprocessSpec) -> CalibrationSet:
         raise BadInputError(f"{root}: images have different sizes {sorted(shapes)[:3]}; set preprocess.resize")
     labels = np.array([c for _, c in files], dtype=np.int64) if classes else None
     origin = {"source": str(root), "classes": classes} if classes else {"source": str(root)}
-    return CalibrationSet(root.name, {"input": np.stack(arrays)}, labels, origin)
+    return RawData(root.name, {"input": np.stack(arrays)}, labels, origin)
 
 
 def preprocess_image(im, pre: PreprocessSpec) -> np.ndarray:
@@ -123,39 +161,116 @@ def preprocess_image(im, pre: PreprocessSpec) -> np.ndarray:
     a = a[:, :, None] if a.ndim == 2 else a
     if pre.color == "bgr":
         a = a[:, :, ::-1]
-    a = a * pre.scale
+    if pre.scale != 1.0:
+        a = a * pre.scale
     if pre.mean:
         a = a - np.asarray(pre.mean, dtype=np.float32)
     if pre.std:
         a = a / np.asarray(pre.std, dtype=np.float32)
     if pre.layout == "NCHW":
         a = a.transpose(2, 0, 1)
-    return np.ascontiguousarray(a, dtype=pre.dtype)
+    return np.ascontiguousarray(np.round(a) if np.dtype(pre.dtype).kind != "f" else a, dtype=pre.dtype)
 
 
-def fit_to_inputs(data: CalibrationSet, inputs: tuple[InputSpec, ...]) -> CalibrationSet:
-    """Rename, reshape (NCHW<->NHWC, flatten) and cast samples to what the model expects."""
+def fit_to_inputs(data: RawData | CalibrationSet, inputs: tuple[InputSpec, ...]) -> CalibrationSet:
+    """Fit the arrays of a source to the model's inputs: match names, lay each sample out as the input
+    without its batch axis (see ``CalibrationSet``), check the values and cast to the input dtype.
+
+    Per input, an array may hold N samples with or without the batch axis (``(N, 2, 128)`` or
+    ``(N, 2, 1, 128)`` for a state ``[2, 1, 128]``; ``(N,)`` for a 0-d scalar), images in the other layout
+    (NCHW <-> NHWC), flattened samples, or a single sample / single value used for every sample."""
+    source = data.origin.get("source", data.name)
     if not inputs:
-        return data
-    if len(inputs) == 1 and len(data.inputs) == 1:
+        return CalibrationSet(data.name, {k: _values(source, k, v, v.dtype) for k, v in data.inputs.items()},
+                              data.labels, data.origin)
+    if all(i.name in data.inputs for i in inputs):
+        arrays = {i.name: data.inputs[i.name] for i in inputs}
+    elif len(inputs) == 1 and len(data.inputs) == 1:
         arrays = {inputs[0].name: next(iter(data.inputs.values()))}
     else:
         missing = [i.name for i in inputs if i.name not in data.inputs]
-        if missing:
-            raise BadInputError(f"{data.name}: no data for model input(s) {missing}; arrays are {sorted(data.inputs)}")
-        arrays = {i.name: data.inputs[i.name] for i in inputs}
-    out = {}
+        raise BadInputError(f"{source}: no data for model input(s) {missing}; arrays are {sorted(data.inputs)}")
+    fitted, single = {}, []
     for spec in inputs:
-        a, want = arrays[spec.name], tuple(spec.shape[1:])
-        if want and a.shape[1:] != want:
-            if a.ndim == 4 and a.shape[1:] == (want[2], want[0], want[1]):  # NCHW data, NHWC model
-                a = a.transpose(0, 2, 3, 1)
-            elif a.ndim == 4 and a.shape[1:] == (want[1], want[2], want[0]):  # NHWC data, NCHW model
-                a = a.transpose(0, 3, 1, 2)
-            elif int(np.prod(a.shape[1:])) == int(np.prod(want)):
-                a = a.reshape((len(a),) + want)
-            else:
-                raise BadInputError(f"{data.name}: samples of shape {list(a.shape[1:])} do not fit input "
-                                    f"{spec.name} of shape {list(spec.shape)}")
-        out[spec.name] = np.ascontiguousarray(a.astype(spec.dtype, copy=False))
-    return CalibrationSet(data.name, out, data.labels, data.origin)
+        a = np.asarray(arrays[spec.name])
+        _check_kind(source, spec.name, a)
+        fitted[spec.name], one = _layout(source, spec, a)
+        if one or len(fitted[spec.name]) == 1:
+            single.append(spec.name)
+    counts = {k: len(v) for k, v in fitted.items() if k not in single}
+    n = max(counts.values(), default=1)
+    if len(set(counts.values())) > 1:
+        raise BadInputError(f"{source}: inputs have different sample counts {counts}")
+    origin = dict(data.origin)
+    for k in single:
+        if len(fitted[k]) != n:
+            fitted[k] = np.repeat(fitted[k], n, axis=0)
+    if single and n > 1:
+        origin["broadcast"] = single  # one value used for every sample
+    out = {spec.name: _values(source, spec.name, fitted[spec.name], np.dtype(spec.dtype)) for spec in inputs}
+    if data.labels is not None and len(data.labels) != n:
+        raise BadInputError(f"{source}: {len(data.labels)} labels for {n} samples")
+    if n == 0:
+        raise BadInputError(f"{source}: holds no samples")
+    return CalibrationSet(data.name, out, data.labels, origin, {i.name: tuple(i.shape) for i in inputs})
+
+
+def _check_kind(source: str, name: str, a: np.ndarray) -> None:
+    if a.dtype.kind == "c":
+        raise BadInputError(f"{source}: input {name} holds complex values ({a.dtype}); edgebuild never drops the "
+                            "imaginary part silently: give real data (e.g. np.abs, or real and imaginary as channels)")
+    if a.dtype.kind not in "biuf":
+        raise BadInputError(f"{source}: input {name} holds {a.dtype} values, not numbers")
+
+
+def _layout(source: str, spec: InputSpec, a: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``a`` as ``[N, *sample shape]``, and whether it was a single sample (to broadcast)."""
+    full, want = tuple(spec.shape), sample_shape(spec.shape)
+    squeeze = lambda s: tuple(d for d in s if d != 1)  # noqa: E731 - size-1 axes carry no data
+    got = a.shape[1:] if a.ndim else None
+    if got == want:
+        return a, False
+    if got == full or (got is not None and squeeze(got) == squeeze(want)):
+        return a.reshape((len(a), *want)), False
+    if got is not None and a.ndim == 4 and len(want) == 3 and np.dtype(spec.dtype).kind == "f":
+        if got == (want[2], want[0], want[1]):  # NCHW data, NHWC model
+            return a.transpose(0, 2, 3, 1), False
+        if got == (want[1], want[2], want[0]):  # NHWC data, NCHW model
+            return a.transpose(0, 3, 1, 2), False
+    if a.shape in (want, full) or (a.ndim <= len(want) and squeeze(a.shape) == squeeze(want)):
+        return a.reshape((1, *want)), True  # one sample (or one scalar) for every sample
+    flat = lambda s: len(squeeze(s)) <= 1  # noqa: E731
+    if got is not None and int(np.prod(got)) == int(np.prod(want)) and (flat(got) or flat(want)):
+        return a.reshape((len(a), *want)), False  # flattened samples, or flat data for an image input
+    shapes = [f"(N, {', '.join(map(str, want))})" if want else "(N,)"]
+    if full != want:
+        shapes.append(f"(N, {', '.join(map(str, full))})")
+    shapes.append(f"one {list(full)} array for all samples" if full else "one scalar for all samples")
+    raise BadInputError(f"{source}: samples of shape {list(got if got is not None else a.shape)} do not fit input "
+                        f"{spec.name} of shape {list(full)} ({spec.dtype}); give {' or '.join(shapes)}")
+
+
+def _values(source: str, name: str, a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast ``a`` to ``dtype`` only where no value changes meaning: no NaN/Inf anywhere, whole numbers in
+    range for integer inputs, 0/1 for bool inputs."""
+    _check_kind(source, name, a)
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            first = int(np.argmax(bad.reshape(len(a), -1).any(1))) if a.ndim else 0
+            raise BadInputError(f"{source}: input {name} has {int(bad.sum())} NaN/Inf value(s) (first in sample {first}); "
+                                "clean or drop those samples")
+    if dtype.kind == "b":
+        if a.dtype.kind != "b" and not np.isin(a, (0, 1)).all():
+            raise BadInputError(f"{source}: input {name} is bool; its data must be 0/1 or bool")
+    elif dtype.kind in "iu":
+        if a.dtype.kind == "f" and not np.all(np.mod(a, 1) == 0):
+            raise BadInputError(f"{source}: input {name} is {dtype} and is never normalised or quantized; "
+                                "its data must be whole numbers, not fractions")
+        info = np.iinfo(dtype)
+        if a.size and (a.min() < info.min or a.max() > info.max):
+            raise BadInputError(f"{source}: input {name} is {dtype}; values {a.min()}..{a.max()} do not fit")
+    out = np.ascontiguousarray(a.astype(dtype, copy=False))
+    if dtype.kind == "f" and out.size and not np.isfinite(out).all():
+        raise BadInputError(f"{source}: input {name} overflows {dtype} (values up to {np.abs(a).max():.3g})")
+    return out
