@@ -9,10 +9,12 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from edgebuild.pipeline.errors import ConversionError
 from edgebuild.targets.base import Artifact
 
 
@@ -37,41 +39,141 @@ def key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # no '/', no '..', not hidden, not absolute
+
+
+def plain_name(name: object) -> bool:
+    return isinstance(name, str) and bool(PLAIN_NAME.fullmatch(name)) and ".." not in name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class BadEntry(Exception):
+    """A cache entry that is not what was stored: removed, and the artifact is rebuilt."""
+
+
 class StageCache:
+    """Entries are verified on every read: plain file names, the sha256 of each file recorded at write.
+
+    An entry is written in a private temporary directory and renamed into place (atomic; a concurrent
+    build that stored the same key first wins). A bad entry (tampered, truncated, broken ``artifact.json``,
+    names that leave the entry) is removed; the rebuilt artifact's notes say so.
+    """
+
     def __init__(self, root: Path | None):
         self.root = root  # None: disabled
+        self.rejected: dict[str, str] = {}  # key -> why its entry was dropped (noted on the rebuilt artifact)
 
     def get(self, k: str, directory: Path) -> Artifact | None:
         if self.root is None:
             return None
         entry = self.root / k
-        meta = entry / "artifact.json"
-        if not meta.is_file():
+        if not (entry / "artifact.json").is_file():
             return None
-        art = Artifact.from_dict(json.loads(meta.read_text()), directory)
-        if not all((entry / f).is_file() for f in art.files):
+        try:
+            art, digests = self._read_entry(entry, directory)
+        except BadEntry as e:
+            self.rejected[k] = str(e)
+            self._drop(entry)
+            return None
+        except OSError:  # unreadable or removed meanwhile by another build: a miss
             return None
         directory.mkdir(parents=True, exist_ok=True)
-        for f in art.files:
-            shutil.copyfile(entry / f, directory / f)
-        art.notes = [*art.notes, "restored from the stage cache"]
+        copied = []
+        try:
+            for f in art.files:
+                shutil.copyfile(entry / f, directory / f)
+                copied.append(directory / f)
+                if _sha256(directory / f) != digests[f]:  # changed between check and copy
+                    raise BadEntry(f"{f} changed while being restored")
+        except BadEntry as e:
+            self._unlink(copied)
+            self.rejected[k] = str(e)
+            self._drop(entry)
+            return None
+        except FileNotFoundError:
+            self._unlink(copied)
+            return None
+        except OSError as e:  # disk full, read-only output: this target cannot be written
+            self._unlink(copied)
+            raise ConversionError(f"{art.target}: cannot restore {art.main} from the stage cache into {directory} "
+                                  f"({e.strerror or e})") from None
+        art.notes = [*art.notes, "restored from the stage cache (sha256 verified)"]
         return art
+
+    def _read_entry(self, entry: Path, directory: Path) -> tuple[Artifact, dict[str, str]]:
+        try:
+            meta = json.loads((entry / "artifact.json").read_text())
+            if "sha256" not in meta:
+                raise BadEntry("no sha256 recorded (an entry of an older edgebuild)")
+            digests = meta.pop("sha256")
+            art = Artifact.from_dict(meta, directory)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BadEntry(f"artifact.json is broken ({type(e).__name__})") from None
+        names = [*art.files, art.main]
+        bad = [n for n in names if not plain_name(n)]
+        if bad:
+            raise BadEntry(f"file name {bad[0]!r} is not a plain file name")
+        if not isinstance(digests, dict) or set(digests) != set(art.files) or art.main not in art.files:
+            raise BadEntry("the recorded sha256 list does not match the files")
+        for f in art.files:
+            if not (entry / f).is_file() or (entry / f).is_symlink():
+                raise BadEntry(f"{f} is missing")
+            if _sha256(entry / f) != digests[f]:
+                raise BadEntry(f"{f} does not match its recorded sha256 (tampered or truncated)")
+        return art, digests
+
+    def _drop(self, entry: Path) -> None:
+        """Remove a bad entry: renamed away first, so no reader sees it half-deleted."""
+        trash = entry.with_name(f".bad-{entry.name}-{os.getpid()}")
+        try:
+            os.replace(entry, trash)
+        except OSError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    @staticmethod
+    def _unlink(paths: list[Path]) -> None:
+        for p in paths:
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
     def put(self, k: str, art: Artifact) -> None:
         if self.root is None:
             return
+        if k in self.rejected:
+            art.notes.append(f"the stage cache entry was bad ({self.rejected.pop(k)}): removed and rebuilt")
         try:
             self._put(k, art)
         except OSError as e:  # an unwritable cache costs speed, not the build
             art.notes.append(f"not stored in the stage cache ({type(e).__name__}: {e.strerror or e})")
 
     def _put(self, k: str, art: Artifact) -> None:
+        bad = [n for n in [*art.files, art.main] if not plain_name(n)]
+        if bad:
+            raise OSError(f"file name {bad[0]!r} is not a plain file name")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         try:
+            digests = {}
             for f in art.files:
                 shutil.copyfile(art.directory / f, tmp / f)
-            (tmp / "artifact.json").write_text(json.dumps(art.to_dict()))
+                digests[f] = _sha256(tmp / f)
+                if digests[f] != _sha256(art.directory / f):
+                    raise OSError(f"{f} changed while being stored")
+            meta = {**art.to_dict(), "sha256": digests}
+            with open(tmp / "artifact.json", "w") as fh:
+                fh.write(json.dumps(meta))
+                fh.flush()
+                os.fsync(fh.fileno())
             try:
                 os.replace(tmp, self.root / k)
             except OSError:  # another build stored the same key first
