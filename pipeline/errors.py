@@ -19,6 +19,10 @@ class BadInputError(EdgeBuildError):
     exit_code = 2
 
 
+class IntegrityError(BadInputError):
+    """A file does not have the sha256 recorded for it (tampered, swapped, truncated): exit 2, never loaded."""
+
+
 class BudgetError(EdgeBuildError):
     """A build finished but at least one target missed a budget (exit 1)."""
 

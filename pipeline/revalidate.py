@@ -2,12 +2,51 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from edgebuild.pipeline import validate as V
-from edgebuild.pipeline.errors import BadInputError
+from edgebuild.pipeline.errors import BadInputError, IntegrityError
 from edgebuild.pipeline.spec import InputSpec, PreprocessSpec
 from edgebuild.targets.base import Artifact, get_backend
+
+
+REFERENCE = re.compile(r"\.\./reference(-[0-9a-f]{8,64})?/model_fp32\.onnx")
+
+
+def verify_files(artifact_dir: Path, meta_path: Path) -> dict:
+    """Integrity first: every file in ``metadata.json`` ``files`` (and the FP32 reference) has its recorded
+    sha256, before anything is loaded or run. A mismatch (an INT8 file swapped for the FP32 one, a bit flip,
+    a truncated copy) is an ``IntegrityError`` (exit 2) naming the file. Returns the metadata."""
+    from edgebuild.pipeline.cache import _sha256, plain_name
+
+    try:
+        meta = json.loads(meta_path.read_text())
+        files, reference = meta["files"], meta["reference"]
+        if not isinstance(files, dict) or not files:
+            raise KeyError("files")
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadInputError(f"{meta_path}: not an edgebuild metadata.json ({type(e).__name__}: {e})") from None
+    bad = [n for n in files if not plain_name(n)]
+    if bad:
+        raise IntegrityError(f"{artifact_dir}: metadata.json names {bad[0]!r}, which is not a file of this directory")
+    if meta.get("artifact") not in files:
+        raise IntegrityError(f"{artifact_dir}: metadata.json's artifact {meta.get('artifact')!r} is not among its files")
+    if not isinstance(reference, str) or not REFERENCE.fullmatch(reference):
+        raise IntegrityError(f"{artifact_dir}: metadata.json points the reference at {reference!r}")
+    checks = [(artifact_dir / name, name, (f or {}).get("sha256") if isinstance(f, dict) else None)
+              for name, f in files.items()]
+    checks.append(((artifact_dir / reference), f"the FP32 reference {reference}", meta.get("source_model_sha256")))
+    for path, what, recorded in checks:
+        if not path.is_file():
+            raise BadInputError(f"{artifact_dir}: {what} is missing")
+        if not recorded:
+            raise IntegrityError(f"{artifact_dir}: metadata.json records no sha256 for {what}")
+        actual = _sha256(path)
+        if actual != recorded:
+            raise IntegrityError(f"{artifact_dir}: {what} does not match metadata.json (sha256 {actual[:12]}… ≠ "
+                                 f"recorded {recorded[:12]}…): it was modified or swapped after the build; rebuild it")
+    return meta
 
 
 def revalidate(artifact_dir: Path, eval_source: str) -> dict:
@@ -18,13 +57,8 @@ def revalidate(artifact_dir: Path, eval_source: str) -> dict:
     meta_path = artifact_dir / "metadata.json"
     if not meta_path.is_file():
         raise BadInputError(f"{artifact_dir}: no metadata.json (is it a target directory of an edgebuild output?)")
-    meta = json.loads(meta_path.read_text())
+    meta = verify_files(artifact_dir, meta_path)
     reference = (artifact_dir / meta["reference"]).resolve()
-    if not reference.is_file():
-        raise BadInputError(f"{artifact_dir}: the FP32 reference {meta['reference']} is missing")
-    for name, f in meta["files"].items():
-        if not (artifact_dir / name).is_file():
-            raise BadInputError(f"{artifact_dir}: artifact file {name} is missing")
     backend = get_backend(meta["backend"])
     art = Artifact(meta["target"], meta["backend"], meta["precision"], artifact_dir, meta["artifact"],
                    list(meta["files"]), meta["settings"], meta["io"])
