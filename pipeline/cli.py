@@ -32,12 +32,16 @@ def _console():
 
 
 def _parse_shape(text: str | None):
+    """``1,3,224,224`` (or ``1x3x224x224``, ``[1, 3, 224, 224]``) -> a tuple of positive ints."""
     if not text:
         return None
     try:
-        return tuple(int(v) for v in text.replace("x", ",").split(","))
+        shape = tuple(int(v) for v in text.strip().strip("[]()").replace("x", ",").split(","))
     except ValueError:
         raise BadInputError(f"--input-shape must look like 1,3,224,224, got {text!r}") from None
+    if any(d <= 0 for d in shape):
+        raise BadInputError(f"--input-shape must be positive integers, got {text!r}")
+    return shape
 
 
 def spec_from_flags(config: str | None, **flags):

@@ -45,10 +45,9 @@ def export_onnx(loaded: LoadedModel, evalset: CalibrationSet, workdir: Path) -> 
         model, exporter = _export_torch(loaded, workdir)
         record["exporter"] = exporter
     model, record["simplifier"] = _simplify(model)
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:
-        raise ConversionError(f"exported ONNX fails onnx.checker: {str(e).splitlines()[0]}") from e
+    note = check_onnx(model, "exported ONNX")
+    if note:
+        record.setdefault("notes", []).append(note)
     onnx.save(model, str(out))
     record["opset"] = _opset(model)
     inputs, outputs = _io(model, loaded)
@@ -64,6 +63,7 @@ def _export_torch(loaded: LoadedModel, workdir: Path):
 
     names = [i.name for i in loaded.inputs]
     args = tuple(torch.zeros(i.shape, dtype=getattr(torch, i.dtype)) for i in loaded.inputs)
+    _dry_run(loaded, args)
     tmp = workdir / "_export.onnx"
     try:
         with warnings.catch_warnings():
@@ -83,15 +83,33 @@ def _export_torch(loaded: LoadedModel, workdir: Path):
     return model, exporter
 
 
-def _normalize_onnx(model, loaded: LoadedModel):
-    import onnx
-    from onnx import version_converter
+def _dry_run(loaded: LoadedModel, args) -> None:
+    """One forward pass on zeros of the given input shapes: a model that cannot take them is bad input
+    (a wrong --input-shape), said in one line before the exporter's trace."""
+    import torch
 
-    notes = []
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded.module(*args)
+    except Exception as e:
+        given = ", ".join(f"{i.name} {list(i.shape)} {i.dtype}" for i in loaded.inputs)
+        raise BadInputError(f"the model does not run on the given input(s) {given}: {type(e).__name__}: "
+                            f"{(str(e).strip().splitlines() or [''])[0][:200]} (check --input-shape / inputs in edgebuild.yaml)") from None
+
+
+def _normalize_onnx(model, loaded: LoadedModel):
+    from onnx import shape_inference, version_converter
+
+    ir = model.ir_version
+    model, notes = upgrade_legacy_onnx(model)
     shapes = {i.name: i.shape for i in loaded.inputs}
     for gi in model.graph.input:
         if gi.name in shapes:
-            for d, v in zip(gi.type.tensor_type.shape.dim, shapes[gi.name]):
+            dims = gi.type.tensor_type.shape.dim
+            while len(dims) < len(shapes[gi.name]):
+                dims.add()
+            for d, v in zip(dims, shapes[gi.name]):
                 if not d.HasField("dim_value") or d.dim_value != v:
                     d.Clear()
                     d.dim_value = v
@@ -106,8 +124,67 @@ def _normalize_onnx(model, loaded: LoadedModel):
         except Exception as e:
             raise ConversionError(f"cannot upgrade ONNX opset {opset} to {MIN_OPSET}: {str(e).splitlines()[0]}") from e
         notes.append(f"opset upgraded {opset} -> {MIN_OPSET} (per-channel QDQ needs >= 13)")
-    model = onnx.shape_inference.infer_shapes(model)
+        model, _ = _raise_ir_version(model)
+    if model.ir_version != ir:  # one note for the whole upgrade
+        notes = [f"IR version upgraded {ir} -> {model.ir_version}"] + [n for n in notes if not n.startswith("IR version")]
+    model = shape_inference.infer_shapes(model)
     return model, notes
+
+
+def upgrade_legacy_onnx(model):
+    """Make an old ONNX file (IR < 4, weights listed as graph inputs or not, weights as Constant nodes)
+    a model every tool downstream reads the way onnxruntime runs it; returns (model, notes of each change).
+    The computation is unchanged: only the IR version and how the weights are declared."""
+    model, notes = _raise_ir_version(model)
+    graph = model.graph
+    init = {i.name for i in graph.initializer}
+    as_inputs = [i for i in graph.input if i.name in init]
+    if as_inputs:  # IR >= 4: initializers are constants, not overridable inputs
+        keep = [i for i in graph.input if i.name not in init]
+        del graph.input[:]
+        graph.input.extend(keep)
+        notes.append(f"{len(as_inputs)} initializer(s) removed from the graph inputs (weights are constants, not inputs)")
+    constants = [n for n in graph.node if n.op_type == "Constant" and len(n.attribute) == 1
+                 and n.attribute[0].name == "value" and n.output[0] not in init]
+    if constants:
+        from onnx import numpy_helper
+
+        for n in constants:
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(n.attribute[0].t), n.output[0]))
+        keep = [n for n in graph.node if not any(n is c for c in constants)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        notes.append(f"{len(constants)} Constant node(s) turned into initializers (weights quantize as weights)")
+    return model, notes
+
+
+def _raise_ir_version(model):
+    from onnx import helper
+
+    needed = max(4, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
+    if model.ir_version >= needed:
+        return model, []
+    old, model.ir_version = model.ir_version, needed
+    return model, [f"IR version upgraded {old} -> {needed}"]
+
+
+def check_onnx(model, what: str) -> str | None:
+    """``onnx.checker`` first; a model the checker rejects but onnxruntime loads is accepted the way the
+    runtime checks it (returns the note to record); a model neither accepts raises ConversionError."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return None
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    try:
+        import onnxruntime as ort
+
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:
+        raise ConversionError(f"{what} fails onnx.checker: {reason}") from None
+    return f"onnx.checker: {reason} (onnxruntime loads and runs the model; accepted)"
 
 
 def _simplify(model):

@@ -55,37 +55,72 @@ def _need_file(path: Path) -> None:
 
 
 def _onnx(path: Path, spec: BuildSpec) -> LoadedModel:
+    """Input shapes come from the graph: a symbolic (or unknown) dimension is the batch, fixed to 1,
+    whichever axis holds it; an input with more than one needs its shape given. Old files (IR < 4,
+    weights as inputs or not) are checked as upgraded (the export records each change)."""
     import onnx
+
+    from edgebuild.pipeline.export import check_onnx, upgrade_legacy_onnx
 
     _need_file(path)
     try:
         model = onnx.load(str(path), load_external_data=True)
-        onnx.checker.check_model(model)
-    except Exception as e:  # protobuf DecodeError, ValidationError, ...
-        raise BadInputError(f"{path}: not a valid ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+        model, _ = upgrade_legacy_onnx(model)
+        check_onnx(model, str(path))
+    except Exception as e:  # protobuf DecodeError, ValidationError, ConversionError from the check, ...
+        raise BadInputError(f"{path}: not a valid ONNX model ({type(e).__name__}: {_first_line(e) or 'unreadable'})") from None
     init = {i.name for i in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in init]
     given = {i.name: i for i in spec.inputs}
+    unknown = [n for n in given if n not in {gi.name for gi in graph_inputs}]
+    if unknown and len(spec.inputs) == 1 and graph_inputs and unknown[0] == "input":  # --input-shape without a name
+        given = {graph_inputs[0].name: spec.inputs[0]}
+    elif unknown:
+        raise BadInputError(f"{path}: the build spec names input(s) {unknown}; the model's inputs are "
+                            f"{[gi.name for gi in graph_inputs]}")
     inputs = []
     for gi in graph_inputs:
         t = gi.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+                for d in t.shape.dim] if t.HasField("shape") else None
         if gi.name in given:
-            inputs.append(given[gi.name])
+            inputs.append(_given_input(path, given[gi.name], dims, dtype))
             continue
-        if None in dims[1:]:
-            raise BadInputError(f"{path}: input {gi.name} has dynamic dimensions {dims}; give its shape in edgebuild.yaml (input: {{name: {gi.name}, shape: [...]}})")
-        shape = tuple(1 if d is None else d for d in dims)  # edge builds run at batch 1
-        layout = "NCHW" if len(shape) == 4 and shape[1] in (1, 3, 4) else ("NHWC" if len(shape) == 4 and shape[3] in (1, 3, 4) else "ANY")
-        inputs.append(InputSpec(gi.name, shape, dtype, layout))
+        symbolic = [d for d in dims or [] if isinstance(d, str)]
+        if dims is None or len(symbolic) > 1:
+            raise BadInputError(f"{path}: input {gi.name} has {'no shape' if dims is None else f'dynamic dimensions {dims}'}; "
+                                f"give its shape in edgebuild.yaml (inputs: [{{name: {gi.name}, shape: [...]}}])")
+        shape = tuple(1 if isinstance(d, str) else d for d in dims)  # the symbolic dim is the batch: 1 on the edge
+        inputs.append(InputSpec(gi.name, shape, dtype, _onnx_layout(shape)))
     return LoadedModel("onnx", f"ONNX file {path.name}", tuple(inputs), onnx_path=path)
 
 
+def _onnx_layout(shape: tuple[int, ...]) -> str:
+    if len(shape) == 4 and shape[1] in (1, 3, 4):
+        return "NCHW"
+    return "NHWC" if len(shape) == 4 and shape[3] in (1, 3, 4) else "ANY"
+
+
+def _given_input(path: Path, given: InputSpec, dims: list | None, dtype: str) -> InputSpec:
+    """A shape given for an ONNX input must keep its rank and fixed dimensions; the dtype is the graph's."""
+    shape = tuple(given.shape)
+    if dims is not None and (len(shape) != len(dims) or any(isinstance(d, int) and d != v for d, v in zip(dims, shape))):
+        raise BadInputError(f"{path}: the given shape {list(shape)} does not fit input {given.name} of shape {dims} "
+                            f"({len(dims)}-d; only its symbolic dimensions can be set)")
+    if given.dtype != dtype and given.dtype != InputSpec.dtype:
+        raise BadInputError(f"{path}: input {given.name} is {dtype} in the model, the build spec says {given.dtype}")
+    layout = given.layout if len(shape) == 4 or given.layout != InputSpec.layout else _onnx_layout(shape)
+    return InputSpec(given.name, shape, dtype, layout)
+
+
 def _torch_inputs(spec: BuildSpec, what: str) -> tuple[InputSpec, ...]:
-    if not spec.inputs or not all(i.shape for i in spec.inputs):
+    """Torch sources need their inputs given. ``shape: []`` is a 0-d scalar input (e.g. a sample rate),
+    accepted next to inputs with a shape; all inputs without a shape means none was given."""
+    if not spec.inputs or not any(i.shape for i in spec.inputs):
         raise BadInputError(f"{what}: torch sources need the input shape: --input-shape 1,3,224,224 "
-                            "or `input: {name: input, shape: [1, 3, 224, 224]}` in edgebuild.yaml")
+                            "or `inputs: [{name: input, shape: [1, 3, 224, 224]}]` in edgebuild.yaml "
+                            "(`shape: []` for a 0-d scalar input next to it)")
     return spec.inputs
 
 
