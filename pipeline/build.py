@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -71,10 +72,9 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
         precision_for(p, spec)
     out = Path(spec.out)
     _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    staging.chmod(0o755)
-    scratch = Path(tempfile.mkdtemp(prefix="edgebuild-"))
+    _clean_stale(out)
+    staging, scratch = _make_workdirs(out)
+    saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(scratch)  # all temp files (calibration data too)
     try:
         with stage("loading the model"):
             loaded = load_model(spec)
@@ -103,13 +103,10 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
                              time.perf_counter() - t_start)
         if compress_record is not None:
             _gate_compression(manifest, compress_record, spec)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        from edgebuild.pipeline.report import write_report
-
-        write_report(manifest, staging / "report.md")
-        _swap_in(staging, out)
+        _finish(staging, out, manifest)
         return BuildResult(manifest, out)
     finally:
+        tempfile.tempdir = saved_tempdir
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -129,15 +126,152 @@ def _build_one(ctx, profile: TargetProfile, outdir: Path, build_target) -> dict:
     return result
 
 
+MANIFEST_KEYS = ("edgebuild", "targets", "spec")  # what makes a manifest.json edgebuild's
+
+
+def edgebuild_manifest(out: Path) -> dict | None:
+    """``out/manifest.json`` when edgebuild wrote it (by content), else None."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not all(k in manifest for k in MANIFEST_KEYS):
+        return None
+    if not isinstance(manifest["targets"], dict) or not isinstance(manifest["spec"], dict):
+        return None
+    return manifest
+
+
 def _check_replaceable(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
-        raise BadInputError(f"refusing to replace {out}: it exists and is not an edgebuild output (no manifest.json)")
+    """An output directory is replaced only when it is edgebuild's: new, empty, or holding its manifest."""
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        raise BadInputError(f"--out {out}: refusing to replace the current directory, one of its parents or the "
+                            "home directory; name a directory of its own, e.g. -o out")
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"refusing to replace {out}: it is a file, not an edgebuild output directory")
+    if out.is_dir() and any(out.iterdir()) and edgebuild_manifest(out) is None:
+        raise BadInputError(f"refusing to replace {out}: it is not empty and not an edgebuild output "
+                            "(no manifest.json written by edgebuild)")
+
+
+def _make_workdirs(out: Path) -> tuple[Path, Path]:
+    """Staging (becomes the output) and scratch (temp files, the user's calibration data) beside the output,
+    named with the build's pid so that a later build can clean them up after a kill."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
+        staging.chmod(0o755)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as e:
+        raise BadInputError(f"--out {out}: cannot write in {out.parent.resolve()} ({e.strerror or e})") from None
+    return staging, scratch
+
+
+_WORKDIR = re.compile(r"\.(?P<out>.+)\.(staging|tmp|old)-(?P<pid>\d+)(-.*)?")
+
+
+def _clean_stale(out: Path) -> list[Path]:
+    """Remove staging/scratch/old directories that builds killed before cleaning up left beside ``out``."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        m = _WORKDIR.fullmatch(p.name)
+        if not m or m["out"] != out.name or not p.is_dir() or _pid_alive(int(m["pid"])):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier process that had our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _output_lock(out: Path):
+    """Serialize the output swap of concurrent builds (fcntl lock on ``.<out>.lock`` beside the output)."""
+    import fcntl
+
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _finish(staging: Path, out: Path, manifest: dict) -> None:
+    """Under the output lock: keep what an earlier build left that this one does not replace, write the
+    manifest and report, swap the staging directory in. A build whose every target failed to convert leaves
+    an earlier output as it was (its manifest says so: ``output``)."""
+    from edgebuild.pipeline.report import write_report
+
+    with _output_lock(out):
+        _check_replaceable(out)  # another build may have written it meanwhile
+        previous = edgebuild_manifest(out) if out.is_dir() else None
+        verdicts = [t["verdict"] for t in manifest["targets"].values()]
+        if previous is not None and verdicts and all(v == "error" for v in verdicts):
+            manifest["output"] = (f"not written: every target failed; {out} still holds the earlier build "
+                                  f"of {previous.get('created', 'unknown time')}")
+            return
+        if previous is not None:
+            _carry_over(previous, out, staging, manifest)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        write_report(manifest, staging / "report.md")
+        _swap_in(staging, out)
+
+
+def _carry_over(previous: dict, out: Path, staging: Path, manifest: dict) -> None:
+    """Targets of the earlier build in ``out`` that this build did not build (or failed to convert) stay:
+    their directories are copied into staging, listed in the manifest as from the earlier build. A kept
+    target built from another model keeps its own FP32 reference in ``reference-<sha256[:16]>/``."""
+    from edgebuild.pipeline.cache import plain_name
+
+    model_sha = (manifest.get("model") or {}).get("sha256")
+    kept = []
+    for name, entry in previous["targets"].items():
+        src = out / name
+        new = manifest["targets"].get(name)
+        if (new is not None and new["verdict"] != "error") or not plain_name(name) or name == "reference" \
+                or not (src / "metadata.json").is_file() or not isinstance(entry, dict):
+            continue
+        shutil.copytree(src, staging / name, symlinks=True)
+        meta_path = staging / name / "metadata.json"
+        meta = json.loads(meta_path.read_text())
+        ref_sha = meta.get("source_model_sha256")
+        ref_src = Path(os.path.normpath(src / str(meta.get("reference", "")))).parent
+        if ref_sha and ref_sha != model_sha and ref_src.is_dir() and ref_src.parent == Path(os.path.normpath(out)):
+            ref_dir = staging / f"reference-{ref_sha[:16]}"
+            if not ref_dir.exists():
+                shutil.copytree(ref_src, ref_dir, symlinks=True)
+            meta["reference"] = f"../{ref_dir.name}/model_fp32.onnx"
+            meta_path.write_text(json.dumps(meta, indent=2, default=str))
+        earlier = {**entry, "from_earlier_build": previous.get("created")}
+        if new is not None:  # failed now: the directory holds the earlier artifact
+            new["previous"] = earlier
+        else:
+            manifest["targets"][name] = earlier
+        kept.append(name)
+    if kept:
+        manifest["kept_from_earlier_build"] = kept
 
 
 def _swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out`` by ``staging`` (callers hold the output lock)."""
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
     os.replace(staging, out)
     if old is not None:
