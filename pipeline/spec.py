@@ -71,6 +71,23 @@ class Budgets:
     max_size_mb: float | None = None
     max_compression_drop: float = 1.0  # FP32 accuracy the compression steps may cost, in points
 
+    def __post_init__(self):
+        for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "max_compression_drop"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, check_budget(f"budgets.{name}", value, positive=name in ("max_latency_ms", "max_size_mb")))
+
+
+def check_budget(name: str, value, positive: bool = False) -> float:
+    """A budget is a finite number, >= 0 (> 0 for latency and size): NaN would switch its gate off."""
+    import math
+
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+           f"{name} must be a number, got {value!r}")
+    _check(math.isfinite(value), f"{name} must be a finite number, got {value!r}")
+    _check(value > 0 if positive else value >= 0, f"{name} must be {'positive' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
 
 @dataclass(frozen=True)
 class CompressStep:
