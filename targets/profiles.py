@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from edgebuild.pipeline.errors import BadInputError
-from edgebuild.pipeline.spec import PRECISIONS
+from edgebuild.pipeline.spec import PRECISIONS, check_budget
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -17,6 +17,18 @@ class ProfileBudgets:
     max_latency_ms: float | None = None  # p50 at batch 1 on the host runtime
     max_size_mb: float | None = None
     min_cosine: float | None = None  # fidelity floor for outputs that are not class scores
+
+    def __post_init__(self):
+        for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, check_budget(f"budgets.{name}", value,
+                                                            positive=name != "max_accuracy_drop"))
+        if self.min_cosine is not None:
+            value = check_budget("budgets.min_cosine", self.min_cosine + 1.0) - 1.0  # finite, >= -1
+            if value > 1.0:
+                raise BadInputError(f"budgets.min_cosine must be between -1 and 1, got {self.min_cosine!r}")
+            object.__setattr__(self, "min_cosine", value)
 
 
 @dataclass(frozen=True)
@@ -51,9 +63,28 @@ class TargetProfile:
             raise BadInputError(f"profile {self.name}: unknown precision(s) {bad}")
         if self.io_dtype not in ("float32", "int8", "uint8"):
             raise BadInputError(f"profile {self.name}: io_dtype must be float32, int8 or uint8")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise BadInputError(f"profile {self.name}: threads must be a positive integer, got {self.threads!r}")
+        if not isinstance(self.backend, str) or not registered_backend(self.backend):
+            raise BadInputError(f"profile {self.name}: unknown backend {self.backend!r} "
+                                f"(one of {', '.join(known_backends())})")
+        if not isinstance(self.quant, dict):
+            raise BadInputError(f"profile {self.name}: quant must be a mapping")
+        if not isinstance(self.description, str) or not self.description.strip():
+            raise BadInputError(f"profile {self.name}: description must be a non-empty text")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def known_backends() -> list[str]:
+    """Backends registered in targets/ (found by their ``@register("name")`` line: nothing is imported)."""
+    folder = Path(__file__).parent
+    return sorted(f.stem for f in folder.glob("*.py") if f'@register("{f.stem}")' in f.read_text())
+
+
+def registered_backend(name: str) -> bool:
+    return re.fullmatch(r"[a-z][a-z0-9_]*", name) is not None and name in known_backends()
 
 
 def load_profile(path: str | Path) -> TargetProfile:
@@ -76,6 +107,8 @@ def load_profile(path: str | Path) -> TargetProfile:
     if missing:
         raise BadInputError(f"{path}: profile needs {', '.join(sorted(missing))}")
     budgets = data.pop("budgets", None) or {}
+    if not isinstance(budgets, dict):
+        raise BadInputError(f"{path}: budgets must be a mapping")
     unknown = set(budgets) - {f.name for f in fields(ProfileBudgets)}
     if unknown:
         raise BadInputError(f"{path}: unknown budget(s) {', '.join(sorted(unknown))}")
