@@ -232,6 +232,13 @@ def validate_cmd(artifact_dir, eval_, as_json):
 
 
 def main(argv=None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        from edgebuild.pipeline.procs import terminate_as_interrupt
+
+        signal.signal(signal.SIGTERM, terminate_as_interrupt)  # SIGTERM = Ctrl-C: clean up, exit 130
     try:
         cli.main(args=argv, prog_name="edgebuild", standalone_mode=False)
         return 0

@@ -13,6 +13,9 @@ START_TIMEOUT_S = 120
 
 
 def _serve(conn, backend: str, artifact: dict, threads: int) -> None:
+    from edgebuild.pipeline.procs import die_with_parent
+
+    die_with_parent()  # a killed build takes its runtime with it
     try:
         runner = get_backend(backend).runner(Artifact.from_dict(artifact), threads)
         conn.send(("ok", None))
@@ -20,7 +23,10 @@ def _serve(conn, backend: str, artifact: dict, threads: int) -> None:
         conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
         return
     while True:
-        op, args = conn.recv()
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError):  # the build is gone
+            return
         if op == "close":
             return
         try:

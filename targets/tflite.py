@@ -242,13 +242,21 @@ def _input_plan(t: TensorInfo, layout: str) -> dict:
 def _run_child(job_dir: Path, what: str, timeout: float) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore"}
     log = job_dir / "convert.log"
+    from edgebuild.pipeline.procs import child_setup, kill_group
+
     with open(log, "wb") as f:
+        # own process group + PR_SET_PDEATHSIG: the converter (and whatever it starts) dies with the build
+        proc = subprocess.Popen([sys.executable, "-m", "edgebuild.targets.tflite_convert", str(job_dir)],
+                                cwd=job_dir, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=child_setup)
         try:
-            proc = subprocess.run([sys.executable, "-m", "edgebuild.targets.tflite_convert", str(job_dir)],
-                                  cwd=job_dir, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise ConversionError(f"{what}: conversion took longer than {timeout:.0f} s during {_phase(job_dir)} "
                                   "(raise the profile's quant.timeout_s)") from None
+        finally:  # timeout, Ctrl-C, SIGTERM: no converter is left running on the user's calibration data
+            kill_group(proc.pid)
+            proc.wait()
     result_file = job_dir / "result.json"
     if not result_file.is_file():
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
