@@ -43,6 +43,7 @@ from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register, stem
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.tflite_convert import CHANNEL_LAST
+from edgebuild.targets.tflite_mixed import AUTO_FLOAT
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 # Settings for every precision (profile `quant:` keys override them) ...
@@ -94,17 +95,19 @@ class TFLiteBackend(Backend):
         _check_settings(s, profile.name)
         if precision == "int8" and s["float_layers"] and not profile.allow_float_layers:
             raise BadInputError(f"{profile.name} runs integer-only: float_layers {s['float_layers']} cannot stay in float")
-        out = workdir / self.artifact_name(precision, s)
         inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-") as tmp:
             job_dir = Path(tmp)
             n = _samples_to_send(len(calib), precision, s)
-            np.savez(job_dir / "calib.npz", **{t.name: calib.inputs[t.name][:n] for t in model.inputs})
+            np.savez(job_dir / "calib.npz", **_stacked_feeds(calib, model.inputs, n))
             job = {"onnx": str(Path(model.onnx_path).resolve()), "precision": precision, "settings": s, "inputs": inputs,
-                   "outputs": [{"name": o.name, "shape": list(o.shape)} for o in model.outputs]}
+                   "outputs": [{"name": o.name, "shape": list(o.shape)} for o in model.outputs],
+                   "allow_float_layers": precision == "int8" and profile.allow_float_layers}
             (job_dir / "job.json").write_text(json.dumps(job, default=str))
             result = _run_child(job_dir, f"{profile.name}: TFLite {precision}", float(s["timeout_s"]))
+            auto_float = (result.get("float_layers_kept") or {}).pop(AUTO_FLOAT, None)
+            out = workdir / self.artifact_name(precision, {**s, "float_layers": s.get("float_layers") or bool(auto_float)})
             workdir.mkdir(parents=True, exist_ok=True)
             shutil.move(str(job_dir / "model.tflite"), out)
         seconds = time.perf_counter() - t0
@@ -112,8 +115,14 @@ class TFLiteBackend(Backend):
         files = [out.name] + (_write_c_array(out) if s["c_array"] else [])
         used = {**s, "converter": _converter_version(), "calibration_samples_used": n if precision == "int8" else 0,
                 "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"]}}
+        used["onnx_rewrites"] = result.get("rewrites") or []  # graph rewrites before onnx2tf (targets/onnx_rewrite.py)
+        used["xnnpack_checked"] = bool(result.get("xnnpack_checked"))  # loaded and ran once with XNNPACK
+        used["fp32_graph_check"] = result.get("fp32_graph_check")  # FP32 TF graph vs ONNX on one sample
         if precision == "int8":
             used["quantizer_used"] = result["quantizer_used"]
+            if auto_float:
+                used["float_ops_kept"] = auto_float  # "TFLITE_OP output-tensor": no int8 kernel or XNNPACK repair
+                used["repairs"] = result.get("repairs") or []
             if s["float_layers"]:
                 used["float_layers_kept"] = result["float_layers_kept"]  # ONNX node -> "TFLITE_OP output-tensor"
         else:
@@ -218,6 +227,23 @@ def _samples_to_send(available: int, precision: str, s: dict) -> int:
     if precision == "int8":
         return min(available, int(s.get("calibration_samples") or available))
     return min(available, FLOAT_CHECK_SAMPLES)
+
+
+def _stacked_feeds(calib: CalibrationSet, inputs, n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` feeds, per input stacked on a new leading axis: ``[n, *ONNX input shape]``.
+
+    ``CalibrationSet.feed(i)`` makes a feed the way every runner gets it (exact shape and dtype of the ONNX
+    input, whatever its batch axis or rank), so the converter child never reshapes samples itself."""
+    feeds = [calib.feed(i) for i in range(n)]
+    out = {}
+    for t in inputs:
+        arrays = [np.asarray(f[t.name]) for f in feeds]
+        want = tuple(int(d) for d in t.shape)
+        bad = next((a.shape for a in arrays if a.shape != want and -1 not in want), None)
+        if bad is not None:
+            raise BadInputError(f"calibration feed for input {t.name} has shape {list(bad)}, the model expects {list(want)}")
+        out[t.name] = np.stack(arrays).astype(t.dtype, copy=False)
+    return out
 
 
 def _check_settings(s: dict, target: str) -> None:
@@ -338,7 +364,14 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
                         f"DEQUANTIZE at their borders; calibrated on {s.get('calibration_samples_used')} samples; "
                         f"{'per-channel' if s.get('per_channel', True) else 'per-tensor'} weights; TF's mlir quantizer, "
                         "as the legacy one cannot keep layers in float)")
+    if s.get("float_ops_kept") and not s.get("float_layers_kept"):
+        what["int8"] = (f"mixed INT8: every op int8 except {len(s['float_ops_kept'])} TFLite op(s) kept in float by the "
+                        f"converter ({'; '.join(s.get('repairs') or [])}), with QUANTIZE/DEQUANTIZE at their borders; "
+                        f"calibrated on {s.get('calibration_samples_used')} samples")
     notes.append(what[precision])
+    notes += [f"ONNX rewrite before onnx2tf: {r}" for r in s.get("onnx_rewrites") or []]
+    if s.get("xnnpack_checked"):
+        notes.append("loaded and ran one sample in LiteRT with XNNPACK after conversion")
     for node, ops in (s.get("float_layers_kept") or {}).items():
         notes.append(f"float layer {node}: " + ("; ".join(ops) if ops else "no TFLite op of its own stayed float "
                                                 "(folded or fused by the converter)"))

@@ -2,8 +2,11 @@
 
     python -m edgebuild.targets.tflite_convert JOB_DIR
 
-``JOB_DIR/job.json`` says what to build, ``JOB_DIR/calib.npz`` holds the calibration feeds (one stacked
-array per input, source layout). The child writes ``JOB_DIR/model.tflite`` and ``JOB_DIR/result.json``
+``JOB_DIR/job.json`` says what to build, ``JOB_DIR/calib.npz`` holds the calibration feeds: per input, the
+feeds ``CalibrationSet.feed(i)`` made, stacked on a new leading axis (``calib[name][i]`` has exactly the ONNX
+input's shape and dtype: 0-d scalars, batch on any axis, integer ids).
+Before onnx2tf, targets/onnx_rewrite.py rewrites what onnx2tf or INT8 cannot handle (MaxPool padding, Erf,
+Sum); every artifact is then loaded with XNNPACK and run once (``xnnpack_check``). The child writes ``JOB_DIR/model.tflite`` and ``JOB_DIR/result.json``
 (the artifact's real I/O, the ops it uses, or the error), and its progress to ``JOB_DIR/phase`` so that a
 crash of the native converter (the TF calibrator segfaults on some graphs) can be reported by phase.
 
@@ -64,10 +67,11 @@ def offline_sample_images(calib: dict[str, np.ndarray], job: dict):
     def sample_images() -> np.ndarray:
         for spec in job["inputs"]:
             x = calib[spec["name"]]
-            if x.ndim != 4:
+            if x.ndim != 5 or x.shape[1] != 1:  # samples of a batch-1 4-D input
                 continue
+            x = x[:20, 0]
             perm = spec.get("perm")
-            return np.ascontiguousarray(x[:20].transpose(perm) if perm else x[:20]).astype(np.float32)
+            return np.ascontiguousarray(x.transpose(perm) if perm else x).astype(np.float32)
         raise RuntimeError("onnx2tf asked for sample images but the model has no 4-D input")
 
     return sample_images
@@ -86,7 +90,9 @@ def _onnx2tf(onnx_path: str, job: dict, calib: dict, workdir: Path):
     inputs = job["inputs"]
     keep_shape = [i["name"] for i in inputs if not i.get("perm") and not i.get("keep_source_layout")]
     keep_nchw = [i["name"] for i in inputs if i.get("keep_source_layout")]
-    graph = constants_to_initializers(onnx.load(onnx_path))
+    from edgebuild.targets.onnx_rewrite import rewrite
+
+    graph, job["rewrites"] = rewrite(constants_to_initializers(onnx.load(onnx_path)))
     originals = o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs
     sample = offline_sample_images(calib, job)
     o2t_main.download_test_image_data = sample  # the name onnx2tf.convert calls
@@ -152,7 +158,7 @@ def _check_float_graph(km, job: dict, calib: dict) -> tuple[list, dict]:
     """Run the TF graph and onnxruntime on one sample: find each output's layout, prove the graph is right."""
     import onnxruntime as ort
 
-    feed = {i["name"]: calib[i["name"]][:1] for i in job["inputs"]}
+    feed = {i["name"]: calib[i["name"]][0] for i in job["inputs"]}
     sess = ort.InferenceSession(job["onnx"], providers=["CPUExecutionProvider"])
     ref = sess.run([o["name"] for o in job["outputs"]], feed)
     got = km([_to_tf_layout(feed[i["name"]], i.get("perm")) for i in job["inputs"]], training=False)
@@ -212,7 +218,7 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
 
         def representative_dataset():
             for s in range(n):
-                yield {keys[i["name"]]: _to_tf_layout(calib[i["name"]][s:s + 1], i.get("perm")) for i in job["inputs"]}
+                yield {keys[i["name"]]: _to_tf_layout(calib[i["name"]][s], i.get("perm")) for i in job["inputs"]}
 
         io_type = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}[settings.get("io_dtype", "float32")]
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -222,7 +228,7 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
         converter.inference_output_type = io_type
         converter._experimental_disable_per_channel = not settings.get("per_channel", True)
         converter.experimental_new_quantizer = job["quantizer_used"] == "mlir"
-        if job.get("float_layer_map"):
+        if job.get("float_layer_map") or job.get("auto_float_ops"):
             return selective_int8(converter, km, job, io_type)
     elif precision != "fp32":
         raise ConversionFailure("tflite converter", f"unknown precision {precision}")
@@ -330,17 +336,12 @@ def run(job_dir: Path) -> dict:
         _phase(job_dir, phase)
         # keeping layers in float needs the MLIR quantizer's deny list
         job["quantizer_used"] = "mlir" if float_layers else pick_quantizer(job["settings"].get("quantizer", "auto"), job["onnx"])
-        model = _tflite_bytes(km, job["precision"], job["settings"], calib, job)
-        path = job_dir / "model.tflite"
-        path.write_bytes(model)
-        phase = "reading the model back"
-        _phase(job_dir, phase)
-        described = describe_tflite(path)
-        kept = check_integer(described["float_ops"], job) if job["precision"] == "int8" else {}
+        described, kept, repairs = _convert_checked(km, job, calib, job_dir, lambda p: _phase(job_dir, p))
         described["float_ops"] = [op["op"] for op in described["float_ops"]]
         result = {"ok": True, "keras_inputs": list(km.input_names), "keras_outputs": list(km.output_names),
                   "quantizer_used": job["quantizer_used"] if job["precision"] == "int8" else None,
-                  "output_perms": out_perms, "fp32_graph_check": check, **described, **kept}
+                  "output_perms": out_perms, "fp32_graph_check": check, "rewrites": job.get("rewrites") or [],
+                  "repairs": repairs, "xnnpack_checked": _xnnpack_on(job), **described, **kept}
     except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit() on some errors
         result = {"ok": False, "phase": phase, **_explain(e, phase, job["onnx"]),
                   "traceback": traceback.format_exc(limit=8)}
@@ -348,6 +349,78 @@ def run(job_dir: Path) -> dict:
         _release_tf()
     (job_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return result
+
+
+# TFLite ops with no int8 kernel -> the ONNX op they come from (for the error of an integer-only profile)
+ONNX_OF = {"LOCAL_RESPONSE_NORMALIZATION": "LRN", "ADD_N": "Sum", "POW": "Pow", "EXP": "Exp", "LOG": "Log",
+           "SQRT": "Sqrt", "RSQRT": "Sqrt/Div", "DIV": "Div", "CUMSUM": "CumSum"}
+MAX_REPAIRS = 2
+
+
+def _xnnpack_on(job: dict) -> bool:
+    return job["settings"].get("host_kernels", "xnnpack") == "xnnpack"
+
+
+def _convert_checked(km, job: dict, calib: dict, job_dir: Path, phase) -> tuple[dict, dict, list[str]]:
+    """Convert, read back, check; repair what the profile allows, else fail naming the ops.
+
+    INT8: ops left in float (no int8 kernel, e.g. LOCAL_RESPONSE_NORMALIZATION) stay float when the profile
+    allows float layers (the artifact is then ``_int8_mixed``), else the build fails naming them. Every
+    artifact of an XNNPACK profile must load and run once in LiteRT with XNNPACK; when it does not, the ops
+    whose quantization XNNPACK rejects are kept in float (profiles with float layers) or named in the error.
+    """
+    from edgebuild.targets import tflite_xnnpack as xnn
+
+    int8, allow = job["precision"] == "int8", bool(job.get("allow_float_layers"))
+    path, repairs = job_dir / "model.tflite", []
+    for attempt in range(MAX_REPAIRS + 1):
+        phase("tflite converter (INT8 calibration)" if int8 else "tflite converter")
+        path.write_bytes(_tflite_bytes(km, job["precision"], job["settings"], calib, job))
+        phase("reading the model back")
+        described = describe_tflite(path)
+        kept = {}
+        if int8:
+            try:
+                kept = check_integer(described["float_ops"], job)
+            except ConversionFailure as e:
+                if e.stage != "full-integer check" or not e.ops:
+                    raise
+                onnx_ops = sorted({ONNX_OF.get(op["op"], "?") for op in e.ops} - {"?"})
+                if not allow:
+                    raise ConversionFailure(e.stage, f"{e}: no int8 kernel{' for ONNX ' + ', '.join(onnx_ops) if onnx_ops else ''}, "
+                                                     "and this profile runs integer-only (use a profile that allows float "
+                                                     "layers, or replace the op in the model)", e.op) from None
+                if attempt == MAX_REPAIRS:
+                    raise
+                _keep_float(job, e.ops)
+                repairs.append(f"kept in float (no int8 kernel): {', '.join(sorted({op['op'] for op in e.ops}))}")
+                continue
+        if _xnnpack_on(job):
+            phase("XNNPACK load check")
+            keys = dict(zip([i["name"] for i in job["inputs"]], km.input_names))
+            feed = {i["name"]: calib[i["name"]][0] for i in job["inputs"]}
+            error = xnn.load_and_run(path, feed, keys, {i["name"]: i.get("perm") for i in job["inputs"]})
+            if error:
+                found = xnn.suspects(path)
+                if int8 and allow and found and attempt < MAX_REPAIRS:
+                    _keep_float(job, found)
+                    repairs.append(f"kept in float for XNNPACK: {xnn.describe(found)}")
+                    continue
+                named = xnn.describe(found) if found else "no op with out-of-range quantization found"
+                raise ConversionFailure(
+                    "XNNPACK check", f"LiteRT with XNNPACK cannot run the {job['precision']} model ({error}); ops at fault: "
+                    f"{named}. Suggestion: a profile that allows float layers (they are then kept in float), "
+                    "precision fp16/fp32, or quant.host_kernels: builtin to build for LiteRT without XNNPACK",
+                    found[0]["op"] if found else None)
+        return described, kept, repairs
+    raise AssertionError("unreachable")
+
+
+def _keep_float(job: dict, ops: list[dict]) -> None:
+    known = {(op["op"], tuple(op["outputs"])) for op in job.get("auto_float_ops") or []}
+    job["auto_float_ops"] = (job.get("auto_float_ops") or []) + [
+        {"op": op["op"], "outputs": list(op["outputs"])} for op in ops if (op["op"], tuple(op["outputs"])) not in known]
+    job["quantizer_used"] = "mlir"  # keeping ops in float needs the MLIR quantizer's deny list
 
 
 def _release_tf() -> None:

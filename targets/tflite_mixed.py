@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import re
 
+AUTO_FLOAT = "(kept in float by the converter)"  # the float_ops_requested key of ops no ONNX layer asked for
+
 
 class ConversionFailure(Exception):
-    def __init__(self, stage: str, message: str, op: str | None = None):
+    def __init__(self, stage: str, message: str, op: str | None = None, ops: list[dict] | None = None):
         super().__init__(message)
         self.stage, self.op = stage, op
+        self.ops = ops or []  # the TFLite ops at fault, {"op": type, "outputs": [tensor names]}
 
 
 def float_layer_map(km, tensors: dict, onnx_path: str, names: list[str]) -> dict[str, list[str]]:
@@ -89,7 +92,9 @@ def selective_int8(converter, km, job: dict, io_type) -> bytes:
 
     converter._experimental_calibrate_only = True
     calibrated = converter.convert()
-    requested = tflite_ops_of(calibrated, km, job["float_layer_map"])
+    requested = tflite_ops_of(calibrated, km, job.get("float_layer_map") or {})
+    if job.get("auto_float_ops"):  # ops kept in float by the conversion itself (no int8 kernel, XNNPACK repair)
+        requested[AUTO_FLOAT] = [{"op": op["op"], "tensor": t} for op in job["auto_float_ops"] for t in op["outputs"]]
     job["float_ops_requested"] = requested
     deny = sorted({op["tensor"] for ops in requested.values() for op in ops})
     if not deny:
@@ -109,7 +114,8 @@ def check_integer(float_ops: list[dict], job: dict) -> dict:
         left = sorted({op["op"] for op in stray}) or sorted({op["op"] for op in float_ops})
         where = " outside the requested float layers" if requested else ""
         raise ConversionFailure("full-integer check", f"the INT8 model is not full-integer{where}: {len(stray or float_ops)} "
-                                                      f"op(s) still run in float ({', '.join(left)})", left[0])
+                                                      f"op(s) still run in float ({', '.join(left)})", left[0],
+                                stray or float_ops)
     if not requested:
         return {}
     kept = {node: [f"{w['op']} {w['tensor']}" for w in ops if any(_same_op(op)(w) for op in float_ops)]
@@ -117,7 +123,7 @@ def check_integer(float_ops: list[dict], job: dict) -> dict:
     ignored = [node for node, ops in requested.items() if ops and not kept[node]]
     if ignored:
         raise ConversionFailure("float layers", f"the quantizer did not keep {', '.join(ignored)} in float")
-    return {"float_layers_kept": kept, "float_layers_keras": job["float_layer_map"],
+    return {"float_layers_kept": kept, "float_layers_keras": job.get("float_layer_map") or {},
             "float_layers_border_ops": sum(op["op"] in ("QUANTIZE", "DEQUANTIZE") for op in float_ops)}
 
 

@@ -1,0 +1,191 @@
+"""ONNX graph rewrites applied before onnx2tf, each exact or with a stated bound, each recorded.
+
+They turn graphs that onnx2tf converts into something no TFLite runtime can use (or that INT8 breaks) into
+equivalent graphs it converts well. ``rewrite(model)`` returns the model and one line per rewrite applied;
+node names and output tensor names are kept, so ONNX node names (the accuracy search's ``float_layers``) and
+onnx2tf's tensor map still find them. Runs in the conversion child (targets/tflite_convert.py).
+
+- **MaxPool with padding TF pooling cannot express, or ceil_mode** (MTCNN-style ``MaxPool2d(3, 2,
+  ceil_mode=True)``): onnx2tf pads with the dtype's minimum (-3.4e38) in a PADV2 before a VALID pool. INT8
+  calibration then records a range of ~1e38 for that pad's output, the following conv gets an input scale of
+  ~1e36 (the model is garbage in int8) and XNNPACK refuses the graph ("failed to prepare"). An ``edge`` pad
+  gives exactly the same maxima (every window that reaches the padding also holds the edge value it
+  repeats), has an ordinary range, and quantizes cleanly.
+- **Erf** (GELU in BERT-style models): TFLite has no builtin Erf (``'tf.Erf' op is neither a custom op nor a
+  flex op``). ``erf(x) ~ tanh(2/sqrt(pi) * (x + 0.08943 x^3))``: max abs error 3.6e-4 (GELU built on it: 3.4e-4),
+  made of ops that have int8 kernels (MUL, ADD, TANH).
+- **Sum** (ONNX's n-ary add, ``ADD_N`` in TFLite, which has no int8 kernel): a chain of binary ``Add``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ERF_A = 2.0 / math.sqrt(math.pi)
+ERF_B = 0.08943
+ERF_MAX_ABS_ERROR = 3.6e-4
+
+
+def rewrite(model) -> tuple[object, list[str]]:
+    """All rewrites, in order; returns (model, notes)."""
+    notes: list[str] = []
+    for step in (maxpool_edge_padding, erf_to_tanh, sum_to_add_chain):
+        model, note = step(model)
+        if note:
+            notes.append(note)
+    return model, notes
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _shapes(model) -> dict[str, list[int]]:
+    """Static tensor shapes after ONNX shape inference (unknown dims as -1)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    out = {}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+    for i in g.initializer:
+        out[i.name] = list(i.dims)
+    return out
+
+
+def _replace_nodes(model, replacements: dict[int, list], initializers: list) -> None:
+    nodes = []
+    for i, node in enumerate(model.graph.node):
+        nodes.extend(replacements.get(i, [node]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(initializers)
+
+
+def _attrs(node) -> dict:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _unique(model, base: str) -> str:
+    names = {n for node in model.graph.node for n in node.output} | {i.name for i in model.graph.initializer}
+    name, k = base, 0
+    while name in names:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def maxpool_edge_padding(model):
+    """MaxPool(pads, ceil_mode) -> Pad(edge) + MaxPool(VALID), where TF's SAME/VALID pooling cannot do it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if _opset(model) < 11:  # Pad takes its pads as an input from opset 11 on
+        return model, None
+    shapes, replacements, inits, done = _shapes(model), {}, [], []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type != "MaxPool" or len(node.output) != 1:
+            continue
+        a = _attrs(node)
+        x_shape, y_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
+        k = list(a.get("kernel_shape", []))
+        n = len(k)
+        if not x_shape or len(x_shape) != n + 2 or min(x_shape[2:]) <= 0 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        if any(d != 1 for d in a.get("dilations", [1] * n)) or a.get("storage_order", 0):
+            continue
+        s, pads, ceil = list(a.get("strides", [1] * n)), list(a.get("pads", [0] * 2 * n)), bool(a.get("ceil_mode", 0))
+        size = x_shape[2:]
+        out = []
+        for d in range(n):
+            span = size[d] + pads[d] + pads[n + d] - k[d]
+            o = (-(-span // s[d]) if ceil else span // s[d]) + 1
+            if ceil and (o - 1) * s[d] >= size[d] + pads[d]:  # the last window must start inside the input
+                o -= 1
+            out.append(o)
+        if y_shape and len(y_shape) == n + 2 and any(v > 0 and v != o for v, o in zip(y_shape[2:], out)):
+            continue  # our arithmetic disagrees with the model's shapes: leave the node alone
+        same = [max((-(-size[d] // s[d]) - 1) * s[d] + k[d] - size[d], 0) for d in range(n)]
+        tf_same = [t // 2 for t in same] + [t - t // 2 for t in same]
+        if (not any(pads) and out == [(size[d] - k[d]) // s[d] + 1 for d in range(n)]) or \
+                (pads == tf_same and out == [-(-size[d] // s[d]) for d in range(n)]):
+            continue  # TF's VALID or SAME pooling does exactly this
+        end = [max((out[d] - 1) * s[d] + k[d] - size[d] - pads[d], 0) for d in range(n)]
+        if any(p >= kk for p, kk in zip(pads[:n] + end, k + k)):
+            continue  # a window entirely in the padding: not a maximum of real values, keep onnx2tf's form
+        pads_name = _unique(model, node.output[0] + "_edge_pads")
+        padded = _unique(model, node.output[0] + "_edge_padded")
+        inits.append(numpy_helper.from_array(np.array([0, 0] + pads[:n] + [0, 0] + end, np.int64), pads_name))
+        pad = helper.make_node("Pad", [node.input[0], pads_name], [padded], mode="edge", name=f"{node.name}/edge_pad")
+        keep = {key: v for key, v in a.items() if key not in ("pads", "ceil_mode", "auto_pad")}
+        pool = helper.make_node("MaxPool", [padded], list(node.output), name=node.name, **keep)
+        replacements[idx] = [pad, pool]
+        done.append(node.name or node.output[0])
+    if not done:
+        return model, None
+    _replace_nodes(model, replacements, inits)
+    onnx.checker.check_model(model)
+    return model, (f"MaxPool padding as an edge Pad (exact; onnx2tf's -3.4e38 pad breaks INT8 ranges and XNNPACK): "
+                   f"{', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
+
+
+def erf_to_tanh(model):
+    """Erf(x) -> Tanh(x * (a + a*b*x^2)): TFLite has no Erf kernel."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    replacements, inits, done = {}, [], []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type != "Erf" or node.domain not in ("", "ai.onnx"):
+            continue
+        base = node.name or node.output[0]
+        x, y = node.input[0], node.output[0]
+        a, ab = _unique(model, y + "_erf_a"), _unique(model, y + "_erf_ab")
+        inits += [numpy_helper.from_array(np.array(ERF_A, np.float32), a),
+                  numpy_helper.from_array(np.array(ERF_A * ERF_B, np.float32), ab)]
+        t = [_unique(model, f"{y}_erf_t{i}") for i in range(4)]
+        replacements[idx] = [
+            helper.make_node("Mul", [x, x], [t[0]], name=f"{base}/x2"),
+            helper.make_node("Mul", [t[0], ab], [t[1]], name=f"{base}/bx2"),
+            helper.make_node("Add", [t[1], a], [t[2]], name=f"{base}/a_bx2"),
+            helper.make_node("Mul", [x, t[2]], [t[3]], name=f"{base}/arg"),
+            helper.make_node("Tanh", [t[3]], [y], name=node.name),
+        ]
+        done.append(base)
+    if not done:
+        return model, None
+    _ = TensorProto  # float32 graphs only: the constants are float32 like onnx2tf's float graph
+    _replace_nodes(model, replacements, inits)
+    return model, (f"Erf as tanh(2/sqrt(pi) (x + {ERF_B} x^3)) (max abs error {ERF_MAX_ABS_ERROR:g}; TFLite has no Erf "
+                   f"kernel): {len(done)} node(s)")
+
+
+def sum_to_add_chain(model):
+    """Sum(a, b, c, ...) -> Add(Add(a, b), c) ...: TFLite's ADD_N has no int8 kernel, ADD has."""
+    from onnx import helper
+
+    replacements, done = {}, []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type != "Sum" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        base = node.name or node.output[0]
+        acc, chain = node.input[0], []
+        for i, operand in enumerate(node.input[1:], 1):
+            last = i == len(node.input) - 1
+            out = node.output[0] if last else _unique(model, f"{node.output[0]}_sum{i}")
+            chain.append(helper.make_node("Add", [acc, operand], [out], name=node.name if last else f"{base}/add{i}"))
+            acc = out
+        replacements[idx] = chain
+        done.append(base)
+    if not done:
+        return model, None
+    _replace_nodes(model, replacements, [])
+    return model, f"Sum as a chain of Add (ADD_N has no int8 kernel): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}"
