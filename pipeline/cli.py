@@ -50,7 +50,7 @@ def spec_from_flags(config: str | None, **flags):
     data = {}
     config_path = config or ("edgebuild.yaml" if Path("edgebuild.yaml").is_file() else None)
     if config_path:
-        data = load_config(config_path)
+        data = _manifest_spec(Path(config_path)) or load_config(config_path)
     shape = _parse_shape(flags.pop("input_shape"))
     if shape:
         first = dict((data.get("inputs") or [{}])[0])
@@ -83,6 +83,34 @@ def spec_from_flags(config: str | None, **flags):
     return BuildSpec.from_dict(data), config_path
 
 
+def _manifest_spec(path: Path) -> dict | None:
+    """``-c out/manifest.json``: the spec of that build, its relative paths resolved against the directory the
+    build ran in (the manifest sits at <that directory>/<spec.out>/manifest.json), so it re-runs from anywhere;
+    the output is that build's output directory unless -o says otherwise."""
+    from edgebuild.pipeline.build import edgebuild_manifest
+    from edgebuild.pipeline.spec import _is_builtin_or_module
+
+    if path.name != "manifest.json" or not path.is_file():
+        return None
+    manifest = edgebuild_manifest(path.parent)
+    if manifest is None:
+        return None
+    spec = dict(manifest["spec"])
+    out_dir = path.resolve().parent
+    base = out_dir
+    out_rel = Path(str(spec.get("out") or "out"))
+    if not out_rel.is_absolute() and ".." not in out_rel.parts:
+        for _ in out_rel.parts:
+            base = base.parent
+    for key in ("model", "weights", "calib", "eval", "train", "cache_dir"):
+        value = spec.get(key)
+        if isinstance(value, str) and not _is_builtin_or_module(value) and not Path(value).is_absolute():
+            spec[key] = str(base / value)
+    spec["profile_files"] = [p if Path(p).is_absolute() else str(base / p) for p in spec.get("profile_files") or ()]
+    spec["out"] = str(out_dir)
+    return spec
+
+
 def _parse_step(text: str) -> dict:
     """`prune:method=structured,ratio=0.5` -> {"prune": {"method": "structured", "ratio": 0.5}}."""
     import yaml
@@ -93,7 +121,11 @@ def _parse_step(text: str) -> dict:
         k, eq, v = item.partition("=")
         if not eq or not k:
             raise BadInputError(f"--compress {text!r}: options must be key=value, comma-separated")
-        options[k.strip()] = yaml.safe_load(v)
+        try:
+            options[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise BadInputError(f"--compress {text!r}: cannot read the value of {k.strip()} "
+                                f"({str(e).splitlines()[0]})") from None
     return {kind.strip(): options}
 
 

@@ -27,10 +27,19 @@ def load_model(spec: BuildSpec) -> LoadedModel:
     if spec.is_demo:
         from edgebuild.pipeline.demo_model import INPUT_SHAPE, load_demo
 
+        given = [tuple(i.shape) for i in spec.inputs if i.shape]
+        if given and given != [tuple(INPUT_SHAPE)]:
+            raise BadInputError(f"--input-shape {','.join(map(str, given[0]))}: the built-in demo's input is "
+                                f"{','.join(map(str, INPUT_SHAPE))}; give --model to build your own model")
+        if spec.weights:
+            raise BadInputError("--weights needs --model package.module:attr (the built-in demo has its own weights)")
+
         return LoadedModel("torch", "built-in demo: DigitsCNN on scikit-learn digits",
                            (InputSpec("input", INPUT_SHAPE, "float32", "NCHW"),), module=load_demo())
     src = spec.model
     path = Path(src)
+    if spec.weights and not (":" in src and not path.exists()):
+        raise BadInputError(f"--weights is for package.module:attr models; {path.name} carries its own weights")
     if path.suffix == ".onnx":
         return _onnx(path, spec)
     if path.suffix == ".pt2":
@@ -179,23 +188,35 @@ def _python_reference(ref: str, spec: BuildSpec) -> LoadedModel:
     mod_name, _, attr = ref.partition(":")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # a user's model package next to edgebuild.yaml
+    if not mod_name or not attr or not all(part.isidentifier() for part in [*mod_name.split("."), *attr.split(".")]):
+        raise BadInputError(f"model {ref!r}: use package.module:attr")
     try:
         obj = importlib.import_module(mod_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
-        raise BadInputError(f"cannot import model {ref}: {e}") from None
+        raise BadInputError(f"cannot import model {ref}: {_first_line(e, 300)}") from None
+    except SyntaxError as e:
+        raise BadInputError(f"cannot import model {ref}: SyntaxError in {Path(e.filename or '?').name} "
+                            f"line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # the user's module raised while being imported
+        raise BadInputError(f"cannot import model {ref}: importing {mod_name} raised "
+                            f"{type(e).__name__}: {_first_line(e, 300)}") from None
     if not isinstance(obj, torch.nn.Module):
         if not callable(obj):
             raise BadInputError(f"{ref} is neither an nn.Module nor a factory returning one")
-        obj = obj()
+        try:
+            obj = obj()
+        except Exception as e:
+            raise BadInputError(f"{ref}() raised {type(e).__name__}: {_first_line(e, 300)}") from None
         if not isinstance(obj, torch.nn.Module):
             raise BadInputError(f"{ref}() returned {type(obj).__name__}, not an nn.Module")
     if spec.weights:
         try:
             obj.load_state_dict(load_state_dict(Path(spec.weights)))
-        except RuntimeError as e:  # missing/unexpected keys, shape mismatches
-            raise BadInputError(f"{spec.weights} does not fit {ref}: {str(e).splitlines()[0][:200]}") from None
+        except RuntimeError as e:  # missing/unexpected keys, shape mismatches: keep every detail, on one line
+            details = "; ".join(ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()) or _first_line(e)
+            raise BadInputError(f"{spec.weights} does not fit {ref}: {details[:1500]}") from None
     return LoadedModel("torch", f"python reference {ref}" + (f" + {Path(spec.weights).name}" if spec.weights else ""),
                        _torch_inputs(spec, ref), module=obj.eval())
 
