@@ -94,13 +94,14 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
 
             reference = V.collect(OrtRunner(model.onnx_path, 2), evalset)
             _save_reference(refdir / "outputs.npz", reference, evalset)
+            judging = V.resolve(judging_for(spec, model), reference, evalset.labels)
         cache = StageCache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
-        ctx = BuildContext(spec, model, calib, evalset, reference, cache, scratch, stage=stage)
+        ctx = BuildContext(spec, model, calib, evalset, reference, judging, cache, scratch, stage=stage)
         targets = {}
         for profile in profiles:
             targets[profile.name] = _build_one(ctx, profile, staging / profile.name, build_target)
         manifest = _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets,
-                             time.perf_counter() - t_start)
+                             time.perf_counter() - t_start, judging)
         if compress_record is not None:
             _gate_compression(manifest, compress_record, spec)
         _finish(staging, out, manifest)
@@ -160,9 +161,10 @@ def _make_workdirs(out: Path) -> tuple[Path, Path]:
     named with the build's pid so that a later build can clean them up after a kill."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
+        parent = out.parent.resolve()  # absolute: children run in other directories
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=parent))
         staging.chmod(0o755)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as e:
         raise BadInputError(f"--out {out}: cannot write in {out.parent.resolve()} ({e.strerror or e})") from None
     return staging, scratch
@@ -297,18 +299,39 @@ def _gate_compression(manifest: dict, record: dict, spec: BuildSpec) -> None:
     manifest["compression"] = record
 
 
-def _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets, seconds) -> dict:
+def judging_for(spec: BuildSpec, model) -> V.Judging:
+    return V.Judging(output_names=tuple(o.name for o in model.outputs), task=spec.task,
+                     task_options=tuple(sorted(spec.task_options.items())), labels_output=spec.labels_output,
+                     evaluator=spec.evaluator)
+
+
+def _judging_record(judging: V.Judging, evalset, spec: BuildSpec, profiles) -> dict:
+    from edgebuild.pipeline.target import budget_for
+
+    warnings = list(judging.warnings)
+    for note in dict.fromkeys(V.coarseness_warning(len(evalset), budget_for(p, spec)) for p in profiles):
+        if note:
+            warnings.append(note)
+    return {"task": judging.task, "task_options": judging.options, "labels_output": judging.labels_output or None,
+            "evaluator": judging.evaluator, "outputs": list(judging.output_names), "warnings": warnings}
+
+
+def _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets, seconds,
+              judging: V.Judging) -> dict:
     verdicts = [t["verdict"] for t in targets.values()]
     exit_code = 3 if "error" in verdicts else 1 if "fail" in verdicts else 0
     ref = {"onnx": "reference/model_fp32.onnx", "sha256": model.content_hash,
            "size_bytes": model.onnx_path.stat().st_size, "inputs": [i.__dict__ for i in model.inputs],
            "outputs": [o.__dict__ for o in model.outputs], **export_record}
-    if evalset.labels is not None and V.is_classifier(reference):
-        ref["accuracy"] = V.accuracy(reference, evalset.labels)
+    if evalset.labels is not None and judging.labels_output:
+        from edgebuild.pipeline.metrics import accuracy
+
+        ref["accuracy"] = accuracy(V.stacked(reference, judging.output_names)[judging.labels_output], evalset.labels)
     return {
         "edgebuild": tool_versions(("edgebuild",))["edgebuild"],
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "verdict": {0: "pass", 1: "fail", 3: "error"}[exit_code], "exit_code": exit_code,
         "seconds": round(seconds, 2), "spec": spec.to_dict(), "tools": tool_versions(),
-        "model": ref, "data": data_record, "targets": targets,
+        "model": ref, "data": data_record, "judging": _judging_record(judging, evalset, spec, profiles),
+        "targets": targets,
     }

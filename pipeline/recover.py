@@ -8,75 +8,131 @@ judged on a *selection* part of the evaluation split; the chosen artifact's repo
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 
 import numpy as np
 
 from edgebuild.pipeline import validate as V
-from edgebuild.pipeline.errors import EdgeBuildError
+from edgebuild.pipeline.errors import ConversionError, EdgeBuildError
 from edgebuild.pipeline.target import Attempt, BuildContext, convert, evaluate
 from edgebuild.targets.base import Backend
 from edgebuild.targets.profiles import TargetProfile
 
 SELECT_FRACTION = 0.4
+SMALL_EVAL, SMALL_SELECT_FRACTION = 250, 0.5  # few samples: a wider selection part
 MIN_SEARCH_SAMPLES = 10
 FLOAT_LAYER_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+COLLAPSED_LOSS = 10.0  # ten times past the budget's room: INT8 has plainly collapsed, go to the strong fixes
+COLLAPSED_VARIANTS = 1  # backend variants tried at most after a collapse
 
 
 def _quality(a: Attempt) -> float:
-    """Lower is better: accuracy drop, top-1 disagreement, or 1 - cosine."""
-    metric, value = V.quality_metric(a.metrics)
-    return 1.0 - value if metric == "cosine_min" else value
+    """Lower is better: the worst relative excess over the quality budgets (V.quality_loss)."""
+    return a.loss
 
 
 def _split(ctx: BuildContext):
     n = len(ctx.evalset)
     perm = np.random.default_rng(ctx.spec.seed + 1).permutation(n)
-    k = max(1, int(n * SELECT_FRACTION))
+    k = max(1, int(n * (SMALL_SELECT_FRACTION if n < SMALL_EVAL else SELECT_FRACTION)))
     sel, hold = np.sort(perm[:k]), np.sort(perm[k:])
     part = lambda idx, name: (ctx.evalset.subset(idx, name), [ctx.reference[i] for i in idx])  # noqa: E731
     return part(sel, "evaluation[select]"), part(hold, "evaluation[holdout]")
 
 
-def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget, first: Attempt,
-            outdir) -> tuple[Attempt, dict]:
-    record: dict = {"enabled": True, "tries": [first.summary() | {"data": "evaluation (all)"}], "chosen": first.label}
-    if first.quality_ok:
-        return first, record
-    if len(ctx.evalset) < MIN_SEARCH_SAMPLES:
-        record["result"] = f"no search: {len(ctx.evalset)} evaluation samples cannot be split into selection and hold-out"
-        return first, record
-    started = time.monotonic()
-    select, holdout = _split(ctx)
-    first_on_select = evaluate(ctx, backend, profile, first.artifact, budget, timed=False, data=select)
-    first_on_select.label = first.label
-    tries = [first_on_select]
-    record["selection"] = (f"candidates judged on {len(select[0])} samples of the evaluation split (seed "
-                           f"{ctx.spec.seed + 1}); the chosen one is reported on the other {len(holdout[0])}")
-    deadline = started + ctx.spec.auto_max_seconds
+def selection_budget(budget: V.Budget, n_select: int) -> tuple[V.Budget, str | None]:
+    """A budget with a margin of one selection sample when one sample is coarser than the budget itself.
 
-    def attempt(label: str, precision: str, settings: dict) -> Attempt | None:
-        if len(tries) >= ctx.spec.auto_max_tries or time.monotonic() > deadline:
+    Without it, a candidate that happens to get every one of 40 selection samples right (0.0 pt) is
+    chosen and then misses the budget on the held-out part; with it, the search says it cannot certify
+    the budget on so few samples and keeps looking for a candidate clearly inside it.
+    """
+    step = 100.0 / max(n_select, 1)
+    drop = budget.max_accuracy_drop
+    if drop is None or step <= drop:
+        return budget, None
+    note = (f"one of {n_select} selection samples is {step:.2f} pt, more than the {drop} pt budget: candidates must "
+            f"stay within {drop - step:.2f} pt on the selection part")
+    return dataclasses.replace(budget, max_accuracy_drop=drop - step), note
+
+
+class _Search:
+    """The tries of one target's search, bounded in count and time (one try is kept for the float fallback)."""
+
+    def __init__(self, ctx, backend, profile, budget, select, record, reserve_fallback: bool):
+        self.ctx, self.backend, self.profile, self.budget, self.select, self.record = ctx, backend, profile, budget, select, record
+        self.tries: list[Attempt] = []
+        self.started = time.monotonic()
+        self.deadline = self.started + ctx.spec.auto_max_seconds
+        self.reserve = 1 if reserve_fallback else 0
+
+    def room(self, fallback: bool = False) -> bool:
+        spare = 0 if fallback else self.reserve
+        return len(self.record["tries"]) < self.ctx.spec.auto_max_tries - spare and (
+            fallback or time.monotonic() < self.deadline)
+
+    def attempt(self, label: str, precision: str, settings: dict, fallback: bool = False) -> Attempt | None:
+        if not self.room(fallback):
             return None
-        directory = ctx.scratch / profile.name / f"try{len(tries)}"
-        with ctx.stage(f"{profile.name}: accuracy search — {label}"):
+        ctx, profile = self.ctx, self.profile
+        directory = ctx.scratch / profile.name / f"try{len(self.record['tries'])}"
+        n = len(self.record["tries"]) + 1
+        with ctx.stage(f"{profile.name}: accuracy search {n}/{ctx.spec.auto_max_tries} — {label}"):
             try:
-                art = convert(ctx, backend, profile, precision, directory, settings)
-                a = evaluate(ctx, backend, profile, art, budget, timed=False, data=select)
+                art = convert(ctx, self.backend, profile, precision, directory, settings)
+                a = evaluate(ctx, self.backend, profile, art, self.budget, timed=False, data=self.select)
             except EdgeBuildError as e:  # a candidate that cannot be built is a failed try, not a failed build
-                record["tries"].append({"label": label, "precision": precision, "error": str(e), "failures": [str(e)],
-                                        "size_bytes": 0})
+                self.record["tries"].append({"label": label, "precision": precision, "error": str(e),
+                                             "failures": [str(e)], "size_bytes": 0})
                 return None
         a.label = label
-        tries.append(a)
-        record["tries"].append(a.summary() | {"data": "evaluation[select]"})
+        self.tries.append(a)
+        self.record["tries"].append(a.summary() | {"data": "evaluation[select]"})
         return a
 
-    found = _search(ctx, backend, profile, first, attempt, record, select)
-    best = found or min(tries, key=_quality)
+
+def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget, first: Attempt | None,
+            outdir, first_error: EdgeBuildError | None = None) -> tuple[Attempt, dict]:
+    """Search from ``first`` (or from a first INT8 conversion that failed with ``first_error``)."""
+    if first is not None:
+        record: dict = {"enabled": True, "tries": [first.summary() | {"data": "evaluation (all)"}], "chosen": first.label}
+        if first.quality_ok:
+            return first, record
+    else:
+        record = {"enabled": True, "chosen": None, "tries": [{"label": "profile settings", "precision": "int8",
+                  "error": str(first_error), "failures": [str(first_error)], "size_bytes": 0}]}
+    if len(ctx.evalset) < MIN_SEARCH_SAMPLES:
+        record["result"] = f"no search: {len(ctx.evalset)} evaluation samples cannot be split into selection and hold-out"
+        if first is None:
+            raise first_error
+        return first, record
+    select, holdout = _split(ctx)
+    select_budget, margin = selection_budget(budget, len(select[0]))
+    record["selection"] = (f"candidates judged on {len(select[0])} samples of the evaluation split (seed "
+                           f"{ctx.spec.seed + 1}); the chosen one is reported on the other {len(holdout[0])}")
+    if margin:
+        record["selection_margin"] = margin
+    fallback = profile.allow_float_layers and "fp16" in profile.precisions
+    search = _Search(ctx, backend, profile, select_budget, select, record, reserve_fallback=fallback)
+    first_on_select = None
+    if first is not None:
+        first_on_select = evaluate(ctx, backend, profile, first.artifact, select_budget, timed=False, data=select)
+        first_on_select.label = first.label
+        search.tries.append(first_on_select)
+    collapsed = first_on_select is None or first_on_select.loss > COLLAPSED_LOSS
+    if collapsed:
+        record["collapsed"] = ("the first INT8 conversion failed" if first is None else
+                               f"INT8 collapsed (quality loss {first_on_select.loss:.1f}): backend variants are "
+                               "skipped for mixed precision and the float fallback")
+    found = _search(ctx, backend, profile, search, collapsed)
+    record["seconds"] = round(time.monotonic() - search.started, 2)
+    if not search.tries:
+        record["result"] = "every configuration failed to convert"
+        raise first_error or ConversionError(f"{profile.name}: no configuration could be converted")
+    best = found or min(search.tries, key=_quality)
     record["chosen"] = best.label
-    record["seconds"] = round(time.monotonic() - started, 2)
     if best is first_on_select:
         record["result"] = "no configuration met the budget; the profile settings are kept"
         return first, record
@@ -87,47 +143,55 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     return final, record
 
 
-def _search(ctx, backend: Backend, profile: TargetProfile, first: Attempt, attempt, record, select):
+def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, collapsed: bool) -> Attempt | None:
     settings = backend.default_settings(profile, "int8")  # what `first` was asked for (its record may say more)
-    for label, overrides in backend.recovery_candidates(profile, settings):
-        a = attempt(label, "int8", {**settings, **overrides})
+    variants = backend.recovery_candidates(profile, settings)
+    for label, overrides in variants[:COLLAPSED_VARIANTS] if collapsed else variants:
+        a = search.attempt(label, "int8", {**settings, **overrides})
         if a is not None and a.quality_ok:
             return a
-    if profile.allow_float_layers and backend.supports_float_layers:
-        ranked = _sensitivity(ctx, select, record)
+    if profile.allow_float_layers and backend.supports_float_layers and search.room():
+        ranked = _sensitivity(ctx, search.select, search.record, search.budget)
         done = set()
         for k in FLOAT_LAYER_STEPS:
             layers = tuple(ranked[:k])
-            if not layers or layers in done:
+            if not layers or layers in done or not search.room():
                 break
             done.add(layers)
-            a = attempt(f"INT8 with {len(layers)} layer(s) in float", "int8", {**settings, "float_layers": list(layers)})
+            a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", "int8", {**settings, "float_layers": list(layers)})
             if a is not None and a.quality_ok:
-                record["float_layers"] = {n: round(ctx.shared["sensitivity"][n], 4) for n in layers}
+                search.record["float_layers"] = {n: round(ctx.shared["sensitivity"][n], 4) for n in layers}
                 return a
     elif not profile.allow_float_layers:
-        record["float_layers_forbidden"] = f"profile {profile.name} runs integer-only: no layer may stay in float"
+        search.record["float_layers_forbidden"] = f"profile {profile.name} runs integer-only: no layer may stay in float"
     if profile.allow_float_layers and "fp16" in profile.precisions:
-        a = attempt("FP16 (no INT8)", "fp16", {})
+        a = search.attempt("FP16 (no INT8)", "fp16", {}, fallback=True)
         if a is not None and a.quality_ok:
             return a
+    if collapsed:
+        for label, overrides in variants[COLLAPSED_VARIANTS:]:
+            a = search.attempt(label, "int8", {**settings, **overrides})
+            if a is not None and a.quality_ok:
+                return a
     return None
 
 
-def _sensitivity(ctx: BuildContext, select, record) -> list[str]:
+def _sensitivity(ctx: BuildContext, select, record, budget: V.Budget) -> list[str]:
     from edgebuild.pipeline.sensitivity import layer_sensitivity
 
     if "sensitivity" not in ctx.shared:
         with ctx.stage("measuring per-layer INT8 sensitivity"):
             t0 = time.monotonic()
             ctx.shared["sensitivity"] = layer_sensitivity(ctx.model.onnx_path, ctx.calib, select[0], select[1],
-                                                          t0 + ctx.spec.auto_max_seconds / 2)
+                                                          t0 + ctx.spec.auto_max_seconds / 2, ctx.judging, budget)
             ctx.shared["sensitivity_seconds"] = round(time.monotonic() - t0, 2)
     sens = ctx.shared["sensitivity"]
-    record["sensitivity"] = {"method": "one layer quantized at a time, ONNX Runtime fake-quant, on evaluation[select]",
+    record["sensitivity"] = {"method": "one layer quantized at a time, ONNX Runtime fake-quant, on evaluation[select]; "
+                                       "quality loss = worst relative excess over the quality budgets",
                              "seconds": ctx.shared["sensitivity_seconds"],
                              "layers": {n: round(v, 4) for n, v in list(sens.items())[:10]}}
-    return [n for n, v in sens.items() if v > 0] or list(sens)
+    floor = min(sens.values(), default=0.0)
+    return [n for n, v in sens.items() if v > floor + 1e-9] or list(sens)
 
 
 def _install(ctx, backend, profile, budget, best: Attempt, outdir, holdout) -> Attempt:

@@ -70,8 +70,13 @@ def revalidate(artifact_dir: Path, eval_source: str) -> dict:
     with open_runner(backend, art, meta["runtime"]["threads"]) as runner:
         outputs = V.collect(runner, evalset)
         lat = V.latency(runner, evalset)
-    metrics = V.compare(ref_outputs, outputs, evalset.labels)
-    budget = V.Budget(**meta["budgets"])
-    failures = V.judge(metrics, art.size_bytes, lat, budget)
-    return {"target": meta["target"], "verdict": "fail" if failures else "pass", "failures": failures,
-            "metrics": metrics, "latency": lat, "size_bytes": art.size_bytes, "evaluation": evalset.describe()}
+    j = meta.get("judging") or {}
+    judging = V.Judging(output_names=tuple(j.get("outputs") or ()), task=j.get("task", "auto"),
+                        task_options=tuple(sorted((j.get("task_options") or {}).items())),
+                        labels_output=j.get("labels_output") or None, evaluator=j.get("evaluator"))
+    metrics = V.compare(ref_outputs, outputs, evalset.labels, judging)
+    budget = V.Budget.from_dict(meta["budgets"])
+    failures = V.judge(metrics, art.size_bytes, lat, budget, judging.task)
+    return {"target": meta["target"], "verdict": "fail" if failures else "pass", "failures": [str(f) for f in failures],
+            "failed_checks": [f.to_dict() for f in failures], "metrics": metrics, "latency": lat,
+            "size_bytes": art.size_bytes, "evaluation": evalset.describe()}

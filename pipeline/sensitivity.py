@@ -16,20 +16,32 @@ from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline import validate as V
 
 QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 SENSITIVITY_CALIB_SAMPLES = 64
 SIM_SETTINGS = {"activation_type": "uint8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
                 "calibrate_method": "minmax", "symmetric_activations": False, "symmetric_weights": True}
 
 
 def quantizable_layers(onnx_path: Path) -> list[str]:
+    """Weighted layers, plus the nodes that produce the model's outputs (a head that concatenates box
+    coordinates and class scores shares one int8 scale between them when quantized)."""
     import onnx
 
-    return [n.name for n in onnx.load(str(onnx_path)).graph.node if n.op_type in QUANTIZABLE and n.name]
+    graph = onnx.load(str(onnx_path)).graph
+    producer = {t: n for n in graph.node for t in n.output}
+    heads = []
+    for o in graph.output:  # back from each output through shape-only ops to the op that makes its values
+        node = producer.get(o.name)
+        while node is not None and node.op_type in SHAPE_OPS and node.input:
+            node = producer.get(node.input[0])
+        if node is not None and node.name and node.op_type not in QUANTIZABLE and node.name not in heads:
+            heads.append(node.name)
+    return heads + [n.name for n in graph.node if n.op_type in QUANTIZABLE and n.name]
 
 
 def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: CalibrationSet, reference: list,
-                      deadline: float, max_layers: int = 64) -> dict[str, float]:
-    """Quality loss (accuracy drop, top-1 disagreement or 1 - cosine) per layer, most sensitive first."""
+                      deadline: float, judging: V.Judging, budget: V.Budget, max_layers: int = 64) -> dict[str, float]:
+    """Quality loss (``V.quality_loss``: the build's own budgets) per layer, most sensitive first."""
     import numpy as np
 
     from edgebuild.targets.onnx import INT8_DEFAULTS, OrtRunner, _quantize_static
@@ -44,7 +56,6 @@ def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: Calibratio
             out = Path(tmp) / "one_layer.onnx"
             _quantize_static(onnx_path, out, small, {**INT8_DEFAULTS, **SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp))
             with OrtRunner(out, 1, simulate=True) as runner:
-                metrics = V.compare(reference, V.collect(runner, select), select.labels)
-            metric, value = V.quality_metric(metrics)
-            scores[name] = 1.0 - value if metric == "cosine_min" else value
+                metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
+            scores[name] = V.quality_loss(metrics, budget, judging.task)
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))

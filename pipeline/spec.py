@@ -70,6 +70,7 @@ class Budgets:
     max_latency_ms: float | None = None  # p50 at batch 1
     max_size_mb: float | None = None
     max_compression_drop: float = 1.0  # FP32 accuracy the compression steps may cost, in points
+    metrics: dict = field(default_factory=dict)  # any measured score: {<score>_drop|_min|_max: limit}
 
     def __post_init__(self):
         for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "max_compression_drop"):
@@ -120,6 +121,10 @@ class BuildSpec:
     seed: int = 0
     cache: bool = True  # read/write the stage cache
     cache_dir: str | None = None  # default: $EDGEBUILD_CACHE or ~/.cache/edgebuild
+    task: str = "auto"  # what the outputs mean: see pipeline/tasks.py TASKS
+    task_options: dict = field(default_factory=dict)  # e.g. detection: {layout: yolo, score_threshold: 0.25}
+    labels_output: str | None = None  # the output the labels score (inferred when unambiguous)
+    evaluator: str | None = None  # pkg.mod:fn(outputs, labels, reference) -> {score: value}, higher is better
     trust_model: bool = False  # load a .pt2 that fails the no-code-execution audit (pipeline/trust.py)
 
     def __post_init__(self):
@@ -132,6 +137,12 @@ class BuildSpec:
         _check(self.calib_samples > 0, "calib_samples must be positive")
         _check(0.0 < self.eval_fraction < 1.0, "eval_fraction must be between 0 and 1")
         _check(len({i.name for i in self.inputs}) == len(self.inputs), "input names must be unique")
+        from edgebuild.pipeline.tasks import TASKS
+
+        _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        _check(isinstance(self.task_options, dict), "task_options must be a mapping")
+        _check(self.evaluator is None or (":" in self.evaluator and all(self.evaluator.partition(":")[::2])),
+               f"evaluator must be package.module:function, got {self.evaluator!r}")
 
     @property
     def is_demo(self) -> bool:
@@ -151,7 +162,7 @@ class BuildSpec:
         if "preprocess" in data:
             data["preprocess"] = PreprocessSpec(**_known(PreprocessSpec, data["preprocess"] or {}, "preprocess"))
         if "budgets" in data:
-            data["budgets"] = Budgets(**_known(Budgets, data["budgets"] or {}, "budgets"))
+            data["budgets"] = Budgets(**_known(Budgets, _metric_budgets(data["budgets"]), "budgets"))
         if "compress" in data:
             data["compress"] = tuple(_compress_step(s) for s in data["compress"] or ())
         try:
@@ -168,6 +179,25 @@ def _known(cls, data: dict, where: str) -> dict:
     unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
     _check(not unknown, f"unknown {where} option(s): {', '.join(sorted(unknown))}")
     return data
+
+
+METRIC_BUDGET_SUFFIXES = ("_drop", "_min", "_max")
+
+
+def _metric_budgets(data: Any) -> Any:
+    """``{mAP50_drop: 1.0, max_latency_ms: 20}`` -> named budgets stay, scores' budgets go to ``metrics``."""
+    if not isinstance(data, dict):
+        return data or {}
+    names = {f.name for f in dataclasses.fields(Budgets)}
+    metrics = dict(data.get("metrics") or {})
+    for k, v in data.items():
+        if k not in names and isinstance(k, str) and k.endswith(METRIC_BUDGET_SUFFIXES):
+            metrics[k] = v
+    for k, v in metrics.items():
+        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) != float("inf") and v == v,
+               f"budgets.{k} must be a finite number, got {v!r}")
+    kept = {k: v for k, v in data.items() if k != "metrics" and k not in metrics}
+    return {**kept, "metrics": metrics} if metrics else kept
 
 
 def _compress_step(step: Any) -> CompressStep:

@@ -25,6 +25,7 @@ class BuildContext:
     calib: CalibrationSet
     evalset: CalibrationSet
     reference: list  # FP32 reference outputs on the evaluation set
+    judging: V.Judging  # what the outputs mean (resolved against the reference)
     cache: StageCache
     scratch: Path  # throw-away work (baselines, candidates)
     shared: dict = field(default_factory=dict)  # per-build results reused across targets (layer sensitivity)
@@ -38,19 +39,20 @@ class Attempt:
     artifact: Artifact
     metrics: dict
     latency: dict
-    failures: list[str]
+    failures: list[V.Check]
     label: str = "profile settings"
     data: dict = field(default_factory=dict)  # the evaluation data these numbers were measured on
+    loss: float = 0.0  # V.quality_loss: lower is better, <= 0 within every quality budget
 
     @property
     def quality_ok(self) -> bool:
-        return not any(f.startswith(V.QUALITY_FAILURES) for f in self.failures)
+        return not V.quality_failed(self.failures)
 
     def summary(self) -> dict:
-        name, value = V.quality_metric(self.metrics)
+        name, value = V.headline(self.metrics)
         return {"label": self.label, "precision": self.artifact.precision, "settings": self.artifact.settings, name: value,
-                "size_bytes": self.artifact.size_bytes, "latency_p50_ms": self.latency.get("p50_ms"),
-                "failures": self.failures}
+                "quality_loss": round(self.loss, 4), "size_bytes": self.artifact.size_bytes,
+                "latency_p50_ms": self.latency.get("p50_ms"), "failures": [str(f) for f in self.failures]}
 
 
 @contextmanager
@@ -68,7 +70,10 @@ def precision_for(profile: TargetProfile, spec: BuildSpec) -> str:
 def budget_for(profile: TargetProfile, spec: BuildSpec) -> V.Budget:
     b, o = profile.budgets, spec.budgets
     pick = lambda name: getattr(o, name) if getattr(o, name) is not None else getattr(b, name)  # noqa: E731
-    return V.Budget(pick("max_accuracy_drop"), pick("max_latency_ms"), pick("max_size_mb"), b.min_cosine)
+    metrics = dict(o.metrics)
+    min_cosine = metrics.pop("cosine_min", b.min_cosine)  # `cosine_min: 0.995` raises every output's floor
+    return V.Budget(pick("max_accuracy_drop"), pick("max_latency_ms"), pick("max_size_mb"), min_cosine,
+                    tuple(sorted(metrics.items())))
 
 
 def open_runner(backend: Backend, artifact: Artifact, threads: int) -> Runner:
@@ -106,11 +111,12 @@ def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: A
         outputs = V.collect(runner, evalset)
         lat = V.latency(runner, evalset) if timed else {}
     try:
-        metrics = V.compare(reference, outputs, evalset.labels)
+        metrics = V.compare(reference, outputs, evalset.labels, ctx.judging)
     except ValueError as e:
         raise ConversionError(f"{profile.name}: {art.main} gives outputs unlike the source model ({e})") from e
-    failures = V.judge(metrics, art.size_bytes, lat or None, budget)
-    return Attempt(art, metrics, lat, failures, data=evalset.describe())
+    failures = V.judge(metrics, art.size_bytes, lat or None, budget, ctx.judging.task)
+    loss = V.quality_loss(metrics, budget, ctx.judging.task)
+    return Attempt(art, metrics, lat, failures, data=evalset.describe(), loss=loss)
 
 
 def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> dict:
@@ -119,15 +125,22 @@ def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> dic
     backend.check_available(profile.name)
     precision = precision_for(profile, ctx.spec)
     budget = budget_for(profile, ctx.spec)
-    with ctx.stage(f"{profile.name}: converting to {precision}"):
-        art = convert(ctx, backend, profile, precision, outdir)
-    with ctx.stage(f"{profile.name}: validating {art.main}"):
-        chosen = evaluate(ctx, backend, profile, art, budget)
+    searching = precision == "int8" and ctx.spec.auto
+    chosen, failed = None, None
+    try:
+        with ctx.stage(f"{profile.name}: converting to {precision}"):
+            art = convert(ctx, backend, profile, precision, outdir)
+        with ctx.stage(f"{profile.name}: validating {art.main}"):
+            chosen = evaluate(ctx, backend, profile, art, budget)
+    except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
+        if not searching:
+            raise
+        failed = e
     search = None
-    if precision == "int8" and ctx.spec.auto:
+    if searching:
         from edgebuild.pipeline.recover import recover
 
-        chosen, search = recover(ctx, backend, profile, budget, chosen, outdir)
+        chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
     baseline = None
     if precision != "fp32":
         with ctx.stage(f"{profile.name}: FP32 baseline for size and speed ratios"):
@@ -147,12 +160,17 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
         "host_validation": profile.host_validation, "devices": list(profile.devices),
         "source_model_sha256": ctx.model.content_hash, "reference": "../reference/model_fp32.onnx",
         "source_inputs": [asdict(i) for i in ctx.model.inputs],
-        "budgets": budget.__dict__, "preprocess": asdict(ctx.spec.preprocess),
+        "budgets": budget.to_dict(), "preprocess": asdict(ctx.spec.preprocess),
+        "judging": {"task": ctx.judging.task, "task_options": ctx.judging.options,
+                    "labels_output": ctx.judging.labels_output, "evaluator": ctx.judging.evaluator,
+                    "outputs": list(ctx.judging.output_names)},
     }
+    failures = [str(f) for f in chosen.failures]
     validation = {
-        "verdict": "fail" if chosen.failures else "pass", "failures": chosen.failures,
+        "verdict": "fail" if chosen.failures else "pass", "failures": failures,
+        "failed_checks": [f.to_dict() for f in chosen.failures],
         "metrics": chosen.metrics, "latency": chosen.latency, "size_bytes": art.size_bytes,
-        "budgets": budget.__dict__, "threads": profile.threads, "evaluation": chosen.data,
+        "budgets": budget.to_dict(), "threads": profile.threads, "evaluation": chosen.data,
     }
     if baseline is not None:
         b = baseline.artifact
@@ -169,6 +187,7 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
     return {"verdict": validation["verdict"], "backend": backend.name, "precision": art.precision,
             "artifact": art.main, "files": files, "settings": art.settings, "metrics": chosen.metrics,
             "latency": chosen.latency, "size_bytes": art.size_bytes, "ratios": validation.get("ratios"),
-            "baseline_fp32": validation.get("baseline_fp32"), "failures": chosen.failures, "notes": art.notes,
-            "budgets": budget.__dict__, "host_validation": profile.host_validation,
+            "baseline_fp32": validation.get("baseline_fp32"), "failures": failures,
+            "failed_checks": validation["failed_checks"], "notes": art.notes,
+            "budgets": budget.to_dict(), "host_validation": profile.host_validation,
             **({"search": search} if search is not None else {})}

@@ -2,19 +2,30 @@
 
 Running (``collect``) and comparing (``compare``) are separate, so reference outputs saved by one build
 can be compared later (e.g. with outputs produced on the device).
+
+Every output is judged on its own (``pipeline/metrics.py``), a task evaluator or a user's evaluator adds
+scores of what the outputs mean (``pipeline/tasks.py``), and ``judge`` turns all of it into typed checks:
+each budget is a ``Check(metric, value, limit)``; the failures are the checks that do not hold.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.pipeline import metrics as M
+from edgebuild.pipeline import tasks as T
+from edgebuild.pipeline.errors import BadInputError
 from edgebuild.targets.base import Runner
 
 WARMUP, MAX_RUNS, TIME_BUDGET_S = 10, 300, 3.0
-QUALITY_FAILURES = ("accuracy drop", "top-1 disagreement", "cosine similarity")  # how quality failures begin
-DEFAULT_MIN_COSINE = 0.99  # for outputs that are not class scores, when the profile sets none
+DEFAULT_MIN_COSINE = 0.99  # fidelity floor of every output that is not class scores (worst sample / group)
+CLASS_MIN_COSINE = 0.9  # floor of class-score outputs (mean over samples): uniform or zero scores fail it
+CHANCE_MARGIN = 1.5  # reference accuracy below this many times the majority-class rate is "at chance"
+BUDGET_SUFFIXES = ("_drop", "_min", "_max")
 
 
 @dataclass(frozen=True)
@@ -23,65 +34,225 @@ class Budget:
     max_latency_ms: float | None
     max_size_mb: float | None
     min_cosine: float | None
+    metrics: tuple[tuple[str, float], ...] = ()  # any score: (<score>_drop | <score>_min | <score>_max, limit)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["metrics"] = dict(self.metrics)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Budget":
+        d = dict(d)
+        d["metrics"] = tuple(sorted((d.get("metrics") or {}).items()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Judging:
+    """What the outputs mean: declared in the build spec, resolved once against the FP32 reference."""
+
+    output_names: tuple[str, ...] = ()
+    task: str = "auto"
+    task_options: tuple[tuple[str, object], ...] = ()
+    labels_output: str | None = None  # declared name; after ``resolve``: the output labels score, or ""
+    evaluator: str | None = None  # pkg.mod:fn
+    evaluator_base: str | None = None  # folder added to the import path (the config's)
+    resolved: bool = False
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def options(self) -> dict:
+        return dict(self.task_options)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One budget applied to one number: holds when ``value`` is within ``limit`` (``op`` max or min)."""
+
+    metric: str
+    value: float
+    limit: float
+    op: str = "max"
+    kind: str = "quality"  # quality | latency | size
+    what: str = ""
+    unit: str = ""
+    fmt: str = ".4g"
+
+    @property
+    def ok(self) -> bool:
+        if not np.isfinite(self.value):
+            return False
+        return self.value <= self.limit + 1e-9 if self.op == "max" else self.value >= self.limit - 1e-9
+
+    @property
+    def excess(self) -> float:
+        """How far past the limit, relative to the room the budget gives (<= 0 when it holds)."""
+        if not np.isfinite(self.value):
+            return float("inf")
+        if self.op == "max":
+            return (self.value - self.limit) / max(abs(self.limit), 1e-3)
+        ceiling = 1.0 if self.limit <= 1.0 else 100.0
+        return (self.limit - self.value) / max(ceiling - self.limit, 1e-3)
+
+    def __str__(self) -> str:
+        sign = ">" if self.op == "max" else "<"
+        return f"{self.what or self.metric} {self.value:{self.fmt}}{self.unit} {sign} {self.op} {self.limit}{self.unit}"
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "limit": self.limit, "op": self.op, "kind": self.kind,
+                "text": str(self)}
 
 
 def collect(runner: Runner, evalset: CalibrationSet) -> list[list[np.ndarray]]:
     return [runner.run(feed) for feed in evalset.feeds()]
 
 
-def is_classifier(outputs: list[list[np.ndarray]]) -> bool:
-    first = outputs[0][0]
-    return first.ndim == 2 and first.shape[0] == 1 and first.shape[1] > 1
+def stacked(outputs: list[list[np.ndarray]], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    n_out = len(outputs[0])
+    names = names if len(names) == n_out else tuple(f"output_{j}" for j in range(n_out))
+    return {name: np.stack([np.asarray(s[j]) for s in outputs]) for j, name in enumerate(names)}
 
 
-def accuracy(outputs: list[list[np.ndarray]], labels: np.ndarray) -> float:
-    pred = np.array([o[0].reshape(-1).argmax() for o in outputs])
-    return float((pred == labels).mean() * 100)
+# ---- resolving what the outputs mean (once per build, on the reference) -----------------------------------
+def resolve(judging: Judging, reference: list[list[np.ndarray]], labels: np.ndarray | None) -> Judging:
+    """Decide which output the labels score; warn when that is ambiguous or the labels look unrelated."""
+    if judging.resolved:
+        return judging
+    if judging.task not in T.TASKS:
+        raise BadInputError(f"task must be one of {', '.join(T.TASKS)}, got {judging.task!r}")
+    ref = stacked(reference, judging.output_names)
+    names = tuple(ref)
+    warnings: list[str] = []
+    target = ""
+    if labels is not None and labels.ndim == 1:
+        target, warnings = _labels_output(ref, labels, judging)
+    return dataclasses.replace(judging, output_names=names, labels_output=target, resolved=True,
+                               warnings=tuple(warnings))
 
 
-def compare(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]], labels: np.ndarray | None) -> dict:
-    """Accuracy (when labels exist), and fidelity of ``outputs`` to ``reference``.
+def _labels_output(ref: dict, labels: np.ndarray, judging: Judging) -> tuple[str, list[str]]:
+    fits = lambda a: M.sample_vector(a) is not None and M.sample_vector(a).shape[1] > int(labels.max())  # noqa: E731
+    if judging.labels_output:
+        name = judging.labels_output
+        if name not in ref:
+            raise BadInputError(f"labels_output {name!r} is not an output of the model ({', '.join(ref)})")
+        if not fits(ref[name]):
+            raise BadInputError(f"labels_output {name!r} has shape {list(ref[name].shape[1:])}: not class scores "
+                                f"for labels up to {int(labels.max())}")
+        return name, _chance_warning(ref[name], labels, name)
+    candidates = [n for n, a in ref.items() if fits(a)]
+    if len(candidates) > 1:
+        dist = [n for n in candidates if M.is_distribution(ref[n])]
+        candidates = dist if len(dist) == 1 else candidates
+    if not candidates:
+        return "", [f"labels ignored: no output is a vector of class scores for labels up to {int(labels.max())}"]
+    if len(candidates) > 1:
+        return "", [f"labels ignored: outputs {', '.join(candidates)} could all carry class scores; "
+                    "set labels_output in edgebuild.yaml"]
+    warnings = _chance_warning(ref[candidates[0]], labels, candidates[0])
+    return ("" if warnings else candidates[0]), warnings
 
-    Cosine similarity is per sample for vector outputs and, for each output, over the whole evaluation set
-    (so scalar outputs are judged too); ``cosine_min`` is the worst of both. Non-finite values fail it.
+
+def _chance_warning(scores: np.ndarray, labels: np.ndarray, name: str) -> list[str]:
+    majority = float(np.bincount(labels.astype(np.int64)).max() / len(labels) * 100)
+    acc = M.accuracy(scores, labels)
+    if acc < min(majority * CHANCE_MARGIN, majority + 0.5 * (100 - majority)):
+        return [f"labels ignored: FP32 accuracy on output {name} is {acc:.1f} %, near chance ({majority:.1f} % "
+                "for the majority class); the labels do not belong to this output (set labels_output)"]
+    return []
+
+
+def output_kind(name: str, ref: np.ndarray, judging: Judging) -> str:
+    if name == judging.labels_output:
+        return "class_scores"
+    v = M.sample_vector(ref)
+    if v is not None and (M.is_distribution(ref) or (judging.task == "classification" and name == judging.output_names[0])):
+        return "class_scores"
+    if v is not None:
+        return "vector"
+    return "scalar" if ref[0].size == 1 else "tensor"
+
+
+# ---- comparing --------------------------------------------------------------------------------------------
+def compare(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]], labels: np.ndarray | None,
+            judging: Judging | None = None) -> dict:
+    """Per-output fidelity (and accuracy for the output the labels belong to), plus task/evaluator scores.
+
+    Top-level ``accuracy*``, ``top1_agreement``, ``cosine_min`` and ``max_abs_error`` summarise the outputs
+    (the labelled one, else the first class-score output; the worst cosine and error of all).
     """
     if len(reference) != len(outputs):
         raise ValueError(f"{len(outputs)} artifact results for {len(reference)} reference samples")
-    cos, err, finite = [], 0.0, True
-    n_out = len(reference[0])
-    for ref, out in zip(reference, outputs):
-        if len(out) != len(ref):
-            raise ValueError(f"artifact has {len(out)} outputs, the reference {len(ref)}")
-        for r, o in zip(ref, out):
-            r, o = r.astype(np.float64).ravel(), o.astype(np.float64).ravel()
-            if r.shape != o.shape:
-                raise ValueError(f"artifact output has {o.size} values, reference {r.size}")
-            finite = finite and bool(np.isfinite(o).all())
-            err = max(err, float(np.abs(r - o).max(initial=0.0))) if finite else float("inf")
-            if r.size > 1:
-                cos.append(_cosine(r, o))
-    whole = [_cosine(np.concatenate([s[j].astype(np.float64).ravel() for s in reference]),
-                     np.concatenate([s[j].astype(np.float64).ravel() for s in outputs])) for j in range(n_out)]
-    cos_min = min(cos + whole) if finite else 0.0
-    m: dict = {"samples": len(outputs), "cosine_mean": float(np.mean(cos or whole)) if finite else 0.0,
-               "cosine_min": float(cos_min), "max_abs_error": err, "finite": finite,
-               "classifier": is_classifier(reference)}
-    if m["classifier"]:
-        ref_top = np.array([o[0].reshape(-1).argmax() for o in reference])
-        out_top = np.array([o[0].reshape(-1).argmax() for o in outputs])
-        m["top1_agreement"] = float((ref_top == out_top).mean() * 100) if finite else 0.0
-        if labels is not None:
-            m["accuracy_reference"] = accuracy(reference, labels)
-            m["accuracy"] = accuracy(outputs, labels) if finite else 0.0
-            m["accuracy_drop"] = m["accuracy_reference"] - m["accuracy"]
+    for out in outputs:
+        if len(out) != len(reference[0]):
+            raise ValueError(f"artifact has {len(out)} outputs, the reference {len(reference[0])}")
+    judging = resolve(judging or Judging(), reference, labels)
+    ref, out = stacked(reference, judging.output_names), stacked(outputs, judging.output_names)
+    finite = all(bool(np.isfinite(a).all()) for a in out.values())
+    m: dict = {"samples": len(outputs), "finite": finite, "outputs": {}}
+    for name in ref:
+        if ref[name].size != out[name].size:
+            raise ValueError(f"artifact output {name} has {out[name].size // len(outputs)} values, "
+                             f"reference {ref[name].size // len(outputs)}")
+        m["outputs"][name] = _output_metrics(name, ref[name], out[name].reshape(ref[name].shape), labels, judging, finite)
+    per = m["outputs"].values()
+    m["cosine_min"] = min(o["cosine"] for o in per)
+    m["cosine_mean"] = float(np.mean([o["cosine_mean"] for o in per]))
+    m["max_abs_error"] = max(o["max_abs_error"] for o in per)
+    classes = [n for n, o in m["outputs"].items() if o["kind"] == "class_scores"]
+    m["classifier"] = bool(classes)
+    if classes:
+        main = m["outputs"][judging.labels_output or classes[0]]
+        m.update({k: main[k] for k in ("top1_agreement", "accuracy", "accuracy_reference", "accuracy_drop") if k in main})
+    task = _task_scores(ref, out, labels, judging) if finite else None
+    if task:
+        m["task"] = task
+    if judging.warnings:
+        m["warnings"] = list(judging.warnings)
     return m
 
 
-def _cosine(r: np.ndarray, o: np.ndarray) -> float:
-    denom = np.linalg.norm(r) * np.linalg.norm(o)
-    return float(r @ o / denom) if denom else float(np.allclose(r, o))
+def _output_metrics(name, ref, out, labels, judging: Judging, finite: bool) -> dict:
+    kind = output_kind(name, ref, judging)
+    if not finite:
+        o = {"kind": kind, "cosine": 0.0, "cosine_mean": 0.0, "max_abs_error": float("inf"), "sqnr_min_db": -200.0,
+             "finite": False}
+    else:
+        o = {"kind": kind, **M.fidelity(ref, out)}
+        if kind == "class_scores":
+            o.pop("groups", None)  # scores of classes that never occur are not a quality of their own
+            o["cosine"] = o["cosine_mean"]  # class scores keep a floor on the mean; agreement judges the rest
+    if kind == "class_scores":
+        o.update(M.class_agreement(ref, out) if finite else {"top1_agreement": 0.0})
+        if name == judging.labels_output:
+            o["accuracy_reference"] = M.accuracy(ref, labels)
+            o["accuracy"] = M.accuracy(out, labels) if finite else 0.0
+            o["accuracy_drop"] = o["accuracy_reference"] - o["accuracy"]
+            if M.sample_vector(ref).shape[1] > 5:
+                o["top5_accuracy"] = M.accuracy(out, labels, 5) if finite else 0.0
+    return o
 
 
+def _task_scores(ref: dict, out: dict, labels, judging: Judging) -> dict | None:
+    result: dict = {}
+    fn = T.BUILTIN.get(judging.task)
+    if fn is not None:
+        result = {"name": judging.task, "reference": fn(ref, ref, labels, judging.options),
+                  "artifact": fn(out, ref, labels, judging.options)}
+    if judging.evaluator:
+        base = Path(judging.evaluator_base) if judging.evaluator_base else None
+        user = T.load_evaluator(judging.evaluator, base)
+        scores_ref = T.call_evaluator(user, judging.evaluator, ref, labels, ref)
+        scores_out = T.call_evaluator(user, judging.evaluator, out, labels, ref)
+        result.setdefault("name", judging.evaluator)
+        result.setdefault("reference", {}).update(scores_ref)
+        result.setdefault("artifact", {}).update(scores_out)
+        result["evaluator_scores"] = list(scores_ref)
+    return result or None
+
+
+# ---- judging ----------------------------------------------------------------------------------------------
 def latency(runner: Runner, evalset: CalibrationSet) -> dict:
     times = np.array(runner.time_ms(evalset.feed(0), WARMUP, MAX_RUNS, TIME_BUDGET_S))
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)),
@@ -89,33 +260,126 @@ def latency(runner: Runner, evalset: CalibrationSet) -> dict:
             "threads_used": runner.threads_used()}
 
 
-def quality_metric(m: dict) -> tuple[str, float]:
-    """The number the accuracy budget applies to: accuracy drop, or top-1 disagreement without labels."""
+def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto") -> list[Check]:
+    """Every budget that applies to these measurements, each as a Check (passing or not)."""
+    out: list[Check] = []
+    if not m.get("finite", True):
+        out.append(Check("finite", 0.0, 1.0, "min", what="outputs finite (the artifact produces NaN/Inf)", fmt=".0f"))
+    drop = budget.max_accuracy_drop
+    for name, o in m["outputs"].items():
+        label = f"output {name}: " if len(m["outputs"]) > 1 else ""
+        if o["kind"] == "class_scores":
+            floor = budget.min_cosine if budget.min_cosine is not None else CLASS_MIN_COSINE
+            out.append(Check(f"{name}.cosine", o["cosine"], floor, "min", what=f"{label}cosine similarity"))
+            if drop is not None and "accuracy_drop" in o:
+                out.append(Check(f"{name}.accuracy_drop", o["accuracy_drop"], drop, what=f"{label}accuracy drop",
+                                 unit=" pt", fmt=".2f"))
+            elif drop is not None:
+                out.append(Check(f"{name}.top1_disagreement", 100.0 - o["top1_agreement"], drop, unit=" pt", fmt=".2f",
+                                 what=f"{label}top-1 disagreement with FP32 (no labels)"))
+        else:
+            floor = budget.min_cosine if budget.min_cosine is not None else DEFAULT_MIN_COSINE
+            worst = _worst_group(o)
+            where = f" (channel group {worst['slices']} on axis {worst['axis']})" if worst else ""
+            out.append(Check(f"{name}.cosine", o["cosine"], floor, "min", what=f"{label}cosine similarity{where}"))
+            worst = _worst_group(o, "sqnr_db", "sqnr_min_db")
+            where = f" (channel group {worst['slices']} on axis {worst['axis']})" if worst else ""
+            out.append(Check(f"{name}.sqnr_min_db", o["sqnr_min_db"], round(M.sqnr_floor_db(floor), 2), "min",
+                             what=f"{label}SQNR{where}", unit=" dB", fmt=".1f"))
+    out += _score_checks(m, budget, task)
+    if budget.max_latency_ms is not None and lat:
+        out.append(Check("latency_p50_ms", lat["p50_ms"], budget.max_latency_ms, kind="latency", what="latency p50",
+                         unit=" ms", fmt=".3f"))
+    if budget.max_size_mb is not None and size_bytes is not None:
+        out.append(Check("size_mb", size_bytes / 1e6, budget.max_size_mb, kind="size", what="size", unit=" MB", fmt=".3f"))
+    return out
+
+
+def _worst_group(o: dict, key: str = "cosine", overall: str = "cosine") -> dict | None:
+    groups = [g for g in o.get("groups", []) if g["judged"]]
+    worst = min(groups, key=lambda g: g[key], default=None)
+    return worst if worst is not None and worst[key] <= o[overall] + 1e-12 else None
+
+
+def _score_checks(m: dict, budget: Budget, task: str) -> list[Check]:
+    """Task/evaluator defaults plus the build's ``<score>_drop|_min|_max`` budgets on any measured number."""
+    scores = m.get("task") or {}
+    wanted = dict(T.DEFAULT_GATES.get(scores.get("name", task), {}))
+    if scores.get("evaluator_scores") and budget.max_accuracy_drop is not None:
+        wanted[f"{scores['evaluator_scores'][0]}_drop"] = budget.max_accuracy_drop
+    given = dict(budget.metrics)
+    named = {k.rsplit("_", 1)[0] for k in given}
+    wanted = {k: v for k, v in wanted.items() if k.rsplit("_", 1)[0] not in named}
+    out = []
+    for key, limit in {**wanted, **given}.items():
+        base, _, op = key.rpartition("_")
+        found = _find_score(m, base)
+        if not found:
+            raise BadInputError(f"budget {key}: no measured score is called {base!r} (scores: {', '.join(available(m))})")
+        for metric, ref_value, value in found:
+            if op == "drop":
+                if ref_value is None:
+                    raise BadInputError(f"budget {key}: {base} has no reference value to drop from; use {base}_min")
+                out.append(Check(f"{metric}_drop", ref_value - value, limit, "max", what=f"{metric} drop vs FP32", fmt=".3f"))
+            else:
+                out.append(Check(metric, value, limit, op, what=metric, fmt=".4g"))
+    return out
+
+
+def _find_score(m: dict, base: str) -> list[tuple[str, float | None, float]]:
+    scores = m.get("task") or {}
+    if base in scores.get("artifact", {}):
+        return [(base, scores["reference"].get(base), scores["artifact"][base])]
+    out_name, _, metric = base.rpartition(".")
+    found = []
+    for name, o in m["outputs"].items():
+        if (not out_name or out_name == name) and isinstance(o.get(metric), (int, float)):
+            ref_value = o.get(f"{metric}_reference") if metric == "accuracy" else (
+                1.0 if metric == "cosine" else 100.0 if metric.endswith("agreement") else None)
+            found.append((f"{name}.{metric}", ref_value, float(o[metric])))
+    if not found and isinstance(m.get(base), (int, float)) and not isinstance(m.get(base), bool):
+        found.append((base, None, float(m[base])))
+    return found
+
+
+def available(m: dict) -> list[str]:
+    names = list((m.get("task") or {}).get("artifact", {}))
+    for o in m["outputs"].values():
+        names += [k for k, v in o.items() if isinstance(v, float) and k not in names]
+    return names
+
+
+def judge(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto") -> list[Check]:
+    """Every budget the artifact misses, each a Check whose ``str`` is one readable line with value and limit."""
+    return [c for c in checks(m, size_bytes, lat, budget, task) if not c.ok]
+
+
+def quality_loss(m: dict, budget: Budget, task: str = "auto") -> float:
+    """One number to rank candidates, lower is better: the worst relative excess over the quality budgets."""
+    return max((c.excess for c in checks(m, None, None, budget, task) if c.kind == "quality"), default=0.0)
+
+
+def quality_failed(failures: list[Check]) -> bool:
+    return any(f.kind == "quality" for f in failures)
+
+
+def headline(m: dict) -> tuple[str, float]:
+    """The number a person reads first: accuracy drop, top-1 disagreement, a task score, or the worst cosine."""
     if "accuracy_drop" in m:
         return "accuracy_drop", m["accuracy_drop"]
     if "top1_agreement" in m:
         return "top1_disagreement", 100.0 - m["top1_agreement"]
+    task = m.get("task")
+    if task:
+        key = (task.get("evaluator_scores") or list(task["artifact"]))[0]
+        return key, task["artifact"][key]
     return "cosine_min", m["cosine_min"]
 
 
-def judge(m: dict, size_bytes: int, lat: dict | None, budget: Budget) -> list[str]:
-    """Every budget the artifact misses, each as one readable line with the number and the limit."""
-    failures = []
-    if not m.get("finite", True):
-        failures.append("cosine similarity 0: the artifact produces NaN/Inf outputs")
-    name, value = quality_metric(m)
-    if name == "cosine_min":
-        floor = budget.min_cosine if budget.min_cosine is not None else DEFAULT_MIN_COSINE
-        if value < floor:
-            failures.append(f"cosine similarity {value:.4f} < min {floor}")
-    elif budget.max_accuracy_drop is not None and value > budget.max_accuracy_drop + 1e-9:
-        what = "accuracy drop" if name == "accuracy_drop" else "top-1 disagreement with FP32 (no labels)"
-        failures.append(f"{what} {value:.2f} pt > max {budget.max_accuracy_drop} pt")
-    if name != "cosine_min" and budget.min_cosine is not None and m["cosine_min"] < budget.min_cosine:
-        failures.append(f"cosine similarity {m['cosine_min']:.4f} < min {budget.min_cosine}")
-    if budget.max_latency_ms is not None and lat is not None and lat["p50_ms"] > budget.max_latency_ms:
-        failures.append(f"latency p50 {lat['p50_ms']:.3f} ms > max {budget.max_latency_ms} ms")
-    size_mb = size_bytes / 1e6
-    if budget.max_size_mb is not None and size_mb > budget.max_size_mb:
-        failures.append(f"size {size_mb:.3f} MB > max {budget.max_size_mb} MB")
-    return failures
+def coarseness_warning(n_samples: int, budget: Budget) -> str | None:
+    """One sample's worth of a percentage metric, when it is coarser than the accuracy budget."""
+    step = 100.0 / max(n_samples, 1)
+    if budget.max_accuracy_drop is not None and step > budget.max_accuracy_drop:
+        return (f"{n_samples} evaluation samples: one sample is {step:.2f} pt, coarser than the "
+                f"{budget.max_accuracy_drop} pt budget; give more evaluation data for a meaningful verdict")
+    return None

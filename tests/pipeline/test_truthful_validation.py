@@ -1,0 +1,93 @@
+"""End to end: a YOLO-style detector whose INT8 class scores collapse while its boxes stay close never passes.
+
+The model is built here: one output [1, 4 + C, anchors] = box coordinates in pixels (0..320) concatenated
+with class scores in [0, 1]. Quantizing the concatenated output with one int8 scale leaves the scores two
+values apart ({0, 1.25}); the whole-tensor cosine stays above 0.999, so only a per-output, per-channel-group
+judgement (and the detection task's decoded F1) can see it.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from edgebuild.pipeline.cli import main
+
+CLASSES, SIZE = 3, 64
+
+
+def _detector():
+    import torch
+    from torch import nn
+
+    class TinyYolo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.pool = nn.AvgPool2d(8)  # one anchor per 8x8 cell: 64 anchors
+            self.cls = nn.Conv2d(3, CLASSES, 1)
+            self.box = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+            with torch.no_grad():
+                self.cls.weight.copy_(torch.eye(CLASSES).view(CLASSES, 3, 1, 1) * 6.0)
+                self.cls.bias.fill_(-3.5)
+
+        def forward(self, x):
+            f = self.pool(x)
+            boxes = torch.sigmoid(self.box(f)) * 320.0
+            scores = torch.sigmoid(self.cls(f))
+            return torch.cat([boxes, scores], 1).flatten(2)  # [1, 4 + C, 64]
+
+    return TinyYolo().eval()
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 0.1, (n, 3, SIZE, SIZE)).astype(np.float32)
+    for img in x:
+        for _ in range(rng.integers(1, 4)):
+            c, s = rng.integers(0, CLASSES), rng.integers(8, 20)
+            r0, c0 = rng.integers(0, SIZE - s, 2)
+            img[c, r0:r0 + s, c0:c0 + s] = rng.uniform(0.3, 1.0)
+    return x
+
+
+@pytest.fixture(scope="module")
+def detector_files(tmp_path_factory):
+    import torch
+
+    d = tmp_path_factory.mktemp("det")
+    torch.onnx.export(_detector(), (torch.zeros(1, 3, SIZE, SIZE),), str(d / "det.onnx"), dynamo=False,
+                      opset_version=17, input_names=["images"], output_names=["output0"])
+    np.savez(d / "calib.npz", images=_images(64, 1))
+    np.savez(d / "eval.npz", images=_images(80, 2))
+    (d / "edgebuild.yaml").write_text("task: detection\ntask_options: {layout: yolo, score_threshold: 0.25}\n")
+    return d
+
+
+def build(d, out, *extra):
+    code = main(["--model", str(d / "det.onnx"), "--calib", str(d / "calib.npz"), "--eval", str(d / "eval.npz"),
+                 "--config", str(d / "edgebuild.yaml"), "--out", str(out), *extra])
+    return code, json.loads((out / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx-cpu", "arm64"])
+def test_collapsed_detector_fails_the_gate_naming_the_metric(detector_files, tmp_path, target):
+    code, m = build(detector_files, tmp_path / "naive", "--target", target, "--no-auto")
+    t = m["targets"][target]
+    assert code == 1 and t["verdict"] == "fail", t.get("error")
+    assert t["metrics"]["cosine_mean"] > 0.99, "the whole tensor looks fine: the collapse hides in the scores"
+    assert any("channel group 4..6" in f for f in t["failures"]), t["failures"]
+    assert any(f.startswith("SQNR (channel group 4..6") for f in t["failures"]), t["failures"]
+    assert t["metrics"]["task"]["artifact"]["recall"] < t["metrics"]["task"]["reference"]["recall"] == 100
+    report = (tmp_path / "naive" / "report.md").read_text()
+    assert "Task scores (detection)" in report and "| output0 | tensor |" in report
+
+
+@pytest.mark.slow
+def test_accuracy_search_keeps_the_concatenating_head_in_float(detector_files, tmp_path):
+    code, m = build(detector_files, tmp_path / "auto", "--target", "onnx-cpu")
+    t = m["targets"]["onnx-cpu"]
+    assert code == 0 and not t["failures"], t["failures"]
+    assert t["search"]["chosen"] == "INT8 with 1 layer(s) in float" and list(t["search"]["float_layers"]) == ["/Concat"]
+    assert t["artifact"] == "model_int8_mixed_qdq.onnx", "a recovered artifact is not named full INT8"
+    assert t["metrics"]["task"]["artifact"]["f1"] >= 90
