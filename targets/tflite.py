@@ -52,6 +52,7 @@ DEFAULTS = {
     "rnn_unroll": True,  # onnx2tf unrolls LSTM/GRU/RNN: the TF calibrator crashes on the loop form
     "host_kernels": "xnnpack",  # xnnpack | builtin | reference (TFLite reference kernels, as on MCUs)
     "c_array": False,  # also write <model>_data.cc/.h (a C array for TensorFlow Lite Micro)
+    "onnx_rewrites": True,  # MaxPool padding, Erf, Sum rewritten before onnx2tf (targets/onnx_rewrite.py)
     "timeout_s": 900,
 }
 # ... and for full-integer INT8 only.
@@ -195,6 +196,8 @@ class _Port:
         x = np.asarray(x)
         if self.perm:
             x = x.transpose(self.perm)
+        if x.ndim == 0:  # a 0-d source input is [1] in the .tflite (onnx2tf makes scalar inputs rank 1)
+            x = x.reshape(1)
         if self.quantized and x.dtype.kind == "f":
             info = np.iinfo(self.dtype)
             x = np.clip(np.round(x / self.scale) + self.zero_point, info.min, info.max)
@@ -326,7 +329,8 @@ def _artifact_io(model: ModelInput, inputs: list[dict], result: dict, target: st
     io_in = []
     for plan, key, src in zip(inputs, keys_in, model.inputs):
         expected = list(np.array(plan["shape"])[plan["perm"]]) if plan["perm"] else plan["shape"]
-        if [int(v) for v in expected] != result["inputs"][key]["shape"]:
+        got = result["inputs"][key]["shape"]
+        if [int(v) for v in expected] != got and not (expected == [] and got == [1]):  # onnx2tf gives a 0-d input shape [1]
             raise ConversionError(f"{target}: TFLite input {key} has shape {result['inputs'][key]['shape']}, expected {expected}")
         layout = "NHWC" if plan["perm"] else src.layout
         io_in.append(port(key, result["inputs"][key], src.name, layout, plan["perm"], src))
@@ -379,6 +383,9 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
         if p["scale"] is not None:
             notes.append(f"{p['name']} is {p['dtype']} on the device: real = {p['scale']:.6g} * (q - {p['zero_point']})")
     for p in io["inputs"]:
+        if p["source_shape"] == [] and p["shape"] == [1]:
+            notes.append(f"input {p['name']} is 0-d in the source and shape [1] on the device (onnx2tf makes scalar "
+                         "inputs rank 1); edgebuild's runner reshapes, a device app feeds one value as [1]")
         if p["perm"]:
             notes.append(f"input {p['name']} is NHWC {p['shape']} on the device (source NCHW {p['source_shape']}); "
                          "edgebuild's runner transposes, a device app feeds channels-last")

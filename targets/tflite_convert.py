@@ -22,6 +22,7 @@ on its deny list in float (selective quantization, as tf.lite.experimental.Quant
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import socket
@@ -92,7 +93,9 @@ def _onnx2tf(onnx_path: str, job: dict, calib: dict, workdir: Path):
     keep_nchw = [i["name"] for i in inputs if i.get("keep_source_layout")]
     from edgebuild.targets.onnx_rewrite import rewrite
 
-    graph, job["rewrites"] = rewrite(constants_to_initializers(onnx.load(onnx_path)))
+    graph = constants_to_initializers(onnx.load(onnx_path))
+    if job["settings"].get("onnx_rewrites", True):
+        graph, job["rewrites"] = rewrite(graph)
     originals = o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs
     sample = offline_sample_images(calib, job)
     o2t_main.download_test_image_data = sample  # the name onnx2tf.convert calls
@@ -151,6 +154,7 @@ def constants_to_initializers(model):
 
 
 def _to_tf_layout(x: np.ndarray, perm) -> np.ndarray:
+    x = np.asarray(x)  # a 0-d sample indexes to a numpy scalar
     return np.ascontiguousarray(x.transpose(perm)) if perm else x
 
 
@@ -158,7 +162,7 @@ def _check_float_graph(km, job: dict, calib: dict) -> tuple[list, dict]:
     """Run the TF graph and onnxruntime on one sample: find each output's layout, prove the graph is right."""
     import onnxruntime as ort
 
-    feed = {i["name"]: calib[i["name"]][0] for i in job["inputs"]}
+    feed = {i["name"]: np.asarray(calib[i["name"]][0]) for i in job["inputs"]}
     sess = ort.InferenceSession(job["onnx"], providers=["CPUExecutionProvider"])
     ref = sess.run([o["name"] for o in job["outputs"]], feed)
     got = km([_to_tf_layout(feed[i["name"]], i.get("perm")) for i in job["inputs"]], training=False)
@@ -170,6 +174,8 @@ def _check_float_graph(km, job: dict, calib: dict) -> tuple[list, dict]:
         candidates = [None] + ([tuple(int(v) for v in np.argsort(CHANNEL_LAST[g.ndim]))] if g.ndim in CHANNEL_LAST else [])
         fits = [(p, g.transpose(p) if p else g) for p in candidates]
         fits = [(p, v) for p, v in fits if v.shape == r.shape]
+        if not fits and g.ndim == r.ndim and g.ndim <= 5:  # onnx2tf moved other axes (a state [2, 1, 128] -> [1, 2, 128])
+            fits = [(p, g.transpose(p)) for p in itertools.permutations(range(g.ndim)) if g.transpose(p).shape == r.shape]
         if not fits:
             raise ConversionFailure("onnx2tf", f"output {o['name']}: TF shape {list(g.shape)} does not match ONNX {list(r.shape)}")
         perm, value = min(fits, key=lambda pv: float(np.abs(pv[1].astype(np.float64) - r).max(initial=0.0)))
