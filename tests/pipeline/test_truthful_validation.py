@@ -91,3 +91,20 @@ def test_accuracy_search_keeps_the_concatenating_head_in_float(detector_files, t
     assert t["search"]["chosen"] == "INT8 with 1 layer(s) in float" and list(t["search"]["float_layers"]) == ["/Concat"]
     assert t["artifact"] == "model_int8_mixed_qdq.onnx", "a recovered artifact is not named full INT8"
     assert t["metrics"]["task"]["artifact"]["f1"] >= 90
+
+
+@pytest.mark.slow
+def test_user_evaluator_and_score_budget_decide_the_verdict_of_a_build(tmp_path, monkeypatch):
+    (tmp_path / "strict_metrics.py").write_text(
+        "import numpy as np\n"
+        "def exact(outputs, labels, reference):\n"
+        "    a, r = next(iter(outputs.values())), next(iter(reference.values()))\n"
+        "    return {'bitexact': float(np.mean(a == r) * 100)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "edgebuild.yaml"
+    cfg.write_text("evaluator: strict_metrics:exact\nbudgets: {bitexact_min: 99.0}\n")
+    out = tmp_path / "out"
+    code = main(["--target", "onnx-cpu", "--no-auto", "--config", str(cfg), "--out", str(out)])
+    t = json.loads((out / "manifest.json").read_text())["targets"]["onnx-cpu"]
+    assert code == 1 and t["metrics"]["task"]["reference"]["bitexact"] == 100.0
+    assert [c["metric"] for c in t["failed_checks"]] == ["bitexact"], t["failures"]
