@@ -22,6 +22,7 @@ import numpy as np
 from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.cache import StageCache, default_root
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError, EdgeBuildError
+from edgebuild.pipeline.offline import no_telemetry
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import backend_exists
@@ -73,6 +74,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
     out = Path(spec.out)
     _check_replaceable(out)
     _clean_stale(out)
+    no_telemetry()  # before any runtime starts; children inherit it
     staging, scratch = _make_workdirs(out)
     saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(scratch)  # all temp files (calibration data too)
     try:
