@@ -271,6 +271,9 @@ def main(argv=None) -> int:
         from edgebuild.pipeline.procs import terminate_as_interrupt
 
         signal.signal(signal.SIGTERM, terminate_as_interrupt)  # SIGTERM = Ctrl-C: clean up, exit 130
+    from edgebuild.pipeline.offline import no_telemetry
+
+    no_telemetry()
     try:
         cli.main(args=argv, prog_name="edgebuild", standalone_mode=False)
         return 0
