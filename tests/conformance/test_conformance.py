@@ -100,16 +100,18 @@ def test_cpu_targets(corpus, tmp_path, capsys, name, target):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="arm64 (TFLite) conversion of int64 / 0-d / non-batch-0 inputs and of old "
-                                        "zoo ops (LRN, ADD_N) is being fixed in targets/tflite*.py (issue 15 items 2-4)")
-@pytest.mark.parametrize("name", sorted(MAKERS))
+@pytest.mark.parametrize("name", ["vad", "encoder"])  # zoo_cnn on arm64 (LRN, Sum) is covered by tests/targets
 def test_arm64(corpus, tmp_path, capsys, name):
+    """TFLite (~70 s a build here, most of it onnx2tf): int64 inputs, a 0-d scalar, a state batched on axis 1."""
+    from ai_edge_litert.interpreter import Interpreter
+
     model, data = corpus[name]
     out = tmp_path / "out"
     code, m, err = build(capsys, model, data, "arm64", out)
     assert code in (0, 1), err
     t = m["targets"]["arm64"]
-    assert t["verdict"] in ("pass", "fail") and (out / "arm64" / t["artifact"]).is_file()
-    capsys.readouterr()
-    code = main(["validate", str(out / "arm64"), "--eval", str(data)])  # the artifact loads and runs in LiteRT
-    assert code in (0, 1), capsys.readouterr().err
+    assert t["verdict"] in ("pass", "fail") and t["artifact"].endswith(".tflite")
+    assert any("ran one sample in LiteRT with XNNPACK" in n for n in t["notes"]), t["notes"]
+    interpreter = Interpreter(model_path=str(out / "arm64" / t["artifact"]))  # XNNPACK is the default delegate
+    interpreter.allocate_tensors()
+    assert len(interpreter.get_input_details()) == len(INPUTS[name])
