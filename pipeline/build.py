@@ -98,7 +98,8 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
             _save_reference(refdir / "outputs.npz", reference, evalset)
             judging = V.resolve(judging_for(spec, model), reference, evalset.labels)
         cache = StageCache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
-        ctx = BuildContext(spec, model, calib, evalset, reference, judging, cache, scratch, stage=stage)
+        ctx = BuildContext(spec, model, calib, evalset, reference, judging, cache, scratch, stage=stage,
+                           deadline=time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf")))
         targets = {}
         for profile in profiles:
             targets[profile.name] = _build_one(ctx, profile, staging / profile.name, build_target)

@@ -65,7 +65,7 @@ class _Search:
         self.ctx, self.backend, self.profile, self.budget, self.select, self.record = ctx, backend, profile, budget, select, record
         self.tries: list[Attempt] = []
         self.started = time.monotonic()
-        self.deadline = self.started + ctx.spec.auto_max_seconds
+        self.deadline = min(self.started + ctx.spec.auto_max_seconds, ctx.deadline)
         self.reserve = 1 if reserve_fallback else 0
 
     def room(self, fallback: bool = False) -> bool:
@@ -183,7 +183,7 @@ def _sensitivity(ctx: BuildContext, select, record, budget: V.Budget) -> list[st
         with ctx.stage("measuring per-layer INT8 sensitivity"):
             t0 = time.monotonic()
             ctx.shared["sensitivity"] = layer_sensitivity(ctx.model.onnx_path, ctx.calib, select[0], select[1],
-                                                          t0 + ctx.spec.auto_max_seconds / 2, ctx.judging, budget)
+                                                          min(t0 + ctx.spec.auto_max_seconds / 2, ctx.deadline), ctx.judging, budget)
             ctx.shared["sensitivity_seconds"] = round(time.monotonic() - t0, 2)
     sens = ctx.shared["sensitivity"]
     record["sensitivity"] = {"method": "one layer quantized at a time, ONNX Runtime fake-quant, on evaluation[select]; "

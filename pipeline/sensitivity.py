@@ -18,6 +18,7 @@ from edgebuild.pipeline import validate as V
 QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 SENSITIVITY_CALIB_SAMPLES = 64
+SENSITIVITY_EVAL_SAMPLES = 96  # selection samples each layer is scored on, at most
 SIM_SETTINGS = {"activation_type": "uint8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
                 "calibrate_method": "minmax", "symmetric_activations": False, "symmetric_weights": True}
 
@@ -44,17 +45,21 @@ def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: Calibratio
     """Quality loss (``V.quality_loss``: the build's own budgets) per layer, most sensitive first."""
     import numpy as np
 
-    from edgebuild.targets.onnx import INT8_DEFAULTS, OrtRunner, _quantize_static
+    from edgebuild.targets.onnx import OrtRunner, quantize_static
 
     layers = quantizable_layers(onnx_path)[:max_layers]
     small = calib.subset(np.arange(min(len(calib), SENSITIVITY_CALIB_SAMPLES)))
+    if len(select) > SENSITIVITY_EVAL_SAMPLES:  # cost is layers x samples: rank on a fixed-size part
+        keep = np.sort(np.random.default_rng(0).permutation(len(select))[:SENSITIVITY_EVAL_SAMPLES])
+        select, reference = select.subset(keep), [reference[i] for i in keep]
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="edgebuild-sens-") as tmp:
+        ranges = Path(tmp) / "ranges.json"  # calibrated by the first layer's call, reused by the others
         for name in layers:
             if time.monotonic() > deadline:
                 break
             out = Path(tmp) / "one_layer.onnx"
-            _quantize_static(onnx_path, out, small, {**INT8_DEFAULTS, **SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp))
+            quantize_static(onnx_path, out, small, {**SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp), ranges)
             with OrtRunner(out, 1, simulate=True) as runner:
                 metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
             scores[name] = V.quality_loss(metrics, budget, judging.task)

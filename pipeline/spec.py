@@ -118,6 +118,7 @@ class BuildSpec:
     auto: bool = True
     auto_max_tries: int = 12  # accuracy search: conversions tried per target at most
     auto_max_seconds: float = 600.0  # accuracy search: time per target at most
+    build_max_seconds: float | None = None  # accuracy searches stop when the whole build has run this long
     seed: int = 0
     cache: bool = True  # read/write the stage cache
     cache_dir: str | None = None  # default: $EDGEBUILD_CACHE or ~/.cache/edgebuild
@@ -135,6 +136,9 @@ class BuildSpec:
         _check(self.precision is None or self.precision in PRECISIONS,
                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.calib_samples > 0, "calib_samples must be positive")
+        _check(self.build_max_seconds is None or (isinstance(self.build_max_seconds, (int, float))
+                                                  and 0 < self.build_max_seconds < float("inf")),
+               f"build_max_seconds must be a positive number of seconds, got {self.build_max_seconds!r}")
         _check(0.0 < self.eval_fraction < 1.0, "eval_fraction must be between 0 and 1")
         _check(len({i.name for i in self.inputs}) == len(self.inputs), "input names must be unique")
         from edgebuild.pipeline.tasks import TASKS

@@ -30,6 +30,7 @@ class BuildContext:
     scratch: Path  # throw-away work (baselines, candidates)
     shared: dict = field(default_factory=dict)  # per-build results reused across targets (layer sensitivity)
     stage: Callable[[str], object] = field(default=lambda text: _null())  # progress: `with ctx.stage("..."):`
+    deadline: float = float("inf")  # time.monotonic() past which no accuracy search starts a try (build_max_seconds)
 
 
 @dataclass

@@ -128,7 +128,18 @@ def _quantize_dynamic(src: Path, out: Path, workdir: Path) -> None:
     pre.unlink()
 
 
-def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workdir: Path) -> None:
+def quantize_static(src: Path, out: Path, calib: CalibrationSet, settings: dict, workdir: Path,
+                    calibration_cache: Path | None = None) -> None:
+    """Static INT8 QDQ with onnxruntime (public for the pipeline's sensitivity analysis).
+
+    ``calibration_cache``: a JSON file of activation ranges written by the first call and reused by the next
+    ones (onnxruntime's ``calibration_cache_path``), so quantizing one layer at a time calibrates once.
+    """
+    _quantize_static(src, out, calib, {**INT8_DEFAULTS, **settings}, workdir, calibration_cache)
+
+
+def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workdir: Path,
+                     calibration_cache: Path | None = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from edgebuild.calibration.adapters import ort_reader
@@ -155,7 +166,7 @@ def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workd
         per_channel=bool(s["per_channel"]), reduce_range=bool(s["reduce_range"]),
         calibrate_method=methods[s["calibrate_method"]],
         nodes_to_exclude=[*s["nodes_to_exclude"], *s["float_layers"]], nodes_to_quantize=list(s["nodes_to_quantize"]) or None,
-        extra_options=extra,
+        extra_options=extra, calibration_cache_path=calibration_cache,
     )
     pre.unlink()
     for leftover in workdir.glob("*.onnx.data"):
