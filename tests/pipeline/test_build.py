@@ -42,7 +42,7 @@ def test_demo_builds_int8_for_onnx_cpu_and_jetson(tmp_path, capsys):
         assert t["files"]["model_int8_qdq.onnx"]["sha256"]
     assert (out / "jetson-orin" / "build_engine.sh").is_file()
     assert (out / "reference" / "model_fp32.onnx").is_file() and (out / "report.md").is_file()
-    assert not list(tmp_path.glob(".out.*")), "no staging directory left behind"
+    assert [p.name for p in tmp_path.glob(".out.*")] in ([], [".out.lock"]), "no staging directory left behind"
     # the manifest is enough to re-run the build
     from edgebuild.pipeline.spec import BuildSpec
     assert BuildSpec.from_dict(m["spec"]).targets == ("onnx-cpu", "jetson-orin")
@@ -94,10 +94,10 @@ def test_torchscript_and_exported_program_sources(tmp_path, capsys):
 @pytest.mark.slow
 def test_impossible_budget_exits_1_names_the_metric_and_keeps_artifacts(tmp_path, capsys):
     out = tmp_path / "out"
-    code, _, err = run(["--target", "onnx-cpu", "--max-accuracy-drop", "-1", "--out", str(out)], capsys)
+    code, _, err = run(["--target", "onnx-cpu", "--max-latency-ms", "0.0001", "--out", str(out)], capsys)
     assert code == 1
     line = one_error_line(err)
-    assert "accuracy drop" in line and "max -1.0 pt" in line
+    assert "latency p50" in line and "max 0.0001 ms" in line
     m = manifest(out)
     assert m["verdict"] == "fail" and m["targets"]["onnx-cpu"]["verdict"] == "fail"
     assert (out / "onnx-cpu" / "model_int8_qdq.onnx").is_file()
@@ -110,7 +110,7 @@ def test_cached_rerun_restores_artifacts(tmp_path, capsys):
     first = manifest(tmp_path / "out")["targets"]["onnx-cpu"]
     assert run(args, capsys)[0] == 0
     second = manifest(tmp_path / "out")["targets"]["onnx-cpu"]
-    assert "restored from the stage cache" in second["notes"]
+    assert any(n.startswith("restored from the stage cache") for n in second["notes"])
     assert first["files"] == second["files"], "a cache hit gives the same bytes"
 
 
@@ -119,12 +119,12 @@ def test_corrupt_model_exits_2_with_one_line_and_leaves_out_untouched(tmp_path, 
     bad.write_bytes(b"\x08\x07garbage" * 10)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "manifest.json").write_text("{}")  # a previous build's output
+    (out / "manifest.json").write_text('{"edgebuild": "0.1.0", "targets": {}, "spec": {}}')  # a previous build's output
     code, _, err = run(["--model", str(bad), "--calib", "digits", "--target", "onnx-cpu", "--out", str(out)], capsys)
     assert code == 2
     assert "not a valid ONNX model" in one_error_line(err)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
-    assert not list(tmp_path.glob(".out.*"))
+    assert [p.name for p in tmp_path.glob(".out.*")] in ([], [".out.lock"])
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -207,7 +207,7 @@ def test_old_opset_onnx_with_dynamic_batch_is_upgraded_and_fixed_to_batch_1(tmp_
                              "--target", "onnx-cpu", "--out", str(tmp_path / "out"), "--json"], capsys)
     assert code == 0, err
     m = json.loads(stdout)
-    assert m["model"]["opset"] == 13 and "opset upgraded 11 -> 13" in m["model"]["notes"][0]
+    assert m["model"]["opset"] == 13 and any("opset upgraded 11 -> 13" in n for n in m["model"]["notes"])
     assert m["model"]["inputs"][0]["shape"] == [1, 1, 8, 8]
 
 
