@@ -62,3 +62,4 @@ def digits_npz(tmp_path_factory, digits_split) -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # tests that use ONNX Runtime directly stay offline too
