@@ -13,7 +13,7 @@ from typing import Any
 
 from edgebuild.pipeline.errors import BadInputError
 
-DTYPES = ("float32", "float16", "int64", "int32", "uint8", "int8")
+DTYPES = ("float32", "float16", "int64", "int32", "uint8", "int8", "bool")
 LAYOUTS = ("NCHW", "NHWC", "NC", "NCW", "NTC", "ANY")
 PRECISIONS = ("int8", "fp16", "fp32", "dynamic")
 

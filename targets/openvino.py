@@ -153,7 +153,7 @@ class OpenVinoRunner(Runner):
         self.outputs = list(self.compiled.outputs)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        result = self.request.infer({k: np.ascontiguousarray(v) for k, v in feed.items()})
+        result = self.request.infer({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in feed.items()})  # 0-d stays 0-d
         return [np.array(result[o], dtype=np.float32) for o in self.outputs]
 
     def threads_used(self) -> int | None:

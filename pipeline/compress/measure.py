@@ -66,7 +66,8 @@ def batches(data: CalibrationSet, inputs: tuple[InputSpec, ...], batch_size: int
     idx = np.arange(len(data)) if order is None else np.asarray(order)
     for start in range(0, len(idx), batch_size):
         sel = idx[start:start + batch_size]
-        yield sel, tuple(torch.from_numpy(np.ascontiguousarray(data.inputs[i.name][sel])) for i in inputs)
+        b = data.batch(sel)  # stacked along each input's own batch axis (state, 0-d inputs too)
+        yield sel, tuple(torch.from_numpy(np.ascontiguousarray(b[i.name])) for i in inputs)
 
 
 @torch.no_grad()

@@ -70,9 +70,7 @@ def check_target(manifest: dict, out: Path, target: str, data: Path) -> dict:
     return t
 
 
-OPENVINO_0D = pytest.mark.xfail(strict=False, reason="targets/openvino.py OpenVinoRunner.run feeds np.ascontiguousarray(v), "
-                                                    "which turns a 0-d input into shape (1,): needs .reshape(np.shape(v))")
-CASES = [pytest.param("vad", "onnx-cpu"), pytest.param("vad", "x86", marks=OPENVINO_0D),
+CASES = [pytest.param("vad", "onnx-cpu"), pytest.param("vad", "x86"),
          pytest.param("encoder", "onnx-cpu"), pytest.param("encoder", "x86"),
          pytest.param("zoo_cnn", "onnx-cpu"), pytest.param("zoo_cnn", "x86")]
 INPUTS = {"vad": [("input", [1, 576], "float32"), ("state", [2, 1, 128], "float32"), ("sr", [], "int64")],
