@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import click
@@ -149,6 +149,26 @@ def _progress(console, enabled: bool):
 
 
 @contextmanager
+def _stdout_to_stderr(enabled: bool):
+    """With --json, stdout carries the manifest alone: whatever a converter prints (Python or native) goes to stderr."""
+    if not enabled:
+        yield
+        return
+    import os
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@contextmanager
 def _nullcontext():
     yield
 
@@ -197,7 +217,7 @@ def cli(ctx, as_json, config, eval_, **flags):
         console.print("[dim]no model given: building the built-in demo (DigitsCNN on scikit-learn digits)[/dim]")
     elif config_path:
         console.print(f"[dim]config: {config_path}[/dim]")
-    with _progress(console, not as_json and console.is_terminal) as stage:
+    with _stdout_to_stderr(as_json), _progress(console, not as_json and console.is_terminal) as stage:
         result = build(spec, stage=stage)
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2, default=str))

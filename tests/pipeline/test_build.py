@@ -229,3 +229,21 @@ def test_all_targets_build_the_demo_and_every_artifact_revalidates(tmp_path, cap
         code, stdout, err = run(["validate", str(out / name), "--eval", "digits:test", "--json"], capsys)
         assert code == 0, (name, err)
         assert json.loads(stdout)["metrics"]["accuracy_drop"] <= 0.5
+
+
+@pytest.mark.slow
+def test_json_stdout_holds_only_the_manifest_even_when_calibrators_print(tmp_path):
+    """The accuracy search's histogram calibrators print; with --json, stdout is still one JSON document."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "edgebuild.yaml"
+    cfg.write_text("auto_max_tries: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "edgebuild.pipeline.cli", "--model", "tests.outlier_model:outlier_demo",
+                           "--input-shape", "1,1,8,8", "--calib", "digits:train", "--eval", "digits:test",
+                           "--target", "onnx-cpu", "--config", str(cfg), "--out", str(tmp_path / "out"), "--json"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert proc.returncode in (0, 1), proc.stderr
+    m = json.loads(proc.stdout)
+    assert len(m["targets"]["onnx-cpu"]["search"]["tries"]) >= 2
+    assert "histogram" in proc.stderr, "the calibrators' prints went to stderr (this test covers them)"
