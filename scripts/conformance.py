@@ -298,6 +298,9 @@ def build(edgebuild: str, onnx_path, calib, evals, config, target: str, out: Pat
         if timed_out:
             stuck = where(stderr, newest_first=True)
             row.update(verdict="timeout", error=f"no result after {timeout:.0f} s" + (f"; was in {stuck}" if stuck else ""))
+        elif proc.returncode < 0:  # e.g. SIGKILL from the kernel's OOM killer
+            row.update(verdict="killed", error=f"killed by {signal.Signals(-proc.returncode).name} (out of memory?)"
+                       + (f"; last output: {lines[-1]}" if lines else ""))
         else:
             crash = "Traceback" in stderr
             exc = [ln for ln in lines if EXCEPTION.match(ln)] if crash else []
