@@ -7,6 +7,7 @@ Every export is verified against torch on evaluation feeds; the fidelity is reco
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 from pathlib import Path
@@ -104,6 +105,7 @@ def _normalize_onnx(model, loaded: LoadedModel):
     ir = model.ir_version
     model, notes = upgrade_legacy_onnx(model)
     shapes = {i.name: i.shape for i in loaded.inputs}
+    unfixed = onnx_copy(model)
     for gi in model.graph.input:
         if gi.name in shapes:
             dims = gi.type.tensor_type.shape.dim
@@ -117,6 +119,13 @@ def _normalize_onnx(model, loaded: LoadedModel):
         for d in go.type.tensor_type.shape.dim:
             if d.HasField("dim_param"):
                 d.Clear()
+    reason = _ort_refuses(model)
+    if reason and not _ort_refuses(unfixed):
+        # onnxruntime infers shapes of both branches of an If statically: with fixed input sizes an untaken branch
+        # (e.g. a VAD's 8 kHz path on 16 kHz chunks) can become invalid. The inputs then keep their symbolic
+        # sizes in the graph; every feed still has the declared shape.
+        model = unfixed
+        notes.append(f"input sizes kept symbolic in the graph: fixing them makes onnxruntime refuse it ({reason})")
     opset = _opset(model)
     if opset < MIN_OPSET:
         try:
@@ -129,6 +138,25 @@ def _normalize_onnx(model, loaded: LoadedModel):
         notes = [f"IR version upgraded {ir} -> {model.ir_version}"] + [n for n in notes if not n.startswith("IR version")]
     model = shape_inference.infer_shapes(model)
     return model, notes
+
+
+def onnx_copy(model):
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _ort_refuses(model) -> str | None:
+    """onnxruntime's one-line reason for refusing to load ``model``, or None when it loads."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        return str(e).strip().splitlines()[0][:200]
+    return None
 
 
 def upgrade_legacy_onnx(model):
@@ -213,7 +241,9 @@ def _io(model, loaded: LoadedModel):
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
         return TensorInfo(v.name, dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, layout)
 
+    declared = {i.name: tuple(i.shape) for i in loaded.inputs}
     inputs = tuple(info(v, layouts.get(v.name, "ANY")) for v in model.graph.input if v.name not in init)
+    inputs = tuple(dataclasses.replace(i, shape=declared.get(i.name, i.shape)) if -1 in i.shape else i for i in inputs)
     if [i.name for i in inputs] != [i.name for i in loaded.inputs]:
         raise BadInputError(f"model inputs are {[i.name for i in inputs]}, the build spec names {[i.name for i in loaded.inputs]}")
     return inputs, tuple(info(v) for v in model.graph.output)

@@ -26,6 +26,7 @@ MIN_SEARCH_SAMPLES = 10
 FLOAT_LAYER_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 COLLAPSED_LOSS = 10.0  # ten times past the budget's room: INT8 has plainly collapsed, go to the strong fixes
 COLLAPSED_VARIANTS = 1  # backend variants tried at most after a collapse
+FLOAT_FALLBACKS = ("fp16", "fp32")  # last resorts, where the profile runs them and allows float
 
 
 def _quality(a: Attempt) -> float:
@@ -53,25 +54,26 @@ def selection_budget(budget: V.Budget, n_select: int) -> tuple[V.Budget, str | N
     drop = budget.max_accuracy_drop
     if drop is None or step <= drop:
         return budget, None
-    note = (f"one of {n_select} selection samples is {step:.2f} pt, more than the {drop} pt budget: candidates must "
-            f"stay within {drop - step:.2f} pt on the selection part")
-    return dataclasses.replace(budget, max_accuracy_drop=drop - step), note
+    tightened = max(0.0, drop - step)
+    note = (f"one of {n_select} selection samples is {step:.2f} pt, more than the {drop} pt budget: the budget cannot be "
+            f"certified on so few samples, so candidates must lose nothing ({tightened:.2f} pt) on the selection part")
+    return dataclasses.replace(budget, max_accuracy_drop=tightened), note
 
 
 class _Search:
     """The tries of one target's search, bounded in count and time (one try is kept for the float fallback)."""
 
-    def __init__(self, ctx, backend, profile, budget, select, record, reserve_fallback: bool):
+    def __init__(self, ctx, backend, profile, budget, select, record, reserve: int):
         self.ctx, self.backend, self.profile, self.budget, self.select, self.record = ctx, backend, profile, budget, select, record
         self.tries: list[Attempt] = []
         self.started = time.monotonic()
         self.deadline = min(self.started + ctx.spec.auto_max_seconds, ctx.deadline)
-        self.reserve = 1 if reserve_fallback else 0
+        self.reserve = reserve
 
     def room(self, fallback: bool = False) -> bool:
-        spare = 0 if fallback else self.reserve
-        return len(self.record["tries"]) < self.ctx.spec.auto_max_tries - spare and (
-            fallback or time.monotonic() < self.deadline)
+        if fallback:  # the float fallbacks have their tries reserved and run even past the deadline
+            return True
+        return len(self.record["tries"]) < self.ctx.spec.auto_max_tries - self.reserve and time.monotonic() < self.deadline
 
     def attempt(self, label: str, precision: str, settings: dict, fallback: bool = False) -> Attempt | None:
         if not self.room(fallback):
@@ -114,8 +116,8 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
                            f"{ctx.spec.seed + 1}); the chosen one is reported on the other {len(holdout[0])}")
     if margin:
         record["selection_margin"] = margin
-    fallback = profile.allow_float_layers and "fp16" in profile.precisions
-    search = _Search(ctx, backend, profile, select_budget, select, record, reserve_fallback=fallback)
+    fallbacks = [p for p in FLOAT_FALLBACKS if profile.allow_float_layers and p in profile.precisions]
+    search = _Search(ctx, backend, profile, select_budget, select, record, reserve=len(fallbacks))
     first_on_select = None
     if first is not None:
         first_on_select = evaluate(ctx, backend, profile, first.artifact, select_budget, timed=False, data=select)
@@ -166,6 +168,10 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, coll
         search.record["float_layers_forbidden"] = f"profile {profile.name} runs integer-only: no layer may stay in float"
     if profile.allow_float_layers and "fp16" in profile.precisions:
         a = search.attempt("FP16 (no INT8)", "fp16", {}, fallback=True)
+        if a is not None and a.quality_ok:
+            return a
+    if profile.allow_float_layers and "fp32" in profile.precisions and not any(t.quality_ok for t in search.tries):
+        a = search.attempt("FP32 (nothing converts to INT8 or FP16 within budget)", "fp32", {}, fallback=True)
         if a is not None and a.quality_ok:
             return a
     if collapsed:

@@ -59,8 +59,11 @@ def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: Calibratio
             if time.monotonic() > deadline:
                 break
             out = Path(tmp) / "one_layer.onnx"
-            quantize_static(onnx_path, out, small, {**SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp), ranges)
-            with OrtRunner(out, 1, simulate=True) as runner:
-                metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
+            try:
+                quantize_static(onnx_path, out, small, {**SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp), ranges)
+                with OrtRunner(out, 1, simulate=True) as runner:
+                    metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
+            except Exception:  # noqa: BLE001 — a layer onnxruntime cannot quantize alone has no rank; the search goes on
+                continue
             scores[name] = V.quality_loss(metrics, budget, judging.task)
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))

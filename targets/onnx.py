@@ -57,6 +57,7 @@ class OnnxBackend(Backend):
                 _quantize_dynamic(model.onnx_path, out, workdir)
             elif precision == "int8":
                 _quantize_static(model.onnx_path, out, calib, settings, workdir)
+                _check_quantized(out, profile.name)
             else:
                 raise ConversionError(f"{profile.name}: onnx backend cannot build precision {precision}")
         except ConversionError:
@@ -120,6 +121,17 @@ def _preprocessed(src: Path, workdir: Path, keep_names: bool = False) -> Path:
     return pre
 
 
+def _check_quantized(path: Path, target: str) -> None:
+    """An ``_int8`` file must hold int8 layers: onnxruntime quantizes nothing inside If/Loop subgraphs."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if not any(n.op_type == "DequantizeLinear" for n in graph.node):
+        subgraphs = sorted({n.op_type for n in graph.node if any(a.type == onnx.AttributeProto.GRAPH for a in n.attribute)})
+        where = f" (its layers sit inside {', '.join(subgraphs)} subgraphs, which onnxruntime does not quantize)" if subgraphs else ""
+        raise ConversionError(f"{target}: INT8 quantization left every layer in float{where}")
+
+
 def _quantize_dynamic(src: Path, out: Path, workdir: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -158,6 +170,8 @@ def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workd
             raise ConversionError(f"nodes named in the quantization settings are not in the model: {', '.join(missing[:5])}")
     extra = {"ActivationSymmetric": bool(s["symmetric_activations"]), "WeightSymmetric": bool(s["symmetric_weights"]),
              "QuantizeBias": bool(s["quantize_bias"]), "DedicatedQDQPair": bool(s["dedicated_qdq_pair"])}
+    # not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMaxCalibrater.collect_data clears the collected
+    # outputs at that count without merging their ranges, silently calibrating on the remainder only
     if s["calibrate_method"] == "percentile":
         extra["CalibPercentile"] = float(s["percentile"])
     quantize_static(

@@ -108,3 +108,36 @@ def test_user_evaluator_and_score_budget_decide_the_verdict_of_a_build(tmp_path,
     t = json.loads((out / "manifest.json").read_text())["targets"]["onnx-cpu"]
     assert code == 1 and t["metrics"]["task"]["reference"]["bitexact"] == 100.0
     assert [c["metric"] for c in t["failed_checks"]] == ["bitexact"], t["failures"]
+
+
+def _if_model(path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def branch(name, seed):
+        w = numpy_helper.from_array(np.random.default_rng(seed).normal(size=(8, 4)).astype(np.float32), f"w_{name}")
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"w_{name}"], [f"y_{name}"], name=f"mm_{name}")],
+                                 name, [], [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [1, 4])], [w])
+
+    one = numpy_helper.from_array(np.array(1, np.int64), "one")
+    nodes = [helper.make_node("Equal", ["flag", "one"], ["cond"], name="eq"),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("then", 1), else_branch=branch("else", 2))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                                          helper.make_tensor_value_info("flag", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [one])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    np.savez(path.with_suffix(".npz"), x=rng.normal(size=(60, 8)).astype(np.float32), flag=np.ones(60, np.int64))
+
+
+@pytest.mark.slow
+def test_int8_that_quantizes_nothing_is_not_called_int8_and_the_search_falls_back(tmp_path):
+    model = tmp_path / "branchy.onnx"
+    _if_model(model)
+    out = tmp_path / "out"
+    code = main(["--model", str(model), "--calib", str(model.with_suffix(".npz")), "--target", "onnx-cpu", "--out", str(out)])
+    t = json.loads((out / "manifest.json").read_text())["targets"]["onnx-cpu"]
+    assert code == 0 and t["precision"] in ("fp16", "fp32") and "int8" not in t["artifact"], t
+    assert "left every layer in float (its layers sit inside If subgraphs" in t["search"]["tries"][0]["error"]
+    assert t["search"]["collapsed"] == "the first INT8 conversion failed"
