@@ -347,7 +347,7 @@ def test_three_channel_conversion_attempts_no_network(tmp_path, monkeypatch):
     calib, _ = datasets("mobilenetv2_rgb")
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    np.savez(job_dir / "calib.npz", input=calib.inputs["input"])
+    np.savez(job_dir / "calib.npz", **calib.stacked_feeds(len(calib)))  # each sample a whole feed
     settings = {**tflite.DEFAULTS, **tflite.INT8_DEFAULTS}
     job = {"onnx": str(model.onnx_path), "precision": "int8", "settings": settings,
            "inputs": [tflite._input_plan(t, "NHWC") for t in model.inputs],
