@@ -25,7 +25,7 @@ from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionErro
 from edgebuild.pipeline.offline import no_telemetry
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.versions import tool_versions
-from edgebuild.targets.base import backend_exists
+from edgebuild.targets.base import backend_exists, get_backend
 from edgebuild.targets.profiles import TargetProfile, resolve
 
 DEFAULT_TARGETS = ("arm64",)  # when neither --target nor edgebuild.yaml names one
@@ -70,6 +70,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
     for p in profiles:
         if not backend_exists(p.backend):
             raise BadInputError(f"target {p.name}: unknown backend {p.backend!r}")
+        get_backend(p.backend).check_settings(p)  # a typo in quant: is exit 2 now, not after the conversion
         precision_for(p, spec)
     out = Path(spec.out)
     _check_replaceable(out)

@@ -133,6 +133,9 @@ class Backend:
     def runner(self, artifact: Artifact, threads: int) -> Runner:
         raise NotImplementedError
 
+    def check_settings(self, profile: "TargetProfile") -> None:
+        """Raise BadInputError for a profile's ``quant:`` this backend does not understand (before any work)."""
+
     def default_settings(self, profile: "TargetProfile", precision: str) -> dict:
         """Quantization/conversion settings for ``precision`` on this profile (profile.quant overrides)."""
         return dict(profile.quant) if precision == "int8" else {}

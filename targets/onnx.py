@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
-from edgebuild.pipeline.errors import ConversionError
+from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, register, stem
 from edgebuild.targets.profiles import TargetProfile
 
@@ -17,6 +17,10 @@ INT8_DEFAULTS = {
     "calibrate_method": "minmax", "symmetric_activations": False, "symmetric_weights": True,
     "nodes_to_exclude": [], "nodes_to_quantize": [], "float_layers": [], "percentile": 99.999, "quantize_bias": True, "dedicated_qdq_pair": False,
 }
+
+
+CHOICES = {"activation_type": ("uint8", "int8"), "weight_type": ("uint8", "int8"),
+           "calibrate_method": ("minmax", "percentile", "entropy")}
 
 
 @register("onnx")
@@ -41,6 +45,16 @@ class OnnxBackend(Backend):
 
     def default_settings(self, profile: TargetProfile, precision: str) -> dict:
         return {**INT8_DEFAULTS, **profile.quant} if precision == "int8" else {}
+
+    def check_settings(self, profile: TargetProfile) -> None:
+        unknown = sorted(set(profile.quant) - set(INT8_DEFAULTS))
+        if unknown:
+            raise BadInputError(f"{profile.name}: unknown {self.name} quant setting(s) {', '.join(unknown)}; "
+                                f"known: {', '.join(INT8_DEFAULTS)}")
+        for key, allowed in CHOICES.items():
+            if key in profile.quant and profile.quant[key] not in allowed:
+                raise BadInputError(f"{profile.name}: quant.{key} must be one of {', '.join(allowed)}, "
+                                    f"got {profile.quant[key]!r}")
 
     def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
                 workdir: Path, settings: dict | None = None) -> Artifact:

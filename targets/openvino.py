@@ -76,6 +76,9 @@ class OpenVinoBackend(Backend):
     def default_settings(self, profile: TargetProfile, precision: str) -> dict:
         return {**INT8_DEFAULTS, **profile.quant} if precision == "int8" else {}
 
+    def check_settings(self, profile: TargetProfile) -> None:
+        _int8_settings(self.default_settings(profile, "int8"), profile.name)
+
     def recovery_candidates(self, profile: TargetProfile, settings: dict) -> list[tuple[str, dict]]:
         """NNCF variants, free ones first: 7-bit weights everywhere (int8 saturation on CPUs without VNNI)
         and full bias correction cost no speed; asymmetric activations do (MobileNetV2 on an AVX2 host:

@@ -82,6 +82,9 @@ class TFLiteBackend(Backend):
         with the legacy quantizer, 89.3 pt with MLIR); so the search goes straight to layers in float."""
         return []
 
+    def check_settings(self, profile: TargetProfile) -> None:
+        _check_settings(self.default_settings(profile, profile.precision), profile.name)
+
     def default_settings(self, profile: TargetProfile, precision: str) -> dict:
         s = {**DEFAULTS, "input_layout": "source" if profile.layout == "source" else "NHWC"}
         if precision == "int8":

@@ -43,3 +43,21 @@ def test_bad_profiles_are_bad_input(tmp_path, text):
     f.write_text(text)
     with pytest.raises(BadInputError):
         load_profile(f)
+
+
+@pytest.mark.parametrize("backend, quant, message", [
+    ("onnx", "{calibrate_metod: minmax}", "unknown onnx quant setting(s) calibrate_metod"),
+    ("onnx", "{calibrate_method: kmeans}", "quant.calibrate_method must be one of"),
+    ("tensorrt", "{weight_type: int4}", "quant.weight_type must be one of"),
+    ("openvino", "{preset: fastest}", "quant.preset must be one of"),
+    ("tflite", "{quantizer: magic}", "quantizer must be one of"),
+])
+def test_a_typo_in_a_profiles_quant_settings_is_exit_2_before_any_work(tmp_path, capsys, backend, quant, message):
+    from edgebuild.pipeline.cli import main
+
+    prof = tmp_path / "p.yaml"
+    prof.write_text(f"name: typo\nbackend: {backend}\ndescription: d\nquant: {quant}\n")
+    code = main(["--target", "typo", "--profile", str(prof), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists(), "nothing converted, nothing written"
