@@ -81,6 +81,7 @@ def _npz(path: Path, inputs: tuple[InputSpec, ...]) -> RawData:
     except (ValueError, OSError, KeyError) as e:
         raise BadInputError(f"{path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else e!r})") from None
     names = [i.name for i in inputs]
+    boxes = arrays.pop("boxes") if "boxes" in arrays and "boxes" not in names else None
     label_key = next((k for k in LABEL_KEYS if k in arrays and k not in names), None)
     labels = arrays.pop(label_key) if label_key else None
     if names and all(n in arrays for n in names):
@@ -97,9 +98,23 @@ def _npz(path: Path, inputs: tuple[InputSpec, ...]) -> RawData:
     else:
         raise BadInputError(f"{path}: cannot tell which arrays are inputs; name them after the model inputs {names} or 'x' "
                             f"(the file has {sorted(arrays)})")
-    if labels is not None:
+    if boxes is not None:
+        if labels is not None:
+            raise BadInputError(f"{path}: give either class labels or detection boxes, not both")
+        labels = _boxes(path, boxes)
+    elif labels is not None:
         labels = _labels(path, labels)
     return RawData(path.name, x, labels, {"source": str(path)})
+
+
+def _boxes(path: Path, boxes: np.ndarray) -> np.ndarray:
+    """Ground-truth detections ``[N, K, 5]``: class, x1, y1, x2, y2 per box, rows with class -1 are padding."""
+    if boxes.dtype.kind not in "iuf" or boxes.ndim != 3 or boxes.shape[2] != 5:
+        raise BadInputError(f"{path}: boxes must be a numeric [samples, boxes, 5] array (class, x1, y1, x2, y2; "
+                            f"class -1 pads), got {boxes.dtype} {list(boxes.shape)}")
+    if not np.isfinite(boxes).all():
+        raise BadInputError(f"{path}: boxes hold NaN or Inf")
+    return boxes.astype(np.float64)
 
 
 def _labels(path: Path, labels: np.ndarray) -> np.ndarray:

@@ -172,11 +172,16 @@ def detection(outputs: dict, reference: dict, labels, options: dict) -> dict:
     n_det, n_ref = sum(len(d[0]) for d in dets), sum(len(r[0]) for r in refs)
     top = [bool(len(d[0])) and _match(tuple(x[:1] for x in d), tuple(x[:1] for x in r), o["match_iou"])[0].all()
            for d, r in zip(dets, refs) if len(r[0])]
-    return {"f1": 100.0 * 2 * tp / (n_det + n_ref) if n_det + n_ref else 100.0,
-            "precision": 100.0 * tp / n_det if n_det else 100.0, "recall": 100.0 * tp / n_ref if n_ref else 100.0,
-            "top1_agreement": 100.0 * float(np.mean(top)) if top else 100.0,
-            "mAP50_vs_fp32": _average_precision(dets, refs, o["match_iou"]),
-            "detections_per_sample": n_det / max(len(dets), 1)}
+    scores = {"f1": 100.0 * 2 * tp / (n_det + n_ref) if n_det + n_ref else 100.0,
+              "precision": 100.0 * tp / n_det if n_det else 100.0, "recall": 100.0 * tp / n_ref if n_ref else 100.0,
+              "top1_agreement": 100.0 * float(np.mean(top)) if top else 100.0,
+              "mAP50_vs_fp32": _average_precision(dets, refs, o["match_iou"]),
+              "detections_per_sample": n_det / max(len(dets), 1)}
+    if labels is not None and labels.ndim == 3:  # ground-truth boxes: [N, K, 5] class, x1, y1, x2, y2 (-1 pads)
+        truths = [(b[b[:, 0] >= 0, 1:], np.ones(int((b[:, 0] >= 0).sum())), b[b[:, 0] >= 0, 0].astype(np.int64))
+                  for b in labels]
+        scores["mAP50"] = _average_precision(dets, truths, o["match_iou"])
+    return scores
 
 
 # ---- other built-in tasks ------------------------------------------------------------------------------

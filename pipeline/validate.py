@@ -305,6 +305,8 @@ def _score_checks(m: dict, budget: Budget, task: str) -> list[Check]:
     """Task/evaluator defaults plus the build's ``<score>_drop|_min|_max`` budgets on any measured number."""
     scores = m.get("task") or {}
     wanted = dict(T.DEFAULT_GATES.get(scores.get("name", task), {}))
+    if "mAP50" in scores.get("artifact", {}) and budget.max_accuracy_drop is not None:
+        wanted["mAP50_drop"] = budget.max_accuracy_drop  # ground-truth boxes: mAP@0.5 like accuracy
     if scores.get("evaluator_scores") and budget.max_accuracy_drop is not None:
         wanted[f"{scores['evaluator_scores'][0]}_drop"] = budget.max_accuracy_drop
     given = dict(budget.metrics)

@@ -148,7 +148,7 @@ def quality(out: torch.Tensor, data: CalibrationSet, ref: Reference | None) -> d
     m: dict = {}
     if is_class_scores(out):
         pred = out.argmax(1).numpy()
-        if data.labels is not None:
+        if data.labels is not None and data.labels.ndim == 1:  # class labels (not detection boxes)
             m["accuracy"] = float((pred == data.labels).mean() * 100)
         if ref is not None:
             m["top1_agreement"] = float((pred == ref.outputs.argmax(1).numpy()).mean() * 100)

@@ -234,3 +234,23 @@ def test_coarse_evaluation_and_selection_margin():
     b, note = selection_budget(Budget(1.0, None, None, None), 43)
     assert b.max_accuracy_drop == 0.0 and "43 selection samples" in note, "never negative: a candidate can still pass"
     assert selection_budget(Budget(1.0, None, None, None), 300) == (Budget(1.0, None, None, None), None)
+
+
+def test_detection_with_ground_truth_boxes_reports_and_gates_map50(tmp_path):
+    from edgebuild.calibration.sources import load_source
+    from edgebuild.pipeline.spec import InputSpec, PreprocessSpec
+    from edgebuild.pipeline.tasks import decode_detections
+
+    ref = _yolo_like(n=16)
+    dets = decode_detections({"o": np.stack([r[0] for r in ref])}, {})
+    boxes = np.full((16, 8, 5), -1.0)
+    for i, (b, _, c) in enumerate(dets):  # the FP32 detections as ground truth: FP32 mAP50 is 100
+        boxes[i, :len(b)] = np.concatenate([c[:, None], b], 1)[:8]
+    np.savez(tmp_path / "d.npz", x=np.zeros((16, 3), np.float32), boxes=boxes)
+    data = load_source(str(tmp_path / "d.npz"), (InputSpec("x", (1, 3), "float32", "ANY"),), PreprocessSpec())
+    assert data.labels.shape == (16, 8, 5)
+    j = Judging(task="detection")
+    m = compare(ref, _requantize(ref, 320 / 255), data.labels, j)
+    assert m["task"]["reference"]["mAP50"] == 100.0 > m["task"]["artifact"]["mAP50"]
+    assert any(f.startswith("mAP50 drop vs FP32") for f in texts(m, task="detection"))
+    assert compare(ref, ref, data.labels, j)["task"]["artifact"]["mAP50"] == 100.0
