@@ -117,7 +117,7 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     if margin:
         record["selection_margin"] = margin
     fallbacks = [p for p in FLOAT_FALLBACKS if profile.allow_float_layers and p in profile.precisions]
-    search = _Search(ctx, backend, profile, select_budget, select, record, reserve=len(fallbacks))
+    search = _Search(ctx, backend, profile, select_budget, select, record, reserve=min(len(fallbacks), 1))
     first_on_select = None
     if first is not None:
         first_on_select = evaluate(ctx, backend, profile, first.artifact, select_budget, timed=False, data=select)
