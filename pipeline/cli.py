@@ -197,6 +197,7 @@ def _nullcontext():
 @click.option("--no-cache", is_flag=True, help="Do not read or write the stage cache.")
 @click.option("--trust-model", is_flag=True, help="Load a .pt2 archive even if it could run code when loaded (pickles beyond tensors, guard code, compiled code). Only for files you trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout (for CI).")
+@click.version_option(package_name="edgebuild", prog_name="edgebuild", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx, as_json, config, eval_, **flags):
     """edgebuild: turn a trained model into validated edge artifacts.
