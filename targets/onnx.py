@@ -19,6 +19,7 @@ INT8_DEFAULTS = {
 }
 
 
+CALIB_CHUNK = 16  # calibration samples whose tensors are held at once
 CHOICES = {"activation_type": ("uint8", "int8"), "weight_type": ("uint8", "int8"),
            "calibrate_method": ("minmax", "percentile", "entropy")}
 
@@ -135,6 +136,35 @@ def _preprocessed(src: Path, workdir: Path, keep_names: bool = False) -> Path:
     return pre
 
 
+def _calibrate_in_chunks(model: Path, calib: CalibrationSet, method, extra: dict, ranges: Path, workdir: Path) -> None:
+    """Activation ranges over every calibration sample, CALIB_CHUNK samples at a time, into ``ranges`` (JSON).
+
+    onnxruntime's calibrators keep each sample's tensors until ranges or histograms are computed: the histogram
+    ones (percentile, entropy) keep whole activations, which took an OCR recogniser past 22 GB at 120 samples.
+    Their ``collect_data`` merges into what earlier calls collected, so feeding chunks bounds the memory: MinMax
+    ranges are identical, histograms are re-binned as their range grows (scales within a few %). (Not ``CalibMaxIntermediateOutputs``: in onnxruntime 1.32 it clears collected outputs
+    without merging them, silently calibrating on the last few samples only.)
+    """
+    import numpy as np
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    from edgebuild.calibration.adapters import ort_reader
+
+    augmented = workdir / "_augmented.onnx"
+    calibrator = create_calibrator(model, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                                   augmented_model_path=str(augmented), calibrate_method=method, extra_options=extra)
+    try:
+        for start in range(0, len(calib), CALIB_CHUNK):
+            calibrator.collect_data(ort_reader(calib.subset(np.arange(start, min(start + CALIB_CHUNK, len(calib))))))
+        save_tensors_data(calibrator.compute_data(), ranges)
+    finally:
+        del calibrator
+        augmented.unlink(missing_ok=True)
+        for leftover in workdir.glob("_augmented.onnx*"):
+            leftover.unlink()
+
+
 def _check_quantized(path: Path, target: str) -> None:
     """An ``_int8`` file must hold int8 layers: onnxruntime quantizes nothing inside If/Loop subgraphs."""
     import onnx
@@ -168,8 +198,6 @@ def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workd
                      calibration_cache: Path | None = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from edgebuild.calibration.adapters import ort_reader
-
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
@@ -184,18 +212,22 @@ def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workd
             raise ConversionError(f"nodes named in the quantization settings are not in the model: {', '.join(missing[:5])}")
     extra = {"ActivationSymmetric": bool(s["symmetric_activations"]), "WeightSymmetric": bool(s["symmetric_weights"]),
              "QuantizeBias": bool(s["quantize_bias"]), "DedicatedQDQPair": bool(s["dedicated_qdq_pair"])}
-    # not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMaxCalibrater.collect_data clears the collected
-    # outputs at that count without merging their ranges, silently calibrating on the remainder only
+    calib_extra = {"percentile": float(s["percentile"])} if s["calibrate_method"] == "percentile" else {}
     if s["calibrate_method"] == "percentile":
         extra["CalibPercentile"] = float(s["percentile"])
+    ranges = calibration_cache or workdir / "_ranges.json"
+    if not ranges.is_file():
+        _calibrate_in_chunks(pre, calib, methods[s["calibrate_method"]], calib_extra, ranges, workdir)
     quantize_static(
-        str(pre), str(out), ort_reader(calib), quant_format=QuantFormat.QDQ,
+        str(pre), str(out), None, quant_format=QuantFormat.QDQ,
         activation_type=types[s["activation_type"]], weight_type=types[s["weight_type"]],
         per_channel=bool(s["per_channel"]), reduce_range=bool(s["reduce_range"]),
         calibrate_method=methods[s["calibrate_method"]],
         nodes_to_exclude=[*s["nodes_to_exclude"], *s["float_layers"]], nodes_to_quantize=list(s["nodes_to_quantize"]) or None,
-        extra_options=extra, calibration_cache_path=calibration_cache,
+        extra_options=extra, calibration_cache_path=ranges,
     )
     pre.unlink()
+    if calibration_cache is None:
+        ranges.unlink()
     for leftover in workdir.glob("*.onnx.data"):
         leftover.unlink()
