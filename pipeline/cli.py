@@ -130,22 +130,16 @@ def _parse_step(text: str) -> dict:
 
 
 @contextmanager
-def _progress(console, enabled: bool):
-    if not enabled:
-        yield lambda text: _nullcontext()
-        return
-    status = console.status("starting", spinner="dots")
-    status.start()
+def _progress(console, quiet: bool):
+    """The build's ``stage`` callable, shown on stderr (pipeline/progress.py): live lines and a trail in a terminal,
+    one plain line per stage elsewhere, nothing with --quiet."""
+    from edgebuild.pipeline.progress import make_progress
 
-    @contextmanager
-    def stage(text: str):
-        status.update(f"[bold]{text}[/bold]")
-        yield
-
+    progress = make_progress(console, quiet)
     try:
-        yield stage
+        yield progress.stage
     finally:
-        status.stop()
+        progress.close()
 
 
 @contextmanager
@@ -197,9 +191,10 @@ def _nullcontext():
 @click.option("--no-cache", is_flag=True, help="Do not read or write the stage cache.")
 @click.option("--trust-model", is_flag=True, help="Load a .pt2 archive even if it could run code when loaded (pickles beyond tensors, guard code, compiled code). Only for files you trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout (for CI).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (errors and the summary still print).")
 @click.version_option(package_name="edgebuild", prog_name="edgebuild", message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx, as_json, config, eval_, **flags):
+def cli(ctx, as_json, quiet, config, eval_, **flags):
     """edgebuild: turn a trained model into validated edge artifacts.
 
     \b
@@ -218,7 +213,7 @@ def cli(ctx, as_json, config, eval_, **flags):
         console.print("[dim]no model given: building the built-in demo (DigitsCNN on scikit-learn digits)[/dim]")
     elif config_path:
         console.print(f"[dim]config: {config_path}[/dim]")
-    with _stdout_to_stderr(as_json), _progress(console, not as_json and console.is_terminal) as stage:
+    with _stdout_to_stderr(as_json), _progress(console, quiet) as stage:
         result = build(spec, stage=stage)
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2, default=str))
