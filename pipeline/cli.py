@@ -226,7 +226,7 @@ def _print_summary(manifest: dict, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edgebuild.pipeline.report import summary_rows
+    from edgebuild.pipeline.report import slower_than_fp32, summary_rows
 
     table = Table(title=f"edgebuild — {manifest['verdict'].upper()} ({manifest['seconds']} s)")
     for col in ("target", "verdict", "artifact", "accuracy", "drop", "p50", "size", "size_ratio", "speedup"):
@@ -241,7 +241,9 @@ def _print_summary(manifest: dict, out: Path) -> None:
     for name, t in manifest["targets"].items():
         if t.get("search", {}).get("float_layers"):
             console.print(f"{name}: kept in float: {', '.join(t['search']['float_layers'])}")
-    console.print(f"artifacts in {out}/ (manifest.json, report.md)")
+    for warning in slower_than_fp32(manifest):
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    console.print(f"artifacts in {out}/ (manifest.json, report.md, report.html)")
 
 
 @cli.command()

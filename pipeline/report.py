@@ -1,6 +1,9 @@
-"""The human report (Markdown) written next to manifest.json."""
+"""The human report written next to manifest.json: report.md, and report.html rendered from the same lines
+(self-contained: inline CSS and SVG charts, no script, no external asset, opens offline)."""
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 
@@ -46,13 +49,15 @@ def write_report(manifest: dict, path: Path) -> None:
         f"- calibration: {manifest['data']['calibration']['samples']} samples from {manifest['data']['calibration']['name']}; "
         f"evaluation: {manifest['data']['evaluation']['samples']} samples from {manifest['data']['evaluation']['name']} (disjoint)",
         f"- built in {manifest['seconds']} s with edgebuild {manifest['edgebuild']}",
-        *_judging_lines(manifest.get("judging") or {}), "",
+        *_judging_lines(manifest.get("judging") or {}),
+        *[f"- **warning:** {w}" for w in slower_than_fp32(manifest)], "",
         "| target | verdict | artifact | accuracy | drop vs FP32 | p50 latency | size | size vs FP32 | speed vs FP32 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary_rows(manifest):
         lines.append(f"| {r['target']} | {r['verdict']} | {r['artifact']} | {r['accuracy']} | {r['drop']} | {r['p50']} | "
                      f"{r['size']} | {r['size_ratio']} | {r['speedup']} |")
+    charts_at = len(lines)
     if manifest.get("compression"):
         from edgebuild.pipeline.compress import markdown
 
@@ -65,7 +70,9 @@ def write_report(manifest: dict, path: Path) -> None:
         if t["failures"]:
             lines += ["**Budget failures:**", *[f"- {f}" for f in t["failures"]], ""]
         lines += _output_table(t.get("metrics") or {})
-        lines.append(f"- settings: `{t['settings']}`")
+        lines += ["", "Settings:", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {_cell(v)} |" for k, v in settings_rows(t.get("settings") or {})]
+        lines.append("")
         if t.get("host_validation"):
             lines.append(f"- host validation: {t['host_validation']}")
         for note in t.get("notes") or []:
@@ -82,7 +89,161 @@ def write_report(manifest: dict, path: Path) -> None:
             if search.get("float_layers"):
                 lines += ["", "Layers kept in float (sensitivity = quality lost when only this layer is quantized):", ""]
                 lines += [f"- `{n}`: {s:.2f}" for n, s in search["float_layers"].items()]
+            sens = search.get("sensitivity") or {}
+            if sens.get("layers"):
+                lines += ["", f"Per-layer INT8 sensitivity, most sensitive first ({sens.get('method', '')}; "
+                          f"{sens.get('seconds', '–')} s):", "", "| layer | quality loss |", "|---|---|"]
+                lines += [f"| `{n}` | {v:.4g} |" for n, v in sens["layers"].items()]
     path.write_text("\n".join(lines) + "\n")
+    path.with_suffix(".html").write_text(to_html(lines, manifest, charts_at))
+
+
+def slower_than_fp32(manifest: dict) -> list[str]:
+    """A quantized artifact that runs slower than the FP32 one on the host: passing budgets, but worth a word."""
+    out = []
+    for name, t in manifest["targets"].items():
+        speedup = (t.get("ratios") or {}).get("speedup_vs_fp32")
+        if t.get("verdict") == "error" or t.get("precision") == "fp32" or speedup is None or speedup >= 1.0:
+            continue
+        base = ((t.get("baseline_fp32") or {}).get("latency") or {}).get("p50_ms")
+        vs = f"p50 {t['latency']['p50_ms']:.3f} ms vs {base:.3f} ms" if base and t.get("latency") else f"{speedup:.2f}×"
+        out.append(f"{name}: the {str(t.get('precision', 'quantized')).upper()} artifact is slower than FP32 on this "
+                   f"host ({speedup:.2f}× speed, {vs}); check the runtime's kernels for it on the device")
+    return out
+
+
+def settings_rows(settings: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """A settings dict as (dotted key, value) rows: nested mappings flattened, lists kept as values."""
+    rows = []
+    for k, v in settings.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            rows += settings_rows(v, key + ".")
+        else:
+            rows.append((key, v))
+    return rows
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_cell(x) for x in v) if v else "none"
+    if isinstance(v, dict):
+        return "none"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+# ---- HTML ---------------------------------------------------------------------------------------------------
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1f24;padding:0 1rem}
+h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:13px}th,td{border:1px solid #d0d7de;padding:.25rem .5rem;text-align:left;vertical-align:top}
+th{background:#f6f8fa}tr.pass td:nth-child(2){color:#1a7f37;font-weight:600}tr.fail td:nth-child(2),tr.error td:nth-child(2){color:#cf222e;font-weight:600}
+code{background:#f6f8fa;padding:0 .25rem;border-radius:3px;font-size:12px}.warning{color:#9a6700}
+.charts{display:flex;flex-wrap:wrap;gap:1.5rem}.charts figure{margin:0}figcaption{font-weight:600;margin-bottom:.3rem}
+"""
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+
+def _row_cells(line: str) -> list[str]:
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+
+
+def to_html(lines: list[str], manifest: dict, charts_at: int) -> str:
+    """The report's Markdown lines as one self-contained HTML page; the charts go after the summary table."""
+    body, i = [], 0
+    while i < len(lines):
+        if i == charts_at:
+            body.append(charts(manifest))
+        line = lines[i]
+        if line.startswith("|") and i + 1 < len(lines) and set(lines[i + 1].replace("|", "")) <= set("-: ") and lines[i + 1].startswith("|"):
+            head = _row_cells(line)
+            rows, i = [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(_row_cells(lines[i]))
+                i += 1
+            body.append(_html_table(head, rows))
+            continue
+        if line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                cls = ' class="warning"' if lines[i].startswith("- **warning:**") else ""
+                items.append(f"<li{cls}>{_inline(lines[i][2:])}</li>")
+                i += 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        m = re.match(r"(#{1,3}) (.*)", line)
+        if m:
+            n = len(m[1])
+            body.append(f"<h{n}>{_inline(m[2])}</h{n}>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    if charts_at >= len(lines):
+        body.append(charts(manifest))
+    title = html.escape(f"edgebuild report — {manifest['verdict'].upper()}")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+            f'<body>\n' + "\n".join(body) + "\n</body></html>\n")
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    verdict_col = head.index("verdict") if "verdict" in head else None
+    out = ["<table><thead><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in rows:
+        cls = f' class="{html.escape(r[verdict_col].lower())}"' if verdict_col is not None and verdict_col < len(r) else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>")
+    return "".join(out) + "</tbody></table>"
+
+
+def charts(manifest: dict) -> str:
+    """Inline SVG bar charts: each target's artifact against its FP32 baseline, for p50 latency and size."""
+    lat, size = [], []
+    for name, t in manifest["targets"].items():
+        if t.get("verdict") == "error":
+            continue
+        base = t.get("baseline_fp32") or {}
+        p = str(t.get("precision", "artifact")).upper()
+        lat.append((name, p, (t.get("latency") or {}).get("p50_ms"), (base.get("latency") or {}).get("p50_ms")))
+        size.append((name, p, (t.get("size_bytes") or 0) / 1e6 or None, (base.get("size_bytes") or 0) / 1e6 or None))
+    if not lat:
+        return ""
+    return ('<div class="charts">' + _bar_chart("p50 latency on this host (ms), artifact vs FP32", lat, "ms")
+            + _bar_chart("size on disk (MB), artifact vs FP32", size, "MB") + "</div>")
+
+
+def _bar_chart(title: str, groups: list[tuple[str, str, float | None, float | None]], unit: str) -> str:
+    values = [v for g in groups for v in g[2:] if v]
+    if not values:
+        return ""
+    top = max(values)
+    label_w, bar_w, row_h = 150, 300, 18
+    height = len(groups) * (2 * row_h + 10) + 10
+    parts = [f'<figure><figcaption>{html.escape(title)}</figcaption>'
+             f'<svg width="{label_w + bar_w + 90}" height="{height}" '
+             f'role="img" aria-label="{html.escape(title)}" font-size="12" font-family="sans-serif">']
+    y = 10
+    for name, precision, value, fp32 in groups:
+        for j, (label, v, color) in enumerate(((f"{name} {precision}", value, "#2f81f7"), (f"{name} FP32", fp32, "#8c959f"))):
+            w = 0 if not v else max(1.0, bar_w * v / top)
+            yy = y + j * row_h
+            parts.append(f'<text x="{label_w - 6}" y="{yy + 12}" text-anchor="end">{html.escape(label)}</text>'
+                         f'<rect x="{label_w}" y="{yy + 2}" width="{w:.1f}" height="{row_h - 5}" fill="{color}">'
+                         f'<title>{html.escape(label)}: {_fmt(v, ".3f", " " + unit)}</title></rect>'
+                         f'<text x="{label_w + w + 4:.1f}" y="{yy + 12}">{_fmt(v, ".3f", " " + unit)}</text>')
+        y += 2 * row_h + 10
+    return "".join(parts) + "</svg></figure>"
 
 
 def _judging_lines(j: dict) -> list[str]:

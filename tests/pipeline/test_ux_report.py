@@ -1,0 +1,77 @@
+"""report.html beside report.md: self-contained, settings as tables, charts, a word on INT8 slower than FP32;
+rendered by a real headless browser when one is installed."""
+import copy
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgebuild.pipeline.report import settings_rows, slower_than_fp32, write_report
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    import torch
+
+    from edgebuild import build
+
+    tmp = tmp_path_factory.mktemp("report")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(64, 3))
+    x = np.random.default_rng(0).normal(size=(48, 1, 4, 4)).astype(np.float32)
+    result = build(model=net, input_shape=(1, 1, 4, 4), calib=x, targets=["onnx-cpu"], out=str(tmp / "out"),
+                   auto=False, cache=False, budgets={"cosine_min": 0.5})
+    return result
+
+
+def test_build_writes_a_self_contained_html_report_beside_the_markdown(built):
+    page = (built.out / "report.html").read_text()
+    md = (built.out / "report.md").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "</html>" in page
+    assert not re.search(r"<script|<link|<img|\bsrc=|url\(|https?://", page), "no external asset, nothing to fetch"
+    assert "<th>setting</th>" in page and "| setting | value |" in md
+    assert "{'" not in md and "{&#x27;" not in page, "settings are a table, not a raw dict"
+    assert "onnx-cpu" in page and "model_int8_qdq.onnx" in page
+    for output in built.manifest["model"]["outputs"]:
+        assert output["name"] in page  # the per-output table
+
+
+def test_int8_slower_than_fp32_is_named_in_the_report(built, tmp_path):
+    manifest = copy.deepcopy(built.manifest)
+    t = manifest["targets"]["onnx-cpu"]
+    t["ratios"]["speedup_vs_fp32"] = 0.85
+    warnings = slower_than_fp32(manifest)
+    assert len(warnings) == 1 and "slower than FP32" in warnings[0] and "0.85×" in warnings[0]
+    write_report(manifest, tmp_path / "report.md")
+    assert "slower than FP32" in (tmp_path / "report.md").read_text()
+    assert 'class="warning"' in (tmp_path / "report.html").read_text()
+    t["ratios"]["speedup_vs_fp32"] = 1.3
+    assert slower_than_fp32(manifest) == []
+
+
+def test_settings_rows_flatten_nested_settings():
+    rows = dict(settings_rows({"a": 1, "b": {"c": [1, 2], "d": {"e": True}}, "f": {}}))
+    assert rows == {"a": 1, "b.c": [1, 2], "b.d.e": True, "f": {}}
+
+
+def _browser():
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium installed (apt-get install chromium)")
+def test_html_report_renders_in_a_headless_browser(built, tmp_path):
+    page = built.out / "report.html"
+    common = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<table>" in dom.stdout and "<svg" in dom.stdout and "onnx-cpu" in dom.stdout
+    shot = tmp_path / "report.png"
+    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()],
+                   capture_output=True, text=True, timeout=120)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000  # a page with content, not a blank
