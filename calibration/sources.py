@@ -137,9 +137,22 @@ def _image_preprocessing(root: Path, inputs: tuple[InputSpec, ...], pre: Preproc
     if len(inputs) > 1:
         raise BadInputError(f"{root}: an image folder gives one input, the model has {len(inputs)} "
                             f"({[i.name for i in inputs]}); give a .npz keyed by input name")
+    if pre.resize is None and inputs:
+        size = model_image_size(inputs[0])
+        if size:
+            pre = replace(pre, resize=size)  # images of any size fit the model (preprocess.resize overrides)
     if inputs and np.dtype(inputs[0].dtype).kind != "f":
         return replace(pre, scale=1.0, mean=(), std=(), dtype=inputs[0].dtype)
     return pre
+
+
+def model_image_size(spec: InputSpec) -> tuple[int, int] | None:
+    """(height, width) of an image input [1, C, H, W] (NCHW) or [1, H, W, C] (NHWC); None when not an image."""
+    shape = tuple(spec.shape or ())
+    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape):
+        return None
+    h, w = (shape[1], shape[2]) if spec.layout == "NHWC" else (shape[2], shape[3])
+    return (h, w)
 
 
 def _image_folder(root: Path, pre: PreprocessSpec) -> RawData:
@@ -164,6 +177,8 @@ def _image_folder(root: Path, pre: PreprocessSpec) -> RawData:
         raise BadInputError(f"{root}: images have different sizes {sorted(shapes)[:3]}; set preprocess.resize")
     labels = np.array([c for _, c in files], dtype=np.int64) if classes else None
     origin = {"source": str(root), "classes": classes} if classes else {"source": str(root)}
+    if pre.resize:
+        origin["resize"] = list(pre.resize)
     return RawData(root.name, {"input": np.stack(arrays)}, labels, origin)
 
 

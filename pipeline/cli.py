@@ -56,6 +56,9 @@ def spec_from_flags(config: str | None, **flags):
         first = dict((data.get("inputs") or [{}])[0])
         first.update(shape=list(shape))
         data["inputs"] = [first, *(data.get("inputs") or [])[1:]]
+    preprocess = _preprocess_flags(flags)
+    if preprocess:
+        data["preprocess"] = {**(data.get("preprocess") or {}), **preprocess}
     budgets = dict(data.get("budgets") or {})
     for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "max_compression_drop"):
         value = flags.pop(name)
@@ -81,6 +84,36 @@ def spec_from_flags(config: str | None, **flags):
         if v is not None:
             data[k] = v
     return BuildSpec.from_dict(data), config_path
+
+
+def _numbers(flag: str, text: str, kind=float) -> list:
+    try:
+        values = [kind(v) for v in text.strip().strip("[]()").replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise BadInputError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise BadInputError(f"{flag} must be comma-separated numbers, got {text!r}")
+    return values
+
+
+def _preprocess_flags(flags: dict) -> dict:
+    """--resize/--mean/--std/--scale/--color/--layout -> preprocess: fields (over the config's)."""
+    out = {}
+    resize = flags.pop("resize", None)
+    if resize:
+        hw = _numbers("--resize", resize, int)
+        if len(hw) not in (1, 2) or min(hw) <= 0:
+            raise BadInputError(f"--resize must be HEIGHT,WIDTH (or one size for both), got {resize!r}")
+        out["resize"] = hw * 2 if len(hw) == 1 else hw
+    for name in ("mean", "std"):
+        value = flags.pop(name, None)
+        if value:
+            out[name] = _numbers(f"--{name}", value)
+    for name in ("scale", "color", "layout"):
+        value = flags.pop(name, None)
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def _manifest_spec(path: Path) -> dict | None:
@@ -177,6 +210,12 @@ def _nullcontext():
 @click.option("--calib", help="Calibration data: image folder, .npy, .npz, or digits[:train|:test].")
 @click.option("--eval", "eval_", help="Evaluation data (same kinds). One source alone is split into disjoint parts.")
 @click.option("--calib-samples", type=int, help="At most this many calibration samples (default 300).")
+@click.option("--resize", metavar="H,W", help="Image folders: resize to H,W (default: the model's input size).")
+@click.option("--scale", type=float, help="Image folders: multiply pixels by this (default 1/255).")
+@click.option("--mean", metavar="M[,M,M]", help="Image folders: subtract per-channel mean (after --scale), e.g. 0.485,0.456,0.406.")
+@click.option("--std", metavar="S[,S,S]", help="Image folders: divide by per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Image folders: channel order (default rgb).")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Image folders: tensor layout of the samples (default NCHW).")
 @click.option("--out", "-o", help="Output directory (default: out), replaced atomically.")
 @click.option("--precision", type=click.Choice(["int8", "fp16", "fp32", "dynamic"]), help="Override the profiles' precision.")
 @click.option("--max-accuracy-drop", type=float, help="Budget: accuracy drop vs FP32 in points.")
