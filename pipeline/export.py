@@ -32,7 +32,8 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_onnx(loaded: LoadedModel, evalset: CalibrationSet, workdir: Path) -> tuple[ModelInput, dict]:
+def export_onnx(loaded: LoadedModel, evalset: CalibrationSet, workdir: Path,
+                calib: CalibrationSet | None = None) -> tuple[ModelInput, dict]:
     """Write ``workdir/model_fp32.onnx``; return it as a ModelInput plus an export record for the manifest."""
     import onnx
 
@@ -40,12 +41,14 @@ def export_onnx(loaded: LoadedModel, evalset: CalibrationSet, workdir: Path) -> 
     record: dict = {"source": loaded.description}
     if loaded.kind == "onnx":
         model = onnx.load(str(loaded.onnx_path))
-        model, notes = _normalize_onnx(model, loaded)
+        model, notes, frozen = _normalize_onnx(model, loaded, [evalset, calib])
         record.update(exporter="none (ONNX source)", notes=notes)
+        if frozen:
+            record["frozen_inputs"] = frozen
     else:
         model, exporter = _export_torch(loaded, workdir)
         record["exporter"] = exporter
-    model, record["simplifier"] = _simplify(model)
+    model, record["simplifier"] = _keep_inputs(model, *_simplify(model))
     note = check_onnx(model, "exported ONNX")
     if note:
         record.setdefault("notes", []).append(note)
@@ -99,11 +102,15 @@ def _dry_run(loaded: LoadedModel, args) -> None:
                             f"{(str(e).strip().splitlines() or [''])[0][:200]} (check --input-shape / inputs in edgebuild.yaml)") from None
 
 
-def _normalize_onnx(model, loaded: LoadedModel):
+def _normalize_onnx(model, loaded: LoadedModel, datasets=()):
     from onnx import shape_inference, version_converter
+
+    from edgebuild.pipeline.specialize import specialize_constant_ifs
 
     ir = model.ir_version
     model, notes = upgrade_legacy_onnx(model)
+    model, frozen, more = specialize_constant_ifs(model, datasets)  # before the sizes are fixed: see below
+    notes += more
     shapes = {i.name: i.shape for i in loaded.inputs}
     unfixed = onnx_copy(model)
     for gi in model.graph.input:
@@ -137,7 +144,7 @@ def _normalize_onnx(model, loaded: LoadedModel):
     if model.ir_version != ir:  # one note for the whole upgrade
         notes = [f"IR version upgraded {ir} -> {model.ir_version}"] + [n for n in notes if not n.startswith("IR version")]
     model = shape_inference.infer_shapes(model)
-    return model, notes
+    return model, notes, frozen
 
 
 def onnx_copy(model):
@@ -224,6 +231,19 @@ def _simplify(model):
         return onnxslim.slim(model), f"onnxslim {onnxslim.__version__}"
     except Exception as e:  # simplification is an optimization; the unsimplified graph is still correct
         return model, f"onnxslim failed, graph kept as exported ({type(e).__name__})"
+
+
+def _keep_inputs(before, after, simplifier: str):
+    """The simplifier drops inputs the graph no longer reads (a frozen ``sr``); the interface keeps them."""
+    have = {i.name for i in after.graph.input}
+    if all(i.name in have for i in before.graph.input):
+        return after, simplifier
+    by_name = {i.name: i for i in after.graph.input}
+    inputs = [by_name.get(i.name, i) for i in before.graph.input] + [i for i in after.graph.input
+                                                                      if i.name not in {j.name for j in before.graph.input}]
+    del after.graph.input[:]
+    after.graph.input.extend(inputs)
+    return after, simplifier
 
 
 def _opset(model) -> int:

@@ -166,3 +166,76 @@ def make_old_cnn(folder: Path, **kw) -> tuple[Path, Path]:
     data = folder / "zoo_cnn.npz"
     np.savez(data, data_0=x)
     return path, data
+
+
+# ---- (a') the same class as real VADs export it: the network sits in an If on the 0-d int64 ``sr``
+def branchy_vad(hidden: int = 16):
+    """``If(sr == 16000)``: the 16 kHz branch (conv stride 4 -> LSTM -> head) or the 8 kHz one (stride 2, other
+    weights); inputs input [batch, 576], state [2, batch, hidden], sr int64 0-d; outputs prob, new_state."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def branch(tag: str, stride: int, seed: int):
+        rng = np.random.default_rng(seed)
+        steps = (576 - 9) // stride + 1
+        feats = 4 * steps
+        w = {f"{tag}_conv_w": rng.normal(0, 0.3, (4, 1, 9)), f"{tag}_W": rng.normal(0, 0.05, (1, 4 * hidden, feats)),
+             f"{tag}_R": rng.normal(0, 0.2, (1, 4 * hidden, hidden)), f"{tag}_B": rng.normal(0, 0.1, (1, 8 * hidden)),
+             f"{tag}_head": rng.normal(0, 0.5, (hidden, 1)), f"{tag}_shape": np.array([1, -1, feats]),
+             f"{tag}_ax1": np.array([1]), f"{tag}_ax0": np.array([0]), f"{tag}_split": np.array([1, 1])}
+        inits = [numpy_helper.from_array(v.astype(np.int64 if v.dtype.kind == "i" else np.float32), k) for k, v in w.items()]
+        def t(x):
+            return f"{tag}_{x}"
+
+        nodes = [helper.make_node("Unsqueeze", ["input", t("ax1")], [t("x3")]),
+                 helper.make_node("Conv", [t("x3"), t("conv_w")], [t("c")], strides=[stride]),
+                 helper.make_node("Relu", [t("c")], [t("r")]),
+                 helper.make_node("Reshape", [t("r"), t("shape")], [t("seq")]),
+                 helper.make_node("Split", ["state", t("split")], [t("h0"), t("c0")], axis=0),
+                 helper.make_node("LSTM", [t("seq"), t("W"), t("R"), t("B"), "", t("h0"), t("c0")],
+                                  ["", t("h"), t("cc")], hidden_size=hidden),
+                 helper.make_node("Squeeze", [t("h"), t("ax0")], [t("h2")]),
+                 helper.make_node("MatMul", [t("h2"), t("head")], [t("logit")]),
+                 helper.make_node("Sigmoid", [t("logit")], [t("prob")]),
+                 helper.make_node("Concat", [t("h"), t("cc")], [t("state_out")], axis=0)]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(t("prob"), TensorProto.FLOAT, None),
+                                                  helper.make_tensor_value_info(t("state_out"), TensorProto.FLOAT, None)],
+                                 inits)
+
+    graph = helper.make_graph(
+        [helper.make_node("Equal", ["sr", "khz16"], ["is16"]),
+         helper.make_node("If", ["is16"], ["prob", "new_state"], then_branch=branch("k16", 4, 1),
+                          else_branch=branch("k8", 2, 2))],
+        "branchy_vad",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 576]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", hidden]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1]),
+         helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [2, "batch", hidden])],
+        [numpy_helper.from_array(np.array(16000, np.int64), "khz16")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def make_branchy_vad(folder: Path, rates=(16000,)) -> tuple[Path, Path]:
+    """The If-VAD and its data: frames, the states the model itself carries, ``sr`` cycling through ``rates``
+    (one value: stored once, as users do)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = branchy_vad()
+    path = folder / "branchy_vad.onnx"
+    onnx.save(model, str(path))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    t = np.arange(576) / 16000.0
+    frames = np.stack([np.sin(2 * np.pi * rng.uniform(100, 800) * t) * rng.uniform(0.01, 1)
+                       for _ in range(SAMPLES)]).astype(np.float32)
+    srs = np.array([rates[i % len(rates)] for i in range(SAMPLES)], np.int64)
+    states = np.zeros((SAMPLES, 2, 16), np.float32)
+    st = np.zeros((2, 1, 16), np.float32)
+    for i in range(SAMPLES):
+        states[i] = st[:, 0]
+        _, st = sess.run(None, {"input": frames[i:i + 1], "state": st, "sr": np.array(srs[i])})
+    data = folder / "branchy_vad.npz"
+    np.savez(data, input=frames, state=states, sr=np.int64(rates[0]) if len(rates) == 1 else srs)
+    return path, data

@@ -113,3 +113,27 @@ def test_arm64(corpus, tmp_path, capsys, name):
     interpreter = Interpreter(model_path=str(out / "arm64" / t["artifact"]))  # XNNPACK is the default delegate
     interpreter.allocate_tensors()
     assert len(interpreter.get_input_details()) == len(INPUTS[name])
+
+
+@pytest.mark.slow
+def test_if_on_a_fixed_scalar_builds_every_cpu_target_as_a_plain_graph(tmp_path, capsys):
+    """A VAD whose network sits in ``If(sr == 16000)`` (sr 16000 in all data): specialized once, so onnx-cpu is
+    really INT8 (the quantizer does not enter If subgraphs), OpenVINO never sees the untaken branch and onnx2tf
+    (which has no If) converts it; ``sr`` stays in every interface that keeps it."""
+    from tests.conformance.models import make_branchy_vad
+
+    model, data = make_branchy_vad(tmp_path)
+    out = tmp_path / "out"
+    code, m, err = build(capsys, model, data, "onnx-cpu,x86,arm64", out)
+    assert code in (0, 1), err
+    assert m["model"]["frozen_inputs"] == {"sr": 16000}
+    assert [i["name"] for i in m["model"]["inputs"]] == ["input", "state", "sr"]
+    import onnx
+
+    qdq = onnx.load(str(out / "onnx-cpu" / "model_int8_qdq.onnx"))
+    assert m["targets"]["onnx-cpu"]["artifact"] == "model_int8_qdq.onnx"
+    assert "If" not in {n.op_type for n in qdq.graph.node} and any(n.op_type == "QuantizeLinear" for n in qdq.graph.node)
+    for target in ("onnx-cpu", "x86"):
+        check_target(m, out, target, data)
+    t = m["targets"]["arm64"]
+    assert t["verdict"] in ("pass", "fail") and t["artifact"].endswith(".tflite"), t.get("error")

@@ -98,3 +98,29 @@ def test_bad_values_in_data_are_exit_2_naming_source_and_input(demo_onnx, tmp_pa
                                     "--target", "onnx-cpu", "--out", str(tmp_path / "o")])
     assert code == 2 and "bad.npy" in line
     assert {"nan": "input input has 1 NaN/Inf", "inf": "NaN/Inf", "complex": "complex", "strings": "not numbers"}[bad] in line
+
+
+@pytest.mark.parametrize("rates, specialized", [((16000,), True), ((16000, 8000), False)])
+def test_an_if_on_an_input_the_data_never_varies_becomes_the_taken_branch(tmp_path, rates, specialized):
+    from tests.conformance.models import make_branchy_vad
+
+    model_path, data = make_branchy_vad(tmp_path, rates)
+    loaded = load_model(BuildSpec(model=str(model_path)))
+    evalset = load_source(str(data), loaded.inputs, BuildSpec().preprocess)
+    mi, record = export_onnx(loaded, evalset, tmp_path)
+    exported = onnx.load(str(mi.onnx_path))
+    ops = {n.op_type for n in exported.graph.node}
+    assert [i.name for i in exported.graph.input] == ["input", "state", "sr"]  # the interface is unchanged
+    if specialized:
+        assert "If" not in ops and "LSTM" in ops and record["frozen_inputs"] == {"sr": 16000}
+        assert any(n.startswith("graph specialized for sr=16000") for n in record["notes"]), record["notes"]
+        dims = [d.dim_value for d in exported.graph.input[1].type.tensor_type.shape.dim]
+        assert dims == [2, 1, 16]  # the untaken branch no longer keeps the sizes symbolic
+    else:
+        assert "If" in ops and "frozen_inputs" not in record
+        assert any("which vary in the data" in n for n in record["notes"]), record["notes"]
+    original = onnx.load(str(model_path))
+    for i in (0, 1, 7):  # the reference computes what the original computes on every sample
+        feed = evalset.feed(i)
+        for a, b in zip(ort_run(original, feed), ort_run(exported, feed)):
+            np.testing.assert_array_equal(a, b)
