@@ -15,10 +15,15 @@ onnx2tf's tensor map still find them. Runs in the conversion child (targets/tfli
   flex op``). ``erf(x) ~ tanh(2/sqrt(pi) * (x + 0.08943 x^3))``: max abs error 3.6e-4 (GELU built on it: 3.4e-4),
   made of ops that have int8 kernels (MUL, ADD, TANH).
 - **Sum** (ONNX's n-ary add, ``ADD_N`` in TFLite, which has no int8 kernel): a chain of binary ``Add``.
+- **Node names TensorFlow refuses as scope names** (PaddlePaddle exports name nodes ``Softmax@0``, ``Conv@3``):
+  onnx2tf passes the node name to ops such as ``tf.nn.softmax(name=...)``, which raise "'Softmax@0' is not a
+  valid scope name" (the PP-OCR classifier's arm64 failure). Such names get ``_`` for each refused character
+  (unique); tensor names are untouched, so float_layers (matched on the source file's node outputs) still work.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -30,7 +35,7 @@ ERF_MAX_ABS_ERROR = 3.6e-4
 def rewrite(model) -> tuple[object, list[str]]:
     """All rewrites, in order; returns (model, notes)."""
     notes: list[str] = []
-    for step in (maxpool_edge_padding, erf_to_tanh, sum_to_add_chain):
+    for step in (tf_scope_safe_node_names, maxpool_edge_padding, erf_to_tanh, sum_to_add_chain):
         model, note = step(model)
         if note:
             notes.append(note)
@@ -82,6 +87,34 @@ def _unique(model, base: str) -> str:
         k += 1
         name = f"{base}_{k}"
     return name
+
+
+_SCOPE_FIRST = re.compile(r"[A-Za-z0-9.]")
+_SCOPE_REST = re.compile(r"[^A-Za-z0-9_.\\/>-]")
+
+
+def tf_scope_safe_node_names(model):
+    """Node names TF accepts as name scopes (``^[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*$``), unique."""
+    bad = [n for n in model.graph.node if n.name and not _scope_ok(n.name)]
+    if not bad:
+        return model, None
+    taken = {n.name for n in model.graph.node}
+    first = bad[0].name
+    for n in bad:
+        base = _SCOPE_REST.sub("_", n.name)
+        base = base if _SCOPE_FIRST.match(base) else f"n{base}"
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        n.name = name
+    return model, (f"{len(bad)} node name(s) TF refuses as scope names made safe ({first!r} -> {bad[0].name!r}; "
+                   f"onnx2tf names TF ops after them)")
+
+
+def _scope_ok(name: str) -> bool:
+    return bool(_SCOPE_FIRST.match(name)) and not _SCOPE_REST.search(name)
 
 
 def maxpool_edge_padding(model):

@@ -7,7 +7,7 @@
     BERT-style encoder, int64 ids + mask, GELU   'tf.Erf' is not a builtin op        Erf as tanh (3.6e-4), ids int64
     ONNX Sum (ADD_N)                             not full-integer (ADD_N)            chain of Add: full-integer
     ONNX LRN                                     not full-integer (LRN)              float where allowed, else named
-    opset-11 Softmax, weights as Constant nodes  (as reported: onnx2tf at Softmax)   converts (opset 13 via onnx)
+    opset-11 Softmax, Constant weights, Paddle   onnx2tf at Softmax@0 (scope name)   names made TF-safe, converts
     CTC recogniser: conv -> BiLSTM -> log-softmax  (as reported: 0 signatures)       converts
     VAD LSTM cell: state [2,1,128], 0-d int64 sr   IndexError in calibration          state kept, sr [1] on device
 """
@@ -229,7 +229,8 @@ class OrientationNet(nn.Module):
 @pytest.mark.slow
 def test_opset11_softmax_with_constant_weights(tmp_path):
     """Raw opset-11 export with every weight a Constant node, upgraded to 13 by onnx's version converter and
-    simplified, as pipeline/export.py does with ONNX sources below opset 13."""
+    simplified, as pipeline/export.py does with ONNX sources below opset 13, its nodes named as PaddlePaddle
+    names them (``Softmax@0``: not a TF scope name)."""
     import onnxslim
     from onnx import version_converter
 
@@ -243,6 +244,8 @@ def test_opset11_softmax_with_constant_weights(tmp_path):
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     up = onnxslim.slim(onnx.shape_inference.infer_shapes(version_converter.convert_version(m, 13)))
+    for i, n in enumerate(up.graph.node):  # PaddlePaddle's node names (PP-OCR): onnx2tf named tf.nn.softmax after them
+        n.name = f"{n.op_type}@{i}"
     path = tmp_path / "cls.onnx"
     onnx.save(up, str(path))
     mi = model_input(path)
