@@ -38,8 +38,13 @@ class ConversionError(EdgeBuildError):
 class MissingToolError(ConversionError):
     """A backend's library is not installed: says which and how to install it."""
 
+    EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "openvino": "openvino", "nncf": "openvino",
+              "tensorflow": "tflite", "tf_keras": "tflite", "onnx2tf": "tflite", "onnx_graphsurgeon": "tflite",
+              "ai_edge_litert": "tflite", "torch": "torch"}  # import name -> the pyproject extra that installs it
+
     def __init__(self, target: str, package: str):
+        extra = self.EXTRAS.get(package, "all")
         super().__init__(
-            f"target {target} needs {package}; install the toolchain with `bash scripts/bootstrap.sh` "
-            f"(or `pip install -r requirements.lock`)"
+            f"target {target} needs {package}; install it with `pip install 'edgebuild[{extra}]'`, or the whole "
+            f"tested toolchain with `bash scripts/bootstrap.sh` (or `pip install -r requirements.lock`)"
         )
