@@ -92,13 +92,11 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
         refdir.mkdir()
         with stage("exporting FP32 ONNX"):
             model, export_record = export_onnx(loaded, evalset, refdir)
+        cache = StageCache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
         with stage("running the FP32 reference"):
-            from edgebuild.targets.onnx import OrtRunner
-
-            reference = V.collect(OrtRunner(model.onnx_path, 2), evalset)
+            reference, reference_cached = _reference_outputs(cache, model, evalset)
             _save_reference(refdir / "outputs.npz", reference, evalset)
             judging = V.resolve(judging_for(spec, model), reference, evalset.labels)
-        cache = StageCache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
         ctx = BuildContext(spec, model, calib, evalset, reference, judging, cache, scratch, stage=stage,
                            deadline=time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf")))
         targets = {}
@@ -106,6 +104,8 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
             targets[profile.name] = _build_one(ctx, profile, staging / profile.name, build_target)
         manifest = _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets,
                              time.perf_counter() - t_start, judging)
+        manifest["cache"] = {"reference_outputs": reference_cached,
+                             "note": "per target: `cache` says which results came from the stage cache"}
         if compress_record is not None:
             _gate_compression(manifest, compress_record, spec)
         _finish(staging, out, manifest)
@@ -282,6 +282,29 @@ def _swap_in(staging: Path, out: Path) -> None:
     os.replace(staging, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+REFERENCE_THREADS = 2
+
+
+def _reference_outputs(cache: StageCache, model, evalset) -> tuple[list, bool]:
+    """The FP32 source's outputs on the evaluation set, cached by (model hash, evaluation data hash, runtime)."""
+    from edgebuild.pipeline.cache import code_hash, key
+    from edgebuild.targets.onnx import OrtRunner
+
+    k = key(stage="reference", model=model.content_hash, data=evalset.content_hash(), threads=REFERENCE_THREADS,
+            versions={n: v for n, v in tool_versions().items() if v}, code=code_hash())
+    hit = cache.get_result(k)
+    if hit is not None:
+        n_out, arrays = hit[0]["outputs"], hit[1]
+        if n_out and all(f"output_{j}" in arrays and len(arrays[f"output_{j}"]) == len(evalset) for j in range(n_out)):
+            return [[arrays[f"output_{j}"][i] for j in range(n_out)] for i in range(len(evalset))], True
+    reference = V.collect(OrtRunner(model.onnx_path, REFERENCE_THREADS), evalset)
+    n_out = len(reference[0])
+    shapes_equal = all(len({o[j].shape for o in reference}) == 1 for j in range(n_out))
+    if shapes_equal:  # per-sample outputs of varying shape are not stacked: not cached
+        cache.put_result(k, {"outputs": n_out}, {f"output_{j}": np.stack([o[j] for o in reference]) for j in range(n_out)})
+    return reference, False
 
 
 def _save_reference(path: Path, reference: list, evalset) -> None:

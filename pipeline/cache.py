@@ -181,3 +181,78 @@ class StageCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def get_result(self, k: str):
+        """``(payload, arrays)`` stored under ``k``, or None (a miss, or a bad entry: removed)."""
+        import numpy as np
+
+        if self.root is None:
+            return None
+        entry = self.root / k
+        if not (entry / RESULT_FILE).is_file():
+            return None
+        try:
+            meta = json.loads((entry / RESULT_FILE).read_text())
+            payload, files = meta["payload"], meta["files"]
+            if _payload_digest(payload) != meta["payload_sha256"] or not isinstance(files, dict):
+                raise BadEntry("result.json does not match its recorded sha256")
+            if any(n != ARRAYS_FILE for n in files):
+                raise BadEntry("an entry file is not a plain result file")
+            arrays = {}
+            if files:
+                path = entry / ARRAYS_FILE
+                if path.is_symlink() or _sha256(path) != files[ARRAYS_FILE]:
+                    raise BadEntry(f"{ARRAYS_FILE} does not match its recorded sha256")
+                with np.load(path, allow_pickle=False) as z:
+                    arrays = {n: z[n] for n in z.files}
+            return payload, arrays
+        except (BadEntry, ValueError, KeyError, TypeError) as e:
+            self.rejected[k] = str(e) if isinstance(e, BadEntry) else f"result.json is broken ({type(e).__name__})"
+            self._drop(entry)
+            return None
+        except OSError:
+            return None
+
+
+    def put_result(self, k: str, payload, arrays: dict | None = None) -> bool:
+        """Store a JSON-serialisable ``payload`` (and arrays); False when it was not stored (disabled, not JSON,
+        unwritable cache: it costs speed, never the build)."""
+        import numpy as np
+
+        if self.root is None:
+            return False
+        self.rejected.pop(k, None)
+        try:
+            meta = {"payload": payload, "payload_sha256": _payload_digest(payload), "files": {}}
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
+        except (TypeError, ValueError, OSError):
+            return False
+        try:
+            if arrays:
+                with open(tmp / ARRAYS_FILE, "wb") as fh:
+                    np.savez(fh, **arrays)
+                meta["files"][ARRAYS_FILE] = _sha256(tmp / ARRAYS_FILE)
+            with open(tmp / RESULT_FILE, "w") as fh:
+                fh.write(json.dumps(meta))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.replace(tmp, self.root / k)
+            except OSError:  # another build stored the same key first
+                shutil.rmtree(tmp, ignore_errors=True)
+            return True
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+
+
+# ---- result entries: JSON (and optionally arrays) that a stage computed, e.g. validation metrics, latency,
+# the FP32 reference outputs, an accuracy search's choice. Same trust model as artifacts: a directory with plain
+# file names, every file's sha256 recorded in ``result.json`` (whose payload carries its own sha256), arrays read
+# with ``allow_pickle=False``. A bad entry is removed and the result computed again.
+RESULT_FILE, ARRAYS_FILE = "result.json", "arrays.npz"
+
+
+def _payload_digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

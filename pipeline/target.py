@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
+import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline import validate as V
@@ -44,6 +46,7 @@ class Attempt:
     label: str = "profile settings"
     data: dict = field(default_factory=dict)  # the evaluation data these numbers were measured on
     loss: float = 0.0  # V.quality_loss: lower is better, <= 0 within every quality budget
+    cached: bool = False  # the metrics came from the stage cache (this artifact was not evaluated again)
 
     @property
     def quality_ok(self) -> bool:
@@ -104,20 +107,165 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
     return art
 
 
+def timing_threads(profile: TargetProfile) -> int:
+    """Threads the host runs a profile's artifacts with: the profile's, at most the host's cores (more threads
+    than cores only add contention; the manifest records both)."""
+    return max(1, min(profile.threads, V.host_cores()))
+
+
+def host_id() -> dict:
+    import platform
+
+    return {"node": platform.node(), "machine": platform.machine(), "cores": V.host_cores(),
+            "processor": platform.processor()}
+
+
+def artifact_hash(art: Artifact) -> str:
+    return key(files={f: file_hash(art.directory / f) for f in sorted(art.files)}, main=art.main,
+               precision=art.precision, backend=art.backend, io=art.io)
+
+
+def _runtime_key(backend: Backend, threads: int) -> dict:
+    versions = {k: v for k, v in tool_versions().items() if v}
+    return {"backend": backend.name, "versions": versions, "threads": threads, "host": host_id(), "code": code_hash()}
+
+
+def _judging_key(ctx: BuildContext):
+    j = asdict(ctx.judging)
+    j.pop("evaluator_base", None)
+    return j
+
+
 def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: Artifact, budget: V.Budget,
              timed: bool = True, data: tuple[CalibrationSet, list] | None = None) -> Attempt:
-    """Validate ``art`` on the evaluation set (or on ``data`` = (a subset, its reference outputs))."""
+    """Validate ``art`` on the evaluation set (or on ``data`` = (a subset, its reference outputs)).
+
+    The metrics are cached, keyed by (artifact sha256, evaluation data hash, reference, judging, runtime and
+    versions, threads, host): an unchanged artifact is not evaluated again. Latency is not measured here
+    (``timed`` is kept for callers): ``build_target`` times the chosen artifact interleaved with its FP32 baseline.
+    """
     evalset, reference = data or (ctx.evalset, ctx.reference)
-    with open_runner(backend, art, profile.threads) as runner:
-        outputs = V.collect(runner, evalset)
-        lat = V.latency(runner, evalset) if timed else {}
-    try:
-        metrics = V.compare(reference, outputs, evalset.labels, ctx.judging)
-    except ValueError as e:
-        raise ConversionError(f"{profile.name}: {art.main} gives outputs unlike the source model ({e})") from e
-    failures = V.judge(metrics, art.size_bytes, lat or None, budget, ctx.judging.task)
+    threads = timing_threads(profile)
+    # a user's evaluator is code whose changes no key sees: its results are not cached
+    k = None if ctx.judging.evaluator else key(
+        stage="validate", artifact=artifact_hash(art), data=evalset.content_hash(), reference=ctx.model.content_hash,
+        judging=_judging_key(ctx), runtime=_runtime_key(backend, threads))
+    hit = ctx.cache.get_result(k) if k else None
+    cached = hit is not None
+    if cached:
+        metrics = hit[0]["metrics"]
+    else:
+        with open_runner(backend, art, threads) as runner:
+            outputs = V.collect(runner, evalset)
+        try:
+            metrics = V.compare(reference, outputs, evalset.labels, ctx.judging)
+        except ValueError as e:
+            raise ConversionError(f"{profile.name}: {art.main} gives outputs unlike the source model ({e})") from e
+        if k:
+            ctx.cache.put_result(k, {"metrics": metrics})
+            metrics = _json_round_trip(metrics)  # a cold and a warm build report the same
+    failures = V.judge(metrics, art.size_bytes, None, budget, ctx.judging.task)
     loss = V.quality_loss(metrics, budget, ctx.judging.task)
-    return Attempt(art, metrics, lat, failures, data=evalset.describe(), loss=loss)
+    return Attempt(art, metrics, {}, failures, data=evalset.describe(), loss=loss, cached=cached)
+
+
+def _json_round_trip(obj):
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError):
+        return obj
+
+
+def reference_attempt(ctx: BuildContext, art: Artifact, budget: V.Budget) -> Attempt | None:
+    """The FP32 baseline's metrics without running it, when it is numerically the reference: the same ONNX file
+    on the same runtime (onnx backend, FP32). None when it is not."""
+    if art.backend != "onnx" or art.precision != "fp32" or len(art.files) != 1 \
+            or file_hash(art.path) != file_hash(ctx.model.onnx_path):
+        return None
+    metrics = _json_round_trip(V.compare(ctx.reference, ctx.reference, ctx.evalset.labels, ctx.judging))
+    failures = V.judge(metrics, art.size_bytes, None, budget, ctx.judging.task)
+    return Attempt(art, metrics, {}, failures, label="the FP32 reference itself (not evaluated again)",
+                   data=ctx.evalset.describe(), loss=V.quality_loss(metrics, budget, ctx.judging.task))
+
+
+def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, chosen: Attempt,
+                   baseline: Attempt | None, budget: V.Budget) -> dict:
+    """Time the chosen artifact and its FP32 baseline interleaved in rounds in this process (cached by both
+    artifacts' hashes, the feed, runtime, threads and host); fills in their latency and the latency budget."""
+    threads = timing_threads(profile)
+    feed = ctx.evalset.feed(0)
+    arts = {"chosen": chosen.artifact, **({"fp32": baseline.artifact} if baseline is not None else {})}
+    k = key(stage="latency", artifacts={n: artifact_hash(a) for n, a in arts.items()},
+            feed={n: array_hash(v) for n, v in sorted(feed.items())},
+            rounds=(V.ROUNDS, V.ROUND_S, V.MAX_ROUND_RUNS, V.WARMUP), runtime=_runtime_key(backend, threads))
+    hit = ctx.cache.get_result(k)
+    if hit is not None:
+        record = hit[0]
+    else:
+        with ExitStack() as stack:
+            runners = {n: stack.enter_context(open_runner(backend, a, threads)) for n, a in arts.items()}
+            lat, p50s = V.latency_interleaved(runners, feed)
+        record = {"latency": lat, "speedup": V.speedup(p50s["fp32"], p50s["chosen"]) if baseline is not None else None}
+        ctx.cache.put_result(k, record)
+        record = _json_round_trip(record)
+    for name, attempt in (("chosen", chosen), ("fp32", baseline)):
+        if attempt is not None:
+            attempt.latency = {**record["latency"][name], "threads_profile": profile.threads}
+    chosen.failures = V.judge(chosen.metrics, chosen.artifact.size_bytes, chosen.latency, budget, ctx.judging.task)
+    return {"speedup": record["speedup"], "cached": hit is not None}
+
+
+def array_hash(a) -> str:
+    import hashlib
+
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(str((a.dtype.str, a.shape)).encode() + a.tobytes()).hexdigest()
+
+
+def _search_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget) -> str | None:
+    """What an accuracy search's choice depends on; None when it depends on the clock (a whole-build deadline)."""
+    if ctx.spec.build_max_seconds is not None or ctx.judging.evaluator:
+        return None
+    spec = ctx.spec
+    return key(stage="search", model=ctx.model.content_hash, calib=ctx.calib.content_hash(),
+               eval=ctx.evalset.content_hash(), profile=profile.to_dict(), budget=budget.to_dict(),
+               search=(spec.seed, spec.auto_max_tries, spec.auto_max_seconds), judging=_judging_key(ctx),
+               inputs=[asdict(i) for i in ctx.model.inputs], runtime=_runtime_key(backend, timing_threads(profile)))
+
+
+def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget, outdir: Path,
+                   k: str | None) -> tuple[Attempt, dict] | None:
+    """A warm re-run of a build that searched: the chosen artifact (sha256-verified) and the search record."""
+    hit = ctx.cache.get_result(k) if k else None
+    if hit is None:
+        return None
+    payload = hit[0]
+    for f in list(outdir.iterdir()):
+        if f.is_file():
+            f.unlink()
+    art = ctx.cache.get(payload["artifact_key"], outdir)
+    if art is None:
+        return None
+    art.target = profile.name
+    data = None
+    if payload["data_hash"] != ctx.evalset.content_hash():
+        from edgebuild.pipeline.recover import _split
+
+        data = _split(ctx)[1]
+        if data[0].content_hash() != payload["data_hash"]:
+            return None
+    chosen = evaluate(ctx, backend, profile, art, budget, data=data)
+    chosen.label = payload["label"]
+    return chosen, {**payload["record"], "from_cache": True}
+
+
+def _store_search(ctx: BuildContext, k: str | None, chosen: Attempt, search: dict) -> None:
+    if not k:
+        return
+    art_key = key(stage="search-choice", search=k)
+    ctx.cache.put(art_key, chosen.artifact)
+    ctx.cache.put_result(k, {"artifact_key": art_key, "label": chosen.label, "record": search,
+                             "data_hash": chosen.data.get("content_hash")})
 
 
 def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> dict:
@@ -127,37 +275,58 @@ def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> dic
     precision = precision_for(profile, ctx.spec)
     budget = budget_for(profile, ctx.spec)
     searching = precision == "int8" and ctx.spec.auto
-    chosen, failed = None, None
-    try:
-        with ctx.stage(f"{profile.name}: converting to {precision}"):
-            art = convert(ctx, backend, profile, precision, outdir)
-        with ctx.stage(f"{profile.name}: validating {art.main}"):
-            chosen = evaluate(ctx, backend, profile, art, budget)
-    except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
-        if not searching:
-            raise
-        failed = e
-    search = None
-    if searching:
-        from edgebuild.pipeline.recover import recover
+    cache_use = {}
+    chosen, failed, search = None, None, None
+    search_key = _search_key(ctx, backend, profile, budget) if searching else None
+    restored = _cached_search(ctx, backend, profile, budget, outdir, search_key) if searching else None
+    if restored is not None:
+        chosen, search = restored
+        cache_use["search"] = True
+    else:
+        try:
+            with ctx.stage(f"{profile.name}: converting to {precision}"):
+                art = convert(ctx, backend, profile, precision, outdir)
+            with ctx.stage(f"{profile.name}: validating {art.main}"):
+                chosen = evaluate(ctx, backend, profile, art, budget)
+        except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
+            if not searching:
+                raise
+            failed = e
+        if searching:
+            from edgebuild.pipeline.recover import recover
 
-        chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
+            chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
+            _store_search(ctx, search_key, chosen, search)
+            cache_use["search"] = False
+    cache_use["conversion"] = _restored(chosen.artifact)
+    cache_use["validation"] = chosen.cached
     baseline = None
     if precision != "fp32":
         with ctx.stage(f"{profile.name}: FP32 baseline for size and speed ratios"):
             base_art = convert(ctx, backend, profile, "fp32", ctx.scratch / profile.name / "fp32")
-            baseline = evaluate(ctx, backend, profile, base_art, budget)
-    return describe(ctx, profile, backend, chosen, baseline, budget, outdir, search)
+            baseline = reference_attempt(ctx, base_art, budget) or evaluate(ctx, backend, profile, base_art, budget)
+        cache_use["baseline_conversion"] = _restored(base_art)
+        cache_use["baseline_validation"] = "the reference" if baseline.label.startswith("the FP32") else baseline.cached
+    with ctx.stage(f"{profile.name}: timing {chosen.artifact.main}" + (" and FP32, interleaved" if baseline else "")):
+        timing = time_artifacts(ctx, backend, profile, chosen, baseline, budget)
+    cache_use["latency"] = timing["cached"]
+    return describe(ctx, profile, backend, chosen, baseline, budget, outdir, search, timing["speedup"], cache_use)
+
+
+def _restored(art: Artifact) -> bool:
+    return any(n.startswith("restored from the stage cache") for n in art.notes)
 
 
 def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen: Attempt, baseline: Attempt | None,
-             budget: V.Budget, outdir: Path, search: dict | None = None) -> dict:
+             budget: V.Budget, outdir: Path, search: dict | None = None, speedup: dict | None = None,
+             cache_use: dict | None = None) -> dict:
     art = chosen.artifact
     files = {f: {"bytes": (outdir / f).stat().st_size, "sha256": file_hash(outdir / f)} for f in art.files}
     metadata = {
         "target": profile.name, "backend": backend.name, "precision": art.precision, "artifact": art.main,
         "files": files, "io": art.io, "settings": art.settings, "notes": art.notes,
-        "runtime": {"host": profile.host_runtime, "device": profile.device_runtime, "threads": profile.threads},
+        "runtime": {"host": profile.host_runtime, "device": profile.device_runtime, "threads": profile.threads,
+                    "threads_host": timing_threads(profile)},
         "host_validation": profile.host_validation, "devices": list(profile.devices),
         "source_model_sha256": ctx.model.content_hash, "reference": "../reference/model_fp32.onnx",
         "source_inputs": [asdict(i) for i in ctx.model.inputs],
@@ -171,15 +340,18 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
         "verdict": "fail" if chosen.failures else "pass", "failures": failures,
         "failed_checks": [f.to_dict() for f in chosen.failures],
         "metrics": chosen.metrics, "latency": chosen.latency, "size_bytes": art.size_bytes,
-        "budgets": budget.to_dict(), "threads": profile.threads, "evaluation": chosen.data,
+        "budgets": budget.to_dict(), "threads": profile.threads, "threads_used": timing_threads(profile),
+        "evaluation": chosen.data,
     }
     if baseline is not None:
         b = baseline.artifact
         validation["baseline_fp32"] = {"artifact": b.main, "size_bytes": b.size_bytes, "latency": baseline.latency,
-                                       "metrics": baseline.metrics}
+                                       "metrics": baseline.metrics, "evaluated": baseline.label}
         validation["ratios"] = {
             "size_vs_fp32": art.size_bytes / b.size_bytes,
-            "speedup_vs_fp32": baseline.latency["p50_ms"] / chosen.latency["p50_ms"],
+            # median of the per-round ratios of the interleaved timing; its spread below
+            "speedup_vs_fp32": speedup["median"] if speedup else baseline.latency["p50_ms"] / chosen.latency["p50_ms"],
+            **({"speedup_vs_fp32_spread": speedup} if speedup else {}),
         }
     if search is not None:
         validation["search"] = search
@@ -191,4 +363,6 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
             "baseline_fp32": validation.get("baseline_fp32"), "failures": failures,
             "failed_checks": validation["failed_checks"], "notes": art.notes,
             "budgets": budget.to_dict(), "host_validation": profile.host_validation,
+            "threads": {"profile": profile.threads, "used": timing_threads(profile)},
+            **({"cache": cache_use} if cache_use is not None else {}),
             **({"search": search} if search is not None else {})}

@@ -1,0 +1,91 @@
+"""Speed without dishonesty: a warm re-run does no conversion, evaluation, search or timing (every result comes
+from the verified stage cache and the manifest says so); latency is interleaved with the FP32 baseline."""
+import json
+
+import numpy as np
+import pytest
+
+from edgebuild.pipeline import validate as V
+from edgebuild.pipeline.build import build
+from edgebuild.pipeline.cache import StageCache
+from edgebuild.pipeline.spec import BuildSpec
+
+
+class Calls:
+    def __init__(self, monkeypatch):
+        import edgebuild.pipeline.recover as recover
+        import edgebuild.targets.onnx as onnx_backend
+
+        self.counts = {"convert": 0, "collect": 0, "timing": 0, "search": 0}
+        for owner, name, what in ((onnx_backend.OnnxBackend, "convert", "convert"), (V, "collect", "collect"),
+                                  (V, "latency_interleaved", "timing"), (recover, "recover", "search")):
+            monkeypatch.setattr(owner, name, self._counting(getattr(owner, name), what))
+
+    def _counting(self, fn, what):
+        def wrapped(*a, **k):
+            self.counts[what] += 1
+            return fn(*a, **k)
+        return wrapped
+
+
+@pytest.fixture
+def spec(tmp_path):
+    return BuildSpec(targets=("onnx-cpu",), out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.slow
+def test_warm_rerun_converts_evaluates_searches_and_times_nothing(spec, monkeypatch):
+    cold = build(spec).manifest
+    assert cold["exit_code"] == 0
+    t = cold["targets"]["onnx-cpu"]
+    assert t["cache"] == {"search": False, "conversion": False, "validation": False, "baseline_conversion": False,
+                          "baseline_validation": "the reference", "latency": False}
+    assert cold["cache"]["reference_outputs"] is False
+
+    calls = Calls(monkeypatch)
+    warm = build(spec).manifest
+    assert calls.counts == {"convert": 0, "collect": 0, "timing": 0, "search": 0}
+    w = warm["targets"]["onnx-cpu"]
+    assert warm["cache"]["reference_outputs"] is True
+    assert w["cache"] == {"search": True, "conversion": True, "validation": True, "baseline_conversion": True,
+                          "baseline_validation": "the reference", "latency": True}
+    assert w["search"]["from_cache"] is True
+    for k in ("metrics", "latency", "ratios", "files", "verdict", "artifact"):
+        assert w[k] == t[k], k  # the same numbers as the cold build that measured them
+
+
+@pytest.mark.slow
+def test_latency_is_interleaved_with_the_baseline_and_reports_its_spread(spec):
+    t = build(spec).manifest["targets"]["onnx-cpu"]
+    assert t["latency"]["interleaved_with"] == ["fp32"] and t["latency"]["rounds"] == V.ROUNDS
+    assert t["baseline_fp32"]["latency"]["interleaved_with"] == ["chosen"]
+    spread = t["ratios"]["speedup_vs_fp32_spread"]
+    assert spread["p25"] <= spread["median"] <= spread["p75"] and spread["rounds"] == V.ROUNDS
+    assert t["ratios"]["speedup_vs_fp32"] == spread["median"]
+    assert t["threads"]["used"] <= V.host_cores() and t["threads"]["used"] <= t["threads"]["profile"]
+    assert t["latency"]["threads_profile"] == t["threads"]["profile"]
+
+
+def test_result_entries_are_verified_and_a_tampered_one_is_dropped(tmp_path):
+    cache = StageCache(tmp_path)
+    arrays = {"output_0": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    assert cache.put_result("k1", {"metrics": {"cosine": 0.99}}, arrays)
+    payload, got = cache.get_result("k1")
+    assert payload == {"metrics": {"cosine": 0.99}} and np.array_equal(got["output_0"], arrays["output_0"])
+
+    meta = json.loads((tmp_path / "k1" / "result.json").read_text())
+    meta["payload"]["metrics"]["cosine"] = 1.0  # edited by hand: no longer matches its sha256
+    (tmp_path / "k1" / "result.json").write_text(json.dumps(meta))
+    assert cache.get_result("k1") is None and not (tmp_path / "k1").exists() and "k1" in cache.rejected
+
+    cache.put_result("k2", {"x": 1}, arrays)
+    with open(tmp_path / "k2" / "arrays.npz", "ab") as f:
+        f.write(b"junk")  # arrays changed: the recorded sha256 no longer holds
+    assert cache.get_result("k2") is None and not (tmp_path / "k2").exists()
+    assert StageCache(None).get_result("k1") is None and not StageCache(None).put_result("k1", {})
+
+
+def test_speedup_spread_is_the_median_of_per_round_ratios():
+    s = V.speedup([2.0, 2.0, 3.0, 2.0], [1.0, 1.0, 1.0, 2.0])
+    assert s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0 and s["rounds"] == 4
+    assert s["iqr"] == pytest.approx(s["p75"] - s["p25"])
