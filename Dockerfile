@@ -12,7 +12,6 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
 COPY pipeline ./pipeline
 COPY targets ./targets
 COPY calibration ./calibration
-COPY edgebuild ./edgebuild
 COPY scripts ./scripts
 RUN pip install --no-cache-dir --no-deps . && pip check && edgebuild --help >/dev/null
 WORKDIR /work

@@ -4,7 +4,8 @@
     result = build(model=net, input_shape=(1, 1, 8, 8), calib=x, eval=(x_val, y_val), targets=["onnx-cpu"])
     result.exit_code, result.manifest["targets"]["onnx-cpu"]["verdict"]
 
-Importing this package is cheap: ``build`` and ``BuildSpec`` are loaded on first use (no torch, no backend).
+(This file is the ``edgebuild`` package root; it lives in ``pipeline/toplevel/`` because the repository's
+top level is fixed — pyproject.toml maps it.) Importing this package is cheap: ``build`` and ``BuildSpec`` are loaded on first use (no torch, no backend).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ __version__ = _version()
 __all__ = ["build", "BuildSpec", "BuildResult", "EdgeBuildError", "__version__"]
 
 _LAZY = {
-    "build": ("edgebuild.api", "build"),
+    "build": ("edgebuild.pipeline.api", "build"),
     "BuildSpec": ("edgebuild.pipeline.spec", "BuildSpec"),
     "BuildResult": ("edgebuild.pipeline.build", "BuildResult"),
     "EdgeBuildError": ("edgebuild.pipeline.errors", "EdgeBuildError"),

@@ -11,7 +11,7 @@
 
 Objects are handed to the build through files in a private temporary directory (arrays as ``.npz``, an
 ExportedProgram as ``.pt2``) or, for an ``nn.Module``, through an in-process reference
-(``edgebuild.api:live_<n>``); the manifest records that reference, so such a build is re-run from Python, not
+(``edgebuild.pipeline.api:live_<n>``); the manifest records that reference, so such a build is re-run from Python, not
 from its manifest.
 """
 from __future__ import annotations
