@@ -26,6 +26,7 @@ MIN_SEARCH_SAMPLES = 10
 FLOAT_LAYER_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 COLLAPSED_LOSS = 10.0  # ten times past the budget's room: INT8 has plainly collapsed, go to the strong fixes
 COLLAPSED_VARIANTS = 1  # backend variants tried at most after a collapse
+MAX_FLOAT_SHARE = 0.5  # an "_int8_mixed" artifact keeps at most this share of the weights in float
 FLOAT_FALLBACKS = ("fp16", "fp32")  # last resorts, where the profile runs them and allows float
 
 
@@ -154,15 +155,23 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, coll
             return a
     if profile.allow_float_layers and backend.supports_float_layers and search.room():
         ranked = _sensitivity(ctx, search.select, search.record, search.budget)
+        weights = _layer_weights(ctx.model.onnx_path)
+        total = sum(weights.values()) or 1
         done = set()
         for k in FLOAT_LAYER_STEPS:
             layers = tuple(ranked[:k])
             if not layers or layers in done or not search.room():
                 break
+            share = sum(weights.get(n, 0) for n in layers) / total
+            if share > MAX_FLOAT_SHARE:  # mostly float: not an INT8 model any more; FP16 is smaller and honest
+                search.record["float_share_limit"] = (f"keeping {len(layers)} layers in float would leave {share:.0%} of "
+                                                      f"the weights float (> {MAX_FLOAT_SHARE:.0%}): stopped")
+                break
             done.add(layers)
             a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", "int8", {**settings, "float_layers": list(layers)})
             if a is not None and a.quality_ok:
                 search.record["float_layers"] = {n: round(ctx.shared["sensitivity"][n], 4) for n in layers}
+                search.record["float_weight_share"] = round(share, 4)
                 return a
     elif not profile.allow_float_layers:
         search.record["float_layers_forbidden"] = f"profile {profile.name} runs integer-only: no layer may stay in float"
@@ -180,6 +189,15 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, coll
             if a is not None and a.quality_ok:
                 return a
     return None
+
+
+def _layer_weights(onnx_path) -> dict[str, int]:
+    """Weight elements per node of the FP32 ONNX (its initializer inputs), by node name."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
+    return {n.name: sum(sizes.get(x, 0) for x in n.input) for n in graph.node if n.name}
 
 
 def _sensitivity(ctx: BuildContext, select, record, budget: V.Budget) -> list[str]:
