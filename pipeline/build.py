@@ -58,12 +58,15 @@ def _quiet_stage(text: str):
     yield
 
 
-def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> BuildResult:
-    """Run a whole build; returns the result (check ``exit_code``), raises EdgeBuildError on bad input."""
+def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: int | None = None) -> BuildResult:
+    """Run a whole build; returns the result (check ``exit_code``), raises EdgeBuildError on bad input.
+
+    ``jobs``: targets converted at once (default: the host's cores, fewer when memory is short); see ``_build_all``.
+    """
     from edgebuild.pipeline.data import resolve_data
     from edgebuild.pipeline.export import export_onnx
     from edgebuild.pipeline.sources import load_model
-    from edgebuild.pipeline.target import BuildContext, build_target, precision_for
+    from edgebuild.pipeline.target import BuildContext, Turns, precision_for
 
     t_start = time.perf_counter()
     profiles = resolve(spec.targets or DEFAULT_TARGETS, spec.profile_files)
@@ -99,9 +102,8 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
             judging = V.resolve(judging_for(spec, model), reference, evalset.labels)
         ctx = BuildContext(spec, model, calib, evalset, reference, judging, cache, scratch, stage=stage,
                            deadline=time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf")))
-        targets = {}
-        for profile in profiles:
-            targets[profile.name] = _build_one(ctx, profile, staging / profile.name, build_target)
+        ctx.turns = Turns(p.name for p in profiles)
+        targets = _build_all(ctx, profiles, staging, effective_jobs(jobs, len(profiles)))
         manifest = _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets,
                              time.perf_counter() - t_start, judging)
         manifest["cache"] = {"reference_outputs": reference_cached,
@@ -116,19 +118,68 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage) -> Bui
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _build_one(ctx, profile: TargetProfile, outdir: Path, build_target) -> dict:
-    outdir.mkdir()
-    t0 = time.perf_counter()
+MEMORY_PER_JOB = 3 << 30  # a conversion's peak (TensorFlow in the TFLite child, NNCF, ORT calibration) with margin
+
+
+def effective_jobs(jobs: int | None, n_targets: int) -> int:
+    """Targets converted at once: ``jobs`` (default: the host's cores), at most one per 3 GiB of available
+    memory, at most the number of targets."""
+    cores = V.host_cores()
+    jobs = cores if jobs is None else jobs
+    if jobs < 1:
+        raise BadInputError(f"--jobs {jobs}: must be at least 1")
+    return max(1, min(jobs, n_targets, _available_memory() // MEMORY_PER_JOB or 1))
+
+
+def _available_memory() -> int:
     try:
-        result = build_target(ctx, profile, outdir)
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return MEMORY_PER_JOB * 64  # unknown: memory does not bound the jobs
+
+
+def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int) -> dict:
+    """Every target: conversions and validations of up to ``jobs`` targets at once (threads: the runtimes release
+    the GIL in native code, the TFLite conversion runs in its own child process, and threads share the loaded
+    evaluation data and reference outputs), then timing and the target's files one target at a time, in order, on
+    a machine no conversion loads. The manifest is the one a sequential build (``jobs`` 1) writes."""
+    from edgebuild.pipeline.target import finish_target, prepare_target
+
+    def prepare(profile):
+        (staging / profile.name).mkdir()
+        t0 = time.perf_counter()
+        prep = _guarded(profile, staging, lambda: prepare_target(ctx, profile, staging / profile.name))
+        return prep, time.perf_counter() - t0
+
+    if jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="edgebuild-target") as pool:
+            prepared = list(pool.map(prepare, profiles))  # in order; the first BadInputError is raised
+    else:
+        prepared = [prepare(p) for p in profiles]
+    targets = {}
+    for profile, (prep, seconds) in zip(profiles, prepared):
+        t0 = time.perf_counter()
+        result = prep if isinstance(prep, dict) else _guarded(profile, staging, lambda: finish_target(ctx, prep))
+        result["profile"] = profile.to_dict()
+        result["seconds"] = round(seconds + time.perf_counter() - t0, 2)  # this target's own work
+        targets[profile.name] = result
+    return targets
+
+
+def _guarded(profile: TargetProfile, staging: Path, work):
+    """``work()``, or the error record of a target that failed to convert (the others still build)."""
+    try:
+        return work()
     except BadInputError:
         raise
-    except EdgeBuildError as e:  # this target failed to convert; the others still build
-        shutil.rmtree(outdir, ignore_errors=True)
-        result = {"verdict": "error", "backend": profile.backend, "error": str(e), "failures": []}
-    result["profile"] = profile.to_dict()
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    return result
+    except EdgeBuildError as e:
+        shutil.rmtree(staging / profile.name, ignore_errors=True)
+        return {"verdict": "error", "backend": profile.backend, "error": str(e), "failures": []}
 
 
 MANIFEST_KEYS = ("edgebuild", "targets", "spec")  # what makes a manifest.json edgebuild's

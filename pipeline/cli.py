@@ -228,12 +228,14 @@ def _nullcontext():
 @click.option("--train", help="Training data for fine-tuning/distillation (same kinds as --calib; must not overlap --eval).")
 @click.option("--no-auto", is_flag=True, help="Build the first INT8 configuration only (no accuracy search).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the stage cache.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Targets converted at once (default: the host's cores, fewer when memory is short); timing runs one target at a time.")
 @click.option("--trust-model", is_flag=True, help="Load a .pt2 archive even if it could run code when loaded (pickles beyond tensors, guard code, compiled code). Only for files you trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout (for CI).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (errors and the summary still print).")
 @click.version_option(package_name="edgebuild", prog_name="edgebuild", message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx, as_json, quiet, config, eval_, **flags):
+def cli(ctx, as_json, quiet, config, eval_, jobs, **flags):
     """edgebuild: turn a trained model into validated edge artifacts.
 
     \b
@@ -253,7 +255,7 @@ def cli(ctx, as_json, quiet, config, eval_, **flags):
     elif config_path:
         console.print(f"[dim]config: {config_path}[/dim]")
     with _stdout_to_stderr(as_json), _progress(console, quiet) as stage:
-        result = build(spec, stage=stage)
+        result = build(spec, stage=stage, jobs=jobs)
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2, default=str))
     else:

@@ -33,6 +33,28 @@ class BuildContext:
     shared: dict = field(default_factory=dict)  # per-build results reused across targets (layer sensitivity)
     stage: Callable[[str], object] = field(default=lambda text: _null())  # progress: `with ctx.stage("..."):`
     deadline: float = float("inf")  # time.monotonic() past which no accuracy search starts a try (build_max_seconds)
+    turns: "Turns | None" = None  # targets built in parallel search in their sequential order (see Turns)
+
+
+class Turns:
+    """Accuracy searches of targets built in parallel run in the targets' order, one at a time: a search may
+    reuse what an earlier one left in ``BuildContext.shared`` (the layer sensitivity, measured with the first
+    searching target's budget), so the result is the one a sequential build gives."""
+
+    def __init__(self, names):
+        import threading
+
+        self.names = list(names)
+        self.done_events = {n: threading.Event() for n in self.names}
+
+    @contextmanager
+    def turn(self, name: str):
+        for earlier in self.names[:self.names.index(name)]:
+            self.done_events[earlier].wait()
+        yield
+
+    def done(self, name: str) -> None:
+        self.done_events[name].set()
 
 
 @dataclass
@@ -268,36 +290,61 @@ def _store_search(ctx: BuildContext, k: str | None, chosen: Attempt, search: dic
                              "data_hash": chosen.data.get("content_hash")})
 
 
+@dataclass
+class Prepared:
+    """A target converted and validated, not yet timed (``finish_target`` times it and writes its files)."""
+
+    profile: TargetProfile
+    backend: Backend
+    budget: V.Budget
+    outdir: Path
+    chosen: Attempt
+    baseline: Attempt | None
+    search: dict | None
+    cache_use: dict
+
+
 def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> dict:
     """Build, validate and describe one target; raises ConversionError when it cannot be built."""
-    backend = get_backend(profile.backend)
-    backend.check_available(profile.name)
-    precision = precision_for(profile, ctx.spec)
-    budget = budget_for(profile, ctx.spec)
-    searching = precision == "int8" and ctx.spec.auto
-    cache_use = {}
-    chosen, failed, search = None, None, None
-    search_key = _search_key(ctx, backend, profile, budget) if searching else None
-    restored = _cached_search(ctx, backend, profile, budget, outdir, search_key) if searching else None
-    if restored is not None:
-        chosen, search = restored
-        cache_use["search"] = True
-    else:
-        try:
-            with ctx.stage(f"{profile.name}: converting to {precision}"):
-                art = convert(ctx, backend, profile, precision, outdir)
-            with ctx.stage(f"{profile.name}: validating {art.main}"):
-                chosen = evaluate(ctx, backend, profile, art, budget)
-        except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
-            if not searching:
-                raise
-            failed = e
-        if searching:
-            from edgebuild.pipeline.recover import recover
+    return finish_target(ctx, prepare_target(ctx, profile, outdir))
 
-            chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
-            _store_search(ctx, search_key, chosen, search)
-            cache_use["search"] = False
+
+def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> Prepared:
+    """Convert (or restore) and validate the target's artifact and its FP32 baseline; safe to run for several
+    targets at once (threads)."""
+    try:
+        backend = get_backend(profile.backend)
+        backend.check_available(profile.name)
+        precision = precision_for(profile, ctx.spec)
+        budget = budget_for(profile, ctx.spec)
+        searching = precision == "int8" and ctx.spec.auto
+        cache_use = {}
+        chosen, failed, search = None, None, None
+        search_key = _search_key(ctx, backend, profile, budget) if searching else None
+        restored = _cached_search(ctx, backend, profile, budget, outdir, search_key) if searching else None
+        if restored is not None:
+            chosen, search = restored
+            cache_use["search"] = True
+        else:
+            try:
+                with ctx.stage(f"{profile.name}: converting to {precision}"):
+                    art = convert(ctx, backend, profile, precision, outdir)
+                with ctx.stage(f"{profile.name}: validating {art.main}"):
+                    chosen = evaluate(ctx, backend, profile, art, budget)
+            except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
+                if not searching:
+                    raise
+                failed = e
+            if searching:
+                from edgebuild.pipeline.recover import recover
+
+                with ctx.turns.turn(profile.name) if ctx.turns else _null():
+                    chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
+                _store_search(ctx, search_key, chosen, search)
+                cache_use["search"] = False
+    finally:
+        if ctx.turns:
+            ctx.turns.done(profile.name)
     cache_use["conversion"] = _restored(chosen.artifact)
     cache_use["validation"] = chosen.cached
     baseline = None
@@ -307,10 +354,17 @@ def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> dic
             baseline = reference_attempt(ctx, base_art, budget) or evaluate(ctx, backend, profile, base_art, budget)
         cache_use["baseline_conversion"] = _restored(base_art)
         cache_use["baseline_validation"] = "the reference" if baseline.label.startswith("the FP32") else baseline.cached
-    with ctx.stage(f"{profile.name}: timing {chosen.artifact.main}" + (" and FP32, interleaved" if baseline else "")):
-        timing = time_artifacts(ctx, backend, profile, chosen, baseline, budget)
-    cache_use["latency"] = timing["cached"]
-    return describe(ctx, profile, backend, chosen, baseline, budget, outdir, search, timing["speedup"], cache_use)
+    return Prepared(profile, backend, budget, outdir, chosen, baseline, search, cache_use)
+
+
+def finish_target(ctx: BuildContext, p: Prepared) -> dict:
+    """Time the chosen artifact (interleaved with its FP32 baseline) and write the target's files. A parallel
+    build runs this one target at a time, after every conversion, so that timing runs on a quiet machine."""
+    with ctx.stage(f"{p.profile.name}: timing {p.chosen.artifact.main}" + (" and FP32, interleaved" if p.baseline else "")):
+        timing = time_artifacts(ctx, p.backend, p.profile, p.chosen, p.baseline, p.budget)
+    cache_use = {**p.cache_use, "latency": timing["cached"]}
+    return describe(ctx, p.profile, p.backend, p.chosen, p.baseline, p.budget, p.outdir, p.search, timing["speedup"],
+                    cache_use)
 
 
 def _restored(art: Artifact) -> bool:

@@ -89,3 +89,51 @@ def test_speedup_spread_is_the_median_of_per_round_ratios():
     s = V.speedup([2.0, 2.0, 3.0, 2.0], [1.0, 1.0, 1.0, 2.0])
     assert s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0 and s["rounds"] == 4
     assert s["iqr"] == pytest.approx(s["p75"] - s["p25"])
+
+
+def _comparable(manifest: dict) -> dict:
+    """A manifest without what differs from run to run (times, timings)."""
+    drop = {"seconds", "created", "latency", "ratios", "baseline_fp32", "cache", "search", "notes"}
+    return {n: {k: v for k, v in t.items() if k not in drop} for n, t in manifest["targets"].items()}
+
+
+@pytest.mark.slow
+def test_parallel_build_writes_what_a_sequential_one_writes(tmp_path):
+    specs = [BuildSpec(targets=("onnx-cpu", "jetson-orin"), out=str(tmp_path / f"out{j}"), cache=False)
+             for j in (1, 2)]
+    seq, par = build(specs[0], jobs=1).manifest, build(specs[1], jobs=2).manifest
+    assert list(par["targets"]) == list(seq["targets"]) == ["onnx-cpu", "jetson-orin"]
+    assert _comparable(par) == _comparable(seq) and par["exit_code"] == seq["exit_code"] == 0
+    for name in ("onnx-cpu", "jetson-orin"):
+        assert par["targets"][name]["search"]["chosen"] == seq["targets"][name]["search"]["chosen"]
+
+
+def test_jobs_are_bounded_by_targets_and_memory(monkeypatch):
+    import edgebuild.pipeline.build as B
+
+    monkeypatch.setattr(B, "_available_memory", lambda: 64 << 30)
+    assert B.effective_jobs(None, 3) == min(V.host_cores(), 3) and B.effective_jobs(8, 2) == 2
+    monkeypatch.setattr(B, "_available_memory", lambda: 4 << 30)
+    assert B.effective_jobs(8, 3) == 1
+
+
+def test_searches_of_parallel_targets_take_turns_in_target_order():
+    import threading
+    import time
+
+    from edgebuild.pipeline.target import Turns
+
+    turns, order = Turns(["a", "b", "c"]), []
+
+    def target(name, delay):
+        time.sleep(delay)
+        with turns.turn(name):
+            order.append(name)
+        turns.done(name)
+
+    threads = [threading.Thread(target=target, args=(n, d)) for n, d in (("c", 0.0), ("b", 0.05), ("a", 0.1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert order == ["a", "b", "c"]
