@@ -34,6 +34,20 @@ class BuildContext:
     stage: Callable[[str], object] = field(default=lambda text: _null())  # progress: `with ctx.stage("..."):`
     deadline: float = float("inf")  # time.monotonic() past which no accuracy search starts a try (build_max_seconds)
     turns: "Turns | None" = None  # targets built in parallel search in their sequential order (see Turns)
+    memo: dict = field(default_factory=dict)  # (id, what) -> (object, value): data hashes computed once per build
+
+    def data_hash(self, ds: CalibrationSet) -> str:
+        """``ds.content_hash()``, once per build and data set (hashing 200 images costs ~0.2 s each time)."""
+        return self._memo(ds, "hash", ds.content_hash)
+
+    def data_describe(self, ds: CalibrationSet) -> dict:
+        return dict(self._memo(ds, "describe", ds.describe))
+
+    def _memo(self, obj, what: str, compute):
+        hit = self.memo.get((id(obj), what))
+        if hit is None or hit[0] is not obj:
+            hit = self.memo[(id(obj), what)] = (obj, compute())  # holding obj keeps its id from being reused
+        return hit[1]
 
 
 class Turns:
@@ -118,7 +132,7 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
     k = key(stage="convert", backend=backend.name, io=(profile.io_dtype, profile.layout), quant=profile.quant,
             precision=precision, settings=settings, model=ctx.model.content_hash, code=code_hash(),
             inputs=[asdict(i) for i in ctx.model.inputs],
-            calib=ctx.calib.content_hash() if precision == "int8" else None, versions=versions)
+            calib=ctx.data_hash(ctx.calib) if precision == "int8" else None, versions=versions)
     directory.mkdir(parents=True, exist_ok=True)
     cached = ctx.cache.get(k, directory)
     if cached is not None:
@@ -142,8 +156,20 @@ def host_id() -> dict:
             "processor": platform.processor()}
 
 
+_FILE_SHA: dict[tuple, str] = {}
+
+
+def _file_sha(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime, inode) in this process."""
+    st = path.stat()
+    k = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if k not in _FILE_SHA:
+        _FILE_SHA[k] = file_hash(path)
+    return _FILE_SHA[k]
+
+
 def artifact_hash(art: Artifact) -> str:
-    return key(files={f: file_hash(art.directory / f) for f in sorted(art.files)}, main=art.main,
+    return key(files={f: _file_sha(art.directory / f) for f in sorted(art.files)}, main=art.main,
                precision=art.precision, backend=art.backend, io=art.io)
 
 
@@ -170,7 +196,7 @@ def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: A
     threads = timing_threads(profile)
     # a user's evaluator is code whose changes no key sees: its results are not cached
     k = None if ctx.judging.evaluator else key(
-        stage="validate", artifact=artifact_hash(art), data=evalset.content_hash(), reference=ctx.model.content_hash,
+        stage="validate", artifact=artifact_hash(art), data=ctx.data_hash(evalset), reference=ctx.model.content_hash,
         judging=_judging_key(ctx), runtime=_runtime_key(backend, threads))
     hit = ctx.cache.get_result(k) if k else None
     cached = hit is not None
@@ -188,7 +214,7 @@ def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: A
             metrics = _json_round_trip(metrics)  # a cold and a warm build report the same
     failures = V.judge(metrics, art.size_bytes, None, budget, ctx.judging.task)
     loss = V.quality_loss(metrics, budget, ctx.judging.task)
-    return Attempt(art, metrics, {}, failures, data=evalset.describe(), loss=loss, cached=cached)
+    return Attempt(art, metrics, {}, failures, data=ctx.data_describe(evalset), loss=loss, cached=cached)
 
 
 def _json_round_trip(obj):
@@ -202,12 +228,12 @@ def reference_attempt(ctx: BuildContext, art: Artifact, budget: V.Budget) -> Att
     """The FP32 baseline's metrics without running it, when it is numerically the reference: the same ONNX file
     on the same runtime (onnx backend, FP32). None when it is not."""
     if art.backend != "onnx" or art.precision != "fp32" or len(art.files) != 1 \
-            or file_hash(art.path) != file_hash(ctx.model.onnx_path):
+            or _file_sha(art.path) != _file_sha(ctx.model.onnx_path):
         return None
     metrics = _json_round_trip(V.compare(ctx.reference, ctx.reference, ctx.evalset.labels, ctx.judging))
     failures = V.judge(metrics, art.size_bytes, None, budget, ctx.judging.task)
     return Attempt(art, metrics, {}, failures, label="the FP32 reference itself (not evaluated again)",
-                   data=ctx.evalset.describe(), loss=V.quality_loss(metrics, budget, ctx.judging.task))
+                   data=ctx.data_describe(ctx.evalset), loss=V.quality_loss(metrics, budget, ctx.judging.task))
 
 
 def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, chosen: Attempt,
@@ -249,8 +275,8 @@ def _search_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, bud
     if ctx.spec.build_max_seconds is not None or ctx.judging.evaluator:
         return None
     spec = ctx.spec
-    return key(stage="search", model=ctx.model.content_hash, calib=ctx.calib.content_hash(),
-               eval=ctx.evalset.content_hash(), profile=profile.to_dict(), budget=budget.to_dict(),
+    return key(stage="search", model=ctx.model.content_hash, calib=ctx.data_hash(ctx.calib),
+               eval=ctx.data_hash(ctx.evalset), profile=profile.to_dict(), budget=budget.to_dict(),
                search=(spec.seed, spec.auto_max_tries, spec.auto_max_seconds), judging=_judging_key(ctx),
                inputs=[asdict(i) for i in ctx.model.inputs], runtime=_runtime_key(backend, timing_threads(profile)))
 
@@ -270,11 +296,11 @@ def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
         return None
     art.target = profile.name
     data = None
-    if payload["data_hash"] != ctx.evalset.content_hash():
+    if payload["data_hash"] != ctx.data_hash(ctx.evalset):
         from edgebuild.pipeline.recover import _split
 
         data = _split(ctx)[1]
-        if data[0].content_hash() != payload["data_hash"]:
+        if ctx.data_hash(data[0]) != payload["data_hash"]:
             return None
     chosen = evaluate(ctx, backend, profile, art, budget, data=data)
     chosen.label = payload["label"]
@@ -375,7 +401,7 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
              budget: V.Budget, outdir: Path, search: dict | None = None, speedup: dict | None = None,
              cache_use: dict | None = None) -> dict:
     art = chosen.artifact
-    files = {f: {"bytes": (outdir / f).stat().st_size, "sha256": file_hash(outdir / f)} for f in art.files}
+    files = {f: {"bytes": (outdir / f).stat().st_size, "sha256": _file_sha(outdir / f)} for f in art.files}
     metadata = {
         "target": profile.name, "backend": backend.name, "precision": art.precision, "artifact": art.main,
         "files": files, "io": art.io, "settings": art.settings, "notes": art.notes,
