@@ -261,7 +261,7 @@ def latency(runner: Runner, evalset: CalibrationSet) -> dict:
             "threads_used": runner.threads_used()}
 
 
-ROUNDS, ROUND_S, MAX_ROUND_RUNS = 8, 0.2, 20  # interleaved timing: rounds; seconds and runs per artifact per round
+ROUNDS, ROUND_S, MAX_ROUND_RUNS = 12, 0.2, 20  # interleaved timing: rounds; seconds and runs per artifact per round
 
 
 def host_cores() -> int:

@@ -1,0 +1,203 @@
+"""Whole-build speed: cold and warm three-target builds of a MobileNetV2 (and optionally a ResNet-50).
+
+    .venv/bin/python scripts/benchmark_build.py                       # MobileNetV2, onnx-cpu,x86,arm64, cold + warm
+    .venv/bin/python scripts/benchmark_build.py --repeat 3 --resnet50 --json bench.json
+
+The models are built here (no downloads): MobileNetV2 exactly as ``scripts/benchmark_int8.py`` builds it (random
+weights, BatchNorm statistics re-estimated on synthetic images), ResNet-50 with torchvision's architecture when
+torchvision is installed. Calibration (300) and evaluation (200) samples are synthetic images saved as ``.npz``.
+Each build runs ``edgebuild``'s own ``build()`` in a child process with a private stage cache: the cold build
+starts from an empty cache, the warm one re-runs the same build on the cache the cold one left. Per build the table
+gives wall time, CPU time and utilisation (CPU / wall, in cores), peak RSS (the largest process: the build or
+one of its children), the time per stage kind (summed over targets, so parallel stages add up past the wall
+time) and each target's INT8/FP32 speed-up with its spread (median and IQR of the per-round ratios).
+This is a benchmark, not a test; on a shared machine the numbers move with the load (printed as loadavg).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+STAGE_KINDS = (  # (kind, words in the stage text), first match wins
+    ("load+data", ("loading the model", "reading calibration")),
+    ("export", ("exporting",)),
+    ("reference", ("FP32 reference",)),
+    ("search", ("accuracy search", "sensitivity", "search")),
+    ("convert", ("converting",)),
+    ("validate", ("validating",)),
+    ("fp32 baseline", ("FP32 baseline",)),
+    ("timing", ("timing",)),
+)
+
+CHILD = r"""
+import json, sys, time
+from contextlib import contextmanager
+from edgebuild.pipeline.build import build
+from edgebuild.pipeline.spec import BuildSpec
+
+stages = []
+@contextmanager
+def stage(text):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages.append([text, time.perf_counter() - t0])
+
+spec = BuildSpec.from_dict(json.loads(sys.argv[1]))
+jobs = int(sys.argv[3]) if sys.argv[3] != "default" else None
+t0 = time.perf_counter()
+m = build(spec, stage=stage, jobs=jobs).manifest
+Path = __import__("pathlib").Path
+Path(sys.argv[2]).write_text(json.dumps({"wall_in_process": time.perf_counter() - t0, "stages": stages,
+                                         "manifest": m}, default=str))
+"""
+
+
+def make_model(kind: str, workdir: Path) -> Path:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from benchmark_int8 import build_model, synthetic_images
+
+    if kind == "mobilenet_v2":
+        model = build_model(0)
+    else:
+        from torch import nn
+        from torchvision.models import resnet50
+
+        torch.manual_seed(0)
+        model = resnet50()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for b in range(4):
+                model(torch.from_numpy(synthetic_images(8, 2000 + b)))
+        model.eval()
+    path = workdir / f"{kind}.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"])
+    return path
+
+
+def make_data(workdir: Path, calib: int, evals: int) -> tuple[Path, Path]:
+    sys.path.insert(0, str(HERE))
+    from benchmark_int8 import synthetic_images
+
+    c, e = workdir / "calib.npz", workdir / "eval.npz"
+    np.savez(c, input=synthetic_images(calib, 1))
+    np.savez(e, input=synthetic_images(evals, 2))
+    return c, e
+
+
+def run_build(spec: dict, jobs: str, workdir: Path, cache: Path) -> dict:
+    result = workdir / f"result-{time.monotonic_ns()}.json"
+    env = {**os.environ, "EDGEBUILD_CACHE": str(cache), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec), str(result), jobs], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # usage: this build and every child it waited for
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not result.is_file():
+        raise SystemExit(f"build failed (exit {proc.returncode}):\n{err.decode()[-3000:]}")
+    r = json.loads(result.read_text())
+    kinds: dict[str, float] = {}
+    for text, seconds in r["stages"]:
+        kind = next((k for k, words in STAGE_KINDS if any(w in text for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+    cpu = usage.ru_utime + usage.ru_stime
+    targets = {}
+    for name, t in r["manifest"]["targets"].items():
+        spread = (t.get("ratios") or {}).get("speedup_vs_fp32_spread") or {}
+        targets[name] = {"verdict": t["verdict"], "seconds": t.get("seconds"), "cache": t.get("cache"),
+                         "speedup_median": spread.get("median"), "speedup_iqr": spread.get("iqr"),
+                         "speedup_p25": spread.get("p25"), "speedup_p75": spread.get("p75"),
+                         "threads": t.get("threads")}
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "cores_used": round(cpu / wall, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "loadavg_before": round(load, 2),
+            "stages_s": {k: round(v, 2) for k, v in kinds.items()}, "targets": targets}
+
+
+def print_table(rows: list[dict]) -> None:
+    kinds = [k for k, _ in STAGE_KINDS] + ["other"]
+    head = ["model", "run", "wall s", "cpu s", "cores", "peak RSS MB", "load"] + kinds
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        cells = [r["model"], r["run"], r["wall_s"], r["cpu_s"], r["cores_used"], r["peak_rss_mb"], r["loadavg_before"]]
+        cells += [r["stages_s"].get(k, "") for k in kinds]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    print("\n| model | run | target | verdict | target s | INT8/FP32 speed-up (median [p25, p75], IQR) | threads profile/used | from cache |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for name, t in r["targets"].items():
+            sp = (f"{t['speedup_median']:.2f}x [{t['speedup_p25']:.2f}, {t['speedup_p75']:.2f}], {t['speedup_iqr']:.2f}"
+                  if t["speedup_median"] else "-")
+            th = f"{t['threads']['profile']}/{t['threads']['used']}" if t.get("threads") else "-"
+            hits = ",".join(k for k, v in (t.get("cache") or {}).items() if v is True) or "none"
+            print(f"| {r['model']} | {r['run']} | {name} | {t['verdict']} | {t['seconds']} | {sp} | {th} | {hits} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--targets", default="onnx-cpu,x86,arm64")
+    ap.add_argument("--repeat", type=int, default=1, help="cold+warm pairs per model (default 1; quote medians of >= 3)")
+    ap.add_argument("--jobs", default="default", help="--jobs for the builds (default: edgebuild's default)")
+    ap.add_argument("--auto", action="store_true", help="with the accuracy search (default: --no-auto, as in issue 11)")
+    ap.add_argument("--resnet50", action="store_true", help="also a ResNet-50 x86 build (needs torchvision)")
+    ap.add_argument("--calib-samples", type=int, default=300)
+    ap.add_argument("--eval-samples", type=int, default=200)
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgebuild-bench-") as tmp:
+        work = Path(tmp)
+        calib, evals = make_data(work, args.calib_samples, args.eval_samples)
+        models = [("mobilenet_v2", args.targets)]
+        if args.resnet50:
+            try:
+                import torchvision  # noqa: F401
+
+                models.append(("resnet50", "x86"))
+            except ImportError:
+                print("ResNet-50 skipped: needs torchvision (pip install torchvision)", file=sys.stderr)
+        for kind, targets in models:
+            onnx = make_model(kind, work)
+            for i in range(args.repeat):
+                cache = work / f"cache-{kind}-{i}"
+                spec = {"model": str(onnx), "calib": str(calib), "eval": str(evals), "targets": targets.split(","),
+                        "out": str(work / f"out-{kind}-{i}"), "auto": args.auto, "calib_samples": args.calib_samples}
+                for run in ("cold", "warm"):
+                    print(f"{kind} {run} #{i + 1}: {targets} ...", file=sys.stderr, flush=True)
+                    rows.append({"model": kind, "run": f"{run} #{i + 1}", **run_build(spec, args.jobs, work, cache)})
+    if args.repeat > 1:  # medians of the repeats, per model and kind of run
+        for kind in dict.fromkeys(r["model"] for r in rows):
+            for run in ("cold", "warm"):
+                same = [r for r in rows if r["model"] == kind and r["run"].startswith(run)]
+                med = lambda key: round(float(np.median([r[key] for r in same])), 2)  # noqa: E731
+                stages = {k: round(float(np.median([r["stages_s"].get(k, 0.0) for r in same])), 2)
+                          for k in dict.fromkeys(k for r in same for k in r["stages_s"])}
+                rows.append({"model": kind, "run": f"{run} median", "wall_s": med("wall_s"), "cpu_s": med("cpu_s"),
+                             "cores_used": med("cores_used"), "peak_rss_mb": med("peak_rss_mb"),
+                             "loadavg_before": med("loadavg_before"), "stages_s": stages, "targets": {}})
+    print_table(rows)
+    print(f"\nhost: {os.cpu_count()} cores; the machine may be shared (see load): numbers move with it")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
