@@ -94,7 +94,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
         refdir = staging / "reference"
         refdir.mkdir()
         with stage("exporting FP32 ONNX"):
-            model, export_record = export_onnx(loaded, evalset, refdir)
+            model, export_record = export_onnx(loaded, evalset, refdir, calib=calib)
         cache = StageCache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
         with stage("running the FP32 reference"):
             reference, reference_cached = _reference_outputs(cache, model, evalset)

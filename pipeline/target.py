@@ -397,12 +397,25 @@ def _restored(art: Artifact) -> bool:
     return any(n.startswith("restored from the stage cache") for n in art.notes)
 
 
+def _embed(ctx: BuildContext, profile: TargetProfile, art: Artifact, outdir: Path) -> dict:
+    """edgebuild's metadata written into the artifact files that can carry it (pipeline/embed.py)."""
+    from edgebuild.pipeline.embed import embed_target
+
+    try:
+        return embed_target(ctx, profile, art, outdir)
+    except Exception as e:  # noqa: BLE001 — the artifact is valid without it; the note says why it is missing
+        art.notes.append(f"metadata not embedded in the artifact ({type(e).__name__}: {str(e)[:160]})")
+        return {}
+
+
 def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen: Attempt, baseline: Attempt | None,
              budget: V.Budget, outdir: Path, search: dict | None = None, speedup: dict | None = None,
              cache_use: dict | None = None) -> dict:
     art = chosen.artifact
+    embedded = _embed(ctx, profile, art, outdir)  # metadata inside the artifact, before its sha256 is taken
     files = {f: {"bytes": (outdir / f).stat().st_size, "sha256": _file_sha(outdir / f)} for f in art.files}
     metadata = {
+        "embedded_metadata": embedded,
         "target": profile.name, "backend": backend.name, "precision": art.precision, "artifact": art.main,
         "files": files, "io": art.io, "settings": art.settings, "notes": art.notes,
         "runtime": {"host": profile.host_runtime, "device": profile.device_runtime, "threads": profile.threads,

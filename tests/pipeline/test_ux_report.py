@@ -75,3 +75,21 @@ def test_html_report_renders_in_a_headless_browser(built, tmp_path):
                    capture_output=True, text=True, timeout=120)
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000  # a page with content, not a blank
+
+
+@pytest.mark.slow
+def test_a_build_embeds_its_metadata_in_the_onnx_artifact_and_records_the_embedded_bytes(tmp_path):
+    import hashlib
+    import json
+
+    import onnx
+
+    from edgebuild.pipeline.cli import main
+
+    out = tmp_path / "out"
+    assert main(["--target", "onnx-cpu", "--no-auto", "--out", str(out)]) == 0
+    meta = json.loads((out / "onnx-cpu" / "metadata.json").read_text())
+    art = out / "onnx-cpu" / meta["artifact"]
+    props = {p.key: p.value for p in onnx.load(str(art)).metadata_props}
+    assert any(k.startswith("edgebuild") for k in props), props
+    assert meta["embedded_metadata"] and meta["files"][meta["artifact"]]["sha256"] == hashlib.sha256(art.read_bytes()).hexdigest()
