@@ -5,7 +5,7 @@ import platform
 from importlib import metadata
 
 TOOLS = ("edgebuild", "torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorflow", "onnx2tf",
-         "ai-edge-litert", "litert-torch", "tf-keras", "onnx-graphsurgeon", "numpy", "tensorrt")
+         "ai-edge-litert", "tf-keras", "onnx-graphsurgeon", "numpy", "tensorrt")
 
 
 def tool_versions(names=TOOLS) -> dict[str, str | None]:
