@@ -18,7 +18,7 @@ fi
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.edgebuild-installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "installing the toolchain from requirements.lock (first time: a few minutes, ~4.5 GB)" >&2
+  echo "installing the toolchain from requirements.lock (first time: a few minutes, ~3.6 GB)" >&2
   # torch==2.13.0 resolves to the CPU build where it is on the machine; see README "Toolchain".
   "$VENV/bin/pip" install --disable-pip-version-check -q -r requirements.lock
   log="$VENV/.edgebuild-install.log"
