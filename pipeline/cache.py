@@ -46,12 +46,26 @@ def plain_name(name: object) -> bool:
     return isinstance(name, str) and bool(PLAIN_NAME.fullmatch(name)) and ".." not in name
 
 
-def _sha256(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _publish(tmp: Path, meta_file: Path, meta: dict, entry: Path) -> None:
+    """Write an entry's metadata (synced) and move its directory into place; if another build stored the same
+    key first, its entry stays and ours is dropped."""
+    with open(meta_file, "w") as fh:
+        fh.write(json.dumps(meta))
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.replace(tmp, entry)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class BadEntry(Exception):
@@ -90,7 +104,7 @@ class StageCache:
             for f in art.files:
                 shutil.copyfile(entry / f, directory / f)
                 copied.append(directory / f)
-                if _sha256(directory / f) != digests[f]:  # changed between check and copy
+                if file_hash(directory / f) != digests[f]:  # changed between check and copy
                     raise BadEntry(f"{f} changed while being restored")
         except BadEntry as e:
             self._unlink(copied)
@@ -125,7 +139,7 @@ class StageCache:
         for f in art.files:
             if not (entry / f).is_file() or (entry / f).is_symlink():
                 raise BadEntry(f"{f} is missing")
-            if _sha256(entry / f) != digests[f]:
+            if file_hash(entry / f) != digests[f]:
                 raise BadEntry(f"{f} does not match its recorded sha256 (tampered or truncated)")
         return art, digests
 
@@ -166,18 +180,10 @@ class StageCache:
             digests = {}
             for f in art.files:
                 shutil.copyfile(art.directory / f, tmp / f)
-                digests[f] = _sha256(tmp / f)
-                if digests[f] != _sha256(art.directory / f):
+                digests[f] = file_hash(tmp / f)
+                if digests[f] != file_hash(art.directory / f):
                     raise OSError(f"{f} changed while being stored")
-            meta = {**art.to_dict(), "sha256": digests}
-            with open(tmp / "artifact.json", "w") as fh:
-                fh.write(json.dumps(meta))
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.replace(tmp, self.root / k)
-            except OSError:  # another build stored the same key first
-                shutil.rmtree(tmp, ignore_errors=True)
+            _publish(tmp, tmp / "artifact.json", {**art.to_dict(), "sha256": digests}, self.root / k)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -201,7 +207,7 @@ class StageCache:
             arrays = {}
             if files:
                 path = entry / ARRAYS_FILE
-                if path.is_symlink() or _sha256(path) != files[ARRAYS_FILE]:
+                if path.is_symlink() or file_hash(path) != files[ARRAYS_FILE]:
                     raise BadEntry(f"{ARRAYS_FILE} does not match its recorded sha256")
                 with np.load(path, allow_pickle=False) as z:
                     arrays = {n: z[n] for n in z.files}
@@ -232,15 +238,8 @@ class StageCache:
             if arrays:
                 with open(tmp / ARRAYS_FILE, "wb") as fh:
                     np.savez(fh, **arrays)
-                meta["files"][ARRAYS_FILE] = _sha256(tmp / ARRAYS_FILE)
-            with open(tmp / RESULT_FILE, "w") as fh:
-                fh.write(json.dumps(meta))
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.replace(tmp, self.root / k)
-            except OSError:  # another build stored the same key first
-                shutil.rmtree(tmp, ignore_errors=True)
+                meta["files"][ARRAYS_FILE] = file_hash(tmp / ARRAYS_FILE)
+            _publish(tmp, tmp / RESULT_FILE, meta, self.root / k)
             return True
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)

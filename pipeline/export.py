@@ -8,13 +8,13 @@ Every export is verified against torch on evaluation feeds; the fidelity is reco
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.pipeline.cache import file_hash  # noqa: F401 (re-exported: the hash of a model file)
 from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.pipeline.sources import LoadedModel
 from edgebuild.targets.base import ModelInput, TensorInfo
@@ -22,14 +22,6 @@ from edgebuild.targets.base import ModelInput, TensorInfo
 TORCH_OPSET, MIN_OPSET = 17, 13
 FIDELITY_SAMPLES = 64
 MIN_EXPORT_COSINE = 0.9999
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_onnx(loaded: LoadedModel, evalset: CalibrationSet, workdir: Path,

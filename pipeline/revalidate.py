@@ -18,7 +18,7 @@ def verify_files(artifact_dir: Path, meta_path: Path) -> dict:
     """Integrity first: every file in ``metadata.json`` ``files`` (and the FP32 reference) has its recorded
     sha256, before anything is loaded or run. A mismatch (an INT8 file swapped for the FP32 one, a bit flip,
     a truncated copy) is an ``IntegrityError`` (exit 2) naming the file. Returns the metadata."""
-    from edgebuild.pipeline.cache import _sha256, plain_name
+    from edgebuild.pipeline.cache import file_hash, plain_name
 
     try:
         meta = json.loads(meta_path.read_text())
@@ -42,7 +42,7 @@ def verify_files(artifact_dir: Path, meta_path: Path) -> dict:
             raise BadInputError(f"{artifact_dir}: {what} is missing")
         if not recorded:
             raise IntegrityError(f"{artifact_dir}: metadata.json records no sha256 for {what}")
-        actual = _sha256(path)
+        actual = file_hash(path)
         if actual != recorded:
             raise IntegrityError(f"{artifact_dir}: {what} does not match metadata.json (sha256 {actual[:12]}… ≠ "
                                  f"recorded {recorded[:12]}…): it was modified or swapped after the build; rebuild it")
