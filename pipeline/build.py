@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgebuild.pipeline import timing
 from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.cache import StageCache, default_root
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError, EdgeBuildError
@@ -124,7 +125,7 @@ MEMORY_PER_JOB = 3 << 30  # a conversion's peak (TensorFlow in the TFLite child,
 def effective_jobs(jobs: int | None, n_targets: int) -> int:
     """Targets converted at once: ``jobs`` (default: the host's cores), at most one per 3 GiB of available
     memory, at most the number of targets."""
-    cores = V.host_cores()
+    cores = timing.host_cores()
     jobs = cores if jobs is None else jobs
     if jobs < 1:
         raise BadInputError(f"--jobs {jobs}: must be at least 1")

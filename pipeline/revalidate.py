@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+from edgebuild.pipeline import timing
 from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.errors import BadInputError, IntegrityError
 from edgebuild.pipeline.spec import InputSpec, PreprocessSpec
@@ -69,7 +70,7 @@ def revalidate(artifact_dir: Path, eval_source: str) -> dict:
     ref_outputs = V.collect(OrtRunner(reference, meta["runtime"]["threads"]), evalset)
     with open_runner(backend, art, meta["runtime"]["threads"]) as runner:
         outputs = V.collect(runner, evalset)
-        lat = V.latency(runner, evalset)
+        lat = timing.latency(runner, evalset)
     j = meta.get("judging") or {}
     judging = V.Judging(output_names=tuple(j.get("outputs") or ()), task=j.get("task", "auto"),
                         task_options=tuple(sorted((j.get("task_options") or {}).items())),

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.pipeline import timing
 from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.cache import StageCache, code_hash, key
 from edgebuild.pipeline.errors import BadInputError, ConversionError
@@ -146,13 +147,13 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
 def timing_threads(profile: TargetProfile) -> int:
     """Threads the host runs a profile's artifacts with: the profile's, at most the host's cores (more threads
     than cores only add contention; the manifest records both)."""
-    return max(1, min(profile.threads, V.host_cores()))
+    return max(1, min(profile.threads, timing.host_cores()))
 
 
 def host_id() -> dict:
     import platform
 
-    return {"node": platform.node(), "machine": platform.machine(), "cores": V.host_cores(),
+    return {"node": platform.node(), "machine": platform.machine(), "cores": timing.host_cores(),
             "processor": platform.processor()}
 
 
@@ -245,15 +246,15 @@ def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
     arts = {"chosen": chosen.artifact, **({"fp32": baseline.artifact} if baseline is not None else {})}
     k = key(stage="latency", artifacts={n: artifact_hash(a) for n, a in arts.items()},
             feed={n: array_hash(v) for n, v in sorted(feed.items())},
-            rounds=(V.ROUNDS, V.ROUND_S, V.MAX_ROUND_RUNS, V.WARMUP), runtime=_runtime_key(backend, threads))
+            rounds=(timing.ROUNDS, timing.ROUND_S, timing.MAX_ROUND_RUNS, timing.WARMUP), runtime=_runtime_key(backend, threads))
     hit = ctx.cache.get_result(k)
     if hit is not None:
         record = hit[0]
     else:
         with ExitStack() as stack:
             runners = {n: stack.enter_context(open_runner(backend, a, threads)) for n, a in arts.items()}
-            lat, p50s = V.latency_interleaved(runners, feed)
-        record = {"latency": lat, "speedup": V.speedup(p50s["fp32"], p50s["chosen"]) if baseline is not None else None}
+            lat, p50s = timing.latency_interleaved(runners, feed)
+        record = {"latency": lat, "speedup": timing.speedup(p50s["fp32"], p50s["chosen"]) if baseline is not None else None}
         ctx.cache.put_result(k, record)
         record = _json_round_trip(record)
     for name, attempt in (("chosen", chosen), ("fp32", baseline)):

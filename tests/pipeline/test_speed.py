@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from edgebuild.pipeline import timing
 from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.build import build
 from edgebuild.pipeline.cache import StageCache
@@ -18,7 +19,7 @@ class Calls:
 
         self.counts = {"convert": 0, "collect": 0, "timing": 0, "search": 0}
         for owner, name, what in ((onnx_backend.OnnxBackend, "convert", "convert"), (V, "collect", "collect"),
-                                  (V, "latency_interleaved", "timing"), (recover, "recover", "search")):
+                                  (timing, "latency_interleaved", "timing"), (recover, "recover", "search")):
             monkeypatch.setattr(owner, name, self._counting(getattr(owner, name), what))
 
     def _counting(self, fn, what):
@@ -57,12 +58,12 @@ def test_warm_rerun_converts_evaluates_searches_and_times_nothing(spec, monkeypa
 @pytest.mark.slow
 def test_latency_is_interleaved_with_the_baseline_and_reports_its_spread(spec):
     t = build(spec).manifest["targets"]["onnx-cpu"]
-    assert t["latency"]["interleaved_with"] == ["fp32"] and t["latency"]["rounds"] == V.ROUNDS
+    assert t["latency"]["interleaved_with"] == ["fp32"] and t["latency"]["rounds"] == timing.ROUNDS
     assert t["baseline_fp32"]["latency"]["interleaved_with"] == ["chosen"]
     spread = t["ratios"]["speedup_vs_fp32_spread"]
-    assert spread["p25"] <= spread["median"] <= spread["p75"] and spread["rounds"] == V.ROUNDS
+    assert spread["p25"] <= spread["median"] <= spread["p75"] and spread["rounds"] == timing.ROUNDS
     assert t["ratios"]["speedup_vs_fp32"] == spread["median"]
-    assert t["threads"]["used"] <= V.host_cores() and t["threads"]["used"] <= t["threads"]["profile"]
+    assert t["threads"]["used"] <= timing.host_cores() and t["threads"]["used"] <= t["threads"]["profile"]
     assert t["latency"]["threads_profile"] == t["threads"]["profile"]
 
 
@@ -86,7 +87,7 @@ def test_result_entries_are_verified_and_a_tampered_one_is_dropped(tmp_path):
 
 
 def test_speedup_spread_is_the_median_of_per_round_ratios():
-    s = V.speedup([2.0, 2.0, 3.0, 2.0], [1.0, 1.0, 1.0, 2.0])
+    s = timing.speedup([2.0, 2.0, 3.0, 2.0], [1.0, 1.0, 1.0, 2.0])
     assert s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0 and s["rounds"] == 4
     assert s["iqr"] == pytest.approx(s["p75"] - s["p25"])
 
@@ -112,7 +113,7 @@ def test_jobs_are_bounded_by_targets_and_memory(monkeypatch):
     import edgebuild.pipeline.build as B
 
     monkeypatch.setattr(B, "_available_memory", lambda: 64 << 30)
-    assert B.effective_jobs(None, 3) == min(V.host_cores(), 3) and B.effective_jobs(8, 2) == 2
+    assert B.effective_jobs(None, 3) == min(timing.host_cores(), 3) and B.effective_jobs(8, 2) == 2
     monkeypatch.setattr(B, "_available_memory", lambda: 4 << 30)
     assert B.effective_jobs(8, 3) == 1
 
