@@ -1,0 +1,78 @@
+"""Stage: package one target — its metadata inside the artifact, then ``metadata.json`` and ``validation.json``.
+
+The artifact's sha256 is taken after the metadata is embedded, so ``edgebuild validate`` checks the shipped bytes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from edgebuild.pipeline import validate as V
+from edgebuild.pipeline.target import Attempt, BuildContext, file_sha, timing_threads
+from edgebuild.targets.base import Artifact, Backend
+from edgebuild.targets.profiles import TargetProfile
+
+
+def _embed(ctx: BuildContext, profile: TargetProfile, art: Artifact, outdir: Path) -> dict:
+    """edgebuild's metadata written into the artifact files that can carry it (pipeline/embed.py)."""
+    from edgebuild.pipeline.embed import embed_target
+
+    try:
+        return embed_target(ctx, profile, art, outdir)
+    except Exception as e:  # noqa: BLE001 — the artifact is valid without it; the note says why it is missing
+        art.notes.append(f"metadata not embedded in the artifact ({type(e).__name__}: {str(e)[:160]})")
+        return {}
+
+
+def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen: Attempt, baseline: Attempt | None,
+             budget: V.Budget, outdir: Path, search: dict | None = None, speedup: dict | None = None,
+             cache_use: dict | None = None) -> dict:
+    art = chosen.artifact
+    embedded = _embed(ctx, profile, art, outdir)  # metadata inside the artifact, before its sha256 is taken
+    files = {f: {"bytes": (outdir / f).stat().st_size, "sha256": file_sha(outdir / f)} for f in art.files}
+    metadata = {
+        "embedded_metadata": embedded,
+        "target": profile.name, "backend": backend.name, "precision": art.precision, "artifact": art.main,
+        "files": files, "io": art.io, "settings": art.settings, "notes": art.notes,
+        "runtime": {"host": profile.host_runtime, "device": profile.device_runtime, "threads": profile.threads,
+                    "threads_host": timing_threads(profile)},
+        "host_validation": profile.host_validation, "devices": list(profile.devices),
+        "source_model_sha256": ctx.model.content_hash, "reference": "../reference/model_fp32.onnx",
+        "source_inputs": [asdict(i) for i in ctx.model.inputs],
+        "budgets": budget.to_dict(), "preprocess": asdict(ctx.spec.preprocess),
+        "judging": {"task": ctx.judging.task, "task_options": ctx.judging.options,
+                    "labels_output": ctx.judging.labels_output, "evaluator": ctx.judging.evaluator,
+                    "outputs": list(ctx.judging.output_names)},
+    }
+    failures = [str(f) for f in chosen.failures]
+    validation = {
+        "verdict": "fail" if chosen.failures else "pass", "failures": failures,
+        "failed_checks": [f.to_dict() for f in chosen.failures],
+        "metrics": chosen.metrics, "latency": chosen.latency, "size_bytes": art.size_bytes,
+        "budgets": budget.to_dict(), "threads": profile.threads, "threads_used": timing_threads(profile),
+        "evaluation": chosen.data,
+    }
+    if baseline is not None:
+        b = baseline.artifact
+        validation["baseline_fp32"] = {"artifact": b.main, "size_bytes": b.size_bytes, "latency": baseline.latency,
+                                       "metrics": baseline.metrics, "evaluated": baseline.label}
+        validation["ratios"] = {
+            "size_vs_fp32": art.size_bytes / b.size_bytes,
+            # median of the per-round ratios of the interleaved timing; its spread below
+            "speedup_vs_fp32": speedup["median"] if speedup else baseline.latency["p50_ms"] / chosen.latency["p50_ms"],
+            **({"speedup_vs_fp32_spread": speedup} if speedup else {}),
+        }
+    if search is not None:
+        validation["search"] = search
+    (outdir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
+    (outdir / "validation.json").write_text(json.dumps(validation, indent=2, default=str))
+    return {"verdict": validation["verdict"], "backend": backend.name, "precision": art.precision,
+            "artifact": art.main, "files": files, "settings": art.settings, "metrics": chosen.metrics,
+            "latency": chosen.latency, "size_bytes": art.size_bytes, "ratios": validation.get("ratios"),
+            "baseline_fp32": validation.get("baseline_fp32"), "failures": failures,
+            "failed_checks": validation["failed_checks"], "notes": art.notes,
+            "budgets": budget.to_dict(), "host_validation": profile.host_validation,
+            "threads": {"profile": profile.threads, "used": timing_threads(profile)},
+            **({"cache": cache_use} if cache_use is not None else {}),
+            **({"search": search} if search is not None else {})}
