@@ -74,7 +74,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     for p in profiles:
         if not backend_exists(p.backend):
             raise BadInputError(f"target {p.name}: unknown backend {p.backend!r}")
-        get_backend(p.backend).check_settings(p)  # a typo in quant: is exit 2 now, not after the conversion
+        get_backend(p.backend).check_profile(p)  # a precision it cannot build, a typo in quant: exit 2 now
         precision_for(p, spec)
     out = Path(spec.out)
     _check_replaceable(out)

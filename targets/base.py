@@ -118,6 +118,7 @@ class Backend:
     """One artifact format. Subclasses set ``name``/``requires`` and implement ``convert`` and ``runner``."""
 
     name: str = ""
+    precisions: tuple[str, ...] = ()  # what this backend can build (a profile may declare a subset)
     requires: tuple[str, ...] = ()  # import names of the libraries this backend needs
     isolate_runner: bool = False  # run the runtime in a subprocess (native code that may crash)
 
@@ -132,6 +133,15 @@ class Backend:
 
     def runner(self, artifact: Artifact, threads: int) -> Runner:
         raise NotImplementedError
+
+    def check_profile(self, profile: "TargetProfile") -> None:
+        """Raise BadInputError, before any work, for a profile this backend cannot honour: a precision it
+        does not build, or ``quant:`` settings it does not understand."""
+        extra = [p for p in profile.precisions if p not in self.precisions]
+        if extra:
+            raise BadInputError(f"target {profile.name}: the {self.name} backend does not build "
+                                f"{', '.join(extra)} (it builds {', '.join(self.precisions)})")
+        self.check_settings(profile)
 
     def check_settings(self, profile: "TargetProfile") -> None:
         """Raise BadInputError for a profile's ``quant:`` this backend does not understand (before any work)."""

@@ -26,6 +26,7 @@ CHOICES = {"activation_type": ("uint8", "int8"), "weight_type": ("uint8", "int8"
 
 @register("onnx")
 class OnnxBackend(Backend):
+    precisions = ("int8", "fp16", "fp32", "dynamic")
     requires = ("onnx", "onnxruntime")
     simulate_quantization = False  # run QDQ graphs unfused on the host (see tensorrt backend)
     supports_float_layers = True

@@ -61,6 +61,7 @@ ONNX_TO_OV_TYPES = {
 
 @register("openvino")
 class OpenVinoBackend(Backend):
+    precisions = PRECISIONS
     requires = ("openvino",)  # nncf too, for INT8 (checked when INT8 is built)
     # OpenVINO is native code: the runtime runs in a spawned process so that a crash fails the target, not
     # the build. Measured on the demo (2-core host): 0.4-0.6 s more to open a runner, evaluation of 797

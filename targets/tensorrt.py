@@ -18,6 +18,7 @@ TRTEXEC_FLAGS = {"int8": "--int8 --fp16", "fp16": "--fp16", "fp32": ""}  # int8:
 
 @register("tensorrt")
 class TensorRTBackend(OnnxBackend):
+    precisions = tuple(TRTEXEC_FLAGS)  # explicit-quantization INT8, FP16, FP32 engines; no weight-only INT8
     simulate_quantization = True
 
     def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,

@@ -66,6 +66,7 @@ CHOICES = {"input_layout": ("NHWC", "source"), "host_kernels": ("xnnpack", "buil
 
 @register("tflite")
 class TFLiteBackend(Backend):
+    precisions = PRECISIONS
     requires = ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "onnxruntime", "ai_edge_litert")
     isolate_runner = True
     supports_float_layers = True
