@@ -6,6 +6,7 @@ a ``.npy`` file (inputs), a ``.npz`` file (inputs by input name or ``x``/``input
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".ti
 LABEL_KEYS = ("labels", "label", "y", "targets")
 DIGITS_SPLIT_SEED = 0
 DIGITS_TRAIN = 1000  # of 1797; the rest is the held-out test split
+log = logging.getLogger("edgebuild.data")
 
 
 def digits(split: str = "all") -> CalibrationSet:
@@ -33,7 +35,8 @@ def digits(split: str = "all") -> CalibrationSet:
     if split not in idx:
         raise BadInputError(f"unknown digits split {split!r}; use digits, digits:train or digits:test")
     i = idx[split]
-    return CalibrationSet(f"digits:{split}", {"input": x[i]}, y[i], {"source": f"digits:{split}"})
+    return CalibrationSet(f"digits:{split}", {"input": x[i]}, y[i],
+                          {"source": f"digits:{split}", "classes": [str(c) for c in range(10)]})
 
 
 def load_source(source: str, inputs: tuple[InputSpec, ...], pre: PreprocessSpec) -> CalibrationSet:
@@ -155,9 +158,12 @@ def model_image_size(spec: InputSpec) -> tuple[int, int] | None:
     return (h, w)
 
 
-def _image_folder(root: Path, pre: PreprocessSpec) -> RawData:
-    from PIL import Image, UnidentifiedImageError
+IN_MEMORY_BYTES = 256 << 20  # decoded image folders larger than this live in a disk-backed array
 
+
+def _image_folder(root: Path, pre: PreprocessSpec) -> RawData:
+    """Every image of the folder decoded one at a time (EXIF orientation applied) into one array — in memory when
+    small, else disk-backed (an anonymous temporary file, mapped), so memory does not grow with the folder."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if classes:
         files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -165,28 +171,57 @@ def _image_folder(root: Path, pre: PreprocessSpec) -> RawData:
         files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise BadInputError(f"{root}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    arrays = []
-    for f, _ in files:
-        try:
-            with Image.open(f) as im:
-                arrays.append(preprocess_image(im, pre))
-        except (UnidentifiedImageError, OSError) as e:
-            raise BadInputError(f"{f}: cannot read image ({e})") from None
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise BadInputError(f"{root}: images have different sizes {sorted(shapes)[:3]}; set preprocess.resize")
+    first = _read_image(files[0][0], pre)
+    stacked = _allocate((len(files), *first.shape), first.dtype)
+    stacked[0] = first
+    for i, (f, _) in enumerate(files[1:], 1):
+        a = _read_image(f, pre)
+        if a.shape != first.shape:
+            raise BadInputError(f"{root}: images have different sizes ({files[0][0].name}: {list(first.shape)}, "
+                                f"{f.name}: {list(a.shape)}); set preprocess.resize")
+        stacked[i] = a
     labels = np.array([c for _, c in files], dtype=np.int64) if classes else None
     origin = {"source": str(root), "classes": classes} if classes else {"source": str(root)}
     if pre.resize:
         origin["resize"] = list(pre.resize)
-    return RawData(root.name, {"input": np.stack(arrays)}, labels, origin)
+    if isinstance(stacked, np.memmap):
+        origin["disk_backed"] = True
+    log.debug("%s: %d images, %d classes, samples %s%s", root, len(files), len(classes), list(first.shape),
+              " (disk-backed)" if isinstance(stacked, np.memmap) else "")
+    return RawData(root.name, {"input": stacked}, labels, origin)
+
+
+def _allocate(shape: tuple[int, ...], dtype) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes <= IN_MEMORY_BYTES:
+        return np.empty(shape, dtype)
+    import tempfile
+
+    with tempfile.TemporaryFile(prefix="edgebuild-images-") as f:  # unlinked; lives as long as the mapping
+        return np.memmap(f, dtype=dtype, mode="w+", shape=shape)
+
+
+def _read_image(path: Path, pre: PreprocessSpec) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return preprocess_image(im, pre)
+    except (UnidentifiedImageError, OSError) as e:
+        raise BadInputError(f"{path}: cannot read image ({e})") from None
 
 
 def preprocess_image(im, pre: PreprocessSpec) -> np.ndarray:
-    """PIL image -> float array [C, H, W] or [H, W, C] following the preprocessing spec."""
+    """PIL image -> float array [C, H, W] or [H, W, C] following the preprocessing spec: EXIF orientation, colour,
+    centre crop, resize (with the spec's interpolation), scale, mean/std, layout."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)  # a phone photo taken upright is upright
     im = im.convert("L" if pre.color == "gray" else "RGB")
+    if pre.crop:
+        im = im.crop(center_box(im.size, pre.crop, pre.resize))
     if pre.resize:
-        im = im.resize((pre.resize[1], pre.resize[0]))
+        im = im.resize((pre.resize[1], pre.resize[0]), resample=getattr(Image.Resampling, pre.interpolation.upper()))
     a = np.asarray(im, dtype=np.float32)
     a = a[:, :, None] if a.ndim == 2 else a
     if pre.color == "bgr":
@@ -200,6 +235,17 @@ def preprocess_image(im, pre: PreprocessSpec) -> np.ndarray:
     if pre.layout == "NCHW":
         a = a.transpose(2, 0, 1)
     return np.ascontiguousarray(np.round(a) if np.dtype(pre.dtype).kind != "f" else a, dtype=pre.dtype)
+
+
+def center_box(size: tuple[int, int], fraction: float, out_hw: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """The centred (left, top, right, bottom) box ``fraction`` of the shorter side tall or wide, at the aspect
+    ratio of ``out_hw`` (square when None): ImageNet's 0.875 is 224 of 256."""
+    w, h = size
+    aspect = out_hw[1] / out_hw[0] if out_hw else 1.0  # width / height
+    ch = min(h, w / aspect) * fraction
+    cw = ch * aspect
+    left, top = round((w - cw) / 2), round((h - ch) / 2)
+    return left, top, max(left + 1, round(left + cw)), max(top + 1, round(top + ch))
 
 
 def fit_to_inputs(data: RawData | CalibrationSet, inputs: tuple[InputSpec, ...]) -> CalibrationSet:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -21,14 +21,15 @@ Exit codes:
   1    a budget failed (artifacts kept, marked failed in manifest.json)
   2    bad usage or bad input (one-line error)
   3    a conversion failed (reported per target), or an internal error
+  4    validate --emulate/--device: the emulator or the board is unavailable
   130  interrupted
 """
 
 
-def _console():
+def _console(file=None):
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(file=file) if file is not None else Console(stderr=True)
 
 
 def _parse_shape(text: str | None):
@@ -109,7 +110,7 @@ def _preprocess_flags(flags: dict) -> dict:
         value = flags.pop(name, None)
         if value:
             out[name] = _numbers(f"--{name}", value)
-    for name in ("scale", "color", "layout"):
+    for name in ("scale", "color", "layout", "crop", "interpolation"):
         value = flags.pop(name, None)
         if value is not None:
             out[name] = value
@@ -163,36 +164,16 @@ def _parse_step(text: str) -> dict:
 
 
 @contextmanager
-def _progress(console, quiet: bool):
+def _progress(console, quiet: bool, log=None):
     """The build's ``stage`` callable, shown on stderr (pipeline/progress.py): live lines and a trail in a terminal,
-    one plain line per stage elsewhere, nothing with --quiet."""
+    one plain line per stage elsewhere, nothing with --quiet; every stage into the build log."""
     from edgebuild.pipeline.progress import make_progress
 
-    progress = make_progress(console, quiet)
+    progress = make_progress(console, quiet, log)
     try:
         yield progress.stage
     finally:
         progress.close()
-
-
-@contextmanager
-def _stdout_to_stderr(enabled: bool):
-    """With --json, stdout carries the manifest alone: whatever a converter prints (Python or native) goes to stderr."""
-    if not enabled:
-        yield
-        return
-    import os
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 @contextmanager
@@ -216,6 +197,8 @@ def _nullcontext():
 @click.option("--std", metavar="S[,S,S]", help="Image folders: divide by per-channel std, e.g. 0.229,0.224,0.225.")
 @click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Image folders: channel order (default rgb).")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Image folders: tensor layout of the samples (default NCHW).")
+@click.option("--crop", type=click.FloatRange(0, 1, min_open=True), help="Image folders: centre crop this fraction of the shorter side before resizing, e.g. 0.875.")
+@click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]), help="Image folders: resize filter (default bicubic).")
 @click.option("--out", "-o", help="Output directory (default: out), replaced atomically.")
 @click.option("--precision", type=click.Choice(["int8", "fp16", "fp32", "dynamic"]), help="Override the profiles' precision.")
 @click.option("--max-accuracy-drop", type=float, help="Budget: accuracy drop vs FP32 in points.")
@@ -233,9 +216,10 @@ def _nullcontext():
 @click.option("--trust-model", is_flag=True, help="Load a .pt2 archive even if it could run code when loaded (pickles beyond tensors, guard code, compiled code). Only for files you trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout (for CI).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (errors and the summary still print).")
+@click.option("--verbose", "-v", is_flag=True, help="Also echo debug lines and the converters' own output to stderr (always in <out>/build.log).")
 @click.version_option(package_name="edgebuild", prog_name="edgebuild", message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx, as_json, quiet, config, eval_, jobs, **flags):
+def cli(ctx, as_json, quiet, verbose, config, eval_, jobs, **flags):
     """edgebuild: turn a trained model into validated edge artifacts.
 
     \b
@@ -248,14 +232,18 @@ def cli(ctx, as_json, quiet, config, eval_, jobs, **flags):
         return
     from edgebuild.pipeline.build import build
 
+    from edgebuild.pipeline.buildlog import build_log, keep
+
     spec, config_path = spec_from_flags(config, eval=eval_, **flags)
-    console = _console()
-    if spec.is_demo:
-        console.print("[dim]no model given: building the built-in demo (DigitsCNN on scikit-learn digits)[/dim]")
-    elif config_path:
-        console.print(f"[dim]config: {config_path}[/dim]")
-    with _stdout_to_stderr(as_json), _progress(console, quiet) as stage:
-        result = build(spec, stage=stage, jobs=jobs)
+    with build_log(Path(spec.out), verbose) as (log, terminal):  # stdout/stderr of the build -> <out>/build.log
+        console = _console(terminal)
+        if spec.is_demo:
+            console.print("[dim]no model given: building the built-in demo (DigitsCNN on scikit-learn digits)[/dim]")
+        elif config_path:
+            console.print(f"[dim]config: {config_path}[/dim]")
+        with _progress(console, quiet, log) as stage:
+            result = build(spec, stage=stage, jobs=jobs)
+    keep(log, result)
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2, default=str))
     else:
@@ -270,11 +258,11 @@ def _print_summary(manifest: dict, out: Path) -> None:
     from edgebuild.pipeline.report import slower_than_fp32, summary_rows
 
     table = Table(title=f"edgebuild — {manifest['verdict'].upper()} ({manifest['seconds']} s)")
-    for col in ("target", "verdict", "artifact", "accuracy", "drop", "p50", "size", "size_ratio", "speedup"):
+    for col in ("target", "verdict", "artifact", "accuracy", "drop", "p50", "size", "size_ratio", "speedup", "memory"):
         table.add_column(col.replace("_", " "))
     for row in summary_rows(manifest):
         style = {"PASS": "green", "FAIL": "red", "ERROR": "red"}[row["verdict"]]
-        table.add_row(*[row[c] for c in ("target", "verdict", "artifact", "accuracy", "drop", "p50", "size", "size_ratio", "speedup")], style=style)
+        table.add_row(*[row[c] for c in ("target", "verdict", "artifact", "accuracy", "drop", "p50", "size", "size_ratio", "speedup", "memory")], style=style)
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
@@ -284,7 +272,7 @@ def _print_summary(manifest: dict, out: Path) -> None:
             console.print(f"{name}: kept in float: {', '.join(t['search']['float_layers'])}")
     for warning in slower_than_fp32(manifest):
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
-    console.print(f"artifacts in {out}/ (manifest.json, report.md, report.html)")
+    console.print(f"artifacts in {out}/ (manifest.json, report.md, report.html, build.log)")
 
 
 @cli.command()
@@ -300,22 +288,32 @@ def targets(profile):
 
 @cli.command("validate")
 @click.argument("artifact_dir", type=click.Path(file_okay=False))
-@click.option("--eval", "eval_", required=True, help="Evaluation data (image folder, .npy, .npz, digits...).")
+@click.option("--eval", "eval_", help="Evaluation data (image folder, .npy, .npz, digits...). Default: the build's own.")
+@click.option("--emulate", is_flag=True, help="Run it on the aarch64 LiteRT under qemu-user (scripts/setup_arm64_emulator.sh).")
+@click.option("--device", metavar="ssh://[user@]host[:port]", help="Run it on a board over SSH (?python=PATH, &arch=any).")
 @click.option("--json", "as_json", is_flag=True, help="Print the validation result as JSON.")
-def validate_cmd(artifact_dir, eval_, as_json):
-    """Re-check an existing artifact directory (e.g. out/arm64) on evaluation data."""
-    from edgebuild.pipeline.revalidate import revalidate
+def validate_cmd(artifact_dir, eval_, emulate, device, as_json):
+    """Re-check an existing artifact directory (e.g. out/arm64) on evaluation data: on this host, under the
+    aarch64 emulator (--emulate) or on the board itself (--device). Exit 4: emulator or board unavailable."""
+    if emulate and device:
+        raise BadInputError("--emulate and --device: choose one")
+    if emulate:
+        from edgebuild.pipeline.emulate import validate_emulated as run
+    elif device:
+        from functools import partial
 
-    result = revalidate(Path(artifact_dir), eval_)
+        from edgebuild.pipeline.device import validate_on_device
+
+        run = partial(validate_on_device, url=device)
+    else:
+        from edgebuild.pipeline.revalidate import revalidate as run
+    result = run(Path(artifact_dir), eval_)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
-        m = result["metrics"]
-        acc = f"accuracy {m['accuracy']:.2f} % (FP32 {m['accuracy_reference']:.2f} %)" if "accuracy" in m else \
-            f"cosine {m['cosine_min']:.4f}"
-        click.echo(f"{result['target']}: {result['verdict'].upper()} — {acc}, p50 {result['latency']['p50_ms']:.3f} ms")
-        for f in result["failures"]:
-            click.echo(f"  failed: {f}")
+        from edgebuild.pipeline.revalidate import summary_lines
+
+        click.echo("\n".join(summary_lines(result)))
     if result["failures"]:
         from edgebuild.pipeline.errors import BudgetError
 

@@ -1,12 +1,15 @@
 """Resolve the calibration and evaluation sets of a build: disjoint, deterministic, recorded."""
 from __future__ import annotations
 
+import logging
+
 from edgebuild.calibration.dataset import CalibrationSet, cap, drop_overlap, split
 from edgebuild.calibration.sources import load_source
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.spec import BuildSpec, InputSpec
 
 DEMO_CALIB, DEMO_EVAL = "digits:train", "digits:test"
+log = logging.getLogger("edgebuild.data")
 
 
 def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[CalibrationSet, CalibrationSet, dict]:
@@ -34,4 +37,21 @@ def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[Calibr
         raise BadInputError("the evaluation set is empty")
     calib = cap(calib, spec.calib_samples, spec.seed)
     record.update(calibration=calib.describe(), evaluation=evalset.describe())
+    names = class_names(spec, calib, evalset)
+    if names:
+        record["class_names"] = names
+    log.debug("calibration: %d samples (%s); evaluation: %d samples (%s); labels: %s; classes: %s", len(calib),
+              calib.name, len(evalset), evalset.name, evalset.has_labels, len(names) if names else "none")
     return calib, evalset, record
+
+
+def class_names(spec: BuildSpec, calib: CalibrationSet, evalset: CalibrationSet) -> list[str] | None:
+    """What class index i means: ``class_names:`` of the config, else the image folder's class sub-folders
+    (sorted, as their labels are numbered). Both given: they must agree in count."""
+    folder = evalset.origin.get("classes") or calib.origin.get("classes")
+    if spec.class_names:
+        if folder and len(folder) != len(spec.class_names):
+            raise BadInputError(f"class_names lists {len(spec.class_names)} classes; the image folder has "
+                                f"{len(folder)} class sub-folders ({', '.join(folder[:5])}{', …' if len(folder) > 5 else ''})")
+        return list(spec.class_names)
+    return list(folder) if folder else None

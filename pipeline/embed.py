@@ -139,10 +139,10 @@ def embed_target(ctx, profile, art, outdir: Path) -> dict[str, str]:
     target is described, before the files' sha256 are taken); returns {file: where it went}."""
     from dataclasses import asdict
 
+    from edgebuild.pipeline.data import class_names
     from edgebuild.pipeline.versions import tool_versions
 
-    classes = (ctx.evalset.origin.get("classes") or ctx.calib.origin.get("classes")
-               or getattr(ctx.spec, "class_names", None))
+    classes = class_names(ctx.spec, ctx.calib, ctx.evalset)
     meta = fields(version=tool_versions(("edgebuild",))["edgebuild"] or "unknown", target=profile.name,
                   precision=art.precision, source_sha256=ctx.model.content_hash,
                   inputs=[asdict(i) for i in ctx.model.inputs], outputs=[o.name for o in ctx.model.outputs],

@@ -8,6 +8,7 @@ Every export is verified against torch on evaluation feeds; the fidelity is reco
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from edgebuild.targets.base import ModelInput, TensorInfo
 TORCH_OPSET, MIN_OPSET = 17, 13
 FIDELITY_SAMPLES = 64
 MIN_EXPORT_COSINE = 0.9999
+log = logging.getLogger("edgebuild.export")
 
 
 def export_onnx(loaded: LoadedModel, evalset: CalibrationSet, workdir: Path,
@@ -48,6 +50,8 @@ def export_onnx(loaded: LoadedModel, evalset: CalibrationSet, workdir: Path,
     record["opset"] = _opset(model)
     inputs, outputs = _io(model, loaded)
     mi = ModelInput(out, inputs, outputs, record["opset"], loaded.module, file_hash(out))
+    log.debug("FP32 ONNX: %s, opset %s, outputs %s, sha256 %s", record.get("exporter"), record["opset"],
+              ", ".join(f"{o.name} {list(o.shape)}" for o in outputs), mi.content_hash)
     if loaded.module is not None:
         record["fidelity_vs_torch"] = _fidelity(loaded, out, evalset)
     return mi, record
@@ -59,18 +63,18 @@ def _export_torch(loaded: LoadedModel, workdir: Path):
 
     names = [i.name for i in loaded.inputs]
     args = tuple(torch.zeros(i.shape, dtype=getattr(torch, i.dtype)) for i in loaded.inputs)
-    _dry_run(loaded, args)
+    outputs = output_names(loaded, _dry_run(loaded, args))
     tmp = workdir / "_export.onnx"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if loaded.exported_program is not None:
                 torch.onnx.export(loaded.exported_program, args, str(tmp), dynamo=True, input_names=names,
-                                  external_data=False, verbose=False)
+                                  output_names=outputs, external_data=False, verbose=False)
                 exporter = f"torch.onnx dynamo (torch {torch.__version__})"
             else:
                 torch.onnx.export(loaded.module, args, str(tmp), dynamo=False, opset_version=TORCH_OPSET,
-                                  input_names=names, do_constant_folding=True)
+                                  input_names=names, output_names=outputs, do_constant_folding=True)
                 exporter = f"torch.onnx TorchScript-based (torch {torch.__version__})"
     except Exception as e:
         raise ConversionError(f"torch -> ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:240]}") from e
@@ -79,15 +83,36 @@ def _export_torch(loaded: LoadedModel, workdir: Path):
     return model, exporter
 
 
-def _dry_run(loaded: LoadedModel, args) -> None:
-    """One forward pass on zeros of the given input shapes: a model that cannot take them is bad input
-    (a wrong --input-shape), said in one line before the exporter's trace."""
+def output_names(loaded: LoadedModel, result) -> list[str]:
+    """Names of the exported outputs: ``output_names`` of the spec, else what forward's return says — a dict's keys,
+    a namedtuple's fields, ``output`` for one tensor, ``output_<i>`` for a tuple (never the tracer's "37")."""
+    import torch
+
+    leaves = [t for t in torch.utils._pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+    if loaded.output_names:
+        if len(loaded.output_names) != len(leaves):
+            raise BadInputError(f"output_names names {len(loaded.output_names)} output(s) "
+                                f"({', '.join(loaded.output_names)}); the model returns {len(leaves)} tensor(s)")
+        return list(loaded.output_names)
+    if isinstance(result, torch.Tensor):
+        return ["output"]
+    if isinstance(result, dict) and len(result) == len(leaves) and all(isinstance(k, str) for k in result):
+        return [str(k) for k in result]
+    fields = getattr(result, "_fields", None)
+    if fields and len(fields) == len(leaves):
+        return list(fields)
+    return [f"output_{i}" for i in range(len(leaves))]
+
+
+def _dry_run(loaded: LoadedModel, args):
+    """One forward pass on zeros of the given input shapes (its result names the outputs): a model that cannot
+    take them is bad input (a wrong --input-shape), said in one line before the exporter's trace."""
     import torch
 
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loaded.module(*args)
+            return loaded.module(*args)
     except Exception as e:
         given = ", ".join(f"{i.name} {list(i.shape)} {i.dtype}" for i in loaded.inputs)
         raise BadInputError(f"the model does not run on the given input(s) {given}: {type(e).__name__}: "

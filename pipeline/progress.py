@@ -36,6 +36,7 @@ class Progress:
         self.lock = threading.Lock()
         self.steps: dict[str, list[float]] = {}  # series -> durations of its finished steps
         self.finished: list[tuple[str, float, bool]] = []
+        self.log = None  # a BuildLog (pipeline/buildlog.py): every stage's start and end, timestamped
 
     def eta(self, text: str) -> float | None:
         m = COUNT.search(text)
@@ -50,6 +51,8 @@ class Progress:
     @contextmanager
     def stage(self, text: str):
         start = time.monotonic()
+        if self.log is not None:
+            self.log.line("stage", text)
         handle = self._begin(text)
         ok = False
         try:
@@ -61,6 +64,8 @@ class Progress:
                 if COUNT.search(text):
                     self.steps.setdefault(_series(text), []).append(seconds)
                 self.finished.append((text, seconds, ok))
+            if self.log is not None:
+                self.log.line("stage", f"{text}: {'done in' if ok else 'stopped after'} {_fmt_seconds(seconds)}")
             self._end(handle, text, seconds, ok)
 
     def _begin(self, text):
@@ -131,9 +136,13 @@ class QuietProgress(Progress):
     pass
 
 
-def make_progress(console, quiet: bool = False) -> Progress:
+def make_progress(console, quiet: bool = False, log=None) -> Progress:
+    """Live in a terminal, plain lines elsewhere, nothing shown with ``quiet``; every stage also into ``log``."""
     if quiet:
-        return QuietProgress()
-    if console.is_terminal:
-        return LiveProgress(console)
-    return PlainProgress(console.file)
+        progress = QuietProgress()
+    elif console.is_terminal:
+        progress = LiveProgress(console)
+    else:
+        progress = PlainProgress(console.file)
+    progress.log = log
+    return progress

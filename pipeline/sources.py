@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.spec import BuildSpec, InputSpec
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
+log = logging.getLogger("edgebuild.sources")
 
 
 @dataclass
@@ -21,9 +23,24 @@ class LoadedModel:
     onnx_path: Path | None = None
     module: Any = None  # torch.nn.Module (or the module of an ExportedProgram)
     exported_program: Any = None  # torch.export.ExportedProgram for .pt2 sources
+    output_names: tuple[str, ...] = ()  # torch sources: names for the exported outputs (spec.output_names)
 
 
 def load_model(spec: BuildSpec) -> LoadedModel:
+    """The model of ``spec``; torch sources carry ``spec.output_names`` (an ONNX file names its own outputs)."""
+    add_import_paths(spec)  # also for evaluators and distillation teachers named package.module:attr
+    loaded = _load(spec)
+    if spec.output_names:
+        if loaded.kind == "onnx":
+            raise BadInputError("output_names is for torch models; an ONNX file names its own outputs "
+                                "(rename them in the file)")
+        loaded.output_names = tuple(spec.output_names)
+    log.debug("model: %s; inputs %s", loaded.description,
+              ", ".join(f"{i.name} {list(i.shape)} {i.dtype} {i.layout}" for i in loaded.inputs) or "from the file")
+    return loaded
+
+
+def _load(spec: BuildSpec) -> LoadedModel:
     if spec.is_demo:
         from edgebuild.pipeline.demo_model import INPUT_SHAPE, load_demo
 
@@ -186,8 +203,7 @@ def _python_reference(ref: str, spec: BuildSpec) -> LoadedModel:
     import torch
 
     mod_name, _, attr = ref.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # a user's model package next to edgebuild.yaml
+    add_import_paths(spec)
     if not mod_name or not attr or not all(part.isidentifier() for part in [*mod_name.split("."), *attr.split(".")]):
         raise BadInputError(f"model {ref!r}: use package.module:attr")
     try:
@@ -219,6 +235,16 @@ def _python_reference(ref: str, spec: BuildSpec) -> LoadedModel:
             raise BadInputError(f"{spec.weights} does not fit {ref}: {details[:1500]}") from None
     return LoadedModel("torch", f"python reference {ref}" + (f" + {Path(spec.weights).name}" if spec.weights else ""),
                        _torch_inputs(spec, ref), module=obj.eval())
+
+
+def add_import_paths(spec: BuildSpec) -> None:
+    """Where ``package.module:attr`` references are imported from: the config file's directory (``python_path``,
+    set by load_config), then the current directory."""
+    for p in [str(Path.cwd()), *reversed(spec.python_path)]:
+        p = str(Path(p).resolve())
+        if p not in sys.path:
+            sys.path.insert(0, p)
+            log.debug("package.module:attr references import from %s", p)
 
 
 def load_state_dict(path: Path) -> dict:

@@ -16,6 +16,7 @@ from edgebuild.pipeline.errors import BadInputError
 DTYPES = ("float32", "float16", "int64", "int32", "uint8", "int8", "bool")
 LAYOUTS = ("NCHW", "NHWC", "NC", "NCW", "NTC", "ANY")
 PRECISIONS = ("int8", "fp16", "fp32", "dynamic")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # PIL's resize filters
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -50,8 +51,16 @@ class PreprocessSpec:
     std: tuple[float, ...] = ()
     layout: str = "NCHW"
     dtype: str = "float32"
+    crop: float | None = None  # centre crop: this fraction of the shorter side, at the output's aspect ratio, before resize
+    interpolation: str = "bicubic"  # resize filter: one of INTERPOLATIONS
 
     def __post_init__(self):
+        if self.crop is not None:
+            _check(isinstance(self.crop, (int, float)) and not isinstance(self.crop, bool) and 0 < self.crop <= 1,
+                   f"preprocess.crop must be a fraction of the shorter side in (0, 1], e.g. 0.875, got {self.crop!r}")
+            object.__setattr__(self, "crop", float(self.crop))
+        _check(self.interpolation in INTERPOLATIONS,
+               f"preprocess.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.resize is not None:
             object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
             _check(len(self.resize) == 2, "preprocess.resize must be [height, width]")
@@ -69,14 +78,21 @@ class Budgets:
     max_accuracy_drop: float | None = None  # percentage points
     max_latency_ms: float | None = None  # p50 at batch 1
     max_size_mb: float | None = None
+    max_memory_mb: float | None = None  # peak runtime memory above the runner's baseline, MB = 10^6 bytes
+    max_arena_kb: float | None = None  # microcontrollers: TFLM tensor arena, KB = 1024 bytes
+    max_flash_kb: float | None = None  # microcontrollers: the model in flash (+ its C array source)
     max_compression_drop: float = 1.0  # FP32 accuracy the compression steps may cost, in points
     metrics: dict = field(default_factory=dict)  # any measured score: {<score>_drop|_min|_max: limit}
 
     def __post_init__(self):
-        for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "max_compression_drop"):
+        for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "max_compression_drop") + MEMORY_BUDGETS:
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, check_budget(f"budgets.{name}", value, positive=name in ("max_latency_ms", "max_size_mb")))
+                object.__setattr__(self, name, check_budget(f"budgets.{name}", value,
+                                                            positive=name in ("max_latency_ms", "max_size_mb") + MEMORY_BUDGETS))
+
+
+MEMORY_BUDGETS = ("max_memory_mb", "max_arena_kb", "max_flash_kb")
 
 
 def check_budget(name: str, value, positive: bool = False) -> float:
@@ -127,8 +143,17 @@ class BuildSpec:
     labels_output: str | None = None  # the output the labels score (inferred when unambiguous)
     evaluator: str | None = None  # pkg.mod:fn(outputs, labels, reference) -> {score: value}, higher is better
     trust_model: bool = False  # load a .pt2 that fails the no-code-execution audit (pipeline/trust.py)
+    output_names: tuple[str, ...] = ()  # torch models: names of the exported outputs (default: from forward's return)
+    class_names: tuple[str, ...] = ()  # what class index i means (default: an image folder's class sub-folders)
+    python_path: tuple[str, ...] = ()  # directories package.module:attr references import from (the config's own)
 
     def __post_init__(self):
+        for name in ("output_names", "class_names", "python_path"):
+            value = getattr(self, name)
+            _check(isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value),
+                   f"{name} must be a list of non-empty strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        _check(len(set(self.output_names)) == len(self.output_names), "output_names must be unique")
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "profile_files", tuple(self.profile_files))
@@ -241,6 +266,13 @@ def load_config(path: str | Path) -> dict[str, Any]:
             data[key] = str(base / value)
     if "profile_files" in data:
         data["profile_files"] = [str(base / p) for p in data["profile_files"]]
+    paths = data.get("python_path") or []
+    if isinstance(paths, str):
+        paths = [paths]
+    _check(isinstance(paths, list), f"{path}: python_path must be a list of directories")
+    data["python_path"] = [str((base / str(p)).resolve()) for p in [*paths, "."]]  # package.module:attr beside the config
+    if isinstance(data.get("class_names"), str):
+        data["class_names"] = [c.strip() for c in data["class_names"].split(",") if c.strip()]
     return data
 
 

@@ -1,0 +1,166 @@
+"""The build log: everything a CLI build prints, timestamped, in ``<out>/build.log``.
+
+While the build runs, file descriptors 1 and 2 point into pipes that two threads drain into the log, one line at
+a time with the time and the stream (``out``/``err``): Python's prints, warnings and logging, and what native
+libraries (ONNX Runtime's calibration, TensorFlow, OpenVINO) and child processes write — so stdout carries only
+what the user asked for (``--json``: the manifest, printed after the build). The progress (its own console on
+the saved terminal stderr) and edgebuild's debug lines (logger ``edgebuild``) are written into the same file.
+``--verbose`` echoes the third-party output and the debug lines to stderr as well.
+
+The log is written beside the output while the build runs (``.<out>.log-<pid>``) and moved into the output
+directory once the build has written it; a build that stops on bad input leaves no log behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
+LOGGER = "edgebuild"
+JOIN_SECONDS = 5.0  # a grandchild that outlives the build may hold a pipe open; the log stops waiting for it
+
+
+def _stamp() -> str:
+    t = time.time()
+    return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+class BuildLog:
+    """A log file that several threads write whole lines into, each with a UTC time and a tag."""
+
+    def __init__(self, path: Path, echo: TextIO | None = None):
+        self.path = path
+        self.file = open(path, "w", encoding="utf-8", errors="replace")
+        self.echo = echo  # --verbose: third-party output and debug lines also go here (the terminal's stderr)
+        self.lock = threading.Lock()
+        self.file.write(f"# edgebuild build log, started {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC; "
+                        f"pid {os.getpid()}; command: {' '.join(sys.argv)}\n")
+
+    def line(self, tag: str, text: str, echo: bool = False) -> None:
+        with self.lock:
+            if self.file.closed:
+                return
+            self.file.write(f"{_stamp()} [{tag}] {text}\n")
+            self.file.flush()
+            if echo and self.echo is not None:
+                try:
+                    self.echo.write(f"{text}\n" if tag != "debug" else f"[debug] {text}\n")
+                    self.echo.flush()
+                except (OSError, ValueError):
+                    pass
+
+    def close(self) -> None:
+        with self.lock:
+            self.file.close()
+
+
+class _LogHandler(logging.Handler):
+    def __init__(self, log: BuildLog):
+        super().__init__(logging.DEBUG)
+        self.log = log
+
+    def emit(self, record):
+        try:
+            tag = "debug" if record.levelno <= logging.DEBUG else record.levelname.lower()
+            self.log.line(tag, f"{record.name}: {record.getMessage()}", echo=True)
+        except Exception:  # a log line never breaks a build
+            self.handleError(record)
+
+
+def _drain(fd: int, log: BuildLog, tag: str) -> None:
+    pending = b""
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while True:
+            chunk = f.read(65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                log.line(tag, raw.decode("utf-8", "replace").rstrip("\r"), echo=True)
+    if pending:
+        log.line(tag, pending.decode("utf-8", "replace"), echo=True)
+
+
+@contextmanager
+def captured(log: BuildLog):
+    """fd 1 and fd 2 into the log while the block runs (Python and native writers, children included); restored
+    on the way out, however the block ends. Yields a text stream on the saved stderr, for the progress."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
+    readers = []
+    for fd, tag in ((1, "out"), (2, "err")):
+        r, w = os.pipe()
+        os.dup2(w, fd)
+        os.close(w)
+        t = threading.Thread(target=_drain, args=(r, log, tag), name=f"edgebuild-log-{tag}", daemon=True)
+        t.start()
+        readers.append(t)
+    logger = logging.getLogger(LOGGER)
+    handler, level = _LogHandler(log), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield terminal
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        for t in readers:
+            t.join(JOIN_SECONDS)
+        terminal.flush()
+
+
+def log_path_for(out: Path) -> Path:
+    """Where the log is written while the build runs: beside the output, named with the pid."""
+    return out.parent / f".{out.name}.log-{os.getpid()}"
+
+
+@contextmanager
+def build_log(out: Path, verbose: bool):
+    """A BuildLog for a build writing ``out``, its fds captured; yields (log, terminal stream). On success the
+    caller moves the log in with ``keep``; on an exception it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = log_path_for(out)
+    try:
+        saved_err = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    except OSError:
+        saved_err = None
+    log = BuildLog(tmp, echo=saved_err if verbose else None)
+    ok = False
+    try:
+        with captured(log) as terminal:
+            yield log, terminal
+        ok = True
+    finally:
+        log.close()
+        if saved_err is not None:
+            saved_err.close()
+        if not ok:
+            tmp.unlink(missing_ok=True)
+
+
+def keep(log: BuildLog, result) -> Path | None:
+    """Move the finished log into the build's output directory as ``build.log``; None when this build did not
+    write the output (every target failed and an earlier build's output stays as it was, its log with it)."""
+    out = Path(result.out)
+    if not out.is_dir() or result.manifest.get("output"):
+        log.path.unlink(missing_ok=True)
+        return None
+    dest = out / "build.log"
+    os.replace(log.path, dest)
+    return dest
