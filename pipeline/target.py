@@ -36,6 +36,7 @@ class BuildContext:
     deadline: float = float("inf")  # time.monotonic() past which no accuracy search starts a try (build_max_seconds)
     turns: "Turns | None" = None  # targets built in parallel search in their sequential order (see Turns)
     memo: dict = field(default_factory=dict)  # (id, what) -> (object, value): data hashes computed once per build
+    siblings: dict = field(default_factory=dict)  # conversion key -> Artifact a conversion gave besides its own
 
     def data_hash(self, ds: CalibrationSet) -> str:
         """``ds.content_hash()``, once per build and data set (hashing 200 images costs ~0.2 s each time)."""
@@ -126,22 +127,47 @@ def open_runner(backend: Backend, artifact: Artifact, threads: int) -> Runner:
 
 
 def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, directory: Path,
-            settings: dict | None = None) -> Artifact:
+            settings: dict | None = None, siblings: dict[str, Path] | None = None) -> Artifact:
+    """The artifact (cached). ``siblings`` ({precision: directory}): precisions the backend may give from the same
+    conversion run (``Backend.convert_family``); they are cached and kept in ``ctx.siblings`` for the later
+    ``convert`` of that precision, which then costs nothing."""
     settings = {**backend.default_settings(profile, precision), **(settings or {})}
-    versions = {k: v for k, v in tool_versions().items() if v}
-    # what a conversion depends on; two profiles that differ only in budgets/threads share artifacts
-    k = key(stage="convert", backend=backend.name, io=(profile.io_dtype, profile.layout), quant=profile.quant,
-            precision=precision, settings=settings, model=ctx.model.content_hash, code=code_hash(),
-            inputs=[asdict(i) for i in ctx.model.inputs],
-            calib=ctx.data_hash(ctx.calib) if precision == "int8" else None, versions=versions)
+    k = _convert_key(ctx, backend, profile, precision, settings)
     directory.mkdir(parents=True, exist_ok=True)
+    made = ctx.siblings.pop(k, None)
+    if made is not None and made.directory == directory:
+        return made
     cached = ctx.cache.get(k, directory)
     if cached is not None:
         cached.target = profile.name
         return cached
-    art = backend.convert(ctx.model, profile, precision, ctx.calib, directory, settings)
+    wanted = {}
+    for p, d in (siblings or {}).items():
+        ss = backend.default_settings(profile, p)
+        sk = _convert_key(ctx, backend, profile, p, ss)
+        if not _in_cache(ctx, sk):
+            wanted[p] = (d, ss, sk)
+    arts = backend.convert_family(ctx.model, profile, precision, ctx.calib, directory, settings,
+                                  {p: (d, ss) for p, (d, ss, _) in wanted.items()} or None)
+    art = arts.pop(precision)
     ctx.cache.put(k, art)
+    for p, sib in arts.items():
+        ctx.cache.put(wanted[p][2], sib)
+        ctx.siblings[wanted[p][2]] = sib
     return art
+
+
+def _in_cache(ctx: BuildContext, k: str) -> bool:
+    return ctx.cache.root is not None and (ctx.cache.root / k / "artifact.json").is_file()
+
+
+def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, settings: dict) -> str:
+    versions = {k: v for k, v in tool_versions().items() if v}
+    # what a conversion depends on; two profiles that differ only in budgets/threads share artifacts
+    return key(stage="convert", backend=backend.name, io=(profile.io_dtype, profile.layout), quant=profile.quant,
+               precision=precision, settings=settings, model=ctx.model.content_hash, code=code_hash(),
+               inputs=[asdict(i) for i in ctx.model.inputs],
+               calib=ctx.data_hash(ctx.calib) if precision == "int8" else None, versions=versions)
 
 
 def timing_threads(profile: TargetProfile) -> int:
@@ -355,7 +381,7 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
         else:
             try:
                 with ctx.stage(f"{profile.name}: converting to {precision}"):
-                    art = convert(ctx, backend, profile, precision, outdir)
+                    art = convert(ctx, backend, profile, precision, outdir, siblings=_baseline_dir(ctx, profile, precision))
                 with ctx.stage(f"{profile.name}: validating {art.main}"):
                     chosen = evaluate(ctx, backend, profile, art, budget)
             except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
@@ -377,11 +403,16 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
     baseline = None
     if precision != "fp32":
         with ctx.stage(f"{profile.name}: FP32 baseline for size and speed ratios"):
-            base_art = convert(ctx, backend, profile, "fp32", ctx.scratch / profile.name / "fp32")
+            base_art = convert(ctx, backend, profile, "fp32", _baseline_dir(ctx, profile, precision)["fp32"])
             baseline = reference_attempt(ctx, base_art, budget) or evaluate(ctx, backend, profile, base_art, budget)
-        cache_use["baseline_conversion"] = _restored(base_art)
+        cache_use["baseline_conversion"] = _restored(base_art) or _sibling_note(base_art)
         cache_use["baseline_validation"] = "the reference" if baseline.label.startswith("the FP32") else baseline.cached
     return Prepared(profile, backend, budget, outdir, chosen, baseline, search, cache_use)
+
+
+def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: str) -> dict[str, Path] | None:
+    """Where the FP32 baseline goes (a sibling of the target's own conversion where the backend can give one)."""
+    return {"fp32": ctx.scratch / profile.name / "fp32"} if precision != "fp32" else None
 
 
 def finish_target(ctx: BuildContext, p: Prepared) -> dict:
@@ -394,6 +425,11 @@ def finish_target(ctx: BuildContext, p: Prepared) -> dict:
 
     return describe(ctx, p.profile, p.backend, p.chosen, p.baseline, p.budget, p.outdir, p.search, timing["speedup"],
                     cache_use)
+
+
+def _sibling_note(art: Artifact) -> str | bool:
+    """How a baseline converted in the same run as the target's own artifact says so (else False)."""
+    return next((n for n in art.notes if "same onnx2tf" in n or "same conversion" in n), False)
 
 
 def _restored(art: Artifact) -> bool:

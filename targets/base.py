@@ -131,6 +131,16 @@ class Backend:
                 calib: "CalibrationSet", workdir: Path, settings: dict | None = None) -> Artifact:
         raise NotImplementedError
 
+    def convert_family(self, model: ModelInput, profile: "TargetProfile", precision: str, calib: "CalibrationSet",
+                       workdir: Path, settings: dict | None = None,
+                       siblings: dict[str, tuple[Path, dict]] | None = None) -> dict[str, Artifact]:
+        """The ``precision`` artifact and the *sibling artifacts* this backend can give from the same conversion
+        run (TFLite: the FP32 baseline from the INT8 model's onnx2tf/TensorFlow graph), by precision.
+
+        ``siblings``: {precision: (directory, settings)}. A sibling the backend cannot give (or that failed) is
+        left out of the result; the caller then converts it on its own. Default: no siblings."""
+        return {precision: self.convert(model, profile, precision, calib, workdir, settings)}
+
     def runner(self, artifact: Artifact, threads: int) -> Runner:
         raise NotImplementedError
 

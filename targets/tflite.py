@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,8 @@ from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register, stem
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.tflite_convert import CHANNEL_LAST
+from edgebuild.targets.tflite_family import run_child as _run_child
+from edgebuild.targets.tflite_family import sibling_dir, sibling_results
 from edgebuild.targets.tflite_mixed import AUTO_FLOAT
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
@@ -68,6 +68,7 @@ CHOICES = {"input_layout": ("NHWC", "source"), "host_kernels": ("xnnpack", "buil
 class TFLiteBackend(Backend):
     precisions = PRECISIONS
     requires = ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "onnxruntime", "ai_edge_litert")
+    runtime_modules = ("ai_edge_litert.interpreter",)  # what its runner imports (pipeline/memory.py baseline)
     isolate_runner = True
     supports_float_layers = True
 
@@ -93,13 +94,25 @@ class TFLiteBackend(Backend):
         quant = {k: v for k, v in profile.quant.items() if precision == "int8" or k in DEFAULTS}
         return {**s, **quant}
 
+    # settings that shape the onnx2tf graph: a sibling precision shares the graph when they are equal
+    GRAPH_SETTINGS = ("input_layout", "rnn_unroll", "onnx_rewrites")
+
     def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
                 workdir: Path, settings: dict | None = None) -> Artifact:
+        return self.convert_family(model, profile, precision, calib, workdir, settings)[precision]
+
+    def convert_family(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
+                       workdir: Path, settings: dict | None = None,
+                       siblings: dict[str, tuple[Path, dict]] | None = None) -> dict[str, Artifact]:
+        """One converter child: the ``precision`` model, plus float ``siblings`` (FP32, FP16, dynamic) converted
+        from the same onnx2tf graph when their graph settings are the same (targets/tflite_family.py)."""
         self.check_available(profile.name)
         s = {**self.default_settings(profile, precision), **(settings or {})}
         _check_settings(s, profile.name)
         if precision == "int8" and s["float_layers"] and not profile.allow_float_layers:
             raise BadInputError(f"{profile.name} runs integer-only: float_layers {s['float_layers']} cannot stay in float")
+        shared = {p: (d, ss) for p, (d, ss) in (siblings or {}).items()
+                  if p != precision and p != "int8" and all(ss.get(k) == s.get(k) for k in self.GRAPH_SETTINGS)}
         inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-") as tmp:
@@ -108,14 +121,30 @@ class TFLiteBackend(Backend):
             np.savez(job_dir / "calib.npz", **_stacked_feeds(calib, model.inputs, n))
             job = {"onnx": str(Path(model.onnx_path).resolve()), "precision": precision, "settings": s, "inputs": inputs,
                    "outputs": [{"name": o.name, "shape": list(o.shape)} for o in model.outputs],
-                   "allow_float_layers": precision == "int8" and profile.allow_float_layers}
+                   "allow_float_layers": precision == "int8" and profile.allow_float_layers,
+                   "siblings": {p: {"settings": ss} for p, (_, ss) in shared.items()}}
             (job_dir / "job.json").write_text(json.dumps(job, default=str))
             result = _run_child(job_dir, f"{profile.name}: TFLite {precision}", float(s["timeout_s"]))
-            auto_float = (result.get("float_layers_kept") or {}).pop(AUTO_FLOAT, None)
-            out = workdir / self.artifact_name(precision, {**s, "float_layers": s.get("float_layers") or bool(auto_float)})
-            workdir.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(job_dir / "model.tflite"), out)
-        seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            arts = {precision: self._artifact(model, profile, precision, s, inputs, result, job_dir, workdir, seconds, n)}
+            common = {k: result[k] for k in ("keras_inputs", "keras_outputs", "output_perms", "fp32_graph_check", "rewrites")}
+            for p, sib in sibling_results(job_dir).items():
+                if p in shared and sib.get("ok"):
+                    d, ss = shared[p]
+                    art = self._artifact(model, profile, p, ss, inputs, {**sib, **common}, sibling_dir(job_dir, p), d,
+                                         seconds, 0)
+                    art.notes.insert(1, f"converted from the same onnx2tf/TensorFlow graph as the {precision} model "
+                                        "(one converter run for both)")
+                    arts[p] = art
+        return arts
+
+    def _artifact(self, model: ModelInput, profile: TargetProfile, precision: str, s: dict, inputs: list[dict],
+                  result: dict, job_dir: Path, workdir: Path, seconds: float, n: int) -> Artifact:
+        """Move the child's ``model.tflite`` into ``workdir`` and describe it."""
+        auto_float = (result.get("float_layers_kept") or {}).pop(AUTO_FLOAT, None)
+        out = workdir / self.artifact_name(precision, {**s, "float_layers": s.get("float_layers") or bool(auto_float)})
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(job_dir / "model.tflite"), out)
         io = _artifact_io(model, inputs, result, profile.name)
         files = [out.name] + (_write_c_array(out) if s["c_array"] else [])
         used = {**s, "converter": _converter_version(), "calibration_samples_used": n if precision == "int8" else 0,
@@ -270,53 +299,6 @@ def _input_plan(t: TensorInfo, layout: str) -> dict:
     perm = list(CHANNEL_LAST[4]) if channels_first and layout == "NHWC" else None
     return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "layout": t.layout, "perm": perm,
             "keep_source_layout": channels_first and perm is None}
-
-
-def _run_child(job_dir: Path, what: str, timeout: float) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore"}
-    log = job_dir / "convert.log"
-    from edgebuild.pipeline.procs import child_setup, kill_group
-
-    with open(log, "wb") as f:
-        # own process group + PR_SET_PDEATHSIG: the converter (and whatever it starts) dies with the build
-        proc = subprocess.Popen([sys.executable, "-m", "edgebuild.targets.tflite_convert", str(job_dir)],
-                                cwd=job_dir, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=child_setup)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise ConversionError(f"{what}: conversion took longer than {timeout:.0f} s during {_phase(job_dir)} "
-                                  "(raise the profile's quant.timeout_s)") from None
-        finally:  # timeout, Ctrl-C, SIGTERM: no converter is left running on the user's calibration data
-            kill_group(proc.pid)
-            proc.wait()
-    result_file = job_dir / "result.json"
-    if not result_file.is_file():
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        raise ConversionError(f"{what}: the converter crashed ({how}) during {_phase(job_dir)}{_log_hint(log)}")
-    return _checked(json.loads(result_file.read_text()), what, log)
-
-
-def _checked(result: dict, what: str, log: Path) -> dict:
-    if not result["ok"]:
-        op = f" [unsupported op: {result['op']}]" if result.get("op") else ""
-        hint = _log_hint(log) if "see the converter log" in result["message"] else ""
-        err = ConversionError(f"{what} conversion failed: {result['message']}{op}{hint}")
-        err.unsupported_op = result.get("op")
-        raise err
-    return result
-
-
-def _phase(job_dir: Path) -> str:
-    phase = job_dir / "phase"
-    return phase.read_text() if phase.is_file() else "start-up"
-
-
-def _log_hint(log: Path) -> str:
-    """The converter's last error line, when its log has one (onnx2tf prints errors before sys.exit)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))
-    lines = [ln.strip() for ln in text.splitlines() if re.search(r"\bERROR:|Error:|Fatal Python error", ln)]
-    return f" — {lines[-1][:200]}" if lines else ""
 
 
 def _artifact_io(model: ModelInput, inputs: list[dict], result: dict, target: str) -> dict:

@@ -1,0 +1,142 @@
+"""The TFLite converter child and its siblings: one onnx2tf/TensorFlow run, several ``.tflite`` precisions.
+
+    python -m edgebuild.targets.tflite_family JOB_DIR
+
+Runs ``targets/tflite_convert.py``'s conversion of ``job.json`` unchanged. When the job names ``siblings``
+(``{"fp32": {"settings": {...}}}``), each sibling precision is converted from the very same Keras graph
+(onnx2tf's output, already checked against the ONNX model) just before the job's own precision, and written to
+``JOB_DIR/siblings/<precision>/model.tflite`` with its ``result.json``: the build's FP32 baseline no longer
+starts TensorFlow and onnx2tf a second time. A sibling that fails is reported in its own result (the parent
+then converts it on its own); it never fails the job's own conversion.
+
+The sibling hooks into ``tflite_convert._convert_checked`` (the one step that turns the Keras graph into a
+checked ``.tflite``) in this child process only, so the conversion itself stays the one of tflite_convert.
+
+Parent side: ``run_child`` starts this child in its own process group, waits with a time limit and turns a crash
+or a failure into a ConversionError naming the phase.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from edgebuild.pipeline.errors import ConversionError
+
+SIBLING_KEYS_DROPPED = ("float_layer_map", "auto_float_ops", "quantizer_used")  # what the job's INT8 conversion adds
+
+
+def sibling_dir(job_dir: Path, precision: str) -> Path:
+    return job_dir / "siblings" / precision
+
+
+def _convert_sibling(convert_checked, km, job: dict, calib: dict, job_dir: Path, precision: str, settings: dict,
+                     phase) -> None:
+    out = sibling_dir(job_dir, precision)
+    out.mkdir(parents=True, exist_ok=True)
+    sib = {k: v for k, v in job.items() if k not in SIBLING_KEYS_DROPPED}
+    sib.update(precision=precision, settings=settings, allow_float_layers=False)
+    try:
+        described, _, repairs = convert_checked(km, sib, calib, out, lambda p: phase(f"{precision} sibling: {p}"))
+        described["float_ops"] = [op["op"] for op in described["float_ops"]]
+        result = {"ok": True, "repairs": repairs, "xnnpack_checked": settings.get("host_kernels", "xnnpack") == "xnnpack",
+                  **described}
+    except Exception as e:  # noqa: BLE001 — the sibling is optional: the parent converts it on its own
+        result = {"ok": False, "message": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400],
+                  "traceback": traceback.format_exc(limit=6)}
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+def with_siblings(job_dir: Path, siblings: dict) -> None:
+    """Make tflite_convert convert ``siblings`` from the job's Keras graph before the job's own precision."""
+    from edgebuild.targets import tflite_convert as tc
+
+    real = tc._convert_checked
+    done: set[str] = set()
+
+    def convert_checked(km, job, calib, out_dir, phase):
+        for precision, spec in siblings.items():
+            if precision not in done:  # once, not again on a repair round of the job's own conversion
+                done.add(precision)
+                _convert_sibling(real, km, job, calib, job_dir, precision, spec["settings"], phase)
+        return real(km, job, calib, out_dir, phase)
+
+    tc._convert_checked = convert_checked
+
+
+def sibling_results(job_dir: Path) -> dict[str, dict]:
+    """``{precision: result}`` of the siblings the child converted (ok or not)."""
+    out = {}
+    for result in sorted((job_dir / "siblings").glob("*/result.json")):
+        try:
+            out[result.parent.name] = json.loads(result.read_text())
+        except ValueError:
+            continue
+    return out
+
+
+def run_child(job_dir: Path, what: str, timeout: float) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore"}
+    log = job_dir / "convert.log"
+    from edgebuild.pipeline.procs import child_setup, kill_group
+
+    with open(log, "wb") as f:
+        # own process group + PR_SET_PDEATHSIG: the converter (and whatever it starts) dies with the build
+        proc = subprocess.Popen([sys.executable, "-m", "edgebuild.targets.tflite_family", str(job_dir)],
+                                cwd=job_dir, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=child_setup)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ConversionError(f"{what}: conversion took longer than {timeout:.0f} s during {_phase(job_dir)} "
+                                  "(raise the profile's quant.timeout_s)") from None
+        finally:  # timeout, Ctrl-C, SIGTERM: no converter is left running on the user's calibration data
+            kill_group(proc.pid)
+            proc.wait()
+    result_file = job_dir / "result.json"
+    if not result_file.is_file():
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        raise ConversionError(f"{what}: the converter crashed ({how}) during {_phase(job_dir)}{_log_hint(log)}")
+    return _checked(json.loads(result_file.read_text()), what, log)
+
+
+def _checked(result: dict, what: str, log: Path) -> dict:
+    if not result["ok"]:
+        op = f" [unsupported op: {result['op']}]" if result.get("op") else ""
+        hint = _log_hint(log) if "see the converter log" in result["message"] else ""
+        err = ConversionError(f"{what} conversion failed: {result['message']}{op}{hint}")
+        err.unsupported_op = result.get("op")
+        raise err
+    return result
+
+
+def _phase(job_dir: Path) -> str:
+    phase = job_dir / "phase"
+    return phase.read_text() if phase.is_file() else "start-up"
+
+
+def _log_hint(log: Path) -> str:
+    """The converter's last error line, when its log has one (onnx2tf prints errors before sys.exit)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))
+    lines = [ln.strip() for ln in text.splitlines() if re.search(r"\bERROR:|Error:|Fatal Python error", ln)]
+    return f" — {lines[-1][:200]}" if lines else ""
+
+
+def main() -> int:
+    from edgebuild.targets import tflite_convert as tc
+
+    tc.block_network()
+    job_dir = Path(sys.argv[1])
+    siblings = json.loads((job_dir / "job.json").read_text()).get("siblings") or {}
+    if siblings:
+        with_siblings(job_dir, siblings)
+    result = tc.run(job_dir)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

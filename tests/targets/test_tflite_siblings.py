@@ -1,0 +1,45 @@
+"""One converter run gives the INT8 model and its FP32 baseline (sibling artifacts, targets/tflite_family.py):
+the sibling is the model a separate FP32 conversion writes, and a build converts arm64 with one child."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgebuild.targets.base import get_backend
+from edgebuild.targets.profiles import catalogue
+
+pytest.importorskip("onnx2tf")
+pytest.importorskip("ai_edge_litert")
+
+
+@pytest.mark.slow
+def test_int8_conversion_gives_the_fp32_sibling(tmp_path, model, small_sets):
+    backend, profile = get_backend("tflite"), catalogue()["arm64"]
+    calib = small_sets[0]
+    fp32_settings = backend.default_settings(profile, "fp32")
+    arts = backend.convert_family(model, profile, "int8", calib, tmp_path / "int8", None,
+                                  {"fp32": (tmp_path / "fp32", fp32_settings)})
+    assert set(arts) == {"int8", "fp32"}
+    sib = arts["fp32"]
+    assert sib.main == "model_fp32.tflite" and sib.directory == tmp_path / "fp32" and sib.precision == "fp32"
+    assert any("same onnx2tf/TensorFlow graph" in n for n in sib.notes)
+    assert arts["int8"].main == "model_int8.tflite"
+    # the same bytes as a conversion of FP32 on its own, and the same I/O description
+    alone = backend.convert(model, profile, "fp32", calib, tmp_path / "alone")
+    assert alone.path.read_bytes() == sib.path.read_bytes()
+    assert alone.io == sib.io
+    # and the INT8 model is the one an INT8 conversion without siblings writes
+    int8_alone = backend.convert(model, profile, "int8", calib, tmp_path / "int8-alone")
+    assert int8_alone.path.read_bytes() == arts["int8"].path.read_bytes()
+    feed = small_sets[1].feed(0)
+    with backend.runner(sib, 1) as a, backend.runner(alone, 1) as b:
+        np.testing.assert_array_equal(a.run(feed)[0], b.run(feed)[0])
+
+
+def test_siblings_with_another_graph_are_not_shared(tmp_path, model, small_sets):
+    """A sibling whose onnx2tf graph would differ (another input layout) is left to its own conversion."""
+    backend, profile = get_backend("tflite"), catalogue()["arm64"]
+    other = {**backend.default_settings(profile, "fp32"), "input_layout": "source"}
+    arts = backend.convert_family(model, profile, "fp16", small_sets[0], tmp_path / "fp16", None,
+                                  {"fp32": (tmp_path / "fp32", other)})
+    assert set(arts) == {"fp16"}
