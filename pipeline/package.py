@@ -49,14 +49,15 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
     validation = {
         "verdict": "fail" if chosen.failures else "pass", "failures": failures,
         "failed_checks": [f.to_dict() for f in chosen.failures],
-        "metrics": chosen.metrics, "latency": chosen.latency, "size_bytes": art.size_bytes,
+        "metrics": chosen.metrics, "latency": chosen.latency, "size_bytes": art.size_bytes, "memory": chosen.memory,
         "budgets": budget.to_dict(), "threads": profile.threads, "threads_used": timing_threads(profile),
         "evaluation": chosen.data,
     }
     if baseline is not None:
         b = baseline.artifact
         validation["baseline_fp32"] = {"artifact": b.main, "size_bytes": b.size_bytes, "latency": baseline.latency,
-                                       "metrics": baseline.metrics, "evaluated": baseline.label}
+                                       "metrics": baseline.metrics, "evaluated": baseline.label,
+                                       "memory": baseline.memory}
         validation["ratios"] = {
             "size_vs_fp32": art.size_bytes / b.size_bytes,
             # median of the per-round ratios of the interleaved timing; its spread below
@@ -69,7 +70,8 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
     (outdir / "validation.json").write_text(json.dumps(validation, indent=2, default=str))
     return {"verdict": validation["verdict"], "backend": backend.name, "precision": art.precision,
             "artifact": art.main, "files": files, "settings": art.settings, "metrics": chosen.metrics,
-            "latency": chosen.latency, "size_bytes": art.size_bytes, "ratios": validation.get("ratios"),
+            "latency": chosen.latency, "size_bytes": art.size_bytes, "memory": chosen.memory,
+            "ratios": validation.get("ratios"),
             "baseline_fp32": validation.get("baseline_fp32"), "failures": failures,
             "failed_checks": validation["failed_checks"], "notes": art.notes,
             "budgets": budget.to_dict(), "host_validation": profile.host_validation,

@@ -36,8 +36,34 @@ def summary_rows(manifest: dict) -> list[dict]:
             "size": _fmt((t.get("size_bytes") or 0) / 1e6 if t.get("size_bytes") else None, ".3f", " MB"),
             "size_ratio": _fmt(r.get("size_vs_fp32"), ".3f", "×"),
             "speedup": _fmt(r.get("speedup_vs_fp32"), ".2f", "×"),
+            "memory": _memory(t.get("memory") or {}),
         })
     return rows
+
+
+def _memory(mem: dict) -> str:
+    """Peak runtime memory above the runner's baseline; on a microcontroller, TFLM's arena too."""
+    text = _fmt(mem.get("peak_mb"), ".1f", " MB")
+    arena = (mem.get("micro") or {}).get("arena_kb")
+    return text + (f" (arena {arena:.1f} KB)" if arena is not None else "")
+
+
+def memory_lines(t: dict) -> list[str]:
+    """How much memory the runtime needed (pipeline/memory.py), and a microcontroller's fit (targets/tflm.py)."""
+    mem, base = t.get("memory") or {}, (t.get("baseline_fp32") or {}).get("memory") or {}
+    lines = []
+    if mem.get("peak_mb") is not None:
+        fp32 = f"; FP32 {base['peak_mb']:.2f} MB" if base.get("peak_mb") is not None else ""
+        lines.append(f"- runtime memory: peak {mem['peak_mb']:.2f} MB above the runner's baseline "
+                     f"(after loading {mem['load_mb']:.2f} MB){fp32}; {mem.get('method', '')}")
+    micro = mem.get("micro")
+    if micro:
+        agree = "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in o.items())
+                          for n, o in micro["agreement_with_litert"]["outputs"].items())
+        lines.append(f"- microcontroller ({micro['runtime']}): tensor arena {micro['arena_kb']:.2f} KB, "
+                     f"flash {micro['flash_kb']:.2f} KB (model only, not TFLM's code); TFLM vs LiteRT on "
+                     f"{micro['agreement_with_litert']['samples']} samples: {agree}")
+    return lines
 
 
 def write_report(manifest: dict, path: Path) -> None:
@@ -51,12 +77,12 @@ def write_report(manifest: dict, path: Path) -> None:
         f"- built in {manifest['seconds']} s with edgebuild {manifest['edgebuild']}",
         *_judging_lines(manifest.get("judging") or {}),
         *[f"- **warning:** {w}" for w in slower_than_fp32(manifest)], "",
-        "| target | verdict | artifact | accuracy | drop vs FP32 | p50 latency | size | size vs FP32 | speed vs FP32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| target | verdict | artifact | accuracy | drop vs FP32 | p50 latency | size | size vs FP32 | speed vs FP32 | memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary_rows(manifest):
         lines.append(f"| {r['target']} | {r['verdict']} | {r['artifact']} | {r['accuracy']} | {r['drop']} | {r['p50']} | "
-                     f"{r['size']} | {r['size_ratio']} | {r['speedup']} |")
+                     f"{r['size']} | {r['size_ratio']} | {r['speedup']} | {r['memory']} |")
     charts_at = len(lines)
     if manifest.get("compression"):
         from edgebuild.pipeline.compress import markdown
@@ -75,6 +101,7 @@ def write_report(manifest: dict, path: Path) -> None:
         lines.append("")
         if t.get("host_validation"):
             lines.append(f"- host validation: {t['host_validation']}")
+        lines += memory_lines(t)
         for note in t.get("notes") or []:
             lines.append(f"- note: {note}")
         search = t.get("search")

@@ -85,6 +85,7 @@ class Attempt:
     data: dict = field(default_factory=dict)  # the evaluation data these numbers were measured on
     loss: float = 0.0  # V.quality_loss: lower is better, <= 0 within every quality budget
     cached: bool = False  # the metrics came from the stage cache (this artifact was not evaluated again)
+    memory: dict = field(default_factory=dict)  # runtime memory (pipeline/memory.py), TFLM fit under "micro"
 
     @property
     def quality_ok(self) -> bool:
@@ -115,7 +116,8 @@ def budget_for(profile: TargetProfile, spec: BuildSpec) -> V.Budget:
     metrics = dict(o.metrics)
     min_cosine = metrics.pop("cosine_min", b.min_cosine)  # `cosine_min: 0.995` raises every output's floor
     return V.Budget(pick("max_accuracy_drop"), pick("max_latency_ms"), pick("max_size_mb"), min_cosine,
-                    tuple(sorted(metrics.items())))
+                    tuple(sorted(metrics.items())), max_memory_mb=pick("max_memory_mb"),
+                    max_arena_kb=pick("max_arena_kb"), max_flash_kb=pick("max_flash_kb"))
 
 
 def open_runner(backend: Backend, artifact: Artifact, threads: int) -> Runner:
@@ -420,7 +422,9 @@ def finish_target(ctx: BuildContext, p: Prepared) -> dict:
     build runs this one target at a time, after every conversion, so that timing runs on a quiet machine."""
     with ctx.stage(f"{p.profile.name}: timing {p.chosen.artifact.main}" + (" and FP32, interleaved" if p.baseline else "")):
         timing = time_artifacts(ctx, p.backend, p.profile, p.chosen, p.baseline, p.budget)
-    cache_use = {**p.cache_use, "latency": timing["cached"]}
+    from edgebuild.pipeline.memory import judge_memory
+
+    cache_use = {**p.cache_use, "latency": timing["cached"], "memory": judge_memory(ctx, p)}
     from edgebuild.pipeline.package import describe
 
     return describe(ctx, p.profile, p.backend, p.chosen, p.baseline, p.budget, p.outdir, p.search, timing["speedup"],

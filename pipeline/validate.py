@@ -33,6 +33,9 @@ class Budget:
     max_size_mb: float | None
     min_cosine: float | None
     metrics: tuple[tuple[str, float], ...] = ()  # any score: (<score>_drop | <score>_min | <score>_max, limit)
+    max_memory_mb: float | None = None  # peak runtime memory above the runner's baseline (pipeline/memory.py)
+    max_arena_kb: float | None = None  # TensorFlow Lite Micro tensor arena (targets/tflm.py), KB = 1024 bytes
+    max_flash_kb: float | None = None  # the model in a microcontroller's flash (+ its C array source)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -72,7 +75,7 @@ class Check:
     value: float
     limit: float
     op: str = "max"
-    kind: str = "quality"  # quality | latency | size
+    kind: str = "quality"  # quality | latency | size | memory
     what: str = ""
     unit: str = ""
     fmt: str = ".4g"
@@ -251,7 +254,8 @@ def _task_scores(ref: dict, out: dict, labels, judging: Judging) -> dict | None:
 
 
 # ---- judging ----------------------------------------------------------------------------------------------
-def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto") -> list[Check]:
+def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto",
+           memory: dict | None = None) -> list[Check]:
     """Every budget that applies to these measurements, each as a Check (passing or not)."""
     out: list[Check] = []
     if not m.get("finite", True):
@@ -283,6 +287,21 @@ def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, ta
                          unit=" ms", fmt=".3f"))
     if budget.max_size_mb is not None and size_bytes is not None:
         out.append(Check("size_mb", size_bytes / 1e6, budget.max_size_mb, kind="size", what="size", unit=" MB", fmt=".3f"))
+    return out + memory_checks(memory, budget)
+
+
+def memory_checks(memory: dict | None, budget: Budget) -> list[Check]:
+    """Runtime memory (peak above the runner's baseline) and, on a microcontroller, TFLM's arena and the flash."""
+    out, micro = [], (memory or {}).get("micro") or {}
+    if budget.max_memory_mb is not None and memory and memory.get("peak_mb") is not None:
+        out.append(Check("memory_peak_mb", memory["peak_mb"], budget.max_memory_mb, kind="memory",
+                         what="runtime memory peak", unit=" MB", fmt=".2f"))
+    if budget.max_arena_kb is not None and micro.get("arena_kb") is not None:
+        out.append(Check("arena_kb", micro["arena_kb"], budget.max_arena_kb, kind="memory",
+                         what="TFLM tensor arena", unit=" KB", fmt=".1f"))
+    if budget.max_flash_kb is not None and micro.get("flash_kb") is not None:
+        out.append(Check("flash_kb", micro["flash_kb"], budget.max_flash_kb, kind="memory",
+                         what="model flash", unit=" KB", fmt=".1f"))
     return out
 
 
@@ -342,9 +361,10 @@ def available(m: dict) -> list[str]:
     return names
 
 
-def judge(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto") -> list[Check]:
+def judge(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto",
+          memory: dict | None = None) -> list[Check]:
     """Every budget the artifact misses, each a Check whose ``str`` is one readable line with value and limit."""
-    return [c for c in checks(m, size_bytes, lat, budget, task) if not c.ok]
+    return [c for c in checks(m, size_bytes, lat, budget, task, memory) if not c.ok]
 
 
 def quality_loss(m: dict, budget: Budget, task: str = "auto") -> float:

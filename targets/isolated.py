@@ -12,12 +12,16 @@ from edgebuild.targets.base import Artifact, Runner, get_backend
 START_TIMEOUT_S = 120
 
 
-def _serve(conn, backend: str, artifact: dict, threads: int) -> None:
+def _serve(conn, backend: str, artifact: dict, threads: int, opener: str = "", memory: bool = False) -> None:
+    from edgebuild.pipeline import memory as mem
     from edgebuild.pipeline.procs import die_with_parent
 
     die_with_parent()  # a killed build takes its runtime with it
     try:
-        runner = get_backend(backend).runner(Artifact.from_dict(artifact), threads)
+        # memory probe: import the runtime, then take the resident set as the baseline and reset the peak
+        base = mem.baseline(backend, opener) if memory else None
+        runner = mem.open_with(opener, Artifact.from_dict(artifact), threads) if opener else \
+            get_backend(backend).runner(Artifact.from_dict(artifact), threads)
         conn.send(("ok", None))
     except BaseException as e:  # report, then stop: the parent turns it into a ConversionError
         conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
@@ -30,17 +34,21 @@ def _serve(conn, backend: str, artifact: dict, threads: int) -> None:
         if op == "close":
             return
         try:
-            result = {"run": runner.run, "time": runner.time_ms, "threads": runner.threads_used}[op](*args)
+            result = {"run": runner.run, "time": runner.time_ms, "threads": runner.threads_used,
+                      "memory": lambda: mem.snapshot(base, runner)}[op](*args)
             conn.send(("ok", result))
         except BaseException as e:
             conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
 
 
 class IsolatedRunner(Runner):
-    def __init__(self, backend: str, artifact: Artifact, threads: int):
+    def __init__(self, backend: str, artifact: Artifact, threads: int, opener: str = "", memory: bool = False):
+        """``opener`` ("module:function(artifact, threads) -> Runner") replaces the backend's runner (TFLM);
+        ``memory`` measures the child's resident memory above its baseline (pipeline/memory.py)."""
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, backend, artifact.to_dict(), threads), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, backend, artifact.to_dict(), threads, opener, memory),
+                                 daemon=True)
         self._proc.start()
         self._what = f"{artifact.target}/{artifact.main}"
         self._wait(START_TIMEOUT_S)
@@ -72,6 +80,11 @@ class IsolatedRunner(Runner):
 
     def threads_used(self) -> int | None:
         self._conn.send(("threads", ()))
+        return self._wait()
+
+    def memory(self) -> dict:
+        """The child's memory now (started with ``memory=True``): baseline, resident, peak, runtime's report."""
+        self._conn.send(("memory", ()))
         return self._wait()
 
     def close(self) -> None:

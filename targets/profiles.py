@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from edgebuild.pipeline.errors import BadInputError
-from edgebuild.pipeline.spec import PRECISIONS, check_budget
+from edgebuild.pipeline.spec import MEMORY_BUDGETS, PRECISIONS, check_budget
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -17,9 +17,12 @@ class ProfileBudgets:
     max_latency_ms: float | None = None  # p50 at batch 1 on the host runtime
     max_size_mb: float | None = None
     min_cosine: float | None = None  # fidelity floor for outputs that are not class scores
+    max_memory_mb: float | None = None  # peak runtime memory above the runner's baseline (MB = 10^6 bytes)
+    max_arena_kb: float | None = None  # TFLM tensor arena (profiles with micro: true), KB = 1024 bytes
+    max_flash_kb: float | None = None  # the model in flash (+ its C array source)
 
     def __post_init__(self):
-        for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb"):
+        for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb") + MEMORY_BUDGETS:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, check_budget(f"budgets.{name}", value,
@@ -48,6 +51,7 @@ class TargetProfile:
     quant: dict = field(default_factory=dict)  # backend-specific INT8 settings
     allow_float_layers: bool = True  # may the accuracy search keep layers in float?
     host_validation: str = ""  # how the host check relates to the device (shown in the report)
+    micro: bool = False  # also load and run the artifact on TensorFlow Lite Micro (arena, flash, op support)
     source: str = ""  # the YAML file it came from
 
     def __post_init__(self):
@@ -68,6 +72,8 @@ class TargetProfile:
         if not isinstance(self.backend, str) or not registered_backend(self.backend):
             raise BadInputError(f"profile {self.name}: unknown backend {self.backend!r} "
                                 f"(one of {', '.join(known_backends())})")
+        if self.micro not in (True, False) or (self.micro and self.backend != "tflite"):
+            raise BadInputError(f"profile {self.name}: micro: true needs backend tflite (TensorFlow Lite Micro)")
         if not isinstance(self.quant, dict):
             raise BadInputError(f"profile {self.name}: quant must be a mapping")
         if not isinstance(self.description, str) or not self.description.strip():

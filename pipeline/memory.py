@@ -1,0 +1,140 @@
+"""Runtime memory of an artifact: the peak resident memory its runtime needs to load it and run it.
+
+How it is measured (one extra child process per artifact, through ``targets/isolated.py``):
+
+1. a spawned child imports Python, numpy, edgebuild's backend module and the runtime's own modules
+   (``Backend.runtime_modules``, else ``Backend.requires``), then reads its resident set (``VmRSS``) — the
+   *baseline* — and resets the kernel's peak counter (``echo 5 > /proc/self/clear_refs``);
+2. it loads the artifact with the backend's runner (the same one validation uses: threads, kernels, delegates)
+   and runs the first evaluation feed ``RUNS`` times;
+3. ``peak_mb`` = peak resident set since the reset (``VmHWM``) minus the baseline: the model's weights as the
+   runtime holds them, its arena/activations, delegate and kernel buffers, code pages first touched by loading
+   and running, and the feed/outputs (kilobytes). ``load_mb`` = resident set after loading, minus the baseline.
+
+MB here are 10^6 bytes (like ``max_size_mb``). Where the kernel cannot reset the peak (not Linux), the peak
+since the child started is used, which can only over-state.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+RUNS = 3  # inferences after loading: the first one allocates lazily (XNNPACK packs weights, ORT plans memory)
+MB = 1e6
+
+
+def _status() -> dict[str, int]:
+    """``VmRSS``/``VmHWM`` of this process in bytes (Linux), else the peak from getrusage."""
+    try:
+        with open("/proc/self/status") as f:
+            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                    if k in ("VmRSS", "VmHWM")}
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"VmRSS": peak, "VmHWM": peak}
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def baseline(backend: str, opener: str = "") -> dict:
+    """In the memory child, before the artifact is loaded: import the runtime, read the baseline, reset the peak."""
+    from edgebuild.targets.base import get_backend
+
+    if opener:
+        module = importlib.import_module(opener.split(":")[0])
+        modules = getattr(module, "RUNTIME_MODULES", ())
+    else:
+        b = get_backend(backend)
+        modules = getattr(b, "runtime_modules", None) or b.requires
+    for name in modules:
+        importlib.import_module(name)
+    reset = _reset_peak()
+    return {"rss": _status()["VmRSS"], "peak_reset": reset, "modules": list(modules)}
+
+
+def open_with(opener: str, artifact, threads: int):
+    """The Runner made by ``module:function(artifact, threads)`` (a runtime other than the backend's own)."""
+    module, _, fn = opener.partition(":")
+    return getattr(importlib.import_module(module), fn)(artifact, threads)
+
+
+def snapshot(base: dict | None, runner) -> dict:
+    """In the memory child: resident set and peak now, above the baseline; the runtime's own report if any."""
+    if base is None:
+        raise RuntimeError("this runner was not started to measure memory")
+    s = _status()
+    report = getattr(runner, "memory_report", None)
+    return {"baseline_bytes": base["rss"], "rss_bytes": s["VmRSS"], "peak_bytes": s["VmHWM"],
+            "peak_reset": base["peak_reset"], "baseline_imports": base["modules"],
+            "runtime": report() if callable(report) else None}
+
+
+def measure(backend: str, artifact, threads: int, feed: dict, runs: int = RUNS, opener: str = "") -> dict:
+    """Peak memory of loading ``artifact`` and running ``feed`` ``runs`` times, in a child of its own."""
+    from edgebuild.targets.isolated import IsolatedRunner
+
+    with IsolatedRunner(backend, artifact, threads, opener=opener, memory=True) as runner:
+        loaded = runner.memory()
+        for _ in range(runs):
+            runner.run(feed)
+        after = runner.memory()
+    base = after["baseline_bytes"]
+    out = {"peak_mb": round((after["peak_bytes"] - base) / MB, 3),
+           "load_mb": round((loaded["rss_bytes"] - base) / MB, 3),
+           "baseline_mb": round(base / MB, 3), "runs": runs, "threads": threads,
+           "method": "child process: VmHWM (peak reset after importing the runtime) minus VmRSS at that point"
+           if after["peak_reset"] else "child process: peak RSS since start minus RSS after importing the runtime"}
+    if after.get("runtime"):
+        out["runtime"] = after["runtime"]
+    return out
+
+
+def measure_target(ctx, backend, profile, attempts: dict) -> bool:
+    """Measure each attempt's artifact (``{"chosen": Attempt, "fp32": Attempt | None}``) into ``attempt.memory``;
+    cached as a result entry keyed by the artifact's sha256, the feed, the runtime, threads and host. Returns
+    True when every number came from the cache."""
+    from edgebuild.pipeline.cache import key
+    from edgebuild.pipeline.target import _json_round_trip, _runtime_key, array_hash, artifact_hash, timing_threads
+
+    threads = timing_threads(profile)
+    feed = ctx.evalset.feed(0)
+    all_cached = True
+    for attempt in (a for a in attempts.values() if a is not None):
+        k = key(stage="memory", artifact=artifact_hash(attempt.artifact), runs=RUNS,
+                feed={n: array_hash(v) for n, v in sorted(feed.items())}, runtime=_runtime_key(backend, threads))
+        hit = ctx.cache.get_result(k)
+        if hit is not None:
+            attempt.memory = hit[0]
+            continue
+        all_cached = False
+        record = measure(backend.name, attempt.artifact, threads, feed)
+        ctx.cache.put_result(k, record)
+        attempt.memory = _json_round_trip(record)
+    return all_cached
+
+
+def judge_memory(ctx, p) -> dict:
+    """A prepared target's runtime memory (its artifact and the FP32 baseline), its microcontroller fit when the
+    profile says ``micro: true`` (targets/tflm.py), and its failures judged again with them. Returns what came
+    from the cache."""
+    from edgebuild.pipeline import validate as V
+
+    with ctx.stage(f"{p.profile.name}: runtime memory"):
+        cached = {"memory": measure_target(ctx, p.backend, p.profile, {"chosen": p.chosen, "fp32": p.baseline})}
+    if p.profile.micro:
+        from edgebuild.targets.tflm import micro_fit
+
+        with ctx.stage(f"{p.profile.name}: TensorFlow Lite Micro arena and flash"):
+            p.chosen.memory["micro"], cached["micro"] = micro_fit(ctx, p.chosen.artifact)
+    c = p.chosen
+    c.failures = V.judge(c.metrics, c.artifact.size_bytes, c.latency, p.budget, ctx.judging.task, c.memory)
+    return cached
