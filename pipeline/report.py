@@ -67,6 +67,8 @@ def memory_lines(t: dict) -> list[str]:
 
 
 def write_report(manifest: dict, path: Path) -> None:
+    from edgebuild.pipeline import plots
+
     model = manifest["model"]
     lines = [
         f"# edgebuild report — {manifest['verdict'].upper()}", "",
@@ -75,6 +77,7 @@ def write_report(manifest: dict, path: Path) -> None:
         f"- calibration: {manifest['data']['calibration']['samples']} samples from {manifest['data']['calibration']['name']}; "
         f"evaluation: {manifest['data']['evaluation']['samples']} samples from {manifest['data']['evaluation']['name']} (disjoint)",
         f"- built in {manifest['seconds']} s with edgebuild {manifest['edgebuild']}",
+        *_class_names_lines(manifest),
         *_judging_lines(manifest.get("judging") or {}),
         *[f"- **warning:** {w}" for w in slower_than_fp32(manifest)], "",
         "| target | verdict | artifact | accuracy | drop vs FP32 | p50 latency | size | size vs FP32 | speed vs FP32 | memory |",
@@ -83,7 +86,7 @@ def write_report(manifest: dict, path: Path) -> None:
     for r in summary_rows(manifest):
         lines.append(f"| {r['target']} | {r['verdict']} | {r['artifact']} | {r['accuracy']} | {r['drop']} | {r['p50']} | "
                      f"{r['size']} | {r['size_ratio']} | {r['speedup']} | {r['memory']} |")
-    charts_at = len(lines)
+    charts = {len(lines): plots.tradeoff(manifest) + plots.versus_fp32(manifest)}  # line index -> HTML before it
     if manifest.get("compression"):
         from edgebuild.pipeline.compress import markdown
 
@@ -95,6 +98,7 @@ def write_report(manifest: dict, path: Path) -> None:
             continue
         if t["failures"]:
             lines += ["**Budget failures:**", *[f"- {f}" for f in t["failures"]], ""]
+        charts[len(lines)] = charts.get(len(lines), "") + plots.outputs(name, t.get("metrics") or {})
         lines += _output_table(t.get("metrics") or {})
         lines += ["", "Settings:", "", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {_cell(v)} |" for k, v in settings_rows(t.get("settings") or {})]
@@ -106,13 +110,17 @@ def write_report(manifest: dict, path: Path) -> None:
             lines.append(f"- note: {note}")
         search = t.get("search")
         if search:
+            charts[len(lines)] = charts.get(len(lines), "") + plots.search(name, search) + plots.sensitivity(
+                name, (search.get("sensitivity") or {}).get("layers") or {})
             lines += ["", "Accuracy search (every configuration tried):", "",
                       "| # | configuration | quality | size | p50 | result |", "|---|---|---|---|---|---|"]
             for i, a in enumerate(search.get("tries", []), 1):
                 q = next((f"{k} {v:.4g}" for k, v in a.items() if isinstance(v, float) and k not in
                           ("latency_p50_ms", "quality_loss")), "–")
-                lines.append(f"| {i} | {a.get('label', '')} | {q} | {a['size_bytes'] / 1e6:.3f} MB | "
-                             f"{_fmt(a.get('latency_p50_ms'), '.3f', ' ms')} | {'ok' if not a['failures'] else '; '.join(a['failures'])} |")
+                result = f"error: {a['error']}" if a.get("error") else "; ".join(a.get("failures") or []) or "ok"
+                size = _fmt(a["size_bytes"] / 1e6 if a.get("size_bytes") else None, ".3f", " MB")
+                lines.append(f"| {i} | {a.get('label', '')} | {q} | {size} | "
+                             f"{_fmt(a.get('latency_p50_ms'), '.3f', ' ms')} | {_cell(result)} |")
             if search.get("float_layers"):
                 lines += ["", "Layers kept in float (sensitivity = quality lost when only this layer is quantized):", ""]
                 lines += [f"- `{n}`: {s:.2f}" for n, s in search["float_layers"].items()]
@@ -187,12 +195,13 @@ def _row_cells(line: str) -> list[str]:
     return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
 
 
-def to_html(lines: list[str], manifest: dict, charts_at: int) -> str:
-    """The report's Markdown lines as one self-contained HTML page; the charts go after the summary table."""
+def to_html(lines: list[str], manifest: dict, charts: dict[int, str]) -> str:
+    """The report's Markdown lines as one self-contained HTML page; ``charts[i]`` (inline SVG, pipeline/plots.py)
+    goes before line ``i`` (or at the end)."""
     body, i = [], 0
     while i < len(lines):
-        if i == charts_at:
-            body.append(charts(manifest))
+        if charts.get(i):
+            body.append('<div class="charts">' + charts[i] + "</div>")
         line = lines[i]
         if line.startswith("|") and i + 1 < len(lines) and set(lines[i + 1].replace("|", "")) <= set("-: ") and lines[i + 1].startswith("|"):
             head = _row_cells(line)
@@ -217,8 +226,7 @@ def to_html(lines: list[str], manifest: dict, charts_at: int) -> str:
         elif line.strip():
             body.append(f"<p>{_inline(line)}</p>")
         i += 1
-    if charts_at >= len(lines):
-        body.append(charts(manifest))
+    body += ['<div class="charts">' + c + "</div>" for k, c in charts.items() if k >= len(lines) and c]
     title = html.escape(f"edgebuild report — {manifest['verdict'].upper()}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
@@ -234,43 +242,12 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return "".join(out) + "</tbody></table>"
 
 
-def charts(manifest: dict) -> str:
-    """Inline SVG bar charts: each target's artifact against its FP32 baseline, for p50 latency and size."""
-    lat, size = [], []
-    for name, t in manifest["targets"].items():
-        if t.get("verdict") == "error":
-            continue
-        base = t.get("baseline_fp32") or {}
-        p = str(t.get("precision", "artifact")).upper()
-        lat.append((name, p, (t.get("latency") or {}).get("p50_ms"), (base.get("latency") or {}).get("p50_ms")))
-        size.append((name, p, (t.get("size_bytes") or 0) / 1e6 or None, (base.get("size_bytes") or 0) / 1e6 or None))
-    if not lat:
-        return ""
-    return ('<div class="charts">' + _bar_chart("p50 latency on this host (ms), artifact vs FP32", lat, "ms")
-            + _bar_chart("size on disk (MB), artifact vs FP32", size, "MB") + "</div>")
-
-
-def _bar_chart(title: str, groups: list[tuple[str, str, float | None, float | None]], unit: str) -> str:
-    values = [v for g in groups for v in g[2:] if v]
-    if not values:
-        return ""
-    top = max(values)
-    label_w, bar_w, row_h = 150, 300, 18
-    height = len(groups) * (2 * row_h + 10) + 10
-    parts = [f'<figure><figcaption>{html.escape(title)}</figcaption>'
-             f'<svg width="{label_w + bar_w + 90}" height="{height}" '
-             f'role="img" aria-label="{html.escape(title)}" font-size="12" font-family="sans-serif">']
-    y = 10
-    for name, precision, value, fp32 in groups:
-        for j, (label, v, color) in enumerate(((f"{name} {precision}", value, "#2f81f7"), (f"{name} FP32", fp32, "#8c959f"))):
-            w = 0 if not v else max(1.0, bar_w * v / top)
-            yy = y + j * row_h
-            parts.append(f'<text x="{label_w - 6}" y="{yy + 12}" text-anchor="end">{html.escape(label)}</text>'
-                         f'<rect x="{label_w}" y="{yy + 2}" width="{w:.1f}" height="{row_h - 5}" fill="{color}">'
-                         f'<title>{html.escape(label)}: {_fmt(v, ".3f", " " + unit)}</title></rect>'
-                         f'<text x="{label_w + w + 4:.1f}" y="{yy + 12}">{_fmt(v, ".3f", " " + unit)}</text>')
-        y += 2 * row_h + 10
-    return "".join(parts) + "</svg></figure>"
+def _class_names_lines(manifest: dict) -> list[str]:
+    names = (manifest.get("data") or {}).get("class_names")
+    if not names:
+        return []
+    shown = ", ".join(f"{i}: {n}" for i, n in enumerate(names[:20])) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
+    return [f"- class names (embedded in the artifacts): {shown}"]
 
 
 def _judging_lines(j: dict) -> list[str]:
