@@ -130,7 +130,7 @@ def write_report(manifest: dict, path: Path) -> None:
                           f"{sens.get('seconds', '–')} s):", "", "| layer | quality loss |", "|---|---|"]
                 lines += [f"| `{n}` | {v:.4g} |" for n, v in sens["layers"].items()]
     path.write_text("\n".join(lines) + "\n")
-    path.with_suffix(".html").write_text(to_html(lines, manifest, charts_at))
+    path.with_suffix(".html").write_text(to_html(lines, manifest, charts))
 
 
 def slower_than_fp32(manifest: dict) -> list[str]:
