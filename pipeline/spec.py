@@ -133,7 +133,7 @@ class BuildSpec:
     train: str | None = None
     auto: bool = True
     auto_max_tries: int = 12  # accuracy search: conversions tried per target at most
-    auto_max_seconds: float = 600.0  # accuracy search: time per target at most
+    auto_max_seconds: float = 150.0  # accuracy search: time per target at most (3 targets of a 70 MB encoder: < 10 min)
     build_max_seconds: float | None = None  # accuracy searches stop when the whole build has run this long
     seed: int = 0
     cache: bool = True  # read/write the stage cache
