@@ -410,7 +410,8 @@ def _manifest(spec, profiles, model, export_record, data_record, reference, eval
         "edgebuild": tool_versions(("edgebuild",))["edgebuild"],
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "verdict": {0: "pass", 1: "fail", 3: "error"}[exit_code], "exit_code": exit_code,
-        "seconds": round(seconds, 2), "spec": spec.to_dict(), "tools": tool_versions(),
+        "seconds": round(seconds, 2), "spec": spec.to_dict(), "cwd": str(Path.cwd()),  # relative spec paths start here
+        "tools": tool_versions(),
         "model": ref, "data": data_record, "judging": _judging_record(judging, evalset, spec, profiles),
         "targets": targets,
     }

@@ -136,6 +136,8 @@ def _manifest_spec(path: Path) -> dict | None:
     if not out_rel.is_absolute() and ".." not in out_rel.parts:
         for _ in out_rel.parts:
             base = base.parent
+    elif manifest.get("cwd"):  # the output is not below the build's directory: that directory, as recorded
+        base = Path(manifest["cwd"])
     for key in ("model", "weights", "calib", "eval", "train", "cache_dir"):
         value = spec.get(key)
         if isinstance(value, str) and not _is_builtin_or_module(value) and not Path(value).is_absolute():
