@@ -259,7 +259,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         data["inputs"] = [data["inputs"]]
     if isinstance(data.get("targets"), str):
         data["targets"] = [data["targets"]]
-    base = path.parent
+    base = path.parent.resolve()  # absolute: the manifest re-runs the build from any directory
     for key in ("model", "weights", "calib", "eval", "train"):
         value = data.get(key)
         if isinstance(value, str) and not _is_builtin_or_module(value) and not Path(value).is_absolute():
