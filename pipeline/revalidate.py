@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from edgebuild.pipeline import timing
 from edgebuild.pipeline import validate as V
@@ -50,34 +53,124 @@ def verify_files(artifact_dir: Path, meta_path: Path) -> dict:
     return meta
 
 
-def revalidate(artifact_dir: Path, eval_source: str) -> dict:
+@dataclass
+class Loaded:
+    """An artifact directory ready to be validated anywhere: verified files, evaluation feeds, FP32 reference outputs."""
+
+    meta: dict
+    artifact: Artifact
+    backend: object
+    evalset: object
+    reference: list
+    reference_source: str
+    judging: V.Judging
+    budget: V.Budget
+
+
+def load(artifact_dir: Path, eval_source: str | None) -> Loaded:
+    """``eval_source`` None: the build's own evaluation data (``build_evalset``)."""
     from edgebuild.calibration.sources import load_source
-    from edgebuild.pipeline.target import open_runner
-    from edgebuild.targets.onnx import OrtRunner
 
     meta_path = artifact_dir / "metadata.json"
     if not meta_path.is_file():
         raise BadInputError(f"{artifact_dir}: no metadata.json (is it a target directory of an edgebuild output?)")
     meta = verify_files(artifact_dir, meta_path)
-    reference = (artifact_dir / meta["reference"]).resolve()
     backend = get_backend(meta["backend"])
     art = Artifact(meta["target"], meta["backend"], meta["precision"], artifact_dir, meta["artifact"],
                    list(meta["files"]), meta["settings"], meta["io"])
     inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i.get("layout") or "ANY")
                    for i in meta["source_inputs"])  # feeds are in the source model's layout; runners adapt
     pre = PreprocessSpec(**meta.get("preprocess", {}))
-    evalset = load_source(eval_source, inputs, pre)
-    ref_outputs = V.collect(OrtRunner(reference, meta["runtime"]["threads"]), evalset)
-    with open_runner(backend, art, meta["runtime"]["threads"]) as runner:
-        outputs = V.collect(runner, evalset)
-        lat = timing.latency(runner, evalset)
+    evalset = load_source(eval_source, inputs, pre) if eval_source else build_evalset(artifact_dir, inputs)
+    reference, source = _reference(artifact_dir, meta, evalset)
     j = meta.get("judging") or {}
     judging = V.Judging(output_names=tuple(j.get("outputs") or ()), task=j.get("task", "auto"),
                         task_options=tuple(sorted((j.get("task_options") or {}).items())),
                         labels_output=j.get("labels_output") or None, evaluator=j.get("evaluator"))
-    metrics = V.compare(ref_outputs, outputs, evalset.labels, judging)
-    budget = V.Budget.from_dict(meta["budgets"])
-    failures = V.judge(metrics, art.size_bytes, lat, budget, judging.task)
-    return {"target": meta["target"], "verdict": "fail" if failures else "pass", "failures": [str(f) for f in failures],
-            "failed_checks": [f.to_dict() for f in failures], "metrics": metrics, "latency": lat,
-            "size_bytes": art.size_bytes, "evaluation": evalset.describe()}
+    return Loaded(meta, art, backend, evalset, reference, source, judging, V.Budget.from_dict(meta["budgets"]))
+
+
+def build_evalset(artifact_dir: Path, inputs: tuple[InputSpec, ...]):
+    """The evaluation set of the build that made ``artifact_dir``, made again from its manifest's spec (sources and
+    split are deterministic) and checked against the content hash the build recorded."""
+    from edgebuild.pipeline.cli import _manifest_spec
+    from edgebuild.pipeline.data import resolve_data
+    from edgebuild.pipeline.spec import BuildSpec
+
+    manifest = artifact_dir.resolve().parent / "manifest.json"
+    try:
+        data = _manifest_spec(manifest)
+        if data is None:
+            raise FileNotFoundError(f"no edgebuild manifest at {manifest}")
+        spec = BuildSpec.from_dict(data)
+        recorded = json.loads((artifact_dir / "validation.json").read_text())["evaluation"]["content_hash"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInputError(f"{artifact_dir}: no --eval and no readable build record beside it "
+                            f"({type(e).__name__}: {e}); give --eval") from None
+    _, evalset, _ = resolve_data(spec, inputs)
+    if evalset.content_hash() != recorded:
+        raise BadInputError(f"{artifact_dir}: the build's evaluation data changed since the build (content hash "
+                            f"{evalset.content_hash()} ≠ recorded {recorded}); give --eval")
+    return evalset
+
+
+def _reference(artifact_dir: Path, meta: dict, evalset) -> tuple[list, str]:
+    """The build's saved FP32 outputs (reference/outputs.npz) when the evaluation data is the build's own (same
+    content hash as in validation.json); otherwise the FP32 reference model is run on the data given."""
+    from edgebuild.targets.onnx import OrtRunner
+
+    saved = (artifact_dir / meta["reference"]).parent / "outputs.npz"
+    try:
+        built_on = json.loads((artifact_dir / "validation.json").read_text())["evaluation"]["content_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        built_on = None
+    if saved.is_file() and built_on and built_on == evalset.content_hash():
+        with np.load(saved, allow_pickle=False) as z:
+            keys = sorted((k for k in z.files if k.startswith("output_")), key=lambda k: int(k.split("_")[1]))
+            arrays = [z[k] for k in keys]
+        if arrays and all(len(a) == len(evalset) for a in arrays):
+            return [[a[i] for a in arrays] for i in range(len(evalset))], "saved (reference/outputs.npz)"
+    runner = OrtRunner((artifact_dir / meta["reference"]).resolve(), meta["runtime"]["threads"])
+    return V.collect(runner, evalset), "recomputed (FP32 reference model on this data)"
+
+
+def judged(loaded: Loaded, outputs: list, lat: dict | None, **extra) -> dict:
+    """The outputs of the artifact (from any runner: host, emulator, device) judged against the FP32 reference and
+    the build's budgets, as a validation result. ``lat`` None: no latency is judged (e.g. under emulation)."""
+    metrics = V.compare(loaded.reference, outputs, loaded.evalset.labels, loaded.judging)
+    art = loaded.artifact
+    failures = V.judge(metrics, art.size_bytes, lat, loaded.budget, loaded.judging.task)
+    failures += extra.pop("extra_failures", [])
+    return {"target": loaded.meta["target"], "verdict": "fail" if failures else "pass",
+            "failures": [str(f) for f in failures], "failed_checks": [f.to_dict() for f in failures],
+            "metrics": metrics, "latency": lat, "size_bytes": art.size_bytes,
+            "evaluation": loaded.evalset.describe(), "reference": loaded.reference_source, **extra}
+
+
+def revalidate(artifact_dir: Path, eval_source: str | None) -> dict:
+    from edgebuild.pipeline.target import open_runner
+
+    loaded = load(artifact_dir, eval_source)
+    with open_runner(loaded.backend, loaded.artifact, loaded.meta["runtime"]["threads"]) as runner:
+        outputs = V.collect(runner, loaded.evalset)
+        lat = timing.latency(runner, loaded.evalset)
+    return judged(loaded, outputs, lat)
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The human summary of a validation result (``edgebuild validate`` without --json)."""
+    m = result["metrics"]
+    acc = f"accuracy {m['accuracy']:.2f} % (FP32 {m['accuracy_reference']:.2f} %)" if "accuracy" in m else \
+        f"cosine {m['cosine_min']:.4f}"
+    lat = result.get("latency")
+    where = f" on {lat['measured_on']}" if lat and lat.get("measured_on") else ""
+    p50 = f", p50 {lat['p50_ms']:.3f} ms{where}" if lat else ""
+    lines = [f"{result['target']}: {result['verdict'].upper()} — {acc}{p50}"]
+    if "device" in result:
+        lines.append(f"  device: {result['device']['machine']}, {result['device']['runtime']}")
+    if "emulation" in result:
+        e, h = result["emulation"], result["emulation"]["vs_host"]
+        lines.append(f"  emulated: {e['runtime']}; vs host: top-1 agreement {h.get('top1_agreement', float('nan')):.2f} %, "
+                     f"max abs error {h['max_abs_error']:.3g}, cosine min {h['cosine_min']:.6f} (no latency under emulation)")
+    lines += [f"  failed: {f}" for f in result["failures"]]
+    return lines

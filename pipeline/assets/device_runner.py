@@ -1,0 +1,185 @@
+"""edgebuild's runner on a board (or under the aarch64 emulator): self-contained, needs Python 3.8+, numpy and the
+artifact's runtime only (never edgebuild). Shipped to the device by `edgebuild validate --device/--emulate`.
+
+    python3 device_runner.py --probe          one JSON line: machine, python, the runtimes importable here
+    python3 device_runner.py JOB_DIR          runs JOB_DIR/job.json on JOB_DIR/feeds.npz -> outputs.npz, result.json
+
+job.json: backend (tflite | onnx | openvino), artifact (file name in JOB_DIR), io (the artifact's I/O record from
+metadata.json), inputs (source input names, in order), samples, threads, timing {warmup, runs, budget_s}.
+feeds.npz holds ``x<k>`` = input k stacked over the samples, in the source model's layout and dtype; this runner
+adapts them to the artifact (TFLite: the layout permutation and the int8/uint8 input quantization recorded in the
+model) and back, like edgebuild's host runners. Latency times the runtime's invoke alone, inputs already set.
+Exit codes: 0 ok · 3 the runtime failed on the artifact · 4 the runtime is not installed here.
+"""
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+
+RUNTIMES = {"tflite": ("ai_edge_litert", "tflite_runtime", "tensorflow"), "onnx": ("onnxruntime",),
+            "openvino": ("openvino",)}
+
+
+def probe():
+    found = {}
+    for names in RUNTIMES.values():
+        for name in names:
+            found[name] = importlib.util.find_spec(name) is not None
+    found["numpy"] = importlib.util.find_spec("numpy") is not None
+    return {"machine": platform.machine(), "python": platform.python_version(), "runtimes": found}
+
+
+class TFLite:
+    def __init__(self, path, io, threads):
+        if importlib.util.find_spec("ai_edge_litert"):
+            from ai_edge_litert.interpreter import Interpreter
+            self.runtime = "ai_edge_litert"
+        elif importlib.util.find_spec("tflite_runtime"):
+            from tflite_runtime.interpreter import Interpreter
+            self.runtime = "tflite_runtime"
+        else:
+            from tensorflow.lite import Interpreter
+            self.runtime = "tensorflow"
+        self.interpreter = Interpreter(model_path=path, num_threads=threads)
+        self.interpreter.allocate_tensors()
+        signature = self.interpreter.get_signature_runner()
+        ins, outs = signature.get_input_details(), signature.get_output_details()
+        self.inputs = [(spec, ins[spec["signature_key"]]) for spec in io["inputs"]]
+        self.outputs = [(spec, outs[spec["signature_key"]]) for spec in io["outputs"]]
+
+    def set(self, feed):
+        import numpy as np
+        for spec, d in self.inputs:
+            x = np.asarray(feed[spec["name"]])
+            if spec.get("perm"):
+                x = x.transpose(spec["perm"])
+            if x.ndim == 0:
+                x = x.reshape(1)
+            scale, zero = d["quantization"]
+            dtype = np.dtype(d["dtype"])
+            if dtype.kind in "iu" and scale != 0.0 and x.dtype.kind == "f":
+                info = np.iinfo(dtype)
+                x = np.clip(np.round(x / scale) + zero, info.min, info.max)
+            self.interpreter.set_tensor(d["index"], np.ascontiguousarray(x, dtype=dtype))
+
+    def invoke(self):
+        self.interpreter.invoke()
+
+    def get(self):
+        import numpy as np
+        result = []
+        for spec, d in self.outputs:
+            y = self.interpreter.get_tensor(d["index"])
+            scale, zero = d["quantization"]
+            quantized = np.dtype(d["dtype"]).kind in "iu" and scale != 0.0
+            y = (y.astype(np.float32) - zero) * np.float32(scale) if quantized else y.astype(np.float32)
+            result.append(np.ascontiguousarray(y.transpose(spec["perm"]) if spec.get("perm") else y))
+        return result
+
+
+class Onnx:
+    runtime = "onnxruntime"
+
+    def __init__(self, path, io, threads):
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+        self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.feed, self.result = None, None
+
+    def set(self, feed):
+        self.feed = feed
+
+    def invoke(self):
+        self.result = self.session.run(self.names, self.feed)
+
+    def get(self):
+        import numpy as np
+        return [np.asarray(o, dtype=np.float32) for o in self.result]
+
+
+class OpenVino:
+    runtime = "openvino"
+
+    def __init__(self, path, io, threads):
+        import openvino as ov
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        self.compiled = ov.Core().compile_model(path, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def set(self, feed):
+        import numpy as np
+        self.feed = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in feed.items()}  # 0-d stays 0-d
+
+    def invoke(self):
+        self.result = self.request.infer(self.feed)
+
+    def get(self):
+        import numpy as np
+        return [np.array(self.result[o], dtype=np.float32) for o in self.compiled.outputs]
+
+
+def run(job_dir):
+    import numpy as np
+    job = json.load(open(os.path.join(job_dir, "job.json")))
+    cls = {"tflite": TFLite, "onnx": Onnx, "openvino": OpenVino}[job["backend"]]
+    stacked = np.load(os.path.join(job_dir, "feeds.npz"), allow_pickle=False)
+    feeds = [{name: stacked["x%d" % k][i] for k, name in enumerate(job["inputs"])} for i in range(job["samples"])]
+    t0 = time.perf_counter()
+    model = cls(os.path.join(job_dir, job["artifact"]), job["io"], job["threads"])
+    load_s = time.perf_counter() - t0
+    outputs = []
+    for feed in feeds:
+        model.set(feed)
+        model.invoke()
+        outputs.append(model.get())
+    np.savez(os.path.join(job_dir, "outputs.npz"),
+             **{"y%d" % j: np.stack([o[j] for o in outputs]) for j in range(len(outputs[0]))})
+    t = job.get("timing") or {}
+    times = []
+    if t.get("runs"):
+        model.set(feeds[0])
+        for _ in range(t["warmup"]):
+            model.invoke()
+        deadline = time.perf_counter() + t["budget_s"]
+        while len(times) < t["runs"] and (len(times) < 20 or time.perf_counter() < deadline):
+            s = time.perf_counter()
+            model.invoke()
+            times.append((time.perf_counter() - s) * 1e3)
+    result = {"runtime": model.runtime, "runtime_version": _version(model.runtime), "load_s": load_s,
+              "samples": len(outputs), "times_ms": times, "warmup": t.get("warmup", 0), **probe()}
+    json.dump(result, open(os.path.join(job_dir, "result.json"), "w"))
+
+
+def _version(name):
+    try:
+        from importlib.metadata import version
+        return version(name.replace("_", "-"))
+    except Exception:
+        return "?"
+
+
+def main(argv):
+    if argv[1:] == ["--probe"]:
+        print(json.dumps(probe()))
+        return 0
+    if len(argv) != 2:
+        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+        return 2
+    try:
+        run(argv[1])
+    except ImportError as e:
+        print("device_runner: runtime not installed: %s" % e, file=sys.stderr)
+        return 4
+    except Exception as e:
+        print("device_runner: %s: %s" % (type(e).__name__, str(e).strip().splitlines()[0][:300] if str(e).strip() else ""),
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,94 @@
+"""`edgebuild validate DIR --emulate`: the arm64 artifact on the aarch64 build of LiteRT, under qemu-user.
+
+The emulator is an arm64 Debian root with Python and the aarch64 wheels of numpy and ai-edge-litert (the
+versions of requirements.lock), made once by ``scripts/setup_arm64_emulator.sh`` under
+``$EDGEBUILD_ARM64_ROOT`` (default ``~/.cache/edgebuild/arm64-root``). Its Python runs the same self-contained
+runner a board runs (``pipeline/assets/device_runner.py``) through ``qemu-aarch64-static -L ROOT``, offline.
+
+The emulated outputs are judged against the FP32 reference like any validation (``revalidate.judged``, no
+latency: time under emulation says nothing about a board), and compared with the host's x86-64 LiteRT on the
+same feeds: top-1 agreement, max abs error and cosine go into ``emulation.vs_host``; agreement below
+``HOST_AGREEMENT`` is a failed check. A missing emulator is one line and exit 4 (``DeviceError``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from edgebuild.pipeline import validate as V
+from edgebuild.pipeline.device import DeviceError, RUNNER, read_results, runner_failed, write_job
+from edgebuild.pipeline.errors import BadInputError
+
+SITE = "/opt/edgebuild/site"  # inside the root: where the setup script installed the aarch64 wheels
+RUN_TIMEOUT_S = 900
+CPU = "cortex-a76"  # the Raspberry Pi 5's core; the setup script's ROOT/proc/cpuinfo describes the same
+# emulated (aarch64 LiteRT) vs host (x86-64 LiteRT), same artifact and feeds: the same kernels (XNNPACK) on two
+# ISAs; float rounding may differ in the last bits, a class decision must not
+HOST_AGREEMENT = {"top1_agreement": 100.0, "cosine_min": 0.9999}
+
+
+def emulator_root() -> Path:
+    return Path(os.environ.get("EDGEBUILD_ARM64_ROOT") or Path.home() / ".cache" / "edgebuild" / "arm64-root")
+
+
+def missing() -> str | None:
+    """Why the emulator cannot run here (None: it can)."""
+    root = emulator_root()
+    if not shutil.which("qemu-aarch64-static"):
+        return "qemu-aarch64-static is not installed (apt-get install qemu-user-static)"
+    if not (root / ".edgebuild-ready").is_file() or not (root / "usr" / "bin" / "python3").exists():
+        return f"no arm64 root at {root}"
+    return None
+
+
+def command() -> tuple[list[str], dict]:
+    """The runner under the emulator (run in the job directory) and its environment."""
+    root = emulator_root()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": SITE, "PYTHONNOUSERSITE": "1", "LANG": "C.UTF-8"}
+    python = str(root / "usr" / "bin" / "python3")
+    return ["qemu-aarch64-static", "-cpu", CPU, "-L", str(root), python, RUNNER.name, "."], env
+
+
+def validate_emulated(artifact_dir: Path, eval_source: str) -> dict:
+    from edgebuild.pipeline.revalidate import judged, load
+    from edgebuild.pipeline.target import open_runner
+
+    why = missing()
+    if why:
+        raise DeviceError(f"--emulate: the arm64 emulator is not set up: {why}; run `bash scripts/setup_arm64_emulator.sh`")
+    loaded = load(artifact_dir, eval_source)
+    if loaded.meta["backend"] != "tflite":
+        raise BadInputError(f"--emulate runs .tflite artifacts on aarch64 LiteRT; {artifact_dir} is a "
+                            f"{loaded.meta['backend']} artifact")
+    with tempfile.TemporaryDirectory(prefix="edgebuild-emulate-") as tmp:
+        job = Path(tmp)
+        write_job(loaded, job, timed=False)
+        argv, env = command()
+        try:
+            done = subprocess.run(argv, cwd=job, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"--emulate: the emulated runner did not finish within {RUN_TIMEOUT_S} s") from None
+        if done.returncode != 0:
+            raise runner_failed("aarch64 LiteRT under qemu", done.returncode, done.stderr)
+        emulated, result = read_results(job, len(loaded.evalset))
+    with open_runner(loaded.backend, loaded.artifact, loaded.meta["runtime"]["threads"]) as runner:
+        host = V.collect(runner, loaded.evalset)
+    vs_host = agreement(host, emulated, loaded)
+    failures = [V.Check(f"emulated_vs_host_{k}", vs_host[k], limit, "min", what=f"emulated vs host {k}")
+                for k, limit in HOST_AGREEMENT.items() if vs_host.get(k) is not None]
+    emulation = {"runtime": f"{result['runtime']} {result['runtime_version']} ({result['machine']}, Python "
+                            f"{result['python']}) under qemu-user -cpu {CPU}", "root": str(emulator_root()),
+                 "vs_host": vs_host, "tolerance": HOST_AGREEMENT,
+                 "latency": "not measured: time under emulation is not device latency"}
+    return judged(loaded, emulated, None, emulation=emulation, extra_failures=[f for f in failures if not f.ok])
+
+
+def agreement(host: list, emulated: list, loaded) -> dict:
+    """Emulated vs host outputs: top-1 agreement (class scores), worst max abs error and cosine over the outputs
+    (the labels only let the outputs be told apart as they are in the build; accuracies are not kept)."""
+    m = V.compare(host, emulated, loaded.evalset.labels, loaded.judging)
+    keys = ("top1_agreement", "max_abs_error", "cosine_min", "cosine_mean", "samples")
+    return {k: m[k] for k in keys if k in m}
