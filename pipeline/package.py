@@ -66,6 +66,8 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
         }
     if search is not None:
         validation["search"] = search
+    if objective is not None:  # what shipped and why (pipeline/objective.py); warnings: e.g. INT8 slower than FP32
+        validation["objective"] = objective
     (outdir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
     (outdir / "validation.json").write_text(json.dumps(validation, indent=2, default=str))
     return {"verdict": validation["verdict"], "backend": backend.name, "precision": art.precision,
@@ -77,4 +79,5 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
             "budgets": budget.to_dict(), "host_validation": profile.host_validation,
             "threads": {"profile": profile.threads, "used": timing_threads(profile)},
             **({"cache": cache_use} if cache_use is not None else {}),
-            **({"search": search} if search is not None else {})}
+            **({"search": search} if search is not None else {}),
+            **({"objective": objective} if objective is not None else {})}

@@ -137,6 +137,9 @@ def slower_than_fp32(manifest: dict) -> list[str]:
     """A quantized artifact that runs slower than the FP32 one on the host: passing budgets, but worth a word."""
     out = []
     for name, t in manifest["targets"].items():
+        obj = t.get("objective") or {}
+        if obj.get("objective", "precision") != "precision":  # what the objective shipped, and why
+            out.append(f"{name}: objective {obj['objective']}: shipped {obj['shipped']} ({obj['why']})")
         speedup = (t.get("ratios") or {}).get("speedup_vs_fp32")
         if t.get("verdict") == "error" or t.get("precision") == "fp32" or speedup is None or speedup >= 1.0:
             continue

@@ -128,6 +128,7 @@ class BuildSpec:
     profile_files: tuple[str, ...] = ()
     out: str = "out"
     precision: str | None = None
+    objective: str | None = None  # precision | latency | size | accuracy: overrides every profile's objective
     budgets: Budgets = Budgets()
     compress: tuple[CompressStep, ...] = ()
     train: str | None = None
@@ -158,6 +159,10 @@ class BuildSpec:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "profile_files", tuple(self.profile_files))
         object.__setattr__(self, "compress", tuple(self.compress))
+        if self.objective is not None:
+            from edgebuild.pipeline.objective import check_objective
+
+            check_objective(self.objective, "config")
         _check(self.precision is None or self.precision in PRECISIONS,
                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.calib_samples > 0, "calib_samples must be positive")

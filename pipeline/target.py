@@ -422,13 +422,18 @@ def finish_target(ctx: BuildContext, p: Prepared) -> dict:
     build runs this one target at a time, after every conversion, so that timing runs on a quiet machine."""
     with ctx.stage(f"{p.profile.name}: timing {p.chosen.artifact.main}" + (" and FP32, interleaved" if p.baseline else "")):
         timing = time_artifacts(ctx, p.backend, p.profile, p.chosen, p.baseline, p.budget)
+    from edgebuild.pipeline import objective as O
+
+    best, objective = O.pick(O.objective_for(p.profile, ctx.spec), p.profile, p.chosen, p.baseline, timing["speedup"])
+    if best is not p.chosen:
+        p.chosen, timing["speedup"] = O.ship(ctx, p, p.budget, best), None
     from edgebuild.pipeline.memory import judge_memory
 
     cache_use = {**p.cache_use, "latency": timing["cached"], "memory": judge_memory(ctx, p)}
     from edgebuild.pipeline.package import describe
 
     return describe(ctx, p.profile, p.backend, p.chosen, p.baseline, p.budget, p.outdir, p.search, timing["speedup"],
-                    cache_use)
+                    cache_use, objective)
 
 
 def _sibling_note(art: Artifact) -> str | bool:

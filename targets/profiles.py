@@ -50,6 +50,8 @@ class TargetProfile:
     budgets: ProfileBudgets = ProfileBudgets()
     quant: dict = field(default_factory=dict)  # backend-specific INT8 settings
     allow_float_layers: bool = True  # may the accuracy search keep layers in float?
+    objective: str = "precision"  # precision | latency | size | accuracy: what ships (pipeline/objective.py)
+    host_is_device: bool = False  # the host runs the device's runtime: host latency is the device's
     host_validation: str = ""  # how the host check relates to the device (shown in the report)
     micro: bool = False  # also load and run the artifact on TensorFlow Lite Micro (arena, flash, op support)
     source: str = ""  # the YAML file it came from
@@ -67,6 +69,11 @@ class TargetProfile:
             raise BadInputError(f"profile {self.name}: unknown precision(s) {bad}")
         if self.io_dtype not in ("float32", "int8", "uint8"):
             raise BadInputError(f"profile {self.name}: io_dtype must be float32, int8 or uint8")
+        from edgebuild.pipeline.objective import check_objective
+
+        check_objective(self.objective, f"profile {self.name}")
+        if self.host_is_device not in (True, False):
+            raise BadInputError(f"profile {self.name}: host_is_device must be true or false")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise BadInputError(f"profile {self.name}: threads must be a positive integer, got {self.threads!r}")
         if not isinstance(self.backend, str) or not registered_backend(self.backend):

@@ -1,0 +1,92 @@
+"""Which artifact a target ships: its ``objective`` (profile key, config ``objective:`` overrides) among the
+candidates the build made for it.
+
+- ``precision`` (default, what edgebuild always did): the profile's precision, as the accuracy search leaves it.
+- ``latency``: the fastest candidate within the accuracy budget; never one slower than the FP32 baseline (the
+  speed-up is the median of the interleaved rounds' ratios). Only on profiles with ``host_is_device: true``
+  (the host runs the device's runtime, so host latency is the device's); elsewhere the profile's precision
+  ships and the record says why.
+- ``size``: the smallest candidate within the accuracy budget.
+- ``accuracy``: the most accurate candidate (lowest quality loss; the FP32 baseline on the reference's runtime).
+
+Candidates: the target's own artifact (INT8, mixed INT8, or what the accuracy search chose) and its FP32 baseline;
+ties go to the target's own artifact. Whatever the objective, an artifact slower than its FP32 baseline is said.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+from edgebuild.pipeline import validate as V
+from edgebuild.pipeline.errors import BadInputError
+
+OBJECTIVES = ("precision", "latency", "size", "accuracy")
+
+
+def check_objective(value, where: str) -> str:
+    if value not in OBJECTIVES:
+        raise BadInputError(f"{where}: objective must be one of {', '.join(OBJECTIVES)}, got {value!r}")
+    return value
+
+
+def objective_for(profile, spec) -> str:
+    return getattr(spec, "objective", None) or profile.objective
+
+
+def _candidate(a, role: str) -> dict:
+    return {"role": role, "artifact": a.artifact.main, "precision": a.artifact.precision,
+            "size_bytes": a.artifact.size_bytes, "latency_p50_ms": a.latency.get("p50_ms"),
+            "quality_loss": round(a.loss, 4), "within_accuracy_budget": a.quality_ok}
+
+
+def slower_warning(chosen, speedup: dict | None) -> str | None:
+    s = (speedup or {}).get("median")
+    if s is None or s >= 1.0 or chosen.artifact.precision == "fp32":
+        return None
+    return (f"{chosen.artifact.precision.upper()} artifact {chosen.artifact.main} runs slower than the FP32 baseline on "
+            f"this host: {s:.2f}× speed (median of {speedup.get('rounds')} interleaved rounds, IQR {speedup.get('iqr')})")
+
+
+def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tuple[object, dict]:
+    """(the Attempt to ship, the record for validation.json/manifest: objective, candidates, shipped, why)."""
+    record = {"objective": objective, "candidates": [], "warnings": []}
+    warning = slower_warning(chosen, speedup)
+    if warning:
+        record["warnings"].append(warning)
+    if baseline is None or objective == "precision":
+        return chosen, {**record, "shipped": chosen.artifact.main, "why": "the profile's precision (objective: precision)"}
+    record["candidates"] = [_candidate(chosen, "target"), _candidate(baseline, "fp32 baseline")]
+    if objective == "latency" and not profile.host_is_device:
+        return chosen, {**record, "shipped": chosen.artifact.main,
+                        "why": f"objective latency not applied: {profile.name}'s host timing is not the device's "
+                               "(host_is_device: false); the profile's precision ships"}
+    ok = [a for a in (chosen, baseline) if a.quality_ok]
+    if not ok:
+        return chosen, {**record, "shipped": chosen.artifact.main,
+                        "why": "no candidate meets the accuracy budget; the profile's precision ships (and fails)"}
+    s = (speedup or {}).get("median")
+    if objective == "latency":
+        faster = chosen.quality_ok and (s is None or s >= 1.0)
+        best = chosen if faster else baseline
+        why = (f"{chosen.artifact.main} is not slower than FP32 ({s:.2f}×)" if faster and s is not None else
+               f"{chosen.artifact.main} is slower than the FP32 baseline ({s:.2f}× speed): the FP32 baseline ships"
+               if chosen.quality_ok else f"{chosen.artifact.main} exceeds the accuracy budget: the FP32 baseline ships")
+    else:
+        measure = (lambda a: a.artifact.size_bytes) if objective == "size" else (lambda a: a.loss)
+        best = min(ok, key=measure)  # min keeps the first (the target's own) on a tie
+        why = f"the {'smallest' if objective == 'size' else 'most accurate'} candidate within the accuracy budget"
+    return best, {**record, "shipped": best.artifact.main, "why": why}
+
+
+def ship(ctx, p, budget, best):
+    """The Attempt that ships from ``p.outdir``: the FP32 baseline's files replace the target's own artifact."""
+    if best is p.chosen:
+        return p.chosen
+    for f in p.chosen.artifact.files:
+        (p.outdir / f).unlink(missing_ok=True)
+    for f in best.artifact.files:
+        shutil.copyfile(best.artifact.directory / f, p.outdir / f)
+    art = replace(best.artifact, directory=p.outdir, target=p.profile.name, notes=list(best.artifact.notes))
+    shipped = replace(best, artifact=art, label=f"FP32 baseline, shipped for objective {objective_for(p.profile, ctx.spec)}")
+    shipped.failures = V.judge(shipped.metrics, art.size_bytes, shipped.latency, budget, ctx.judging.task)
+    return shipped
