@@ -1,0 +1,90 @@
+"""`edgebuild validate DIR --device ssh://…` against a local sshd on the loopback that plays the board."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgebuild.pipeline.cli import main
+from edgebuild.pipeline.device import RUNNER, Board
+from edgebuild.pipeline.errors import BadInputError
+from tests.device import sshd
+
+
+def _target_dir(tmp_path: Path, target: str, backend: str = "tflite") -> Path:
+    """Enough of a target directory for the checks made before anything is copied (they read target and backend)."""
+    d = tmp_path / target
+    d.mkdir()
+    (d / "metadata.json").write_text(json.dumps({"target": target, "backend": backend}))
+    return d
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edgebuild: error: "), err
+    return err[0]
+
+
+def test_device_url_forms():
+    b = Board.parse("ssh://pi@raspberrypi.local:2222?python=/opt/venv/bin/python&arch=any")
+    assert (b.user, b.host, b.port, b.python, b.arch) == ("pi", "raspberrypi.local", 2222, "/opt/venv/bin/python", "any")
+    assert Board.parse("ssh://board").name == "board" and Board.parse("ssh://board").python == "python3"
+    for bad in ("pi@board", "http://board", "ssh://board:notaport", "ssh://board/dir", "ssh://board?pyhton=x"):
+        with pytest.raises(BadInputError):
+            Board.parse(bad)
+
+
+def test_unreachable_host_is_one_line_exit_4(tmp_path, capsys, monkeypatch):
+    port = sshd._free_port()  # nothing listens there
+    monkeypatch.setenv("EDGEBUILD_SSH_CONFIG", "/dev/null")
+    assert main(["validate", str(_target_dir(tmp_path, "arm64")), "--device", f"ssh://nobody@127.0.0.1:{port}"]) == 4
+    assert "is unreachable" in _one_error_line(capsys)
+
+
+def test_wrong_architecture_is_one_line_exit_4(tmp_path, board, capsys):
+    target = "x86" if platform.machine() == "aarch64" else "arm64"  # a target whose boards are not this machine
+    assert main(["validate", str(_target_dir(tmp_path, target)), "--device", board.url(python=sys.executable)]) == 4
+    line = _one_error_line(capsys)
+    assert f"is a {platform.machine()} machine; target {target} runs on" in line and "?arch=any" in line
+
+
+def test_missing_runtime_is_one_line_exit_4(tmp_path, board, capsys):
+    bare = tmp_path / "bare"  # a Python on the board without numpy or any runtime
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    url = board.url(python=str(bare / "bin" / "python"), arch="any")
+    assert main(["validate", str(_target_dir(tmp_path, "arm64")), "--device", url]) == 4
+    assert "the runtime is missing" in _one_error_line(capsys)
+
+
+def test_no_python_on_the_board_is_one_line_exit_4(tmp_path, board, capsys):
+    url = board.url(python="/nonexistent/python3", arch="any")
+    assert main(["validate", str(_target_dir(tmp_path, "arm64")), "--device", url]) == 4
+    assert "no working Python" in _one_error_line(capsys)
+
+
+def test_runner_is_self_contained_and_probes():
+    source = RUNNER.read_text()
+    assert "edgebuild" not in source.split('"""', 2)[2], "the device runner may not import edgebuild"
+    probe = json.loads(subprocess.run([sys.executable, str(RUNNER), "--probe"], capture_output=True, text=True,
+                                      check=True, timeout=60).stdout)
+    assert probe["machine"] == platform.machine() and probe["runtimes"]["numpy"] is True
+
+
+@pytest.mark.slow
+def test_device_end_to_end_on_the_loopback_board(arm64_demo, board, capsys):
+    """The arm64 demo on the board (here: this machine over SSH, ?arch=any), judged against the saved reference:
+    the board runs the same LiteRT build as the host here, so its accuracy and agreement are the build's."""
+    assert main(["validate", str(arm64_demo), "--device", board.url(python=sys.executable, arch="any"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    built = json.loads((arm64_demo / "validation.json").read_text())
+    assert result["verdict"] == "pass" and result["reference"].startswith("saved")
+    assert result["device"]["machine"] == platform.machine() and result["device"]["runtime"].startswith("ai_edge_litert")
+    assert result["metrics"]["samples"] == built["evaluation"]["samples"]
+    for key in ("accuracy", "accuracy_reference", "top1_agreement"):
+        assert result["metrics"][key] == pytest.approx(built["metrics"][key], abs=1e-9), key
+    lat = result["latency"]
+    assert lat["runs"] >= 20 and 0 < lat["p50_ms"] <= lat["p99_ms"] and lat["measured_on"].startswith(board.user)
