@@ -138,3 +138,17 @@ def judge_memory(ctx, p) -> dict:
     c = p.chosen
     c.failures = V.judge(c.metrics, c.artifact.size_bytes, c.latency, p.budget, ctx.judging.task, c.memory)
     return cached
+
+
+def after_packaging(ctx, chosen, budget) -> None:
+    """The flash a microcontroller needs is the shipped file, metadata embedded by packaging included: measured
+    again on it, and the budgets judged again."""
+    micro = chosen.memory.get("micro")
+    if not micro:
+        return
+    from edgebuild.pipeline import validate as V
+    from edgebuild.targets.tflm import flash
+
+    micro.update(flash(chosen.artifact))
+    chosen.failures = V.judge(chosen.metrics, chosen.artifact.size_bytes, chosen.latency, budget, ctx.judging.task,
+                              chosen.memory)

@@ -30,6 +30,9 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
              cache_use: dict | None = None) -> dict:
     art = chosen.artifact
     embedded = _embed(ctx, profile, art, outdir)  # metadata inside the artifact, before its sha256 is taken
+    from edgebuild.pipeline.memory import after_packaging
+
+    after_packaging(ctx, chosen, budget)  # a microcontroller's flash holds the shipped bytes, metadata included
     files = {f: {"bytes": (outdir / f).stat().st_size, "sha256": file_sha(outdir / f)} for f in art.files}
     metadata = {
         "embedded_metadata": embedded,
