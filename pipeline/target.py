@@ -13,6 +13,7 @@ from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline import timing
 from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.cache import StageCache, code_hash, key
+from edgebuild.pipeline.convert import _baseline_dir, _restored, _sibling_note, convert  # noqa: F401 (recover imports convert here)
 from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.pipeline.export import file_hash
 from edgebuild.pipeline.spec import BuildSpec
@@ -126,50 +127,6 @@ def open_runner(backend: Backend, artifact: Artifact, threads: int) -> Runner:
 
         return IsolatedRunner(backend.name, artifact, threads)
     return backend.runner(artifact, threads)
-
-
-def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, directory: Path,
-            settings: dict | None = None, siblings: dict[str, Path] | None = None) -> Artifact:
-    """The artifact (cached). ``siblings`` ({precision: directory}): precisions the backend may give from the same
-    conversion run (``Backend.convert_family``); they are cached and kept in ``ctx.siblings`` for the later
-    ``convert`` of that precision, which then costs nothing."""
-    settings = {**backend.default_settings(profile, precision), **(settings or {})}
-    k = _convert_key(ctx, backend, profile, precision, settings)
-    directory.mkdir(parents=True, exist_ok=True)
-    made = ctx.siblings.pop(k, None)
-    if made is not None and made.directory == directory:
-        return made
-    cached = ctx.cache.get(k, directory)
-    if cached is not None:
-        cached.target = profile.name
-        return cached
-    wanted = {}
-    for p, d in (siblings or {}).items():
-        ss = backend.default_settings(profile, p)
-        sk = _convert_key(ctx, backend, profile, p, ss)
-        if not _in_cache(ctx, sk):
-            wanted[p] = (d, ss, sk)
-    arts = backend.convert_family(ctx.model, profile, precision, ctx.calib, directory, settings,
-                                  {p: (d, ss) for p, (d, ss, _) in wanted.items()} or None)
-    art = arts.pop(precision)
-    ctx.cache.put(k, art)
-    for p, sib in arts.items():
-        ctx.cache.put(wanted[p][2], sib)
-        ctx.siblings[wanted[p][2]] = sib
-    return art
-
-
-def _in_cache(ctx: BuildContext, k: str) -> bool:
-    return ctx.cache.root is not None and (ctx.cache.root / k / "artifact.json").is_file()
-
-
-def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, settings: dict) -> str:
-    versions = {k: v for k, v in tool_versions().items() if v}
-    # what a conversion depends on; two profiles that differ only in budgets/threads share artifacts
-    return key(stage="convert", backend=backend.name, io=(profile.io_dtype, profile.layout), quant=profile.quant,
-               precision=precision, settings=settings, model=ctx.model.content_hash, code=code_hash(),
-               inputs=[asdict(i) for i in ctx.model.inputs],
-               calib=ctx.data_hash(ctx.calib) if precision == "int8" else None, versions=versions)
 
 
 def timing_threads(profile: TargetProfile) -> int:
@@ -412,11 +369,6 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
     return Prepared(profile, backend, budget, outdir, chosen, baseline, search, cache_use)
 
 
-def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: str) -> dict[str, Path] | None:
-    """Where the FP32 baseline goes (a sibling of the target's own conversion where the backend can give one)."""
-    return {"fp32": ctx.scratch / profile.name / "fp32"} if precision != "fp32" else None
-
-
 def finish_target(ctx: BuildContext, p: Prepared) -> dict:
     """Time the chosen artifact (interleaved with its FP32 baseline) and write the target's files. A parallel
     build runs this one target at a time, after every conversion, so that timing runs on a quiet machine."""
@@ -434,12 +386,3 @@ def finish_target(ctx: BuildContext, p: Prepared) -> dict:
 
     return describe(ctx, p.profile, p.backend, p.chosen, p.baseline, p.budget, p.outdir, p.search, timing["speedup"],
                     cache_use, objective)
-
-
-def _sibling_note(art: Artifact) -> str | bool:
-    """How a baseline converted in the same run as the target's own artifact says so (else False)."""
-    return next((n for n in art.notes if "same onnx2tf" in n or "same conversion" in n), False)
-
-
-def _restored(art: Artifact) -> bool:
-    return any(n.startswith("restored from the stage cache") for n in art.notes)

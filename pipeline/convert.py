@@ -1,0 +1,72 @@
+"""Stage: convert one target's artifact (cached), with the sibling artifacts its backend gives from the same run."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgebuild.pipeline.cache import code_hash, key
+from edgebuild.pipeline.versions import tool_versions
+from edgebuild.targets.base import Artifact, Backend
+from edgebuild.targets.profiles import TargetProfile
+
+if TYPE_CHECKING:
+    from edgebuild.pipeline.target import BuildContext
+
+
+def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, directory: Path,
+            settings: dict | None = None, siblings: dict[str, Path] | None = None) -> Artifact:
+    """The artifact (cached). ``siblings`` ({precision: directory}): precisions the backend may give from the same
+    conversion run (``Backend.convert_family``); they are cached and kept in ``ctx.siblings`` for the later
+    ``convert`` of that precision, which then costs nothing."""
+    settings = {**backend.default_settings(profile, precision), **(settings or {})}
+    k = _convert_key(ctx, backend, profile, precision, settings)
+    directory.mkdir(parents=True, exist_ok=True)
+    made = ctx.siblings.pop(k, None)
+    if made is not None and made.directory == directory:
+        return made
+    cached = ctx.cache.get(k, directory)
+    if cached is not None:
+        cached.target = profile.name
+        return cached
+    wanted = {}
+    for p, d in (siblings or {}).items():
+        ss = backend.default_settings(profile, p)
+        sk = _convert_key(ctx, backend, profile, p, ss)
+        if not _in_cache(ctx, sk):
+            wanted[p] = (d, ss, sk)
+    arts = backend.convert_family(ctx.model, profile, precision, ctx.calib, directory, settings,
+                                  {p: (d, ss) for p, (d, ss, _) in wanted.items()} or None)
+    art = arts.pop(precision)
+    ctx.cache.put(k, art)
+    for p, sib in arts.items():
+        ctx.cache.put(wanted[p][2], sib)
+        ctx.siblings[wanted[p][2]] = sib
+    return art
+
+
+def _in_cache(ctx: BuildContext, k: str) -> bool:
+    return ctx.cache.root is not None and (ctx.cache.root / k / "artifact.json").is_file()
+
+
+def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, settings: dict) -> str:
+    versions = {k: v for k, v in tool_versions().items() if v}
+    # what a conversion depends on; two profiles that differ only in budgets/threads share artifacts
+    return key(stage="convert", backend=backend.name, io=(profile.io_dtype, profile.layout), quant=profile.quant,
+               precision=precision, settings=settings, model=ctx.model.content_hash, code=code_hash(),
+               inputs=[asdict(i) for i in ctx.model.inputs],
+               calib=ctx.data_hash(ctx.calib) if precision == "int8" else None, versions=versions)
+
+
+def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: str) -> dict[str, Path] | None:
+    """Where the FP32 baseline goes (a sibling of the target's own conversion where the backend can give one)."""
+    return {"fp32": ctx.scratch / profile.name / "fp32"} if precision != "fp32" else None
+
+
+def _sibling_note(art: Artifact) -> str | bool:
+    """How a baseline converted in the same run as the target's own artifact says so (else False)."""
+    return next((n for n in art.notes if "same onnx2tf" in n or "same conversion" in n), False)
+
+
+def _restored(art: Artifact) -> bool:
+    return any(n.startswith("restored from the stage cache") for n in art.notes)
