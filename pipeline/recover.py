@@ -27,6 +27,7 @@ FLOAT_LAYER_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 COLLAPSED_LOSS = 10.0  # ten times past the budget's room: INT8 has plainly collapsed, go to the strong fixes
 COLLAPSED_VARIANTS = 1  # backend variants tried at most after a collapse
 MAX_FLOAT_SHARE = 0.5  # an "_int8_mixed" artifact keeps at most this share of the weights in float
+CONCENTRATED_LAYERS, CONCENTRATED_SHARE = 4, 0.25  # a collapse these few layers explain this much of is local
 FLOAT_FALLBACKS = ("fp16", "fp32")  # last resorts, where the profile runs them and allows float
 
 
@@ -70,11 +71,22 @@ class _Search:
         self.started = time.monotonic()
         self.deadline = min(self.started + ctx.spec.auto_max_seconds, ctx.deadline)
         self.reserve = reserve
+        self.durations: list[float] = []  # seconds each try took (conversion + evaluation)
 
     def room(self, fallback: bool = False) -> bool:
-        if fallback:  # the float fallbacks have their tries reserved and run even past the deadline
-            return True
-        return len(self.record["tries"]) < self.ctx.spec.auto_max_tries - self.reserve and time.monotonic() < self.deadline
+        """Whether another try may start: within the count, and (judged by the slowest try so far) able to end
+        before the search's limit. A float fallback has its try reserved and may pass the search's own limit,
+        never the whole build's (``build_max_seconds``)."""
+        now = time.monotonic()
+        expected = max(self.durations, default=0.0)
+        if fallback:
+            return now + expected < self.ctx.deadline
+        return (len(self.record["tries"]) < self.ctx.spec.auto_max_tries - self.reserve
+                and now + expected < self.deadline)
+
+    def short_of_time(self, tries: int) -> bool:
+        """Fewer than ``tries`` more tries (as long as the slowest so far) fit before the search's limit."""
+        return bool(self.durations) and time.monotonic() + tries * max(self.durations) > self.deadline
 
     def attempt(self, label: str, precision: str, settings: dict, fallback: bool = False) -> Attempt | None:
         if not self.room(fallback):
@@ -82,7 +94,10 @@ class _Search:
         ctx, profile = self.ctx, self.profile
         directory = ctx.scratch / profile.name / f"try{len(self.record['tries'])}"
         n = len(self.record["tries"]) + 1
-        with ctx.stage(f"{profile.name}: accuracy search {n}/{ctx.spec.auto_max_tries} — {label}"):
+        t0 = time.monotonic()
+        left = self.deadline - t0
+        with ctx.stage(f"{profile.name}: accuracy search {n}/{ctx.spec.auto_max_tries} — {label}"
+                       + (f" ({left:.0f} s left)" if left < float("inf") else "")):
             try:
                 art = convert(ctx, self.backend, profile, precision, directory, settings)
                 a = evaluate(ctx, self.backend, profile, art, self.budget, timed=False, data=self.select)
@@ -90,6 +105,8 @@ class _Search:
                 self.record["tries"].append({"label": label, "precision": precision, "error": str(e),
                                              "failures": [str(e)], "size_bytes": 0})
                 return None
+            finally:
+                self.durations.append(time.monotonic() - t0)
         a.label = label
         self.tries.append(a)
         self.record["tries"].append(a.summary() | {"data": "evaluation[select]"})
@@ -127,8 +144,8 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     collapsed = first_on_select is None or first_on_select.loss > COLLAPSED_LOSS
     if collapsed:
         record["collapsed"] = ("the first INT8 conversion failed" if first is None else
-                               f"INT8 collapsed (quality loss {first_on_select.loss:.1f}): backend variants are "
-                               "skipped for mixed precision and the float fallback")
+                               f"INT8 collapsed (quality loss {first_on_select.loss:.1f}): FP16 first when the loss is spread "
+                               "over the graph, else one backend variant before mixed precision and the float fallback")
     found = _search(ctx, backend, profile, search, collapsed)
     record["seconds"] = round(time.monotonic() - search.started, 2)
     if not search.tries:
@@ -147,47 +164,109 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
 
 
 def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, collapsed: bool) -> Attempt | None:
+    """Backend variants, mixed precision, FP16/FP32. After a collapse the per-layer sensitivity decides first: when
+    no few layers explain the loss (it is spread over the graph, as in transformer encoders), FP16 comes next."""
     settings = backend.default_settings(profile, "int8")  # what `first` was asked for (its record may say more)
     variants = backend.recovery_candidates(profile, settings)
-    for label, overrides in variants[:COLLAPSED_VARIANTS] if collapsed else variants:
+    if collapsed and search.tries and _diffuse(ctx, backend, profile, search):
+        found = _float_fallbacks(search, profile, only_fp16=True)
+        if found is not None:
+            return found
+        return _rest(ctx, backend, profile, search, settings, variants, collapsed, fp16_done=True)
+    todo = variants[:COLLAPSED_VARIANTS] if collapsed else variants
+    for i, (label, overrides) in enumerate(todo):
+        if i and search.short_of_time(len(todo) - i + 2) and _fp16_allowed(profile):
+            search.record["float_first"] = (f"tries take {max(search.durations):.0f} s: the {len(todo) - i} backend "
+                                            "variant(s) left and mixed precision do not fit the time left, FP16 first")
+            found = _float_fallbacks(search, profile, only_fp16=True)
+            if found is not None:
+                return found
+            return _rest(ctx, backend, profile, search, settings, todo[i:], True, fp16_done=True)
         a = search.attempt(label, "int8", {**settings, **overrides})
         if a is not None and a.quality_ok:
             return a
-    if profile.allow_float_layers and backend.supports_float_layers and search.room():
-        ranked = _sensitivity(ctx, search.select, search.record, search.budget)
-        weights = _layer_weights(ctx.model.onnx_path)
-        total = sum(weights.values()) or 1
-        done = set()
-        for k in FLOAT_LAYER_STEPS:
-            layers = tuple(ranked[:k])
-            if not layers or layers in done or not search.room():
-                break
-            share = sum(weights.get(n, 0) for n in layers) / total
-            if share > MAX_FLOAT_SHARE:  # mostly float: not an INT8 model any more; FP16 is smaller and honest
-                search.record["float_share_limit"] = (f"keeping {len(layers)} layers in float would leave {share:.0%} of "
-                                                      f"the weights float (> {MAX_FLOAT_SHARE:.0%}): stopped")
-                break
-            done.add(layers)
-            a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", "int8", {**settings, "float_layers": list(layers)})
+    return _rest(ctx, backend, profile, search, settings, variants, collapsed, fp16_done=False)
+
+
+def _fp16_allowed(profile: TargetProfile) -> bool:
+    return profile.allow_float_layers and "fp16" in profile.precisions
+
+
+def _rest(ctx, backend, profile, search: _Search, settings: dict, variants, collapsed: bool, fp16_done: bool):
+    found = _mixed(ctx, backend, profile, search, settings)
+    if found is not None:
+        return found
+    found = _float_fallbacks(search, profile, only_fp16=False, skip_fp16=fp16_done)
+    if found is not None:
+        return found
+    if collapsed:
+        for label, overrides in variants[COLLAPSED_VARIANTS:] if not fp16_done else variants:
+            a = search.attempt(label, "int8", {**settings, **overrides})
             if a is not None and a.quality_ok:
-                search.record["float_layers"] = {n: round(ctx.shared["sensitivity"][n], 4) for n in layers}
-                search.record["float_weight_share"] = round(share, 4)
                 return a
-    elif not profile.allow_float_layers:
-        search.record["float_layers_forbidden"] = f"profile {profile.name} runs integer-only: no layer may stay in float"
-    if profile.allow_float_layers and "fp16" in profile.precisions:
+    return None
+
+
+def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: _Search) -> bool:
+    """True when INT8 collapsed and its loss is spread over many layers: the few most sensitive layers, each
+    quantized alone, explain less than CONCENTRATED_SHARE of it, so keeping a few in float cannot fix it."""
+    if not (backend.supports_float_layers and _fp16_allowed(profile)):
+        return False
+    if not search.room():
+        return True  # no time to measure: the cheap, safe fallback
+    sens = list(ctx.shared["sensitivity"].values()) if "sensitivity" in ctx.shared else None
+    if sens is None:
+        _sensitivity(ctx, search)
+        sens = list(ctx.shared["sensitivity"].values())
+    loss = min(t.loss for t in search.tries)
+    top = sum(max(v, 0.0) for v in sens[:CONCENTRATED_LAYERS])
+    diffuse = not sens or top < CONCENTRATED_SHARE * loss
+    search.record["collapse_spread"] = (f"the {min(len(sens), CONCENTRATED_LAYERS)} most sensitive layers alone cost "
+                                        f"{top:.2f} of the INT8 loss {loss:.2f}: " +
+                                        ("spread over the graph, FP16 next" if diffuse else "concentrated, mixed precision next"))
+    return diffuse
+
+
+def _float_fallbacks(search: _Search, profile: TargetProfile, only_fp16: bool, skip_fp16: bool = False) -> Attempt | None:
+    if _fp16_allowed(profile) and not skip_fp16:
         a = search.attempt("FP16 (no INT8)", "fp16", {}, fallback=True)
         if a is not None and a.quality_ok:
             return a
+    if only_fp16:
+        return None
     if profile.allow_float_layers and "fp32" in profile.precisions and not any(t.quality_ok for t in search.tries):
         a = search.attempt("FP32 (nothing converts to INT8 or FP16 within budget)", "fp32", {}, fallback=True)
         if a is not None and a.quality_ok:
             return a
-    if collapsed:
-        for label, overrides in variants[COLLAPSED_VARIANTS:]:
-            a = search.attempt(label, "int8", {**settings, **overrides})
-            if a is not None and a.quality_ok:
-                return a
+    return None
+
+
+def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, settings: dict) -> Attempt | None:
+    """The most sensitive layers kept in float, 1, 2, 3, 4, 6, 8... at a time, at most half of the weights."""
+    if not profile.allow_float_layers:
+        search.record["float_layers_forbidden"] = f"profile {profile.name} runs integer-only: no layer may stay in float"
+        return None
+    if not backend.supports_float_layers or not search.room():
+        return None
+    ranked = _sensitivity(ctx, search)
+    weights = _layer_weights(ctx.model.onnx_path)
+    total = sum(weights.values()) or 1
+    done = set()
+    for k in FLOAT_LAYER_STEPS:
+        layers = tuple(ranked[:k])
+        if not layers or layers in done or not search.room():
+            break
+        share = sum(weights.get(n, 0) for n in layers) / total
+        if share > MAX_FLOAT_SHARE:  # mostly float: not an INT8 model any more; FP16 is smaller and honest
+            search.record["float_share_limit"] = (f"keeping {len(layers)} layers in float would leave {share:.0%} of "
+                                                  f"the weights float (> {MAX_FLOAT_SHARE:.0%}): stopped")
+            break
+        done.add(layers)
+        a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", "int8", {**settings, "float_layers": list(layers)})
+        if a is not None and a.quality_ok:
+            search.record["float_layers"] = {n: round(ctx.shared["sensitivity"][n], 4) for n in layers}
+            search.record["float_weight_share"] = round(share, 4)
+            return a
     return None
 
 
@@ -200,14 +279,17 @@ def _layer_weights(onnx_path) -> dict[str, int]:
     return {n.name: sum(sizes.get(x, 0) for x in n.input) for n in graph.node if n.name}
 
 
-def _sensitivity(ctx: BuildContext, select, record, budget: V.Budget) -> list[str]:
+def _sensitivity(ctx: BuildContext, search: _Search) -> list[str]:
+    """Layers ranked by sensitivity, measured once per build within half of the search's time left."""
     from edgebuild.pipeline.sensitivity import layer_sensitivity
 
+    select, record, budget = search.select, search.record, search.budget
     if "sensitivity" not in ctx.shared:
         with ctx.stage("measuring per-layer INT8 sensitivity"):
             t0 = time.monotonic()
+            until = t0 + max(0.0, min(search.deadline, ctx.deadline) - t0) / 2
             ctx.shared["sensitivity"] = layer_sensitivity(ctx.model.onnx_path, ctx.calib, select[0], select[1],
-                                                          min(t0 + ctx.spec.auto_max_seconds / 2, ctx.deadline), ctx.judging, budget)
+                                                          until, ctx.judging, budget)
             ctx.shared["sensitivity_seconds"] = round(time.monotonic() - t0, 2)
     sens = ctx.shared["sensitivity"]
     record["sensitivity"] = {"method": "one layer quantized at a time, ONNX Runtime fake-quant, on evaluation[select]; "

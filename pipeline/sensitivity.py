@@ -19,7 +19,9 @@ QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 SENSITIVITY_CALIB_SAMPLES = 64
 SENSITIVITY_EVAL_SAMPLES = 96  # selection samples each layer is scored on, at most
-SIM_SETTINGS = {"activation_type": "uint8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
+MIN_EVAL_SAMPLES = 16  # ... and at least (when the selection part has them)
+LAYER_SAMPLE_BUDGET = 1536  # layers x samples scored at most: more layers, fewer samples each
+SIM_SETTINGS = {"op_types": "all", "activation_type": "uint8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
                 "calibrate_method": "minmax", "symmetric_activations": False, "symmetric_weights": True}
 
 
@@ -45,25 +47,33 @@ def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: Calibratio
     """Quality loss (``V.quality_loss``: the build's own budgets) per layer, most sensitive first."""
     import numpy as np
 
-    from edgebuild.targets.onnx import OrtRunner, quantize_static
+    from edgebuild.targets.onnx import OrtRunner, preprocess, quantize_static
 
     layers = quantizable_layers(onnx_path)[:max_layers]
     small = calib.subset(np.arange(min(len(calib), SENSITIVITY_CALIB_SAMPLES)))
-    if len(select) > SENSITIVITY_EVAL_SAMPLES:  # cost is layers x samples: rank on a fixed-size part
-        keep = np.sort(np.random.default_rng(0).permutation(len(select))[:SENSITIVITY_EVAL_SAMPLES])
+    keep_n = samples_per_layer(len(layers))
+    if len(select) > keep_n:  # layers x samples bounded: rank on a fixed-size part
+        keep = np.sort(np.random.default_rng(0).permutation(len(select))[:keep_n])
         select, reference = select.subset(keep), [reference[i] for i in keep]
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="edgebuild-sens-") as tmp:
+        pre = preprocess(onnx_path, Path(tmp))  # once, not once per layer (a 70 MB encoder: ~3 s each)
         ranges = Path(tmp) / "ranges.json"  # calibrated by the first layer's call, reused by the others
         for name in layers:
             if time.monotonic() > deadline:
                 break
             out = Path(tmp) / "one_layer.onnx"
             try:
-                quantize_static(onnx_path, out, small, {**SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp), ranges)
+                quantize_static(pre, out, small, {**SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp), ranges,
+                                preprocessed=True)
                 with OrtRunner(out, 1, simulate=True) as runner:
                     metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
             except Exception:  # noqa: BLE001 — a layer onnxruntime cannot quantize alone has no rank; the search goes on
                 continue
             scores[name] = V.quality_loss(metrics, budget, judging.task)
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+
+
+def samples_per_layer(n_layers: int) -> int:
+    """Selection samples each layer is scored on: the work (layers x samples) stays within LAYER_SAMPLE_BUDGET."""
+    return max(MIN_EVAL_SAMPLES, min(SENSITIVITY_EVAL_SAMPLES, LAYER_SAMPLE_BUDGET // max(n_layers, 1)))

@@ -39,7 +39,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 INT8_DEFAULTS = {
     "preset": "performance",  # symmetric int8 activations and weights: the CPU plugin's fastest kernels; or "mixed"
     "target_device": "CPU",  # NNCF's CPU hardware config (which ops get quantizers, per-channel weights)
-    "model_type": None,  # "transformer" for attention models (keeps sensitive ops in float)
+    "model_type": "auto",  # "transformer": NNCF's attention scheme (keeps sensitive ops in float); auto: when attention is found
     "subset_size": 300,  # calibration samples used at most (NNCF's default)
     "fast_bias_correction": True,  # False: NNCF's full bias correction (slower, sometimes more accurate)
     "overflow_fix": "first_layer_only",  # 7-bit weights where AVX2/AVX-512 int8 kernels (no VNNI) can saturate
@@ -48,7 +48,7 @@ INT8_DEFAULTS = {
 }
 APPLIED = "applied"  # settings key recording what the conversion resolved; ignored when settings are fed back
 CHOICES = {"preset": ("performance", "mixed"), "target_device": ("ANY", "CPU", "GPU", "NPU", "CPU_SPR"),
-           "model_type": (None, "transformer"), "overflow_fix": ("enable", "first_layer_only", "disable")}
+           "model_type": (None, "auto", "transformer"), "overflow_fix": ("enable", "first_layer_only", "disable")}
 # ONNX operator types (what the rest of edgebuild speaks) -> the OpenVINO operations they become
 ONNX_TO_OV_TYPES = {
     "Conv": ("Convolution", "GroupConvolution"),
@@ -101,6 +101,10 @@ class OpenVinoBackend(Backend):
             if importlib.util.find_spec("nncf") is None:
                 raise MissingToolError(profile.name, "nncf")
             settings = _int8_settings({**self.default_settings(profile, precision), **(settings or {})}, profile.name)
+            if settings["model_type"] == "auto":
+                from edgebuild.targets.onnx import is_transformer
+
+                settings["model_type"] = "transformer" if is_transformer(model.onnx_path) else None
             if calib is None or len(calib) == 0:
                 raise BadInputError(f"{profile.name}: INT8 needs calibration samples (--calib)")
         ov = import_without_telemetry("openvino")

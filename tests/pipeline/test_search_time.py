@@ -1,0 +1,80 @@
+"""The accuracy search within its time limits (issue 15): no try starts that cannot end before the search's own
+limit, the float fallback may pass that limit but never the whole build's (``build_max_seconds``), and a collapse
+that no few layers explain goes to FP16 before mixed precision. The layer sensitivity's work is bounded."""
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from edgebuild.pipeline import recover as R
+from edgebuild.pipeline.cli import main
+from edgebuild.pipeline.sensitivity import LAYER_SAMPLE_BUDGET, MIN_EVAL_SAMPLES, samples_per_layer
+
+OUTLIER = ["--model", "tests.outlier_model:outlier_demo", "--input-shape", "1,1,8,8",
+           "--calib", "digits:train", "--eval", "digits:test", "--target", "onnx-cpu"]
+
+
+def build(tmp_path, config: str):
+    cfg = tmp_path / "edgebuild.yaml"
+    cfg.write_text(config)
+    out = tmp_path / "out"
+    code = main([*OUTLIER, "--config", str(cfg), "--out", str(out)])
+    return code, json.loads((out / "manifest.json").read_text())["targets"]["onnx-cpu"]
+
+
+@pytest.mark.slow
+def test_no_int8_try_starts_past_the_search_limit_but_fp16_still_comes(tmp_path):
+    code, t = build(tmp_path, "auto_max_seconds: 0.001\n")
+    labels = [x["label"] for x in t["search"]["tries"]]
+    assert labels == ["profile settings", "FP16 (no INT8)"], labels
+    assert code == 0 and t["precision"] == "fp16"
+
+
+@pytest.mark.slow
+def test_the_whole_build_limit_stops_even_the_float_fallback(tmp_path):
+    code, t = build(tmp_path, "build_max_seconds: 0.001\n")
+    assert [x["label"] for x in t["search"]["tries"]] == ["profile settings"]
+    assert code == 1 and t["verdict"] == "fail" and t["precision"] == "int8"
+    assert "no configuration met the budget" in t["search"]["result"]
+
+
+def _search(sensitivity: dict, losses: list[float], seconds_left: float = 100.0, durations=()):
+    ctx = SimpleNamespace(shared={"sensitivity": sensitivity}, deadline=float("inf"),
+                          spec=SimpleNamespace(auto_max_tries=12))
+    s = R._Search.__new__(R._Search)
+    s.ctx, s.record, s.reserve = ctx, {"tries": [{}]}, 1
+    s.tries = [SimpleNamespace(loss=v) for v in losses]
+    s.deadline, s.durations = time.monotonic() + seconds_left, list(durations)
+    return ctx, s
+
+
+def test_a_collapse_spread_over_the_graph_goes_to_fp16_first():
+    backend = SimpleNamespace(supports_float_layers=True)
+    profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
+    spread = {f"/layer{i}/MatMul": 0.4 for i in range(24)}  # 24 layers, each a little: 4 of them explain 1.6 of 38
+    ctx, s = _search(spread, [38.0])
+    assert R._diffuse(ctx, backend, profile, s) and "spread over the graph" in s.record["collapse_spread"]
+    local = {"/features.3/Conv": 150.0, **{f"/l{i}/Conv": 0.1 for i in range(8)}}  # one outlier layer explains it
+    ctx, s = _search(local, [170.0])
+    assert not R._diffuse(ctx, backend, profile, s) and "concentrated" in s.record["collapse_spread"]
+    ctx, s = _search(spread, [38.0])  # a profile without FP16 cannot take the float route
+    assert not R._diffuse(ctx, backend, SimpleNamespace(allow_float_layers=True, precisions=("int8",)), s)
+
+
+def test_a_search_short_of_time_knows_it_from_its_slowest_try():
+    _, s = _search({}, [5.0], seconds_left=100.0, durations=[30.0, 45.0])
+    assert s.short_of_time(3) and not s.short_of_time(2)
+    _, s = _search({}, [5.0], seconds_left=100.0)
+    assert not s.short_of_time(100)  # nothing measured yet: no guess
+    _, s = _search({}, [5.0], seconds_left=10.0, durations=[30.0])
+    assert not s.room() and s.room(fallback=True)  # the reserved fallback may pass the search's own limit
+
+
+def test_sensitivity_work_is_bounded_not_layers_times_samples():
+    assert samples_per_layer(4) == 96  # small graphs keep every selection sample (up to 96)
+    for layers in (16, 64, 200, 1000):
+        n = samples_per_layer(layers)
+        assert n >= MIN_EVAL_SAMPLES and (layers * n <= LAYER_SAMPLE_BUDGET or n == MIN_EVAL_SAMPLES)
