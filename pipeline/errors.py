@@ -40,7 +40,8 @@ class MissingToolError(ConversionError):
 
     EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "openvino": "openvino", "nncf": "openvino",
               "tensorflow": "tflite", "tf_keras": "tflite", "onnx2tf": "tflite", "onnx_graphsurgeon": "tflite",
-              "ai_edge_litert": "tflite", "tflite_micro": "tflite", "torch": "torch"}  # import name -> the pyproject extra that installs it
+              "ai_edge_litert": "tflite", "tflite_micro": "tflite",
+              "torch": "torch"}  # import name -> the pyproject extra that installs it
 
     def __init__(self, target: str, package: str):
         extra = self.EXTRAS.get(package, "all")

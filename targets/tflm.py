@@ -84,8 +84,8 @@ class TFLMRunner(Runner):
         if error is not None:
             ops = missing_ops(log)
             if ops:
-                raise ConversionError(f"TensorFlow Lite Micro has no kernel for op {', '.join(ops)} in {artifact.main}; "
-                                      "the model cannot run on a microcontroller")
+                raise ConversionError(f"TensorFlow Lite Micro has no kernel for op {', '.join(ops)} in "
+                                      f"{artifact.main}; the model cannot run on a microcontroller")
             raise ConversionError(f"TensorFlow Lite Micro cannot load {artifact.main}: {error} "
                                   f"({'; '.join(log[-2:])[:200]})")
         # TFLM addresses inputs/outputs by position; the artifact's io by signature key: LiteRT maps one to the other
@@ -129,8 +129,8 @@ def flash(artifact: Artifact) -> dict:
     sources = [f for f in artifact.files if f.endswith((".cc", ".h"))]
     if sources:
         text = "".join((artifact.directory / f).read_text() for f in sources)
-        out["c_array"] = {"files": sources, "source_bytes": sum((artifact.directory / f).stat().st_size for f in sources),
-                          "array_bytes": len(re.findall(r"0x[0-9a-f]{2}", text))}
+        size = sum((artifact.directory / f).stat().st_size for f in sources)
+        out["c_array"] = {"files": sources, "source_bytes": size, "array_bytes": len(re.findall(r"0x[0-9a-f]{2}", text))}
     return out
 
 
