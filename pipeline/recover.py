@@ -137,6 +137,8 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     fallbacks = [p for p in FLOAT_FALLBACKS if profile.allow_float_layers and p in profile.precisions]
     search = _Search(ctx, backend, profile, select_budget, select, record, reserve=min(len(fallbacks), 1))
     first_on_select = None
+    if first is not None and first.seconds > 0:  # the first conversion is the first estimate of a try's length
+        search.durations.append(first.seconds)
     if first is not None:
         first_on_select = evaluate(ctx, backend, profile, first.artifact, select_budget, timed=False, data=select)
         first_on_select.label = first.label
@@ -175,8 +177,8 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, coll
         return _rest(ctx, backend, profile, search, settings, variants, collapsed, fp16_done=True)
     todo = variants[:COLLAPSED_VARIANTS] if collapsed else variants
     for i, (label, overrides) in enumerate(todo):
-        if i and search.short_of_time(len(todo) - i + 2) and _fp16_allowed(profile):
-            search.record["float_first"] = (f"tries take {max(search.durations):.0f} s: the {len(todo) - i} backend "
+        if search.short_of_time(len(todo) - i + 2) and _fp16_allowed(profile):
+            search.record["float_first"] = (f"a try takes up to {max(search.durations):.0f} s: the {len(todo) - i} backend "
                                             "variant(s) left and mixed precision do not fit the time left, FP16 first")
             found = _float_fallbacks(search, profile, only_fp16=True)
             if found is not None:

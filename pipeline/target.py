@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class Attempt:
     loss: float = 0.0  # V.quality_loss: lower is better, <= 0 within every quality budget
     cached: bool = False  # the metrics came from the stage cache (this artifact was not evaluated again)
     memory: dict = field(default_factory=dict)  # runtime memory (pipeline/memory.py), TFLM fit under "micro"
+    seconds: float = 0.0  # conversion + validation time (the accuracy search's first estimate of one try)
 
     @property
     def quality_ok(self) -> bool:
@@ -339,10 +341,12 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
             cache_use["search"] = True
         else:
             try:
+                t0 = time.monotonic()
                 with ctx.stage(f"{profile.name}: converting to {precision}"):
                     art = convert(ctx, backend, profile, precision, outdir, siblings=_baseline_dir(ctx, profile, precision))
                 with ctx.stage(f"{profile.name}: validating {art.main}"):
                     chosen = evaluate(ctx, backend, profile, art, budget)
+                chosen.seconds = time.monotonic() - t0
             except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
                 if not searching:
                     raise
