@@ -134,13 +134,19 @@ def log_path_for(out: Path) -> Path:
 def build_log(out: Path, verbose: bool):
     """A BuildLog for a build writing ``out``, its fds captured; yields (log, terminal stream). On success the
     caller moves the log in with ``keep``; on an exception it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from edgebuild.pipeline.errors import BadInputError
+
     tmp = log_path_for(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log = BuildLog(tmp)
+    except OSError as e:  # the build itself would say the same
+        raise BadInputError(f"--out {out}: cannot write in {out.parent.resolve()} ({e.strerror or e})") from None
     try:
         saved_err = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
     except OSError:
         saved_err = None
-    log = BuildLog(tmp, echo=saved_err if verbose else None)
+    log.echo = saved_err if verbose else None
     ok = False
     try:
         with captured(log) as terminal:
