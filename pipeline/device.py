@@ -149,6 +149,7 @@ def write_job(loaded, job_dir: Path, timed: bool) -> None:
     shutil.copy2(RUNNER, job_dir / RUNNER.name)
     job = {"backend": meta["backend"], "artifact": meta["artifact"], "io": meta["io"], "inputs": names,
            "samples": len(evalset), "threads": meta["runtime"]["threads"],
+           "compile_config": ((meta.get("settings") or {}).get("applied") or {}).get("compile_config"),
            "timing": {"warmup": timing.WARMUP, "runs": timing.MAX_RUNS if timed else 0, "budget_s": timing.TIME_BUDGET_S}}
     (job_dir / "job.json").write_text(json.dumps(job))
 

@@ -5,7 +5,8 @@ artifact's runtime only (never edgebuild). Shipped to the device by `edgebuild v
     python3 device_runner.py JOB_DIR          runs JOB_DIR/job.json on JOB_DIR/feeds.npz -> outputs.npz, result.json
 
 job.json: backend (tflite | onnx | openvino), artifact (file name in JOB_DIR), io (the artifact's I/O record from
-metadata.json), inputs (source input names, in order), samples, threads, timing {warmup, runs, budget_s}.
+metadata.json), inputs (source input names, in order), samples, threads, timing {warmup, runs, budget_s},
+compile_config (OpenVINO: the CPU plugin properties the build recorded).
 feeds.npz holds ``x<k>`` = input k stacked over the samples, in the source model's layout and dtype; this runner
 adapts them to the artifact (TFLite: the layout permutation and the int8/uint8 input quantization recorded in the
 model) and back, like edgebuild's host runners. Latency times the runtime's invoke alone, inputs already set.
@@ -32,7 +33,7 @@ def probe():
 
 
 class TFLite:
-    def __init__(self, path, io, threads):
+    def __init__(self, path, io, threads, compile_config=None):
         if importlib.util.find_spec("ai_edge_litert"):
             from ai_edge_litert.interpreter import Interpreter
             self.runtime = "ai_edge_litert"
@@ -82,7 +83,7 @@ class TFLite:
 class Onnx:
     runtime = "onnxruntime"
 
-    def __init__(self, path, io, threads):
+    def __init__(self, path, io, threads, compile_config=None):
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
@@ -104,9 +105,9 @@ class Onnx:
 class OpenVino:
     runtime = "openvino"
 
-    def __init__(self, path, io, threads):
+    def __init__(self, path, io, threads, compile_config=None):
         import openvino as ov
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        config = dict(compile_config or {"PERFORMANCE_HINT": "LATENCY"}, INFERENCE_NUM_THREADS=threads)
         self.compiled = ov.Core().compile_model(path, "CPU", config)
         self.request = self.compiled.create_infer_request()
 
@@ -129,7 +130,7 @@ def run(job_dir):
     stacked = np.load(os.path.join(job_dir, "feeds.npz"), allow_pickle=False)
     feeds = [{name: stacked["x%d" % k][i] for k, name in enumerate(job["inputs"])} for i in range(job["samples"])]
     t0 = time.perf_counter()
-    model = cls(os.path.join(job_dir, job["artifact"]), job["io"], job["threads"])
+    model = cls(os.path.join(job_dir, job["artifact"]), job["io"], job["threads"], job.get("compile_config"))
     load_s = time.perf_counter() - t0
     outputs = []
     for feed in feeds:

@@ -7,15 +7,21 @@ from tests.device import sshd
 
 
 @pytest.fixture(scope="session")
-def arm64_demo(tmp_path_factory):
-    """The built-in demo built for arm64 (first INT8 configuration, no search): the target directory."""
+def demo_out(tmp_path_factory):
+    """The built-in demo built for arm64 (TFLite) and onnx-cpu (first INT8 configuration, no search): the output."""
     from edgebuild.pipeline.build import build
     from edgebuild.pipeline.spec import BuildSpec
 
-    out = tmp_path_factory.mktemp("arm64-demo") / "out"
-    result = build(BuildSpec.from_dict({"targets": ["arm64"], "auto": False, "out": str(out)}))
-    assert result.manifest["targets"]["arm64"]["verdict"] == "pass", result.manifest["targets"]["arm64"]
-    return out / "arm64"
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = build(BuildSpec.from_dict({"targets": ["arm64", "onnx-cpu"], "auto": False, "out": str(out)}))
+    for name, t in result.manifest["targets"].items():
+        assert t["verdict"] == "pass", (name, t)
+    return out
+
+
+@pytest.fixture(scope="session")
+def arm64_demo(demo_out):
+    return demo_out / "arm64"
 
 
 @pytest.fixture(scope="session")

@@ -75,14 +75,16 @@ def test_runner_is_self_contained_and_probes():
 
 
 @pytest.mark.slow
-def test_device_end_to_end_on_the_loopback_board(arm64_demo, board, capsys):
-    """The arm64 demo on the board (here: this machine over SSH, ?arch=any), judged against the saved reference:
-    the board runs the same LiteRT build as the host here, so its accuracy and agreement are the build's."""
-    assert main(["validate", str(arm64_demo), "--device", board.url(python=sys.executable, arch="any"), "--json"]) == 0
+@pytest.mark.parametrize("target, runtime", [("arm64", "ai_edge_litert"), ("onnx-cpu", "onnxruntime")])
+def test_device_end_to_end_on_the_loopback_board(demo_out, board, capsys, target, runtime):
+    """The demo's artifact on the board (here: this machine over SSH; ?arch=any for arm64), judged against the
+    saved reference: the board runs the host's runtime build here, so accuracy and agreement are the build's."""
+    query = {"python": sys.executable, **({"arch": "any"} if target == "arm64" else {})}
+    assert main(["validate", str(demo_out / target), "--device", board.url(**query), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    built = json.loads((arm64_demo / "validation.json").read_text())
+    built = json.loads((demo_out / target / "validation.json").read_text())
     assert result["verdict"] == "pass" and result["reference"].startswith("saved")
-    assert result["device"]["machine"] == platform.machine() and result["device"]["runtime"].startswith("ai_edge_litert")
+    assert result["device"]["machine"] == platform.machine() and result["device"]["runtime"].startswith(runtime)
     assert result["metrics"]["samples"] == built["evaluation"]["samples"]
     for key in ("accuracy", "accuracy_reference", "top1_agreement"):
         assert result["metrics"][key] == pytest.approx(built["metrics"][key], abs=1e-9), key
