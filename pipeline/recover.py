@@ -128,6 +128,8 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
         if first is None:
             raise first_error
         return first, record
+    if first is None:
+        _converts_at_all(ctx, backend, profile, first_error)
     select, holdout = _split(ctx)
     select_budget, margin = selection_budget(budget, len(select[0]))
     record["selection"] = (f"candidates judged on {len(select[0])} samples of the evaluation split (seed "
@@ -163,6 +165,17 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     final = _install(ctx, backend, profile, budget, best, outdir, holdout)
     final.label = best.label
     return final, record
+
+
+def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error: EdgeBuildError) -> None:
+    """After a failed INT8 conversion: when the FP32 one (the baseline every target needs) fails too, the failure is
+    the converter's, not INT8's, and no quantization setting can help: the target fails now, without a search."""
+    with ctx.stage(f"{profile.name}: does the model convert at all? (FP32)"):
+        try:
+            convert(ctx, backend, profile, "fp32", ctx.scratch / profile.name / "fp32")
+        except ConversionError as e:
+            raise ConversionError(f"{first_error} (FP32 fails to convert too, so the accuracy search was skipped: "
+                                  f"{str(e)[:200]})") from e
 
 
 def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, collapsed: bool) -> Attempt | None:
