@@ -122,7 +122,7 @@ def captured(log: BuildLog):
             os.close(old)
         for t in readers:
             t.join(JOIN_SECONDS)
-        terminal.flush()
+        terminal.close()
 
 
 def log_path_for(out: Path) -> Path:
