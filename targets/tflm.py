@@ -34,6 +34,12 @@ SAMPLES = 8  # evaluation samples run on TFLM and on LiteRT to compare
 KB = 1024
 
 
+def arena_given(model_bytes: int) -> int:
+    """The arena TFLM is given on the host: far more than an MCU has (it uses what it needs; pages never touched
+    cost nothing). Too small an arena makes TFLM crash rather than fail."""
+    return max(8 << 20, 20 * model_bytes)
+
+
 def open_runner(artifact: Artifact, threads: int) -> "TFLMRunner":
     return TFLMRunner(artifact)
 
@@ -73,7 +79,7 @@ class TFLMRunner(Runner):
         from edgebuild.targets.tflite import _Port
 
         data = artifact.path.read_bytes()
-        self.arena_size = max(8 << 20, 20 * len(data))  # generous: the used part is what TFLM reports
+        self.arena_size = arena_given(len(data))  # generous: the used part is what TFLM reports
         with _captured_stderr() as log:
             try:
                 self.interpreter = runtime.Interpreter.from_bytes(data, arena_size=self.arena_size)
@@ -173,9 +179,16 @@ def micro_fit(ctx, artifact: Artifact) -> tuple[dict, bool]:
         return hit[0], True
     from edgebuild.targets.isolated import IsolatedRunner
 
-    with IsolatedRunner("tflite", artifact, 1, opener=OPENER, memory=True) as r:
-        micro = [r.run(f) for f in feeds]
-        report = r.memory()["runtime"]
+    try:
+        with IsolatedRunner("tflite", artifact, 1, opener=OPENER, memory=True) as r:
+            micro = [r.run(f) for f in feeds]
+            report = r.memory()["runtime"]
+    except ConversionError as e:
+        if "crashed" not in str(e):
+            raise
+        raise ConversionError(f"{e}: TensorFlow Lite Micro died loading or running {artifact.main} (an arena over "
+                              f"{arena_given(artifact.path.stat().st_size) >> 20} MB, or a model it cannot "
+                              "run); not a microcontroller model as it is") from None
     with open_runner(get_backend("tflite"), artifact, 1) as r:
         host = [r.run(f) for f in feeds]
     record = {"runtime": f"tflite-micro {tflm_version} (host build, reference kernels)",
