@@ -76,9 +76,10 @@ def test_runner_is_self_contained_and_probes():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target, runtime", [("arm64", "ai_edge_litert"), ("onnx-cpu", "onnxruntime")])
-def test_device_end_to_end_on_the_loopback_board(demo_out, board, capsys, target, runtime):
+def test_device_end_to_end_on_the_loopback_board(board, request, capsys, target, runtime):
     """The demo's artifact on the board (here: this machine over SSH; ?arch=any for arm64), judged against the
     saved reference: the board runs the host's runtime build here, so accuracy and agreement are the build's."""
+    demo_out = request.getfixturevalue("demo_out")  # built only once the board is up (no build before a skip)
     query = {"python": sys.executable, **({"arch": "any"} if target == "arm64" else {})}
     assert main(["validate", str(demo_out / target), "--device", board.url(**query), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -17,10 +17,11 @@ def test_missing_emulator_is_one_line_exit_4(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_emulated_aarch64_litert_matches_host(arm64_demo, capsys):
+def test_emulated_aarch64_litert_matches_host(request, capsys):
     why = emulate.missing()
     if why:
         pytest.skip(f"arm64 emulator not set up ({why}): bash scripts/setup_arm64_emulator.sh")
+    arm64_demo = request.getfixturevalue("arm64_demo")  # built only when the emulator is there
     assert main(["validate", str(arm64_demo), "--emulate", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     e = result["emulation"]
