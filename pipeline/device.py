@@ -165,6 +165,8 @@ def read_results(job_dir: Path, n_samples: int) -> tuple[list, dict]:
 
 
 def runner_failed(where: str, rc: int, stderr: str) -> EdgeBuildError:
+    if rc == 255:  # ssh's own failure: the connection, not the runner
+        return DeviceError(f"{where} is unreachable: {_last_line(stderr)}")
     if rc == 4:
         return DeviceError(f"{where}: {_last_line(stderr)}")
     return ConversionError(f"{where}: the runtime failed on the artifact (exit {rc}): {_last_line(stderr)}")

