@@ -2,8 +2,8 @@
 # The emulated aarch64 board for `edgebuild validate out/arm64 --emulate`: an arm64 Debian root with Python,
 # plus the aarch64 wheels of numpy and ai-edge-litert (the versions of requirements.lock), run under qemu-user.
 #   bash scripts/setup_arm64_emulator.sh     # first run: downloads ~150 MB (Debian + PyPI); later runs: offline, instant
-# Where: $EDGEBUILD_ARM64_ROOT (default ~/.cache/edgebuild/arm64-root). Needs qemu-user-static and debootstrap
-# (installed with apt-get when run as root and missing). No binfmt_misc and no chroot: edgebuild starts the
+# Where: $EDGEBUILD_ARM64_ROOT (default ~/.cache/edgebuild/arm64-root). Runs as root; needs qemu-user-static and
+# debootstrap (installed with apt-get when missing). No binfmt_misc and no chroot: edgebuild starts the
 # root's python with `qemu-aarch64-static -L ROOT`. The root is built beside its final place and moved there
 # when it works, so an interrupted run leaves nothing half-made.
 set -euo pipefail
@@ -21,12 +21,16 @@ if [ "$(cat "$ROOT/.edgebuild-ready" 2>/dev/null)" = "$WANT" ]; then
   exit 0
 fi
 
+if [ "$(id -u)" != 0 ]; then
+  echo "setup_arm64_emulator: run it as root (debootstrap unpacks a Debian root; apt-get installs qemu-user-static)" >&2
+  exit 2
+fi
 need=()
 command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-    echo "setup_arm64_emulator: needs ${need[*]} (apt-get install ${need[*]} as root)" >&2
+  if ! command -v apt-get >/dev/null; then
+    echo "setup_arm64_emulator: needs ${need[*]} (Debian/Ubuntu: apt-get install ${need[*]})" >&2
     exit 2
   fi
   echo "installing ${need[*]}" >&2
