@@ -119,6 +119,10 @@ def load_profile(path: str | Path) -> TargetProfile:
     missing = {"name", "backend", "description"} - set(data)
     if missing:
         raise BadInputError(f"{path}: profile needs {', '.join(sorted(missing))}")
+    if "precisions" not in data and isinstance(data.get("backend"), str) and registered_backend(data["backend"]):
+        from edgebuild.targets.base import get_backend  # imports the backend module, never its heavy libraries
+
+        data["precisions"] = get_backend(data["backend"]).precisions  # omitted: what the backend builds, no more
     budgets = data.pop("budgets", None) or {}
     if not isinstance(budgets, dict):
         raise BadInputError(f"{path}: budgets must be a mapping")
