@@ -110,6 +110,9 @@ def _last_line(text: str) -> str:
 
 def probe(board: Board, target: str, backend: str) -> dict:
     """One ssh call: the board's ``uname -m`` and the runtimes its Python imports; raises DeviceError if unfit."""
+    if backend not in RUNTIMES:
+        raise BadInputError(f"target {target}: --device runs tflite, onnx and openvino artifacts, not {backend} "
+                            f"(TensorRT engines are built on the board: see build_engine.sh)")
     names = sorted({n for v in RUNTIMES.values() for n in v} | {"numpy"})
     code = f"import importlib.util as u, json; print(json.dumps({{n: u.find_spec(n) is not None for n in {names!r}}}))"
     done = board.ssh(f"uname -m && {shlex.quote(board.python)} -c {shlex.quote(code)}", timeout=CONNECT_TIMEOUT_S + 60)
@@ -126,9 +129,7 @@ def probe(board: Board, target: str, backend: str) -> dict:
     except (IndexError, ValueError):
         raise DeviceError(f"{board.name}: no working Python at {board.python!r} ({_last_line(done.stderr)}); "
                           f"give one with ?python=PATH") from None
-    runtimes = [n for n in RUNTIMES.get(backend, ()) if found.get(n)]
-    if backend not in RUNTIMES:
-        raise DeviceError(f"target {target}: --device runs tflite, onnx and openvino artifacts, not {backend}")
+    runtimes = [n for n in RUNTIMES[backend] if found.get(n)]
     if not runtimes or not found.get("numpy"):
         missing = "numpy" if runtimes else " or ".join(RUNTIMES[backend])
         raise DeviceError(f"{board.name}: the runtime is missing: {board.python} cannot import {missing} "

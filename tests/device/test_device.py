@@ -91,3 +91,9 @@ def test_device_end_to_end_on_the_loopback_board(board, request, capsys, target,
         assert result["metrics"][key] == pytest.approx(built["metrics"][key], abs=1e-9), key
     lat = result["latency"]
     assert lat["runs"] >= 20 and 0 < lat["p50_ms"] <= lat["p99_ms"] and lat["measured_on"].startswith(board.user)
+
+
+def test_a_tensorrt_target_is_refused_before_any_connection(tmp_path, capsys):
+    d = _target_dir(tmp_path, "jetson-orin", backend="tensorrt")
+    assert main(["validate", str(d), "--device", f"ssh://nobody@127.0.0.1:{sshd._free_port()}"]) == 2
+    assert "runs tflite, onnx and openvino artifacts, not tensorrt" in _one_error_line(capsys)
