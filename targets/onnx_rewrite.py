@@ -19,6 +19,11 @@ onnx2tf's tensor map still find them. Runs in the conversion child (targets/tfli
   onnx2tf passes the node name to ops such as ``tf.nn.softmax(name=...)``, which raise "'Softmax@0' is not a
   valid scope name" (the PP-OCR classifier's arm64 failure). Such names get ``_`` for each refused character
   (unique); tensor names are untouched, so float_layers (matched on the source file's node outputs) still work.
+- **Slice over several axes** (silero-vad's STFT magnitude: ``starts [0, 129, 0], ends [max, max, max], axes [0, 1, 2]``
+  on an NCW tensor): onnx2tf moves the channel axis last (axes [0, 2, 1]) but keeps starts/ends in ONNX order
+  (it re-orders them only for 2-D ``axes``), so it slices the wrong axis: [1, 0, 258] instead of [1, 4, 129],
+  and broadcasting spreads the 0 down to the recurrent state ([2, 0, 128]). Axes that take everything are
+  dropped and the rest become one single-axis Slice each (exact).
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ ERF_MAX_ABS_ERROR = 3.6e-4
 def rewrite(model) -> tuple[object, list[str]]:
     """All rewrites, in order; returns (model, notes)."""
     notes: list[str] = []
-    for step in (tf_scope_safe_node_names, maxpool_edge_padding, erf_to_tanh, sum_to_add_chain):
+    for step in (tf_scope_safe_node_names, slice_per_axis, maxpool_edge_padding, erf_to_tanh, sum_to_add_chain):
         model, note = step(model)
         if note:
             notes.append(note)
@@ -220,3 +225,63 @@ def sum_to_add_chain(model):
         return model, None
     _replace_nodes(model, replacements, [])
     return model, f"Sum as a chain of Add (ADD_N has no int8 kernel): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}"
+
+
+INT_END = 2**31 - 1  # an end at or past this takes the whole axis (torch exports INT64_MAX)
+
+
+def _slice_params(node, consts: dict):
+    """(starts, ends, axes, steps) of a Slice with constant parameters (attributes before opset 10), or None."""
+    a = _attrs(node)
+    if "starts" in a:
+        starts, ends = list(a["starts"]), list(a["ends"])
+        return starts, ends, list(a.get("axes", range(len(starts)))), [1] * len(starts)
+    ins = list(node.input) + [""] * (5 - len(node.input))
+    if any(name and name not in consts for name in ins[1:]):
+        return None
+    starts, ends = [int(v) for v in consts[ins[1]].ravel()], [int(v) for v in consts[ins[2]].ravel()]
+    axes = [int(v) for v in consts[ins[3]].ravel()] if ins[3] else list(range(len(starts)))
+    steps = [int(v) for v in consts[ins[4]].ravel()] if ins[4] else [1] * len(starts)
+    return starts, ends, axes, steps
+
+
+def slice_per_axis(model):
+    """Slice over several axes -> one Slice per axis that does not take everything (onnx2tf mixes up the
+    starts/ends of multi-axis slices once it has moved the channel axis)."""
+    from onnx import helper, numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    shapes, legacy = _shapes(model), _opset(model) < 10
+    replacements, done = {}, []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type != "Slice" or node.domain not in ("", "ai.onnx"):
+            continue
+        params = _slice_params(node, consts)
+        if params is None or len(params[0]) < 2:
+            continue
+        rank = len(shapes.get(node.input[0]) or [])
+        if not rank:
+            continue
+        dims = shapes[node.input[0]]
+        cuts = [(ax % rank, st, en, sp) for st, en, ax, sp in zip(*params)
+                if not (sp == 1 and st in (0, -2**63) and (en >= INT_END or (dims[ax % rank] > 0 and en >= dims[ax % rank])))]
+        base, chain, src = node.name or node.output[0], [], node.input[0]
+        for k, (ax, st, en, sp) in enumerate(cuts or [(0, 0, INT_END, 1)]):
+            last = k == max(len(cuts), 1) - 1
+            out = node.output[0] if last else _unique(model, f"{node.output[0]}_axis{ax}")
+            name = node.name if last else f"{base}/axis{ax}"
+            if legacy:
+                chain.append(helper.make_node("Slice", [src], [out], name=name, starts=[st], ends=[en], axes=[ax]))
+            else:
+                names = [_unique(model, f"{out}_{p}") for p in ("starts", "ends", "axes", "steps")]
+                model.graph.initializer.extend(  # at once, so that _unique sees them
+                    numpy_helper.from_array(np.array([v], np.int64), n) for v, n in zip((st, en, ax, sp), names))
+                chain.append(helper.make_node("Slice", [src, *names], [out], name=name))
+            src = out
+        replacements[idx] = chain
+        done.append(base)
+    if not done:
+        return model, None
+    _replace_nodes(model, replacements, [])
+    return model, (f"Slice over several axes as one Slice per axis (exact; onnx2tf slices the wrong axis once the channel "
+                   f"axis has moved): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")

@@ -329,20 +329,20 @@ def test_three_channel_conversion_attempts_no_network(tmp_path, monkeypatch):
     import onnx2tf.onnx2tf as o2t_main
     import onnx2tf.utils.common_functions as o2t_common
 
-    from edgebuild.targets import tflite, tflite_convert
+    from edgebuild.targets import onnx2tf_run, tflite, tflite_convert
 
     # the conversion patches onnx2tf's module globals; let pytest put them back afterwards
     monkeypatch.setattr(o2t_main, "download_test_image_data", o2t_main.download_test_image_data)
     monkeypatch.setattr(o2t_common, "download_test_image_data", o2t_common.download_test_image_data)
     monkeypatch.chdir(tmp_path)
     asked = []
-    real_sampler = tflite_convert.offline_sample_images
+    real_sampler = onnx2tf_run.offline_sample_images
 
     def counting_sampler(calib, job):
         sample = real_sampler(calib, job)
         return lambda: asked.append(1) or sample()
 
-    monkeypatch.setattr(tflite_convert, "offline_sample_images", counting_sampler)
+    monkeypatch.setattr(onnx2tf_run, "offline_sample_images", counting_sampler)
     model = exported("mobilenetv2_rgb", tmp_path)
     calib, _ = datasets("mobilenetv2_rgb")
     job_dir = tmp_path / "job"

@@ -1,0 +1,227 @@
+"""onnx2tf, run offline: ONNX -> TF/Keras graph (NHWC), checked against onnxruntime on one sample.
+
+Used by the conversion child (targets/tflite_convert.py). Nothing may download: ``block_network`` makes the
+socket layer refuse any non-local connection, and onnx2tf's sample-image download (it fetches MS-COCO images
+from GitHub for every model whose inputs are all 3-channel 4-D tensors) is replaced by our own calibration
+images. Before onnx2tf, targets/onnx_rewrite.py rewrites what onnx2tf or INT8 cannot handle.
+
+onnx2tf options, and why:
+- a graph, not a file path: onnx2tf then starts no onnxsim subprocess and no auto-JSON retries;
+  top-level ``Constant`` nodes become initializers first (what onnxsim would do).
+- ``keep_shape_absolutely_input_names``: inputs that keep their shape (a state [layers, batch, hidden], a
+  0-d scalar); ``keep_ncw_or_nchw_or_ncdhw_input_names`` for 4-D inputs a profile keeps channels-first.
+- ``enable_rnn_unroll``: LSTM/GRU unrolled into ops that have int8 kernels.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from edgebuild.targets.tflite_mixed import ConversionFailure
+
+CHANNEL_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}  # NC... -> N...C
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "")
+
+
+class NetworkBlocked(OSError):
+    pass
+
+
+def block_network() -> None:
+    """Refuse every non-local connection (and name lookup) in this process: conversion is offline."""
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in LOCAL_HOSTS and not host.startswith("/"):
+            raise NetworkBlocked(f"edgebuild converts offline; refused a connection to {address}")
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in (None, *LOCAL_HOSTS):
+            raise NetworkBlocked(f"edgebuild converts offline; refused to look up {host}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect = connect
+    socket.socket.connect_ex = connect
+    socket.getaddrinfo = getaddrinfo
+
+
+def offline_sample_images(calib: dict[str, np.ndarray], job: dict):
+    """Stands in for onnx2tf's ``download_test_image_data``: our own calibration images, NHWC float32."""
+
+    def sample_images() -> np.ndarray:
+        for spec in job["inputs"]:
+            x = calib[spec["name"]]
+            if x.ndim != 5 or x.shape[1] != 1:  # samples of a batch-1 4-D input
+                continue
+            x = x[:20, 0]
+            perm = spec.get("perm")
+            return np.ascontiguousarray(x.transpose(perm) if perm else x).astype(np.float32)
+        raise RuntimeError("onnx2tf asked for sample images but the model has no 4-D input")
+
+    return sample_images
+
+
+def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
+    import onnx
+    import onnx2tf
+    import onnx2tf.onnx2tf as o2t_main
+    import onnx2tf.utils.common_functions as o2t_common
+    import tensorflow as tf
+
+    inputs = job["inputs"]
+    keep_shape = [i["name"] for i in inputs if not i.get("perm") and not i.get("keep_source_layout")]
+    keep_nchw = [i["name"] for i in inputs if i.get("keep_source_layout")]
+    from edgebuild.targets.onnx_rewrite import rewrite
+
+    graph = constants_to_initializers(onnx.load(onnx_path))
+    if job["settings"].get("onnx_rewrites", True):
+        graph, job["rewrites"] = rewrite(graph)
+    originals = o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs
+    sample = offline_sample_images(calib, job)
+    o2t_main.download_test_image_data = sample  # the name onnx2tf.convert calls
+    o2t_common.download_test_image_data = sample
+    tensors: dict = {}
+
+    def outputs_keeping_tensors(*args, **kwargs):  # onnx2tf's map ONNX tensor name -> TF tensor, kept for float_layers
+        tensors.update(kwargs.get("tf_layers_dict") or {})
+        return originals[2](*args, **kwargs)
+
+    o2t_main.get_tf_model_outputs = outputs_keeping_tensors
+    created: list = []
+    try:
+        with tf.variable_creator_scope(lambda make, **kw: created.append(make(**kw)) or created[-1]):
+            # a graph, not a file path: onnx2tf then starts no onnxsim subprocess and no auto-JSON retries
+            km = onnx2tf.convert(
+                onnx_graph=graph, output_folder_path=str(workdir / "onnx2tf"), disable_model_save=True,
+                non_verbose=True, verbosity="error", not_use_onnxsim=True,
+                enable_rnn_unroll=bool(job["settings"].get("rnn_unroll", True)),
+                keep_shape_absolutely_input_names=keep_shape or None, keep_ncw_or_nchw_or_ncdhw_input_names=keep_nchw or None,
+            )
+        track_variables(km, created)
+        return km, {name: v["tf_node"] for name, v in tensors.items() if isinstance(v, dict) and "tf_node" in v}
+    finally:  # converting in the caller's process (tests) must leave onnx2tf as it was
+        o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs = originals
+
+
+def track_variables(km, created: list) -> None:
+    """Make the Keras model own every variable onnx2tf created while building it.
+
+    onnx2tf builds a grouped Conv (groups > 1, not depthwise: PP-OCR's classifier and recogniser) as a Keras
+    ``Conv2D(groups=...)`` whose kernel variable the functional model it returns does not track. Saving that
+    model as a SavedModel then fails ("references an 'untracked' resource"); TFLiteConverter.from_keras_model
+    swallows that error and converts the frozen graph instead, which has no SignatureDef, and INT8 calibration
+    dies on it ("SignatureDef signature_key is None and model has 0 Signatures"). Owned, the variables are
+    saved and the model keeps its ``serving_default`` signature.
+    """
+    owned = {id(v) for v in km.variables}
+    untracked = [v for v in created if id(v) not in owned]
+    if untracked:
+        km.edgebuild_untracked_variables = untracked  # a Keras attribute: tracked for saving
+
+
+def constants_to_initializers(model):
+    """Turn top-level ``Constant`` nodes into initializers, as onnxsim would before onnx2tf.
+
+    onnx2tf expects constant operands (e.g. Clip's min/max, which torch exports as Constant nodes at every
+    opset >= 11) to be initializers; it fails with KeyError 'tf_node' otherwise, and onnxsim is not part of
+    this toolchain. Graphs from the pipeline's export are already folded by onnxslim: then nothing changes.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    kept, folded = [], []
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        value = None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(attrs) == 1:
+            if "value" in attrs:
+                value = onnx.TensorProto()
+                value.CopyFrom(attrs["value"].t)
+            elif set(attrs) & {"value_float", "value_floats", "value_int", "value_ints"}:
+                array = np.array(onnx.helper.get_attribute_value(next(iter(attrs.values()))))
+                value = numpy_helper.from_array(array.astype(np.float32 if "float" in next(iter(attrs)) else np.int64))
+        if value is None:
+            kept.append(node)
+            continue
+        value.name = node.output[0]
+        folded.append(value)
+    if folded:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        model.graph.initializer.extend(folded)
+    return model
+
+
+def to_tf_layout(x: np.ndarray, perm) -> np.ndarray:
+    x = np.asarray(x)  # a 0-d sample indexes to a numpy scalar
+    return np.ascontiguousarray(x.transpose(perm)) if perm else x
+
+
+def check_float_graph(km, job: dict, calib: dict) -> tuple[list, dict]:
+    """Run the TF graph and onnxruntime on one sample: find each output's layout, prove the graph is right."""
+    import onnxruntime as ort
+
+    feed = {i["name"]: np.asarray(calib[i["name"]][0]) for i in job["inputs"]}
+    sess = ort.InferenceSession(job["onnx"], providers=["CPUExecutionProvider"])
+    ref = sess.run([o["name"] for o in job["outputs"]], feed)
+    got = km([to_tf_layout(feed[i["name"]], i.get("perm")) for i in job["inputs"]], training=False)
+    got = [np.asarray(g) for g in (got if isinstance(got, (list, tuple)) else [got])]
+    if len(got) != len(ref):
+        raise ConversionFailure("onnx2tf", f"the TF graph has {len(got)} outputs, the ONNX model {len(ref)}")
+    perms, worst = [], {"cosine_min": 1.0, "max_abs_error": 0.0}
+    for r, g, o in zip(ref, got, job["outputs"]):
+        candidates = [None] + ([tuple(int(v) for v in np.argsort(CHANNEL_LAST[g.ndim]))] if g.ndim in CHANNEL_LAST else [])
+        fits = [(p, g.transpose(p) if p else g) for p in candidates]
+        fits = [(p, v) for p, v in fits if v.shape == r.shape]
+        if not fits and g.ndim == r.ndim and g.ndim <= 5:  # onnx2tf moved other axes (a state [2, 1, 128] -> [1, 2, 128])
+            fits = [(p, g.transpose(p)) for p in itertools.permutations(range(g.ndim)) if g.transpose(p).shape == r.shape]
+        if not fits:
+            raise ConversionFailure("onnx2tf", f"output {o['name']}: TF shape {list(g.shape)} does not match ONNX {list(r.shape)}")
+        perm, value = min(fits, key=lambda pv: float(np.abs(pv[1].astype(np.float64) - r).max(initial=0.0)))
+        err = float(np.abs(value.astype(np.float64) - r).max(initial=0.0))
+        a, b = r.ravel().astype(np.float64), value.ravel().astype(np.float64)
+        denom = np.linalg.norm(a) * np.linalg.norm(b)
+        cos = float(a @ b / denom) if denom else float(np.allclose(a, b, atol=1e-5))
+        worst = {"cosine_min": min(worst["cosine_min"], cos), "max_abs_error": max(worst["max_abs_error"], err)}
+        perms.append(list(perm) if perm else None)
+    if worst["cosine_min"] < 0.999:
+        raise ConversionFailure("onnx2tf", f"the FP32 TF graph disagrees with the ONNX model (cosine {worst['cosine_min']:.4f}, "
+                                           f"max abs error {worst['max_abs_error']:.3g})")
+    return perms, worst
+
+
+def explain(e: BaseException, phase: str, onnx_path: str) -> dict:
+    """One clear line for a failure, naming the ONNX op (onnx2tf) or TFLite op (converter) when known."""
+    if isinstance(e, ConversionFailure):
+        return {"stage": e.stage, "op": e.op, "message": str(e)}
+    text = str(e).strip()
+    if phase == "onnx2tf":
+        missing = re.match(r"No module named 'onnx2tf\.ops\.(\w+)'", text)
+        if isinstance(e, ModuleNotFoundError) and missing:
+            op = missing.group(1)
+            return {"stage": "onnx2tf", "op": op, "message": f"onnx2tf cannot convert ONNX op {op} (not implemented)"}
+        node = getattr(e, "onnx_op_name", None)
+        op = _op_type_of(onnx_path, node) if node else None
+        where = f" at ONNX node {node} ({op})" if node else ""
+        first = text.splitlines()[0] if text else ""
+        if isinstance(e, SystemExit):
+            first = "onnx2tf stopped (see the converter log)"
+        return {"stage": "onnx2tf", "op": op, "message": f"onnx2tf failed{where}: {type(e).__name__}: {first}"[:400]}
+    ops = re.findall(r"'(?:tfl|tf)\.(\w+)' op", text) or re.findall(r"op: '?(\w+)'?", text)
+    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()] or text.splitlines() or [""]
+    return {"stage": phase, "op": ops[0] if ops else None, "message": f"{phase} failed: {type(e).__name__}: {lines[0]}"[:400]}
+
+
+def _op_type_of(onnx_path: str, node_name: str) -> str | None:
+    try:
+        import onnx
+
+        return next((n.op_type for n in onnx.load(onnx_path).graph.node if n.name == node_name), None)
+    except Exception:
+        return None
