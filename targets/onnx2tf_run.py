@@ -213,6 +213,9 @@ def explain(e: BaseException, phase: str, onnx_path: str) -> dict:
         if isinstance(e, SystemExit):
             first = "onnx2tf stopped (see the converter log)"
         return {"stage": "onnx2tf", "op": op, "message": f"onnx2tf failed{where}: {type(e).__name__}: {first}"[:400]}
+    if "has 0 Signatures" in text:  # see track_variables: TF converted the frozen graph, which has no signature
+        return {"stage": phase, "op": None, "message": f"{phase} failed: the TF graph lost its signature (TensorFlow "
+                "could not save onnx2tf's Keras model as a SavedModel: a variable it does not own?); please report the model"}
     ops = re.findall(r"'(?:tfl|tf)\.(\w+)' op", text) or re.findall(r"op: '?(\w+)'?", text)
     lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()] or text.splitlines() or [""]
     return {"stage": phase, "op": ops[0] if ops else None, "message": f"{phase} failed: {type(e).__name__}: {lines[0]}"[:400]}
