@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from edgebuild.pipeline import emulate
@@ -28,8 +29,26 @@ def test_emulated_aarch64_litert_matches_host(request, capsys):
     assert "(aarch64," in e["runtime"] and "qemu-user" in e["runtime"]
     assert result["latency"] is None, "time under emulation is not device latency"
     assert e["vs_host"]["samples"] == result["metrics"]["samples"] > 100
-    assert e["vs_host"]["top1_agreement"] >= emulate.HOST_AGREEMENT["top1_agreement"]
-    assert e["vs_host"]["cosine_min"] >= emulate.HOST_AGREEMENT["cosine_min"]
+    for metric, limit, op in emulate.HOST_AGREEMENT:
+        value = e["vs_host"][metric]
+        assert (value >= limit if op == "min" else value <= limit), (metric, value, limit)
+        assert e["tolerance"][metric] == {op: limit}
     built = json.loads((arm64_demo / "validation.json").read_text())
     assert result["verdict"] == "pass"
     assert result["metrics"]["accuracy"] == pytest.approx(built["metrics"]["accuracy"], abs=0.5)
+
+
+def test_host_agreement_catches_a_runtime_that_answers_differently():
+    """The emulated-vs-host checks on class scores: identical outputs pass; flipped decisions and a drift fail."""
+    from edgebuild.pipeline.validate import Judging
+
+    rng = np.random.default_rng(0)
+    host = [[rng.normal(size=(1, 10)).astype(np.float32)] for _ in range(200)]
+    labels = np.array([int(o[0].argmax()) for o in host])
+    same = emulate.agreement(host, [[o[0].copy()] for o in host], labels, Judging())
+    assert same["top1_agreement"] == 100.0 and same["max_abs_error"] == 0.0 and emulate.host_failures(same) == []
+    flipped = [[-o[0]] if i % 10 == 0 else [o[0]] for i, o in enumerate(host)]  # 10 % of the decisions change
+    bad = emulate.agreement(host, flipped, labels, Judging())
+    failed = {c.metric for c in emulate.host_failures(bad)}
+    assert bad["top1_agreement"] <= 90.5 and {"emulated_vs_host_top1_agreement",
+                                             "emulated_vs_host_max_abs_error_relative"} <= failed
