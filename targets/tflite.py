@@ -269,16 +269,20 @@ def _stacked_feeds(calib: CalibrationSet, inputs, n: int) -> dict[str, np.ndarra
     """The first ``n`` feeds, per input stacked on a new leading axis: ``[n, *ONNX input shape]``.
 
     ``CalibrationSet.feed(i)`` makes a feed the way every runner gets it (exact shape and dtype of the ONNX
-    input, whatever its batch axis or rank), so the converter child never reshapes samples itself."""
-    feeds = [calib.feed(i) for i in range(n)]
-    out = {}
-    for t in inputs:
-        arrays = [np.asarray(f[t.name]) for f in feeds]
-        want = tuple(int(d) for d in t.shape)
-        bad = next((a.shape for a in arrays if a.shape != want and -1 not in want), None)
-        if bad is not None:
-            raise BadInputError(f"calibration feed for input {t.name} has shape {list(bad)}, the model expects {list(want)}")
-        out[t.name] = np.stack(arrays).astype(t.dtype, copy=False)
+    input, whatever its batch axis or rank), so the converter child never reshapes samples itself. Each feed is
+    copied into one array allocated up front (no list of n feeds beside the stack: 300 MobileNetV2 images are
+    180 MB)."""
+    out: dict[str, np.ndarray] = {}
+    for i in range(n):
+        feed = calib.feed(i)
+        for t in inputs:
+            a = np.asarray(feed[t.name])
+            want = tuple(int(d) for d in t.shape)
+            if a.shape != want and -1 not in want:
+                raise BadInputError(f"calibration feed for input {t.name} has shape {list(a.shape)}, the model expects {list(want)}")
+            if t.name not in out:
+                out[t.name] = np.empty((n, *a.shape), dtype=t.dtype)
+            out[t.name][i] = a
     return out
 
 

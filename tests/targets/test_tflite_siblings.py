@@ -43,3 +43,18 @@ def test_siblings_with_another_graph_are_not_shared(tmp_path, model, small_sets)
     arts = backend.convert_family(model, profile, "fp16", small_sets[0], tmp_path / "fp16", None,
                                   {"fp32": (tmp_path / "fp32", other)})
     assert set(arts) == {"fp16"}
+
+
+def test_calibration_goes_to_disk_and_reads_back_the_same(tmp_path):
+    """The converter child swaps its calibration arrays for on-disk readers (memory): same values, same indexing."""
+    from edgebuild.targets.tflite_family import _calibration_to_disk
+
+    big = np.random.default_rng(0).random((40, 1, 3, 224, 224), dtype=np.float32)  # 24 MB: goes to disk
+    small = np.arange(6, dtype=np.int64).reshape(3, 2)  # stays
+    calib = {"image": big.copy(), "ids": small}
+    _calibration_to_disk(calib, tmp_path)
+    rows = calib["image"]
+    assert not isinstance(rows, np.ndarray) and calib["ids"] is small
+    assert (len(rows), rows.shape, rows.ndim, rows.dtype) == (40, big.shape, 5, big.dtype)
+    np.testing.assert_array_equal(rows[7], big[7])
+    np.testing.assert_array_equal(rows[:20, 0], big[:20, 0])  # what onnx2tf's sample images take
