@@ -261,7 +261,11 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
     if not profile.allow_float_layers:
         search.record["float_layers_forbidden"] = f"profile {profile.name} runs integer-only: no layer may stay in float"
         return None
-    if not backend.supports_float_layers or not search.room():
+    if not backend.supports_float_layers:
+        return None
+    if not search.room():
+        search.record["mixed_skipped"] = (f"a try takes up to {max(search.durations, default=0):.0f} s: mixed precision "
+                                          "does not fit the search's time left")
         return None
     ranked = _sensitivity(ctx, search)
     weights = _layer_weights(ctx.model.onnx_path)
