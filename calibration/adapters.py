@@ -29,10 +29,11 @@ def ort_reader(calib: CalibrationSet):
 
 
 def nncf_dataset(calib: CalibrationSet, transform=None):
-    """An ``nncf.Dataset`` of feeds (dicts input name -> array), optionally transformed per backend."""
+    """An ``nncf.Dataset`` of feeds (dicts input name -> array), optionally transformed per backend. The set itself
+    is the source (sized, and each pass iterates it afresh): feeds are made one at a time, never all copied."""
     import nncf
 
-    return nncf.Dataset(list(calib.feeds()), transform)
+    return nncf.Dataset(calib, transform)
 
 
 def representative_dataset(calib: CalibrationSet, transform=None) -> callable:

@@ -104,3 +104,24 @@ def test_images_of_different_sizes_without_resize_name_two_files(tmp_path):
     Image.new("L", (6, 5)).save(tmp_path / "imgs" / "b.png")
     with pytest.raises(BadInputError, match="a.png.*b.png"):
         load_source(str(tmp_path / "imgs"), (), PreprocessSpec(color="gray"))
+
+
+def test_nncf_dataset_makes_feeds_on_demand_and_every_pass_sees_every_sample():
+    pytest.importorskip("nncf")
+    from edgebuild.calibration.adapters import nncf_dataset
+    from edgebuild.calibration.dataset import CalibrationSet
+    from edgebuild.calibration.sources import digits
+
+    made = []
+
+    class Counting(CalibrationSet):
+        def feed(self, i):
+            made.append(i)
+            return super().feed(i)
+
+    d = digits("test").subset(np.arange(5))
+    ds = nncf_dataset(Counting(d.name, d.inputs, d.labels, d.origin, d.shapes))
+    assert made == [] and ds.get_length() == 5  # nothing copied up front
+    first, second = list(ds.get_inference_data()), list(ds.get_inference_data())
+    assert len(first) == len(second) == 5 and made == [0, 1, 2, 3, 4] * 2
+    np.testing.assert_array_equal(first[3]["input"], d.feed(3)["input"])
