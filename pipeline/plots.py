@@ -116,7 +116,7 @@ def hbars(kind: str, title: str, rows: list[tuple[str, float | None, str]], unit
         y = 6 + i * row_h
         width = 0 if v is None else max(1.0, bar_w * abs(v) / top)
         text = "–" if v is None else f"{_num(v)}{(' ' + unit) if unit else ''}"
-        short = label if len(label) <= 30 else "…" + label[-29:]
+        short = label if len(label) <= 32 else label[:15] + "…" + label[-16:]  # both ends say the most
         marks.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end">{_esc(short)}</text>'
                      f'<rect x="{label_w}" y="{y + 2}" width="{width:.1f}" height="{row_h - 5}" fill="{color}">'
                      f'<title>{_esc(label)}: {_esc(text)}</title></rect>'
