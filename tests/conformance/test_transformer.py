@@ -15,7 +15,7 @@ from edgebuild.pipeline.cli import main
 SAMPLES = 120
 
 
-def encoder_module(vocab: int = 300, seq: int = 16, dim: int = 48, layers: int = 2, outlier: float = 60.0):
+def encoder_module(vocab: int = 300, seq: int = 16, dim: int = 48, layers: int = 2, outlier: float = 20.0):
     import torch
     from torch import nn
 
@@ -50,7 +50,7 @@ def encoder_module(vocab: int = 300, seq: int = 16, dim: int = 48, layers: int =
 
     torch.manual_seed(0)
     model = Encoder().eval()
-    with torch.no_grad():  # outlier dimensions, as pretrained encoders have them: LayerNorm scales of ~60 on two
+    with torch.no_grad():  # outlier dimensions, as pretrained encoders have them: LayerNorm scales of 20 on two
         for norm in [model.norm] + [n for layer in model.layers for n in (layer.n1, layer.n2)]:  # channels
             norm.weight[:2] = outlier
     return model
@@ -124,6 +124,8 @@ def test_encoder_builds_onnx_cpu_and_x86_without_a_collapse_passed_as_success(en
         assert t["metrics"]["outputs"]["embedding"]["cosine_mean"] > 0.95, t["search"]  # the choice is no collapse
         if t["verdict"] == "fail":  # an honest failure names the quality budget it misses
             assert any("cosine" in f for f in t["failures"]), t["failures"]
+    # every op quantized, this encoder's worst cosine is ~0.72; with Q/DQ on the matrix products only it is ~0.99
+    assert onnx_cpu["precision"] == "int8" and onnx_cpu["metrics"]["cosine_min"] > 0.95, onnx_cpu.get("search")
     qdq = out / "onnx-cpu" / onnx_cpu["artifact"]
     if onnx_cpu["precision"] == "int8":  # the transformer recipe: LayerNorm/Softmax/Erf have no Q/DQ around them
         import onnx
