@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
+import threading
 import traceback
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -10,6 +13,30 @@ from edgebuild.pipeline.errors import ConversionError
 from edgebuild.targets.base import Artifact, Runner, get_backend
 
 START_TIMEOUT_S = 120
+_STARTING = threading.Lock()  # targets built side by side start their children from several threads
+
+
+@contextmanager
+def _without_callers_main():
+    """Start a spawned child without it re-running the caller's script (``python my_build.py``).
+
+    multiprocessing's spawn re-imports the parent's ``__main__`` in the child; a user script calling
+    ``edgebuild.build`` without an ``if __name__ == "__main__"`` guard would then start a build in every child.
+    The child runs only edgebuild's own ``_serve``, so it is told there is no main script to import."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    with _STARTING:
+        saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            main.__dict__.update(saved)
+            if "__spec__" not in saved:
+                del main.__spec__
 
 
 def _serve(conn, backend: str, artifact: dict, threads: int, opener: str = "", memory: bool = False) -> None:
@@ -49,7 +76,8 @@ class IsolatedRunner(Runner):
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, backend, artifact.to_dict(), threads, opener, memory),
                                  daemon=True)
-        self._proc.start()
+        with _without_callers_main():
+            self._proc.start()
         self._what = f"{artifact.target}/{artifact.main}"
         self._wait(START_TIMEOUT_S)
 
