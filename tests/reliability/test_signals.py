@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ def _converter_pids() -> list[int]:
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if b"edgebuild.targets.tflite_convert" in (p / "cmdline").read_bytes():
+                if re.search(rb"edgebuild\.targets\.tflite_(convert|family)", (p / "cmdline").read_bytes()):
                     pids.append(int(p.name))
             except OSError:
                 pass
