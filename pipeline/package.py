@@ -27,7 +27,7 @@ def _embed(ctx: BuildContext, profile: TargetProfile, art: Artifact, outdir: Pat
 
 def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen: Attempt, baseline: Attempt | None,
              budget: V.Budget, outdir: Path, search: dict | None = None, speedup: dict | None = None,
-             cache_use: dict | None = None) -> dict:
+             cache_use: dict | None = None, objective: dict | None = None) -> dict:
     art = chosen.artifact
     embedded = _embed(ctx, profile, art, outdir)  # metadata inside the artifact, before its sha256 is taken
     from edgebuild.pipeline.memory import after_packaging
