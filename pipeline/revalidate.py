@@ -151,9 +151,11 @@ def revalidate(artifact_dir: Path, eval_source: str | None) -> dict:
     from edgebuild.pipeline.target import open_runner
 
     loaded = load(artifact_dir, eval_source)
-    with open_runner(loaded.backend, loaded.artifact, loaded.meta["runtime"]["threads"]) as runner:
+    profile_threads = loaded.meta["runtime"]["threads"]
+    threads = max(1, min(profile_threads, timing.host_cores()))  # as the build timed it: no more threads than cores
+    with open_runner(loaded.backend, loaded.artifact, threads) as runner:
         outputs = V.collect(runner, loaded.evalset)
-        lat = timing.latency(runner, loaded.evalset)
+        lat = {**timing.latency(runner, loaded.evalset), "threads_profile": profile_threads}
     return judged(loaded, outputs, lat)
 
 
