@@ -19,11 +19,11 @@ from typing import Callable
 
 import numpy as np
 
-from edgebuild.pipeline import timing
 from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.cache import StageCache, default_root
-from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError, EdgeBuildError
+from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError
 from edgebuild.pipeline.offline import no_telemetry
+from edgebuild.pipeline.schedule import _build_all, effective_jobs
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import backend_exists, get_backend
@@ -117,70 +117,6 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
         tempfile.tempdir = saved_tempdir
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-MEMORY_PER_JOB = 3 << 30  # a conversion's peak (TensorFlow in the TFLite child, NNCF, ORT calibration) with margin
-
-
-def effective_jobs(jobs: int | None, n_targets: int) -> int:
-    """Targets converted at once: ``jobs`` (default: the host's cores), at most one per 3 GiB of available
-    memory, at most the number of targets."""
-    cores = timing.host_cores()
-    jobs = cores if jobs is None else jobs
-    if jobs < 1:
-        raise BadInputError(f"--jobs {jobs}: must be at least 1")
-    return max(1, min(jobs, n_targets, _available_memory() // MEMORY_PER_JOB or 1))
-
-
-def _available_memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return MEMORY_PER_JOB * 64  # unknown: memory does not bound the jobs
-
-
-def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int) -> dict:
-    """Every target: conversions and validations of up to ``jobs`` targets at once (threads: the runtimes release
-    the GIL in native code, the TFLite conversion runs in its own child process, and threads share the loaded
-    evaluation data and reference outputs), then timing and the target's files one target at a time, in order, on
-    a machine no conversion loads. The manifest is the one a sequential build (``jobs`` 1) writes."""
-    from edgebuild.pipeline.target import finish_target, prepare_target
-
-    def prepare(profile):
-        (staging / profile.name).mkdir()
-        t0 = time.perf_counter()
-        prep = _guarded(profile, staging, lambda: prepare_target(ctx, profile, staging / profile.name))
-        return prep, time.perf_counter() - t0
-
-    if jobs > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="edgebuild-target") as pool:
-            prepared = list(pool.map(prepare, profiles))  # in order; the first BadInputError is raised
-    else:
-        prepared = [prepare(p) for p in profiles]
-    targets = {}
-    for profile, (prep, seconds) in zip(profiles, prepared):
-        t0 = time.perf_counter()
-        result = prep if isinstance(prep, dict) else _guarded(profile, staging, lambda: finish_target(ctx, prep))
-        result["profile"] = profile.to_dict()
-        result["seconds"] = round(seconds + time.perf_counter() - t0, 2)  # this target's own work
-        targets[profile.name] = result
-    return targets
-
-
-def _guarded(profile: TargetProfile, staging: Path, work):
-    """``work()``, or the error record of a target that failed to convert (the others still build)."""
-    try:
-        return work()
-    except BadInputError:
-        raise
-    except EdgeBuildError as e:
-        shutil.rmtree(staging / profile.name, ignore_errors=True)
-        return {"verdict": "error", "backend": profile.backend, "error": str(e), "failures": []}
 
 
 MANIFEST_KEYS = ("edgebuild", "targets", "spec")  # what makes a manifest.json edgebuild's

@@ -116,7 +116,7 @@ def test_parallel_build_writes_what_a_sequential_one_writes(tmp_path):
 
 
 def test_jobs_are_bounded_by_targets_and_memory(monkeypatch):
-    import edgebuild.pipeline.build as B
+    import edgebuild.pipeline.schedule as B
 
     monkeypatch.setattr(B, "_available_memory", lambda: 64 << 30)
     assert B.effective_jobs(None, 3) == min(timing.host_cores(), 3) and B.effective_jobs(8, 2) == 2
