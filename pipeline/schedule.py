@@ -3,6 +3,7 @@ side by side, then times and packages them one at a time (``_build_all``)."""
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -41,16 +42,21 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int) -> 
     a machine no conversion loads. The manifest is the one a sequential build (``jobs`` 1) writes."""
     from edgebuild.pipeline.target import finish_target, prepare_target
 
+    slots = threading.Semaphore(jobs)  # targets doing work at once; a target waiting for its search turn frees its
+    if ctx.turns is not None:  # slot (Turns.turn), so a later target converts meanwhile instead of queueing behind it
+        ctx.turns.slots = slots
+
     def prepare(profile):
         (staging / profile.name).mkdir()
-        t0 = time.perf_counter()
-        prep = _guarded(profile, staging, lambda: prepare_target(ctx, profile, staging / profile.name))
-        return prep, time.perf_counter() - t0
+        with slots:
+            t0 = time.perf_counter()
+            prep = _guarded(profile, staging, lambda: prepare_target(ctx, profile, staging / profile.name))
+            return prep, time.perf_counter() - t0
 
     if jobs > 1:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="edgebuild-target") as pool:
+        with ThreadPoolExecutor(max_workers=len(profiles), thread_name_prefix="edgebuild-target") as pool:
             prepared = list(pool.map(prepare, profiles))  # in order; the first BadInputError is raised
     else:
         prepared = [prepare(p) for p in profiles]

@@ -59,16 +59,22 @@ class Turns:
     reuse what an earlier one left in ``BuildContext.shared`` (the layer sensitivity, measured with the first
     searching target's budget), so the result is the one a sequential build gives."""
 
-    def __init__(self, names):
+    def __init__(self, names, slots=None):
         import threading
 
         self.names = list(names)
         self.done_events = {n: threading.Event() for n in self.names}
+        self.slots = slots  # the scheduler's work slots (a semaphore): a target waiting for its turn gives its up
 
     @contextmanager
     def turn(self, name: str):
-        for earlier in self.names[:self.names.index(name)]:
-            self.done_events[earlier].wait()
+        waiting = [self.done_events[e] for e in self.names[:self.names.index(name)] if not self.done_events[e].is_set()]
+        if waiting and self.slots is not None:
+            self.slots.release()  # waiting costs no CPU: a target still to convert may use the slot meanwhile
+        for event in waiting:
+            event.wait()
+        if waiting and self.slots is not None:
+            self.slots.acquire()
         yield
 
     def done(self, name: str) -> None:
