@@ -43,7 +43,9 @@ from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.tflite_convert import CHANNEL_LAST
 from edgebuild.targets.tflite_family import run_child as _run_child
 from edgebuild.targets.tflite_family import sibling_dir, sibling_results
+from edgebuild.targets import tflite_passthrough as passthrough
 from edgebuild.targets.tflite_mixed import AUTO_FLOAT
+from edgebuild.targets.tflm import write_c_array
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 # Settings for every precision (profile `quant:` keys override them) ...
@@ -119,8 +121,11 @@ class TFLiteBackend(Backend):
             job_dir = Path(tmp)
             n = _samples_to_send(len(calib), precision, s)
             np.savez(job_dir / "calib.npz", **_stacked_feeds(calib, model.inputs, n))
-            job = {"onnx": str(Path(model.onnx_path).resolve()), "precision": precision, "settings": s, "inputs": inputs,
-                   "outputs": [{"name": o.name, "shape": list(o.shape)} for o in model.outputs],
+            through = passthrough.find(model.onnx_path)  # outputs that are an input: onnx2tf drops them
+            onnx_in = passthrough.trimmed_copy(model.onnx_path, through, job_dir / "model.onnx") if through \
+                else Path(model.onnx_path).resolve()
+            job = {"onnx": str(onnx_in), "precision": precision, "settings": s, "inputs": inputs,
+                   "outputs": [{"name": o.name, "shape": list(o.shape)} for o in model.outputs if o.name not in through],
                    "allow_float_layers": precision == "int8" and profile.allow_float_layers,
                    "siblings": {p: {"settings": ss} for p, (_, ss) in shared.items()}}
             (job_dir / "job.json").write_text(json.dumps(job, default=str))
@@ -145,8 +150,8 @@ class TFLiteBackend(Backend):
         out = workdir / self.artifact_name(precision, {**s, "float_layers": s.get("float_layers") or bool(auto_float)})
         workdir.mkdir(parents=True, exist_ok=True)
         shutil.move(str(job_dir / "model.tflite"), out)
-        io = _artifact_io(model, inputs, result, profile.name)
-        files = [out.name] + (_write_c_array(out) if s["c_array"] else [])
+        io = _artifact_io(model, inputs, result, profile.name, passthrough.find(model.onnx_path))
+        files = [out.name] + (write_c_array(out) if s["c_array"] else [])
         used = {**s, "converter": _converter_version(), "calibration_samples_used": n if precision == "int8" else 0,
                 "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"]}}
         used["onnx_rewrites"] = result.get("rewrites") or []  # graph rewrites before onnx2tf (targets/onnx_rewrite.py)
@@ -188,7 +193,8 @@ class TFLiteRunner(Runner):
             signature = self.interpreter.get_signature_runner()
             ins, outs = signature.get_input_details(), signature.get_output_details()
             self.inputs = [_Port(spec, ins[spec["signature_key"]]) for spec in io["inputs"]]
-            self.outputs = [_Port(spec, outs[spec["signature_key"]]) for spec in io["outputs"]]
+            self.outputs = [spec if "from_input" in spec else _Port(spec, outs[spec["signature_key"]])
+                            for spec in io["outputs"]]
         except (ValueError, RuntimeError, KeyError) as e:
             raise ConversionError(f"LiteRT cannot load {Path(path).name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
 
@@ -199,7 +205,8 @@ class TFLiteRunner(Runner):
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         self._set(feed)
         self.interpreter.invoke()
-        return [port.from_tensor(self.interpreter.get_tensor(port.index)) for port in self.outputs]
+        return [passthrough.value(port, feed) if isinstance(port, dict) else
+                port.from_tensor(self.interpreter.get_tensor(port.index)) for port in self.outputs]
 
     def time_ms(self, feed: dict[str, np.ndarray], warmup: int, runs: int, budget_s: float) -> list[float]:
         self._set(feed)
@@ -305,7 +312,7 @@ def _input_plan(t: TensorInfo, layout: str) -> dict:
             "keep_source_layout": channels_first and perm is None}
 
 
-def _artifact_io(model: ModelInput, inputs: list[dict], result: dict, target: str) -> dict:
+def _artifact_io(model: ModelInput, inputs: list[dict], result: dict, target: str, through: dict[str, str]) -> dict:
     def port(key: str, details: dict, name: str, layout: str, perm, source: TensorInfo) -> dict:
         return {"name": name, "signature_key": key, "shape": details["shape"], "dtype": details["dtype"],
                 "layout": layout, "scale": details["scale"], "zero_point": details["zero_point"], "perm": perm,
@@ -313,7 +320,8 @@ def _artifact_io(model: ModelInput, inputs: list[dict], result: dict, target: st
 
     keys_in, keys_out = result["keras_inputs"], result["keras_outputs"]
     missing = [k for k in keys_in if k not in result["inputs"]] + [k for k in keys_out if k not in result["outputs"]]
-    if missing or len(keys_in) != len(inputs) or len(keys_out) != len(model.outputs):
+    computed = [o for o in model.outputs if o.name not in through]
+    if missing or len(keys_in) != len(inputs) or len(keys_out) != len(computed):
         raise ConversionError(f"{target}: the TFLite signature ({list(result['inputs'])} -> {list(result['outputs'])}) "
                               f"does not match the model's inputs/outputs {[i['name'] for i in inputs]}")
     io_in = []
@@ -324,8 +332,10 @@ def _artifact_io(model: ModelInput, inputs: list[dict], result: dict, target: st
             raise ConversionError(f"{target}: TFLite input {key} has shape {result['inputs'][key]['shape']}, expected {expected}")
         layout = "NHWC" if plan["perm"] else src.layout
         io_in.append(port(key, result["inputs"][key], src.name, layout, plan["perm"], src))
-    io_out = [port(key, result["outputs"][key], src.name, "NHWC" if perm else src.layout, perm, src)
-              for key, perm, src in zip(keys_out, result["output_perms"], model.outputs)]
+    ports = {src.name: port(key, result["outputs"][key], src.name, "NHWC" if perm else src.layout, perm, src)
+             for key, perm, src in zip(keys_out, result["output_perms"], computed)}
+    io_out = [ports[o.name] if o.name in ports else passthrough.spec(o.name, through[o.name], o.shape, o.dtype)
+              for o in model.outputs]  # the source's order; a pass-through output is the input it names
     return {"inputs": io_in, "outputs": io_out}
 
 
@@ -370,7 +380,10 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
         notes.append(f"float layer {node}: " + ("; ".join(ops) if ops else "no TFLite op of its own stayed float "
                                                 "(folded or fused by the converter)"))
     for p in io["inputs"] + io["outputs"]:
-        if p["scale"] is not None:
+        if "from_input" in p:
+            notes.append(f"output {p['name']} is input {p['from_input']} unchanged: the .tflite does not compute it "
+                         "(onnx2tf drops pass-through outputs); edgebuild's runner returns the input, a device app has it")
+        elif p["scale"] is not None:
             notes.append(f"{p['name']} is {p['dtype']} on the device: real = {p['scale']:.6g} * (q - {p['zero_point']})")
     for p in io["inputs"]:
         if p["source_shape"] == [] and p["shape"] == [1]:
@@ -382,18 +395,3 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
     notes.append(f"host check: LiteRT {_version('ai-edge-litert')} with {s['host_kernels']} kernels; "
                  "latency times invoke() only, like benchmark_model")
     return notes
-
-
-def _write_c_array(model_path: Path) -> list[str]:
-    """``<stem>_data.cc``/``.h``: the model as an aligned C array, the form TensorFlow Lite Micro loads."""
-    data = model_path.read_bytes()
-    stem, symbol = model_path.stem + "_data", "g_" + model_path.stem.replace("-", "_")
-    rows = ",\n".join("  " + ", ".join(f"0x{b:02x}" for b in data[i:i + 12]) for i in range(0, len(data), 12))
-    header = (f"// {model_path.name} as a C array (generated by edgebuild)\n#pragma once\n\n"
-              f"extern const unsigned char {symbol}[];\nextern const unsigned int {symbol}_len;\n")
-    source = (f'#include "{stem}.h"\n\n// {model_path.name}, {len(data)} bytes; 16-byte aligned for TFLite Micro\n'
-              f"alignas(16) const unsigned char {symbol}[] = {{\n{rows}\n}};\n"
-              f"const unsigned int {symbol}_len = {len(data)};\n")
-    (model_path.parent / f"{stem}.h").write_text(header)
-    (model_path.parent / f"{stem}.cc").write_text(source)
-    return [f"{stem}.cc", f"{stem}.h"]

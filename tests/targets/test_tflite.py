@@ -270,11 +270,11 @@ def test_isolated_runner_and_invoke_timing(backend, built, digits_split):
 
 
 def test_c_array_for_microcontrollers(built, tmp_path):
-    from edgebuild.targets.tflite import _write_c_array
+    from edgebuild.targets.tflm import write_c_array
 
     model = tmp_path / "model_int8.tflite"
     shutil.copyfile(built("cortex-m", "int8").path, model)
-    assert _write_c_array(model) == ["model_int8_data.cc", "model_int8_data.h"]
+    assert write_c_array(model) == ["model_int8_data.cc", "model_int8_data.h"]
     source = (tmp_path / "model_int8_data.cc").read_text()
     body = source[source.index("{") + 1:source.index("};")]
     assert bytes(int(v, 16) for v in body.replace(",", " ").split()) == model.read_bytes()

@@ -176,6 +176,33 @@ def test_bert_int64_inputs_and_gelu(tmp_path):
     assert fidelity(art, mi, calib) > 0.85  # INT8 of a random-weight encoder; the accuracy search judges real ones
 
 
+class PassThroughBert(TinyBert):
+    """sentence-transformers exports return their inputs too: ``(embedding, input_ids, attention_mask)``."""
+
+    def forward(self, ids, mask):
+        return super().forward(ids, mask), ids, mask
+
+
+@pytest.mark.slow
+def test_outputs_that_are_inputs_unchanged(tmp_path):
+    """onnx2tf drops an output that is an input (the TF graph had 3 outputs, ONNX 4: exit 3 on MiniLM); the .tflite is
+    converted without them and the runner returns the input in their place, in the source's output order."""
+    from edgebuild.targets import tflite_passthrough
+
+    torch.manual_seed(0)
+    args = (torch.zeros(1, 16, dtype=torch.int64), torch.ones(1, 16, dtype=torch.int64))
+    mi = model_input(export(PassThroughBert(), args, ["input_ids", "attention_mask"], ["embedding", "ids", "mask"],
+                            tmp_path / "bert.onnx"))
+    assert tflite_passthrough.find(mi.onnx_path) == {"ids": "input_ids", "mask": "attention_mask"}
+    calib = calibration(mi, lambda t, shape, rng: rng.integers(0, 2 if t.name == "attention_mask" else 100,
+                                                               shape).astype(np.int64))
+    art = convert(mi, calib, tmp_path, precision="fp32")
+    assert [o["name"] for o in art.io["outputs"]] == ["embedding", "ids", "mask"]
+    assert [o.get("from_input") for o in art.io["outputs"]] == [None, "input_ids", "attention_mask"]
+    assert any("output ids is input input_ids unchanged" in n for n in art.notes)
+    assert fidelity(art, mi, calib) > 0.9999  # all three outputs, in order, against onnxruntime
+
+
 # ---- Sum / LRN ---------------------------------------------------------------------------------------
 def _conv_graph(path, middle: list, extra_inits=()) -> ModelInput:
     rng = np.random.default_rng(0)

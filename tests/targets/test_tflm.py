@@ -39,11 +39,11 @@ def test_missing_ops_are_read_from_tflms_own_messages():
 
 
 def test_flash_counts_the_model_and_checks_the_c_array(tmp_path):
-    from edgebuild.targets.tflite import _write_c_array
+    from edgebuild.targets.tflm import write_c_array
 
     model = tmp_path / "model_int8.tflite"
     model.write_bytes(bytes(range(256)) * 5)
-    files = [model.name, *_write_c_array(model)]
+    files = [model.name, *write_c_array(model)]
     f = tflm.flash(Artifact("cortex-m", "tflite", "int8", tmp_path, model.name, files))
     assert f["flash_bytes"] == f["model_bytes"] == 1280 and f["flash_kb"] == 1.25
     assert f["c_array"]["array_bytes"] == 1280 and f["c_array"]["source_bytes"] > 1280
