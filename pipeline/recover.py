@@ -164,7 +164,26 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
         record["result"] = "no configuration met the budget; the best one found is kept (and fails the gate)"
     final = _install(ctx, backend, profile, budget, best, outdir, holdout)
     final.label = best.label
+    if found:
+        final = _held_out_miss(ctx, backend, profile, budget, search, best, final, outdir, holdout)
     return final, record
+
+
+def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt, final: Attempt, outdir, holdout) -> Attempt:
+    """An INT8 choice that met the budget on the selection part but misses it on the held-out part does not ship
+    while FP16 (allowed, not tried yet) meets it: the held-out miss is the better evidence of the two."""
+    if final.quality_ok or best.artifact.precision != "int8" or not _fp16_allowed(profile) \
+            or any(t.artifact.precision == "fp16" for t in search.tries):
+        return final
+    a = search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", "fp16", {}, fallback=True)
+    if a is None or not a.quality_ok:
+        return final
+    search.record["held_out_miss"] = (f"{best.label} met the budget on the selection part but not on the held-out "
+                                      f"part ({'; '.join(map(str, final.failures))}): FP16 instead")
+    search.record["chosen"] = a.label
+    fp16 = _install(ctx, backend, profile, budget, a, outdir, holdout)
+    fp16.label = a.label
+    return fp16
 
 
 def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error: EdgeBuildError) -> None:
