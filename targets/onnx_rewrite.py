@@ -19,6 +19,10 @@ onnx2tf's tensor map still find them. Runs in the conversion child (targets/tfli
   onnx2tf passes the node name to ops such as ``tf.nn.softmax(name=...)``, which raise "'Softmax@0' is not a
   valid scope name" (the PP-OCR classifier's arm64 failure). Such names get ``_`` for each refused character
   (unique); tensor names are untouched, so float_layers (matched on the source file's node outputs) still work.
+- **Model output tensors named with a ':'** (torch names some ``onnx::Shape_422``, as in a MiniLM export): onnx2tf
+  turns ':' into ``__`` in its tensor map and loses such an output (the TF graph had one output fewer than the
+  ONNX model). The tensor is renamed the way onnx2tf would name it; outputs are matched by position, so nothing
+  downstream sees the new name.
 - **Slice over several axes** (silero-vad's STFT magnitude: ``starts [0, 129, 0], ends [max, max, max], axes [0, 1, 2]``
   on an NCW tensor): onnx2tf moves the channel axis last (axes [0, 2, 1]) but keeps starts/ends in ONNX order
   (it re-orders them only for 2-D ``axes``), so it slices the wrong axis: [1, 0, 258] instead of [1, 4, 129],
@@ -40,7 +44,7 @@ ERF_MAX_ABS_ERROR = 3.6e-4
 def rewrite(model) -> tuple[object, list[str]]:
     """All rewrites, in order; returns (model, notes)."""
     notes: list[str] = []
-    for step in (tf_scope_safe_node_names, slice_per_axis, maxpool_edge_padding, erf_to_tanh, sum_to_add_chain):
+    for step in (tf_scope_safe_node_names, tf_safe_output_names, slice_per_axis, maxpool_edge_padding, erf_to_tanh, sum_to_add_chain):
         model, note = step(model)
         if note:
             notes.append(note)
@@ -116,6 +120,28 @@ def tf_scope_safe_node_names(model):
         n.name = name
     return model, (f"{len(bad)} node name(s) TF refuses as scope names made safe ({first!r} -> {bad[0].name!r}; "
                    f"onnx2tf names TF ops after them)")
+
+
+def tf_safe_output_names(model):
+    """Model outputs whose tensor name has a ':' renamed as onnx2tf sanitizes names (':' -> '__'), unique."""
+    bad = [o.name for o in model.graph.output if ":" in o.name]
+    if not bad:
+        return model, None
+    taken = {t for n in model.graph.node for t in (*n.input, *n.output)} | {i.name for i in model.graph.input}
+    renamed = {}
+    for old in bad:
+        new, k = old.replace(":", "__"), 0
+        while new in taken:
+            k += 1
+            new = f"{old.replace(':', '__')}_{k}"
+        taken.add(new)
+        renamed[old] = new
+    for n in model.graph.node:
+        n.input[:] = [renamed.get(t, t) for t in n.input]
+        n.output[:] = [renamed.get(t, t) for t in n.output]
+    for v in (*model.graph.output, *model.graph.value_info):
+        v.name = renamed.get(v.name, v.name)
+    return model, f"{len(bad)} output tensor name(s) with ':' renamed as onnx2tf names them ({bad[0]!r} -> {renamed[bad[0]]!r})"
 
 
 def _scope_ok(name: str) -> bool:
