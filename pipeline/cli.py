@@ -6,6 +6,7 @@ Exit codes: 0 all targets built and within budget · 1 a budget failed (artifact
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from contextlib import contextmanager
@@ -310,6 +311,7 @@ def validate_cmd(artifact_dir, eval_, emulate, device, as_json):
     else:
         from edgebuild.pipeline.revalidate import revalidate as run
     result = run(Path(artifact_dir), eval_)
+    _record(Path(artifact_dir), "emulated" if emulate else "device" if device else "host", result)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
@@ -320,6 +322,14 @@ def validate_cmd(artifact_dir, eval_, emulate, device, as_json):
         from edgebuild.pipeline.errors import BudgetError
 
         raise BudgetError(f"{result['target']}: " + "; ".join(result["failures"]))
+
+
+def _record(artifact_dir: Path, where: str, result: dict) -> None:
+    """The re-check's result beside the artifact (``validation_<host|emulated|device>.json``), written atomically."""
+    path = artifact_dir / f"validation_{where}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

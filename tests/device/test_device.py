@@ -91,6 +91,8 @@ def test_device_end_to_end_on_the_loopback_board(board, request, capsys, target,
         assert result["metrics"][key] == pytest.approx(built["metrics"][key], abs=1e-9), key
     lat = result["latency"]
     assert lat["runs"] >= 20 and 0 < lat["p50_ms"] <= lat["p99_ms"] and lat["measured_on"].startswith(board.user)
+    recorded = json.loads((demo_out / target / "validation_device.json").read_text())  # kept beside the artifact
+    assert recorded["device"] == result["device"] and recorded["verdict"] == "pass"
 
 
 def test_a_tensorrt_target_is_refused_before_any_connection(tmp_path, capsys):

@@ -36,6 +36,7 @@ def test_emulated_aarch64_litert_matches_host(request, capsys):
     built = json.loads((arm64_demo / "validation.json").read_text())
     assert result["verdict"] == "pass"
     assert result["metrics"]["accuracy"] == pytest.approx(built["metrics"]["accuracy"], abs=0.5)
+    assert json.loads((arm64_demo / "validation_emulated.json").read_text())["emulation"] == e  # kept beside it
 
 
 def test_host_agreement_catches_a_runtime_that_answers_differently():

@@ -189,6 +189,7 @@ def test_validate_command_rechecks_an_artifact(tmp_path, capsys):
     assert code == 0, err
     result = json.loads(stdout)
     assert result["verdict"] == "pass" and result["metrics"]["accuracy"] > 95
+    assert json.loads((out / "onnx-cpu" / "validation_host.json").read_text()) == json.loads(json.dumps(result))
     (out / "onnx-cpu" / "model_int8_qdq.onnx").unlink()
     code, _, err = run(["validate", str(out / "onnx-cpu"), "--eval", "digits:test"], capsys)
     assert code == 2 and "missing" in err
