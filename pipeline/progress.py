@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 
 COUNT = re.compile(r"\b(\d+)/(\d+)\b")  # "3/12": step 3 of 12
+SUBSTEP = "· "  # a stage's inner steps (sensitivity: layer 7/64): a live bar with ETA, no line of their own in the trail
 
 
 def _series(text: str) -> str:
@@ -125,6 +126,8 @@ class LiveProgress(Progress):
         mark = "[green]✓[/green]" if ok else "[red]✗[/red]"
         with self.lock:
             self.live.remove_task(handle)
+            if ok and text.startswith(SUBSTEP):
+                return
             self.live.console.print(f"{mark} {text} [dim]({_fmt_seconds(seconds)})[/dim]", highlight=False)
 
     def close(self):

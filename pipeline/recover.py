@@ -327,7 +327,7 @@ def _sensitivity(ctx: BuildContext, search: _Search) -> list[str]:
             t0 = time.monotonic()
             until = t0 + max(0.0, min(search.deadline, ctx.deadline) - t0) / 2
             ctx.shared["sensitivity"] = layer_sensitivity(ctx.model.onnx_path, ctx.calib, select[0], select[1],
-                                                          until, ctx.judging, budget)
+                                                          until, ctx.judging, budget, stage=ctx.stage)
             ctx.shared["sensitivity_seconds"] = round(time.monotonic() - t0, 2)
     sens = ctx.shared["sensitivity"]
     record["sensitivity"] = {"method": "one layer quantized at a time, ONNX Runtime fake-quant, on evaluation[select]; "

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline import validate as V
+from edgebuild.pipeline.progress import SUBSTEP
 
 QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
@@ -43,8 +45,10 @@ def quantizable_layers(onnx_path: Path) -> list[str]:
 
 
 def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: CalibrationSet, reference: list,
-                      deadline: float, judging: V.Judging, budget: V.Budget, max_layers: int = 64) -> dict[str, float]:
-    """Quality loss (``V.quality_loss``: the build's own budgets) per layer, most sensitive first."""
+                      deadline: float, judging: V.Judging, budget: V.Budget, max_layers: int = 64,
+                      stage=None) -> dict[str, float]:
+    """Quality loss (``V.quality_loss``: the build's own budgets) per layer, most sensitive first. ``stage``
+    (the build's progress) shows each layer as a counted step, ``layer i/N``."""
     import numpy as np
 
     from edgebuild.targets.onnx import OrtRunner, preprocess, quantize_static
@@ -59,15 +63,17 @@ def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: Calibratio
     with tempfile.TemporaryDirectory(prefix="edgebuild-sens-") as tmp:
         pre = preprocess(onnx_path, Path(tmp))  # once, not once per layer (a 70 MB encoder: ~3 s each)
         ranges = Path(tmp) / "ranges.json"  # calibrated by the first layer's call, reused by the others
-        for name in layers:
+        for i, name in enumerate(layers, 1):
             if time.monotonic() > deadline:
                 break
             out = Path(tmp) / "one_layer.onnx"
             try:
-                quantize_static(pre, out, small, {**SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp), ranges,
-                                preprocessed=True)
-                with OrtRunner(out, 1, simulate=True) as runner:
-                    metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
+                step = stage(f"{SUBSTEP}sensitivity: layer {i}/{len(layers)} ({name})") if stage else nullcontext()
+                with step:
+                    quantize_static(pre, out, small, {**SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp), ranges,
+                                    preprocessed=True)
+                    with OrtRunner(out, 1, simulate=True) as runner:
+                        metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
             except Exception:  # noqa: BLE001 — a layer onnxruntime cannot quantize alone has no rank; the search goes on
                 continue
             scores[name] = V.quality_loss(metrics, budget, judging.task)

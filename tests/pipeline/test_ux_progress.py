@@ -62,3 +62,38 @@ def test_cli_outside_a_terminal_prints_stage_lines_to_stderr_and_only_the_manife
     assert any("loading the model" in s for s in stages) and any("onnx-cpu: validating" in s for s in stages)
     quiet = subprocess.run([*cmd, "--quiet", "-o", "out2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert not [line for line in quiet.stderr.splitlines() if " s] " in line]
+
+
+def test_sensitivity_counts_its_layers_as_inner_steps(demo_onnx, digits_split):
+    """sensitivity shows "layer i/N" (a live bar with ETA); its inner steps leave no lines of their own in the trail."""
+    import numpy as np
+
+    from edgebuild.pipeline import validate as V
+    from edgebuild.pipeline.progress import SUBSTEP
+    from edgebuild.pipeline.sensitivity import layer_sensitivity
+    from edgebuild.targets.onnx import OrtRunner
+
+    train, test = digits_split
+    select = test.subset(np.arange(40))
+    with OrtRunner(demo_onnx, 1) as ref:
+        reference = V.collect(ref, select)
+    seen = []
+
+    class Recording(LiveProgress):
+        def _begin(self, text):
+            seen.append(text)
+            return super()._begin(text)
+
+    buf = io.StringIO()
+    p = Recording(Console(file=buf, force_terminal=True, width=120, color_system=None))
+    judging = V.resolve(V.Judging(), reference, select.labels)
+    scores = layer_sensitivity(demo_onnx, train.subset(np.arange(32)), select, reference, float("inf"), judging,
+                               V.Budget(0.5, None, None, None), stage=p.stage)
+    p.close()
+    n = len(seen)
+    assert n >= 3 and seen == [f"{SUBSTEP}sensitivity: layer {i}/{n} ({name})" for i, name in
+                               enumerate([s.split("(", 1)[1][:-1] for s in seen], 1)]
+    assert set(scores) <= {s.split("(", 1)[1][:-1] for s in seen}
+    text = buf.getvalue()
+    assert f"sensitivity: layer 2/{n}" in text and "━" in text  # the live line, with its bar
+    assert "✓ · sensitivity" not in text and f"{n} stages in" in text  # no trail line per layer
