@@ -117,7 +117,7 @@ class CalibrationSet:
         idx = np.asarray(idx, dtype=np.int64)
         return CalibrationSet(
             name or self.name,
-            {k: v[idx] for k, v in self.inputs.items()},
+            {k: _take(v, idx) for k, v in self.inputs.items()},
             None if self.labels is None else self.labels[idx],
             {**self.origin, **origin},
             dict(self.shapes),
@@ -183,3 +183,20 @@ def drop_overlap(calib: CalibrationSet, evalset: CalibrationSet) -> tuple[Calibr
     if not keep:
         raise BadInputError("calibration and evaluation data are the same samples; give disjoint sets or one source to split")
     return calib.subset(keep, overlap_removed=removed), removed
+
+
+SUBSET_CHUNK = 64  # samples copied at once from a disk-backed array
+
+
+def _take(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of ``v``. A disk-backed array's subset (a large image folder split into calibration and
+    evaluation) stays on disk, copied a chunk at a time into an unlinked temporary file, never whole in memory."""
+    if not isinstance(v, np.memmap) or len(idx) == 0:
+        return v[idx]
+    import tempfile
+
+    with tempfile.TemporaryFile(prefix="edgebuild-subset-") as f:  # unlinked; lives as long as the mapping
+        out = np.memmap(f, dtype=v.dtype, mode="w+", shape=(len(idx), *v.shape[1:]))
+    for start in range(0, len(idx), SUBSET_CHUNK):
+        out[start:start + SUBSET_CHUNK] = v[idx[start:start + SUBSET_CHUNK]]
+    return out

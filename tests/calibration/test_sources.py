@@ -127,3 +127,21 @@ def test_calibration_and_evaluation_folders_must_share_classes(tmp_path):
                      preprocess=PreprocessSpec(color="gray"))
     with pytest.raises(BadInputError, match="different class sub-folders"):
         resolve_data(spec, NCHW)
+
+
+def test_a_subset_of_a_disk_backed_set_stays_on_disk(tmp_path):
+    """A large image folder is decoded into a disk-backed array; splitting it into calibration and evaluation must
+    not copy either half into memory."""
+    import numpy as np
+
+    from edgebuild.calibration.dataset import CalibrationSet
+
+    data = np.memmap(tmp_path / "x.bin", dtype=np.float32, mode="w+", shape=(300, 3, 4, 4))
+    data[:] = np.random.default_rng(0).normal(size=data.shape)
+    full = CalibrationSet("big", {"input": data}, np.arange(300))
+    idx = np.random.default_rng(1).permutation(300)[:130]
+    part = full.subset(idx)
+    assert isinstance(part.inputs["input"], np.memmap)
+    np.testing.assert_array_equal(part.inputs["input"], np.asarray(data)[idx])
+    assert (part.labels == idx).all()
+    assert len(full.subset([]).inputs["input"]) == 0
