@@ -71,21 +71,6 @@ def make_encoder(folder: Path, seq: int = 16) -> tuple[Path, Path]:
     return path, data
 
 
-def make_encoder(folder: Path, seq: int = 16) -> tuple[Path, Path]:
-    import torch
-
-    path = folder / "encoder.onnx"
-    ids = torch.ones(1, seq, dtype=torch.int64)
-    torch.onnx.export(encoder_module(seq=seq), (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=17,
-                      input_names=["input_ids", "attention_mask"], output_names=["embedding"])
-    rng = np.random.default_rng(1)
-    lengths = rng.integers(4, seq + 1, SAMPLES)
-    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
-    data = folder / "encoder.npz"
-    np.savez(data, input_ids=rng.integers(1, 300, (SAMPLES, seq)) * mask, attention_mask=mask)
-    return path, data
-
-
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     return make_encoder(tmp_path_factory.mktemp("encoder"))
