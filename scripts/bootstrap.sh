@@ -28,13 +28,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" >"$stamp"
 fi
 
-# System tools of `edgebuild validate --device/--emulate` and their tests: the OpenSSH client and server (the tests
-# start a throwaway sshd on 127.0.0.1 as the board). Installed with apt-get only when run as root and missing;
-# without apt (or when it fails) the bootstrap goes on and those tests skip, saying why.
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { [ ! -x /usr/sbin/sshd ] || ! command -v scp >/dev/null; }; then
-  echo "installing openssh-server and openssh-client (apt-get)" >&2
-  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server openssh-client; } >/dev/null 2>&1 \
-    || echo "bootstrap: could not install openssh-server/openssh-client; the --device tests will skip" >&2
+# System tools the tests use: the OpenSSH client and server (`validate --device`: the tests start a throwaway sshd
+# on 127.0.0.1 as the board), strace (the offline test traces a build's connect/DNS calls) and Chromium (the
+# report.html render tests). Installed with apt-get only when run as root and missing; without apt (or when it
+# fails) the bootstrap goes on and those tests skip, saying why.
+missing=""
+[ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
+command -v scp >/dev/null || missing="$missing openssh-client"
+command -v strace >/dev/null || missing="$missing strace"
+command -v chromium >/dev/null || missing="$missing chromium"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing$missing (apt-get)" >&2
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing; } >/dev/null 2>&1 \
+    || echo "bootstrap: could not install$missing; the tests that need them will skip, saying why" >&2
 fi
 # EDGEBUILD_EMULATOR=1: also set up the emulated aarch64 board of `validate --emulate` (qemu-user + an arm64 root
 # with LiteRT, ~150 MB downloaded once; scripts/setup_arm64_emulator.sh). Off by default: CI stays fast.
