@@ -68,9 +68,13 @@ def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tup
     if objective == "latency":
         faster = chosen.quality_ok and (s is None or s >= 1.0)
         best = chosen if faster else baseline
-        why = (f"{chosen.artifact.main} is not slower than FP32 ({s:.2f}×)" if faster and s is not None else
-               f"{chosen.artifact.main} is slower than the FP32 baseline ({s:.2f}× speed): the FP32 baseline ships"
-               if chosen.quality_ok else f"{chosen.artifact.main} exceeds the accuracy budget: the FP32 baseline ships")
+        if faster:
+            why = (f"{chosen.artifact.main} is not slower than FP32 ({s:.2f}×)" if s is not None else
+                   f"{chosen.artifact.main}: no speed-up measured, so nothing shows it slower than FP32")
+        elif chosen.quality_ok:
+            why = f"{chosen.artifact.main} is slower than the FP32 baseline ({s:.2f}× speed): the FP32 baseline ships"
+        else:
+            why = f"{chosen.artifact.main} exceeds the accuracy budget: the FP32 baseline ships"
     else:
         measure = (lambda a: a.artifact.size_bytes) if objective == "size" else (lambda a: a.loss)
         best = min(ok, key=measure)  # min keeps the first (the target's own) on a tie

@@ -104,6 +104,12 @@ def test_pick(objective, int8_speed, int8_ok, shipped):
     assert bool(record["warnings"]) == (int8_speed < 1.0)
 
 
+def test_latency_objective_without_a_measured_speedup_keeps_the_target_artifact():
+    """No speed-up measured (nothing timed): nothing shows INT8 slower, so it ships, and the record says why."""
+    best, record = O.pick("latency", catalogue()["onnx-cpu"], INT8, FP32, None)
+    assert best is INT8 and "no speed-up measured" in record["why"] and not record["warnings"]
+
+
 def test_latency_objective_is_not_applied_where_the_host_is_not_the_device():
     arm64 = catalogue()["arm64"]
     assert arm64.host_is_device is False
