@@ -61,6 +61,10 @@ class Board:
             port = -1
         if parts.scheme != "ssh" or not parts.hostname or port == -1 or parts.path not in ("", "/"):
             raise BadInputError(f"--device {url!r}: expected ssh://[user@]host[:port][?python=PATH&arch=any]")
+        for part in (parts.username or "", parts.hostname):  # "-oProxyCommand=…" would be an ssh option: it runs code
+            if part.startswith("-") or any(c.isspace() or ord(c) < 32 or c in "'\"`$;|&<>\\" for c in part):
+                raise BadInputError(f"--device {url!r}: user and host must not start with '-' or hold spaces, quotes "
+                                    "or shell characters")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         unknown = set(query) - {"python", "arch"}
         if unknown:
@@ -81,11 +85,11 @@ class Board:
         return f"{self.user}@{self.host}" if self.user else self.host
 
     def ssh(self, command: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-        argv = ["ssh", *self._opts(), *(["-p", str(self.port)] if self.port else []), self._dest(), command]
+        argv = ["ssh", *self._opts(), *(["-p", str(self.port)] if self.port else []), "--", self._dest(), command]
         return _call(argv, timeout, self)
 
     def scp(self, sources: list[str], dest: str, timeout: float = RUN_TIMEOUT_S) -> None:
-        argv = ["scp", "-q", "-r", *self._opts(), *(["-P", str(self.port)] if self.port else []), *sources, dest]
+        argv = ["scp", "-q", "-r", *self._opts(), *(["-P", str(self.port)] if self.port else []), "--", *sources, dest]
         done = _call(argv, timeout, self)
         if done.returncode != 0:
             raise DeviceError(f"{self.name}: copying failed: {_last_line(done.stderr)}")

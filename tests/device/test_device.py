@@ -33,7 +33,8 @@ def test_device_url_forms():
     b = Board.parse("ssh://pi@raspberrypi.local:2222?python=/opt/venv/bin/python&arch=any")
     assert (b.user, b.host, b.port, b.python, b.arch) == ("pi", "raspberrypi.local", 2222, "/opt/venv/bin/python", "any")
     assert Board.parse("ssh://board").name == "board" and Board.parse("ssh://board").python == "python3"
-    for bad in ("pi@board", "http://board", "ssh://board:notaport", "ssh://board/dir", "ssh://board?pyhton=x"):
+    for bad in ("pi@board", "http://board", "ssh://board:notaport", "ssh://board/dir", "ssh://board?pyhton=x",
+                "ssh://-oProxyCommand=touch%20pwned@board", "ssh://-oProxyCommand=x", "ssh://pi\'x@board"):
         with pytest.raises(BadInputError):
             Board.parse(bad)
 
