@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgebuild.pipeline.errors import BadInputError
+from edgebuild.errors import BadInputError
 
 
 def batch_axis(shape: tuple[int, ...]) -> int | None:

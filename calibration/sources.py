@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet, sample_shape
-from edgebuild.pipeline.errors import BadInputError
-from edgebuild.pipeline.spec import InputSpec, PreprocessSpec
+from edgebuild.errors import BadInputError
+from edgebuild.specs import InputSpec, PreprocessSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
 LABEL_KEYS = ("labels", "label", "y", "targets")

@@ -18,15 +18,7 @@ import shutil
 from dataclasses import replace
 
 from edgebuild.pipeline import validate as V
-from edgebuild.pipeline.errors import BadInputError
-
-OBJECTIVES = ("precision", "latency", "size", "accuracy")
-
-
-def check_objective(value, where: str) -> str:
-    if value not in OBJECTIVES:
-        raise BadInputError(f"{where}: objective must be one of {', '.join(OBJECTIVES)}, got {value!r}")
-    return value
+from edgebuild.specs import OBJECTIVES, check_objective  # noqa: F401 (re-exported)
 
 
 def objective_for(profile, spec) -> str:

@@ -11,64 +11,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgebuild.pipeline.errors import BadInputError
-
-DTYPES = ("float32", "float16", "int64", "int32", "uint8", "int8", "bool")
-LAYOUTS = ("NCHW", "NHWC", "NC", "NCW", "NTC", "ANY")
-PRECISIONS = ("int8", "fp16", "fp32", "dynamic")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # PIL's resize filters
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise BadInputError(msg)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input. For ONNX sources it is read from the graph; torch sources need it given."""
-
-    name: str = "input"
-    shape: tuple[int, ...] = ()
-    dtype: str = "float32"
-    layout: str = "NCHW"
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-        _check(self.dtype in DTYPES, f"input {self.name}: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        _check(self.layout in LAYOUTS, f"input {self.name}: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        _check(all(d > 0 for d in self.shape), f"input {self.name}: shape must be positive integers, got {list(self.shape)}")
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How image files become input tensors (used by image-folder data sources)."""
-
-    resize: tuple[int, int] | None = None  # (height, width)
-    color: str = "rgb"  # rgb | bgr | gray
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-    layout: str = "NCHW"
-    dtype: str = "float32"
-    crop: float | None = None  # centre crop: this fraction of the shorter side, at the output's aspect ratio, before resize
-    interpolation: str = "bicubic"  # resize filter: one of INTERPOLATIONS
-
-    def __post_init__(self):
-        if self.crop is not None:
-            _check(isinstance(self.crop, (int, float)) and not isinstance(self.crop, bool) and 0 < self.crop <= 1,
-                   f"preprocess.crop must be a fraction of the shorter side in (0, 1], e.g. 0.875, got {self.crop!r}")
-            object.__setattr__(self, "crop", float(self.crop))
-        _check(self.interpolation in INTERPOLATIONS,
-               f"preprocess.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
-        if self.resize is not None:
-            object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
-            _check(len(self.resize) == 2, "preprocess.resize must be [height, width]")
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        _check(self.color in ("rgb", "bgr", "gray"), f"preprocess.color must be rgb, bgr or gray, got {self.color!r}")
-        _check(self.layout in ("NCHW", "NHWC"), f"preprocess.layout must be NCHW or NHWC, got {self.layout!r}")
-        _check(all(s != 0 for s in self.std), "preprocess.std must not contain 0")
+from edgebuild.errors import BadInputError
+from edgebuild.specs import (  # noqa: F401 (the leaf types calibration/ and targets/ use, re-exported here)
+    DTYPES,
+    INTERPOLATIONS,
+    LAYOUTS,
+    MEMORY_BUDGETS,
+    OBJECTIVES,
+    PRECISIONS,
+    InputSpec,
+    PreprocessSpec,
+    check_budget,
+    check_objective,
+)
+from edgebuild.specs import check as _check
 
 
 @dataclass(frozen=True)
@@ -90,20 +46,6 @@ class Budgets:
             if value is not None:
                 object.__setattr__(self, name, check_budget(f"budgets.{name}", value,
                                                             positive=name in ("max_latency_ms", "max_size_mb") + MEMORY_BUDGETS))
-
-
-MEMORY_BUDGETS = ("max_memory_mb", "max_arena_kb", "max_flash_kb")
-
-
-def check_budget(name: str, value, positive: bool = False) -> float:
-    """A budget is a finite number, >= 0 (> 0 for latency and size): NaN would switch its gate off."""
-    import math
-
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool),
-           f"{name} must be a number, got {value!r}")
-    _check(math.isfinite(value), f"{name} must be a finite number, got {value!r}")
-    _check(value > 0 if positive else value >= 0, f"{name} must be {'positive' if positive else '>= 0'}, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -160,8 +102,6 @@ class BuildSpec:
         object.__setattr__(self, "profile_files", tuple(self.profile_files))
         object.__setattr__(self, "compress", tuple(self.compress))
         if self.objective is not None:
-            from edgebuild.pipeline.objective import check_objective
-
             check_objective(self.objective, "config")
         _check(self.precision is None or self.precision in PRECISIONS,
                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")

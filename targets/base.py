@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from edgebuild.pipeline.errors import BadInputError, ConversionError, MissingToolError
+from edgebuild.errors import BadInputError, ConversionError, MissingToolError
 
 if TYPE_CHECKING:
     from edgebuild.calibration.dataset import CalibrationSet

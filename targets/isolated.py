@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from edgebuild.pipeline.errors import ConversionError
+from edgebuild.errors import ConversionError
 from edgebuild.targets.base import Artifact, Runner, get_backend
 
 START_TIMEOUT_S = 120

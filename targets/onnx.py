@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
-from edgebuild.pipeline.errors import BadInputError, ConversionError
+from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, register, stem
 from edgebuild.targets.profiles import TargetProfile
 

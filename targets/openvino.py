@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
-from edgebuild.pipeline.errors import BadInputError, ConversionError, EdgeBuildError, MissingToolError
+from edgebuild.errors import BadInputError, ConversionError, EdgeBuildError, MissingToolError
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, register, stem
 from edgebuild.targets.profiles import TargetProfile
 

@@ -5,8 +5,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from edgebuild.pipeline.errors import BadInputError
-from edgebuild.pipeline.spec import MEMORY_BUDGETS, PRECISIONS, check_budget
+from edgebuild.errors import BadInputError
+from edgebuild.specs import MEMORY_BUDGETS, PRECISIONS, check_budget, check_objective
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -69,8 +69,6 @@ class TargetProfile:
             raise BadInputError(f"profile {self.name}: unknown precision(s) {bad}")
         if self.io_dtype not in ("float32", "int8", "uint8"):
             raise BadInputError(f"profile {self.name}: io_dtype must be float32, int8 or uint8")
-        from edgebuild.pipeline.objective import check_objective
-
         check_objective(self.objective, f"profile {self.name}")
         if self.host_is_device not in (True, False):
             raise BadInputError(f"profile {self.name}: host_is_device must be true or false")

@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
-from edgebuild.pipeline.errors import BadInputError, ConversionError
+from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register, stem
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.tflite_convert import CHANNEL_LAST

@@ -29,7 +29,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from edgebuild.pipeline.errors import ConversionError
+from edgebuild.errors import ConversionError
 
 SIBLING_KEYS_DROPPED = ("float_layer_map", "auto_float_ops", "quantizer_used")  # what the job's INT8 conversion adds
 

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgebuild.pipeline.errors import ConversionError
+from edgebuild.errors import ConversionError
 from edgebuild.targets.base import Artifact, Runner
 
 RUNTIME_MODULES = ("tflite_micro.python.tflite_micro.runtime",)  # imported before the memory baseline

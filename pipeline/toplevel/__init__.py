@@ -26,7 +26,7 @@ _LAZY = {
     "build": ("edgebuild.pipeline.api", "build"),
     "BuildSpec": ("edgebuild.pipeline.spec", "BuildSpec"),
     "BuildResult": ("edgebuild.pipeline.build", "BuildResult"),
-    "EdgeBuildError": ("edgebuild.pipeline.errors", "EdgeBuildError"),
+    "EdgeBuildError": ("edgebuild.errors", "EdgeBuildError"),
 }
 
 
