@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        from edgebuild.pipeline.procs import terminate_as_interrupt
+        from edgebuild.procs import terminate_as_interrupt
 
         signal.signal(signal.SIGTERM, terminate_as_interrupt)  # SIGTERM = Ctrl-C: clean up, exit 130
     from edgebuild.pipeline.offline import no_telemetry

@@ -41,7 +41,7 @@ def _without_callers_main():
 
 def _serve(conn, backend: str, artifact: dict, threads: int, opener: str = "", memory: bool = False) -> None:
     from edgebuild.pipeline import memory as mem
-    from edgebuild.pipeline.procs import die_with_parent
+    from edgebuild.procs import die_with_parent
 
     die_with_parent()  # a killed build takes its runtime with it
     try:

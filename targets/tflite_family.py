@@ -139,7 +139,7 @@ def sibling_results(job_dir: Path) -> dict[str, dict]:
 def run_child(job_dir: Path, what: str, timeout: float) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore"}
     log = job_dir / "convert.log"
-    from edgebuild.pipeline.procs import child_setup, kill_group
+    from edgebuild.procs import child_setup, kill_group
 
     with open(log, "wb") as f:
         # own process group + PR_SET_PDEATHSIG: the converter (and whatever it starts) dies with the build
