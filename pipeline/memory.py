@@ -1,6 +1,7 @@
 """Runtime memory of an artifact: the peak resident memory its runtime needs to load it and run it.
 
-How it is measured (one extra child process per artifact, through ``targets/isolated.py``):
+How it is measured (one extra child process per artifact, through ``targets/isolated.py``; the probe inside the
+child is ``targets/memory_probe.py``):
 
 1. a spawned child imports Python, numpy, edgebuild's backend module and the runtime's own modules
    (``Backend.runtime_modules``, else ``Backend.requires``), then reads its resident set (``VmRSS``) — the
@@ -16,66 +17,8 @@ since the child started is used, which can only over-state.
 """
 from __future__ import annotations
 
-import importlib
-import os
-
 RUNS = 3  # inferences after loading: the first one allocates lazily (XNNPACK packs weights, ORT plans memory)
 MB = 1e6
-
-
-def _status() -> dict[str, int]:
-    """``VmRSS``/``VmHWM`` of this process in bytes (Linux), else the peak from getrusage."""
-    try:
-        with open("/proc/self/status") as f:
-            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
-                    if k in ("VmRSS", "VmHWM")}
-    except OSError:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"VmRSS": peak, "VmHWM": peak}
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def baseline(backend: str, opener: str = "") -> dict:
-    """In the memory child, before the artifact is loaded: import the runtime, read the baseline, reset the peak."""
-    from edgebuild.targets.base import get_backend
-
-    if opener:
-        module = importlib.import_module(opener.split(":")[0])
-        modules = getattr(module, "RUNTIME_MODULES", ())
-    else:
-        b = get_backend(backend)
-        modules = getattr(b, "runtime_modules", None) or b.requires
-    for name in modules:
-        importlib.import_module(name)
-    reset = _reset_peak()
-    return {"rss": _status()["VmRSS"], "peak_reset": reset, "modules": list(modules)}
-
-
-def open_with(opener: str, artifact, threads: int):
-    """The Runner made by ``module:function(artifact, threads)`` (a runtime other than the backend's own)."""
-    module, _, fn = opener.partition(":")
-    return getattr(importlib.import_module(module), fn)(artifact, threads)
-
-
-def snapshot(base: dict | None, runner) -> dict:
-    """In the memory child: resident set and peak now, above the baseline; the runtime's own report if any."""
-    if base is None:
-        raise RuntimeError("this runner was not started to measure memory")
-    s = _status()
-    report = getattr(runner, "memory_report", None)
-    return {"baseline_bytes": base["rss"], "rss_bytes": s["VmRSS"], "peak_bytes": s["VmHWM"],
-            "peak_reset": base["peak_reset"], "baseline_imports": base["modules"],
-            "runtime": report() if callable(report) else None}
 
 
 def measure(backend: str, artifact, threads: int, feed: dict, runs: int = RUNS, opener: str = "") -> dict:
@@ -122,6 +65,28 @@ def measure_target(ctx, backend, profile, attempts: dict) -> bool:
     return all_cached
 
 
+def micro_fit(ctx, artifact) -> tuple[dict, bool]:
+    """Arena, flash and TFLM's agreement with LiteRT on the first evaluation samples (targets/tflm.py), cached as
+    a result entry by the artifact's sha256, the samples and the TFLM version. Returns (record, from cache)."""
+    from edgebuild.pipeline.cache import key
+    from edgebuild.pipeline.target import _json_round_trip, array_hash, artifact_hash, open_runner
+    from edgebuild.targets import tflm
+    from edgebuild.targets.base import get_backend
+
+    version = tflm.installed_version(artifact.target)
+    feeds = [ctx.evalset.feed(i) for i in range(min(tflm.SAMPLES, len(ctx.evalset)))]
+    k = key(stage="tflm", artifact=artifact_hash(artifact), tflm=version,
+            feeds=[{n: array_hash(v) for n, v in sorted(f.items())} for f in feeds])
+    hit = ctx.cache.get_result(k)
+    if hit is not None:
+        return hit[0], True
+    with open_runner(get_backend("tflite"), artifact, 1) as r:
+        host = [r.run(f) for f in feeds]
+    record = tflm.micro_fit(artifact, feeds, host, version)
+    ctx.cache.put_result(k, record)
+    return _json_round_trip(record), False
+
+
 def judge_memory(ctx, p) -> dict:
     """A prepared target's runtime memory (its artifact and the FP32 baseline), its microcontroller fit when the
     profile says ``micro: true`` (targets/tflm.py), and its failures judged again with them. Returns what came
@@ -131,8 +96,6 @@ def judge_memory(ctx, p) -> dict:
     with ctx.stage(f"{p.profile.name}: runtime memory"):
         cached = {"memory": measure_target(ctx, p.backend, p.profile, {"chosen": p.chosen, "fp32": p.baseline})}
     if p.profile.micro:
-        from edgebuild.targets.tflm import micro_fit
-
         with ctx.stage(f"{p.profile.name}: TensorFlow Lite Micro arena and flash"):
             p.chosen.memory["micro"], cached["micro"] = micro_fit(ctx, p.chosen.artifact)
     c = p.chosen

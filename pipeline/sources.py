@@ -1,7 +1,6 @@
 """Load a model source: ONNX file, TorchScript file, torch.export program (.pt2), or ``package.module:attr``."""
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -10,6 +9,8 @@ from typing import Any
 
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.spec import BuildSpec, InputSpec
+from edgebuild.refs import first_line as _first_line
+from edgebuild.refs import import_ref
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 log = logging.getLogger("edgebuild.sources")
@@ -68,11 +69,6 @@ def _load(spec: BuildSpec) -> LoadedModel:
     if not path.exists():
         raise BadInputError(f"model not found: {src}")
     raise BadInputError(f"{src}: unknown model format (use .onnx, TorchScript .pt, torch.export .pt2 or package.module:attr)")
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def _need_file(path: Path) -> None:
@@ -202,22 +198,8 @@ def _exported_program(path: Path, spec: BuildSpec) -> LoadedModel:
 def _python_reference(ref: str, spec: BuildSpec) -> LoadedModel:
     import torch
 
-    mod_name, _, attr = ref.partition(":")
     add_import_paths(spec)
-    if not mod_name or not attr or not all(part.isidentifier() for part in [*mod_name.split("."), *attr.split(".")]):
-        raise BadInputError(f"model {ref!r}: use package.module:attr")
-    try:
-        obj = importlib.import_module(mod_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise BadInputError(f"cannot import model {ref}: {_first_line(e, 300)}") from None
-    except SyntaxError as e:
-        raise BadInputError(f"cannot import model {ref}: SyntaxError in {Path(e.filename or '?').name} "
-                            f"line {e.lineno}: {e.msg}") from None
-    except Exception as e:  # the user's module raised while being imported
-        raise BadInputError(f"cannot import model {ref}: importing {mod_name} raised "
-                            f"{type(e).__name__}: {_first_line(e, 300)}") from None
+    obj = import_ref(ref, "model")
     if not isinstance(obj, torch.nn.Module):
         if not callable(obj):
             raise BadInputError(f"{ref} is neither an nn.Module nor a factory returning one")

@@ -8,7 +8,6 @@ Outputs reach an evaluator stacked over samples, by output name: ``{name: [N, *s
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import sys
 from pathlib import Path
@@ -252,18 +251,12 @@ BUILTIN: dict[str, Callable] = {"detection": detection, "segmentation": segmenta
 # ---- user evaluators -----------------------------------------------------------------------------------
 def load_evaluator(ref: str, base: Path | None = None) -> Callable:
     """``pkg.mod:fn`` -> fn(outputs, labels, reference) -> {score: value}, higher is better."""
-    mod_name, sep, attr = ref.partition(":")
-    if not sep or not mod_name or not attr:
-        raise BadInputError(f"evaluator must be package.module:function, got {ref!r}")
+    from edgebuild.refs import import_ref
+
     for folder in filter(None, (base, Path.cwd())):
         if str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
-    try:
-        obj = importlib.import_module(mod_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception as e:  # ImportError, SyntaxError, an error raised by the module itself
-        raise BadInputError(f"cannot import evaluator {ref}: {type(e).__name__}: {e}") from None
+    obj = import_ref(ref, "evaluator")
     if not callable(obj):
         raise BadInputError(f"evaluator {ref} is not a function")
     return obj

@@ -40,7 +40,7 @@ def _without_callers_main():
 
 
 def _serve(conn, backend: str, artifact: dict, threads: int, opener: str = "", memory: bool = False) -> None:
-    from edgebuild.pipeline import memory as mem
+    from edgebuild.targets import memory_probe as mem
     from edgebuild.procs import die_with_parent
 
     die_with_parent()  # a killed build takes its runtime with it
@@ -71,7 +71,7 @@ def _serve(conn, backend: str, artifact: dict, threads: int, opener: str = "", m
 class IsolatedRunner(Runner):
     def __init__(self, backend: str, artifact: Artifact, threads: int, opener: str = "", memory: bool = False):
         """``opener`` ("module:function(artifact, threads) -> Runner") replaces the backend's runner (TFLM);
-        ``memory`` measures the child's resident memory above its baseline (pipeline/memory.py)."""
+        ``memory`` measures the child's resident memory above its baseline (targets/memory_probe.py)."""
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, backend, artifact.to_dict(), threads, opener, memory),

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgebuild.errors import ConversionError
+from edgebuild.errors import ConversionError, MissingToolError
 from edgebuild.targets.base import Artifact, Runner
 
 RUNTIME_MODULES = ("tflite_micro.python.tflite_micro.runtime",)  # imported before the memory baseline
@@ -158,26 +158,19 @@ def _agreement(host: list[list[np.ndarray]], micro: list[list[np.ndarray]], io: 
     return out
 
 
-def micro_fit(ctx, artifact: Artifact) -> tuple[dict, bool]:
-    """Arena and flash from TFLM, and TFLM's agreement with LiteRT on the first evaluation samples (cached as a
-    result entry by the artifact's sha256, the samples and the TFLM version). Returns (record, from cache)."""
+def installed_version(target: str) -> str:
+    """The installed tflite-micro version (it keys cached results); a clear MissingToolError when absent."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from edgebuild.pipeline.cache import key
-    from edgebuild.pipeline.errors import MissingToolError
-    from edgebuild.pipeline.target import _json_round_trip, array_hash, artifact_hash, open_runner
-    from edgebuild.targets.base import get_backend
-
     try:
-        tflm_version = version("tflite-micro")
+        return version("tflite-micro")
     except PackageNotFoundError:
-        raise MissingToolError(artifact.target, "tflite_micro") from None
-    feeds = [ctx.evalset.feed(i) for i in range(min(SAMPLES, len(ctx.evalset)))]
-    k = key(stage="tflm", artifact=artifact_hash(artifact), tflm=tflm_version,
-            feeds=[{n: array_hash(v) for n, v in sorted(f.items())} for f in feeds])
-    hit = ctx.cache.get_result(k)
-    if hit is not None:
-        return hit[0], True
+        raise MissingToolError(target, "tflite_micro") from None
+
+
+def micro_fit(artifact: Artifact, feeds: list[dict], host: list[list[np.ndarray]], tflm_version: str) -> dict:
+    """Arena and flash from TFLM, and TFLM's agreement with ``host`` (LiteRT's outputs of the same artifact on
+    ``feeds``): TFLM loads and runs the artifact in a child of its own (it aborts on some models)."""
     from edgebuild.targets.isolated import IsolatedRunner
 
     try:
@@ -190,14 +183,10 @@ def micro_fit(ctx, artifact: Artifact) -> tuple[dict, bool]:
         raise ConversionError(f"{e}: TensorFlow Lite Micro died loading or running {artifact.main} (an arena over "
                               f"{arena_given(artifact.path.stat().st_size) >> 20} MB, or a model it cannot "
                               "run); not a microcontroller model as it is") from None
-    with open_runner(get_backend("tflite"), artifact, 1) as r:
-        host = [r.run(f) for f in feeds]
-    record = {"runtime": f"tflite-micro {tflm_version} (host build, reference kernels)",
-              "arena_bytes": report["arena_bytes"], "arena_kb": round(report["arena_bytes"] / KB, 2),
-              "arena_detail": report, **flash(artifact),
-              "agreement_with_litert": {"samples": len(feeds), "outputs": _agreement(host, micro, artifact.io)}}
-    ctx.cache.put_result(k, record)
-    return _json_round_trip(record), False
+    return {"runtime": f"tflite-micro {tflm_version} (host build, reference kernels)",
+            "arena_bytes": report["arena_bytes"], "arena_kb": round(report["arena_bytes"] / KB, 2),
+            "arena_detail": report, **flash(artifact),
+            "agreement_with_litert": {"samples": len(feeds), "outputs": _agreement(host, micro, artifact.io)}}
 
 
 def write_c_array(model_path: Path) -> list[str]:

@@ -19,7 +19,6 @@ at zero (``keep_sparsity``).
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -175,15 +174,14 @@ def load_teacher(cfg: Config, ctx) -> nn.Module:
     import sys
     from pathlib import Path
 
-    mod_name, _, attr = cfg.teacher.partition(":")
+    from edgebuild.refs import import_ref
+
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # a user's model package next to edgebuild.yaml
     try:
-        obj = importlib.import_module(mod_name)
-        for part in filter(None, attr.split(".")):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise BadInputError(f"compress {ctx.label}: cannot import teacher {cfg.teacher}: {e}") from None
+        obj = import_ref(cfg.teacher, "teacher")
+    except BadInputError as e:
+        raise BadInputError(f"compress {ctx.label}: {e}") from None
     if not isinstance(obj, nn.Module) and callable(obj):
         obj = obj()
     if not isinstance(obj, nn.Module):
