@@ -278,7 +278,7 @@ REFERENCE_THREADS = 2
 def _reference_outputs(cache: StageCache, model, evalset) -> tuple[list, bool]:
     """The FP32 source's outputs on the evaluation set, cached by (model hash, evaluation data hash, runtime)."""
     from edgebuild.pipeline.cache import code_hash, key
-    from edgebuild.targets.onnx import OrtRunner
+    from edgebuild.targets.base import reference_runner
 
     k = key(stage="reference", model=model.content_hash, data=evalset.content_hash(), threads=REFERENCE_THREADS,
             versions={n: v for n, v in tool_versions().items() if v}, code=code_hash())
@@ -287,7 +287,7 @@ def _reference_outputs(cache: StageCache, model, evalset) -> tuple[list, bool]:
         n_out, arrays = hit[0]["outputs"], hit[1]
         if n_out and all(f"output_{j}" in arrays and len(arrays[f"output_{j}"]) == len(evalset) for j in range(n_out)):
             return [[arrays[f"output_{j}"][i] for j in range(n_out)] for i in range(len(evalset))], True
-    reference = V.collect(OrtRunner(model.onnx_path, REFERENCE_THREADS), evalset)
+    reference = V.collect(reference_runner(model.onnx_path, REFERENCE_THREADS), evalset)
     n_out = len(reference[0])
     shapes_equal = all(len({o[j].shape for o in reference}) == 1 for j in range(n_out))
     if shapes_equal:  # per-sample outputs of varying shape are not stacked: not cached

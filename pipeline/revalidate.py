@@ -117,7 +117,7 @@ def build_evalset(artifact_dir: Path, inputs: tuple[InputSpec, ...]):
 def _reference(artifact_dir: Path, meta: dict, evalset) -> tuple[list, str]:
     """The build's saved FP32 outputs (reference/outputs.npz) when the evaluation data is the build's own (same
     content hash as in validation.json); otherwise the FP32 reference model is run on the data given."""
-    from edgebuild.targets.onnx import OrtRunner
+    from edgebuild.targets.base import reference_runner
 
     saved = (artifact_dir / meta["reference"]).parent / "outputs.npz"
     try:
@@ -130,7 +130,7 @@ def _reference(artifact_dir: Path, meta: dict, evalset) -> tuple[list, str]:
             arrays = [z[k] for k in keys]
         if arrays and all(len(a) == len(evalset) for a in arrays):
             return [[a[i] for a in arrays] for i in range(len(evalset))], "saved (reference/outputs.npz)"
-    runner = OrtRunner((artifact_dir / meta["reference"]).resolve(), meta["runtime"]["threads"])
+    runner = reference_runner((artifact_dir / meta["reference"]).resolve(), meta["runtime"]["threads"])
     return V.collect(runner, evalset), "recomputed (FP32 reference model on this data)"
 
 

@@ -1,10 +1,10 @@
 """Per-layer INT8 sensitivity, measured once per build in ONNX space and shared by every target.
 
-Each quantizable layer (Conv, Gemm, MatMul, ...) is quantized *alone* (onnxruntime QDQ, per-tensor uint8
-activations, per-channel int8 weights) and run unfused on ONNX Runtime CPU (fake-quant: the arithmetic of
-an int8 kernel without any CPU-specific saturation); its sensitivity is the quality it costs on the
-selection part of the evaluation split. Layer names are the FP32 ONNX graph's node names, which every
-backend maps onto its own ops.
+Each quantizable layer (Conv, Gemm, MatMul, ...) is quantized *alone* by the ONNX backend's public fake-quant
+helper (``targets/onnx.py`` ``FakeQuant``: onnxruntime QDQ, per-tensor uint8 activations, per-channel int8
+weights, run unfused on ONNX Runtime CPU: the arithmetic of an int8 kernel without any CPU-specific
+saturation); its sensitivity is the quality it costs on the selection part of the evaluation split. Layer
+names are the FP32 ONNX graph's node names, which every backend maps onto its own ops.
 """
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ SENSITIVITY_CALIB_SAMPLES = 64
 SENSITIVITY_EVAL_SAMPLES = 96  # selection samples each layer is scored on, at most
 MIN_EVAL_SAMPLES = 16  # ... and at least (when the selection part has them)
 LAYER_SAMPLE_BUDGET = 1536  # layers x samples scored at most: more layers, fewer samples each
-SIM_SETTINGS = {"op_types": "all", "activation_type": "uint8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
-                "calibrate_method": "minmax", "symmetric_activations": False, "symmetric_weights": True}
 
 
 def quantizable_layers(onnx_path: Path) -> list[str]:
@@ -51,7 +49,7 @@ def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: Calibratio
     (the build's progress) shows each layer as a counted step, ``layer i/N``."""
     import numpy as np
 
-    from edgebuild.targets.onnx import OrtRunner, preprocess, quantize_static
+    from edgebuild.targets.onnx import FakeQuant
 
     layers = quantizable_layers(onnx_path)[:max_layers]
     small = calib.subset(np.arange(min(len(calib), SENSITIVITY_CALIB_SAMPLES)))
@@ -61,19 +59,14 @@ def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: Calibratio
         select, reference = select.subset(keep), [reference[i] for i in keep]
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="edgebuild-sens-") as tmp:
-        pre = preprocess(onnx_path, Path(tmp))  # once, not once per layer (a 70 MB encoder: ~3 s each)
-        ranges = Path(tmp) / "ranges.json"  # calibrated by the first layer's call, reused by the others
+        fake_quant = FakeQuant(onnx_path, small, Path(tmp))  # the ONNX backend's public fake-quant helper
         for i, name in enumerate(layers, 1):
             if time.monotonic() > deadline:
                 break
-            out = Path(tmp) / "one_layer.onnx"
             try:
                 step = stage(f"{SUBSTEP}sensitivity: layer {i}/{len(layers)} ({name})") if stage else nullcontext()
-                with step:
-                    quantize_static(pre, out, small, {**SIM_SETTINGS, "nodes_to_quantize": [name]}, Path(tmp), ranges,
-                                    preprocessed=True)
-                    with OrtRunner(out, 1, simulate=True) as runner:
-                        metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
+                with step, fake_quant.runner([name]) as runner:
+                    metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
             except Exception:  # noqa: BLE001 — a layer onnxruntime cannot quantize alone has no rank; the search goes on
                 continue
             scores[name] = V.quality_loss(metrics, budget, judging.task)

@@ -205,3 +205,14 @@ def get_backend(name: str) -> Backend:
     if name not in _REGISTRY:
         raise ConversionError(f"module {backend_module(name)} does not register backend {name!r}")
     return _REGISTRY[name]()
+
+REFERENCE_BACKEND = "onnx"  # the FP32 reference runs on this backend's runtime: ONNX Runtime CPU
+
+
+def reference_runner(onnx_path: Path, threads: int) -> Runner:
+    """The reference every target is judged against: the FP32 source ONNX model, unconverted, on the reference
+    backend's runtime (ONNX Runtime, CPU). The one place the pipeline's reference runtime is chosen (the build's
+    reference stage, ``edgebuild validate`` on other data)."""
+    from edgebuild.targets.onnx import OrtRunner
+
+    return OrtRunner(Path(onnx_path), threads)

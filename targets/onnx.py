@@ -214,6 +214,32 @@ def preprocess(src: Path, workdir: Path) -> Path:
     return _preprocessed(src, workdir, keep_names=True)
 
 
+# fake quantization: per-tensor uint8 activations, per-channel int8 weights, min/max ranges, every op type eligible
+FAKE_QUANT_SETTINGS = {"op_types": "all", "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+                       "reduce_range": False, "calibrate_method": "minmax", "symmetric_activations": False,
+                       "symmetric_weights": True}
+
+
+class FakeQuant:
+    """The backend's public fake-quantization helper (the pipeline's per-layer sensitivity uses it, whatever the
+    target): ``runner(layers)`` quantizes only the named nodes of an FP32 ONNX model (QDQ) and runs the result
+    unfused on ONNX Runtime CPU — the arithmetic of an int8 kernel without any CPU-specific saturation.
+
+    The model is pre-processed once and the activation ranges calibrated once (on ``calib``, by the first call),
+    then reused by every call: quantizing one layer at a time costs one quantization pass per layer."""
+
+    def __init__(self, onnx_path: Path, calib: CalibrationSet, workdir: Path):
+        self.calib, self.workdir = calib, workdir
+        self.model = preprocess(onnx_path, workdir)  # once, not once per layer (a 70 MB encoder: ~3 s each)
+        self.ranges = workdir / "fake_quant_ranges.json"
+
+    def runner(self, layers: list[str]) -> Runner:
+        out = self.workdir / "fake_quant.onnx"
+        quantize_static(self.model, out, self.calib, {**FAKE_QUANT_SETTINGS, "nodes_to_quantize": list(layers)},
+                        self.workdir, self.ranges, preprocessed=True)
+        return OrtRunner(out, 1, simulate=True)
+
+
 def is_transformer(onnx_path: Path) -> bool:
     """Attention in the graph: a Softmax whose input comes from a MatMul (through scaling/mask arithmetic) and
     whose output feeds a MatMul — the pattern of every (self-)attention block, whatever the model's name."""
