@@ -17,29 +17,10 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from enum import Enum
 from typing import Any, Callable, ClassVar
 
 from edgebuild.errors import BadInputError
-
-
-class Precision(str, Enum):
-    """What an artifact computes in. A ``str`` enum: equal (and hashing equal) to its value, printed as it,
-    so profiles, JSON and comparisons with plain strings keep working."""
-
-    INT8 = "int8"  # full-integer: weights and activations int8 (calibrated)
-    FP16 = "fp16"  # FP16 weights (and arithmetic where the runtime does it)
-    FP32 = "fp32"  # the source's precision
-    DYNAMIC = "dynamic"  # weight-only INT8: activations stay float
-
-    def __str__(self) -> str:
-        return self.value
-
-    __hash__ = str.__hash__
-
-    @classmethod
-    def values(cls) -> tuple[str, ...]:
-        return tuple(p.value for p in cls)
+from edgebuild.specs import Precision  # noqa: F401 (a leaf type: the pipeline's spec uses it too)
 
 
 # ---- field checkers: each takes a value and returns it normalized, or raises ValueError(what it must be) ------

@@ -6,13 +6,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 from edgebuild.errors import BadInputError
 
 DTYPES = ("float32", "float16", "int64", "int32", "uint8", "int8", "bool")
 LAYOUTS = ("NCHW", "NHWC", "NC", "NCW", "NTC", "ANY")
-PRECISIONS = ("int8", "fp16", "fp32", "dynamic")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # PIL's resize filters
+
+
+class Precision(str, Enum):
+    """What an artifact computes in. A ``str`` enum: equal (and hashing equal) to its value, printed as it,
+    so profiles, JSON and comparisons with plain strings keep working."""
+
+    INT8 = "int8"  # full-integer: weights and activations int8 (calibrated)
+    FP16 = "fp16"  # FP16 weights (and arithmetic where the runtime does it)
+    FP32 = "fp32"  # the source's precision
+    DYNAMIC = "dynamic"  # weight-only INT8: activations stay float
+
+    def __str__(self) -> str:
+        return self.value
+
+    __hash__ = str.__hash__
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(p.value for p in cls)
+
+
+PRECISIONS = Precision.values()  # ("int8", "fp16", "fp32", "dynamic")
 
 
 def check(cond: bool, msg: str) -> None:
