@@ -18,6 +18,7 @@ from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline.cache import file_hash  # noqa: F401 (re-exported: the hash of a model file)
 from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.pipeline.sources import LoadedModel
+from edgebuild.similarity import cosine
 from edgebuild.targets.base import ModelInput, TensorInfo
 
 TORCH_OPSET, MIN_OPSET = 17, 13
@@ -302,8 +303,7 @@ def _fidelity(loaded: LoadedModel, onnx_path: Path, evalset: CalibrationSet) -> 
             for r, g in zip(ref, got):
                 r, g = r.numpy().ravel().astype(np.float64), np.asarray(g).ravel().astype(np.float64)
                 worst_err = max(worst_err, float(np.abs(r - g).max()))
-                denom = np.linalg.norm(r) * np.linalg.norm(g)
-                worst_cos = min(worst_cos, float(r @ g / denom) if denom else float(np.allclose(r, g)))
+                worst_cos = min(worst_cos, cosine(r, g))
     if worst_cos < MIN_EXPORT_COSINE:
         raise ConversionError(f"the exported ONNX disagrees with torch (cosine {worst_cos:.5f}, max abs error {worst_err:.3g})")
     return {"samples": n, "min_cosine": worst_cos, "max_abs_error": worst_err}

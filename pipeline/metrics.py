@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgebuild.similarity import cosine, per_sample_cosine  # the one definition (a leaf: targets/ use it too)
+
 GROUP_GAP = 20.0  # slices whose magnitudes differ by more than this factor belong to different groups
 MAX_GROUPS = 6
 DEAD = 1e-12  # a slice whose range is below this fraction of the output's range carries nothing to judge
 SOFTMAX_TOL = 1e-3
 NEAR_ZERO = 0.1  # samples whose norm is below this fraction of the median have no direction to judge
 NEGLIGIBLE_SCORE = 0.05  # a group of [0, 1] scores that never reaches this is below any decision threshold
-
-
-def cosine(r: np.ndarray, o: np.ndarray) -> float:
-    r, o = r.astype(np.float64).ravel(), o.astype(np.float64).ravel()
-    denom = np.linalg.norm(r) * np.linalg.norm(o)
-    return float(r @ o / denom) if denom else float(np.allclose(r, o))
 
 
 def sqnr_db(r: np.ndarray, o: np.ndarray) -> float:
@@ -46,15 +42,6 @@ def sqnr_floor_db(min_cosine: float) -> float:
     """The SQNR at which an error orthogonal to the signal gives cosine ``min_cosine`` (0.99 -> 16.9 dB)."""
     c = min(max(min_cosine, 1e-6), 1 - 1e-9)
     return float(10 * np.log10(c * c / (1 - c * c)))
-
-
-def per_sample_cosine(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
-    r = ref.reshape(len(ref), -1).astype(np.float64)
-    o = out.reshape(len(out), -1).astype(np.float64)
-    denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
-    same = np.all(np.isclose(r, o), axis=1).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (r * o).sum(1) / np.where(denom > 0, denom, 1.0), same)
 
 
 def sample_vector(a: np.ndarray) -> np.ndarray | None:

@@ -137,8 +137,9 @@ def host() -> dict:
 
 
 def fidelity(fp32_outputs, int8_outputs) -> dict:
-    cos = [float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b)))
-           for a, b in zip(fp32_outputs, int8_outputs)]
+    from edgebuild.similarity import cosine
+
+    cos = [cosine(a, b) for a, b in zip(fp32_outputs, int8_outputs)]
     agree = np.mean([a.argmax() == b.argmax() for a, b in zip(fp32_outputs, int8_outputs)]) * 100
     return {"cosine_mean": float(np.mean(cos)), "cosine_min": float(np.min(cos)), "top1_agreement": float(agree)}
 

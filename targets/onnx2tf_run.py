@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgebuild.similarity import cosine
 from edgebuild.targets.tflite_mixed import ConversionFailure
 
 CHANNEL_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}  # NC... -> N...C
@@ -185,9 +186,7 @@ def check_float_graph(km, job: dict, calib: dict) -> tuple[list, dict]:
             raise ConversionFailure("onnx2tf", f"output {o['name']}: TF shape {list(g.shape)} does not match ONNX {list(r.shape)}")
         perm, value = min(fits, key=lambda pv: float(np.abs(pv[1].astype(np.float64) - r).max(initial=0.0)))
         err = float(np.abs(value.astype(np.float64) - r).max(initial=0.0))
-        a, b = r.ravel().astype(np.float64), value.ravel().astype(np.float64)
-        denom = np.linalg.norm(a) * np.linalg.norm(b)
-        cos = float(a @ b / denom) if denom else float(np.allclose(a, b, atol=1e-5))
+        cos = cosine(r, value, zero_atol=1e-5)
         worst = {"cosine_min": min(worst["cosine_min"], cos), "max_abs_error": max(worst["max_abs_error"], err)}
         perms.append(list(perm) if perm else None)
     if worst["cosine_min"] < 0.999:
