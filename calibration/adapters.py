@@ -1,10 +1,6 @@
 """Feed a CalibrationSet to each backend's calibrator. Backend libraries are imported lazily."""
 from __future__ import annotations
 
-from typing import Iterator
-
-import numpy as np
-
 from edgebuild.calibration.dataset import CalibrationSet
 
 
@@ -34,14 +30,3 @@ def nncf_dataset(calib: CalibrationSet, transform=None):
     import nncf
 
     return nncf.Dataset(calib, transform)
-
-
-def representative_dataset(calib: CalibrationSet, transform=None) -> callable:
-    """A TFLite converter ``representative_dataset``: yields lists of arrays in input order."""
-
-    def gen() -> Iterator[list[np.ndarray]]:
-        for feed in calib.feeds():
-            feed = transform(feed) if transform else feed
-            yield [feed[k] for k in feed]
-
-    return gen

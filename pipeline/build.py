@@ -64,7 +64,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
 
     ``jobs``: targets converted at once (default: the host's cores, fewer when memory is short); see ``_build_all``.
     """
-    from edgebuild.pipeline.data import resolve_data
+    from edgebuild.pipeline.data import budget_calibration, resolve_data
     from edgebuild.pipeline.export import export_onnx
     from edgebuild.pipeline.sources import load_model
     from edgebuild.pipeline.target import BuildContext, Turns, precision_for
@@ -96,6 +96,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
         refdir.mkdir()
         with stage("exporting FP32 ONNX"):
             model, export_record = export_onnx(loaded, evalset, refdir, calib=calib)
+            calib = budget_calibration(calib, model.onnx_path, spec, data_record)  # samples scaled to the model's cost
         cache = StageCache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
         with stage("running the FP32 reference"):
             reference, reference_cached = _reference_outputs(cache, model, evalset)

@@ -193,7 +193,7 @@ def _nullcontext():
 @click.option("--config", "-c", type=click.Path(dir_okay=False), help="Build config (default: ./edgebuild.yaml when present).")
 @click.option("--calib", help="Calibration data: image folder, .npy, .npz, or digits[:train|:test].")
 @click.option("--eval", "eval_", help="Evaluation data (same kinds). One source alone is split into disjoint parts.")
-@click.option("--calib-samples", type=int, help="At most this many calibration samples (default 300).")
+@click.option("--calib-samples", type=int, help="Calibration samples (default: up to 300, fewer for a model with large activations; the manifest says why).")
 @click.option("--resize", metavar="H,W", help="Image folders: resize to H,W (default: the model's input size).")
 @click.option("--scale", type=float, help="Image folders: multiply pixels by this (default 1/255).")
 @click.option("--mean", metavar="M[,M,M]", help="Image folders: subtract per-channel mean (after --scale), e.g. 0.485,0.456,0.406.")

@@ -50,7 +50,7 @@ def export_onnx(loaded: LoadedModel, evalset: CalibrationSet, workdir: Path,
     onnx.save(model, str(out))
     record["opset"] = _opset(model)
     inputs, outputs = _io(model, loaded)
-    mi = ModelInput(out, inputs, outputs, record["opset"], loaded.module, file_hash(out))
+    mi = ModelInput(out, inputs, outputs, record["opset"], file_hash(out))
     log.debug("FP32 ONNX: %s, opset %s, outputs %s, sha256 %s", record.get("exporter"), record["opset"],
               ", ".join(f"{o.name} {list(o.shape)}" for o in outputs), mi.content_hash)
     if loaded.module is not None:

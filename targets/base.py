@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -28,8 +28,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
     layout: str = "ANY"
-    scale: float | None = None  # quantized I/O: real = scale * (q - zero_point)
-    zero_point: int | None = None
 
     def to_dict(self) -> dict:
         """The source-side description recorded in an artifact's ``io`` (metadata.json)."""
@@ -38,13 +36,12 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class ModelInput:
-    """What a backend converts: the exported FP32 ONNX model (and the torch module when there is one)."""
+    """What a backend converts: the exported FP32 ONNX model."""
 
     onnx_path: Path
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     opset: int
-    torch_module: Any = None  # nn.Module or None (ONNX sources)
     content_hash: str = ""
 
 

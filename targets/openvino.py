@@ -40,7 +40,7 @@ INT8_DEFAULTS = {
     "preset": "performance",  # symmetric int8 activations and weights: the CPU plugin's fastest kernels; or "mixed"
     "target_device": "CPU",  # NNCF's CPU hardware config (which ops get quantizers, per-channel weights)
     "model_type": "auto",  # "transformer": NNCF's attention scheme (keeps sensitive ops in float); auto: when attention is found
-    "subset_size": 300,  # calibration samples used at most (NNCF's default)
+    "subset_size": None,  # None: every calibration sample the build chose (calibration/budget.py); N: at most N
     "fast_bias_correction": True,  # False: NNCF's full bias correction (slower, sometimes more accurate)
     "overflow_fix": "first_layer_only",  # 7-bit weights where AVX2/AVX-512 int8 kernels (no VNNI) can saturate
     "ignored_scope": {"names": [], "types": [], "patterns": []},  # layers kept in float (ONNX or OpenVINO terms)
@@ -208,7 +208,8 @@ def _int8_settings(s: dict, target: str) -> dict:
         if value not in allowed:
             raise BadInputError(f"{target}: quant.{key} must be one of {list(allowed)}, got {s[key]!r}")
         s[key] = value
-    if isinstance(s["subset_size"], bool) or not isinstance(s["subset_size"], int) or s["subset_size"] < 1:
+    if s["subset_size"] is not None and (isinstance(s["subset_size"], bool) or not isinstance(s["subset_size"], int)
+                                         or s["subset_size"] < 1):
         raise BadInputError(f"{target}: quant.subset_size must be a positive integer, got {s['subset_size']!r}")
     s["fast_bias_correction"] = bool(s["fast_bias_correction"])
     scope = s["ignored_scope"] or {}
@@ -266,10 +267,12 @@ def _quantize(ov_model, calib: CalibrationSet, s: dict, target: str):
     """NNCF post-training quantization; returns (model, what was applied, notes)."""
     nncf = import_without_telemetry("nncf")
     from edgebuild.calibration.adapters import nncf_dataset
+    from edgebuild.calibration.budget import at_most
 
     resolved, notes = resolve_float_scope(ov_model, s, target)
     scope = nncf.IgnoredScope(**resolved, validate=True) if any(resolved.values()) else None
-    subset = min(s["subset_size"], len(calib))
+    calib = at_most(calib, s["subset_size"])
+    subset = len(calib)  # NNCF's own default (300) would cap again
     kwargs = dict(
         preset=nncf.QuantizationPreset(s["preset"]), target_device=nncf.TargetDevice(s["target_device"]),
         subset_size=subset, fast_bias_correction=s["fast_bias_correction"],

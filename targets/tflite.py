@@ -37,6 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.budget import at_most
 from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register, stem
 from edgebuild.targets.profiles import TargetProfile
@@ -58,7 +59,8 @@ DEFAULTS = {
     "timeout_s": 900,
 }
 # ... and for full-integer INT8 only.
-INT8_DEFAULTS = {"io_dtype": "float32", "per_channel": True, "calibration_samples": None,
+INT8_DEFAULTS = {"io_dtype": "float32", "per_channel": True,
+                 "calibration_samples": None,  # None: every sample the build chose (calibration/budget.py); N: at most N
                  "quantizer": "auto",  # auto | mlir | legacy: TF's quantizer (auto: legacy for LSTM/GRU/RNN)
                  "float_layers": []}  # ONNX node names whose TFLite ops stay float (the accuracy search's mixed precision)
 FLOAT_CHECK_SAMPLES = 8  # samples sent to float conversions (onnx2tf's shape inference, the FP32 graph check)
@@ -119,7 +121,8 @@ class TFLiteBackend(Backend):
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-") as tmp:
             job_dir = Path(tmp)
-            n = _samples_to_send(len(calib), precision, s)
+            calib = at_most(calib, s.get("calibration_samples")) if precision == "int8" else calib
+            n = len(calib) if precision == "int8" else min(len(calib), FLOAT_CHECK_SAMPLES)
             np.savez(job_dir / "calib.npz", **_stacked_feeds(calib, model.inputs, n))
             through = passthrough.find(model.onnx_path)  # outputs that are an input: onnx2tf drops them
             onnx_in = passthrough.trimmed_copy(model.onnx_path, through, job_dir / "model.onnx") if through \
@@ -264,12 +267,6 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-
-
-def _samples_to_send(available: int, precision: str, s: dict) -> int:
-    if precision == "int8":
-        return min(available, int(s.get("calibration_samples") or available))
-    return min(available, FLOAT_CHECK_SAMPLES)
 
 
 def _stacked_feeds(calib: CalibrationSet, inputs, n: int) -> dict[str, np.ndarray]:

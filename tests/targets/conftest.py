@@ -9,7 +9,7 @@ from edgebuild.targets.base import ModelInput, TensorInfo
 @pytest.fixture(scope="module")
 def model(demo_onnx):
     return ModelInput(demo_onnx, (TensorInfo("input", (1, 1, 8, 8), "float32", "NCHW"),),
-                      (TensorInfo("logits", (1, 10), "float32"),), 17, None, file_hash(demo_onnx))
+                      (TensorInfo("logits", (1, 10), "float32"),), 17, file_hash(demo_onnx))
 
 
 @pytest.fixture(scope="module")
