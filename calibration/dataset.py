@@ -166,11 +166,14 @@ def split(data: CalibrationSet, eval_fraction: float, seed: int) -> tuple[Calibr
 
 
 def cap(data: CalibrationSet, max_samples: int, seed: int) -> CalibrationSet:
-    """At most ``max_samples`` samples, chosen deterministically (class-balanced order is not assumed)."""
+    """At most ``max_samples`` samples, chosen deterministically (class-balanced order is not assumed): a random
+    subset, never the first ones (an image folder is in class order). How many is decided in
+    ``calibration/budget.py``; ``sampled.of`` stays the data's own count when a capped set is capped again."""
     if len(data) <= max_samples:
         return data
     idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:max_samples])
-    return data.subset(idx, sampled={"of": len(data), "kept": max_samples, "seed": seed})
+    of = (data.origin.get("sampled") or {}).get("of", len(data))
+    return data.subset(idx, sampled={"of": of, "kept": max_samples, "seed": seed})
 
 
 def drop_overlap(calib: CalibrationSet, evalset: CalibrationSet) -> tuple[CalibrationSet, int]:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+from edgebuild.calibration.budget import DEFAULT_SAMPLES, activation_elements, choose_samples
 from edgebuild.calibration.dataset import CalibrationSet, cap, drop_overlap, split
 from edgebuild.calibration.sources import load_source
 from edgebuild.pipeline.errors import BadInputError
@@ -35,7 +37,7 @@ def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[Calibr
         record["split"] = f"one source split {len(calib)}/{len(evalset)} (seed {spec.seed})"
     if len(evalset) == 0:
         raise BadInputError("the evaluation set is empty")
-    calib = cap(calib, spec.calib_samples, spec.seed)
+    calib = cap(calib, spec.calib_samples or DEFAULT_SAMPLES, spec.seed)  # fewer once the model's cost is known
     record.update(calibration=calib.describe(), evaluation=evalset.describe())
     names = class_names(spec, calib, evalset)
     if names:
@@ -43,6 +45,20 @@ def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[Calibr
     log.debug("calibration: %d samples (%s); evaluation: %d samples (%s); labels: %s; classes: %s", len(calib),
               calib.name, len(evalset), evalset.name, evalset.has_labels, len(names) if names else "none")
     return calib, evalset, record
+
+
+def budget_calibration(calib: CalibrationSet, onnx_path: Path, spec: BuildSpec, record: dict) -> CalibrationSet:
+    """The calibration samples every backend and the sensitivity analysis use (``calibration/budget.py``): what
+    the build asked for, fewer when the exported model's activation volume would make each calibration the slow
+    part of the build. The choice goes into ``record`` (the manifest's ``data``) and the build log."""
+    available = int((calib.origin.get("sampled") or {}).get("of", len(calib)))
+    choice = choose_samples(available, spec.calib_samples, activation_elements(onnx_path))
+    if choice.used < len(calib):
+        calib = cap(calib, choice.used, spec.seed)
+    record["calibration"] = calib.describe()
+    record["calibration_samples"] = choice.to_dict()
+    log.info("calibration: %d samples — %s", choice.used, choice.reason)
+    return calib
 
 
 def class_names(spec: BuildSpec, calib: CalibrationSet, evalset: CalibrationSet) -> list[str] | None:

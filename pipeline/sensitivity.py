@@ -13,13 +13,14 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from edgebuild.calibration.budget import at_most
 from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.progress import SUBSTEP
 
 QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
-SENSITIVITY_CALIB_SAMPLES = 64
+SENSITIVITY_CALIB_SAMPLES = 64  # of the build's calibration samples (calibration/budget.py): a ranking, not shipped ranges
 SENSITIVITY_EVAL_SAMPLES = 96  # selection samples each layer is scored on, at most
 MIN_EVAL_SAMPLES = 16  # ... and at least (when the selection part has them)
 LAYER_SAMPLE_BUDGET = 1536  # layers x samples scored at most: more layers, fewer samples each
@@ -52,7 +53,7 @@ def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: Calibratio
     from edgebuild.targets.onnx import FakeQuant
 
     layers = quantizable_layers(onnx_path)[:max_layers]
-    small = calib.subset(np.arange(min(len(calib), SENSITIVITY_CALIB_SAMPLES)))
+    small = at_most(calib, SENSITIVITY_CALIB_SAMPLES)  # a random part: the first ones may be one class
     keep_n = samples_per_layer(len(layers))
     if len(select) > keep_n:  # layers x samples bounded: rank on a fixed-size part
         keep = np.sort(np.random.default_rng(0).permutation(len(select))[:keep_n])

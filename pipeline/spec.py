@@ -64,7 +64,7 @@ class BuildSpec:
     preprocess: PreprocessSpec = PreprocessSpec()
     calib: str | None = None
     eval: str | None = None
-    calib_samples: int = 300
+    calib_samples: int | None = None  # None: automatic, at most 300, fewer for a costly model (calibration/budget.py)
     eval_fraction: float = 0.5  # used when one data source must be split
     targets: tuple[str, ...] = ()
     profile_files: tuple[str, ...] = ()
@@ -105,7 +105,9 @@ class BuildSpec:
             check_objective(self.objective, "config")
         _check(self.precision is None or self.precision in PRECISIONS,
                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _check(self.calib_samples > 0, "calib_samples must be positive")
+        _check(self.calib_samples is None or (isinstance(self.calib_samples, int) and not isinstance(self.calib_samples, bool)
+                                             and self.calib_samples > 0),
+               f"calib_samples must be positive (a whole number of samples), got {self.calib_samples!r}")
         _check(self.build_max_seconds is None or (isinstance(self.build_max_seconds, (int, float))
                                                   and 0 < self.build_max_seconds < float("inf")),
                f"build_max_seconds must be a positive number of seconds, got {self.build_max_seconds!r}")
