@@ -2,4 +2,5 @@
 ``targets/`` imports without importing the pipeline; re-exported here."""
 from __future__ import annotations
 
-from edgebuild.procs import child_setup, die_with_parent, kill_group, terminate_as_interrupt  # noqa: F401
+from edgebuild.procs import (  # noqa: F401
+    die_with_parent, forget, kill_group, kill_tracked, terminate_as_interrupt, track)

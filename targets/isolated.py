@@ -1,19 +1,54 @@
-"""Run a backend's Runner in a spawned subprocess, so a native crash becomes a ConversionError."""
+"""One isolation mechanism: native code that can crash runs in a spawned child process.
+
+Every conversion (the TFLite converter, OpenVINO/NNCF, ONNX Runtime quantization) and every runner of a native
+runtime that can crash (LiteRT, OpenVINO, TensorFlow Lite Micro) runs in a ``Child``:
+
+* started with multiprocessing's *spawn*: a fresh interpreter that holds none of the build's memory, and that
+  does not re-run the user's script (``_without_callers_main``);
+* in its own process group and with PR_SET_PDEATHSIG: it dies with the build (even a ``kill -9`` of it), and on
+  a timeout, Ctrl-C or SIGTERM (``edgebuild.procs.kill_tracked``) its whole group is killed, whatever it started;
+* its output goes to its log file, or its stdout to stderr (``edgebuild --json`` keeps stdout for the manifest);
+* a crash (a signal, or an exit without an answer), a timeout or an exception in the child is a
+  ``ConversionError`` of one line (the signal's name and the phase the child had reached, "timed out after N s",
+  the exception's line) — a failed target, never a dead build. An ``EdgeBuildError`` raised in a conversion
+  child keeps its type and message (a bad setting stays exit 2).
+
+``run_isolated(fn, job, timeout)`` runs one module-level function in a child and returns its picklable result:
+one child per conversion (``run_with_samples`` hands it the calibration samples as files it maps, never through
+the pipe, never whole in memory). ``IsolatedRunner`` keeps one child per artifact serving the backend's Runner:
+runs, timing, and the memory probe (targets/memory_probe.py, for pipeline/memory.py).
+
+Fault injection for tests: ``EDGEBUILD_FAULT=crash:NAME`` (or ``hang:NAME``) makes the child named NAME
+(``convert:onnx``, ``convert:openvino``, ``convert:tflite``, ``runtime:<backend>``) kill itself with SIGSEGV
+(or hang) before its job.
+"""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import re
+import signal
 import sys
+import tempfile
 import threading
+import time
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
-from edgebuild.errors import ConversionError
+from edgebuild.errors import ConversionError, EdgeBuildError
 from edgebuild.targets.base import Artifact, Runner, get_backend
 
-START_TIMEOUT_S = 120
+START_TIMEOUT_S = 120  # a runner's child: start-up and loading the artifact
+CONVERT_TIMEOUT_S = 3600  # an OpenVINO/NNCF or ONNX Runtime conversion (the TFLite converter's is quant.timeout_s)
+FAULT_ENV = "EDGEBUILD_FAULT"
+POLL_S = 0.2
+SAMPLE_CHUNK = 64  # samples copied at once into the child's sample files
 _STARTING = threading.Lock()  # targets built side by side start their children from several threads
+_PHASE: list[Path] = []  # in a child: the file its progress goes to (``set_phase``)
 
 
 @contextmanager
@@ -22,7 +57,7 @@ def _without_callers_main():
 
     multiprocessing's spawn re-imports the parent's ``__main__`` in the child; a user script calling
     ``edgebuild.build`` without an ``if __name__ == "__main__"`` guard would then start a build in every child.
-    The child runs only edgebuild's own ``_serve``, so it is told there is no main script to import."""
+    The child runs only edgebuild's own code, so it is told there is no main script to import."""
     main = sys.modules.get("__main__")
     if main is None:
         yield
@@ -39,11 +74,254 @@ def _without_callers_main():
                 del main.__spec__
 
 
-def _serve(conn, backend: str, artifact: dict, threads: int, opener: str = "", memory: bool = False) -> None:
-    from edgebuild.targets import memory_probe as mem
+# ---- in the child ---------------------------------------------------------------------------------------
+
+
+def _child_main(conn, name: str, log: str | None, phase: str | None, cwd: str | None, env: dict, entry,
+                payload) -> None:
+    """The child's first code: its own process group, death with the build, its name, output, directory and
+    environment; then ``entry(conn, payload)``."""
     from edgebuild.procs import die_with_parent
 
-    die_with_parent()  # a killed build takes its runtime with it
+    os.setpgid(0, 0)
+    die_with_parent()
+    mp.current_process().daemon = False  # a converter may start processes of its own
+    _set_name(name)
+    if log:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    else:
+        os.dup2(2, 1)
+    if cwd:
+        os.chdir(cwd)
+    os.environ.update(env)
+    if env.get("PYTHONWARNINGS") == "ignore":
+        import warnings
+
+        warnings.simplefilter("ignore")
+    if phase:
+        _PHASE.append(Path(phase))
+    _fault(name)
+    entry(conn, payload)
+
+
+def _set_name(name: str) -> None:
+    """The process name (``/proc/PID/comm``, what ``top`` shows): ``convert:tflite``, ``runtime:openvino``."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _fault(name: str) -> None:
+    fault, _, who = os.environ.get(FAULT_ENV, "").partition(":")
+    if who == name:
+        if fault == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        elif fault == "hang":
+            time.sleep(10**6)
+
+
+def set_phase(text: str) -> None:
+    """In a child: what it is doing now (named in the build's message if it crashes or times out)."""
+    if _PHASE:
+        _PHASE[0].write_text(text)
+
+
+def release_memory() -> None:
+    """Give what a finished step freed back to the system (glibc keeps freed heap otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _describe(e: BaseException) -> dict:
+    text = str(e).strip()
+    info = {"line": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:400],
+            "traceback": traceback.format_exc(limit=8)}
+    if isinstance(e, EdgeBuildError) and type(e).__module__ == "edgebuild.errors":
+        attrs = {k: v for k, v in vars(e).items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
+        info["error"] = (type(e).__name__, str(e), attrs)
+    return info
+
+
+def _call(conn, payload) -> None:
+    """A one-shot child: ``fn(job)``, its result or its error sent back."""
+    fn, job = payload
+    try:
+        answer = ("ok", fn(job))
+    except BaseException as e:  # everything goes back to the parent, which turns it into a ConversionError
+        answer = ("error", _describe(e))
+    sys.stdout.flush()
+    try:
+        conn.send(answer)
+    except Exception as e:  # noqa: BLE001 — an unpicklable result
+        conn.send(("error", _describe(e)))
+
+
+# ---- in the build ---------------------------------------------------------------------------------------
+
+
+class Child:
+    """One spawned child process (see the module docstring) answering ``(status, value)`` on a pipe."""
+
+    def __init__(self, entry, payload, name: str, what: str, role: str = "converter", log: Path | None = None,
+                 phase: Path | None = None, cwd: Path | None = None, env: dict | None = None):
+        from edgebuild.procs import track
+
+        ctx = mp.get_context("spawn")
+        self.conn, theirs = ctx.Pipe()
+        self.what, self.role, self.log, self.phase, self._done = what, role, log, phase, False
+        args = (theirs, name, *(str(p) if p else None for p in (log, phase, cwd)), env or {}, entry, payload)
+        self.proc = ctx.Process(target=_child_main, name=name, args=args, daemon=True)
+        with _without_callers_main():
+            self.proc.start()
+        theirs.close()  # the child's end lives in the child only: its death is an EOF here
+        track(self.proc.pid)
+
+    def receive(self, timeout: float | None = None, keep_errors: bool = True, hint: str = "") -> Any:
+        """The child's next answer; its crash, a timeout (the child is killed) or its error as a ConversionError
+        (``keep_errors``: an EdgeBuildError raised in the child keeps its type and message)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.conn.poll(POLL_S):
+            if not self.proc.is_alive() and not self.conn.poll(0):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self.kill()
+                raise ConversionError(f"{self.what}: the {self.role} timed out after {timeout:g} s{self._during()}"
+                                      f"{hint}")
+        try:
+            status, value = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            raise ConversionError(f"{self.what}: the {self.role} crashed ({_how(self.proc.exitcode)})"
+                                  f"{self._during()}{log_hint(self.log)}") from None
+        if status != "ok":
+            raise _error(self.what, value, keep_errors)
+        return value
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def kill(self) -> None:
+        """Kill the child and everything it started (its process group); idempotent."""
+        from edgebuild.procs import forget, kill_group
+
+        if self._done:
+            return
+        self._done = True
+        kill_group(self.proc.pid)
+        if self.proc.is_alive():
+            self.proc.kill()
+        forget(self.proc.pid)
+        self.proc.join()
+        self.conn.close()
+
+    def _during(self) -> str:
+        if self.phase is None:
+            return ""
+        return f" during {self.phase.read_text() if self.phase.is_file() else 'start-up'}"
+
+
+def _how(code: int | None) -> str:
+    if code is None or code >= 0:
+        return f"exit code {code}"
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _error(what: str, info: dict, keep_errors: bool) -> EdgeBuildError:
+    if keep_errors and "error" in info:
+        import edgebuild.errors as errors
+
+        name, message, attrs = info["error"]
+        cls = getattr(errors, name, ConversionError)
+        err = cls.__new__(cls)
+        Exception.__init__(err, message)
+        err.__dict__.update(attrs)
+    else:
+        err = ConversionError(f"{what}: {info['line']}")
+    err.child_traceback = info["traceback"]  # for a bug report; the message stays one line
+    return err
+
+
+def log_hint(log: Path | None) -> str:
+    """A child's last error line, when its log has one (onnx2tf prints errors before sys.exit)."""
+    if log is None or not log.is_file():
+        return ""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))
+    lines = [ln.strip() for ln in text.splitlines() if re.search(r"\bERROR:|Error:|Fatal Python error", ln)]
+    return f" — {lines[-1][:200]}" if lines else ""
+
+
+def run_isolated(fn: Callable[[Any], Any], job: Any, timeout: float, *, what: str = "conversion",
+                 name: str = "convert", log: Path | None = None, phase: Path | None = None, cwd: Path | None = None,
+                 env: dict | None = None, hint: str = "") -> Any:
+    """``fn(job)`` (a module-level function, a picklable job) in a child process of its own; its result.
+
+    ``what`` starts every error message; ``name`` names the process; ``log`` takes its output; ``phase`` is the
+    file ``set_phase`` writes (named when it crashes or times out); ``hint`` ends a timeout's message."""
+    child = Child(_call, (fn, job), name, what, "converter", log, phase, cwd, env)
+    try:
+        return child.receive(timeout, hint=hint)
+    finally:  # done, failed, timed out, Ctrl-C or SIGTERM: nothing is left running
+        child.kill()
+
+
+def run_with_samples(fn: Callable[[dict], Any], job: dict, calib, timeout: float | None = None, **kwargs) -> Any:
+    """``run_isolated`` (``timeout`` by default ``CONVERT_TIMEOUT_S``) with ``job["samples"]`` = ``calib`` (a
+    CalibrationSet or None) as files in a temporary directory, which also holds the child's log and phase;
+    ``samples_from_disk`` reads them back in the child."""
+    with tempfile.TemporaryDirectory(prefix="edgebuild-job-") as tmp:
+        job = {**job, "samples": samples_to_disk(calib, Path(tmp)) if calib is not None else None}
+        return run_isolated(fn, job, CONVERT_TIMEOUT_S if timeout is None else timeout, log=Path(tmp) / "child.log",
+                            phase=Path(tmp) / "phase", **kwargs)
+
+
+def samples_to_disk(calib, directory: Path) -> dict:
+    """A CalibrationSet as ``.npy`` files (copied ``SAMPLE_CHUNK`` samples at a time: a disk-backed set is never
+    whole in memory) and what rebuilds it around them."""
+    files = {}
+    for i, (name, array) in enumerate(calib.inputs.items()):
+        path = directory / f"samples-{i}.npy"
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
+        for start in range(0, len(array), SAMPLE_CHUNK):
+            out[start:start + SAMPLE_CHUNK] = array[start:start + SAMPLE_CHUNK]
+        out.flush()
+        del out
+        files[name] = str(path)
+    return {"name": calib.name, "files": files, "labels": calib.labels, "origin": calib.origin,
+            "shapes": calib.shapes}
+
+
+def samples_from_disk(spec: dict | None):
+    """In the child: the CalibrationSet ``samples_to_disk`` wrote, its arrays mapped from disk (None: none)."""
+    if spec is None:
+        return None
+    from edgebuild.calibration.dataset import CalibrationSet
+
+    inputs = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in spec["files"].items()}
+    return CalibrationSet(spec["name"], inputs, spec["labels"], spec["origin"], spec["shapes"])
+
+
+# ---- runners ----------------------------------------------------------------------------------------------
+
+
+def _serve(conn, payload) -> None:
+    backend, artifact, threads, opener, memory = payload
+    from edgebuild.targets import memory_probe as mem
+
     try:
         # memory probe: import the runtime, then take the resident set as the baseline and reset the peak
         base = mem.baseline(backend, opener) if memory else None
@@ -51,7 +329,7 @@ def _serve(conn, backend: str, artifact: dict, threads: int, opener: str = "", m
             get_backend(backend).runner(Artifact.from_dict(artifact), threads)
         conn.send(("ok", None))
     except BaseException as e:  # report, then stop: the parent turns it into a ConversionError
-        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        conn.send(("error", _describe(e)))
         return
     while True:
         try:
@@ -65,62 +343,46 @@ def _serve(conn, backend: str, artifact: dict, threads: int, opener: str = "", m
                       "memory": lambda: mem.snapshot(base, runner)}[op](*args)
             conn.send(("ok", result))
         except BaseException as e:
-            conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+            conn.send(("error", _describe(e)))
 
 
 class IsolatedRunner(Runner):
     def __init__(self, backend: str, artifact: Artifact, threads: int, opener: str = "", memory: bool = False):
         """``opener`` ("module:function(artifact, threads) -> Runner") replaces the backend's runner (TFLM);
         ``memory`` measures the child's resident memory above its baseline (targets/memory_probe.py)."""
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, backend, artifact.to_dict(), threads, opener, memory),
-                                 daemon=True)
-        with _without_callers_main():
-            self._proc.start()
-        self._what = f"{artifact.target}/{artifact.main}"
-        self._wait(START_TIMEOUT_S)
-
-    def _wait(self, timeout: float | None = None):
-        waited = 0.0
-        while not self._conn.poll(0.5):
-            waited += 0.5
-            if not self._proc.is_alive():
-                raise ConversionError(f"{self._what}: the runtime crashed (exit code {self._proc.exitcode})")
-            if timeout is not None and waited > timeout:
-                self.close()
-                raise ConversionError(f"{self._what}: the runtime did not start within {timeout} s")
+        self._child = Child(_serve, (backend, artifact.to_dict(), threads, opener, memory), f"runtime:{backend}",
+                            f"{artifact.target}/{artifact.main}", role="runtime")
         try:
-            status, value = self._conn.recv()
-        except EOFError:
-            raise ConversionError(f"{self._what}: the runtime crashed (exit code {self._proc.exitcode})") from None
-        if status != "ok":
-            raise ConversionError(f"{self._what}: {value.splitlines()[0]}")
-        return value
+            self._child.receive(START_TIMEOUT_S, keep_errors=False, hint=" (starting)")
+        except BaseException:
+            self._child.kill()
+            raise
+
+    def _ask(self, op: str, *args):
+        try:
+            self._child.send((op, args))
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone: receive says how
+        return self._child.receive(keep_errors=False)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        self._conn.send(("run", (feed,)))
-        return self._wait()
+        return self._ask("run", feed)
 
     def time_ms(self, feed, warmup, runs, budget_s) -> list[float]:
-        self._conn.send(("time", (feed, warmup, runs, budget_s)))
-        return self._wait()
+        return self._ask("time", feed, warmup, runs, budget_s)
 
     def threads_used(self) -> int | None:
-        self._conn.send(("threads", ()))
-        return self._wait()
+        return self._ask("threads")
 
     def memory(self) -> dict:
         """The child's memory now (started with ``memory=True``): baseline, resident, peak, runtime's report."""
-        self._conn.send(("memory", ()))
-        return self._wait()
+        return self._ask("memory")
 
     def close(self) -> None:
-        if self._proc.is_alive():
+        if not self._child._done and self._child.proc.is_alive():
             try:
-                self._conn.send(("close", ()))
+                self._child.send(("close", ()))
+                self._child.proc.join(5)
             except (BrokenPipeError, OSError):
                 pass
-            self._proc.join(5)
-            if self._proc.is_alive():
-                self._proc.kill()
+        self._child.kill()

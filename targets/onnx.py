@@ -82,11 +82,8 @@ class OnnxBackend(Backend):
                 shutil.copyfile(model.onnx_path, out)
             elif precision == "fp16":
                 _to_fp16(model.onnx_path, out)
-            elif precision == "dynamic":
-                _quantize_dynamic(model.onnx_path, out, workdir)
-            elif precision == "int8":
-                notes = _quantize_static(model.onnx_path, out, calib, settings, workdir)
-                _check_quantized(out, profile.name)
+            elif precision in ("dynamic", "int8"):  # onnxruntime's native quantization: in a converter child
+                notes = _quantize_isolated(model.onnx_path, out, calib, settings, workdir, precision, profile.name)
             else:
                 raise ConversionError(f"{profile.name}: onnx backend cannot build precision {precision}")
         except ConversionError:
@@ -188,6 +185,32 @@ def _check_quantized(path: Path, target: str) -> None:
         subgraphs = sorted({n.op_type for n in graph.node if any(a.type == onnx.AttributeProto.GRAPH for a in n.attribute)})
         where = f" (its layers sit inside {', '.join(subgraphs)} subgraphs, which onnxruntime does not quantize)" if subgraphs else ""
         raise ConversionError(f"{target}: INT8 quantization left every layer in float{where}")
+
+
+def _quantize_isolated(src: Path, out: Path, calib: CalibrationSet, settings: dict, workdir: Path, precision: str,
+                       target: str) -> list[str]:
+    """Dynamic or static INT8 quantization in a converter child (targets/isolated.py): a crash or a hang of
+    onnxruntime's native code fails this target, not the build. Returns the conversion's notes."""
+    from edgebuild.targets.isolated import run_with_samples
+
+    job = {"src": str(src), "out": str(out), "settings": settings, "workdir": str(workdir), "precision": precision,
+           "target": target}
+    return run_with_samples(_quantize_job, job, calib if precision == "int8" else None,
+                            what=f"{target}: ONNX {precision} conversion failed", name="convert:onnx")
+
+
+def _quantize_job(job: dict) -> list[str]:
+    """In the converter child: the quantization proper."""
+    from edgebuild.targets.isolated import samples_from_disk, set_phase
+
+    src, out, workdir = Path(job["src"]), Path(job["out"]), Path(job["workdir"])
+    set_phase(f"onnxruntime {job['precision']} quantization")
+    if job["precision"] == "dynamic":
+        _quantize_dynamic(src, out, workdir)
+        return []
+    notes = _quantize_static(src, out, samples_from_disk(job["samples"]), job["settings"], workdir)
+    _check_quantized(out, job["target"])
+    return notes
 
 
 def _quantize_dynamic(src: Path, out: Path, workdir: Path) -> None:

@@ -107,22 +107,15 @@ class OpenVinoBackend(Backend):
                 settings["model_type"] = "transformer" if is_transformer(model.onnx_path) else None
             if calib is None or len(calib) == 0:
                 raise BadInputError(f"{profile.name}: INT8 needs calibration samples (--calib)")
-        ov = import_without_telemetry("openvino")
-        notes: list[str] = []
-        try:
-            ov_model = ov.convert_model(str(model.onnx_path))
-            if precision == "int8":
-                ov_model, applied, notes = _quantize(ov_model, calib, settings, profile.name)
-            else:
-                settings, applied = {"compress_to_fp16": precision == "fp16"}, {}
-            # INT8: float constants stay FP32, so layers kept out of quantization really are FP32
-            ov.save_model(ov_model, str(xml), compress_to_fp16=precision == "fp16")
-        except EdgeBuildError:
-            raise
-        except Exception as e:  # OpenVINO and NNCF raise many types; they are conversion failures of this target
-            raise ConversionError(f"{profile.name}: OpenVINO {precision} conversion failed: {_one_line(e)}") from e
-        applied.update(converter=f"openvino.convert_model(ONNX) {ov.get_version().split('-')[0]}",
-                       compile_config=compile_config(precision))
+        from edgebuild.targets.isolated import run_with_samples
+
+        # OpenVINO and NNCF are native code: converted in a child process (a crash fails this target, not the build)
+        job = {"onnx": str(model.onnx_path), "xml": str(xml), "precision": precision, "settings": settings,
+               "target": profile.name}
+        settings, applied, notes = run_with_samples(_convert_job, job, calib if precision == "int8" else None,
+                                                    what=f"{profile.name}: OpenVINO {precision} conversion failed",
+                                                    name="convert:openvino")
+        applied.update(compile_config=compile_config(precision))
         io_ = {"inputs": [t.to_dict() for t in model.inputs], "outputs": [t.to_dict() for t in model.outputs]}
         files = [xml.name, xml.with_suffix(".bin").name]
         return Artifact(profile.name, self.name, precision, workdir, xml.name, files, {**settings, APPLIED: applied},
@@ -130,6 +123,33 @@ class OpenVinoBackend(Backend):
 
     def runner(self, artifact: Artifact, threads: int) -> Runner:
         return OpenVinoRunner(artifact.path, artifact.precision, threads)
+
+
+def _convert_job(job: dict) -> tuple[dict, dict, list[str]]:
+    """In the converter child (targets/isolated.py): ONNX -> IR, NNCF for INT8, saved. Returns the settings, what
+    was applied and the notes."""
+    from edgebuild.targets.isolated import samples_from_disk, set_phase
+
+    precision, settings, target = job["precision"], job["settings"], job["target"]
+    ov = import_without_telemetry("openvino")
+    notes: list[str] = []
+    try:
+        set_phase("openvino.convert_model")
+        ov_model = ov.convert_model(job["onnx"])
+        if precision == "int8":
+            set_phase("nncf.quantize")
+            ov_model, applied, notes = _quantize(ov_model, samples_from_disk(job["samples"]), settings, target)
+        else:
+            settings, applied = {"compress_to_fp16": precision == "fp16"}, {}
+        set_phase("openvino.save_model")
+        # INT8: float constants stay FP32, so layers kept out of quantization really are FP32
+        ov.save_model(ov_model, job["xml"], compress_to_fp16=precision == "fp16")
+    except EdgeBuildError:
+        raise
+    except Exception as e:  # OpenVINO and NNCF raise many types; they are conversion failures of this target
+        raise ConversionError(f"{target}: OpenVINO {precision} conversion failed: {_one_line(e)}") from e
+    applied["converter"] = f"openvino.convert_model(ONNX) {ov.get_version().split('-')[0]}"
+    return settings, applied, notes
 
 
 def compile_config(precision: str, threads: int | None = None) -> dict:

@@ -1,8 +1,7 @@
 """The TFLite converter child and its siblings: one onnx2tf/TensorFlow run, several ``.tflite`` precisions.
 
-    python -m edgebuild.targets.tflite_family JOB_DIR
-
-Runs ``targets/tflite_convert.py``'s conversion of ``job.json`` unchanged. When the job names ``siblings``
+``convert_job(JOB_DIR)``, run in a converter child by ``run_child`` (targets/isolated.py), runs
+``targets/tflite_convert.py``'s conversion of ``job.json`` unchanged. When the job names ``siblings``
 (``{"fp32": {"settings": {...}}}``), each sibling precision is converted from the very same Keras graph
 (onnx2tf's output, already checked against the ONNX model) just before the job's own precision, and written to
 ``JOB_DIR/siblings/<precision>/model.tflite`` with its ``result.json``: the build's FP32 baseline no longer
@@ -16,20 +15,18 @@ Memory: before the first conversion the calibration arrays go to disk (``_calibr
 sample at a time), and what a sibling's conversion freed is given back to the system before the next one; the
 child's peak is TensorFlow's converter on top of TensorFlow itself, not the calibration set.
 
-Parent side: ``run_child`` starts this child in its own process group, waits with a time limit and turns a crash
-or a failure into a ConversionError naming the phase.
+Parent side: ``run_child`` runs it through ``run_isolated`` (targets/isolated.py: its own process group, a time
+limit, output to ``JOB_DIR/convert.log``, progress to ``JOB_DIR/phase``), which turns a crash or a timeout into a
+ConversionError naming the phase; a failed conversion is one naming the converter's error.
 """
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
 from edgebuild.errors import ConversionError
+from edgebuild.targets.isolated import log_hint, release_memory
 
 SIBLING_KEYS_DROPPED = ("float_layer_map", "auto_float_ops", "quantizer_used")  # what the job's INT8 conversion adds
 
@@ -67,12 +64,12 @@ def with_siblings(job_dir: Path, siblings: dict) -> None:
         if not done:  # the first time: the calibration data goes to disk (the ONNX checks that needed it are done)
             done.add("")
             _calibration_to_disk(calib, job_dir)
-            _release_memory()  # onnx2tf's and the ONNX check's garbage
+            release_memory()  # onnx2tf's and the ONNX check's garbage
         for precision, spec in siblings.items():
             if precision not in done:  # once, not again on a repair round of the job's own conversion
                 done.add(precision)
                 _convert_sibling(real, km, job, calib, job_dir, precision, spec["settings"], phase)
-                _release_memory()
+                release_memory()
         return real(km, job, calib, out_dir, phase)
 
     tc._convert_checked = convert_checked
@@ -113,18 +110,6 @@ def _calibration_to_disk(calib: dict, job_dir: Path) -> None:
         calib[name] = _DiskRows(path, array)
 
 
-def _release_memory() -> None:
-    """Give what a finished conversion freed back to the system (glibc keeps freed heap otherwise)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def sibling_results(job_dir: Path) -> dict[str, dict]:
     """``{precision: result}`` of the siblings the child converted (ok or not)."""
     out = {}
@@ -136,62 +121,35 @@ def sibling_results(job_dir: Path) -> dict[str, dict]:
     return out
 
 
-def run_child(job_dir: Path, what: str, timeout: float) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore"}
-    log = job_dir / "convert.log"
-    from edgebuild.procs import child_setup, kill_group
+CHILD_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore"}
 
-    with open(log, "wb") as f:
-        # own process group + PR_SET_PDEATHSIG: the converter (and whatever it starts) dies with the build
-        proc = subprocess.Popen([sys.executable, "-m", "edgebuild.targets.tflite_family", str(job_dir)],
-                                cwd=job_dir, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=child_setup)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise ConversionError(f"{what}: conversion took longer than {timeout:.0f} s during {_phase(job_dir)} "
-                                  "(raise the profile's quant.timeout_s)") from None
-        finally:  # timeout, Ctrl-C, SIGTERM: no converter is left running on the user's calibration data
-            kill_group(proc.pid)
-            proc.wait()
-    result_file = job_dir / "result.json"
-    if not result_file.is_file():
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        raise ConversionError(f"{what}: the converter crashed ({how}) during {_phase(job_dir)}{_log_hint(log)}")
-    return _checked(json.loads(result_file.read_text()), what, log)
+
+def run_child(job_dir: Path, what: str, timeout: float) -> dict:
+    """The conversion of ``job_dir`` in the converter child (targets/isolated.py), its checked result."""
+    from edgebuild.targets.isolated import run_isolated
+
+    log = job_dir / "convert.log"
+    result = run_isolated(convert_job, str(job_dir), timeout, what=what, name="convert:tflite", log=log,
+                          phase=job_dir / "phase", cwd=job_dir, env=CHILD_ENV,
+                          hint=" (raise the profile's quant.timeout_s)")
+    return _checked(result, what, log)
 
 
 def _checked(result: dict, what: str, log: Path) -> dict:
     if not result["ok"]:
         op = f" [unsupported op: {result['op']}]" if result.get("op") else ""
-        hint = _log_hint(log) if "see the converter log" in result["message"] else ""
+        hint = log_hint(log) if "see the converter log" in result["message"] else ""
         err = ConversionError(f"{what} conversion failed: {result['message']}{op}{hint}")
         err.unsupported_op = result.get("op")
         raise err
     return result
 
 
-def _phase(job_dir: Path) -> str:
-    phase = job_dir / "phase"
-    return phase.read_text() if phase.is_file() else "start-up"
-
-
-def _log_hint(log: Path) -> str:
-    """The converter's last error line, when its log has one (onnx2tf prints errors before sys.exit)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))
-    lines = [ln.strip() for ln in text.splitlines() if re.search(r"\bERROR:|Error:|Fatal Python error", ln)]
-    return f" — {lines[-1][:200]}" if lines else ""
-
-
-def main() -> int:
+def convert_job(job_dir: str) -> dict:
+    """In the converter child: no network, the siblings hooked in, then tflite_convert's conversion of the job."""
     from edgebuild.targets import tflite_convert as tc
 
     tc.block_network()
-    job_dir = Path(sys.argv[1])
-    with_siblings(job_dir, json.loads((job_dir / "job.json").read_text()).get("siblings") or {})
-    result = tc.run(job_dir)
-    return 0 if result["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    path = Path(job_dir)
+    with_siblings(path, json.loads((path / "job.json").read_text()).get("siblings") or {})
+    return tc.run(path)

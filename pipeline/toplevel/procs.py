@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+
+_LIVE: set[int] = set()  # children of this build that lead their own process group
+_LOCK = threading.Lock()
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -17,11 +21,6 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         return
 
 
-def child_setup() -> None:
-    """``preexec_fn`` for subprocesses: die with the parent (the child also leads its own process group)."""
-    die_with_parent()
-
-
 def kill_group(pid: int) -> None:
     """Kill a child that leads its own process group, and everything it started."""
     try:
@@ -30,5 +29,30 @@ def kill_group(pid: int) -> None:
         pass
 
 
-def terminate_as_interrupt(signum, frame):  # a SIGTERM handler: unwind like Ctrl-C (cleanup runs, exit 130)
+def track(pid: int) -> None:
+    """A child that leads its own process group (targets/isolated.py), killed by ``kill_tracked``."""
+    with _LOCK:
+        _LIVE.add(pid)
+
+
+def forget(pid: int) -> None:
+    with _LOCK:
+        _LIVE.discard(pid)
+
+
+def kill_tracked() -> None:
+    """Kill every tracked child's group: an interrupted build stops the conversions of all its targets at once
+    (a target's thread then gets a ConversionError instead of waiting for its converter to finish)."""
+    with _LOCK:
+        live = list(_LIVE)
+    for pid in live:
+        kill_group(pid)
+        try:  # one that has not made its own group yet
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def terminate_as_interrupt(signum, frame):  # a SIGTERM/SIGINT handler: unwind like Ctrl-C (cleanup runs, exit 130)
+    kill_tracked()
     raise KeyboardInterrupt(f"signal {signum}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -10,14 +9,16 @@ import time
 from pathlib import Path
 
 
-def _converter_pids() -> list[int]:
+def _converter_pids(parent: int) -> list[int]:
+    """The build's TFLite converter children (targets/isolated.py names them ``convert:tflite``)."""
     pids = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if re.search(rb"edgebuild\.targets\.tflite_(convert|family)", (p / "cmdline").read_bytes()):
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == parent and (p / "comm").read_text().strip() == "convert:tflite":
                     pids.append(int(p.name))
-            except OSError:
+            except (OSError, ValueError, IndexError):
                 pass
     return pids
 
@@ -30,7 +31,7 @@ def test_sigterm_during_a_tflite_conversion_cleans_up_and_kills_the_converter(tm
     deadline = time.time() + 240
     children = []
     while time.time() < deadline and proc.poll() is None:
-        children = [p for p in _converter_pids() if f"{tmp_path}".encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+        children = _converter_pids(proc.pid)
         if children:
             break
         time.sleep(0.2)

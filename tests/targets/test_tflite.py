@@ -145,11 +145,15 @@ def test_port_layout_and_quantization():
     np.testing.assert_array_equal(plain.to_tensor(x), x)
 
 
-def test_converter_crash_is_a_conversion_error(tmp_path):
+def test_converter_crash_is_a_conversion_error(tmp_path, monkeypatch):
+    from edgebuild.targets.isolated import FAULT_ENV
     from edgebuild.targets.tflite import _run_child
 
-    with pytest.raises(ConversionError, match="crashed .* during start-up"):
-        _run_child(tmp_path, "arm64: TFLite int8", 60)  # no job.json: the child dies before any result
+    with pytest.raises(ConversionError, match=r"arm64: TFLite int8: FileNotFoundError: .*job\.json"):
+        _run_child(tmp_path, "arm64: TFLite int8", 60)  # no job.json: an error in the child, one line
+    monkeypatch.setenv(FAULT_ENV, "crash:convert:tflite")  # the child kills itself with SIGSEGV
+    with pytest.raises(ConversionError, match=r"arm64: TFLite int8: the converter crashed \(SIGSEGV\) during start-up"):
+        _run_child(tmp_path, "arm64: TFLite int8", 60)
 
 
 # ---- conversions of the demo ----------------------------------------------------------------------------
