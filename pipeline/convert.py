@@ -9,18 +9,21 @@ from edgebuild.pipeline.cache import code_hash, key
 from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import Artifact, Backend
 from edgebuild.targets.profiles import TargetProfile
+from edgebuild.targets.settings import Settings
 
 if TYPE_CHECKING:
     from edgebuild.pipeline.target import BuildContext
 
 
 def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, directory: Path,
-            settings: dict | None = None, siblings: dict[str, Path] | None = None) -> Artifact:
-    """The artifact (cached). ``siblings`` ({precision: directory}): precisions the backend may give from the same
-    conversion run (``Backend.convert_family``); they are cached and kept in ``ctx.siblings`` for the later
-    ``convert`` of that precision, which then costs nothing."""
-    settings = {**backend.default_settings(profile, precision), **(settings or {})}
-    k = _convert_key(ctx, backend, profile, precision, settings)
+            settings: Settings | dict | None = None, siblings: dict[str, Path] | None = None) -> Artifact:
+    """The artifact (cached). ``settings``: what to ask the backend for, a whole ``Settings`` (a search variant) or
+    a mapping of changes to the profile's (``Backend.requested_settings``; frozen, checked here). ``siblings``
+    ({precision: directory}): precisions the backend may give from the same conversion run
+    (``Backend.convert_family``); they are cached and kept in ``ctx.siblings`` for the later ``convert`` of that
+    precision, which then costs nothing."""
+    requested = backend.requested_settings(profile, settings)
+    k = _convert_key(ctx, backend, profile, precision, requested)
     directory.mkdir(parents=True, exist_ok=True)
     made = ctx.siblings.pop(k, None)
     if made is not None and made.directory == directory:
@@ -31,11 +34,11 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
         return cached
     wanted = {}
     for p, d in (siblings or {}).items():
-        ss = backend.default_settings(profile, p)
+        ss = backend.requested_settings(profile)
         sk = _convert_key(ctx, backend, profile, p, ss)
         if not _in_cache(ctx, sk):
             wanted[p] = (d, ss, sk)
-    arts = backend.convert_family(ctx.model, profile, precision, ctx.calib, directory, settings,
+    arts = backend.convert_family(ctx.model, profile, precision, ctx.calib, directory, requested,
                                   {p: (d, ss) for p, (d, ss, _) in wanted.items()} or None)
     art = arts.pop(precision)
     ctx.cache.put(k, art)
@@ -49,11 +52,13 @@ def _in_cache(ctx: BuildContext, k: str) -> bool:
     return ctx.cache.root is not None and (ctx.cache.root / k / "artifact.json").is_file()
 
 
-def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, settings: dict) -> str:
+def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str,
+                 settings: Settings) -> str:
     versions = {k: v for k, v in tool_versions().items() if v}
     # what a conversion depends on; two profiles that differ only in budgets/threads share artifacts
     return key(stage="convert", backend=backend.name, io=(profile.io_dtype, profile.layout), quant=profile.quant,
-               precision=precision, settings=settings, model=ctx.model.content_hash, code=code_hash(),
+               precision=precision, settings=settings.for_precision(precision), model=ctx.model.content_hash,
+               code=code_hash(),
                inputs=[asdict(i) for i in ctx.model.inputs],
                calib=ctx.data_hash(ctx.calib) if precision == "int8" else None, versions=versions)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from edgebuild.errors import BadInputError, ConversionError, MissingToolError
+from edgebuild.targets.settings import NoSettings, Precision, Settings
 
 if TYPE_CHECKING:
     from edgebuild.calibration.dataset import CalibrationSet
@@ -115,7 +116,8 @@ class Backend:
     """One artifact format. Subclasses set ``name``/``requires`` and implement ``convert`` and ``runner``."""
 
     name: str = ""
-    precisions: tuple[str, ...] = ()  # what this backend can build (a profile may declare a subset)
+    precisions: tuple[Precision, ...] = ()  # what this backend can build (a profile may declare a subset)
+    settings_type: type[Settings] = NoSettings  # the frozen type of a profile's ``quant:`` block
     requires: tuple[str, ...] = ()  # import names of the libraries this backend needs
     isolate_runner: bool = False  # run the runtime in a subprocess (native code that may crash)
 
@@ -125,12 +127,14 @@ class Backend:
                 raise MissingToolError(target, mod)
 
     def convert(self, model: ModelInput, profile: "TargetProfile", precision: str,
-                calib: "CalibrationSet", workdir: Path, settings: dict | None = None) -> Artifact:
+                calib: "CalibrationSet", workdir: Path, settings: Settings | dict | None = None) -> Artifact:
+        """``settings``: what is asked (``requested_settings``; a mapping is changes to the profile's). The
+        artifact's ``settings`` is a new dict: what the conversion used (the record), never written back."""
         raise NotImplementedError
 
     def convert_family(self, model: ModelInput, profile: "TargetProfile", precision: str, calib: "CalibrationSet",
-                       workdir: Path, settings: dict | None = None,
-                       siblings: dict[str, tuple[Path, dict]] | None = None) -> dict[str, Artifact]:
+                       workdir: Path, settings: Settings | dict | None = None,
+                       siblings: dict[str, tuple[Path, Settings | dict]] | None = None) -> dict[str, Artifact]:
         """The ``precision`` artifact and the *sibling artifacts* this backend can give from the same conversion
         run (TFLite: the FP32 baseline from the INT8 model's onnx2tf/TensorFlow graph), by precision.
 
@@ -151,11 +155,26 @@ class Backend:
         self.check_settings(profile)
 
     def check_settings(self, profile: "TargetProfile") -> None:
-        """Raise BadInputError for a profile's ``quant:`` this backend does not understand (before any work)."""
+        """Raise BadInputError for a profile's ``quant:`` this backend does not understand (unknown keys, bad
+        values); called when a profile is loaded (``TargetProfile.__post_init__``), before any work."""
+        self.requested_settings(profile)
+
+    def profile_settings(self, profile: "TargetProfile") -> dict:
+        """Settings a profile implies outside its ``quant:`` block (e.g. its layout); ``quant:`` overrides them."""
+        return {}
+
+    def requested_settings(self, profile: "TargetProfile", changes: Settings | dict | None = None) -> Settings:
+        """What a conversion on this profile is asked for (frozen): the type's defaults, the profile's settings,
+        then ``changes`` (a whole Settings, e.g. a search variant, or a mapping of changes), all checked."""
+        if isinstance(changes, self.settings_type):
+            return changes
+        where = f"profile {profile.name}"
+        asked = self.settings_type.from_profile({**self.profile_settings(profile), **profile.quant}, where)
+        return asked.with_changes(changes, where)
 
     def default_settings(self, profile: "TargetProfile", precision: str) -> dict:
-        """Quantization/conversion settings for ``precision`` on this profile (profile.quant overrides)."""
-        return dict(profile.quant) if precision == "int8" else {}
+        """The requested settings that apply to ``precision``, as a new plain dict (cache keys, records)."""
+        return self.requested_settings(profile).for_precision(precision)
 
     def artifact_name(self, precision: str, settings: dict | None = None) -> str:
         raise NotImplementedError
@@ -163,14 +182,19 @@ class Backend:
     # ---- accuracy search hooks (pipeline/recover.py) -------------------------------------------
     supports_float_layers: bool = False  # can settings["float_layers"] (ONNX node names) stay in float?
 
-    def recovery_candidates(self, profile: "TargetProfile", settings: dict) -> list[tuple[str, dict]]:
-        """Cheaper INT8 variants to try before keeping layers in float: (label, settings overrides)."""
+    def recovery_candidates(self, profile: "TargetProfile", settings: Settings | dict) -> list[tuple[str, Settings]]:
+        """Cheaper INT8 variants to try before keeping layers in float: (label, new Settings made from
+        ``settings`` with ``dataclasses.replace``)."""
         return []
 
 
-def stem(precision: str, settings: dict | None = None) -> str:
+STEMS = {Precision.INT8: "model_int8", Precision.FP16: "model_fp16", Precision.FP32: "model_fp32",
+         Precision.DYNAMIC: "model_dynamic_int8"}
+
+
+def stem(precision: str, settings: Settings | dict | None = None) -> str:
     """Honest file stem: `_int8` only for full-integer models, `_int8_mixed` when layers stay in float."""
-    base = {"int8": "model_int8", "fp16": "model_fp16", "fp32": "model_fp32", "dynamic": "model_dynamic_int8"}[precision]
+    base = STEMS[precision]
     return base + "_mixed" if precision == "int8" and (settings or {}).get("float_layers") else base
 
 
@@ -202,6 +226,7 @@ def get_backend(name: str) -> Backend:
     if name not in _REGISTRY:
         raise ConversionError(f"module {backend_module(name)} does not register backend {name!r}")
     return _REGISTRY[name]()
+
 
 REFERENCE_BACKEND = "onnx"  # the FP32 reference runs on this backend's runtime: ONNX Runtime CPU
 

@@ -7,17 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.calibration.dataset import CalibrationSet
-from edgebuild.errors import BadInputError, ConversionError
+from edgebuild.errors import ConversionError
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, register, stem
 from edgebuild.targets.profiles import TargetProfile
+from edgebuild.targets.settings import OnnxSettings, Precision, Settings
 
-# onnxruntime's defaults, overridden per profile (targets/profiles/*.yaml `quant:`) and by the accuracy search
-INT8_DEFAULTS = {
-    "activation_type": "uint8", "weight_type": "int8", "per_channel": True, "reduce_range": False,
-    "calibrate_method": "minmax", "symmetric_activations": False, "symmetric_weights": True,
-    "nodes_to_exclude": [], "nodes_to_quantize": [], "float_layers": [], "percentile": 99.999, "quantize_bias": True, "dedicated_qdq_pair": False,
-    "op_types": "auto",  # ops given Q/DQ: "all" (onnxruntime's registry), "weighted", a list, or "auto" (see below)
-}
+# onnxruntime's defaults (OnnxSettings), overridden per profile (targets/profiles/*.yaml `quant:`) and by the
+# accuracy search; op_types "auto": see below
+INT8_DEFAULTS = OnnxSettings().to_dict()
 # ONNX Runtime's recipe for transformers: Q/DQ on the matrix products only; LayerNorm, Softmax, GELU (Erf),
 # residual Adds, the attention-mask arithmetic and the embedding Gather stay in float. Measured on a 3-layer
 # MiniLM sentence encoder (random tokens): worst cosine of the embedding 0.61 with every op quantized, 0.92 with this.
@@ -26,13 +23,12 @@ ATTENTION_GLUE = ("Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Drop
 
 
 CALIB_CHUNK = 16  # calibration samples whose tensors are held at once
-CHOICES = {"op_types": ("auto", "all", "weighted"), "activation_type": ("uint8", "int8"), "weight_type": ("uint8", "int8"),
-           "calibrate_method": ("minmax", "percentile", "entropy")}
 
 
 @register("onnx")
 class OnnxBackend(Backend):
-    precisions = ("int8", "fp16", "fp32", "dynamic")
+    precisions = tuple(Precision)
+    settings_type = OnnxSettings
     requires = ("onnx", "onnxruntime")
     simulate_quantization = False  # run QDQ graphs unfused on the host (see tensorrt backend)
     supports_float_layers = True
@@ -40,40 +36,25 @@ class OnnxBackend(Backend):
     def artifact_name(self, precision: str, settings: dict | None = None) -> str:
         return stem(precision, settings) + ("_qdq.onnx" if precision == "int8" else ".onnx")
 
-    def recovery_candidates(self, profile: TargetProfile, settings: dict) -> list[tuple[str, dict]]:
-        out = [] if settings.get("op_types") == "weighted" else [
+    def recovery_candidates(self, profile: TargetProfile, settings: Settings | dict) -> list[tuple[str, Settings]]:
+        s = self.requested_settings(profile, settings)
+        out = [] if s.op_types == "weighted" else [
             # elementwise ops (HardSwish's Add/Clip/Mul, SE gates, residual Adds) in float between int8 layers:
             # PP-OCRv4's DB detector, worst cosine of 8 pages 0.93 with every op quantized, 0.975 this way
-            ("weighted layers only (Conv/Gemm/MatMul; elementwise ops in float)", {"op_types": "weighted"})]
-        out += [("percentile calibration (99.999)", {"calibrate_method": "percentile"}),
-               ("entropy calibration", {"calibrate_method": "entropy"}),
-               ("per-tensor weights" if settings["per_channel"] else "per-channel weights",
-                {"per_channel": not settings["per_channel"]})]
-        if not settings["symmetric_activations"]:  # x86 without VNNI: 7-bit weights or unsigned weights
-            if not settings["reduce_range"]:
-                out.append(("7-bit weights (reduce_range)", {"reduce_range": True}))
-            out.append(("U8U8 (unsigned weights)", {"weight_type": "uint8", "symmetric_weights": False}))
+            ("weighted layers only (Conv/Gemm/MatMul; elementwise ops in float)", s.replace(op_types="weighted"))]
+        out += [("percentile calibration (99.999)", s.replace(calibrate_method="percentile")),
+                ("entropy calibration", s.replace(calibrate_method="entropy")),
+                ("per-tensor weights" if s.per_channel else "per-channel weights", s.replace(per_channel=not s.per_channel))]
+        if not s.symmetric_activations:  # x86 without VNNI: 7-bit weights or unsigned weights
+            if not s.reduce_range:
+                out.append(("7-bit weights (reduce_range)", s.replace(reduce_range=True)))
+            out.append(("U8U8 (unsigned weights)", s.replace(weight_type="uint8", symmetric_weights=False)))
         return out
-
-    def default_settings(self, profile: TargetProfile, precision: str) -> dict:
-        return {**INT8_DEFAULTS, **profile.quant} if precision == "int8" else {}
-
-    def check_settings(self, profile: TargetProfile) -> None:
-        unknown = sorted(set(profile.quant) - set(INT8_DEFAULTS))
-        if unknown:
-            raise BadInputError(f"{profile.name}: unknown {self.name} quant setting(s) {', '.join(unknown)}; "
-                                f"known: {', '.join(INT8_DEFAULTS)}")
-        for key, allowed in CHOICES.items():
-            if key == "op_types" and isinstance(profile.quant.get(key), list):
-                continue
-            if key in profile.quant and profile.quant[key] not in allowed:
-                raise BadInputError(f"{profile.name}: quant.{key} must be one of {', '.join(allowed)}, "
-                                    f"got {profile.quant[key]!r}")
 
     def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
                 workdir: Path, settings: dict | None = None) -> Artifact:
         self.check_available(profile.name)
-        settings = {**self.default_settings(profile, precision), **(settings or {})}
+        settings = self.requested_settings(profile, settings).for_precision(precision)  # the record: a new dict
         workdir.mkdir(parents=True, exist_ok=True)
         out = workdir / self.artifact_name(precision, settings)
         notes: list[str] = []
@@ -229,7 +210,8 @@ def quantize_static(src: Path, out: Path, calib: CalibrationSet, settings: dict,
     ones (onnxruntime's ``calibration_cache_path``), so quantizing one layer at a time calibrates once.
     ``preprocessed``: ``src`` is already ``preprocess(src)``'s output (not pre-processed again per call).
     """
-    _quantize_static(src, out, calib, {**INT8_DEFAULTS, **settings}, workdir, calibration_cache, preprocessed)
+    _quantize_static(src, out, calib, OnnxSettings().with_changes(settings).to_dict(), workdir, calibration_cache,
+                     preprocessed)
 
 
 def preprocess(src: Path, workdir: Path) -> Path:

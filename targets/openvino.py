@@ -33,22 +33,16 @@ from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.errors import BadInputError, ConversionError, EdgeBuildError, MissingToolError
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, register, stem
 from edgebuild.targets.profiles import TargetProfile
+from edgebuild.targets.settings import OpenVinoSettings, Precision, Settings
 
-PRECISIONS = ("fp32", "fp16", "int8")
-# nncf.quantize options, overridden per profile (targets/profiles/*.yaml `quant:`) and by the accuracy search
-INT8_DEFAULTS = {
-    "preset": "performance",  # symmetric int8 activations and weights: the CPU plugin's fastest kernels; or "mixed"
-    "target_device": "CPU",  # NNCF's CPU hardware config (which ops get quantizers, per-channel weights)
-    "model_type": "auto",  # "transformer": NNCF's attention scheme (keeps sensitive ops in float); auto: when attention is found
-    "subset_size": None,  # None: every calibration sample the build chose (calibration/budget.py); N: at most N
-    "fast_bias_correction": True,  # False: NNCF's full bias correction (slower, sometimes more accurate)
-    "overflow_fix": "first_layer_only",  # 7-bit weights where AVX2/AVX-512 int8 kernels (no VNNI) can saturate
-    "ignored_scope": {"names": [], "types": [], "patterns": []},  # layers kept in float (ONNX or OpenVINO terms)
-    "float_layers": [],  # ONNX node names kept in float by the accuracy search
-}
-APPLIED = "applied"  # settings key recording what the conversion resolved; ignored when settings are fed back
-CHOICES = {"preset": ("performance", "mixed"), "target_device": ("ANY", "CPU", "GPU", "NPU", "CPU_SPR"),
-           "model_type": (None, "auto", "transformer"), "overflow_fix": ("enable", "first_layer_only", "disable")}
+PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
+# nncf.quantize options (OpenVinoSettings), overridden per profile (targets/profiles/*.yaml `quant:`) and by the
+# accuracy search. preset performance: symmetric int8 activations and weights, the CPU plugin's fastest kernels;
+# model_type transformer: NNCF's attention scheme (keeps sensitive ops in float); overflow_fix: 7-bit weights where
+# AVX2/AVX-512 int8 kernels (no VNNI) can saturate; subset_size None: every calibration sample the build chose
+# (calibration/budget.py); ignored_scope: layers kept in float (ONNX or OpenVINO terms).
+INT8_DEFAULTS = OpenVinoSettings().to_dict()
+APPLIED = "applied"  # record key: what the conversion resolved (OpenVinoSettings ignores it when fed back)
 # ONNX operator types (what the rest of edgebuild speaks) -> the OpenVINO operations they become
 ONNX_TO_OV_TYPES = {
     "Conv": ("Convolution", "GroupConvolution"),
@@ -62,6 +56,7 @@ ONNX_TO_OV_TYPES = {
 @register("openvino")
 class OpenVinoBackend(Backend):
     precisions = PRECISIONS
+    settings_type = OpenVinoSettings
     requires = ("openvino",)  # nncf too, for INT8 (checked when INT8 is built)
     # OpenVINO is native code: the runtime runs in a spawned process so that a crash fails the target, not
     # the build. Measured on the demo (2-core host): 0.4-0.6 s more to open a runner, evaluation of 797
@@ -74,34 +69,28 @@ class OpenVinoBackend(Backend):
             raise BadInputError(f"the openvino backend builds {', '.join(PRECISIONS)}, not {precision}")
         return stem(precision, {"float_layers": _float_requested(settings or {})}) + ".xml"
 
-    def default_settings(self, profile: TargetProfile, precision: str) -> dict:
-        return {**INT8_DEFAULTS, **profile.quant} if precision == "int8" else {}
-
-    def check_settings(self, profile: TargetProfile) -> None:
-        _int8_settings(self.default_settings(profile, "int8"), profile.name)
-
-    def recovery_candidates(self, profile: TargetProfile, settings: dict) -> list[tuple[str, dict]]:
+    def recovery_candidates(self, profile: TargetProfile, settings: Settings | dict) -> list[tuple[str, Settings]]:
         """NNCF variants, free ones first: 7-bit weights everywhere (int8 saturation on CPUs without VNNI)
         and full bias correction cost no speed; asymmetric activations do (MobileNetV2 on an AVX2 host:
         INT8 1.44x faster than FP32 with the performance preset, 1.11x with mixed)."""
-        out = []
-        if settings.get("overflow_fix") != "enable":
-            out.append(("7-bit weights in every layer (overflow_fix=enable)", {"overflow_fix": "enable"}))
-        if settings.get("fast_bias_correction", True):
-            out.append(("full bias correction", {"fast_bias_correction": False}))
-        if settings.get("preset") != "mixed":
-            out.append(("asymmetric activations (preset=mixed)", {"preset": "mixed"}))
+        s, out = self.requested_settings(profile, settings), []
+        if s.overflow_fix != "enable":
+            out.append(("7-bit weights in every layer (overflow_fix=enable)", s.replace(overflow_fix="enable")))
+        if s.fast_bias_correction:
+            out.append(("full bias correction", s.replace(fast_bias_correction=False)))
+        if s.preset != "mixed":
+            out.append(("asymmetric activations (preset=mixed)", s.replace(preset="mixed")))
         return out
 
     def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
-                workdir: Path, settings: dict | None = None) -> Artifact:
+                workdir: Path, settings: Settings | dict | None = None) -> Artifact:
         self.check_available(profile.name)
+        settings = self.requested_settings(profile, settings).for_precision(precision)  # the record: a new dict
         xml = workdir / self.artifact_name(precision, settings)
         if precision == "int8":
             if importlib.util.find_spec("nncf") is None:
                 raise MissingToolError(profile.name, "nncf")
-            settings = _int8_settings({**self.default_settings(profile, precision), **(settings or {})}, profile.name)
-            if settings["model_type"] == "auto":
+            if settings["model_type"] == "auto":  # resolved in the record; what was asked stays "auto"
                 from edgebuild.targets.onnx import is_transformer
 
                 settings["model_type"] = "transformer" if is_transformer(model.onnx_path) else None
@@ -215,32 +204,12 @@ class OpenVinoRunner(Runner):
 
 
 def _int8_settings(s: dict, target: str) -> dict:
-    """Check and normalize the INT8 settings (a typo in a profile is bad input, not a silent default)."""
-    s = {k: v for k, v in s.items() if k != APPLIED}  # an artifact's recorded settings may be fed back
-    unknown = set(s) - set(INT8_DEFAULTS)
-    if unknown:
-        raise BadInputError(f"{target}: unknown openvino quant setting(s) {', '.join(sorted(unknown))}; "
-                            f"known: {', '.join(INT8_DEFAULTS)}")
-    for key, allowed in CHOICES.items():
-        value = s[key]
-        if isinstance(value, str):
-            value = value.upper() if key == "target_device" else value.lower()
-        if value not in allowed:
-            raise BadInputError(f"{target}: quant.{key} must be one of {list(allowed)}, got {s[key]!r}")
-        s[key] = value
-    if s["subset_size"] is not None and (isinstance(s["subset_size"], bool) or not isinstance(s["subset_size"], int)
-                                         or s["subset_size"] < 1):
-        raise BadInputError(f"{target}: quant.subset_size must be a positive integer, got {s['subset_size']!r}")
-    s["fast_bias_correction"] = bool(s["fast_bias_correction"])
-    scope = s["ignored_scope"] or {}
-    if not isinstance(scope, dict) or set(scope) - {"names", "types", "patterns"}:
-        raise BadInputError(f"{target}: quant.ignored_scope must be a mapping with names, types and/or patterns")
-    s["ignored_scope"] = {k: [str(v) for v in (scope.get(k) or [])] for k in ("names", "types", "patterns")}
-    s["float_layers"] = [str(v) for v in (s["float_layers"] or [])]
-    return s
+    """The INT8 settings ``s`` (a profile's, or an artifact's record fed back) checked and normalized, as a dict."""
+    return OpenVinoSettings.from_profile(s, target).to_dict()
 
 
-def _float_requested(s: dict) -> bool:
+def _float_requested(s: Settings | dict) -> bool:
+    s = s.to_dict() if isinstance(s, Settings) else s
     scope = s.get("ignored_scope") or {}
     return bool(s.get("float_layers")) or any(scope.get(k) for k in ("names", "types", "patterns"))
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from edgebuild.errors import BadInputError
-from edgebuild.specs import MEMORY_BUDGETS, PRECISIONS, check_budget, check_objective
+from edgebuild.specs import MEMORY_BUDGETS, Precision, check_budget, check_objective
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -40,7 +40,7 @@ class TargetProfile:
     backend: str
     description: str
     precision: str = "int8"
-    precisions: tuple[str, ...] = PRECISIONS  # precisions this device family can run
+    precisions: tuple[str, ...] = Precision.values()  # precisions this device family can run
     io_dtype: str = "float32"  # dtype of the artifact's own inputs/outputs (int8: quantized I/O)
     layout: str = "source"  # source | NHWC: the artifact's input layout
     threads: int = 2
@@ -60,11 +60,12 @@ class TargetProfile:
         if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.name) or self.name in ("reference", "all"):
             raise BadInputError(f"profile name {self.name!r}: use lower-case letters, digits, '.', '_' or '-' "
                                 "(and not 'reference' or 'all')")
-        object.__setattr__(self, "precisions", tuple(self.precisions))
+        object.__setattr__(self, "precisions", tuple(_plain(p) for p in self.precisions))  # Precision -> its value
+        object.__setattr__(self, "precision", _plain(self.precision))
         object.__setattr__(self, "devices", tuple(self.devices))
         if self.precision not in self.precisions:
             raise BadInputError(f"profile {self.name}: default precision {self.precision} not in {self.precisions}")
-        bad = [p for p in self.precisions if p not in PRECISIONS]
+        bad = [p for p in self.precisions if p not in Precision.values()]
         if bad:
             raise BadInputError(f"profile {self.name}: unknown precision(s) {bad}")
         if self.io_dtype not in ("float32", "int8", "uint8"):
@@ -83,9 +84,16 @@ class TargetProfile:
             raise BadInputError(f"profile {self.name}: quant must be a mapping")
         if not isinstance(self.description, str) or not self.description.strip():
             raise BadInputError(f"profile {self.name}: description must be a non-empty text")
+        from edgebuild.targets.base import get_backend  # the backend module only, never its heavy libraries
+
+        get_backend(self.backend).check_settings(self)  # quant: parsed into the backend's Settings: a typo is exit 2
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _plain(precision):
+    return precision.value if isinstance(precision, Precision) else precision
 
 
 def known_backends() -> list[str]:

@@ -12,13 +12,16 @@ from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.targets.base import Artifact, ModelInput, register
 from edgebuild.targets.onnx import OnnxBackend
 from edgebuild.targets.profiles import TargetProfile
+from edgebuild.targets.settings import Precision, TensorRTSettings
 
-TRTEXEC_FLAGS = {"int8": "--int8 --fp16", "fp16": "--fp16", "fp32": ""}  # int8: QDQ decides; fp16 for the rest
+# int8: QDQ decides; fp16 for the rest
+TRTEXEC_FLAGS = {Precision.INT8: "--int8 --fp16", Precision.FP16: "--fp16", Precision.FP32: ""}
 
 
 @register("tensorrt")
 class TensorRTBackend(OnnxBackend):
     precisions = tuple(TRTEXEC_FLAGS)  # explicit-quantization INT8, FP16, FP32 engines; no weight-only INT8
+    settings_type = TensorRTSettings  # the onnx backend's QDQ options
     simulate_quantization = True
 
     def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
@@ -57,7 +60,7 @@ def _maybe_build_engine(onnx_path: Path, precision: str, workdir: Path, art: Art
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             return f"engine not built here: TensorRT could not parse the ONNX ({errors[:200]})"
         config = builder.create_builder_config()
-        if precision in ("int8", "fp16"):
+        if precision in (Precision.INT8, Precision.FP16):
             config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)

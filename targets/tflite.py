@@ -41,6 +41,7 @@ from edgebuild.calibration.budget import at_most
 from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register, stem
 from edgebuild.targets.profiles import TargetProfile
+from edgebuild.targets.settings import Precision, Settings, TFLiteSettings
 from edgebuild.targets.tflite_convert import CHANNEL_LAST
 from edgebuild.targets.tflite_family import run_child as _run_child
 from edgebuild.targets.tflite_family import sibling_dir, sibling_results
@@ -48,29 +49,18 @@ from edgebuild.targets import tflite_passthrough as passthrough
 from edgebuild.targets.tflite_mixed import AUTO_FLOAT
 from edgebuild.targets.tflm import write_c_array
 
-PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
-# Settings for every precision (profile `quant:` keys override them) ...
-DEFAULTS = {
-    "input_layout": "NHWC",  # NHWC: 4-D NCHW inputs become channels-last (native to TFLite); source: kept
-    "rnn_unroll": True,  # onnx2tf unrolls LSTM/GRU/RNN: the TF calibrator crashes on the loop form
-    "host_kernels": "xnnpack",  # xnnpack | builtin | reference (TFLite reference kernels, as on MCUs)
-    "c_array": False,  # also write <model>_data.cc/.h (a C array for TensorFlow Lite Micro)
-    "onnx_rewrites": True,  # MaxPool padding, Erf, Sum rewritten before onnx2tf (targets/onnx_rewrite.py)
-    "timeout_s": 900,
-}
-# ... and for full-integer INT8 only.
-INT8_DEFAULTS = {"io_dtype": "float32", "per_channel": True,
-                 "calibration_samples": None,  # None: every sample the build chose (calibration/budget.py); N: at most N
-                 "quantizer": "auto",  # auto | mlir | legacy: TF's quantizer (auto: legacy for LSTM/GRU/RNN)
-                 "float_layers": []}  # ONNX node names whose TFLite ops stay float (the accuracy search's mixed precision)
+PRECISIONS = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+# Settings (TFLiteSettings; profile `quant:` keys override them) for every precision ...
+DEFAULTS = TFLiteSettings().for_precision(Precision.FP32)
+# ... and for full-integer INT8 only (calibration_samples None: every sample the build chose, calibration/budget.py)
+INT8_DEFAULTS = {k: v for k, v in TFLiteSettings().to_dict().items() if k not in DEFAULTS}
 FLOAT_CHECK_SAMPLES = 8  # samples sent to float conversions (onnx2tf's shape inference, the FP32 graph check)
-CHOICES = {"input_layout": ("NHWC", "source"), "host_kernels": ("xnnpack", "builtin", "reference"),
-           "io_dtype": ("float32", "int8", "uint8"), "quantizer": ("auto", "mlir", "legacy")}
 
 
 @register("tflite")
 class TFLiteBackend(Backend):
     precisions = PRECISIONS
+    settings_type = TFLiteSettings
     requires = ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "onnxruntime", "ai_edge_litert")
     runtime_modules = ("ai_edge_litert.interpreter",)  # what its runner imports (pipeline/memory.py baseline)
     isolate_runner = True
@@ -81,41 +71,35 @@ class TFLiteBackend(Backend):
             raise BadInputError(f"tflite backend cannot build precision {precision!r}")
         return stem(precision, settings) + ".tflite"
 
-    def recovery_candidates(self, profile: TargetProfile, settings: dict) -> list[tuple[str, dict]]:
+    def recovery_candidates(self, profile: TargetProfile, settings: Settings | dict) -> list[tuple[str, Settings]]:
         """None: TFLite has no cheaper INT8 variant worth a conversion. Both TF quantizers calibrate min-max
         per-tensor activation ranges (no percentile or entropy calibration), weights are already per-channel,
         and the other quantizer did not help where INT8 collapses (the outlier model: 87.7 pt accuracy drop
         with the legacy quantizer, 89.3 pt with MLIR); so the search goes straight to layers in float."""
         return []
 
-    def check_settings(self, profile: TargetProfile) -> None:
-        _check_settings(self.default_settings(profile, profile.precision), profile.name)
-
-    def default_settings(self, profile: TargetProfile, precision: str) -> dict:
-        s = {**DEFAULTS, "input_layout": "source" if profile.layout == "source" else "NHWC"}
-        if precision == "int8":
-            s.update(INT8_DEFAULTS, io_dtype=profile.io_dtype)
-        quant = {k: v for k, v in profile.quant.items() if precision == "int8" or k in DEFAULTS}
-        return {**s, **quant}
+    def profile_settings(self, profile: TargetProfile) -> dict:
+        """The profile's layout and I/O dtype (``quant:`` may still override them)."""
+        return {"input_layout": "source" if profile.layout == "source" else "NHWC", "io_dtype": profile.io_dtype}
 
     # settings that shape the onnx2tf graph: a sibling precision shares the graph when they are equal
     GRAPH_SETTINGS = ("input_layout", "rnn_unroll", "onnx_rewrites")
 
     def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
-                workdir: Path, settings: dict | None = None) -> Artifact:
+                workdir: Path, settings: Settings | dict | None = None) -> Artifact:
         return self.convert_family(model, profile, precision, calib, workdir, settings)[precision]
 
     def convert_family(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
-                       workdir: Path, settings: dict | None = None,
-                       siblings: dict[str, tuple[Path, dict]] | None = None) -> dict[str, Artifact]:
+                       workdir: Path, settings: Settings | dict | None = None,
+                       siblings: dict[str, tuple[Path, Settings | dict]] | None = None) -> dict[str, Artifact]:
         """One converter child: the ``precision`` model, plus float ``siblings`` (FP32, FP16, dynamic) converted
         from the same onnx2tf graph when their graph settings are the same (targets/tflite_family.py)."""
         self.check_available(profile.name)
-        s = {**self.default_settings(profile, precision), **(settings or {})}
-        _check_settings(s, profile.name)
+        s = self.requested_settings(profile, settings).for_precision(precision)  # the record: a new dict
         if precision == "int8" and s["float_layers"] and not profile.allow_float_layers:
             raise BadInputError(f"{profile.name} runs integer-only: float_layers {s['float_layers']} cannot stay in float")
-        shared = {p: (d, ss) for p, (d, ss) in (siblings or {}).items()
+        asked = {p: (d, self.requested_settings(profile, ss).for_precision(p)) for p, (d, ss) in (siblings or {}).items()}
+        shared = {p: (d, ss) for p, (d, ss) in asked.items()
                   if p != precision and p != "int8" and all(ss.get(k) == s.get(k) for k in self.GRAPH_SETTINGS)}
         inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
         t0 = time.perf_counter()
@@ -288,17 +272,6 @@ def _stacked_feeds(calib: CalibrationSet, inputs, n: int) -> dict[str, np.ndarra
                 out[t.name] = np.empty((n, *a.shape), dtype=t.dtype)
             out[t.name][i] = a
     return out
-
-
-def _check_settings(s: dict, target: str) -> None:
-    for key, allowed in CHOICES.items():
-        if key in s and s[key] not in allowed:
-            raise BadInputError(f"{target}: tflite setting {key} must be one of {', '.join(allowed)}, got {s[key]!r}")
-    layers = s.get("float_layers") or []
-    if not isinstance(layers, (list, tuple)) or not all(isinstance(n, str) and n for n in layers):
-        raise BadInputError(f"{target}: tflite setting float_layers must be a list of ONNX node names, got {layers!r}")
-    if "float_layers" in s:
-        s["float_layers"] = list(layers)
 
 
 def _input_plan(t: TensorInfo, layout: str) -> dict:

@@ -150,9 +150,12 @@ def test_recorded_settings_can_be_fed_back_and_candidates_are_valid(built, model
     labels = [label for label, _ in backend.recovery_candidates(x86, settings)]
     assert labels == ["full bias correction", "asymmetric activations (preset=mixed)"]  # x86 has 7-bit weights already
     n100 = backend.recovery_candidates(catalogue()["intel-n100"], {**settings, "overflow_fix": "first_layer_only"})
-    assert n100[0] == ("7-bit weights in every layer (overflow_fix=enable)", {"overflow_fix": "enable"})
-    for _, overrides in n100:
-        _int8_settings({**settings, **overrides}, "x86")
+    label, variant = n100[0]  # a new frozen Settings (dataclasses.replace), the rest as asked
+    assert label == "7-bit weights in every layer (overflow_fix=enable)" and variant.overflow_fix == "enable"
+    assert variant.replace(overflow_fix="first_layer_only") == backend.requested_settings(
+        catalogue()["intel-n100"], {**settings, "overflow_fix": "first_layer_only"})
+    for _, variant in n100:
+        _int8_settings({**settings, **variant}, "x86")
     calib, _ = small_sets
     again = backend.convert(model, x86, "int8", calib, tmp_path, {**settings, "fast_bias_correction": False})
     assert again.settings["fast_bias_correction"] is False and again.main == "model_int8.xml"
