@@ -13,7 +13,8 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,7 @@ from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.cache import StageCache, default_root
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError
 from edgebuild.pipeline.offline import no_telemetry
+from edgebuild.pipeline.results import Manifest, TargetResult, compression_check
 from edgebuild.pipeline.schedule import _build_all, effective_jobs
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.versions import tool_versions
@@ -34,23 +36,26 @@ DEFAULT_TARGETS = ("arm64",)  # when neither --target nor edgebuild.yaml names o
 
 @dataclass
 class BuildResult:
-    manifest: dict
+    typed: Manifest  # the build's record as types (pipeline/results.py); ``manifest`` is its manifest.json dict
     out: Path
+
+    @cached_property
+    def manifest(self) -> dict:
+        return self.typed.to_dict()
 
     @property
     def exit_code(self) -> int:
-        return self.manifest["exit_code"]
+        return self.typed.exit_code
 
     def raise_for_verdict(self) -> None:
-        """Turn a finished build with failed targets into the matching EdgeBuildError."""
-        targets = self.manifest["targets"]
-        errors = [f"{n}: {t['error']}" for n, t in targets.items() if t["verdict"] == "error"]
-        failed = [f"{n}: {'; '.join(t['failures'])}" for n, t in targets.items() if t["verdict"] == "fail"]
-        if self.manifest.get("compression", {}).get("failure"):
-            failed.insert(0, self.manifest["compression"]["failure"])
-        if errors:
+        """Turn a build whose verdict is not pass into the matching EdgeBuildError (one line per target)."""
+        verdict, targets = self.typed.verdict, self.typed.built
+        errors = [f"{n}: {t.verdict.error}" for n, t in targets.items() if t.verdict.status == "error"]
+        failed = [str(f) for f in verdict.failures] + [f"{n}: {'; '.join(map(str, t.verdict.failures))}"
+                                                        for n, t in targets.items() if t.verdict.status == "fail"]
+        if verdict.status == "error":
             raise ConversionError("conversion failed — " + " | ".join(errors + failed))
-        if failed:
+        if verdict.status == "fail":
             raise BudgetError("budget failed — " + " | ".join(failed))
 
 
@@ -106,14 +111,12 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
                            deadline=time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf")))
         ctx.turns = Turns(p.name for p in profiles)
         targets = _build_all(ctx, profiles, staging, effective_jobs(jobs, len(profiles)))
+        cache_record = {"reference_outputs": reference_cached,
+                        "note": "per target: `cache` says which results came from the stage cache"}
         manifest = _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets,
-                             time.perf_counter() - t_start, judging)
-        manifest["cache"] = {"reference_outputs": reference_cached,
-                             "note": "per target: `cache` says which results came from the stage cache"}
-        if compress_record is not None:
-            _gate_compression(manifest, compress_record, spec)
-        _finish(staging, out, manifest)
-        return BuildResult(manifest, out)
+                             time.perf_counter() - t_start, judging, cache_record,
+                             None if compress_record is None else _gate_compression(compress_record, spec))
+        return BuildResult(_finish(staging, out, manifest), out)
     finally:
         tempfile.tempdir = saved_tempdir
         shutil.rmtree(staging, ignore_errors=True)
@@ -205,7 +208,7 @@ def _output_lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _finish(staging: Path, out: Path, manifest: dict) -> None:
+def _finish(staging: Path, out: Path, manifest: Manifest) -> Manifest:
     """Under the output lock: keep what an earlier build left that this one does not replace, write the
     manifest and report, swap the staging directory in. A build whose every target failed to convert leaves
     an earlier output as it was (its manifest says so: ``output``)."""
@@ -214,30 +217,30 @@ def _finish(staging: Path, out: Path, manifest: dict) -> None:
     with _output_lock(out):
         _check_replaceable(out)  # another build may have written it meanwhile
         previous = edgebuild_manifest(out) if out.is_dir() else None
-        verdicts = [t["verdict"] for t in manifest["targets"].values()]
-        if previous is not None and verdicts and all(v == "error" for v in verdicts):
-            manifest["output"] = (f"not written: every target failed; {out} still holds the earlier build "
-                                  f"of {previous.get('created', 'unknown time')}")
-            return
+        statuses = [t.verdict.status for t in manifest.targets.values()]
+        if previous is not None and statuses and all(v == "error" for v in statuses):
+            return replace(manifest, output=f"not written: every target failed; {out} still holds the earlier build "
+                                            f"of {previous.get('created', 'unknown time')}")
         if previous is not None:
-            _carry_over(previous, out, staging, manifest)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+            manifest = _carry_over(previous, out, staging, manifest)
+        (staging / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2, default=str))
         write_report(manifest, staging / "report.md")
         _swap_in(staging, out)
+        return manifest
 
 
-def _carry_over(previous: dict, out: Path, staging: Path, manifest: dict) -> None:
+def _carry_over(previous: dict, out: Path, staging: Path, manifest: Manifest) -> Manifest:
     """Targets of the earlier build in ``out`` that this build did not build (or failed to convert) stay:
     their directories are copied into staging, listed in the manifest as from the earlier build. A kept
     target built from another model keeps its own FP32 reference in ``reference-<sha256[:16]>/``."""
     from edgebuild.pipeline.cache import plain_name
 
-    model_sha = (manifest.get("model") or {}).get("sha256")
-    kept = []
+    model_sha = (manifest.model or {}).get("sha256")
+    kept, targets = [], dict(manifest.targets)
     for name, entry in previous["targets"].items():
         src = out / name
-        new = manifest["targets"].get(name)
-        if (new is not None and new["verdict"] != "error") or not plain_name(name) or name == "reference" \
+        new = targets.get(name)
+        if (new is not None and new.verdict.status != "error") or not plain_name(name) or name == "reference" \
                 or not (src / "metadata.json").is_file() or not isinstance(entry, dict):
             continue
         shutil.copytree(src, staging / name, symlinks=True)
@@ -251,14 +254,11 @@ def _carry_over(previous: dict, out: Path, staging: Path, manifest: dict) -> Non
                 shutil.copytree(ref_src, ref_dir, symlinks=True)
             meta["reference"] = f"../{ref_dir.name}/model_fp32.onnx"
             meta_path.write_text(json.dumps(meta, indent=2, default=str))
-        earlier = {**entry, "from_earlier_build": previous.get("created")}
-        if new is not None:  # failed now: the directory holds the earlier artifact
-            new["previous"] = earlier
-        else:
-            manifest["targets"][name] = earlier
+        earlier = replace(TargetResult.from_dict(entry), from_earlier_build=previous.get("created"))
+        # failed now: the directory holds the earlier artifact
+        targets[name] = earlier if new is None else replace(new, previous=earlier)
         kept.append(name)
-    if kept:
-        manifest["kept_from_earlier_build"] = kept
+    return replace(manifest, targets=targets, kept_from_earlier_build=kept or None)
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -303,16 +303,14 @@ def _save_reference(path: Path, reference: list, evalset) -> None:
     np.savez_compressed(path, **arrays)
 
 
-def _gate_compression(manifest: dict, record: dict, spec: BuildSpec) -> None:
-    """Compression may not silently cost accuracy: its FP32 drop is gated like a target's budget."""
-    limit = spec.budgets.max_compression_drop
-    drop = record["summary"].get("accuracy_drop")
-    record["budget"] = {"max_compression_drop": limit}
-    if drop is not None and drop > limit:
-        record["failure"] = f"compression accuracy drop {drop:.2f} pt > max {limit} pt"
-        if manifest["exit_code"] == 0:
-            manifest["exit_code"], manifest["verdict"] = 1, "fail"
-    manifest["compression"] = record
+def _gate_compression(record: dict, spec: BuildSpec) -> dict:
+    """Compression may not silently cost accuracy: its FP32 drop is gated like a target's budget (the failure is
+    one of the build's own, ``Manifest.failures``)."""
+    record["budget"] = {"max_compression_drop": spec.budgets.max_compression_drop}
+    check = compression_check(record)
+    if check is not None and not check.ok:
+        record["failure"] = str(check)
+    return record
 
 
 def judging_for(spec: BuildSpec, model) -> V.Judging:
@@ -333,9 +331,7 @@ def _judging_record(judging: V.Judging, evalset, spec: BuildSpec, profiles) -> d
 
 
 def _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets, seconds,
-              judging: V.Judging) -> dict:
-    verdicts = [t["verdict"] for t in targets.values()]
-    exit_code = 3 if "error" in verdicts else 1 if "fail" in verdicts else 0
+              judging: V.Judging, cache: dict, compression: dict | None) -> Manifest:
     ref = {"onnx": "reference/model_fp32.onnx", "sha256": model.content_hash,
            "size_bytes": model.onnx_path.stat().st_size, "inputs": [i.__dict__ for i in model.inputs],
            "outputs": [o.__dict__ for o in model.outputs], **export_record}
@@ -343,12 +339,9 @@ def _manifest(spec, profiles, model, export_record, data_record, reference, eval
         from edgebuild.pipeline.metrics import accuracy
 
         ref["accuracy"] = accuracy(V.stacked(reference, judging.output_names)[judging.labels_output], evalset.labels)
-    return {
-        "edgebuild": tool_versions(("edgebuild",))["edgebuild"],
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "verdict": {0: "pass", 1: "fail", 3: "error"}[exit_code], "exit_code": exit_code,
-        "seconds": round(seconds, 2), "spec": spec.to_dict(), "cwd": str(Path.cwd()),  # relative spec paths start here
-        "tools": tool_versions(),
-        "model": ref, "data": data_record, "judging": _judging_record(judging, evalset, spec, profiles),
-        "targets": targets,
-    }
+    return Manifest(
+        edgebuild=tool_versions(("edgebuild",))["edgebuild"],
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        seconds=round(seconds, 2), spec=spec.to_dict(), cwd=str(Path.cwd()),  # relative spec paths start here
+        tools=tool_versions(), model=ref, data=data_record, judging=_judging_record(judging, evalset, spec, profiles),
+        targets=targets, cache=cache, compression=compression)

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from edgebuild.pipeline.errors import BadInputError, EdgeBuildError
+from edgebuild.specs import PRECISIONS
 
 EXIT_CODES = """\b
 Exit codes:
@@ -203,7 +204,7 @@ def _nullcontext():
 @click.option("--crop", type=click.FloatRange(0, 1, min_open=True), help="Image folders: centre crop this fraction of the shorter side before resizing, e.g. 0.875.")
 @click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]), help="Image folders: resize filter (default bicubic).")
 @click.option("--out", "-o", help="Output directory (default: out), replaced atomically.")
-@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32", "dynamic"]), help="Override the profiles' precision.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Override the profiles' precision.")
 @click.option("--max-accuracy-drop", type=float, help="Budget: accuracy drop vs FP32 in points.")
 @click.option("--max-latency-ms", type=float, help="Budget: p50 latency at batch 1 in ms.")
 @click.option("--max-size-mb", type=float, help="Budget: artifact size in MB.")

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edgebuild.pipeline import validate as V
+from edgebuild.pipeline.results import Metrics, TargetResult, decide
 from edgebuild.pipeline.target import Attempt, BuildContext, file_sha, timing_threads
 from edgebuild.targets.base import Artifact, Backend
 from edgebuild.targets.profiles import TargetProfile
@@ -27,7 +28,7 @@ def _embed(ctx: BuildContext, profile: TargetProfile, art: Artifact, outdir: Pat
 
 def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen: Attempt, baseline: Attempt | None,
              budget: V.Budget, outdir: Path, search: dict | None = None, speedup: dict | None = None,
-             cache_use: dict | None = None, objective: dict | None = None) -> dict:
+             cache_use: dict | None = None, objective: dict | None = None) -> TargetResult:
     art = chosen.artifact
     embedded = _embed(ctx, profile, art, outdir)  # metadata inside the artifact, before its sha256 is taken
     from edgebuild.pipeline.memory import after_packaging
@@ -48,39 +49,25 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
                     "labels_output": ctx.judging.labels_output, "evaluator": ctx.judging.evaluator,
                     "outputs": list(ctx.judging.output_names)},
     }
-    failures = [str(f) for f in chosen.failures]
-    validation = {
-        "verdict": "fail" if chosen.failures else "pass", "failures": failures,
-        "failed_checks": [f.to_dict() for f in chosen.failures],
-        "metrics": chosen.metrics, "latency": chosen.latency, "size_bytes": art.size_bytes, "memory": chosen.memory,
-        "budgets": budget.to_dict(), "threads": profile.threads, "threads_used": timing_threads(profile),
-        "evaluation": chosen.data,
-    }
-    if baseline is not None:
-        b = baseline.artifact
-        validation["baseline_fp32"] = {"artifact": b.main, "size_bytes": b.size_bytes, "latency": baseline.latency,
-                                       "metrics": baseline.metrics, "evaluated": baseline.label,
-                                       "memory": baseline.memory}
-        validation["ratios"] = {
-            "size_vs_fp32": art.size_bytes / b.size_bytes,
-            # median of the per-round ratios of the interleaved timing; its spread below
-            "speedup_vs_fp32": speedup["median"] if speedup else baseline.latency["p50_ms"] / chosen.latency["p50_ms"],
-            **({"speedup_vs_fp32_spread": speedup} if speedup else {}),
-        }
-    if search is not None:
-        validation["search"] = search
-    if objective is not None:  # what shipped and why (pipeline/objective.py); warnings: e.g. INT8 slower than FP32
-        validation["objective"] = objective
     (outdir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
-    (outdir / "validation.json").write_text(json.dumps(validation, indent=2, default=str))
-    return {"verdict": validation["verdict"], "backend": backend.name, "precision": art.precision,
-            "artifact": art.main, "files": files, "settings": art.settings, "metrics": chosen.metrics,
-            "latency": chosen.latency, "size_bytes": art.size_bytes, "memory": chosen.memory,
-            "ratios": validation.get("ratios"),
-            "baseline_fp32": validation.get("baseline_fp32"), "failures": failures,
-            "failed_checks": validation["failed_checks"], "notes": art.notes,
-            "budgets": budget.to_dict(), "host_validation": profile.host_validation,
-            "threads": {"profile": profile.threads, "used": timing_threads(profile)},
-            **({"cache": cache_use} if cache_use is not None else {}),
-            **({"search": search} if search is not None else {}),
-            **({"objective": objective} if objective is not None else {})}
+    result = TargetResult(
+        decide(chosen.failures), backend=backend.name, precision=art.precision, artifact=art.main, files=files,
+        settings=art.settings, metrics=Metrics.from_dict(chosen.metrics), latency=chosen.latency,
+        size_bytes=art.size_bytes, memory=chosen.memory, notes=art.notes, budgets=budget.to_dict(),
+        host_validation=profile.host_validation, threads={"profile": profile.threads, "used": timing_threads(profile)},
+        cache=cache_use, search=search, objective=objective, evaluation=chosen.data,
+        **(_versus_baseline(chosen, baseline, speedup) if baseline is not None else {}))
+    (outdir / "validation.json").write_text(json.dumps(result.to_validation(), indent=2, default=str))
+    return result
+
+
+def _versus_baseline(chosen: Attempt, baseline: Attempt, speedup: dict | None) -> dict:
+    """The FP32 baseline's record and the artifact's size and speed relative to it."""
+    art, b = chosen.artifact, baseline.artifact
+    return {"baseline_fp32": {"artifact": b.main, "size_bytes": b.size_bytes, "latency": baseline.latency,
+                              "metrics": baseline.metrics, "evaluated": baseline.label, "memory": baseline.memory},
+            "ratios": {
+                "size_vs_fp32": art.size_bytes / b.size_bytes,
+                # median of the per-round ratios of the interleaved timing; its spread below
+                "speedup_vs_fp32": speedup["median"] if speedup else baseline.latency["p50_ms"] / chosen.latency["p50_ms"],
+                **({"speedup_vs_fp32_spread": speedup} if speedup else {})}}

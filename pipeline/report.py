@@ -6,37 +6,41 @@ import html
 import re
 from pathlib import Path
 
+from edgebuild.pipeline.results import Manifest, Metrics, TargetResult
+
 
 def _fmt(v, spec=".2f", suffix=""):
     return "–" if v is None else f"{v:{spec}}{suffix}"
 
 
-def _quality(m: dict) -> str:
+def _quality(m: Metrics | None) -> str:
     """The headline quality of a target: accuracy, top-1 agreement, the task's first score, or the worst cosine."""
-    if "accuracy" in m:
-        return _fmt(m["accuracy"], suffix=" %")
-    if "top1_agreement" in m:
-        return _fmt(m["top1_agreement"], suffix=" % agree")
-    task = m.get("task")
-    if task and task.get("artifact"):
-        key = (task.get("evaluator_scores") or list(task["artifact"]))[0]
-        return f"{key} {task['artifact'][key]:.4g}"
-    return _fmt(m.get("cosine_min"), ".4f", " cos") if m else "–"
+    if m is None:
+        return "–"
+    if m.accuracy is not None:
+        return _fmt(m.accuracy, suffix=" %")
+    if m.top1_agreement is not None:
+        return _fmt(m.top1_agreement, suffix=" % agree")
+    first = m.task.first() if m.task else None
+    if first:
+        return f"{first[0]} {first[1]:.4g}"
+    return _fmt(m.cosine_min, ".4f", " cos")
 
 
-def summary_rows(manifest: dict) -> list[dict]:
+def summary_rows(manifest: Manifest | dict) -> list[dict]:
+    """One row per target: the build summary table (report.md and the CLI)."""
     rows = []
-    for name, t in manifest["targets"].items():
-        m, lat, r = t.get("metrics") or {}, t.get("latency") or {}, t.get("ratios") or {}
+    for name, t in Manifest.of(manifest).targets.items():
+        m, lat, r = t.metrics, t.latency or {}, t.ratios or {}
         rows.append({
-            "target": name, "verdict": t["verdict"].upper(), "artifact": t.get("artifact", "–"),
+            "target": name, "verdict": t.verdict.status.upper(), "artifact": t.artifact or "–",
             "accuracy": _quality(m),
-            "drop": _fmt(m.get("accuracy_drop"), "+.2f", " pt") if "accuracy_drop" in m else "–",
+            "drop": _fmt(m.accuracy_drop, "+.2f", " pt") if m is not None and m.accuracy_drop is not None else "–",
             "p50": _fmt(lat.get("p50_ms"), ".3f", " ms"),
-            "size": _fmt((t.get("size_bytes") or 0) / 1e6 if t.get("size_bytes") else None, ".3f", " MB"),
+            "size": _fmt(t.size_bytes / 1e6 if t.size_bytes else None, ".3f", " MB"),
             "size_ratio": _fmt(r.get("size_vs_fp32"), ".3f", "×"),
             "speedup": _fmt(r.get("speedup_vs_fp32"), ".2f", "×"),
-            "memory": _memory(t.get("memory") or {}),
+            "memory": _memory(t.memory or {}),
         })
     return rows
 
@@ -48,9 +52,9 @@ def _memory(mem: dict) -> str:
     return text + (f" (arena {arena:.1f} KB)" if arena is not None else "")
 
 
-def memory_lines(t: dict) -> list[str]:
+def memory_lines(t: TargetResult) -> list[str]:
     """How much memory the runtime needed (pipeline/memory.py), and a microcontroller's fit (targets/tflm.py)."""
-    mem, base = t.get("memory") or {}, (t.get("baseline_fp32") or {}).get("memory") or {}
+    mem, base = t.memory or {}, (t.baseline_fp32 or {}).get("memory") or {}
     lines = []
     if mem.get("peak_mb") is not None:
         fp32 = f"; FP32 {base['peak_mb']:.2f} MB" if base.get("peak_mb") is not None else ""
@@ -66,19 +70,35 @@ def memory_lines(t: dict) -> list[str]:
     return lines
 
 
-def write_report(manifest: dict, path: Path) -> None:
+def write_report(manifest: Manifest | dict, path: Path) -> None:
+    """report.md and report.html (the same lines, with charts) for a build."""
     from edgebuild.pipeline import plots
 
-    model = manifest["model"]
+    manifest = Manifest.of(manifest)
+    raw = manifest.to_dict()  # the charts read manifest.json's keys
+    lines = _header_lines(manifest)
+    charts = {len(lines): plots.tradeoff(raw) + plots.versus_fp32(raw)}  # line index -> HTML before it
+    if manifest.compression:
+        from edgebuild.pipeline.compress import markdown
+
+        lines += ["", *markdown(manifest.compression)]
+    for name, t in manifest.targets.items():
+        lines += _target_lines(name, t, charts, len(lines))
+    path.write_text("\n".join(lines) + "\n")
+    path.with_suffix(".html").write_text(to_html(lines, manifest, charts))
+
+
+def _header_lines(manifest: Manifest) -> list[str]:
+    model, data = manifest.model, manifest.data
     lines = [
-        f"# edgebuild report — {manifest['verdict'].upper()}", "",
+        f"# edgebuild report — {manifest.verdict.status.upper()}", "",
         f"- model: {model['source']} (exporter: {model.get('exporter')}, opset {model.get('opset')})",
         f"- FP32 reference accuracy: {_fmt(model.get('accuracy'), suffix=' %')}",
-        f"- calibration: {manifest['data']['calibration']['samples']} samples from {manifest['data']['calibration']['name']}; "
-        f"evaluation: {manifest['data']['evaluation']['samples']} samples from {manifest['data']['evaluation']['name']} (disjoint)",
-        f"- built in {manifest['seconds']} s with edgebuild {manifest['edgebuild']}",
+        f"- calibration: {data['calibration']['samples']} samples from {data['calibration']['name']}; "
+        f"evaluation: {data['evaluation']['samples']} samples from {data['evaluation']['name']} (disjoint)",
+        f"- built in {manifest.seconds} s with edgebuild {manifest.edgebuild}",
         *_class_names_lines(manifest),
-        *_judging_lines(manifest.get("judging") or {}),
+        *_judging_lines(manifest.judging or {}),
         *[f"- **warning:** {w}" for w in slower_than_fp32(manifest)], "",
         "| target | verdict | artifact | accuracy | drop vs FP32 | p50 latency | size | size vs FP32 | speed vs FP32 | memory |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -86,66 +106,69 @@ def write_report(manifest: dict, path: Path) -> None:
     for r in summary_rows(manifest):
         lines.append(f"| {r['target']} | {r['verdict']} | {r['artifact']} | {r['accuracy']} | {r['drop']} | {r['p50']} | "
                      f"{r['size']} | {r['size_ratio']} | {r['speedup']} | {r['memory']} |")
-    charts = {len(lines): plots.tradeoff(manifest) + plots.versus_fp32(manifest)}  # line index -> HTML before it
-    if manifest.get("compression"):
-        from edgebuild.pipeline.compress import markdown
-
-        lines += ["", *markdown(manifest["compression"])]
-    for name, t in manifest["targets"].items():
-        lines += ["", f"## {name}", "", t["profile"]["description"].strip(), ""]
-        if t["verdict"] == "error":
-            lines.append(f"**Conversion failed:** {t['error']}")
-            continue
-        if t["failures"]:
-            lines += ["**Budget failures:**", *[f"- {f}" for f in t["failures"]], ""]
-        charts[len(lines)] = charts.get(len(lines), "") + plots.outputs(name, t.get("metrics") or {})
-        lines += _output_table(t.get("metrics") or {})
-        lines += ["", "Settings:", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {k} | {_cell(v)} |" for k, v in settings_rows(t.get("settings") or {})]
-        lines.append("")
-        if t.get("host_validation"):
-            lines.append(f"- host validation: {t['host_validation']}")
-        lines += memory_lines(t)
-        for note in t.get("notes") or []:
-            lines.append(f"- note: {note}")
-        search = t.get("search")
-        if search:
-            charts[len(lines)] = charts.get(len(lines), "") + plots.search(name, search) + plots.sensitivity(
-                name, (search.get("sensitivity") or {}).get("layers") or {})
-            lines += ["", "Accuracy search (every configuration tried):", "",
-                      "| # | configuration | quality | size | p50 | result |", "|---|---|---|---|---|---|"]
-            for i, a in enumerate(search.get("tries", []), 1):
-                q = next((f"{k} {v:.4g}" for k, v in a.items() if isinstance(v, float) and k not in
-                          ("latency_p50_ms", "quality_loss")), "–")
-                result = f"error: {a['error']}" if a.get("error") else "; ".join(a.get("failures") or []) or "ok"
-                size = _fmt(a["size_bytes"] / 1e6 if a.get("size_bytes") else None, ".3f", " MB")
-                lines.append(f"| {i} | {a.get('label', '')} | {q} | {size} | "
-                             f"{_fmt(a.get('latency_p50_ms'), '.3f', ' ms')} | {_cell(result)} |")
-            if search.get("float_layers"):
-                lines += ["", "Layers kept in float (sensitivity = quality lost when only this layer is quantized):", ""]
-                lines += [f"- `{n}`: {s:.2f}" for n, s in search["float_layers"].items()]
-            sens = search.get("sensitivity") or {}
-            if sens.get("layers"):
-                lines += ["", f"Per-layer INT8 sensitivity, most sensitive first ({sens.get('method', '')}; "
-                          f"{sens.get('seconds', '–')} s):", "", "| layer | quality loss |", "|---|---|"]
-                lines += [f"| `{n}` | {v:.4g} |" for n, v in sens["layers"].items()]
-    path.write_text("\n".join(lines) + "\n")
-    path.with_suffix(".html").write_text(to_html(lines, manifest, charts))
+    return lines
 
 
-def slower_than_fp32(manifest: dict) -> list[str]:
+def _target_lines(name: str, t: TargetResult, charts: dict[int, str], at: int) -> list[str]:
+    """A target's section; its charts go into ``charts`` by line index (the section starts at line ``at``)."""
+    from edgebuild.pipeline import plots
+
+    lines = ["", f"## {name}", "", t.profile["description"].strip(), ""]
+    if t.verdict.status == "error":
+        return lines + [f"**Conversion failed:** {t.verdict.error}"]
+    if t.verdict.failures:
+        lines += ["**Budget failures:**", *[f"- {f}" for f in t.verdict.failures], ""]
+    metrics = t.metrics.to_dict() if t.metrics else {}
+    charts[at + len(lines)] = charts.get(at + len(lines), "") + plots.outputs(name, metrics)
+    lines += _output_table(t.metrics)
+    lines += ["", "Settings:", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in settings_rows(t.settings or {})]
+    lines.append("")
+    if t.host_validation:
+        lines.append(f"- host validation: {t.host_validation}")
+    lines += memory_lines(t)
+    lines += [f"- note: {note}" for note in t.notes or []]
+    if t.search:
+        charts[at + len(lines)] = charts.get(at + len(lines), "") + plots.search(name, t.search) + plots.sensitivity(
+            name, (t.search.get("sensitivity") or {}).get("layers") or {})
+        lines += _search_lines(t.search)
+    return lines
+
+
+def _search_lines(search: dict) -> list[str]:
+    lines = ["", "Accuracy search (every configuration tried):", "",
+             "| # | configuration | quality | size | p50 | result |", "|---|---|---|---|---|---|"]
+    for i, a in enumerate(search.get("tries", []), 1):
+        q = next((f"{k} {v:.4g}" for k, v in a.items() if isinstance(v, float) and k not in
+                  ("latency_p50_ms", "quality_loss")), "–")
+        result = f"error: {a['error']}" if a.get("error") else "; ".join(a.get("failures") or []) or "ok"
+        size = _fmt(a["size_bytes"] / 1e6 if a.get("size_bytes") else None, ".3f", " MB")
+        lines.append(f"| {i} | {a.get('label', '')} | {q} | {size} | "
+                     f"{_fmt(a.get('latency_p50_ms'), '.3f', ' ms')} | {_cell(result)} |")
+    if search.get("float_layers"):
+        lines += ["", "Layers kept in float (sensitivity = quality lost when only this layer is quantized):", ""]
+        lines += [f"- `{n}`: {s:.2f}" for n, s in search["float_layers"].items()]
+    sens = search.get("sensitivity") or {}
+    if sens.get("layers"):
+        lines += ["", f"Per-layer INT8 sensitivity, most sensitive first ({sens.get('method', '')}; "
+                  f"{sens.get('seconds', '–')} s):", "", "| layer | quality loss |", "|---|---|"]
+        lines += [f"| `{n}` | {v:.4g} |" for n, v in sens["layers"].items()]
+    return lines
+
+
+def slower_than_fp32(manifest: Manifest | dict) -> list[str]:
     """A quantized artifact that runs slower than the FP32 one on the host: passing budgets, but worth a word."""
     out = []
-    for name, t in manifest["targets"].items():
-        obj = t.get("objective") or {}
+    for name, t in Manifest.of(manifest).targets.items():
+        obj = t.objective or {}
         if obj.get("objective", "precision") != "precision":  # what the objective shipped, and why
             out.append(f"{name}: objective {obj['objective']}: shipped {obj['shipped']} ({obj['why']})")
-        speedup = (t.get("ratios") or {}).get("speedup_vs_fp32")
-        if t.get("verdict") == "error" or t.get("precision") == "fp32" or speedup is None or speedup >= 1.0:
+        speedup = (t.ratios or {}).get("speedup_vs_fp32")
+        if t.verdict.status == "error" or t.precision == "fp32" or speedup is None or speedup >= 1.0:
             continue
-        base = ((t.get("baseline_fp32") or {}).get("latency") or {}).get("p50_ms")
-        vs = f"p50 {t['latency']['p50_ms']:.3f} ms vs {base:.3f} ms" if base and t.get("latency") else f"{speedup:.2f}×"
-        out.append(f"{name}: the {str(t.get('precision', 'quantized')).upper()} artifact is slower than FP32 on this "
+        base = ((t.baseline_fp32 or {}).get("latency") or {}).get("p50_ms")
+        vs = f"p50 {t.latency['p50_ms']:.3f} ms vs {base:.3f} ms" if base and t.latency else f"{speedup:.2f}×"
+        out.append(f"{name}: the {str(t.precision or 'quantized').upper()} artifact is slower than FP32 on this "
                    f"host ({speedup:.2f}× speed, {vs}); check the runtime's kernels for it on the device")
     return out
 
@@ -198,7 +221,7 @@ def _row_cells(line: str) -> list[str]:
     return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
 
 
-def to_html(lines: list[str], manifest: dict, charts: dict[int, str]) -> str:
+def to_html(lines: list[str], manifest: Manifest, charts: dict[int, str]) -> str:
     """The report's Markdown lines as one self-contained HTML page; ``charts[i]`` (inline SVG, pipeline/plots.py)
     goes before line ``i`` (or at the end)."""
     body, i = [], 0
@@ -230,7 +253,7 @@ def to_html(lines: list[str], manifest: dict, charts: dict[int, str]) -> str:
             body.append(f"<p>{_inline(line)}</p>")
         i += 1
     body += ['<div class="charts">' + c + "</div>" for k, c in charts.items() if k >= len(lines) and c]
-    title = html.escape(f"edgebuild report — {manifest['verdict'].upper()}")
+    title = html.escape(f"edgebuild report — {manifest.verdict.status.upper()}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
             f'<body>\n' + "\n".join(body) + "\n</body></html>\n")
@@ -245,8 +268,8 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return "".join(out) + "</tbody></table>"
 
 
-def _class_names_lines(manifest: dict) -> list[str]:
-    names = (manifest.get("data") or {}).get("class_names")
+def _class_names_lines(manifest: Manifest) -> list[str]:
+    names = (manifest.data or {}).get("class_names")
     if not names:
         return []
     shown = ", ".join(f"{i}: {n}" for i, n in enumerate(names[:20])) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
@@ -263,21 +286,20 @@ def _judging_lines(j: dict) -> list[str]:
     return lines
 
 
-def _output_table(m: dict) -> list[str]:
+def _output_table(m: Metrics | None) -> list[str]:
     """Each output's own metrics, and the task's scores next to the FP32 reference's."""
-    if not m.get("outputs"):
+    if m is None or not m.outputs:
         return []
     lines = ["| output | kind | cosine | SQNR | max abs error | top-1 agree | accuracy (FP32) | worst channel group |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, o in m["outputs"].items():
-        groups = [g for g in o.get("groups", []) if g.get("judged")]
-        worst = min(groups, key=lambda g: g["cosine"], default=None)
+    for name, o in m.outputs.items():
+        worst = o.worst_group()
         group = f"{worst['slices']} (axis {worst['axis']}): cos {worst['cosine']:.4f}" if worst else "–"
-        acc = f"{o['accuracy']:.2f} % ({o['accuracy_reference']:.2f} %)" if "accuracy" in o else "–"
-        lines.append(f"| {name} | {o['kind']} | {_fmt(o.get('cosine'), '.4f')} | {_fmt(o.get('sqnr_db'), '.1f', ' dB')} | "
-                     f"{_fmt(o.get('max_abs_error'), '.3g')} | {_fmt(o.get('top1_agreement'), '.2f', ' %')} | {acc} | {group} |")
-    task = m.get("task")
+        acc = f"{o.accuracy:.2f} % ({o.accuracy_reference:.2f} %)" if o.accuracy is not None else "–"
+        lines.append(f"| {name} | {o.kind} | {_fmt(o.cosine, '.4f')} | {_fmt(o.sqnr_db, '.1f', ' dB')} | "
+                     f"{_fmt(o.max_abs_error, '.3g')} | {_fmt(o.top1_agreement, '.2f', ' %')} | {acc} | {group} |")
+    task = m.task
     if task:
-        lines += ["", f"Task scores ({task['name']}):", "", "| score | FP32 | artifact |", "|---|---|---|"]
-        lines += [f"| {k} | {task['reference'].get(k, float('nan')):.4g} | {v:.4g} |" for k, v in task["artifact"].items()]
+        lines += ["", f"Task scores ({task.name}):", "", "| score | FP32 | artifact |", "|---|---|---|"]
+        lines += [f"| {k} | {task.reference.get(k, float('nan')):.4g} | {v:.4g} |" for k, v in task.artifact.items()]
     return ["", *lines, ""]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from edgebuild.pipeline import timing
 from edgebuild.pipeline.errors import BadInputError, EdgeBuildError
+from edgebuild.pipeline.results import TargetResult
 from edgebuild.targets.profiles import TargetProfile
 
 
@@ -35,7 +37,7 @@ def _available_memory() -> int:
     return MEMORY_PER_JOB * 64  # unknown: memory does not bound the jobs
 
 
-def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int) -> dict:
+def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int) -> dict[str, TargetResult]:
     """Every target: conversions and validations of up to ``jobs`` targets at once (threads: the runtimes release
     the GIL in native code, the TFLite conversion runs in its own child process, and threads share the loaded
     evaluation data and reference outputs), then timing and the target's files one target at a time, in order, on
@@ -63,10 +65,9 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int) -> 
     targets = {}
     for profile, (prep, seconds) in zip(profiles, prepared):
         t0 = time.perf_counter()
-        result = prep if isinstance(prep, dict) else _guarded(profile, staging, lambda: finish_target(ctx, prep))
-        result["profile"] = profile.to_dict()
-        result["seconds"] = round(seconds + time.perf_counter() - t0, 2)  # this target's own work
-        targets[profile.name] = result
+        result = prep if isinstance(prep, TargetResult) else _guarded(profile, staging, lambda: finish_target(ctx, prep))
+        targets[profile.name] = replace(result, profile=profile.to_dict(),
+                                        seconds=round(seconds + time.perf_counter() - t0, 2))  # this target's own work
     return targets
 
 
@@ -78,4 +79,4 @@ def _guarded(profile: TargetProfile, staging: Path, work):
         raise
     except EdgeBuildError as e:
         shutil.rmtree(staging / profile.name, ignore_errors=True)
-        return {"verdict": "error", "backend": profile.backend, "error": str(e), "failures": []}
+        return TargetResult.failed(profile.backend, str(e))

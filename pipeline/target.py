@@ -17,6 +17,7 @@ from edgebuild.pipeline.cache import StageCache, code_hash, key
 from edgebuild.pipeline.convert import _baseline_dir, _restored, _sibling_note, convert  # noqa: F401 (recover imports convert here)
 from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.pipeline.export import file_hash
+from edgebuild.pipeline.results import Metrics, TargetResult, decide
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, get_backend
@@ -98,10 +99,10 @@ class Attempt:
 
     @property
     def quality_ok(self) -> bool:
-        return not V.quality_failed(self.failures)
+        return decide(self.failures).quality_ok
 
     def summary(self) -> dict:
-        name, value = V.headline(self.metrics)
+        name, value = Metrics.from_dict(self.metrics).headline()
         return {"label": self.label, "precision": self.artifact.precision, "settings": self.artifact.settings, name: value,
                 "quality_loss": round(self.loss, 4), "size_bytes": self.artifact.size_bytes,
                 "latency_p50_ms": self.latency.get("p50_ms"), "failures": [str(f) for f in self.failures]}
@@ -324,7 +325,7 @@ class Prepared:
     cache_use: dict
 
 
-def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> dict:
+def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> TargetResult:
     """Build, validate and describe one target; raises ConversionError when it cannot be built."""
     return finish_target(ctx, prepare_target(ctx, profile, outdir))
 
@@ -379,7 +380,7 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
     return Prepared(profile, backend, budget, outdir, chosen, baseline, search, cache_use)
 
 
-def finish_target(ctx: BuildContext, p: Prepared) -> dict:
+def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
     """Time the chosen artifact (interleaved with its FP32 baseline) and write the target's files. A parallel
     build runs this one target at a time, after every conversion, so that timing runs on a quiet machine."""
     with ctx.stage(f"{p.profile.name}: timing {p.chosen.artifact.main}" + (" and FP32, interleaved" if p.baseline else "")):

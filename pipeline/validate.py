@@ -19,6 +19,7 @@ from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.pipeline import metrics as M
 from edgebuild.pipeline import tasks as T
 from edgebuild.pipeline.errors import BadInputError
+from edgebuild.pipeline.results import Check  # one budget applied to one number; a failure is a Check that fails
 from edgebuild.targets.base import Runner
 
 DEFAULT_MIN_COSINE = 0.99  # fidelity floor of every output that is not class scores (worst sample / group)
@@ -65,44 +66,6 @@ class Judging:
     @property
     def options(self) -> dict:
         return dict(self.task_options)
-
-
-@dataclass(frozen=True)
-class Check:
-    """One budget applied to one number: holds when ``value`` is within ``limit`` (``op`` max or min)."""
-
-    metric: str
-    value: float
-    limit: float
-    op: str = "max"
-    kind: str = "quality"  # quality | latency | size | memory
-    what: str = ""
-    unit: str = ""
-    fmt: str = ".4g"
-
-    @property
-    def ok(self) -> bool:
-        if not np.isfinite(self.value):
-            return False
-        return self.value <= self.limit + 1e-9 if self.op == "max" else self.value >= self.limit - 1e-9
-
-    @property
-    def excess(self) -> float:
-        """How far past the limit, relative to the room the budget gives (<= 0 when it holds)."""
-        if not np.isfinite(self.value):
-            return float("inf")
-        if self.op == "max":
-            return (self.value - self.limit) / max(abs(self.limit), 1e-3)
-        ceiling = 1.0 if self.limit <= 1.0 else 100.0
-        return (self.limit - self.value) / max(ceiling - self.limit, 1e-3)
-
-    def __str__(self) -> str:
-        sign = ">" if self.op == "max" else "<"
-        return f"{self.what or self.metric} {self.value:{self.fmt}}{self.unit} {sign} {self.op} {self.limit}{self.unit}"
-
-    def to_dict(self) -> dict:
-        return {"metric": self.metric, "value": self.value, "limit": self.limit, "op": self.op, "kind": self.kind,
-                "text": str(self)}
 
 
 def collect(runner: Runner, evalset: CalibrationSet) -> list[list[np.ndarray]]:
@@ -265,22 +228,23 @@ def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, ta
         label = f"output {name}: " if len(m["outputs"]) > 1 else ""
         if o["kind"] == "class_scores":
             floor = budget.min_cosine if budget.min_cosine is not None else CLASS_MIN_COSINE
-            out.append(Check(f"{name}.cosine", o["cosine"], floor, "min", what=f"{label}cosine similarity"))
+            out.append(Check(f"{name}.cosine", o["cosine"], floor, "min", what=f"{label}cosine similarity", output=name))
             if drop is not None and "accuracy_drop" in o:
                 out.append(Check(f"{name}.accuracy_drop", o["accuracy_drop"], drop, what=f"{label}accuracy drop",
-                                 unit=" pt", fmt=".2f"))
+                                 unit=" pt", fmt=".2f", output=name))
             elif drop is not None:
                 out.append(Check(f"{name}.top1_disagreement", 100.0 - o["top1_agreement"], drop, unit=" pt", fmt=".2f",
-                                 what=f"{label}top-1 disagreement with FP32 (no labels)"))
+                                 what=f"{label}top-1 disagreement with FP32 (no labels)", output=name))
         else:
             floor = budget.min_cosine if budget.min_cosine is not None else DEFAULT_MIN_COSINE
             worst = _worst_group(o)
             where = f" (channel group {worst['slices']} on axis {worst['axis']})" if worst else ""
-            out.append(Check(f"{name}.cosine", o["cosine"], floor, "min", what=f"{label}cosine similarity{where}"))
+            out.append(Check(f"{name}.cosine", o["cosine"], floor, "min", what=f"{label}cosine similarity{where}",
+                             output=name))
             worst = _worst_group(o, "sqnr_db", "sqnr_min_db")
             where = f" (channel group {worst['slices']} on axis {worst['axis']})" if worst else ""
             out.append(Check(f"{name}.sqnr_min_db", o["sqnr_min_db"], round(M.sqnr_floor_db(floor), 2), "min",
-                             what=f"{label}SQNR{where}", unit=" dB", fmt=".1f"))
+                             what=f"{label}SQNR{where}", unit=" dB", fmt=".1f", output=name))
     out += _score_checks(m, budget, task)
     if budget.max_latency_ms is not None and lat:
         out.append(Check("latency_p50_ms", lat["p50_ms"], budget.max_latency_ms, kind="latency", what="latency p50",
@@ -370,23 +334,6 @@ def judge(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, tas
 def quality_loss(m: dict, budget: Budget, task: str = "auto") -> float:
     """One number to rank candidates, lower is better: the worst relative excess over the quality budgets."""
     return max((c.excess for c in checks(m, None, None, budget, task) if c.kind == "quality"), default=0.0)
-
-
-def quality_failed(failures: list[Check]) -> bool:
-    return any(f.kind == "quality" for f in failures)
-
-
-def headline(m: dict) -> tuple[str, float]:
-    """The number a person reads first: accuracy drop, top-1 disagreement, a task score, or the worst cosine."""
-    if "accuracy_drop" in m:
-        return "accuracy_drop", m["accuracy_drop"]
-    if "top1_agreement" in m:
-        return "top1_disagreement", 100.0 - m["top1_agreement"]
-    task = m.get("task")
-    if task:
-        key = (task.get("evaluator_scores") or list(task["artifact"]))[0]
-        return key, task["artifact"][key]
-    return "cosine_min", m["cosine_min"]
 
 
 def coarseness_warning(n_samples: int, budget: Budget) -> str | None:

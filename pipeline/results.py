@@ -1,0 +1,405 @@
+"""Typed results: what a build measured and decided, as frozen dataclasses that round-trip exactly to the JSON
+edgebuild writes (``to_dict()`` / ``from_dict()``).
+
+- ``Metrics``: one artifact measured on the evaluation set, an ``OutputMetrics`` per model output, ``TaskScores``;
+- ``Check``: one budget applied to one number; a ``Failure`` is a check that does not hold (the same type);
+- ``decide``: the one place a ``Verdict`` (pass / fail / error with its failures) is decided, for one target from
+  its failures or its conversion error, for a build from its targets' verdicts and its own failures;
+- ``TargetResult``: one target — ``to_dict`` its manifest.json entry, ``to_validation`` its validation.json;
+- ``Manifest``: manifest.json.
+
+The JSON keys and values are the ones edgebuild has always written: a key this version does not know is kept
+(``extra``), keys keep the order they were read in, an absent key stays absent and a null one stays null.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import ClassVar
+
+EXIT_CODES = {"pass": 0, "fail": 1, "error": 3}  # the build's exit code for its verdict (README "Exit codes")
+
+
+def _ordered(d: dict, keys: tuple[str, ...]) -> dict:
+    """``d`` with the keys of ``keys`` first, in that order (the order they were read in)."""
+    if not keys:
+        return d
+    out = {k: d[k] for k in keys if k in d}
+    out.update((k, v) for k, v in d.items() if k not in out)
+    return out
+
+
+class _Record:
+    """A JSON object as a dataclass: each field is a key (None: absent, unless it was read as null or is one of
+    ``ALWAYS``); ``extra`` keeps keys this version does not know, ``keys`` the order they were read in."""
+
+    ALWAYS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def _names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in ("extra", "keys")]
+
+    @classmethod
+    def _read(cls, d: dict, **typed):
+        names = set(cls._names())
+        kw = {k: v for k, v in d.items() if k in names}
+        return cls(**{**kw, **typed}, extra={k: v for k, v in d.items() if k not in names}, keys=tuple(d))
+
+    def _write(self, names: list[str] | None = None, always: tuple[str, ...] = (), **typed) -> dict:
+        d = {}
+        for name in names if names is not None else self._names():
+            v = typed[name] if name in typed else getattr(self, name, None)
+            if v is not None or name in self.keys or name in self.ALWAYS or name in always:
+                d[name] = v
+        d.update(self.extra)
+        return _ordered(d, self.keys)
+
+    def to_dict(self) -> dict:
+        return self._write()
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls._read(d)
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputMetrics(_Record):
+    """One model output, judged by what it is (``kind``: class_scores | vector | tensor | scalar)."""
+
+    kind: str | None = None
+    cosine: float | None = None  # the judged cosine (worst sample or channel group; class scores: the mean)
+    cosine_mean: float | None = None
+    max_abs_error: float | None = None
+    sqnr_db: float | None = None
+    sqnr_min_db: float | None = None
+    finite: bool | None = None
+    top1_agreement: float | None = None
+    accuracy: float | None = None  # only on the output the labels score
+    accuracy_reference: float | None = None
+    accuracy_drop: float | None = None
+    top5_accuracy: float | None = None
+    groups: list | None = None  # channel groups: {axis, slices, count, cosine, sqnr_db, judged, ...}
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+    def get(self, name: str):
+        """A measure by name (a typed one or one of ``extra``, e.g. ``decision_agreement``), else None."""
+        return getattr(self, name) if name in self._names() else self.extra.get(name)
+
+    def worst_group(self) -> dict | None:
+        judged = [g for g in self.groups or () if g.get("judged")]
+        return min(judged, key=lambda g: g["cosine"], default=None)
+
+
+@dataclass(frozen=True)
+class TaskScores(_Record):
+    """A task evaluator's (or a user's evaluator's) scores of the FP32 reference and of the artifact."""
+
+    name: str | None = None
+    reference: dict | None = None
+    artifact: dict | None = None
+    evaluator_scores: list | None = None  # a user evaluator's score names, its first one is the headline
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+    def first(self) -> tuple[str, float] | None:
+        """The score a person reads first: the user evaluator's first, else the task's first."""
+        names = self.evaluator_scores or list(self.artifact or {})
+        return (names[0], self.artifact[names[0]]) if names else None
+
+
+@dataclass(frozen=True)
+class Metrics(_Record):
+    """One artifact on the evaluation set: per-output metrics and their summary (``pipeline/validate.py compare``)."""
+
+    samples: int | None = None
+    finite: bool | None = None
+    outputs: dict[str, OutputMetrics] | None = None
+    cosine_min: float | None = None
+    cosine_mean: float | None = None
+    max_abs_error: float | None = None
+    classifier: bool | None = None
+    top1_agreement: float | None = None  # of the labelled (else first) class-score output
+    accuracy: float | None = None
+    accuracy_reference: float | None = None
+    accuracy_drop: float | None = None
+    task: TaskScores | None = None
+    warnings: list | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+    def headline(self) -> tuple[str, float]:
+        """The number a person reads first: accuracy drop, top-1 disagreement, a task score, or the worst cosine."""
+        if self.accuracy_drop is not None:
+            return "accuracy_drop", self.accuracy_drop
+        if self.top1_agreement is not None:
+            return "top1_disagreement", 100.0 - self.top1_agreement
+        first = self.task.first() if self.task else None
+        return first if first else ("cosine_min", self.cosine_min)
+
+    def to_dict(self) -> dict:
+        outputs = None if self.outputs is None else {n: o.to_dict() for n, o in self.outputs.items()}
+        return self._write(outputs=outputs, task=self.task.to_dict() if self.task else self.task)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Metrics":
+        outputs = d.get("outputs")
+        outputs = None if outputs is None else {n: OutputMetrics.from_dict(o) for n, o in outputs.items()}
+        task = TaskScores.from_dict(d["task"]) if isinstance(d.get("task"), dict) else d.get("task")
+        return cls._read(d, outputs=outputs, task=task)
+
+
+# ---- checks, failures, the verdict ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Check:
+    """One budget applied to one number: holds when ``value`` is within ``limit`` (``op`` max or min).
+
+    ``kind``: quality | latency | size | memory; ``output``: the model output it judges (None: the whole
+    artifact); ``what``/``unit``/``fmt`` make its one-line ``str``; ``text`` is that line as read back from JSON.
+    """
+
+    metric: str
+    value: float
+    limit: float
+    op: str = "max"
+    kind: str = "quality"
+    what: str = field(default="", compare=False)  # how it reads (not what it is: equal checks may read apart)
+    unit: str = field(default="", compare=False)
+    fmt: str = field(default=".4g", compare=False)
+    output: str | None = None
+    text: str | None = field(default=None, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        if not math.isfinite(self.value):
+            return False
+        return self.value <= self.limit + 1e-9 if self.op == "max" else self.value >= self.limit - 1e-9
+
+    @property
+    def excess(self) -> float:
+        """How far past the limit, relative to the room the budget gives (<= 0 when it holds)."""
+        if not math.isfinite(self.value):
+            return float("inf")
+        if self.op == "max":
+            return (self.value - self.limit) / max(abs(self.limit), 1e-3)
+        ceiling = 1.0 if self.limit <= 1.0 else 100.0
+        return (self.limit - self.value) / max(ceiling - self.limit, 1e-3)
+
+    def __str__(self) -> str:
+        if self.text is not None:
+            return self.text
+        sign = ">" if self.op == "max" else "<"
+        return f"{self.what or self.metric} {self.value:{self.fmt}}{self.unit} {sign} {self.op} {self.limit}{self.unit}"
+
+    def to_dict(self) -> dict:
+        d = {"metric": self.metric, "value": self.value, "limit": self.limit, "op": self.op, "kind": self.kind,
+             "text": str(self)}
+        return {**d, "output": self.output} if self.output is not None else d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Check":
+        return cls(d["metric"], d["value"], d["limit"], d.get("op", "max"), d.get("kind", "quality"),
+                   output=d.get("output"), text=d.get("text"))
+
+
+Failure = Check  # a Check that does not hold
+
+
+def compression_check(record: dict) -> Check | None:
+    """The compression stage's accuracy drop against ``max_compression_drop`` (None: nothing to judge)."""
+    drop = (record.get("summary") or {}).get("accuracy_drop")
+    limit = (record.get("budget") or {}).get("max_compression_drop")
+    if drop is None or limit is None:
+        return None
+    return Check("compression_accuracy_drop", drop, limit, what="compression accuracy drop", unit=" pt", fmt=".2f",
+                 text=record.get("failure"))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """pass (every budget holds), fail (a budget failed; the artifact is kept) or error (nothing was built)."""
+
+    status: str
+    failures: tuple[Check, ...] = ()
+    error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    @property
+    def quality_ok(self) -> bool:
+        """No quality budget failed (latency, size and memory failures aside): what the accuracy search asks."""
+        return self.status != "error" and not any(f.kind == "quality" for f in self.failures)
+
+    def to_dict(self) -> dict:
+        """The verdict keys of a target's record: verdict, error (when there is one), failures, failed_checks."""
+        d = {"verdict": self.status, **({"error": self.error} if self.error is not None else {}),
+             "failures": [str(f) for f in self.failures]}
+        return d if self.status == "error" else {**d, "failed_checks": [f.to_dict() for f in self.failures]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Verdict":
+        checks = d.get("failed_checks")
+        if checks is None:  # no typed record (an error, or an older build): the failure lines
+            checks = [{"metric": "", "value": math.nan, "limit": math.nan, "text": s} for s in d.get("failures") or ()]
+        return decide([Check.from_dict(c) for c in checks], d.get("error"))
+
+
+def decide(failures=(), error: str | None = None, parts=()) -> Verdict:
+    """THE verdict: ``error`` when there is an error (or a part errs), else ``fail`` when a check failed (or a
+    part fails), else ``pass``. A target's parts are none; a build's parts are its targets' verdicts, its own
+    failures those of the whole build (the compression budget)."""
+    failures = tuple(failures)
+    statuses = {p.status for p in parts}
+    if error is not None or "error" in statuses:
+        return Verdict("error", failures, error)
+    return Verdict("fail" if failures or "fail" in statuses else "pass", failures, error)
+
+
+# ---- a target, a build ------------------------------------------------------------------------------------
+_VERDICT_KEYS = ("verdict", "error", "failures", "failed_checks")
+
+
+@dataclass(frozen=True)
+class TargetResult(_Record):
+    """One target of a build: its verdict, artifact, measurements and records (search, objective, cache)."""
+
+    verdict: Verdict
+    backend: str | None = None
+    precision: str | None = None
+    artifact: str | None = None  # the main file, in the target's directory
+    files: dict | None = None  # name -> {bytes, sha256}
+    settings: dict | None = None  # what the conversion applied
+    metrics: Metrics | None = None
+    latency: dict | None = None
+    size_bytes: int | None = None
+    memory: dict | None = None
+    ratios: dict | None = None  # size_vs_fp32, speedup_vs_fp32 (+ its spread)
+    baseline_fp32: dict | None = None
+    notes: list | None = None
+    budgets: dict | None = None
+    host_validation: str | None = None
+    threads: dict | None = None  # {profile, used}
+    cache: dict | None = None
+    search: dict | None = None
+    objective: dict | None = None
+    profile: dict | None = None
+    seconds: float | None = None
+    previous: "TargetResult | None" = None  # this target's earlier build, still in its directory (failed now)
+    from_earlier_build: str | None = None  # kept from the earlier build created then (not built now)
+    evaluation: dict | None = None  # the evaluation data (validation.json only)
+    target: str | None = None  # the target's name (a re-validation's record only)
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+    MANIFEST: ClassVar[tuple[str, ...]] = (
+        "verdict", "backend", "error", "precision", "artifact", "files", "settings", "metrics", "latency",
+        "size_bytes", "memory", "ratios", "baseline_fp32", "failures", "failed_checks", "notes", "budgets",
+        "host_validation", "threads", "cache", "search", "objective", "profile", "seconds", "previous",
+        "from_earlier_build")
+    VALIDATION: ClassVar[tuple[str, ...]] = (
+        "target", "verdict", "failures", "failed_checks", "metrics", "latency", "size_bytes", "memory", "budgets",
+        "threads", "threads_used", "evaluation", "baseline_fp32", "ratios", "search", "objective")
+
+    @classmethod
+    def failed(cls, backend: str, error: str) -> "TargetResult":
+        """A target that could not be built (its conversion failed): verdict error."""
+        return cls(decide(error=error), backend=backend)
+
+    def _typed(self) -> dict:
+        return {**self.verdict.to_dict(), "metrics": self.metrics.to_dict() if self.metrics else self.metrics}
+
+    def to_dict(self) -> dict:
+        """The target's entry in manifest.json (``ratios`` and ``baseline_fp32`` are null when there is none)."""
+        return self._write(list(self.MANIFEST), ("ratios", "baseline_fp32") if self.artifact else (),
+                           **self._typed(), previous=self.previous.to_dict() if self.previous else self.previous)
+
+    def to_validation(self) -> dict:
+        """The target's validation.json (and, with ``target``, a re-validation's record)."""
+        threads = self.threads or {}
+        return self._write(list(self.VALIDATION), **self._typed(), threads=threads.get("profile"),
+                           threads_used=threads.get("used"))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TargetResult":
+        previous = cls.from_dict(d["previous"]) if isinstance(d.get("previous"), dict) else d.get("previous")
+        return cls._load(d, cls.MANIFEST, previous=previous)
+
+    @classmethod
+    def from_validation(cls, d: dict) -> "TargetResult":
+        threads = {"profile": d.get("threads"), "used": d.get("threads_used")} if "threads" in d else None
+        return cls._load(d, cls.VALIDATION, threads=threads)
+
+    @classmethod
+    def _load(cls, d: dict, names: tuple[str, ...], **typed) -> "TargetResult":
+        metrics = Metrics.from_dict(d["metrics"]) if isinstance(d.get("metrics"), dict) else d.get("metrics")
+        kw = {k: d[k] for k in names if k in d and k not in _VERDICT_KEYS and k not in typed and k != "threads_used"}
+        return cls(Verdict.from_dict(d), **{**kw, **typed, "metrics": metrics},
+                   extra={k: v for k, v in d.items() if k not in names}, keys=tuple(d))
+
+
+@dataclass(frozen=True)
+class Manifest(_Record):
+    """manifest.json: the build's verdict, its model, data, judging, spec, tool versions and every target."""
+
+    edgebuild: str | None = None
+    created: str | None = None
+    seconds: float | None = None
+    spec: dict | None = None
+    cwd: str | None = None
+    tools: dict | None = None
+    model: dict | None = None
+    data: dict | None = None
+    judging: dict | None = None
+    targets: dict[str, TargetResult] = field(default_factory=dict)
+    cache: dict | None = None
+    compression: dict | None = None  # the compression stage's record (its budget, its failure)
+    output: str | None = None  # set when the output was not written (every target failed; the earlier one stays)
+    kept_from_earlier_build: list | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+    ORDER: ClassVar[tuple[str, ...]] = (
+        "edgebuild", "created", "verdict", "exit_code", "seconds", "spec", "cwd", "tools", "model", "data", "judging",
+        "targets", "cache", "compression", "output", "kept_from_earlier_build")
+
+    @property
+    def built(self) -> dict[str, TargetResult]:
+        """The targets this build built (or failed to): not those kept from an earlier build."""
+        return {n: t for n, t in self.targets.items() if t.from_earlier_build is None}
+
+    @property
+    def failures(self) -> tuple[Check, ...]:
+        """Failures of the build as a whole, not of one target: the compression budget."""
+        check = compression_check(self.compression) if self.compression and self.compression.get("failure") else None
+        return (check,) if check is not None else ()
+
+    @property
+    def verdict(self) -> Verdict:
+        return decide(self.failures, parts=[t.verdict for t in self.built.values()])
+
+    @property
+    def exit_code(self) -> int:
+        return self.verdict.exit_code
+
+    def to_dict(self) -> dict:
+        targets = {n: t.to_dict() for n, t in self.targets.items()}
+        return self._write(list(self.ORDER), verdict=self.verdict.status, exit_code=self.exit_code, targets=targets)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        names = set(cls.ORDER)
+        kw = {k: v for k, v in d.items() if k in names and k not in ("verdict", "exit_code", "targets")}
+        targets = {n: TargetResult.from_dict(t) for n, t in (d.get("targets") or {}).items()}
+        return cls(**kw, targets=targets, extra={k: v for k, v in d.items() if k not in names}, keys=tuple(d))
+
+    @classmethod
+    def of(cls, manifest: "Manifest | dict") -> "Manifest":
+        """A Manifest, or manifest.json's dict read as one."""
+        return manifest if isinstance(manifest, Manifest) else cls.from_dict(manifest)
