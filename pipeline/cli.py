@@ -251,17 +251,18 @@ def cli(ctx, as_json, quiet, verbose, config, eval_, jobs, **flags):
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2, default=str))
     else:
-        _print_summary(result.manifest, result.out)
+        _print_summary(result.typed, result.out)
     result.raise_for_verdict()
 
 
-def _print_summary(manifest: dict, out: Path) -> None:
+def _print_summary(manifest, out: Path) -> None:
+    """The build's summary table (``manifest``: a ``pipeline.results.Manifest``)."""
     from rich.console import Console
     from rich.table import Table
 
     from edgebuild.pipeline.report import slower_than_fp32, summary_rows
 
-    table = Table(title=f"edgebuild — {manifest['verdict'].upper()} ({manifest['seconds']} s)")
+    table = Table(title=f"edgebuild — {manifest.verdict.status.upper()} ({manifest.seconds} s)")
     for col in ("target", "verdict", "artifact", "accuracy", "drop", "p50", "size", "size_ratio", "speedup", "memory"):
         table.add_column(col.replace("_", " "))
     for row in summary_rows(manifest):
@@ -271,9 +272,9 @@ def _print_summary(manifest: dict, out: Path) -> None:
     if not console.is_terminal:
         console = Console(width=160)
     console.print(table)
-    for name, t in manifest["targets"].items():
-        if t.get("search", {}).get("float_layers"):
-            console.print(f"{name}: kept in float: {', '.join(t['search']['float_layers'])}")
+    for name, t in manifest.targets.items():
+        if (t.search or {}).get("float_layers"):
+            console.print(f"{name}: kept in float: {', '.join(t.search['float_layers'])}")
     for warning in slower_than_fp32(manifest):
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     console.print(f"artifacts in {out}/ (manifest.json, report.md, report.html, build.log)")
@@ -319,10 +320,13 @@ def validate_cmd(artifact_dir, eval_, emulate, device, as_json):
         from edgebuild.pipeline.revalidate import summary_lines
 
         click.echo("\n".join(summary_lines(result)))
-    if result["failures"]:
+    from edgebuild.pipeline.results import Verdict
+
+    verdict = Verdict.from_dict(result)
+    if not verdict.passed:
         from edgebuild.pipeline.errors import BudgetError
 
-        raise BudgetError(f"{result['target']}: " + "; ".join(result["failures"]))
+        raise BudgetError(f"{result['target']}: " + "; ".join(map(str, verdict.failures)))
 
 
 def _record(artifact_dir: Path, where: str, result: dict) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 from edgebuild.pipeline import timing
 from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.errors import BadInputError, IntegrityError
+from edgebuild.pipeline.results import TargetResult, decide
 from edgebuild.pipeline.spec import InputSpec, PreprocessSpec
 from edgebuild.targets.base import Artifact, get_backend
 
@@ -139,10 +140,9 @@ def judged(loaded: Loaded, outputs: list, lat: dict | None, **extra) -> dict:
     the build's budgets, as a validation result. ``lat`` None: no latency is judged (e.g. under emulation)."""
     metrics = V.compare(loaded.reference, outputs, loaded.evalset.labels, loaded.judging)
     art = loaded.artifact
-    failures = V.judge(metrics, art.size_bytes, lat, loaded.budget, loaded.judging.task)
-    failures += extra.pop("extra_failures", [])
-    return {"target": loaded.meta["target"], "verdict": "fail" if failures else "pass",
-            "failures": [str(f) for f in failures], "failed_checks": [f.to_dict() for f in failures],
+    verdict = decide(V.judge(metrics, art.size_bytes, lat, loaded.budget, loaded.judging.task)
+                     + extra.pop("extra_failures", []))
+    return {"target": loaded.meta["target"], **verdict.to_dict(),
             "metrics": metrics, "latency": lat, "size_bytes": art.size_bytes,
             "evaluation": loaded.evalset.describe(), "reference": loaded.reference_source, **extra}
 
@@ -161,18 +161,19 @@ def revalidate(artifact_dir: Path, eval_source: str | None) -> dict:
 
 def summary_lines(result: dict) -> list[str]:
     """The human summary of a validation result (``edgebuild validate`` without --json)."""
-    m = result["metrics"]
-    acc = f"accuracy {m['accuracy']:.2f} % (FP32 {m['accuracy_reference']:.2f} %)" if "accuracy" in m else \
-        f"cosine {m['cosine_min']:.4f}"
-    lat = result.get("latency")
+    r = TargetResult.from_validation(result)
+    m = r.metrics
+    acc = f"accuracy {m.accuracy:.2f} % (FP32 {m.accuracy_reference:.2f} %)" if m.accuracy is not None else \
+        f"cosine {m.cosine_min:.4f}"
+    lat = r.latency
     where = f" on {lat['measured_on']}" if lat and lat.get("measured_on") else ""
     p50 = f", p50 {lat['p50_ms']:.3f} ms{where}" if lat else ""
-    lines = [f"{result['target']}: {result['verdict'].upper()} — {acc}{p50}"]
-    if "device" in result:
-        lines.append(f"  device: {result['device']['machine']}, {result['device']['runtime']}")
-    if "emulation" in result:
-        e, h = result["emulation"], result["emulation"]["vs_host"]
+    lines = [f"{r.target}: {r.verdict.status.upper()} — {acc}{p50}"]
+    if "device" in r.extra:
+        lines.append(f"  device: {r.extra['device']['machine']}, {r.extra['device']['runtime']}")
+    if "emulation" in r.extra:
+        e, h = r.extra["emulation"], r.extra["emulation"]["vs_host"]
         lines.append(f"  emulated: {e['runtime']}; vs host: top-1 agreement {h.get('top1_agreement', float('nan')):.2f} %, "
                      f"max abs error {h['max_abs_error']:.3g}, cosine min {h['cosine_min']:.6f} (no latency under emulation)")
-    lines += [f"  failed: {f}" for f in result["failures"]]
+    lines += [f"  failed: {f}" for f in r.verdict.failures]
     return lines
