@@ -345,6 +345,7 @@ def main(argv=None) -> int:
         from edgebuild.procs import terminate_as_interrupt
 
         signal.signal(signal.SIGTERM, terminate_as_interrupt)  # SIGTERM = Ctrl-C: clean up, exit 130
+        signal.signal(signal.SIGINT, terminate_as_interrupt)  # Ctrl-C also kills every target's child at once
     from edgebuild.pipeline.offline import no_telemetry
 
     no_telemetry()

@@ -3,4 +3,4 @@
 from __future__ import annotations
 
 from edgebuild.procs import (  # noqa: F401
-    die_with_parent, forget, kill_group, kill_tracked, terminate_as_interrupt, track)
+    die_with_parent, forget, kill_group, kill_tracked, set_name, terminate_as_interrupt, track)

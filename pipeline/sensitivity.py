@@ -59,8 +59,8 @@ def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: Calibratio
         keep = np.sort(np.random.default_rng(0).permutation(len(select))[:keep_n])
         select, reference = select.subset(keep), [reference[i] for i in keep]
     scores: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="edgebuild-sens-") as tmp:
-        fake_quant = FakeQuant(onnx_path, small, Path(tmp))  # the ONNX backend's public fake-quant helper
+    with tempfile.TemporaryDirectory(prefix="edgebuild-sens-") as tmp, \
+            FakeQuant(onnx_path, small, Path(tmp)) as fake_quant:  # the ONNX backend's fake-quant helper: one child
         for i, name in enumerate(layers, 1):
             if time.monotonic() > deadline:
                 break

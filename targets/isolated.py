@@ -15,8 +15,9 @@ runtime that can crash (LiteRT, OpenVINO, TensorFlow Lite Micro) runs in a ``Chi
 
 ``run_isolated(fn, job, timeout)`` runs one module-level function in a child and returns its picklable result:
 one child per conversion (``run_with_samples`` hands it the calibration samples as files it maps, never through
-the pipe, never whole in memory). ``IsolatedRunner`` keeps one child per artifact serving the backend's Runner:
-runs, timing, and the memory probe (targets/memory_probe.py, for pipeline/memory.py).
+the pipe, never whole in memory). ``Served`` keeps an object in a child for many calls: ``IsolatedRunner`` (one
+child per artifact: runs, timing, the memory probe of targets/memory_probe.py) and the ONNX backend's
+``FakeQuant`` (one child for a whole per-layer sensitivity ranking).
 
 Fault injection for tests: ``EDGEBUILD_FAULT=crash:NAME`` (or ``hang:NAME``) makes the child named NAME
 (``convert:onnx``, ``convert:openvino``, ``convert:tflite``, ``runtime:<backend>``) kill itself with SIGSEGV
@@ -81,19 +82,16 @@ def _child_main(conn, name: str, log: str | None, phase: str | None, cwd: str | 
                 payload) -> None:
     """The child's first code: its own process group, death with the build, its name, output, directory and
     environment; then ``entry(conn, payload)``."""
-    from edgebuild.procs import die_with_parent
+    from edgebuild.procs import die_with_parent, set_name
 
     os.setpgid(0, 0)
     die_with_parent()
     mp.current_process().daemon = False  # a converter may start processes of its own
-    _set_name(name)
-    if log:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-    else:
-        os.dup2(2, 1)
+    set_name(name)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log else os.dup(2)
+    for fd in (1, 2):  # stdout too: ``edgebuild --json`` prints the manifest on the build's own
+        os.dup2(out, fd)
+    os.close(out)
     if cwd:
         os.chdir(cwd)
     os.environ.update(env)
@@ -105,16 +103,6 @@ def _child_main(conn, name: str, log: str | None, phase: str | None, cwd: str | 
         _PHASE.append(Path(phase))
     _fault(name)
     entry(conn, payload)
-
-
-def _set_name(name: str) -> None:
-    """The process name (``/proc/PID/comm``, what ``top`` shows): ``convert:tflite``, ``runtime:openvino``."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
 
 
 def _fault(name: str) -> None:
@@ -130,18 +118,6 @@ def set_phase(text: str) -> None:
     """In a child: what it is doing now (named in the build's message if it crashes or times out)."""
     if _PHASE:
         _PHASE[0].write_text(text)
-
-
-def release_memory() -> None:
-    """Give what a finished step freed back to the system (glibc keeps freed heap otherwise)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _describe(e: BaseException) -> dict:
@@ -208,9 +184,6 @@ class Child:
         if status != "ok":
             raise _error(self.what, value, keep_errors)
         return value
-
-    def send(self, message) -> None:
-        self.conn.send(message)
 
     def kill(self) -> None:
         """Kill the child and everything it started (its process group); idempotent."""
@@ -315,18 +288,15 @@ def samples_from_disk(spec: dict | None):
     return CalibrationSet(spec["name"], inputs, spec["labels"], spec["origin"], spec["shapes"])
 
 
-# ---- runners ----------------------------------------------------------------------------------------------
+# ---- objects served by a child: runners, the fake-quant helper ---------------------------------------------
 
 
 def _serve(conn, payload) -> None:
-    backend, artifact, threads, opener, memory = payload
-    from edgebuild.targets import memory_probe as mem
-
+    """A serving child: ``factory(*args)`` makes the object, then each request ``(method, args)`` is answered with
+    ``object.method(*args)`` until ``close`` or the build's end."""
+    factory, args = payload
     try:
-        # memory probe: import the runtime, then take the resident set as the baseline and reset the peak
-        base = mem.baseline(backend, opener) if memory else None
-        runner = mem.open_with(opener, Artifact.from_dict(artifact), threads) if opener else \
-            get_backend(backend).runner(Artifact.from_dict(artifact), threads)
+        obj = factory(*args)
         conn.send(("ok", None))
     except BaseException as e:  # report, then stop: the parent turns it into a ConversionError
         conn.send(("error", _describe(e)))
@@ -339,50 +309,88 @@ def _serve(conn, payload) -> None:
         if op == "close":
             return
         try:
-            result = {"run": runner.run, "time": runner.time_ms, "threads": runner.threads_used,
-                      "memory": lambda: mem.snapshot(base, runner)}[op](*args)
-            conn.send(("ok", result))
+            conn.send(("ok", getattr(obj, op)(*args)))
         except BaseException as e:
             conn.send(("error", _describe(e)))
+
+
+class Served:
+    """An object living in a child process of its own (one child for all its calls): ``factory(*args)`` there,
+    then ``call(method, *args)`` here is ``object.method(*args)`` there. Its errors, a crash of the child or a
+    start-up past ``START_TIMEOUT_S`` are ConversionErrors starting with ``what``."""
+
+    def __init__(self, factory, args: tuple, name: str, what: str, role: str = "runtime"):
+        self.child = Child(_serve, (factory, args), name, what, role)
+        try:
+            self.child.receive(START_TIMEOUT_S, keep_errors=False, hint=" (starting)")
+        except BaseException:
+            self.child.kill()
+            raise
+
+    def call(self, op: str, *args):
+        try:
+            self.child.conn.send((op, args))
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone: receive says how
+        return self.child.receive(keep_errors=False)
+
+    def alive(self) -> bool:
+        return not self.child._done and self.child.proc.is_alive()
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                self.child.conn.send(("close", ()))
+                self.child.proc.join(5)
+            except (BrokenPipeError, OSError):
+                pass
+        self.child.kill()
+
+
+class _RunnerHost:
+    """In a runner's child: the backend's runner (or ``opener``'s), and the memory probe when asked for."""
+
+    def __init__(self, backend: str, artifact: dict, threads: int, opener: str, memory: bool):
+        from edgebuild.targets import memory_probe as mem
+
+        self._mem = mem
+        # memory probe: import the runtime, then take the resident set as the baseline and reset the peak
+        self._base = mem.baseline(backend, opener) if memory else None
+        art = Artifact.from_dict(artifact)
+        self.runner = mem.open_with(opener, art, threads) if opener else get_backend(backend).runner(art, threads)
+
+    def run(self, feed):
+        return self.runner.run(feed)
+
+    def time(self, *args):
+        return self.runner.time_ms(*args)
+
+    def threads(self):
+        return self.runner.threads_used()
+
+    def memory(self):
+        return self._mem.snapshot(self._base, self.runner)
 
 
 class IsolatedRunner(Runner):
     def __init__(self, backend: str, artifact: Artifact, threads: int, opener: str = "", memory: bool = False):
         """``opener`` ("module:function(artifact, threads) -> Runner") replaces the backend's runner (TFLM);
         ``memory`` measures the child's resident memory above its baseline (targets/memory_probe.py)."""
-        self._child = Child(_serve, (backend, artifact.to_dict(), threads, opener, memory), f"runtime:{backend}",
-                            f"{artifact.target}/{artifact.main}", role="runtime")
-        try:
-            self._child.receive(START_TIMEOUT_S, keep_errors=False, hint=" (starting)")
-        except BaseException:
-            self._child.kill()
-            raise
-
-    def _ask(self, op: str, *args):
-        try:
-            self._child.send((op, args))
-        except (BrokenPipeError, OSError):
-            pass  # the child is gone: receive says how
-        return self._child.receive(keep_errors=False)
+        self._served = Served(_RunnerHost, (backend, artifact.to_dict(), threads, opener, memory),
+                              f"runtime:{backend}", f"{artifact.target}/{artifact.main}")
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._ask("run", feed)
+        return self._served.call("run", feed)
 
     def time_ms(self, feed, warmup, runs, budget_s) -> list[float]:
-        return self._ask("time", feed, warmup, runs, budget_s)
+        return self._served.call("time", feed, warmup, runs, budget_s)
 
     def threads_used(self) -> int | None:
-        return self._ask("threads")
+        return self._served.call("threads")
 
     def memory(self) -> dict:
         """The child's memory now (started with ``memory=True``): baseline, resident, peak, runtime's report."""
-        return self._ask("memory")
+        return self._served.call("memory")
 
     def close(self) -> None:
-        if not self._child._done and self._child.proc.is_alive():
-            try:
-                self._child.send(("close", ()))
-                self._child.proc.join(5)
-            except (BrokenPipeError, OSError):
-                pass
-        self._child.kill()
+        self._served.close()

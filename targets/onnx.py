@@ -231,18 +231,63 @@ class FakeQuant:
     unfused on ONNX Runtime CPU — the arithmetic of an int8 kernel without any CPU-specific saturation.
 
     The model is pre-processed once and the activation ranges calibrated once (on ``calib``, by the first call),
-    then reused by every call: quantizing one layer at a time costs one quantization pass per layer."""
+    then reused by every call: quantizing one layer at a time costs one quantization pass per layer. All of it
+    (onnxruntime's native quantization and runtime) runs in one child process (targets/isolated.py ``Served``):
+    a crash is a ConversionError for that call, and the next call starts a new child (the ranges are kept)."""
 
     def __init__(self, onnx_path: Path, calib: CalibrationSet, workdir: Path):
-        self.calib, self.workdir = calib, workdir
-        self.model = preprocess(onnx_path, workdir)  # once, not once per layer (a 70 MB encoder: ~3 s each)
-        self.ranges = workdir / "fake_quant_ranges.json"
+        from edgebuild.targets.isolated import samples_to_disk
+
+        self._args = (str(onnx_path), samples_to_disk(calib, workdir), str(workdir))
+        self._served = None
 
     def runner(self, layers: list[str]) -> Runner:
-        out = self.workdir / "fake_quant.onnx"
-        quantize_static(self.model, out, self.calib, {**FAKE_QUANT_SETTINGS, "nodes_to_quantize": list(layers)},
+        from edgebuild.targets.isolated import Served
+
+        if self._served is None or not self._served.alive():
+            self._served = Served(_FakeQuantHost, self._args, "fake-quant", "fake quantization", "quantizer")
+        self._served.call("quantize", [str(n) for n in layers])
+        return _FakeQuantRunner(self._served)
+
+    def close(self) -> None:
+        if self._served is not None:
+            self._served.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _FakeQuantRunner(Runner):
+    def __init__(self, served):
+        self._served = served
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._served.call("run", feed)
+
+
+class _FakeQuantHost:
+    """In the fake-quant child: the pre-processed model, the calibration samples, the runner of the last call."""
+
+    def __init__(self, onnx_path: str, samples: dict, workdir: str):
+        from edgebuild.targets.isolated import samples_from_disk
+
+        self.calib, self.workdir, self.runner = samples_from_disk(samples), Path(workdir), None
+        self.model = self.workdir / "fake_quant_model.onnx"
+        if not self.model.is_file():  # once, not once per layer (a 70 MB encoder: ~3 s each), nor per child
+            preprocess(Path(onnx_path), self.workdir).rename(self.model)
+        self.ranges = self.workdir / "fake_quant_ranges.json"
+
+    def quantize(self, layers: list[str]) -> None:
+        out, self.runner = self.workdir / "fake_quant.onnx", None
+        quantize_static(self.model, out, self.calib, {**FAKE_QUANT_SETTINGS, "nodes_to_quantize": layers},
                         self.workdir, self.ranges, preprocessed=True)
-        return OrtRunner(out, 1, simulate=True)
+        self.runner = OrtRunner(out, 1, simulate=True)
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.runner.run(feed)
 
 
 def is_transformer(onnx_path: Path) -> bool:

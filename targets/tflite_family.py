@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 
 from edgebuild.errors import ConversionError
-from edgebuild.targets.isolated import log_hint, release_memory
+from edgebuild.targets.isolated import log_hint
 
 SIBLING_KEYS_DROPPED = ("float_layer_map", "auto_float_ops", "quantizer_used")  # what the job's INT8 conversion adds
 
@@ -64,12 +64,12 @@ def with_siblings(job_dir: Path, siblings: dict) -> None:
         if not done:  # the first time: the calibration data goes to disk (the ONNX checks that needed it are done)
             done.add("")
             _calibration_to_disk(calib, job_dir)
-            release_memory()  # onnx2tf's and the ONNX check's garbage
+            _release_memory()  # onnx2tf's and the ONNX check's garbage
         for precision, spec in siblings.items():
             if precision not in done:  # once, not again on a repair round of the job's own conversion
                 done.add(precision)
                 _convert_sibling(real, km, job, calib, job_dir, precision, spec["settings"], phase)
-                release_memory()
+                _release_memory()
         return real(km, job, calib, out_dir, phase)
 
     tc._convert_checked = convert_checked
@@ -108,6 +108,18 @@ def _calibration_to_disk(calib: dict, job_dir: Path) -> None:
         path = job_dir / f"calib-{i}.npy"
         np.save(path, array)
         calib[name] = _DiskRows(path, array)
+
+
+def _release_memory() -> None:
+    """Give what a finished conversion freed back to the system (glibc keeps freed heap otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def sibling_results(job_dir: Path) -> dict[str, dict]:

@@ -21,6 +21,16 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         return
 
 
+def set_name(name: str) -> None:
+    """In a child: its process name (``/proc/PID/comm``, what ``top`` shows), e.g. ``convert:tflite``."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        return
+
+
 def kill_group(pid: int) -> None:
     """Kill a child that leads its own process group, and everything it started."""
     try:

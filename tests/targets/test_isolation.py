@@ -168,3 +168,17 @@ def test_a_crashing_conversion_is_exit_3_with_one_line_and_the_build_goes_on(tmp
     assert len(lines) == 1 and "onnx-cpu: ONNX int8 conversion failed: the converter crashed (SIGSEGV)" in lines[0]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["targets"]["onnx-cpu"]["verdict"] == "error"
+
+
+def test_a_crashing_fake_quantization_leaves_the_layer_unranked(demo_onnx, small_sets, tmp_path, monkeypatch):
+    """The per-layer sensitivity's fake quantization runs in one child: its crash fails that call, not the build."""
+    from edgebuild.targets.onnx import FakeQuant
+
+    monkeypatch.setenv(FAULT_ENV, "crash:fake-quant")
+    with FakeQuant(demo_onnx, small_sets[0], tmp_path) as fq:
+        with pytest.raises(ConversionError, match=r"^fake quantization: the quantizer crashed \(SIGSEGV\)$"):
+            fq.runner(["/features/features.0/Conv"])
+        monkeypatch.delenv(FAULT_ENV)  # the next call starts a new child
+        with fq.runner(["/features/features.0/Conv"]) as runner:
+            assert runner.run(small_sets[1].feed(0))[0].shape == (1, 10)
+    assert _children("fake-quant") == []
