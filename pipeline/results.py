@@ -5,16 +5,14 @@ edgebuild writes (``to_dict()`` / ``from_dict()``).
 - ``Check``: one budget applied to one number; a ``Failure`` is a check that does not hold (the same type);
 - ``decide``: the one place a ``Verdict`` (pass / fail / error with its failures) is decided, for one target from
   its failures or its conversion error, for a build from its targets' verdicts and its own failures;
-- ``TargetResult``: one target — ``to_dict`` its manifest.json entry, ``to_validation`` its validation.json;
-- ``Manifest``: manifest.json.
+- ``TargetResult``: one target (its manifest.json entry, its validation.json); ``Manifest``: manifest.json.
 
-The JSON keys and values are the ones edgebuild has always written: a key this version does not know is kept
-(``extra``), keys keep the order they were read in, an absent key stays absent and a null one stays null.
-"""
+JSON keys and values are those edgebuild has always written: unknown keys are kept (``extra``), keys keep the
+order they were read in, an absent key stays absent and a null one stays null."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 EXIT_CODES = {"pass": 0, "fail": 1, "error": 3}  # the build's exit code for its verdict (README "Exit codes")
@@ -22,18 +20,18 @@ EXIT_CODES = {"pass": 0, "fail": 1, "error": 3}  # the build's exit code for its
 
 def _ordered(d: dict, keys: tuple[str, ...]) -> dict:
     """``d`` with the keys of ``keys`` first, in that order (the order they were read in)."""
-    if not keys:
-        return d
     out = {k: d[k] for k in keys if k in d}
     out.update((k, v) for k, v in d.items() if k not in out)
     return out
 
 
-class _Record:
-    """A JSON object as a dataclass: each field is a key (None: absent, unless it was read as null or is one of
-    ``ALWAYS``); ``extra`` keeps keys this version does not know, ``keys`` the order they were read in."""
+def _dump(value):
+    return value.to_dict() if isinstance(value, _Record) else value
 
-    ALWAYS: ClassVar[tuple[str, ...]] = ()
+
+class _Record:
+    """A JSON object as a dataclass: each field is a key (None: absent, unless it was read as null or is written
+    ``always``); ``extra`` keeps keys this version does not know, ``keys`` the order they were read in."""
 
     @classmethod
     def _names(cls) -> list[str]:
@@ -49,7 +47,7 @@ class _Record:
         d = {}
         for name in names if names is not None else self._names():
             v = typed[name] if name in typed else getattr(self, name, None)
-            if v is not None or name in self.keys or name in self.ALWAYS or name in always:
+            if v is not None or name in self.keys or name in always:
                 d[name] = v
         d.update(self.extra)
         return _ordered(d, self.keys)
@@ -140,7 +138,7 @@ class Metrics(_Record):
 
     def to_dict(self) -> dict:
         outputs = None if self.outputs is None else {n: o.to_dict() for n, o in self.outputs.items()}
-        return self._write(outputs=outputs, task=self.task.to_dict() if self.task else self.task)
+        return self._write(outputs=outputs, task=_dump(self.task))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Metrics":
@@ -153,11 +151,9 @@ class Metrics(_Record):
 # ---- checks, failures, the verdict ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Check:
-    """One budget applied to one number: holds when ``value`` is within ``limit`` (``op`` max or min).
-
-    ``kind``: quality | latency | size | memory; ``output``: the model output it judges (None: the whole
-    artifact); ``what``/``unit``/``fmt`` make its one-line ``str``; ``text`` is that line as read back from JSON.
-    """
+    """One budget applied to one number: holds when ``value`` is within ``limit`` (``op`` max or min). ``kind``:
+    quality | latency | size | memory; ``output``: the model output it judges (None: the whole artifact);
+    ``what``/``unit``/``fmt`` make its one-line ``str``; ``text`` is that line as read back from JSON."""
 
     metric: str
     value: float
@@ -199,8 +195,8 @@ class Check:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Check":
-        return cls(d["metric"], d["value"], d["limit"], d.get("op", "max"), d.get("kind", "quality"),
-                   output=d.get("output"), text=d.get("text"))
+        return cls(d.get("metric", ""), d.get("value", math.nan), d.get("limit", math.nan), d.get("op", "max"),
+                   d.get("kind", "quality"), output=d.get("output"), text=d.get("text"))
 
 
 Failure = Check  # a Check that does not hold
@@ -247,7 +243,7 @@ class Verdict:
     def from_dict(cls, d: dict) -> "Verdict":
         checks = d.get("failed_checks")
         if checks is None:  # no typed record (an error, or an older build): the failure lines
-            checks = [{"metric": "", "value": math.nan, "limit": math.nan, "text": s} for s in d.get("failures") or ()]
+            checks = [{"text": s} for s in d.get("failures") or ()]
         return decide([Check.from_dict(c) for c in checks], d.get("error"))
 
 
@@ -312,19 +308,17 @@ class TargetResult(_Record):
         """A target that could not be built (its conversion failed): verdict error."""
         return cls(decide(error=error), backend=backend)
 
-    def _typed(self) -> dict:
-        return {**self.verdict.to_dict(), "metrics": self.metrics.to_dict() if self.metrics else self.metrics}
-
     def to_dict(self) -> dict:
         """The target's entry in manifest.json (``ratios`` and ``baseline_fp32`` are null when there is none)."""
+        previous = self.previous.to_dict() if isinstance(self.previous, TargetResult) else self.previous
         return self._write(list(self.MANIFEST), ("ratios", "baseline_fp32") if self.artifact else (),
-                           **self._typed(), previous=self.previous.to_dict() if self.previous else self.previous)
+                           **self.verdict.to_dict(), metrics=_dump(self.metrics), previous=previous)
 
     def to_validation(self) -> dict:
         """The target's validation.json (and, with ``target``, a re-validation's record)."""
         threads = self.threads or {}
-        return self._write(list(self.VALIDATION), **self._typed(), threads=threads.get("profile"),
-                           threads_used=threads.get("used"))
+        return self._write(list(self.VALIDATION), **self.verdict.to_dict(), metrics=_dump(self.metrics),
+                           threads=threads.get("profile"), threads_used=threads.get("used"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TargetResult":
