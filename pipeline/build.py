@@ -71,6 +71,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     """
     from edgebuild.pipeline.data import budget_calibration, resolve_data
     from edgebuild.pipeline.export import export_onnx
+    from edgebuild.pipeline.reference import save as save_reference
     from edgebuild.pipeline.sources import load_model
     from edgebuild.pipeline.target import BuildContext, Turns, precision_for
 
@@ -105,7 +106,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
         cache = StageCache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
         with stage("running the FP32 reference"):
             reference, reference_cached = _reference_outputs(cache, model, evalset)
-            _save_reference(refdir / "outputs.npz", reference, evalset)
+            save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # pipeline/reference.py
             judging = V.resolve(judging_for(spec, model), reference, evalset.labels)
         ctx = BuildContext(spec, model, calib, evalset, reference, judging, cache, scratch, stage=stage,
                            deadline=time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf")))
@@ -294,13 +295,6 @@ def _reference_outputs(cache: StageCache, model, evalset) -> tuple[list, bool]:
     if shapes_equal:  # per-sample outputs of varying shape are not stacked: not cached
         cache.put_result(k, {"outputs": n_out}, {f"output_{j}": np.stack([o[j] for o in reference]) for j in range(n_out)})
     return reference, False
-
-
-def _save_reference(path: Path, reference: list, evalset) -> None:
-    arrays = {f"output_{j}": np.stack([o[j] for o in reference]) for j in range(len(reference[0]))}
-    if evalset.labels is not None:
-        arrays["labels"] = evalset.labels
-    np.savez_compressed(path, **arrays)
 
 
 def _gate_compression(record: dict, spec: BuildSpec) -> dict:

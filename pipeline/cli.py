@@ -296,13 +296,25 @@ def targets(profile):
 @click.option("--eval", "eval_", help="Evaluation data (image folder, .npy, .npz, digits...). Default: the build's own.")
 @click.option("--emulate", is_flag=True, help="Run it on the aarch64 LiteRT under qemu-user (scripts/setup_arm64_emulator.sh).")
 @click.option("--device", metavar="ssh://[user@]host[:port]", help="Run it on a board over SSH (?python=PATH, &arch=any).")
+@click.option("--outputs", "outputs_file", metavar="FILE.npz",
+              help="Judge outputs computed elsewhere (keyed by output name, sample-major, on the build's "
+                   "reference/feeds.npz) against the FP32 outputs the build saved; runs nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the validation result as JSON.")
-def validate_cmd(artifact_dir, eval_, emulate, device, as_json):
+def validate_cmd(artifact_dir, eval_, emulate, device, outputs_file, as_json):
     """Re-check an existing artifact directory (e.g. out/arm64) on evaluation data: on this host, under the
-    aarch64 emulator (--emulate) or on the board itself (--device). Exit 4: emulator or board unavailable."""
-    if emulate and device:
-        raise BadInputError("--emulate and --device: choose one")
-    if emulate:
+    aarch64 emulator (--emulate) or on the board itself (--device); or judge outputs produced elsewhere against
+    the reference the build saved (--outputs: exit 0 pass, 1 fail, 2 a file that does not fit). Exit 4:
+    emulator or board unavailable."""
+    if sum(map(bool, (emulate, device, outputs_file))) > 1:
+        raise BadInputError("--emulate, --device and --outputs: choose one")
+    if outputs_file and eval_:
+        raise BadInputError("--outputs are judged on the build's own evaluation data (reference/feeds.npz): drop --eval")
+    if outputs_file:
+        from edgebuild.pipeline.revalidate import validate_outputs
+
+        def run(directory, _eval):
+            return validate_outputs(directory, outputs_file)
+    elif emulate:
         from edgebuild.pipeline.emulate import validate_emulated as run
     elif device:
         from functools import partial
@@ -313,7 +325,8 @@ def validate_cmd(artifact_dir, eval_, emulate, device, as_json):
     else:
         from edgebuild.pipeline.revalidate import revalidate as run
     result = run(Path(artifact_dir), eval_)
-    _record(Path(artifact_dir), "emulated" if emulate else "device" if device else "host", result)
+    _record(Path(artifact_dir), "emulated" if emulate else "device" if device else "outputs" if outputs_file else "host",
+            result)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
@@ -330,7 +343,7 @@ def validate_cmd(artifact_dir, eval_, emulate, device, as_json):
 
 
 def _record(artifact_dir: Path, where: str, result: dict) -> None:
-    """The re-check's result beside the artifact (``validation_<host|emulated|device>.json``), written atomically."""
+    """The re-check's result beside the artifact (``validation_<host|emulated|device|outputs>.json``), written atomically."""
     path = artifact_dir / f"validation_{where}.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str))

@@ -1,12 +1,11 @@
-"""`edgebuild validate DIR --eval SRC`: re-check an existing artifact against the build's FP32 reference."""
+"""`edgebuild validate DIR --eval SRC`: re-check an existing artifact against the build's FP32 reference;
+`--outputs FILE`: judge outputs computed elsewhere against the reference the build saved, running nothing."""
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from edgebuild.pipeline import timing
 from edgebuild.pipeline import validate as V
@@ -68,27 +67,34 @@ class Loaded:
     budget: V.Budget
 
 
-def load(artifact_dir: Path, eval_source: str | None) -> Loaded:
-    """``eval_source`` None: the build's own evaluation data (``build_evalset``)."""
-    from edgebuild.calibration.sources import load_source
-
+def _verified(artifact_dir: Path) -> tuple[dict, Artifact]:
     meta_path = artifact_dir / "metadata.json"
     if not meta_path.is_file():
         raise BadInputError(f"{artifact_dir}: no metadata.json (is it a target directory of an edgebuild output?)")
     meta = verify_files(artifact_dir, meta_path)
-    backend = get_backend(meta["backend"])
-    art = Artifact(meta["target"], meta["backend"], meta["precision"], artifact_dir, meta["artifact"],
-                   list(meta["files"]), meta["settings"], meta["io"])
-    inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i.get("layout") or "ANY")
-                   for i in meta["source_inputs"])  # feeds are in the source model's layout; runners adapt
-    pre = PreprocessSpec(**meta.get("preprocess", {}))
-    evalset = load_source(eval_source, inputs, pre) if eval_source else build_evalset(artifact_dir, inputs)
-    reference, source = _reference(artifact_dir, meta, evalset)
+    return meta, Artifact(meta["target"], meta["backend"], meta["precision"], artifact_dir, meta["artifact"],
+                          list(meta["files"]), meta["settings"], meta["io"])
+
+
+def _loaded(meta: dict, art: Artifact, evalset, reference: list, source: str) -> Loaded:
     j = meta.get("judging") or {}
     judging = V.Judging(output_names=tuple(j.get("outputs") or ()), task=j.get("task", "auto"),
                         task_options=tuple(sorted((j.get("task_options") or {}).items())),
                         labels_output=j.get("labels_output") or None, evaluator=j.get("evaluator"))
-    return Loaded(meta, art, backend, evalset, reference, source, judging, V.Budget.from_dict(meta["budgets"]))
+    return Loaded(meta, art, get_backend(meta["backend"]), evalset, reference, source, judging,
+                  V.Budget.from_dict(meta["budgets"]))
+
+
+def load(artifact_dir: Path, eval_source: str | None) -> Loaded:
+    """``eval_source`` None: the build's own evaluation data (``build_evalset``)."""
+    from edgebuild.calibration.sources import load_source
+
+    meta, art = _verified(artifact_dir)
+    inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i.get("layout") or "ANY")
+                   for i in meta["source_inputs"])  # feeds are in the source model's layout; runners adapt
+    pre = PreprocessSpec(**meta.get("preprocess", {}))
+    evalset = load_source(eval_source, inputs, pre) if eval_source else build_evalset(artifact_dir, inputs)
+    return _loaded(meta, art, evalset, *_reference(artifact_dir, meta, evalset))
 
 
 def build_evalset(artifact_dir: Path, inputs: tuple[InputSpec, ...]):
@@ -116,21 +122,17 @@ def build_evalset(artifact_dir: Path, inputs: tuple[InputSpec, ...]):
 
 
 def _reference(artifact_dir: Path, meta: dict, evalset) -> tuple[list, str]:
-    """The build's saved FP32 outputs (reference/outputs.npz) when the evaluation data is the build's own (same
-    content hash as in validation.json); otherwise the FP32 reference model is run on the data given."""
+    """The build's saved FP32 outputs (reference/outputs.npz) when the evaluation data is the one they were computed
+    on (same content hash); otherwise the FP32 reference model is run on the data given."""
+    from edgebuild.pipeline import reference as saved_reference
     from edgebuild.targets.base import reference_runner
 
-    saved = (artifact_dir / meta["reference"]).parent / "outputs.npz"
     try:
-        built_on = json.loads((artifact_dir / "validation.json").read_text())["evaluation"]["content_hash"]
-    except (OSError, ValueError, KeyError, TypeError):
-        built_on = None
-    if saved.is_file() and built_on and built_on == evalset.content_hash():
-        with np.load(saved, allow_pickle=False) as z:
-            keys = sorted((k for k in z.files if k.startswith("output_")), key=lambda k: int(k.split("_")[1]))
-            arrays = [z[k] for k in keys]
-        if arrays and all(len(a) == len(evalset) for a in arrays):
-            return [[a[i] for a in arrays] for i in range(len(evalset))], "saved (reference/outputs.npz)"
+        saved = saved_reference.load((artifact_dir / meta["reference"]).parent)
+    except BadInputError:  # a build from before the saved format, or outputs that vary in shape: run the reference
+        saved = None
+    if saved is not None and saved.evalset.content_hash() == evalset.content_hash():
+        return saved.outputs, "saved (reference/outputs.npz)"
     runner = reference_runner((artifact_dir / meta["reference"]).resolve(), meta["runtime"]["threads"])
     return V.collect(runner, evalset), "recomputed (FP32 reference model on this data)"
 
@@ -159,6 +161,20 @@ def revalidate(artifact_dir: Path, eval_source: str | None) -> dict:
     return judged(loaded, outputs, lat)
 
 
+def validate_outputs(artifact_dir: Path, outputs_file: str) -> dict:
+    """Outputs computed elsewhere (``outputs_file``: keyed by output name, sample-major, on reference/feeds.npz)
+    judged against the FP32 outputs the build saved (pipeline/reference.py) and its budgets, as any validation.
+    No runtime is run, so no latency is judged. A file that does not fit the reference is a BadInputError (exit 2)."""
+    from edgebuild.pipeline import reference as saved_reference
+
+    meta, art = _verified(artifact_dir)
+    saved = saved_reference.load((artifact_dir / meta["reference"]).parent)
+    loaded = _loaded(meta, art, saved.evalset, saved.outputs, "saved (reference/outputs.npz)")
+    outputs = saved_reference.read_outputs(Path(outputs_file), saved)
+    return judged(loaded, outputs, None, outputs_file={"path": str(outputs_file), "samples": len(outputs),
+                                                       "outputs": list(saved.output_names)})
+
+
 def summary_lines(result: dict) -> list[str]:
     """The human summary of a validation result (``edgebuild validate`` without --json)."""
     r = TargetResult.from_validation(result)
@@ -171,6 +187,10 @@ def summary_lines(result: dict) -> list[str]:
     lines = [f"{r.target}: {r.verdict.status.upper()} — {acc}{p50}"]
     if "device" in r.extra:
         lines.append(f"  device: {r.extra['device']['machine']}, {r.extra['device']['runtime']}")
+    if "outputs_file" in r.extra:
+        f = r.extra["outputs_file"]
+        lines.append(f"  outputs: {f['path']} ({f['samples']} samples) vs the FP32 outputs the build saved; "
+                     "nothing was run, no latency")
     if "emulation" in r.extra:
         e, h = r.extra["emulation"], r.extra["emulation"]["vs_host"]
         lines.append(f"  emulated: {e['runtime']}; vs host: top-1 agreement {h.get('top1_agreement', float('nan')):.2f} %, "
