@@ -104,6 +104,7 @@ def activation_elements(onnx_path: Path) -> int | None:
         t = v.type.tensor_type
         if v.name not in produced or t.elem_type not in FLOAT_TYPES or not t.HasField("shape"):
             continue
+        produced.discard(v.name)  # once: a graph that kept its value_info gets each tensor listed again by inference
         n = 1
         for d in t.shape.dim:
             n *= d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1

@@ -27,6 +27,15 @@ def test_activation_elements_sums_every_float_tensor_the_nodes_write(tmp_path):
     assert B.activation_elements(conv_model(tmp_path / "m.onnx", 16, channels=8)) == 2 * 8 * 16 * 16
 
 
+def test_activation_elements_counts_a_tensor_once_when_the_graph_lists_its_value_info(tmp_path):
+    import onnx
+
+    path = conv_model(tmp_path / "m.onnx", 16, channels=8)
+    model = onnx.load(str(path))
+    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))  # as an exporter leaves it: shapes already listed
+    assert B.activation_elements(path) == 2 * 8 * 16 * 16
+
+
 def test_activation_elements_unknown_when_shape_inference_knows_nothing(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
     assert B.activation_elements(tmp_path / "bad.onnx") is None
