@@ -139,8 +139,9 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     fallbacks = [p for p in FLOAT_FALLBACKS if profile.allow_float_layers and p in profile.precisions]
     search = _Search(ctx, backend, profile, select_budget, select, record, reserve=min(len(fallbacks), 1))
     first_on_select = None
-    if first is not None and first.seconds > 0:  # the first conversion is the first estimate of a try's length
-        search.durations.append(first.seconds)
+    took = first.seconds if first is not None else getattr(first_error, "seconds", 0.0)
+    if took > 0:  # the first conversion (or its failure: a crash in the load check comes after calibration) is
+        search.durations.append(took)  # the first estimate of a try's length
     if first is not None:
         first_on_select = evaluate(ctx, backend, profile, first.artifact, select_budget, timed=False, data=select)
         first_on_select.label = first.label

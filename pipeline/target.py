@@ -357,7 +357,7 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
             except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
                 if not searching:
                     raise
-                failed = e
+                failed, failed.seconds = e, time.monotonic() - t0  # how long a try may take: a crash can come late
             if searching:
                 from edgebuild.pipeline.recover import recover
 

@@ -102,3 +102,24 @@ def test_an_int8_choice_that_misses_on_held_out_data_gives_way_to_fp16(monkeypat
                             missed, None, None) is missed
     s.tries.append(fp16)
     assert R._held_out_miss(None, None, profile, None, s, best, missed, None, None) is missed and not asked
+
+
+def test_a_first_conversion_that_failed_late_is_the_first_estimate_of_a_try(monkeypatch):
+    """MiniLM on arm64: the INT8 conversion crashed in LiteRT's load check after 303 s, and with 150 s left the search
+    still started a 195 s mixed-precision try before FP16. The failed conversion's time is now the first estimate."""
+    from edgebuild.pipeline.errors import ConversionError
+
+    failed = ConversionError("arm64: TFLite int8: the converter crashed (SIGABRT) during XNNPACK load check")
+    failed.seconds = 303.0
+    ctx = SimpleNamespace(evalset=[0] * 80, deadline=float("inf"),
+                          spec=SimpleNamespace(seed=0, auto_max_seconds=150.0, auto_max_tries=12))
+    profile = SimpleNamespace(name="arm64", allow_float_layers=True, precisions=("int8", "fp16"))
+    seen = {}
+    monkeypatch.setattr(R, "_converts_at_all", lambda *a: None)
+    monkeypatch.setattr(R, "_split", lambda c: (([0] * 40, []), ([0] * 40, [])))
+    monkeypatch.setattr(R, "selection_budget", lambda budget, n: (budget, None))
+    monkeypatch.setattr(R, "_search", lambda c, b, p, search, collapsed:
+                        seen.update(durations=list(search.durations), room=search.room(), fallback=search.room(True)))
+    with pytest.raises(ConversionError):  # nothing was tried in this stand-in: the first error stands
+        R.recover(ctx, SimpleNamespace(), profile, None, None, None, first_error=failed)
+    assert seen == {"durations": [303.0], "room": False, "fallback": True}
