@@ -38,6 +38,18 @@ def _images(shape, seed: int) -> np.ndarray:
     return ((x - 0.5) / 0.25).astype(np.float32)
 
 
+def weights_as_constants(m):
+    """Every initializer of ONNX model ``m`` turned into a Constant node at the top of the graph (PaddlePaddle's style)."""
+    from onnx import helper
+
+    consts = [helper.make_node("Constant", [], [i.name], value=i) for i in m.graph.initializer]
+    del m.graph.initializer[:]
+    nodes = consts + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
 def make_face_net(folder: Path) -> tuple[Path, Path]:
     import torch
     from torch import nn
@@ -71,7 +83,6 @@ def make_recogniser(folder: Path) -> tuple[Path, Path]:
     """Exported at opset 11, then every initializer turned into a Constant node, as PaddlePaddle writes them."""
     import onnx
     import torch
-    from onnx import helper
     from torch import nn
 
     class CRNN(nn.Module):
@@ -88,14 +99,8 @@ def make_recogniser(folder: Path) -> tuple[Path, Path]:
 
     torch.manual_seed(0)
     raw = _export(CRNN(), (1, 3, 32, 64), folder / "rec_raw.onnx", ["x"], ["logp"], opset=11)
-    m = onnx.load(str(raw))
-    consts = [helper.make_node("Constant", [], [i.name], value=i) for i in m.graph.initializer]
-    del m.graph.initializer[:]
-    nodes = consts + list(m.graph.node)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
     path = folder / "rec.onnx"
-    onnx.save(m, str(path))
+    onnx.save(weights_as_constants(onnx.load(str(raw))), str(path))
     data = folder / "rec.npz"
     np.savez(data, x=_images((1, 3, 32, 64), 4))
     return path, data

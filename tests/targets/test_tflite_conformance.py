@@ -22,6 +22,7 @@ from edgebuild.calibration.dataset import CalibrationSet, sample_shape
 from edgebuild.pipeline.errors import ConversionError
 from edgebuild.targets.base import ModelInput, TensorInfo, get_backend
 from edgebuild.targets.profiles import catalogue
+from tests.conformance.classes import weights_as_constants
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -267,12 +268,7 @@ def test_opset11_softmax_with_constant_weights(tmp_path):
     raw = tmp_path / "raw.onnx"
     torch.onnx.export(OrientationNet().eval(), (torch.zeros(1, 3, 48, 192),), str(raw), opset_version=11,
                       input_names=["x"], output_names=["prob"], dynamo=False)
-    m = onnx.load(str(raw))
-    consts = [helper.make_node("Constant", [], [i.name], value=i) for i in m.graph.initializer]
-    del m.graph.initializer[:]
-    nodes = consts + list(m.graph.node)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
+    m = weights_as_constants(onnx.load(str(raw)))
     up = onnxslim.slim(onnx.shape_inference.infer_shapes(version_converter.convert_version(m, 13)))
     for i, n in enumerate(up.graph.node):  # PaddlePaddle's node names (PP-OCR): onnx2tf named tf.nn.softmax after them
         n.name = f"{n.op_type}@{i}"
