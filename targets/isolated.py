@@ -19,10 +19,8 @@ the pipe, never whole in memory). ``Served`` keeps an object in a child for many
 child per artifact: runs, timing, the memory probe of targets/memory_probe.py) and the ONNX backend's
 ``FakeQuant`` (one child for a whole per-layer sensitivity ranking).
 
-Fault injection for tests: ``EDGEBUILD_FAULT=crash:NAME`` (or ``hang:NAME``) makes the child named NAME
-(``convert:onnx``, ``convert:openvino``, ``convert:tflite``, ``runtime:<backend>``) kill itself with SIGSEGV
-(or hang) before its job.
-"""
+Tests: ``EDGEBUILD_FAULT=crash:NAME`` (``hang:NAME``) makes the child named NAME (``convert:onnx``, ``convert:tflite``,
+``runtime:openvino``, ``fake-quant``, ...) kill itself with SIGSEGV (hang) before its job."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -240,26 +238,31 @@ def log_hint(log: Path | None) -> str:
 
 def run_isolated(fn: Callable[[Any], Any], job: Any, timeout: float, *, what: str = "conversion",
                  name: str = "convert", log: Path | None = None, phase: Path | None = None, cwd: Path | None = None,
-                 env: dict | None = None, hint: str = "") -> Any:
+                 env: dict | None = None, hint: str = "", echo: bool = False) -> Any:
     """``fn(job)`` (a module-level function, a picklable job) in a child process of its own; its result.
 
-    ``what`` starts every error message; ``name`` names the process; ``log`` takes its output; ``phase`` is the
-    file ``set_phase`` writes (named when it crashes or times out); ``hint`` ends a timeout's message."""
+    ``what`` starts every error message; ``name`` names the process; ``log`` takes its output (``echo``: copied to
+    this process's stderr afterwards, so into the build log); ``phase`` is the file ``set_phase`` writes (named
+    when it crashes or times out); ``hint`` ends a timeout's message."""
     child = Child(_call, (fn, job), name, what, "converter", log, phase, cwd, env)
     try:
         return child.receive(timeout, hint=hint)
     finally:  # done, failed, timed out, Ctrl-C or SIGTERM: nothing is left running
         child.kill()
+        if echo and log is not None and log.is_file():
+            with open(log, encoding="utf-8", errors="replace") as f:
+                while text := f.read(1 << 16):
+                    sys.stderr.write(text)
 
 
 def run_with_samples(fn: Callable[[dict], Any], job: dict, calib, timeout: float | None = None, **kwargs) -> Any:
     """``run_isolated`` (``timeout`` by default ``CONVERT_TIMEOUT_S``) with ``job["samples"]`` = ``calib`` (a
-    CalibrationSet or None) as files in a temporary directory, which also holds the child's log and phase;
-    ``samples_from_disk`` reads them back in the child."""
+    CalibrationSet or None) as files in a temporary directory, which also holds the child's log (echoed) and
+    phase; ``samples_from_disk`` reads them back in the child."""
     with tempfile.TemporaryDirectory(prefix="edgebuild-job-") as tmp:
         job = {**job, "samples": samples_to_disk(calib, Path(tmp)) if calib is not None else None}
         return run_isolated(fn, job, CONVERT_TIMEOUT_S if timeout is None else timeout, log=Path(tmp) / "child.log",
-                            phase=Path(tmp) / "phase", **kwargs)
+                            phase=Path(tmp) / "phase", echo=True, **kwargs)
 
 
 def samples_to_disk(calib, directory: Path) -> dict:
