@@ -5,6 +5,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgebuild.errors import ConversionError
 from edgebuild.pipeline.cache import code_hash, key
 from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import Artifact, Backend
@@ -38,14 +39,22 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
         sk = _convert_key(ctx, backend, profile, p, ss)
         if not _in_cache(ctx, sk):
             wanted[p] = (d, ss, sk)
-    arts = backend.convert_family(ctx.model, profile, precision, ctx.calib, directory, requested,
-                                  {p: (d, ss) for p, (d, ss, _) in wanted.items()} or None)
+    try:
+        arts = backend.convert_family(ctx.model, profile, precision, ctx.calib, directory, requested,
+                                      {p: (d, ss) for p, (d, ss, _) in wanted.items()} or None)
+    except ConversionError as e:  # what the same run gave before it failed is kept for the search's float tries
+        _keep_siblings(ctx, wanted, getattr(e, "siblings", {}))
+        raise
     art = arts.pop(precision)
     ctx.cache.put(k, art)
+    _keep_siblings(ctx, wanted, arts)
+    return art
+
+
+def _keep_siblings(ctx: BuildContext, wanted: dict, arts: dict[str, Artifact]) -> None:
     for p, sib in arts.items():
         ctx.cache.put(wanted[p][2], sib)
         ctx.siblings[wanted[p][2]] = sib
-    return art
 
 
 def _in_cache(ctx: BuildContext, k: str) -> bool:
@@ -64,8 +73,15 @@ def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, pr
 
 
 def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: str) -> dict[str, Path] | None:
-    """Where the FP32 baseline goes (a sibling of the target's own conversion where the backend can give one)."""
-    return {"fp32": ctx.scratch / profile.name / "fp32"} if precision != "fp32" else None
+    """Where the FP32 baseline goes (a sibling of the target's own conversion where the backend can give one), and
+    for a searched INT8 build the FP16 the search falls back to (most real models that collapse in INT8 ship it;
+    from the same onnx2tf graph it costs one TFLite conversion instead of a second onnx2tf run)."""
+    if precision == "fp32":
+        return None
+    dirs = {"fp32": ctx.scratch / profile.name / "fp32"}
+    if precision == "int8" and ctx.spec.auto and profile.allow_float_layers and "fp16" in profile.precisions:
+        dirs["fp16"] = ctx.scratch / profile.name / "fp16-sibling"
+    return dirs
 
 
 def _sibling_note(art: Artifact) -> str | bool:

@@ -116,18 +116,25 @@ class TFLiteBackend(Backend):
                    "allow_float_layers": precision == "int8" and profile.allow_float_layers,
                    "siblings": {p: {"settings": ss} for p, (_, ss) in shared.items()}}
             (job_dir / "job.json").write_text(json.dumps(job, default=str))
-            result = _run_child(job_dir, f"{profile.name}: TFLite {precision}", float(s["timeout_s"]))
+            try:
+                result = _run_child(job_dir, f"{profile.name}: TFLite {precision}", float(s["timeout_s"]))
+            except ConversionError as e:  # the float siblings made before it failed (or crashed) are still good
+                e.siblings = self._siblings(model, profile, precision, inputs, shared, job_dir, time.perf_counter() - t0)
+                raise
             seconds = time.perf_counter() - t0
             arts = {precision: self._artifact(model, profile, precision, s, inputs, result, job_dir, workdir, seconds, n)}
-            common = {k: result[k] for k in ("keras_inputs", "keras_outputs", "output_perms", "fp32_graph_check", "rewrites")}
-            for p, sib in sibling_results(job_dir).items():
-                if p in shared and sib.get("ok"):
-                    d, ss = shared[p]
-                    art = self._artifact(model, profile, p, ss, inputs, {**sib, **common}, sibling_dir(job_dir, p), d,
-                                         seconds, 0)
-                    art.notes.insert(1, f"converted from the same onnx2tf/TensorFlow graph as the {precision} model "
-                                        "(one converter run for both)")
-                    arts[p] = art
+            return arts | self._siblings(model, profile, precision, inputs, shared, job_dir, seconds)
+
+    def _siblings(self, model: ModelInput, profile: TargetProfile, precision: str, inputs: list[dict], shared: dict,
+                  job_dir: Path, seconds: float) -> dict[str, Artifact]:
+        arts = {}
+        for p, sib in sibling_results(job_dir).items():
+            if p in shared and sib.get("ok") and "keras_inputs" in sib:
+                d, ss = shared[p]
+                art = self._artifact(model, profile, p, ss, inputs, sib, sibling_dir(job_dir, p), d, seconds, 0)
+                art.notes.insert(1, f"converted from the same onnx2tf/TensorFlow graph as the {precision} model "
+                                    "(one converter run for both)")
+                arts[p] = art
         return arts
 
     def _artifact(self, model: ModelInput, profile: TargetProfile, precision: str, s: dict, inputs: list[dict],

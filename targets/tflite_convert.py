@@ -154,6 +154,8 @@ def run(job_dir: Path) -> dict:
         phase = "FP32 graph check"
         _phase(job_dir, phase)
         out_perms, check = check_float_graph(km, job, calib)
+        job["graph"] = {"keras_inputs": list(km.input_names), "keras_outputs": list(km.output_names),
+                        "output_perms": out_perms, "fp32_graph_check": check, "rewrites": job.get("rewrites") or []}
         phase = "tflite converter" if job["precision"] != "int8" else "tflite converter (INT8 calibration)"
         _phase(job_dir, phase)
         # keeping layers in float needs the MLIR quantizer's deny list

@@ -58,3 +58,39 @@ def test_calibration_goes_to_disk_and_reads_back_the_same(tmp_path):
     assert (len(rows), rows.shape, rows.ndim, rows.dtype) == (40, big.shape, 5, big.dtype)
     np.testing.assert_array_equal(rows[7], big[7])
     np.testing.assert_array_equal(rows[:20, 0], big[:20, 0])  # what onnx2tf's sample images take
+
+
+@pytest.mark.slow
+def test_a_crashed_int8_conversion_still_gives_its_siblings(tmp_path, model, small_sets, monkeypatch):
+    """MiniLM on arm64: the INT8 model crashed LiteRT in the converter child's load check after the FP32 sibling had
+    been made, and the search converted FP32 and FP16 again (two more onnx2tf runs, about 170 s). The siblings
+    made before a crash are given back with the error."""
+    from edgebuild.errors import ConversionError
+    from edgebuild.targets.isolated import FAULT_ENV
+
+    backend, profile = get_backend("tflite"), catalogue()["arm64"]
+    monkeypatch.setenv(FAULT_ENV, "crash:convert:tflite-int8")
+    asked = {p: (tmp_path / p, backend.default_settings(profile, p)) for p in ("fp32", "fp16")}
+    with pytest.raises(ConversionError, match="SIGSEGV") as e:
+        backend.convert_family(model, profile, "int8", small_sets[0], tmp_path / "int8", None, asked)
+    sibs = e.value.siblings
+    assert {p: a.main for p, a in sibs.items()} == {"fp32": "model_fp32.tflite", "fp16": "model_fp16.tflite"}
+    with backend.runner(sibs["fp16"], 1) as r:
+        assert np.isfinite(r.run(small_sets[1].feed(0))[0]).all()
+
+
+@pytest.mark.slow
+def test_a_build_whose_int8_crashes_ships_the_fp16_sibling_without_converting_again(tmp_path, capsys, monkeypatch):
+    import json
+
+    from edgebuild.pipeline.cli import main
+    from edgebuild.targets.isolated import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "crash:convert:tflite-int8")
+    monkeypatch.setenv("EDGEBUILD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["--target", "arm64", "--out", str(out)]) == 0, capsys.readouterr().err
+    t = json.loads((out / "manifest.json").read_text())["targets"]["arm64"]
+    assert t["artifact"] == "model_fp16.tflite" and t["search"]["tries"][-1]["label"] == "FP16 (no INT8)"
+    assert "SIGSEGV" in t["search"]["tries"][0]["error"]
+    assert any("same onnx2tf/TensorFlow graph" in n or "restored from the stage cache" in n for n in t["notes"]), t["notes"]
