@@ -3,7 +3,8 @@ judging its outputs can happen apart: outputs produced anywhere (a board, a simu
 later with ``edgebuild validate out/<target> --outputs device_outputs.npz``, by the same per-output judging as
 the build's, without running any runtime (as Polygraphy's ``--save-outputs`` / ``--load-outputs``).
 
-Format (``edgebuild-reference/1``; every ``.npz`` is plain numpy, read with ``allow_pickle=False``)::
+Format (``edgebuild-reference/1``; every ``.npz`` is plain numpy, read with ``allow_pickle=False``; feeds.npz is
+stored uncompressed, outputs.npz compressed)::
 
     reference/model_fp32.onnx   the FP32 source model
     reference/feeds.npz         the evaluation inputs: one array per model input, keyed by the input's name,
@@ -61,7 +62,7 @@ def save(refdir: Path, reference: list[list[np.ndarray]], evalset: CalibrationSe
     labels_key = None if evalset.labels is None else _labels_key(evalset.labels, feeds)
     if labels_key:
         feeds[labels_key] = evalset.labels
-    np.savez_compressed(refdir / "feeds.npz", **feeds)
+    np.savez(refdir / "feeds.npz", **feeds)  # uncompressed: deflating 200 images took 4.6 s of a 8 s warm build
     if any(len({np.shape(s[j]) for s in reference}) != 1 for j in range(len(names))):
         return False
     np.savez_compressed(refdir / "outputs.npz", **{n: np.stack([s[j] for s in reference]) for j, n in enumerate(names)})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+from functools import lru_cache
 from importlib import metadata
 
 TOOLS = ("edgebuild", "torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorflow", "onnx2tf",
@@ -9,6 +10,11 @@ TOOLS = ("edgebuild", "torch", "onnx", "onnxruntime", "onnxslim", "openvino", "n
 
 
 def tool_versions(names=TOOLS) -> dict[str, str | None]:
+    return dict(_versions(tuple(names)))
+
+
+@lru_cache(maxsize=None)  # read once per process: package metadata does not change under a running build
+def _versions(names: tuple[str, ...]) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in names:
         try:
