@@ -1,10 +1,10 @@
-"""Feed a CalibrationSet to each backend's calibrator. Backend libraries are imported lazily."""
+"""Feed a SampleSet to each backend's calibrator. Backend libraries are imported lazily."""
 from __future__ import annotations
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 
 
-def ort_reader(calib: CalibrationSet):
+def ort_reader(calib: SampleSet):
     """An ``onnxruntime.quantization.CalibrationDataReader`` over the samples (re-windable)."""
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -24,7 +24,7 @@ def ort_reader(calib: CalibrationSet):
     return _Reader()
 
 
-def nncf_dataset(calib: CalibrationSet, transform=None):
+def nncf_dataset(calib: SampleSet, transform=None):
     """An ``nncf.Dataset`` of feeds (dicts input name -> array), optionally transformed per backend. The set itself
     is the source (sized, and each pass iterates it afresh): feeds are made one at a time, never all copied."""
     import nncf

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgebuild.calibration.dataset import CalibrationSet, cap
+from edgebuild.calibration.dataset import SampleSet, cap
 
 DEFAULT_SAMPLES = 300  # calibration samples at most when the build does not say (NNCF's and POT's default)
 MIN_SAMPLES = 32  # never fewer (unless fewer are available)
@@ -78,7 +78,7 @@ def choose_samples(available: int, requested: int | None, elements: int | None,
     return SampleChoice(asked, explicit, available, max(min(want, available), 0), elements, budget, reason)
 
 
-def at_most(calib: CalibrationSet, limit: int | None, seed: int = 0) -> CalibrationSet:
+def at_most(calib: SampleSet, limit: int | None, seed: int = 0) -> SampleSet:
     """What a backend calibrates on: the build's samples (chosen once by ``choose_samples``), or a random ``limit``
     of them when the target's profile asks for fewer (OpenVINO ``quant.subset_size``, TFLite
     ``quant.calibration_samples``). Backends use every sample this returns and cap nothing themselves."""

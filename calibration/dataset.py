@@ -1,4 +1,4 @@
-"""CalibrationSet: a sized, re-iterable source of input feeds with optional labels.
+"""SampleSet: a sized, re-iterable source of input feeds with optional labels.
 
 The feed contract (every backend, the validator and the exporter rely on it): ``feed(i)`` is a dict
 ``input name -> np.ndarray`` in the model's input order, each array with *exactly* the model input's full
@@ -29,13 +29,13 @@ def batch_axis(shape: tuple[int, ...]) -> int | None:
 
 
 def sample_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """One sample of an input of ``shape`` as stored in a CalibrationSet: the shape without its batch axis."""
+    """One sample of an input of ``shape`` as stored in a SampleSet: the shape without its batch axis."""
     axis = batch_axis(shape)
     return tuple(shape) if axis is None else tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
 
 @dataclass
-class CalibrationSet:
+class SampleSet:
     """Samples for one model, stacked per input along a leading sample axis (see the module docstring).
 
     ``feed(i)`` / ``feeds()`` give batch-1 feeds in the model's exact input shapes and dtypes;
@@ -113,9 +113,9 @@ class CalibrationSet:
         n = len(self) if n is None else min(n, len(self))
         return {k: np.ascontiguousarray(v[:n]).reshape((n, *self.input_shape(k))) for k, v in self.inputs.items()}
 
-    def subset(self, idx, name: str | None = None, **origin) -> "CalibrationSet":
+    def subset(self, idx, name: str | None = None, **origin) -> "SampleSet":
         idx = np.asarray(idx, dtype=np.int64)
-        return CalibrationSet(
+        return SampleSet(
             name or self.name,
             {k: _take(v, idx) for k, v in self.inputs.items()},
             None if self.labels is None else self.labels[idx],
@@ -153,7 +153,7 @@ class CalibrationSet:
         }
 
 
-def split(data: CalibrationSet, eval_fraction: float, seed: int) -> tuple[CalibrationSet, CalibrationSet]:
+def split(data: SampleSet, eval_fraction: float, seed: int) -> tuple[SampleSet, SampleSet]:
     """Deterministic disjoint split of one source into (calibration, evaluation)."""
     n = len(data)
     if n < 4:
@@ -165,7 +165,7 @@ def split(data: CalibrationSet, eval_fraction: float, seed: int) -> tuple[Calibr
     return (data.subset(cal, f"{data.name}[calib]", **how), data.subset(ev, f"{data.name}[eval]", **how))
 
 
-def cap(data: CalibrationSet, max_samples: int, seed: int) -> CalibrationSet:
+def cap(data: SampleSet, max_samples: int, seed: int) -> SampleSet:
     """At most ``max_samples`` samples, chosen deterministically (class-balanced order is not assumed): a random
     subset, never the first ones (an image folder is in class order). How many is decided in
     ``calibration/budget.py``; ``sampled.of`` stays the data's own count when a capped set is capped again."""
@@ -176,7 +176,7 @@ def cap(data: CalibrationSet, max_samples: int, seed: int) -> CalibrationSet:
     return data.subset(idx, sampled={"of": of, "kept": max_samples, "seed": seed})
 
 
-def drop_overlap(calib: CalibrationSet, evalset: CalibrationSet) -> tuple[CalibrationSet, int]:
+def drop_overlap(calib: SampleSet, evalset: SampleSet) -> tuple[SampleSet, int]:
     """Remove from calibration every sample that also appears in evaluation; returns the count removed."""
     seen = set(evalset.sample_hashes())
     keep = [i for i, h in enumerate(calib.sample_hashes()) if h not in seen]

@@ -1,4 +1,4 @@
-"""Readers that turn a data source string into a CalibrationSet.
+"""Readers that turn a data source string into a SampleSet.
 
 Sources: ``digits`` / ``digits:train`` / ``digits:test`` (scikit-learn's built-in digits, no download),
 a ``.npy`` file (inputs), a ``.npz`` file (inputs by input name or ``x``/``inputs``, labels as ``y`` or
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebuild.calibration.dataset import CalibrationSet, sample_shape
+from edgebuild.calibration.dataset import SampleSet, sample_shape
 from edgebuild.errors import BadInputError
 from edgebuild.specs import InputSpec, PreprocessSpec
 
@@ -23,7 +23,7 @@ DIGITS_TRAIN = 1000  # of 1797; the rest is the held-out test split
 log = logging.getLogger("edgebuild.data")
 
 
-def digits(split: str = "all") -> CalibrationSet:
+def digits(split: str = "all") -> SampleSet:
     """scikit-learn's 8x8 digits (ships with the package), scaled to [0, 1], NCHW [N, 1, 8, 8]."""
     from sklearn.datasets import load_digits
 
@@ -35,11 +35,11 @@ def digits(split: str = "all") -> CalibrationSet:
     if split not in idx:
         raise BadInputError(f"unknown digits split {split!r}; use digits, digits:train or digits:test")
     i = idx[split]
-    return CalibrationSet(f"digits:{split}", {"input": x[i]}, y[i],
+    return SampleSet(f"digits:{split}", {"input": x[i]}, y[i],
                           {"source": f"digits:{split}", "classes": [str(c) for c in range(10)]})
 
 
-def load_source(source: str, inputs: tuple[InputSpec, ...], pre: PreprocessSpec) -> CalibrationSet:
+def load_source(source: str, inputs: tuple[InputSpec, ...], pre: PreprocessSpec) -> SampleSet:
     """Read ``source`` and fit it to the model's inputs (names, per-sample shape, dtype, layout)."""
     if source == "digits" or source.startswith("digits:"):
         data = digits(source.partition(":")[2] or "all")
@@ -248,16 +248,16 @@ def center_box(size: tuple[int, int], fraction: float, out_hw: tuple[int, int] |
     return left, top, max(left + 1, round(left + cw)), max(top + 1, round(top + ch))
 
 
-def fit_to_inputs(data: RawData | CalibrationSet, inputs: tuple[InputSpec, ...]) -> CalibrationSet:
+def fit_to_inputs(data: RawData | SampleSet, inputs: tuple[InputSpec, ...]) -> SampleSet:
     """Fit the arrays of a source to the model's inputs: match names, lay each sample out as the input
-    without its batch axis (see ``CalibrationSet``), check the values and cast to the input dtype.
+    without its batch axis (see ``SampleSet``), check the values and cast to the input dtype.
 
     Per input, an array may hold N samples with or without the batch axis (``(N, 2, 128)`` or
     ``(N, 2, 1, 128)`` for a state ``[2, 1, 128]``; ``(N,)`` for a 0-d scalar), images in the other layout
     (NCHW <-> NHWC), flattened samples, or a single sample / single value used for every sample."""
     source = data.origin.get("source", data.name)
     if not inputs:
-        return CalibrationSet(data.name, {k: _values(source, k, v, v.dtype) for k, v in data.inputs.items()},
+        return SampleSet(data.name, {k: _values(source, k, v, v.dtype) for k, v in data.inputs.items()},
                               data.labels, data.origin)
     if all(i.name in data.inputs for i in inputs):
         arrays = {i.name: data.inputs[i.name] for i in inputs}
@@ -288,7 +288,7 @@ def fit_to_inputs(data: RawData | CalibrationSet, inputs: tuple[InputSpec, ...])
         raise BadInputError(f"{source}: {len(data.labels)} labels for {n} samples")
     if n == 0:
         raise BadInputError(f"{source}: holds no samples")
-    return CalibrationSet(data.name, out, data.labels, origin, {i.name: tuple(i.shape) for i in inputs})
+    return SampleSet(data.name, out, data.labels, origin, {i.name: tuple(i.shape) for i in inputs})
 
 
 def _check_kind(source: str, name: str, a: np.ndarray) -> None:

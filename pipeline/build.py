@@ -20,13 +20,13 @@ from typing import Callable
 
 import numpy as np
 
-from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.cache import StageCache, default_root
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError
 from edgebuild.pipeline.offline import no_telemetry
 from edgebuild.pipeline.results import Manifest, TargetResult, compression_check
 from edgebuild.pipeline.schedule import _build_all, effective_jobs
 from edgebuild.pipeline.spec import BuildSpec
+from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import backend_exists, get_backend
 from edgebuild.targets.profiles import TargetProfile, resolve
@@ -69,11 +69,11 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
 
     ``jobs``: targets converted at once (default: the host's cores, fewer when memory is short); see ``_build_all``.
     """
-    from edgebuild.pipeline.data import budget_calibration, resolve_data
-    from edgebuild.pipeline.export import export_onnx
-    from edgebuild.pipeline.reference import save as save_reference
-    from edgebuild.pipeline.sources import load_model
-    from edgebuild.pipeline.target import BuildContext, Turns, precision_for
+    from edgebuild.pipeline.stages.data import budget_calibration, resolve_data
+    from edgebuild.pipeline.stages.export import export_onnx
+    from edgebuild.pipeline.stages.load import load_model
+    from edgebuild.pipeline.stages.per_target import BuildContext, Turns, precision_for
+    from edgebuild.pipeline.stages.reference import save as save_reference
 
     t_start = time.perf_counter()
     profiles = resolve(spec.targets or DEFAULT_TARGETS, spec.profile_files)
@@ -95,7 +95,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
             calib, evalset, data_record = resolve_data(spec, loaded.inputs)
         compress_record = None
         if spec.compress:
-            from edgebuild.pipeline.compress import compress
+            from edgebuild.pipeline.stages.compress import compress
 
             loaded, compress_record = compress(loaded, spec, evalset, stage)
         refdir = staging / "reference"
@@ -106,7 +106,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
         cache = StageCache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
         with stage("running the FP32 reference"):
             reference, reference_cached = _reference_outputs(cache, model, evalset)
-            save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # pipeline/reference.py
+            save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # pipeline/stages/reference.py
             judging = V.resolve(judging_for(spec, model), reference, evalset.labels)
         ctx = BuildContext(spec, model, calib, evalset, reference, judging, cache, scratch, stage=stage,
                            deadline=time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf")))
@@ -314,7 +314,7 @@ def judging_for(spec: BuildSpec, model) -> V.Judging:
 
 
 def _judging_record(judging: V.Judging, evalset, spec: BuildSpec, profiles) -> dict:
-    from edgebuild.pipeline.target import budget_for
+    from edgebuild.pipeline.stages.per_target import budget_for
 
     warnings = list(judging.warnings)
     for note in dict.fromkeys(V.coarseness_warning(len(evalset), budget_for(p, spec)) for p in profiles):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.device import DeviceError, RUNNER, read_results, runner_failed, write_job
 from edgebuild.pipeline.errors import BadInputError
+from edgebuild.pipeline.stages import validate as V
 
 SITE = "/opt/edgebuild/site"  # inside the root: where the setup script installed the aarch64 wheels
 RUN_TIMEOUT_S = 900
@@ -59,7 +59,7 @@ def command() -> tuple[list[str], dict]:
 
 def validate_emulated(artifact_dir: Path, eval_source: str) -> dict:
     from edgebuild.pipeline.revalidate import judged, load
-    from edgebuild.pipeline.target import open_runner
+    from edgebuild.pipeline.stages.per_target import open_runner
 
     why = missing()
     if why:

@@ -46,7 +46,7 @@ def measure_target(ctx, backend, profile, attempts: dict) -> bool:
     cached as a result entry keyed by the artifact's sha256, the feed, the runtime, threads and host. Returns
     True when every number came from the cache."""
     from edgebuild.pipeline.cache import key
-    from edgebuild.pipeline.target import _json_round_trip, _runtime_key, array_hash, artifact_hash, timing_threads
+    from edgebuild.pipeline.stages.per_target import _json_round_trip, _runtime_key, array_hash, artifact_hash, timing_threads
 
     threads = timing_threads(profile)
     feed = ctx.evalset.feed(0)
@@ -69,7 +69,7 @@ def micro_fit(ctx, artifact) -> tuple[dict, bool]:
     """Arena, flash and TFLM's agreement with LiteRT on the first evaluation samples (targets/tflm.py), cached as
     a result entry by the artifact's sha256, the samples and the TFLM version. Returns (record, from cache)."""
     from edgebuild.pipeline.cache import key
-    from edgebuild.pipeline.target import _json_round_trip, array_hash, artifact_hash, open_runner
+    from edgebuild.pipeline.stages.per_target import _json_round_trip, array_hash, artifact_hash, open_runner
     from edgebuild.targets import tflm
     from edgebuild.targets.base import get_backend
 
@@ -91,7 +91,7 @@ def judge_memory(ctx, p) -> dict:
     """A prepared target's runtime memory (its artifact and the FP32 baseline), its microcontroller fit when the
     profile says ``micro: true`` (targets/tflm.py), and its failures judged again with them. Returns what came
     from the cache."""
-    from edgebuild.pipeline import validate as V
+    from edgebuild.pipeline.stages import validate as V
 
     with ctx.stage(f"{p.profile.name}: runtime memory"):
         cached = {"memory": measure_target(ctx, p.backend, p.profile, {"chosen": p.chosen, "fp32": p.baseline})}
@@ -109,7 +109,7 @@ def after_packaging(ctx, chosen, budget) -> None:
     micro = chosen.memory.get("micro")
     if not micro:
         return
-    from edgebuild.pipeline import validate as V
+    from edgebuild.pipeline.stages import validate as V
     from edgebuild.targets.tflm import flash
 
     micro.update(flash(chosen.artifact))

@@ -79,7 +79,7 @@ def write_report(manifest: Manifest | dict, path: Path) -> None:
     lines = _header_lines(manifest)
     charts = {len(lines): plots.tradeoff(raw) + plots.versus_fp32(raw)}  # line index -> HTML before it
     if manifest.compression:
-        from edgebuild.pipeline.compress import markdown
+        from edgebuild.pipeline.stages.compress import markdown
 
         lines += ["", *markdown(manifest.compression)]
     for name, t in manifest.targets.items():

@@ -109,7 +109,7 @@ class TaskScores(_Record):
 
 @dataclass(frozen=True)
 class Metrics(_Record):
-    """One artifact on the evaluation set: per-output metrics and their summary (``pipeline/validate.py compare``)."""
+    """One artifact on the evaluation set: per-output metrics and their summary (``pipeline/stages/validate.py compare``)."""
 
     samples: int | None = None
     finite: bool | None = None

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgebuild.pipeline import timing
-from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.errors import BadInputError, IntegrityError
 from edgebuild.pipeline.results import TargetResult, decide
 from edgebuild.pipeline.spec import InputSpec, PreprocessSpec
+from edgebuild.pipeline.stages import validate as V
 from edgebuild.targets.base import Artifact, get_backend
 
 
@@ -101,8 +101,8 @@ def build_evalset(artifact_dir: Path, inputs: tuple[InputSpec, ...]):
     """The evaluation set of the build that made ``artifact_dir``, made again from its manifest's spec (sources and
     split are deterministic) and checked against the content hash the build recorded."""
     from edgebuild.pipeline.cli import _manifest_spec
-    from edgebuild.pipeline.data import resolve_data
     from edgebuild.pipeline.spec import BuildSpec
+    from edgebuild.pipeline.stages.data import resolve_data
 
     manifest = artifact_dir.resolve().parent / "manifest.json"
     try:
@@ -124,7 +124,7 @@ def build_evalset(artifact_dir: Path, inputs: tuple[InputSpec, ...]):
 def _reference(artifact_dir: Path, meta: dict, evalset) -> tuple[list, str]:
     """The build's saved FP32 outputs (reference/outputs.npz) when the evaluation data is the one they were computed
     on (same content hash); otherwise the FP32 reference model is run on the data given."""
-    from edgebuild.pipeline import reference as saved_reference
+    from edgebuild.pipeline.stages import reference as saved_reference
     from edgebuild.targets.base import reference_runner
 
     try:
@@ -150,7 +150,7 @@ def judged(loaded: Loaded, outputs: list, lat: dict | None, **extra) -> dict:
 
 
 def revalidate(artifact_dir: Path, eval_source: str | None) -> dict:
-    from edgebuild.pipeline.target import open_runner
+    from edgebuild.pipeline.stages.per_target import open_runner
 
     loaded = load(artifact_dir, eval_source)
     profile_threads = loaded.meta["runtime"]["threads"]
@@ -163,9 +163,9 @@ def revalidate(artifact_dir: Path, eval_source: str | None) -> dict:
 
 def validate_outputs(artifact_dir: Path, outputs_file: str) -> dict:
     """Outputs computed elsewhere (``outputs_file``: keyed by output name, sample-major, on reference/feeds.npz)
-    judged against the FP32 outputs the build saved (pipeline/reference.py) and its budgets, as any validation.
+    judged against the FP32 outputs the build saved (pipeline/stages/reference.py) and its budgets, as any validation.
     No runtime is run, so no latency is judged. A file that does not fit the reference is a BadInputError (exit 2)."""
-    from edgebuild.pipeline import reference as saved_reference
+    from edgebuild.pipeline.stages import reference as saved_reference
 
     meta, art = _verified(artifact_dir)
     saved = saved_reference.load((artifact_dir / meta["reference"]).parent)

@@ -42,7 +42,7 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int) -> 
     the GIL in native code, the TFLite conversion runs in its own child process, and threads share the loaded
     evaluation data and reference outputs), then timing and the target's files one target at a time, in order, on
     a machine no conversion loads. The manifest is the one a sequential build (``jobs`` 1) writes."""
-    from edgebuild.pipeline.target import finish_target, prepare_target
+    from edgebuild.pipeline.stages.per_target import finish_target, prepare_target
 
     slots = threading.Semaphore(jobs)  # targets doing work at once; a target waiting for its search turn frees its
     if ctx.turns is not None:  # slot (Turns.turn), so a later target converts meanwhile instead of queueing behind it

@@ -9,14 +9,14 @@ import os
 
 import numpy as np
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.targets.base import Runner
 
 WARMUP, MAX_RUNS, TIME_BUDGET_S = 10, 300, 3.0  # one window (pipeline/device.py times a board this way)
 ROUNDS, ROUND_S, MAX_ROUND_RUNS = 12, 0.2, 20  # interleaved timing: rounds; seconds and runs per artifact per round
 
 
-def latency(runner: Runner, evalset: CalibrationSet) -> dict:
+def latency(runner: Runner, evalset: SampleSet) -> dict:
     """One artifact alone (``edgebuild validate``), timed as a build times it: warm-up, then ``ROUNDS`` rounds of
     up to ``ROUND_S`` seconds (``latency_interleaved`` with one runner); the spread of the rounds' p50s is kept,
     so a loaded host shows as a wide spread rather than as one unlucky window."""

@@ -146,7 +146,7 @@ def fidelity(fp32_outputs, int8_outputs) -> dict:
 
 def bench_target(profile, model, calib, evalset, workdir: Path, threads: int, rounds: int, runs: int) -> dict:
     from edgebuild.pipeline.errors import EdgeBuildError
-    from edgebuild.pipeline.target import open_runner
+    from edgebuild.pipeline.stages.per_target import open_runner
     from edgebuild.targets.base import get_backend
 
     backend = get_backend(profile.backend)
@@ -234,10 +234,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from edgebuild.calibration.dataset import CalibrationSet
-    from edgebuild.pipeline.export import export_onnx
-    from edgebuild.pipeline.sources import LoadedModel
+    from edgebuild.calibration.dataset import SampleSet
     from edgebuild.pipeline.spec import InputSpec
+    from edgebuild.pipeline.stages.export import export_onnx
+    from edgebuild.pipeline.stages.load import LoadedModel
     from edgebuild.targets.profiles import catalogue
 
     profiles = catalogue()
@@ -254,8 +254,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     module = build_model(args.seed)
     spec = InputSpec("input", (1, 3, 224, 224), "float32", "NCHW")
-    calib = CalibrationSet("synthetic[calib]", {"input": synthetic_images(args.calib_samples, args.seed + 1)})
-    evalset = CalibrationSet("synthetic[eval]", {"input": synthetic_images(32, args.seed + 2)})
+    calib = SampleSet("synthetic[calib]", {"input": synthetic_images(args.calib_samples, args.seed + 1)})
+    evalset = SampleSet("synthetic[eval]", {"input": synthetic_images(32, args.seed + 2)})
     results = []
     with tempfile.TemporaryDirectory(prefix="edgebuild-bench-") as tmp:
         loaded = LoadedModel("torch", "MobileNetV2 (benchmark)", (spec,), module=module)

@@ -19,7 +19,7 @@ from edgebuild.errors import BadInputError, ConversionError, MissingToolError
 from edgebuild.targets.settings import NoSettings, Precision, Settings
 
 if TYPE_CHECKING:
-    from edgebuild.calibration.dataset import CalibrationSet
+    from edgebuild.calibration.dataset import SampleSet
     from edgebuild.targets.profiles import TargetProfile
 
 
@@ -36,7 +36,7 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
-class ModelInput:
+class ExportedModel:
     """What a backend converts: the exported FP32 ONNX model."""
 
     onnx_path: Path
@@ -126,13 +126,13 @@ class Backend:
             if importlib.util.find_spec(mod) is None:
                 raise MissingToolError(target, mod)
 
-    def convert(self, model: ModelInput, profile: "TargetProfile", precision: str,
-                calib: "CalibrationSet", workdir: Path, settings: Settings | dict | None = None) -> Artifact:
+    def convert(self, model: ExportedModel, profile: "TargetProfile", precision: str,
+                calib: "SampleSet", workdir: Path, settings: Settings | dict | None = None) -> Artifact:
         """``settings``: what is asked (``requested_settings``; a mapping is changes to the profile's). The
         artifact's ``settings`` is a new dict: what the conversion used (the record), never written back."""
         raise NotImplementedError
 
-    def convert_family(self, model: ModelInput, profile: "TargetProfile", precision: str, calib: "CalibrationSet",
+    def convert_family(self, model: ExportedModel, profile: "TargetProfile", precision: str, calib: "SampleSet",
                        workdir: Path, settings: Settings | dict | None = None,
                        siblings: dict[str, tuple[Path, Settings | dict]] | None = None) -> dict[str, Artifact]:
         """The ``precision`` artifact and the *sibling artifacts* this backend can give from the same conversion
@@ -179,7 +179,7 @@ class Backend:
     def artifact_name(self, precision: str, settings: dict | None = None) -> str:
         raise NotImplementedError
 
-    # ---- accuracy search hooks (pipeline/recover.py) -------------------------------------------
+    # ---- accuracy search hooks (pipeline/stages/search.py) -------------------------------------------
     supports_float_layers: bool = False  # can settings["float_layers"] (ONNX node names) stay in float?
 
     def recovery_candidates(self, profile: "TargetProfile", settings: Settings | dict) -> list[tuple[str, Settings]]:

@@ -257,7 +257,7 @@ def run_isolated(fn: Callable[[Any], Any], job: Any, timeout: float, *, what: st
 
 def run_with_samples(fn: Callable[[dict], Any], job: dict, calib, timeout: float | None = None, **kwargs) -> Any:
     """``run_isolated`` (``timeout`` by default ``CONVERT_TIMEOUT_S``) with ``job["samples"]`` = ``calib`` (a
-    CalibrationSet or None) as files in a temporary directory, which also holds the child's log (echoed) and
+    SampleSet or None) as files in a temporary directory, which also holds the child's log (echoed) and
     phase; ``samples_from_disk`` reads them back in the child."""
     with tempfile.TemporaryDirectory(prefix="edgebuild-job-") as tmp:
         job = {**job, "samples": samples_to_disk(calib, Path(tmp)) if calib is not None else None}
@@ -266,7 +266,7 @@ def run_with_samples(fn: Callable[[dict], Any], job: dict, calib, timeout: float
 
 
 def samples_to_disk(calib, directory: Path) -> dict:
-    """A CalibrationSet as ``.npy`` files (copied ``SAMPLE_CHUNK`` samples at a time: a disk-backed set is never
+    """A SampleSet as ``.npy`` files (copied ``SAMPLE_CHUNK`` samples at a time: a disk-backed set is never
     whole in memory) and what rebuilds it around them."""
     files = {}
     for i, (name, array) in enumerate(calib.inputs.items()):
@@ -282,13 +282,13 @@ def samples_to_disk(calib, directory: Path) -> dict:
 
 
 def samples_from_disk(spec: dict | None):
-    """In the child: the CalibrationSet ``samples_to_disk`` wrote, its arrays mapped from disk (None: none)."""
+    """In the child: the SampleSet ``samples_to_disk`` wrote, its arrays mapped from disk (None: none)."""
     if spec is None:
         return None
-    from edgebuild.calibration.dataset import CalibrationSet
+    from edgebuild.calibration.dataset import SampleSet
 
     inputs = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in spec["files"].items()}
-    return CalibrationSet(spec["name"], inputs, spec["labels"], spec["origin"], spec["shapes"])
+    return SampleSet(spec["name"], inputs, spec["labels"], spec["origin"], spec["shapes"])
 
 
 # ---- objects served by a child: runners, the fake-quant helper ---------------------------------------------

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import ConversionError
-from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, register, stem
+from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, register, stem
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import OnnxSettings, Precision, Settings
 
@@ -51,7 +51,7 @@ class OnnxBackend(Backend):
             out.append(("U8U8 (unsigned weights)", s.replace(weight_type="uint8", symmetric_weights=False)))
         return out
 
-    def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
+    def convert(self, model: ExportedModel, profile: TargetProfile, precision: str, calib: SampleSet,
                 workdir: Path, settings: dict | None = None) -> Artifact:
         self.check_available(profile.name)
         settings = self.requested_settings(profile, settings).for_precision(precision)  # the record: a new dict
@@ -128,7 +128,7 @@ def _preprocessed(src: Path, workdir: Path, keep_names: bool = False) -> Path:
     return pre
 
 
-def _calibrate_in_chunks(model: Path, calib: CalibrationSet, method, extra: dict, ranges: Path, workdir: Path) -> None:
+def _calibrate_in_chunks(model: Path, calib: SampleSet, method, extra: dict, ranges: Path, workdir: Path) -> None:
     """Activation ranges over every calibration sample, CALIB_CHUNK samples at a time, into ``ranges`` (JSON).
 
     onnxruntime's calibrators keep each sample's tensors until ranges or histograms are computed: the histogram
@@ -168,7 +168,7 @@ def _check_quantized(path: Path, target: str) -> None:
         raise ConversionError(f"{target}: INT8 quantization left every layer in float{where}")
 
 
-def _quantize_isolated(src: Path, out: Path, calib: CalibrationSet, settings: dict, workdir: Path, precision: str,
+def _quantize_isolated(src: Path, out: Path, calib: SampleSet, settings: dict, workdir: Path, precision: str,
                        target: str) -> list[str]:
     """Dynamic or static INT8 quantization in a converter child (targets/isolated.py): a crash or a hang of
     onnxruntime's native code fails this target, not the build. Returns the conversion's notes."""
@@ -202,7 +202,7 @@ def _quantize_dynamic(src: Path, out: Path, workdir: Path) -> None:
     pre.unlink()
 
 
-def quantize_static(src: Path, out: Path, calib: CalibrationSet, settings: dict, workdir: Path,
+def quantize_static(src: Path, out: Path, calib: SampleSet, settings: dict, workdir: Path,
                     calibration_cache: Path | None = None, preprocessed: bool = False) -> None:
     """Static INT8 QDQ with onnxruntime (public for the pipeline's sensitivity analysis).
 
@@ -235,7 +235,7 @@ class FakeQuant:
     (onnxruntime's native quantization and runtime) runs in one child process (targets/isolated.py ``Served``):
     a crash is a ConversionError for that call, and the next call starts a new child (the ranges are kept)."""
 
-    def __init__(self, onnx_path: Path, calib: CalibrationSet, workdir: Path):
+    def __init__(self, onnx_path: Path, calib: SampleSet, workdir: Path):
         from edgebuild.targets.isolated import samples_to_disk
 
         self._args = (str(onnx_path), samples_to_disk(calib, workdir), str(workdir))
@@ -329,7 +329,7 @@ def resolve_op_types(src: Path, op_types) -> tuple[list[str] | None, str | None]
     return None, None
 
 
-def _quantize_static(src: Path, out: Path, calib: CalibrationSet, s: dict, workdir: Path,
+def _quantize_static(src: Path, out: Path, calib: SampleSet, s: dict, workdir: Path,
                      calibration_cache: Path | None = None, preprocessed: bool = False) -> list[str]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 

@@ -8,7 +8,7 @@ for ONNX sources too, and starts from the graph every backend gets, already chec
 
 * FP32: ``save_model(compress_to_fp16=False)``.  FP16: the same graph with FP16-compressed weights
   (``compress_to_fp16=True``; the CPU plugin decompresses them and computes at its default precision).
-* INT8: ``nncf.quantize`` (post-training quantization) fed by the CalibrationSet: FakeQuantize on
+* INT8: ``nncf.quantize`` (post-training quantization) fed by the SampleSet: FakeQuantize on
   activations and int8 per-channel weights, then ``save_model(compress_to_fp16=False)`` so that layers
   kept out of quantization (``ignored_scope``) stay FP32.
 
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError, EdgeBuildError, MissingToolError
-from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, register, stem
+from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, register, stem
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import OpenVinoSettings, Precision, Settings
 
@@ -82,7 +82,7 @@ class OpenVinoBackend(Backend):
             out.append(("asymmetric activations (preset=mixed)", s.replace(preset="mixed")))
         return out
 
-    def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
+    def convert(self, model: ExportedModel, profile: TargetProfile, precision: str, calib: SampleSet,
                 workdir: Path, settings: Settings | dict | None = None) -> Artifact:
         self.check_available(profile.name)
         settings = self.requested_settings(profile, settings).for_precision(precision)  # the record: a new dict
@@ -252,7 +252,7 @@ def resolve_float_scope(ov_model, s: dict, target: str) -> tuple[dict, list[str]
     return {"names": sorted(set(names)), "types": sorted(set(types)), "patterns": list(scope["patterns"])}, notes
 
 
-def _quantize(ov_model, calib: CalibrationSet, s: dict, target: str):
+def _quantize(ov_model, calib: SampleSet, s: dict, target: str):
     """NNCF post-training quantization; returns (model, what was applied, notes)."""
     nncf = import_without_telemetry("nncf")
     from edgebuild.calibration.adapters import nncf_dataset

@@ -50,7 +50,7 @@ class TargetProfile:
     budgets: ProfileBudgets = ProfileBudgets()
     quant: dict = field(default_factory=dict)  # backend-specific INT8 settings
     allow_float_layers: bool = True  # may the accuracy search keep layers in float?
-    objective: str = "precision"  # precision | latency | size | accuracy: what ships (pipeline/objective.py)
+    objective: str = "precision"  # precision | latency | size | accuracy: what ships (pipeline/stages/objective.py)
     host_is_device: bool = False  # the host runs the device's runtime: host latency is the device's
     host_validation: str = ""  # how the host check relates to the device (shown in the report)
     micro: bool = False  # also load and run the artifact on TensorFlow Lite Micro (arena, flash, op support)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from edgebuild.calibration.dataset import CalibrationSet
-from edgebuild.targets.base import Artifact, ModelInput, register
+from edgebuild.calibration.dataset import SampleSet
+from edgebuild.targets.base import Artifact, ExportedModel, register
 from edgebuild.targets.onnx import OnnxBackend
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, TensorRTSettings
@@ -24,7 +24,7 @@ class TensorRTBackend(OnnxBackend):
     settings_type = TensorRTSettings  # the onnx backend's QDQ options
     simulate_quantization = True
 
-    def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
+    def convert(self, model: ExportedModel, profile: TargetProfile, precision: str, calib: SampleSet,
                 workdir: Path, settings: dict | None = None) -> Artifact:
         art = super().convert(model, profile, precision, calib, workdir, settings)
         script = workdir / "build_engine.sh"

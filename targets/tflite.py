@@ -1,7 +1,7 @@
 """TFLite backend (LiteRT): FP32, FP16, dynamic-range INT8 and full-integer INT8 ``.tflite`` models.
 
 Conversion: the exported FP32 ONNX -> onnx2tf (a TF graph, channels-last) -> TensorFlow's TFLiteConverter,
-calibrated on the build's CalibrationSet for INT8, then checked: an ``_int8`` model whose ops are not all
+calibrated on the build's SampleSet for INT8, then checked: an ``_int8`` model whose ops are not all
 integer is a ConversionError naming the ops left in float. It runs in a child process
 (targets/tflite_convert.py) that cannot reach the network, so a converter crash (the TF calibrator
 segfaults on some graphs) is a ConversionError naming the phase, and onnx2tf's files and logs stay in a
@@ -36,16 +36,16 @@ from typing import Iterator
 
 import numpy as np
 
-from edgebuild.calibration.dataset import CalibrationSet
 from edgebuild.calibration.budget import at_most
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError
-from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, TensorInfo, register, stem
+from edgebuild.targets import tflite_passthrough as passthrough
+from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, TensorInfo, register, stem
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, Settings, TFLiteSettings
 from edgebuild.targets.tflite_convert import CHANNEL_LAST
 from edgebuild.targets.tflite_family import run_child as _run_child
 from edgebuild.targets.tflite_family import sibling_dir, sibling_results
-from edgebuild.targets import tflite_passthrough as passthrough
 from edgebuild.targets.tflite_mixed import AUTO_FLOAT
 from edgebuild.targets.tflm import write_c_array
 
@@ -85,11 +85,11 @@ class TFLiteBackend(Backend):
     # settings that shape the onnx2tf graph: a sibling precision shares the graph when they are equal
     GRAPH_SETTINGS = ("input_layout", "rnn_unroll", "onnx_rewrites")
 
-    def convert(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
+    def convert(self, model: ExportedModel, profile: TargetProfile, precision: str, calib: SampleSet,
                 workdir: Path, settings: Settings | dict | None = None) -> Artifact:
         return self.convert_family(model, profile, precision, calib, workdir, settings)[precision]
 
-    def convert_family(self, model: ModelInput, profile: TargetProfile, precision: str, calib: CalibrationSet,
+    def convert_family(self, model: ExportedModel, profile: TargetProfile, precision: str, calib: SampleSet,
                        workdir: Path, settings: Settings | dict | None = None,
                        siblings: dict[str, tuple[Path, Settings | dict]] | None = None) -> dict[str, Artifact]:
         """One converter child: the ``precision`` model, plus float ``siblings`` (FP32, FP16, dynamic) converted
@@ -125,7 +125,7 @@ class TFLiteBackend(Backend):
             arts = {precision: self._artifact(model, profile, precision, s, inputs, result, job_dir, workdir, seconds, n)}
             return arts | self._siblings(model, profile, precision, inputs, shared, job_dir, seconds)
 
-    def _siblings(self, model: ModelInput, profile: TargetProfile, precision: str, inputs: list[dict], shared: dict,
+    def _siblings(self, model: ExportedModel, profile: TargetProfile, precision: str, inputs: list[dict], shared: dict,
                   job_dir: Path, seconds: float) -> dict[str, Artifact]:
         arts = {}
         for p, sib in sibling_results(job_dir).items():
@@ -137,7 +137,7 @@ class TFLiteBackend(Backend):
                 arts[p] = art
         return arts
 
-    def _artifact(self, model: ModelInput, profile: TargetProfile, precision: str, s: dict, inputs: list[dict],
+    def _artifact(self, model: ExportedModel, profile: TargetProfile, precision: str, s: dict, inputs: list[dict],
                   result: dict, job_dir: Path, workdir: Path, seconds: float, n: int) -> Artifact:
         """Move the child's ``model.tflite`` into ``workdir`` and describe it."""
         auto_float = (result.get("float_layers_kept") or {}).pop(AUTO_FLOAT, None)
@@ -260,10 +260,10 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def _stacked_feeds(calib: CalibrationSet, inputs, n: int) -> dict[str, np.ndarray]:
+def _stacked_feeds(calib: SampleSet, inputs, n: int) -> dict[str, np.ndarray]:
     """The first ``n`` feeds, per input stacked on a new leading axis: ``[n, *ONNX input shape]``.
 
-    ``CalibrationSet.feed(i)`` makes a feed the way every runner gets it (exact shape and dtype of the ONNX
+    ``SampleSet.feed(i)`` makes a feed the way every runner gets it (exact shape and dtype of the ONNX
     input, whatever its batch axis or rank), so the converter child never reshapes samples itself. Each feed is
     copied into one array allocated up front (no list of n feeds beside the stack: 300 MobileNetV2 images are
     180 MB)."""
@@ -289,7 +289,7 @@ def _input_plan(t: TensorInfo, layout: str) -> dict:
             "keep_source_layout": channels_first and perm is None}
 
 
-def _artifact_io(model: ModelInput, inputs: list[dict], result: dict, target: str, through: dict[str, str]) -> dict:
+def _artifact_io(model: ExportedModel, inputs: list[dict], result: dict, target: str, through: dict[str, str]) -> dict:
     def port(key: str, details: dict, name: str, layout: str, perm, source: TensorInfo) -> dict:
         return {"name": name, "signature_key": key, "shape": details["shape"], "dtype": details["dtype"],
                 "layout": layout, "scale": details["scale"], "zero_point": details["zero_point"], "perm": perm,

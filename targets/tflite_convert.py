@@ -3,7 +3,7 @@
     python -m edgebuild.targets.tflite_convert JOB_DIR
 
 ``JOB_DIR/job.json`` says what to build, ``JOB_DIR/calib.npz`` holds the calibration feeds: per input, the
-feeds ``CalibrationSet.feed(i)`` made, stacked on a new leading axis (``calib[name][i]`` has exactly the ONNX
+feeds ``SampleSet.feed(i)`` made, stacked on a new leading axis (``calib[name][i]`` has exactly the ONNX
 input's shape and dtype: 0-d scalars, batch on any axis, integer ids).
 Before onnx2tf, targets/onnx_rewrite.py rewrites what onnx2tf or INT8 cannot handle (MaxPool padding, Erf,
 Sum); every artifact is then loaded with XNNPACK and run once (``xnnpack_check``). The child writes ``JOB_DIR/model.tflite`` and ``JOB_DIR/result.json``

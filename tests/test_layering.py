@@ -71,13 +71,13 @@ def test_leaf_modules_import_no_package():
 def test_the_check_sees_every_form_of_import():
     source = ("import edgebuild.pipeline.cache\n"
               "from edgebuild import pipeline\n"
-              "def f():\n    from edgebuild.pipeline.target import open_runner\n"
+              "def f():\n    from edgebuild.pipeline.stages.per_target import open_runner\n"
               "from ..pipeline import memory\n"
               "import importlib\nimportlib.import_module('edgebuild.pipeline.build')\n"
               "from edgebuild.errors import BadInputError\nfrom edgebuild.targets.base import Artifact\n")
     names = {n for _, n in imported_modules(source, "edgebuild.targets")}
     hits = {n for n in names if n == "edgebuild.pipeline" or n.startswith("edgebuild.pipeline.")}
-    assert hits >= {"edgebuild.pipeline.cache", "edgebuild.pipeline", "edgebuild.pipeline.target",
+    assert hits >= {"edgebuild.pipeline.cache", "edgebuild.pipeline", "edgebuild.pipeline.stages.per_target",
                     "edgebuild.pipeline.memory", "edgebuild.pipeline.build"}
     assert {"edgebuild.errors", "edgebuild.targets.base"} <= names - hits
 

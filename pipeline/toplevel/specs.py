@@ -101,7 +101,7 @@ def check_budget(name: str, value, positive: bool = False) -> float:
     return float(value)
 
 
-OBJECTIVES = ("precision", "latency", "size", "accuracy")  # what a target ships: pipeline/objective.py
+OBJECTIVES = ("precision", "latency", "size", "accuracy")  # what a target ships: pipeline/stages/objective.py
 
 
 def check_objective(value, where: str) -> str:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from edgebuild.calibration import budget as B
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 
 
 def conv_model(path, size: int, channels: int = 8):
@@ -83,7 +83,7 @@ def test_unknown_cost_keeps_the_requested_count():
 
 
 def test_at_most_is_a_random_part_not_the_first_samples():
-    data = CalibrationSet("d", {"x": np.arange(200, dtype=np.float32)[:, None]})
+    data = SampleSet("d", {"x": np.arange(200, dtype=np.float32)[:, None]})
     assert B.at_most(data, None) is data and B.at_most(data, 500) is data
     part = B.at_most(data, 50)
     values = part.inputs["x"][:, 0]
@@ -93,11 +93,11 @@ def test_at_most_is_a_random_part_not_the_first_samples():
 
 @pytest.mark.parametrize("requested", [None, 64])
 def test_budget_calibration_records_the_choice(tmp_path, requested):
-    from edgebuild.pipeline.data import budget_calibration
     from edgebuild.pipeline.spec import BuildSpec
+    from edgebuild.pipeline.stages.data import budget_calibration
 
     model = conv_model(tmp_path / "m.onnx", 512, channels=64)
-    data = CalibrationSet("d", {"x": np.zeros((300, 3, 4, 4), np.float32)})
+    data = SampleSet("d", {"x": np.zeros((300, 3, 4, 4), np.float32)})
     record: dict = {}
     calib = budget_calibration(data, model, BuildSpec(calib_samples=requested), record)
     choice = record["calibration_samples"]

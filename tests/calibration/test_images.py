@@ -109,12 +109,12 @@ def test_images_of_different_sizes_without_resize_name_two_files(tmp_path):
 def test_nncf_dataset_makes_feeds_on_demand_and_every_pass_sees_every_sample():
     pytest.importorskip("nncf")
     from edgebuild.calibration.adapters import nncf_dataset
-    from edgebuild.calibration.dataset import CalibrationSet
+    from edgebuild.calibration.dataset import SampleSet
     from edgebuild.calibration.sources import digits
 
     made = []
 
-    class Counting(CalibrationSet):
+    class Counting(SampleSet):
         def feed(self, i):
             made.append(i)
             return super().feed(i)

@@ -5,7 +5,7 @@ data came in; data that fits no layout is one BadInputError saying which shapes 
 import numpy as np
 import pytest
 
-from edgebuild.calibration.dataset import CalibrationSet, batch_axis, sample_shape
+from edgebuild.calibration.dataset import SampleSet, batch_axis, sample_shape
 from edgebuild.calibration.sources import load_source
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.spec import InputSpec, PreprocessSpec
@@ -22,7 +22,7 @@ def load(tmp_path, inputs, **arrays):
     return load_source(str(tmp_path / "d.npz"), inputs, PreprocessSpec())
 
 
-def assert_exact_feeds(data: CalibrationSet, inputs):
+def assert_exact_feeds(data: SampleSet, inputs):
     for feed in data.feeds():
         assert list(feed) == [i.name for i in inputs]
         for spec in inputs:

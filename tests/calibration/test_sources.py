@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgebuild.calibration.dataset import CalibrationSet, cap, drop_overlap, split
+from edgebuild.calibration.dataset import SampleSet, cap, drop_overlap, split
 from edgebuild.calibration.sources import digits, fit_to_inputs, load_source
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.spec import InputSpec, PreprocessSpec
@@ -88,7 +88,7 @@ def test_unreadable_image_is_bad_input(tmp_path):
 
 
 def test_shape_mismatch_is_bad_input():
-    data = CalibrationSet("x", {"input": np.zeros((3, 5), np.float32)})
+    data = SampleSet("x", {"input": np.zeros((3, 5), np.float32)})
     with pytest.raises(BadInputError, match="do not fit"):
         fit_to_inputs(data, NCHW)
 
@@ -115,8 +115,8 @@ def test_one_hot_labels_become_indices(tmp_path):
 def test_calibration_and_evaluation_folders_must_share_classes(tmp_path):
     from PIL import Image
 
-    from edgebuild.pipeline.data import resolve_data
     from edgebuild.pipeline.spec import BuildSpec
+    from edgebuild.pipeline.stages.data import resolve_data
 
     for split, classes in (("calib", ["a", "b", "c"]), ("eval", ["a", "c"])):
         for c in classes:
@@ -133,11 +133,11 @@ def test_a_subset_of_a_disk_backed_set_stays_on_disk(tmp_path):
     not copy either half into memory."""
     import numpy as np
 
-    from edgebuild.calibration.dataset import CalibrationSet
+    from edgebuild.calibration.dataset import SampleSet
 
     data = np.memmap(tmp_path / "x.bin", dtype=np.float32, mode="w+", shape=(300, 3, 4, 4))
     data[:] = np.random.default_rng(0).normal(size=data.shape)
-    full = CalibrationSet("big", {"input": data}, np.arange(300))
+    full = SampleSet("big", {"input": data}, np.arange(300))
     idx = np.random.default_rng(1).permutation(300)[:130]
     part = full.subset(idx)
     assert isinstance(part.inputs["input"], np.memmap)

@@ -9,9 +9,9 @@ import pytest
 
 from edgebuild.calibration.sources import load_source
 from edgebuild.pipeline.cli import main
-from edgebuild.pipeline.export import export_onnx
-from edgebuild.pipeline.sources import load_model
 from edgebuild.pipeline.spec import BuildSpec, InputSpec
+from edgebuild.pipeline.stages.export import export_onnx
+from edgebuild.pipeline.stages.load import load_model
 from tests.conformance.models import make_encoder, make_old_cnn, make_vad, old_cnn
 
 

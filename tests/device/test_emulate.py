@@ -41,7 +41,7 @@ def test_emulated_aarch64_litert_matches_host(request, capsys):
 
 def test_host_agreement_catches_a_runtime_that_answers_differently():
     """The emulated-vs-host checks on class scores: identical outputs pass; flipped decisions and a drift fail."""
-    from edgebuild.pipeline.validate import Judging
+    from edgebuild.pipeline.stages.validate import Judging
 
     rng = np.random.default_rng(0)
     host = [[rng.normal(size=(1, 10)).astype(np.float32)] for _ in range(200)]

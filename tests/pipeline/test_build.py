@@ -154,7 +154,7 @@ def test_refuses_to_replace_a_directory_that_is_not_an_edgebuild_output(tmp_path
 
 
 def test_interrupt_exits_130_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    import edgebuild.pipeline.export as export
+    import edgebuild.pipeline.stages.export as export
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from edgebuild.calibration.dataset import CalibrationSet
-from edgebuild.pipeline.compress import compress, config_dict, markdown, parse_step, registry
-from edgebuild.pipeline.compress import lowrank, measure as M, prune
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.pipeline.sources import LoadedModel
 from edgebuild.pipeline.spec import BuildSpec, CompressStep, InputSpec
+from edgebuild.pipeline.stages.compress import compress, config_dict, markdown, parse_step, registry
+from edgebuild.pipeline.stages.compress import lowrank, measure as M, prune
+from edgebuild.pipeline.stages.load import LoadedModel
 
 DEMO_INPUT = (InputSpec("input", (1, 1, 8, 8)),)
 
@@ -59,7 +59,7 @@ class TinyMobileNetV2(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-def mobilenet() -> tuple[LoadedModel, CalibrationSet]:
+def mobilenet() -> tuple[LoadedModel, SampleSet]:
     torch.manual_seed(0)
     model = TinyMobileNetV2().eval()
     for m in model.modules():  # non-trivial BN statistics, so pruning choices and fidelity are meaningful
@@ -68,7 +68,7 @@ def mobilenet() -> tuple[LoadedModel, CalibrationSet]:
             m.running_var.uniform_(0.5, 1.5)
     x = np.random.default_rng(0).standard_normal((24, 3, 32, 32)).astype(np.float32)
     inputs = (InputSpec("input", (1, 3, 32, 32)),)
-    return LoadedModel("torch", "tiny MobileNetV2", inputs, module=model), CalibrationSet("random", {"input": x})
+    return LoadedModel("torch", "tiny MobileNetV2", inputs, module=model), SampleSet("random", {"input": x})
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_measure_counts_macs_params_size_latency_and_quality():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
     assert M.count_macs(model, M.example_inputs(DEMO_INPUT)) == 8 * 8 * 4 * 9 + 256 * 3
     x = np.random.default_rng(0).standard_normal((10, 1, 8, 8)).astype(np.float32)
-    data = CalibrationSet("x", {"input": x}, np.zeros(10, dtype=np.int64))
+    data = SampleSet("x", {"input": x}, np.zeros(10, dtype=np.int64))
     m, out = M.measure(model, data, DEMO_INPUT, None)
     assert m["params"] == 36 + 256 * 3 + 3 and m["fp32_bytes"] > 4 * m["params"]
     assert m["latency_ms"] > 0 and 0 <= m["accuracy"] <= 100 and out.shape == (10, 3)
@@ -162,7 +162,7 @@ def test_structured_pruning_never_touches_excluded_layers(demo):
 
 
 def test_structured_pruning_of_a_mobilenetv2_keeps_the_graph_valid_and_exports(tmp_path):
-    from edgebuild.pipeline.export import export_onnx
+    from edgebuild.pipeline.stages.export import export_onnx
 
     loaded, data = mobilenet()
     spec = BuildSpec(model="tiny", inputs=loaded.inputs,
@@ -224,7 +224,7 @@ def test_training_data_must_not_overlap_evaluation(demo):
 
 
 def test_a_step_that_breaks_the_model_is_named(demo, monkeypatch):
-    import edgebuild.pipeline.compress as C
+    import edgebuild.pipeline.stages.compress as C
 
     @dataclasses.dataclass(frozen=True)
     class Config:

@@ -1,4 +1,4 @@
-"""`objective: latency | size | accuracy` (pipeline/objective.py): what ships among the target's artifact and its FP32
+"""`objective: latency | size | accuracy` (pipeline/stages/objective.py): what ships among the target's artifact and its FP32
 baseline. Timing is injected through timing.latency_interleaved (the seam the build times with), so "INT8 is slower
 than FP32" is deterministic, not a property of this machine."""
 from __future__ import annotations
@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from edgebuild.pipeline import objective as O
 from edgebuild.pipeline import timing
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.spec import BuildSpec
+from edgebuild.pipeline.stages import objective as O
 from edgebuild.targets.profiles import catalogue
 
 

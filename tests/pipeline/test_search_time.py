@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgebuild.pipeline import recover as R
 from edgebuild.pipeline.cli import main
-from edgebuild.pipeline.sensitivity import LAYER_SAMPLE_BUDGET, MIN_EVAL_SAMPLES, samples_per_layer
+from edgebuild.pipeline.stages import search as R
+from edgebuild.pipeline.stages.sensitivity import LAYER_SAMPLE_BUDGET, MIN_EVAL_SAMPLES, samples_per_layer
 
 OUTLIER = ["--model", "tests.outlier_model:outlier_demo", "--input-shape", "1,1,8,8",
            "--calib", "digits:train", "--eval", "digits:test", "--target", "onnx-cpu"]

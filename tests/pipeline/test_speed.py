@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from edgebuild.pipeline import timing
-from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.build import build
 from edgebuild.pipeline.cache import StageCache
 from edgebuild.pipeline.spec import BuildSpec
+from edgebuild.pipeline.stages import validate as V
 
 
 class Calls:
     def __init__(self, monkeypatch):
-        import edgebuild.pipeline.recover as recover
+        import edgebuild.pipeline.stages.search as recover
         import edgebuild.targets.onnx as onnx_backend
 
         self.counts = {"convert": 0, "collect": 0, "timing": 0, "search": 0}
@@ -128,7 +128,7 @@ def test_searches_of_parallel_targets_take_turns_in_target_order():
     import threading
     import time
 
-    from edgebuild.pipeline.target import Turns
+    from edgebuild.pipeline.stages.per_target import Turns
 
     turns, order = Turns(["a", "b", "c"]), []
 

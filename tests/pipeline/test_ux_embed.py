@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from edgebuild.pipeline.embed import embed, fields, read
+from edgebuild.pipeline.stages.embed import embed, fields, read
 
 META = fields(version="0.1.0", target="t", precision="int8", source_sha256="ab" * 32,
               inputs=[{"name": "input", "shape": [1, 3], "dtype": "float32", "layout": "NC"}], outputs=["logits"],
@@ -78,8 +78,8 @@ def test_a_file_kind_without_metadata_is_left_alone(tmp_path):
 def test_embed_target_takes_its_fields_from_the_build(onnx_file):
     from types import SimpleNamespace
 
-    from edgebuild.pipeline.embed import embed_target
     from edgebuild.pipeline.spec import BuildSpec, InputSpec
+    from edgebuild.pipeline.stages.embed import embed_target
 
     ctx = SimpleNamespace(spec=BuildSpec(), evalset=SimpleNamespace(origin={"classes": ["a", "b"]}),
                           calib=SimpleNamespace(origin={}),

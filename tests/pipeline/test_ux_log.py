@@ -87,7 +87,7 @@ def test_stdout_is_the_manifest_and_everything_else_is_in_build_log(project):
 
 @pytest.mark.slow
 def test_module_beside_the_config_output_names_and_class_names(project):
-    from edgebuild.pipeline.embed import read
+    from edgebuild.pipeline.stages.embed import read
 
     root, run = project
     manifest = json.loads(run.stdout)

@@ -27,8 +27,8 @@ class _Net(torch.nn.Module):
 def _export(tmp_path, kind, names=()):
     import onnx
 
-    from edgebuild.pipeline.export import _export_torch
-    from edgebuild.pipeline.sources import LoadedModel
+    from edgebuild.pipeline.stages.export import _export_torch
+    from edgebuild.pipeline.stages.load import LoadedModel
 
     loaded = LoadedModel("torch", kind, (InputSpec("x", (1, 4), "float32", "ANY"),), module=_Net(kind).eval(),
                          output_names=tuple(names))
@@ -60,15 +60,15 @@ def test_output_names_of_the_config_win_and_must_match_the_count(tmp_path):
 
 
 def test_the_demo_output_is_named_output_not_a_tracer_number(tmp_path):
-    from edgebuild.pipeline.export import _export_torch
-    from edgebuild.pipeline.sources import load_model
+    from edgebuild.pipeline.stages.export import _export_torch
+    from edgebuild.pipeline.stages.load import load_model
 
     model, _ = _export_torch(load_model(BuildSpec()), tmp_path)
     assert [o.name for o in model.graph.output] == ["output"]
 
 
 def test_output_names_are_refused_for_onnx_sources(tmp_path):
-    from edgebuild.pipeline.sources import load_model
+    from edgebuild.pipeline.stages.load import load_model
 
     torch.onnx.export(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), str(tmp_path / "m.onnx"), dynamo=False)
     with pytest.raises(BadInputError, match="output_names is for torch models"):
@@ -76,12 +76,12 @@ def test_output_names_are_refused_for_onnx_sources(tmp_path):
 
 
 def test_class_names_from_the_config_or_the_folder_and_they_must_agree():
-    from edgebuild.calibration.dataset import CalibrationSet
-    from edgebuild.pipeline.data import class_names
+    from edgebuild.calibration.dataset import SampleSet
+    from edgebuild.pipeline.stages.data import class_names
 
     x = {"input": np.zeros((2, 1), np.float32)}
-    folder = CalibrationSet("f", x, origin={"classes": ["cat", "dog"]})
-    plain = CalibrationSet("p", x)
+    folder = SampleSet("f", x, origin={"classes": ["cat", "dog"]})
+    plain = SampleSet("p", x)
     assert class_names(BuildSpec(), plain, folder) == ["cat", "dog"]
     assert class_names(BuildSpec(class_names=("Cat", "Dog")), plain, folder) == ["Cat", "Dog"]
     assert class_names(BuildSpec(), plain, plain) is None
@@ -98,7 +98,7 @@ def test_new_spec_fields_round_trip_through_json():
 
 
 def test_module_beside_the_config_imports_from_another_directory(tmp_path, monkeypatch):
-    from edgebuild.pipeline.sources import load_model
+    from edgebuild.pipeline.stages.load import load_model
 
     proj = tmp_path / "proj"
     proj.mkdir()

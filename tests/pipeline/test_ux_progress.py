@@ -68,9 +68,9 @@ def test_sensitivity_counts_its_layers_as_inner_steps(demo_onnx, digits_split):
     """sensitivity shows "layer i/N" (a live bar with ETA); its inner steps leave no lines of their own in the trail."""
     import numpy as np
 
-    from edgebuild.pipeline import validate as V
     from edgebuild.pipeline.progress import SUBSTEP
-    from edgebuild.pipeline.sensitivity import layer_sensitivity
+    from edgebuild.pipeline.stages import validate as V
+    from edgebuild.pipeline.stages.sensitivity import layer_sensitivity
     from edgebuild.targets.onnx import OrtRunner
 
     train, test = digits_split

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from edgebuild.pipeline.errors import BadInputError
-from edgebuild.pipeline.recover import selection_budget
-from edgebuild.pipeline.validate import Budget, Judging, coarseness_warning, compare, judge, quality_loss
+from edgebuild.pipeline.stages.search import selection_budget
+from edgebuild.pipeline.stages.validate import Budget, Judging, coarseness_warning, compare, judge, quality_loss
 
 BUDGET = Budget(0.5, None, None, None)
 

@@ -1,4 +1,4 @@
-"""Running and comparing apart: the build saves its FP32 reference (pipeline/reference.py), and
+"""Running and comparing apart: the build saves its FP32 reference (pipeline/stages/reference.py), and
 `edgebuild validate DIR --outputs device_outputs.npz` judges outputs produced elsewhere against it, running nothing."""
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError
-from edgebuild.pipeline import reference as R
 from edgebuild.pipeline.cli import main
+from edgebuild.pipeline.stages import reference as R
 
 
-def _saved(tmp_path: Path, labels=True) -> tuple[Path, CalibrationSet, list]:
+def _saved(tmp_path: Path, labels=True) -> tuple[Path, SampleSet, list]:
     rng = np.random.default_rng(0)
-    evalset = CalibrationSet("eval", {"image": rng.random((5, 1, 4, 4), np.float32), "scale": rng.random((5, 2), np.float32)},
+    evalset = SampleSet("eval", {"image": rng.random((5, 1, 4, 4), np.float32), "scale": rng.random((5, 2), np.float32)},
                              rng.integers(0, 3, 5) if labels else None, {}, {"image": (1, 1, 4, 4), "scale": (1, 2)})
     reference = [[rng.random((1, 3), np.float32), rng.random((1, 2, 2), np.float32)] for _ in range(5)]
     assert R.save(tmp_path, reference, evalset, ["onnx::logits:0", "boxes/out"])
@@ -95,7 +95,7 @@ def test_missing_truncated_or_foreign_reference_is_bad_input(tmp_path):
 
 
 def test_outputs_that_vary_in_shape_save_feeds_only(tmp_path):
-    evalset = CalibrationSet("eval", {"x": np.zeros((2, 3), np.float32)})
+    evalset = SampleSet("eval", {"x": np.zeros((2, 3), np.float32)})
     assert not R.save(tmp_path, [[np.zeros((1, 2))], [np.zeros((1, 3))]], evalset, ["dets"])
     assert (tmp_path / "feeds.npz").is_file() and not (tmp_path / "reference.json").exists()
 

@@ -157,8 +157,8 @@ def test_the_crafted_payload_is_live_without_the_audit(workdir):
 
 
 def test_a_clean_pt2_passes_the_audit_and_loads(workdir):
-    from edgebuild.pipeline.sources import load_model
     from edgebuild.pipeline.spec import BuildSpec
+    from edgebuild.pipeline.stages.load import load_model
     from edgebuild.pipeline.trust import audit_pt2
 
     path = _pt2(workdir / "m.pt2")

@@ -1,14 +1,14 @@
-"""Fixtures shared by the backend tests: the demo as a backend's ModelInput, and small data sets."""
+"""Fixtures shared by the backend tests: the demo as a backend's ExportedModel, and small data sets."""
 import numpy as np
 import pytest
 
-from edgebuild.pipeline.export import file_hash
-from edgebuild.targets.base import ModelInput, TensorInfo
+from edgebuild.pipeline.stages.export import file_hash
+from edgebuild.targets.base import ExportedModel, TensorInfo
 
 
 @pytest.fixture(scope="module")
 def model(demo_onnx):
-    return ModelInput(demo_onnx, (TensorInfo("input", (1, 1, 8, 8), "float32", "NCHW"),),
+    return ExportedModel(demo_onnx, (TensorInfo("input", (1, 1, 8, 8), "float32", "NCHW"),),
                       (TensorInfo("logits", (1, 10), "float32"),), 17, file_hash(demo_onnx))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 def test_fake_quant_quantizes_only_the_layers_named(demo_onnx, digits_split, tmp_path):
     import onnx
 
-    from edgebuild.pipeline.sensitivity import quantizable_layers
+    from edgebuild.pipeline.stages.sensitivity import quantizable_layers
     from edgebuild.targets.base import reference_runner
     from edgebuild.targets.onnx import FakeQuant
 

@@ -7,7 +7,7 @@ import pytest
 
 from edgebuild.pipeline import memory
 from edgebuild.pipeline.cli import main
-from edgebuild.pipeline.validate import Budget, memory_checks
+from edgebuild.pipeline.stages.validate import Budget, memory_checks
 from edgebuild.targets.base import Artifact
 
 

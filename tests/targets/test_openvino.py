@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.targets.base import ModelInput, TensorInfo, get_backend
+from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
 from edgebuild.targets.onnx import OrtRunner
 from edgebuild.targets.profiles import catalogue
 
@@ -183,13 +183,13 @@ def test_an_unsupported_operator_is_a_conversion_error_naming_it(tmp_path, backe
     path = tmp_path / "fancy.onnx"
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
     onnx.save(helper.make_model(graph, opset_imports=opsets), path)
-    model = ModelInput(path, (TensorInfo("x", (1, 4), "float32"),), (TensorInfo("y", (1, 4), "float32"),), 17)
+    model = ExportedModel(path, (TensorInfo("x", (1, 4), "float32"),), (TensorInfo("y", (1, 4), "float32"),), 17)
     with pytest.raises(ConversionError, match=r"x86: OpenVINO fp32 conversion failed: .*com\.example\.FancyOp"):
         backend.convert(model, x86, "fp32", None, tmp_path / "out", None)
 
 
 def test_isolated_runner_gives_the_same_outputs(built, small_sets, backend):
-    from edgebuild.pipeline.target import open_runner
+    from edgebuild.pipeline.stages.per_target import open_runner
 
     assert backend.isolate_runner
     _, test = small_sets
@@ -226,12 +226,12 @@ def test_no_telemetry_no_network_and_lazy_imports(demo_onnx, tmp_path):
 
         import numpy as np
         from pathlib import Path
-        from edgebuild.targets.base import ModelInput, TensorInfo, get_backend
-        from edgebuild.targets.profiles import catalogue
         from edgebuild.calibration.sources import digits
+        from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
+        from edgebuild.targets.profiles import catalogue
         backend = get_backend("openvino")
         lazy = not any(m in sys.modules for m in ("openvino", "nncf", "torch"))
-        model = ModelInput(Path({str(demo_onnx)!r}), (TensorInfo("input", (1, 1, 8, 8), "float32"),),
+        model = ExportedModel(Path({str(demo_onnx)!r}), (TensorInfo("input", (1, 1, 8, 8), "float32"),),
                            (TensorInfo("logits", (1, 10), "float32"),), 17)
         calib = digits("train").subset(np.arange(32))
         art = backend.convert(model, catalogue()["x86"], "int8", calib, Path({str(tmp_path)!r}), None)

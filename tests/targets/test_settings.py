@@ -75,8 +75,8 @@ def _typo(key: str) -> str:
 def test_a_typo_in_a_profiles_settings_is_exit_2_before_any_model_work(backend, tmp_path, capsys, monkeypatch):
     """Through the CLI with --profile: the profile is parsed when it is loaded; loading or exporting the model
     would fail the test (they are replaced by functions that raise)."""
-    from edgebuild.pipeline import export, sources
     from edgebuild.pipeline.cli import main
+    from edgebuild.pipeline.stages import export, load as sources
 
     def no_model_work(*a, **k):
         raise AssertionError("model work started before the profile's settings were checked")

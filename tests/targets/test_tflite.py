@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.targets.base import ModelInput, TensorInfo, get_backend
+from edgebuild.pipeline.stages import validate as V
+from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
 from edgebuild.targets.profiles import catalogue
 
 pytest.importorskip("onnx2tf")
@@ -30,8 +30,8 @@ def profiles():
     return catalogue()
 
 
-def demo_model(path) -> ModelInput:
-    return ModelInput(path, (TensorInfo("input", (1, 1, 8, 8), "float32", "NCHW"),),
+def demo_model(path) -> ExportedModel:
+    return ExportedModel(path, (TensorInfo("input", (1, 1, 8, 8), "float32", "NCHW"),),
                       (TensorInfo("logits", (1, 10), "float32"),), 17)
 
 

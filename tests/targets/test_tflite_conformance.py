@@ -18,9 +18,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edgebuild.calibration.dataset import CalibrationSet, sample_shape
+from edgebuild.calibration.dataset import SampleSet, sample_shape
 from edgebuild.pipeline.errors import ConversionError
-from edgebuild.targets.base import ModelInput, TensorInfo, get_backend
+from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
 from edgebuild.targets.profiles import catalogue
 from tests.conformance.classes import weights_as_constants
 
@@ -44,7 +44,7 @@ def export(module, args, names, outputs, path, opset=17):
     return path
 
 
-def model_input(path) -> ModelInput:
+def model_input(path) -> ExportedModel:
     g = onnx.load(str(path))
     init = {i.name for i in g.graph.initializer}
 
@@ -53,17 +53,17 @@ def model_input(path) -> ModelInput:
         shape = tuple(d.dim_value for d in t.shape.dim)
         return TensorInfo(v.name, shape, helper.tensor_dtype_to_np_dtype(t.elem_type).name, "NCHW" if len(shape) == 4 else "ANY")
 
-    return ModelInput(path, tuple(info(v) for v in g.graph.input if v.name not in init), tuple(info(v) for v in g.graph.output), 17)
+    return ExportedModel(path, tuple(info(v) for v in g.graph.input if v.name not in init), tuple(info(v) for v in g.graph.output), 17)
 
 
-def calibration(mi: ModelInput, make=None) -> CalibrationSet:
+def calibration(mi: ExportedModel, make=None) -> SampleSet:
     """SAMPLES samples per input, stored without the batch axis, with the model's exact input shapes."""
     rng = np.random.default_rng(0)
     data = {}
     for t in mi.inputs:
         shape = (SAMPLES, *sample_shape(t.shape))
         data[t.name] = make(t, shape, rng) if make else rng.random(shape, dtype=np.float32).astype(t.dtype)
-    return CalibrationSet("conformance", data, shapes={t.name: t.shape for t in mi.inputs})
+    return SampleSet("conformance", data, shapes={t.name: t.shape for t in mi.inputs})
 
 
 def convert(mi, calib, tmp_path, profile="arm64", precision="int8", **settings):
@@ -208,7 +208,7 @@ def test_outputs_that_are_inputs_unchanged(tmp_path):
 
 
 # ---- Sum / LRN ---------------------------------------------------------------------------------------
-def _conv_graph(path, middle: list, extra_inits=()) -> ModelInput:
+def _conv_graph(path, middle: list, extra_inits=()) -> ExportedModel:
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), f"w{i}") for i in range(3)]
     nodes = [helper.make_node("Conv", ["x", f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}") for i in range(3)]
@@ -260,7 +260,7 @@ class OrientationNet(nn.Module):
 @pytest.mark.slow
 def test_opset11_softmax_with_constant_weights(tmp_path):
     """Raw opset-11 export with every weight a Constant node, upgraded to 13 by onnx's version converter and
-    simplified, as pipeline/export.py does with ONNX sources below opset 13, its nodes named as PaddlePaddle
+    simplified, as pipeline/stages/export.py does with ONNX sources below opset 13, its nodes named as PaddlePaddle
     names them (``Softmax@0``: not a TF scope name)."""
     import onnxslim
     from onnx import version_converter

@@ -34,12 +34,12 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from edgebuild.calibration.dataset import CalibrationSet
-from edgebuild.pipeline import validate as V
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline.errors import ConversionError
-from edgebuild.pipeline.target import budget_for
 from edgebuild.pipeline.spec import BuildSpec, InputSpec
-from edgebuild.targets.base import ModelInput, TensorInfo, get_backend
+from edgebuild.pipeline.stages import validate as V
+from edgebuild.pipeline.stages.per_target import budget_for
+from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
 from edgebuild.targets.profiles import catalogue
 
 torch = pytest.importorskip("torch")
@@ -195,18 +195,18 @@ def trained(name: str, steps: int = 100):
     return model.eval()
 
 
-def datasets(name: str) -> tuple[CalibrationSet, CalibrationSet]:
+def datasets(name: str) -> tuple[SampleSet, SampleSet]:
     inputs = ZOO[name][1]
-    calib = CalibrationSet(f"{name}[calib]", task(inputs, CALIB, 3)[0])
+    calib = SampleSet(f"{name}[calib]", task(inputs, CALIB, 3)[0])
     x, y = task(inputs, EVAL, 7)
-    return calib, CalibrationSet(f"{name}[eval]", x, y)
+    return calib, SampleSet(f"{name}[eval]", x, y)
 
 
-def exported(name: str, workdir) -> ModelInput:
+def exported(name: str, workdir) -> ExportedModel:
     """Opset 17: the model through the pipeline's own export (checked against torch, simplified).
     Other opsets: torch's raw export at that opset (Constant nodes, nothing folded) straight to the backend."""
-    from edgebuild.pipeline.export import export_onnx
-    from edgebuild.pipeline.sources import LoadedModel
+    from edgebuild.pipeline.stages.export import export_onnx
+    from edgebuild.pipeline.stages.load import LoadedModel
 
     _, inputs, opset = ZOO[name]
     model = trained(name)
@@ -215,7 +215,7 @@ def exported(name: str, workdir) -> ModelInput:
         with _torch_threads(1):
             torch.onnx.export(model, tuple(torch.zeros(s) for s, _ in inputs.values()), str(path), dynamo=False,
                               opset_version=opset, input_names=list(inputs), output_names=["logits"])
-        return ModelInput(path, tuple(TensorInfo(k, s, "float32", layout) for k, (s, layout) in inputs.items()),
+        return ExportedModel(path, tuple(TensorInfo(k, s, "float32", layout) for k, (s, layout) in inputs.items()),
                           (TensorInfo("logits", (1, CLASSES), "float32"),), opset)
     specs = tuple(InputSpec(k, shape, "float32", layout) for k, (shape, layout) in inputs.items())
     with _torch_threads(1):
@@ -223,7 +223,7 @@ def exported(name: str, workdir) -> ModelInput:
     return model_input
 
 
-def validate(model: ModelInput, art, evalset: CalibrationSet, threads: int = 2) -> tuple[dict, list[str]]:
+def validate(model: ExportedModel, art, evalset: SampleSet, threads: int = 2) -> tuple[dict, list[str]]:
     from edgebuild.targets.onnx import OrtRunner
 
     reference = V.collect(OrtRunner(model.onnx_path, threads), evalset)
@@ -275,9 +275,9 @@ def test_unsupported_onnx_op_is_a_conversion_error_naming_it(tmp_path):
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 16])])
     path = tmp_path / "lppool.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    model = ModelInput(path, (TensorInfo("input", (1, 1, 8, 8), "float32", "NCHW"),),
+    model = ExportedModel(path, (TensorInfo("input", (1, 1, 8, 8), "float32", "NCHW"),),
                        (TensorInfo("logits", (1, 16), "float32"),), 17)
-    calib = CalibrationSet("x", {"input": np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)})
+    calib = SampleSet("x", {"input": np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)})
     with pytest.raises(ConversionError, match="LpPool") as err:
         get_backend("tflite").convert(model, catalogue()["arm64"], "int8", calib, tmp_path / "out")
     assert err.value.unsupported_op == "LpPool"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError
 
 FORMAT = "edgebuild-reference/1"
@@ -40,7 +40,7 @@ FORMAT = "edgebuild-reference/1"
 class SavedReference:
     """What ``load`` gives back: the evaluation set (feeds + labels) and the FP32 outputs per sample."""
 
-    evalset: CalibrationSet
+    evalset: SampleSet
     outputs: list[list[np.ndarray]]  # [sample][output], as the build's reference runner returned them
     output_names: tuple[str, ...]
 
@@ -52,7 +52,7 @@ def _labels_key(labels: np.ndarray, inputs) -> str | None:
     return next((k for k in keys if k not in inputs), None)
 
 
-def save(refdir: Path, reference: list[list[np.ndarray]], evalset: CalibrationSet, output_names) -> bool:
+def save(refdir: Path, reference: list[list[np.ndarray]], evalset: SampleSet, output_names) -> bool:
     """Write feeds.npz, outputs.npz and reference.json into ``refdir``. Outputs whose shape varies from sample to
     sample cannot be stacked: then nothing but the feeds is saved, and False is returned."""
     names = list(output_names)
@@ -101,7 +101,7 @@ def load(refdir: Path) -> SavedReference:
     if missing or any(len(outputs[n]) != samples for n in names):
         raise BadInputError(f"{refdir}: the saved reference is incomplete (missing {missing or 'samples'}); rebuild")
     labels = feeds.get(record.get("labels") or "", None)
-    evalset = CalibrationSet("reference feeds", {n: feeds[n] for n in inputs}, labels,
+    evalset = SampleSet("reference feeds", {n: feeds[n] for n in inputs}, labels,
                              {"source": str(refdir / "feeds.npz")}, shapes)
     if evalset.content_hash() != record.get("evaluation_content_hash"):
         raise BadInputError(f"{refdir}: feeds.npz does not hold the evaluation data the reference was computed on "

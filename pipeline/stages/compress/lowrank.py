@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgebuild.pipeline.compress.measure import is_excluded, last_linear, unknown_names
-from edgebuild.pipeline.compress.prune import names_option
 from edgebuild.pipeline.errors import BadInputError
+from edgebuild.pipeline.stages.compress.measure import is_excluded, last_linear, unknown_names
+from edgebuild.pipeline.stages.compress.prune import names_option
 
 KIND = "lowrank"
 DEFAULT_ENERGY = 0.9

@@ -14,9 +14,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from edgebuild.calibration.budget import at_most
-from edgebuild.calibration.dataset import CalibrationSet
-from edgebuild.pipeline import validate as V
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline.progress import SUBSTEP
+from edgebuild.pipeline.stages import validate as V
 
 QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
@@ -43,7 +43,7 @@ def quantizable_layers(onnx_path: Path) -> list[str]:
     return heads + [n.name for n in graph.node if n.op_type in QUANTIZABLE and n.name]
 
 
-def layer_sensitivity(onnx_path: Path, calib: CalibrationSet, select: CalibrationSet, reference: list,
+def layer_sensitivity(onnx_path: Path, calib: SampleSet, select: SampleSet, reference: list,
                       deadline: float, judging: V.Judging, budget: V.Budget, max_layers: int = 64,
                       stage=None) -> dict[str, float]:
     """Quality loss (``V.quality_loss``: the build's own budgets) per layer, most sensitive first. ``stage``

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgebuild.pipeline.compress.measure import PRUNABLE, is_excluded, last_linear, unknown_names
 from edgebuild.pipeline.errors import BadInputError, ConversionError
+from edgebuild.pipeline.stages.compress.measure import PRUNABLE, is_excluded, last_linear, unknown_names
 
 KIND = "prune"
 METHODS = ("unstructured", "structured")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 
-from edgebuild.pipeline import validate as V
+from edgebuild.pipeline.stages import validate as V
 from edgebuild.specs import OBJECTIVES, check_objective  # noqa: F401 (re-exported)
 
 

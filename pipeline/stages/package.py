@@ -8,16 +8,16 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.results import Metrics, TargetResult, decide
-from edgebuild.pipeline.target import Attempt, BuildContext, file_sha, timing_threads
+from edgebuild.pipeline.stages import validate as V
+from edgebuild.pipeline.stages.per_target import Attempt, BuildContext, file_sha, timing_threads
 from edgebuild.targets.base import Artifact, Backend
 from edgebuild.targets.profiles import TargetProfile
 
 
 def _embed(ctx: BuildContext, profile: TargetProfile, art: Artifact, outdir: Path) -> dict:
-    """edgebuild's metadata written into the artifact files that can carry it (pipeline/embed.py)."""
-    from edgebuild.pipeline.embed import embed_target
+    """edgebuild's metadata written into the artifact files that can carry it (pipeline/stages/embed.py)."""
+    from edgebuild.pipeline.stages.embed import embed_target
 
     try:
         return embed_target(ctx, profile, art, outdir)

@@ -10,26 +10,26 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline import timing
-from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.cache import StageCache, code_hash, key
-from edgebuild.pipeline.convert import _baseline_dir, _restored, _sibling_note, convert  # noqa: F401 (recover imports convert here)
+from edgebuild.pipeline.stages import validate as V
+from edgebuild.pipeline.stages.convert import _baseline_dir, _restored, _sibling_note, convert  # noqa: F401 (recover imports convert here)
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.pipeline.export import file_hash
 from edgebuild.pipeline.results import Metrics, TargetResult, decide
 from edgebuild.pipeline.spec import BuildSpec
+from edgebuild.pipeline.stages.export import file_hash
 from edgebuild.pipeline.versions import tool_versions
-from edgebuild.targets.base import Artifact, Backend, ModelInput, Runner, get_backend
+from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, get_backend
 from edgebuild.targets.profiles import TargetProfile
 
 
 @dataclass
 class BuildContext:
     spec: BuildSpec
-    model: ModelInput
-    calib: CalibrationSet
-    evalset: CalibrationSet
+    model: ExportedModel
+    calib: SampleSet
+    evalset: SampleSet
     reference: list  # FP32 reference outputs on the evaluation set
     judging: V.Judging  # what the outputs mean (resolved against the reference)
     cache: StageCache
@@ -41,11 +41,11 @@ class BuildContext:
     memo: dict = field(default_factory=dict)  # (id, what) -> (object, value): data hashes computed once per build
     siblings: dict = field(default_factory=dict)  # conversion key -> Artifact a conversion gave besides its own
 
-    def data_hash(self, ds: CalibrationSet) -> str:
+    def data_hash(self, ds: SampleSet) -> str:
         """``ds.content_hash()``, once per build and data set (hashing 200 images costs ~0.2 s each time)."""
         return self._memo(ds, "hash", ds.content_hash)
 
-    def data_describe(self, ds: CalibrationSet) -> dict:
+    def data_describe(self, ds: SampleSet) -> dict:
         return dict(self._memo(ds, "describe", ds.describe))
 
     def _memo(self, obj, what: str, compute):
@@ -180,7 +180,7 @@ def _judging_key(ctx: BuildContext):
 
 
 def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: Artifact, budget: V.Budget,
-             timed: bool = True, data: tuple[CalibrationSet, list] | None = None) -> Attempt:
+             timed: bool = True, data: tuple[SampleSet, list] | None = None) -> Attempt:
     """Validate ``art`` on the evaluation set (or on ``data`` = (a subset, its reference outputs)).
 
     The metrics are cached, keyed by (artifact sha256, evaluation data hash, reference, judging, runtime and
@@ -292,7 +292,7 @@ def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
     art.target = profile.name
     data = None
     if payload["data_hash"] != ctx.data_hash(ctx.evalset):
-        from edgebuild.pipeline.recover import _split
+        from edgebuild.pipeline.stages.search import _split
 
         data = _split(ctx)[1]
         if ctx.data_hash(data[0]) != payload["data_hash"]:
@@ -359,7 +359,7 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
                     raise
                 failed, failed.seconds = e, time.monotonic() - t0  # how long a try may take: a crash can come late
             if searching:
-                from edgebuild.pipeline.recover import recover
+                from edgebuild.pipeline.stages.search import recover
 
                 with ctx.turns.turn(profile.name) if ctx.turns else _null():
                     chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
@@ -385,7 +385,7 @@ def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
     build runs this one target at a time, after every conversion, so that timing runs on a quiet machine."""
     with ctx.stage(f"{p.profile.name}: timing {p.chosen.artifact.main}" + (" and FP32, interleaved" if p.baseline else "")):
         timing = time_artifacts(ctx, p.backend, p.profile, p.chosen, p.baseline, p.budget)
-    from edgebuild.pipeline import objective as O
+    from edgebuild.pipeline.stages import objective as O
 
     best, objective = O.pick(O.objective_for(p.profile, ctx.spec), p.profile, p.chosen, p.baseline, timing["speedup"])
     if best is not p.chosen:
@@ -393,7 +393,7 @@ def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
     from edgebuild.pipeline.memory import judge_memory
 
     cache_use = {**p.cache_use, "latency": timing["cached"], "memory": judge_memory(ctx, p)}
-    from edgebuild.pipeline.package import describe
+    from edgebuild.pipeline.stages.package import describe
 
     return describe(ctx, p.profile, p.backend, p.chosen, p.baseline, p.budget, p.outdir, p.search, timing["speedup"],
                     cache_use, objective)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline.cache import file_hash  # noqa: F401 (re-exported: the hash of a model file)
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.pipeline.sources import LoadedModel
+from edgebuild.pipeline.stages.load import LoadedModel
 from edgebuild.similarity import cosine
-from edgebuild.targets.base import ModelInput, TensorInfo
+from edgebuild.targets.base import ExportedModel, TensorInfo
 
 TORCH_OPSET, MIN_OPSET = 17, 13
 FIDELITY_SAMPLES = 64
@@ -27,9 +27,9 @@ MIN_EXPORT_COSINE = 0.9999
 log = logging.getLogger("edgebuild.export")
 
 
-def export_onnx(loaded: LoadedModel, evalset: CalibrationSet, workdir: Path,
-                calib: CalibrationSet | None = None) -> tuple[ModelInput, dict]:
-    """Write ``workdir/model_fp32.onnx``; return it as a ModelInput plus an export record for the manifest."""
+def export_onnx(loaded: LoadedModel, evalset: SampleSet, workdir: Path,
+                calib: SampleSet | None = None) -> tuple[ExportedModel, dict]:
+    """Write ``workdir/model_fp32.onnx``; return it as a ExportedModel plus an export record for the manifest."""
     import onnx
 
     out = workdir / "model_fp32.onnx"
@@ -50,7 +50,7 @@ def export_onnx(loaded: LoadedModel, evalset: CalibrationSet, workdir: Path,
     onnx.save(model, str(out))
     record["opset"] = _opset(model)
     inputs, outputs = _io(model, loaded)
-    mi = ModelInput(out, inputs, outputs, record["opset"], file_hash(out))
+    mi = ExportedModel(out, inputs, outputs, record["opset"], file_hash(out))
     log.debug("FP32 ONNX: %s, opset %s, outputs %s, sha256 %s", record.get("exporter"), record["opset"],
               ", ".join(f"{o.name} {list(o.shape)}" for o in outputs), mi.content_hash)
     if loaded.module is not None:
@@ -123,7 +123,7 @@ def _dry_run(loaded: LoadedModel, args):
 def _normalize_onnx(model, loaded: LoadedModel, datasets=()):
     from onnx import shape_inference, version_converter
 
-    from edgebuild.pipeline.specialize import specialize_constant_ifs
+    from edgebuild.pipeline.stages.specialize import specialize_constant_ifs
 
     ir = model.ir_version
     model, notes = upgrade_legacy_onnx(model)
@@ -287,7 +287,7 @@ def _io(model, loaded: LoadedModel):
     return inputs, tuple(info(v) for v in model.graph.output)
 
 
-def _fidelity(loaded: LoadedModel, onnx_path: Path, evalset: CalibrationSet) -> dict:
+def _fidelity(loaded: LoadedModel, onnx_path: Path, evalset: SampleSet) -> dict:
     import onnxruntime as ort
     import torch
 

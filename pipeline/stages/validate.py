@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline import metrics as M
 from edgebuild.pipeline import tasks as T
 from edgebuild.pipeline.errors import BadInputError
@@ -68,7 +68,7 @@ class Judging:
         return dict(self.task_options)
 
 
-def collect(runner: Runner, evalset: CalibrationSet) -> list[list[np.ndarray]]:
+def collect(runner: Runner, evalset: SampleSet) -> list[list[np.ndarray]]:
     return [runner.run(feed) for feed in evalset.feeds()]
 
 

@@ -139,7 +139,7 @@ def embed_target(ctx, profile, art, outdir: Path) -> dict[str, str]:
     target is described, before the files' sha256 are taken); returns {file: where it went}."""
     from dataclasses import asdict
 
-    from edgebuild.pipeline.data import class_names
+    from edgebuild.pipeline.stages.data import class_names
     from edgebuild.pipeline.versions import tool_versions
 
     classes = class_names(ctx.spec, ctx.calib, ctx.evalset)

@@ -13,7 +13,7 @@ from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Settings
 
 if TYPE_CHECKING:
-    from edgebuild.pipeline.target import BuildContext
+    from edgebuild.pipeline.stages.per_target import BuildContext
 
 
 def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, directory: Path,

@@ -82,7 +82,7 @@ def _onnx(path: Path, spec: BuildSpec) -> LoadedModel:
     weights as inputs or not) are checked as upgraded (the export records each change)."""
     import onnx
 
-    from edgebuild.pipeline.export import check_onnx, upgrade_legacy_onnx
+    from edgebuild.pipeline.stages.export import check_onnx, upgrade_legacy_onnx
 
     _need_file(path)
     try:

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from edgebuild.calibration.budget import DEFAULT_SAMPLES, activation_elements, choose_samples
-from edgebuild.calibration.dataset import CalibrationSet, cap, drop_overlap, split
+from edgebuild.calibration.dataset import SampleSet, cap, drop_overlap, split
 from edgebuild.calibration.sources import load_source
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.spec import BuildSpec, InputSpec
@@ -14,7 +14,7 @@ DEMO_CALIB, DEMO_EVAL = "digits:train", "digits:test"
 log = logging.getLogger("edgebuild.data")
 
 
-def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[CalibrationSet, CalibrationSet, dict]:
+def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[SampleSet, SampleSet, dict]:
     calib_src, eval_src = spec.calib, spec.eval
     if spec.is_demo and not calib_src and not eval_src:
         calib_src, eval_src = DEMO_CALIB, DEMO_EVAL
@@ -47,7 +47,7 @@ def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[Calibr
     return calib, evalset, record
 
 
-def budget_calibration(calib: CalibrationSet, onnx_path: Path, spec: BuildSpec, record: dict) -> CalibrationSet:
+def budget_calibration(calib: SampleSet, onnx_path: Path, spec: BuildSpec, record: dict) -> SampleSet:
     """The calibration samples every backend and the sensitivity analysis use (``calibration/budget.py``): what
     the build asked for, fewer when the exported model's activation volume would make each calibration the slow
     part of the build. The choice goes into ``record`` (the manifest's ``data``) and the build log."""
@@ -61,7 +61,7 @@ def budget_calibration(calib: CalibrationSet, onnx_path: Path, spec: BuildSpec, 
     return calib
 
 
-def class_names(spec: BuildSpec, calib: CalibrationSet, evalset: CalibrationSet) -> list[str] | None:
+def class_names(spec: BuildSpec, calib: SampleSet, evalset: SampleSet) -> list[str] | None:
     """What class index i means: ``class_names:`` of the config, else the image folder's class sub-folders
     (sorted, as their labels are numbered). Both given: they must agree in count."""
     folder = evalset.origin.get("classes") or calib.origin.get("classes")

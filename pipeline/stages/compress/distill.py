@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgebuild.pipeline.compress.measure import (
+from edgebuild.pipeline.stages.compress.measure import (
     PRUNABLE, as_tensors, batches, first_outputs, is_class_scores, quality,
 )
 from edgebuild.pipeline.errors import BadInputError
@@ -187,7 +187,7 @@ def load_teacher(cfg: Config, ctx) -> nn.Module:
     if not isinstance(obj, nn.Module):
         raise BadInputError(f"compress {ctx.label}: teacher {cfg.teacher} is not an nn.Module (nor a factory of one)")
     if cfg.teacher_weights:
-        from edgebuild.pipeline.sources import load_state_dict
+        from edgebuild.pipeline.stages.load import load_state_dict
 
         obj.load_state_dict(load_state_dict(Path(cfg.teacher_weights)))
     return obj.eval()

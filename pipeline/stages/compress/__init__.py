@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.pipeline.sources import LoadedModel
 from edgebuild.pipeline.spec import BuildSpec, CompressStep, InputSpec
+from edgebuild.pipeline.stages.load import LoadedModel
 
 DEMO_TRAIN = "digits:train"  # the demo's calibration split; its evaluation split is digits:test
 WARN_DROP = 1.0  # accuracy points lost by compression above which the record carries a warning
@@ -33,7 +33,7 @@ WARN_DROP = 1.0  # accuracy points lost by compression above which the record ca
 
 def registry() -> dict[str, Any]:
     """Every compression step by name (the step modules import torch, so they load on first use)."""
-    from edgebuild.pipeline.compress import distill, lowrank, prune
+    from edgebuild.pipeline.stages.compress import distill, lowrank, prune
 
     return {m.KIND: m for m in (prune, lowrank, distill)}
 
@@ -44,15 +44,15 @@ class StepContext:
 
     spec: BuildSpec
     inputs: tuple[InputSpec, ...]
-    evalset: CalibrationSet
+    evalset: SampleSet
     stage: Callable[[str], Any]
     label: str = ""  # "step 2/3 (distill)", for messages and progress
     original: Any = None  # the model as loaded, before any step (untouched; the default distillation teacher)
     before: Any = None  # the model before this step (untouched)
-    train: CalibrationSet | None = None  # training data, loaded and checked once when a step needs it
+    train: SampleSet | None = None  # training data, loaded and checked once when a step needs it
     example: tuple = ()  # batch-1 example inputs (torch tensors)
 
-    def training_data(self) -> CalibrationSet:
+    def training_data(self) -> SampleSet:
         if self.train is None:
             raise BadInputError(f"compress {self.label}: no training data (give --train or `train:` in edgebuild.yaml)")
         return self.train
@@ -79,11 +79,11 @@ def config_dict(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def compress(loaded: LoadedModel, spec: BuildSpec, evalset: CalibrationSet, stage) -> tuple[LoadedModel, dict]:
+def compress(loaded: LoadedModel, spec: BuildSpec, evalset: SampleSet, stage) -> tuple[LoadedModel, dict]:
     """Run every compression step of ``spec`` on a copy of ``loaded.module``; return the new model and the record."""
     _check_source(loaded)
     plan = [parse_step(s) for s in spec.compress]  # every step's options are checked before any work
-    from edgebuild.pipeline.compress import measure as M
+    from edgebuild.pipeline.stages.compress import measure as M
 
     model = copy.deepcopy(loaded.module).eval()
     example = M.example_inputs(loaded.inputs)
@@ -132,7 +132,7 @@ def _check_source(loaded: LoadedModel) -> None:
                             "is frozen (give package.module:attr with --weights)")
 
 
-def training_set(spec: BuildSpec, inputs: tuple[InputSpec, ...], evalset: CalibrationSet) -> tuple[CalibrationSet, dict]:
+def training_set(spec: BuildSpec, inputs: tuple[InputSpec, ...], evalset: SampleSet) -> tuple[SampleSet, dict]:
     """The fine-tuning data: ``spec.train`` (the demo defaults to digits:train); it must not share a sample with evaluation."""
     from edgebuild.calibration.sources import load_source
 
@@ -154,7 +154,7 @@ def training_set(spec: BuildSpec, inputs: tuple[InputSpec, ...], evalset: Calibr
 def _output_shapes(model, example) -> list[tuple]:
     import torch
 
-    from edgebuild.pipeline.compress.measure import as_tensors, eval_mode
+    from edgebuild.pipeline.stages.compress.measure import as_tensors, eval_mode
 
     with torch.no_grad(), eval_mode(model):
         return [tuple(t.shape) for t in as_tensors(model(*example))]

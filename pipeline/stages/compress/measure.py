@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgebuild.calibration.dataset import CalibrationSet
+from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline.spec import InputSpec
 
 LATENCY_RUNS, LATENCY_WARMUP = 50, 5
@@ -61,7 +61,7 @@ def unknown_names(model: nn.Module, exclude: tuple[str, ...]) -> list[str]:
 
 
 # ---- running on a data set -------------------------------------------------------------------------
-def batches(data: CalibrationSet, inputs: tuple[InputSpec, ...], batch_size: int, order=None):
+def batches(data: SampleSet, inputs: tuple[InputSpec, ...], batch_size: int, order=None):
     """Tuples of input tensors (in the model's input order) over ``data``, ``batch_size`` samples each."""
     idx = np.arange(len(data)) if order is None else np.asarray(order)
     for start in range(0, len(idx), batch_size):
@@ -71,7 +71,7 @@ def batches(data: CalibrationSet, inputs: tuple[InputSpec, ...], batch_size: int
 
 
 @torch.no_grad()
-def first_outputs(model: nn.Module, data: CalibrationSet, inputs: tuple[InputSpec, ...]) -> torch.Tensor:
+def first_outputs(model: nn.Module, data: SampleSet, inputs: tuple[InputSpec, ...]) -> torch.Tensor:
     """The model's first output over the whole set, concatenated along the batch axis (eval mode)."""
     with eval_mode(model):
         return torch.cat([as_tensors(model(*x))[0].float() for _, x in batches(data, inputs, EVAL_BATCH)])
@@ -143,7 +143,7 @@ class Reference:
     labels: np.ndarray | None
 
 
-def quality(out: torch.Tensor, data: CalibrationSet, ref: Reference | None) -> dict:
+def quality(out: torch.Tensor, data: SampleSet, ref: Reference | None) -> dict:
     """Accuracy (classifier with labels), top-1 agreement with the original, or cosine for other outputs."""
     m: dict = {}
     if is_class_scores(out):
@@ -158,7 +158,7 @@ def quality(out: torch.Tensor, data: CalibrationSet, ref: Reference | None) -> d
     return m
 
 
-def measure(model: nn.Module, data: CalibrationSet, inputs: tuple[InputSpec, ...], ref: Reference | None,
+def measure(model: nn.Module, data: SampleSet, inputs: tuple[InputSpec, ...], ref: Reference | None,
             with_latency: bool = True) -> tuple[dict, torch.Tensor]:
     """Everything the record says about one model state; also returns its outputs on ``data``."""
     example = example_inputs(inputs)

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from edgebuild.pipeline import validate as V
 from edgebuild.pipeline.errors import ConversionError, EdgeBuildError
-from edgebuild.pipeline.target import Attempt, BuildContext, convert, evaluate
+from edgebuild.pipeline.stages import validate as V
+from edgebuild.pipeline.stages.per_target import Attempt, BuildContext, convert, evaluate
 from edgebuild.targets.base import Backend
 from edgebuild.targets.profiles import TargetProfile
 
@@ -320,7 +320,7 @@ def _layer_weights(onnx_path) -> dict[str, int]:
 
 def _sensitivity(ctx: BuildContext, search: _Search) -> list[str]:
     """Layers ranked by sensitivity, measured once per build within half of the search's time left."""
-    from edgebuild.pipeline.sensitivity import layer_sensitivity
+    from edgebuild.pipeline.stages.sensitivity import layer_sensitivity
 
     select, record, budget = search.select, search.record, search.budget
     if "sensitivity" not in ctx.shared:
