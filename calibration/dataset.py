@@ -65,6 +65,10 @@ class SampleSet:
             if k in self.inputs and self.inputs[k].shape[1:] != sample_shape(s):
                 raise BadInputError(f"{self.name}: samples of {k} have shape {list(self.inputs[k].shape[1:])}, "
                                     f"input shape {list(s)} needs {list(sample_shape(s))}")
+        for a in (*self.inputs.values(), *([] if self.labels is None else [self.labels])):
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False  # a SampleSet never changes once made: its hashes are computed once
+        self._memo: dict[str, object] = {}
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -134,6 +138,12 @@ class SampleSet:
         return out
 
     def content_hash(self) -> str:
+        """A hash of every input array and the labels, computed once (hashing 200 images takes ~0.2 s)."""
+        if "hash" not in self._memo:
+            self._memo["hash"] = self._content_hash()
+        return self._memo["hash"]
+
+    def _content_hash(self) -> str:
         h = hashlib.sha256()
         for k in sorted(self.inputs):
             h.update(k.encode())

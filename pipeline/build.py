@@ -29,7 +29,7 @@ from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import backend_exists, get_backend
-from edgebuild.targets.profiles import TargetProfile, resolve
+from edgebuild.targets.profiles import resolve
 
 DEFAULT_TARGETS = ("arm64",)  # when neither --target nor edgebuild.yaml names one
 
@@ -72,7 +72,8 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     from edgebuild.pipeline.stages.data import budget_calibration, resolve_data
     from edgebuild.pipeline.stages.export import export_onnx
     from edgebuild.pipeline.stages.load import load_model
-    from edgebuild.pipeline.stages.per_target import BuildContext, Turns, precision_for
+    from edgebuild.pipeline.stages.context import BuildContext, BuildJob, Turns, Workspace
+    from edgebuild.pipeline.stages.per_target import precision_for
     from edgebuild.pipeline.stages.reference import save as save_reference
 
     t_start = time.perf_counter()
@@ -108,9 +109,9 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
             reference, reference_cached = _reference_outputs(cache, model, evalset)
             save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # pipeline/stages/reference.py
             judging = V.resolve(judging_for(spec, model), reference, evalset.labels)
-        ctx = BuildContext(spec, model, calib, evalset, reference, judging, cache, scratch, stage=stage,
-                           deadline=time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf")))
-        ctx.turns = Turns(p.name for p in profiles)
+        deadline = time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf"))
+        ctx = BuildContext(BuildJob(spec, model, calib, evalset, reference, judging),
+                           Workspace(cache, scratch, stage, deadline, Turns(p.name for p in profiles)))
         targets = _build_all(ctx, profiles, staging, effective_jobs(jobs, len(profiles)))
         cache_record = {"reference_outputs": reference_cached,
                         "note": "per target: `cache` says which results came from the stage cache"}

@@ -49,18 +49,18 @@ def measure_target(ctx, backend, profile, attempts: dict) -> bool:
     from edgebuild.pipeline.stages.per_target import _json_round_trip, _runtime_key, array_hash, artifact_hash, timing_threads
 
     threads = timing_threads(profile)
-    feed = ctx.evalset.feed(0)
+    feed = ctx.job.evalset.feed(0)
     all_cached = True
     for attempt in (a for a in attempts.values() if a is not None):
         k = key(stage="memory", artifact=artifact_hash(attempt.artifact), runs=RUNS,
                 feed={n: array_hash(v) for n, v in sorted(feed.items())}, runtime=_runtime_key(backend, threads))
-        hit = ctx.cache.get_result(k)
+        hit = ctx.work.cache.get_result(k)
         if hit is not None:
             attempt.memory = hit[0]
             continue
         all_cached = False
         record = measure(backend.name, attempt.artifact, threads, feed)
-        ctx.cache.put_result(k, record)
+        ctx.work.cache.put_result(k, record)
         attempt.memory = _json_round_trip(record)
     return all_cached
 
@@ -74,16 +74,16 @@ def micro_fit(ctx, artifact) -> tuple[dict, bool]:
     from edgebuild.targets.base import get_backend
 
     version = tflm.installed_version(artifact.target)
-    feeds = [ctx.evalset.feed(i) for i in range(min(tflm.SAMPLES, len(ctx.evalset)))]
+    feeds = [ctx.job.evalset.feed(i) for i in range(min(tflm.SAMPLES, len(ctx.job.evalset)))]
     k = key(stage="tflm", artifact=artifact_hash(artifact), tflm=version,
             feeds=[{n: array_hash(v) for n, v in sorted(f.items())} for f in feeds])
-    hit = ctx.cache.get_result(k)
+    hit = ctx.work.cache.get_result(k)
     if hit is not None:
         return hit[0], True
     with open_runner(get_backend("tflite"), artifact, 1) as r:
         host = [r.run(f) for f in feeds]
     record = tflm.micro_fit(artifact, feeds, host, version)
-    ctx.cache.put_result(k, record)
+    ctx.work.cache.put_result(k, record)
     return _json_round_trip(record), False
 
 
@@ -93,13 +93,13 @@ def judge_memory(ctx, p) -> dict:
     from the cache."""
     from edgebuild.pipeline.stages import validate as V
 
-    with ctx.stage(f"{p.profile.name}: runtime memory"):
+    with ctx.work.stage(f"{p.profile.name}: runtime memory"):
         cached = {"memory": measure_target(ctx, p.backend, p.profile, {"chosen": p.chosen, "fp32": p.baseline})}
     if p.profile.micro:
-        with ctx.stage(f"{p.profile.name}: TensorFlow Lite Micro arena and flash"):
+        with ctx.work.stage(f"{p.profile.name}: TensorFlow Lite Micro arena and flash"):
             p.chosen.memory["micro"], cached["micro"] = micro_fit(ctx, p.chosen.artifact)
     c = p.chosen
-    c.failures = V.judge(c.metrics, c.artifact.size_bytes, c.latency, p.budget, ctx.judging.task, c.memory)
+    c.failures = V.judge(c.metrics, c.artifact.size_bytes, c.latency, p.budget, ctx.job.judging.task, c.memory)
     return cached
 
 
@@ -113,5 +113,5 @@ def after_packaging(ctx, chosen, budget) -> None:
     from edgebuild.targets.tflm import flash
 
     micro.update(flash(chosen.artifact))
-    chosen.failures = V.judge(chosen.metrics, chosen.artifact.size_bytes, chosen.latency, budget, ctx.judging.task,
+    chosen.failures = V.judge(chosen.metrics, chosen.artifact.size_bytes, chosen.latency, budget, ctx.job.judging.task,
                               chosen.memory)

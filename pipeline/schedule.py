@@ -45,8 +45,8 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int) -> 
     from edgebuild.pipeline.stages.per_target import finish_target, prepare_target
 
     slots = threading.Semaphore(jobs)  # targets doing work at once; a target waiting for its search turn frees its
-    if ctx.turns is not None:  # slot (Turns.turn), so a later target converts meanwhile instead of queueing behind it
-        ctx.turns.slots = slots
+    if ctx.work.turns is not None:  # slot (Turns.turn), so a later target converts meanwhile instead of queueing behind it
+        ctx.work.turns.slots = slots
 
     def prepare(profile):
         (staging / profile.name).mkdir()

@@ -3,17 +3,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from edgebuild.errors import ConversionError
 from edgebuild.pipeline.cache import code_hash, key
+from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import Artifact, Backend
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Settings
-
-if TYPE_CHECKING:
-    from edgebuild.pipeline.stages.per_target import BuildContext
 
 
 def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, directory: Path,
@@ -21,15 +18,15 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
     """The artifact (cached). ``settings``: what to ask the backend for, a whole ``Settings`` (a search variant) or
     a mapping of changes to the profile's (``Backend.requested_settings``; frozen, checked here). ``siblings``
     ({precision: directory}): precisions the backend may give from the same conversion run
-    (``Backend.convert_family``); they are cached and kept in ``ctx.siblings`` for the later ``convert`` of that
+    (``Backend.convert_family``); they are cached and kept in ``ctx.carry.siblings`` for the later ``convert`` of that
     precision, which then costs nothing."""
     requested = backend.requested_settings(profile, settings)
     k = _convert_key(ctx, backend, profile, precision, requested)
     directory.mkdir(parents=True, exist_ok=True)
-    made = ctx.siblings.pop(k, None)
+    made = ctx.carry.siblings.pop(k, None)
     if made is not None and made.directory == directory:
         return made
-    cached = ctx.cache.get(k, directory)
+    cached = ctx.work.cache.get(k, directory)
     if cached is not None:
         cached.target = profile.name
         return cached
@@ -40,25 +37,25 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
         if not _in_cache(ctx, sk):
             wanted[p] = (d, ss, sk)
     try:
-        arts = backend.convert_family(ctx.model, profile, precision, ctx.calib, directory, requested,
+        arts = backend.convert_family(ctx.job.model, profile, precision, ctx.job.calib, directory, requested,
                                       {p: (d, ss) for p, (d, ss, _) in wanted.items()} or None)
     except ConversionError as e:  # what the same run gave before it failed is kept for the search's float tries
         _keep_siblings(ctx, wanted, getattr(e, "siblings", {}))
         raise
     art = arts.pop(precision)
-    ctx.cache.put(k, art)
+    ctx.work.cache.put(k, art)
     _keep_siblings(ctx, wanted, arts)
     return art
 
 
 def _keep_siblings(ctx: BuildContext, wanted: dict, arts: dict[str, Artifact]) -> None:
     for p, sib in arts.items():
-        ctx.cache.put(wanted[p][2], sib)
-        ctx.siblings[wanted[p][2]] = sib
+        ctx.work.cache.put(wanted[p][2], sib)
+        ctx.carry.siblings[wanted[p][2]] = sib
 
 
 def _in_cache(ctx: BuildContext, k: str) -> bool:
-    return ctx.cache.root is not None and (ctx.cache.root / k / "artifact.json").is_file()
+    return ctx.work.cache.root is not None and (ctx.work.cache.root / k / "artifact.json").is_file()
 
 
 def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str,
@@ -66,10 +63,10 @@ def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, pr
     versions = {k: v for k, v in tool_versions().items() if v}
     # what a conversion depends on; two profiles that differ only in budgets/threads share artifacts
     return key(stage="convert", backend=backend.name, io=(profile.io_dtype, profile.layout), quant=profile.quant,
-               precision=precision, settings=settings.for_precision(precision), model=ctx.model.content_hash,
+               precision=precision, settings=settings.for_precision(precision), model=ctx.job.model.content_hash,
                code=code_hash(),
-               inputs=[asdict(i) for i in ctx.model.inputs],
-               calib=ctx.data_hash(ctx.calib) if precision == "int8" else None, versions=versions)
+               inputs=[asdict(i) for i in ctx.job.model.inputs],
+               calib=ctx.job.calib.content_hash() if precision == "int8" else None, versions=versions)
 
 
 def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: str) -> dict[str, Path] | None:
@@ -78,9 +75,9 @@ def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: str) -> 
     from the same onnx2tf graph it costs one TFLite conversion instead of a second onnx2tf run)."""
     if precision == "fp32":
         return None
-    dirs = {"fp32": ctx.scratch / profile.name / "fp32"}
-    if precision == "int8" and ctx.spec.auto and profile.allow_float_layers and "fp16" in profile.precisions:
-        dirs["fp16"] = ctx.scratch / profile.name / "fp16-sibling"
+    dirs = {"fp32": ctx.work.scratch / profile.name / "fp32"}
+    if precision == "int8" and ctx.job.spec.auto and profile.allow_float_layers and "fp16" in profile.precisions:
+        dirs["fp16"] = ctx.work.scratch / profile.name / "fp16-sibling"
     return dirs
 
 

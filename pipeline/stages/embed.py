@@ -142,11 +142,11 @@ def embed_target(ctx, profile, art, outdir: Path) -> dict[str, str]:
     from edgebuild.pipeline.stages.data import class_names
     from edgebuild.pipeline.versions import tool_versions
 
-    classes = class_names(ctx.spec, ctx.calib, ctx.evalset)
+    classes = class_names(ctx.job.spec, ctx.job.calib, ctx.job.evalset)
     meta = fields(version=tool_versions(("edgebuild",))["edgebuild"] or "unknown", target=profile.name,
-                  precision=art.precision, source_sha256=ctx.model.content_hash,
-                  inputs=[asdict(i) for i in ctx.model.inputs], outputs=[o.name for o in ctx.model.outputs],
-                  preprocess=asdict(ctx.spec.preprocess), class_names=classes)
+                  precision=art.precision, source_sha256=ctx.job.model.content_hash,
+                  inputs=[asdict(i) for i in ctx.job.model.inputs], outputs=[o.name for o in ctx.job.model.outputs],
+                  preprocess=asdict(ctx.job.spec.preprocess), class_names=classes)
     done = {}
     for name in sorted(art.files):
         where = embed(outdir / name, meta)

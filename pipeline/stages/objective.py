@@ -83,6 +83,6 @@ def ship(ctx, p, budget, best):
     for f in best.artifact.files:
         shutil.copyfile(best.artifact.directory / f, p.outdir / f)
     art = replace(best.artifact, directory=p.outdir, target=p.profile.name, notes=list(best.artifact.notes))
-    shipped = replace(best, artifact=art, label=f"FP32 baseline, shipped for objective {objective_for(p.profile, ctx.spec)}")
-    shipped.failures = V.judge(shipped.metrics, art.size_bytes, shipped.latency, budget, ctx.judging.task)
+    shipped = replace(best, artifact=art, label=f"FP32 baseline, shipped for objective {objective_for(p.profile, ctx.job.spec)}")
+    shipped.failures = V.judge(shipped.metrics, art.size_bytes, shipped.latency, budget, ctx.job.judging.task)
     return shipped

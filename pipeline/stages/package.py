@@ -10,7 +10,8 @@ from pathlib import Path
 
 from edgebuild.pipeline.results import Metrics, TargetResult, decide
 from edgebuild.pipeline.stages import validate as V
-from edgebuild.pipeline.stages.per_target import Attempt, BuildContext, file_sha, timing_threads
+from edgebuild.pipeline.stages.context import BuildContext
+from edgebuild.pipeline.stages.per_target import Attempt, file_sha, timing_threads
 from edgebuild.targets.base import Artifact, Backend
 from edgebuild.targets.profiles import TargetProfile
 
@@ -42,12 +43,12 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
         "runtime": {"host": profile.host_runtime, "device": profile.device_runtime, "threads": profile.threads,
                     "threads_host": timing_threads(profile)},
         "host_validation": profile.host_validation, "devices": list(profile.devices),
-        "source_model_sha256": ctx.model.content_hash, "reference": "../reference/model_fp32.onnx",
-        "source_inputs": [asdict(i) for i in ctx.model.inputs],
-        "budgets": budget.to_dict(), "preprocess": asdict(ctx.spec.preprocess),
-        "judging": {"task": ctx.judging.task, "task_options": ctx.judging.options,
-                    "labels_output": ctx.judging.labels_output, "evaluator": ctx.judging.evaluator,
-                    "outputs": list(ctx.judging.output_names)},
+        "source_model_sha256": ctx.job.model.content_hash, "reference": "../reference/model_fp32.onnx",
+        "source_inputs": [asdict(i) for i in ctx.job.model.inputs],
+        "budgets": budget.to_dict(), "preprocess": asdict(ctx.job.spec.preprocess),
+        "judging": {"task": ctx.job.judging.task, "task_options": ctx.job.judging.options,
+                    "labels_output": ctx.job.judging.labels_output, "evaluator": ctx.job.judging.evaluator,
+                    "outputs": list(ctx.job.judging.output_names)},
     }
     (outdir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
     result = TargetResult(

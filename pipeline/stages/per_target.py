@@ -3,83 +3,25 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline import timing
-from edgebuild.pipeline.cache import StageCache, code_hash, key
-from edgebuild.pipeline.stages import validate as V
-from edgebuild.pipeline.stages.convert import _baseline_dir, _restored, _sibling_note, convert  # noqa: F401 (recover imports convert here)
+from edgebuild.pipeline.cache import code_hash, key
 from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.pipeline.results import Metrics, TargetResult, decide
 from edgebuild.pipeline.spec import BuildSpec
+from edgebuild.pipeline.stages import validate as V
+from edgebuild.pipeline.stages.context import BuildContext
+from edgebuild.pipeline.stages.convert import _baseline_dir, _restored, _sibling_note, convert  # noqa: F401 (search imports convert here)
 from edgebuild.pipeline.stages.export import file_hash
 from edgebuild.pipeline.versions import tool_versions
-from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, get_backend
+from edgebuild.targets.base import Artifact, Backend, Runner, get_backend
 from edgebuild.targets.profiles import TargetProfile
-
-
-@dataclass
-class BuildContext:
-    spec: BuildSpec
-    model: ExportedModel
-    calib: SampleSet
-    evalset: SampleSet
-    reference: list  # FP32 reference outputs on the evaluation set
-    judging: V.Judging  # what the outputs mean (resolved against the reference)
-    cache: StageCache
-    scratch: Path  # throw-away work (baselines, candidates)
-    shared: dict = field(default_factory=dict)  # per-build results reused across targets (layer sensitivity)
-    stage: Callable[[str], object] = field(default=lambda text: _null())  # progress: `with ctx.stage("..."):`
-    deadline: float = float("inf")  # time.monotonic() past which no accuracy search starts a try (build_max_seconds)
-    turns: "Turns | None" = None  # targets built in parallel search in their sequential order (see Turns)
-    memo: dict = field(default_factory=dict)  # (id, what) -> (object, value): data hashes computed once per build
-    siblings: dict = field(default_factory=dict)  # conversion key -> Artifact a conversion gave besides its own
-
-    def data_hash(self, ds: SampleSet) -> str:
-        """``ds.content_hash()``, once per build and data set (hashing 200 images costs ~0.2 s each time)."""
-        return self._memo(ds, "hash", ds.content_hash)
-
-    def data_describe(self, ds: SampleSet) -> dict:
-        return dict(self._memo(ds, "describe", ds.describe))
-
-    def _memo(self, obj, what: str, compute):
-        hit = self.memo.get((id(obj), what))
-        if hit is None or hit[0] is not obj:
-            hit = self.memo[(id(obj), what)] = (obj, compute())  # holding obj keeps its id from being reused
-        return hit[1]
-
-
-class Turns:
-    """Accuracy searches of targets built in parallel run in the targets' order, one at a time: a search may
-    reuse what an earlier one left in ``BuildContext.shared`` (the layer sensitivity, measured with the first
-    searching target's budget), so the result is the one a sequential build gives."""
-
-    def __init__(self, names, slots=None):
-        import threading
-
-        self.names = list(names)
-        self.done_events = {n: threading.Event() for n in self.names}
-        self.slots = slots  # the scheduler's work slots (a semaphore): a target waiting for its turn gives its up
-
-    @contextmanager
-    def turn(self, name: str):
-        waiting = [self.done_events[e] for e in self.names[:self.names.index(name)] if not self.done_events[e].is_set()]
-        if waiting and self.slots is not None:
-            self.slots.release()  # waiting costs no CPU: a target still to convert may use the slot meanwhile
-        for event in waiting:
-            event.wait()
-        if waiting and self.slots is not None:
-            self.slots.acquire()
-        yield
-
-    def done(self, name: str) -> None:
-        self.done_events[name].set()
 
 
 @dataclass
@@ -106,11 +48,6 @@ class Attempt:
         return {"label": self.label, "precision": self.artifact.precision, "settings": self.artifact.settings, name: value,
                 "quality_loss": round(self.loss, 4), "size_bytes": self.artifact.size_bytes,
                 "latency_p50_ms": self.latency.get("p50_ms"), "failures": [str(f) for f in self.failures]}
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
 
 
 def precision_for(profile: TargetProfile, spec: BuildSpec) -> str:
@@ -174,7 +111,7 @@ def _runtime_key(backend: Backend, threads: int) -> dict:
 
 
 def _judging_key(ctx: BuildContext):
-    j = asdict(ctx.judging)
+    j = asdict(ctx.job.judging)
     j.pop("evaluator_base", None)
     return j
 
@@ -187,13 +124,13 @@ def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: A
     versions, threads, host): an unchanged artifact is not evaluated again. Latency is not measured here
     (``timed`` is kept for callers): ``build_target`` times the chosen artifact interleaved with its FP32 baseline.
     """
-    evalset, reference = data or (ctx.evalset, ctx.reference)
+    evalset, reference = data or (ctx.job.evalset, ctx.job.reference)
     threads = timing_threads(profile)
     # a user's evaluator is code whose changes no key sees: its results are not cached
-    k = None if ctx.judging.evaluator else key(
-        stage="validate", artifact=artifact_hash(art), data=ctx.data_hash(evalset), reference=ctx.model.content_hash,
+    k = None if ctx.job.judging.evaluator else key(
+        stage="validate", artifact=artifact_hash(art), data=evalset.content_hash(), reference=ctx.job.model.content_hash,
         judging=_judging_key(ctx), runtime=_runtime_key(backend, threads))
-    hit = ctx.cache.get_result(k) if k else None
+    hit = ctx.work.cache.get_result(k) if k else None
     cached = hit is not None
     if cached:
         metrics = hit[0]["metrics"]
@@ -201,15 +138,15 @@ def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: A
         with open_runner(backend, art, threads) as runner:
             outputs = V.collect(runner, evalset)
         try:
-            metrics = V.compare(reference, outputs, evalset.labels, ctx.judging)
+            metrics = V.compare(reference, outputs, evalset.labels, ctx.job.judging)
         except ValueError as e:
             raise ConversionError(f"{profile.name}: {art.main} gives outputs unlike the source model ({e})") from e
         if k:
-            ctx.cache.put_result(k, {"metrics": metrics})
+            ctx.work.cache.put_result(k, {"metrics": metrics})
             metrics = _json_round_trip(metrics)  # a cold and a warm build report the same
-    failures = V.judge(metrics, art.size_bytes, None, budget, ctx.judging.task)
-    loss = V.quality_loss(metrics, budget, ctx.judging.task)
-    return Attempt(art, metrics, {}, failures, data=ctx.data_describe(evalset), loss=loss, cached=cached)
+    failures = V.judge(metrics, art.size_bytes, None, budget, ctx.job.judging.task)
+    loss = V.quality_loss(metrics, budget, ctx.job.judging.task)
+    return Attempt(art, metrics, {}, failures, data=evalset.describe(), loss=loss, cached=cached)
 
 
 def _json_round_trip(obj):
@@ -223,12 +160,12 @@ def reference_attempt(ctx: BuildContext, art: Artifact, budget: V.Budget) -> Att
     """The FP32 baseline's metrics without running it, when it is numerically the reference: the same ONNX file
     on the same runtime (onnx backend, FP32). None when it is not."""
     if art.backend != "onnx" or art.precision != "fp32" or len(art.files) != 1 \
-            or file_sha(art.path) != file_sha(ctx.model.onnx_path):
+            or file_sha(art.path) != file_sha(ctx.job.model.onnx_path):
         return None
-    metrics = _json_round_trip(V.compare(ctx.reference, ctx.reference, ctx.evalset.labels, ctx.judging))
-    failures = V.judge(metrics, art.size_bytes, None, budget, ctx.judging.task)
+    metrics = _json_round_trip(V.compare(ctx.job.reference, ctx.job.reference, ctx.job.evalset.labels, ctx.job.judging))
+    failures = V.judge(metrics, art.size_bytes, None, budget, ctx.job.judging.task)
     return Attempt(art, metrics, {}, failures, label="the FP32 reference itself (not evaluated again)",
-                   data=ctx.data_describe(ctx.evalset), loss=V.quality_loss(metrics, budget, ctx.judging.task))
+                   data=ctx.job.evalset.describe(), loss=V.quality_loss(metrics, budget, ctx.job.judging.task))
 
 
 def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, chosen: Attempt,
@@ -236,12 +173,12 @@ def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
     """Time the chosen artifact and its FP32 baseline interleaved in rounds in this process (cached by both
     artifacts' hashes, the feed, runtime, threads and host); fills in their latency and the latency budget."""
     threads = timing_threads(profile)
-    feed = ctx.evalset.feed(0)
+    feed = ctx.job.evalset.feed(0)
     arts = {"chosen": chosen.artifact, **({"fp32": baseline.artifact} if baseline is not None else {})}
     k = key(stage="latency", artifacts={n: artifact_hash(a) for n, a in arts.items()},
             feed={n: array_hash(v) for n, v in sorted(feed.items())},
             rounds=(timing.ROUNDS, timing.ROUND_S, timing.MAX_ROUND_RUNS, timing.WARMUP), runtime=_runtime_key(backend, threads))
-    hit = ctx.cache.get_result(k)
+    hit = ctx.work.cache.get_result(k)
     if hit is not None:
         record = hit[0]
     else:
@@ -249,12 +186,12 @@ def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
             runners = {n: stack.enter_context(open_runner(backend, a, threads)) for n, a in arts.items()}
             lat, p50s = timing.latency_interleaved(runners, feed)
         record = {"latency": lat, "speedup": timing.speedup(p50s["fp32"], p50s["chosen"]) if baseline is not None else None}
-        ctx.cache.put_result(k, record)
+        ctx.work.cache.put_result(k, record)
         record = _json_round_trip(record)
     for name, attempt in (("chosen", chosen), ("fp32", baseline)):
         if attempt is not None:
             attempt.latency = {**record["latency"][name], "threads_profile": profile.threads}
-    chosen.failures = V.judge(chosen.metrics, chosen.artifact.size_bytes, chosen.latency, budget, ctx.judging.task)
+    chosen.failures = V.judge(chosen.metrics, chosen.artifact.size_bytes, chosen.latency, budget, ctx.job.judging.task)
     return {"speedup": record["speedup"], "cached": hit is not None}
 
 
@@ -267,35 +204,35 @@ def array_hash(a) -> str:
 
 def _search_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget) -> str | None:
     """What an accuracy search's choice depends on; None when it depends on the clock (a whole-build deadline)."""
-    if ctx.spec.build_max_seconds is not None or ctx.judging.evaluator:
+    if ctx.job.spec.build_max_seconds is not None or ctx.job.judging.evaluator:
         return None
-    spec = ctx.spec
-    return key(stage="search", model=ctx.model.content_hash, calib=ctx.data_hash(ctx.calib),
-               eval=ctx.data_hash(ctx.evalset), profile=profile.to_dict(), budget=budget.to_dict(),
+    spec = ctx.job.spec
+    return key(stage="search", model=ctx.job.model.content_hash, calib=ctx.job.calib.content_hash(),
+               eval=ctx.job.evalset.content_hash(), profile=profile.to_dict(), budget=budget.to_dict(),
                search=(spec.seed, spec.auto_max_tries, spec.auto_max_seconds), judging=_judging_key(ctx),
-               inputs=[asdict(i) for i in ctx.model.inputs], runtime=_runtime_key(backend, timing_threads(profile)))
+               inputs=[asdict(i) for i in ctx.job.model.inputs], runtime=_runtime_key(backend, timing_threads(profile)))
 
 
 def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget, outdir: Path,
                    k: str | None) -> tuple[Attempt, dict] | None:
     """A warm re-run of a build that searched: the chosen artifact (sha256-verified) and the search record."""
-    hit = ctx.cache.get_result(k) if k else None
+    hit = ctx.work.cache.get_result(k) if k else None
     if hit is None:
         return None
     payload = hit[0]
     for f in list(outdir.iterdir()):
         if f.is_file():
             f.unlink()
-    art = ctx.cache.get(payload["artifact_key"], outdir)
+    art = ctx.work.cache.get(payload["artifact_key"], outdir)
     if art is None:
         return None
     art.target = profile.name
     data = None
-    if payload["data_hash"] != ctx.data_hash(ctx.evalset):
+    if payload["data_hash"] != ctx.job.evalset.content_hash():
         from edgebuild.pipeline.stages.search import _split
 
         data = _split(ctx)[1]
-        if ctx.data_hash(data[0]) != payload["data_hash"]:
+        if data[0].content_hash() != payload["data_hash"]:
             return None
     chosen = evaluate(ctx, backend, profile, art, budget, data=data)
     chosen.label = payload["label"]
@@ -306,8 +243,8 @@ def _store_search(ctx: BuildContext, k: str | None, chosen: Attempt, search: dic
     if not k:
         return
     art_key = key(stage="search-choice", search=k)
-    ctx.cache.put(art_key, chosen.artifact)
-    ctx.cache.put_result(k, {"artifact_key": art_key, "label": chosen.label, "record": search,
+    ctx.work.cache.put(art_key, chosen.artifact)
+    ctx.work.cache.put_result(k, {"artifact_key": art_key, "label": chosen.label, "record": search,
                              "data_hash": chosen.data.get("content_hash")})
 
 
@@ -336,9 +273,9 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
     try:
         backend = get_backend(profile.backend)
         backend.check_available(profile.name)
-        precision = precision_for(profile, ctx.spec)
-        budget = budget_for(profile, ctx.spec)
-        searching = precision == "int8" and ctx.spec.auto
+        precision = precision_for(profile, ctx.job.spec)
+        budget = budget_for(profile, ctx.job.spec)
+        searching = precision == "int8" and ctx.job.spec.auto
         cache_use = {}
         chosen, failed, search = None, None, None
         search_key = _search_key(ctx, backend, profile, budget) if searching else None
@@ -349,9 +286,9 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
         else:
             try:
                 t0 = time.monotonic()
-                with ctx.stage(f"{profile.name}: converting to {precision}"):
+                with ctx.work.stage(f"{profile.name}: converting to {precision}"):
                     art = convert(ctx, backend, profile, precision, outdir, siblings=_baseline_dir(ctx, profile, precision))
-                with ctx.stage(f"{profile.name}: validating {art.main}"):
+                with ctx.work.stage(f"{profile.name}: validating {art.main}"):
                     chosen = evaluate(ctx, backend, profile, art, budget)
                 chosen.seconds = time.monotonic() - t0
             except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
@@ -361,18 +298,18 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
             if searching:
                 from edgebuild.pipeline.stages.search import recover
 
-                with ctx.turns.turn(profile.name) if ctx.turns else _null():
+                with ctx.work.turns.turn(profile.name) if ctx.work.turns else _null():
                     chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
                 _store_search(ctx, search_key, chosen, search)
                 cache_use["search"] = False
     finally:
-        if ctx.turns:
-            ctx.turns.done(profile.name)
+        if ctx.work.turns:
+            ctx.work.turns.done(profile.name)
     cache_use["conversion"] = _restored(chosen.artifact)
     cache_use["validation"] = chosen.cached
     baseline = None
     if precision != "fp32":
-        with ctx.stage(f"{profile.name}: FP32 baseline for size and speed ratios"):
+        with ctx.work.stage(f"{profile.name}: FP32 baseline for size and speed ratios"):
             base_art = convert(ctx, backend, profile, "fp32", _baseline_dir(ctx, profile, precision)["fp32"])
             baseline = reference_attempt(ctx, base_art, budget) or evaluate(ctx, backend, profile, base_art, budget)
         cache_use["baseline_conversion"] = _restored(base_art) or _sibling_note(base_art)
@@ -383,11 +320,11 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
 def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
     """Time the chosen artifact (interleaved with its FP32 baseline) and write the target's files. A parallel
     build runs this one target at a time, after every conversion, so that timing runs on a quiet machine."""
-    with ctx.stage(f"{p.profile.name}: timing {p.chosen.artifact.main}" + (" and FP32, interleaved" if p.baseline else "")):
+    with ctx.work.stage(f"{p.profile.name}: timing {p.chosen.artifact.main}" + (" and FP32, interleaved" if p.baseline else "")):
         timing = time_artifacts(ctx, p.backend, p.profile, p.chosen, p.baseline, p.budget)
     from edgebuild.pipeline.stages import objective as O
 
-    best, objective = O.pick(O.objective_for(p.profile, ctx.spec), p.profile, p.chosen, p.baseline, timing["speedup"])
+    best, objective = O.pick(O.objective_for(p.profile, ctx.job.spec), p.profile, p.chosen, p.baseline, timing["speedup"])
     if best is not p.chosen:
         p.chosen, timing["speedup"] = O.ship(ctx, p, p.budget, best), None
     from edgebuild.pipeline.memory import judge_memory

@@ -16,7 +16,8 @@ import numpy as np
 
 from edgebuild.pipeline.errors import ConversionError, EdgeBuildError
 from edgebuild.pipeline.stages import validate as V
-from edgebuild.pipeline.stages.per_target import Attempt, BuildContext, convert, evaluate
+from edgebuild.pipeline.stages.context import BuildContext, Sensitivity
+from edgebuild.pipeline.stages.per_target import Attempt, convert, evaluate
 from edgebuild.targets.base import Backend
 from edgebuild.targets.profiles import TargetProfile
 
@@ -37,11 +38,11 @@ def _quality(a: Attempt) -> float:
 
 
 def _split(ctx: BuildContext):
-    n = len(ctx.evalset)
-    perm = np.random.default_rng(ctx.spec.seed + 1).permutation(n)
+    n = len(ctx.job.evalset)
+    perm = np.random.default_rng(ctx.job.spec.seed + 1).permutation(n)
     k = max(1, int(n * (SMALL_SELECT_FRACTION if n < SMALL_EVAL else SELECT_FRACTION)))
     sel, hold = np.sort(perm[:k]), np.sort(perm[k:])
-    part = lambda idx, name: (ctx.evalset.subset(idx, name), [ctx.reference[i] for i in idx])  # noqa: E731
+    part = lambda idx, name: (ctx.job.evalset.subset(idx, name), [ctx.job.reference[i] for i in idx])  # noqa: E731
     return part(sel, "evaluation[select]"), part(hold, "evaluation[holdout]")
 
 
@@ -69,7 +70,7 @@ class _Search:
         self.ctx, self.backend, self.profile, self.budget, self.select, self.record = ctx, backend, profile, budget, select, record
         self.tries: list[Attempt] = []
         self.started = time.monotonic()
-        self.deadline = min(self.started + ctx.spec.auto_max_seconds, ctx.deadline)
+        self.deadline = min(self.started + ctx.job.spec.auto_max_seconds, ctx.work.deadline)
         self.reserve = reserve
         self.durations: list[float] = []  # seconds each try took (conversion + evaluation)
 
@@ -80,8 +81,8 @@ class _Search:
         now = time.monotonic()
         expected = max(self.durations, default=0.0)
         if fallback:
-            return now + expected < self.ctx.deadline
-        return (len(self.record["tries"]) < self.ctx.spec.auto_max_tries - self.reserve
+            return now + expected < self.ctx.work.deadline
+        return (len(self.record["tries"]) < self.ctx.job.spec.auto_max_tries - self.reserve
                 and now + expected < self.deadline)
 
     def short_of_time(self, tries: int) -> bool:
@@ -92,11 +93,11 @@ class _Search:
         if not self.room(fallback):
             return None
         ctx, profile = self.ctx, self.profile
-        directory = ctx.scratch / profile.name / f"try{len(self.record['tries'])}"
+        directory = ctx.work.scratch / profile.name / f"try{len(self.record['tries'])}"
         n = len(self.record["tries"]) + 1
         t0 = time.monotonic()
         left = self.deadline - t0
-        with ctx.stage(f"{profile.name}: accuracy search {n}/{ctx.spec.auto_max_tries} — {label}"
+        with ctx.work.stage(f"{profile.name}: accuracy search {n}/{ctx.job.spec.auto_max_tries} — {label}"
                        + (f" ({left:.0f} s left)" if left < float("inf") else "")):
             try:
                 art = convert(ctx, self.backend, profile, precision, directory, settings)
@@ -123,8 +124,8 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     else:
         record = {"enabled": True, "chosen": None, "tries": [{"label": "profile settings", "precision": "int8",
                   "error": str(first_error), "failures": [str(first_error)], "size_bytes": 0}]}
-    if len(ctx.evalset) < MIN_SEARCH_SAMPLES:
-        record["result"] = f"no search: {len(ctx.evalset)} evaluation samples cannot be split into selection and hold-out"
+    if len(ctx.job.evalset) < MIN_SEARCH_SAMPLES:
+        record["result"] = f"no search: {len(ctx.job.evalset)} evaluation samples cannot be split into selection and hold-out"
         if first is None:
             raise first_error
         return first, record
@@ -133,7 +134,7 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     select, holdout = _split(ctx)
     select_budget, margin = selection_budget(budget, len(select[0]))
     record["selection"] = (f"candidates judged on {len(select[0])} samples of the evaluation split (seed "
-                           f"{ctx.spec.seed + 1}); the chosen one is reported on the other {len(holdout[0])}")
+                           f"{ctx.job.spec.seed + 1}); the chosen one is reported on the other {len(holdout[0])}")
     if margin:
         record["selection_margin"] = margin
     fallbacks = [p for p in FLOAT_FALLBACKS if profile.allow_float_layers and p in profile.precisions]
@@ -190,9 +191,9 @@ def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt
 def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error: EdgeBuildError) -> None:
     """After a failed INT8 conversion: when the FP32 one (the baseline every target needs) fails too, the failure is
     the converter's, not INT8's, and no quantization setting can help: the target fails now, without a search."""
-    with ctx.stage(f"{profile.name}: does the model convert at all? (FP32)"):
+    with ctx.work.stage(f"{profile.name}: does the model convert at all? (FP32)"):
         try:
-            convert(ctx, backend, profile, "fp32", ctx.scratch / profile.name / "fp32")
+            convert(ctx, backend, profile, "fp32", ctx.work.scratch / profile.name / "fp32")
         except ConversionError as e:
             raise ConversionError(f"{first_error} (FP32 fails to convert too, so the accuracy search was skipped: "
                                   f"{str(e)[:200]})") from e
@@ -249,10 +250,9 @@ def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: _Search) -> 
         return False
     if not search.room():
         return True  # no time to measure: the cheap, safe fallback
-    sens = list(ctx.shared["sensitivity"].values()) if "sensitivity" in ctx.shared else None
-    if sens is None:
+    if ctx.carry.sensitivity is None:
         _sensitivity(ctx, search)
-        sens = list(ctx.shared["sensitivity"].values())
+    sens = list(ctx.carry.sensitivity.layers.values())
     loss = min(t.loss for t in search.tries)
     top = sum(max(v, 0.0) for v in sens[:CONCENTRATED_LAYERS])
     diffuse = not sens or top < CONCENTRATED_SHARE * loss
@@ -288,7 +288,7 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
                                           "does not fit the search's time left")
         return None
     ranked = _sensitivity(ctx, search)
-    weights = _layer_weights(ctx.model.onnx_path)
+    weights = _layer_weights(ctx.job.model.onnx_path)
     total = sum(weights.values()) or 1
     done = set()
     for k in FLOAT_LAYER_STEPS:
@@ -303,7 +303,7 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
         done.add(layers)
         a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", "int8", {**settings, "float_layers": list(layers)})
         if a is not None and a.quality_ok:
-            search.record["float_layers"] = {n: round(ctx.shared["sensitivity"][n], 4) for n in layers}
+            search.record["float_layers"] = {n: round(ctx.carry.sensitivity.layers[n], 4) for n in layers}
             search.record["float_weight_share"] = round(share, 4)
             return a
     return None
@@ -323,17 +323,17 @@ def _sensitivity(ctx: BuildContext, search: _Search) -> list[str]:
     from edgebuild.pipeline.stages.sensitivity import layer_sensitivity
 
     select, record, budget = search.select, search.record, search.budget
-    if "sensitivity" not in ctx.shared:
-        with ctx.stage("measuring per-layer INT8 sensitivity"):
+    if ctx.carry.sensitivity is None:
+        with ctx.work.stage("measuring per-layer INT8 sensitivity"):
             t0 = time.monotonic()
-            until = t0 + max(0.0, min(search.deadline, ctx.deadline) - t0) / 2
-            ctx.shared["sensitivity"] = layer_sensitivity(ctx.model.onnx_path, ctx.calib, select[0], select[1],
-                                                          until, ctx.judging, budget, stage=ctx.stage)
-            ctx.shared["sensitivity_seconds"] = round(time.monotonic() - t0, 2)
-    sens = ctx.shared["sensitivity"]
+            until = t0 + max(0.0, min(search.deadline, ctx.work.deadline) - t0) / 2
+            layers = layer_sensitivity(ctx.job.model.onnx_path, ctx.job.calib, select[0], select[1],
+                                       until, ctx.job.judging, budget, stage=ctx.work.stage)
+            ctx.carry.sensitivity = Sensitivity(layers, round(time.monotonic() - t0, 2))
+    sens = ctx.carry.sensitivity.layers
     record["sensitivity"] = {"method": "one layer quantized at a time, ONNX Runtime fake-quant, on evaluation[select]; "
                                        "quality loss = worst relative excess over the quality budgets",
-                             "seconds": ctx.shared["sensitivity_seconds"],
+                             "seconds": ctx.carry.sensitivity.seconds,
                              "layers": {n: round(v, 4) for n, v in list(sens.items())[:10]}}
     floor = min(sens.values(), default=0.0)
     return [n for n, v in sens.items() if v > floor + 1e-9] or list(sens)

@@ -1,7 +1,7 @@
 """The scheduler's work slots: a target waiting for its accuracy-search turn lends its slot to a later target."""
 import threading
 
-from edgebuild.pipeline.stages.per_target import Turns
+from edgebuild.pipeline.stages.context import Turns
 
 
 def test_a_target_waiting_for_its_turn_frees_its_slot_and_takes_it_back():

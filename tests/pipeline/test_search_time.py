@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from edgebuild.pipeline.cli import main
+from edgebuild.pipeline.stages.context import BuildContext, Carryover, Sensitivity
 from edgebuild.pipeline.stages import search as R
 from edgebuild.pipeline.stages.sensitivity import LAYER_SAMPLE_BUDGET, MIN_EVAL_SAMPLES, samples_per_layer
 
@@ -42,8 +43,8 @@ def test_the_whole_build_limit_stops_even_the_float_fallback(tmp_path):
 
 
 def _search(sensitivity: dict, losses: list[float], seconds_left: float = 100.0, durations=()):
-    ctx = SimpleNamespace(shared={"sensitivity": sensitivity}, deadline=float("inf"),
-                          spec=SimpleNamespace(auto_max_tries=12))
+    ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=12)), SimpleNamespace(deadline=float("inf")),
+                       Carryover(Sensitivity(sensitivity, 0.0)))
     s = R._Search.__new__(R._Search)
     s.ctx, s.record, s.reserve = ctx, {"tries": [{}]}, 1
     s.tries = [SimpleNamespace(loss=v) for v in losses]
@@ -111,8 +112,9 @@ def test_a_first_conversion_that_failed_late_is_the_first_estimate_of_a_try(monk
 
     failed = ConversionError("arm64: TFLite int8: the converter crashed (SIGABRT) during XNNPACK load check")
     failed.seconds = 303.0
-    ctx = SimpleNamespace(evalset=[0] * 80, deadline=float("inf"),
-                          spec=SimpleNamespace(seed=0, auto_max_seconds=150.0, auto_max_tries=12))
+    ctx = BuildContext(SimpleNamespace(evalset=[0] * 80, spec=SimpleNamespace(seed=0, auto_max_seconds=150.0,
+                                                                             auto_max_tries=12)),
+                       SimpleNamespace(deadline=float("inf")))
     profile = SimpleNamespace(name="arm64", allow_float_layers=True, precisions=("int8", "fp16"))
     seen = {}
     monkeypatch.setattr(R, "_converts_at_all", lambda *a: None)

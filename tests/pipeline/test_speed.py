@@ -128,7 +128,7 @@ def test_searches_of_parallel_targets_take_turns_in_target_order():
     import threading
     import time
 
-    from edgebuild.pipeline.stages.per_target import Turns
+    from edgebuild.pipeline.stages.context import Turns
 
     turns, order = Turns(["a", "b", "c"]), []
 

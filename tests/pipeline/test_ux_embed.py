@@ -81,10 +81,10 @@ def test_embed_target_takes_its_fields_from_the_build(onnx_file):
     from edgebuild.pipeline.spec import BuildSpec, InputSpec
     from edgebuild.pipeline.stages.embed import embed_target
 
-    ctx = SimpleNamespace(spec=BuildSpec(), evalset=SimpleNamespace(origin={"classes": ["a", "b"]}),
-                          calib=SimpleNamespace(origin={}),
-                          model=SimpleNamespace(content_hash="cd" * 32, inputs=(InputSpec("input", (1, 3)),),
-                                                outputs=(SimpleNamespace(name="logits"),)))
+    ctx = SimpleNamespace(job=SimpleNamespace(
+        spec=BuildSpec(), evalset=SimpleNamespace(origin={"classes": ["a", "b"]}), calib=SimpleNamespace(origin={}),
+        model=SimpleNamespace(content_hash="cd" * 32, inputs=(InputSpec("input", (1, 3)),),
+                              outputs=(SimpleNamespace(name="logits"),))))
     art = SimpleNamespace(precision="int8", files=[onnx_file.name])
     assert embed_target(ctx, SimpleNamespace(name="onnx-cpu"), art, onnx_file.parent) == {
         "model.onnx": "onnx metadata_props"}
