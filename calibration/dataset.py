@@ -34,6 +34,14 @@ def sample_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape) if axis is None else tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
 
+def _read_only(a):
+    if not isinstance(a, np.ndarray):
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 @dataclass
 class SampleSet:
     """Samples for one model, stacked per input along a leading sample axis (see the module docstring).
@@ -65,9 +73,10 @@ class SampleSet:
             if k in self.inputs and self.inputs[k].shape[1:] != sample_shape(s):
                 raise BadInputError(f"{self.name}: samples of {k} have shape {list(self.inputs[k].shape[1:])}, "
                                     f"input shape {list(s)} needs {list(sample_shape(s))}")
-        for a in (*self.inputs.values(), *([] if self.labels is None else [self.labels])):
-            if isinstance(a, np.ndarray):
-                a.flags.writeable = False  # a SampleSet never changes once made: its hashes are computed once
+        # a SampleSet never changes once made (its hashes are computed once): it holds read-only views, the
+        # caller's own arrays stay writable
+        self.inputs = {k: _read_only(v) for k, v in self.inputs.items()}
+        self.labels = None if self.labels is None else _read_only(self.labels)
         self._memo: dict[str, object] = {}
 
     def __len__(self) -> int:

@@ -13,5 +13,6 @@ def test_a_sample_set_is_read_only_and_hashes_itself_once():
         ds.inputs["x"][0, 0] = 1.0  # the arrays it was given cannot be changed under it
     with pytest.raises(ValueError):
         ds.labels[0] = 3
+    x[0, 0] = 0.0  # the caller's own array stays writable
     assert ds.content_hash() == first == SampleSet("t", {"x": np.zeros((4, 3), np.float32)}, np.arange(4)).content_hash()
     assert SampleSet("u", {"x": np.ones((4, 3), np.float32)}, np.arange(4)).content_hash() != first
