@@ -269,18 +269,30 @@ def main(argv=None) -> int:
                   f"at {threads} threads ...", flush=True)
             r = bench_target(profile, model, calib, evalset, Path(tmp), threads, args.rounds, args.runs)
             results.append(r)
-            if "skipped" in r:
-                print(f"  skipped: {r['skipped']}")
-                continue
-            print(f"  FP32 {r['artifacts']['fp32']}: p50 {r['p50_ms']['fp32']:.2f} ms  ({r['size_mb']['fp32']:.2f} MB)")
-            print(f"  INT8 {r['artifacts']['int8']}: p50 {r['p50_ms']['int8']:.2f} ms  ({r['size_mb']['int8']:.2f} MB, "
-                  f"converted in {r['convert_seconds']['int8']} s; "
-                  f"cosine to FP32 {r['fidelity_int8_vs_fp32']['cosine_mean']:.4f})")
-            if args.explain and profile.backend == "openvino":
+            _print_target(r)
+            if args.explain and profile.backend == "openvino" and "skipped" not in r:
                 r["explain"] = explain_openvino(r, evalset.feed(0), threads)
                 _print_explain(name, r["explain"])
     info["loadavg_1min_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    _print_summary(results)
+    if args.json:
+        clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+        args.json.write_text(json.dumps({"host": info, "results": clean}, indent=2, default=str))
+        print(f"results written to {args.json}")
+    return 0
 
+
+def _print_target(r: dict) -> None:
+    if "skipped" in r:
+        print(f"  skipped: {r['skipped']}")
+        return
+    print(f"  FP32 {r['artifacts']['fp32']}: p50 {r['p50_ms']['fp32']:.2f} ms  ({r['size_mb']['fp32']:.2f} MB)")
+    print(f"  INT8 {r['artifacts']['int8']}: p50 {r['p50_ms']['int8']:.2f} ms  ({r['size_mb']['int8']:.2f} MB, "
+          f"converted in {r['convert_seconds']['int8']} s; "
+          f"cosine to FP32 {r['fidelity_int8_vs_fp32']['cosine_mean']:.4f})")
+
+
+def _print_summary(results: list[dict]) -> None:
     print("\nINT8/FP32 speedup at batch 1 (p50, same run, same threads):")
     for r in results:
         if "skipped" in r:
@@ -292,11 +304,6 @@ def main(argv=None) -> int:
         print(f"  {r['target']:<12} {r['backend']:<10} {r['threads']} threads  "
               f"{r['p50_ms']['fp32']:7.2f} ms -> {r['p50_ms']['int8']:7.2f} ms  "
               f"= {r['speedup_int8_vs_fp32']:.2f}x{verdict}")
-    if args.json:
-        clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
-        args.json.write_text(json.dumps({"host": info, "results": clean}, indent=2, default=str))
-        print(f"results written to {args.json}")
-    return 0
 
 
 if __name__ == "__main__":  # the isolated runners use spawned processes: keep the entry point guarded
