@@ -22,10 +22,14 @@ on its deny list in float (selective quantization, as tf.lite.experimental.Quant
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -160,7 +164,8 @@ def run(job_dir: Path) -> dict:
         _phase(job_dir, phase)
         # keeping layers in float needs the MLIR quantizer's deny list
         job["quantizer_used"] = "mlir" if float_layers else pick_quantizer(job["settings"].get("quantizer", "auto"), job["onnx"])
-        described, kept, repairs = _convert_checked(km, job, calib, job_dir, lambda p: _phase(job_dir, p))
+        with keras_saved_once(km, job_dir / "keras_savedmodel"):  # every conversion below reads one SavedModel
+            described, kept, repairs = _convert_checked(km, job, calib, job_dir, lambda p: _phase(job_dir, p))
         described["float_ops"] = [op["op"] for op in described["float_ops"]]
         result = {"ok": True, "keras_inputs": list(km.input_names), "keras_outputs": list(km.output_names),
                   "quantizer_used": job["quantizer_used"] if job["precision"] == "int8" else None,
@@ -260,6 +265,71 @@ def _keep_float(job: dict, ops: list[dict]) -> None:
     job["auto_float_ops"] = (job.get("auto_float_ops") or []) + [
         {"op": op["op"], "outputs": list(op["outputs"])} for op in ops if (op["op"], tuple(op["outputs"])) not in known]
     job["quantizer_used"] = "mlir"  # keeping ops in float needs the MLIR quantizer's deny list
+
+
+@contextmanager
+def keras_saved_once(km, directory: Path) -> Iterator[None]:
+    """Within: every ``TFLiteConverter.from_keras_model(km).convert()`` reads one SavedModel of ``km``, saved once.
+
+    Each convert() saves the Keras model as a SavedModel in a new temp dir, which the MLIR importer then reads:
+    on ResNet-50 (onnx2tf: 200 Keras layers) 113 s per save, three times for a searched INT8 build (its FP32 and
+    FP16 siblings, then INT8), against 3 s for the MLIR conversion. Of a save, ~110 s are tf_keras's per-layer
+    JSON (``Layer._tracking_metadata``: each layer's config, onnx2tf's constant weights in it as nested lists),
+    which ``tf.saved_model.save`` only computes by reading every attribute while it looks for functions: it never
+    writes it. So ``km`` is saved once, without that JSON, into ``directory``, and each save the converter asks
+    for is a hard-linked copy of it: the same SavedModel, so the same ``.tflite`` bytes (tests/targets/
+    test_tflite_siblings.py compares them with a plain conversion's).
+    """
+    from tensorflow.lite.python import lite
+
+    real = lite._save
+    lite._save = _SavedOnce(real, km, directory)
+    try:
+        yield
+    finally:
+        lite._save = real
+
+
+class _SavedOnce:
+    """Stands in for the ``tensorflow.python.saved_model.save`` module in TF's lite.py (which calls ``save`` only)."""
+
+    def __init__(self, real, km, directory: Path):
+        self.real, self.km, self.directory, self.saved = real, km, directory, {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def save(self, obj, export_dir, signatures=None, options=None):
+        if obj is not self.km or signatures is not None:
+            return self.real.save(obj, export_dir, signatures=signatures, options=options)
+        key = repr([getattr(options, k, None) for k in getattr(type(options), "__slots__", ())])
+        if key not in self.saved:
+            self.saved[key] = self.directory / str(len(self.saved))
+            with _no_keras_layer_json():
+                self.real.save(obj, str(self.saved[key]), options=options)
+        shutil.copytree(self.saved[key], export_dir, dirs_exist_ok=True, copy_function=_link_or_copy)
+
+
+@contextmanager
+def _no_keras_layer_json() -> Iterator[None]:
+    try:
+        from tf_keras.src.engine import base_layer
+    except ImportError:  # not the Keras onnx2tf builds on: the save is what it always was
+        yield
+        return
+    real = base_layer.Layer.__dict__["_tracking_metadata"]
+    base_layer.Layer._tracking_metadata = property(lambda self: "")
+    try:
+        yield
+    finally:
+        base_layer.Layer._tracking_metadata = real
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _release_tf() -> None:
