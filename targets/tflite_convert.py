@@ -278,11 +278,15 @@ def keras_saved_once(km, directory: Path) -> Iterator[None]:
     which ``tf.saved_model.save`` only computes by reading every attribute while it looks for functions: it never
     writes it. So ``km`` is saved once, without that JSON, into ``directory``, and each save the converter asks
     for is a hard-linked copy of it: the same SavedModel, so the same ``.tflite`` bytes (tests/targets/
-    test_tflite_siblings.py compares them with a plain conversion's).
+    test_tflite_saved_once.py compares them with a plain conversion's). A TensorFlow without this hook (not the
+    locked version) converts as it always did.
     """
     from tensorflow.lite.python import lite
 
-    real = lite._save
+    real = getattr(lite, "_save", None)
+    if real is None or not hasattr(real, "save"):
+        yield
+        return
     lite._save = _SavedOnce(real, km, directory)
     try:
         yield
