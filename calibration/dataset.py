@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterator
 
 import numpy as np
@@ -77,7 +78,6 @@ class SampleSet:
         # caller's own arrays stay writable
         self.inputs = {k: _read_only(v) for k, v in self.inputs.items()}
         self.labels = None if self.labels is None else _read_only(self.labels)
-        self._memo: dict[str, object] = {}
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -148,10 +148,9 @@ class SampleSet:
 
     def content_hash(self) -> str:
         """A hash of every input array and the labels, computed once (hashing 200 images takes ~0.2 s)."""
-        if "hash" not in self._memo:
-            self._memo["hash"] = self._content_hash()
-        return self._memo["hash"]
+        return self._content_hash
 
+    @cached_property
     def _content_hash(self) -> str:
         h = hashlib.sha256()
         for k in sorted(self.inputs):

@@ -16,18 +16,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline.cache import StageCache
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.targets.base import Artifact, ExportedModel
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
 
 
 @dataclass(frozen=True)
@@ -44,7 +39,7 @@ class BuildJob:
 class Workspace:
     cache: StageCache
     scratch: Path  # throw-away work (baselines, candidates)
-    stage: Callable[[str], object] = field(default=lambda text: _null())  # progress: `with work.stage("..."):`
+    stage: Callable[[str], object]  # progress: `with work.stage("..."):`
     deadline: float = float("inf")  # time.monotonic() past which no accuracy search starts a try (build_max_seconds)
     turns: "Turns | None" = None  # targets built in parallel search in their sequential order
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -298,7 +298,7 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
             if searching:
                 from edgebuild.pipeline.stages.search import recover
 
-                with ctx.work.turns.turn(profile.name) if ctx.work.turns else _null():
+                with ctx.work.turns.turn(profile.name) if ctx.work.turns else nullcontext():
                     chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
                 _store_search(ctx, search_key, chosen, search)
                 cache_use["search"] = False
