@@ -7,6 +7,11 @@ what the user asked for (``--json``: the manifest, printed after the build). The
 the saved terminal stderr) and edgebuild's debug lines (logger ``edgebuild``) are written into the same file.
 ``--verbose`` echoes the third-party output and the debug lines to stderr as well.
 
+The capture ends when the build ends, not when every writer has gone: multiprocessing's resource tracker (a
+helper process the first spawned child starts, alive until edgebuild exits) is started before fds 1 and 2 are
+redirected, so it never holds the pipes; and once the build returns, the readers drain what the pipes hold and stop
+(a grandchild that outlives the build cannot keep the command waiting for an EOF).
+
 The log is written beside the output while the build runs (``.<out>.log-<pid>``) and moved into the output
 directory once the build has written it; a build that stops on bad input leaves no log behind.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -22,7 +28,8 @@ from pathlib import Path
 from typing import TextIO
 
 LOGGER = "edgebuild"
-JOIN_SECONDS = 5.0  # a grandchild that outlives the build may hold a pipe open; the log stops waiting for it
+JOIN_SECONDS = 5.0  # the most the readers take to write what the pipes hold once the build has returned
+POLL_SECONDS = 0.1  # how often an idle reader looks whether the build has returned
 
 
 def _stamp() -> str:
@@ -72,19 +79,41 @@ class _LogHandler(logging.Handler):
             self.handleError(record)
 
 
-def _drain(fd: int, log: BuildLog, tag: str) -> None:
+def _drain(fd: int, log: BuildLog, tag: str, done: threading.Event) -> None:
+    """Lines from the pipe ``fd`` into the log until EOF, or until ``done`` is set and the pipe is empty: every
+    writer of the build has flushed by then, and a process that outlives the build does not hold the log open."""
     pending = b""
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    try:
         while True:
-            chunk = f.read(65536)
+            readable, _, _ = select.select([fd], [], [], POLL_SECONDS)
+            if not readable:
+                if done.is_set():
+                    break
+                continue
+            chunk = os.read(fd, 65536)
             if not chunk:
                 break
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for raw in lines:
                 log.line(tag, raw.decode("utf-8", "replace").rstrip("\r"), echo=True)
-    if pending:
-        log.line(tag, pending.decode("utf-8", "replace"), echo=True)
+        if pending:
+            log.line(tag, pending.decode("utf-8", "replace"), echo=True)
+    finally:
+        os.close(fd)
+
+
+def _start_helpers() -> None:
+    """Start multiprocessing's resource tracker now, on the terminal's fds: started later by the build's first
+    spawned child, it would inherit the log pipes and hold them until edgebuild exits."""
+    if os.name != "posix":
+        return
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    except Exception as e:  # noqa: BLE001 — without it the readers still stop on ``done``
+        logging.getLogger(LOGGER).debug("multiprocessing resource tracker not started early: %s", e)
 
 
 @contextmanager
@@ -93,14 +122,16 @@ def captured(log: BuildLog):
     on the way out, however the block ends. Yields a text stream on the saved stderr, for the progress."""
     sys.stdout.flush()
     sys.stderr.flush()
+    _start_helpers()
     saved = (os.dup(1), os.dup(2))
     terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
-    readers = []
+    readers, done = [], threading.Event()
     for fd, tag in ((1, "out"), (2, "err")):
         r, w = os.pipe()
+        os.set_inheritable(r, False)
         os.dup2(w, fd)
         os.close(w)
-        t = threading.Thread(target=_drain, args=(r, log, tag), name=f"edgebuild-log-{tag}", daemon=True)
+        t = threading.Thread(target=_drain, args=(r, log, tag, done), name=f"edgebuild-log-{tag}", daemon=True)
         t.start()
         readers.append(t)
     logger = logging.getLogger(LOGGER)
@@ -120,6 +151,7 @@ def captured(log: BuildLog):
         for fd, old in zip((1, 2), saved):
             os.dup2(old, fd)
             os.close(old)
+        done.set()  # the build's own writes are in the pipes: the readers write them out and stop
         for t in readers:
             t.join(JOIN_SECONDS)
         terminal.close()

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/benchmark_build.py                       # MobileNetV2, onnx-cpu,x86,arm64, cold + warm
     .venv/bin/python scripts/benchmark_build.py --repeat 3 --resnet50 --json bench.json
     .venv/bin/python scripts/benchmark_build.py --models resnet50 --auto --cold-only   # issue 15: <= 10 min, search included
+    .venv/bin/python scripts/benchmark_build.py --models demo --via api,cli --repeat 3    # issue 26: the CLI's tail
 
 The models are built here (no downloads): MobileNetV2 exactly as ``scripts/benchmark_int8.py`` builds it, ResNet-50
 with torchvision's architecture written out here (no torchvision needed); random weights, BatchNorm statistics
@@ -14,6 +15,10 @@ starts from an empty cache, the warm one re-runs the same build on the cache the
 gives wall time, CPU time and utilisation (CPU / wall, in cores), peak RSS (the largest process: the build or
 one of its children), the time per stage kind (summed over targets, so parallel stages add up past the wall
 time) and each target's INT8/FP32 speed-up with its spread (median and IQR of the per-round ratios).
+``--via api,cli`` runs every build both ways: through ``build()`` as above, and through the ``edgebuild``
+command (its log capture, progress and summary included; no per-stage times), side by side on the same cache state,
+so the table shows what the command line adds to a build. ``demo`` is the built-in DigitsCNN on scikit-learn digits
+(no model file, no data files: edgebuild's own demo build).
 This is a benchmark, not a test; on a shared machine the numbers move with the load (printed as loadavg).
 """
 from __future__ import annotations
@@ -131,18 +136,40 @@ def make_data(workdir: Path, calib: int, evals: int) -> tuple[Path, Path]:
     return c, e
 
 
-def run_build(spec: dict, jobs: str, workdir: Path, cache: Path) -> dict:
+def cli_args(spec: dict, jobs: str) -> list[str]:
+    """The ``edgebuild`` flags of the same build."""
+    args = ["--out", spec["out"], "--quiet"]
+    for key in ("model", "calib", "eval"):
+        if spec.get(key):
+            args += [f"--{key}", spec[key]]
+    args += ["--target", ",".join(spec["targets"])]
+    if not spec.get("auto", True):
+        args.append("--no-auto")
+    if spec.get("calib_samples"):
+        args += ["--calib-samples", str(spec["calib_samples"])]
+    if jobs != "default":
+        args += ["--jobs", jobs]
+    return args
+
+
+def run_build(spec: dict, jobs: str, workdir: Path, cache: Path, via: str = "api") -> dict:
     result = workdir / f"result-{time.monotonic_ns()}.json"
     env = {**os.environ, "EDGEBUILD_CACHE": str(cache), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if via == "api":
+        cmd = [sys.executable, "-c", CHILD, json.dumps(spec), str(result), jobs]
+    else:  # the command line a user types (exit 1, a budget failed, still is a finished build)
+        cmd = [sys.executable, "-c", "from edgebuild.pipeline.cli import main; raise SystemExit(main())",
+               *cli_args(spec, jobs)]
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec), str(result), jobs], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=workdir)
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)  # usage: this build and every child it waited for
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0 or not result.is_file():
+    if via == "cli" and proc.returncode in (0, 1):
+        result.write_text(json.dumps({"stages": [], "manifest": json.loads((Path(spec["out"]) / "manifest.json").read_text())}))
+    if proc.returncode not in ((0, 1) if via == "cli" else (0,)) or not result.is_file():
         raise SystemExit(f"build failed (exit {proc.returncode}):\n{err.decode()[-3000:]}")
     r = json.loads(result.read_text())
     kinds: dict[str, float] = {}
@@ -166,10 +193,10 @@ def run_build(spec: dict, jobs: str, workdir: Path, cache: Path) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     kinds = [k for k, _ in STAGE_KINDS] + ["other"]
-    head = ["model", "run", "wall s", "cpu s", "cores", "peak RSS MB", "load"] + kinds
+    head = ["model", "via", "run", "wall s", "cpu s", "cores", "peak RSS MB", "load"] + kinds
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        cells = [r["model"], r["run"], r["wall_s"], r["cpu_s"], r["cores_used"], r["peak_rss_mb"], r["loadavg_before"]]
+        cells = [r["model"], r.get("via", "api"), r["run"], r["wall_s"], r["cpu_s"], r["cores_used"], r["peak_rss_mb"], r["loadavg_before"]]
         cells += [r["stages_s"].get(k, "") for k in kinds]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     print("\n| model | run | target | verdict | target s | INT8/FP32 speed-up (median [p25, p75], IQR) | threads profile/used | from cache |")
@@ -180,7 +207,7 @@ def print_table(rows: list[dict]) -> None:
                   if t["speedup_median"] else "-")
             th = f"{t['threads']['profile']}/{t['threads']['used']}" if t.get("threads") else "-"
             hits = ",".join(k for k, v in (t.get("cache") or {}).items() if v is True) or "none"
-            print(f"| {r['model']} | {r['run']} | {name} | {t['verdict']} | {t['seconds']} | {sp} | {th} | {hits} |")
+            print(f"| {r['model']} {r.get('via', 'api')} | {r['run']} | {name} | {t['verdict']} | {t['seconds']} | {sp} | {th} | {hits} |")
 
 
 def main() -> None:
@@ -189,7 +216,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="cold+warm pairs per model (default 1; quote medians of >= 3)")
     ap.add_argument("--jobs", default="default", help="--jobs for the builds (default: edgebuild's default)")
     ap.add_argument("--auto", action="store_true", help="with the accuracy search (default: --no-auto, as in issue 11)")
-    ap.add_argument("--models", default="mobilenet_v2", help="comma-separated: mobilenet_v2, resnet50 (default mobilenet_v2)")
+    ap.add_argument("--models", default="mobilenet_v2",
+                    help="comma-separated: mobilenet_v2, resnet50, demo (default mobilenet_v2)")
+    ap.add_argument("--via", default="api", help="comma-separated: api (build() in a child), cli (the edgebuild "
+                                                 "command); both: side by side on the same cache states")
     ap.add_argument("--resnet50", action="store_true", help="also ResNet-50 (defined here; same targets)")
     ap.add_argument("--cold-only", action="store_true", help="cold builds only (no warm re-run)")
     ap.add_argument("--calib-data", type=int, default=300, help="calibration samples in the data file (default 300)")
@@ -204,25 +234,31 @@ def main() -> None:
         calib, evals = make_data(work, args.calib_data, args.eval_samples)
         names = list(dict.fromkeys(args.models.split(",") + (["resnet50"] if args.resnet50 else [])))
         models = [(name, args.targets) for name in names]
+        vias = args.via.split(",")
         for kind, targets in models:
-            onnx = make_model(kind, work)
+            data = {} if kind == "demo" else {"model": str(make_model(kind, work)), "calib": str(calib),
+                                              "eval": str(evals)}
             for i in range(args.repeat):
-                cache = work / f"cache-{kind}-{i}"
-                spec = {"model": str(onnx), "calib": str(calib), "eval": str(evals), "targets": targets.split(","),
-                        "out": str(work / f"out-{kind}-{i}"), "auto": args.auto}
-                if args.calib_samples:
-                    spec["calib_samples"] = args.calib_samples
-                for run in ("cold",) if args.cold_only else ("cold", "warm"):
-                    print(f"{kind} {run} #{i + 1}: {targets} ...", file=sys.stderr, flush=True)
-                    rows.append({"model": kind, "run": f"{run} #{i + 1}", **run_build(spec, args.jobs, work, cache)})
-    if args.repeat > 1:  # medians of the repeats, per model and kind of run
-        for kind in dict.fromkeys(r["model"] for r in rows):
+                for via in vias:  # alternating, so the load of the shared machine falls on both alike
+                    cache = work / f"cache-{kind}-{via}-{i}"
+                    spec = {**data, "targets": targets.split(","), "out": str(work / f"out-{kind}-{via}-{i}"),
+                            "auto": args.auto}
+                    if args.calib_samples:
+                        spec["calib_samples"] = args.calib_samples
+                    for run in ("cold",) if args.cold_only else ("cold", "warm"):
+                        print(f"{kind} {via} {run} #{i + 1}: {targets} ...", file=sys.stderr, flush=True)
+                        rows.append({"model": kind, "via": via, "run": f"{run} #{i + 1}",
+                                     **run_build(spec, args.jobs, work, cache, via)})
+    if args.repeat > 1:  # medians of the repeats, per model, way and kind of run
+        for kind, via in dict.fromkeys((r["model"], r["via"]) for r in rows):
             for run in ("cold", "warm"):
-                same = [r for r in rows if r["model"] == kind and r["run"].startswith(run)]
+                same = [r for r in rows if r["model"] == kind and r["via"] == via and r["run"].startswith(run)]
+                if not same:
+                    continue
                 med = lambda key: round(float(np.median([r[key] for r in same])), 2)  # noqa: E731
                 stages = {k: round(float(np.median([r["stages_s"].get(k, 0.0) for r in same])), 2)
                           for k in dict.fromkeys(k for r in same for k in r["stages_s"])}
-                rows.append({"model": kind, "run": f"{run} median", "wall_s": med("wall_s"), "cpu_s": med("cpu_s"),
+                rows.append({"model": kind, "via": via, "run": f"{run} median", "wall_s": med("wall_s"), "cpu_s": med("cpu_s"),
                              "cores_used": med("cores_used"), "peak_rss_mb": med("peak_rss_mb"),
                              "loadavg_before": med("loadavg_before"), "stages_s": stages, "targets": {}})
     print_table(rows)

@@ -131,3 +131,61 @@ def test_a_build_stopped_by_bad_input_leaves_no_log(tmp_path):
     run = _cli("--model", "missing.onnx", "-o", "out", cwd=tmp_path)
     assert run.returncode == 2 and "model not found" in run.stderr
     assert not list(tmp_path.glob(".out.log-*")) and not (tmp_path / "out").exists()
+
+
+HOLDERS = textwrap.dedent('''
+    import json, multiprocessing as mp, os, subprocess, sys, time
+    from pathlib import Path
+    from edgebuild.pipeline.buildlog import BuildLog, captured
+
+    def child():
+        print("from the spawned child", flush=True)
+
+    def holders(pipes):
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in pipes:
+                        found.append(int(pid))
+                except OSError:
+                    pass
+        return sorted(set(found))
+
+    if __name__ == "__main__":
+        linger = sys.argv[2] == "linger"
+        log = BuildLog(Path(sys.argv[1]))
+        with captured(log):
+            pipes = {os.readlink("/proc/self/fd/1"), os.readlink("/proc/self/fd/2")}
+            p = mp.get_context("spawn").Process(target=child)  # starts the resource tracker unless it runs already
+            p.start(); p.join()
+            late = subprocess.Popen(["sleep", "60"]) if linger else None  # a grandchild outliving the build
+            t0 = time.perf_counter()
+        took = time.perf_counter() - t0
+        log.close()
+        print(json.dumps({"took": took, "holders": holders(pipes), "late": late.pid if late else None}))
+        if late:
+            late.kill()
+''')
+
+
+@pytest.mark.parametrize("linger", ["no", "linger"])
+def test_the_capture_ends_with_the_build_and_no_process_keeps_the_log_pipes(tmp_path, linger):
+    """multiprocessing's resource tracker, started by the first spawned child, used to inherit fds 1 and 2 (the log
+    pipes) and hold them until exit: every cold CLI build ended 2 x 5 s after its last stage, waiting for an EOF."""
+    script = tmp_path / "holders.py"
+    script.write_text(HOLDERS)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "build.log"), linger], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["took"] < 1.0, r  # was 10 s (two 5 s joins)
+    if linger == "no":
+        assert r["holders"] == [], r  # no process holds the pipes once the build has returned
+    else:
+        assert set(r["holders"]) <= {r["late"]}, r  # only the grandchild that outlived the build, which waits no one
+    assert "from the spawned child" in (tmp_path / "build.log").read_text()
