@@ -8,7 +8,11 @@ the archive, that none of that can happen:
 
 - every pickled payload (sample inputs, pickled weights/constants) loads with torch's restricted
   ``weights_only`` unpickler, so the full unpickler torch uses afterwards meets only allow-listed globals;
-- raw tensor payloads are named in the archive's payload config (never unpickled);
+- raw tensor payloads are named in the archive's payload config (never unpickled); a member that two configs
+  name counts as pickled if either says so;
+- every member is read by the audit: one that no program or config of the archive names (an extra
+  ``data/weights/*_config.json``, say) is refused, and so is an archive with two members of the same name
+  (Python's ``zipfile`` reads the last copy, torch's reader the first);
 - no AOTInductor code, shared library, torchbind or opaque object, extension operator or guard code;
 - node targets are ``torch.ops.<aten|prims|...>`` overloads, ``_operator``/``math`` functions or
   ``torch.sym_*``; shape expressions are arithmetic over symbols and known sympy functions.
@@ -37,59 +41,116 @@ _EXPR_CHARS = re.compile(r"[A-Za-z0-9_ +\-*/%(),<>=!&|~^]*")
 _SYMBOL = re.compile(r"[a-z]+[0-9]+")
 
 
-def audit_pt2(data: bytes) -> list[str]:
-    """What in a torch.export archive could run code when torch loads it (empty: safe to load)."""
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        names = [n for n in zf.namelist() if not n.endswith("/")]
-    except (zipfile.BadZipFile, ValueError) as e:
-        return [f"not a zip archive ({e})"]
-    if not names:
-        return ["empty archive"]
-    prefix = names[0].split("/", 1)[0] + "/" if "/" in names[0] else ""
-    if not all(n.startswith(prefix) for n in names):
-        prefix = ""
-    rel = {n[len(prefix):]: n for n in names}
+def audit_pt2(data: bytes, trusted: bool = False) -> list[str]:
+    """What in a torch.export archive could run code when torch loads it (empty: safe to load).
+
+    An archive that is not a well-formed torch.export program (an empty file, not a zip, duplicate member names,
+    members outside its root folder, JSON that does not parse) raises ``BrokenArchive``, also when ``trusted``
+    (the user's ``--trust-model`` skips only the audit of what would run)."""
+    zf, rel = _members(data)
+    models = sorted(n[len("models/"):-len(".json")] for n in rel if re.fullmatch(r"models/[^/]+\.json", n))
+    if not models:
+        raise BrokenArchive("no models/<name>.json program in the archive")
+    docs = {name: _json(zf, full, name) for name, full in rel.items() if name.endswith(".json")}
+    if trusted:
+        return []
     problems: list[str] = []
-    raw_payloads = set()
-    for name, full in rel.items():
-        if name.endswith(".json"):
-            try:
-                doc = json.loads(zf.read(full))
-            except (ValueError, UnicodeDecodeError):
-                problems.append(f"{name}: not valid JSON")
-                continue
-            if name.endswith("_config.json") and isinstance(doc, dict):
-                raw_payloads |= _raw_payloads(name, doc, problems)
-            else:
-                _audit_program(name, doc, problems)
-    for name, full in rel.items():
-        if name.endswith(".json") or name in _META_FILES or name in raw_payloads or name.startswith("extra/"):
-            continue
+    read = {n for n in rel if n in _META_FILES or n.startswith("extra/")}  # strings torch reads and never runs
+    payloads: dict[str, bool] = {}  # member -> unpickled by torch (any config that names it with use_pickle wins)
+    for m in models:
+        read.add(f"models/{m}.json")
+        _audit_program(f"models/{m}.json", docs[f"models/{m}.json"], problems)
+        for folder, kind in (("data/weights", "weights"), ("data/constants", "constants")):
+            legacy, config = f"{folder}/{m}.pt", f"{folder}/{m}_{kind}_config.json"
+            if legacy in rel:  # the old format: one pickle, unpickled by torch
+                payloads[legacy] = True
+            elif config in rel:
+                read.add(config)
+                for path, pickled in _payload_entries(config, docs[config], problems):
+                    payloads[f"{folder}/{path}"] = payloads.get(f"{folder}/{path}", False) or pickled
+        sample = f"data/sample_inputs/{m}.pt"
+        if sample in rel:
+            payloads[sample] = True
+    for name, pickled in payloads.items():
+        if name not in rel:
+            continue  # torch fails on the missing member itself; nothing of it runs
+        read.add(name)
+        if pickled:
+            problems.extend(_audit_pickle(name, zf.read(rel[name])))
+    for name in sorted(set(rel) - read):
         if name.startswith("data/aotinductor/") or name.endswith((".so", ".dll", ".dylib", ".cpp")):
             problems.append(f"{name}: compiled code (AOTInductor)")
-            continue
-        problems.extend(_audit_pickle(name, zf.read(full)))
+        else:
+            problems.append(f"{name}: a member no torch.export program config names (the audit cannot tell how "
+                            "torch would read it)")
     return problems
 
 
-def _raw_payloads(name: str, doc: dict, problems: list[str]) -> set[str]:
-    """Payload files a weights/constants config marks as raw tensor bytes (torch never unpickles them)."""
-    folder = name.rsplit("/", 1)[0]
-    raw = set()
-    for fqn, meta in (doc.get("config") or {}).items():
-        path = str(meta.get("path_name", ""))
+class BrokenArchive(ValueError):
+    """Not a torch.export program at all (say so; never suggest trusting it)."""
+
+
+def _members(data: bytes) -> tuple[zipfile.ZipFile, dict[str, str]]:
+    """The archive and its members by name inside the root folder (torch's reader strips the first member's
+    folder). Duplicate names are refused: Python's zipfile reads the last copy, torch's reader the first."""
+    if not data:
+        raise BrokenArchive("empty file")
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise BrokenArchive(f"not a zip archive: {e}") from None
+    if not infos:
+        raise BrokenArchive("empty archive")
+    all_names = [i.filename for i in infos]
+    dup = next((n for n in all_names if all_names.count(n) > 1), None) if len(set(all_names)) != len(all_names) else None
+    if dup is not None:
+        raise BrokenArchive(f"the archive holds two members named {dup!r}")
+    root = all_names[0].split("/", 1)[0] + "/"
+    rel: dict[str, str] = {}
+    for name in all_names:
+        if name.endswith("/"):
+            continue
+        inner = name[len(root):] if name.startswith(root) else None
+        if not inner or "\\" in name or any(p in ("", ".", "..") for p in inner.split("/")):
+            raise BrokenArchive(f"member {name[:120]!r} lies outside the archive's folder {root!r}")
+        rel[inner] = name
+    return zf, rel
+
+
+def _json(zf: zipfile.ZipFile, full: str, name: str):
+    try:
+        return json.loads(zf.read(full))
+    except RecursionError:
+        raise BrokenArchive(f"{name}: JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BrokenArchive(f"{name}: not valid JSON") from None
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:  # CRC, compression method, ...
+        raise BrokenArchive(f"{name}: unreadable member ({e})") from None
+
+
+def _payload_entries(name: str, doc, problems: list[str]) -> list[tuple[str, bool]]:
+    """(member, pickled) for every payload a weights/constants config names."""
+    config = doc.get("config") if isinstance(doc, dict) else None
+    if not isinstance(config, dict):
+        problems.append(f"{name}: not a payload config")
+        return []
+    entries = []
+    for fqn, meta in config.items():
+        path = str(meta.get("path_name", "")) if isinstance(meta, dict) else ""
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", path) or path.startswith("."):
-            problems.append(f"{name}: payload {fqn} has an unsafe path {path!r}")
+            problems.append(f"{name}: payload {str(fqn)[:80]} has an unsafe path {path[:80]!r}")
         elif path.startswith(("custom_obj", "opaque")):
-            problems.append(f"{name}: {fqn} is a torchbind/opaque object (loaded with a full unpickler)")
-        elif not meta.get("use_pickle"):
-            raw.add(f"{folder}/{path}")
-    return raw
+            problems.append(f"{name}: {str(fqn)[:80]} is a torchbind/opaque object (loaded with a full unpickler)")
+        else:
+            entries.append((path, meta.get("use_pickle") is not False))
+    return entries
 
 
 def _audit_program(name: str, doc, problems: list[str]) -> None:
-    def walk(node, key=None):
+    stack = [doc]  # iterative: a deeply nested document is data, not a RecursionError
+    while stack:
+        node = stack.pop()
         if isinstance(node, dict):
             for k, v in node.items():
                 if k == "guards_code" and v:
@@ -99,12 +160,9 @@ def _audit_program(name: str, doc, problems: list[str]) -> None:
                 elif k == "expr_str" and isinstance(v, str) and not _safe_expr(v):
                     problems.append(f"{name}: shape expression {v[:80]!r} is not plain arithmetic")
                 else:
-                    walk(v, k)
+                    stack.append(v)
         elif isinstance(node, list):
-            for v in node:
-                walk(v, key)
-
-    walk(doc)
+            stack.extend(node)
 
 
 def _safe_target(target: str) -> bool:
@@ -129,6 +187,7 @@ def _audit_pickle(name: str, data: bytes) -> list[str]:
         torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, AttributeError, TypeError,
             zipfile.BadZipFile, KeyError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        first = next((ln for ln in lines if "Unsupported global" in ln or "Unsupported operand" in ln), lines[0])
         return [f"{name}: a pickle that needs the full unpickler ({first[:160]})"]
     return []

@@ -167,19 +167,22 @@ def _exported_program(path: Path, spec: BuildSpec) -> LoadedModel:
 
     import torch
 
-    from edgebuild.pipeline.trust import audit_pt2
+    from edgebuild.pipeline.trust import BrokenArchive, audit_pt2
 
     _need_file(path)
     data = path.read_bytes()  # audit and load the same bytes
-    problems = [] if spec.trust_model else audit_pt2(data)
+    try:
+        problems = audit_pt2(data, trusted=spec.trust_model)
+    except BrokenArchive as e:
+        raise BadInputError(f"{path}: not a torch.export program ({e})") from None
     if problems:
         raise BadInputError(f"{path}: refusing to load a torch.export archive that could run code when loaded "
                             f"({problems[0]}{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); "
                             "if you trust this file, pass --trust-model")
     try:
         ep = torch.export.load(io.BytesIO(data))
-    except Exception as e:
-        raise BadInputError(f"{path}: not a torch.export program ({_first_line(e)})") from None
+    except Exception as e:  # RecursionError on a deeply nested program too: a broken file, one line
+        raise BadInputError(f"{path}: not a torch.export program ({type(e).__name__}: {_first_line(e)})") from None
     inputs = spec.inputs
     if not inputs:
         user = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]

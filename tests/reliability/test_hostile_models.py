@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -124,7 +125,88 @@ def _opaque_constant(src, marker):
     return _rewrite(src, edit)
 
 
+def _weight_marked_raw_by_an_extra_config(src, marker):
+    """The real config says weight_0 is pickled (torch unpickles it); an extra ``*_config.json`` says it is raw."""
+    raw = {}
+
+    def edit(n, d):
+        if n.endswith("model_weights_config.json"):
+            cfg = json.loads(d)
+            raw.update(json.loads(d))
+            cfg["config"]["fc.weight"]["use_pickle"] = True
+            return json.dumps(cfg).encode()
+        if n.endswith("data/weights/weight_0"):
+            return _evil_torch_save(marker)
+        return d
+    _rewrite(src, edit)  # fills ``raw`` with the clean config
+    edit.extra = {f"{src.stem}/data/weights/zz_weights_config.json": json.dumps(raw).encode()}
+    return _rewrite(src, edit)
+
+
+def _duplicate(src, marker, member):
+    """Two members named ``member``: Python's zipfile takes the last (clean), torch's reader the hostile one. Which
+    copy torch's reader finds depends on the layout (a binary search over the sorted names): both layouts are
+    tried and the one where torch reads the hostile copy is kept (reading a record's bytes runs nothing)."""
+    with zipfile.ZipFile(src) as z:
+        entries = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+    hostile = {n: _hostile_copy(member, d, marker) for n, d in entries if n.endswith(member)}
+    out = src.with_name("crafted-" + src.name)
+    for adjacent in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns about the duplicate name: that is the point
+            with zipfile.ZipFile(out, "w") as z:
+                for name, data in entries:
+                    z.writestr(name, hostile.get(name, data))
+                    if adjacent and name in hostile:
+                        z.writestr(name, data)
+                for name, data in entries:
+                    if not adjacent and name in hostile:
+                        z.writestr(name, data)
+        name = next(iter(hostile))
+        if torch._C.PyTorchFileReader(str(out)).get_record(name.split("/", 1)[1]) == hostile[name]:
+            return out
+    raise AssertionError("torch's reader took the clean copy in both layouts")
+
+
+def _hostile_copy(member: str, clean: bytes, marker: Path) -> bytes:
+    if member == "weight_0":  # a pickled weight: the payload
+        return _evil_torch_save(marker)
+    cfg = json.loads(clean)  # the weights config: weight_0 pickled ... and weight_0 itself is clean raw bytes,
+    cfg["config"]["fc.weight"]["use_pickle"] = True  # so torch unpickles raw float bytes: fails, runs nothing;
+    return json.dumps(cfg).encode()  # the duplicate-config test pairs it with an evil weight_0 below
+
+
+def _duplicate_weight(src, marker):
+    pickled = _pickled_weight_clean(src)
+    return _duplicate(pickled, marker, "weight_0")
+
+
+def _duplicate_config(src, marker):
+    def edit(n, d):
+        return _evil_torch_save(marker) if n.endswith("data/weights/weight_0") else d
+    evil = _rewrite(src, edit)  # weight_0 is a pickle; the (last) clean config calls it raw
+    evil = evil.rename(evil.with_name("evil-" + src.name))
+    return _duplicate(evil, marker, "model_weights_config.json")
+
+
+def _pickled_weight_clean(src):
+    """The archive with weight_0 stored as a pickled (clean) tensor, as torch writes some tensors."""
+    def edit(n, d):
+        if n.endswith("model_weights_config.json"):
+            cfg = json.loads(d)
+            cfg["config"]["fc.weight"]["use_pickle"] = True
+            return json.dumps(cfg).encode()
+        if n.endswith("data/weights/weight_0"):
+            buf = io.BytesIO()
+            torch.save(torch.zeros(3, 4), buf)
+            return buf.getvalue()
+        return d
+    out = _rewrite(src, edit)
+    return out.rename(out.with_name("pickled-" + src.name))
+
+
 CRAFTED = {
+    "weight marked raw by an extra config": _weight_marked_raw_by_an_extra_config,
     "pickled sample inputs": _sample_inputs_pickle,
     "pickled weight": _pickled_weight,
     "guard code": _guard_code,
@@ -143,6 +225,32 @@ def test_crafted_pt2_is_refused_and_runs_nothing(case, workdir, edgebuild):
     r.check(2, r"refusing to load a torch.export archive .*--trust-model")
     assert not marker.exists()
     assert not (workdir / "out").exists()
+
+
+DUPLICATES = {"two weights/weight_0": _duplicate_weight, "two model_weights_config.json": _duplicate_config}
+
+
+@pytest.mark.parametrize("case", list(DUPLICATES))
+def test_an_archive_with_duplicate_member_names_is_refused_and_runs_nothing(case, workdir, edgebuild):
+    marker = workdir / "pwned"
+    model = DUPLICATES[case](_pt2(workdir / "m.pt2"), marker)
+    r = edgebuild("--model", model, "--target", "onnx-cpu", "--calib", "x.npy", "--no-cache", "--trust-model")
+    r.check(2, r"not a torch.export program \(the archive holds two members named .*")
+    assert "--trust-model" not in r.error_lines[0]
+    assert not marker.exists()
+    assert not (workdir / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["weight marked raw by an extra config", *DUPLICATES])
+def test_the_new_crafted_payloads_are_live_without_the_audit(case, workdir):
+    """Each of these archives runs its payload in torch's own loader (so the refusals above test something)."""
+    marker = workdir / "pwned"
+    model = {**CRAFTED, **DUPLICATES}[case](_pt2(workdir / "m.pt2"), marker)
+    try:
+        torch.export.load(str(model))
+    except Exception:
+        pass
+    assert marker.exists()
 
 
 def test_the_crafted_payload_is_live_without_the_audit(workdir):
@@ -189,3 +297,18 @@ def test_pickle_in_a_state_dict_is_refused(workdir, edgebuild):
                   "--target", "onnx-cpu", "--no-cache")
     r.check(2, r"cannot read weights")
     assert not marker.exists()
+
+
+def test_an_empty_or_deeply_nested_pt2_is_a_broken_file_not_a_trust_question(workdir, edgebuild):
+    """A broken file is said to be broken: --trust-model is never suggested for it."""
+    (workdir / "empty.pt2").write_bytes(b"")
+    r = edgebuild("--model", "empty.pt2", "--target", "onnx-cpu", "--calib", "x.npy", "--no-cache")
+    r.check(2, r"empty\.pt2: not a torch\.export program \(empty file\)")
+    assert "--trust-model" not in r.error_lines[0]
+
+    def nest(n, d):
+        return b"[" * 100_000 + b"]" * 100_000 if n.endswith("models/model.json") else d
+    deep = _rewrite(_pt2(workdir / "m.pt2"), nest)
+    r = edgebuild("--model", deep, "--target", "onnx-cpu", "--calib", "x.npy", "--no-cache")
+    r.check(2, r"not a torch\.export program \(models/model\.json: JSON nested too deeply\)")
+    assert not (workdir / "out").exists()
