@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from edgebuild.errors import optional_imports
 from edgebuild.pipeline.errors import BadInputError
 
 _COUNTER = itertools.count(1)
@@ -43,8 +44,9 @@ def build(spec=None, /, *, stage: Callable | None = None, input_shape=None, **op
             raise BadInputError(f"build(): the first argument must be a BuildSpec or a dict, got {type(spec).__name__}")
     kwargs = {} if stage is None else {"stage": stage}
     if spec is not None:
-        return run_build(spec, **kwargs)
-    with tempfile.TemporaryDirectory(prefix="edgebuild-api-") as tmp:
+        with optional_imports():
+            return run_build(spec, **kwargs)
+    with optional_imports(), tempfile.TemporaryDirectory(prefix="edgebuild-api-") as tmp:
         data = _options_to_dict(options, input_shape, Path(tmp))
         try:
             return run_build(BuildSpec.from_dict(data), **kwargs)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from edgebuild.errors import optional_imports
 from edgebuild.pipeline.errors import BadInputError, EdgeBuildError
 from edgebuild.specs import PRECISIONS
 
@@ -21,7 +22,7 @@ EXIT_CODES = """\b
 Exit codes:
   0    all targets built and within budget
   1    a budget failed (artifacts kept, marked failed in manifest.json)
-  2    bad usage or bad input (one-line error)
+  2    bad usage or bad input, or a missing optional library (one-line error)
   3    a conversion failed (reported per target), or an internal error
   4    validate --emulate/--device: the emulator or the board is unavailable
   130  interrupted
@@ -299,8 +300,10 @@ def targets(profile):
 @click.option("--outputs", "outputs_file", metavar="FILE.npz",
               help="Judge outputs computed elsewhere (keyed by output name, sample-major, on the build's "
                    "reference/feeds.npz) against the FP32 outputs the build saved; runs nothing.")
+@click.option("--evaluator", metavar="PKG.MOD:FN", help="Your evaluator, when the build used one (imported from your "
+              "installation or the current directory; never the one an artifact's metadata names).")
 @click.option("--json", "as_json", is_flag=True, help="Print the validation result as JSON.")
-def validate_cmd(artifact_dir, eval_, emulate, device, outputs_file, as_json):
+def validate_cmd(artifact_dir, eval_, emulate, device, outputs_file, evaluator, as_json):
     """Re-check an existing artifact directory (e.g. out/arm64) on evaluation data: on this host, under the
     aarch64 emulator (--emulate) or on the board itself (--device); or judge outputs produced elsewhere against
     the reference the build saved (--outputs: exit 0 pass, 1 fail, 2 a file that does not fit). Exit 4:
@@ -313,7 +316,7 @@ def validate_cmd(artifact_dir, eval_, emulate, device, outputs_file, as_json):
         from edgebuild.pipeline.revalidate import validate_outputs
 
         def run(directory, _eval):
-            return validate_outputs(directory, outputs_file)
+            return validate_outputs(directory, outputs_file, evaluator)
     elif emulate:
         from edgebuild.pipeline.emulate import validate_emulated as run
     elif device:
@@ -321,10 +324,10 @@ def validate_cmd(artifact_dir, eval_, emulate, device, outputs_file, as_json):
 
         from edgebuild.pipeline.device import validate_on_device
 
-        run = partial(validate_on_device, url=device)
+        run = partial(validate_on_device, url=device, evaluator=evaluator)
     else:
         from edgebuild.pipeline.revalidate import revalidate as run
-    result = run(Path(artifact_dir), eval_)
+    result = run(Path(artifact_dir), eval_, **({"evaluator": evaluator} if not device and not outputs_file else {}))
     _record(Path(artifact_dir), "emulated" if emulate else "device" if device else "outputs" if outputs_file else "host",
             result)
     if as_json:
@@ -340,6 +343,25 @@ def validate_cmd(artifact_dir, eval_, emulate, device, outputs_file, as_json):
         from edgebuild.pipeline.errors import BudgetError
 
         raise BudgetError(f"{result['target']}: " + "; ".join(map(str, verdict.failures)))
+
+
+@cli.command("batch")
+@click.argument("matrix", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", default="batch", show_default=True, help="Output: DIR/<model>/<target>/ per cell, DIR/batch.json, DIR/batch.html.")
+@click.option("--address", help="Ray cluster to run on (host:port or auto; default $RAY_ADDRESS, else a local one).")
+@click.option("--no-resume", is_flag=True, help="Rebuild every cell (default: skip cells an earlier run finished).")
+@click.option("--local", is_flag=True, help="A local process pool instead of Ray (the default when Ray is not installed).")
+@click.option("--cpus", type=click.IntRange(min=1), help="CPUs of the local Ray cluster or pool (default: the host's).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def batch_cmd(matrix, out, address, no_resume, local, cpus, quiet):
+    """Build a matrix of models x targets (docs: README, Many models); exit with the worst cell (0/1/3, 2 bad matrix)."""
+    from edgebuild.pipeline.batch import run_batch
+
+    result = run_batch(matrix, out, address=address, resume=not no_resume, local=local, num_cpus=cpus,
+                       console=_console(), quiet=quiet)
+    click.echo(f"batch: exit {result.exit_code} · {out}/batch.json · {out}/batch.html")
+    if result.exit_code:
+        raise click.exceptions.Exit(result.exit_code)
 
 
 def _record(artifact_dir: Path, where: str, result: dict) -> None:
@@ -363,7 +385,8 @@ def main(argv=None) -> int:
 
     no_telemetry()
     try:
-        cli.main(args=argv, prog_name="edgebuild", standalone_mode=False)
+        with optional_imports():  # torch, scikit-learn, a backend's library missing: one line naming the extra
+            cli.main(args=argv, prog_name="edgebuild", standalone_mode=False)
         return 0
     except EdgeBuildError as e:
         click.echo(f"edgebuild: error: {e}", err=True)

@@ -6,6 +6,8 @@ traceback. ``calibration/``, ``targets/`` and ``pipeline/`` all import it from h
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 class EdgeBuildError(Exception):
     """Base class: one line for the user, one exit code."""
@@ -35,17 +37,63 @@ class ConversionError(EdgeBuildError):
     exit_code = 3
 
 
-class MissingToolError(ConversionError):
-    """A backend's library is not installed: says which and how to install it."""
+class MissingToolError(BadInputError):
+    """An optional library is not installed (exit 2: the install lacks an extra, nothing was built): one line naming
+    what needs it and the extra that brings it."""
 
-    EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "openvino": "openvino", "nncf": "openvino",
+    EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "onnxslim": "onnx",
+              "openvino": "openvino", "nncf": "openvino",
               "tensorflow": "tflite", "tf_keras": "tflite", "onnx2tf": "tflite", "onnx_graphsurgeon": "tflite",
-              "ai_edge_litert": "tflite", "tflite_micro": "tflite",
-              "torch": "torch"}  # import name -> the pyproject extra that installs it
+              "sng4onnx": "tflite", "ai_edge_litert": "tflite", "tflite_micro": "tflite", "flatbuffers": "tflite",
+              "torch": "torch", "safetensors": "torch", "onnxscript": "torch", "torch_pruning": "torch",
+              "sklearn": "torch", "ray": "batch", "matplotlib": "report"}  # import name -> the extra that installs it
+    DISTRIBUTIONS = {"sklearn": "scikit-learn", "tf_keras": "tf-keras", "onnx_graphsurgeon": "onnx-graphsurgeon",
+                     "ai_edge_litert": "ai-edge-litert", "tflite_micro": "tflite-micro",
+                     "torch_pruning": "torch-pruning"}  # import name -> what pip calls it, where they differ
+    NEEDED_BY = {  # what needs a library, when the code that found it missing did not say
+        "torch": "a PyTorch model (package.module:attr, .pt, .pt2), the built-in demo or --compress",
+        "sklearn": "the digits data (--calib/--eval digits, the built-in demo)",
+        "safetensors": "--weights .safetensors and the built-in demo",
+        "onnxscript": "exporting a .pt2 model", "torch_pruning": "--compress prune:method=structured",
+        "ray": "edgebuild batch on Ray", "matplotlib": "report.html's charts",
+    }
 
-    def __init__(self, target: str, package: str):
-        extra = self.EXTRAS.get(package, "all")
-        super().__init__(
-            f"target {target} needs {package}; install it with `pip install 'edgebuild[{extra}]'`, or the whole "
-            f"tested toolchain with `bash scripts/bootstrap.sh` (or `pip install -r requirements.lock`)"
-        )
+    def __init__(self, target: str, package: str, needed_by: str | None = None):
+        self.package = package.split(".")[0]
+        extra = self.EXTRAS.get(self.package, "all")
+        dist = self.DISTRIBUTIONS.get(self.package, self.package)
+        what = needed_by or (f"target {target}" if target else self.NEEDED_BY.get(self.package, "this build"))
+        super().__init__(f"{what} needs {dist}, which is not installed: install it with `pip install 'edgebuild[{extra}]'`"
+                         + (" (or every backend: 'edgebuild[all]')" if extra != "all" else ""))
+
+    @classmethod
+    def optional(cls, error: ModuleNotFoundError) -> "MissingToolError | None":
+        """The one-line error for an optional library's ModuleNotFoundError; None for any other module (a bug, or a
+        user's module: it keeps its traceback)."""
+        name = (getattr(error, "name", None) or "").split(".")[0]
+        return cls("", name) if name in cls.EXTRAS else None
+
+
+def require(module: str, needed_by: str):
+    """``importlib.import_module(module)``, or a MissingToolError naming ``needed_by`` and the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != module.split(".")[0]:
+            raise  # the library is there, something it imports is not: a broken install keeps its traceback
+        raise MissingToolError("", module, needed_by) from None
+
+
+@contextmanager
+def optional_imports():
+    """An optional library found missing anywhere in the block (``import torch`` deep in a stage) leaves it as the
+    one-line MissingToolError (exit 2) instead of a ModuleNotFoundError traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        missing = MissingToolError.optional(e)
+        if missing is None:
+            raise
+        raise missing from None

@@ -1,11 +1,13 @@
 """Lean installs: the lock carries nothing the code never imports (litert-torch's tree), every lock entry's
 requirements are in the lock (pip check clean on a fresh install), extras cover every backend, and a missing
-backend names its extra."""
+backend names its extra; a core-only install from the wheel answers every missing optional library in one line."""
 import re
 import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -72,3 +74,105 @@ def test_a_missing_backend_names_its_extra():
 
     assert "pip install 'edgebuild[openvino]'" in str(MissingToolError("x86", "nncf"))
     assert "pip install 'edgebuild[tflite]'" in str(MissingToolError("arm64", "tensorflow"))
+
+
+CORE_ONLY_TIMEOUT = 120
+
+
+def _core_closure() -> list:
+    """The core dependencies and everything they require (no extras), as installed distributions."""
+    todo, seen = list(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]), {}
+    while todo:
+        name = canonicalize_name(Requirement(todo.pop()).name)
+        if name in seen:
+            continue
+        seen[name] = dist = metadata.distribution(name)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if not req.marker or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return list(seen.values())
+
+
+def _install_core(site: Path) -> None:
+    """The locked core dependencies into ``site`` offline: each distribution's top-level files (from its RECORD),
+    linked from this environment's site-packages (tests download nothing, and the pip cache may be empty)."""
+    pins = _lock()
+    for dist in _core_closure():
+        assert pins.get(canonicalize_name(dist.metadata["Name"])) == dist.version, f"{dist.metadata['Name']} is not the locked version"
+        base = Path(dist.locate_file(""))
+        for top in {Path(str(f)).parts[0] for f in dist.files or () if not str(f).startswith("..")}:
+            if (base / top).exists() and not (site / top).exists():
+                (site / top).symlink_to(base / top)
+
+
+@pytest.fixture(scope="module")
+def core_only(tmp_path_factory):
+    """A fresh venv with the wheel built from this tree (no extras) and the core dependencies only."""
+    import shutil
+    import subprocess
+    import sys
+    import venv
+
+    tmp = tmp_path_factory.mktemp("core-only")
+    src = tmp / "src"  # the build writes build/ and *.egg-info: in a copy, never in the shared tree
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("pipeline", "targets", "calibration"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(tmp / "dist"),
+                    str(src)], check=True, timeout=CORE_ONLY_TIMEOUT, capture_output=True)
+    wheel = next((tmp / "dist").glob("edgebuild-*.whl"))
+    env = tmp / "venv"
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(env)
+    python = env / "bin" / "python"
+    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+                   check=True, timeout=CORE_ONLY_TIMEOUT, capture_output=True)
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    _install_core(site)
+    return env, wheel
+
+
+def _tiny_onnx(path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["images"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.slow
+def test_a_core_only_install_names_the_missing_extra_in_one_line(core_only, tmp_path):
+    """``pip install edgebuild`` without extras: every optional library a build reaches for is one line naming what
+    needs it and the extra to install, exit 2 — never a ModuleNotFoundError traceback."""
+    import subprocess
+
+    env, wheel = core_only
+    names = {p.split("/")[0] for p in __import__("zipfile").ZipFile(wheel).namelist()}
+    assert "edgebuild" in names and not {"tests", "scripts"} & names
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    (tmp_path / "mymod.py").write_text("import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n")
+    np.savez(tmp_path / "data.npz", images=np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32))
+    probe = subprocess.run([str(env / "bin" / "python"), "-c", "import importlib.util as u; "
+                            "print([m for m in ('torch', 'sklearn', 'openvino', 'tensorflow') if u.find_spec(m)])"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr  # really core-only
+    cases = [
+        (["--model", "tiny.onnx", "--calib", "digits", "-t", "onnx-cpu"], "--calib/--eval digits", "scikit-learn", "torch"),
+        (["--model", "mymod:make", "--input-shape", "1,4", "-t", "onnx-cpu"], "PyTorch model", "torch", "torch"),
+        (["--model", "tiny.onnx", "--calib", "data.npz", "-t", "x86"], "target x86", "openvino", "openvino"),
+    ]
+    for args, what, dist, extra in cases:
+        run = subprocess.run([str(env / "bin" / "edgebuild"), *args, "-o", "out", "-q"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=CORE_ONLY_TIMEOUT)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, (args, run.returncode, run.stderr[-3000:])
+        assert what in lines[0] and f"needs {dist}" in lines[0] and f"pip install 'edgebuild[{extra}]'" in lines[0], lines
+        assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
