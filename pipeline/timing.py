@@ -30,10 +30,14 @@ def latency(runner: Runner, evalset: SampleSet) -> dict:
 
 
 def host_cores() -> int:
+    """Cores this process may use: its CPU affinity, at most ``$EDGEBUILD_THREADS`` (a batch cell's ``num_cpus``:
+    pipeline/batch/cell.py), so every runtime's thread count follows the cores a scheduler gave the build."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = os.environ.get("EDGEBUILD_THREADS", "")
+    return max(1, min(cores, int(limit))) if limit.isdigit() and int(limit) > 0 else cores
 
 
 def _percentiles(times) -> dict:

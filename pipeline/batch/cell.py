@@ -1,0 +1,162 @@
+"""One cell of a batch, in its worker process: the ordinary build of one model for one target.
+
+``run_cell`` is what a Ray task (or a process-pool worker) runs. Each cell gets a fresh process (Ray
+``max_calls=1``, the pool's ``max_tasks_per_child=1``): its thread limits are set in the environment before any
+runtime is imported, and nothing a build changes in its process (``tempfile.tempdir``, runtimes' thread pools)
+reaches another cell. The build is the one the CLI runs: same spec, same output folder (manifest.json, report,
+build.log), same manifest.
+
+``finished`` decides whether a re-run may skip a cell: its output holds an edgebuild manifest of the same spec
+whose target built (pass or fail: an error is built again) and whose files still have their recorded sha256.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+import traceback
+from pathlib import Path
+
+# Thread knobs of the runtimes a build loads (OpenMP in torch/ORT's calibrators, BLAS, TensorFlow); ONNX Runtime,
+# OpenVINO and LiteRT get their thread count from pipeline/timing.host_cores(), which EDGEBUILD_THREADS bounds.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+              "TF_NUM_INTRAOP_THREADS", "EDGEBUILD_THREADS")
+RUNNING_DIR = ".running"  # <batch out>/.running/<model>--<target>.json: the worker running a cell (pid, node)
+
+
+def bound_threads(num_cpus: int) -> None:
+    """Every runtime of this process (and its converter children, which inherit the environment) uses
+    ``num_cpus`` threads. Call before the build imports torch, ONNX Runtime, OpenVINO or TensorFlow."""
+    for name in THREAD_ENV:
+        os.environ[name] = str(num_cpus)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:  # imported already (a reused worker): set its pools too
+        torch.set_num_threads(num_cpus)
+
+
+def running_marker(batch_out: Path, model: str, target: str) -> Path:
+    return batch_out / RUNNING_DIR / f"{model}--{target}.json"
+
+
+def run_cell(cell_data: dict, batch_out: str, shared_timing: bool) -> dict:
+    """Build one cell; returns its summary (``batch.json``'s cell). Never raises for a build that failed."""
+    from edgebuild.pipeline.batch.matrix import Cell
+
+    cell = Cell.from_dict(cell_data)
+    bound_threads(cell.resources.num_cpus)
+    marker = running_marker(Path(batch_out), cell.model, cell.target)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    node = {"host": socket.gethostname(), "pid": os.getpid(), "node_ip": _node_ip()}
+    marker.write_text(json.dumps({**node, "started": started}))
+    try:
+        record = _build(cell)
+    finally:
+        marker.unlink(missing_ok=True)
+    record.update(seconds=round(time.time() - started, 2), started=round(started, 3), worker=node,
+                  threads=cell.resources.num_cpus, timing_shared_cores=shared_timing)
+    if record["exit"] in (0, 1):
+        _write_cell_record(cell, record)
+    return record
+
+
+def _node_ip() -> str | None:
+    try:
+        import ray  # only present inside a Ray worker, already imported there
+
+        return ray.util.get_node_ip_address() if ray.is_initialized() else None
+    except ImportError:
+        return None
+
+
+def _build(cell) -> dict:
+    from edgebuild.pipeline.build import build
+    from edgebuild.pipeline.buildlog import build_log, keep
+    from edgebuild.pipeline.errors import EdgeBuildError
+    from edgebuild.pipeline.offline import no_telemetry
+    from edgebuild.pipeline.spec import BuildSpec
+
+    no_telemetry()
+    spec = BuildSpec.from_dict(cell.spec)
+    try:
+        with build_log(Path(spec.out), False) as (log, _terminal):
+            result = build(spec, jobs=1)
+        keep(log, result)
+    except EdgeBuildError as e:
+        return {**_cell_head(cell), "exit": e.exit_code, "verdict": "error", "error": str(e)}
+    except Exception as e:  # a bug: the cell fails with its traceback's last lines, the batch goes on
+        tb = traceback.format_exc().strip().splitlines()[-3:]
+        return {**_cell_head(cell), "exit": 3, "verdict": "error",
+                "error": f"internal error: {type(e).__name__}: {e} ({' | '.join(tb)})"}
+    return {**_cell_head(cell), **summary_of(result.manifest, cell.target, cell.out)}
+
+
+def _cell_head(cell) -> dict:
+    return {"model": cell.model, "target": cell.target, "out": str(cell.out), "skipped": False}
+
+
+def summary_of(manifest: dict, target: str, out: Path) -> dict:
+    """A cell's line of ``batch.json`` from its manifest: exit, verdict, artifact (+ sha256), precision, quality,
+    speed-up, size, and the formatted values of the build's own summary table."""
+    from edgebuild.pipeline.report import summary_rows
+    from edgebuild.pipeline.results import Manifest
+
+    typed = Manifest.from_dict(manifest)
+    t = typed.targets.get(target)
+    if t is None:
+        return {"exit": 3, "verdict": "error", "error": f"the build wrote no result for {target}"}
+    row = next((r for r in summary_rows(typed) if r["target"] == target), {})
+    files = t.files or {}
+    m = t.metrics
+    return {
+        "exit": typed.exit_code, "verdict": t.verdict.status, "error": t.verdict.error,
+        "artifact": f"{target}/{t.artifact}" if t.artifact else None,
+        "artifact_sha256": (files.get(t.artifact) or {}).get("sha256") if t.artifact else None,
+        "precision": t.precision, "accuracy_drop": None if m is None else m.accuracy_drop,
+        "speedup_vs_fp32": (t.ratios or {}).get("speedup_vs_fp32"), "size_bytes": t.size_bytes,
+        "build_seconds": typed.seconds, "report": "report.html",
+        "table": {k: row.get(k) for k in ("verdict", "accuracy", "drop", "p50", "size", "speedup")},
+    }
+
+
+def _write_cell_record(cell, record: dict) -> None:
+    """``batch_cell.json`` beside the manifest: where and how the batch ran this build (threads, node, whether its
+    timing shared the node's cores with other cells' conversions)."""
+    keep = {k: record[k] for k in ("worker", "threads", "timing_shared_cores", "seconds") if k in record}
+    path = cell.out / "batch_cell.json"
+    if cell.out.is_dir():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({**keep, "resources": cell.to_dict()["resources"],
+                                   "python": platform.python_version()}, indent=2))
+        os.replace(tmp, path)
+
+
+def finished(cell) -> dict | None:
+    """The summary of a cell an earlier run built, when it may be skipped; else None."""
+    from edgebuild.pipeline.build import edgebuild_manifest
+    from edgebuild.pipeline.errors import BadInputError
+    from edgebuild.pipeline.revalidate import verify_files
+
+    manifest = edgebuild_manifest(cell.out)
+    if manifest is None or manifest.get("spec") != cell.spec:
+        return None
+    entry = (manifest.get("targets") or {}).get(cell.target)
+    if not isinstance(entry, dict) or (entry.get("verdict") or {}).get("status") not in ("pass", "fail") \
+            or entry.get("from_earlier_build"):
+        return None
+    try:
+        verify_files(cell.out / cell.target, cell.out / cell.target / "metadata.json")
+    except (BadInputError, OSError):
+        return None
+    record = {**_cell_head(cell), **summary_of(manifest, cell.target, cell.out), "skipped": True}
+    try:
+        record.update({k: v for k, v in json.loads((cell.out / "batch_cell.json").read_text()).items()
+                       if k in ("worker", "threads", "timing_shared_cores", "seconds")})
+    except (OSError, ValueError):
+        pass
+    return record
