@@ -311,7 +311,7 @@ def _gate_compression(record: dict, spec: BuildSpec) -> dict:
 def judging_for(spec: BuildSpec, model) -> V.Judging:
     return V.Judging(output_names=tuple(o.name for o in model.outputs), task=spec.task,
                      task_options=tuple(sorted(spec.task_options.items())), labels_output=spec.labels_output,
-                     evaluator=spec.evaluator)
+                     evaluator=spec.evaluator, evaluator_base=os.pathsep.join(spec.python_path) or None)
 
 
 def _judging_record(judging: V.Judging, evalset, spec: BuildSpec, profiles) -> dict:

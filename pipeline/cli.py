@@ -315,7 +315,7 @@ def validate_cmd(artifact_dir, eval_, emulate, device, outputs_file, evaluator, 
     if outputs_file:
         from edgebuild.pipeline.revalidate import validate_outputs
 
-        def run(directory, _eval):
+        def run(directory, _eval, evaluator):
             return validate_outputs(directory, outputs_file, evaluator)
     elif emulate:
         from edgebuild.pipeline.emulate import validate_emulated as run
@@ -324,10 +324,10 @@ def validate_cmd(artifact_dir, eval_, emulate, device, outputs_file, evaluator, 
 
         from edgebuild.pipeline.device import validate_on_device
 
-        run = partial(validate_on_device, url=device, evaluator=evaluator)
+        run = partial(validate_on_device, url=device)
     else:
         from edgebuild.pipeline.revalidate import revalidate as run
-    result = run(Path(artifact_dir), eval_, **({"evaluator": evaluator} if not device and not outputs_file else {}))
+    result = run(Path(artifact_dir), eval_, evaluator=evaluator)
     _record(Path(artifact_dir), "emulated" if emulate else "device" if device else "outputs" if outputs_file else "host",
             result)
     if as_json:

@@ -177,7 +177,7 @@ def runner_failed(where: str, rc: int, stderr: str) -> EdgeBuildError:
     return ConversionError(f"{where}: the runtime failed on the artifact (exit {rc}): {_last_line(stderr)}")
 
 
-def validate_on_device(artifact_dir: Path, eval_source: str, url: str) -> dict:
+def validate_on_device(artifact_dir: Path, eval_source: str, url: str, evaluator: str | None = None) -> dict:
     from edgebuild.pipeline.revalidate import judged, load
 
     board = Board.parse(url)
@@ -185,7 +185,7 @@ def validate_on_device(artifact_dir: Path, eval_source: str, url: str) -> dict:
         raise BadInputError(f"{artifact_dir}: no metadata.json (is it a target directory of an edgebuild output?)")
     meta = json.loads((artifact_dir / "metadata.json").read_text())
     found = probe(board, meta.get("target", "?"), meta.get("backend", "?"))
-    loaded = load(artifact_dir, eval_source)
+    loaded = load(artifact_dir, eval_source, evaluator)
     with tempfile.TemporaryDirectory(prefix="edgebuild-device-") as tmp:
         job = Path(tmp) / "job"
         job.mkdir()

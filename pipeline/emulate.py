@@ -57,14 +57,14 @@ def command() -> tuple[list[str], dict]:
     return ["qemu-aarch64-static", "-cpu", CPU, "-L", str(root), python, RUNNER.name, "."], env
 
 
-def validate_emulated(artifact_dir: Path, eval_source: str) -> dict:
+def validate_emulated(artifact_dir: Path, eval_source: str, evaluator: str | None = None) -> dict:
     from edgebuild.pipeline.revalidate import judged, load
     from edgebuild.pipeline.stages.per_target import open_runner
 
     why = missing()
     if why:
         raise DeviceError(f"--emulate: the arm64 emulator is not set up: {why}; run `bash scripts/setup_arm64_emulator.sh`")
-    loaded = load(artifact_dir, eval_source)
+    loaded = load(artifact_dir, eval_source, evaluator)
     if loaded.meta["backend"] != "tflite":
         raise BadInputError(f"--emulate runs .tflite artifacts on aarch64 LiteRT; {artifact_dir} is a "
                             f"{loaded.meta['backend']} artifact")

@@ -76,17 +76,24 @@ def _verified(artifact_dir: Path) -> tuple[dict, Artifact]:
                           list(meta["files"]), meta["settings"], meta["io"])
 
 
-def _loaded(meta: dict, art: Artifact, evalset, reference: list, source: str) -> Loaded:
+def _loaded(meta: dict, art: Artifact, evalset, reference: list, source: str, evaluator: str | None) -> Loaded:
+    """``evaluator``: the user's own ``--evaluator``. An evaluator that only the artifact's metadata names is never
+    imported (a folder received from someone must not choose code to run): its name is asked for instead."""
     j = meta.get("judging") or {}
+    named = j.get("evaluator")
+    if named and not evaluator:
+        raise BadInputError(f"{art.directory}: this artifact was judged by the evaluator {str(named)[:200]!r} named in "
+                            "its metadata.json; validate never imports code an artifact folder names: if it is your "
+                            "own, pass --evaluator with its package.module:function")
     judging = V.Judging(output_names=tuple(j.get("outputs") or ()), task=j.get("task", "auto"),
                         task_options=tuple(sorted((j.get("task_options") or {}).items())),
-                        labels_output=j.get("labels_output") or None, evaluator=j.get("evaluator"))
+                        labels_output=j.get("labels_output") or None, evaluator=evaluator)
     return Loaded(meta, art, get_backend(meta["backend"]), evalset, reference, source, judging,
                   V.Budget.from_dict(meta["budgets"]))
 
 
-def load(artifact_dir: Path, eval_source: str | None) -> Loaded:
-    """``eval_source`` None: the build's own evaluation data (``build_evalset``)."""
+def load(artifact_dir: Path, eval_source: str | None, evaluator: str | None = None) -> Loaded:
+    """``eval_source`` None: the build's own evaluation data (``build_evalset``); ``evaluator``: the user's own."""
     from edgebuild.calibration.sources import load_source
 
     meta, art = _verified(artifact_dir)
@@ -94,7 +101,7 @@ def load(artifact_dir: Path, eval_source: str | None) -> Loaded:
                    for i in meta["source_inputs"])  # feeds are in the source model's layout; runners adapt
     pre = PreprocessSpec(**meta.get("preprocess", {}))
     evalset = load_source(eval_source, inputs, pre) if eval_source else build_evalset(artifact_dir, inputs)
-    return _loaded(meta, art, evalset, *_reference(artifact_dir, meta, evalset))
+    return _loaded(meta, art, evalset, *_reference(artifact_dir, meta, evalset), evaluator)
 
 
 def build_evalset(artifact_dir: Path, inputs: tuple[InputSpec, ...]):
@@ -149,10 +156,10 @@ def judged(loaded: Loaded, outputs: list, lat: dict | None, **extra) -> dict:
             "evaluation": loaded.evalset.describe(), "reference": loaded.reference_source, **extra}
 
 
-def revalidate(artifact_dir: Path, eval_source: str | None) -> dict:
+def revalidate(artifact_dir: Path, eval_source: str | None, evaluator: str | None = None) -> dict:
     from edgebuild.pipeline.stages.per_target import open_runner
 
-    loaded = load(artifact_dir, eval_source)
+    loaded = load(artifact_dir, eval_source, evaluator)
     profile_threads = loaded.meta["runtime"]["threads"]
     threads = max(1, min(profile_threads, timing.host_cores()))  # as the build timed it: no more threads than cores
     with open_runner(loaded.backend, loaded.artifact, threads) as runner:
@@ -161,7 +168,7 @@ def revalidate(artifact_dir: Path, eval_source: str | None) -> dict:
     return judged(loaded, outputs, lat)
 
 
-def validate_outputs(artifact_dir: Path, outputs_file: str) -> dict:
+def validate_outputs(artifact_dir: Path, outputs_file: str, evaluator: str | None = None) -> dict:
     """Outputs computed elsewhere (``outputs_file``: keyed by output name, sample-major, on reference/feeds.npz)
     judged against the FP32 outputs the build saved (pipeline/stages/reference.py) and its budgets, as any validation.
     No runtime is run, so no latency is judged. A file that does not fit the reference is a BadInputError (exit 2)."""
@@ -169,7 +176,7 @@ def validate_outputs(artifact_dir: Path, outputs_file: str) -> dict:
 
     meta, art = _verified(artifact_dir)
     saved = saved_reference.load((artifact_dir / meta["reference"]).parent)
-    loaded = _loaded(meta, art, saved.evalset, saved.outputs, "saved (reference/outputs.npz)")
+    loaded = _loaded(meta, art, saved.evalset, saved.outputs, "saved (reference/outputs.npz)", evaluator)
     outputs = saved_reference.read_outputs(Path(outputs_file), saved)
     return judged(loaded, outputs, None, outputs_file={"path": str(outputs_file), "samples": len(outputs),
                                                        "outputs": list(saved.output_names)})

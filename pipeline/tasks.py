@@ -9,7 +9,6 @@ Outputs reach an evaluator stacked over samples, by output name: ``{name: [N, *s
 from __future__ import annotations
 
 import inspect
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -249,14 +248,13 @@ BUILTIN: dict[str, Callable] = {"detection": detection, "segmentation": segmenta
 
 
 # ---- user evaluators -----------------------------------------------------------------------------------
-def load_evaluator(ref: str, base: Path | None = None) -> Callable:
-    """``pkg.mod:fn`` -> fn(outputs, labels, reference) -> {score: value}, higher is better."""
+def load_evaluator(ref: str, search: tuple = ()) -> Callable:
+    """``pkg.mod:fn`` -> fn(outputs, labels, reference) -> {score: value}, higher is better; its module is looked
+    for in ``search`` (the config's folders), then the current directory, imported by its own file path
+    (nothing is put on sys.path)."""
     from edgebuild.refs import import_ref
 
-    for folder in filter(None, (base, Path.cwd())):
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
-    obj = import_ref(ref, "evaluator")
+    obj = import_ref(ref, "evaluator", search=(*search, Path.cwd()))
     if not callable(obj):
         raise BadInputError(f"evaluator {ref} is not a function")
     return obj

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import logging
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ class LoadedModel:
 
 def load_model(spec: BuildSpec) -> LoadedModel:
     """The model of ``spec``; torch sources carry ``spec.output_names`` (an ONNX file names its own outputs)."""
-    add_import_paths(spec)  # also for evaluators and distillation teachers named package.module:attr
     loaded = _load(spec)
     if spec.output_names:
         if loaded.kind == "onnx":
@@ -201,8 +199,7 @@ def _exported_program(path: Path, spec: BuildSpec) -> LoadedModel:
 def _python_reference(ref: str, spec: BuildSpec) -> LoadedModel:
     import torch
 
-    add_import_paths(spec)
-    obj = import_ref(ref, "model")
+    obj = import_ref(ref, "model", search=import_folders(spec))
     if not isinstance(obj, torch.nn.Module):
         if not callable(obj):
             raise BadInputError(f"{ref} is neither an nn.Module nor a factory returning one")
@@ -222,14 +219,11 @@ def _python_reference(ref: str, spec: BuildSpec) -> LoadedModel:
                        _torch_inputs(spec, ref), module=obj.eval())
 
 
-def add_import_paths(spec: BuildSpec) -> None:
-    """Where ``package.module:attr`` references are imported from: the config file's directory (``python_path``,
-    set by load_config), then the current directory."""
-    for p in [str(Path.cwd()), *reversed(spec.python_path)]:
-        p = str(Path(p).resolve())
-        if p not in sys.path:
-            sys.path.insert(0, p)
-            log.debug("package.module:attr references import from %s", p)
+def import_folders(spec: BuildSpec) -> tuple[Path, ...]:
+    """Where a ``package.module:attr`` model's module is looked for: the config file's directory (``python_path``,
+    set by load_config), then the current directory. It is imported by its own file path: no folder is put on
+    ``sys.path`` (the working directory must never shadow a library for the whole process)."""
+    return (*(Path(p).resolve() for p in spec.python_path), Path.cwd())
 
 
 def load_state_dict(path: Path) -> dict:

@@ -10,6 +10,7 @@ each budget is a ``Check(metric, value, limit)``; the failures are the checks th
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class Judging:
     task_options: tuple[tuple[str, object], ...] = ()
     labels_output: str | None = None  # declared name; after ``resolve``: the output labels score, or ""
     evaluator: str | None = None  # pkg.mod:fn
-    evaluator_base: str | None = None  # folder added to the import path (the config's)
+    evaluator_base: str | None = None  # folders (os.pathsep-joined) the evaluator module is imported from (the config's)
     resolved: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -205,8 +206,7 @@ def _task_scores(ref: dict, out: dict, labels, judging: Judging) -> dict | None:
         result = {"name": judging.task, "reference": fn(ref, ref, labels, judging.options),
                   "artifact": fn(out, ref, labels, judging.options)}
     if judging.evaluator:
-        base = Path(judging.evaluator_base) if judging.evaluator_base else None
-        user = T.load_evaluator(judging.evaluator, base)
+        user = T.load_evaluator(judging.evaluator, tuple(filter(None, (judging.evaluator_base or "").split(os.pathsep))))
         scores_ref = T.call_evaluator(user, judging.evaluator, ref, labels, ref)
         scores_out = T.call_evaluator(user, judging.evaluator, out, labels, ref)
         result.setdefault("name", judging.evaluator)

@@ -171,15 +171,12 @@ def _apply(masks: list) -> None:
 
 def load_teacher(cfg: Config, ctx) -> nn.Module:
     """Import ``package.module:attr`` (an nn.Module, or a factory returning one) and load its weights."""
-    import sys
     from pathlib import Path
 
     from edgebuild.refs import import_ref
 
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # a user's model package next to edgebuild.yaml
-    try:
-        obj = import_ref(cfg.teacher, "teacher")
+    try:  # a user's model package next to edgebuild.yaml or in the current directory, by its own file path
+        obj = import_ref(cfg.teacher, "teacher", search=(*ctx.spec.python_path, Path.cwd()))
     except BadInputError as e:
         raise BadInputError(f"compress {ctx.label}: {e}") from None
     if not isinstance(obj, nn.Module) and callable(obj):
