@@ -27,6 +27,7 @@ DEAD = 1e-12  # a slice whose range is below this fraction of the output's range
 SOFTMAX_TOL = 1e-3
 NEAR_ZERO = 0.1  # samples whose norm is below this fraction of the median have no direction to judge
 NEGLIGIBLE_SCORE = 0.05  # a group of [0, 1] scores that never reaches this is below any decision threshold
+NO_ENERGY = 1e-4  # a channel group whose magnitude is below this fraction of the output's has no energy: never judged
 
 
 def sqnr_db(r: np.ndarray, o: np.ndarray) -> float:
@@ -103,6 +104,8 @@ def fidelity(ref: np.ndarray, out: np.ndarray) -> dict:
     per_sample = per_sample_cosine(ref, out) if ref[0].size > 1 else np.array([whole])
     m["cosine_mean"] = float(per_sample.mean())
     m["sqnr_db"] = sqnr_db(ref, out)
+    m["cosine_set"] = whole
+    m["cosine_energy"] = energy_weighted_cosine(ref, out, per_sample)
     worst = min(float(_directional(ref, per_sample).min()), whole)
     worst_sqnr = m["sqnr_db"]
     axis, groups = channel_groups(ref)
@@ -111,8 +114,10 @@ def fidelity(ref: np.ndarray, out: np.ndarray) -> dict:
         for g in groups:
             r, o = np.take(ref, g, axis=axis + 1), np.take(out, g, axis=axis + 1)
             c = cosine(r, o)
-            # scores that never come near a threshold are not judged: their int8 rounding decides nothing
-            judged = not (r.min() >= 0 and r.max() < NEGLIGIBLE_SCORE)
+            # scores that never come near a threshold are not judged: their int8 rounding decides nothing; nor are
+            # channels with no energy (an embedding dimension of ~2e-8 next to values of ~0.1: its SQNR is noise)
+            judged = not (r.min() >= 0 and r.max() < NEGLIGIBLE_SCORE) and \
+                float(np.abs(r).max(initial=0.0)) >= NO_ENERGY * scale
             if judged:
                 worst, worst_sqnr = min(worst, c), min(worst_sqnr, sqnr_db(r, o))
             m["groups"].append({"axis": axis, "slices": describe_group(g), "count": int(len(g)),
@@ -125,6 +130,18 @@ def fidelity(ref: np.ndarray, out: np.ndarray) -> dict:
         either = int((rp | op).sum())
         m["decision_agreement"] = 100.0 * int((rp & op).sum()) / either if either else 100.0
     return m
+
+
+def energy_weighted_cosine(ref: np.ndarray, out: np.ndarray, per_sample: np.ndarray | None = None) -> float:
+    """Mean per-sample cosine, each sample weighted by its energy (squared norm): a near-silent frame or a
+    near-zero regression target counts for as little as it weighs, a collapse of the loud ones is not averaged away."""
+    if per_sample is None:
+        per_sample = per_sample_cosine(ref, out) if ref[0].size > 1 else np.array([cosine(ref, out)])
+    if len(per_sample) != len(ref):
+        return float(per_sample.mean())
+    energy = (ref.reshape(len(ref), -1).astype(np.float64) ** 2).sum(1)
+    total = float(energy.sum())
+    return float((energy * per_sample).sum() / total) if total > 0 else float(per_sample.mean())
 
 
 def _directional(ref: np.ndarray, per_sample: np.ndarray) -> np.ndarray:

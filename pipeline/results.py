@@ -165,6 +165,7 @@ class Check:
     fmt: str = field(default=".4g", compare=False)
     output: str | None = None
     text: str | None = field(default=None, compare=False)
+    resolution: float = field(default=0.0, compare=False)  # the metric's own step (one sample of a percentage)
 
     @property
     def ok(self) -> bool:
@@ -174,13 +175,14 @@ class Check:
 
     @property
     def excess(self) -> float:
-        """How far past the limit, relative to the room the budget gives (<= 0 when it holds)."""
+        """How far past the limit, relative to the room the budget gives (<= 0 when it holds), on one scale: the room
+        is at least the metric's own resolution, so 1-2 samples past a budget of 0 pt read as 1-2, not 3703."""
         if not math.isfinite(self.value):
             return float("inf")
         if self.op == "max":
-            return (self.value - self.limit) / max(abs(self.limit), 1e-3)
+            return (self.value - self.limit) / max(abs(self.limit), self.resolution, 1e-3)
         ceiling = 1.0 if self.limit <= 1.0 else 100.0
-        return (self.limit - self.value) / max(ceiling - self.limit, 1e-3)
+        return (self.limit - self.value) / max(ceiling - self.limit, self.resolution, 1e-3)
 
     def __str__(self) -> str:
         if self.text is not None:
@@ -285,6 +287,8 @@ class TargetResult(_Record):
     cache: dict | None = None
     search: dict | None = None
     objective: dict | None = None
+    gate: dict | None = None  # what decided the verdict: the task metric (generic checks as collapse guard) or generic
+    quantized: dict | None = None  # share of the weights stored/run in INT8 (pipeline/stages/weights.py)
     profile: dict | None = None
     seconds: float | None = None
     previous: "TargetResult | None" = None  # this target's earlier build, still in its directory (failed now)
@@ -297,11 +301,11 @@ class TargetResult(_Record):
     MANIFEST: ClassVar[tuple[str, ...]] = (
         "verdict", "backend", "error", "precision", "artifact", "files", "settings", "metrics", "latency",
         "size_bytes", "memory", "ratios", "baseline_fp32", "failures", "failed_checks", "notes", "budgets",
-        "host_validation", "threads", "cache", "search", "objective", "profile", "seconds", "previous",
-        "from_earlier_build")
+        "host_validation", "threads", "cache", "search", "objective", "gate", "quantized", "profile", "seconds",
+        "previous", "from_earlier_build")
     VALIDATION: ClassVar[tuple[str, ...]] = (
         "target", "verdict", "failures", "failed_checks", "metrics", "latency", "size_bytes", "memory", "budgets",
-        "threads", "threads_used", "evaluation", "baseline_fp32", "ratios", "search", "objective")
+        "threads", "threads_used", "evaluation", "baseline_fp32", "ratios", "search", "objective", "gate", "quantized")
 
     @classmethod
     def failed(cls, backend: str, error: str) -> "TargetResult":

@@ -22,6 +22,7 @@ DEFAULT_GATES = {
     "detection": {"f1_min": 90.0},  # detections (after threshold + NMS) matching the FP32 model's, %
     "segmentation": {"miou_min": 90.0},  # mean IoU of the artifact's masks with the FP32 masks, %
     "sequence": {"sequence_agreement_min": 98.0},  # greedy-decoded sequences equal to the FP32 ones, %
+    "embedding": {"cosine_mean_min": 0.98},  # mean cosine of the artifact's embeddings with the FP32 ones
 }
 DETECTION_OPTIONS = {"layout": "auto", "score_threshold": 0.25, "iou_threshold": 0.45, "match_iou": 0.5,
                      "max_detections": 100, "box_format": "auto", "background_class": None,

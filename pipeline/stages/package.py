@@ -29,7 +29,7 @@ def _embed(ctx: BuildContext, profile: TargetProfile, art: Artifact, outdir: Pat
 
 def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen: Attempt, baseline: Attempt | None,
              budget: V.Budget, outdir: Path, search: dict | None = None, speedup: dict | None = None,
-             cache_use: dict | None = None, objective: dict | None = None) -> TargetResult:
+             cache_use: dict | None = None, objective: dict | None = None, quantized: dict | None = None) -> TargetResult:
     art = chosen.artifact
     embedded = _embed(ctx, profile, art, outdir)  # metadata inside the artifact, before its sha256 is taken
     from edgebuild.pipeline.memory import after_packaging
@@ -57,6 +57,7 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
         size_bytes=art.size_bytes, memory=chosen.memory, notes=art.notes, budgets=budget.to_dict(),
         host_validation=profile.host_validation, threads={"profile": profile.threads, "used": timing_threads(profile)},
         cache=cache_use, search=search, objective=objective, evaluation=chosen.data,
+        gate=V.gate(chosen.metrics, budget, ctx.job.judging.task), quantized=quantized,
         **(_versus_baseline(chosen, baseline, speedup) if baseline is not None else {}))
     (outdir / "validation.json").write_text(json.dumps(result.to_validation(), indent=2, default=str))
     return result

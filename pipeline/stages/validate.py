@@ -26,6 +26,10 @@ from edgebuild.targets.base import Runner
 DEFAULT_MIN_COSINE = 0.99  # fidelity floor of every output that is not class scores (worst sample / group)
 CLASS_MIN_COSINE = 0.9  # floor of class-score outputs (mean over samples): uniform or zero scores fail it
 CHANCE_MARGIN = 1.5  # reference accuracy below this many times the majority-class rate is "at chance"
+# When a task metric decides, the per-output checks only guard against collapse: the energy-weighted mean cosine and
+# the SQNR over the whole set (never the single worst sample, never a channel without energy) must reach these.
+GUARD_MIN_COSINE = 0.9
+GENERIC, TASK = "generic per-output checks", "task metric"
 
 
 @dataclass(frozen=True)
@@ -217,13 +221,54 @@ def _task_scores(ref: dict, out: dict, labels, judging: Judging) -> dict | None:
 
 
 # ---- judging ----------------------------------------------------------------------------------------------
+def decided_by(m: dict, task: str = "auto") -> str | None:
+    """The task metric that gates this build (its name), or None when only the generic per-output checks can.
+
+    A task metric exists with labels on a class-score output (accuracy), a built-in task's scores (detection,
+    segmentation, embedding, sequence), a user's evaluator, or ``task: classification`` (top-1 agreement)."""
+    scores = m.get("task") or {}
+    if scores.get("evaluator_scores"):
+        return f"evaluator {scores.get('name')} ({scores['evaluator_scores'][0]})"
+    if scores.get("name") in T.DEFAULT_GATES:
+        return f"task {scores['name']} ({', '.join(T.DEFAULT_GATES[scores['name']])})"
+    labelled = [n for n, o in m["outputs"].items() if "accuracy_drop" in o]
+    if labelled:
+        return f"accuracy on labels (output {labelled[0]})"
+    if task == "classification" and any(o["kind"] == "class_scores" for o in m["outputs"].values()):
+        first = next(n for n, o in m["outputs"].items() if o["kind"] == "class_scores")
+        return f"task classification (top-1 agreement of output {first})"
+    return None
+
+
+def gate(m: dict, budget: Budget, task: str = "auto") -> dict:
+    """What decided the verdict (for the manifest and report): the task metric, or the generic per-output checks."""
+    by = decided_by(m, task)
+    if by is None:
+        return {"decided_by": GENERIC, "detail": f"worst cosine (per sample, over the set, per channel group) and SQNR "
+                                                  f"of every output >= {_floor(budget)}"}
+    guard = _floor(budget) if budget.min_cosine is not None else GUARD_MIN_COSINE
+    return {"decided_by": TASK, "metric": by,
+            "guard": (f"collapse guard on every other output: energy-weighted mean cosine >= {guard} and SQNR over the set "
+                      f">= {M.sqnr_floor_db(guard):.1f} dB, each channel group too" + (" (cosine_min as budgeted)" if budget.min_cosine is not None else ""))}
+
+
+def _floor(budget: Budget) -> float:
+    return budget.min_cosine if budget.min_cosine is not None else DEFAULT_MIN_COSINE
+
+
 def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto",
            memory: dict | None = None) -> list[Check]:
-    """Every budget that applies to these measurements, each as a Check (passing or not)."""
+    """Every budget that applies to these measurements, each as a Check (passing or not).
+
+    With a task metric (``decided_by``), it gates; the other outputs are checked only against collapse (energy-
+    weighted mean cosine and SQNR over the set, or the user's own ``cosine_min``), so a generic check never vetoes
+    an artifact that keeps the task. Without one, every output is gated by its worst cosine and SQNR."""
     out: list[Check] = []
     if not m.get("finite", True):
         out.append(Check("finite", 0.0, 1.0, "min", what="outputs finite (the artifact produces NaN/Inf)", fmt=".0f"))
     drop = budget.max_accuracy_drop
+    by = decided_by(m, task)
+    step = 100.0 / max(int(m.get("samples") or 1), 1)  # one sample of a percentage over the samples
     for name, o in m["outputs"].items():
         label = f"output {name}: " if len(m["outputs"]) > 1 else ""
         if o["kind"] == "class_scores":
@@ -231,12 +276,14 @@ def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, ta
             out.append(Check(f"{name}.cosine", o["cosine"], floor, "min", what=f"{label}cosine similarity", output=name))
             if drop is not None and "accuracy_drop" in o:
                 out.append(Check(f"{name}.accuracy_drop", o["accuracy_drop"], drop, what=f"{label}accuracy drop",
-                                 unit=" pt", fmt=".2f", output=name))
-            elif drop is not None:
+                                 unit=" pt", fmt=".2f", output=name, resolution=step))
+            elif drop is not None and (by is None or by.endswith(f"output {name})")):
                 out.append(Check(f"{name}.top1_disagreement", 100.0 - o["top1_agreement"], drop, unit=" pt", fmt=".2f",
-                                 what=f"{label}top-1 disagreement with FP32 (no labels)", output=name))
+                                 what=f"{label}top-1 disagreement with FP32 (no labels)", output=name, resolution=step))
+        elif by is not None and budget.min_cosine is None:
+            out += _guard_checks(name, o, label)
         else:
-            floor = budget.min_cosine if budget.min_cosine is not None else DEFAULT_MIN_COSINE
+            floor = _floor(budget)
             worst = _worst_group(o)
             where = f" (channel group {worst['slices']} on axis {worst['axis']})" if worst else ""
             out.append(Check(f"{name}.cosine", o["cosine"], floor, "min", what=f"{label}cosine similarity{where}",
@@ -252,6 +299,22 @@ def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, ta
     if budget.max_size_mb is not None and size_bytes is not None:
         out.append(Check("size_mb", size_bytes / 1e6, budget.max_size_mb, kind="size", what="size", unit=" MB", fmt=".3f"))
     return out + memory_checks(memory, budget)
+
+
+def _guard_checks(name: str, o: dict, label: str) -> list[Check]:
+    """Collapse guards of an output the task metric does not score, over the set (low-energy samples count by their
+    weight, channels without energy not at all), and per channel group (scores collapsed next to box pixels)."""
+    cos, sqnr = o.get("cosine_energy", o.get("cosine_mean", o["cosine"])), o.get("sqnr_db", o["sqnr_min_db"])
+    where_cos = where_sqnr = ""
+    for g in (g for g in o.get("groups", []) if g["judged"]):
+        if g["cosine"] < cos:
+            cos, where_cos = g["cosine"], f" (channel group {g['slices']} on axis {g['axis']})"
+        if g["sqnr_db"] < sqnr:
+            sqnr, where_sqnr = g["sqnr_db"], f" (channel group {g['slices']} on axis {g['axis']})"
+    return [Check(f"{name}.cosine_energy", cos, GUARD_MIN_COSINE, "min", output=name,
+                  what=f"{label}collapse guard: energy-weighted mean cosine{where_cos}"),
+            Check(f"{name}.sqnr_db", sqnr, round(M.sqnr_floor_db(GUARD_MIN_COSINE), 2), "min", unit=" dB", fmt=".1f",
+                  what=f"{label}collapse guard: SQNR over the set{where_sqnr}", output=name)]
 
 
 def memory_checks(memory: dict | None, budget: Budget) -> list[Check]:
@@ -287,6 +350,7 @@ def _score_checks(m: dict, budget: Budget, task: str) -> list[Check]:
     named = {k.rsplit("_", 1)[0] for k in given}
     wanted = {k: v for k, v in wanted.items() if k.rsplit("_", 1)[0] not in named}
     out = []
+    step = 100.0 / max(int(m.get("samples") or 1), 1)
     for key, limit in {**wanted, **given}.items():
         base, _, op = key.rpartition("_")
         found = _find_score(m, base)
@@ -296,10 +360,22 @@ def _score_checks(m: dict, budget: Budget, task: str) -> list[Check]:
             if op == "drop":
                 if ref_value is None:
                     raise BadInputError(f"budget {key}: {base} has no reference value to drop from; use {base}_min")
-                out.append(Check(f"{metric}_drop", ref_value - value, limit, "max", what=f"{metric} drop vs FP32", fmt=".3f"))
+                out.append(Check(f"{metric}_drop", ref_value - value, limit, "max", what=f"{metric} drop vs FP32", fmt=".3f",
+                                 resolution=_resolution(base, ref_value, step)))
             else:
-                out.append(Check(metric, value, limit, op, what=metric, fmt=".4g"))
+                out.append(Check(metric, value, limit, op, what=metric, fmt=".4g",
+                                 resolution=_resolution(base, ref_value if ref_value is not None else value, step)))
     return out
+
+
+PERCENT_SCORES = ("accuracy", "agreement", "f1", "precision", "recall", "miou", "map50", "mAP50_vs_fp32")
+
+
+def _resolution(base: str, value: float | None, step: float) -> float:
+    """One sample's worth of a score in percent over the samples (its own resolution), else 0."""
+    metric = base.rpartition(".")[2].lower()
+    percent = any(metric.endswith(p.lower()) for p in PERCENT_SCORES) and (value is None or abs(value) > 1.0)
+    return step if percent else 0.0
 
 
 def _find_score(m: dict, base: str) -> list[tuple[str, float | None, float]]:

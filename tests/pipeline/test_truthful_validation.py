@@ -76,8 +76,9 @@ def test_collapsed_detector_fails_the_gate_naming_the_metric(detector_files, tmp
     t = m["targets"][target]
     assert code == 1 and t["verdict"] == "fail", t.get("error")
     assert t["metrics"]["cosine_mean"] > 0.99, "the whole tensor looks fine: the collapse hides in the scores"
-    assert any("channel group 4..6" in f for f in t["failures"]), t["failures"]
-    assert any(f.startswith("SQNR (channel group 4..6") for f in t["failures"]), t["failures"]
+    # the detection task decides (F1 vs FP32), and the collapse guard sees the score group collapsed
+    assert any("collapse guard" in f and "channel group 4..6" in f for f in t["failures"]), t["failures"]
+    assert any(f.startswith("collapse guard: SQNR over the set (channel group 4..6") for f in t["failures"]), t["failures"]
     assert t["metrics"]["task"]["artifact"]["recall"] < t["metrics"]["task"]["reference"]["recall"] == 100
     report = (tmp_path / "naive" / "report.md").read_text()
     assert "Task scores (detection)" in report and "| output0 | tensor |" in report

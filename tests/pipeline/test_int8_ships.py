@@ -1,0 +1,104 @@
+"""INT8 that ships (issue 28): the task decides, quality loss on one scale, what ships, names that tell the truth.
+
+The models are built here (tiny torch modules); their FP32 outputs are the reference, and an "artifact" is either
+the model's outputs with a known, INT8-sized error added (unit tests of the gate) or a real onnx-cpu build.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgebuild.pipeline.stages import validate as V
+from edgebuild.pipeline.stages.validate import Budget, Judging, compare, judge
+
+BUDGET = Budget(max_accuracy_drop=0.5, max_latency_ms=None, max_size_mb=None, min_cosine=None)
+
+
+def _two_head(n: int = 60):
+    """A face-net-like model: class scores (softmax) and a small box-offset regression head; inputs of very
+    different energy (quiet and loud samples). Returns (reference outputs per sample, labels)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+    cls, box = nn.Linear(32, 4), nn.Linear(32, 4)
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (n, 16)).astype(np.float32)
+    x *= np.where(np.arange(n) % 3 == 0, 0.15, 1.0)[:, None].astype(np.float32)  # a third are quiet samples
+    with torch.no_grad():
+        h = body(torch.from_numpy(x))
+        logits = cls(h) * 8.0
+        probs = torch.softmax(logits, 1).numpy()
+        offsets = (box(h) * 0.02).numpy()  # offsets near zero, as a centred face's box regression
+    return [[probs[i:i + 1], offsets[i:i + 1]] for i in range(n)], probs.argmax(1)
+
+
+def _int8_like(reference, noise: float, seed: int = 1):
+    """The reference with an error of fixed absolute size on the regression head (what an int8 scale leaves)."""
+    rng = np.random.default_rng(seed)
+    return [[p, b + rng.normal(0, noise, b.shape).astype(np.float32)] for p, b in reference]
+
+
+def test_task_perfect_int8_is_not_vetoed_by_the_per_sample_cosine_of_quiet_samples():
+    ref, labels = _two_head()
+    out = _int8_like(ref, 4e-4)
+    names = ("prob", "box")
+    # without a task metric (no labels), today's generic gate judges the worst sample: it fails on the quiet ones
+    m_generic = compare(ref, out, None, Judging(output_names=names, task="regression"))
+    assert V.decided_by(m_generic, "regression") is None
+    generic = judge(m_generic, None, None, BUDGET, "regression")
+    assert any(f.metric == "box.cosine" for f in generic), generic
+    # with labels, accuracy decides: the box head is only guarded against collapse (energy-weighted, over the set)
+    m = compare(ref, out, labels, Judging(output_names=names))
+    assert m["accuracy_drop"] == 0.0 and m["outputs"]["box"]["cosine"] < 0.99 < m["outputs"]["box"]["cosine_energy"]
+    assert judge(m, None, None, BUDGET) == []
+    g = V.gate(m, BUDGET)
+    assert g["decided_by"] == V.TASK and "accuracy" in g["metric"] and "collapse guard" in g["guard"]
+    assert V.gate(m_generic, BUDGET, "regression")["decided_by"] == V.GENERIC
+
+
+def test_no_false_pass_when_the_task_metric_collapses_or_an_unscored_output_collapses():
+    ref, labels = _two_head()
+    flipped = [[p[:, ::-1].copy(), b] for p, b in ref]  # class scores reversed: accuracy collapses
+    fails = judge(compare(ref, flipped, labels, Judging(output_names=("prob", "box"))), None, None, BUDGET)
+    assert any(f.metric == "prob.accuracy_drop" for f in fails), fails
+    dead_box = [[p, np.zeros_like(b) + 0.01] for p, b in ref]  # the box head collapsed to a constant
+    fails = judge(compare(ref, dead_box, labels, Judging(output_names=("prob", "box"))), None, None, BUDGET)
+    assert [f.metric for f in fails] == ["box.cosine_energy", "box.sqnr_db"], fails
+
+
+def test_a_channel_without_energy_never_decides():
+    """A sentence encoder's embedding dimension of ~2e-8: FP16 flushes it; its SQNR is noise, not a failure."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(0, 0.3, (40, 1, 32)).astype(np.float32)
+    emb[:, :, 7] = rng.normal(0, 2e-8, (40, 1))
+    out = emb + rng.normal(0, 1e-4, emb.shape).astype(np.float32)
+    out[:, :, 7] = 0.0
+    ref, art = [[e] for e in emb], [[o] for o in out]
+    m = compare(ref, art, None, Judging(output_names=("emb",)))
+    assert all(not g["judged"] for g in m["outputs"]["emb"].get("groups", []) if g["slices"] == "7")
+    assert judge(m, None, None, BUDGET) == []
+
+
+def test_quality_loss_is_on_the_metric_resolution_one_sample_is_not_a_collapse():
+    """27 samples: one sample is 3.7 pt. A selection budget of 0 pt missed by one sample is a loss of 1, not 3703."""
+    ref, labels = _two_head(27)
+    out = [list(s) for s in ref]
+    i = int(np.flatnonzero(labels != 0)[0])
+    p = out[i][0].copy()
+    p[0, 0] = p.max() + 0.1
+    out[i][0] = p / p.sum()
+    m = compare(ref, out, labels, Judging(output_names=("prob", "box")))
+    assert m["accuracy_drop"] == pytest.approx(100 / 27)
+    tight = Budget(max_accuracy_drop=0.0, max_latency_ms=None, max_size_mb=None, min_cosine=None)
+    loss = V.quality_loss(m, tight)
+    assert 0.9 < loss < 1.1, loss
+    from edgebuild.pipeline.stages.search import COLLAPSED_LOSS
+
+    assert loss < COLLAPSED_LOSS
+    # a real collapse (every sample wrong) is still far past the collapse line
+    flipped = [[s[0][:, ::-1].copy(), s[1]] for s in ref]
+    assert V.quality_loss(compare(ref, flipped, labels, Judging(output_names=("prob", "box"))), tight) > COLLAPSED_LOSS
