@@ -145,9 +145,13 @@ def finished(cell) -> dict | None:
     manifest = edgebuild_manifest(cell.out)
     if manifest is None or manifest.get("spec") != cell.spec:
         return None
-    entry = (manifest.get("targets") or {}).get(cell.target)
-    if not isinstance(entry, dict) or (entry.get("verdict") or {}).get("status") not in ("pass", "fail") \
-            or entry.get("from_earlier_build"):
+    from edgebuild.pipeline.results import Manifest
+
+    try:
+        entry = Manifest.from_dict(manifest).targets.get(cell.target)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+    if entry is None or entry.verdict.status not in ("pass", "fail") or entry.from_earlier_build:
         return None
     try:
         verify_files(cell.out / cell.target, cell.out / cell.target / "metadata.json")

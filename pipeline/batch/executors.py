@@ -57,7 +57,7 @@ class RayExecutor:
         import ray
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network: Ray's usage report off
-        common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+        common = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
         try:
             if self.address:
                 ray.init(address=self.address, **common)

@@ -91,25 +91,28 @@ def run_batch(matrix_file: str | Path, out: str | Path = "batch", address: str |
             records[cell.name] = done
         else:
             todo.append(cell)
-    with make_executor(address, local, num_cpus) as executor:
-        if todo:
+    executor = make_executor(address, local, num_cpus)
+    progress = _Progress(console, len(matrix.cells), 1, quiet)
+    for record in records.values():
+        progress.cell(record)
+    interrupted = None
+    if not todo:
+        progress.close()
+        description = {"name": executor.name, "note": "every cell was built earlier (skipped): nothing ran"}
+    else:
+        with executor:
             executor.check(todo)
-        slots = max(1, executor.description["cpus"] // max(1, min((c.resources.num_cpus for c in todo), default=1)))
-        if console is not None and not quiet and executor.name == "local":
-            console.print(executor.description["note"], style="dim", markup=False, highlight=False)
-        progress = _Progress(console, len(matrix.cells), slots, quiet)
-        for record in records.values():
-            progress.cell(record)
-        interrupted = None
-        try:
-            if todo:
+            description = executor.description
+            progress.slots = max(1, description["cpus"] // min(c.resources.num_cpus for c in todo))
+            if console is not None and not quiet and description.get("note"):
+                console.print(description["note"], style="dim", markup=False, highlight=False)
+            try:
                 records.update(executor.run(todo, out, matrix.retries, progress.cell))
-        except _Interrupted as e:
-            records.update({k: v for k, v in e.results.items() if k not in records})
-            interrupted = e
-        finally:
-            progress.close()
-        description = executor.description
+            except _Interrupted as e:
+                records.update({k: v for k, v in e.results.items() if k not in records})
+                interrupted = e
+            finally:
+                progress.close()
     _clean_markers(out)
     summary = write_summary(out, matrix, description, records, time.perf_counter() - t0)
     if interrupted is not None:
