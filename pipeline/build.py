@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgebuild.pipeline.cache import StageCache, default_root
+from edgebuild.pipeline.cache import StageCache, default_root, open_cache
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError
 from edgebuild.pipeline.offline import no_telemetry
 from edgebuild.pipeline.results import Manifest, TargetResult, compression_check
@@ -86,6 +86,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     out = Path(spec.out)
     _check_replaceable(out)
     _clean_stale(out)
+    cache = open_cache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
     no_telemetry()  # before any runtime starts; children inherit it
     staging, scratch = _make_workdirs(out)
     saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(scratch)  # all temp files (calibration data too)
@@ -104,7 +105,10 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
         with stage("exporting FP32 ONNX"):
             model, export_record = export_onnx(loaded, evalset, refdir, calib=calib)
             calib = budget_calibration(calib, model.onnx_path, spec, data_record)  # samples scaled to the model's cost
-        cache = StageCache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
+        if any(get_backend(p.backend).consumes == TORCH_EXPORT for p in profiles):
+            with stage("exporting the torch.export program"):
+                model, program_record = export_program(loaded, model, scratch)
+                export_record.update(program_record)
         with stage("running the FP32 reference"):
             reference, reference_cached = _reference_outputs(cache, model, evalset)
             save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # pipeline/stages/reference.py

@@ -2,20 +2,39 @@
 
 Entries live under ``$EDGEBUILD_CACHE`` (default ``~/.cache/edgebuild``); each is a directory of files plus
 ``artifact.json``. A hit copies the files into the new artifact directory (inputs are never mutated).
+
+Trust boundary: whoever can write in the cache can choose what a build ships, so an entry is used only when its
+writer is trusted, in one of two ways:
+
+- **a key** (``EDGEBUILD_CACHE_KEY``: the key itself, or ``EDGEBUILD_CACHE_KEY_FILE``: a file holding it, at least
+  16 bytes, never inside the cache): every entry carries an HMAC-SHA256 of its key name and its metadata (which
+  records each file's sha256); an entry whose HMAC does not verify (swapped and re-hashed, written without the
+  key or with another) is dropped and rebuilt. This is the way to share a cache (several users, Ray workers on a
+  shared filesystem): every writer uses the same key; ``open_cache(root)`` reads it from the environment.
+- **no key**: the cache is private to one user: its folder (and each entry) must belong to the user running the
+  build and must not be writable by group or others (it is created ``0700``). Otherwise it is not used: every
+  lookup is a miss, nothing is stored, a warning is logged and each artifact's notes say why.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
-from edgebuild.pipeline.errors import ConversionError
+from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.targets.base import Artifact
+
+KEY_ENV, KEY_FILE_ENV = "EDGEBUILD_CACHE_KEY", "EDGEBUILD_CACHE_KEY_FILE"
+MIN_KEY_BYTES = 16
+log = logging.getLogger("edgebuild.cache")
 
 
 def default_root() -> Path:
@@ -33,6 +52,34 @@ def code_hash() -> str:
                 h.update(f.name.encode())
                 h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def cache_key(root: Path | None = None, environ=None) -> bytes | None:
+    """The cache key from ``EDGEBUILD_CACHE_KEY`` or ``EDGEBUILD_CACHE_KEY_FILE`` (None: no key). A key that is too
+    short, a key file that cannot be read or that lies inside the cache ``root`` is a ``BadInputError``."""
+    env = os.environ if environ is None else environ
+    if env.get(KEY_ENV) and env.get(KEY_FILE_ENV):
+        raise BadInputError(f"{KEY_ENV} and {KEY_FILE_ENV} are both set: choose one")
+    if env.get(KEY_ENV):
+        secret, where = env[KEY_ENV].encode(), KEY_ENV
+    elif env.get(KEY_FILE_ENV):
+        path = Path(env[KEY_FILE_ENV]).expanduser()
+        if root is not None and path.resolve().is_relative_to(Path(root).resolve()):
+            raise BadInputError(f"{KEY_FILE_ENV}={path}: the cache key must not be stored in the cache ({root})")
+        try:
+            secret, where = path.read_bytes().strip(), f"{KEY_FILE_ENV}={path}"
+        except OSError as e:
+            raise BadInputError(f"{KEY_FILE_ENV}={path}: cannot read the cache key ({e.strerror or e})") from None
+    else:
+        return None
+    if len(secret) < MIN_KEY_BYTES:
+        raise BadInputError(f"{where}: a cache key needs at least {MIN_KEY_BYTES} bytes")
+    return secret
+
+
+def open_cache(root: Path | None) -> "StageCache":
+    """The stage cache at ``root`` (None: disabled) with the key from the environment, if any."""
+    return StageCache(root, cache_key(root) if root is not None else None)
 
 
 def key(**parts) -> str:
@@ -80,18 +127,52 @@ class StageCache:
     names that leave the entry) is removed; the rebuilt artifact's notes say so.
     """
 
-    def __init__(self, root: Path | None):
+    def __init__(self, root: Path | None, secret: bytes | None = None):
         self.root = root  # None: disabled
+        self.secret = secret  # the HMAC key (None: a private cache, checked by owner and mode)
         self.rejected: dict[str, str] = {}  # key -> why its entry was dropped (noted on the rebuilt artifact)
+        self._warned = False
+
+    # ---- trust: an HMAC with a key from outside the cache, or a cache only this user can write ----------------
+    def untrusted(self) -> str | None:
+        """Why the cache cannot be used (None: it can). With a key, entries prove themselves; without one, the
+        folder must be this user's and not writable by group or others."""
+        if self.root is None or self.secret is not None:
+            return None
+        why = _not_private(self.root)
+        if why and not self._warned:
+            self._warned = True
+            log.warning("stage cache %s %s and no %s is set: not used (every stage runs); make it private "
+                        "(chmod 700) or share it with a key", self.root, why, KEY_ENV)
+        return why
+
+    def _sign(self, k: str, meta: dict) -> dict:
+        if self.secret is None:
+            return meta
+        body = json.dumps({"entry": k, "meta": meta}, sort_keys=True).encode()
+        return {**meta, "hmac": hmac.new(self.secret, body, hashlib.sha256).hexdigest()}
+
+    def _verified(self, k: str, entry: Path, meta) -> dict:
+        """``meta`` without its signature, once the entry proved who wrote it (else ``BadEntry``)."""
+        if not isinstance(meta, dict):
+            raise BadEntry("metadata is not a mapping")
+        meta = dict(meta)
+        mac = meta.pop("hmac", None)
+        if self.secret is not None:
+            if not isinstance(mac, str) or not hmac.compare_digest(mac, self._sign(k, meta)["hmac"]):
+                raise BadEntry("its HMAC does not verify with this cache key (written without the key, or changed)")
+        elif _not_private(entry):
+            raise BadEntry(f"the entry {_not_private(entry)}")
+        return meta
 
     def get(self, k: str, directory: Path) -> Artifact | None:
-        if self.root is None:
+        if self.root is None or self.untrusted():
             return None
         entry = self.root / k
         if not (entry / "artifact.json").is_file():
             return None
         try:
-            art, digests = self._read_entry(entry, directory)
+            art, digests = self._read_entry(k, entry, directory)
         except BadEntry as e:
             self.rejected[k] = str(e)
             self._drop(entry)
@@ -121,9 +202,9 @@ class StageCache:
         art.notes = [*art.notes, "restored from the stage cache (sha256 verified)"]
         return art
 
-    def _read_entry(self, entry: Path, directory: Path) -> tuple[Artifact, dict[str, str]]:
+    def _read_entry(self, k: str, entry: Path, directory: Path) -> tuple[Artifact, dict[str, str]]:
         try:
-            meta = json.loads((entry / "artifact.json").read_text())
+            meta = self._verified(k, entry, json.loads((entry / "artifact.json").read_text()))
             if "sha256" not in meta:
                 raise BadEntry("no sha256 recorded (an entry of an older edgebuild)")
             digests = meta.pop("sha256")
@@ -163,6 +244,10 @@ class StageCache:
     def put(self, k: str, art: Artifact) -> None:
         if self.root is None:
             return
+        why = self.untrusted()
+        if why:
+            art.notes.append(f"not stored in the stage cache: {self.root} {why} (no {KEY_ENV})")
+            return
         if k in self.rejected:
             art.notes.append(f"the stage cache entry was bad ({self.rejected.pop(k)}): removed and rebuilt")
         try:
@@ -174,7 +259,7 @@ class StageCache:
         bad = [n for n in [*art.files, art.main] if not plain_name(n)]
         if bad:
             raise OSError(f"file name {bad[0]!r} is not a plain file name")
-        self.root.mkdir(parents=True, exist_ok=True)
+        _make_root(self.root)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         try:
             digests = {}
@@ -183,7 +268,7 @@ class StageCache:
                 digests[f] = file_hash(tmp / f)
                 if digests[f] != file_hash(art.directory / f):
                     raise OSError(f"{f} changed while being stored")
-            _publish(tmp, tmp / "artifact.json", {**art.to_dict(), "sha256": digests}, self.root / k)
+            _publish(tmp, tmp / "artifact.json", self._sign(k, {**art.to_dict(), "sha256": digests}), self.root / k)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -192,13 +277,13 @@ class StageCache:
         """``(payload, arrays)`` stored under ``k``, or None (a miss, or a bad entry: removed)."""
         import numpy as np
 
-        if self.root is None:
+        if self.root is None or self.untrusted():
             return None
         entry = self.root / k
         if not (entry / RESULT_FILE).is_file():
             return None
         try:
-            meta = json.loads((entry / RESULT_FILE).read_text())
+            meta = self._verified(k, entry, json.loads((entry / RESULT_FILE).read_text()))
             payload, files = meta["payload"], meta["files"]
             if _payload_digest(payload) != meta["payload_sha256"] or not isinstance(files, dict):
                 raise BadEntry("result.json does not match its recorded sha256")
@@ -225,12 +310,12 @@ class StageCache:
         unwritable cache: it costs speed, never the build)."""
         import numpy as np
 
-        if self.root is None:
+        if self.root is None or self.untrusted():
             return False
         self.rejected.pop(k, None)
         try:
             meta = {"payload": payload, "payload_sha256": _payload_digest(payload), "files": {}}
-            self.root.mkdir(parents=True, exist_ok=True)
+            _make_root(self.root)
             tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         except (TypeError, ValueError, OSError):
             return False
@@ -239,7 +324,7 @@ class StageCache:
                 with open(tmp / ARRAYS_FILE, "wb") as fh:
                     np.savez(fh, **arrays)
                 meta["files"][ARRAYS_FILE] = file_hash(tmp / ARRAYS_FILE)
-            _publish(tmp, tmp / RESULT_FILE, meta, self.root / k)
+            _publish(tmp, tmp / RESULT_FILE, self._sign(k, meta), self.root / k)
             return True
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -255,3 +340,29 @@ RESULT_FILE, ARRAYS_FILE = "result.json", "arrays.npz"
 
 def _payload_digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _not_private(path: Path) -> str | None:
+    """Why ``path`` (the cache, or an entry in it) could be written by someone else (None: only by this user)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None  # created 0700 by this user when first needed
+    except OSError as e:
+        return f"cannot be checked ({e.strerror or e})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.getuid():
+        return f"belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"is writable by {'group and others' if st.st_mode & 0o022 == 0o022 else 'others' if st.st_mode & 0o002 else 'its group'} (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _make_root(root: Path) -> None:
+    """The cache folder, created private (0700) when missing."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(mode=0o700)
+    except FileExistsError:
+        pass

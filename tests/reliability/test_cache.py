@@ -156,3 +156,120 @@ def test_concurrent_puts_of_one_key_leave_one_good_entry(tmp_path):
         t.join()
     assert cache.get("k", tmp_path / "dst") is not None
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["k"]  # no temporary left
+
+
+# ---- the trust boundary: an HMAC with a key from outside the cache, or a cache private to one user ------------
+KEY = b"k" * 32
+
+
+def _swap_and_rehash(entry: Path, mac_key: bytes | None = None) -> None:
+    """What a cache writer without the key can do: swap a file and record its new sha256 (and sign with its own key)."""
+    import hashlib
+    import hmac
+
+    (entry / "model_int8.onnx").write_bytes(b"an FP32 model, not INT8" * 10)
+    meta = json.loads((entry / "artifact.json").read_text())
+    meta.pop("hmac", None)
+    meta["sha256"]["model_int8.onnx"] = hashlib.sha256((entry / "model_int8.onnx").read_bytes()).hexdigest()
+    if mac_key:
+        body = json.dumps({"entry": entry.name, "meta": meta}, sort_keys=True).encode()
+        meta["hmac"] = hmac.new(mac_key, body, hashlib.sha256).hexdigest()
+    (entry / "artifact.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("resigned_with", [None, b"x" * 32], ids=["unsigned", "another key"])
+def test_with_a_key_a_swapped_and_rehashed_entry_is_rejected(resigned_with, tmp_path):
+    cache = StageCache(tmp_path / "cache", KEY)
+    cache.put("k", _artifact(tmp_path / "src"))
+    assert cache.get("k", tmp_path / "good") is not None  # signed and verified
+    _swap_and_rehash(tmp_path / "cache" / "k", resigned_with)
+    assert cache.get("k", tmp_path / "dst") is None
+    assert "HMAC does not verify" in cache.rejected["k"]
+    assert not (tmp_path / "dst" / "model_int8.onnx").exists()
+
+
+def test_with_a_key_an_entry_moved_to_another_key_or_a_forged_result_is_rejected(tmp_path):
+    cache = StageCache(tmp_path / "cache", KEY)
+    cache.put("a", _artifact(tmp_path / "src"))
+    os.rename(tmp_path / "cache" / "a", tmp_path / "cache" / "b")  # signed for "a", not for "b"
+    assert cache.get("b", tmp_path / "dst") is None
+    assert cache.put_result("lat", {"p50_ms": 3.2})
+    entry = tmp_path / "cache" / "lat" / "result.json"
+    meta = json.loads(entry.read_text())
+    meta["payload"] = {"p50_ms": 0.000123}
+    from edgebuild.pipeline.cache import _payload_digest
+    meta["payload_sha256"] = _payload_digest(meta["payload"])
+    entry.write_text(json.dumps(meta))
+    assert cache.get_result("lat") is None
+
+
+def test_without_a_key_the_same_swap_is_the_owner_s_own_business(tmp_path):
+    """No key: the cache is private (0700, this user's): only its owner can swap an entry."""
+    cache = StageCache(tmp_path / "cache")
+    cache.put("k", _artifact(tmp_path / "src"))
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+    assert cache.untrusted() is None
+
+
+@pytest.mark.parametrize("how", ["world-writable", "group-writable", "another user", "a file"])
+def test_without_a_key_a_cache_others_can_write_is_not_used(how, tmp_path, caplog):
+    root = tmp_path / "cache"
+    StageCache(root).put("k", _artifact(tmp_path / "src"))
+    StageCache(root).put_result("r", {"p50_ms": 1.0})
+    if how == "world-writable":
+        root.chmod(0o777)
+    elif how == "group-writable":
+        root.chmod(0o770)
+    elif how == "another user":
+        if os.getuid() != 0:
+            pytest.skip("chown to another user needs root")
+        os.chown(root, 65534, 65534)
+    else:
+        import shutil
+        shutil.rmtree(root)
+        root.write_text("not a folder")
+    cache = StageCache(root)
+    with caplog.at_level("WARNING", logger="edgebuild.cache"):
+        assert cache.get("k", tmp_path / "dst") is None and cache.get_result("r") is None
+    assert "not used" in caplog.text and "EDGEBUILD_CACHE_KEY" in caplog.text
+    art = _artifact(tmp_path / "new")
+    cache.put("k2", art)
+    assert any("not stored in the stage cache" in n for n in art.notes), art.notes
+    assert not cache.put_result("r2", {"x": 1})
+    assert StageCache(root, KEY).untrusted() is None  # a key makes a shared cache usable
+
+
+def test_without_a_key_an_entry_of_another_user_is_dropped(tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("chown to another user needs root")
+    cache = StageCache(tmp_path / "cache")
+    cache.put("k", _artifact(tmp_path / "src"))
+    os.chown(tmp_path / "cache" / "k", 65534, 65534)
+    assert cache.get("k", tmp_path / "dst") is None
+    assert "belongs to another user" in cache.rejected["k"]
+
+
+def test_the_key_comes_from_the_environment_never_from_the_cache(tmp_path):
+    from edgebuild.pipeline.cache import cache_key
+    from edgebuild.pipeline.errors import BadInputError
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    assert cache_key(root, {}) is None
+    assert cache_key(root, {"EDGEBUILD_CACHE_KEY": "s" * 16}) == b"s" * 16
+    (tmp_path / "key").write_bytes(b"f" * 20 + b"\n")
+    assert cache_key(root, {"EDGEBUILD_CACHE_KEY_FILE": str(tmp_path / "key")}) == b"f" * 20
+    (root / "key").write_bytes(b"f" * 20)
+    for env, message in [({"EDGEBUILD_CACHE_KEY_FILE": str(root / "key")}, "must not be stored in the cache"),
+                         ({"EDGEBUILD_CACHE_KEY": "short"}, "at least 16 bytes"),
+                         ({"EDGEBUILD_CACHE_KEY_FILE": str(tmp_path / "nope")}, "cannot read the cache key"),
+                         ({"EDGEBUILD_CACHE_KEY": "s" * 16, "EDGEBUILD_CACHE_KEY_FILE": "x"}, "choose one")]:
+        with pytest.raises(BadInputError, match=message):
+            cache_key(root, env)
+
+
+def test_a_bad_cache_key_is_one_line_exit_2_before_any_work(workdir, edgebuild, monkeypatch):
+    monkeypatch.setenv("EDGEBUILD_CACHE_KEY", "short")
+    r = edgebuild("--target", "onnx-cpu", "--no-auto")
+    r.check(2, "EDGEBUILD_CACHE_KEY: a cache key needs at least 16 bytes")
+    assert list(workdir.iterdir()) == []
