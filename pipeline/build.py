@@ -105,10 +105,6 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
         with stage("exporting FP32 ONNX"):
             model, export_record = export_onnx(loaded, evalset, refdir, calib=calib)
             calib = budget_calibration(calib, model.onnx_path, spec, data_record)  # samples scaled to the model's cost
-        if any(get_backend(p.backend).consumes == TORCH_EXPORT for p in profiles):
-            with stage("exporting the torch.export program"):
-                model, program_record = export_program(loaded, model, scratch)
-                export_record.update(program_record)
         with stage("running the FP32 reference"):
             reference, reference_cached = _reference_outputs(cache, model, evalset)
             save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # pipeline/stages/reference.py
