@@ -42,10 +42,51 @@ def _parse_shape(text: str | None):
     try:
         shape = tuple(int(v) for v in text.strip().strip("[]()").replace("x", ",").split(","))
     except ValueError:
-        raise BadInputError(f"--input-shape must look like 1,3,224,224, got {text!r}") from None
+        raise BadInputError(f"--input-shape must look like 1,3,224,224 or NAME:1,3,224,224, got {text!r}") from None
     if any(d <= 0 for d in shape):
         raise BadInputError(f"--input-shape must be positive integers, got {text!r}")
     return shape
+
+
+def _parse_input_shapes(texts) -> list[tuple[str | None, tuple[int, ...]]]:
+    """Each ``--input-shape``: ``NAME:1,3,224,224`` (the input of that name; the name may itself hold a colon, as
+    TensorFlow's ``input:0``) or ``1,3,224,224`` (the model's only input, whatever it is called)."""
+    if isinstance(texts, str):
+        texts = (texts,)
+    shapes = []
+    for text in texts or ():
+        name, colon, dims = text.rpartition(":")
+        shapes.append((name.strip() or None, _parse_shape(dims)) if colon else (None, _parse_shape(text)))
+    unnamed = [s for n, s in shapes if n is None]
+    if unnamed and len(shapes) > 1:
+        raise BadInputError("several --input-shape flags: name each input, e.g. --input-shape image:1,3,224,224 "
+                            "--input-shape mask:1,1,224,224")
+    names = [n for n, _ in shapes if n]
+    if len(set(names)) != len(names):
+        raise BadInputError(f"--input-shape names an input twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    return shapes
+
+
+def _bind_input_shapes(data: dict, texts) -> None:
+    """--input-shape over the config's ``inputs``: a named shape sets (or adds) that input; an unnamed one sets the
+    only input (for an ONNX file, the graph's one input whatever its name: edgebuild.pipeline.stages.load binds it)."""
+    shapes = _parse_input_shapes(texts)
+    if not shapes:
+        return
+    inputs = [dict(i) for i in data.get("inputs") or []]
+    if shapes[0][0] is None:
+        if len(inputs) > 1:
+            raise BadInputError(f"--input-shape {','.join(map(str, shapes[0][1]))}: the config has inputs "
+                                f"{[i.get('name') for i in inputs]}; say which: --input-shape NAME:1,3,224,224")
+        data["inputs"] = [{**(inputs[0] if inputs else {}), "shape": list(shapes[0][1])}]
+        return
+    for name, shape in shapes:
+        same = next((i for i in inputs if i.get("name", "input") == name), None)
+        if same is None:
+            inputs.append({"name": name, "shape": list(shape)})
+        else:
+            same.update(name=name, shape=list(shape))
+    data["inputs"] = inputs
 
 
 def spec_from_flags(config: str | None, **flags):
@@ -55,11 +96,7 @@ def spec_from_flags(config: str | None, **flags):
     config_path = config or ("edgebuild.yaml" if Path("edgebuild.yaml").is_file() else None)
     if config_path:
         data = _manifest_spec(Path(config_path)) or load_config(config_path)
-    shape = _parse_shape(flags.pop("input_shape"))
-    if shape:
-        first = dict((data.get("inputs") or [{}])[0])
-        first.update(shape=list(shape))
-        data["inputs"] = [first, *(data.get("inputs") or [])[1:]]
+    _bind_input_shapes(data, flags.pop("input_shape"))
     preprocess = _preprocess_flags(flags)
     if preprocess:
         data["preprocess"] = {**(data.get("preprocess") or {}), **preprocess}
@@ -191,7 +228,9 @@ def _nullcontext():
 @click.option("--target", "-t", multiple=True, help="Target profile(s) to build (repeat or comma-separate; 'all' for the catalogue).")
 @click.option("--model", "-m", help="Model: file.onnx, TorchScript .pt, torch.export .pt2, or package.module:attr. Default: the built-in demo.")
 @click.option("--weights", help="Weights for a package.module:attr model (.safetensors or a state-dict .pt).")
-@click.option("--input-shape", help="Input shape for torch models, e.g. 1,3,224,224.")
+@click.option("--input-shape", multiple=True, metavar="[NAME:]SHAPE",
+              help="Input shape, e.g. 1,3,224,224 (the model's one input, whatever its name) or images:1,3,640,640 "
+                   "(by name; repeat for several inputs). Torch models need it; ONNX models with dynamic dimensions too.")
 @click.option("--config", "-c", type=click.Path(dir_okay=False), help="Build config (default: ./edgebuild.yaml when present).")
 @click.option("--calib", help="Calibration data: image folder, .npy, .npz, or digits[:train|:test].")
 @click.option("--eval", "eval_", help="Evaluation data (same kinds). One source alone is split into disjoint parts.")

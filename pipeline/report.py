@@ -161,8 +161,9 @@ def slower_than_fp32(manifest: Manifest | dict) -> list[str]:
     out = []
     for name, t in Manifest.of(manifest).targets.items():
         obj = t.objective or {}
-        if obj.get("objective", "precision") != "precision":  # what the objective shipped, and why
+        if obj.get("objective", "precision") != "precision" or obj.get("overruled"):  # what shipped, and why
             out.append(f"{name}: objective {obj['objective']}: shipped {obj['shipped']} ({obj['why']})")
+        out += [f"{name}: advice: {w}" for w in obj.get("advice", [])]  # a profile's typical device limits, not budgets
         speedup = (t.ratios or {}).get("speedup_vs_fp32")
         if t.verdict.status == "error" or t.precision == "fp32" or speedup is None or speedup >= 1.0:
             continue

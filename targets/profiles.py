@@ -48,6 +48,9 @@ class TargetProfile:
     device_runtime: str = ""
     devices: tuple[str, ...] = ()
     budgets: ProfileBudgets = ProfileBudgets()
+    # a device's typical limits (latency, size, memory): advice, a warning in the report, never a failed build;
+    # only the user's budgets (edgebuild.yaml, CLI, their own profile's `budgets:`) fail a build
+    advice: ProfileBudgets = ProfileBudgets(max_accuracy_drop=None)
     quant: dict = field(default_factory=dict)  # backend-specific INT8 settings
     allow_float_layers: bool = True  # may the accuracy search keep layers in float?
     objective: str = "precision"  # precision | latency | size | accuracy: what ships (pipeline/stages/objective.py)
@@ -135,8 +138,12 @@ def load_profile(path: str | Path) -> TargetProfile:
     unknown = set(budgets) - {f.name for f in fields(ProfileBudgets)}
     if unknown:
         raise BadInputError(f"{path}: unknown budget(s) {', '.join(sorted(unknown))}")
+    advice = data.pop("advice", None) or {}
+    if not isinstance(advice, dict) or set(advice) - {"max_latency_ms", "max_size_mb", *MEMORY_BUDGETS}:
+        raise BadInputError(f"{path}: advice takes max_latency_ms, max_size_mb and the memory limits, got {advice!r}")
     try:
-        return TargetProfile(**data, budgets=ProfileBudgets(**budgets), source=str(path))
+        return TargetProfile(**data, budgets=ProfileBudgets(**budgets), source=str(path),
+                             advice=ProfileBudgets(max_accuracy_drop=None, **advice))
     except TypeError as e:
         raise BadInputError(f"{path}: {e}") from None
 

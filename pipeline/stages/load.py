@@ -97,7 +97,7 @@ def _onnx(path: Path, spec: BuildSpec) -> LoadedModel:
         given = {graph_inputs[0].name: spec.inputs[0]}
     elif unknown:
         raise BadInputError(f"{path}: the build spec names input(s) {unknown}; the model's inputs are "
-                            f"{[gi.name for gi in graph_inputs]}")
+                            f"{[gi.name for gi in graph_inputs]} (name them: --input-shape NAME:1,3,224,224)")
     inputs = []
     for gi in graph_inputs:
         t = gi.type.tensor_type
@@ -105,12 +105,13 @@ def _onnx(path: Path, spec: BuildSpec) -> LoadedModel:
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
                 for d in t.shape.dim] if t.HasField("shape") else None
         if gi.name in given:
-            inputs.append(_given_input(path, given[gi.name], dims, dtype))
+            inputs.append(_given_input(path, replace(given[gi.name], name=gi.name), dims, dtype))  # the graph's name
             continue
         symbolic = [d for d in dims or [] if isinstance(d, str)]
         if dims is None or len(symbolic) > 1:
             raise BadInputError(f"{path}: input {gi.name} has {'no shape' if dims is None else f'dynamic dimensions {dims}'}; "
-                                f"give its shape in edgebuild.yaml (inputs: [{{name: {gi.name}, shape: [...]}}])")
+                                f"give its shape: --input-shape {gi.name}:{','.join(map(str, dims or ['1', '...']))} with numbers "
+                                f"(or in edgebuild.yaml: inputs: [{{name: {gi.name}, shape: [...]}}])")
         shape = tuple(1 if isinstance(d, str) else d for d in dims)  # the symbolic dim is the batch: 1 on the edge
         inputs.append(InputSpec(gi.name, shape, dtype, _onnx_layout(shape)))
     return LoadedModel("onnx", f"ONNX file {path.name}", tuple(inputs), onnx_path=path)
@@ -189,7 +190,8 @@ def _exported_program(path: Path, spec: BuildSpec) -> LoadedModel:
         for s in user:
             val = nodes[s.arg.name].meta.get("val")
             if val is None or not all(isinstance(d, int) for d in val.shape):
-                raise BadInputError(f"{path}: input {s.arg.name} has dynamic shape; give it in edgebuild.yaml")
+                raise BadInputError(f"{path}: input {s.arg.name} has dynamic shape; give it: --input-shape "
+                                    f"{s.arg.name}:1,3,224,224 (or in edgebuild.yaml)")
             inputs.append(InputSpec(s.arg.name, tuple(val.shape), str(val.dtype).replace("torch.", ""),
                                     "NCHW" if val.dim() == 4 else "ANY"))
         inputs = tuple(inputs)

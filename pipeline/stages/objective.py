@@ -1,12 +1,14 @@
 """Which artifact a target ships: its ``objective`` (profile key, config ``objective:`` overrides) among the
 candidates the build made for it.
 
-- ``precision`` (default, what edgebuild always did): the profile's precision, as the accuracy search leaves it.
+- ``precision`` (default): the profile's precision, as the accuracy search leaves it — the smallest candidate that
+  keeps the task — unless, on a profile with ``host_is_device: true``, it is slower than the FP32 baseline (three
+  quarters of the interleaved rounds slower): then the FP32 baseline ships (a user asked for a faster model).
 - ``latency``: the fastest candidate within the accuracy budget; never one slower than the FP32 baseline (the
   speed-up is the median of the interleaved rounds' ratios). Only on profiles with ``host_is_device: true``
   (the host runs the device's runtime, so host latency is the device's); elsewhere the profile's precision
   ships and the record says why.
-- ``size``: the smallest candidate within the accuracy budget.
+- ``size``: the smallest candidate within the accuracy budget, even when it is slower than FP32.
 - ``accuracy``: the most accurate candidate (lowest quality loss; the FP32 baseline on the reference's runtime).
 
 Candidates: the target's own artifact (INT8, mixed INT8, or what the accuracy search chose) and its FP32 baseline;
@@ -39,14 +41,33 @@ def slower_warning(chosen, speedup: dict | None) -> str | None:
             f"this host: {s:.2f}× speed (median of {speedup.get('rounds')} interleaved rounds, IQR {speedup.get('iqr')})")
 
 
+def slower(speedup: dict | None) -> bool:
+    """Slower than FP32 beyond the timing's noise: three quarters of the interleaved rounds slower (p75 < 1)."""
+    s = speedup or {}
+    top = s.get("p75", s.get("median"))
+    return top is not None and top < 1.0 and s.get("median", 1.0) < 1.0
+
+
 def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tuple[object, dict]:
     """(the Attempt to ship, the record for validation.json/manifest: objective, candidates, shipped, why)."""
     record = {"objective": objective, "candidates": [], "warnings": []}
     warning = slower_warning(chosen, speedup)
     if warning:
         record["warnings"].append(warning)
-    if baseline is None or objective == "precision":
-        return chosen, {**record, "shipped": chosen.artifact.main, "why": "the profile's precision (objective: precision)"}
+    if objective == "precision":
+        if (baseline is not None and profile.host_is_device and chosen.artifact.precision != "fp32"
+                and slower(speedup) and baseline.quality_ok):
+            record["candidates"] = [_candidate(chosen, "target"), _candidate(baseline, "fp32 baseline")]
+            why = (f"{chosen.artifact.main} is slower than the FP32 baseline on this host ({speedup['median']:.2f}× speed, "
+                   f"host_is_device): the FP32 baseline ships; `objective: size` ships the smaller, slower one")
+            record["warnings"].append(f"default objective: shipped {baseline.artifact.main} instead of "
+                                      f"{chosen.artifact.main} ({speedup['median']:.2f}× the FP32 speed)")
+            return baseline, {**record, "shipped": baseline.artifact.main, "why": why, "overruled": True}
+        return chosen, {**record, "shipped": chosen.artifact.main, "why": "the profile's precision (objective: precision)"
+                        + ("" if baseline is None or not profile.host_is_device or speedup is None
+                           else f", not slower than FP32 ({speedup.get('median', 0):.2f}×)")}
+    if baseline is None:
+        return chosen, {**record, "shipped": chosen.artifact.main, "why": "no FP32 baseline to choose from"}
     record["candidates"] = [_candidate(chosen, "target"), _candidate(baseline, "fp32 baseline")]
     if objective == "latency" and not profile.host_is_device:
         return chosen, {**record, "shipped": chosen.artifact.main,

@@ -317,6 +317,22 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
     return Prepared(profile, backend, budget, outdir, chosen, baseline, search, cache_use)
 
 
+def advice_warnings(profile: TargetProfile, budget: V.Budget, chosen: Attempt) -> list[str]:
+    """The profile's typical device limits (``advice:``) the shipped artifact exceeds, where the user set no budget of
+    their own: a line each for the report, never a failure."""
+    a, out = profile.advice, []
+    p50, size, peak = chosen.latency.get("p50_ms"), chosen.artifact.size_bytes / 1e6, (chosen.memory or {}).get("peak_mb")
+    if a.max_latency_ms is not None and budget.max_latency_ms is None and p50 is not None and p50 > a.max_latency_ms:
+        out.append(f"latency p50 {p50:.1f} ms on this host is above {profile.name}'s typical {a.max_latency_ms:g} ms "
+                   "(advice; set budgets.max_latency_ms to enforce a limit)")
+    if a.max_size_mb is not None and budget.max_size_mb is None and size > a.max_size_mb:
+        out.append(f"size {size:.2f} MB is above {profile.name}'s typical {a.max_size_mb:g} MB (advice; set "
+                   "budgets.max_size_mb to enforce a limit)")
+    if a.max_memory_mb is not None and budget.max_memory_mb is None and peak is not None and peak > a.max_memory_mb:
+        out.append(f"runtime memory peak {peak:.1f} MB is above {profile.name}'s typical {a.max_memory_mb:g} MB (advice)")
+    return out
+
+
 def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
     """Time the chosen artifact (interleaved with its FP32 baseline) and write the target's files. A parallel
     build runs this one target at a time, after every conversion, so that timing runs on a quiet machine."""
@@ -330,6 +346,9 @@ def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
     from edgebuild.pipeline.memory import judge_memory
 
     cache_use = {**p.cache_use, "latency": timing["cached"], "memory": judge_memory(ctx, p)}
+    advice = advice_warnings(p.profile, p.budget, p.chosen)
+    if advice:
+        objective["advice"] = advice
     from edgebuild.pipeline.stages.package import describe
 
     return describe(ctx, p.profile, p.backend, p.chosen, p.baseline, p.budget, p.outdir, p.search, timing["speedup"],

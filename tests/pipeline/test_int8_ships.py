@@ -102,3 +102,44 @@ def test_quality_loss_is_on_the_metric_resolution_one_sample_is_not_a_collapse()
     # a real collapse (every sample wrong) is still far past the collapse line
     flipped = [[s[0][:, ::-1].copy(), s[1]] for s in ref]
     assert V.quality_loss(compare(ref, flipped, labels, Judging(output_names=("prob", "box"))), tight) > COLLAPSED_LOSS
+
+
+def test_profile_latency_and_size_numbers_are_advice_only_user_budgets_fail_a_build(tmp_path):
+    """A 3-D video CNN's 100-frame window takes more than the profile's typical 50 ms: a warning, never exit 1."""
+    from edgebuild.pipeline.spec import BuildSpec
+    from edgebuild.pipeline.stages.per_target import advice_warnings, budget_for
+    from edgebuild.targets.profiles import catalogue, load_profile
+
+    for name in ("onnx-cpu", "x86", "x86-fp16", "intel-n100", "jetson-orin", "nvidia-gpu", "arm64", "android-arm64"):
+        profile = catalogue()[name]
+        b = budget_for(profile, BuildSpec())
+        assert b.max_latency_ms is None and b.max_size_mb is None, name  # nothing the user did not set
+        assert b.max_accuracy_drop == 0.5
+    profile = catalogue()["onnx-cpu"]
+    assert profile.advice.max_latency_ms == 50
+
+    class Art:
+        size_bytes = 300_000_000
+
+    class Chosen:
+        latency, artifact, memory = {"p50_ms": 120.0}, Art(), {}
+
+    warnings = advice_warnings(profile, budget_for(profile, BuildSpec()), Chosen())
+    assert len(warnings) == 2 and "120.0 ms" in warnings[0] and "advice" in warnings[0]
+    # the user's own budget is a budget: it fails the gate, and the advice says nothing more about it
+    from dataclasses import replace
+
+    from edgebuild.pipeline.spec import Budgets
+
+    b = budget_for(profile, replace(BuildSpec(), budgets=Budgets(max_latency_ms=10)))
+    assert b.max_latency_ms == 10 and len(advice_warnings(profile, b, Chosen())) == 1
+    # a user's own profile file keeps its budgets binding; a bad advice key is bad input
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\nbackend: onnx\ndescription: x\nbudgets: {max_latency_ms: 5}\nadvice: {max_size_mb: 3}\n")
+    mine = load_profile(p)
+    assert budget_for(mine, BuildSpec()).max_latency_ms == 5 and mine.advice.max_size_mb == 3
+    p.write_text("name: mine\nbackend: onnx\ndescription: x\nadvice: {max_accuracy_drop: 3}\n")
+    from edgebuild.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="advice takes"):
+        load_profile(p)

@@ -54,12 +54,24 @@ def test_latency_objective_ships_the_fp32_baseline_when_int8_is_slower(tmp_path,
 
 
 @pytest.mark.slow
-def test_default_objective_ships_int8_and_says_it_is_slower(tmp_path, monkeypatch):
+def test_default_objective_never_ships_an_artifact_slower_than_fp32_on_a_host_is_device_target(tmp_path, monkeypatch):
     from edgebuild.pipeline.report import slower_than_fp32
 
     manifest, outdir = build_with(tmp_path, monkeypatch, None, chosen_ms=2.0, fp32_ms=1.0)
     t = manifest["targets"]["onnx-cpu"]
-    assert t["artifact"] == "model_int8_qdq.onnx" and t["objective"]["objective"] == "precision"
+    assert t["artifact"] == "model_fp32.onnx" and t["objective"]["objective"] == "precision"
+    assert t["objective"]["shipped"] == "model_fp32.onnx" and "slower than the FP32 baseline" in t["objective"]["why"]
+    assert any("slower than the FP32 baseline" in w for w in t["objective"]["warnings"])
+    assert any("shipped model_fp32.onnx" in w for w in slower_than_fp32(manifest))
+
+
+@pytest.mark.slow
+def test_size_objective_ships_the_smaller_slower_int8_and_says_it_is_slower(tmp_path, monkeypatch):
+    from edgebuild.pipeline.report import slower_than_fp32
+
+    manifest, outdir = build_with(tmp_path, monkeypatch, "size", chosen_ms=2.0, fp32_ms=1.0)
+    t = manifest["targets"]["onnx-cpu"]
+    assert t["artifact"] == "model_int8_qdq.onnx" and t["objective"]["objective"] == "size"
     assert t["objective"]["warnings"] and "slower than the FP32 baseline" in t["objective"]["warnings"][0]
     assert any("INT8 artifact is slower than FP32" in w for w in slower_than_fp32(manifest))
 
@@ -84,7 +96,7 @@ FP32 = FakeAttempt(FakeArtifact("model_fp32.onnx", "fp32", 400), loss=-0.5)
 
 
 def speed(median):
-    return {"median": median, "rounds": 12, "iqr": 0.01}
+    return {"median": median, "rounds": 12, "iqr": 0.04, "p75": median + 0.02}
 
 
 @pytest.mark.parametrize("objective, int8_speed, int8_ok, shipped", [
@@ -95,13 +107,20 @@ def speed(median):
     ("size", 0.6, True, "model_int8.onnx"),
     ("size", 1.7, False, "model_fp32.onnx"),
     ("accuracy", 1.7, True, "model_fp32.onnx"),
-    ("precision", 0.6, True, "model_int8.onnx"),
+    ("precision", 0.6, True, "model_fp32.onnx"),  # default: never slower than FP32 where the host is the device
+    ("precision", 0.99, True, "model_int8.onnx"),  # within the timing's noise (p75 >= 1): not slower
+    ("precision", 1.7, True, "model_int8.onnx"),
 ])
 def test_pick(objective, int8_speed, int8_ok, shipped):
     int8 = FakeAttempt(INT8.artifact, INT8.loss, int8_ok)
     best, record = O.pick(objective, catalogue()["onnx-cpu"], int8, FP32, speed(int8_speed))
     assert best.artifact.main == shipped == record["shipped"]
     assert bool(record["warnings"]) == (int8_speed < 1.0)
+
+
+def test_default_objective_ships_the_slower_artifact_where_the_host_is_not_the_device():
+    best, record = O.pick("precision", catalogue()["arm64"], INT8, FP32, speed(0.6))
+    assert best is INT8 and record["warnings"]
 
 
 def test_latency_objective_without_a_measured_speedup_keeps_the_target_artifact():

@@ -110,3 +110,72 @@ def test_module_beside_the_config_imports_from_another_directory(tmp_path, monke
     assert data["python_path"] == [str(proj.resolve())]
     loaded = load_model(BuildSpec.from_dict(data))
     assert isinstance(loaded.module, torch.nn.Linear)
+
+
+def _images_onnx(path, dims=("batch", 3, "h", "w")):
+    """A tiny ONNX model whose input is called ``images`` (as YOLO exports are), with dynamic dimensions."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["images", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"]), helper.make_node("Flatten", ["g"], ["logits"])]
+    graph = helper.make_graph(nodes, "images", [helper.make_tensor_value_info("images", TensorProto.FLOAT, list(dims))],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _spec(tmp_path, *shapes, config=None):
+    from edgebuild.pipeline.cli import spec_from_flags
+
+    flags = dict(input_shape=shapes, max_accuracy_drop=None, max_latency_ms=None, max_size_mb=None,
+                 max_compression_drop=None, no_auto=False, no_cache=False, trust_model=False, compress_steps=(),
+                 target=("onnx-cpu",), profile=(), model=str(tmp_path / "m.onnx"))
+    return spec_from_flags(config, **flags)[0]
+
+
+def test_input_shape_binds_by_name_and_an_unnamed_one_fits_a_single_input_whatever_its_name(tmp_path, monkeypatch):
+    from edgebuild.pipeline.stages.load import load_model
+
+    monkeypatch.chdir(tmp_path)
+    _images_onnx(tmp_path / "m.onnx")
+    for flag in ("1,3,16,16", "images:1,3,16,16"):
+        loaded = load_model(_spec(tmp_path, flag))
+        assert [(i.name, i.shape) for i in loaded.inputs] == [("images", (1, 3, 16, 16))], flag
+    spec = _spec(tmp_path, "image:1,3,8,8", "mask:1,1,8,8", "input:0:1,4")  # repeatable; a name may hold a colon
+    assert [(i.name, i.shape) for i in spec.inputs] == [("image", (1, 3, 8, 8)), ("mask", (1, 1, 8, 8)), ("input:0", (1, 4))]
+    with pytest.raises(BadInputError, match="name each input"):
+        _spec(tmp_path, "1,3,8,8", "1,1,8,8")
+    with pytest.raises(BadInputError, match="names an input twice"):
+        _spec(tmp_path, "a:1,3", "a:1,4")
+    with pytest.raises(BadInputError, match="the model's inputs are \\['images'\\].*--input-shape NAME:"):
+        load_model(_spec(tmp_path, "image:1,3,16,16"))
+
+
+def test_the_dynamic_dimension_error_shows_the_flag(tmp_path, monkeypatch):
+    from edgebuild.pipeline.stages.load import load_model
+
+    monkeypatch.chdir(tmp_path)
+    _images_onnx(tmp_path / "m.onnx")
+    with pytest.raises(BadInputError, match=r"--input-shape images:batch,3,h,w with numbers"):
+        load_model(_spec(tmp_path))
+
+
+@pytest.mark.slow
+def test_cli_builds_an_onnx_model_whose_input_is_not_called_input(tmp_path):
+    """Issue 26: ``--input-shape 1,3,640,640`` on an input named ``images`` ended in "model inputs are ['images'],
+    the build spec names ['input']" (exit 2)."""
+    import json
+    import subprocess
+
+    _images_onnx(tmp_path / "m.onnx")
+    np.savez(tmp_path / "data.npz", images=np.random.default_rng(0).random((24, 3, 16, 16), dtype=np.float32))
+    run = subprocess.run([sys.executable, "-c", "from edgebuild.pipeline.cli import main; raise SystemExit(main())",
+                          "--model", "m.onnx", "--input-shape", "1,3,16,16", "--calib", "data.npz", "-t", "onnx-cpu",
+                          "--no-auto", "--no-cache", "--json", "-q"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode in (0, 1), run.stderr[-3000:]
+    manifest = json.loads(run.stdout)
+    assert [(i["name"], i["shape"]) for i in manifest["model"]["inputs"]] == [("images", [1, 3, 16, 16])]
+    assert manifest["targets"]["onnx-cpu"]["verdict"] != "error", manifest["targets"]["onnx-cpu"]
