@@ -52,26 +52,37 @@ def run_cell(cell_data: dict, batch_out: str, shared_timing: bool) -> dict:
     marker = running_marker(Path(batch_out), cell.model, cell.target)
     marker.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    node = {"host": socket.gethostname(), "pid": os.getpid(), "node_ip": _node_ip()}
-    marker.write_text(json.dumps({**node, "started": started}))
+    node = {"host": socket.gethostname(), "pid": os.getpid(), **_ray_node()}
+    attempt = _attempt(marker)  # a marker left behind: the worker of an earlier attempt died
+    tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({**node, "started": started, "attempt": attempt}))
+    os.replace(tmp, marker)
     try:
         record = _build(cell)
     finally:
         marker.unlink(missing_ok=True)
     record.update(seconds=round(time.time() - started, 2), started=round(started, 3), worker=node,
-                  threads=cell.resources.num_cpus, timing_shared_cores=shared_timing)
+                  threads=cell.resources.num_cpus, timing_shared_cores=shared_timing, attempts=attempt)
     if record["exit"] in (0, 1):
         _write_cell_record(cell, record)
     return record
 
 
-def _node_ip() -> str | None:
+def _attempt(marker: Path) -> int:
     try:
-        import ray  # only present inside a Ray worker, already imported there
+        return int(json.loads(marker.read_text()).get("attempt", 1)) + 1
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
 
-        return ray.util.get_node_ip_address() if ray.is_initialized() else None
-    except ImportError:
-        return None
+
+def _ray_node() -> dict:
+    """The Ray node running this cell (inside a Ray worker; nothing in a local pool's process)."""
+    import sys
+
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; a pool's process has not
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _build(cell) -> dict:
@@ -127,7 +138,7 @@ def summary_of(manifest: dict, target: str, out: Path) -> dict:
 def _write_cell_record(cell, record: dict) -> None:
     """``batch_cell.json`` beside the manifest: where and how the batch ran this build (threads, node, whether its
     timing shared the node's cores with other cells' conversions)."""
-    keep = {k: record[k] for k in ("worker", "threads", "timing_shared_cores", "seconds") if k in record}
+    keep = {k: record[k] for k in ("worker", "threads", "timing_shared_cores", "seconds", "attempts") if k in record}
     path = cell.out / "batch_cell.json"
     if cell.out.is_dir():
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

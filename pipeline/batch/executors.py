@@ -220,6 +220,11 @@ class LocalExecutor:
 
 
 def _child(send, cell_data: dict, batch_out: str, shared_timing: bool) -> None:
+    import signal
+
+    from edgebuild.procs import terminate_as_interrupt
+
+    signal.signal(signal.SIGTERM, terminate_as_interrupt)  # the batch stopping: the build cleans up, kills its children
     send.send(run_cell(cell_data, batch_out, shared_timing))
     send.close()
 

@@ -83,6 +83,7 @@ def run_batch(matrix_file: str | Path, out: str | Path = "batch", address: str |
     out = Path(out)
     matrix = load_matrix(matrix_file, out)
     out.mkdir(parents=True, exist_ok=True)
+    _clean_markers(out)  # left by a batch that was killed: not earlier attempts of this one
     records: dict[str, dict] = {}
     todo = []
     for cell in matrix.cells:
