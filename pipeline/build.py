@@ -86,6 +86,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     out = Path(spec.out)
     _check_replaceable(out)
     _clean_stale(out)
+    _check_lock(out)
     cache = open_cache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
     no_telemetry()  # before any runtime starts; children inherit it
     staging, scratch = _make_workdirs(out)
@@ -178,7 +179,7 @@ def _clean_stale(out: Path) -> list[Path]:
         return removed
     for p in out.parent.glob(f".{out.name}.*-*"):
         m = _WORKDIR.fullmatch(p.name)
-        if not m or m["out"] != out.name or not p.is_dir() or _pid_alive(int(m["pid"])):
+        if not m or m["out"] != out.name or p.is_symlink() or not p.is_dir() or _pid_alive(int(m["pid"])):
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
@@ -199,15 +200,55 @@ def _pid_alive(pid: int) -> bool:
 
 @contextmanager
 def _output_lock(out: Path):
-    """Serialize the output swap of concurrent builds (fcntl lock on ``.<out>.lock`` beside the output)."""
+    """Serialize the output swap of concurrent builds (fcntl lock on ``.<out>.lock`` beside the output), opened
+    with O_NOFOLLOW: a planted symlink is refused (exit 2), no file is ever created where a link points."""
+    import errno
     import fcntl
 
-    with open(out.parent / f".{out.name}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    path = lock_path(out)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadInputError(f"--out {out}: the lock file {path} is a symbolic link (someone who can write in "
+                                f"{path.parent} may have planted it); refusing to follow it: remove it and build "
+                                "again") from None
+        raise BadInputError(f"--out {out}: cannot open the lock file {path} ({e.strerror or e})") from None
+    try:
+        _refuse_lock(out, path, os.fstat(fd))
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT/SIGTERM that land while the output is being swapped in are held, not raised: the swap is finished
+    and the build reports success (the output is whole, never half old, half new). Only the main thread handles
+    signals; a build in another thread is left as it is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            import logging
+
+            logging.getLogger("edgebuild").warning("signal %s arrived while the output was being swapped in: the "
+                                                   "swap was finished", ", ".join(map(str, held)))
 
 
 def _finish(staging: Path, out: Path, manifest: Manifest) -> Manifest:
@@ -227,7 +268,8 @@ def _finish(staging: Path, out: Path, manifest: Manifest) -> Manifest:
             manifest = _carry_over(previous, out, staging, manifest)
         (staging / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2, default=str))
         write_report(manifest, staging / "report.md")
-        _swap_in(staging, out)
+        with _signals_held():
+            _swap_in(staging, out)
         return manifest
 
 
@@ -264,11 +306,11 @@ def _carry_over(previous: dict, out: Path, staging: Path, manifest: Manifest) ->
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    """Replace ``out`` by ``staging`` (callers hold the output lock)."""
+    """Replace ``out`` by ``staging`` (callers hold the output lock). The earlier output is first renamed onto a
+    fresh private directory (``mkdtemp``: never a name someone planted, e.g. a ``.old-<pid>`` symlink)."""
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         os.replace(out, old)
     os.replace(staging, out)
     if old is not None:

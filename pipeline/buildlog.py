@@ -42,7 +42,8 @@ class BuildLog:
 
     def __init__(self, path: Path, echo: TextIO | None = None):
         self.path = path
-        self.file = open(path, "w", encoding="utf-8", errors="replace")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)  # never through
+        self.file = os.fdopen(fd, "w", encoding="utf-8", errors="replace")  # a planted file or symlink (issue 27)
         self.echo = echo  # --verbose: third-party output and debug lines also go here (the terminal's stderr)
         self.lock = threading.Lock()
         self.file.write(f"# edgebuild build log, started {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC; "

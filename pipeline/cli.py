@@ -405,10 +405,18 @@ def batch_cmd(matrix, out, address, no_resume, local, cpus, quiet):
 
 def _record(artifact_dir: Path, where: str, result: dict) -> None:
     """The re-check's result beside the artifact (``validation_<host|emulated|device|outputs>.json``), written atomically."""
-    path = artifact_dir / f"validation_{where}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, path)
+    import tempfile
+
+    path, tmp = artifact_dir / f"validation_{where}.json", None
+    try:  # mkstemp: O_EXCL | O_NOFOLLOW under a fresh name, never through a planted file or symlink
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=artifact_dir)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(result, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise BadInputError(f"{artifact_dir}: cannot write {path.name} ({e.strerror or e})") from None
 
 
 def main(argv=None) -> int:

@@ -107,3 +107,107 @@ def test_a_module_in_the_working_directory_never_shadows_a_library(built, workdi
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (workdir / "pwned").exists()
+
+
+# ---- files beside the output and the artifact: never opened through a planted symlink -------------------------
+@pytest.fixture
+def victim(tmp_path):
+    v = tmp_path / "victim.txt"
+    v.write_text("precious")
+    return v
+
+
+def test_validate_never_writes_through_a_planted_temp_file(received, victim, edgebuild):
+    art = received / "onnx-cpu"
+    for name in (".validation_outputs.json.tmp", "validation_outputs.json"):
+        (art / name).unlink(missing_ok=True)
+    (art / ".validation_outputs.json.tmp").symlink_to(victim)
+    edgebuild("validate", art, "--outputs", received / "reference" / "outputs.npz").check(0)
+    assert victim.read_text() == "precious"
+    assert not (art / "validation_outputs.json").is_symlink()
+    assert json.loads((art / "validation_outputs.json").read_text())["target"] == "onnx-cpu"
+
+
+def test_validate_in_a_read_only_artifact_folder_is_one_line(received, edgebuild):
+    if os.getuid() == 0:
+        pytest.skip("root writes in read-only folders")
+    art = received / "onnx-cpu"
+    art.chmod(0o555)
+    try:
+        edgebuild("validate", art, "--outputs", received / "reference" / "outputs.npz").check(2, "cannot write")
+    finally:
+        art.chmod(0o755)
+
+
+def test_a_planted_build_log_symlink_is_never_followed(built, workdir, victim, edgebuild):
+    from edgebuild.pipeline.buildlog import log_path_for
+
+    for f in ("tiny.onnx", "data.npz"):
+        shutil.copy(built / f, workdir / f)
+    log_path_for(Path("out")).symlink_to(victim)
+    r = edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD)
+    r.check(2, "cannot write")
+    assert victim.read_text() == "precious"
+    assert not (workdir / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink to a file", "dangling symlink", "hard link"])
+def test_a_planted_lock_is_refused_before_any_work(kind, built, workdir, tmp_path, edgebuild):
+    for f in ("tiny.onnx", "data.npz"):
+        shutil.copy(built / f, workdir / f)
+    target = tmp_path / "elsewhere" / "created-by-edgebuild"
+    target.parent.mkdir()
+    if kind == "symlink to a file":
+        target.write_text("")
+    if kind == "hard link":
+        target.write_text("")
+        os.link(target, workdir / ".out.lock")
+    else:
+        (workdir / ".out.lock").symlink_to(target)
+    before = sorted(p.name for p in workdir.iterdir())
+    r = edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD)
+    r.check(2, r"the lock file .*\.out\.lock is (a symbolic link|a hard link to another file) .*refusing to follow it")
+    assert sorted(p.name for p in workdir.iterdir()) == before  # nothing written, no log left
+    assert not (kind == "dangling symlink" and target.exists())
+    assert kind == "dangling symlink" or target.read_text() == ""
+
+
+def test_the_lock_opened_at_the_swap_refuses_a_symlink_planted_meanwhile(tmp_path):
+    from edgebuild.pipeline.build import _output_lock
+    from edgebuild.pipeline.errors import BadInputError
+
+    out = tmp_path / "out"
+    (tmp_path / ".out.lock").symlink_to(tmp_path / "target")
+    with pytest.raises(BadInputError, match="symbolic link"):
+        with _output_lock(out):
+            pass
+    assert not (tmp_path / "target").exists()
+
+
+def test_a_planted_old_symlink_and_a_signal_during_the_swap(built, received, workdir, victim, edgebuild, monkeypatch,
+                                                            caplog):
+    """A ``.out.old-<pid>`` symlink (as for a dead build, and for this pid) is never followed nor removed through;
+    a SIGTERM landing in the middle of the swap is held: the swap finishes, the build reports success."""
+    import signal
+
+    for f in ("tiny.onnx", "data.npz"):
+        shutil.copy(built / f, workdir / f)
+    victim_dir = victim.parent / "victim-dir"
+    victim_dir.mkdir()
+    (victim_dir / "keep.txt").write_text("precious")
+    for pid in (999_999, os.getpid()):
+        (workdir / f".out.old-{pid}").symlink_to(victim_dir)
+    real, moved = os.replace, []
+
+    def replace(a, b, **kw):
+        real(a, b, **kw)
+        if ".out.old-" in str(b):  # the earlier output moved away, the new one not yet in
+            moved.append(b)
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(os, "replace", replace)
+    r = edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD)
+    monkeypatch.undo()
+    r.check(0)
+    assert moved and "arrived while the output was being swapped in" in caplog.text
+    assert sorted(p.name for p in victim_dir.iterdir()) == ["keep.txt"]
+    assert (workdir / "out" / "build.log").is_file() and (workdir / "out" / "manifest.json").is_file()
