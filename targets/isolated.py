@@ -48,6 +48,11 @@ POLL_S = 0.2
 SAMPLE_CHUNK = 64  # samples copied at once into the child's sample files
 _STARTING = threading.Lock()  # targets built side by side start their children from several threads
 _PHASE: list[Path] = []  # in a child: the file its progress goes to (``set_phase``)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colours (onnx2tf's ERROR:) stripped from echoed logs
+# onnx2tf's ERROR lines that follow every failure whatever its cause: advice for its own CLI, never the cause
+O2T_BOILERPLATE = re.compile(r"The trace log is below|input_onnx_file_path:|onnx_op_name:|Read this and deal with it|"
+                             r"Alternatively, if the input OP has a dynamic dimension|If the input OP of ONNX before "
+                             r"conversion is NHWC|for models that include NonMaxSuppression")
 
 
 @contextmanager
@@ -228,11 +233,12 @@ def _error(what: str, info: dict, keep_errors: bool) -> EdgeBuildError:
 
 
 def log_hint(log: Path | None) -> str:
-    """A child's last error line, when its log has one (onnx2tf prints errors before sys.exit)."""
+    """A child's last error line, when its log has one (onnx2tf's closing advice lines are not errors)."""
     if log is None or not log.is_file():
         return ""
     text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))
-    lines = [ln.strip() for ln in text.splitlines() if re.search(r"\bERROR:|Error:|Fatal Python error", ln)]
+    lines = [ln.strip() for ln in text.splitlines()
+             if re.search(r"\bERROR:|Error:|Fatal Python error", ln) and not O2T_BOILERPLATE.search(ln)]
     return f" — {lines[-1][:200]}" if lines else ""
 
 
@@ -250,9 +256,11 @@ def run_isolated(fn: Callable[[Any], Any], job: Any, timeout: float, *, what: st
     finally:  # done, failed, timed out, Ctrl-C or SIGTERM: nothing is left running
         child.kill()
         if echo and log is not None and log.is_file():
+            sys.stderr.write(f"---- {what}: the converter's output ({log.name}) ----\n")
             with open(log, encoding="utf-8", errors="replace") as f:
                 while text := f.read(1 << 16):
-                    sys.stderr.write(text)
+                    sys.stderr.write(ANSI.sub("", text))  # colour codes cut at a chunk's end stay: harmless
+            sys.stderr.write(f"---- end of {log.name} ----\n")
 
 
 def run_with_samples(fn: Callable[[dict], Any], job: dict, calib, timeout: float | None = None, **kwargs) -> Any:

@@ -17,11 +17,13 @@ from __future__ import annotations
 import itertools
 import re
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from edgebuild.similarity import cosine
+from edgebuild.targets.isolated import ANSI, O2T_BOILERPLATE
 from edgebuild.targets.tflite_mixed import ConversionFailure
 
 CHANNEL_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}  # NC... -> N...C
@@ -83,6 +85,7 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
     graph = constants_to_initializers(onnx.load(onnx_path))
     if job["settings"].get("onnx_rewrites", True):
         graph, job["rewrites"] = rewrite(graph)
+    graph = with_shapes(graph)
     originals = o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs
     sample = offline_sample_images(calib, job)
     o2t_main.download_test_image_data = sample  # the name onnx2tf.convert calls
@@ -100,7 +103,7 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
             # a graph, not a file path: onnx2tf then starts no onnxsim subprocess and no auto-JSON retries
             km = onnx2tf.convert(
                 onnx_graph=graph, output_folder_path=str(workdir / "onnx2tf"), disable_model_save=True,
-                non_verbose=True, verbosity="error", not_use_onnxsim=True,
+                verbosity="warn", not_use_onnxsim=True,
                 enable_rnn_unroll=bool(job["settings"].get("rnn_unroll", True)),
                 keep_shape_absolutely_input_names=keep_shape or None, keep_ncw_or_nchw_or_ncdhw_input_names=keep_nchw or None,
             )
@@ -108,6 +111,20 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
         return km, {name: v["tf_node"] for name, v in tensors.items() if isinstance(v, dict) and "tf_node" in v}
     finally:  # converting in the caller's process (tests) must leave onnx2tf as it was
         o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs = originals
+
+
+def with_shapes(model):
+    """The model with ONNX shape inference's ``value_info`` for every tensor it can infer (what onnxsim leaves).
+
+    onnx2tf decides per tensor whether it is channels-last by comparing its TF shape with the ONNX shape; without
+    one it guesses, and a 3-D tensor in ONNX order then gets transposed before a Reshape (the scatter rewrite's
+    histogram came out permuted). A model above protobuf's 2 GB or one inference refuses stays as it is."""
+    import onnx
+
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        return model
 
 
 def track_variables(km, created: list) -> None:
@@ -195,8 +212,41 @@ def check_float_graph(km, job: dict, calib: dict) -> tuple[list, dict]:
     return perms, worst
 
 
-def explain(e: BaseException, phase: str, onnx_path: str) -> dict:
-    """One clear line for a failure, naming the ONNX op (onnx2tf) or TFLite op (converter) when known."""
+WHAT_TO_DO = ("replace that op in the model (or export it in a form onnx2tf supports), or build this model for "
+              "another target (onnx-cpu, x86)")
+
+
+def first_real_error(log: Path | None) -> dict | None:
+    """onnx2tf's own cause of a failure, from what it printed: ``{"error", "detail", "node"}``, or None.
+
+    onnx2tf prints its cause (``ERROR: ScatterElements currently supports only reduction=['none']`` and a line
+    ``graph_node.name: ... reduction: add``), a traceback, then the same advice lines for every failure, and
+    calls sys.exit(1): the last ERROR line is always that advice, the first one not in it is the cause."""
+    if log is None or not Path(log).is_file():
+        return None
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    lines = [ANSI.sub("", ln).rstrip() for ln in Path(log).read_text(errors="replace").splitlines()]
+    node = next((ln.split("onnx_op_name:", 1)[1].strip() for ln in lines if "onnx_op_name:" in ln), None) or None
+    for k, ln in enumerate(lines):
+        m = re.match(r"\s*ERROR:\s*(.*)", ln)
+        if not m or not m.group(1).strip() or O2T_BOILERPLATE.search(ln):
+            continue
+        nxt = lines[k + 1].strip() if k + 1 < len(lines) else ""
+        detail = nxt if nxt and not nxt.startswith(("ERROR:", "WARNING:", "Traceback", "INFO:")) else ""
+        return {"error": m.group(1).strip().removesuffix("Pull requests are welcome.").strip().rstrip("."), "detail": detail,
+                "node": node}
+    return {"error": None, "detail": "", "node": node} if node else None
+
+
+def explain(e: BaseException, phase: str, onnx_path: str, log: Path | None = None) -> dict:
+    """One clear line for a failure, naming the ONNX op (onnx2tf) or TFLite op (converter) when known.
+
+    onnx2tf's failures name the ONNX node, its op and attributes, onnx2tf's first real error line (read from
+    the converter's ``log``, never its closing advice) and what the user can do."""
     if isinstance(e, ConversionFailure):
         return {"stage": e.stage, "op": e.op, "message": str(e)}
     text = str(e).strip()
@@ -204,13 +254,18 @@ def explain(e: BaseException, phase: str, onnx_path: str) -> dict:
         missing = re.match(r"No module named 'onnx2tf\.ops\.(\w+)'", text)
         if isinstance(e, ModuleNotFoundError) and missing:
             op = missing.group(1)
-            return {"stage": "onnx2tf", "op": op, "message": f"onnx2tf cannot convert ONNX op {op} (not implemented)"}
-        node = getattr(e, "onnx_op_name", None)
-        op = _op_type_of(onnx_path, node) if node else None
-        where = f" at ONNX node {node} ({op})" if node else ""
+            return {"stage": "onnx2tf", "op": op, "message": f"onnx2tf cannot convert ONNX op {op} (not implemented in "
+                                                             f"onnx2tf): {WHAT_TO_DO}"}
+        found = first_real_error(log)
+        node = getattr(e, "onnx_op_name", None) or (found or {}).get("node")
+        op, attrs = _node_of(onnx_path, node) if node else (None, "")
+        where = f" at ONNX node {node!r} ({op}{', ' + attrs if attrs else ''})" if node else ""
+        if found and found["error"]:
+            return {"stage": "onnx2tf", "op": op, "message": f"onnx2tf cannot convert{where}: {found['error']}; "
+                                                             f"{WHAT_TO_DO}"[:600]}
         first = text.splitlines()[0] if text else ""
         if isinstance(e, SystemExit):
-            first = "onnx2tf stopped (see the converter log)"
+            first = "onnx2tf stopped (see the converter log in build.log)"
         return {"stage": "onnx2tf", "op": op, "message": f"onnx2tf failed{where}: {type(e).__name__}: {first}"[:400]}
     if "has 0 Signatures" in text:  # see track_variables: TF converted the frozen graph, which has no signature
         return {"stage": phase, "op": None, "message": f"{phase} failed: the TF graph lost its signature (TensorFlow "
@@ -220,10 +275,20 @@ def explain(e: BaseException, phase: str, onnx_path: str) -> dict:
     return {"stage": phase, "op": ops[0] if ops else None, "message": f"{phase} failed: {type(e).__name__}: {lines[0]}"[:400]}
 
 
-def _op_type_of(onnx_path: str, node_name: str) -> str | None:
+def _node_of(onnx_path: str, node_name: str) -> tuple[str | None, str]:
+    """(op type, its short attributes as ``name=value``) of the ONNX node ``node_name``."""
     try:
         import onnx
 
-        return next((n.op_type for n in onnx.load(onnx_path).graph.node if n.name == node_name), None)
+        node = next((n for n in onnx.load(onnx_path, load_external_data=False).graph.node if n.name == node_name), None)
     except Exception:
-        return None
+        return None, ""
+    if node is None:
+        return None, ""
+    attrs = []
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        v = v.decode(errors="replace") if isinstance(v, bytes) else v
+        if isinstance(v, (int, float, str)) or (isinstance(v, list) and len(v) <= 8):
+            attrs.append(f"{a.name}={v}")
+    return node.op_type, ", ".join(attrs)

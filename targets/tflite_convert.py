@@ -172,7 +172,7 @@ def run(job_dir: Path) -> dict:
                   "output_perms": out_perms, "fp32_graph_check": check, "rewrites": job.get("rewrites") or [],
                   "repairs": repairs, "xnnpack_checked": _xnnpack_on(job), **described, **kept}
     except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit() on some errors
-        result = {"ok": False, "phase": phase, **explain(e, phase, job["onnx"]),
+        result = {"ok": False, "phase": phase, **explain(e, phase, job["onnx"], job_dir / "convert.log"),
                   "traceback": traceback.format_exc(limit=8)}
     finally:
         _release_tf()

@@ -146,7 +146,7 @@ def run_child(job_dir: Path, what: str, timeout: float) -> dict:
     log = job_dir / "convert.log"
     result = run_isolated(convert_job, str(job_dir), timeout, what=what, name="convert:tflite", log=log,
                           phase=job_dir / "phase", cwd=job_dir, env=CHILD_ENV,
-                          hint=" (raise the profile's quant.timeout_s)")
+                          hint=" (raise the profile's quant.timeout_s)", echo=True)  # onnx2tf's and TF's output -> build.log
     return _checked(result, what, log)
 
 
