@@ -33,7 +33,7 @@ def summary_rows(manifest: Manifest | dict) -> list[dict]:
     for name, t in Manifest.of(manifest).targets.items():
         m, lat, r = t.metrics, t.latency or {}, t.ratios or {}
         rows.append({
-            "target": name, "verdict": t.verdict.status.upper(), "artifact": t.artifact or "–",
+            "target": name, "verdict": t.verdict.status.upper(), "artifact": (t.artifact or "–") + _int8_share(t),
             "accuracy": _quality(m),
             "drop": _fmt(m.accuracy_drop, "+.2f", " pt") if m is not None and m.accuracy_drop is not None else "–",
             "p50": _fmt(lat.get("p50_ms"), ".3f", " ms"),
@@ -43,6 +43,12 @@ def summary_rows(manifest: Manifest | dict) -> list[dict]:
             "memory": _memory(t.memory or {}),
         })
     return rows
+
+
+def _int8_share(t: TargetResult) -> str:
+    """The share of the weights in INT8 (pipeline/stages/weights.py), when measured: ``_int8`` means >= 90 %."""
+    share = (t.quantized or {}).get("int8_weight_share")
+    return f" ({share:.0%} INT8 weights)" if share is not None else ""
 
 
 def _memory(mem: dict) -> str:

@@ -41,6 +41,9 @@ def slower_warning(chosen, speedup: dict | None) -> str | None:
             f"this host: {s:.2f}× speed (median of {speedup.get('rounds')} interleaved rounds, IQR {speedup.get('iqr')})")
 
 
+MIN_JUDGED_MS = 1.0  # below this FP32 p50 the runner's own per-call overhead is a large part of both timings
+
+
 def slower(speedup: dict | None) -> bool:
     """Slower than FP32 beyond the timing's noise: three quarters of the interleaved rounds slower (p75 < 1)."""
     s = speedup or {}
@@ -55,17 +58,21 @@ def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tup
     if warning:
         record["warnings"].append(warning)
     if objective == "precision":
+        base_ms = (baseline.latency or {}).get("p50_ms") if baseline is not None else None
         if (baseline is not None and profile.host_is_device and chosen.artifact.precision != "fp32"
-                and slower(speedup) and baseline.quality_ok):
+                and slower(speedup) and baseline.quality_ok and (base_ms is None or base_ms >= MIN_JUDGED_MS)):
             record["candidates"] = [_candidate(chosen, "target"), _candidate(baseline, "fp32 baseline")]
             why = (f"{chosen.artifact.main} is slower than the FP32 baseline on this host ({speedup['median']:.2f}× speed, "
                    f"host_is_device): the FP32 baseline ships; `objective: size` ships the smaller, slower one")
             record["warnings"].append(f"default objective: shipped {baseline.artifact.main} instead of "
                                       f"{chosen.artifact.main} ({speedup['median']:.2f}× the FP32 speed)")
             return baseline, {**record, "shipped": baseline.artifact.main, "why": why, "overruled": True}
-        return chosen, {**record, "shipped": chosen.artifact.main, "why": "the profile's precision (objective: precision)"
-                        + ("" if baseline is None or not profile.host_is_device or speedup is None
-                           else f", not slower than FP32 ({speedup.get('median', 0):.2f}×)")}
+        why = "the profile's precision (objective: precision)"
+        if baseline is not None and profile.host_is_device and speedup is not None:
+            why += (f"; FP32 runs in {base_ms:.3f} ms, too little to judge speed beyond the runner's own overhead"
+                    if slower(speedup) and base_ms is not None and base_ms < MIN_JUDGED_MS
+                    else f", not slower than FP32 ({speedup.get('median', 0):.2f}×)")
+        return chosen, {**record, "shipped": chosen.artifact.main, "why": why}
     if baseline is None:
         return chosen, {**record, "shipped": chosen.artifact.main, "why": "no FP32 baseline to choose from"}
     record["candidates"] = [_candidate(chosen, "target"), _candidate(baseline, "fp32 baseline")]

@@ -349,7 +349,12 @@ def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
     advice = advice_warnings(p.profile, p.budget, p.chosen)
     if advice:
         objective["advice"] = advice
+    from edgebuild.pipeline.stages.weights import rename_to_share, weight_share
+
+    quantized = weight_share(p.chosen.artifact.path, p.backend.name) if p.chosen.artifact.precision == "int8" else None
+    if rename_to_share(p.chosen.artifact, quantized) and objective.get("shipped"):
+        objective["shipped"] = p.chosen.artifact.main
     from edgebuild.pipeline.stages.package import describe
 
     return describe(ctx, p.profile, p.backend, p.chosen, p.baseline, p.budget, p.outdir, p.search, timing["speedup"],
-                    cache_use, objective)
+                    cache_use, objective, quantized)

@@ -143,3 +143,82 @@ def test_profile_latency_and_size_numbers_are_advice_only_user_budgets_fail_a_bu
 
     with pytest.raises(BadInputError, match="advice takes"):
         load_profile(p)
+
+
+def _big_float_layer_model(tmp_path):
+    """A small conv front (int8) and a big fully-connected layer (87 % of the weights), as ONNX."""
+    import torch
+    from torch import nn
+
+    from edgebuild.calibration.dataset import SampleSet
+    from edgebuild.pipeline.stages.export import file_hash
+    from edgebuild.targets.base import ExportedModel, TensorInfo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 64)).eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 8, 8),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    fc = next(n.name for n in __import__("onnx").load(str(path)).graph.node if n.op_type == "Gemm")
+    x = np.random.default_rng(0).normal(0, 1, (32, 3, 8, 8)).astype(np.float32)
+    calib = SampleSet("calib", {"x": x}, None, {}, {"x": (1, 3, 8, 8)})
+    exported = ExportedModel(path, (TensorInfo("x", (1, 3, 8, 8), "float32", "NCHW"),),
+                             (TensorInfo("y", (1, 64), "float32"),), 17, file_hash(path))
+    return exported, calib, fc
+
+
+def test_an_int8_file_whose_big_layer_stays_float_is_named_mixed_with_its_share(tmp_path):
+    from edgebuild.pipeline.stages.weights import INT8_NAME_SHARE, rename_to_share, weight_share
+    from edgebuild.targets.base import get_backend
+    from edgebuild.targets.profiles import catalogue
+
+    exported, calib, fc = _big_float_layer_model(tmp_path)
+    backend, profile = get_backend("onnx"), catalogue()["onnx-cpu"]
+    full = backend.convert(exported, profile, "int8", calib, tmp_path / "full")
+    share = weight_share(full.path, "onnx")
+    assert share["int8_weight_share"] == 1.0 and rename_to_share(full, share) is None
+    assert full.main == "model_int8_qdq.onnx"
+    # the user keeps the big layer out of quantization: the file is INT8 in name only unless renamed
+    art = backend.convert(exported, profile, "int8", calib, tmp_path / "big-float", {"nodes_to_exclude": [fc]})
+    assert art.main == "model_int8_qdq.onnx"
+    share = weight_share(art.path, "onnx")
+    assert share["int8_weight_share"] < 0.2 < INT8_NAME_SHARE and share["float_layers"][0]["layer"] == fc
+    note = rename_to_share(art, share)
+    assert art.main == "model_int8_mixed_qdq.onnx" and art.path.is_file() and "of the weights are INT8" in note
+    assert not (tmp_path / "big-float" / "model_int8_qdq.onnx").exists()
+    # OpenVINO: the same measure on the IR
+    ov = get_backend("openvino")
+    ir = ov.convert(exported, catalogue()["x86"], "int8", calib, tmp_path / "ov")
+    assert weight_share(ir.path, "openvino")["int8_weight_share"] == 1.0
+    ir = ov.convert(exported, catalogue()["x86"], "int8", calib, tmp_path / "ov-f", {"ignored_scope": {"names": [fc]}})
+    assert weight_share(ir.path, "openvino")["int8_weight_share"] < 0.2
+
+
+def test_speed_is_not_judged_below_the_runners_own_overhead():
+    """FP32 at 0.05 ms: a 0.76× ratio is the runner's per-call overhead, not the model's; the INT8 ships and says so."""
+    from dataclasses import dataclass, field
+
+    from edgebuild.pipeline.stages import objective as O
+    from edgebuild.targets.profiles import catalogue
+
+    @dataclass
+    class Art:
+        main: str
+        precision: str
+        size_bytes: int
+
+    @dataclass
+    class Att:
+        artifact: Art
+        loss: float = -0.5
+        quality_ok: bool = True
+        latency: dict = field(default_factory=dict)
+
+    int8, fp32 = Att(Art("model_int8_qdq.onnx", "int8", 100)), Att(Art("model_fp32.onnx", "fp32", 400))
+    speed = {"median": 0.76, "p75": 0.78, "rounds": 12}
+    fp32.latency = {"p50_ms": 0.05}
+    best, record = O.pick("precision", catalogue()["onnx-cpu"], int8, fp32, speed)
+    assert best is int8 and "too little to judge" in record["why"]
+    fp32.latency = {"p50_ms": 5.0}
+    best, record = O.pick("precision", catalogue()["onnx-cpu"], int8, fp32, speed)
+    assert best is fp32 and record["overruled"]
