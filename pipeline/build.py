@@ -150,6 +150,8 @@ def _check_replaceable(out: Path) -> None:
                             "home directory; name a directory of its own, e.g. -o out")
     if out.exists() and not out.is_dir():
         raise BadInputError(f"refusing to replace {out}: it is a file, not an edgebuild output directory")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):  # renaming a directory away needs write access to it
+        raise BadInputError(f"--out {out}: the output folder is read-only; cannot replace it")
     if out.is_dir() and any(out.iterdir()) and edgebuild_manifest(out) is None:
         raise BadInputError(f"refusing to replace {out}: it is not empty and not an edgebuild output "
                             "(no manifest.json written by edgebuild)")
@@ -269,7 +271,10 @@ def _finish(staging: Path, out: Path, manifest: Manifest) -> Manifest:
         (staging / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2, default=str))
         write_report(manifest, staging / "report.md")
         with _signals_held():
-            _swap_in(staging, out)
+            try:
+                _swap_in(staging, out)
+            except OSError as e:  # a read-only output (or its folder): the earlier output stays as it was
+                raise BadInputError(f"--out {out}: cannot replace it ({e.strerror or e}); the earlier output is kept") from None
         return manifest
 
 
@@ -311,8 +316,17 @@ def _swap_in(staging: Path, out: Path) -> None:
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-        os.replace(out, old)
-    os.replace(staging, out)
+        try:
+            os.replace(out, old)
+        except OSError:
+            old.rmdir()
+            raise
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -100,7 +100,10 @@ def spec_from_flags(config: str | None, **flags):
     preprocess = _preprocess_flags(flags)
     if preprocess:
         data["preprocess"] = {**(data.get("preprocess") or {}), **preprocess}
-    budgets = dict(data.get("budgets") or {})
+    budgets = data.get("budgets") or {}
+    if not isinstance(budgets, dict):
+        raise BadInputError(f"budgets must be a mapping, e.g. budgets: {{max_latency_ms: 20}}; got {budgets!r}"[:300])
+    budgets = dict(budgets)
     for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "max_compression_drop"):
         value = flags.pop(name)
         if value is not None:

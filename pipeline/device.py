@@ -54,11 +54,11 @@ class Board:
 
     @classmethod
     def parse(cls, url: str) -> "Board":
-        parts = urlsplit(url)
         try:
+            parts = urlsplit(url)
             port = parts.port
-        except ValueError:
-            port = -1
+        except ValueError:  # "Invalid IPv6 URL", a port out of range
+            parts, port = urlsplit("invalid:"), -1
         if parts.scheme != "ssh" or not parts.hostname or port == -1 or parts.path not in ("", "/"):
             raise BadInputError(f"--device {url!r}: expected ssh://[user@]host[:port][?python=PATH&arch=any]")
         for part in (parts.username or "", parts.hostname):  # "-oProxyCommand=…" would be an ssh option: it runs code
@@ -159,11 +159,30 @@ def write_job(loaded, job_dir: Path, timed: bool) -> None:
     (job_dir / "job.json").write_text(json.dumps(job))
 
 
+RESULT_FIELDS = {"times_ms": list, "warmup": int, "machine": str, "python": str, "runtime": str,
+                 "runtime_version": str, "load_s": (int, float)}
+
+
 def read_results(job_dir: Path, n_samples: int) -> tuple[list, dict]:
-    """The runner's outputs (per sample, per output) and its result record."""
-    result = json.loads((job_dir / "result.json").read_text())
-    with np.load(job_dir / "outputs.npz", allow_pickle=False) as z:
-        arrays = [z[f"y{j}"] for j in range(len(z.files))]
+    """The runner's outputs (per sample, per output) and its result record, checked as data from elsewhere: what a
+    board sends back (garbage JSON, object arrays, missing fields) is one ``BadInputError`` line, never unpickled."""
+    from edgebuild.calibration.sources import read_npz
+
+    try:
+        result = json.loads((job_dir / "result.json").read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise BadInputError(f"the device runner's result.json is unreadable ({type(e).__name__}): not what "
+                            "edgebuild's runner writes") from None
+    bad = [k for k, t in RESULT_FIELDS.items() if not isinstance(result, dict) or not isinstance(result.get(k), t)
+           or isinstance(result.get(k), bool)]
+    if bad or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in result["times_ms"]):
+        raise BadInputError(f"the device runner's result.json lacks or garbles {(bad or ['times_ms'])[0]!r}: not what "
+                            "edgebuild's runner writes")
+    found = read_npz(job_dir / "outputs.npz", "outputs archive from the device runner")
+    arrays = [found.get(f"y{j}") for j in range(len(found))]
+    if not arrays or any(a is None or a.dtype.kind not in "biuf" or a.ndim == 0 for a in arrays):
+        raise BadInputError("the device runner's outputs.npz does not hold numeric arrays y0, y1, ...: not what "
+                            "edgebuild's runner writes")
     if any(len(a) != n_samples for a in arrays):
         raise ConversionError(f"the device runner returned {len(arrays[0])} results for {n_samples} samples")
     return [[a[i] for a in arrays] for i in range(n_samples)], result

@@ -172,6 +172,10 @@ def _metric_budgets(data: Any) -> Any:
     for k, v in metrics.items():
         _check(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) != float("inf") and v == v,
                f"budgets.{k} must be a finite number, got {v!r}")
+        if "cosine" in str(k) and not k.endswith("_drop"):  # a bound no cosine can meet fails every build at the end
+            _check(-1 <= v <= 1, f"budgets.{k} must be between -1 and 1 (a cosine similarity), got {v!r}")
+        elif any(w in str(k) for w in ("accuracy", "agreement")) and not k.endswith("_drop"):
+            _check(0 <= v <= 100, f"budgets.{k} must be between 0 and 100 (a percentage), got {v!r}")
     kept = {k: v for k, v in data.items() if k != "metrics" and k not in metrics}
     return {**kept, "metrics": metrics} if metrics else kept
 

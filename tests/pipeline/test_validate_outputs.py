@@ -81,7 +81,7 @@ def test_a_device_file_that_does_not_fit_is_bad_input(tmp_path, arrays, message)
 def test_missing_truncated_or_foreign_reference_is_bad_input(tmp_path):
     refdir, _, _ = _saved(tmp_path)
     (refdir / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(BadInputError, match="not a readable"):
+    with pytest.raises(BadInputError, match="not a .npz archive"):
         R.read_outputs(refdir / "junk.npz", R.load(refdir))
     with np.load(refdir / "feeds.npz") as z:
         feeds = {k: z[k] for k in z.files}

@@ -51,6 +51,30 @@ def _onnx(d: Path):
     return []
 
 
+def _text_behind_npz_link(d: Path):
+    (d / "notes.txt").write_text("just some notes\n")
+    (d / "link.npz").symlink_to(d / "notes.txt")
+    return []
+
+
+def _npz_claiming_32_tib(d: Path):
+    """A one-member .npz whose .npy header claims a (2**21, 2**21) float64 array (32 TiB) over 16 bytes."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                  "shape": (2 ** 21, 2 ** 21)})
+    with zipfile.ZipFile(d / "huge.npz", "w") as z:
+        z.writestr("x.npy", header.getvalue() + b"\0" * 16)
+    return []
+
+
+def _npz_with_a_pickle(d: Path):
+    np.savez(d / "objects.npz", x=np.array([{"a": 1}, None], dtype=object))
+    return []
+
+
 PROFILE = "name: board\nbackend: onnx\ndescription: a board\n"
 
 # id: (setup(dir) -> extra args, args, exit code, message regex)
@@ -118,6 +142,20 @@ CASES = {
     "config unknown key": (_file("edgebuild.yaml", "colour: red\n"), T, 2, "unknown build option"),
     "config top level a list": (_file("edgebuild.yaml", "- 1\n"), T, 2, "must be a mapping"),
     "precision not run by target": (None, ["--precision", "fp16", "--target", "cortex-m"], 2, "does not run fp16"),
+    # issue 27: one line, exit 2, never a traceback, never numpy's allow_pickle advice
+    "budgets a word": (_file("edgebuild.yaml", "budgets: fast\n"), T, 2, "budgets must be a mapping"),
+    "cosine_min 2": (_file("edgebuild.yaml", "budgets: {cosine_min: 2}\n"), T, 2,
+                     r"budgets\.cosine_min must be between -1 and 1"),
+    "agreement_min 120": (_file("edgebuild.yaml", "budgets: {top1_agreement_min: 120}\n"), T, 2, "between 0 and 100"),
+    "empty pt2": (_file("empty.pt2", b""), ["--model", "empty.pt2", *T], 2,
+                  r"not a torch\.export program \(empty file\)$"),
+    "calib link to a text file": (_text_behind_npz_link, ["--calib", "link.npz", *T], 2,
+                                  r"link\.npz: not a \.npz archive \(not a zip"),
+    "calib npz claiming 32 TiB": (_npz_claiming_32_tib, ["--calib", "huge.npz", *T], 2,
+                                  r"member x claims \[2097152, 2097152\] float64 \(32\.0 TiB\) but holds"),
+    "calib npz member a pickle": (_npz_with_a_pickle, ["--calib", "objects.npz", *T], 2,
+                                  r"member x holds Python objects \(a pickle\)"),
+    "device url malformed IPv6": (None, ["validate", ".", "--device", "ssh://[::1"], 2, "expected ssh://"),
     "calib_samples zero": (_file("edgebuild.yaml", "calib_samples: 0\n"), T, 2, "calib_samples must be positive"),
     "unknown flag": (None, ["--frobnicate"], 2, "No such option"),
     "validate: no metadata": (None, ["validate", ".", "--eval", "digits"], 2, "no metadata.json"),

@@ -211,3 +211,55 @@ def test_a_planted_old_symlink_and_a_signal_during_the_swap(built, received, wor
     assert moved and "arrived while the output was being swapped in" in caplog.text
     assert sorted(p.name for p in victim_dir.iterdir()) == ["keep.txt"]
     assert (workdir / "out" / "build.log").is_file() and (workdir / "out" / "manifest.json").is_file()
+
+
+# ---- what validate reads from elsewhere: one line, exit 2, never numpy's allow_pickle advice ----------------------
+@pytest.mark.parametrize("what", ["a text file", "a directory", "object arrays"])
+def test_validate_outputs_that_are_not_an_npz_archive(what, received, workdir, edgebuild):
+    art = received / "onnx-cpu"
+    if what == "a text file":
+        path, message = workdir / "notes.txt", r"notes\.txt: not a \.npz archive \(not a zip"
+        path.write_text("the board printed this\n")
+    elif what == "a directory":
+        path, message = Path("/etc"), r"/etc: is a directory, not a \.npz archive"
+    else:
+        path, message = workdir / "objects.npz", r"holds Python objects \(a pickle\)"
+        np.savez(path, y=np.array([object()] * 3, dtype=object))
+    r = edgebuild("validate", art, "--outputs", path)
+    r.check(2, message)
+    assert "allow_pickle" not in r.err
+
+
+@pytest.mark.parametrize("garbage", ["not json", "a list", "a missing field", "object arrays", "strings"])
+def test_garbage_from_a_board_is_one_line(garbage, tmp_path):
+    from edgebuild.pipeline.device import read_results
+    from edgebuild.pipeline.errors import BadInputError
+
+    result = {"runtime": "onnxruntime", "runtime_version": "1", "load_s": 0.1, "samples": 2, "times_ms": [1.0],
+              "warmup": 1, "machine": "aarch64", "python": "3.11", "runtimes": {}}
+    outputs = {"y0": np.zeros((2, 3), np.float32)}
+    if garbage == "not json":
+        (tmp_path / "result.json").write_text("{{{" * 10)
+    else:
+        if garbage == "a list":
+            result = [result]
+        elif garbage == "a missing field":
+            result.pop("machine")
+        elif garbage == "object arrays":
+            outputs = {"y0": np.array([None, None], dtype=object)}
+        else:
+            outputs = {"y0": np.array(["a", "b"])}
+        (tmp_path / "result.json").write_text(json.dumps(result))
+    np.savez(tmp_path / "outputs.npz", **outputs)
+    with pytest.raises(BadInputError, match=r"device runner|outputs\.npz: member y0 holds Python objects"):
+        read_results(tmp_path, 2)
+
+
+def test_good_results_from_a_board_are_read(tmp_path):
+    from edgebuild.pipeline.device import read_results
+
+    (tmp_path / "result.json").write_text(json.dumps({"runtime": "onnxruntime", "runtime_version": "1", "load_s": 0.1,
+                                                      "times_ms": [], "warmup": 0, "machine": "x", "python": "3"}))
+    np.savez(tmp_path / "outputs.npz", y0=np.ones((2, 3), np.float32), y1=np.zeros((2,), np.int64))
+    outputs, result = read_results(tmp_path, 2)
+    assert len(outputs) == 2 and outputs[1][0].shape == (3,) and result["machine"] == "x"
