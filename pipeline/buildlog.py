@@ -4,7 +4,8 @@ While the build runs, file descriptors 1 and 2 point into pipes that two threads
 a time with the time and the stream (``out``/``err``): Python's prints, warnings and logging, and what native
 libraries (ONNX Runtime's calibration, TensorFlow, OpenVINO) and child processes write — so stdout carries only
 what the user asked for (``--json``: the manifest, printed after the build). The progress (its own console on
-the saved terminal stderr) and edgebuild's debug lines (logger ``edgebuild``) are written into the same file.
+the saved terminal stderr), edgebuild's debug lines (logger ``edgebuild``) and every Python warning (``[warning]``,
+whatever holds ``sys.stderr``) are written into the same file.
 ``--verbose`` echoes the third-party output and the debug lines to stderr as well.
 
 The capture ends when the build ends, not when every writer has gone: multiprocessing's resource tracker (a
@@ -23,6 +24,7 @@ import select
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -104,6 +106,14 @@ def _drain(fd: int, log: BuildLog, tag: str, done: threading.Event) -> None:
         os.close(fd)
 
 
+def _warning_to(log: BuildLog):
+    """``warnings.showwarning`` for the build: a warning (edgebuild's stages' or a library's) is a ``[warning]`` line of
+    the log, echoed to the terminal only with ``--verbose``, whoever holds ``sys.stderr`` (a live display, a test)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        log.line("warning", f"{category.__name__}: {message} ({filename}:{lineno})", echo=True)
+    return show
+
+
 def _start_helpers() -> None:
     """Start multiprocessing's resource tracker now, on the terminal's fds: started later by the build's first
     spawned child, it would inherit the log pipes and hold them until edgebuild exits."""
@@ -139,9 +149,12 @@ def captured(log: BuildLog):
     handler, level = _LogHandler(log), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_to(log)
     try:
         yield terminal
     finally:
+        warnings.showwarning = shown
         logger.removeHandler(handler)
         logger.setLevel(level)
         for stream in (sys.stdout, sys.stderr):

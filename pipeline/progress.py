@@ -111,7 +111,9 @@ class LiveProgress(Progress):
         self.console = console
         self.live = RichProgress(SpinnerColumn(), TextColumn("{task.description}"),
                                  BarColumn(bar_width=16), TimeElapsedColumn(), TextColumn("{task.fields[eta]}"),
-                                 console=console, transient=True)
+                                 console=console, transient=True,
+                                 redirect_stdout=False, redirect_stderr=False)  # Python's prints and warnings go
+        # to fds 1 and 2, i.e. into build.log (pipeline/buildlog.py), not onto the terminal around the live lines
         self.live.start()
 
     def _begin(self, text):
