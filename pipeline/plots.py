@@ -1,21 +1,53 @@
-"""Charts for report.html, drawn here as inline SVG (no script, no library, no external asset: the page opens
-offline). Each chart is a ``<figure class="chart" data-chart="...">`` holding one ``<svg>``; every mark carries
-a ``<title>`` with its exact value (a tooltip in the browser).
+"""Charts for report.html: matplotlib figures rendered to inline SVG (text kept as text, no script, no external
+asset: the page opens offline). Each chart is a ``<figure class="chart" data-chart="...">`` holding one ``<svg>``;
+every mark carries a ``<title>`` with its exact values (a tooltip in the browser).
 
-- ``tradeoff``: quality against p50 latency per target, the circle's area proportional to the artifact's size,
-  with the FP32 baseline of each target in grey;
-- ``versus_fp32``: bars of each target's artifact against its FP32 baseline (latency, size);
+- ``tradeoff``: quality against p50 latency per target, the circle's area proportional to the artifact's size;
+  each target's FP32 baseline is a hollow circle of the same colour, an arrow goes from it to what ships;
+- ``latency`` and ``size`` (``versus_fp32``): bars of each target's artifact against its FP32 baseline;
 - ``search``: the accuracy search's tries, one bar per configuration (its quality), green within budget;
 - ``sensitivity``: per-layer INT8 sensitivity, most sensitive first;
 - ``outputs``: per-output fidelity (SQNR in dB, or cosine when SQNR is unknown).
+
+Readable by construction: the axes are padded until every mark (with its radius) and every value label lies inside
+the plot area; an axis whose values span more than a decade is logarithmic; points are named in a legend below the
+plot, bars by their row, so no two labels can collide. tests/pipeline/test_ux_plots.py checks this in Chromium.
+
+The SVG elements a reader (or a test) looks for have stable ids, prefixed by the chart's slug
+(``<kind>-<target>``): ``<slug>--plot-area`` (the axes' background), ``<slug>--mark-<i>`` (a point or a bar),
+``<slug>--label-<i>`` (a value label or legend text). Every other id matplotlib writes gets the slug as prefix,
+so ids stay unique on a page with many charts.
+
+matplotlib is optional (the ``report`` extra) and imported only when a chart is drawn; without it the report
+carries one note instead of its charts (``available()``, ``MISSING_NOTE``).
 """
 from __future__ import annotations
 
 import html
+import importlib.util
+import io
 import math
+import re
+import threading
 
 BLUE, GREY, GREEN, RED, AMBER = "#2f81f7", "#8c959f", "#1a7f37", "#cf222e", "#bf8700"
-FONT = 'font-size="11" font-family="system-ui,sans-serif"'
+TARGET_COLORS = ("#0969da", "#bf3989", "#1a7f37", "#bc4c00", "#8250df", "#9a6700", "#1b7c83", "#57606a")
+MISSING_NOTE = ("charts need matplotlib, which is not installed: pip install 'edgebuild[report]' "
+                "(the tables hold the same numbers)")
+FONT_PT = 9  # at the page's scale (1 pt of the figure = 4/3 px): 12 px, the size of the tables' text
+PX_PER_PT = 4 / 3
+WIDE_IN, HALF_IN = 10.4, 5.2  # a chart alone on its row; two side by side in the report's 1068 px column
+ROW_IN = 0.27  # one bar's row: tick labels 12 px tall never touch
+LOG_SPAN = 10.0  # max/min above which a scatter's axis is logarithmic (a decade or more)
+LOG_SPAN_BARS = 50.0  # bars compare lengths: logarithmic only when the short ones would vanish
+LABEL_CHARS = 36  # a bar's row label longer than this is shortened (the tooltip and the tables keep it whole)
+PAD_PT = 4.0  # between a mark (or a value label) and the plot area's edge
+_RENDER = threading.Lock()  # matplotlib's rcParams are process-wide: one chart is rendered at a time
+
+
+def available() -> bool:
+    """Whether matplotlib is installed (without importing it)."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _esc(text) -> str:
@@ -26,10 +58,8 @@ def _num(v: float) -> str:
     return f"{v:.4g}"
 
 
-def figure(kind: str, title: str, width: int, height: int, marks: list[str]) -> str:
-    return (f'<figure class="chart" data-chart="{_esc(kind)}"><figcaption>{_esc(title)}</figcaption>'
-            f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-            f'role="img" aria-label="{_esc(title)}" {FONT}>' + "".join(marks) + "</svg></figure>")
+def _slug(*parts: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-") or "chart"
 
 
 def quality(m: dict) -> tuple[str, float] | None:
@@ -48,80 +78,319 @@ def quality(m: dict) -> tuple[str, float] | None:
     return ("worst cosine vs FP32", m["cosine_min"]) if "cosine_min" in m else None
 
 
-def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    step *= next(k for k in (1, 2, 5, 10) if (hi - lo) / (step * k) <= n + 1)
-    first = math.ceil(lo / step) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+# ---- one chart: a figure, its ids and tooltips, its SVG ------------------------------------------------------
+
+class _Chart:
+    """One matplotlib figure with a single axes, the ids of its marks and the tooltip of each."""
+
+    def __init__(self, kind: str, slug: str, width_in: float, height_in: float):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.kind, self.slug, self.titles = kind, slug, {}
+        self.fig = Figure(figsize=(width_in, height_in), dpi=72, layout="constrained")  # 72 dpi: 1 px = 1 pt
+        FigureCanvasAgg(self.fig)  # measures text as the SVG writer will (same font metrics), no pyplot
+        self.fig.get_layout_engine().set(h_pad=4 / 72, w_pad=4 / 72)
+        self.ax = self.fig.add_subplot()
+        self.ax.patch.set_gid(f"{slug}--plot-area")
+        self.ax.set_axisbelow(True)
+        self.ax.grid(True, color="#eaeef2", linewidth=0.8)
+        for side in ("top", "right"):
+            self.ax.spines[side].set_visible(False)
+        self.marks = 0
+        self.labels = 0
+
+    def mark(self, title: str) -> str:
+        gid = f"{self.slug}--mark-{self.marks}"
+        self.marks += 1
+        self.titles[gid] = title
+        return gid
+
+    def label(self) -> str:
+        gid = f"{self.slug}--label-{self.labels}"
+        self.labels += 1
+        return gid
+
+    def to_svg(self, caption: str) -> str:
+        import matplotlib
+
+        buf = io.StringIO()
+        rc = {"svg.fonttype": "none", "svg.hashsalt": self.slug, "svg.id": self.slug}
+        with matplotlib.rc_context(rc):
+            self.fig.savefig(buf, format="svg", metadata={"Date": None})
+        svg = buf.getvalue()
+        svg = svg[svg.index("<svg"):]
+        svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)  # creator URL: nothing to follow
+        svg = re.sub(r'\s+xmlns(:xlink)?="[^"]*"', "", svg).replace("xlink:href=", "href=")  # inline in HTML5
+        m = re.match(r'<svg width="([\d.]+)pt" height="([\d.]+)pt"', svg)
+        w, h = float(m[1]) * PX_PER_PT, float(m[2]) * PX_PER_PT
+        svg = svg.replace(m[0], f'<svg width="{w:.0f}" height="{h:.0f}" style="max-width:100%;height:auto" '
+                                f'role="img" aria-label="{_esc(caption)}"', 1)
+        svg = _prefix_ids(svg, self.slug)
+        for gid, title in self.titles.items():
+            svg = svg.replace(f'<g id="{gid}">', f'<g id="{gid}"><title>{_esc(title)}</title>', 1)
+        return (f'<figure class="chart" data-chart="{_esc(self.kind)}"><figcaption>{_esc(caption)}</figcaption>'
+                + svg.strip() + "</figure>")
 
 
-def _axes(x0, y0, w, h, xs, ys, sx, sy, xlabel, ylabel) -> list[str]:
-    marks = [f'<line x1="{x0}" y1="{y0 + h}" x2="{x0 + w}" y2="{y0 + h}" stroke="#57606a"/>',
-             f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y0 + h}" stroke="#57606a"/>']
-    for t in xs:
-        marks.append(f'<text x="{sx(t):.1f}" y="{y0 + h + 14}" text-anchor="middle">{_num(t)}</text>')
-    for t in ys:
-        marks.append(f'<line x1="{x0}" y1="{sy(t):.1f}" x2="{x0 + w}" y2="{sy(t):.1f}" stroke="#eaeef2"/>'
-                     f'<text x="{x0 - 5}" y="{sy(t) + 4:.1f}" text-anchor="end">{_num(t)}</text>')
-    marks.append(f'<text x="{x0 + w / 2}" y="{y0 + h + 30}" text-anchor="middle">{_esc(xlabel)}</text>')
-    marks.append(f'<text transform="translate(12,{y0 + h / 2}) rotate(-90)" text-anchor="middle">{_esc(ylabel)}</text>')
-    return marks
+def _prefix_ids(svg: str, slug: str) -> str:
+    """matplotlib numbers its ids per figure (``figure_1``, ``text_3``): prefix them, and what refers to them, with
+    the chart's slug, so every id on a page of charts is unique."""
+    mine = slug + "-"
 
+    def fix(name: str) -> str:
+        return name if name.startswith(mine) or name == slug else mine + name
+
+    svg = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{fix(m[1])}"', svg)
+    svg = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{fix(m[1])})", svg)
+    return re.sub(r'href="#([^"]+)"', lambda m: f'href="#{fix(m[1])}"', svg)
+
+
+def _render(build, *args) -> str:
+    """Draw one chart (``build`` returns (chart, caption) or None) and return its HTML; '' when there is nothing."""
+    if not available():
+        return ""  # write_report says once that the charts need matplotlib
+    with _RENDER:
+        made = build(*args)
+        return made[0].to_svg(made[1]) if made else ""
+
+
+# ---- axes that hold every mark ----------------------------------------------------------------------------
+
+def _log_wanted(values, span: float = LOG_SPAN) -> bool:
+    pos = [v for v in values if v is not None]
+    return bool(pos) and min(pos) > 0 and max(pos) / min(pos) >= span
+
+
+def _fit(values: list[float], needs: list[tuple[float, float]], length_pt: float, log: bool,
+         floor: float | None = None) -> tuple[float, float]:
+    """Axis limits that put every value ``v`` at least ``needs[i] = (before, after)`` points from the axis' ends
+    (a circle's radius, a label's width, plus padding), on an axis ``length_pt`` long; ``floor``: a limit that
+    must stay in (a bar's zero)."""
+    t = [math.log10(v) for v in values] if log else list(values)
+    f = (math.log10(floor) if log else floor) if floor is not None else None
+    lo, hi = min(t + ([f] if f is not None else [])), max(t + ([f] if f is not None else []))
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):  # one value: an axis around it (half a decade, 1 %, or 0 to 1)
+        half = 0.25 if log else abs(hi) * 0.005
+        lo, hi = (hi - half, hi + half) if half else (hi, hi + 1.0)
+        t, needs = t + [lo, hi], list(needs) + [(0.0, 0.0), (0.0, 0.0)]
+    span = hi - lo
+    for _ in range(50):  # the fixpoint of: limits -> points per unit -> limits
+        new_lo = min(v - b / length_pt * span for v, (b, _) in zip(t, needs))
+        new_hi = max(v + a / length_pt * span for v, (_, a) in zip(t, needs))
+        if f is not None:
+            new_lo, new_hi = min(new_lo, f), max(new_hi, f)
+        new_span = new_hi - new_lo
+        if abs(new_span - span) <= 1e-9 * max(1.0, abs(span)):
+            break
+        span = max(new_span, 1e-12)
+    lo, hi = new_lo, new_hi
+    return (10 ** lo, 10 ** hi) if log else (lo, hi)
+
+
+def _axis_style(ax, axis: str, log: bool) -> None:
+    from matplotlib import ticker
+
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    if log:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        a.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        a.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        a.set_minor_formatter(ticker.NullFormatter())
+    else:
+        a.set_major_locator(ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        fmt = ticker.ScalarFormatter(useOffset=False)
+        fmt.set_scientific(False)
+        a.set_major_formatter(fmt)
+
+
+def _log_ticks(ax, axis: str, length_pt: float) -> None:
+    """1, 2 and 5 of each decade where a decade is long enough for three labels, else decades only."""
+    from matplotlib import ticker
+
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    per_decade = length_pt / max(math.log10(hi / lo), 1e-9)
+    subs = (1.0, 2.0, 5.0) if per_decade >= 150 else (1.0,)
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(ticker.LogLocator(base=10, subs=subs))
+
+
+def _plot_size_pt(chart: _Chart) -> tuple[float, float]:
+    """The plot area's width and height in points, after laying the figure out."""
+    chart.fig.draw_without_rendering()
+    bbox = chart.ax.get_window_extent()
+    return bbox.width, bbox.height
+
+
+# ---- trade-off: quality vs latency vs size ----------------------------------------------------------------
 
 def tradeoff(manifest: dict) -> str:
-    """Quality (y) vs p50 latency (x) per target, circle area ∝ size; FP32 baselines in grey."""
+    """Quality (y) vs p50 latency (x) per target, circle area ∝ size; each target's FP32 baseline hollow."""
+    return _render(_tradeoff, manifest)
+
+
+def tradeoff_points(manifest: dict) -> tuple[str | None, list[dict]]:
+    """(quality label, points): one point per target's artifact and one per FP32 baseline that has a quality."""
     points, ylabel = [], None
-    ref_quality = quality({"accuracy": manifest["model"]["accuracy"]}) if "accuracy" in manifest.get("model", {}) else None
-    for name, t in manifest["targets"].items():
+    model = manifest.get("model", {})
+    ref_quality = quality({"accuracy": model["accuracy"]}) if model.get("accuracy") is not None else None
+    for i, (name, t) in enumerate(manifest["targets"].items()):
         q, lat = quality(t.get("metrics") or {}), (t.get("latency") or {}).get("p50_ms")
         if t.get("verdict") == "error" or q is None or lat is None or (ylabel and q[0] != ylabel):
             continue
-        ylabel = q[0]
-        points.append((f"{name} {str(t.get('precision', '')).upper()}", lat, q[1], t.get("size_bytes") or 0, BLUE))
+        ylabel, color = q[0], TARGET_COLORS[i % len(TARGET_COLORS)]
+        precision = str(t.get("precision") or "artifact").upper()
+        points.append({"target": name, "label": f"{name} {precision}", "latency": lat, "quality": q[1],
+                       "size": t.get("size_bytes") or 0, "color": color, "fp32": precision == "FP32"})
         base = t.get("baseline_fp32") or {}
         base_lat = (base.get("latency") or {}).get("p50_ms")
         base_q = ref_quality[1] if ref_quality and ref_quality[0] == ylabel else (1.0 if ylabel.startswith("worst cos") else None)
-        if base_lat is not None and base_q is not None:
-            points.append((f"{name} FP32", base_lat, base_q, base.get("size_bytes") or 0, GREY))
+        if base_lat is not None and base_q is not None and precision != "FP32":
+            points.append({"target": name, "label": f"{name} FP32", "latency": base_lat, "quality": base_q,
+                           "size": base.get("size_bytes") or 0, "color": color, "fp32": True})
+    return ylabel, points
+
+
+def _tradeoff(manifest: dict):
+    from matplotlib.lines import Line2D
+
+    ylabel, points = tradeoff_points(manifest)
     if not points:
-        return ""
-    x0, y0, w, h = 60, 12, 420, 220
-    xs = _ticks(0, max(p[1] for p in points) * 1.1)
-    lo, hi = min(p[2] for p in points), max(p[2] for p in points)
-    pad = (hi - lo) * 0.15 or abs(hi) * 0.01 or 1.0
-    ys = _ticks(lo - pad, hi + pad)
-    sx = lambda v: x0 + w * v / (xs[-1] or 1)  # noqa: E731
-    sy = lambda v: y0 + h - h * (v - ys[0]) / ((ys[-1] - ys[0]) or 1)  # noqa: E731
-    biggest = max(p[3] for p in points) or 1
-    marks = _axes(x0, y0, w, h, xs, ys, sx, sy, "p50 latency on this host (ms); circle area ∝ size", ylabel)
-    for label, lat, q, size, color in points:
-        r = 4 + 14 * math.sqrt(size / biggest)
-        marks.append(f'<circle cx="{sx(lat):.1f}" cy="{sy(q):.1f}" r="{r:.1f}" fill="{color}" fill-opacity="0.55" '
-                     f'stroke="{color}"><title>{_esc(label)}: {_num(q)}, p50 {lat:.3f} ms, {size / 1e6:.3f} MB</title></circle>'
-                     f'<text x="{sx(lat) + r + 3:.1f}" y="{sy(q) + 4:.1f}">{_esc(label)}</text>')
-    return figure("tradeoff", "quality vs latency vs size, per target", x0 + w + 150, y0 + h + 40, marks)
+        return None
+    chart = _Chart("tradeoff", "tradeoff", WIDE_IN, 3.4)
+    ax = chart.ax
+    biggest = max(p["size"] for p in points) or 1
+    for p in points:
+        p["r"] = 4.0 + 11.0 * math.sqrt(p["size"] / biggest)  # radius in points: area ∝ size
+    unit = "%" if "%" in ylabel else ""
+    handles = []
+    for p in points:
+        size_mb = f"{p['size'] / 1e6:.3f} MB" if p["size"] else "size unknown"
+        text = f"{p['label']}: {_num(p['quality'])}{(' ' + unit) if unit else ''}, p50 {p['latency']:.3f} ms, {size_mb}"
+        face = "none" if p["fp32"] else p["color"]
+        ax.scatter([p["latency"]], [p["quality"]], s=(2 * p["r"]) ** 2, facecolors=face, edgecolors=p["color"],
+                   alpha=0.9 if p["fp32"] else 0.55, linewidths=1.6 if p["fp32"] else 1.0,
+                   linestyles="--" if p["fp32"] else "-", gid=chart.mark(text), zorder=3 if p["fp32"] else 2)
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=8, markerfacecolor=face,
+                              markeredgecolor=p["color"], markeredgewidth=1.4, alpha=0.8, label=text))
+    for p in points:  # FP32 -> what ships
+        if not p["fp32"]:
+            base = next((b for b in points if b["fp32"] and b["target"] == p["target"]), None)
+            if base and (base["latency"], base["quality"]) != (p["latency"], p["quality"]):
+                ax.annotate("", xy=(p["latency"], p["quality"]), xytext=(base["latency"], base["quality"]),
+                            arrowprops={"arrowstyle": "->", "color": p["color"], "alpha": 0.6, "lw": 1,
+                                        "shrinkA": base["r"], "shrinkB": p["r"]}, zorder=1)
+    xlog = _log_wanted([p["latency"] for p in points])
+    _axis_style(ax, "x", xlog)
+    _axis_style(ax, "y", False)
+    ax.set_xlabel("p50 latency on this host (ms" + (", log scale)" if xlog else ")")
+                  + ";  circle area ∝ size on disk;  hollow: FP32")
+    ax.set_ylabel(ylabel)
+    _legend_right(chart, handles)
+    for _ in range(4):  # limits depend on the plot area's size, which depends on the tick labels: settle both
+        w, h = _plot_size_pt(chart)
+        needs = [(p["r"] + 2 * PAD_PT, p["r"] + 2 * PAD_PT) for p in points]
+        ax.set_xlim(*_fit([p["latency"] for p in points], needs, w, xlog))
+        if xlog:
+            _log_ticks(ax, "x", w)
+        ax.set_ylim(*_fit([p["quality"] for p in points], needs, h, False))
+    return chart, "quality vs latency vs size, per target"
 
 
-def hbars(kind: str, title: str, rows: list[tuple[str, float | None, str]], unit: str = "") -> str:
-    """Horizontal bars, one per (label, value, colour); a missing value is an empty row."""
-    values = [abs(v) for _, v, _ in rows if v is not None]
+def _legend_right(chart: _Chart, handles) -> None:
+    """A legend right of the plot, one point a row; the figure grows taller when the rows need it."""
+    legend = chart.fig.legend(handles=handles, loc="outside right upper", frameon=False, handletextpad=0.4,
+                              borderaxespad=0.2, labelspacing=0.7)
+    for text in legend.get_texts():
+        text.set_gid(chart.label())
+    need = legend.get_window_extent(chart.fig.canvas.get_renderer()).height / 72 + 0.3
+    if need > chart.fig.get_figheight():
+        chart.fig.set_figheight(need)
+
+
+# ---- bars -------------------------------------------------------------------------------------------------
+
+def short_labels(labels: list[str], limit: int = LABEL_CHARS) -> list[str]:
+    """Row labels that fit ``limit`` characters and still tell the rows apart: what all long labels share at the
+    start (``/features/features.``, cut after a separator) becomes "…", then, when that is not enough, what they
+    share at the end; a label still too long keeps both of its ends."""
+    long = [s for s in labels if len(s) > limit]
+    if len(long) < 2:
+        return [s if len(s) <= limit else _ends(s, limit) for s in labels]
+    pre = _common(long)
+    suf = _common([s[::-1] for s in long])[::-1] if any(len(s) - len(pre) + 1 > limit for s in long) else ""
+    out = []
+    for s in labels:
+        if len(s) <= limit:
+            out.append(s)
+            continue
+        core = s[len(pre):len(s) - len(suf)] if len(pre) + len(suf) < len(s) else s
+        core = ("…" if pre and core is not s else "") + core + ("…" if suf and core is not s else "")
+        out.append(core if len(core) <= limit else _ends(core, limit))
+    return out
+
+
+def _common(strings: list[str]) -> str:
+    """The longest common start of ``strings`` that ends just after a separator (``/ . _ : -``)."""
+    first = strings[0]
+    n = next((i for i in range(len(first)) if any(len(s) <= i or s[i] != first[i] for s in strings)), len(first))
+    cut = max((i + 1 for i, c in enumerate(first[:n]) if c in "/._:-"), default=0)
+    return first[:cut] if cut >= 4 else ""
+
+
+def _ends(label: str, limit: int) -> str:
+    head = (limit - 1) // 2
+    return label[:head] + "…" + label[-(limit - 1 - head):]  # both ends say the most
+
+
+def hbars(kind: str, title: str, rows: list[tuple[str, float | None, str]], unit: str = "", slug: str = "",
+          xlabel: str = "", missing: str = "no value") -> str:
+    """Horizontal bars, one per (label, value, colour), first row on top; each bar's value is written at its end,
+    a missing value is a row that says ``missing``."""
+    return _render(_hbars, kind, title, rows, unit, slug or kind, xlabel, missing)
+
+
+def _hbars(kind, title, rows, unit, slug, xlabel, missing):
+    from matplotlib import transforms
+
+    values = [v for _, v, _ in rows if v is not None]
     if not values:
-        return ""
-    top = max(values) or 1.0
-    label_w, bar_w, row_h = 200, 300, 18
-    marks = []
+        return None
+    chart = _Chart(kind, _slug(slug), HALF_IN, 0.5 + (0.2 if xlabel else 0) + ROW_IN * max(len(rows), 2))
+    ax = chart.ax
+    ax.grid(False, axis="y")
+    log = _log_wanted(values, LOG_SPAN_BARS)
+    _axis_style(ax, "x", log)
+    floor = min(values) / 2 if log else 0.0
+    texts = []
     for i, (label, v, color) in enumerate(rows):
-        y = 6 + i * row_h
-        width = 0 if v is None else max(1.0, bar_w * abs(v) / top)
-        text = "–" if v is None else f"{_num(v)}{(' ' + unit) if unit else ''}"
-        short = label if len(label) <= 32 else label[:15] + "…" + label[-16:]  # both ends say the most
-        marks.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end">{_esc(short)}</text>'
-                     f'<rect x="{label_w}" y="{y + 2}" width="{width:.1f}" height="{row_h - 5}" fill="{color}">'
-                     f'<title>{_esc(label)}: {_esc(text)}</title></rect>'
-                     f'<text x="{label_w + width + 4:.1f}" y="{y + 12}">{_esc(text)}</text>')
-    return figure(kind, title, label_w + bar_w + 90, 12 + len(rows) * row_h, marks)
+        shown = missing if v is None else f"{_num(v)}{(' ' + unit) if unit else ''}"
+        if v is not None:
+            ax.barh([i], [v - floor], left=floor, height=0.7, color=color, gid=chart.mark(f"{label}: {shown}"))
+        at = floor if v is None else v
+        right = v is None or v >= floor
+        offset = transforms.offset_copy(ax.transData, fig=chart.fig, x=4 if right else -4, y=0, units="points")
+        texts.append(ax.text(at, i, shown, transform=offset, va="center", ha="left" if right else "right",
+                             color="#57606a" if v is None else "#1f2328", gid=chart.label()))
+    ax.set_yticks(range(len(rows)), short_labels([r[0] for r in rows]))
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.tick_params(axis="y", length=0)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if not log and min(values) >= 0:
+        ax.spines["left"].set_visible(True)
+    elif not log:
+        ax.axvline(0, color="#57606a", linewidth=0.8)
+    for _ in range(4):  # room for each value label inside the plot area
+        w, _h = _plot_size_pt(chart)
+        renderer = chart.fig.canvas.get_renderer()
+        widths = [t.get_window_extent(renderer).width + 4 + PAD_PT for t in texts]
+        pts = [floor if v is None else v for _, v, _ in rows]
+        needs = [(wd, PAD_PT) if (v is not None and v < floor) else (PAD_PT, wd) for wd, (_, v, _) in zip(widths, rows)]
+        lo, hi = _fit(pts, needs, w, log, floor=floor)
+        ax.set_xlim(lo if (log or min(values) < 0) else 0.0, hi)
+        if log:
+            _log_ticks(ax, "x", w)
+    return chart, title
 
 
 def versus_fp32(manifest: dict) -> str:
@@ -130,13 +399,15 @@ def versus_fp32(manifest: dict) -> str:
     for name, t in manifest["targets"].items():
         if t.get("verdict") == "error":
             continue
-        base, p = t.get("baseline_fp32") or {}, str(t.get("precision", "artifact")).upper()
-        lat += [(f"{name} {p}", (t.get("latency") or {}).get("p50_ms"), BLUE),
-                (f"{name} FP32", (base.get("latency") or {}).get("p50_ms"), GREY)]
-        size += [(f"{name} {p}", (t.get("size_bytes") or 0) / 1e6 or None, BLUE),
-                 (f"{name} FP32", (base.get("size_bytes") or 0) / 1e6 or None, GREY)]
-    return (hbars("latency", "p50 latency on this host, artifact vs FP32", lat, "ms")
-            + hbars("size", "size on disk, artifact vs FP32", size, "MB"))
+        base, p = t.get("baseline_fp32") or {}, str(t.get("precision") or "artifact").upper()
+        lat += [(f"{name} {p}", (t.get("latency") or {}).get("p50_ms"), BLUE)]
+        size += [(f"{name} {p}", (t.get("size_bytes") or 0) / 1e6 or None, BLUE)]
+        if p != "FP32":
+            lat += [(f"{name} FP32", (base.get("latency") or {}).get("p50_ms"), GREY)]
+            size += [(f"{name} FP32", (base.get("size_bytes") or 0) / 1e6 or None, GREY)]
+    return (hbars("latency", "p50 latency on this host, artifact (blue) vs FP32 (grey)", lat, "ms",
+                  xlabel="p50 latency (ms)")
+            + hbars("size", "size on disk, artifact (blue) vs FP32 (grey)", size, "MB", xlabel="size (MB)"))
 
 
 def search(name: str, record: dict) -> str:
@@ -155,14 +426,15 @@ def search(name: str, record: dict) -> str:
             rows.append((label, a.get(key) if key else None, RED if a.get("failures") else GREEN))
     better = "lower" if key and key.endswith(("_drop", "disagreement", "_error")) else "higher"
     return hbars("search", f"{name}: accuracy search, {key or 'quality'} of every configuration tried "
-                           f"({better} is better; green: within budget, red: over it)", rows)
+                           f"({better} is better; green: within budget, red: over it)", rows,
+                 slug=f"search-{name}", xlabel=f"{key or 'quality'} ({better} is better)", missing="conversion error")
 
 
 def sensitivity(name: str, layers: dict, limit: int = 20) -> str:
     rows = [(n, float(v), RED if i < 3 else AMBER) for i, (n, v) in enumerate(list(layers.items())[:limit])]
     more = f" (top {limit} of {len(layers)})" if len(layers) > limit else ""
     return hbars("sensitivity", f"{name}: per-layer INT8 sensitivity, quality lost when only this layer is "
-                                f"quantized{more}", rows)
+                                f"quantized{more}", rows, slug=f"sensitivity-{name}", xlabel="quality lost")
 
 
 def outputs(name: str, metrics: dict) -> str:
@@ -172,6 +444,7 @@ def outputs(name: str, metrics: dict) -> str:
         return ""
     if all(o.get("sqnr_db") is not None for o in outs.values()):
         rows = [(n, o["sqnr_db"], BLUE) for n, o in outs.items()]
-        return hbars("outputs", f"{name}: per-output SQNR vs FP32 (higher is better)", rows, "dB")
+        return hbars("outputs", f"{name}: per-output SQNR vs FP32 (higher is better)", rows, "dB",
+                     slug=f"outputs-{name}", xlabel="SQNR (dB)")
     rows = [(n, o.get("cosine"), BLUE) for n, o in outs.items()]
-    return hbars("outputs", f"{name}: per-output cosine vs FP32", rows)
+    return hbars("outputs", f"{name}: per-output cosine vs FP32", rows, slug=f"outputs-{name}", xlabel="cosine")

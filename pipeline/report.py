@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import html
+import logging
 import re
 from pathlib import Path
 
 from edgebuild.pipeline.results import Manifest, Metrics, TargetResult
+
+log = logging.getLogger("edgebuild.report")
 
 
 def _fmt(v, spec=".2f", suffix=""):
@@ -84,6 +87,9 @@ def write_report(manifest: Manifest | dict, path: Path) -> None:
     raw = manifest.to_dict()  # the charts read manifest.json's keys
     lines = _header_lines(manifest)
     charts = {len(lines): plots.tradeoff(raw) + plots.versus_fp32(raw)}  # line index -> HTML before it
+    if not plots.available():
+        log.warning("report.html without charts: %s", plots.MISSING_NOTE)
+        charts[len(lines)] = f'<p class="warning">{html.escape(plots.MISSING_NOTE)}</p>'
     if manifest.compression:
         from edgebuild.pipeline.stages.compress import markdown
 
@@ -260,10 +266,14 @@ def to_html(lines: list[str], manifest: Manifest, charts: dict[int, str]) -> str
             body.append(f"<p>{_inline(line)}</p>")
         i += 1
     body += ['<div class="charts">' + c + "</div>" for k, c in charts.items() if k >= len(lines) and c]
-    title = html.escape(f"edgebuild report — {manifest.verdict.status.upper()}")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+    return html_page(f"edgebuild report — {manifest.verdict.status.upper()}", "\n".join(body))
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained page in the report's style around ``body`` (HTML)."""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
-            f'<body>\n' + "\n".join(body) + "\n</body></html>\n")
+            f'<body>\n' + body + "\n</body></html>\n")
 
 
 def _html_table(head: list[str], rows: list[list[str]]) -> str:

@@ -32,7 +32,8 @@ def test_build_writes_a_self_contained_html_report_beside_the_markdown(built):
     page = (built.out / "report.html").read_text()
     md = (built.out / "report.md").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "</html>" in page
-    assert not re.search(r"<script|<link|<img|\bsrc=|url\(|https?://", page), "no external asset, nothing to fetch"
+    assert not re.search(r"<script|<link|<img|<image|\bsrc=|url\((?!#)|https?://|@font-face", page), \
+        "no external asset, nothing to fetch (url(#id) is a clip path of the same page)"
     assert "<th>setting</th>" in page and "| setting | value |" in md
     assert "{'" not in md and "{&#x27;" not in page, "settings are a table, not a raw dict"
     assert "onnx-cpu" in page and "model_int8_qdq.onnx" in page
