@@ -78,8 +78,10 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
     import tensorflow as tf
 
     inputs = job["inputs"]
-    keep_shape = [i["name"] for i in inputs if not i.get("perm") and not i.get("keep_source_layout")]
-    keep_nchw = [i["name"] for i in inputs if i.get("keep_source_layout")]
+    # onnx2tf matches these lists against input names it has already sanitized (':' -> '__', as tf2onnx's
+    # ``serving_default_input_2:0``): an unsanitized name matched nothing, and a 3-D audio input [1, N, 1] went NWC
+    keep_shape = [n for i in inputs if not i.get("perm") and not i.get("keep_source_layout") for n in _o2t_names(i["name"])]
+    keep_nchw = [n for i in inputs if i.get("keep_source_layout") for n in _o2t_names(i["name"])]
     from edgebuild.targets.onnx_rewrite import rewrite
 
     graph = constants_to_initializers(onnx.load(onnx_path))
@@ -111,6 +113,43 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
         return km, {name: v["tf_node"] for name, v in tensors.items() if isinstance(v, dict) and "tf_node" in v}
     finally:  # converting in the caller's process (tests) must leave onnx2tf as it was
         o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs = originals
+
+
+def _o2t_names(name: str) -> list[str]:
+    """An input's name as given and as onnx2tf sanitizes it."""
+    return list(dict.fromkeys([name, name.replace(":", "__")]))
+
+
+def adopt_input_layouts(km, job: dict) -> list:
+    """Each input's permutation (source -> TF) read from the Keras model onnx2tf built, per tensor.
+
+    onnx2tf decides the layout of every input itself (channels-last for 3-D to 5-D unless told to keep it, and
+    not always as told); what it built is what the graph check, the calibration and every runner must feed. The
+    planned permutation stays when the built shape agrees with it; otherwise the channels-last one, else any
+    permutation that gives the built shape. ``job["inputs"][i]["perm"]`` is updated; returns the list."""
+    perms = []
+    for spec, tensor in zip(job["inputs"], km.inputs):
+        built = [None if d is None else int(d) for d in tensor.shape]
+        source = [int(d) for d in spec["shape"]]
+        planned = spec.get("perm")
+
+        def fits(perm) -> bool:
+            shape = [source[k] for k in perm] if perm else source
+            return len(shape) == len(built) and all(b is None or b == s or s <= 0 for b, s in zip(built, shape))
+
+        if len(source) != len(built) or fits(planned):  # a 0-d input is [1] in TF: fed reshaped by the runners
+            perms.append(planned)
+            continue
+        rank = len(source)
+        candidates = [None] + ([list(CHANNEL_LAST[rank])] if rank in CHANNEL_LAST else []) + \
+            ([list(p) for p in itertools.permutations(range(rank))] if rank <= 6 else [])
+        found = next((p for p in candidates if fits(p)), False)
+        if found is False:
+            raise ConversionFailure("onnx2tf", f"input {spec['name']}: the TF graph takes shape {built}, which no "
+                                               f"permutation of the ONNX shape {source} gives")
+        spec["perm"] = found if found != list(range(rank)) else None
+        perms.append(spec["perm"])
+    return perms
 
 
 def with_shapes(model):

@@ -144,6 +144,8 @@ class TFLiteBackend(Backend):
         out = workdir / self.artifact_name(precision, {**s, "float_layers": s.get("float_layers") or bool(auto_float)})
         workdir.mkdir(parents=True, exist_ok=True)
         shutil.move(str(job_dir / "model.tflite"), out)
+        if "input_perms" in result:  # the layout onnx2tf gave each input (onnx2tf_run.adopt_input_layouts)
+            inputs = [{**plan, "perm": perm} for plan, perm in zip(inputs, result["input_perms"])]
         io = _artifact_io(model, inputs, result, profile.name, passthrough.find(model.onnx_path))
         files = [out.name] + (write_c_array(out) if s["c_array"] else [])
         used = {**s, "converter": _converter_version(), "calibration_samples_used": n if precision == "int8" else 0,
@@ -307,13 +309,26 @@ def _artifact_io(model: ExportedModel, inputs: list[dict], result: dict, target:
         got = result["inputs"][key]["shape"]
         if [int(v) for v in expected] != got and not (expected == [] and got == [1]):  # onnx2tf gives a 0-d input shape [1]
             raise ConversionError(f"{target}: TFLite input {key} has shape {result['inputs'][key]['shape']}, expected {expected}")
-        layout = "NHWC" if plan["perm"] else src.layout
-        io_in.append(port(key, result["inputs"][key], src.name, layout, plan["perm"], src))
-    ports = {src.name: port(key, result["outputs"][key], src.name, "NHWC" if perm else src.layout, perm, src)
+        io_in.append(port(key, result["inputs"][key], src.name, _layout(plan["perm"], src.layout), plan["perm"], src))
+    ports = {src.name: port(key, result["outputs"][key], src.name, _layout(perm, src.layout, True), perm, src)
              for key, perm, src in zip(keys_out, result["output_perms"], computed)}
     io_out = [ports[o.name] if o.name in ports else passthrough.spec(o.name, through[o.name], o.shape, o.dtype)
               for o in model.outputs]  # the source's order; a pass-through output is the input it names
     return {"inputs": io_in, "outputs": io_out}
+
+
+CHANNEL_LAST_NAMES = {3: "NWC", 4: "NHWC", 5: "NDHWC"}
+
+
+def _layout(perm, source: str, inverse: bool = False) -> str:
+    """The device layout of a tensor: the source's, channels-last (NWC, NHWC, NDHWC) or the permutation itself
+    (``inverse``: an output's perm maps the device tensor back to the source)."""
+    if not perm:
+        return source
+    forward = [int(v) for v in np.argsort(perm)] if inverse else list(perm)
+    if tuple(forward) == CHANNEL_LAST.get(len(forward)):
+        return CHANNEL_LAST_NAMES[len(forward)]
+    return "permuted " + "".join(str(v) for v in forward)
 
 
 def _converter_version() -> str:
@@ -367,8 +382,12 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
             notes.append(f"input {p['name']} is 0-d in the source and shape [1] on the device (onnx2tf makes scalar "
                          "inputs rank 1); edgebuild's runner reshapes, a device app feeds one value as [1]")
         if p["perm"]:
-            notes.append(f"input {p['name']} is NHWC {p['shape']} on the device (source NCHW {p['source_shape']}); "
-                         "edgebuild's runner transposes, a device app feeds channels-last")
+            notes.append(f"input {p['name']} is {p['layout']} {p['shape']} on the device (source {p['source_layout']} "
+                         f"{p['source_shape']}); edgebuild's runner transposes, a device app feeds it in that layout")
+    for p in io["outputs"]:
+        if p.get("perm"):
+            notes.append(f"output {p['name']} is {p['layout']} {p['shape']} on the device (source "
+                         f"{p['source_shape']}); edgebuild's runner transposes it back")
     notes.append(f"host check: LiteRT {_version('ai-edge-litert')} with {s['host_kernels']} kernels; "
                  "latency times invoke() only, like benchmark_model")
     return notes

@@ -34,7 +34,8 @@ from typing import Iterator
 import numpy as np
 
 from edgebuild.targets.onnx2tf_run import (  # noqa: F401 — CHANNEL_LAST, block_network: this module's API
-    CHANNEL_LAST, NetworkBlocked, block_network, check_float_graph, explain, to_keras, to_tf_layout)
+    CHANNEL_LAST, NetworkBlocked, adopt_input_layouts, block_network, check_float_graph, explain, to_keras,
+    to_tf_layout)
 from edgebuild.targets.tflite_mixed import ConversionFailure, check_integer, float_layer_map, selective_int8
 
 
@@ -152,6 +153,7 @@ def run(job_dir: Path) -> dict:
     try:
         _phase(job_dir, phase)
         km, tensors = to_keras(job["onnx"], job, calib, job_dir)
+        in_perms = adopt_input_layouts(km, job)  # the layout onnx2tf gave each input, fed from here on
         float_layers = [str(n) for n in job["settings"].get("float_layers") or []] if job["precision"] == "int8" else []
         if float_layers:
             job["float_layer_map"] = float_layer_map(km, tensors, job["onnx"], float_layers)
@@ -159,7 +161,7 @@ def run(job_dir: Path) -> dict:
         _phase(job_dir, phase)
         out_perms, check = check_float_graph(km, job, calib)
         job["graph"] = {"keras_inputs": list(km.input_names), "keras_outputs": list(km.output_names),
-                        "output_perms": out_perms, "fp32_graph_check": check, "rewrites": job.get("rewrites") or []}
+                        "input_perms": in_perms, "output_perms": out_perms, "fp32_graph_check": check, "rewrites": job.get("rewrites") or []}
         phase = "tflite converter" if job["precision"] != "int8" else "tflite converter (INT8 calibration)"
         _phase(job_dir, phase)
         # keeping layers in float needs the MLIR quantizer's deny list
@@ -169,7 +171,7 @@ def run(job_dir: Path) -> dict:
         described["float_ops"] = [op["op"] for op in described["float_ops"]]
         result = {"ok": True, "keras_inputs": list(km.input_names), "keras_outputs": list(km.output_names),
                   "quantizer_used": job["quantizer_used"] if job["precision"] == "int8" else None,
-                  "output_perms": out_perms, "fp32_graph_check": check, "rewrites": job.get("rewrites") or [],
+                  "input_perms": in_perms, "output_perms": out_perms, "fp32_graph_check": check, "rewrites": job.get("rewrites") or [],
                   "repairs": repairs, "xnnpack_checked": _xnnpack_on(job), **described, **kept}
     except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit() on some errors
         result = {"ok": False, "phase": phase, **explain(e, phase, job["onnx"], job_dir / "convert.log"),
