@@ -24,7 +24,7 @@ from edgebuild.pipeline.cache import StageCache, default_root, open_cache
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError
 from edgebuild.pipeline.offline import no_telemetry
 from edgebuild.pipeline.results import Manifest, TargetResult, compression_check
-from edgebuild.pipeline.schedule import _build_all, effective_jobs
+from edgebuild.pipeline.schedule import _build_all, effective_jobs, memory_limit
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.versions import tool_versions
@@ -64,13 +64,15 @@ def _quiet_stage(text: str):
     yield
 
 
-def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: int | None = None) -> BuildResult:
+def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: int | None = None,
+          max_memory_gb: float | None = None) -> BuildResult:
     """Run a whole build; returns the result (check ``exit_code``), raises EdgeBuildError on bad input.
 
-    ``jobs``: targets converted at once (default: the host's cores, fewer when memory is short); see ``_build_all``.
+    ``jobs``: targets converted at once (default: the host's cores); ``max_memory_gb``: what the running conversions'
+    estimated peaks may add up to (default: the available memory less a margin); see ``pipeline/schedule.py``.
     """
     from edgebuild.pipeline.stages.data import budget_calibration, resolve_data
-    from edgebuild.pipeline.stages.export import export_onnx
+    from edgebuild.pipeline.stages.export import export_onnx, export_program
     from edgebuild.pipeline.stages.load import load_model
     from edgebuild.pipeline.stages.context import BuildContext, BuildJob, Turns, Workspace
     from edgebuild.pipeline.stages.per_target import precision_for
@@ -113,7 +115,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
         deadline = time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf"))
         ctx = BuildContext(BuildJob(spec, model, calib, evalset, reference, judging),
                            Workspace(cache, scratch, stage, deadline, Turns(p.name for p in profiles)))
-        targets = _build_all(ctx, profiles, staging, effective_jobs(jobs, len(profiles)))
+        targets = _build_all(ctx, profiles, staging, effective_jobs(jobs, len(profiles)), memory_limit(max_memory_gb))
         cache_record = {"reference_outputs": reference_cached,
                         "note": "per target: `cache` says which results came from the stage cache"}
         manifest = _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets,

@@ -260,13 +260,16 @@ def _nullcontext():
 @click.option("--no-cache", is_flag=True, help="Do not read or write the stage cache.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
               help="Targets converted at once (default: the host's cores, fewer when memory is short); timing runs one target at a time.")
+@click.option("--max-memory-gb", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GB",
+              help="What the conversions running at once may use, by their estimated peaks (default: the available "
+                   "memory less 1 GB); fewer run at once when more would pass it.")
 @click.option("--trust-model", is_flag=True, help="Load a .pt2 archive even if it could run code when loaded (pickles beyond tensors, guard code, compiled code). Only for files you trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout (for CI).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (errors and the summary still print).")
 @click.option("--verbose", "-v", is_flag=True, help="Also echo debug lines and the converters' own output to stderr (always in <out>/build.log).")
 @click.version_option(package_name="edgebuild", prog_name="edgebuild", message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx, as_json, quiet, verbose, config, eval_, jobs, **flags):
+def cli(ctx, as_json, quiet, verbose, config, eval_, jobs, max_memory_gb, **flags):
     """edgebuild: turn a trained model into validated edge artifacts.
 
     \b
@@ -289,7 +292,7 @@ def cli(ctx, as_json, quiet, verbose, config, eval_, jobs, **flags):
         elif config_path:
             console.print(f"[dim]config: {config_path}[/dim]")
         with _progress(console, quiet, log) as stage:
-            result = build(spec, stage=stage, jobs=jobs)
+            result = build(spec, stage=stage, jobs=jobs, max_memory_gb=max_memory_gb)
     keep(log, result)
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2, default=str))

@@ -2,6 +2,7 @@
 side by side, then times and packages them one at a time (``_build_all``)."""
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -14,17 +15,41 @@ from edgebuild.pipeline.results import TargetResult
 from edgebuild.targets.profiles import TargetProfile
 
 
-MEMORY_PER_JOB = 3 << 30  # a conversion's peak (TensorFlow in the TFLite child, NNCF, ORT calibration) with margin
+GB = 1 << 30
+MEMORY_MARGIN = 1 << 30  # kept free for the system and the build's own process when --max-memory-gb is not given
+# A conversion's peak resident memory, roughly: a fixed part (the converter's libraries: TensorFlow in the TFLite
+# child, OpenVINO + NNCF, ONNX Runtime's calibrator) and a multiple of the FP32 model's size (graph copies, the
+# calibration's statistics, the artifact and its FP32 sibling). Fitted to measured peaks: ResNet-50 (98 MB) x86
+# 1090 MB, onnx-cpu,x86,arm64 at --jobs 2 2600 MB; MobileNetV2 (14 MB) three targets 1151 MB.
+PEAK_MODEL = {"tflite": (600 << 20, 8.0), "openvino": (300 << 20, 8.0), "onnx": (150 << 20, 4.0)}
+PEAK_OTHER = (600 << 20, 8.0)  # a backend not measured yet: as the heaviest
+log = logging.getLogger("edgebuild.schedule")
 
 
 def effective_jobs(jobs: int | None, n_targets: int) -> int:
-    """Targets converted at once: ``jobs`` (default: the host's cores), at most one per 3 GiB of available
-    memory, at most the number of targets."""
+    """Targets converted at once: ``jobs`` (default: the host's cores), at most the number of targets. Memory bounds
+    them further while they run (``MemorySlots``)."""
     cores = timing.host_cores()
     jobs = cores if jobs is None else jobs
     if jobs < 1:
         raise BadInputError(f"--jobs {jobs}: must be at least 1")
-    return max(1, min(jobs, n_targets, _available_memory() // MEMORY_PER_JOB or 1))
+    return max(1, min(jobs, n_targets))
+
+
+def memory_limit(max_memory_gb: float | None) -> int:
+    """The bytes the running conversions' estimated peaks may add up to: ``--max-memory-gb``, else the available
+    memory less ``MEMORY_MARGIN``."""
+    if max_memory_gb is not None:
+        if max_memory_gb <= 0:
+            raise BadInputError(f"--max-memory-gb {max_memory_gb:g}: must be positive")
+        return int(max_memory_gb * GB)
+    return max(_available_memory() - MEMORY_MARGIN, 0)
+
+
+def estimate_peak(backend: str, model_bytes: int) -> int:
+    """A conversion's estimated peak memory in bytes (``PEAK_MODEL``) for an FP32 ONNX model of ``model_bytes``."""
+    fixed, per_byte = PEAK_MODEL.get(backend, PEAK_OTHER)
+    return int(fixed + per_byte * model_bytes)
 
 
 def _available_memory() -> int:
@@ -34,22 +59,76 @@ def _available_memory() -> int:
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return MEMORY_PER_JOB * 64  # unknown: memory does not bound the jobs
+    return 1 << 50  # unknown: memory does not bound the jobs
 
 
-def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int) -> dict[str, TargetResult]:
+class MemorySlots:
+    """Work slots bounded twice: at most ``jobs`` targets at once, and the running targets' estimated peaks
+    (``estimates``, by target) add up to at most ``limit`` bytes — a target that alone passes the limit runs alone.
+    Used like a semaphore by the thread working for a target (``bind`` names it first), so ``Turns`` can lend a
+    waiting target's slot to another and take it back."""
+
+    def __init__(self, jobs: int, limit: int, estimates: dict[str, int]):
+        self.jobs, self.limit, self.estimates = jobs, limit, dict(estimates)
+        self.cond = threading.Condition()
+        self.running: dict[int, tuple[str, int]] = {}  # thread -> (target, its reserved bytes)
+        self.local = threading.local()
+        self.peak_reserved = 0  # the largest sum reserved at once (the manifest's record)
+        self.waited: set[str] = set()  # targets that waited for memory, not for a job slot
+
+    def bind(self, name: str) -> None:
+        self.local.name = name
+
+    def _fits(self, need: int) -> bool:
+        reserved = sum(b for _, b in self.running.values())
+        return len(self.running) < self.jobs and (not self.running or reserved + need <= self.limit)
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        name = getattr(self.local, "name", "")
+        need = self.estimates.get(name, 0)
+        with self.cond:
+            if (len(self.running) < self.jobs and not self._fits(need)) and name not in self.waited:
+                self.waited.add(name)
+                log.info("%s waits for memory: %.1f GB estimated, %.1f GB of %.1f GB taken by %s", name, need / GB,
+                         sum(b for _, b in self.running.values()) / GB, self.limit / GB,
+                         ", ".join(n for n, _ in self.running.values()))
+            if not self.cond.wait_for(lambda: self._fits(need), timeout if blocking else 0):
+                return False
+            self.running[threading.get_ident()] = (name, need)
+            self.peak_reserved = max(self.peak_reserved, sum(b for _, b in self.running.values()))
+            return True
+
+    def release(self) -> None:
+        with self.cond:
+            self.running.pop(threading.get_ident(), None)
+            self.cond.notify_all()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
+               memory: int | None = None) -> dict[str, TargetResult]:
     """Every target: conversions and validations of up to ``jobs`` targets at once (threads: the runtimes release
     the GIL in native code, the TFLite conversion runs in its own child process, and threads share the loaded
     evaluation data and reference outputs), then timing and the target's files one target at a time, in order, on
     a machine no conversion loads. The manifest is the one a sequential build (``jobs`` 1) writes."""
     from edgebuild.pipeline.stages.per_target import finish_target, prepare_target
 
-    slots = threading.Semaphore(jobs)  # targets doing work at once; a target waiting for its search turn frees its
-    if ctx.work.turns is not None:  # slot (Turns.turn), so a later target converts meanwhile instead of queueing behind it
+    model_bytes = _model_bytes(ctx.job.model.onnx_path)
+    slots = MemorySlots(jobs, memory_limit(None) if memory is None else memory,  # targets doing work at once, their
+                        {p.name: estimate_peak(p.backend, model_bytes) for p in profiles})  # estimated peaks in bounds
+    # a target waiting for its search turn frees its slot (Turns.turn), so a later target converts meanwhile
+    if ctx.work.turns is not None:
         ctx.work.turns.slots = slots
 
     def prepare(profile):
         (staging / profile.name).mkdir()
+        slots.bind(profile.name)
         with slots:
             t0 = time.perf_counter()
             prep = _guarded(profile, staging, lambda: prepare_target(ctx, profile, staging / profile.name))
@@ -80,3 +159,12 @@ def _guarded(profile: TargetProfile, staging: Path, work):
     except EdgeBuildError as e:
         shutil.rmtree(staging / profile.name, ignore_errors=True)
         return TargetResult.failed(profile.backend, str(e))
+
+
+def _model_bytes(onnx_path: Path) -> int:
+    """The FP32 model's size: the ONNX file and its external data (``*.data`` beside it)."""
+    path = Path(onnx_path)
+    try:
+        return path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob("*.data") if f.is_file())
+    except OSError:
+        return 0

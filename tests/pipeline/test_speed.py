@@ -120,8 +120,8 @@ def test_jobs_are_bounded_by_targets_and_memory(monkeypatch):
 
     monkeypatch.setattr(B, "_available_memory", lambda: 64 << 30)
     assert B.effective_jobs(None, 3) == min(timing.host_cores(), 3) and B.effective_jobs(8, 2) == 2
-    monkeypatch.setattr(B, "_available_memory", lambda: 4 << 30)
-    assert B.effective_jobs(8, 3) == 1
+    monkeypatch.setattr(B, "_available_memory", lambda: 4 << 30)  # memory bounds the running targets' estimated
+    assert B.effective_jobs(8, 3) == 3 and B.memory_limit(None) == 3 << 30  # peaks (MemorySlots, test_schedule.py)
 
 
 def test_searches_of_parallel_targets_take_turns_in_target_order():
