@@ -72,7 +72,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     estimated peaks may add up to (default: the available memory less a margin); see ``pipeline/schedule.py``.
     """
     from edgebuild.pipeline.stages.data import budget_calibration, resolve_data
-    from edgebuild.pipeline.stages.export import export_onnx, export_program
+    from edgebuild.pipeline.stages.export import export_onnx
     from edgebuild.pipeline.stages.load import load_model
     from edgebuild.pipeline.stages.context import BuildContext, BuildJob, Turns, Workspace
     from edgebuild.pipeline.stages.per_target import precision_for
