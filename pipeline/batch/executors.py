@@ -17,6 +17,10 @@ from edgebuild.pipeline.batch.matrix import Cell
 from edgebuild.pipeline.errors import BadInputError
 
 OnDone = Callable[[dict], None]
+# Sent to every Ray worker (whose environment is its node's, not the driver's): where the shared cache's key is and
+# edgebuild's own settings. The key itself (EDGEBUILD_CACHE_KEY) is never sent: a task's environment is visible to
+# whoever can inspect the cluster; give it to each node (`ray start`'s environment) or use EDGEBUILD_CACHE_KEY_FILE.
+FORWARDED_ENV = ("EDGEBUILD_CACHE_KEY_FILE",)
 OBJECT_STORE_BYTES = 100 << 20  # a local Ray's object store: cells return small dicts, artifacts go to disk
 POLL_SECONDS = 0.2
 
@@ -105,10 +109,12 @@ class RayExecutor:
         import ray
 
         task = ray.remote(max_calls=1)(run_cell)
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
         refs = {}
         for c in cells:
             refs[task.options(num_cpus=c.resources.num_cpus, memory=int(c.resources.memory_mb * 1e6),
-                              max_retries=retries, retry_exceptions=False, name=f"edgebuild:{c.name}")
+                              max_retries=retries, retry_exceptions=False, name=f"edgebuild:{c.name}",
+                              runtime_env={"env_vars": env} if env else None)
                  .remote(c.to_dict(), str(batch_out), self.shared_timing(c, cells))] = c
         results: dict[str, dict] = {}
         pending = list(refs)
