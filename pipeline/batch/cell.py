@@ -61,11 +61,20 @@ def run_cell(cell_data: dict, batch_out: str, shared_timing: bool) -> dict:
         record = _build(cell)
     finally:
         marker.unlink(missing_ok=True)
-    record.update(seconds=round(time.time() - started, 2), started=round(started, 3), worker=node,
+    record.update(seconds=round(time.time() - started, 2), started=round(started, 3), cpu_seconds=_cpu_seconds(),
+                  worker=node,
                   threads=cell.resources.num_cpus, timing_shared_cores=shared_timing, attempts=attempt)
     if record["exit"] in (0, 1):
         _write_cell_record(cell, record)
     return record
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this worker and of the converter children it waited for (user + system)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 2)
 
 
 def _attempt(marker: Path) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 EXIT_ORDER = (0, 1, 3, 2, 130)  # worst last: a batch exits with the worst of its cells
 CELL_KEYS = ("model", "target", "exit", "verdict", "artifact", "artifact_sha256", "skipped", "precision",
-             "accuracy_drop", "speedup_vs_fp32", "size_bytes", "seconds", "build_seconds", "error", "worker",
+             "accuracy_drop", "speedup_vs_fp32", "size_bytes", "seconds", "build_seconds", "cpu_seconds", "started", "error", "worker",
              "threads", "timing_shared_cores", "attempts")
 
 
@@ -49,6 +49,7 @@ def write_summary(out: Path, matrix, executor: dict, records: dict[str, dict], s
         "matrix": str(matrix.path), "executor": executor["name"], "executor_info": executor, "cache": matrix.cache,
         "exit": batch_exit(cells), "seconds": round(seconds, 2),
         "cell_seconds_sum": round(sum(r["seconds"] for r in built), 2),
+        "cell_cpu_seconds_sum": round(sum(r.get("cpu_seconds") or 0 for r in built), 2),
         "counts": {k: sum(1 for c in cells if c["verdict"] == k) for k in ("pass", "fail", "error", "interrupted")}
         | {"skipped": sum(c["skipped"] for c in cells)},
         "cells": cells,
