@@ -75,12 +75,12 @@ def _need_file(path: Path) -> None:
 
 
 def _onnx(path: Path, spec: BuildSpec) -> LoadedModel:
-    """Input shapes come from the graph: a symbolic (or unknown) dimension is the batch, fixed to 1,
-    whichever axis holds it; an input with more than one needs its shape given. Old files (IR < 4,
+    """Input shapes come from the graph: a symbolic dimension is the batch (fixed to 1) when it is named like one
+    or leads; any other takes its size from the data (``export.input_shape``). Old files (IR < 4,
     weights as inputs or not) are checked as upgraded (the export records each change)."""
     import onnx
 
-    from edgebuild.pipeline.stages.export import check_onnx, upgrade_legacy_onnx
+    from edgebuild.pipeline.stages.export import check_onnx, input_shape, upgrade_legacy_onnx
 
     _need_file(path)
     try:
@@ -98,7 +98,7 @@ def _onnx(path: Path, spec: BuildSpec) -> LoadedModel:
     elif unknown:
         raise BadInputError(f"{path}: the build spec names input(s) {unknown}; the model's inputs are "
                             f"{[gi.name for gi in graph_inputs]} (name them: --input-shape NAME:1,3,224,224)")
-    inputs = []
+    inputs, notes = [], []
     for gi in graph_inputs:
         t = gi.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
@@ -107,14 +107,14 @@ def _onnx(path: Path, spec: BuildSpec) -> LoadedModel:
         if gi.name in given:
             inputs.append(_given_input(path, replace(given[gi.name], name=gi.name), dims, dtype))  # the graph's name
             continue
-        symbolic = [d for d in dims or [] if isinstance(d, str)]
-        if dims is None or len(symbolic) > 1:
-            raise BadInputError(f"{path}: input {gi.name} has {'no shape' if dims is None else f'dynamic dimensions {dims}'}; "
-                                f"give its shape: --input-shape {gi.name}:{','.join(map(str, dims or ['1', '...']))} with numbers "
-                                f"(or in edgebuild.yaml: inputs: [{{name: {gi.name}, shape: [...]}}])")
-        shape = tuple(1 if isinstance(d, str) else d for d in dims)  # the symbolic dim is the batch: 1 on the edge
+        if dims is None:
+            raise BadInputError(f"{path}: input {gi.name} has no shape; give its shape: --input-shape {gi.name}:1,... "
+                                f"with numbers (or in edgebuild.yaml: inputs: [{{name: {gi.name}, shape: [...]}}])")
+        shape, taken = input_shape(path, gi.name, dims, spec, len(graph_inputs))  # the batch is 1; others from data
+        notes += taken
         inputs.append(InputSpec(gi.name, shape, dtype, _onnx_layout(shape)))
-    return LoadedModel("onnx", f"ONNX file {path.name}", tuple(inputs), onnx_path=path)
+    described = f"ONNX file {path.name}" + (f" ({'; '.join(notes)})" if notes else "")
+    return LoadedModel("onnx", described, tuple(inputs), onnx_path=path)
 
 
 def _onnx_layout(shape: tuple[int, ...]) -> str:
