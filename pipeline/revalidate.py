@@ -149,11 +149,27 @@ def judged(loaded: Loaded, outputs: list, lat: dict | None, **extra) -> dict:
     the build's budgets, as a validation result. ``lat`` None: no latency is judged (e.g. under emulation)."""
     metrics = V.compare(loaded.reference, outputs, loaded.evalset.labels, loaded.judging)
     art = loaded.artifact
-    verdict = decide(V.judge(metrics, art.size_bytes, lat, loaded.budget, loaded.judging.task)
+    memory = recorded_memory(art.directory)
+    verdict = decide(V.judge(metrics, art.size_bytes, lat, loaded.budget, loaded.judging.task, memory)
                      + extra.pop("extra_failures", []))
     return {"target": loaded.meta["target"], **verdict.to_dict(),
             "metrics": metrics, "latency": lat, "size_bytes": art.size_bytes,
+            **({"memory": {**memory, "source": "measured by the build (validation.json)"}} if memory else {}),
             "evaluation": loaded.evalset.describe(), "reference": loaded.reference_source, **extra}
+
+
+def recorded_memory(artifact_dir: Path) -> dict | None:
+    """The runtime memory the build measured for this artifact (its files are the ones verified by sha256): the
+    memory budgets are judged on it again, so a budget missed at build time is missed by validate too."""
+    try:
+        memory = json.loads((artifact_dir / "validation.json").read_text()).get("memory")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(memory, dict):
+        return None
+    peak, micro = memory.get("peak_mb"), memory.get("micro")
+    ok = peak is None or (isinstance(peak, (int, float)) and not isinstance(peak, bool))
+    return memory if ok and (micro is None or isinstance(micro, dict)) else None
 
 
 def revalidate(artifact_dir: Path, eval_source: str | None, evaluator: str | None = None) -> dict:

@@ -75,6 +75,13 @@ def _npz_with_a_pickle(d: Path):
     return []
 
 
+def _npz_with_nan(d: Path):
+    x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
+    x[3, 0, 2, 2] = np.nan
+    np.savez(d / "nan.npz", x=x, y=np.zeros(16, int))
+    return []
+
+
 PROFILE = "name: board\nbackend: onnx\ndescription: a board\n"
 
 # id: (setup(dir) -> extra args, args, exit code, message regex)
@@ -155,6 +162,7 @@ CASES = {
                                   r"member x claims \[2097152, 2097152\] float64 \(32\.0 TiB\) but holds"),
     "calib npz member a pickle": (_npz_with_a_pickle, ["--calib", "objects.npz", *T], 2,
                                   r"member x holds Python objects \(a pickle\)"),
+    "calib with NaN": (_npz_with_nan, ["--calib", "nan.npz", *T], 2, r"nan\.npz: input input has 1 NaN/Inf value"),
     "device url malformed IPv6": (None, ["validate", ".", "--device", "ssh://[::1"], 2, "expected ssh://"),
     "calib_samples zero": (_file("edgebuild.yaml", "calib_samples: 0\n"), T, 2, "calib_samples must be positive"),
     "unknown flag": (None, ["--frobnicate"], 2, "No such option"),

@@ -263,3 +263,14 @@ def test_good_results_from_a_board_are_read(tmp_path):
     np.savez(tmp_path / "outputs.npz", y0=np.ones((2, 3), np.float32), y1=np.zeros((2,), np.int64))
     outputs, result = read_results(tmp_path, 2)
     assert len(outputs) == 2 and outputs[1][0].shape == (3,) and result["machine"] == "x"
+
+
+def test_validate_judges_the_memory_budgets_a_build_judged(received, edgebuild):
+    """Issue 21: a memory budget missed at build time is missed by validate too (on the memory the build measured)."""
+    art = received / "onnx-cpu"
+    assert json.loads((art / "validation.json").read_text())["memory"]["peak_mb"] > 0.001
+    meta = json.loads((art / "metadata.json").read_text())
+    meta["budgets"]["max_memory_mb"] = 0.001
+    (art / "metadata.json").write_text(json.dumps(meta))
+    r = edgebuild("validate", art, "--outputs", received / "reference" / "outputs.npz")
+    r.check(1, r"runtime memory peak .* MB > max 0\.001 MB")
