@@ -36,6 +36,10 @@ onnx2tf's tensor map still find them. Runs in the conversion child (targets/tfli
   ``Where(any hit, Max(data, ReduceMax(Where(onehot, updates, min(updates)))), data)`` (the filler is the updates'
   own minimum, so INT8 ranges stay those of the data). Exact up to float summation order; the one-hot tensor has
   ``indices.size * D`` elements (not rewritten above ``SCATTER_ONEHOT_MAX``, then the error names the node).
+- **Gather of one constant index from a Concat on the same axis** (``h_n[-1]`` of a stacked LSTM/GRU: torch
+  concatenates each layer's ``Y_h`` ``[1, 1, H]`` into ``[layers, 1, H]`` and gathers index -1): onnx2tf gathered
+  from a channels-last copy and gave ``[layers, H]`` for ``[1, H]``. The gathered index lies in one Concat input:
+  a Squeeze of it when that input has size 1 on the axis, else a Gather from it (exact).
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ def rewrite(model) -> tuple[object, list[str]]:
     """All rewrites, in order; returns (model, notes)."""
     notes: list[str] = []
     for step in (tf_scope_safe_node_names, tf_safe_output_names, slice_per_axis, maxpool_edge_padding, erf_to_tanh,
-                 sum_to_add_chain, scatter_elements_reduction):
+                 sum_to_add_chain, scatter_elements_reduction, gather_of_concat):
         model, note = step(model)
         if note:
             notes.append(note)
@@ -471,3 +475,50 @@ def _elem_types(model) -> dict[str, int]:
     out = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
     out.update({i.name: i.data_type for i in g.initializer})
     return out
+
+
+def gather_of_concat(model):
+    """Gather(Concat(x0, x1, ..., axis=a), constant scalar k, axis=a) -> Squeeze(x_j) / Gather(x_j, k - offset)."""
+    from onnx import helper, numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    shapes, opset = _shapes(model), _opset(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    replacements, done = {}, []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.input[1] not in consts:
+            continue
+        k = consts[node.input[1]]
+        cat = producer.get(node.input[0])
+        if k.ndim != 0 or cat is None or cat.op_type != "Concat":
+            continue
+        rank = len(shapes.get(node.input[0]) or [])
+        axis = int(_attrs(node).get("axis", 0))
+        if not rank or axis % rank != int(_attrs(cat).get("axis", 0)) % rank:
+            continue
+        axis %= rank
+        sizes = [(shapes.get(x) or [None] * rank)[axis] if len(shapes.get(x) or []) == rank else None for x in cat.input]
+        if any(s is None or s <= 0 for s in sizes):
+            continue
+        index = int(k) % sum(sizes)
+        offsets = np.cumsum([0] + sizes)
+        j = int(np.searchsorted(offsets, index, side="right") - 1)
+        src, base = cat.input[j], node.name or node.output[0]
+        if sizes[j] == 1:
+            if opset >= 13:
+                axes = _unique(model, f"{node.output[0]}_axes")
+                model.graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), axes))
+                new = helper.make_node("Squeeze", [src, axes], list(node.output), name=node.name)
+            else:
+                new = helper.make_node("Squeeze", [src], list(node.output), name=node.name, axes=[axis])
+        else:
+            at = _unique(model, f"{node.output[0]}_index")
+            model.graph.initializer.append(numpy_helper.from_array(np.array(index - offsets[j], np.int64), at))
+            new = helper.make_node("Gather", [src, at], list(node.output), name=node.name, axis=axis)
+        replacements[idx] = [new]
+        done.append(base)
+    if not done:
+        return model, None
+    _replace_nodes(model, replacements, [])  # the Concat stays when something else reads it; onnx2tf drops it if not
+    return model, (f"Gather of one index from a Concat as that Concat input (exact; onnx2tf gathered a stacked RNN's "
+                   f"h_n[-1] from a channels-last copy): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")

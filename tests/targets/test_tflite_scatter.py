@@ -1,4 +1,4 @@
-"""ScatterElements with a reduction (a colour histogram's ``scatter_add_``), which onnx2tf 1.28.8 refuses
+"""ONNX rewrites of issue 22, exact against onnxruntime. ScatterElements with a reduction (a colour histogram's ``scatter_add_``), which onnx2tf 1.28.8 refuses
 ("ScatterElements currently supports only reduction=['none']"): targets/onnx_rewrite.py rewrites it into a one-hot
 mask and a reduction. The rewrite is checked against onnxruntime on random inputs with duplicate and negative
 indices for every reduction, axis and opset; the histogram model then builds arm64 INT8 and runs in LiteRT."""
@@ -126,3 +126,25 @@ def test_histogram_builds_arm64_int8(tmp_path):
     fp32 = convert(mi, calib, tmp_path, precision="fp32")
     assert fidelity(fp32, mi, calib) > 0.99999  # the rewrite itself is exact through onnx2tf and LiteRT
 
+
+
+@pytest.mark.parametrize("index,sizes", [(-1, (1, 1, 1)), (0, (1, 1, 1)), (3, (2, 3, 1)), (-2, (2, 3, 1))])
+def test_gather_of_concat_matches_onnxruntime(index, sizes):
+    """h_n[-1] of a stacked RNN: Gather(Concat(Y_h of each layer), -1) -> that layer's Y_h (also rewritten here)."""
+    from edgebuild.targets.onnx_rewrite import gather_of_concat
+
+    ins = [helper.make_tensor_value_info(f"h{i}", TensorProto.FLOAT, [s, 1, 4]) for i, s in enumerate(sizes)]
+    nodes = [helper.make_node("Concat", [v.name for v in ins], ["hn"], axis=0, name="cat"),
+             helper.make_node("Gather", ["hn", "k"], ["last"], axis=0, name="pick")]
+    g = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("last", TensorProto.FLOAT, [1, 4]),
+                                            helper.make_tensor_value_info("hn", TensorProto.FLOAT, [sum(sizes), 1, 4])],
+                          [numpy_helper.from_array(np.array(index, np.int64), "k")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    out, note = gather_of_concat(onnx.load_from_string(m.SerializeToString()))
+    assert note and not any(n.op_type == "Gather" and n.input[0] == "hn" for n in out.graph.node)
+    rng = np.random.default_rng(3)
+    feed = {v.name: rng.normal(size=(s, 1, 4)).astype(np.float32) for v, s in zip(ins, sizes)}
+    sess = [ort.InferenceSession(x.SerializeToString(), providers=["CPUExecutionProvider"]) for x in (out, m)]
+    for a, b in zip(*(s.run(None, feed) for s in sess)):
+        np.testing.assert_array_equal(a, b)
