@@ -1,7 +1,10 @@
-"""ONNX rewrites of issue 22, exact against onnxruntime. ScatterElements with a reduction (a colour histogram's ``scatter_add_``), which onnx2tf 1.28.8 refuses
+"""ONNX rewrites of issue 22, exact against onnxruntime.
+
+ScatterElements with a reduction (a colour histogram's ``scatter_add_``), which onnx2tf 1.28.8 refuses
 ("ScatterElements currently supports only reduction=['none']"): targets/onnx_rewrite.py rewrites it into a one-hot
 mask and a reduction. The rewrite is checked against onnxruntime on random inputs with duplicate and negative
-indices for every reduction, axis and opset; the histogram model then builds arm64 INT8 and runs in LiteRT."""
+indices for every reduction, axis and opset; the histogram model then builds arm64 INT8 and runs in LiteRT. Gather of one index from a Concat (a stacked
+RNN's ``h_n[-1]``) becomes that Concat input."""
 from __future__ import annotations
 
 import numpy as np
