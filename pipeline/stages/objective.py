@@ -71,7 +71,8 @@ def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tup
         if baseline is not None and profile.host_is_device and speedup is not None:
             why += (f"; FP32 runs in {base_ms:.3f} ms, too little to judge speed beyond the runner's own overhead"
                     if slower(speedup) and base_ms is not None and base_ms < MIN_JUDGED_MS
-                    else f", not slower than FP32 ({speedup.get('median', 0):.2f}×)")
+                    else f", not slower than FP32 beyond the timing's noise (median {speedup.get('median', 0):.2f}×, "
+                         f"p75 {speedup.get('p75', speedup.get('median', 0)):.2f}×)")
         return chosen, {**record, "shipped": chosen.artifact.main, "why": why}
     if baseline is None:
         return chosen, {**record, "shipped": chosen.artifact.main, "why": "no FP32 baseline to choose from"}

@@ -172,16 +172,35 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
 
 
 def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt, final: Attempt, outdir, holdout) -> Attempt:
-    """An INT8 choice that met the budget on the selection part but misses it on the held-out part does not ship
-    while FP16 (allowed, not tried yet) meets it: the held-out miss is the better evidence of the two."""
-    if final.quality_ok or best.artifact.precision != "int8" or not _fp16_allowed(profile) \
-            or any(t.artifact.precision == "fp16" for t in search.tries):
+    """An INT8 choice that met the budget on the selection part but misses it on the held-out part does not ship:
+    the next INT8 candidates (backend variants not tried yet) are tried first, each judged on the selection part and
+    then on the held-out part; then FP16 (allowed, not tried yet). The held-out miss is the better evidence of the two."""
+    if final.quality_ok or best.artifact.precision != "int8":
+        return final
+    missed = (f"{best.label} met the budget on the selection part but not on the held-out part "
+              f"({'; '.join(map(str, final.failures))})")
+    if backend is not None:
+        tried = {t.get("label") for t in search.record["tries"]}
+        settings = backend.default_settings(profile, "int8")
+        for label, overrides in backend.recovery_candidates(profile, settings):
+            if label in tried:
+                continue
+            a = search.attempt(f"{label} (next INT8 candidate after a held-out miss)", "int8", {**settings, **overrides})
+            if a is None or not a.quality_ok:
+                continue
+            held = _install(ctx, backend, profile, budget, a, outdir, holdout)
+            held.label = a.label
+            if held.quality_ok:
+                search.record["held_out_miss"] = f"{missed}: {a.label} instead"
+                search.record["chosen"] = a.label
+                return held
+            final = held  # this one missed too: the last installed stands unless another candidate holds
+    if not _fp16_allowed(profile) or any(t.artifact.precision == "fp16" for t in search.tries):
         return final
     a = search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", "fp16", {}, fallback=True)
     if a is None or not a.quality_ok:
         return final
-    search.record["held_out_miss"] = (f"{best.label} met the budget on the selection part but not on the held-out "
-                                      f"part ({'; '.join(map(str, final.failures))}): FP16 instead")
+    search.record["held_out_miss"] = f"{missed}: FP16 instead"
     search.record["chosen"] = a.label
     fp16 = _install(ctx, backend, profile, budget, a, outdir, holdout)
     fp16.label = a.label
@@ -290,6 +309,12 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
     ranked = _sensitivity(ctx, search)
     weights = _layer_weights(ctx.job.model.onnx_path)
     total = sum(weights.values()) or 1
+    # a layer that alone holds more than the float share allowed (R-Net's dense layer: 74 % of the weights) is not
+    # kept in float — the model would not be INT8 any more — but the next most sensitive layers still may be
+    heavy = [n for n in ranked if weights.get(n, 0) / total > MAX_FLOAT_SHARE]
+    if heavy:
+        search.record["float_share_skipped"] = {n: round(weights.get(n, 0) / total, 4) for n in heavy}
+        ranked = [n for n in ranked if n not in heavy]
     done = set()
     for k in FLOAT_LAYER_STEPS:
         layers = tuple(ranked[:k])

@@ -222,3 +222,42 @@ def test_speed_is_not_judged_below_the_runners_own_overhead():
     fp32.latency = {"p50_ms": 5.0}
     best, record = O.pick("precision", catalogue()["onnx-cpu"], int8, fp32, speed)
     assert best is fp32 and record["overruled"]
+
+
+def test_a_held_out_miss_tries_the_next_int8_candidate_before_fp16(monkeypatch):
+    """A CTC recogniser on x86: one INT8 variant passed the selection part and missed the held-out part; the next INT8
+    candidate (preset=mixed) keeps the task. It is tried, judged on both parts, and ships: FP16 is never asked."""
+    import time
+    from types import SimpleNamespace
+
+    from edgebuild.pipeline.stages import search as R
+
+    art = lambda p: SimpleNamespace(precision=p)  # noqa: E731
+    best = SimpleNamespace(artifact=art("int8"), label="full bias correction", quality_ok=True)
+    missed = SimpleNamespace(artifact=art("int8"), label=best.label, quality_ok=False, failures=["cosine 0.9857 < 0.99"])
+    backend = SimpleNamespace(default_settings=lambda profile, p: {"preset": "performance"},
+                              recovery_candidates=lambda profile, s: [("full bias correction", {}),
+                                                                      ("asymmetric activations (preset=mixed)",
+                                                                       {"preset": "mixed"})])
+    profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
+    s = R._Search.__new__(R._Search)
+    s.record, s.tries, s.deadline, s.durations = {"tries": [{"label": "full bias correction"}]}, [best], time.monotonic() + 99, []
+    asked = []
+
+    def attempt(label, precision, settings, fallback=False):
+        asked.append((precision, settings.get("preset")))
+        return SimpleNamespace(artifact=art(precision), label=label, quality_ok=True)
+
+    s.attempt = attempt
+    monkeypatch.setattr(R, "_install", lambda ctx, backend, profile, budget, a, outdir, holdout:
+                        SimpleNamespace(artifact=a.artifact, quality_ok=True, label=None))
+    shipped = R._held_out_miss(None, backend, profile, None, s, best, missed, None, None)
+    assert asked == [("int8", "mixed")] and shipped.artifact.precision == "int8"
+    assert "preset=mixed" in s.record["chosen"] and "instead" in s.record["held_out_miss"]
+    # when the next INT8 candidate misses the held-out part too, FP16 comes
+    asked.clear()
+    monkeypatch.setattr(R, "_install", lambda ctx, backend, profile, budget, a, outdir, holdout:
+                        SimpleNamespace(artifact=a.artifact, quality_ok=a.artifact.precision == "fp16", label=None,
+                                        failures=["x"]))
+    shipped = R._held_out_miss(None, backend, profile, None, s, best, missed, None, None)
+    assert asked == [("int8", "mixed"), ("fp16", None)] and shipped.artifact.precision == "fp16"

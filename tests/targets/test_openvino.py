@@ -148,7 +148,8 @@ def test_recorded_settings_can_be_fed_back_and_candidates_are_valid(built, model
 
     settings = built["int8"].settings  # what the accuracy search starts from: includes the "applied" record
     labels = [label for label, _ in backend.recovery_candidates(x86, settings)]
-    assert labels == ["full bias correction", "asymmetric activations (preset=mixed)"]  # x86 has 7-bit weights already
+    assert labels == ["full bias correction", "asymmetric activations (preset=mixed)",  # x86 has 7-bit weights already
+                      "preset=mixed with full bias correction", "NNCF model_type=transformer (SmoothQuant)"]
     n100 = backend.recovery_candidates(catalogue()["intel-n100"], {**settings, "overflow_fix": "first_layer_only"})
     label, variant = n100[0]  # a new frozen Settings (dataclasses.replace), the rest as asked
     assert label == "7-bit weights in every layer (overflow_fix=enable)" and variant.overflow_fix == "enable"
