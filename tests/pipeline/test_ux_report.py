@@ -78,6 +78,28 @@ def test_html_report_renders_in_a_headless_browser(built, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000  # a page with content, not a blank
 
 
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium installed (apt-get install chromium)")
+def test_screenshot_report_writes_a_small_png_of_the_report_down_to_its_first_charts(built, tmp_path):
+    """scripts/screenshot_report.py (the README's screenshot) on a finished build's output folder."""
+    import sys
+
+    from PIL import Image
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "screenshot_report.py"
+    png = tmp_path / "shot.png"
+    run = subprocess.run([sys.executable, str(script), "--out", str(built.out), "--png", str(png)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with Image.open(png) as im:
+        width, height = im.size
+        colours = len(im.convert("RGB").getcolors(1 << 16) or [])
+    assert width == 1100 and 400 < height < 3000 and 20 < colours <= 256  # the top of the report, charts drawn
+    assert png.stat().st_size < 300_000
+    run = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "nothing"), "--png", str(png)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "not found (give the output folder of a finished build)" in run.stderr
+
+
 @pytest.mark.slow
 def test_a_build_embeds_its_metadata_in_the_onnx_artifact_and_records_the_embedded_bytes(tmp_path):
     import hashlib
