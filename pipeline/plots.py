@@ -47,7 +47,10 @@ _RENDER = threading.Lock()  # matplotlib's rcParams are process-wide: one chart 
 
 def available() -> bool:
     """Whether matplotlib is installed (without importing it)."""
-    return importlib.util.find_spec("matplotlib") is not None
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # an import hook refusing it, a module set to None
+        return False
 
 
 def _esc(text) -> str:
