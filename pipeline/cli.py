@@ -403,10 +403,41 @@ def targets(profile):
         click.echo(f"{p.name:<16} {p.backend:<9} {p.precision:<7} {first}")
 
 
+@cli.command("setup-emulator")
+def setup_emulator():
+    """Make the emulated aarch64 board for `validate --emulate`: an arm64 Debian root with Python and the aarch64
+    numpy and LiteRT of this install's versions, run under qemu-user. The first run needs root and downloads ~150 MB
+    (Debian, PyPI); later runs are instant and offline. Where: $EDGEBUILD_ARM64_ROOT (default
+    ~/.cache/edgebuild/arm64-root)."""
+    import subprocess
+    from importlib import metadata, resources
+
+    from edgebuild.errors import MissingToolError
+
+    versions = {}
+    for dist, module in (("numpy", "numpy"), ("ai-edge-litert", "ai_edge_litert")):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            raise MissingToolError("", module, "setup-emulator (the aarch64 wheels match the installed ones)") from None
+    script = resources.files("edgebuild.pipeline.assets").joinpath("setup_arm64_emulator.sh")
+    env = {**os.environ, "PYTHON": sys.executable, "NUMPY_VERSION": versions["numpy"],
+           "LITERT_VERSION": versions["ai-edge-litert"]}
+    with resources.as_file(script) as path:
+        code = subprocess.run(["bash", str(path)], env=env).returncode
+    if code == 2:
+        raise BadInputError("setup-emulator: see the line above (it needs root, and qemu-user-static and debootstrap "
+                            "or apt-get)")
+    if code != 0:
+        from edgebuild.pipeline.device import DeviceError
+
+        raise DeviceError(f"setup-emulator: failed (exit {code}); the lines above say where")
+
+
 @cli.command("validate")
 @click.argument("artifact_dir", type=click.Path(file_okay=False))
 @click.option("--eval", "eval_", help="Evaluation data (image folder, .npy, .npz, digits...). Default: the build's own.")
-@click.option("--emulate", is_flag=True, help="Run it on the aarch64 LiteRT under qemu-user (scripts/setup_arm64_emulator.sh).")
+@click.option("--emulate", is_flag=True, help="Run it on the aarch64 LiteRT under qemu-user (set up once with `edgebuild setup-emulator`).")
 @click.option("--device", metavar="ssh://[user@]host[:port]", help="Run it on a board over SSH (?python=PATH, &arch=any).")
 @click.option("--outputs", "outputs_file", metavar="FILE.npz",
               help="Judge outputs computed elsewhere (keyed by output name, sample-major, on the build's "

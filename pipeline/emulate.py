@@ -1,7 +1,7 @@
 """`edgebuild validate DIR --emulate`: the arm64 artifact on the aarch64 build of LiteRT, under qemu-user.
 
 The emulator is an arm64 Debian root with Python and the aarch64 wheels of numpy and ai-edge-litert (the
-versions of requirements.lock), made once by ``scripts/setup_arm64_emulator.sh`` under
+versions of requirements.lock), made once by ``edgebuild setup-emulator`` (pipeline/assets/setup_arm64_emulator.sh) under
 ``$EDGEBUILD_ARM64_ROOT`` (default ``~/.cache/edgebuild/arm64-root``). Its Python runs the same self-contained
 runner a board runs (``pipeline/assets/device_runner.py``) through ``qemu-aarch64-static -L ROOT``, offline.
 
@@ -63,7 +63,7 @@ def validate_emulated(artifact_dir: Path, eval_source: str, evaluator: str | Non
 
     why = missing()
     if why:
-        raise DeviceError(f"--emulate: the arm64 emulator is not set up: {why}; run `bash scripts/setup_arm64_emulator.sh`")
+        raise DeviceError(f"--emulate: the arm64 emulator is not set up: {why}; run `edgebuild setup-emulator`")
     loaded = load(artifact_dir, eval_source, evaluator)
     if loaded.meta["backend"] != "tflite":
         raise BadInputError(f"--emulate runs .tflite artifacts on aarch64 LiteRT; {artifact_dir} is a "

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+MANIFEST_FORMAT = 1  # manifest.json's format version; a change that breaks a reader makes it 2 (and a new schema)
 EXIT_CODES = {"pass": 0, "fail": 1, "error": 3}  # the build's exit code for its verdict (README "Exit codes")
 
 
@@ -350,6 +351,7 @@ class Manifest(_Record):
     created: str | None = None
     seconds: float | None = None
     spec: dict | None = None
+    format: int | None = MANIFEST_FORMAT  # the version of manifest.json's format (pipeline/schemas/manifest.v1.schema.json)
     cwd: str | None = None
     tools: dict | None = None
     model: dict | None = None
@@ -364,7 +366,7 @@ class Manifest(_Record):
     keys: tuple = field(default=(), repr=False, compare=False)
 
     ORDER: ClassVar[tuple[str, ...]] = (
-        "edgebuild", "created", "verdict", "exit_code", "seconds", "spec", "cwd", "tools", "model", "data", "judging",
+        "format", "edgebuild", "created", "verdict", "exit_code", "seconds", "spec", "cwd", "tools", "model", "data", "judging",
         "targets", "cache", "compression", "output", "kept_from_earlier_build")
 
     @property
@@ -394,6 +396,7 @@ class Manifest(_Record):
     def from_dict(cls, d: dict) -> "Manifest":
         names = set(cls.ORDER)
         kw = {k: v for k, v in d.items() if k in names and k not in ("verdict", "exit_code", "targets")}
+        kw.setdefault("format", None)  # a manifest written before formats were numbered stays without one
         targets = {n: TargetResult.from_dict(t) for n, t in (d.get("targets") or {}).items()}
         return cls(**kw, targets=targets, extra={k: v for k, v in d.items() if k not in names}, keys=tuple(d))
 

@@ -1,77 +1,9 @@
 #!/usr/bin/env bash
-# The emulated aarch64 board for `edgebuild validate out/arm64 --emulate`: an arm64 Debian root with Python,
-# plus the aarch64 wheels of numpy and ai-edge-litert (the versions of requirements.lock), run under qemu-user.
+# The emulated aarch64 board for `edgebuild validate out/arm64 --emulate`: this is `edgebuild setup-emulator`
+# (the logic ships inside the package: pipeline/assets/setup_arm64_emulator.sh), run with this checkout's venv.
 #   bash scripts/setup_arm64_emulator.sh     # first run: downloads ~150 MB (Debian + PyPI); later runs: offline, instant
-# Where: $EDGEBUILD_ARM64_ROOT (default ~/.cache/edgebuild/arm64-root). Runs as root; needs qemu-user-static and
-# debootstrap (installed with apt-get when missing). No binfmt_misc and no chroot: edgebuild starts the
-# root's python with `qemu-aarch64-static -L ROOT`. The root is built beside its final place and moved there
-# when it works, so an interrupted run leaves nothing half-made.
+# PIP=path/to/venv/bin/pip picks the venv (scripts/bootstrap.sh does); default .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=${EDGEBUILD_ARM64_ROOT:-$HOME/.cache/edgebuild/arm64-root}
-SUITE=${EDGEBUILD_ARM64_SUITE:-bookworm}
-MIRROR=${EDGEBUILD_ARM64_MIRROR:-http://deb.debian.org/debian}
 PIP=${PIP:-.venv/bin/pip}
-SITE=/opt/edgebuild/site            # inside the root: the aarch64 wheels, installed
-lock_version() { sed -n "s/^$1==//p" requirements.lock; }
-WANT="suite=$SUITE cpu=cortex-a76 numpy=$(lock_version numpy) ai-edge-litert=$(lock_version ai-edge-litert)"
-
-if [ "$(cat "$ROOT/.edgebuild-ready" 2>/dev/null)" = "$WANT" ]; then
-  echo "arm64 emulator ready: $ROOT ($WANT)" >&2
-  exit 0
-fi
-
-if [ "$(id -u)" != 0 ]; then
-  echo "setup_arm64_emulator: run it as root (debootstrap unpacks a Debian root; apt-get installs qemu-user-static)" >&2
-  exit 2
-fi
-need=()
-command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
-command -v debootstrap >/dev/null || need+=(debootstrap)
-if [ ${#need[@]} -gt 0 ]; then
-  if ! command -v apt-get >/dev/null; then
-    echo "setup_arm64_emulator: needs ${need[*]} (Debian/Ubuntu: apt-get install ${need[*]})" >&2
-    exit 2
-  fi
-  echo "installing ${need[*]}" >&2
-  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
-fi
-
-work="$ROOT.partial"
-rm -rf "$work"
-mkdir -p "$work"
-trap 'rm -rf "$work"' EXIT
-echo "debootstrap (first stage, arm64 $SUITE, python3) into $work" >&2
-debootstrap --arch=arm64 --foreign --variant=minbase --include=python3 "$SUITE" "$work" "$MIRROR" >"$work.log" 2>&1 \
-  || { tail -20 "$work.log" >&2; exit 1; }
-# The second stage would run arm64 maintainer scripts in a chroot (binfmt_misc); unpacking is all Python needs.
-for deb in "$work"/var/cache/apt/archives/*.deb; do dpkg-deb -x "$deb" "$work"; done
-rm -f "$work"/var/cache/apt/archives/*.deb
-
-# qemu-user 7.2 passes the host's x86 /proc/cpuinfo through; LiteRT's CPU detection (cpuinfo) then finds no
-# ARM core and crashes. qemu opens ROOT/proc/cpuinfo instead when it exists (-L): describe the core edgebuild
-# emulates (qemu -cpu cortex-a76, the Raspberry Pi 5's), one entry per host CPU.
-for i in $(seq 0 $(($(nproc) - 1))); do
-  printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n' "$i"
-done >"$work/proc/cpuinfo"
-
-python_version=$(basename "$(readlink -f "$work/usr/bin/python3")" | sed 's/^python//')
-echo "aarch64 wheels for cp${python_version/./} ($WANT)" >&2
-platforms=(--platform manylinux2014_aarch64)
-for v in $(seq 17 36); do platforms+=(--platform "manylinux_2_${v}_aarch64"); done
-wheels="$work/opt/edgebuild/wheels"
-"$PIP" download -q --only-binary=:all: "${platforms[@]}" --python-version "$python_version" --implementation cp \
-  -c requirements.lock -d "$wheels" "numpy==$(lock_version numpy)" "ai-edge-litert==$(lock_version ai-edge-litert)"
-"$PIP" install -q --no-index --find-links "$wheels" --only-binary=:all: "${platforms[@]}" \
-  --python-version "$python_version" --implementation cp --target "$work$SITE" numpy ai-edge-litert
-
-echo "checking: aarch64 python imports numpy and ai_edge_litert under qemu" >&2
-PYTHONPATH=$SITE PYTHONNOUSERSITE=1 qemu-aarch64-static -cpu cortex-a76 -L "$work" "$work/usr/bin/python3" -c \
-  'import platform, numpy, ai_edge_litert.interpreter as i; assert platform.machine() == "aarch64"; print(platform.machine(), numpy.__version__)' >&2
-
-
-echo "$WANT" >"$work/.edgebuild-ready"
-rm -rf "$ROOT" "$work.log"
-mv "$work" "$ROOT"
-trap - EXIT
-echo "arm64 emulator ready: $ROOT" >&2
+exec "$(dirname "$PIP")/python" -m edgebuild.pipeline.cli setup-emulator "$@"

