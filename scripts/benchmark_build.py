@@ -13,7 +13,8 @@ choice (``data.calibration_samples``) is kept in ``--json``.
 Each build runs ``edgebuild``'s own ``build()`` in a child process with a private stage cache: the cold build
 starts from an empty cache, the warm one re-runs the same build on the cache the cold one left. Per build the table
 gives wall time, CPU time and utilisation (CPU / wall, in cores), peak RSS (the largest process: the build or
-one of its children), the time per stage kind (summed over targets, so parallel stages add up past the wall
+one of its children), the peak of the process tree's summed RSS (what the machine holds at once; ``--max-memory-gb``
+bounds it through the scheduler's estimates), the time per stage kind (summed over targets, so parallel stages add up past the wall
 time) and each target's INT8/FP32 speed-up with its spread (median and IQR of the per-round ratios).
 ``--via api,cli`` runs every build both ways: through ``build()`` as above, and through the ``edgebuild``
 command (its log capture, progress and summary included; no per-stage times), side by side on the same cache state,
@@ -63,8 +64,9 @@ def stage(text):
 
 spec = BuildSpec.from_dict(json.loads(sys.argv[1]))
 jobs = int(sys.argv[3]) if sys.argv[3] != "default" else None
+limit = float(sys.argv[4]) if sys.argv[4] != "default" else None
 t0 = time.perf_counter()
-m = build(spec, stage=stage, jobs=jobs).manifest
+m = build(spec, stage=stage, jobs=jobs, max_memory_gb=limit).manifest
 Path = __import__("pathlib").Path
 Path(sys.argv[2]).write_text(json.dumps({"wall_in_process": time.perf_counter() - t0, "stages": stages,
                                          "manifest": m}, default=str))
@@ -152,20 +154,56 @@ def cli_args(spec: dict, jobs: str) -> list[str]:
     return args
 
 
-def run_build(spec: dict, jobs: str, workdir: Path, cache: Path, via: str = "api") -> dict:
+class TreeMemory:
+    """The peak of the summed resident memory of a process and all its descendants (sampled every 0.1 s): what the
+    machine must hold at once, where ru_maxrss gives only the largest single process."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self.stop.wait(0.1):
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            total = 0
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def done(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return round(self.peak / 2**20, 1)
+
+
+def run_build(spec: dict, jobs: str, workdir: Path, cache: Path, via: str = "api", limit: str = "default") -> dict:
     result = workdir / f"result-{time.monotonic_ns()}.json"
     env = {**os.environ, "EDGEBUILD_CACHE": str(cache), "TF_CPP_MIN_LOG_LEVEL": "3"}
     if via == "api":
-        cmd = [sys.executable, "-c", CHILD, json.dumps(spec), str(result), jobs]
+        cmd = [sys.executable, "-c", CHILD, json.dumps(spec), str(result), jobs, limit]
     else:  # the command line a user types (exit 1, a budget failed, still is a finished build)
         cmd = [sys.executable, "-c", "from edgebuild.pipeline.cli import main; raise SystemExit(main())",
-               *cli_args(spec, jobs)]
+               *cli_args(spec, jobs), *(["--max-memory-gb", limit] if limit != "default" else [])]
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=workdir)
+    tree = TreeMemory(proc.pid)
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)  # usage: this build and every child it waited for
     wall = time.perf_counter() - t0
+    tree_peak = tree.done()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if via == "cli" and proc.returncode in (0, 1):
         result.write_text(json.dumps({"stages": [], "manifest": json.loads((Path(spec["out"]) / "manifest.json").read_text())}))
@@ -185,7 +223,7 @@ def run_build(spec: dict, jobs: str, workdir: Path, cache: Path, via: str = "api
                          "speedup_p25": spread.get("p25"), "speedup_p75": spread.get("p75"),
                          "threads": t.get("threads")}
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "cores_used": round(cpu / wall, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "loadavg_before": round(load, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_tree_mb": tree_peak, "loadavg_before": round(load, 2),
             "stages_s": {k: round(v, 2) for k, v in kinds.items()}, "targets": targets,
             "stages": [[text, round(seconds, 2)] for text, seconds in r["stages"]],
             "calibration": (r["manifest"].get("data") or {}).get("calibration_samples")}
@@ -193,10 +231,11 @@ def run_build(spec: dict, jobs: str, workdir: Path, cache: Path, via: str = "api
 
 def print_table(rows: list[dict]) -> None:
     kinds = [k for k, _ in STAGE_KINDS] + ["other"]
-    head = ["model", "via", "run", "wall s", "cpu s", "cores", "peak RSS MB", "load"] + kinds
+    head = ["model", "via", "run", "wall s", "cpu s", "cores", "peak RSS MB", "peak tree MB", "load"] + kinds
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        cells = [r["model"], r.get("via", "api"), r["run"], r["wall_s"], r["cpu_s"], r["cores_used"], r["peak_rss_mb"], r["loadavg_before"]]
+        cells = [r["model"], r.get("via", "api"), r["run"], r["wall_s"], r["cpu_s"], r["cores_used"], r["peak_rss_mb"],
+                 r.get("peak_tree_mb", ""), r["loadavg_before"]]
         cells += [r["stages_s"].get(k, "") for k in kinds]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     print("\n| model | run | target | verdict | target s | INT8/FP32 speed-up (median [p25, p75], IQR) | threads profile/used | from cache |")
@@ -226,6 +265,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=None,
                     help="calib_samples of the build (default: not given, edgebuild's automatic budget)")
     ap.add_argument("--eval-samples", type=int, default=200)
+    ap.add_argument("--max-memory-gb", default="default",
+                    help="--max-memory-gb for the builds (default: edgebuild's default, available memory less 1 GB)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     rows = []
@@ -248,7 +289,7 @@ def main() -> None:
                     for run in ("cold",) if args.cold_only else ("cold", "warm"):
                         print(f"{kind} {via} {run} #{i + 1}: {targets} ...", file=sys.stderr, flush=True)
                         rows.append({"model": kind, "via": via, "run": f"{run} #{i + 1}",
-                                     **run_build(spec, args.jobs, work, cache, via)})
+                                     **run_build(spec, args.jobs, work, cache, via, args.max_memory_gb)})
     if args.repeat > 1:  # medians of the repeats, per model, way and kind of run
         for kind, via in dict.fromkeys((r["model"], r["via"]) for r in rows):
             for run in ("cold", "warm"):
@@ -260,6 +301,7 @@ def main() -> None:
                           for k in dict.fromkeys(k for r in same for k in r["stages_s"])}
                 rows.append({"model": kind, "via": via, "run": f"{run} median", "wall_s": med("wall_s"), "cpu_s": med("cpu_s"),
                              "cores_used": med("cores_used"), "peak_rss_mb": med("peak_rss_mb"),
+                             "peak_tree_mb": med("peak_tree_mb"),
                              "loadavg_before": med("loadavg_before"), "stages_s": stages, "targets": {}})
     print_table(rows)
     print(f"\nhost: {os.cpu_count()} cores; the machine may be shared (see load): numbers move with it")
