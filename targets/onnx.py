@@ -46,8 +46,11 @@ class OnnxBackend(Backend):
                 ("entropy calibration", s.replace(calibrate_method="entropy")),
                 ("per-tensor weights" if s.per_channel else "per-channel weights", s.replace(per_channel=not s.per_channel))]
         if not s.symmetric_activations:  # x86 without VNNI: 7-bit weights or unsigned weights
-            if not s.reduce_range:
-                out.append(("7-bit weights (reduce_range)", s.replace(reduce_range=True)))
+            from edgebuild.targets.isa import resolve
+
+            reduced = resolve("reduce_range", s.reduce_range)[0]
+            out.append(("full-range weights (no reduce_range)", s.replace(reduce_range=False)) if reduced else
+                       ("7-bit weights (reduce_range)", s.replace(reduce_range=True)))
             out.append(("U8U8 (unsigned weights)", s.replace(weight_type="uint8", symmetric_weights=False)))
         return out
 
@@ -55,6 +58,12 @@ class OnnxBackend(Backend):
                 workdir: Path, settings: dict | None = None) -> Artifact:
         self.check_available(profile.name)
         settings = self.requested_settings(profile, settings).for_precision(precision)  # the record: a new dict
+        if precision == "int8":
+            from edgebuild.targets.isa import resolve
+
+            settings["reduce_range"], isa = resolve("reduce_range", settings["reduce_range"])
+            if isa:
+                settings["isa"] = isa
         workdir.mkdir(parents=True, exist_ok=True)
         out = workdir / self.artifact_name(precision, settings)
         notes: list[str] = []

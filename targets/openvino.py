@@ -74,7 +74,9 @@ class OpenVinoBackend(Backend):
         and full bias correction cost no speed; asymmetric activations do (MobileNetV2 on an AVX2 host:
         INT8 1.44x faster than FP32 with the performance preset, 1.11x with mixed)."""
         s, out = self.requested_settings(profile, settings), []
-        if s.overflow_fix != "enable":
+        from edgebuild.targets.isa import resolve
+
+        if resolve("overflow_fix", s.overflow_fix)[0] != "enable":
             out.append(("7-bit weights in every layer (overflow_fix=enable)", s.replace(overflow_fix="enable")))
         if s.fast_bias_correction:
             out.append(("full bias correction", s.replace(fast_bias_correction=False)))
@@ -265,6 +267,9 @@ def _quantize(ov_model, calib: SampleSet, s: dict, target: str):
     from edgebuild.calibration.adapters import nncf_dataset
     from edgebuild.calibration.budget import at_most
 
+    from edgebuild.targets.isa import resolve
+
+    overflow_fix, isa = resolve("overflow_fix", s["overflow_fix"])
     resolved, notes = resolve_float_scope(ov_model, s, target)
     scope = nncf.IgnoredScope(**resolved, validate=True) if any(resolved.values()) else None
     calib = at_most(calib, s["subset_size"])
@@ -273,11 +278,12 @@ def _quantize(ov_model, calib: SampleSet, s: dict, target: str):
         preset=nncf.QuantizationPreset(s["preset"]), target_device=nncf.TargetDevice(s["target_device"]),
         subset_size=subset, fast_bias_correction=s["fast_bias_correction"],
         model_type=nncf.ModelType(s["model_type"]) if s["model_type"] else None, ignored_scope=scope,
-        advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(s["overflow_fix"])),
+        advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(overflow_fix)),
     )
     with _nncf_output() as warnings:
         quantized = nncf.quantize(ov_model, nncf_dataset(calib), **kwargs)
-    applied = {"calibration_samples": subset, "ignored_scope": resolved,
+    applied = {"calibration_samples": subset, "ignored_scope": resolved, "overflow_fix": overflow_fix,
+               **({"isa": isa} if isa else {}),
                "algorithm": "nncf.quantize: min-max statistics + "
                             + ("fast bias correction" if s["fast_bias_correction"] else "bias correction")}
     notes += [f"NNCF: {w}" for w in dict.fromkeys(warnings)][:10]

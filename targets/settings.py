@@ -69,6 +69,19 @@ def _check_number(low: float, high: float) -> Callable[[Any], Any]:
     return check
 
 
+def _check_flag_or_auto(value):
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true, false or auto, got {value!r}")
+    return value
+
+
+def flag_or_auto(default):
+    """true, false, or ``auto``: chosen from the instruction set (``targets/isa.py``) when the artifact is converted."""
+    return field(default=default, metadata={"check": _check_flag_or_auto})
+
+
 def choice(default, *allowed, fold: Callable[[str], str] | None = None):
     """One of ``allowed`` (``fold``: how a string is normalized first, e.g. ``str.upper``)."""
     return field(default=default, metadata={"check": _check_choice(allowed, fold)})
@@ -204,11 +217,13 @@ class OnnxSettings(Settings):
 
     backend = "onnx"
     INT8_ONLY = None  # FP32, FP16 and dynamic INT8 take no settings
+    RECORD_ONLY = ("isa",)  # the instruction set an ``auto`` setting was chosen from, in an artifact's record
 
     activation_type: str = choice("uint8", "uint8", "int8")
     weight_type: str = choice("int8", "uint8", "int8")
     per_channel: bool = flag(True)
-    reduce_range: bool = flag(False)  # 7-bit weights: x86 CPUs without VNNI saturate u8*s8 with full-range ones
+    # 7-bit weights: x86 CPUs without VNNI saturate u8*s8 with full-range ones; auto: from the ISA (targets/isa.py)
+    reduce_range: bool | str = flag_or_auto(False)
     calibrate_method: str = choice("minmax", "minmax", "percentile", "entropy")
     symmetric_activations: bool = flag(False)
     symmetric_weights: bool = flag(True)
@@ -258,7 +273,8 @@ class OpenVinoSettings(Settings):
     model_type: str | None = choice("auto", None, "auto", "transformer", fold=str.lower)  # auto: when attention is found
     subset_size: int | None = count(None, optional=True)  # None: every calibration sample the build chose; N: at most N
     fast_bias_correction: bool = flag(True)  # False: NNCF's full bias correction
-    overflow_fix: str = choice("first_layer_only", "enable", "first_layer_only", "disable", fold=str.lower)
+    # auto: "enable" (7-bit weights everywhere) without VNNI/AMX, "disable" with them (targets/isa.py)
+    overflow_fix: str = choice("first_layer_only", "enable", "first_layer_only", "disable", "auto", fold=str.lower)
     ignored_scope: tuple = field(default=(), metadata={"check": _check_scope})  # layers kept in float (ONNX or OpenVINO terms)
     float_layers: tuple[str, ...] = names()  # ONNX node names kept in float by the accuracy search
 

@@ -66,7 +66,14 @@ def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, pr
                precision=precision, settings=settings.for_precision(precision), model=ctx.job.model.content_hash,
                code=code_hash(),
                inputs=[asdict(i) for i in ctx.job.model.inputs],
-               calib=ctx.job.calib.content_hash() if precision == "int8" else None, versions=versions)
+               calib=ctx.job.calib.content_hash() if precision == "int8" else None, versions=versions,
+               isa=_isa() if precision == "int8" else None)  # `auto` settings are chosen from the host's ISA
+
+
+def _isa() -> dict:
+    from edgebuild.targets.isa import host_isa
+
+    return host_isa()
 
 
 def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: str) -> dict[str, Path] | None:

@@ -261,3 +261,30 @@ def test_a_held_out_miss_tries_the_next_int8_candidate_before_fp16(monkeypatch):
                                         failures=["x"]))
     shipped = R._held_out_miss(None, backend, profile, None, s, best, missed, None, None)
     assert asked == [("int8", "mixed"), ("fp16", None)] and shipped.artifact.precision == "fp16"
+
+
+def test_int8_weight_range_follows_the_instruction_set_and_is_recorded(tmp_path):
+    """7-bit weights (reduce_range / overflow_fix) only where the CPU has no VNNI/AMX; the record says which ISA."""
+    from edgebuild.targets import isa
+    from edgebuild.targets.base import get_backend
+    from edgebuild.targets.profiles import catalogue
+
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor : 0\nflags : fpu sse avx avx2 fma\n")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("processor : 0\nflags : fpu avx2 avx512f avx512bw avx512_vnni\n")
+    assert isa.host_isa(avx2)["vnni"] is False and isa.host_isa(vnni)["vnni"] is True
+    assert isa.resolve("reduce_range", "auto", isa.host_isa(avx2))[0] is True
+    value, record = isa.resolve("reduce_range", "auto", isa.host_isa(vnni))
+    assert value is False and record["chose"] == {"reduce_range": False} and "avx512_vnni" in record["flags"]
+    assert isa.resolve("overflow_fix", "auto", isa.host_isa(vnni))[0] == "disable"
+    assert isa.resolve("overflow_fix", "auto", isa.host_isa(avx2))[0] == "enable"
+    assert isa.resolve("reduce_range", True) == (True, None)  # a profile's explicit choice stands
+    # the host-is-device profiles ask for auto; the artifact records what the host's ISA chose
+    assert catalogue()["onnx-cpu"].quant["reduce_range"] == "auto" and catalogue()["x86"].quant["overflow_fix"] == "auto"
+    exported, calib, _ = _big_float_layer_model(tmp_path)
+    art = get_backend("onnx").convert(exported, catalogue()["onnx-cpu"], "int8", calib, tmp_path / "o")
+    host = isa.host_isa()
+    assert art.settings["reduce_range"] is (not host["vnni"]) and art.settings["isa"]["source"].startswith("host")
+    # the record fed back (the accuracy search does) is accepted
+    get_backend("onnx").requested_settings(catalogue()["onnx-cpu"], art.settings)

@@ -80,7 +80,11 @@ def test_settings_record_the_nncf_options_and_runtime_config(built, small_sets):
     s = built["int8"].settings
     assert {k: s[k] for k in ("preset", "target_device", "fast_bias_correction", "overflow_fix", "subset_size")} == {
         "preset": "performance", "target_device": "CPU", "fast_bias_correction": True,
-        "overflow_fix": "enable", "subset_size": None}  # x86 includes CPUs without VNNI: 7-bit weights
+        "overflow_fix": "auto", "subset_size": None}  # 7-bit weights where the host has no VNNI/AMX
+    from edgebuild.targets.isa import host_isa
+
+    vnni = host_isa()["vnni"]
+    assert s["applied"]["overflow_fix"] == ("disable" if vnni else "enable") and s["applied"]["isa"]["vnni"] is vnni
     assert s["ignored_scope"] == {"names": [], "types": [], "patterns": []} and s["float_layers"] == []
     assert s["applied"]["calibration_samples"] == len(calib)  # every sample the build chose (calibration/budget.py)
     assert s["applied"]["compile_config"] == {"PERFORMANCE_HINT": "LATENCY"}
@@ -147,8 +151,11 @@ def test_recorded_settings_can_be_fed_back_and_candidates_are_valid(built, model
     from edgebuild.targets.openvino import _int8_settings
 
     settings = built["int8"].settings  # what the accuracy search starts from: includes the "applied" record
+    from edgebuild.targets.isa import host_isa
+
     labels = [label for label, _ in backend.recovery_candidates(x86, settings)]
-    assert labels == ["full bias correction", "asymmetric activations (preset=mixed)",  # x86 has 7-bit weights already
+    seven_bit = ["7-bit weights in every layer (overflow_fix=enable)"] if host_isa()["vnni"] else []  # else already
+    assert labels == [*seven_bit, "full bias correction", "asymmetric activations (preset=mixed)",
                       "preset=mixed with full bias correction", "NNCF model_type=transformer (SmoothQuant)"]
     n100 = backend.recovery_candidates(catalogue()["intel-n100"], {**settings, "overflow_fix": "first_layer_only"})
     label, variant = n100[0]  # a new frozen Settings (dataclasses.replace), the rest as asked
