@@ -118,7 +118,10 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
     evaluation data and reference outputs), then timing and the target's files one target at a time, in order, on
     a machine no conversion loads. The manifest is the one a sequential build (``jobs`` 1) writes."""
     from edgebuild.pipeline.stages.per_target import finish_target, prepare_target
+    from edgebuild.targets.base import get_backend
 
+    for profile in profiles:  # a backend's library missing: one line and exit 2 before any target converts
+        get_backend(profile.backend).check_available(profile.name)
     model_bytes = _model_bytes(ctx.job.model.onnx_path)
     slots = MemorySlots(jobs, memory_limit(None) if memory is None else memory,  # targets doing work at once, their
                         {p.name: estimate_peak(p.backend, model_bytes) for p in profiles})  # estimated peaks in bounds
