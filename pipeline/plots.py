@@ -42,6 +42,7 @@ LOG_SPAN = 10.0  # max/min above which a scatter's axis is logarithmic (a decade
 LOG_SPAN_BARS = 50.0  # bars compare lengths: logarithmic only when the short ones would vanish
 LABEL_CHARS = 36  # a bar's row label longer than this is shortened (the tooltip and the tables keep it whole)
 PAD_PT = 4.0  # between a mark (or a value label) and the plot area's edge
+SANS = ["DejaVu Sans", "Bitstream Vera Sans", "Arial", "Helvetica", "Liberation Sans"]  # DejaVu ships with matplotlib
 _RENDER = threading.Lock()  # matplotlib's rcParams are process-wide: one chart is rendered at a time
 
 
@@ -118,7 +119,8 @@ class _Chart:
         import matplotlib
 
         buf = io.StringIO()
-        rc = {"svg.fonttype": "none", "svg.hashsalt": self.slug, "svg.id": self.slug}
+        rc = {"svg.fonttype": "none", "svg.hashsalt": self.slug, "svg.id": self.slug,
+              "font.sans-serif": SANS}  # the fonts a browser tries: DejaVu's metrics (the layout's), then narrower
         with matplotlib.rc_context(rc):
             self.fig.savefig(buf, format="svg", metadata={"Date": None})
         svg = buf.getvalue()
