@@ -87,7 +87,8 @@ def test_settings_record_the_nncf_options_and_runtime_config(built, small_sets):
     assert s["applied"]["overflow_fix"] == ("disable" if vnni else "enable") and s["applied"]["isa"]["vnni"] is vnni
     assert s["ignored_scope"] == {"names": [], "types": [], "patterns": []} and s["float_layers"] == []
     assert s["applied"]["calibration_samples"] == len(calib)  # every sample the build chose (calibration/budget.py)
-    assert s["applied"]["compile_config"] == {"PERFORMANCE_HINT": "LATENCY"}
+    # f32 for the float parts too: the plugin's default is bf16 on AVX512-BF16/AMX CPUs (this host: AMD EPYC, Zen 4)
+    assert s["applied"]["compile_config"] == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     assert built["fp32"].settings["compress_to_fp16"] is False and built["fp16"].settings["compress_to_fp16"] is True
     # the FP32 baseline must really run in f32 (the CPU plugin defaults to bf16 on AMX / AVX512-BF16 CPUs)
     assert built["fp32"].settings["applied"]["compile_config"]["INFERENCE_PRECISION_HINT"] == "f32"
@@ -105,6 +106,9 @@ def test_fp32_runner_matches_onnxruntime_and_runs_in_f32(built, model, small_set
             want, got = ref.run(feed), run.run(feed)
             assert got[0].dtype == np.float32 and got[0].shape == want[0].shape
             np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    for precision in ("fp16", "int8"):  # never the plugin's bf16 default (AVX512-BF16/AMX hosts)
+        with backend.runner(built[precision], 2) as run:
+            assert str(run.property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32"), precision
 
 
 def test_int8_and_fp16_keep_accuracy(built, model, small_sets, backend):
