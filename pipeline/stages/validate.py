@@ -268,7 +268,7 @@ def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, ta
         out.append(Check("finite", 0.0, 1.0, "min", what="outputs finite (the artifact produces NaN/Inf)", fmt=".0f"))
     drop = budget.max_accuracy_drop
     by = decided_by(m, task)
-    step = 100.0 / max(int(m.get("samples") or 1), 1)  # one sample of a percentage over the samples
+    step = percent_step(m)
     for name, o in m["outputs"].items():
         label = f"output {name}: " if len(m["outputs"]) > 1 else ""
         if o["kind"] == "class_scores":
@@ -299,6 +299,14 @@ def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, ta
     if budget.max_size_mb is not None and size_bytes is not None:
         out.append(Check("size_mb", size_bytes / 1e6, budget.max_size_mb, kind="size", what="size", unit=" MB", fmt=".3f"))
     return out + memory_checks(memory, budget)
+
+
+PERCENT_ROOM = 1.0  # a percentage score's room is at least 1 pt: 7 pt of 200 samples is 7, a collapse is tens
+
+
+def percent_step(m: dict) -> float:
+    """The resolution of a percentage over the samples: one sample's worth, at least ``PERCENT_ROOM``."""
+    return max(100.0 / max(int(m.get("samples") or 1), 1), PERCENT_ROOM)
 
 
 def _guard_checks(name: str, o: dict, label: str) -> list[Check]:
@@ -350,7 +358,7 @@ def _score_checks(m: dict, budget: Budget, task: str) -> list[Check]:
     named = {k.rsplit("_", 1)[0] for k in given}
     wanted = {k: v for k, v in wanted.items() if k.rsplit("_", 1)[0] not in named}
     out = []
-    step = 100.0 / max(int(m.get("samples") or 1), 1)
+    step = percent_step(m)
     for key, limit in {**wanted, **given}.items():
         base, _, op = key.rpartition("_")
         found = _find_score(m, base)
