@@ -502,8 +502,7 @@ def batch_cmd(matrix, out, address, no_resume, local, cpus, quiet):
     result = run_batch(matrix, out, address=address, resume=not no_resume, local=local, num_cpus=cpus,
                        console=_console(), quiet=quiet)
     click.echo(f"batch: exit {result.exit_code} · {out}/batch.json · {out}/batch.html")
-    if result.exit_code:
-        raise click.exceptions.Exit(result.exit_code)
+    result.raise_for_exit()
 
 
 def _record(artifact_dir: Path, where: str, result: dict) -> None:

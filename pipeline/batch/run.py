@@ -25,6 +25,19 @@ class BatchResult:
     def cells(self) -> list[dict]:
         return self.summary["cells"]
 
+    def raise_for_exit(self) -> None:
+        """A batch whose worst cell is not 0 -> the matching EdgeBuildError (one line naming the cells)."""
+        from edgebuild.pipeline.errors import BudgetError, ConversionError
+
+        bad = [c for c in self.cells if c["exit"] != 0]
+        names = ", ".join(f"{c['model']}/{c['target']} (exit {c['exit']})" for c in bad[:8])
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        where = f"see {self.out / 'batch.html'}"
+        if self.exit_code == 1:
+            raise BudgetError(f"batch: {len(bad)} cell(s) missed a budget: {names}{more}; {where}")
+        if self.exit_code:
+            raise ConversionError(f"batch: {len(bad)} cell(s) failed: {names}{more}; {where}")
+
 
 class _Progress:
     """Cells done / running / failed / skipped and an ETA: a live line in a terminal, one line per cell elsewhere."""

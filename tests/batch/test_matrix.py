@@ -132,3 +132,18 @@ def test_batch_help_imports_no_ray_and_no_heavy_backend():
     assert out.returncode == 0, out.stderr
     assert "--address" in out.stdout and "--no-resume" in out.stdout
     assert out.stdout.strip().endswith("HEAVY:")
+
+
+@pytest.mark.parametrize("codes, expected", [((0, 0), 0), ((0, 1), 1), ((1, 3), 3)])
+def test_cli_exits_with_the_worst_cell_in_one_line(codes, expected, tmp_path, monkeypatch, capsys):
+    from edgebuild.pipeline.batch import run as run_module
+
+    cells = [{"model": "m", "target": f"t{i}", "exit": c, "verdict": "pass" if c == 0 else "fail"}
+             for i, c in enumerate(codes)]
+    result = run_module.BatchResult({"exit": batch_exit(cells), "cells": cells}, tmp_path)
+    monkeypatch.setattr(run_module, "run_batch", lambda *a, **k: result)
+    assert main(["batch", str(EXAMPLE), "-o", str(tmp_path)]) == expected
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("edgebuild: ")]
+    assert len(err) == (expected != 0)
+    if expected:
+        assert "m/t1 (exit" in err[0] and "batch.html" in err[0]
