@@ -91,6 +91,8 @@ def _child_main(conn, name: str, log: str | None, phase: str | None, cwd: str | 
     die_with_parent()
     mp.current_process().daemon = False  # a converter may start processes of its own
     set_name(name)
+    sys.modules.setdefault("openvino_telemetry", None)  # whatever imports openvino here (the memory probe's runtime
+    # import too) gets its no-op telemetry stub: no child of a build reports usage (targets/openvino.py, issue 27)
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log else os.dup(2)
     for fd in (1, 2):  # stdout too: ``edgebuild --json`` prints the manifest on the build's own
         os.dup2(out, fd)
