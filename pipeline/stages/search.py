@@ -230,9 +230,11 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, coll
         return _rest(ctx, backend, profile, search, settings, variants, collapsed, fp16_done=True)
     todo = variants[:COLLAPSED_VARIANTS] if collapsed else variants
     for i, (label, overrides) in enumerate(todo):
-        if search.short_of_time(len(todo) - i + 2) and _fp16_allowed(profile):
-            search.record["float_first"] = (f"a try takes up to {max(search.durations):.0f} s: the {len(todo) - i} backend "
-                                            "variant(s) left and mixed precision do not fit the time left, FP16 first")
+        # INT8 before leaving it: the variants (likeliest first) use the time; FP16 first only when not even one more
+        # INT8 try fits beside it (its try is reserved and may pass the search's own limit)
+        if search.short_of_time(2) and _fp16_allowed(profile):
+            search.record["float_first"] = (f"a try takes up to {max(search.durations):.0f} s: not one more of the "
+                                            f"{len(todo) - i} backend variant(s) left fits the time left, FP16 first")
             found = _float_fallbacks(search, profile, only_fp16=True)
             if found is not None:
                 return found
