@@ -274,3 +274,14 @@ def test_validate_judges_the_memory_budgets_a_build_judged(received, edgebuild):
     (art / "metadata.json").write_text(json.dumps(meta))
     r = edgebuild("validate", art, "--outputs", received / "reference" / "outputs.npz")
     r.check(1, r"runtime memory peak .* MB > max 0\.001 MB")
+
+
+def test_a_read_only_output_folder_is_refused_before_any_work(workdir, edgebuild, monkeypatch):
+    """Renaming a directory away needs write access to it: found out before any work, not after (root can, so the
+    check is made to see a read-only folder whatever the user)."""
+    (workdir / "out").mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p).name == "out" else real(p, mode, **k))
+    r = edgebuild("--target", "onnx-cpu", "--no-auto", "--no-cache")
+    r.check(2, r"--out out: the output folder is read-only")
+    assert sorted(p.name for p in workdir.iterdir()) == ["out"]
