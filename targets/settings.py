@@ -234,6 +234,8 @@ class OnnxSettings(Settings):
     quantize_bias: bool = flag(True)
     dedicated_qdq_pair: bool = flag(False)
     op_types: str | tuple[str, ...] = field(default="auto", metadata={"check": _check_op_types})
+    # LSTM weights in int8 (onnxruntime's DynamicQuantizeLSTM; static QDQ leaves recurrent layers float)
+    quantize_recurrent: bool = flag(True)
 
 
 @dataclass(frozen=True)

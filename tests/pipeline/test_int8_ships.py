@@ -288,3 +288,53 @@ def test_int8_weight_range_follows_the_instruction_set_and_is_recorded(tmp_path)
     assert art.settings["reduce_range"] is (not host["vnni"]) and art.settings["isa"]["source"].startswith("host")
     # the record fed back (the accuracy search does) is accepted
     get_backend("onnx").requested_settings(catalogue()["onnx-cpu"], art.settings)
+
+
+def test_a_stacked_lstm_ships_int8_weights_on_onnx_cpu(tmp_path):
+    """A speaker-encoder-like 3-layer LSTM (95 % of the weights): static QDQ alone left it float and the file was INT8
+    in name only; now its weights are int8 (DynamicQuantizeLSTM), it stays faithful, and its name is earned."""
+    import onnx
+    import torch
+    from torch import nn
+
+    from edgebuild.calibration.dataset import SampleSet
+    from edgebuild.pipeline.stages.export import file_hash
+    from edgebuild.pipeline.stages.weights import weight_share
+    from edgebuild.similarity import cosine
+    from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
+    from edgebuild.targets.onnx import OrtRunner
+    from edgebuild.targets.profiles import catalogue
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.inp, self.lstm, self.out = nn.Linear(20, 32), nn.LSTM(32, 96, num_layers=3, batch_first=True), nn.Linear(96, 16)
+
+        def forward(self, x):
+            h, _ = self.lstm(torch.relu(self.inp(x)))
+            return self.out(h[:, -1])
+
+    path = tmp_path / "lstm.onnx"
+    torch.onnx.export(Encoder().eval(), (torch.zeros(1, 12, 20),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    x = np.random.default_rng(0).normal(0, 1, (48, 12, 20)).astype(np.float32)
+    calib = SampleSet("calib", {"x": x[:32]}, None, {}, {"x": (1, 12, 20)})
+    exported = ExportedModel(path, (TensorInfo("x", (1, 12, 20), "float32"),), (TensorInfo("y", (1, 16), "float32"),),
+                             17, file_hash(path))
+    backend, profile = get_backend("onnx"), catalogue()["onnx-cpu"]
+    art = backend.convert(exported, profile, "int8", calib, tmp_path / "q")
+    ops = [n.op_type for n in onnx.load(str(art.path)).graph.node]
+    assert ops.count("DynamicQuantizeLSTM") == 3 and "LSTM" not in ops
+    share = weight_share(art.path, "onnx")["int8_weight_share"]
+    assert share >= 0.9 and art.main == "model_int8_qdq.onnx"
+    assert any("LSTM layer(s) with int8 weights" in n for n in art.notes)
+    with OrtRunner(path, 1) as ref, backend.runner(art, 1) as q:
+        for i in range(32, 48):
+            assert cosine(ref.run({"x": x[i:i + 1]})[0], q.run({"x": x[i:i + 1]})[0]) > 0.99
+    # off: the LSTM stays float and the share says the file is not INT8
+    flt = backend.convert(exported, profile, "int8", calib, tmp_path / "f", {"quantize_recurrent": False})
+    assert weight_share(flt.path, "onnx")["int8_weight_share"] < 0.1
+    # x86: NNCF quantizes the LSTMSequence weights of the OpenVINO IR
+    ir = get_backend("openvino").convert(exported, catalogue()["x86"], "int8", calib, tmp_path / "ov")
+    assert weight_share(ir.path, "openvino")["int8_weight_share"] >= 0.9 and ir.main == "model_int8.xml"
