@@ -86,7 +86,7 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
 
     graph = constants_to_initializers(onnx.load(onnx_path))
     if job["settings"].get("onnx_rewrites", True):
-        graph, job["rewrites"] = rewrite(graph)
+        graph, job["rewrites"] = rewrite(graph, job["precision"])
     graph = with_shapes(graph)
     originals = o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs
     sample = offline_sample_images(calib, job)

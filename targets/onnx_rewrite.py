@@ -11,6 +11,13 @@ onnx2tf's tensor map still find them. Runs in the conversion child (targets/tfli
   ~1e36 (the model is garbage in int8) and XNNPACK refuses the graph ("failed to prepare"). An ``edge`` pad
   gives exactly the same maxima (every window that reaches the padding also holds the edge value it
   repeats), has an ordinary range, and quantizes cleanly.
+  Where that padding is exactly TF's SAME split (``MaxPool2d(3, 2, ceil_mode=True)`` on an even size), the pool
+  becomes ``auto_pad=SAME_UPPER`` instead: one MAX_POOL_2D, as XNNPACK has no MIRROR_PAD (the edge pad's op fell
+  back to LiteRT's kernels and split the model into more XNNPACK partitions).
+- **PRelu, for INT8 only** (``prelu_int8``): XNNPACK has no int8 PRELU kernel; each of an MTCNN's PReLUs fell back
+  to LiteRT's reference-speed kernel and cut the model into one more XNNPACK partition. ``PRelu(x, a) =
+  x + (1 - a) * Relu(-x)`` (exact) is made of int8 ops XNNPACK takes (MUL with a fused RELU, MUL, ADD; a lone
+  int8 RELU, as in ``Relu(x) - a * Relu(-x)``, XNNPACK refused where its input and output scales differ).
 - **Erf** (GELU in BERT-style models): TFLite has no builtin Erf (``'tf.Erf' op is neither a custom op nor a
   flex op``). ``erf(x) ~ tanh(2/sqrt(pi) * (x + 0.08943 x^3))``: max abs error 3.6e-4 (GELU built on it: 3.4e-4),
   made of ops that have int8 kernels (MUL, ADD, TANH).
@@ -53,11 +60,12 @@ ERF_B = 0.08943
 ERF_MAX_ABS_ERROR = 3.6e-4
 
 
-def rewrite(model) -> tuple[object, list[str]]:
-    """All rewrites, in order; returns (model, notes)."""
+def rewrite(model, precision: str = "fp32") -> tuple[object, list[str]]:
+    """All rewrites, in order (``prelu_int8`` for an INT8 conversion only); returns (model, notes)."""
     notes: list[str] = []
-    for step in (tf_scope_safe_node_names, tf_safe_output_names, slice_per_axis, maxpool_edge_padding, erf_to_tanh,
-                 sum_to_add_chain, scatter_elements_reduction, gather_of_concat):
+    steps = (tf_scope_safe_node_names, tf_safe_output_names, slice_per_axis, maxpool_edge_padding, erf_to_tanh,
+             sum_to_add_chain, scatter_elements_reduction, gather_of_concat)
+    for step in ((prelu_int8,) if precision == "int8" else ()) + steps:
         model, note = step(model)
         if note:
             notes.append(note)
@@ -198,6 +206,14 @@ def maxpool_edge_padding(model):
         end = [max((out[d] - 1) * s[d] + k[d] - size[d] - pads[d], 0) for d in range(n)]
         if any(p >= kk for p, kk in zip(pads[:n] + end, k + k)):
             continue  # a window entirely in the padding: not a maximum of real values, keep onnx2tf's form
+        if out == [-(-size[d] // s[d]) for d in range(n)] and pads[:n] + end == tf_same:
+            # TF's SAME pooling pads exactly so and takes the maximum of the real values only: one MAX_POOL_2D,
+            # which XNNPACK runs (it has no MIRROR_PAD, the edge pad's TFLite op: a fallback and two partitions)
+            keep = {key: v for key, v in a.items() if key not in ("pads", "ceil_mode", "auto_pad")}
+            replacements[idx] = [helper.make_node("MaxPool", list(node.input), list(node.output), name=node.name,
+                                                  auto_pad="SAME_UPPER", **keep)]
+            done.append((node.name or node.output[0]) + " (SAME)")
+            continue
         pads_name = _unique(model, node.output[0] + "_edge_pads")
         padded = _unique(model, node.output[0] + "_edge_padded")
         inits.append(numpy_helper.from_array(np.array([0, 0] + pads[:n] + [0, 0] + end, np.int64), pads_name))
@@ -209,7 +225,8 @@ def maxpool_edge_padding(model):
     if not done:
         return model, None
     _replace_nodes(model, replacements, inits)
-    return model, (f"MaxPool padding as an edge Pad (exact; onnx2tf's -3.4e38 pad breaks INT8 ranges and XNNPACK): "
+    return model, (f"MaxPool padding as TF's SAME pooling where it pads so, else as an edge Pad (exact; onnx2tf's "
+                   f"-3.4e38 pad breaks INT8 ranges and XNNPACK): "
                    f"{', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
 
 
@@ -522,3 +539,31 @@ def gather_of_concat(model):
     _replace_nodes(model, replacements, [])  # the Concat stays when something else reads it; onnx2tf drops it if not
     return model, (f"Gather of one index from a Concat as that Concat input (exact; onnx2tf gathered a stacked RNN's "
                    f"h_n[-1] from a channels-last copy): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
+
+
+def prelu_int8(model):
+    """PRelu(x, a) -> x + (1 - a) * Relu(-x) with a constant slope: int8 ops XNNPACK runs (it has no int8 PRELU)."""
+    from onnx import helper, numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    replacements, done = {}, []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx") or node.input[1] not in consts:
+            continue
+        slope = consts[node.input[1]]
+        x, y, base = node.input[0], node.output[0], node.name or node.output[0]
+        t = {k: _unique(model, f"{y}_prelu_{k}") for k in ("minus_one", "one_minus_slope", "neg", "negrelu", "negpart")}
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(-1, slope.dtype), t["minus_one"]),
+                                        numpy_helper.from_array((1 - slope).astype(slope.dtype), t["one_minus_slope"])])
+        replacements[idx] = [  # the Relu folds into the MUL before it (a fused activation): no lone int8 RELU
+            helper.make_node("Mul", [x, t["minus_one"]], [t["neg"]], name=f"{base}/negate"),
+            helper.make_node("Relu", [t["neg"]], [t["negrelu"]], name=f"{base}/negative"),
+            helper.make_node("Mul", [t["negrelu"], t["one_minus_slope"]], [t["negpart"]], name=f"{base}/slope"),
+            helper.make_node("Add", [x, t["negpart"]], [y], name=node.name),
+        ]
+        done.append(base)
+    if not done:
+        return model, None
+    _replace_nodes(model, replacements, [])
+    return model, (f"PRelu as x + (1 - slope) * Relu(-x) for INT8 (exact; XNNPACK has no int8 PRELU kernel): "
+                   f"{len(done)} node(s)")

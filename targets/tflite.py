@@ -152,6 +152,8 @@ class TFLiteBackend(Backend):
                 "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"]}}
         used["onnx_rewrites"] = result.get("rewrites") or []  # graph rewrites before onnx2tf (targets/onnx_rewrite.py)
         used["xnnpack_checked"] = bool(result.get("xnnpack_checked"))  # loaded and ran once with XNNPACK
+        # XNNPACK's share in LiteRT: {"ops", "delegated", "partitions", "fallback": {op: count}} (tflite_xnnpack.coverage)
+        used["xnnpack_coverage"] = result.get("xnnpack_coverage")
         used["fp32_graph_check"] = result.get("fp32_graph_check")  # FP32 TF graph vs ONNX on one sample
         if precision == "int8":
             used["quantizer_used"] = result["quantizer_used"]
@@ -368,6 +370,11 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
     notes += [f"ONNX rewrite before onnx2tf: {r}" for r in s.get("onnx_rewrites") or []]
     if s.get("xnnpack_checked"):
         notes.append("loaded and ran one sample in LiteRT with XNNPACK after conversion")
+    cov = s.get("xnnpack_coverage") or {}
+    if "ops" in cov:
+        rest = ", ".join(f"{op} x{n}" for op, n in sorted(cov["fallback"].items()))
+        notes.append(f"XNNPACK runs {cov['delegated']} of {cov['ops']} ops in {cov['partitions']} partition(s)"
+                     + (f"; on LiteRT's builtin kernels: {rest}" if rest else ""))
     for node, ops in (s.get("float_layers_kept") or {}).items():
         notes.append(f"float layer {node}: " + ("; ".join(ops) if ops else "no TFLite op of its own stayed float "
                                                 "(folded or fused by the converter)"))

@@ -243,8 +243,19 @@ def _convert_checked(km, job: dict, calib: dict, job_dir: Path, phase) -> tuple[
                     f"{named}. Suggestion: a profile that allows float layers (they are then kept in float), "
                     "precision fp16/fp32, or quant.host_kernels: builtin to build for LiteRT without XNNPACK",
                     found[0]["op"] if found else None)
+        described["xnnpack_coverage"] = _coverage(path)
         return described, kept, repairs
     raise AssertionError("unreachable")
+
+
+def _coverage(path: Path) -> dict | None:
+    """XNNPACK's share of the model (targets/tflite_xnnpack.coverage); None when LiteRT cannot say."""
+    from edgebuild.targets import tflite_xnnpack as xnn
+
+    try:
+        return xnn.coverage(path)
+    except (RuntimeError, ValueError, KeyError) as e:
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
 def _bytes_or_mlir(km, job: dict, calib: dict, repairs: list[str]) -> bytes:

@@ -80,3 +80,36 @@ def suspects(path) -> list[dict]:
 def describe(found: list[dict]) -> str:
     return "; ".join(f"{f['op']} ({f['outputs'][0] if f['outputs'] else '?'}): {f['why']}" for f in found[:4]) + \
         (f"; and {len(found) - 4} more" if len(found) > 4 else "")
+
+
+def coverage(path) -> dict:
+    """How much of a .tflite XNNPACK takes in LiteRT: ``{"ops", "delegated", "partitions", "fallback"}``.
+
+    LiteRT lists a model's own ops first, then one ``DELEGATE`` node per partition XNNPACK took (its inputs and
+    outputs are the partition's borders). A partition's ops are found by walking back from its outputs to its
+    inputs; every op in none of them runs on LiteRT's builtin kernels (``fallback``: op name -> count). Each
+    partition border in a float model with int8 islands (or the reverse) costs a copy and a cache miss; a model
+    XNNPACK takes whole has one partition."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=str(path), num_threads=1, experimental_op_resolver_type=OpResolverType.AUTO)
+    it.allocate_tensors()
+    nodes = it._get_ops_details()
+    delegates = [n for n in nodes if n["op_name"] == "DELEGATE"]
+    ops = [n for n in nodes if n["op_name"] != "DELEGATE"]
+    producer = {int(t): k for k, n in enumerate(ops) for t in n["outputs"] if t >= 0}
+    taken: set[int] = set()
+    for d in delegates:
+        borders = {int(t) for t in d["inputs"] if t >= 0}
+        stack = [int(t) for t in d["outputs"] if t >= 0]
+        while stack:
+            k = producer.get(stack.pop())
+            if k is None or k in taken:
+                continue
+            taken.add(k)
+            stack.extend(int(t) for t in ops[k]["inputs"] if t >= 0 and int(t) not in borders)
+    fallback: dict[str, int] = {}
+    for k, n in enumerate(ops):
+        if k not in taken:
+            fallback[n["op_name"]] = fallback.get(n["op_name"], 0) + 1
+    return {"ops": len(ops), "delegated": len(taken), "partitions": len(delegates), "fallback": fallback}

@@ -151,3 +151,27 @@ def test_gather_of_concat_matches_onnxruntime(index, sizes):
     sess = [ort.InferenceSession(x.SerializeToString(), providers=["CPUExecutionProvider"]) for x in (out, m)]
     for a, b in zip(*(s.run(None, feed) for s in sess)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_prelu_int8_and_maxpool_same_match_onnxruntime():
+    """PRelu -> x + (1 - a) * Relu(-x) (INT8 only: XNNPACK has no int8 PRELU); MaxPool(3, 2, ceil_mode) on an even
+    size -> SAME pooling (XNNPACK has no MIRROR_PAD, the edge pad's op)."""
+    from edgebuild.targets.onnx_rewrite import maxpool_edge_padding, prelu_int8
+
+    rng = np.random.default_rng(4)
+    slope = rng.uniform(0.05, 0.4, (3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("PRelu", ["x", "slope"], ["p"], name="prelu"),
+             helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1, name="pool")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 5, 5])],
+                          [numpy_helper.from_array(slope, "slope")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    out, note = prelu_int8(onnx.load_from_string(m.SerializeToString()))
+    out, pool_note = maxpool_edge_padding(out)
+    assert note and "pool (SAME)" in pool_note
+    assert {n.op_type for n in out.graph.node} == {"Relu", "Mul", "Add", "MaxPool"}  # x + (1 - a) * Relu(-x)
+    assert rewrite(onnx.load_from_string(m.SerializeToString()))[0].graph.node[0].op_type == "PRelu"  # FP32 keeps it
+    for _ in range(3):
+        feed = {"x": rng.normal(size=(1, 3, 10, 10)).astype(np.float32)}
+        np.testing.assert_allclose(run(out, feed), run(m, feed), rtol=1e-6, atol=1e-6)
