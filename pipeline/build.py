@@ -28,7 +28,7 @@ from edgebuild.pipeline.schedule import _build_all, effective_jobs, memory_limit
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.versions import tool_versions
-from edgebuild.targets.base import backend_exists, get_backend
+from edgebuild.targets.base import TORCH_EXPORT, backend_exists, check_source, get_backend
 from edgebuild.targets.profiles import resolve
 
 DEFAULT_TARGETS = ("arm64",)  # when neither --target nor edgebuild.yaml names one
@@ -72,7 +72,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     estimated peaks may add up to (default: the available memory less a margin); see ``pipeline/schedule.py``.
     """
     from edgebuild.pipeline.stages.data import budget_calibration, resolve_data
-    from edgebuild.pipeline.stages.export import export_onnx
+    from edgebuild.pipeline.stages.export import export_onnx, export_program
     from edgebuild.pipeline.stages.load import load_model
     from edgebuild.pipeline.stages.context import BuildContext, BuildJob, Turns, Workspace
     from edgebuild.pipeline.stages.per_target import precision_for
@@ -96,6 +96,8 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     try:
         with stage("loading the model"):
             loaded = load_model(spec)
+        for p in profiles:  # a backend that takes torch.export programs refuses an ONNX file: exit 2, nothing built
+            check_source(get_backend(p.backend), p.name, loaded.kind)
         with stage("reading calibration and evaluation data"):
             calib, evalset, data_record = resolve_data(spec, loaded.inputs)
         compress_record = None
@@ -108,6 +110,10 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
         with stage("exporting FP32 ONNX"):
             model, export_record = export_onnx(loaded, evalset, refdir, calib=calib)
             calib = budget_calibration(calib, model.onnx_path, spec, data_record)  # samples scaled to the model's cost
+        if any(get_backend(p.backend).consumes == TORCH_EXPORT for p in profiles):
+            with stage("exporting the torch.export program"):
+                model, program_record = export_program(loaded, model, scratch)
+                export_record.update(program_record)
         with stage("running the FP32 reference"):
             reference, reference_cached = _reference_outputs(cache, model, evalset)
             save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # pipeline/stages/reference.py

@@ -6,7 +6,7 @@ from functools import lru_cache
 from importlib import metadata
 
 TOOLS = ("edgebuild", "torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorflow", "onnx2tf",
-         "ai-edge-litert", "tf-keras", "onnx-graphsurgeon", "numpy", "tensorrt")
+         "ai-edge-litert", "tf-keras", "onnx-graphsurgeon", "numpy", "tensorrt", "executorch", "torchao")
 
 
 def tool_versions(names=TOOLS) -> dict[str, str | None]:

@@ -37,13 +37,16 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class ExportedModel:
-    """What a backend converts: the exported FP32 ONNX model."""
+    """What a backend converts: the exported FP32 ONNX model, and for a torch source, when a target's backend
+    consumes one (``Backend.consumes``), its torch.export program as a ``.pt2`` file (same inputs and outputs)."""
 
     onnx_path: Path
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     opset: int
     content_hash: str = ""
+    program: Path | None = None  # the FP32 torch.export program (torch.export.save), for TORCH_EXPORT backends
+    program_error: str = ""  # why there is none for a torch source (torch.export failed): that target's error
 
 
 @dataclass
@@ -120,6 +123,7 @@ class Backend:
     settings_type: type[Settings] = NoSettings  # the frozen type of a profile's ``quant:`` block
     requires: tuple[str, ...] = ()  # import names of the libraries this backend needs
     isolate_runner: bool = False  # run the runtime in a subprocess (native code that may crash)
+    consumes: str = "onnx"  # what convert() reads: ONNX (model.onnx_path) or TORCH_EXPORT (model.program)
 
     def check_available(self, target: str) -> None:
         for mod in self.requires:
@@ -179,6 +183,14 @@ class Backend:
     def artifact_name(self, precision: str, settings: dict | None = None) -> str:
         raise NotImplementedError
 
+    # ---- metadata inside the artifact (pipeline/stages/embed.py asks the backend for formats it does not know) ----
+    def embed_metadata(self, path: Path, meta: dict[str, str]) -> str | None:
+        """Write ``meta`` into the artifact file ``path`` (a new file renamed over it); where it went, or None."""
+        return None
+
+    def read_metadata(self, path: Path) -> dict[str, str]:
+        return {}
+
     # ---- accuracy search hooks (pipeline/stages/search.py) -------------------------------------------
     supports_float_layers: bool = False  # can settings["float_layers"] (ONNX node names) stay in float?
 
@@ -186,6 +198,17 @@ class Backend:
         """Cheaper INT8 variants to try before keeping layers in float: (label, new Settings made from
         ``settings`` with ``dataclasses.replace``)."""
         return []
+
+
+ONNX, TORCH_EXPORT = "onnx", "torch.export"  # what a backend consumes (Backend.consumes)
+
+
+def check_source(backend: Backend, target: str, source_kind: str) -> None:
+    """Exit 2 before any work when a target's backend cannot take this kind of model ("onnx" | "torch")."""
+    if backend.consumes == TORCH_EXPORT and source_kind != "torch":
+        raise BadInputError(f"target {target}: the {backend.name} backend takes PyTorch models (an nn.Module as "
+                            "package.module:attr, or a torch.export .pt2 program), not ONNX files (ONNX models go to "
+                            "the tflite, onnx and openvino targets, e.g. arm64)")
 
 
 STEMS = {Precision.INT8: "model_int8", Precision.FP16: "model_fp16", Precision.FP32: "model_fp32",

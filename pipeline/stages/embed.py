@@ -2,7 +2,8 @@
 
 A post-packaging step (the converters stay as they are): ONNX ``metadata_props``, a TFLite ``metadata`` entry
 named ``edgebuild`` (a JSON buffer, written through the flatbuffer schema that ai-edge-litert ships), OpenVINO
-``<rt_info><edgebuild>`` in the IR's XML (the .bin is untouched). Every file is rewritten to a new file and
+``<rt_info><edgebuild>`` in the IR's XML (the .bin is untouched); a format a backend owns through its
+``Backend.embed_metadata`` (ExecuTorch ``.pte``: a constant method ``edgebuild_metadata``). Every file is rewritten to a new file and
 renamed over the old one, so a hard link into the stage cache is never changed; the sha256 of what lands in
 the output is computed after this step. Nothing here reaches the network.
 
@@ -47,8 +48,9 @@ def embed(path: Path, meta: dict[str, str]) -> str | None:
     return None
 
 
-def read(path: Path) -> dict[str, str]:
-    """The edgebuild metadata an artifact carries ({} when none)."""
+def read(path: Path, backend: str | None = None) -> dict[str, str]:
+    """The edgebuild metadata an artifact carries ({} when none); ``backend``: the one that reads its format when
+    this module does not (``Backend.read_metadata``)."""
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         import onnx
@@ -70,6 +72,10 @@ def read(path: Path) -> dict[str, str]:
 
         node = ET.parse(path).getroot().find("rt_info/edgebuild")
         return {} if node is None else {PREFIX + c.tag: c.get("value", "") for c in node}
+    if backend:
+        from edgebuild.targets.base import get_backend
+
+        return get_backend(backend).read_metadata(path)
     return {}
 
 
@@ -141,6 +147,7 @@ def embed_target(ctx, profile, art, outdir: Path) -> dict[str, str]:
 
     from edgebuild.pipeline.stages.data import class_names
     from edgebuild.pipeline.versions import tool_versions
+    from edgebuild.targets.base import get_backend
 
     classes = class_names(ctx.job.spec, ctx.job.calib, ctx.job.evalset)
     meta = fields(version=tool_versions(("edgebuild",))["edgebuild"] or "unknown", target=profile.name,
@@ -150,6 +157,8 @@ def embed_target(ctx, profile, art, outdir: Path) -> dict[str, str]:
     done = {}
     for name in sorted(art.files):
         where = embed(outdir / name, meta)
+        if where is None and getattr(art, "backend", None):  # a format its backend owns (Backend.embed_metadata)
+            where = get_backend(art.backend).embed_metadata(outdir / name, meta)
         if where:
             done[name] = where
     return done

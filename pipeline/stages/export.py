@@ -58,6 +58,32 @@ def export_onnx(loaded: LoadedModel, evalset: SampleSet, workdir: Path,
     return mi, record
 
 
+def export_program(loaded: LoadedModel, model: ExportedModel, workdir: Path) -> tuple[ExportedModel, dict]:
+    """For backends that consume a torch.export program (``Backend.consumes``): ``workdir/model_fp32.pt2`` of a
+    torch source (a .pt2 source's own program; an nn.Module exported at the input shapes, ``strict=False``), as
+    ``model.program``. When torch.export cannot capture the model, ``program_error`` says why (only those targets
+    fail). Returns the model and a record for the manifest."""
+    import torch
+
+    out = workdir / "model_fp32.pt2"
+    try:
+        ep = loaded.exported_program
+        if ep is None:
+            if isinstance(loaded.module, torch.jit.ScriptModule):
+                raise ConversionError("a TorchScript model cannot be captured by torch.export; give the nn.Module "
+                                      "(package.module:attr) or a torch.export .pt2 program")
+            args = tuple(torch.zeros(i.shape, dtype=getattr(torch, i.dtype)) for i in loaded.inputs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = torch.export.export(loaded.module, args, strict=False)
+        torch.export.save(ep, str(out))
+    except Exception as e:  # noqa: BLE001 — torch.export raises many types; it fails only the targets that need it
+        error = f"torch.export failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:240]}"
+        return dataclasses.replace(model, program_error=error), {"torch_export": error}
+    return (dataclasses.replace(model, program=out),
+            {"torch_export": f"torch.export (torch {torch.__version__}), {out.stat().st_size} bytes"})
+
+
 def _export_torch(loaded: LoadedModel, workdir: Path):
     import onnx
     import torch

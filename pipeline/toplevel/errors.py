@@ -46,7 +46,8 @@ class MissingToolError(BadInputError):
               "tensorflow": "tflite", "tf_keras": "tflite", "onnx2tf": "tflite", "onnx_graphsurgeon": "tflite",
               "sng4onnx": "tflite", "ai_edge_litert": "tflite", "tflite_micro": "tflite", "flatbuffers": "tflite",
               "torch": "torch", "safetensors": "torch", "onnxscript": "torch", "torch_pruning": "torch",
-              "sklearn": "torch", "ray": "batch", "matplotlib": "report"}  # import name -> the extra that installs it
+              "sklearn": "torch", "executorch": "executorch", "torchao": "executorch", "ray": "batch",
+              "matplotlib": "report"}  # import name -> the extra that installs it
     DISTRIBUTIONS = {"sklearn": "scikit-learn", "tf_keras": "tf-keras", "onnx_graphsurgeon": "onnx-graphsurgeon",
                      "ai_edge_litert": "ai-edge-litert", "tflite_micro": "tflite-micro",
                      "torch_pruning": "torch-pruning"}  # import name -> what pip calls it, where they differ

@@ -1,0 +1,527 @@
+"""ExecuTorch backend: PyTorch's own edge runtime, ``.pte`` programs with the XNNPACK delegate.
+
+It converts the build's torch.export program (``ExportedModel.program``; the backend ``consumes`` TORCH_EXPORT, so
+an ONNX source is exit 2 before any work), not the ONNX file: PyTorch -> torch.export -> [PT2E quantization] ->
+``to_edge_transform_and_lower`` with the ``XnnpackPartitioner`` -> ``to_executorch()`` -> ``model_<precision>.pte``.
+No ONNX, no TensorFlow: two converters fewer than the TFLite path.
+
+Precisions: FP32; FP16 (the graph in half precision with float32 I/O, casts at the edges: XNNPACK runs FP16 where the
+CPU has FP16 arithmetic, ARMv8.2+; on x86 it converts); dynamic INT8 (weights int8 per channel, activations quantized
+per run: Linear layers, for linear-heavy models); static INT8 (PT2E with ``XNNPACKQuantizer``: int8 activations
+calibrated on the build's samples, symmetric int8 weights per channel by default; conv, linear, add, mul, cat and
+pooling run int8 in XNNPACK; what the quantizer has no int8 pattern for — LayerNorm, softmax, GELU, attention's
+matmuls, embeddings — stays float, and the artifact is named ``_int8`` only when at least 90 % of the weights are int8
+(``int8_weight_share`` in its settings), else ``_int8_mixed``).
+
+The accuracy search may vary the weights' granularity (per-channel / per-tensor), the activation observer (histogram
+/ min-max) and keep layers in float (``float_layers``: the FP32 ONNX node names of the build's sensitivity, mapped to
+the torch modules they were exported from).
+
+Everything native runs isolated (targets/isolated.py): the conversion in a converter child (which also loads the
+``.pte`` in the ExecuTorch runtime and runs it once), the runner in a runtime child (``isolate_runner``), where the
+ExecuTorch thread pool is set to the profile's threads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgebuild.calibration.budget import at_most
+from edgebuild.calibration.dataset import SampleSet
+from edgebuild.errors import BadInputError, ConversionError
+from edgebuild.targets.base import TORCH_EXPORT, Artifact, Backend, ExportedModel, Runner, register
+from edgebuild.targets.profiles import TargetProfile
+from edgebuild.targets.settings import Precision, Settings, choice, count, flag, names, number
+
+METADATA_METHOD = "edgebuild_metadata"  # the constant method a .pte carries edgebuild's metadata in (JSON string)
+INT8_NAMING_SHARE = 0.9  # `_int8` only when at least this share of the weights is int8 (DESIGN: artifact names)
+SEGMENT_ALIGNMENT = 128  # ExecutorchBackendConfig's defaults, kept when the metadata is written into a .pte
+STEMS = {"fp32": "model_fp32", "fp16": "model_fp16", "dynamic": "model_dynamic_int8", "int8": "model_int8"}
+
+
+@dataclass(frozen=True)
+class ExecuTorchSettings(Settings):
+    """PT2E quantization with ExecuTorch's XNNPACKQuantizer (its defaults unless a profile says more)."""
+
+    backend = "executorch"
+    INT8_ONLY = ("per_channel", "observer", "calibration_samples", "float_layers")
+
+    per_channel: bool = flag(True)  # int8 weights per output channel (else one scale per tensor)
+    observer: str = choice("histogram", "histogram", "minmax", fold=str.lower)  # activation ranges
+    calibration_samples: int | None = count(None, optional=True)  # None: every calibration sample the build chose
+    float_layers: tuple[str, ...] = names()  # FP32 ONNX node names whose torch ops stay float (the accuracy search)
+    timeout_s: float = number(1800)  # the converter child's limit
+
+
+@register("executorch")
+class ExecuTorchBackend(Backend):
+    precisions = (Precision.INT8, Precision.FP16, Precision.FP32, Precision.DYNAMIC)
+    settings_type = ExecuTorchSettings
+    requires = ("torch", "torchao", "executorch")
+    runtime_modules = ("torch", "executorch.runtime", "executorch.extension.pybindings.portable_lib")
+    isolate_runner = True
+    consumes = TORCH_EXPORT
+    supports_float_layers = True
+
+    def artifact_name(self, precision: str, settings: dict | None = None) -> str:
+        if precision not in STEMS:
+            raise BadInputError(f"executorch backend cannot build precision {precision!r}")
+        s = settings or {}
+        mixed = precision == "int8" and (s.get("float_layers") or s.get("int8_weight_share", 1.0) < INT8_NAMING_SHARE)
+        return STEMS[precision] + ("_mixed" if mixed else "") + ".pte"
+
+    def recovery_candidates(self, profile: TargetProfile, settings: Settings | dict) -> list[tuple[str, Settings]]:
+        s = self.requested_settings(profile, settings)
+        return [("min-max activation ranges" if s.observer == "histogram" else "histogram activation ranges",
+                 s.replace(observer="minmax" if s.observer == "histogram" else "histogram")),
+                ("per-tensor weights" if s.per_channel else "per-channel weights", s.replace(per_channel=not s.per_channel))]
+
+    def convert(self, model: ExportedModel, profile: TargetProfile, precision: str, calib: SampleSet,
+                workdir: Path, settings: Settings | dict | None = None) -> Artifact:
+        from edgebuild.targets.isolated import run_with_samples
+
+        self.check_available(profile.name)
+        s = self.requested_settings(profile, settings).for_precision(precision)  # the record: a new dict
+        if precision not in STEMS:
+            raise ConversionError(f"{profile.name}: executorch backend cannot build precision {precision}")
+        if model.program is None:
+            raise ConversionError(f"{profile.name}: no torch.export program to convert "
+                                  f"({model.program_error or 'the build exported none: a torch source is needed'})")
+        if precision == "int8" and s["float_layers"] and not profile.allow_float_layers:
+            raise BadInputError(f"{profile.name} runs integer-only: float_layers {s['float_layers']} cannot stay in float")
+        workdir.mkdir(parents=True, exist_ok=True)
+        samples = at_most(calib, s.get("calibration_samples")) if precision == "int8" else None
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="edgebuild-executorch-", dir=workdir) as tmp:
+            job = {"program": str(model.program), "precision": precision, "settings": s, "out": str(Path(tmp) / "model.pte"),
+                   "inputs": [t.to_dict() for t in model.inputs], "outputs": [t.name for t in model.outputs],
+                   "onnx": str(model.onnx_path), "target": profile.name}
+            result = run_with_samples(_convert_job, job, samples, timeout=float(s["timeout_s"]),
+                                      what=f"{profile.name}: ExecuTorch {precision} conversion failed",
+                                      name="convert:executorch")
+            used = {**s, **result["record"], "converter": _converter_version(),
+                    "calibration_samples_used": len(samples) if samples is not None else 0}
+            out = workdir / self.artifact_name(precision, used)
+            os.replace(Path(tmp) / "model.pte", out)
+        io = {"inputs": [t.to_dict() for t in model.inputs], "outputs": [t.to_dict() for t in model.outputs]}
+        notes = _notes(precision, used, time.perf_counter() - t0)
+        return Artifact(profile.name, self.name, precision, workdir, out.name, [out.name], used, io, notes)
+
+    def runner(self, artifact: Artifact, threads: int) -> Runner:
+        return ExecuTorchRunner(artifact.path, artifact.io, threads)
+
+    def embed_metadata(self, path: Path, meta: dict[str, str]) -> str | None:
+        if path.suffix != ".pte":
+            return None
+        write_metadata(path, meta)
+        return f"executorch constant method '{METADATA_METHOD}' (a JSON string)"
+
+    def read_metadata(self, path: Path) -> dict[str, str]:
+        if path.suffix != ".pte":
+            return {}
+        from executorch.runtime import Runtime
+
+        program = Runtime.get().load_program(str(path))
+        if METADATA_METHOD not in program.method_names:
+            return {}
+        return json.loads(program.load_method(METADATA_METHOD).execute([])[0])
+
+
+class ExecuTorchRunner(Runner):
+    """A .pte on the ExecuTorch runtime's Python bindings (portable kernels + the XNNPACK delegate), fed and read in
+    the source model's dtypes. Meant for a runtime child (``isolate_runner``): it sizes the process's thread pool."""
+
+    def __init__(self, path: Path, io: dict, threads: int):
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+
+        self._lib = portable_lib
+        with _quiet_native_stderr():  # the runtime logs its CPU probing and thread pool size per process
+            try:
+                portable_lib._unsafe_reset_threadpool(int(threads))  # the XNNPACK delegate's pthreadpool
+            except Exception:  # noqa: BLE001 — a runtime built without a thread pool runs single-threaded
+                pass
+            try:
+                self.method = Runtime.get().load_program(str(path)).load_method("forward")
+                self.method.execute(self._zeros(io))  # the first run packs XNNPACK's weights: its log lines too
+            except Exception as e:  # noqa: BLE001 — the runtime raises RuntimeError/ValueError with its error code
+                raise ConversionError(f"ExecuTorch cannot load {Path(path).name}: {type(e).__name__}: "
+                                      f"{(str(e).strip().splitlines() or [''])[0][:200]}") from e
+        self.inputs = [(i["name"], np.dtype(i["dtype"])) for i in io["inputs"]]
+
+    @staticmethod
+    def _zeros(io: dict) -> list:
+        import torch
+
+        return [torch.zeros(i["shape"], dtype=getattr(torch, i["dtype"])) for i in io["inputs"]]
+
+    def _args(self, feed: dict[str, np.ndarray]) -> list:
+        import torch
+
+        return [torch.from_numpy(np.array(feed[name], dtype=dtype, copy=True)) for name, dtype in self.inputs]
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outs = self.method.execute(self._args(feed))
+        return [np.array(o.numpy() if hasattr(o, "numpy") else o, dtype=np.float32, copy=True) for o in outs]
+
+    def time_ms(self, feed: dict[str, np.ndarray], warmup: int, runs: int, budget_s: float) -> list[float]:
+        """``execute()`` alone on inputs made once (the numpy -> tensor copy is not counted)."""
+        args = self._args(feed)
+        for _ in range(warmup):
+            self.method.execute(args)
+        times: list[float] = []
+        deadline = time.perf_counter() + budget_s
+        while len(times) < runs and (len(times) < 20 or time.perf_counter() < deadline):
+            t0 = time.perf_counter()
+            self.method.execute(args)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    def threads_used(self) -> int | None:
+        try:
+            return int(self._lib._threadpool_get_thread_count())
+        except Exception:  # noqa: BLE001
+            return None
+
+
+@contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for a moment (native log lines); errors still raise."""
+    try:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):  # no real stderr
+        yield
+        return
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+# ---- in the converter child -----------------------------------------------------------------------------------
+
+
+def _convert_job(job: dict) -> dict:
+    """torch.export program -> [PT2E] -> XNNPACK-lowered .pte at ``job["out"]``, loaded and run once; its record."""
+    import warnings
+
+    import torch
+
+    from edgebuild.targets.isolated import samples_from_disk, set_phase
+
+    warnings.simplefilter("ignore")  # torch.export and torchao deprecation chatter; errors still raise
+    torch.manual_seed(0)
+    precision, s = job["precision"], job["settings"]
+    set_phase("loading the torch.export program")
+    ep = torch.export.load(job["program"])
+    example = tuple(torch.zeros(i["shape"], dtype=getattr(torch, i["dtype"])) for i in job["inputs"])
+    record: dict = {}
+    if precision == "fp16":
+        set_phase("casting the program to FP16")
+        ep = torch.export.export(_half_module(ep.module()), example, strict=False)
+    elif precision in ("int8", "dynamic"):
+        calib = samples_from_disk(job["samples"])
+        ep, record = _quantize(ep, example, precision, s, calib, job)
+    set_phase("lowering to XNNPACK (to_edge_transform_and_lower)")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    record["delegation"] = _delegation(edge.exported_program().graph_module)
+    set_phase("serializing the .pte (to_executorch)")
+    Path(job["out"]).write_bytes(edge.to_executorch().buffer)
+    set_phase("loading the .pte in the ExecuTorch runtime")
+    from executorch.runtime import Runtime
+
+    outs = Runtime.get().load_program(job["out"]).load_method("forward").execute(list(example))
+    if len(outs) != len(job["outputs"]):
+        raise ConversionError(f"{job['target']}: the .pte returns {len(outs)} output(s), the model has "
+                              f"{len(job['outputs'])} ({', '.join(job['outputs'])})")
+    record["runtime_checked"] = True
+    return {"record": record}
+
+
+def _half_module(module):
+    """``module`` in FP16 behind float32 I/O: floating inputs cast to half on entry, floating outputs back to float32
+    on exit (XNNPACK runs the casts), so the .pte takes and gives what the source model does."""
+    import torch
+
+    class HalfWrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner.half()
+
+        def forward(self, *args):
+            args = [a.half() if a.is_floating_point() else a for a in args]
+            out = self.inner(*args)
+            leaves = torch.utils._pytree.tree_leaves(out)
+            return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in leaves)
+
+    return HalfWrapper(module)
+
+
+def _quantize(ep, example, precision: str, s: dict, calib, job: dict):
+    """PT2E: prepare with XNNPACKQuantizer, calibrate (static) or observe the weights (dynamic), convert, re-export."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                         get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from edgebuild.targets.isolated import set_phase
+
+    dynamic = precision == "dynamic"
+    config = get_symmetric_quantization_config(is_per_channel=bool(s.get("per_channel", True)), is_dynamic=dynamic)
+    if not dynamic and s.get("observer") == "minmax":
+        config = _with_minmax_activations(config)
+    quantizer = XNNPACKQuantizer().set_global(config)
+    record: dict = {"quantizer": "executorch XNNPACKQuantizer (PT2E, torchao.quantization.pt2e)",
+                    "weights": "int8 symmetric " + ("per-channel" if s.get("per_channel", True) or dynamic else "per-tensor")}
+    ep, record["recurrent_unrolled"] = _unroll_recurrent(ep)
+    gm = ep.module()
+    kept = {}
+    if s.get("float_layers"):
+        kept, float_nodes = _float_nodes(gm, s["float_layers"], job)
+        quantizer.set_filter_function(lambda n: n.name not in float_nodes)
+        record["float_layers_kept"] = kept
+    set_phase("PT2E prepare")
+    prepared = prepare_pt2e(gm, quantizer)
+    with torch.no_grad():
+        if dynamic or calib is None:
+            set_phase("observing the weights (dynamic INT8)")
+            prepared(*example)
+        else:
+            names = [i["name"] for i in job["inputs"]]
+            for i in range(len(calib)):
+                set_phase(f"calibrating ({i + 1}/{len(calib)} samples)")
+                feed = calib.feed(i)
+                prepared(*(torch.from_numpy(np.array(feed[n], copy=True)) for n in names))
+    set_phase("PT2E convert")
+    converted = convert_pt2e(prepared)
+    record["int8_weight_share"] = round(_int8_share(converted), 4)
+    record["activations"] = ("float, quantized per run (dynamic)" if dynamic else
+                             f"int8 per-tensor, {s.get('observer', 'histogram')} ranges")
+    set_phase("re-exporting the quantized program")
+    return torch.export.export(converted, example, strict=False), record
+
+
+RECURRENT_OPS = ("lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input")
+
+
+def _unroll_recurrent(ep):
+    """LSTM/GRU/RNN ops decomposed into their per-step Linear and gate ops (torch's own decompositions) before PT2E:
+    the XNNPACK quantizer has no pattern for the fused recurrent op, which would leave its weights float; unrolled,
+    each weight is one int8 constant shared by every step. Returns the program and the ops unrolled."""
+    import torch
+    from torch._decomp import get_decompositions
+
+    present = {str(n.target).replace("aten.", "") for n in ep.graph.nodes if n.op == "call_function"}
+    ops = [name for name in RECURRENT_OPS if name in present]
+    if not ops:
+        return ep, []
+    table = get_decompositions([getattr(torch.ops.aten, name.split(".")[0]).input for name in ops])
+    return ep.run_decompositions(table), ops
+
+
+def _with_minmax_activations(config):
+    """The static config with min-max activation observers instead of XNNPACK's histogram ones."""
+    import dataclasses
+
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    spec = config.input_activation
+    act = dataclasses.replace(spec, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+    return dataclasses.replace(config, input_activation=act, output_activation=act)
+
+
+def _int8_share(gm) -> float:
+    """Share of the weight elements held as int8 after PT2E convert (the rest stays float)."""
+    import torch
+
+    int8 = total = 0
+    seen = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in seen:
+            continue
+        seen.add(node.target)
+        t = _attr(gm, node.target)
+        if not isinstance(t, torch.Tensor) or t.numel() < 2:
+            continue
+        if t.dtype == torch.int8:
+            int8 += t.numel()
+            total += t.numel()
+        elif t.is_floating_point() and not _is_quant_param(node):
+            total += t.numel()
+    return int8 / total if total else 0.0
+
+
+def _is_quant_param(node) -> bool:
+    """Scales and zero points of per-channel quantization are attributes too; they are not weights."""
+    return any("quantize" in str(getattr(u, "target", "")) and u.args and u.args[0] is not node for u in node.users)
+
+
+def _attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+SCOPE_OPS = {"Conv": ("conv",), "ConvTranspose": ("conv_transpose",), "Gemm": ("linear", "addmm", "mm"),
+             "MatMul": ("linear", "matmul", "mm", "bmm"), "Add": ("add",), "Mul": ("mul",), "Concat": ("cat",),
+             "Relu": ("relu",), "AveragePool": ("avg_pool",), "GlobalAveragePool": ("adaptive_avg_pool", "mean")}
+
+
+def onnx_scope_module(onnx_name: str) -> tuple[str, str] | None:
+    """(torch module path, ONNX op type) of a node name the TorchScript-based exporter wrote, e.g.
+    ``/layer1/layer1.0/conv1/Conv`` -> ("layer1.0.conv1", "Conv"); ``/features/features.3/Conv`` -> ("features.3",
+    "Conv"). A scope part "seq.0" under "seq" is that Sequential's child 0. None for other names."""
+    if not onnx_name.startswith("/"):
+        return None
+    parts = onnx_name.strip("/").split("/")
+    op = re.sub(r"_\d+$", "", parts[-1])
+    path: list[str] = []
+    for part in parts[:-1]:
+        if path and part.startswith(path[-1] + "."):  # "layer1.0" under "layer1": the child, named in full
+            path[-1] = part
+        else:
+            path.append(part)
+    return ".".join(path), op
+
+
+def _float_nodes(gm, layers, job: dict) -> tuple[dict[str, list[str]], set[str]]:
+    """FX nodes of the torch program that each ONNX layer came from: the module path its ONNX scope names, ops of the
+    ONNX op's kind (a Conv's conv, a Gemm's linear); a dynamo-exported name ``node_<fx name>`` names the node itself.
+    A layer that maps to no node is a ConversionError (the try fails; nothing stays float silently)."""
+    by_module: dict[str, list] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            stack = n.meta.get("nn_module_stack") or {}
+            path = list(stack.values())[-1][0] if stack else ""
+            by_module.setdefault(_plain_path(path), []).append(n)
+    names = {n.name for n in gm.graph.nodes}
+    kept: dict[str, list[str]] = {}
+    for layer in layers:
+        scoped = onnx_scope_module(layer)
+        if scoped is not None:
+            path, op = scoped
+            kinds = SCOPE_OPS.get(op)
+            hits = [n.name for n in by_module.get(path, [])
+                    if kinds is None or any(k in str(n.target) for k in kinds)]
+        else:
+            bare = layer[len("node_"):] if layer.startswith("node_") else layer
+            hits = [bare] if bare in names else []
+        if not hits:
+            raise ConversionError(f"{job['target']}: float layer {layer} maps to no op of the torch program")
+        kept[layer] = hits
+    return kept, {h for hits in kept.values() for h in hits}
+
+
+def _plain_path(path: str) -> str:
+    """nn_module_stack paths of a re-exported module may read ``L['self'].layer1[0]``: as ``layer1.0``."""
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).strip(".")
+
+
+def _delegation(gm) -> dict:
+    """How much of the program XNNPACK took: its partitions and the ops left to ExecuTorch's portable kernels."""
+    delegates, outside = 0, set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        name = getattr(n.target, "__name__", str(n.target))
+        if "executorch_call_delegate" in name:
+            delegates += 1
+        elif name != "getitem" and "getitem" not in name:
+            outside.add(re.sub(r"^(aten|dim_order_ops)[._]", "", name.split("::")[-1]))
+    return {"xnnpack_partitions": delegates, "ops_outside_xnnpack": sorted(outside)}
+
+
+# ---- metadata in the .pte (pipeline/stages/embed.py, through embed_metadata) ---------------------------------------
+
+
+def write_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Add (or replace) the constant method ``edgebuild_metadata`` returning ``meta`` as a JSON string: the .pte's
+    other plans, delegate blobs and constant segments are re-serialized unchanged. A device program reads it with
+    ``module.execute("edgebuild_metadata")``. The file is replaced by a new one (a hard link into the cache keeps
+    the cached bytes)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary, serialize_pte_binary
+    from executorch.exir.schema import Chain, ContainerMetadata, EValue, ExecutionPlan, String
+
+    pte = deserialize_pte_binary(path.read_bytes())
+    plans = [p for p in pte.program.execution_plan if p.name != METADATA_METHOD]
+    plans.append(ExecutionPlan(name=METADATA_METHOD, container_meta_type=ContainerMetadata("", "L1#1(*)"),
+                               values=[EValue(String(json.dumps(meta, sort_keys=True)))], inputs=[], outputs=[0],
+                               chains=[Chain(inputs=[], outputs=[], instructions=[], stacktrace=None)], operators=[],
+                               delegates=[], non_const_buffer_sizes=[0]))
+    pte.program.execution_plan = plans
+    data = bytes(serialize_pte_binary(pte, extract_delegate_segments=True, segment_alignment=SEGMENT_ALIGNMENT))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- records ------------------------------------------------------------------------------------------------------
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def runtime_version() -> str:
+    """The ExecuTorch release that wrote the .pte: the device runtime must be this release or newer."""
+    return _version("executorch").split("+")[0]
+
+
+def _converter_version() -> str:
+    return (f"torch {_version('torch')} torch.export -> executorch {_version('executorch')} "
+            f"to_edge_transform_and_lower (XnnpackPartitioner)")
+
+
+def _notes(precision: str, s: dict, seconds: float) -> list[str]:
+    d = s.get("delegation") or {}
+    what = {"fp32": "FP32 weights and arithmetic",
+            "fp16": "FP16 weights and arithmetic behind float32 inputs/outputs (casts at the edges); XNNPACK runs FP16 "
+                    "natively on ARMv8.2+ cores",
+            "dynamic": "dynamic INT8: Linear weights int8 per channel, activations quantized on the fly per run",
+            "int8": f"static INT8 (PT2E, XNNPACKQuantizer): {s.get('weights')} weights, activations {s.get('activations')}, "
+                    f"calibrated on {s.get('calibration_samples_used')} samples; {100 * s.get('int8_weight_share', 0):.1f} % "
+                    "of the weights int8"}
+    notes = [f"converted in {seconds:.1f} s with {_converter_version()}",
+             f"device runtime: ExecuTorch >= {runtime_version()} with the XNNPACK backend "
+             f"({d.get('xnnpack_partitions', '?')} partition(s)); ops on portable kernels: "
+             f"{', '.join(d.get('ops_outside_xnnpack') or []) or 'none'}",
+             what[precision]]
+    for layer, nodes in (s.get("float_layers_kept") or {}).items():
+        notes.append(f"float layer {layer}: torch ops {', '.join(nodes)}")
+    if precision == "int8" and s.get("int8_weight_share", 1.0) < INT8_NAMING_SHARE and not s.get("float_layers"):
+        notes.append(f"named _int8_mixed: only {100 * s['int8_weight_share']:.1f} % of the weights are int8 (the "
+                     "XNNPACK quantizer has no int8 pattern for the rest: embeddings, attention's matmuls, norms)")
+    if s.get("runtime_checked"):
+        notes.append("loaded and ran once in the ExecuTorch runtime after conversion")
+    notes.append(f"host check: ExecuTorch {_version('executorch')} Python runtime (portable kernels + XNNPACK), "
+                 "x86-64; latency times execute() only")
+    return notes
