@@ -165,6 +165,10 @@ class StageCache:
             raise BadEntry(f"the entry {_not_private(entry)}")
         return meta
 
+    def has(self, k: str) -> bool:
+        """An artifact entry is stored under ``k`` in a cache this build may use (``get`` still verifies it)."""
+        return self.root is not None and not self.untrusted() and (self.root / k / "artifact.json").is_file()
+
     def get(self, k: str, directory: Path) -> Artifact | None:
         if self.root is None or self.untrusted():
             return None

@@ -55,7 +55,7 @@ def _keep_siblings(ctx: BuildContext, wanted: dict, arts: dict[str, Artifact]) -
 
 
 def _in_cache(ctx: BuildContext, k: str) -> bool:
-    return ctx.work.cache.root is not None and (ctx.work.cache.root / k / "artifact.json").is_file()
+    return ctx.work.cache.has(k)
 
 
 def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str,

@@ -236,6 +236,7 @@ def test_without_a_key_a_cache_others_can_write_is_not_used(how, tmp_path, caplo
     cache.put("k2", art)
     assert any("not stored in the stage cache" in n for n in art.notes), art.notes
     assert not cache.put_result("r2", {"x": 1})
+    assert not cache.has("k")  # a build does not plan on entries it will not use
     assert StageCache(root, KEY).untrusted() is None  # a key makes a shared cache usable
 
 
