@@ -64,6 +64,14 @@ def _load_top_level(top: str, search) -> None:
         sys.modules[top] = module
         try:
             spec.loader.exec_module(module)
+        except ModuleNotFoundError as e:
+            sys.modules.pop(top, None)
+            sibling = (e.name or "").split(".")[0]
+            if sibling and ((folder / f"{sibling}.py").is_file() or (folder / sibling / "__init__.py").is_file()):
+                raise ModuleNotFoundError(f"{e} ({path.name} is imported by its own path and no folder is put on "
+                                          f"sys.path: import its sibling as part of a package (a folder with "
+                                          f"__init__.py), or set PYTHONPATH={folder})", name=e.name) from None
+            raise
         except BaseException:
             sys.modules.pop(top, None)
             raise

@@ -285,3 +285,26 @@ def test_a_read_only_output_folder_is_refused_before_any_work(workdir, edgebuild
     r = edgebuild("--target", "onnx-cpu", "--no-auto", "--no-cache")
     r.check(2, r"--out out: the output folder is read-only")
     assert sorted(p.name for p in workdir.iterdir()) == ["out"]
+
+
+def test_a_flat_module_importing_its_sibling_says_how_to_fix_it(workdir, edgebuild):
+    (workdir / "helpers_t27.py").write_text("WIDTH = 4\n")
+    (workdir / "flatnet_t27.py").write_text("import torch\nfrom helpers_t27 import WIDTH\n"
+                                            "def net():\n    return torch.nn.Linear(WIDTH, 2)\n")
+    (workdir / "pkg_t27").mkdir()
+    (workdir / "pkg_t27" / "__init__.py").write_text("")
+    (workdir / "pkg_t27" / "helpers.py").write_text("WIDTH = 4\n")
+    (workdir / "pkg_t27" / "net.py").write_text("import torch\nfrom pkg_t27.helpers import WIDTH\n"
+                                                "def net():\n    return torch.nn.Linear(WIDTH, 2)\n")
+    before = list(sys.path)
+    try:
+        r = edgebuild("--model", "flatnet_t27:net", "--input-shape", "1,4", "--target", "onnx-cpu", "--no-cache")
+        r.check(2, r"No module named 'helpers_t27' \(flatnet_t27\.py is imported by its own path .* a package")
+        from edgebuild.pipeline.spec import BuildSpec, InputSpec
+        from edgebuild.pipeline.stages.load import load_model
+
+        loaded = load_model(BuildSpec(model="pkg_t27.net:net", inputs=(InputSpec("input", (1, 4)),)))
+        assert loaded.module.in_features == 4 and sys.path == before
+    finally:
+        for name in [n for n in sys.modules if n.startswith(("pkg_t27", "flatnet_t27", "helpers_t27"))]:
+            sys.modules.pop(name)
