@@ -136,7 +136,8 @@ def _convert_job(job: dict) -> tuple[dict, dict, list[str]]:
         ov_model = ov.convert_model(job["onnx"])
         if precision == "int8":
             set_phase("nncf.quantize")
-            ov_model, applied, notes = _quantize(ov_model, samples_from_disk(job["samples"]), settings, target)
+            ov_model, applied, notes = _quantize(ov_model, samples_from_disk(job["samples"]), settings, target,
+                                                 _onnx_outputs(job["onnx"]) if settings.get("float_layers") else None)
         else:
             settings, applied = {"compress_to_fp16": precision == "fp16"}, {}
         set_phase("openvino.save_model")
@@ -229,7 +230,48 @@ def _ops_named(op_names: list[str], name: str) -> list[str]:
     return [m for m in op_names if m == name or m.startswith(name + "/")]
 
 
-def resolve_float_scope(ov_model, s: dict, target: str) -> tuple[dict, list[str]]:
+FOLDED_INTO = ("BatchNormalization", "Add", "Mul", "Sub", "Div")  # what OpenVINO folds into a Conv/MatMul before it
+
+
+def _onnx_outputs(path: str) -> dict[str, list[str]]:
+    """ONNX node name -> the tensor names OpenVINO may know its operation by: its outputs, and the outputs of the one
+    op that consumes it when OpenVINO folds that op into it (a Conv + BatchNormalization becomes a Convolution named
+    ``Multiply_7837``, with no trace of the ONNX name; PaddlePaddle's PP-OCR graphs are all Conv + BN)."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    out = {}
+    for n in graph.node:
+        names = [o for o in n.output if o]
+        c = consumers.get(n.output[0], []) if n.output else []
+        if len(c) == 1 and c[0].op_type in FOLDED_INTO:
+            names += [o for o in c[0].output if o]
+        out[n.name] = names
+    return out
+
+
+def _op_by_tensor(ov_model, tensors: list[str]) -> list[str]:
+    """The Convolution/MatMul-like operations that compute the named tensors: the op producing one of them, or the
+    weighted op it was folded into (found back through Add/Multiply/Subtract, at most 3 steps)."""
+    weighted = {t for types in ONNX_TO_OV_TYPES.values() for t in types if t not in ("Multiply", "Add", "Subtract",
+                                                                                      "Divide")}
+    wanted, found = set(tensors), []
+    for op in ov_model.get_ops():
+        if not any(wanted & o.get_names() for o in op.outputs()):
+            continue
+        node, steps = op, 0
+        while node.get_type_name() not in weighted and node.get_type_name() in ("Add", "Multiply", "Subtract") and steps < 3:
+            node, steps = node.input_value(0).get_node(), steps + 1
+        found += [op.get_friendly_name()] + ([node.get_friendly_name()] if node.get_type_name() in weighted else [])
+    return sorted(set(found))
+
+
+def resolve_float_scope(ov_model, s: dict, target: str,
+                        onnx_outputs: dict[str, list[str]] | None = None) -> tuple[dict, list[str]]:
     """The NNCF ignored scope (OpenVINO names and types) for ``ignored_scope`` and ``float_layers``.
 
     ``ignored_scope`` is the user's: names and types may be ONNX or OpenVINO ones, and an entry that matches
@@ -255,13 +297,15 @@ def resolve_float_scope(ov_model, s: dict, target: str) -> tuple[dict, list[str]
                               f"(operations include {', '.join(op_names[:6])}, ...)")
     for n in s["float_layers"]:
         hits = _ops_named(op_names, n)
+        if not hits and onnx_outputs:  # OpenVINO renamed it (a folded BatchNormalization): find it by its tensors
+            hits = _op_by_tensor(ov_model, onnx_outputs.get(n, []))
         names += hits
         if not hits:
             notes.append(f"float layer {n} has no OpenVINO operation of that name (fused by the converter); skipped")
     return {"names": sorted(set(names)), "types": sorted(set(types)), "patterns": list(scope["patterns"])}, notes
 
 
-def _quantize(ov_model, calib: SampleSet, s: dict, target: str):
+def _quantize(ov_model, calib: SampleSet, s: dict, target: str, onnx_outputs: dict | None = None):
     """NNCF post-training quantization; returns (model, what was applied, notes)."""
     nncf = import_without_telemetry("nncf")
     from edgebuild.calibration.adapters import nncf_dataset
@@ -270,7 +314,7 @@ def _quantize(ov_model, calib: SampleSet, s: dict, target: str):
     from edgebuild.targets.isa import resolve
 
     overflow_fix, isa = resolve("overflow_fix", s["overflow_fix"])
-    resolved, notes = resolve_float_scope(ov_model, s, target)
+    resolved, notes = resolve_float_scope(ov_model, s, target, onnx_outputs)
     scope = nncf.IgnoredScope(**resolved, validate=True) if any(resolved.values()) else None
     calib = at_most(calib, s["subset_size"])
     subset = len(calib)  # NNCF's own default (300) would cap again

@@ -318,6 +318,8 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
         search.record["float_share_skipped"] = {n: round(weights.get(n, 0) / total, 4) for n in heavy}
         ranked = [n for n in ranked if n not in heavy]
     done = set()
+    plain = next((t.artifact for t in search.tries if t.artifact.precision == "int8"
+                  and not (t.artifact.settings or {}).get("float_layers")), None)
     for k in FLOAT_LAYER_STEPS:
         layers = tuple(ranked[:k])
         if not layers or layers in done or not search.room():
@@ -329,11 +331,28 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
             break
         done.add(layers)
         a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", "int8", {**settings, "float_layers": list(layers)})
+        if a is not None and plain is not None and _same_files(a.artifact, plain):
+            # the float island changed nothing: the backend did not find the layers (a renamed or fused op)
+            search.record.setdefault("float_layers_no_effect", []).append(
+                f"{a.label}: byte-identical to plain INT8 ({', '.join(layers[:3])}{'…' if len(layers) > 3 else ''} "
+                "not found in the backend's graph)")
         if a is not None and a.quality_ok:
             search.record["float_layers"] = {n: round(ctx.carry.sensitivity.layers[n], 4) for n in layers}
             search.record["float_weight_share"] = round(share, 4)
             return a
     return None
+
+
+def _same_files(a, b) -> bool:
+    """Two artifacts with byte-identical model files (a float island that changed nothing)."""
+    from edgebuild.pipeline.stages.per_target import file_sha
+
+    pick = lambda files: sorted(f for f in files if f.endswith(".bin")) or sorted(files)  # noqa: E731 (IR: weights)
+    try:
+        fa, fb = pick(a.files), pick(b.files)
+        return len(fa) == len(fb) and all(file_sha(a.directory / x) == file_sha(b.directory / y) for x, y in zip(fa, fb))
+    except OSError:
+        return False
 
 
 def _layer_weights(onnx_path) -> dict[str, int]:

@@ -338,3 +338,59 @@ def test_a_stacked_lstm_ships_int8_weights_on_onnx_cpu(tmp_path):
     # x86: NNCF quantizes the LSTMSequence weights of the OpenVINO IR
     ir = get_backend("openvino").convert(exported, catalogue()["x86"], "int8", calib, tmp_path / "ov")
     assert weight_share(ir.path, "openvino")["int8_weight_share"] >= 0.9 and ir.main == "model_int8.xml"
+
+
+def _conv_bn_paddle_like(tmp_path):
+    """PP-OCR's shape: Conv + BatchNormalization pairs with exporter-made names (Conv@0, conv2d_53.tmp_0). OpenVINO
+    folds each BatchNormalization into its Convolution and names the result Multiply_NNNN: no ONNX name survives."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i, (cin, cout) in enumerate([(3, 8), (8, 8)]):
+        w = rng.normal(0, 0.3, (cout, cin, 3, 3)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"conv{i}_weights")]
+        for k, v in (("scale", 1 + rng.random(cout)), ("bias", rng.normal(0, 0.1, cout)),
+                     ("mean", rng.normal(0, 0.1, cout)), ("var", 0.5 + rng.random(cout))):
+            inits.append(numpy_helper.from_array(v.astype(np.float32), f"bn{i}_{k}"))
+        nodes += [helper.make_node("Conv", [prev, f"conv{i}_weights"], [f"conv2d_{53 + i}.tmp_0"], f"Conv@{i}", pads=[1] * 4),
+                  helper.make_node("BatchNormalization", [f"conv2d_{53 + i}.tmp_0", f"bn{i}_scale", f"bn{i}_bias",
+                                                          f"bn{i}_mean", f"bn{i}_var"], [f"batch_norm_{i}.tmp_3"],
+                                   f"BatchNormalization@{i}"),
+                  helper.make_node("Relu", [f"batch_norm_{i}.tmp_3"], [f"relu_{i}.tmp_0" if i == 0 else "y"], f"Relu@{i}")]
+        prev = f"relu_{i}.tmp_0"
+    graph = helper.make_graph(nodes, "paddle_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    path = tmp_path / "paddle.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), str(path))
+    return path
+
+
+def test_x86_float_island_finds_ops_openvino_renamed_and_changes_the_artifact(tmp_path):
+    from types import SimpleNamespace
+
+    from edgebuild.calibration.dataset import SampleSet
+    from edgebuild.pipeline.stages.export import file_hash
+    from edgebuild.pipeline.stages.search import _same_files
+    from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
+    from edgebuild.targets.openvino import _int8_settings, _onnx_outputs, import_without_telemetry, resolve_float_scope
+    from edgebuild.targets.profiles import catalogue
+
+    path = _conv_bn_paddle_like(tmp_path)
+    ov = import_without_telemetry("openvino")
+    model = ov.convert_model(str(path))
+    assert "Conv@0" not in {op.get_friendly_name() for op in model.get_ops()}  # the ONNX name is gone
+    scope, notes = resolve_float_scope(model, _int8_settings({"float_layers": ["Conv@0"]}, "x86"), "x86",
+                                       _onnx_outputs(str(path)))
+    conv = {op.get_friendly_name(): op.get_type_name() for op in model.get_ops()}
+    assert any(conv.get(n) == "Convolution" for n in scope["names"]) and not notes
+    x = np.random.default_rng(1).normal(0, 1, (16, 1, 3, 8, 8)).astype(np.float32)
+    calib = SampleSet("calib", {"x": x[:, 0]}, None, {}, {"x": (1, 3, 8, 8)})
+    exported = ExportedModel(path, (TensorInfo("x", (1, 3, 8, 8), "float32", "NCHW"),),
+                             (TensorInfo("y", (1, 8, 8, 8), "float32"),), 11, file_hash(path))
+    backend, x86 = get_backend("openvino"), catalogue()["x86"]
+    plain = backend.convert(exported, x86, "int8", calib, tmp_path / "plain")
+    island = backend.convert(exported, x86, "int8", calib, tmp_path / "island", {"float_layers": ["Conv@0"]})
+    assert island.main == "model_int8_mixed.xml" and not _same_files(island, plain), "the island changed nothing"
+    assert _same_files(plain, SimpleNamespace(directory=plain.directory, files=list(plain.files)))
