@@ -278,6 +278,7 @@ def _finish(staging: Path, out: Path, manifest: Manifest) -> Manifest:
             manifest = _carry_over(previous, out, staging, manifest)
         (staging / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2, default=str))
         write_report(manifest, staging / "report.md")
+        _link_running_log(out, staging)
         with _signals_held():
             try:
                 _swap_in(staging, out)
@@ -316,6 +317,20 @@ def _carry_over(previous: dict, out: Path, staging: Path, manifest: Manifest) ->
         targets[name] = earlier if new is None else replace(new, previous=earlier)
         kept.append(name)
     return replace(manifest, targets=targets, kept_from_earlier_build=kept or None)
+
+
+def _link_running_log(out: Path, staging: Path) -> None:
+    """The CLI's build log (``.<out>.log-PID``, still being written) gets a second name in the new output before the
+    swap: an output swapped in is never without its ``build.log``, even if a signal lands before the CLI moves the
+    log in (``buildlog.keep``). Same file, so every later line lands there too."""
+    from edgebuild.pipeline.buildlog import log_path_for
+
+    running = log_path_for(out)
+    try:
+        if running.is_file() and not running.is_symlink() and not (staging / "build.log").exists():
+            os.link(running, staging / "build.log")
+    except OSError:
+        pass  # no hard links here: the CLI moves the log in afterwards, as before
 
 
 def _swap_in(staging: Path, out: Path) -> None:

@@ -308,3 +308,26 @@ def test_a_flat_module_importing_its_sibling_says_how_to_fix_it(workdir, edgebui
     finally:
         for name in [n for n in sys.modules if n.startswith(("pkg_t27", "flatnet_t27", "helpers_t27"))]:
             sys.modules.pop(name)
+
+
+def test_a_signal_just_after_the_swap_leaves_the_new_output_whole_with_its_log(built, workdir, edgebuild, monkeypatch):
+    import contextlib
+    import signal
+
+    from edgebuild.pipeline import build as B
+
+    for f in ("tiny.onnx", "data.npz"):
+        shutil.copy(built / f, workdir / f)
+    real_swap = B._swap_in
+
+    def swap_then_signal(staging, out):
+        real_swap(staging, out)
+        os.kill(os.getpid(), signal.SIGTERM)  # lands once the swap is done (the hold is switched off here)
+    monkeypatch.setattr(B, "_swap_in", swap_then_signal)
+    monkeypatch.setattr(B, "_signals_held", contextlib.nullcontext)
+    r = edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD)
+    assert r.code == 130, r.err[-2000:]
+    log = workdir / "out" / "build.log"
+    assert log.is_file() and "onnx-cpu" in log.read_text()
+    assert (workdir / "out" / "manifest.json").is_file()
+    assert not [p.name for p in workdir.iterdir() if p.name.startswith(".out.") and p.name != ".out.lock"]
