@@ -156,6 +156,8 @@ def _check_replaceable(out: Path) -> None:
     if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
         raise BadInputError(f"--out {out}: refusing to replace the current directory, one of its parents or the "
                             "home directory; name a directory of its own, e.g. -o out")
+    if out.is_symlink():  # replacing it would replace the link, not what it points at: say so before any work
+        raise BadInputError(f"--out {out}: it is a symbolic link (to {os.readlink(out)}); give the folder itself")
     if out.exists() and not out.is_dir():
         raise BadInputError(f"refusing to replace {out}: it is a file, not an edgebuild output directory")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):  # renaming a directory away needs write access to it

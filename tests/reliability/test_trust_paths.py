@@ -331,3 +331,12 @@ def test_a_signal_just_after_the_swap_leaves_the_new_output_whole_with_its_log(b
     assert log.is_file() and "onnx-cpu" in log.read_text()
     assert (workdir / "out" / "manifest.json").is_file()
     assert not [p.name for p in workdir.iterdir() if p.name.startswith(".out.") and p.name != ".out.lock"]
+
+
+def test_an_output_that_is_a_symlink_is_refused_before_any_work(received, workdir, edgebuild):
+    (workdir / "link").symlink_to(received)
+    before = {p: p.read_bytes() for p in received.rglob("*") if p.is_file()}
+    r = edgebuild("--target", "onnx-cpu", "--no-auto", "--no-cache", "-o", "link")
+    r.check(2, r"--out link: it is a symbolic link \(to .*\); give the folder itself")
+    assert {p: p.read_bytes() for p in received.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in workdir.iterdir()) == ["link", "out"]
