@@ -382,6 +382,13 @@ def _quantize_static(src: Path, out: Path, calib: SampleSet, s: dict, workdir: P
     if s["calibrate_method"] == "percentile":
         extra["CalibPercentile"] = float(s["percentile"])
     op_types, note = resolve_op_types(src, s.get("op_types", "all"))
+    regions: list[str] = []
+    if s.get("float_regions", False) and not s["nodes_to_quantize"]:
+        from edgebuild.targets.regions import describe, float_regions
+
+        found = float_regions(pre)
+        regions = [n for v in found.values() for n in v]
+        note = "; ".join(filter(None, [note, describe(found)])) or None
     ranges = calibration_cache or workdir / "_ranges.json"
     if not ranges.is_file():
         _calibrate_in_chunks(pre, calib, methods[s["calibrate_method"]], calib_extra, ranges, workdir)
@@ -390,7 +397,8 @@ def _quantize_static(src: Path, out: Path, calib: SampleSet, s: dict, workdir: P
         activation_type=types[s["activation_type"]], weight_type=types[s["weight_type"]],
         per_channel=bool(s["per_channel"]), reduce_range=bool(s["reduce_range"]),
         calibrate_method=methods[s["calibrate_method"]],
-        nodes_to_exclude=[*s["nodes_to_exclude"], *s["float_layers"]], nodes_to_quantize=list(s["nodes_to_quantize"]) or None,
+        nodes_to_exclude=[*s["nodes_to_exclude"], *s["float_layers"], *regions],
+        nodes_to_quantize=list(s["nodes_to_quantize"]) or None,
         op_types_to_quantize=op_types, extra_options=extra, calibration_cache_path=ranges,
     )
     if not preprocessed:

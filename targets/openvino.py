@@ -137,7 +137,7 @@ def _convert_job(job: dict) -> tuple[dict, dict, list[str]]:
         if precision == "int8":
             set_phase("nncf.quantize")
             ov_model, applied, notes = _quantize(ov_model, samples_from_disk(job["samples"]), settings, target,
-                                                 _onnx_outputs(job["onnx"]) if settings.get("float_layers") else None)
+                                                 _onnx_outputs(job["onnx"]), job["onnx"])
         else:
             settings, applied = {"compress_to_fp16": precision == "fp16"}, {}
         set_phase("openvino.save_model")
@@ -305,7 +305,8 @@ def resolve_float_scope(ov_model, s: dict, target: str,
     return {"names": sorted(set(names)), "types": sorted(set(types)), "patterns": list(scope["patterns"])}, notes
 
 
-def _quantize(ov_model, calib: SampleSet, s: dict, target: str, onnx_outputs: dict | None = None):
+def _quantize(ov_model, calib: SampleSet, s: dict, target: str, onnx_outputs: dict | None = None,
+              onnx_path: str | None = None):
     """NNCF post-training quantization; returns (model, what was applied, notes)."""
     nncf = import_without_telemetry("nncf")
     from edgebuild.calibration.adapters import nncf_dataset
@@ -315,6 +316,15 @@ def _quantize(ov_model, calib: SampleSet, s: dict, target: str, onnx_outputs: di
 
     overflow_fix, isa = resolve("overflow_fix", s["overflow_fix"])
     resolved, notes = resolve_float_scope(ov_model, s, target, onnx_outputs)
+    if s.get("float_regions", True) and onnx_path:
+        from edgebuild.targets.regions import describe, float_regions
+
+        found = float_regions(onnx_path)
+        op_names = sorted(op.get_friendly_name() for op in ov_model.get_ops())
+        extra = [m for v in found.values() for n in v for m in _ops_named(op_names, n)]
+        if extra:
+            resolved["names"] = sorted(set(resolved["names"]) | set(extra))
+            notes.append(describe(found))
     scope = nncf.IgnoredScope(**resolved, validate=True) if any(resolved.values()) else None
     calib = at_most(calib, s["subset_size"])
     subset = len(calib)  # NNCF's own default (300) would cap again

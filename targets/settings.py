@@ -236,6 +236,7 @@ class OnnxSettings(Settings):
     op_types: str | tuple[str, ...] = field(default="auto", metadata={"check": _check_op_types})
     # LSTM weights in int8 (onnxruntime's DynamicQuantizeLSTM; static QDQ leaves recurrent layers float)
     quantize_recurrent: bool = flag(True)
+    float_regions: bool = flag(True)  # a signal-processing front-end / post-processing tail stays float (targets/regions.py)
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,7 @@ class OpenVinoSettings(Settings):
     overflow_fix: str = choice("first_layer_only", "enable", "first_layer_only", "disable", "auto", fold=str.lower)
     ignored_scope: tuple = field(default=(), metadata={"check": _check_scope})  # layers kept in float (ONNX or OpenVINO terms)
     float_layers: tuple[str, ...] = names()  # ONNX node names kept in float by the accuracy search
+    float_regions: bool = flag(True)  # a signal-processing front-end / post-processing tail stays float (targets/regions.py)
 
     def to_dict(self) -> dict:
         d = super().to_dict()

@@ -394,3 +394,55 @@ def test_x86_float_island_finds_ops_openvino_renamed_and_changes_the_artifact(tm
     island = backend.convert(exported, x86, "int8", calib, tmp_path / "island", {"float_layers": ["Conv@0"]})
     assert island.main == "model_int8_mixed.xml" and not _same_files(island, plain), "the island changed nothing"
     assert _same_files(plain, SimpleNamespace(directory=plain.directory, files=list(plain.files)))
+
+
+def test_a_signal_processing_front_end_and_a_topk_tail_stay_float_from_the_start(tmp_path):
+    import onnx
+    import torch
+    from torch import nn
+
+    from edgebuild.calibration.dataset import SampleSet
+    from edgebuild.pipeline.stages.export import file_hash
+    from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
+    from edgebuild.targets.profiles import catalogue
+    from edgebuild.targets.regions import MIN_REGION, float_regions
+
+    class Audio(nn.Module):
+        """A log-power 'spectrogram' built from ops (frames, window, square, sum of bands, log), then a CNN, then TopK."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.window = nn.Parameter(torch.hann_window(32), requires_grad=False)
+            self.conv = nn.Conv1d(8, 16, 3, padding=1)
+            self.head = nn.Linear(16 * 15, 40)
+
+        def forward(self, x):  # x [1, 256]
+            frames = torch.stack([x[:, i * 16:i * 16 + 32] for i in range(15)], 1) * self.window  # [1, 15, 32]
+            power = frames.pow(2)
+            bands = torch.stack([power[..., 4 * b:4 * b + 4].sum(-1) for b in range(8)], 1)  # [1, 8, 15]
+            feats = torch.log(bands + 1e-3)
+            h = torch.relu(self.conv(feats)).flatten(1)
+            return torch.topk(self.head(h), 5).values
+
+    path = tmp_path / "audio.onnx"
+    torch.onnx.export(Audio().eval(), (torch.zeros(1, 256),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    regions = float_regions(path)
+    assert len(regions["frontend"]) >= MIN_REGION and regions["postprocess"], regions
+    graph = onnx.load(str(path)).graph
+    assert not any(n.op_type == "Conv" for n in graph.node if n.name in regions["frontend"])
+    x = np.random.default_rng(0).normal(0, 0.3, (24, 256)).astype(np.float32)
+    calib = SampleSet("calib", {"x": x}, None, {}, {"x": (1, 256)})
+    exported = ExportedModel(path, (TensorInfo("x", (1, 256), "float32"),), (TensorInfo("y", (1, 5), "float32"),),
+                             17, file_hash(path))
+    art = get_backend("onnx").convert(exported, catalogue()["onnx-cpu"], "int8", calib, tmp_path / "q")
+    q = onnx.load(str(art.path)).graph
+    quantized_inputs = {n.input[0] for n in q.node if n.op_type == "QuantizeLinear"}
+    front_outputs = {o for n in graph.node if n.name in regions["frontend"] for o in n.output}
+    assert quantized_inputs and not (quantized_inputs & (front_outputs - {o for n in graph.node if n.op_type == "Log"
+                                                                          for o in n.output}))
+    assert any("front-end" in n for n in art.notes) and art.main == "model_int8_qdq.onnx"
+    off = get_backend("onnx").convert(exported, catalogue()["onnx-cpu"], "int8", calib, tmp_path / "off",
+                                      {"float_regions": False})
+    assert {n.input[0] for n in onnx.load(str(off.path)).graph.node if n.op_type == "QuantizeLinear"} & front_outputs

@@ -1,0 +1,66 @@
+"""Graph regions INT8 should leave in float from the start: a signal-processing front-end and a post-processing tail.
+
+A front-end built from ops (an STFT, a constant-Q transform or a mel filterbank as Pad/Slice/Mul/Concat/Pow/Log...)
+is everything between the model's inputs and its first weighted layer (a Conv, ConvTranspose, MatMul or Gemm with
+constant weights, an LSTM/GRU); a post-processing tail (box decoding, NonMaxSuppression, TopK) is everything between
+the last weighted layer and the outputs. A plain CNN has a handful of ops there at most (a Transpose, a Sub/Div
+normalization); a region of ``MIN_REGION`` ops or more, or one holding NMS/TopK, is kept in float: quantizing it costs
+accuracy for no speed (it is a small share of the time), and quantizing an audio-to-notes model's ~190 constant-Q ops
+gave graphs onnxruntime refused to load ("All inputs to Concat must have same rank").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+MIN_REGION = 12
+WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN")
+POST_OPS = ("NonMaxSuppression", "TopK")
+
+
+def float_regions(onnx_path: Path | str) -> dict[str, list[str]]:
+    """{"frontend": node names, "postprocess": node names}: the regions to keep float (empty lists when none)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    constant = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+
+    def weighted(n) -> bool:
+        return n.op_type in WEIGHTED and any(t in constant for t in n.input[1:] if t) or \
+            (n.op_type in ("MatMul", "Gemm") and bool(n.input) and n.input[0] in constant)
+
+    def reach(starts, step) -> list:
+        seen, todo, out = set(), list(starts), []
+        while todo:
+            n = todo.pop()
+            if id(n) in seen or weighted(n) or n.op_type == "Constant":
+                continue
+            seen.add(id(n))
+            out.append(n)
+            todo += step(n)
+        return out
+
+    inputs = {i.name for i in graph.input} - constant
+    front = reach([c for t in inputs for c in consumers.get(t, [])],
+                  lambda n: [c for o in n.output for c in consumers.get(o, [])])
+    back = reach([producer[o.name] for o in graph.output if o.name in producer],
+                 lambda n: [producer[t] for t in n.input if t in producer])
+    from edgebuild.targets.onnx import is_transformer
+
+    if not any(weighted(n) for n in graph.node) or is_transformer(onnx_path):
+        # attention's activation MatMuls carry no constant weights: the walk would run through every block (and the
+        # transformer recipe already keeps LayerNorm, Softmax and the mask arithmetic float)
+        return {"frontend": [], "postprocess": []}
+    keep = lambda region, ops=(): len(region) >= MIN_REGION or any(n.op_type in ops for n in region)  # noqa: E731
+    return {"frontend": [n.name for n in front if n.name] if keep(front) else [],
+            "postprocess": [n.name for n in back if n.name] if keep(back, POST_OPS) else []}
+
+
+def describe(regions: dict[str, list[str]]) -> str | None:
+    parts = [f"{len(v)} {k} op(s)" for k, v in regions.items() if v]
+    return ("kept in float from the start: " + ", ".join(parts) + " (a signal-processing front-end before the first "
+            "weighted layer / post-processing after the last)") if parts else None
