@@ -32,6 +32,7 @@ import threading
 
 BLUE, GREY, GREEN, RED, AMBER = "#2f81f7", "#8c959f", "#1a7f37", "#cf222e", "#bf8700"
 TARGET_COLORS = ("#0969da", "#bf3989", "#1a7f37", "#bc4c00", "#8250df", "#9a6700", "#1b7c83", "#57606a")
+TARGET_MARKERS = ("o", "s", "^", "v")  # past 8 targets the colours repeat with another shape (each within radius r)
 MISSING_NOTE = ("charts need matplotlib, which is not installed: pip install 'edgebuild[report]' "
                 "(the tables hold the same numbers)")
 FONT_PT = 9  # at the page's scale (1 pt of the figure = 4/3 px): 12 px, the size of the tables' text
@@ -243,15 +244,16 @@ def tradeoff_points(manifest: dict) -> tuple[str | None, list[dict]]:
         if t.get("verdict") == "error" or q is None or lat is None or (ylabel and q[0] != ylabel):
             continue
         ylabel, color = q[0], TARGET_COLORS[i % len(TARGET_COLORS)]
+        marker = TARGET_MARKERS[(i // len(TARGET_COLORS)) % len(TARGET_MARKERS)]
         precision = str(t.get("precision") or "artifact").upper()
         points.append({"target": name, "label": f"{name} {precision}", "latency": lat, "quality": q[1],
-                       "size": t.get("size_bytes") or 0, "color": color, "fp32": precision == "FP32"})
+                       "size": t.get("size_bytes") or 0, "color": color, "marker": marker, "fp32": precision == "FP32"})
         base = t.get("baseline_fp32") or {}
         base_lat = (base.get("latency") or {}).get("p50_ms")
         base_q = ref_quality[1] if ref_quality and ref_quality[0] == ylabel else (1.0 if ylabel.startswith("worst cos") else None)
         if base_lat is not None and base_q is not None and precision != "FP32":
             points.append({"target": name, "label": f"{name} FP32", "latency": base_lat, "quality": base_q,
-                           "size": base.get("size_bytes") or 0, "color": color, "fp32": True})
+                           "size": base.get("size_bytes") or 0, "color": color, "marker": marker, "fp32": True})
     return ylabel, points
 
 
@@ -265,17 +267,18 @@ def _tradeoff(manifest: dict):
     ax = chart.ax
     biggest = max(p["size"] for p in points) or 1
     for p in points:
-        p["r"] = 4.0 + 11.0 * math.sqrt(p["size"] / biggest)  # radius in points: area ∝ size
+        p["r"] = 4.0 + 11.0 * math.sqrt(p["size"] / biggest)  # half its width in points: area ∝ size
     unit = "%" if "%" in ylabel else ""
     handles = []
     for p in points:
         size_mb = f"{p['size'] / 1e6:.3f} MB" if p["size"] else "size unknown"
         text = f"{p['label']}: {_num(p['quality'])}{(' ' + unit) if unit else ''}, p50 {p['latency']:.3f} ms, {size_mb}"
         face = "none" if p["fp32"] else p["color"]
-        ax.scatter([p["latency"]], [p["quality"]], s=(2 * p["r"]) ** 2, facecolors=face, edgecolors=p["color"],
+        ax.scatter([p["latency"]], [p["quality"]], s=(2 * p["r"]) ** 2, marker=p["marker"], facecolors=face,
+                   edgecolors=p["color"],
                    alpha=0.9 if p["fp32"] else 0.55, linewidths=1.6 if p["fp32"] else 1.0,
                    linestyles="--" if p["fp32"] else "-", gid=chart.mark(text), zorder=3 if p["fp32"] else 2)
-        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=8, markerfacecolor=face,
+        handles.append(Line2D([], [], linestyle="none", marker=p["marker"], markersize=8, markerfacecolor=face,
                               markeredgecolor=p["color"], markeredgewidth=1.4, alpha=0.8, label=text))
     for p in points:  # FP32 -> what ships
         if not p["fp32"]:
@@ -288,7 +291,7 @@ def _tradeoff(manifest: dict):
     _axis_style(ax, "x", xlog)
     _axis_style(ax, "y", False)
     ax.set_xlabel("p50 latency on this host (ms" + (", log scale)" if xlog else ")")
-                  + ";  circle area ∝ size on disk;  hollow: FP32")
+                  + ";  area ∝ size on disk;  hollow: FP32")
     ax.set_ylabel(ylabel)
     _legend_right(chart, handles)
     for _ in range(4):  # limits depend on the plot area's size, which depends on the tick labels: settle both
