@@ -152,7 +152,8 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
         record["collapsed"] = ("the first INT8 conversion failed" if first is None else
                                f"INT8 collapsed (quality loss {first_on_select.loss:.1f}): FP16 first when the loss is spread "
                                "over the graph, else one backend variant before mixed precision and the float fallback")
-    found = _search(ctx, backend, profile, search, collapsed)
+    found = _error_island(ctx, backend, profile, search, first_error) if first is None else None
+    found = found or _search(ctx, backend, profile, search, collapsed)
     record["seconds"] = round(time.monotonic() - search.started, 2)
     if not search.tries:
         record["result"] = "every configuration failed to convert"
@@ -205,6 +206,47 @@ def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt
     fp16 = _install(ctx, backend, profile, budget, a, outdir, holdout)
     fp16.label = a.label
     return fp16
+
+
+QUANT_SUFFIXES = ("_QuantizeLinear", "_DequantizeLinear", "_quantized", "_quant", "_dequant", "_output_0")
+
+
+def nodes_named_in(onnx_path, text: str) -> list[str]:
+    """The FP32 graph's nodes an error message names (onnxruntime: "Node (/Concat_3) Op (Concat) ..."), also through
+    the quantizer's renaming (``/Concat_3_quant``): the region a failed INT8 graph should keep in float."""
+    import re
+
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    by_name = {n.name: n.name for n in graph.node if n.name}
+    by_output = {o: n.name for n in graph.node if n.name for o in n.output}
+    found = []
+    for token in re.findall(r"[\w./@:-]+", text):
+        for cut in ("", *QUANT_SUFFIXES):
+            t = token[: -len(cut)] if cut and token.endswith(cut) else token
+            name = by_name.get(t) or by_output.get(t)
+            if name and len(t) > 2 and name not in found:
+                found.append(name)
+    return found
+
+
+def _error_island(ctx, backend: Backend, profile: TargetProfile, search: _Search, error) -> Attempt | None:
+    """A first INT8 conversion that failed to load or convert, naming nodes: those nodes in float, before any variant
+    (the audio-to-notes model's 9 INT8 tries all failed on one Concat). Nothing named: the variants and mixed
+    precision come as before (no bisection yet)."""
+    if error is None or not (profile.allow_float_layers and backend.supports_float_layers):
+        return None
+    named = nodes_named_in(ctx.job.model.onnx_path, str(error))
+    if not named:
+        search.record["error_island"] = "the conversion error names no node of the model: no float island from it"
+        return None
+    settings = backend.default_settings(profile, "int8")
+    a = search.attempt(f"INT8 with the {len(named)} node(s) the error names in float", "int8",
+                       {**settings, "float_layers": named})
+    search.record["error_island"] = {"nodes": named, "result": "converted and met the budget" if a is not None and
+                                     a.quality_ok else "did not help" if a is None else "converted, missed the budget"}
+    return a if a is not None and a.quality_ok else None
 
 
 def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error: EdgeBuildError) -> None:

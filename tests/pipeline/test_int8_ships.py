@@ -446,3 +446,13 @@ def test_a_signal_processing_front_end_and_a_topk_tail_stay_float_from_the_start
     off = get_backend("onnx").convert(exported, catalogue()["onnx-cpu"], "int8", calib, tmp_path / "off",
                                       {"float_regions": False})
     assert {n.input[0] for n in onnx.load(str(off.path)).graph.node if n.op_type == "QuantizeLinear"} & front_outputs
+
+
+def test_nodes_a_runtime_error_names_become_the_float_island(tmp_path):
+    from edgebuild.pipeline.stages.search import nodes_named_in
+
+    exported, _, fc = _big_float_layer_model(tmp_path)
+    text = (f"onnxruntime cannot load model_int8_qdq.onnx: Fail: [ShapeInferenceError] Node ({fc}_quant) Op (Gemm) "
+            "All inputs to Concat must have same rank")
+    assert nodes_named_in(exported.onnx_path, text) == [fc]
+    assert nodes_named_in(exported.onnx_path, "Fail: something without names") == []
