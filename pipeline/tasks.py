@@ -33,6 +33,17 @@ def _vector(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
 
 
+def default_output(outputs: dict, options: dict) -> str:
+    """The output a task scores: ``task_options.output``, else the first output that holds real values (not an
+    integer tensor passed through: a sentence encoder's first outputs can be its input ids and mask)."""
+    if options.get("output"):
+        return options["output"]
+    for name, a in outputs.items():
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.mod(a, 1) == 0):
+            return name
+    return next(iter(outputs))
+
+
 # ---- detection -----------------------------------------------------------------------------------------
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
@@ -193,7 +204,7 @@ def _masks(a: np.ndarray, channel_axis: int) -> np.ndarray:
 
 
 def segmentation(outputs: dict, reference: dict, labels, options: dict) -> dict:
-    name = options.get("output") or next(iter(outputs))
+    name = default_output(reference, options)
     axis = int(options.get("channel_axis", 0))
     m, r = _masks(outputs[name], axis), _masks(reference[name], axis)
     ious = []
@@ -204,7 +215,7 @@ def segmentation(outputs: dict, reference: dict, labels, options: dict) -> dict:
 
 
 def embedding(outputs: dict, reference: dict, labels, options: dict) -> dict:
-    name = options.get("output") or next(iter(outputs))
+    name = default_output(reference, options)
     out, ref = _vector(outputs[name]).astype(np.float64), _vector(reference[name]).astype(np.float64)
 
     def neighbours(e):
@@ -231,7 +242,7 @@ def ctc_greedy(a: np.ndarray, blank: int, class_axis: int) -> list[tuple[int, ..
 
 
 def sequence(outputs: dict, reference: dict, labels, options: dict) -> dict:
-    name = options.get("output") or next(iter(outputs))
+    name = default_output(reference, options)
     blank, axis = int(options.get("blank", 0)), int(options.get("class_axis", -1))
     out, ref = ctc_greedy(outputs[name], blank, axis), ctc_greedy(reference[name], blank, axis)
     tokens_out = np.moveaxis(outputs[name], axis if axis < 0 else axis + 1, -1).argmax(-1)

@@ -206,7 +206,9 @@ MODELS = {
                        "random in-vocabulary token ids with a realistic mask (no tokenizer shipped)",
                        lambda r, n, p: token_ids(r, n),
                        [{"name": n, "shape": [1, 128], "dtype": "int64", "layout": "ANY"}
-                        for n in ("input_ids", "attention_mask")], {"task": "embedding"}, n_eval=N_EVAL_SMALL),
+                        for n in ("input_ids", "attention_mask")],
+                       {"task": "embedding", "task_options": {"output": "461"}},  # the pooled [1, 384] sentence embedding
+                       n_eval=N_EVAL_SMALL),
 }
 
 

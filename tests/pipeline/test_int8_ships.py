@@ -456,3 +456,19 @@ def test_nodes_a_runtime_error_names_become_the_float_island(tmp_path):
             "All inputs to Concat must have same rank")
     assert nodes_named_in(exported.onnx_path, text) == [fc]
     assert nodes_named_in(exported.onnx_path, "Fail: something without names") == []
+
+
+def test_a_task_scores_the_output_with_real_values_not_an_input_passed_through():
+    """MiniLM's ONNX returns its input ids and mask first: the embedding task scored those (cosine 1.0) and passed an
+    INT8 whose sentence embedding had a mean cosine of 0.95. The task now scores the first real-valued output."""
+    from edgebuild.pipeline import tasks as T
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 30000, (20, 1, 16)).astype(np.float32)
+    emb = rng.normal(0, 0.3, (20, 1, 8)).astype(np.float32)
+    ref = {"output": ids, "461": emb}
+    out = {"output": ids, "461": emb + rng.normal(0, 0.2, emb.shape).astype(np.float32)}
+    assert T.default_output(ref, {}) == "461"
+    scores = T.embedding(out, ref, None, {})
+    assert scores["cosine_mean"] < 0.98  # the damaged embedding is what is scored
+    assert T.default_output(ref, {"output": "output"}) == "output"
