@@ -99,8 +99,10 @@ class TFLiteBackend(Backend):
         if precision == "int8" and s["float_layers"] and not profile.allow_float_layers:
             raise BadInputError(f"{profile.name} runs integer-only: float_layers {s['float_layers']} cannot stay in float")
         asked = {p: (d, self.requested_settings(profile, ss).for_precision(p)) for p, (d, ss) in (siblings or {}).items()}
+        recurrent = precision == "int8" and _recurrent(model.onnx_path)  # INT8 unrolls, float keeps the loop
         shared = {p: (d, ss) for p, (d, ss) in asked.items()
-                  if p != precision and p != "int8" and all(ss.get(k) == s.get(k) for k in self.GRAPH_SETTINGS)}
+                  if p != precision and p != "int8" and all(ss.get(k) == s.get(k) for k in self.GRAPH_SETTINGS)
+                  and not (recurrent and ss.get("rnn_unroll", True))}
         inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-") as tmp:
@@ -264,6 +266,19 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
+def _recurrent(onnx_path) -> bool:
+    """Has the ONNX graph an LSTM/GRU/RNN (onnx2tf unrolls them for INT8 only: the float graph differs)?"""
+    import onnx
+
+    from edgebuild.targets.tflite_convert import RNN_OPS
+
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 — unreadable here means the converter names it; share nothing
+        return True
+    return any(n.op_type in RNN_OPS for n in graph.node)
+
+
 def _stacked_feeds(calib: SampleSet, inputs, n: int) -> dict[str, np.ndarray]:
     """The first ``n`` feeds, per input stacked on a new leading axis: ``[n, *ONNX input shape]``.
 
@@ -367,6 +382,9 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
                         f"converter ({'; '.join(s.get('repairs') or [])}), with QUANTIZE/DEQUANTIZE at their borders; "
                         f"calibrated on {s.get('calibration_samples_used')} samples")
     notes.append(what[precision])
+    if any(op.startswith("WHILE ") for op in result["ops"]):
+        notes.append("recurrent layers kept as a WHILE loop over time steps (not unrolled: XNNPACK would hold packed "
+                     "weights once per step)")
     notes += [f"ONNX rewrite before onnx2tf: {r}" for r in s.get("onnx_rewrites") or []]
     if s.get("xnnpack_checked"):
         notes.append("loaded and ran one sample in LiteRT with XNNPACK after conversion")

@@ -56,6 +56,20 @@ def test_stacked_lstm_last_hidden_state(tmp_path):
     mi, calib, art = build(SpeakerEncoder(), (torch.zeros(1, 10, 8),), ["mels"], ["embedding"], tmp_path)
     assert art.io["outputs"][0]["source_shape"] == [1, 12]
     assert fidelity(art, mi, calib) > 0.98
+    assert "WHILE" not in {op.split()[0] for op in art.settings["device_requires"]["builtin_ops"]}  # INT8: unrolled
+
+
+@pytest.mark.slow
+def test_float_keeps_the_recurrence_a_loop(tmp_path):
+    """FP32/FP16 keep LSTM a WHILE loop: unrolled, XNNPACK packs the weights once per time step (a 4 MB CNN+BiLSTM:
+    212 MB resident unrolled, 12.5 MB as a loop)."""
+    torch.manual_seed(0)
+    mi = model_input(export(SpeakerEncoder(), (torch.zeros(1, 10, 8),), ["mels"], ["embedding"], tmp_path / "m.onnx"))
+    calib = calibration(mi, lambda t, shape, rng: rng.normal(0, 1, shape).astype(np.float32))
+    art = convert(mi, calib, tmp_path, precision="fp32")
+    assert "WHILE" in {op.split()[0] for op in art.settings["device_requires"]["builtin_ops"]}
+    assert any("WHILE loop" in n for n in art.notes)
+    assert fidelity(art, mi, calib) > 0.9999
 
 
 @pytest.mark.slow
