@@ -296,7 +296,7 @@ class TFLiteSettings(Settings):
     INT8_ONLY = ("io_dtype", "per_channel", "calibration_samples", "quantizer", "float_layers")
 
     input_layout: str = choice("NHWC", "NHWC", "source")  # NHWC: 4-D NCHW inputs become channels-last
-    rnn_unroll: bool = flag(True)  # onnx2tf unrolls LSTM/GRU/RNN for INT8 (the TF calibrator crashes on the loop form); float keeps the loop
+    rnn_unroll: bool = flag(True)  # onnx2tf unrolls LSTM/GRU/RNN for INT8 (the calibrator crashes on loops); float: loop
     host_kernels: str = choice("xnnpack", "xnnpack", "builtin", "reference")  # reference: as on MCUs
     c_array: bool = flag(False)  # also write <model>_data.cc/.h (a C array for TensorFlow Lite Micro)
     onnx_rewrites: bool = flag(True)  # MaxPool padding, Erf, Sum rewritten before onnx2tf (targets/onnx_rewrite.py)
