@@ -18,7 +18,9 @@ INT8_DEFAULTS = OnnxSettings().to_dict()
 # ONNX Runtime's recipe for transformers: Q/DQ on the matrix products only; LayerNorm, Softmax, GELU (Erf),
 # residual Adds, the attention-mask arithmetic and the embedding Gather stay in float. Measured on a 3-layer
 # MiniLM sentence encoder (random tokens): worst cosine of the embedding 0.61 with every op quantized, 0.92 with this.
-WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
+# The embedding table (Gather of a constant) too: MiniLM-L3's word embeddings are 69 % of its weights; int8 there cost
+# nothing measurable (pooled-embedding cosine 0.9389 with, 0.9389 without) and made the file all-INT8 (31 % -> 100 %).
+WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"]
 ATTENTION_GLUE = ("Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Dropout", "Transpose", "Reshape")
 
 

@@ -82,7 +82,7 @@ def test_attention_is_found_by_graph_pattern(encoder, tmp_path):
     model, _ = encoder
     assert is_transformer(model)
     ops, note = resolve_op_types(model, "auto")
-    assert ops == ["Conv", "ConvTranspose", "Gemm", "MatMul"] and "transformer" in note
+    assert ops == ["Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"] and "transformer" in note
     assert resolve_op_types(model, "all") == (None, None)
     cnn = tmp_path / "cnn.onnx"  # a CNN with a softmax head is no transformer
     import torch
