@@ -472,3 +472,33 @@ def test_a_task_scores_the_output_with_real_values_not_an_input_passed_through()
     scores = T.embedding(out, ref, None, {})
     assert scores["cosine_mean"] < 0.98  # the damaged embedding is what is scored
     assert T.default_output(ref, {"output": "output"}) == "output"
+
+
+def test_int8_variants_use_the_search_time_before_fp16():
+    """ocr-cls on x86: a try took 24 s and the search went to FP16 before any INT8 variant because all five variants
+    and mixed precision did not fit. Now the variants go first while one more try fits beside the reserved FP16."""
+    import time
+    from types import SimpleNamespace
+
+    from edgebuild.pipeline.stages import search as R
+
+    backend = SimpleNamespace(default_settings=lambda profile, p: {},
+                              recovery_candidates=lambda profile, s: [(f"variant {i}", {"v": i}) for i in range(5)],
+                              supports_float_layers=True)
+    profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
+    s = R._Search.__new__(R._Search)
+    s.record, s.tries, s.deadline, s.durations = {"tries": [{}]}, [], time.monotonic() + 100, [24.0]
+    asked = []
+
+    def attempt(label, precision, settings, fallback=False):
+        asked.append(label)
+        return SimpleNamespace(quality_ok=label == "variant 1", label=label)
+
+    s.attempt = attempt
+    found = R._search(None, backend, profile, s, collapsed=False)
+    assert asked == ["variant 0", "variant 1"] and found.label == "variant 1" and "float_first" not in s.record
+    s.deadline, asked[:] = time.monotonic() + 30, []  # not even one more 24 s INT8 try fits beside FP16: FP16 first
+    s.attempt = lambda label, precision, settings, fallback=False: asked.append(label) or SimpleNamespace(
+        quality_ok=precision == "fp16", label=label, artifact=SimpleNamespace(precision=precision))
+    found = R._search(None, backend, profile, s, collapsed=False)
+    assert asked[0].startswith("FP16") and "float_first" in s.record
