@@ -276,10 +276,14 @@ def _finish(staging: Path, out: Path, manifest: Manifest) -> Manifest:
         if previous is not None and statuses and all(v == "error" for v in statuses):
             return replace(manifest, output=f"not written: every target failed; {out} still holds the earlier build "
                                             f"of {previous.get('created', 'unknown time')}")
-        if previous is not None:
-            manifest = _carry_over(previous, out, staging, manifest)
-        (staging / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2, default=str))
-        write_report(manifest, staging / "report.md")
+        try:  # a full disk, a quota: one line, the earlier output kept (staging is removed by build)
+            if previous is not None:
+                manifest = _carry_over(previous, out, staging, manifest)
+            (staging / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2, default=str))
+            write_report(manifest, staging / "report.md")
+        except OSError as e:
+            raise BadInputError(f"--out {out}: cannot write the output ({e.strerror or e}); "
+                                f"{'the earlier output is kept' if previous is not None else 'nothing written'}") from None
         _link_running_log(out, staging)
         with _signals_held():
             try:

@@ -185,3 +185,26 @@ def test_two_concurrent_builds_into_one_out_both_land(here, tmp_path):
     for t, entry in manifest["targets"].items():
         assert (here / "out" / t / entry["artifact"]).is_file() and (here / "out" / t / "metadata.json").is_file()
     assert not [p.name for p in here.iterdir() if p.name.startswith(".out.") and p.name != ".out.lock"]
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    if os.getuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("size", ["40k", "100k"])
+def test_a_full_disk_during_the_build_is_one_line_and_leaves_no_staging(size, here, edgebuild):
+    """The output's folder on a tiny tmpfs: the conversion or the output's writing runs out of space."""
+    disk = here / "disk"
+    if not _mount_tmpfs(disk, size):
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        r = edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD, "--no-cache", "-o", disk / "out")
+        assert r.code in (2, 3), r.err[-2000:]
+        r.check(r.code, r"No space left on device|conversion failed")
+        assert not [p.name for p in disk.iterdir() if p.name.startswith(".out.") and p.name != ".out.lock"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
