@@ -210,6 +210,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def _check_lock(out: Path) -> None:
+    """Before any work: a lock that is not a plain file of its own (a symlink, a hard link, a FIFO someone who can
+    write beside the output planted) is refused, never followed."""
+    path = lock_path(out)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise BadInputError(f"--out {out}: cannot check the lock file {path} ({e.strerror or e})") from None
+    _refuse_lock(out, path, st)
+
+
+def _refuse_lock(out: Path, path: Path, st: os.stat_result) -> None:
+    import stat
+
+    what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file" if not stat.S_ISREG(st.st_mode)
+            else "a hard link to another file" if st.st_nlink != 1 else None)
+    if what:
+        raise BadInputError(f"--out {out}: the lock file {path} is {what} (someone who can write in "
+                            f"{path.parent} may have planted it); refusing to follow it: remove it and build again")
+
+
 @contextmanager
 def _output_lock(out: Path):
     """Serialize the output swap of concurrent builds (fcntl lock on ``.<out>.lock`` beside the output), opened
