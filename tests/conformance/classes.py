@@ -141,3 +141,109 @@ def make_yolo(folder: Path, classes: int = 3) -> tuple[Path, Path]:
     data = folder / "yolo.npz"
     np.savez(data, images=_images((1, 3, 64, 64), 5))
     return path, data
+
+
+# ---- issue 22: the arm64 classes -------------------------------------------------------------------------------
+#     make_audio        audio-to-notes: raw audio [1, N, 1] (batch, samples, channel), tf2onnx's input name "input_2:0"
+#     make_speaker      3-layer LSTM speaker encoder: output = the last layer's final hidden state h_n[-1]
+#     make_video_hist   3-D video CNN [1, 3, T, H, W] with a colour-histogram branch (ScatterElements, reduction=add)
+#     make_ctc          CNN + 2-layer BiLSTM CTC recogniser, log-softmax [1, T, C]
+
+
+def _normal(shape, seed: int, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(0, scale, (SAMPLES, *shape[1:]))).astype(np.float32)
+
+
+def make_audio(folder: Path) -> tuple[Path, Path]:
+    import torch
+    from torch import nn
+
+    class Notes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = nn.Conv1d(1, 16, 33, stride=8), nn.Conv1d(16, 24, 9, stride=4), nn.Conv1d(24, 24, 3)
+            self.notes, self.onsets = nn.Conv1d(24, 12, 1), nn.Conv1d(24, 12, 1)
+
+        def forward(self, x):  # [1, N, 1]
+            h = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x.transpose(1, 2)))))))
+            return torch.sigmoid(self.notes(h)).transpose(1, 2), torch.sigmoid(self.onsets(h)).transpose(1, 2)
+
+    torch.manual_seed(0)
+    path = _export(Notes(), (1, 2048, 1), folder / "audio.onnx", ["input_2:0"], ["notes", "onsets"])
+    t = np.arange(2048) / 16000.0
+    rng = np.random.default_rng(6)
+    waves = [sum(rng.uniform(0.1, 0.4) * np.sin(2 * np.pi * rng.uniform(80, 2000) * t) for _ in range(3))
+             + rng.normal(0, 0.02, t.shape) for _ in range(SAMPLES)]
+    data = folder / "audio.npz"
+    np.savez(data, **{"input_2:0": np.stack(waves)[:, :, None].astype(np.float32)})
+    return path, data
+
+
+def make_speaker(folder: Path) -> tuple[Path, Path]:
+    import torch
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.proj = nn.LSTM(16, 32, 3, batch_first=True), nn.Linear(32, 24)
+
+        def forward(self, mels):
+            _, (h, _) = self.lstm(mels)
+            e = torch.relu(self.proj(h[-1]))
+            return e / (e.norm(dim=1, keepdim=True) + 1e-5)
+
+    torch.manual_seed(0)
+    path = _export(Encoder(), (1, 20, 16), folder / "speaker.onnx", ["mels"], ["embedding"])
+    data = folder / "speaker.npz"
+    np.savez(data, mels=_normal((1, 20, 16), 7))
+    return path, data
+
+
+def make_video_hist(folder: Path) -> tuple[Path, Path]:
+    import torch
+    from torch import nn
+
+    class Clip(nn.Module):
+        def __init__(self, bins: int = 8):
+            super().__init__()
+            self.bins = bins
+            self.c1, self.c2 = nn.Conv3d(3, 8, 3, padding=1), nn.Conv3d(8, 16, 3, stride=2, padding=1)
+            self.fc = nn.Linear(16 + 3 * bins, 5)
+
+        def forward(self, x):  # [1, 3, T, H, W], values in [0, 1]
+            f = torch.relu(self.c2(torch.relu(self.c1(x)))).mean(dim=(2, 3, 4))
+            idx = (x.clamp(0, 0.999) * self.bins).floor().long().flatten(2)        # [1, 3, T*H*W]
+            hist = torch.zeros(1, 3, self.bins).scatter_add_(2, idx, torch.ones_like(idx, dtype=torch.float32))
+            hist = hist / idx.shape[2]
+            return torch.softmax(self.fc(torch.cat([f, hist.flatten(1)], 1)), 1), hist
+
+    torch.manual_seed(0)
+    path = _export(Clip(), (1, 3, 4, 16, 16), folder / "video.onnx", ["clip"], ["scores", "histogram"])
+    frames = np.stack([_images((1, 3, 16, 16), 8 + t) for t in range(4)], axis=2) * 0.25 + 0.5  # back to ~[0, 1]
+    data = folder / "video.npz"
+    np.savez(data, clip=np.clip(frames, 0, 1).astype(np.float32))
+    return path, data
+
+
+def make_ctc(folder: Path) -> tuple[Path, Path]:
+    import torch
+    from torch import nn
+
+    class CRNN(nn.Module):
+        def __init__(self, classes: int = 20):
+            super().__init__()
+            self.cnn = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+                                     nn.Conv2d(16, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d((2, 1)))
+            self.rnn = nn.LSTM(32 * 8, 32, 2, bidirectional=True, batch_first=True)
+            self.fc = nn.Linear(64, classes)
+
+        def forward(self, x):  # [1, 1, 32, 64]
+            f = self.cnn(x).flatten(1, 2).transpose(1, 2)     # [1, 32, 256]
+            return torch.log_softmax(self.fc(self.rnn(f)[0]), -1)
+
+    torch.manual_seed(0)
+    path = _export(CRNN(), (1, 1, 32, 64), folder / "ctc.onnx", ["image"], ["logp"])
+    data = folder / "ctc.npz"
+    np.savez(data, image=_images((1, 1, 32, 64), 9))
+    return path, data
