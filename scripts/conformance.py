@@ -209,6 +209,13 @@ MODELS = {
                         for n in ("input_ids", "attention_mask")],
                        {"task": "embedding", "task_options": {"output": "461"}},  # the pooled [1, 384] sentence embedding
                        n_eval=N_EVAL_SMALL),
+    "basic-pitch": Model("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx",  # issue 22's audio model
+                         "Spotify Basic Pitch audio-to-notes (Keras via tf2onnx, CQT + conv), raw audio [1, 43844, 1]",
+                         "synthetic speech-like audio at 22.05 kHz, 43844-sample windows",
+                         lambda r, n, p: {"serving_default_input_2:0": np.stack(
+                             [speech_like(r, 2.0, 22050)[:43844] for _ in range(n)])[..., None]},
+                         [{"name": "serving_default_input_2:0", "shape": [1, 43844, 1], "layout": "ANY"}],
+                         n_eval=N_EVAL_SMALL),
 }
 
 
