@@ -126,7 +126,11 @@ def run_batch(matrix_file: str | Path, out: str | Path = "batch", address: str |
             try:
                 records.update(executor.run(todo, out, matrix.retries, progress.cell))
             except _Interrupted as e:
-                records.update({k: v for k, v in e.results.items() if k not in records})
+                by_name = {c.name: c for c in todo}
+                for name, record in e.results.items():
+                    if record.get("verdict") == "interrupted":  # its build may have swapped its output in already
+                        record = _finished_meanwhile(by_name[name]) or record
+                    records.setdefault(name, record)
                 interrupted = e
             finally:
                 progress.close()
@@ -135,6 +139,12 @@ def run_batch(matrix_file: str | Path, out: str | Path = "batch", address: str |
     if interrupted is not None:
         raise KeyboardInterrupt
     return BatchResult(summary, out)
+
+
+def _finished_meanwhile(cell) -> dict | None:
+    """A cell stopped after its build had written its output whole (before its worker reported): it is done."""
+    done = finished(cell)
+    return None if done is None else {**done, "skipped": False}
 
 
 def _clean_markers(out: Path) -> None:
