@@ -30,12 +30,16 @@ _OV_PASS = ("Convert", "Multiply", "Subtract", "Reshape", "Transpose", "Unsqueez
 
 def weight_share(path: Path, backend: str) -> dict | None:
     """{int8_weights, float_weights, int8_weight_share, float_layers: [up to 5 largest float layers]} or None when this
-    backend's format is not read here (TFLite: the arm64 backend's)."""
+    backend's format is not read here."""
     try:
         if path.suffix == ".onnx":
             counts = _onnx_counts(path)
         elif path.suffix == ".xml":
             counts = _openvino_counts(path)
+        elif path.suffix == ".tflite":
+            from edgebuild.targets.tflite_weights import weight_counts  # the arm64 backend's reader
+
+            counts = weight_counts(path)
         else:
             return None
     except Exception as e:  # noqa: BLE001 — a measurement, not the build: say why it is missing

@@ -26,3 +26,27 @@ def test_prelu_cnn_int8_runs_on_xnnpack(prelu_onnx, tmp_path):  # noqa: F811
     assert any(n.startswith("XNNPACK runs ") for n in art.notes)
     assert "PRELU" not in {op.split()[0] for op in art.settings["device_requires"]["builtin_ops"]}
     assert fidelity(art, mi, calib) > 0.99
+
+
+def test_weight_counts_of_a_tflite(tmp_path):
+    """targets/tflite_weights.py (pipeline/stages/weights.py's TFLite reader): a Dense and a Conv2D, FP32 and INT8."""
+    tf = pytest.importorskip("tensorflow")
+    import numpy as np
+
+    from edgebuild.targets.tflite_weights import weight_counts
+
+    keras = pytest.importorskip("tf_keras")
+    inp = keras.Input((8, 8, 3), batch_size=1)
+    out = keras.layers.Dense(5)(keras.layers.Flatten()(keras.layers.Conv2D(4, 3)(inp)))
+    km = keras.Model(inp, out)
+    fp32 = tmp_path / "fp32.tflite"
+    fp32.write_bytes(tf.lite.TFLiteConverter.from_keras_model(km).convert())
+    conv = tf.lite.TFLiteConverter.from_keras_model(km)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([np.random.rand(1, 8, 8, 3).astype(np.float32)] for _ in range(4))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    int8 = tmp_path / "int8.tflite"
+    int8.write_bytes(conv.convert())
+    want = sorted([3 * 3 * 3 * 4, 6 * 6 * 4 * 5])  # biases are not weights
+    assert sorted(n for n, q, _ in weight_counts(fp32)) == want and not any(q for _, q, _ in weight_counts(fp32))
+    assert sorted(n for n, q, _ in weight_counts(int8)) == want and all(q for _, q, _ in weight_counts(int8))
