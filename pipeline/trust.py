@@ -118,15 +118,37 @@ def _members(data: bytes) -> tuple[zipfile.ZipFile, dict[str, str]]:
     return zf, rel
 
 
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_MAX_JSON_DEPTH = 256  # torch.export's own documents nest a few dozen levels
+
+
+def json_depth(data: bytes) -> int:
+    """How deep a JSON document's brackets nest, counted without parsing it (strings blanked first).
+
+    ``json.loads`` recurses in C: on a deep enough document it raises RecursionError only while the interpreter's
+    recursion limit is low, and libraries in this process (onnx2tf, torch._dynamo) raise that limit, after which a
+    hostile document overflows the C stack and kills the build. So the depth is measured before any parse.
+    """
+    import numpy as np
+
+    flat = np.frombuffer(_JSON_STRING.sub(b'""', data), np.uint8)
+    step = np.isin(flat, (ord("["), ord("{"))).astype(np.int32) - np.isin(flat, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
 def _json(zf: zipfile.ZipFile, full: str, name: str):
     try:
-        return json.loads(zf.read(full))
+        data = zf.read(full)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:  # CRC, compression method, ...
+        raise BrokenArchive(f"{name}: unreadable member ({e})") from None
+    if json_depth(data) > _MAX_JSON_DEPTH:
+        raise BrokenArchive(f"{name}: JSON nested too deeply")
+    try:
+        return json.loads(data)
     except RecursionError:
         raise BrokenArchive(f"{name}: JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise BrokenArchive(f"{name}: not valid JSON") from None
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:  # CRC, compression method, ...
-        raise BrokenArchive(f"{name}: unreadable member ({e})") from None
 
 
 def _payload_entries(name: str, doc, problems: list[str]) -> list[tuple[str, bool]]:

@@ -312,3 +312,25 @@ def test_an_empty_or_deeply_nested_pt2_is_a_broken_file_not_a_trust_question(wor
     r = edgebuild("--model", deep, "--target", "onnx-cpu", "--calib", "x.npy", "--no-cache")
     r.check(2, r"not a torch\.export program \(models/model\.json: JSON nested too deeply\)")
     assert not (workdir / "out").exists()
+
+
+def test_deep_json_is_refused_before_parsing_even_with_a_raised_recursion_limit():
+    """json.loads recurses in C; once a library raises the recursion limit (onnx2tf, torch._dynamo do), a deep
+    document overflows the C stack and kills the process. The audit measures the depth before parsing."""
+    import sys
+
+    from edgebuild.pipeline.trust import json_depth
+
+    assert json_depth(b'{"a": [1, {"b": "[[[[ {{ \\" ["}]}') == 3  # brackets inside strings do not count
+    assert json_depth(b"[" * 50_000 + b"]" * 50_000) == 50_000
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(1_000_000)
+    try:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("m/models/model.json", b"[" * 3_000_000 + b"]" * 3_000_000)
+        from edgebuild.pipeline.trust import BrokenArchive, _json
+        with zipfile.ZipFile(buf) as zf, pytest.raises(BrokenArchive, match="nested too deeply"):
+            _json(zf, "m/models/model.json", "models/model.json")
+    finally:
+        sys.setrecursionlimit(limit)
