@@ -50,3 +50,36 @@ def test_weight_counts_of_a_tflite(tmp_path):
     want = sorted([3 * 3 * 3 * 4, 6 * 6 * 4 * 5])  # biases are not weights
     assert sorted(n for n, q, _ in weight_counts(fp32)) == want and not any(q for _, q, _ in weight_counts(fp32))
     assert sorted(n for n, q, _ in weight_counts(int8)) == want and all(q for _, q, _ in weight_counts(int8))
+
+
+@pytest.mark.slow
+def test_hardswish_se_block_int8_runs_on_xnnpack(tmp_path):
+    """PP-LCNet/MobileNetV3 shape (HardSwish, a HardSigmoid squeeze-excite): XNNPACK has no int8 HARD_SWISH or
+    RELU_0_TO_1, and TFLite's converter folds x * relu6(x + 3) / 6 back into HARD_SWISH; (x / 6) * relu6(x + 3) stays
+    ADD/RELU6/MUL. Measured on the real PP-LCNet document-orientation model: 28 HARD_SWISH fell back, 32 partitions,
+    INT8 at 0.38x FP32."""
+    torch = pytest.importorskip("torch")
+    from tests.targets.test_tflite_conformance import export
+
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.Hardswish(), nn.Conv2d(16, 16, 3, 1, 1, groups=16),
+                                   nn.Hardswish(), nn.Conv2d(16, 32, 1), nn.Hardswish())
+            self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(32, 8, 1), nn.ReLU(), nn.Conv2d(8, 32, 1),
+                                    nn.Hardsigmoid())
+            self.fc = nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = self.b(x)
+            return torch.softmax(self.fc((h * self.se(h)).mean((2, 3))), 1)
+
+    torch.manual_seed(0)
+    mi = model_input(export(Block(), (torch.zeros(1, 3, 32, 32),), ["x"], ["p"], tmp_path / "hs.onnx"))
+    calib = calibration(mi)
+    art = convert(mi, calib, tmp_path)
+    cov = art.settings["xnnpack_coverage"]
+    assert cov["partitions"] <= 2 and set(cov["fallback"]) <= {"SOFTMAX"}, cov
+    assert fidelity(art, mi, calib) > 0.99
