@@ -23,6 +23,7 @@ OnDone = Callable[[dict], None]
 FORWARDED_ENV = ("EDGEBUILD_CACHE_KEY_FILE",)
 OBJECT_STORE_BYTES = 100 << 20  # a local Ray's object store: cells return small dicts, artifacts go to disk
 POLL_SECONDS = 0.2
+CANCEL_GRACE_S = 10.0  # Ctrl-C: how long running builds get to clean up before their workers are killed
 
 
 def ray_available() -> bool:
@@ -130,7 +131,10 @@ class RayExecutor:
                     results[cell.name] = record
                     on_done(record)
         except KeyboardInterrupt:
-            for ref in pending:
+            for ref in pending:  # a KeyboardInterrupt in each running build: it removes its staging, kills its children
+                ray.cancel(ref, force=False)
+            _, stuck = ray.wait(pending, num_returns=len(pending), timeout=CANCEL_GRACE_S) if pending else ([], [])
+            for ref in stuck:  # then the worker processes themselves (the next build of the cell cleans up after them)
                 ray.cancel(ref, force=True)
             for ref in pending:
                 results[refs[ref].name] = interrupted(refs[ref])
