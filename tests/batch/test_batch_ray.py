@@ -3,7 +3,8 @@ different ports), the 2-model x 2-target demo matrix, one worker killed mid-buil
 a re-run that skips every finished cell, a tampered cell rebuilt from the cache the Ray nodes filled (local pool),
 Ctrl-C/SIGTERM keeping finished cells, and outputs identical to building each cell alone with the ordinary CLI.
 
-One module-scoped scenario (the cells build once): about 2-3 minutes on 2 cores.
+One module-scoped scenario (the cells build once): 4-4.5 minutes on this 2-core host shared with other builds
+(load ~14); the same work on an idle 2-core runner is about half of that.
 """
 from __future__ import annotations
 
