@@ -4,7 +4,7 @@ a re-run that skips every finished cell, a tampered cell rebuilt from the cache 
 Ctrl-C/SIGTERM keeping finished cells, and outputs identical to building each cell alone with the ordinary CLI.
 
 One module-scoped scenario (the cells build once): 4-4.5 minutes on this 2-core host shared with other builds
-(load ~14); the same work on an idle 2-core runner is about half of that.
+(load ~14); not measured on an idle runner, where the cells build 2-4x faster (README, Many models).
 """
 from __future__ import annotations
 
