@@ -33,7 +33,7 @@ def test_a_quant_typo_is_exit_2_naming_the_closest_setting(tmp_path):
     with pytest.raises(BadInputError, match="did you mean observer"):
         load_profile(path)
     path.write_text("name: et-bad\nbackend: executorch\ndescription: bad\nquant: {observer: entropy}\n")
-    with pytest.raises(BadInputError, match="observer must be one of histogram, minmax"):
+    with pytest.raises(BadInputError, match="observer must be one of minmax, histogram"):
         load_profile(path)
 
 
@@ -51,7 +51,7 @@ def test_search_variants_flip_granularity_and_observer():
     p = catalogue()["arm64-executorch"]
     variants = dict(b.recovery_candidates(p, b.requested_settings(p)))
     assert variants["per-tensor weights"].per_channel is False
-    assert variants["min-max activation ranges"].observer == "minmax"
+    assert variants["histogram activation ranges"].observer == "histogram"
     assert b.supports_float_layers
 
 
@@ -221,10 +221,11 @@ def test_demo_builds_end_to_end_with_metadata_in_the_pte(tmp_path):
     assert result.exit_code == 0, result.manifest["targets"]
     target = tmp_path / "out" / "arm64-executorch"
     v = json.loads((target / "validation.json").read_text())
-    assert v["verdict"] == "pass" and v["metrics"]["accuracy_drop"] <= 0.5 and v["artifact"] == "model_int8.pte"
+    meta = json.loads((target / "metadata.json").read_text())
+    assert v["verdict"] == "pass" and v["metrics"]["accuracy_drop"] <= 0.5 and meta["artifact"] == "model_int8.pte"
     assert v["baseline_fp32"]["artifact"] == "model_fp32.pte" and v["ratios"]["size_vs_fp32"] < 0.35
     assert v["memory"]["peak_mb"] > 0 and {"p50_ms", "p90_ms"} <= set(v["latency"])
-    meta = json.loads((target / "metadata.json").read_text())
+    assert meta["settings"]["int8_weight_share"] > 0.99 and meta["settings"]["calibration_samples_used"] == 64
     assert "executorch constant method" in meta["embedded_metadata"]["model_int8.pte"]
     inside = read(target / "model_int8.pte", "executorch")
     assert inside["edgebuild.target"] == "arm64-executorch" and inside["edgebuild.precision"] == "int8"
