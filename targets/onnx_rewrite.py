@@ -347,6 +347,7 @@ def slice_per_axis(model):
                    f"axis has moved): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
 
 
+DECOMPOSED_HARDSWISH = True  # also rewrite Paddle's decomposed hard_swish (_decomposed_hardswish)
 SCATTER_ONEHOT_MAX = 1 << 24  # elements of a ScatterElements rewrite's one-hot tensors (64 MB in float32)
 
 
@@ -612,8 +613,61 @@ def hard_activations_int8(model):
                      helper.make_node("Mul", [t["clipped"], const(1 / 6, f"{y}_hard_sixth")], [y], name=node.name)]
         replacements[idx] = nodes
         done.append(f"{base} ({node.op_type})")
+    done += _decomposed_hardswish(model, replacements, const) if DECOMPOSED_HARDSWISH else []
     if not done:
         return model, None
     _replace_nodes(model, replacements, [])
     return model, (f"HardSwish/HardSigmoid as ADD + RELU6 + MUL for INT8 (exact; XNNPACK has no int8 HARD_SWISH or "
                    f"RELU_0_TO_1): {len(done)} node(s)")
+
+
+def _decomposed_hardswish(model, replacements: dict, const) -> list[str]:
+    """``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)`` (PaddlePaddle's hard_swish export) -> ``Mul(Mul(x, 1/6), Clip(..))``:
+    TFLite's converter folds the first form into HARD_SWISH (no int8 XNNPACK kernel), not the second."""
+    from onnx import helper, numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+
+    def scalar(name: str, value: float) -> bool:
+        return name in consts and consts[name].size == 1 and abs(float(consts[name].ravel()[0]) - value) < 1e-6
+
+    def relu6_of_x_plus_3(c: str) -> str | None:  # x when c = Clip(Add(x, 3), 0, 6)
+        clip = producer.get(c)
+        if clip is None or clip.op_type != "Clip":
+            return None
+        a = _attrs(clip)
+        lo_hi = (a.get("min"), a.get("max")) if len(clip.input) == 1 else None
+        ok = (lo_hi is not None and lo_hi == (0.0, 6.0)) or \
+            (len(clip.input) == 3 and scalar(clip.input[1], 0.0) and scalar(clip.input[2], 6.0))
+        add = producer.get(clip.input[0])
+        if not ok or add is None or add.op_type != "Add":
+            return None
+        x, k = add.input
+        return x if scalar(k, 3.0) else (k if scalar(x, 3.0) else None)
+
+    done = []
+    index = {id(n): i for i, n in enumerate(model.graph.node)}
+    for node in model.graph.node:
+        if node.op_type not in ("Div", "Mul") or index[id(node)] in replacements:
+            continue
+        six = (node.op_type == "Div" and scalar(node.input[1], 6.0)) or (node.op_type == "Mul" and scalar(node.input[1], 1 / 6))
+        mul = producer.get(node.input[0])
+        if not six or mul is None or mul.op_type != "Mul" or readers.get(mul.output[0], 0) != 1:
+            continue
+        x, c = mul.input
+        if relu6_of_x_plus_3(c) != x:
+            x, c = c, x
+            if relu6_of_x_plus_3(c) != x:
+                continue
+        y, base = node.output[0], node.name or node.output[0]
+        scaled = _unique(model, f"{y}_hard_scaled")
+        replacements[index[id(mul)]] = [helper.make_node("Mul", [x, const(1 / 6, f"{y}_hard_sixth")], [scaled],
+                                                         name=f"{base}/scale")]
+        replacements[index[id(node)]] = [helper.make_node("Mul", [scaled, c], [y], name=node.name)]
+        done.append(f"{base} (x * relu6(x + 3) / 6)")
+    return done

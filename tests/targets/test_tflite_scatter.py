@@ -197,3 +197,25 @@ def test_hard_activations_int8_match_onnxruntime(opset):
     onnx.checker.check_model(out)
     x = np.linspace(-8, 8, 100, dtype=np.float32).reshape(2, 50)
     np.testing.assert_allclose(run(out, {"x": x}), run(m, {"x": x}), rtol=1e-6, atol=1e-6)
+
+
+def test_decomposed_hardswish_int8_matches_onnxruntime():
+    """PaddlePaddle's hard_swish, Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6), -> Mul(Mul(x, 1/6), Clip(...)) (TFLite folds
+    the first form into HARD_SWISH, which XNNPACK does not run in int8: PP-OCR's classifier kept 18)."""
+    from edgebuild.targets.onnx_rewrite import hard_activations_int8
+
+    f = lambda v, n: numpy_helper.from_array(np.array(v, np.float32), n)  # noqa: E731
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"], name="Add@0"),
+             helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="Clip@0"),
+             helper.make_node("Mul", ["x", "c"], ["m"], name="Mul@0"),
+             helper.make_node("Div", ["m", "six"], ["y"], name="Div@0")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 50])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 50])],
+                          [f(3, "three"), f(0, "zero"), f(6, "six")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    m.ir_version = 7
+    out, note = hard_activations_int8(onnx.load_from_string(m.SerializeToString()))
+    assert note and "1 node(s)" in rewrite(onnx.load_from_string(m.SerializeToString()), "int8")[1][0]
+    assert [n.op_type for n in out.graph.node] == ["Add", "Clip", "Mul", "Mul"] and out.graph.node[-1].output[0] == "y"
+    x = np.linspace(-8, 8, 100, dtype=np.float32).reshape(2, 50)
+    np.testing.assert_allclose(run(out, {"x": x}), run(m, {"x": x}), rtol=1e-6, atol=1e-6)
