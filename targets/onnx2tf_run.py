@@ -89,7 +89,7 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
 
     graph = constants_to_initializers(onnx.load(onnx_path))
     if job["settings"].get("onnx_rewrites", True):
-        graph, job["rewrites"] = rewrite(graph, job["precision"])
+        graph, job["rewrites"] = rewrite(graph, job.get("precision", "fp32"))
     graph = with_shapes(graph)
     originals = o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs
     sample = offline_sample_images(calib, job)
@@ -120,7 +120,7 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
 
 def rnn_unrolled(job: dict) -> bool:
     """onnx2tf unrolls LSTM/GRU/RNN for INT8 (``rnn_unroll``, on by default); float precisions keep the loop."""
-    return bool(job["settings"].get("rnn_unroll", True)) and job["precision"] == "int8"
+    return bool(job["settings"].get("rnn_unroll", True)) and job.get("precision") == "int8"
 
 
 def _o2t_names(name: str) -> list[str]:
