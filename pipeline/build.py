@@ -96,8 +96,15 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     try:
         with stage("loading the model"):
             loaded = load_model(spec)
-        for p in profiles:  # a backend that takes torch.export programs refuses an ONNX file: exit 2, nothing built
-            check_source(get_backend(p.backend), p.name, loaded.kind)
+        for p in list(profiles):  # a backend that takes torch.export programs refuses an ONNX file: exit 2, nothing built
+            try:
+                check_source(get_backend(p.backend), p.name, loaded.kind)
+            except BadInputError as e:
+                if "all" not in (spec.targets or ()):
+                    raise
+                profiles.remove(p)  # `--target all`: every target this model can go to
+                with stage(f"{e} — skipped (--target all)"):
+                    pass
         with stage("reading calibration and evaluation data"):
             calib, evalset, data_record = resolve_data(spec, loaded.inputs)
         compress_record = None

@@ -69,6 +69,17 @@ def test_onnx_sources_are_refused_before_any_work(tmp_path, demo_onnx):
     assert not out.exists()
 
 
+def test_target_all_with_an_onnx_model_skips_the_pytorch_only_targets(tmp_path, demo_onnx):
+    """`--target all` builds every target an ONNX model can go to: the build goes past the source check (and here
+    stops at the missing calibration data, before any conversion)."""
+    r = subprocess.run([sys.executable, "-m", "edgebuild.pipeline.cli", "--target", "all", "--model", str(demo_onnx),
+                        "--calib", str(tmp_path / "no-such-data"), "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2, r.stderr
+    assert "takes PyTorch models" in r.stderr and "skipped (--target all)" in r.stderr
+    assert "no-such-data" in r.stderr.strip().splitlines()[-1]
+
+
 def test_onnx_layer_names_map_to_the_torch_ops_they_came_from():
     import torch
 
