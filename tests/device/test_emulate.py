@@ -14,7 +14,7 @@ def test_missing_emulator_is_one_line_exit_4(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("EDGEBUILD_ARM64_ROOT", str(tmp_path / "none"))
     assert main(["validate", str(tmp_path), "--emulate"]) == 4
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "arm64 emulator is not set up" in err[0] and "setup_arm64_emulator.sh" in err[0], err
+    assert len(err) == 1 and "arm64 emulator is not set up" in err[0] and "edgebuild setup-emulator" in err[0], err
 
 
 @pytest.mark.slow
