@@ -123,5 +123,5 @@ def test_a_first_conversion_that_failed_late_is_the_first_estimate_of_a_try(monk
     monkeypatch.setattr(R, "_search", lambda c, b, p, search, collapsed:
                         seen.update(durations=list(search.durations), room=search.room(), fallback=search.room(True)))
     with pytest.raises(ConversionError):  # nothing was tried in this stand-in: the first error stands
-        R.recover(ctx, SimpleNamespace(), profile, None, None, None, first_error=failed)
+        R.recover(ctx, SimpleNamespace(supports_float_layers=False), profile, None, None, None, first_error=failed)
     assert seen == {"durations": [303.0], "room": False, "fallback": True}
