@@ -111,7 +111,14 @@ class BuildSpec:
         _check(self.build_max_seconds is None or (isinstance(self.build_max_seconds, (int, float))
                                                   and 0 < self.build_max_seconds < float("inf")),
                f"build_max_seconds must be a positive number of seconds, got {self.build_max_seconds!r}")
-        _check(0.0 < self.eval_fraction < 1.0, "eval_fraction must be between 0 and 1")
+        _check(_whole(self.auto_max_tries) and self.auto_max_tries > 0,
+               f"auto_max_tries must be a positive whole number, got {self.auto_max_tries!r}")
+        _check(_number(self.auto_max_seconds) and 0 < self.auto_max_seconds < float("inf"),
+               f"auto_max_seconds must be a positive number of seconds, got {self.auto_max_seconds!r}")
+        _check(_whole(self.seed), f"seed must be a whole number, got {self.seed!r}")
+        for flag in ("auto", "cache", "trust_model"):
+            _check(isinstance(getattr(self, flag), bool), f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        _check(_number(self.eval_fraction) and 0.0 < self.eval_fraction < 1.0, "eval_fraction must be between 0 and 1")
         _check(len({i.name for i in self.inputs}) == len(self.inputs), "input names must be unique")
         from edgebuild.pipeline.tasks import TASKS
 
@@ -148,6 +155,14 @@ class BuildSpec:
 
     def replace(self, **changes) -> "BuildSpec":
         return dataclasses.replace(self, **changes)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def _known(cls, data: dict, where: str) -> dict:
