@@ -29,11 +29,9 @@ import re
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -41,6 +39,7 @@ from edgebuild.calibration.budget import at_most
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets.base import TORCH_EXPORT, Artifact, Backend, ExportedModel, Runner, register
+from edgebuild.targets.isolated import quiet_native_stderr
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, Settings, choice, count, flag, names, number
 
@@ -149,7 +148,7 @@ class ExecuTorchRunner(Runner):
         from executorch.runtime import Runtime
 
         self._lib = portable_lib
-        with _quiet_native_stderr():  # the runtime logs its CPU probing and thread pool size per process
+        with quiet_native_stderr():  # the runtime logs its CPU probing and thread pool size per process
             try:
                 portable_lib._unsafe_reset_threadpool(int(threads))  # the XNNPACK delegate's pthreadpool
             except Exception:  # noqa: BLE001 — a runtime built without a thread pool runs single-threaded
@@ -197,22 +196,6 @@ class ExecuTorchRunner(Runner):
             return None
 
 
-@contextmanager
-def _quiet_native_stderr() -> Iterator[None]:
-    """File descriptor 2 to /dev/null for a moment (native log lines); errors still raise."""
-    try:
-        sys.stderr.flush()
-        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError):  # no real stderr
-        yield
-        return
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 # ---- in the converter child -----------------------------------------------------------------------------------

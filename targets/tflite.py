@@ -29,10 +29,8 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -41,6 +39,7 @@ from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets import tflite_passthrough as passthrough
 from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, TensorInfo, register, stem
+from edgebuild.targets.isolated import quiet_native_stderr
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, Settings, TFLiteSettings
 from edgebuild.targets.tflite_convert import CHANNEL_LAST
@@ -186,7 +185,7 @@ class TFLiteRunner(Runner):
         resolver = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
                     "reference": OpResolverType.BUILTIN_REF}[kernels]
         try:
-            with _quiet_native_stderr():  # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" per model
+            with quiet_native_stderr():  # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" per model
                 self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
                                                experimental_op_resolver_type=resolver)
                 self.interpreter.allocate_tensors()
@@ -248,22 +247,6 @@ class _Port:
         return np.ascontiguousarray(y.transpose(self.perm) if self.perm else y)
 
 
-@contextmanager
-def _quiet_native_stderr() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null for a moment (native log lines); errors still raise."""
-    try:
-        sys.stderr.flush()
-        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError):  # no real stderr (embedded interpreters, some test runners)
-        yield
-        return
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _recurrent(onnx_path) -> bool:
