@@ -15,37 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.reliability.conftest import read_manifest
+
 BUILD = ("--calib", "data.npz", "--no-auto", "--max-accuracy-drop", "100")
 EXE = Path(sys.executable).with_name("edgebuild")
 KEY = "a-cache-key-of-32-characters-ok!"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    import torch
-
-    d = tmp_path_factory.mktemp("fault-assets")
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                              torch.nn.Linear(4 * 8 * 8, 10)).eval()
-    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(d / "tiny.onnx"), dynamo=False, opset_version=17,
-                      input_names=["input"])
-    rng = np.random.default_rng(0)
-    np.savez(d / "data.npz", x=rng.random((48, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 48))
-    return d
-
-
-@pytest.fixture
-def here(workdir, assets):
-    for f in assets.iterdir():
-        shutil.copy(f, workdir / f.name)
-    return workdir
-
-
-def _manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
 
 
 def _artifact_entries(cache: Path, name: str) -> list[Path]:
@@ -69,7 +45,7 @@ def test_a_bad_cache_entry_is_never_shipped(here, edgebuild, monkeypatch, tmp_pa
     monkeypatch.setenv("EDGEBUILD_CACHE", str(cache))
     monkeypatch.setenv("EDGEBUILD_CACHE_KEY", KEY)
     edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD).check(0)
-    art = _manifest(here / "out")["targets"]["onnx-cpu"]["artifact"]
+    art = read_manifest(here / "out")["targets"]["onnx-cpu"]["artifact"]
     good = (here / "out" / "onnx-cpu" / art).read_bytes()
     fp32 = (here / "tiny.onnx").read_bytes()
     outside = tmp_path / "outside.onnx"
@@ -92,7 +68,7 @@ def test_a_bad_cache_entry_is_never_shipped(here, edgebuild, monkeypatch, tmp_pa
                 (entry / "artifact.json").write_text(json.dumps(meta))
         edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD).check(0)
         assert (here / "out" / "onnx-cpu" / art).read_bytes() == good, fault
-        notes = _manifest(here / "out")["targets"]["onnx-cpu"]["notes"]
+        notes = read_manifest(here / "out")["targets"]["onnx-cpu"]["notes"]
         assert any("removed and rebuilt" in n for n in notes), (fault, notes)
         assert not list(here.rglob("outside.onnx")) and outside.read_bytes() == fp32
         if "keyed" in fault:
@@ -107,7 +83,7 @@ def test_an_unusable_cache_costs_speed_never_the_build(here, edgebuild, monkeypa
     path.write_text("not a folder")
     monkeypatch.setenv("EDGEBUILD_CACHE", str(path))
     edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD).check(0)
-    notes = _manifest(here / "out")["targets"]["onnx-cpu"]["notes"]
+    notes = read_manifest(here / "out")["targets"]["onnx-cpu"]["notes"]
     assert any("not stored in the stage cache" in n for n in notes), notes
     assert path.read_text() == "not a folder"
 
@@ -180,7 +156,7 @@ def test_two_concurrent_builds_into_one_out_both_land(here, tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
-    manifest = _manifest(here / "out")
+    manifest = read_manifest(here / "out")
     assert set(manifest["targets"]) == {"onnx-cpu", "jetson-orin"}
     for t, entry in manifest["targets"].items():
         assert (here / "out" / t / entry["artifact"]).is_file() and (here / "out" / t / "metadata.json").is_file()

@@ -3,45 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.reliability.conftest import listing
+from tests.reliability.conftest import listing, read_manifest
 
 BUILD = ("--calib", "data.npz", "--no-auto", "--max-accuracy-drop", "100")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny conv classifier as ONNX, another model (different weights), and random labelled data."""
-    import torch
-
-    d = tmp_path_factory.mktemp("assets")
-    for seed, name in ((0, "tiny.onnx"), (1, "other.onnx")):
-        torch.manual_seed(seed)
-        net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                                  torch.nn.Linear(4 * 8 * 8, 10)).eval()
-        torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(d / name), dynamo=False, opset_version=17,
-                          input_names=["input"])
-    rng = np.random.default_rng(0)
-    np.savez(d / "data.npz", x=rng.random((48, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 48))
-    return d
-
-
-@pytest.fixture
-def here(workdir, assets):
-    for f in assets.iterdir():
-        shutil.copy(f, workdir / f.name)
-    return workdir
-
-
-def _manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
 
 
 def test_a_folder_with_a_foreign_manifest_is_never_wiped(here, edgebuild):
@@ -53,11 +23,11 @@ def test_a_folder_with_a_foreign_manifest_is_never_wiped(here, edgebuild):
     assert listing(out) == {"manifest.json", "thesis.tex"}
 
 
-def test_building_some_targets_keeps_the_others_and_merges_the_manifest(here, edgebuild):
+def test_building_some_targets_keeps_the_others_and_merges_theread_manifest(here, edgebuild):
     edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD).check(0)
-    first = _manifest(here / "out")
+    first = read_manifest(here / "out")
     edgebuild("--model", "other.onnx", "--target", "jetson-orin", *BUILD).check(0)
-    m = _manifest(here / "out")
+    m = read_manifest(here / "out")
     assert set(m["targets"]) == {"onnx-cpu", "jetson-orin"}
     assert m["targets"]["onnx-cpu"]["from_earlier_build"] == first["created"]
     assert m["kept_from_earlier_build"] == ["onnx-cpu"]
@@ -121,7 +91,7 @@ def _swap_file(target_dir: Path, name: str, data: bytes) -> None:
 def test_validate_catches_a_swapped_and_a_bit_flipped_artifact(here, edgebuild):
     edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD).check(0)
     t = here / "out" / "onnx-cpu"
-    art = _manifest(here / "out")["targets"]["onnx-cpu"]["artifact"]
+    art = read_manifest(here / "out")["targets"]["onnx-cpu"]["artifact"]
     edgebuild("validate", t, "--eval", "data.npz").check(0)
     original = (t / art).read_bytes()
     _swap_file(t, art, (here / "out" / "reference" / "model_fp32.onnx").read_bytes())  # FP32 in place of INT8
@@ -147,7 +117,7 @@ def test_validate_refuses_metadata_naming_files_outside(here, edgebuild):
 def test_a_tampered_cache_entry_is_rebuilt_not_shipped(here, edgebuild, monkeypatch, tmp_path):
     monkeypatch.setenv("EDGEBUILD_CACHE", str(tmp_path / "cache"))
     edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD).check(0)
-    art = _manifest(here / "out")["targets"]["onnx-cpu"]["artifact"]
+    art = read_manifest(here / "out")["targets"]["onnx-cpu"]["artifact"]
     good = (here / "out" / "onnx-cpu" / art).read_bytes()
     for entry in (tmp_path / "cache").iterdir():
         if (entry / art).is_file():
@@ -156,5 +126,5 @@ def test_a_tampered_cache_entry_is_rebuilt_not_shipped(here, edgebuild, monkeypa
             (entry / art).write_bytes(bytes(data))
     edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD).check(0)
     assert (here / "out" / "onnx-cpu" / art).read_bytes() == good
-    notes = _manifest(here / "out")["targets"]["onnx-cpu"]["notes"]
+    notes = read_manifest(here / "out")["targets"]["onnx-cpu"]["notes"]
     assert any("removed and rebuilt" in n for n in notes), notes
