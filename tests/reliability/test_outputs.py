@@ -23,7 +23,7 @@ def test_a_folder_with_a_foreign_manifest_is_never_wiped(here, edgebuild):
     assert listing(out) == {"manifest.json", "thesis.tex"}
 
 
-def test_building_some_targets_keeps_the_others_and_merges_theread_manifest(here, edgebuild):
+def test_building_some_targets_keeps_the_others_and_merges_the_manifest(here, edgebuild):
     edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD).check(0)
     first = read_manifest(here / "out")
     edgebuild("--model", "other.onnx", "--target", "jetson-orin", *BUILD).check(0)
