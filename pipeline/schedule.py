@@ -117,14 +117,16 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
     the GIL in native code, the TFLite conversion runs in its own child process, and threads share the loaded
     evaluation data and reference outputs), then timing and the target's files one target at a time, in order, on
     a machine no conversion loads. The manifest is the one a sequential build (``jobs`` 1) writes."""
+    from edgebuild.pipeline import peaks
     from edgebuild.pipeline.stages.per_target import finish_target, prepare_target
+    from edgebuild.procs import set_owner
     from edgebuild.targets.base import get_backend
 
     for profile in profiles:  # a backend's library missing: one line and exit 2 before any target converts
         get_backend(profile.backend).check_available(profile.name)
-    model_bytes = _model_bytes(ctx.job.model.onnx_path)
+    used = peaks.estimates(ctx, profiles, _model_bytes(ctx.job.model.onnx_path))  # measured before, else estimated
     slots = MemorySlots(jobs, memory_limit(None) if memory is None else memory,  # targets doing work at once, their
-                        {p.name: estimate_peak(p.backend, model_bytes) for p in profiles})  # estimated peaks in bounds
+                        {name: peak for name, (peak, _) in used.items()})  # peaks in bounds
     # a target waiting for its search turn frees its slot (Turns.turn), so a later target converts meanwhile
     if ctx.work.turns is not None:
         ctx.work.turns.slots = slots
@@ -132,18 +134,24 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
     def prepare(profile):
         (staging / profile.name).mkdir()
         slots.bind(profile.name)
+        set_owner(profile.name)  # the children this thread starts count in this target's measured peak
         with slots:
             t0 = time.perf_counter()
             prep = _guarded(profile, staging, lambda: prepare_target(ctx, profile, staging / profile.name))
             return prep, time.perf_counter() - t0
 
-    if jobs > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    with peaks.Meter() as meter:  # the converting targets' children, sampled (pipeline/peaks.py)
+        try:
+            if jobs > 1:
+                from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=len(profiles), thread_name_prefix="edgebuild-target") as pool:
-            prepared = list(pool.map(prepare, profiles))  # in order; the first BadInputError is raised
-    else:
-        prepared = [prepare(p) for p in profiles]
+                with ThreadPoolExecutor(max_workers=len(profiles), thread_name_prefix="edgebuild-target") as pool:
+                    prepared = list(pool.map(prepare, profiles))  # in order; the first BadInputError is raised
+            else:
+                prepared = [prepare(p) for p in profiles]
+        finally:
+            set_owner(None)
+    peaks.record(ctx, profiles, meter, used)  # the next build of this model schedules by what was measured
     targets = {}
     for profile, (prep, seconds) in zip(profiles, prepared):
         t0 = time.perf_counter()

@@ -8,6 +8,8 @@ import threading
 
 _LIVE: set[int] = set()  # children of this build that lead their own process group
 _LOCK = threading.Lock()
+_OWNER = threading.local()  # the target the current thread works for (set_owner)
+_OWNERS: dict[int, str] = {}  # tracked child -> the target whose thread started it (pipeline/peaks.py measures them)
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -39,15 +41,30 @@ def kill_group(pid: int) -> None:
         pass
 
 
+def set_owner(name: str | None) -> None:
+    """The target this thread works for: children it starts count in that target's measured memory."""
+    _OWNER.name = name
+
+
 def track(pid: int) -> None:
     """A child that leads its own process group (targets/isolated.py), killed by ``kill_tracked``."""
     with _LOCK:
         _LIVE.add(pid)
+        owner = getattr(_OWNER, "name", None)
+        if owner is not None:
+            _OWNERS[pid] = owner
 
 
 def forget(pid: int) -> None:
     with _LOCK:
         _LIVE.discard(pid)
+        _OWNERS.pop(pid, None)
+
+
+def owners() -> dict[int, str]:
+    """The tracked children started for a target (``set_owner``), alive or not yet joined: pid -> target."""
+    with _LOCK:
+        return dict(_OWNERS)
 
 
 def kill_tracked() -> None:
