@@ -66,11 +66,11 @@ def measure_target(ctx, backend, profile, attempts: dict) -> bool:
 
 
 def micro_fit(ctx, artifact) -> tuple[dict, bool]:
-    """Arena, flash and TFLM's agreement with LiteRT on the first evaluation samples (targets/tflm.py), cached as
+    """Arena, flash and TFLM's agreement with LiteRT on the first evaluation samples (targets/tflite/tflm.py), cached as
     a result entry by the artifact's sha256, the samples and the TFLM version. Returns (record, from cache)."""
     from edgebuild.pipeline.cache import key
     from edgebuild.pipeline.stages.per_target import _json_round_trip, array_hash, artifact_hash, open_runner
-    from edgebuild.targets import tflm
+    from edgebuild.targets.tflite import tflm
     from edgebuild.targets.base import get_backend
 
     version = tflm.installed_version(artifact.target)
@@ -89,7 +89,7 @@ def micro_fit(ctx, artifact) -> tuple[dict, bool]:
 
 def judge_memory(ctx, p) -> dict:
     """A prepared target's runtime memory (its artifact and the FP32 baseline), its microcontroller fit when the
-    profile says ``micro: true`` (targets/tflm.py), and its failures judged again with them. Returns what came
+    profile says ``micro: true`` (targets/tflite/tflm.py), and its failures judged again with them. Returns what came
     from the cache."""
     from edgebuild.pipeline.stages import validate as V
 
@@ -110,7 +110,7 @@ def after_packaging(ctx, chosen, budget) -> None:
     if not micro:
         return
     from edgebuild.pipeline.stages import validate as V
-    from edgebuild.targets.tflm import flash
+    from edgebuild.targets.tflite.tflm import flash
 
     micro.update(flash(chosen.artifact))
     chosen.failures = V.judge(chosen.metrics, chosen.artifact.size_bytes, chosen.latency, budget, ctx.job.judging.task,

@@ -62,7 +62,7 @@ def _memory(mem: dict) -> str:
 
 
 def memory_lines(t: TargetResult) -> list[str]:
-    """How much memory the runtime needed (pipeline/memory.py), and a microcontroller's fit (targets/tflm.py)."""
+    """How much memory the runtime needed (pipeline/memory.py), and a microcontroller's fit (targets/tflite/tflm.py)."""
     mem, base = t.memory or {}, (t.baseline_fp32 or {}).get("memory") or {}
     lines = []
     if mem.get("peak_mb") is not None:

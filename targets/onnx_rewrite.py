@@ -3,7 +3,7 @@
 They turn graphs that onnx2tf converts into something no TFLite runtime can use (or that INT8 breaks) into
 equivalent graphs it converts well. ``rewrite(model)`` returns the model and one line per rewrite applied;
 node names and output tensor names are kept, so ONNX node names (the accuracy search's ``float_layers``) and
-onnx2tf's tensor map still find them. Runs in the conversion child (targets/tflite_convert.py).
+onnx2tf's tensor map still find them. Runs in the conversion child (targets/tflite/convert.py).
 
 - **MaxPool with padding TF pooling cannot express, or ceil_mode** (MTCNN-style ``MaxPool2d(3, 2,
   ceil_mode=True)``): onnx2tf pads with the dtype's minimum (-3.4e38) in a PADV2 before a VALID pool. INT8

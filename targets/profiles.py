@@ -102,7 +102,9 @@ def _plain(precision):
 def known_backends() -> list[str]:
     """Backends registered in targets/ (found by their ``@register("name")`` line: nothing is imported)."""
     folder = Path(__file__).parent
-    return sorted(f.stem for f in folder.glob("*.py") if f'@register("{f.stem}")' in f.read_text())
+    modules = {f.stem: [f] for f in folder.glob("*.py")}  # a backend module, or a sub-package (targets/tflite/)
+    modules.update({d.name: list(d.glob("*.py")) for d in folder.iterdir() if (d / "__init__.py").is_file()})
+    return sorted(name for name, files in modules.items() if any(f'@register("{name}")' in f.read_text() for f in files))
 
 
 def registered_backend(name: str) -> bool:

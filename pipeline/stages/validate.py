@@ -40,7 +40,7 @@ class Budget:
     min_cosine: float | None
     metrics: tuple[tuple[str, float], ...] = ()  # any score: (<score>_drop | <score>_min | <score>_max, limit)
     max_memory_mb: float | None = None  # peak runtime memory above the runner's baseline (pipeline/memory.py)
-    max_arena_kb: float | None = None  # TensorFlow Lite Micro tensor arena (targets/tflm.py), KB = 1024 bytes
+    max_arena_kb: float | None = None  # TensorFlow Lite Micro tensor arena (targets/tflite/tflm.py), KB = 1024 bytes
     max_flash_kb: float | None = None  # the model in a microcontroller's flash (+ its C array source)
 
     def to_dict(self) -> dict:

@@ -37,7 +37,7 @@ def weight_share(path: Path, backend: str) -> dict | None:
         elif path.suffix == ".xml":
             counts = _openvino_counts(path)
         elif path.suffix == ".tflite":
-            from edgebuild.targets.tflite_weights import weight_counts  # the arm64 backend's reader
+            from edgebuild.targets.tflite.weights import weight_counts  # the arm64 backend's reader
 
             counts = weight_counts(path)
         else:

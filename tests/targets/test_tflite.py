@@ -128,7 +128,7 @@ def test_bad_setting_is_bad_input(backend, profiles, demo_onnx, digits_split, tm
 
 
 def test_port_layout_and_quantization():
-    from edgebuild.targets.tflite import _Port
+    from edgebuild.targets.tflite.backend import _Port
 
     x = np.random.default_rng(0).random((1, 3, 4, 5), dtype=np.float32)
     port = _Port({"name": "x", "perm": [0, 2, 3, 1]}, {"index": 0, "dtype": np.int8, "quantization": (1 / 255, -128)})
@@ -147,7 +147,7 @@ def test_port_layout_and_quantization():
 
 def test_converter_crash_is_a_conversion_error(tmp_path, monkeypatch):
     from edgebuild.targets.isolated import FAULT_ENV
-    from edgebuild.targets.tflite import _run_child
+    from edgebuild.targets.tflite.backend import _run_child
 
     with pytest.raises(ConversionError, match=r"arm64: TFLite int8: FileNotFoundError: .*job\.json"):
         _run_child(tmp_path, "arm64: TFLite int8", 60)  # no job.json: an error in the child, one line
@@ -274,7 +274,7 @@ def test_isolated_runner_and_invoke_timing(backend, built, digits_split):
 
 
 def test_c_array_for_microcontrollers(built, tmp_path):
-    from edgebuild.targets.tflm import write_c_array
+    from edgebuild.targets.tflite.tflm import write_c_array
 
     model = tmp_path / "model_int8.tflite"
     shutil.copyfile(built("cortex-m", "int8").path, model)

@@ -75,7 +75,7 @@ def fidelity(art, mi, calib, n=8) -> float:
     """Worst cosine over n samples between the artifact on LiteRT + XNNPACK and onnxruntime on the ONNX model."""
     import onnxruntime as ort
 
-    from edgebuild.targets.tflite import TFLiteRunner
+    from edgebuild.targets.tflite.backend import TFLiteRunner
 
     sess = ort.InferenceSession(str(mi.onnx_path), providers=["CPUExecutionProvider"])
     runner = TFLiteRunner(art.path, art.io, 2, "xnnpack")  # raises when XNNPACK cannot prepare the model
@@ -193,7 +193,7 @@ def test_outputs_that_are_inputs_unchanged(tmp_path):
     """MiniLM's outputs (exit 3 on arm64): onnx2tf drops an output that is an input (the .tflite is converted without
     them and the runner returns the input in their place, in the source's output order), and loses one whose tensor
     name has a ':' (torch names it ``onnx::Shape_422``; renamed the way onnx2tf sanitizes names)."""
-    from edgebuild.targets import tflite_passthrough
+    from edgebuild.targets.tflite import passthrough as tflite_passthrough
 
     torch.manual_seed(0)
     args = (torch.zeros(1, 16, dtype=torch.int64), torch.ones(1, 16, dtype=torch.int64))

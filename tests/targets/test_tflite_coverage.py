@@ -23,7 +23,7 @@ rest), except the hand-made LpPool graph, which fails with a ConversionError nam
 
 litert-torch 0.10 (torch.export + PT2E) converted the same seven torch models with the same accuracy, but
 left float ops in the MobileNetV2 block, the LSTM and attention, needs the torch module (no ONNX sources),
-and was slower per conversion: see targets/tflite.py.
+and was slower per conversion: see targets/tflite/backend.py.
 """
 from __future__ import annotations
 
@@ -329,7 +329,7 @@ def test_three_channel_conversion_attempts_no_network(tmp_path, monkeypatch):
     import onnx2tf.onnx2tf as o2t_main
     import onnx2tf.utils.common_functions as o2t_common
 
-    from edgebuild.targets import onnx2tf_run, tflite, tflite_convert
+    from edgebuild.targets.tflite import backend as tflite, convert as tflite_convert, onnx2tf_run
 
     # the conversion patches onnx2tf's module globals; let pytest put them back afterwards
     monkeypatch.setattr(o2t_main, "download_test_image_data", o2t_main.download_test_image_data)
@@ -367,7 +367,7 @@ def test_converter_child_refuses_network():
     import subprocess
     import sys
 
-    code = ("from edgebuild.targets.tflite_convert import block_network, NetworkBlocked\n"
+    code = ("from edgebuild.targets.tflite.convert import block_network, NetworkBlocked\n"
             "import socket\nblock_network()\n"
             "for call in (lambda: socket.create_connection(('github.com', 443), timeout=1),\n"
             "             lambda: socket.socket().connect(('140.82.112.3', 443))):\n"

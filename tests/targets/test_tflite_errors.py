@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgebuild.targets.onnx2tf_run import first_real_error
+from edgebuild.targets.tflite.onnx2tf_run import first_real_error
 
 ONNX2TF_LOG = """\
 INFO: 17 / 19

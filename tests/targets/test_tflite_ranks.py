@@ -91,7 +91,7 @@ def test_adopt_input_layouts_reads_what_onnx2tf_built():
     """Per input: the planned permutation when the built shape agrees, else channels-last, else any that fits."""
     from types import SimpleNamespace as NS
 
-    from edgebuild.targets.onnx2tf_run import adopt_input_layouts
+    from edgebuild.targets.tflite.onnx2tf_run import adopt_input_layouts
 
     km = NS(inputs=[NS(shape=(None, 1, 400)), NS(shape=(1, 8, 8, 3)), NS(shape=(1, 4, 8, 8, 3)), NS(shape=(7,)),
                     NS(shape=(1, 400, 1)), NS(shape=(1,))])

@@ -1,4 +1,4 @@
-"""The converter child saves onnx2tf's Keras model as a SavedModel once (targets/tflite_convert.py
+"""The converter child saves onnx2tf's Keras model as a SavedModel once (targets/tflite/convert.py
 ``keras_saved_once``): every precision converted from it is byte for byte the model TF's converter writes when
 it saves the Keras model itself on each convert()."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ def test_one_savedmodel_gives_the_same_bytes_as_a_save_per_conversion(tmp_path, 
     from tensorflow.python.saved_model import save as tf_save
     from tf_keras.src.engine import base_layer
 
-    from edgebuild.targets import tflite, tflite_convert as tc
+    from edgebuild.targets.tflite import backend as tflite, convert as tc
     from edgebuild.targets.base import TensorInfo
 
     calib = small_sets[0].stacked_feeds(20)

@@ -1,4 +1,4 @@
-"""One converter run gives the INT8 model and its FP32 baseline (sibling artifacts, targets/tflite_family.py):
+"""One converter run gives the INT8 model and its FP32 baseline (sibling artifacts, targets/tflite/family.py):
 the sibling is the model a separate FP32 conversion writes, and a build converts arm64 with one child."""
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_siblings_with_another_graph_are_not_shared(tmp_path, model, small_sets)
 
 def test_calibration_goes_to_disk_and_reads_back_the_same(tmp_path):
     """The converter child swaps its calibration arrays for on-disk readers (memory): same values, same indexing."""
-    from edgebuild.targets.tflite_family import _calibration_to_disk
+    from edgebuild.targets.tflite.family import _calibration_to_disk
 
     big = np.random.default_rng(0).random((40, 1, 3, 224, 224), dtype=np.float32)  # 24 MB: goes to disk
     small = np.arange(6, dtype=np.int64).reshape(3, 2)  # stays

@@ -29,11 +29,11 @@ def test_prelu_cnn_int8_runs_on_xnnpack(prelu_onnx, tmp_path):  # noqa: F811
 
 
 def test_weight_counts_of_a_tflite(tmp_path):
-    """targets/tflite_weights.py (pipeline/stages/weights.py's TFLite reader): a Dense and a Conv2D, FP32 and INT8."""
+    """targets/tflite/weights.py (pipeline/stages/weights.py's TFLite reader): a Dense and a Conv2D, FP32 and INT8."""
     tf = pytest.importorskip("tensorflow")
     import numpy as np
 
-    from edgebuild.targets.tflite_weights import weight_counts
+    from edgebuild.targets.tflite.weights import weight_counts
 
     keras = pytest.importorskip("tf_keras")
     inp = keras.Input((8, 8, 3), batch_size=1)

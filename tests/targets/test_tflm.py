@@ -1,11 +1,11 @@
-"""TensorFlow Lite Micro fit (targets/tflm.py): arena and flash from TFLM itself, named missing ops."""
+"""TensorFlow Lite Micro fit (targets/tflite/tflm.py): arena and flash from TFLM itself, named missing ops."""
 import json
 
 import pytest
 
 from edgebuild.pipeline.cli import main
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.targets import tflm
+from edgebuild.targets.tflite import tflm
 from edgebuild.targets.base import Artifact
 
 pytest.importorskip("tflite_micro", reason="tflite-micro is in the tflite extra (requirements.lock)")
@@ -39,7 +39,7 @@ def test_missing_ops_are_read_from_tflms_own_messages():
 
 
 def test_flash_counts_the_model_and_checks_the_c_array(tmp_path):
-    from edgebuild.targets.tflm import write_c_array
+    from edgebuild.targets.tflite.tflm import write_c_array
 
     model = tmp_path / "model_int8.tflite"
     model.write_bytes(bytes(range(256)) * 5)

@@ -29,7 +29,7 @@ from edgebuild.errors import ConversionError, MissingToolError
 from edgebuild.targets.base import Artifact, Runner
 
 RUNTIME_MODULES = ("tflite_micro.python.tflite_micro.runtime",)  # imported before the memory baseline
-OPENER = "edgebuild.targets.tflm:open_runner"
+OPENER = "edgebuild.targets.tflite.tflm:open_runner"
 SAMPLES = 8  # evaluation samples run on TFLM and on LiteRT to compare
 KB = 1024
 
@@ -76,7 +76,7 @@ class TFLMRunner(Runner):
         from ai_edge_litert.interpreter import Interpreter as LiteRT
         from tflite_micro.python.tflite_micro import runtime
 
-        from edgebuild.targets.tflite import _Port
+        from edgebuild.targets.tflite.backend import _Port
 
         data = artifact.path.read_bytes()
         self.arena_size = arena_given(len(data))  # generous: the used part is what TFLM reports

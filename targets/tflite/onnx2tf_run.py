@@ -1,6 +1,6 @@
 """onnx2tf, run offline: ONNX -> TF/Keras graph (NHWC), checked against onnxruntime on one sample.
 
-Used by the conversion child (targets/tflite_convert.py). Nothing may download: ``block_network`` makes the
+Used by the conversion child (targets/tflite/convert.py). Nothing may download: ``block_network`` makes the
 socket layer refuse any non-local connection, and onnx2tf's sample-image download (it fetches MS-COCO images
 from GitHub for every model whose inputs are all 3-channel 4-D tensors) is replaced by our own calibration
 images. Before onnx2tf, targets/onnx_rewrite.py rewrites what onnx2tf or INT8 cannot handle.
@@ -27,7 +27,7 @@ import numpy as np
 
 from edgebuild.similarity import cosine
 from edgebuild.targets.isolated import ANSI, O2T_BOILERPLATE
-from edgebuild.targets.tflite_mixed import ConversionFailure
+from edgebuild.targets.tflite.mixed import ConversionFailure
 
 CHANNEL_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}  # NC... -> N...C
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "")

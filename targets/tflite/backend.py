@@ -3,7 +3,7 @@
 Conversion: the exported FP32 ONNX -> onnx2tf (a TF graph, channels-last) -> TensorFlow's TFLiteConverter,
 calibrated on the build's SampleSet for INT8, then checked: an ``_int8`` model whose ops are not all
 integer is a ConversionError naming the ops left in float. It runs in a child process
-(targets/tflite_convert.py) that cannot reach the network, so a converter crash (the TF calibrator
+(targets/tflite/convert.py) that cannot reach the network, so a converter crash (the TF calibrator
 segfaults on some graphs) is a ConversionError naming the phase, and onnx2tf's files and logs stay in a
 temp dir.
 
@@ -37,16 +37,16 @@ import numpy as np
 from edgebuild.calibration.budget import at_most
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError
-from edgebuild.targets import tflite_passthrough as passthrough
+from edgebuild.targets.tflite import passthrough
 from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, TensorInfo, register, stem
 from edgebuild.targets.isolated import quiet_native_stderr
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, Settings, TFLiteSettings
-from edgebuild.targets.tflite_convert import CHANNEL_LAST
-from edgebuild.targets.tflite_family import run_child as _run_child
-from edgebuild.targets.tflite_family import sibling_dir, sibling_results
-from edgebuild.targets.tflite_mixed import AUTO_FLOAT
-from edgebuild.targets.tflm import write_c_array
+from edgebuild.targets.tflite.convert import CHANNEL_LAST
+from edgebuild.targets.tflite.family import run_child as _run_child
+from edgebuild.targets.tflite.family import sibling_dir, sibling_results
+from edgebuild.targets.tflite.mixed import AUTO_FLOAT
+from edgebuild.targets.tflite.tflm import write_c_array
 
 PRECISIONS = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
 # Settings (TFLiteSettings; profile `quant:` keys override them) for every precision ...
@@ -92,7 +92,7 @@ class TFLiteBackend(Backend):
                        workdir: Path, settings: Settings | dict | None = None,
                        siblings: dict[str, tuple[Path, Settings | dict]] | None = None) -> dict[str, Artifact]:
         """One converter child: the ``precision`` model, plus float ``siblings`` (FP32, FP16, dynamic) converted
-        from the same onnx2tf graph when their graph settings are the same (targets/tflite_family.py)."""
+        from the same onnx2tf graph when their graph settings are the same (targets/tflite/family.py)."""
         self.check_available(profile.name)
         s = self.requested_settings(profile, settings).for_precision(precision)  # the record: a new dict
         if precision == "int8" and s["float_layers"] and not profile.allow_float_layers:
@@ -153,7 +153,7 @@ class TFLiteBackend(Backend):
                 "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"]}}
         used["onnx_rewrites"] = result.get("rewrites") or []  # graph rewrites before onnx2tf (targets/onnx_rewrite.py)
         used["xnnpack_checked"] = bool(result.get("xnnpack_checked"))  # loaded and ran once with XNNPACK
-        # XNNPACK's share in LiteRT: {"ops", "delegated", "partitions", "fallback": {op: count}} (tflite_xnnpack.coverage)
+        # XNNPACK's share in LiteRT: {"ops", "delegated", "partitions", "fallback": {op: count}} (xnnpack.coverage)
         used["xnnpack_coverage"] = result.get("xnnpack_coverage")
         used["fp32_graph_check"] = result.get("fp32_graph_check")  # FP32 TF graph vs ONNX on one sample
         if precision == "int8":
@@ -253,7 +253,7 @@ def _recurrent(onnx_path) -> bool:
     """Has the ONNX graph an LSTM/GRU/RNN (onnx2tf unrolls them for INT8 only: the float graph differs)?"""
     import onnx
 
-    from edgebuild.targets.tflite_convert import RNN_OPS
+    from edgebuild.targets.tflite.convert import RNN_OPS
 
     try:
         graph = onnx.load(str(onnx_path), load_external_data=False).graph

@@ -4,7 +4,7 @@ onnx2tf does not name Keras layers after ONNX nodes, but it keeps a map from ONN
 tensors: a node's layers are those between its inputs and its outputs. TFLite ops are matched to those
 layers through their output tensor names, and the MLIR quantizer leaves exactly those ops in float
 (``denylisted_nodes``, what tf.lite.experimental.QuantizationDebugger does). Runs inside the conversion
-child process (targets/tflite_convert.py).
+child process (targets/tflite/convert.py).
 """
 from __future__ import annotations
 

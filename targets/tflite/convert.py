@@ -1,6 +1,6 @@
-"""The TFLite conversion proper, run in a child process by ``targets/tflite.py``.
+"""The TFLite conversion proper, run in a child process by ``targets/tflite/backend.py``.
 
-    python -m edgebuild.targets.tflite_convert JOB_DIR
+    python -m edgebuild.targets.tflite.convert JOB_DIR
 
 ``JOB_DIR/job.json`` says what to build, ``JOB_DIR/calib.npz`` holds the calibration feeds: per input, the
 feeds ``SampleSet.feed(i)`` made, stacked on a new leading axis (``calib[name][i]`` has exactly the ONNX
@@ -11,7 +11,7 @@ Sum); every artifact is then loaded with XNNPACK and run once (``xnnpack_check``
 crash of the native converter (the TF calibrator segfaults on some graphs) can be reported by phase.
 
 The path, chosen by measurement (see tests/targets/test_tflite_coverage.py): onnx2tf turns the FP32 ONNX
-into a TF/Keras graph in NHWC (targets/onnx2tf_run.py: offline, options, checked against onnxruntime), and
+into a TF/Keras graph in NHWC (targets/tflite/onnx2tf_run.py: offline, options, checked against onnxruntime), and
 TensorFlow's ``TFLiteConverter`` writes FP32, FP16, dynamic-range or full-integer INT8 (calibrated on our
 samples).
 
@@ -33,10 +33,10 @@ from typing import Iterator
 
 import numpy as np
 
-from edgebuild.targets.onnx2tf_run import (  # noqa: F401 — CHANNEL_LAST, block_network: this module's API
+from edgebuild.targets.tflite.onnx2tf_run import (  # noqa: F401 — CHANNEL_LAST, block_network: this module's API
     CHANNEL_LAST, NetworkBlocked, adopt_input_layouts, block_network, check_float_graph, explain, to_keras,
     to_tf_layout)
-from edgebuild.targets.tflite_mixed import ConversionFailure, check_integer, float_layer_map, selective_int8
+from edgebuild.targets.tflite.mixed import ConversionFailure, check_integer, float_layer_map, selective_int8
 
 
 def _phase(job_dir: Path, text: str) -> None:
@@ -200,7 +200,7 @@ def _convert_checked(km, job: dict, calib: dict, job_dir: Path, phase) -> tuple[
     artifact of an XNNPACK profile must load and run once in LiteRT with XNNPACK; when it does not, the ops
     whose quantization XNNPACK rejects are kept in float (profiles with float layers) or named in the error.
     """
-    from edgebuild.targets import tflite_xnnpack as xnn
+    from edgebuild.targets.tflite import xnnpack as xnn
 
     int8, allow = job["precision"] == "int8", bool(job.get("allow_float_layers"))
     path, repairs = job_dir / "model.tflite", []
@@ -249,8 +249,8 @@ def _convert_checked(km, job: dict, calib: dict, job_dir: Path, phase) -> tuple[
 
 
 def _coverage(path: Path) -> dict | None:
-    """XNNPACK's share of the model (targets/tflite_xnnpack.coverage); None when LiteRT cannot say."""
-    from edgebuild.targets import tflite_xnnpack as xnn
+    """XNNPACK's share of the model (targets/tflite/xnnpack.coverage); None when LiteRT cannot say."""
+    from edgebuild.targets.tflite import xnnpack as xnn
 
     try:
         return xnn.coverage(path)

@@ -6,7 +6,7 @@ tensor's scale is not a positive normal number, or when an op's requantization s
 (input scale x weight scale / output scale for CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, TRANSPOSE_CONV;
 input / output scale for the others) falls outside [2^-32, 256). ``suspects`` finds those ops from the
 model's own quantization parameters, so the error names them (and the repair can keep them in float).
-Runs in the conversion child (targets/tflite_convert.py).
+Runs in the conversion child (targets/tflite/convert.py).
 """
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
 """The TFLite converter child and its siblings: one onnx2tf/TensorFlow run, several ``.tflite`` precisions.
 
 ``convert_job(JOB_DIR)``, run in a converter child by ``run_child`` (targets/isolated.py), runs
-``targets/tflite_convert.py``'s conversion of ``job.json`` unchanged. When the job names ``siblings``
+``targets/tflite/convert.py``'s conversion of ``job.json`` unchanged. When the job names ``siblings``
 (``{"fp32": {"settings": {...}}}``), each sibling precision is converted from the very same Keras graph
 (onnx2tf's output, already checked against the ONNX model) just before the job's own precision, and written to
 ``JOB_DIR/siblings/<precision>/model.tflite`` with its ``result.json``: the build's FP32 baseline no longer
 starts TensorFlow and onnx2tf a second time. A sibling that fails is reported in its own result (the parent
 then converts it on its own); it never fails the job's own conversion.
 
-The sibling hooks into ``tflite_convert._convert_checked`` (the one step that turns the Keras graph into a
-checked ``.tflite``) in this child process only, so the conversion itself stays the one of tflite_convert.
+The sibling hooks into ``convert._convert_checked`` (the one step that turns the Keras graph into a
+checked ``.tflite``) in this child process only, so the conversion itself stays the one of convert.py.
 
 Memory: before the first conversion the calibration arrays go to disk (``_calibration_to_disk``: read back one
 sample at a time), and what a sibling's conversion freed is given back to the system before the next one; the
@@ -53,9 +53,9 @@ def _convert_sibling(convert_checked, km, job: dict, calib: dict, job_dir: Path,
 
 
 def with_siblings(job_dir: Path, siblings: dict) -> None:
-    """Make tflite_convert convert ``siblings`` from the job's Keras graph before the job's own precision, with the
+    """Make convert.py convert ``siblings`` from the job's Keras graph before the job's own precision, with the
     calibration data on disk (``_calibration_to_disk``)."""
-    from edgebuild.targets import tflite_convert as tc
+    from edgebuild.targets.tflite import convert as tc
     from edgebuild.targets.isolated import _fault
 
     real = tc._convert_checked
@@ -161,8 +161,8 @@ def _checked(result: dict, what: str, log: Path) -> dict:
 
 
 def convert_job(job_dir: str) -> dict:
-    """In the converter child: no network, the siblings hooked in, then tflite_convert's conversion of the job."""
-    from edgebuild.targets import tflite_convert as tc
+    """In the converter child: no network, the siblings hooked in, then convert.py's conversion of the job."""
+    from edgebuild.targets.tflite import convert as tc
 
     tc.block_network()
     path = Path(job_dir)
