@@ -24,6 +24,9 @@ SENSITIVITY_CALIB_SAMPLES = 64  # of the build's calibration samples (calibratio
 SENSITIVITY_EVAL_SAMPLES = 96  # selection samples each layer is scored on, at most
 MIN_EVAL_SAMPLES = 16  # ... and at least (when the selection part has them)
 LAYER_SAMPLE_BUDGET = 1536  # layers x samples scored at most: more layers, fewer samples each
+# the quality loss of a discrete task metric ties: on 96 samples every layer that flips no decision scored -0.5, so the
+# ranking of a classifier's layers was their graph order; the output distortion (1 - mean cosine) breaks the ties
+TIE_BREAK = 1e-3
 
 
 def quantizable_layers(onnx_path: Path) -> list[str]:
@@ -70,10 +73,15 @@ def layer_sensitivity(onnx_path: Path, calib: SampleSet, select: SampleSet, refe
                     metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
             except Exception:  # noqa: BLE001 — a layer onnxruntime cannot quantize alone has no rank; the search goes on
                 continue
-            scores[name] = V.quality_loss(metrics, budget, judging.task)
+            scores[name] = V.quality_loss(metrics, budget, judging.task) + TIE_BREAK * distortion(metrics)
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
 
 
 def samples_per_layer(n_layers: int) -> int:
     """Selection samples each layer is scored on: the work (layers x samples) stays within LAYER_SAMPLE_BUDGET."""
     return max(MIN_EVAL_SAMPLES, min(SENSITIVITY_EVAL_SAMPLES, LAYER_SAMPLE_BUDGET // max(n_layers, 1)))
+
+
+def distortion(metrics: dict) -> float:
+    """How far the outputs moved, continuous and in [0, 2]: 1 - the mean cosine over samples and outputs."""
+    return min(max(1.0 - float(metrics.get("cosine_mean", 1.0)), 0.0), 2.0)

@@ -98,10 +98,10 @@ def test_an_int8_choice_that_misses_on_held_out_data_gives_way_to_fp16(monkeypat
     shipped = R._held_out_miss(None, None, profile, None, s, best, missed, None, None)
     assert asked == [("fp16", True)] and shipped.artifact.precision == "fp16" and shipped.label == "FP16"
     assert "not on the held-out part (agreement 97.5 < 99.5)" in s.record["held_out_miss"]
-    asked.clear()  # integer-only profiles, or FP16 already tried: the honest held-out failure stands
+    asked.clear()  # integer-only profiles, or FP16 already tried and missed: the honest held-out failure stands
     assert R._held_out_miss(None, None, SimpleNamespace(allow_float_layers=False, precisions=("int8",)), None, s, best,
                             missed, None, None) is missed
-    s.tries.append(fp16)
+    s.tries.append(SimpleNamespace(artifact=art("fp16"), label="FP16", quality_ok=False))
     assert R._held_out_miss(None, None, profile, None, s, best, missed, None, None) is missed and not asked
 
 

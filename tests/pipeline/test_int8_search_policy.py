@@ -1,0 +1,139 @@
+"""Issue 28 (search INT8 before leaving it): FP16 is a safety net, not where the search stops; a try's length is
+estimated from the conversion, not from the first build's whole evaluation; a passing FP16 safety net ships when the
+INT8 found beside it misses on the held-out part."""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from edgebuild.pipeline.stages import search as R
+from edgebuild.pipeline.stages.context import BuildContext, Carryover, Sensitivity
+
+
+def art(precision: str):
+    return SimpleNamespace(precision=precision, settings={}, files=[])
+
+
+def tried(label: str, precision: str, ok: bool, loss: float = 0.0):
+    return SimpleNamespace(artifact=art(precision), label=label, quality_ok=ok, loss=loss)
+
+
+def stand_in(seconds_left: float, durations=(10.0,), tries: int = 12):
+    ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=tries), evalset=[0] * 100),
+                       SimpleNamespace(deadline=float("inf")), Carryover(Sensitivity({}, 0.0)))
+    s = R._Search.__new__(R._Search)
+    s.ctx, s.record, s.reserve = ctx, {"tries": [{"label": "profile settings"}]}, 1
+    s.tries = [tried("profile settings", "int8", False, 0.3)]
+    s.deadline, s.durations, s.started = time.monotonic() + seconds_left, list(durations), time.monotonic()
+    s.profile = SimpleNamespace(name="onnx-cpu")
+    return ctx, s
+
+
+PROFILE = SimpleNamespace(name="onnx-cpu", allow_float_layers=True, precisions=("int8", "fp16", "fp32"))
+
+
+class Backend:
+    supports_float_layers = True
+
+    def default_settings(self, profile, precision):
+        return {}
+
+    def recovery_candidates(self, profile, settings):
+        return [("weighted layers only", {"op_types": "weighted"}), ("percentile calibration", {"calibrate_method": "p"})]
+
+
+def test_fp16_first_when_short_of_time_then_the_time_left_goes_to_int8(monkeypatch):
+    """PP-OCRv4's detector on onnx-cpu: one INT8 try of 75 s, FP16 first, and the search stopped with ~100 s left and
+    not one INT8 variant tried. Now FP16 is the safety net and the next INT8 variant that meets the budget ships."""
+    ctx, s = stand_in(seconds_left=100.0, durations=[60.0])  # 2 more tries do not fit: FP16 first
+    asked = []
+
+    def attempt(label, precision, settings, fallback=False):
+        asked.append(label)
+        a = tried(label, precision, ok=precision == "fp16" or label == "weighted layers only")
+        s.tries.append(a)
+        s.record["tries"].append({"label": label})
+        return a
+
+    s.attempt = attempt
+    monkeypatch.setattr(R, "_mixed", lambda *a: pytest.fail("mixed precision before the backend variants"))
+    found = R._search(ctx, Backend(), PROFILE, s, collapsed=False)
+    assert asked == ["FP16 (no INT8)", "weighted layers only"], asked
+    assert found.artifact.precision == "int8" and found.label == "weighted layers only"
+    assert "kept as the fallback" in s.record["fp16_safety"] and "float_first" in s.record
+
+
+def test_the_fp16_safety_net_ships_when_no_int8_candidate_meets_the_budget(monkeypatch):
+    ctx, s = stand_in(seconds_left=100.0, durations=[60.0])
+
+    def attempt(label, precision, settings, fallback=False):
+        a = tried(label, precision, ok=precision == "fp16")
+        s.tries.append(a)
+        s.record["tries"].append({"label": label})
+        return a
+
+    s.attempt = attempt
+    mixed = []
+    monkeypatch.setattr(R, "_mixed", lambda *a: mixed.append(1))  # tried (returns None: nothing met the budget)
+    found = R._search(ctx, Backend(), PROFILE, s, collapsed=False)
+    assert found.artifact.precision == "fp16" and mixed == [1]
+
+
+def test_a_try_is_estimated_from_the_conversion_not_the_whole_first_evaluation():
+    # first build: 15 s conversion + 60 s evaluating 200 samples; a try evaluates 80 of them (24 s): 39 s, not 75
+    assert R.try_estimate(75.0, 24.0, 200, 80) == pytest.approx(39.0)
+    assert R.try_estimate(10.0, 24.0, 200, 80) == pytest.approx(24.0)  # never below one selection evaluation
+
+
+def test_an_int8_that_misses_on_held_out_data_gives_way_to_the_fp16_safety_net(monkeypatch):
+    best = tried("weighted layers only", "int8", True)
+    missed = SimpleNamespace(artifact=best.artifact, label=best.label, quality_ok=False, failures=["miou 88 < 90"])
+    _, s = stand_in(seconds_left=100.0)
+    safety = tried("FP16 (no INT8)", "fp16", True)
+    s.tries = [tried("profile settings", "int8", False), safety, best]
+    s.attempt = lambda *a, **k: pytest.fail("a new try although a passing FP16 is at hand")
+    monkeypatch.setattr(R, "_install", lambda ctx, backend, profile, budget, a, outdir, holdout:
+                        SimpleNamespace(artifact=a.artifact, quality_ok=True, label=None))
+    shipped = R._held_out_miss(None, None, PROFILE, None, s, best, missed, None, None)
+    assert shipped.artifact.precision == "fp16" and "FP16 instead" in s.record["held_out_miss"]
+
+
+def test_layers_that_flip_no_decision_are_ranked_by_how_far_they_move_the_outputs(tmp_path):
+    """A classifier whose layers each flip no top-1 decision alone: the quality loss ties (-0.5 each), and the
+    ranking was the graph's order. The layer with an outlier input channel (its per-tensor int8 range wasted on one
+    channel) moves the scores most and must rank first, whatever its place in the graph."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgebuild.pipeline.stages import validate as V
+    from edgebuild.pipeline.stages.sensitivity import layer_sensitivity
+    from edgebuild.targets.onnx import OrtRunner
+    from tests.pipeline.int8_models import sample_set
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (16, 32)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (32, 32)).astype(np.float32)
+    w3 = rng.normal(0, 0.3, (32, 4)).astype(np.float32)
+    scale = np.ones((1, 32), np.float32)
+    scale[0, 0] = 50.0  # one hidden channel far larger than the others: the last layer's input range is wasted
+    w3[0] /= 50.0  # ... and the last layer undoes it, so the FP32 model is an ordinary classifier
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="first"), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="middle"), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("Mul", ["r2", "scale"], ["s2"]),
+             helper.make_node("MatMul", ["s2", "w3"], ["logits"], name="last")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"), (scale, "scale"))])
+    path = tmp_path / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    calib, select = sample_set(rng, 64, (16,)), sample_set(rng, 64, (16,))
+    with OrtRunner(path, 1) as ref:
+        reference = V.collect(ref, select)
+    judging = V.resolve(V.Judging(task="classification"), reference, select.labels)
+    scores = layer_sensitivity(path, calib, select, reference, float("inf"), judging, V.Budget(0.5, None, None, None))
+    assert set(scores) == {"first", "middle", "last"}
+    assert len(set(scores.values())) == 3, scores  # no ties (each flips no decision: -0.32 each without the tie-break)
+    assert next(iter(scores)) == "last", scores
