@@ -282,6 +282,15 @@ class FakeQuant:
         self._served.call("quantize", [str(n) for n in layers])
         return _FakeQuantRunner(self._served)
 
+    def runner_except(self, float_layers: list[str]) -> Runner:
+        """Every node quantized but ``float_layers`` (a mixed-precision candidate, fake-quantized)."""
+        from edgebuild.targets.isolated import Served
+
+        if self._served is None or not self._served.alive():
+            self._served = Served(_FakeQuantHost, self._args, "fake-quant", "fake quantization", "quantizer")
+        self._served.call("quantize_except", [str(n) for n in float_layers])
+        return _FakeQuantRunner(self._served)
+
     def close(self) -> None:
         if self._served is not None:
             self._served.close()
@@ -315,9 +324,21 @@ class _FakeQuantHost:
 
     def quantize(self, layers: list[str]) -> None:
         out, self.runner = self.workdir / "fake_quant.onnx", None
+        if not layers:  # nothing to quantize (onnxruntime reads an empty nodes_to_quantize as every node)
+            self.runner = OrtRunner(self.model, 1)
+            return
         quantize_static(self.model, out, self.calib, {**FAKE_QUANT_SETTINGS, "nodes_to_quantize": layers},
                         self.workdir, self.ranges, preprocessed=True)
         self.runner = OrtRunner(out, 1, simulate=True)
+
+    def quantize_except(self, float_layers: list[str]) -> None:
+        import onnx
+
+        from edgebuild.targets.regions import float_regions
+
+        keep = set(float_layers) | {n for v in float_regions(self.model).values() for n in v}  # as a real conversion
+        self.quantize([n.name for n in onnx.load(str(self.model), load_external_data=False).graph.node
+                       if n.name and n.name not in keep])
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.runner.run(feed)

@@ -395,7 +395,10 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
     done = set()
     plain = next((t.artifact for t in search.tries if t.artifact.precision == "int8"
                   and not (t.artifact.settings or {}).get("float_layers")), None)
+    start = _proxy_start(ctx, search, ranked, weights, total)
     for k in FLOAT_LAYER_STEPS:
+        if k < start:  # fewer layers in float fail the fake-quant proxy: no real try for them
+            continue
         layers = tuple(ranked[:k])
         if not layers or layers in done or not search.room():
             break
@@ -416,6 +419,23 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
             search.record["float_weight_share"] = round(share, 4)
             return a
     return None
+
+
+def _proxy_start(ctx, search: _Search, ranked: list[str], weights: dict, total: int) -> int:
+    """The fewest float layers worth a real try, by the fake-quant proxy (pipeline/stages/proxy.py) within a third of
+    the search's time left; 1 (every step, as before) when it cannot tell."""
+    from edgebuild.pipeline.stages.proxy import first_step
+
+    steps = [k for k in FLOAT_LAYER_STEPS if k <= len(ranked)
+             and sum(weights.get(n, 0) for n in ranked[:k]) / total <= MAX_FLOAT_SHARE]
+    if len(steps) < 2 or ctx.carry.sensitivity is None:
+        return 1
+    now = time.monotonic()
+    with ctx.work.stage("mixed precision: how many layers in float (fake-quant proxy)"):
+        index, record = first_step(ctx.job.model.onnx_path, ctx.job.calib, search.select[0], search.select[1], ranked,
+                                   steps, ctx.job.judging, search.budget, now + max(0.0, search.deadline - now) / 3)
+    search.record["float_layers_proxy"] = record
+    return steps[index] if index is not None else 1
 
 
 def _same_files(a, b) -> bool:

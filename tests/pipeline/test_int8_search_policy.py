@@ -137,3 +137,57 @@ def test_layers_that_flip_no_decision_are_ranked_by_how_far_they_move_the_output
     assert set(scores) == {"first", "middle", "last"}
     assert len(set(scores.values())) == 3, scores  # no ties (each flips no decision: -0.32 each without the tie-break)
     assert next(iter(scores)) == "last", scores
+
+
+def test_the_fake_quant_proxy_finds_how_many_layers_must_stay_float(tmp_path):
+    """Outliers that only three layers in float (m1, m3, m4) can carry: the search would step through 1 and 2 layers
+    in float (real conversions that cannot pass) before 3; the proxy says 3 first."""
+    import numpy as np
+
+    from edgebuild.pipeline.stages import validate as V
+    from edgebuild.pipeline.stages.proxy import first_step
+    from edgebuild.targets.onnx import OrtRunner
+    from tests.pipeline.int8_models import outlier_chain, outlier_input
+
+    rng = np.random.default_rng(0)
+    path = outlier_chain(tmp_path / "chain.onnx", rng, depth=8)
+    calib, select = outlier_input(rng, 64), outlier_input(rng, 100)
+    with OrtRunner(path, 1) as ref:
+        reference = V.collect(ref, select)
+    judging = V.resolve(V.Judging(task="classification"), reference, select.labels)
+    budget = V.Budget(5.0, None, None, None)  # random weights: near ties, a few decisions flip whatever is int8
+    ranked = ["m1", "m3", "m4", "m2", "m5", "m6", "m7", "m8"]  # what the sensitivity ranks (the outlier layers first)
+    index, record = first_step(path, calib, select, reference, ranked, [1, 2, 3], judging, budget, float("inf"))
+    assert index == 2, record  # steps[2] = 3 layers in float
+    assert record["scores"][0] > 0 and record["scores"][2] > 0 and record["scores"][3] <= 0, record
+    # a proxy that plain INT8 already passes says nothing (the backend missed where fake quantization did not)
+    index, record = first_step(path, calib, select, reference, ranked, [1, 2, 3], judging, V.Budget(100.0, None, None, 0.0),
+                               float("inf"))
+    assert index is None and "cannot tell" in record["result"]
+
+
+def test_mixed_precision_starts_where_the_proxy_says(monkeypatch):
+    import contextlib
+
+    from edgebuild.pipeline.stages import proxy
+
+    ranked = [f"conv{i}" for i in range(10)]
+    ctx, s = stand_in(seconds_left=500.0)
+    ctx.carry.sensitivity = Sensitivity({n: 1.0 - i / 10 for i, n in enumerate(ranked)}, 0.0)
+    ctx.job.model = SimpleNamespace(onnx_path="model.onnx")
+    ctx.job.calib, ctx.job.judging = None, SimpleNamespace(task="classification")
+    ctx.work.stage = lambda text: contextlib.nullcontext()
+    s.select, s.budget = (None, None), None
+    monkeypatch.setattr(R, "_sensitivity", lambda c, search: ranked)
+    monkeypatch.setattr(R, "_layer_weights", lambda path: {n: 1 for n in ranked})
+    monkeypatch.setattr(proxy, "first_step", lambda *a: (3, {"result": "4 layer(s) in float pass the proxy"}))
+    asked = []
+
+    def attempt(label, precision, settings, fallback=False):
+        asked.append(len(settings["float_layers"]))
+        return tried(label, precision, ok=len(settings["float_layers"]) >= 4)
+
+    s.attempt = attempt
+    found = R._mixed(ctx, Backend(), PROFILE, s, {})
+    assert asked == [4] and found.label == "INT8 with 4 layer(s) in float"  # not 1, 2, 3 first
+    assert s.record["float_layers_proxy"]["result"].startswith("4 layer(s)")

@@ -1,0 +1,69 @@
+"""A cheap stand-in for a mixed-precision try: how many of the most sensitive layers must stay float.
+
+A real mixed-precision try converts and evaluates a whole artifact (onnx2tf + TFLite, or OpenVINO + NNCF: a minute or
+more on a real model), and the accuracy search steps through 1, 2, 3, 4, 6, 8... layers in float: on a model that
+needs six, five tries before the first that can pass, past most searches' time. Here each step is scored by ONNX
+Runtime fake quantization of the whole graph but those layers (``targets/onnx.py`` ``FakeQuant.runner_except``:
+per-tensor uint8 activations, per-channel int8 weights, calibrated once, one child process), on the selection part,
+with the build's own budgets; a bisection over the steps finds the smallest that passes, and the real tries start
+there. The proxy only orders the work: every artifact is still converted and judged for real.
+
+When fake-quantized plain INT8 already passes while the real conversion missed, the proxy is more optimistic than
+the backend and says nothing (the search steps from one layer as before).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from edgebuild.calibration.budget import at_most
+from edgebuild.pipeline.stages import validate as V
+
+PROXY_CALIB_SAMPLES = 64  # calibration samples of the fake-quant ranges (a ranking, not shipped ranges)
+
+
+def first_step(onnx_path, calib, select, reference, ranked: list[str], steps: list[int], judging, budget,
+               deadline: float) -> tuple[int | None, dict]:
+    """(index into ``steps`` of the smallest step whose ``ranked[:k]`` float layers pass the fake-quant proxy, or
+    None when the proxy cannot tell; the record). ``steps`` ascending; bisection, so about log2(len(steps)) + 1 runs."""
+    from edgebuild.targets.onnx import FakeQuant
+
+    record: dict = {"method": "ONNX Runtime fake quantization of every node but the float layers, on evaluation[select]",
+                    "scores": {}}
+    t0 = time.monotonic()
+
+    with tempfile.TemporaryDirectory(prefix="edgebuild-proxy-") as tmp, \
+            FakeQuant(onnx_path, at_most(calib, PROXY_CALIB_SAMPLES), Path(tmp)) as fq:
+        def loss(k: int) -> float:
+            with fq.runner_except(ranked[:k]) as runner:
+                metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
+            value = V.quality_loss(metrics, budget, judging.task)
+            record["scores"][k] = round(value, 4)
+            return value
+
+        try:
+            if loss(0) <= 0:
+                record["result"] = "plain INT8 passes the proxy: it cannot tell how many layers the backend needs in float"
+                return None, _done(record, t0)
+            lo, hi = -1, len(steps) - 1  # steps[lo] fails (-1: zero layers), steps[hi] is the candidate
+            if time.monotonic() > deadline or loss(steps[hi]) > 0:
+                record["result"] = f"even {steps[hi]} layers in float miss the budget in the proxy"
+                return None, _done(record, t0)
+            while hi - lo > 1 and time.monotonic() < deadline:
+                mid = (lo + hi) // 2
+                if loss(steps[mid]) <= 0:
+                    hi = mid
+                else:
+                    lo = mid
+        except Exception as e:  # noqa: BLE001 — a graph fake quantization cannot run: no guidance, the search goes on
+            record["result"] = f"the proxy could not run: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            return None, _done(record, t0)
+    record["result"] = (f"{steps[hi]} layer(s) in float pass the proxy" + ("" if hi - lo == 1 else
+                        " (time ran out before the bisection ended: the real tries start there)"))
+    return hi, _done(record, t0)
+
+
+def _done(record: dict, t0: float) -> dict:
+    record["seconds"] = round(time.monotonic() - t0, 2)
+    return record
