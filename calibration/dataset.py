@@ -216,7 +216,9 @@ def _take(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
         return v[idx]
     import tempfile
 
-    with tempfile.TemporaryFile(prefix="edgebuild-subset-") as f:  # unlinked; lives as long as the mapping
+    from edgebuild.procs import tempdir
+
+    with tempfile.TemporaryFile(prefix="edgebuild-subset-", dir=tempdir()) as f:  # unlinked; lives as long as the mapping
         out = np.memmap(f, dtype=v.dtype, mode="w+", shape=(len(idx), *v.shape[1:]))
     for start in range(0, len(idx), SUBSET_CHUNK):
         out[start:start + SUBSET_CHUNK] = v[idx[start:start + SUBSET_CHUNK]]

@@ -269,7 +269,9 @@ def _allocate(shape: tuple[int, ...], dtype) -> np.ndarray:
         return np.empty(shape, dtype)
     import tempfile
 
-    with tempfile.TemporaryFile(prefix="edgebuild-images-") as f:  # unlinked; lives as long as the mapping
+    from edgebuild.procs import tempdir
+
+    with tempfile.TemporaryFile(prefix="edgebuild-images-", dir=tempdir()) as f:  # unlinked; lives as long as the mapping
         return np.memmap(f, dtype=dtype, mode="w+", shape=shape)
 
 

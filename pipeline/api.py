@@ -10,13 +10,14 @@
   ``x`` or ``(x, y)`` batches.
 
 Objects are handed to the build through files in a private temporary directory (arrays as ``.npz``, an
-ExportedProgram as ``.pt2``) or, for an ``nn.Module``, through an in-process reference
-(``edgebuild.pipeline.api:live_<n>``); the manifest records that reference, so such a build is re-run from Python, not
-from its manifest.
+ExportedProgram as ``.pt2``) or, for an ``nn.Module``, in memory: the build holds it for its own run (``models=``
+of ``pipeline/build.py``), nothing is stored in any module, so builds in threads of one process never see each
+other's models. The spec (and the manifest) says what was built and how to re-run it: ``python-object:<class>``
+(e.g. ``python-object:__main__.Net``), an object handed to ``build()`` — re-run from Python with that object; a
+spec or manifest alone names no loadable model then, and building from it says so (exit 2).
 """
 from __future__ import annotations
 
-import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -24,13 +25,14 @@ from typing import Any, Callable
 
 from edgebuild.errors import optional_imports
 from edgebuild.pipeline.errors import BadInputError
+from edgebuild.pipeline.stages.load import PYTHON_OBJECT
 
-_COUNTER = itertools.count(1)
 
-
-def build(spec=None, /, *, stage: Callable | None = None, input_shape=None, **options):
+def build(spec=None, /, *, stage: Callable | None = None, input_shape=None, jobs: int | None = None,
+          env: dict[str, str] | None = None, **options):
     """Run a build and return its ``BuildResult`` (``.manifest``, ``.out``, ``.exit_code``,
-    ``.raise_for_verdict()``). Bad input raises ``edgebuild.EdgeBuildError`` (a ``BadInputError``)."""
+    ``.raise_for_verdict()``). Bad input raises ``edgebuild.EdgeBuildError`` (a ``BadInputError``). ``stage``: the
+    progress sink; ``jobs``: targets converted at once; ``env``: variables for the build's child processes only."""
     from edgebuild.pipeline.build import build as run_build
     from edgebuild.pipeline.spec import BuildSpec
 
@@ -42,19 +44,17 @@ def build(spec=None, /, *, stage: Callable | None = None, input_shape=None, **op
             options, spec = dict(spec), None
         else:
             raise BadInputError(f"build(): the first argument must be a BuildSpec or a dict, got {type(spec).__name__}")
-    kwargs = {} if stage is None else {"stage": stage}
+    kwargs = {"jobs": jobs, "env": env, **({} if stage is None else {"stage": stage})}
     if spec is not None:
         with optional_imports():
             return run_build(spec, **kwargs)
     with optional_imports(), tempfile.TemporaryDirectory(prefix="edgebuild-api-") as tmp:
-        data = _options_to_dict(options, input_shape, Path(tmp))
-        try:
-            return run_build(BuildSpec.from_dict(data), **kwargs)
-        finally:
-            _forget_live(data.get("model"))
+        models: dict[str, Any] = {}
+        data = _options_to_dict(options, input_shape, Path(tmp), models)
+        return run_build(BuildSpec.from_dict(data), models=models, **kwargs)
 
 
-def _options_to_dict(options: dict, input_shape, tmp: Path) -> dict[str, Any]:
+def _options_to_dict(options: dict, input_shape, tmp: Path, models: dict[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in options.items() if v is not None}
     if "target" in data:  # the CLI's spelling
         data.setdefault("targets", [])
@@ -68,7 +68,7 @@ def _options_to_dict(options: dict, input_shape, tmp: Path) -> dict[str, Any]:
     elif isinstance(data.get("inputs"), dict):
         data["inputs"] = [data["inputs"]]
     if "model" in data:
-        data["model"] = _model_source(data["model"], tmp)
+        data["model"] = _model_source(data["model"], tmp, models)
     for key in ("calib", "eval", "train"):
         if key in data:
             data[key] = _data_source(data[key], tmp / f"{key}.npz", key)
@@ -80,25 +80,21 @@ def _options_to_dict(options: dict, input_shape, tmp: Path) -> dict[str, Any]:
     return data
 
 
-def _model_source(model: Any, tmp: Path) -> str:
+def _model_source(model: Any, tmp: Path, models: dict[str, Any]) -> str:
+    """What the spec says the model is; an ``nn.Module`` goes into ``models`` under that name, held for the build."""
     if isinstance(model, (str, Path)):
         return str(model)
     torch = sys.modules.get("torch")  # a torch object can only come from a program that imported torch
     if torch is not None and isinstance(model, torch.nn.Module):
-        name = f"live_{next(_COUNTER)}"
-        setattr(sys.modules[__name__], name, model)
-        return f"{__name__}:{name}"
+        name = f"{PYTHON_OBJECT}{type(model).__module__}.{type(model).__qualname__}"
+        models[name] = model
+        return name
     if torch is not None and isinstance(model, torch.export.ExportedProgram):
         path = tmp / "model.pt2"
         torch.export.save(model, str(path))
         return str(path)
     raise BadInputError(f"model must be a path, package.module:attr, an nn.Module or an ExportedProgram; "
                         f"got {type(model).__name__}")
-
-
-def _forget_live(ref: Any) -> None:
-    if isinstance(ref, str) and ref.startswith(f"{__name__}:live_"):
-        vars(sys.modules[__name__]).pop(ref.partition(":")[2], None)
 
 
 def _data_source(value: Any, path: Path, key: str) -> str:

@@ -16,13 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
 from edgebuild.pipeline.cache import StageCache, default_root, open_cache
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError
-from edgebuild.pipeline.offline import no_telemetry
+from edgebuild.pipeline.offline import runtime_telemetry_off
 from edgebuild.pipeline.results import Manifest, TargetResult, compression_check
 from edgebuild.pipeline.schedule import _build_all, effective_jobs, memory_limit
 from edgebuild.pipeline.spec import BuildSpec
@@ -65,16 +65,23 @@ def _quiet_stage(text: str):
 
 
 def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: int | None = None,
-          max_memory_gb: float | None = None) -> BuildResult:
+          max_memory_gb: float | None = None, env: Mapping[str, str] | None = None,
+          models: Mapping[str, object] | None = None) -> BuildResult:
     """Run a whole build; returns the result (check ``exit_code``), raises EdgeBuildError on bad input.
 
-    ``jobs``: targets converted at once (default: the host's cores); ``max_memory_gb``: what the running conversions'
-    estimated peaks may add up to (default: the available memory less a margin); see ``pipeline/schedule.py``.
+    A build is a value: everything it needs is passed in, and it changes nothing process-wide while it runs, so
+    builds can run side by side in threads of one process. ``stage``: the progress sink; ``jobs``: targets converted
+    at once (default: the host's cores); ``max_memory_gb``: what the running conversions' estimated peaks may add up
+    to (default: the available memory less a margin), see ``pipeline/schedule.py``; ``env``: variables every child
+    process of the build gets on top of the offline ones (``edgebuild.procs.OFFLINE_ENV``); ``models``: Python model
+    objects the spec names by ``python:NAME`` (the Python API's in-memory models). The build's scratch directory
+    (its temp files and its children's ``TMPDIR``) is made beside the output and removed at the end.
     """
     from edgebuild.pipeline.stages.data import budget_calibration, resolve_data
     from edgebuild.pipeline.stages.export import export_onnx, export_program
     from edgebuild.pipeline.stages.load import load_model
-    from edgebuild.pipeline.stages.context import BuildContext, BuildJob, Turns, Workspace
+    from edgebuild.pipeline.stages.context import BuildContext, BuildJob, Workspace
+    from edgebuild.procs import Scope, entered
     from edgebuild.pipeline.stages.per_target import precision_for
     from edgebuild.pipeline.stages.reference import save as save_reference
 
@@ -90,53 +97,53 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     _clean_stale(out)
     _check_lock(out)
     cache = open_cache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
-    no_telemetry()  # before any runtime starts; children inherit it
+    runtime_telemetry_off()  # before any runtime starts in this process (children: Scope.child_env)
     staging, scratch = _make_workdirs(out)
-    saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(scratch)  # all temp files (calibration data too)
+    scope = Scope(scratch=scratch, env=dict(env or {}))  # temp files (calibration data too), children's environment
     try:
-        with stage("loading the model"):
-            loaded = load_model(spec)
-        for p in list(profiles):  # a backend that takes torch.export programs refuses an ONNX file: exit 2, nothing built
-            try:
-                check_source(get_backend(p.backend), p.name, loaded.kind)
-            except BadInputError as e:
-                if "all" not in (spec.targets or ()):
-                    raise
-                profiles.remove(p)  # `--target all`: every target this model can go to
-                with stage(f"{e} — skipped (--target all)"):
-                    pass
-        with stage("reading calibration and evaluation data"):
-            calib, evalset, data_record = resolve_data(spec, loaded.inputs)
-        compress_record = None
-        if spec.compress:
-            from edgebuild.pipeline.stages.compress import compress
+        with entered(scope):
+            with stage("loading the model"):
+                loaded = load_model(spec, models or {})
+            for p in list(profiles):  # a backend that takes torch.export programs refuses an ONNX file: exit 2, nothing built
+                try:
+                    check_source(get_backend(p.backend), p.name, loaded.kind)
+                except BadInputError as e:
+                    if "all" not in (spec.targets or ()):
+                        raise
+                    profiles.remove(p)  # `--target all`: every target this model can go to
+                    with stage(f"{e} — skipped (--target all)"):
+                        pass
+            with stage("reading calibration and evaluation data"):
+                calib, evalset, data_record = resolve_data(spec, loaded.inputs)
+            compress_record = None
+            if spec.compress:
+                from edgebuild.pipeline.stages.compress import compress
 
-            loaded, compress_record = compress(loaded, spec, evalset, stage)
-        refdir = staging / "reference"
-        refdir.mkdir()
-        with stage("exporting FP32 ONNX"):
-            model, export_record = export_onnx(loaded, evalset, refdir, calib=calib)
-            calib = budget_calibration(calib, model.onnx_path, spec, data_record)  # samples scaled to the model's cost
-        if any(get_backend(p.backend).consumes == TORCH_EXPORT for p in profiles):
-            with stage("exporting the torch.export program"):
-                model, program_record = export_program(loaded, model, scratch)
-                export_record.update(program_record)
-        with stage("running the FP32 reference"):
-            reference, reference_cached = _reference_outputs(cache, model, evalset)
-            save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # pipeline/stages/reference.py
-            judging = V.resolve(judging_for(spec, model), reference, evalset.labels)
-        deadline = time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf"))
-        ctx = BuildContext(BuildJob(spec, model, calib, evalset, reference, judging),
-                           Workspace(cache, scratch, stage, deadline, Turns(p.name for p in profiles)))
-        targets = _build_all(ctx, profiles, staging, effective_jobs(jobs, len(profiles)), memory_limit(max_memory_gb))
-        cache_record = {"reference_outputs": reference_cached,
-                        "note": "per target: `cache` says which results came from the stage cache"}
-        manifest = _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets,
-                             time.perf_counter() - t_start, judging, cache_record,
-                             None if compress_record is None else _gate_compression(compress_record, spec))
-        return BuildResult(_finish(staging, out, manifest), out)
+                loaded, compress_record = compress(loaded, spec, evalset, stage)
+            refdir = staging / "reference"
+            refdir.mkdir()
+            with stage("exporting FP32 ONNX"):
+                model, export_record = export_onnx(loaded, evalset, refdir, calib=calib)
+                calib = budget_calibration(calib, model.onnx_path, spec, data_record)  # samples scaled to the model's cost
+            if any(get_backend(p.backend).consumes == TORCH_EXPORT for p in profiles):
+                with stage("exporting the torch.export program"):
+                    model, program_record = export_program(loaded, model, scratch)
+                    export_record.update(program_record)
+            with stage("running the FP32 reference"):
+                reference, reference_cached = _reference_outputs(cache, model, evalset)
+                save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # pipeline/stages/reference.py
+                judging = V.resolve(judging_for(spec, model), reference, evalset.labels)
+            deadline = time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf"))
+            ctx = BuildContext(BuildJob(spec, model, calib, evalset, reference, judging),
+                               Workspace(cache, scratch, stage, deadline))
+            targets = _build_all(ctx, profiles, staging, effective_jobs(jobs, len(profiles)), memory_limit(max_memory_gb))
+            cache_record = {"reference_outputs": reference_cached,
+                            "note": "per target: `cache` says which results came from the stage cache"}
+            manifest = _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets,
+                                 time.perf_counter() - t_start, judging, cache_record,
+                                 None if compress_record is None else _gate_compression(compress_record, spec))
+            return BuildResult(_finish(staging, out, manifest), out)
     finally:
-        tempfile.tempdir = saved_tempdir
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -1,28 +1,35 @@
 """No process of a build touches the network: every runtime's telemetry is switched off.
 
-Environment variables are set in the build's own process before any runtime starts, so every child (the TFLite
-converter, isolated runners) inherits them. ONNX Runtime's native 1DS telemetry looks up its events host from a
-background thread (seen under strace from plain ORT processes and the TFLite child): ``ORT_DISABLE_TELEMETRY``
-stops it, and ``disable_telemetry_events()`` covers a process that loaded onnxruntime before edgebuild ran.
-OpenVINO and NNCF telemetry is replaced by their no-op stubs (targets/openvino.py ``import_without_telemetry``);
-TensorFlow sends nothing by itself; the Hugging Face hub (reachable through some converters) is kept offline.
+A build changes nothing process-wide for it: its child processes (the TFLite converter, isolated runners) get
+``OFFLINE_ENV`` in their own environment (``edgebuild.procs.Scope.child_env``; ``HF_HUB_OFFLINE`` and
+``DO_NOT_TRACK`` for the Hugging Face hub some converters reach, ``ORT_DISABLE_TELEMETRY``). ONNX Runtime's native
+1DS telemetry looks up its events host from a background thread (seen under strace from plain ORT processes and the
+TFLite child): in the build's own process, where the FP32 reference and the ONNX targets run, it is stopped by
+``runtime_telemetry_off`` — the one switch a build flips in its process, one-way and the same for every build
+(telemetry off changes no result). OpenVINO and NNCF telemetry is replaced by their no-op stubs, declared as patches
+applied inside the child that imports them (targets/openvino.py ``TELEMETRY_OFF``); TensorFlow sends nothing by itself.
+
+The CLI (and a batch cell), which own their process, set ``OFFLINE_ENV`` in it as well (``no_telemetry``).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-OFFLINE_ENV = {
-    "ORT_DISABLE_TELEMETRY": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "DO_NOT_TRACK": "1",
-}
+from edgebuild.procs import OFFLINE_ENV  # noqa: F401 (re-exported)
 
 
-def no_telemetry() -> None:
-    for k, v in OFFLINE_ENV.items():
-        os.environ[k] = v
+def runtime_telemetry_off() -> None:
+    """ONNX Runtime's telemetry off in this process: read from the environment when its native library starts, and
+    switched off in one already started."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     ort = sys.modules.get("onnxruntime")
     if ort is not None and hasattr(ort, "disable_telemetry_events"):
         ort.disable_telemetry_events()
+
+
+def no_telemetry() -> None:
+    """For a process edgebuild owns (the CLI, a batch cell): the offline environment in the process itself."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ[k] = v
+    runtime_telemetry_off()

@@ -86,7 +86,10 @@ class Meter:
         self.converted: set[str] = set()
         self.main_peak = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edgebuild-peaks", daemon=True)
+        from edgebuild.procs import bound
+
+        # its thread samples the children of the build that made it (edgebuild.procs: the build's scope)
+        self._thread = threading.Thread(target=bound(self._run), name="edgebuild-peaks", daemon=True)
 
     def __enter__(self) -> "Meter":
         self._thread.start()

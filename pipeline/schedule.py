@@ -65,8 +65,7 @@ def _available_memory() -> int:
 class MemorySlots:
     """Work slots bounded twice: at most ``jobs`` targets at once, and the running targets' estimated peaks
     (``estimates``, by target) add up to at most ``limit`` bytes — a target that alone passes the limit runs alone.
-    Used like a semaphore by the thread working for a target (``bind`` names it first), so ``Turns`` can lend a
-    waiting target's slot to another and take it back."""
+    Used like a semaphore by the thread working for a target (``bind`` names it first)."""
 
     def __init__(self, jobs: int, limit: int, estimates: dict[str, int]):
         self.jobs, self.limit, self.estimates = jobs, limit, dict(estimates)
@@ -116,10 +115,13 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
     """Every target: conversions and validations of up to ``jobs`` targets at once (threads: the runtimes release
     the GIL in native code, the TFLite conversion runs in its own child process, and threads share the loaded
     evaluation data and reference outputs), then timing and the target's files one target at a time, in order, on
-    a machine no conversion loads. The manifest is the one a sequential build (``jobs`` 1) writes."""
+    a machine no conversion loads. Targets are independent (none waits for another's search; what they share is
+    keyed by its inputs, ``stages/context.py``): the manifest is the one a sequential build (``jobs`` 1) writes, in
+    any order. The target threads run in the build's scope (``edgebuild.procs``); when the build is interrupted
+    while they work, the build's children are killed at once, so each thread ends with its converter."""
     from edgebuild.pipeline import peaks
     from edgebuild.pipeline.stages.per_target import finish_target, prepare_target
-    from edgebuild.procs import set_owner
+    from edgebuild.procs import bound, current, set_owner
     from edgebuild.targets.base import get_backend
 
     for profile in profiles:  # a backend's library missing: one line and exit 2 before any target converts
@@ -127,9 +129,6 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
     used = peaks.estimates(ctx, profiles, _model_bytes(ctx.job.model.onnx_path))  # measured before, else estimated
     slots = MemorySlots(jobs, memory_limit(None) if memory is None else memory,  # targets doing work at once, their
                         {name: peak for name, (peak, _) in used.items()})  # peaks in bounds
-    # a target waiting for its search turn frees its slot (Turns.turn), so a later target converts meanwhile
-    if ctx.work.turns is not None:
-        ctx.work.turns.slots = slots
 
     def prepare(profile):
         (staging / profile.name).mkdir()
@@ -146,7 +145,16 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
                 from concurrent.futures import ThreadPoolExecutor
 
                 with ThreadPoolExecutor(max_workers=len(profiles), thread_name_prefix="edgebuild-target") as pool:
-                    prepared = list(pool.map(prepare, profiles))  # in order; the first BadInputError is raised
+                    futures: list = []
+                    try:
+                        for p in profiles:
+                            futures.append(pool.submit(bound(prepare), p))
+                        prepared = [f.result() for f in futures]  # in order; the first BadInputError is raised
+                    except BaseException:  # Ctrl-C, SIGTERM, a bad input: this build's children die now, its
+                        for f in futures:  # threads end
+                            f.cancel()
+                        current().children.kill_all()
+                        raise
             else:
                 prepared = [prepare(p) for p in profiles]
         finally:

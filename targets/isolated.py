@@ -6,7 +6,7 @@ runtime that can crash (LiteRT, OpenVINO, TensorFlow Lite Micro) runs in a ``Chi
 * started with multiprocessing's *spawn*: a fresh interpreter that holds none of the build's memory, and that
   does not re-run the user's script (``_without_callers_main``);
 * in its own process group and with PR_SET_PDEATHSIG: it dies with the build (even a ``kill -9`` of it), and on
-  a timeout, Ctrl-C or SIGTERM (``edgebuild.procs.kill_tracked``) its whole group is killed, whatever it started;
+  a timeout, Ctrl-C or SIGTERM (the build's ``edgebuild.procs.Children``) its whole group is killed, whatever it started;
 * its output goes to its log file, or its stdout to stderr (``edgebuild --json`` keeps stdout for the manifest);
 * a crash (a signal, or an exit without an answer), a timeout or an exception in the child is a
   ``ConversionError`` of one line (the signal's name and the phase the child had reached, "timed out after N s",
@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from edgebuild.errors import ConversionError, EdgeBuildError
+from edgebuild.procs import Patch
 from edgebuild.targets.base import Artifact, Runner, get_backend
 
 START_TIMEOUT_S = 120  # a runner's child: start-up and loading the artifact
@@ -53,6 +54,16 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colours (onnx2tf's ERROR:) stri
 O2T_BOILERPLATE = re.compile(r"The trace log is below|input_onnx_file_path:|onnx_op_name:|Read this and deal with it|"
                              r"Alternatively, if the input OP has a dynamic dimension|If the input OP of ONNX before "
                              r"conversion is NHWC|for models that include NonMaxSuppression")
+
+
+# Patches every child of a build runs within (edgebuild.procs.patched; restored when its job ends): no third-party
+# telemetry. OpenVINO and NNCF report usage through the ``openvino_telemetry`` package unless it cannot be imported,
+# then they use their own no-op stub (targets/openvino.py ``import_without_telemetry``, issue 27).
+NO_TELEMETRY = (
+    Patch("sys.modules", "openvino_telemetry", None,
+          why="openvino and nncf fall back to their no-op telemetry stub when openvino_telemetry cannot be imported"),
+    Patch("os.environ", "NNCF_CI", "1", why="NNCF's own switch to its telemetry stub (affects nothing else)"),
+)
 
 
 @contextmanager
@@ -85,14 +96,12 @@ def _child_main(conn, name: str, log: str | None, phase: str | None, cwd: str | 
                 payload) -> None:
     """The child's first code: its own process group, death with the build, its name, output, directory and
     environment; then ``entry(conn, payload)``."""
-    from edgebuild.procs import die_with_parent, set_name
+    from edgebuild.procs import die_with_parent, patched, set_name
 
     os.setpgid(0, 0)
     die_with_parent()
     mp.current_process().daemon = False  # a converter may start processes of its own
     set_name(name)
-    sys.modules.setdefault("openvino_telemetry", None)  # whatever imports openvino here (the memory probe's runtime
-    # import too) gets its no-op telemetry stub: no child of a build reports usage (targets/openvino.py, issue 27)
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log else os.dup(2)
     for fd in (1, 2):  # stdout too: ``edgebuild --json`` prints the manifest on the build's own
         os.dup2(out, fd)
@@ -107,7 +116,8 @@ def _child_main(conn, name: str, log: str | None, phase: str | None, cwd: str | 
     if phase:
         _PHASE.append(Path(phase))
     _fault(name)
-    entry(conn, payload)
+    with patched(NO_TELEMETRY):  # whatever imports openvino here (the memory probe's runtime import too)
+        entry(conn, payload)
 
 
 def _fault(name: str) -> None:
@@ -157,17 +167,19 @@ class Child:
 
     def __init__(self, entry, payload, name: str, what: str, role: str = "converter", log: Path | None = None,
                  phase: Path | None = None, cwd: Path | None = None, env: dict | None = None):
-        from edgebuild.procs import track
+        from edgebuild.procs import current
 
         ctx = mp.get_context("spawn")
         self.conn, theirs = ctx.Pipe()
         self.what, self.role, self.log, self.phase, self._done = what, role, log, phase, False
-        args = (theirs, name, *(str(p) if p else None for p in (log, phase, cwd)), env or {}, entry, payload)
+        scope = current()  # the build's: its children's environment, its registry of children (edgebuild.procs)
+        self._children = scope.children
+        args = (theirs, name, *(str(p) if p else None for p in (log, phase, cwd)), scope.child_env(env), entry, payload)
         self.proc = ctx.Process(target=_child_main, name=name, args=args, daemon=True)
         with _without_callers_main():
             self.proc.start()
         theirs.close()  # the child's end lives in the child only: its death is an EOF here
-        track(self.proc.pid)
+        self._children.track(self.proc.pid)
 
     def receive(self, timeout: float | None = None, keep_errors: bool = True, hint: str = "") -> Any:
         """The child's next answer; its crash, a timeout (the child is killed) or its error as a ConversionError
@@ -192,7 +204,7 @@ class Child:
 
     def kill(self) -> None:
         """Kill the child and everything it started (its process group); idempotent."""
-        from edgebuild.procs import forget, kill_group
+        from edgebuild.procs import kill_group
 
         if self._done:
             return
@@ -200,7 +212,7 @@ class Child:
         kill_group(self.proc.pid)
         if self.proc.is_alive():
             self.proc.kill()
-        forget(self.proc.pid)
+        self._children.forget(self.proc.pid)
         self.proc.join()
         self.conn.close()
 
@@ -269,7 +281,9 @@ def run_with_samples(fn: Callable[[dict], Any], job: dict, calib, timeout: float
     """``run_isolated`` (``timeout`` by default ``CONVERT_TIMEOUT_S``) with ``job["samples"]`` = ``calib`` (a
     SampleSet or None) as files in a temporary directory, which also holds the child's log (echoed) and
     phase; ``samples_from_disk`` reads them back in the child."""
-    with tempfile.TemporaryDirectory(prefix="edgebuild-job-") as tmp:
+    from edgebuild.procs import tempdir
+
+    with tempfile.TemporaryDirectory(prefix="edgebuild-job-", dir=tempdir()) as tmp:
         job = {**job, "samples": samples_to_disk(calib, Path(tmp)) if calib is not None else None}
         return run_isolated(fn, job, CONVERT_TIMEOUT_S if timeout is None else timeout, log=Path(tmp) / "child.log",
                             phase=Path(tmp) / "phase", echo=True, **kwargs)

@@ -374,19 +374,20 @@ def import_without_telemetry(name: str):
     ``import openvino`` (an "import" event), ``openvino.convert_model`` and ``nncf`` report usage to Google
     Analytics through the ``openvino_telemetry`` package unless the user opted out (``opt_in_out --opt_out``,
     a file under ~/intel) or a CI variable (CI=true, TF_BUILD, JENKINS_URL) is set; there is no other switch.
-    Both fall back to a no-op stub when that package cannot be imported, so it is made unimportable for this
-    process before the first OpenVINO import (nothing is sent, nothing written under ~/intel); NNCF's own
-    switch (NNCF_CI) is set as well. If something imported OpenVINO before edgebuild did, what it sent then
-    cannot be recalled, but every later send is stubbed at the one place all of them go through.
+    Both fall back to a no-op stub when that package cannot be imported: the patches that make it unimportable
+    (targets/isolated.py ``NO_TELEMETRY``, data) are applied for its whole life in every child of a build, where
+    OpenVINO runs; here they are applied again around the import (a caller outside a child, e.g. a test) and restored
+    after it. If something imported the telemetry package before, its sender is stubbed for as long as well.
     """
-    os.environ.setdefault("NNCF_CI", "1")  # NNCF: use its telemetry stub (the variable affects nothing else)
-    if "openvino_telemetry" not in sys.modules:
-        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # `import` raises ImportError
-    elif sys.modules["openvino_telemetry"] is not None:  # already imported by someone else
-        from openvino_telemetry.utils.sender import TelemetrySender
+    from edgebuild.procs import Patch, patched
+    from edgebuild.targets.isolated import NO_TELEMETRY
 
-        TelemetrySender.send = lambda *args, **kwargs: None
-    return importlib.import_module(name)
+    patches = list(NO_TELEMETRY)
+    if sys.modules.get("openvino_telemetry") is not None:  # already imported by someone else
+        patches.insert(0, Patch("openvino_telemetry.utils.sender:TelemetrySender", "send",
+                                lambda *args, **kwargs: None, why="a telemetry client imported before edgebuild"))
+    with patched(patches):
+        return importlib.import_module(name)
 
 
 def _one_line(e: Exception) -> str:

@@ -3,17 +3,19 @@
 - ``BuildJob`` (frozen): what every target is built from, fixed before the first target starts — the spec, the
   exported model, the calibration and evaluation samples, the FP32 reference outputs and how they are judged;
 - ``Workspace`` (frozen): where and within what limits the build works — the stage cache, scratch space, the
-  progress callback, the build's deadline and the order in which parallel targets search;
-- ``Carryover``: the only state one target leaves for the next — the per-layer sensitivity (measured once per
-  build, by the first target that searches) and conversions a backend made besides the one asked for (a TFLite
-  child's float siblings), kept for the later conversion of that precision.
+  progress callback and the build's deadline;
+- ``Carryover``: what targets share while the build runs — stage outputs by key (``Memo``: the per-layer
+  sensitivity, ``stages/sensitivity.py``), so no target's result depends on which target asked first, and
+  conversions a backend made besides the one asked for (a TFLite child's float siblings), kept for the later
+  conversion of that precision.
 
 ``BuildContext`` holds the three; it is frozen, so a stage can change nothing but the carryover, and only
 through its two typed fields. Data hashes are the samples' own (``SampleSet.content_hash`` is computed once).
+Targets are independent: none waits for another, and each gets the same outputs whatever order they run in.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,18 +43,33 @@ class Workspace:
     scratch: Path  # throw-away work (baselines, candidates)
     stage: Callable[[str], object]  # progress: `with work.stage("..."):`
     deadline: float = float("inf")  # time.monotonic() past which no accuracy search starts a try (build_max_seconds)
-    turns: "Turns | None" = None  # targets built in parallel search in their sequential order
 
 
-@dataclass(frozen=True)
-class Sensitivity:
-    layers: dict[str, float]  # ONNX node name -> quality loss with only that layer quantized, most sensitive first
-    seconds: float  # what measuring it cost
+class Memo:
+    """Stage outputs shared by the targets of one build, by key (a key names every input of the stage): a target
+    gets what it would compute itself; targets asking for one key at once wait for one computation."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, object] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str, make: Callable[[], tuple[object, bool]]):
+        """The value for ``key``, made by ``make() -> (value, keep)`` when there is none; kept only when ``keep``."""
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key in self._values:
+                return self._values[key]
+            value, keep = make()
+            if keep:
+                self._values[key] = value
+            return value
 
 
 @dataclass
 class Carryover:
-    sensitivity: Sensitivity | None = None
+    stages: Memo = field(default_factory=Memo)  # stage outputs by key (every input of the stage in the key)
     siblings: dict[str, Artifact] = field(default_factory=dict)  # conversion key -> artifact made besides another
 
 
@@ -61,30 +78,3 @@ class BuildContext:
     job: BuildJob
     work: Workspace
     carry: Carryover = field(default_factory=Carryover)
-
-
-class Turns:
-    """Accuracy searches of targets built in parallel run in the targets' order, one at a time: a search may
-    reuse what an earlier one left in the carryover (the layer sensitivity, measured with the first searching
-    target's budget), so the result is the one a sequential build gives."""
-
-    def __init__(self, names, slots=None):
-        import threading
-
-        self.names = list(names)
-        self.done_events = {n: threading.Event() for n in self.names}
-        self.slots = slots  # the scheduler's work slots (a semaphore): a target waiting for its turn gives its up
-
-    @contextmanager
-    def turn(self, name: str):
-        waiting = [self.done_events[e] for e in self.names[:self.names.index(name)] if not self.done_events[e].is_set()]
-        if waiting and self.slots is not None:
-            self.slots.release()  # waiting costs no CPU: a target still to convert may use the slot meanwhile
-        for event in waiting:
-            event.wait()
-        if waiting and self.slots is not None:
-            self.slots.acquire()
-        yield
-
-    def done(self, name: str) -> None:
-        self.done_events[name].set()

@@ -26,9 +26,13 @@ class LoadedModel:
     output_names: tuple[str, ...] = ()  # torch sources: names for the exported outputs (spec.output_names)
 
 
-def load_model(spec: BuildSpec) -> LoadedModel:
-    """The model of ``spec``; torch sources carry ``spec.output_names`` (an ONNX file names its own outputs)."""
-    loaded = _load(spec)
+PYTHON_OBJECT = "python-object:"  # the spec's name of a model handed to build() as a Python object (pipeline/api.py)
+
+
+def load_model(spec: BuildSpec, objects: dict[str, Any] | None = None) -> LoadedModel:
+    """The model of ``spec``; torch sources carry ``spec.output_names`` (an ONNX file names its own outputs).
+    ``objects``: the Python objects the build holds for models the spec names ``python-object:<class>``."""
+    loaded = _load(spec, objects or {})
     if spec.output_names:
         if loaded.kind == "onnx":
             raise BadInputError("output_names is for torch models; an ONNX file names its own outputs "
@@ -39,7 +43,7 @@ def load_model(spec: BuildSpec) -> LoadedModel:
     return loaded
 
 
-def _load(spec: BuildSpec) -> LoadedModel:
+def _load(spec: BuildSpec, objects: dict[str, Any]) -> LoadedModel:
     if spec.is_demo:
         from edgebuild.pipeline.demo_model import INPUT_SHAPE, load_demo
 
@@ -53,6 +57,12 @@ def _load(spec: BuildSpec) -> LoadedModel:
         return LoadedModel("torch", "built-in demo: DigitsCNN on scikit-learn digits",
                            (InputSpec("input", INPUT_SHAPE, "float32", "NCHW"),), module=load_demo())
     src = spec.model
+    if src.startswith(PYTHON_OBJECT):
+        if src not in objects:
+            raise BadInputError(f"model {src}: a Python object handed to edgebuild.build(model=...), which a spec or "
+                                "manifest cannot hold; re-run that build from Python with the object, or give a model "
+                                "file or package.module:attr")
+        return _torch_module(objects[src], src, spec, "Python object")
     path = Path(src)
     if spec.weights and not (":" in src and not path.exists()):
         raise BadInputError(f"--weights is for package.module:attr models; {path.name} carries its own weights")
@@ -211,13 +221,18 @@ def _python_reference(ref: str, spec: BuildSpec) -> LoadedModel:
             raise BadInputError(f"{ref}() raised {type(e).__name__}: {_first_line(e, 300)}") from None
         if not isinstance(obj, torch.nn.Module):
             raise BadInputError(f"{ref}() returned {type(obj).__name__}, not an nn.Module")
+    return _torch_module(obj, ref, spec, "python reference")
+
+
+def _torch_module(obj, ref: str, spec: BuildSpec, what: str) -> LoadedModel:
+    """An ``nn.Module`` (imported by reference or handed in as an object), with ``spec.weights`` loaded."""
     if spec.weights:
         try:
             obj.load_state_dict(load_state_dict(Path(spec.weights)))
         except RuntimeError as e:  # missing/unexpected keys, shape mismatches: keep every detail, on one line
             details = "; ".join(ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()) or _first_line(e)
             raise BadInputError(f"{spec.weights} does not fit {ref}: {details[:1500]}") from None
-    return LoadedModel("torch", f"python reference {ref}" + (f" + {Path(spec.weights).name}" if spec.weights else ""),
+    return LoadedModel("torch", f"{what} {ref}" + (f" + {Path(spec.weights).name}" if spec.weights else ""),
                        _torch_inputs(spec, ref), module=obj.eval())
 
 

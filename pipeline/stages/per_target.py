@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -240,7 +240,7 @@ def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
 
 
 def _store_search(ctx: BuildContext, k: str | None, chosen: Attempt, search: dict) -> None:
-    if not k:
+    if not k or search.get("time_limit"):  # a choice the clock made is not a function of the key: not kept
         return
     art_key = key(stage="search-choice", search=k)
     ctx.work.cache.put(art_key, chosen.artifact)
@@ -270,41 +270,36 @@ def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> Tar
 def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> Prepared:
     """Convert (or restore) and validate the target's artifact and its FP32 baseline; safe to run for several
     targets at once (threads)."""
-    try:
-        backend = get_backend(profile.backend)
-        backend.check_available(profile.name)
-        precision = precision_for(profile, ctx.job.spec)
-        budget = budget_for(profile, ctx.job.spec)
-        searching = precision == "int8" and ctx.job.spec.auto
-        cache_use = {}
-        chosen, failed, search = None, None, None
-        search_key = _search_key(ctx, backend, profile, budget) if searching else None
-        restored = _cached_search(ctx, backend, profile, budget, outdir, search_key) if searching else None
-        if restored is not None:
-            chosen, search = restored
-            cache_use["search"] = True
-        else:
-            try:
-                t0 = time.monotonic()
-                with ctx.work.stage(f"{profile.name}: converting to {precision}"):
-                    art = convert(ctx, backend, profile, precision, outdir, siblings=_baseline_dir(ctx, profile, precision))
-                with ctx.work.stage(f"{profile.name}: validating {art.main}"):
-                    chosen = evaluate(ctx, backend, profile, art, budget)
-                chosen.seconds = time.monotonic() - t0
-            except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
-                if not searching:
-                    raise
-                failed, failed.seconds = e, time.monotonic() - t0  # how long a try may take: a crash can come late
-            if searching:
-                from edgebuild.pipeline.stages.search import recover
+    backend = get_backend(profile.backend)
+    backend.check_available(profile.name)
+    precision = precision_for(profile, ctx.job.spec)
+    budget = budget_for(profile, ctx.job.spec)
+    searching = precision == "int8" and ctx.job.spec.auto
+    cache_use = {}
+    chosen, failed, search = None, None, None
+    search_key = _search_key(ctx, backend, profile, budget) if searching else None
+    restored = _cached_search(ctx, backend, profile, budget, outdir, search_key) if searching else None
+    if restored is not None:
+        chosen, search = restored
+        cache_use["search"] = True
+    else:
+        try:
+            t0 = time.monotonic()
+            with ctx.work.stage(f"{profile.name}: converting to {precision}"):
+                art = convert(ctx, backend, profile, precision, outdir, siblings=_baseline_dir(ctx, profile, precision))
+            with ctx.work.stage(f"{profile.name}: validating {art.main}"):
+                chosen = evaluate(ctx, backend, profile, art, budget)
+            chosen.seconds = time.monotonic() - t0
+        except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
+            if not searching:
+                raise
+            failed, failed.seconds = e, time.monotonic() - t0  # how long a try may take: a crash can come late
+        if searching:
+            from edgebuild.pipeline.stages.search import recover
 
-                with ctx.work.turns.turn(profile.name) if ctx.work.turns else nullcontext():
-                    chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
-                _store_search(ctx, search_key, chosen, search)
-                cache_use["search"] = False
-    finally:
-        if ctx.work.turns:
-            ctx.work.turns.done(profile.name)
+            chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
+            _store_search(ctx, search_key, chosen, search)
+            cache_use["search"] = False
     cache_use["conversion"] = _restored(chosen.artifact)
     cache_use["validation"] = chosen.cached
     baseline = None

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgebuild.pipeline.errors import ConversionError, EdgeBuildError
 from edgebuild.pipeline.stages import validate as V
-from edgebuild.pipeline.stages.context import BuildContext, Sensitivity
+from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.per_target import Attempt, convert, evaluate
 from edgebuild.targets.base import Backend
 from edgebuild.targets.profiles import TargetProfile
@@ -73,6 +73,14 @@ class _Search:
         self.deadline = min(self.started + ctx.job.spec.auto_max_seconds, ctx.work.deadline)
         self.reserve = reserve
         self.durations: list[float] = []  # seconds each try took (conversion + evaluation)
+        self.sensitivity = None  # the per-layer ranking (stages/sensitivity.py), once this search asked for it
+
+    def timed_out(self, what: str) -> None:
+        """Record a decision the clock made (the only way the search's result depends on wall time; a search that
+        records none is a function of its inputs): ``auto_max_seconds``/``build_max_seconds`` are inputs (spec)."""
+        hits = self.record.setdefault("time_limit", [])
+        if what not in hits:
+            hits.append(what)
 
     def room(self, fallback: bool = False) -> bool:
         """Whether another try may start: within the count, and (judged by the slowest try so far) able to end
@@ -81,13 +89,23 @@ class _Search:
         now = time.monotonic()
         expected = max(self.durations, default=0.0)
         if fallback:
-            return now + expected < self.ctx.work.deadline
-        return (len(self.record["tries"]) < self.ctx.job.spec.auto_max_tries - self.reserve
-                and now + expected < self.deadline)
+            fits = now + expected < self.ctx.work.deadline
+            if not fits:
+                self.timed_out("a float fallback try did not fit before build_max_seconds")
+            return fits
+        if len(self.record["tries"]) >= self.ctx.job.spec.auto_max_tries - self.reserve:
+            return False
+        if now + expected >= self.deadline:
+            self.timed_out("a try did not fit before the search's time limit")
+            return False
+        return True
 
     def short_of_time(self, tries: int) -> bool:
         """Fewer than ``tries`` more tries (as long as the slowest so far) fit before the search's limit."""
-        return bool(self.durations) and time.monotonic() + tries * max(self.durations) > self.deadline
+        short = bool(self.durations) and time.monotonic() + tries * max(self.durations) > self.deadline
+        if short:
+            self.timed_out(f"fewer than {tries} more tries fit before the search's time limit")
+        return short
 
     def attempt(self, label: str, precision: str, settings: dict, fallback: bool = False) -> Attempt | None:
         if not self.room(fallback):
@@ -346,9 +364,9 @@ def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: _Search) -> 
         return False
     if not search.room():
         return True  # no time to measure: the cheap, safe fallback
-    if ctx.carry.sensitivity is None:
+    if search.sensitivity is None:
         _sensitivity(ctx, search)
-    sens = list(ctx.carry.sensitivity.layers.values())
+    sens = list(search.sensitivity.layers.values())
     loss = min(t.loss for t in search.tries)
     top = sum(max(v, 0.0) for v in sens[:CONCENTRATED_LAYERS])
     diffuse = not sens or top < CONCENTRATED_SHARE * loss
@@ -415,7 +433,7 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
                 f"{a.label}: byte-identical to plain INT8 ({', '.join(layers[:3])}{'…' if len(layers) > 3 else ''} "
                 "not found in the backend's graph)")
         if a is not None and a.quality_ok:
-            search.record["float_layers"] = {n: round(ctx.carry.sensitivity.layers[n], 4) for n in layers}
+            search.record["float_layers"] = {n: round(search.sensitivity.layers[n], 4) for n in layers}
             search.record["float_weight_share"] = round(share, 4)
             return a
     return None
@@ -460,21 +478,21 @@ def _layer_weights(onnx_path) -> dict[str, int]:
 
 
 def _sensitivity(ctx: BuildContext, search: _Search) -> list[str]:
-    """Layers ranked by sensitivity, measured once per build within half of the search's time left."""
-    from edgebuild.pipeline.stages.sensitivity import layer_sensitivity
+    """Layers ranked by sensitivity (a stage output keyed by its inputs, stages/sensitivity.py), measured within half
+    of the search's time left."""
+    from edgebuild.pipeline.stages.sensitivity import measure
 
-    select, record, budget = search.select, search.record, search.budget
-    if ctx.carry.sensitivity is None:
-        with ctx.work.stage("measuring per-layer INT8 sensitivity"):
-            t0 = time.monotonic()
-            until = t0 + max(0.0, min(search.deadline, ctx.work.deadline) - t0) / 2
-            layers = layer_sensitivity(ctx.job.model.onnx_path, ctx.job.calib, select[0], select[1],
-                                       until, ctx.job.judging, budget, stage=ctx.work.stage)
-            ctx.carry.sensitivity = Sensitivity(layers, round(time.monotonic() - t0, 2))
-    sens = ctx.carry.sensitivity.layers
+    record = search.record
+    if search.sensitivity is None:
+        t0 = time.monotonic()
+        until = t0 + max(0.0, min(search.deadline, ctx.work.deadline) - t0) / 2
+        search.sensitivity = measure(ctx, search.select, search.budget, until)
+        if not search.sensitivity.complete:
+            search.timed_out("the per-layer sensitivity was cut short by the time limit")
+    sens = search.sensitivity.layers
     record["sensitivity"] = {"method": "one layer quantized at a time, ONNX Runtime fake-quant, on evaluation[select]; "
                                        "quality loss = worst relative excess over the quality budgets",
-                             "seconds": ctx.carry.sensitivity.seconds,
+                             "seconds": search.sensitivity.seconds, "cached": search.sensitivity.cached,
                              "layers": {n: round(v, 4) for n, v in list(sens.items())[:10]}}
     floor = min(sens.values(), default=0.0)
     return [n for n, v in sens.items() if v > floor + 1e-9] or list(sens)

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from edgebuild.pipeline.cli import main
-from edgebuild.pipeline.stages.context import BuildContext, Carryover, Sensitivity
+from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages import search as R
-from edgebuild.pipeline.stages.sensitivity import LAYER_SAMPLE_BUDGET, MIN_EVAL_SAMPLES, samples_per_layer
+from edgebuild.pipeline.stages.sensitivity import LAYER_SAMPLE_BUDGET, MIN_EVAL_SAMPLES, Sensitivity, samples_per_layer
 
 OUTLIER = ["--model", "tests.outlier_model:outlier_demo", "--input-shape", "1,1,8,8",
            "--calib", "digits:train", "--eval", "digits:test", "--target", "onnx-cpu"]
@@ -43,10 +43,9 @@ def test_the_whole_build_limit_stops_even_the_float_fallback(tmp_path):
 
 
 def _search(sensitivity: dict, losses: list[float], seconds_left: float = 100.0, durations=()):
-    ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=12)), SimpleNamespace(deadline=float("inf")),
-                       Carryover(Sensitivity(sensitivity, 0.0)))
+    ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=12)), SimpleNamespace(deadline=float("inf")))
     s = R._Search.__new__(R._Search)
-    s.ctx, s.record, s.reserve = ctx, {"tries": [{}]}, 1
+    s.ctx, s.record, s.reserve, s.sensitivity = ctx, {"tries": [{}]}, 1, Sensitivity(sensitivity, 0.0)
     s.tries = [SimpleNamespace(loss=v) for v in losses]
     s.deadline, s.durations = time.monotonic() + seconds_left, list(durations)
     return ctx, s

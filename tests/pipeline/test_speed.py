@@ -122,25 +122,3 @@ def test_jobs_are_bounded_by_targets_and_memory(monkeypatch):
     assert B.effective_jobs(None, 3) == min(timing.host_cores(), 3) and B.effective_jobs(8, 2) == 2
     monkeypatch.setattr(B, "_available_memory", lambda: 4 << 30)  # memory bounds the running targets' estimated
     assert B.effective_jobs(8, 3) == 3 and B.memory_limit(None) == 3 << 30  # peaks (MemorySlots, test_schedule.py)
-
-
-def test_searches_of_parallel_targets_take_turns_in_target_order():
-    import threading
-    import time
-
-    from edgebuild.pipeline.stages.context import Turns
-
-    turns, order = Turns(["a", "b", "c"]), []
-
-    def target(name, delay):
-        time.sleep(delay)
-        with turns.turn(name):
-            order.append(name)
-        turns.done(name)
-
-    threads = [threading.Thread(target=target, args=(n, d)) for n, d in (("c", 0.0), ("b", 0.05), ("a", 0.1))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert order == ["a", "b", "c"]

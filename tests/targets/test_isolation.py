@@ -69,9 +69,9 @@ def test_an_exception_is_one_line_and_an_edgebuild_error_keeps_its_type():
 
 
 def test_an_interrupt_kills_every_child_at_once():
-    """SIGTERM/Ctrl-C (``terminate_as_interrupt``) kills the children of every target's thread, not only the
-    main thread's: the thread waiting on one gets a ConversionError at once."""
-    from edgebuild.procs import kill_tracked
+    """An interrupted build kills its children (``Children.kill_all``) in every target's thread, not only the main
+    thread's: the thread waiting on one gets a ConversionError at once."""
+    from edgebuild.procs import current
 
     errors = []
 
@@ -87,7 +87,7 @@ def test_an_interrupt_kills_every_child_at_once():
     while not _children("convert:waiting") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _children("convert:waiting")
-    kill_tracked()
+    current().children.kill_all()  # outside a build: the default scope, shared by this test's threads
     t.join(30)
     assert not t.is_alive() and errors == ["waiting: the converter crashed (SIGKILL)"]
 
