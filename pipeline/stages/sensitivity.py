@@ -83,8 +83,8 @@ def measure(ctx, select, budget: V.Budget, until: float) -> Sensitivity:
             return Sensitivity({str(n): float(v) for n, v in hit[0]["layers"].items()}, 0.0, True, True), True
         with ctx.work.stage("measuring per-layer INT8 sensitivity"):
             t0 = time.monotonic()
-            layers, complete = layer_sensitivity(ctx.job.model.onnx_path, ctx.job.calib, select[0], select[1], until,
-                                                 ctx.job.judging, budget, stage=ctx.work.stage)
+            layers, complete = rank_layers(ctx.job.model.onnx_path, ctx.job.calib, select[0], select[1], until,
+                                           ctx.job.judging, budget, stage=ctx.work.stage)
             result = Sensitivity(layers, round(time.monotonic() - t0, 2), complete)
         if complete and k:
             ctx.work.cache.put_result(k, {"layers": layers})
@@ -110,9 +110,15 @@ def quantizable_layers(onnx_path: Path) -> list[str]:
     return heads + [n.name for n in graph.node if n.op_type in QUANTIZABLE and n.name]
 
 
-def layer_sensitivity(onnx_path: Path, calib: SampleSet, select: SampleSet, reference: list,
-                      deadline: float, judging: V.Judging, budget: V.Budget, max_layers: int = MAX_LAYERS,
-                      stage=None) -> tuple[dict[str, float], bool]:
+def layer_sensitivity(onnx_path: Path, calib: SampleSet, select: SampleSet, reference: list, deadline: float,
+                      judging: V.Judging, budget: V.Budget, max_layers: int = MAX_LAYERS, stage=None) -> dict[str, float]:
+    """``rank_layers``'s ranking alone."""
+    return rank_layers(onnx_path, calib, select, reference, deadline, judging, budget, max_layers, stage)[0]
+
+
+def rank_layers(onnx_path: Path, calib: SampleSet, select: SampleSet, reference: list,
+                deadline: float, judging: V.Judging, budget: V.Budget, max_layers: int = MAX_LAYERS,
+                stage=None) -> tuple[dict[str, float], bool]:
     """Quality loss (``V.quality_loss``: the build's own budgets) per layer, most sensitive first, and whether every
     layer was measured before ``deadline``. ``stage`` (the build's progress) shows each layer as a counted step."""
 

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from edgebuild.pipeline.stages import search as R
-from edgebuild.pipeline.stages.context import BuildContext, Carryover, Sensitivity
+from edgebuild.pipeline.stages.sensitivity import Sensitivity
+from edgebuild.pipeline.stages.context import BuildContext
 
 
 def art(precision: str):
@@ -22,9 +23,10 @@ def tried(label: str, precision: str, ok: bool, loss: float = 0.0):
 
 def stand_in(seconds_left: float, durations=(10.0,), tries: int = 12):
     ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=tries), evalset=[0] * 100),
-                       SimpleNamespace(deadline=float("inf")), Carryover(Sensitivity({}, 0.0)))
+                       SimpleNamespace(deadline=float("inf")))
     s = R._Search.__new__(R._Search)
     s.ctx, s.record, s.reserve = ctx, {"tries": [{"label": "profile settings"}]}, 1
+    s.sensitivity = Sensitivity({}, 0.0)
     s.tries = [tried("profile settings", "int8", False, 0.3)]
     s.deadline, s.durations, s.started = time.monotonic() + seconds_left, list(durations), time.monotonic()
     s.profile = SimpleNamespace(name="onnx-cpu")

@@ -87,14 +87,13 @@ def test_sensitivity_counts_its_layers_as_inner_steps(demo_onnx, digits_split):
     buf = io.StringIO()
     p = Recording(Console(file=buf, force_terminal=True, width=120, color_system=None))
     judging = V.resolve(V.Judging(), reference, select.labels)
-    scores, complete = layer_sensitivity(demo_onnx, train.subset(np.arange(32)), select, reference, float("inf"), judging,
+    scores = layer_sensitivity(demo_onnx, train.subset(np.arange(32)), select, reference, float("inf"), judging,
                                V.Budget(0.5, None, None, None), stage=p.stage)
     p.close()
     n = len(seen)
     assert n >= 3 and seen == [f"{SUBSTEP}sensitivity: layer {i}/{n} ({name})" for i, name in
                                enumerate([s.split("(", 1)[1][:-1] for s in seen], 1)]
     assert set(scores) <= {s.split("(", 1)[1][:-1] for s in seen}
-    assert complete  # no time limit: every layer measured
     text = buf.getvalue()
     assert f"sensitivity: layer 2/{n}" in text and "━" in text  # the live line, with its bar
     assert "✓ · sensitivity" not in text and f"{n} stages in" in text  # no trail line per layer
