@@ -33,7 +33,9 @@ def first_step(onnx_path, calib, select, reference, ranked: list[str], steps: li
                     "scores": {}}
     t0 = time.monotonic()
 
-    with tempfile.TemporaryDirectory(prefix="edgebuild-proxy-") as tmp, \
+    from edgebuild.procs import tempdir
+
+    with tempfile.TemporaryDirectory(prefix="edgebuild-proxy-", dir=tempdir()) as tmp, \
             FakeQuant(onnx_path, at_most(calib, PROXY_CALIB_SAMPLES), Path(tmp)) as fq:
         def loss(k: int) -> float:
             with fq.runner_except(ranked[:k]) as runner:

@@ -446,12 +446,15 @@ def _proxy_start(ctx, search: _Search, ranked: list[str], weights: dict, total: 
 
     steps = [k for k in FLOAT_LAYER_STEPS if k <= len(ranked)
              and sum(weights.get(n, 0) for n in ranked[:k]) / total <= MAX_FLOAT_SHARE]
-    if len(steps) < 2 or ctx.carry.sensitivity is None:
+    if len(steps) < 2 or search.sensitivity is None:
         return 1
     now = time.monotonic()
+    until = now + max(0.0, search.deadline - now) / 3
     with ctx.work.stage("mixed precision: how many layers in float (fake-quant proxy)"):
         index, record = first_step(ctx.job.model.onnx_path, ctx.job.calib, search.select[0], search.select[1], ranked,
-                                   steps, ctx.job.judging, search.budget, now + max(0.0, search.deadline - now) / 3)
+                                   steps, ctx.job.judging, search.budget, until)
+    if time.monotonic() > until:
+        search.timed_out("the fake-quant proxy's bisection was cut short by the time limit")
     search.record["float_layers_proxy"] = record
     return steps[index] if index is not None else 1
 

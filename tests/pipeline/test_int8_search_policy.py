@@ -175,7 +175,7 @@ def test_mixed_precision_starts_where_the_proxy_says(monkeypatch):
 
     ranked = [f"conv{i}" for i in range(10)]
     ctx, s = stand_in(seconds_left=500.0)
-    ctx.carry.sensitivity = Sensitivity({n: 1.0 - i / 10 for i, n in enumerate(ranked)}, 0.0)
+    s.sensitivity = Sensitivity({n: 1.0 - i / 10 for i, n in enumerate(ranked)}, 0.0)
     ctx.job.model = SimpleNamespace(onnx_path="model.onnx")
     ctx.job.calib, ctx.job.judging = None, SimpleNamespace(task="classification")
     ctx.work.stage = lambda text: contextlib.nullcontext()
