@@ -406,6 +406,7 @@ def _quantize_static(src: Path, out: Path, calib: SampleSet, s: dict, workdir: P
         extra["CalibPercentile"] = float(s["percentile"])
     op_types, note = resolve_op_types(src, s.get("op_types", "all"))
     regions: list[str] = []
+    found: dict = {}
     if s.get("float_regions", False) and not s["nodes_to_quantize"]:
         from edgebuild.targets.regions import describe, float_regions
 
@@ -424,6 +425,8 @@ def _quantize_static(src: Path, out: Path, calib: SampleSet, s: dict, workdir: P
         nodes_to_quantize=list(s["nodes_to_quantize"]) or None,
         op_types_to_quantize=op_types, extra_options=extra, calibration_cache_path=ranges,
     )
+    if regions and found.get("postprocess"):
+        _float_into_tail(out, set(found["postprocess"]))
     if not preprocessed:
         pre.unlink()
     if calibration_cache is None:
@@ -431,3 +434,41 @@ def _quantize_static(src: Path, out: Path, calib: SampleSet, s: dict, workdir: P
     for leftover in workdir.glob("*.onnx.data"):
         leftover.unlink()
     return [note] if note else []
+
+
+def _float_into_tail(path: Path, tail: set[str]) -> None:
+    """No Q/DQ on a tensor that only the float tail reads (an output Softmax/Sigmoid kept float, targets/regions.py):
+    onnxruntime quantizes a Gemm/Conv's output whatever reads it, so the logits a float Softmax takes were still 8-bit
+    (the arg-max of two close symbols tied). The layer before keeps its int8 weights and inputs, with a float output
+    (onnxruntime fuses DQ -> Gemm/MatMul into an integer kernel with float output)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    outputs = {o.name for o in graph.output}
+    drop, rename = [], {}
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] in outputs:
+            continue
+        users = consumers.get(q.output[0], [])
+        if len(users) != 1 or users[0].op_type != "DequantizeLinear" or users[0].output[0] in outputs:
+            continue
+        dq = users[0]
+        readers = consumers.get(dq.output[0], [])
+        if readers and all(r.name in tail for r in readers):
+            drop += [q, dq]
+            rename[dq.output[0]] = q.input[0]
+    if not drop:
+        return
+    for n in drop:
+        graph.node.remove(n)
+    for n in graph.node:
+        for i, t in enumerate(n.input):
+            if t in rename:
+                n.input[i] = rename[t]
+    onnx.save(model, str(path))
+

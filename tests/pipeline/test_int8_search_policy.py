@@ -193,3 +193,50 @@ def test_mixed_precision_starts_where_the_proxy_says(monkeypatch):
     found = R._mixed(ctx, Backend(), PROFILE, s, {})
     assert asked == [4] and found.label == "INT8 with 4 layer(s) in float"  # not 1, 2, 3 first
     assert s.record["float_layers_proxy"]["result"].startswith("4 layer(s)")
+
+
+def test_an_output_softmax_stays_float_so_near_ties_keep_their_arg_max(tmp_path):
+    """A recogniser's CTC head: Softmax over many symbols, two of them close. Quantized per tensor (step 1/255), the
+    close probabilities become one level and the arg-max changes; the tail after the last weighted layer (a Softmax)
+    now stays float, and INT8 keeps every decision of this head."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgebuild.pipeline.stages.export import file_hash
+    from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
+    from edgebuild.targets.onnx import OrtRunner
+    from edgebuild.targets.profiles import catalogue
+    from edgebuild.targets.regions import float_regions
+    from tests.pipeline.int8_models import sample_set
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.02, (16, 400)).astype(np.float32)
+    b = np.zeros(400, np.float32)
+    b[:2] = 0.5  # two symbols above the other 398 and close to each other (logits within ~0.1)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["logits"], name="fc"),
+             helper.make_node("Softmax", ["logits"], ["p"], name="softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 400])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    path = tmp_path / "head.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    assert float_regions(path)["postprocess"] == ["softmax"]
+    calib, evals = sample_set(rng, 64, (16,)), sample_set(rng, 200, (16,))
+    exported = ExportedModel(path, (TensorInfo("x", (1, 16), "float32"),), (TensorInfo("p", (1, 400), "float32"),),
+                             13, file_hash(path))
+    onnx_cpu = catalogue()["onnx-cpu"]
+
+    def agreement(settings):
+        art = get_backend("onnx").convert(exported, onnx_cpu, "int8", calib, tmp_path / str(len(settings)), settings)
+        with OrtRunner(path, 1) as ref, OrtRunner(art.path, 1) as q:
+            pairs = [(ref.run(f)[0].argmax(), q.run(f)[0].argmax()) for f in evals.feeds()]
+        return np.mean([a == b for a, b in pairs]), art
+
+    kept, art = agreement({})
+    assert kept >= 0.98 and any("postprocess" in n for n in art.notes), (kept, art.notes)  # the input is still int8
+    q = onnx.load(str(art.path)).graph
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "logits" for n in q.node)  # the logits stay float
+    assert any(n.op_type == "DequantizeLinear" and n.input[0].startswith("w") for n in q.node)  # fc's weights are int8
+    quantized, _ = agreement({"float_regions": False})  # the old recipe: the logits and the Softmax output 8-bit
+    assert quantized < 0.8, quantized  # measured 0.51

@@ -500,5 +500,7 @@ def test_int8_variants_use_the_search_time_before_fp16():
     s.deadline, asked[:] = time.monotonic() + 30, []  # not even one more 24 s INT8 try fits beside FP16: FP16 first
     s.attempt = lambda label, precision, settings, fallback=False: asked.append(label) or SimpleNamespace(
         quality_ok=precision == "fp16", label=label, artifact=SimpleNamespace(precision=precision))
+    s.ctx, s.reserve = SimpleNamespace(job=SimpleNamespace(spec=SimpleNamespace(auto_max_tries=2)),
+                                       work=SimpleNamespace(deadline=float("inf"))), 1  # no INT8 try left beside it
     found = R._search(None, backend, profile, s, collapsed=False)
-    assert asked[0].startswith("FP16") and "float_first" in s.record
+    assert asked[0].startswith("FP16") and "float_first" in s.record and found.label.startswith("FP16")
