@@ -402,6 +402,11 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
                                           "does not fit the search's time left")
         return None
     ranked = _sensitivity(ctx, search)
+    if settings.get("float_regions"):  # the backend keeps these float from the start: not worth a try of their own
+        from edgebuild.targets.regions import float_regions
+
+        already = {n for v in float_regions(ctx.job.model.onnx_path).values() for n in v}
+        ranked = [n for n in ranked if n not in already]
     weights = _layer_weights(ctx.job.model.onnx_path)
     total = sum(weights.values()) or 1
     # a layer that alone holds more than the float share allowed (R-Net's dense layer: 74 % of the weights) is not

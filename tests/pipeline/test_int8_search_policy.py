@@ -240,3 +240,26 @@ def test_an_output_softmax_stays_float_so_near_ties_keep_their_arg_max(tmp_path)
     assert any(n.op_type == "DequantizeLinear" and n.input[0].startswith("w") for n in q.node)  # fc's weights are int8
     quantized, _ = agreement({"float_regions": False})  # the old recipe: the logits and the Softmax output 8-bit
     assert quantized < 0.8, quantized  # measured 0.51
+
+
+def test_layers_the_backend_keeps_float_anyway_get_no_try_of_their_own(monkeypatch):
+    """The output Softmax ranks most sensitive (quantized alone it ties the arg-max), but onnx-cpu and x86 keep it
+    float from the start (targets/regions.py): "INT8 with 1 layer in float" would be plain INT8 again."""
+    import contextlib
+
+    from edgebuild.pipeline.stages import proxy
+    from edgebuild.targets import regions
+
+    ranked = ["softmax", "conv1", "conv2"]
+    ctx, s = stand_in(seconds_left=500.0)
+    ctx.carry.sensitivity = Sensitivity({n: 1.0 for n in ranked}, 0.0)
+    ctx.job.model = SimpleNamespace(onnx_path="model.onnx")
+    ctx.work.stage = lambda text: contextlib.nullcontext()
+    monkeypatch.setattr(R, "_sensitivity", lambda c, search: ranked)
+    monkeypatch.setattr(R, "_layer_weights", lambda path: {"conv1": 1, "conv2": 1})
+    monkeypatch.setattr(regions, "float_regions", lambda path: {"frontend": [], "postprocess": ["softmax"]})
+    monkeypatch.setattr(proxy, "first_step", lambda *a: (None, {}))
+    asked = []
+    s.attempt = lambda label, precision, settings, fallback=False: asked.append(settings["float_layers"])
+    R._mixed(ctx, Backend(), PROFILE, s, {"float_regions": True})
+    assert asked and asked[0] == ["conv1"], asked
