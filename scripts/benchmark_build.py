@@ -156,12 +156,13 @@ def cli_args(spec: dict, jobs: str) -> list[str]:
 
 class TreeMemory:
     """The peak of the summed resident memory of a process and all its descendants (sampled every 0.1 s): what the
-    machine must hold at once, where ru_maxrss gives only the largest single process."""
+    machine must hold at once, where ru_maxrss gives only the largest single process. ``children_peak``: the same
+    without the build's own process (what ``--max-memory-gb`` bounds: the conversions' and runtimes' children)."""
 
     def __init__(self, pid: int):
         import threading
 
-        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.pid, self.peak, self.children_peak, self.stop = pid, 0, 0, threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
 
@@ -174,13 +175,16 @@ class TreeMemory:
                 procs = [root, *root.children(recursive=True)]
             except psutil.Error:
                 continue
-            total = 0
+            total = own = 0
             for proc in procs:
                 try:
-                    total += proc.memory_info().rss
+                    rss = proc.memory_info().rss
                 except psutil.Error:
-                    pass
+                    continue
+                total += rss
+                own = rss if proc.pid == self.pid else own
             self.peak = max(self.peak, total)
+            self.children_peak = max(self.children_peak, total - own)
 
     def done(self) -> float:
         self.stop.set()
@@ -204,6 +208,7 @@ def run_build(spec: dict, jobs: str, workdir: Path, cache: Path, via: str = "api
     _, status, usage = os.wait4(proc.pid, 0)  # usage: this build and every child it waited for
     wall = time.perf_counter() - t0
     tree_peak = tree.done()
+    children_peak = round(tree.children_peak / 2**20, 1)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if via == "cli" and proc.returncode in (0, 1):
         result.write_text(json.dumps({"stages": [], "manifest": json.loads((Path(spec["out"]) / "manifest.json").read_text())}))
@@ -223,7 +228,7 @@ def run_build(spec: dict, jobs: str, workdir: Path, cache: Path, via: str = "api
                          "speedup_p25": spread.get("p25"), "speedup_p75": spread.get("p75"),
                          "threads": t.get("threads")}
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "cores_used": round(cpu / wall, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_tree_mb": tree_peak, "loadavg_before": round(load, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_tree_mb": tree_peak, "peak_children_mb": children_peak, "loadavg_before": round(load, 2),
             "stages_s": {k: round(v, 2) for k, v in kinds.items()}, "targets": targets,
             "stages": [[text, round(seconds, 2)] for text, seconds in r["stages"]],
             "calibration": (r["manifest"].get("data") or {}).get("calibration_samples")}
