@@ -34,8 +34,13 @@ RUN_TIMEOUT_S = 600
 # the machines (uname -m) a target's boards have; targets not listed run on any machine with the runtime
 ARCHES = {"arm64": ("aarch64", "arm64"), "android-arm64": ("aarch64",), "x86": ("x86_64", "amd64"),
           "x86-fp16": ("x86_64",), "intel-n100": ("x86_64",)}
-RUNTIMES = {"tflite": ("ai_edge_litert", "tflite_runtime", "tensorflow"), "onnx": ("onnxruntime",),
-            "openvino": ("openvino",)}
+
+
+def device_runtimes() -> dict[str, tuple[str, ...]]:
+    """Backend -> the runtimes a board's Python may run its artifacts with (BackendInfo.device_runtimes)."""
+    from edgebuild.targets.base import all_infos
+
+    return {i.name: i.device_runtimes for i in all_infos() if i.device_runtimes}
 
 
 class DeviceError(EdgeBuildError):
@@ -114,10 +119,11 @@ def _last_line(text: str) -> str:
 
 def probe(board: Board, target: str, backend: str) -> dict:
     """One ssh call: the board's ``uname -m`` and the runtimes its Python imports; raises DeviceError if unfit."""
-    if backend not in RUNTIMES:
-        raise BadInputError(f"target {target}: --device runs tflite, onnx and openvino artifacts, not {backend} "
+    known = device_runtimes()
+    if backend not in known:
+        raise BadInputError(f"target {target}: --device runs {', '.join(sorted(known))} artifacts, not {backend} "
                             f"(TensorRT engines are built on the board: see build_engine.sh)")
-    names = sorted({n for v in RUNTIMES.values() for n in v} | {"numpy"})
+    names = sorted({n for v in known.values() for n in v} | {"numpy"})
     code = f"import importlib.util as u, json; print(json.dumps({{n: u.find_spec(n) is not None for n in {names!r}}}))"
     done = board.ssh(f"uname -m && {shlex.quote(board.python)} -c {shlex.quote(code)}", timeout=CONNECT_TIMEOUT_S + 60)
     if done.returncode == 255:
@@ -133,9 +139,9 @@ def probe(board: Board, target: str, backend: str) -> dict:
     except (IndexError, ValueError):
         raise DeviceError(f"{board.name}: no working Python at {board.python!r} ({_last_line(done.stderr)}); "
                           f"give one with ?python=PATH") from None
-    runtimes = [n for n in RUNTIMES[backend] if found.get(n)]
+    runtimes = [n for n in known[backend] if found.get(n)]
     if not runtimes or not found.get("numpy"):
-        missing = "numpy" if runtimes else " or ".join(RUNTIMES[backend])
+        missing = "numpy" if runtimes else " or ".join(known[backend])
         raise DeviceError(f"{board.name}: the runtime is missing: {board.python} cannot import {missing} "
                           f"(install it on the board, e.g. pip install {missing.split(' or ')[0].replace('_', '-')})")
     return {"machine": machine, "runtimes": runtimes}

@@ -25,6 +25,7 @@ from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.stages import validate as V
 
 SITE = "/opt/edgebuild/site"  # inside the root: where the setup script installed the aarch64 wheels
+RUNTIMES = ("ai_edge_litert",)  # what the root has (setup_arm64_emulator.sh): a backend whose device runtimes include it
 RUN_TIMEOUT_S = 900
 CPU = "cortex-a76"  # the Raspberry Pi 5's core; the setup script's ROOT/proc/cpuinfo describes the same
 # emulated (aarch64 LiteRT) vs host (x86-64 LiteRT), same artifact and feeds: the same kernels (XNNPACK) on two
@@ -60,12 +61,13 @@ def command() -> tuple[list[str], dict]:
 def validate_emulated(artifact_dir: Path, eval_source: str, evaluator: str | None = None) -> dict:
     from edgebuild.pipeline.revalidate import judged, load
     from edgebuild.pipeline.stages.per_target import open_runner
+    from edgebuild.targets.base import backend_info
 
     why = missing()
     if why:
         raise DeviceError(f"--emulate: the arm64 emulator is not set up: {why}; run `edgebuild setup-emulator`")
     loaded = load(artifact_dir, eval_source, evaluator)
-    if loaded.meta["backend"] != "tflite":
+    if not set(backend_info(loaded.meta["backend"]).device_runtimes) & set(RUNTIMES):
         raise BadInputError(f"--emulate runs .tflite artifacts on aarch64 LiteRT; {artifact_dir} is a "
                             f"{loaded.meta['backend']} artifact")
     with tempfile.TemporaryDirectory(prefix="edgebuild-emulate-") as tmp:

@@ -10,3 +10,4 @@ from edgebuild.errors import (  # noqa: F401
     IntegrityError,
     MissingToolError,
 )
+import edgebuild.targets.base  # noqa: E402,F401 — a missing backend library's error names its backend's extra

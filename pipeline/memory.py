@@ -65,24 +65,24 @@ def measure_target(ctx, backend, profile, attempts: dict) -> bool:
     return all_cached
 
 
-def micro_fit(ctx, artifact) -> tuple[dict, bool]:
-    """Arena, flash and TFLM's agreement with LiteRT on the first evaluation samples (targets/tflite/tflm.py), cached as
-    a result entry by the artifact's sha256, the samples and the TFLM version. Returns (record, from cache)."""
+def micro_fit(ctx, backend, artifact) -> tuple[dict, bool]:
+    """Arena, flash and the microcontroller runtime's agreement with the host runtime on the first evaluation samples
+    (the backend's ``micro()``: TFLM for TFLite, targets/tflite/tflm.py), cached as a result entry by the artifact's
+    sha256, the samples and the microcontroller runtime's version. Returns (record, from cache)."""
     from edgebuild.pipeline.cache import key
     from edgebuild.pipeline.stages.per_target import _json_round_trip, array_hash, artifact_hash, open_runner
-    from edgebuild.targets.tflite import tflm
-    from edgebuild.targets.base import get_backend
 
-    version = tflm.installed_version(artifact.target)
-    feeds = [ctx.job.evalset.feed(i) for i in range(min(tflm.SAMPLES, len(ctx.job.evalset)))]
+    micro = backend.micro()
+    version = micro.installed_version(artifact.target)
+    feeds = [ctx.job.evalset.feed(i) for i in range(min(micro.SAMPLES, len(ctx.job.evalset)))]
     k = key(stage="tflm", artifact=artifact_hash(artifact), tflm=version,
             feeds=[{n: array_hash(v) for n, v in sorted(f.items())} for f in feeds])
     hit = ctx.work.cache.get_result(k)
     if hit is not None:
         return hit[0], True
-    with open_runner(get_backend("tflite"), artifact, 1) as r:
+    with open_runner(backend, artifact, 1) as r:
         host = [r.run(f) for f in feeds]
-    record = tflm.micro_fit(artifact, feeds, host, version)
+    record = micro.micro_fit(artifact, feeds, host, version)
     ctx.work.cache.put_result(k, record)
     return _json_round_trip(record), False
 
@@ -97,7 +97,7 @@ def judge_memory(ctx, p) -> dict:
         cached = {"memory": measure_target(ctx, p.backend, p.profile, {"chosen": p.chosen, "fp32": p.baseline})}
     if p.profile.micro:
         with ctx.work.stage(f"{p.profile.name}: TensorFlow Lite Micro arena and flash"):
-            p.chosen.memory["micro"], cached["micro"] = micro_fit(ctx, p.chosen.artifact)
+            p.chosen.memory["micro"], cached["micro"] = micro_fit(ctx, p.backend, p.chosen.artifact)
     c = p.chosen
     c.failures = V.judge(c.metrics, c.artifact.size_bytes, c.latency, p.budget, ctx.job.judging.task, c.memory)
     return cached
@@ -110,8 +110,8 @@ def after_packaging(ctx, chosen, budget) -> None:
     if not micro:
         return
     from edgebuild.pipeline.stages import validate as V
-    from edgebuild.targets.tflite.tflm import flash
+    from edgebuild.targets.base import get_backend
 
-    micro.update(flash(chosen.artifact))
+    micro.update(get_backend(chosen.artifact.backend).micro().flash(chosen.artifact))
     chosen.failures = V.judge(chosen.metrics, chosen.artifact.size_bytes, chosen.latency, budget, ctx.job.judging.task,
                               chosen.memory)

@@ -5,12 +5,19 @@ import platform
 from functools import lru_cache
 from importlib import metadata
 
-TOOLS = ("edgebuild", "torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorflow", "onnx2tf",
-         "ai-edge-litert", "tf-keras", "onnx-graphsurgeon", "numpy", "tensorrt", "executorch", "torchao")
+# what the pipeline itself runs (export, the reference); each backend declares its own (BackendInfo.versions)
+CORE_TOOLS = ("edgebuild", "torch", "onnx", "onnxruntime", "onnxslim", "numpy")
 
 
-def tool_versions(names=TOOLS) -> dict[str, str | None]:
-    return dict(_versions(tuple(names)))
+def all_tools() -> tuple[str, ...]:
+    """The pipeline's tools and every registered backend's (the manifest's ``tools`` record)."""
+    from edgebuild.targets.base import all_infos
+
+    return tuple(dict.fromkeys([*CORE_TOOLS, *(n for info in all_infos() for n in info.versions)]))
+
+
+def tool_versions(names=None) -> dict[str, str | None]:
+    return dict(_versions(tuple(all_tools() if names is None else names)))
 
 
 @lru_cache(maxsize=None)  # read once per process: package metadata does not change under a running build

@@ -1,7 +1,11 @@
-"""The Backend contract, the Artifact it produces and the Runner that executes it.
+"""The Backend contract, the Artifact it produces and the Runner that executes it, and the backend descriptor.
 
-A backend lives in ``targets/<name>.py`` and registers itself with ``@register("<name>")``; it is found
-by name (``get_backend``), importing only that module. Heavy libraries are imported inside its methods.
+A backend lives in ``targets/<name>.py`` or a sub-package ``targets/<name>/`` and declares itself there with
+``register(BackendInfo(...))``: its precisions, settings type, extra and import names, runtime modules, device
+runtimes, artifact suffixes, the packages whose versions key its cache entries, what sources it takes, and where
+its ``Backend`` class is (imported when first used). Registration is by import: ``get_backend(name)`` imports
+``edgebuild.targets.<name>``; ``known_backends()`` imports every module of ``targets/`` and lists what registered.
+Nothing outside the backend's own module or sub-package names it. Heavy libraries are imported inside its methods.
 """
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ import importlib
 import importlib.util
 import json
 import time
+import pkgutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -115,20 +120,56 @@ class Runner:
         self.close()
 
 
-class Backend:
-    """One artifact format. Subclasses set ``name``/``requires`` and implement ``convert`` and ``runner``."""
+ONNX, TORCH_EXPORT = "onnx", "torch.export"  # what a backend consumes (BackendInfo.consumes)
 
-    name: str = ""
-    precisions: tuple[Precision, ...] = ()  # what this backend can build (a profile may declare a subset)
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """A backend's descriptor: everything the pipeline needs to know about it, declared in its own module or
+    sub-package with ``register(BackendInfo(...))``, read without importing its converters or runtimes."""
+
+    name: str
+    backend: str  # "module:Class" of its Backend subclass (imported by get_backend)
+    precisions: tuple[str, ...]  # what it can build (a profile may declare a subset)
     settings_type: type[Settings] = NoSettings  # the frozen type of a profile's ``quant:`` block
-    requires: tuple[str, ...] = ()  # import names of the libraries this backend needs
+    extra: str = ""  # the pip extra that installs it: ``pip install 'edgebuild[<extra>]'``
+    requires: tuple[str, ...] = ()  # import names of the libraries its conversion and runner need
+    optional: tuple[str, ...] = ()  # import names of libraries only some of its features need (same extra)
+    runtime_modules: tuple[str, ...] = ()  # what its runner imports (the memory probe's baseline); () = requires
+    device_runtimes: tuple[str, ...] = ()  # import names a board's Python may run it with (--device), preferred first
+    suffixes: tuple[str, ...] = ()  # file suffixes of its artifacts' main files (".tflite")
+    metadata: str = ""  # where embed_metadata puts edgebuild's metadata ("" = the artifact carries none)
+    versions: tuple[str, ...] = ()  # distributions whose versions key its stage-cache entries and are recorded
+    consumes: str = ONNX  # what convert() reads: ONNX (model.onnx_path) or TORCH_EXPORT (model.program)
+    cache_version: int = 1  # bump when its conversion changes what it writes (keys its cache entries)
     isolate_runner: bool = False  # run the runtime in a subprocess (native code that may crash)
-    consumes: str = "onnx"  # what convert() reads: ONNX (model.onnx_path) or TORCH_EXPORT (model.program)
+    micro: bool = False  # can check a microcontroller fit (profiles with ``micro: true``; Backend.micro)
+
+    def __post_init__(self):
+        if not self.name.isidentifier() or ":" not in self.backend:
+            raise ValueError(f"backend descriptor {self.name!r}: a name and a 'module:Class' are needed")
+        object.__setattr__(self, "precisions", tuple(str(getattr(p, "value", p)) for p in self.precisions))
+
+
+class Backend:
+    """One artifact format. Subclasses implement ``convert`` and ``runner``; what they are is their descriptor
+    (``info``, a ``BackendInfo``), set by ``get_backend``."""
+
+    info: BackendInfo
+    supports_float_layers: bool = False  # can settings["float_layers"] (ONNX node names) stay in float?
+
+    name = property(lambda self: self.info.name)
+    precisions = property(lambda self: self.info.precisions)
+    settings_type = property(lambda self: self.info.settings_type)
+    requires = property(lambda self: self.info.requires)
+    runtime_modules = property(lambda self: self.info.runtime_modules or self.info.requires)
+    isolate_runner = property(lambda self: self.info.isolate_runner)
+    consumes = property(lambda self: self.info.consumes)
 
     def check_available(self, target: str) -> None:
         for mod in self.requires:
             if importlib.util.find_spec(mod) is None:
-                raise MissingToolError(target, mod)
+                raise MissingToolError(target, mod, extra=self.info.extra or None)
 
     def convert(self, model: ExportedModel, profile: "TargetProfile", precision: str,
                 calib: "SampleSet", workdir: Path, settings: Settings | dict | None = None) -> Artifact:
@@ -191,16 +232,31 @@ class Backend:
     def read_metadata(self, path: Path) -> dict[str, str]:
         return {}
 
-    # ---- accuracy search hooks (pipeline/stages/search.py) -------------------------------------------
-    supports_float_layers: bool = False  # can settings["float_layers"] (ONNX node names) stay in float?
+    # ---- what else a pipeline stage may ask a backend for (none of them names a backend) ---------------------
+    def weight_counts(self, path: Path) -> dict | None:
+        """INT8/float weight counts of an artifact file of this backend (pipeline/stages/weights.py); None: it
+        cannot tell."""
+        return None
 
+    def micro(self) -> Any:
+        """The microcontroller check (``info.micro``): an object with ``SAMPLES``, ``installed_version(target)``,
+        ``micro_fit(artifact, feeds, host_outputs, version)`` and ``flash(artifact)``; None when there is none."""
+        return None
+
+    def source_runner(self, onnx_path: Path, threads: int) -> Runner:
+        """A runner of an unconverted FP32 ONNX model (the reference backend's: the build's reference)."""
+        raise NotImplementedError(f"the {self.name} backend does not run ONNX sources")
+
+    def fake_quant(self, onnx_path: Path, calib: "SampleSet", workdir: Path) -> Any:
+        """A context manager whose ``runner(layers)`` runs the FP32 ONNX model with only ``layers`` quantized (the
+        reference backend's: layer sensitivity, pipeline/stages/sensitivity.py)."""
+        raise NotImplementedError(f"the {self.name} backend has no fake-quant reference")
+
+    # ---- accuracy search hooks (pipeline/stages/search.py) -------------------------------------------
     def recovery_candidates(self, profile: "TargetProfile", settings: Settings | dict) -> list[tuple[str, Settings]]:
         """Cheaper INT8 variants to try before keeping layers in float: (label, new Settings made from
         ``settings`` with ``dataclasses.replace``)."""
         return []
-
-
-ONNX, TORCH_EXPORT = "onnx", "torch.export"  # what a backend consumes (Backend.consumes)
 
 
 def check_source(backend: Backend, target: str, source_kind: str) -> None:
@@ -209,6 +265,23 @@ def check_source(backend: Backend, target: str, source_kind: str) -> None:
         raise BadInputError(f"target {target}: the {backend.name} backend takes PyTorch models (an nn.Module as "
                             "package.module:attr, or a torch.export .pt2 program), not ONNX files (ONNX models go to "
                             "the tflite, onnx and openvino targets, e.g. arm64)")
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """``data`` as a new file renamed over ``path`` (mode 0644): a hard link to ``path`` (the stage cache's copy)
+    keeps the old bytes. Backends write edgebuild's metadata into their artifacts with it."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # a new inode: a hard link to the cache keeps the cached bytes
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 STEMS = {Precision.INT8: "model_int8", Precision.FP16: "model_fp16", Precision.FP32: "model_fp32",
@@ -221,16 +294,24 @@ def stem(precision: str, settings: Settings | dict | None = None) -> str:
     return base + "_mixed" if precision == "int8" and (settings or {}).get("float_layers") else base
 
 
-_REGISTRY: dict[str, type[Backend]] = {}
+_INFOS: dict[str, BackendInfo] = {}
 
 
-def register(name: str) -> Callable[[type[Backend]], type[Backend]]:
-    def deco(cls: type[Backend]) -> type[Backend]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+def register(info: BackendInfo) -> BackendInfo:
+    """Declare a backend (called at import of its module or sub-package)."""
+    _INFOS[info.name] = info
+    return info
 
-    return deco
+
+def _extra_of(package: str) -> str | None:
+    """The extra of the backend whose libraries include import name ``package`` (MissingToolError's resolver)."""
+    for info in all_infos():
+        if package in {m.split(".")[0] for m in (*info.requires, *info.runtime_modules, *info.optional)} and info.extra:
+            return info.extra
+    return None
+
+
+MissingToolError.resolvers.append(_extra_of)
 
 
 def backend_module(name: str) -> str:
@@ -241,14 +322,43 @@ def backend_exists(name: str) -> bool:
     return name.isidentifier() and importlib.util.find_spec(backend_module(name)) is not None
 
 
-def get_backend(name: str) -> Backend:
-    if name not in _REGISTRY:
+def backend_info(name: str) -> BackendInfo:
+    """The descriptor of backend ``name``, importing its module (or sub-package) if needed."""
+    if name not in _INFOS:
         if not backend_exists(name):
             raise BadInputError(f"unknown backend {name!r}")
         importlib.import_module(backend_module(name))
-    if name not in _REGISTRY:
+    if name not in _INFOS:
         raise ConversionError(f"module {backend_module(name)} does not register backend {name!r}")
-    return _REGISTRY[name]()
+    return _INFOS[name]
+
+
+def known_backends() -> list[str]:
+    """Every backend in targets/: each module and sub-package is imported (cheap: heavy libraries are imported
+    inside methods) and what registered is listed."""
+    import edgebuild.targets as package
+
+    for m in pkgutil.iter_modules(package.__path__):
+        if m.name.isidentifier() and m.name not in _INFOS:
+            importlib.import_module(backend_module(m.name))
+    return sorted(_INFOS)
+
+
+def all_infos() -> list[BackendInfo]:
+    return [_INFOS[n] for n in known_backends()]
+
+
+_CLASSES: dict[str, type[Backend]] = {}
+
+
+def get_backend(name: str) -> Backend:
+    info = backend_info(name)
+    if name not in _CLASSES:
+        module, _, cls = info.backend.partition(":")
+        _CLASSES[name] = getattr(importlib.import_module(module), cls)
+    backend = _CLASSES[name]()
+    backend.info = info
+    return backend
 
 
 REFERENCE_BACKEND = "onnx"  # the FP32 reference runs on this backend's runtime: ONNX Runtime CPU
@@ -258,6 +368,9 @@ def reference_runner(onnx_path: Path, threads: int) -> Runner:
     """The reference every target is judged against: the FP32 source ONNX model, unconverted, on the reference
     backend's runtime (ONNX Runtime, CPU). The one place the pipeline's reference runtime is chosen (the build's
     reference stage, ``edgebuild validate`` on other data)."""
-    from edgebuild.targets.onnx import OrtRunner
+    return get_backend(REFERENCE_BACKEND).source_runner(Path(onnx_path), threads)
 
-    return OrtRunner(Path(onnx_path), threads)
+
+def fake_quant(onnx_path: Path, calib: "SampleSet", workdir: Path) -> Any:
+    """The reference backend's fake-quant helper (``Backend.fake_quant``): layer sensitivity's yardstick."""
+    return get_backend(REFERENCE_BACKEND).fake_quant(Path(onnx_path), calib, Path(workdir))

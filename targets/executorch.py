@@ -38,7 +38,7 @@ import numpy as np
 from edgebuild.calibration.budget import at_most
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError
-from edgebuild.targets.base import TORCH_EXPORT, Artifact, Backend, ExportedModel, Runner, register
+from edgebuild.targets.base import TORCH_EXPORT, Artifact, Backend, BackendInfo, ExportedModel, Runner, register
 from edgebuild.targets.isolated import quiet_native_stderr
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, Settings, choice, count, flag, names, number
@@ -65,14 +65,16 @@ class ExecuTorchSettings(Settings):
     timeout_s: float = number(1800)  # the converter child's limit
 
 
-@register("executorch")
+INFO = register(BackendInfo(
+    name="executorch", backend=f"{__name__}:ExecuTorchBackend",
+    precisions=(Precision.INT8, Precision.FP16, Precision.FP32, Precision.DYNAMIC), settings_type=ExecuTorchSettings,
+    extra="executorch", requires=("torch", "torchao", "executorch"),
+    runtime_modules=("torch", "executorch.runtime", "executorch.extension.pybindings.portable_lib"),
+    suffixes=(".pte",), metadata=f"executorch constant method '{METADATA_METHOD}'",
+    versions=("torch", "executorch", "torchao", "numpy"), consumes=TORCH_EXPORT, isolate_runner=True))
+
+
 class ExecuTorchBackend(Backend):
-    precisions = (Precision.INT8, Precision.FP16, Precision.FP32, Precision.DYNAMIC)
-    settings_type = ExecuTorchSettings
-    requires = ("torch", "torchao", "executorch")
-    runtime_modules = ("torch", "executorch.runtime", "executorch.extension.pybindings.portable_lib")
-    isolate_runner = True
-    consumes = TORCH_EXPORT
     supports_float_layers = True
 
     def artifact_name(self, precision: str, settings: dict | None = None) -> str:

@@ -115,12 +115,12 @@ def _child_main(conn, name: str, log: str | None, phase: str | None, cwd: str | 
         warnings.simplefilter("ignore")
     if phase:
         _PHASE.append(Path(phase))
-    _fault(name)
+    fault(name)
     with patched(NO_TELEMETRY):  # whatever imports openvino here (the memory probe's runtime import too)
         entry(conn, payload)
 
 
-def _fault(name: str) -> None:
+def fault(name: str) -> None:
     fault, _, who = os.environ.get(FAULT_ENV, "").partition(":")
     if who == name:
         if fault == "crash":

@@ -8,8 +8,9 @@ import numpy as np
 
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import ConversionError
-from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, register, stem
+from edgebuild.targets.base import Artifact, Backend, BackendInfo, ExportedModel, Runner, register, replace_file, stem
 from edgebuild.targets.profiles import TargetProfile
+from edgebuild.targets.regions import is_transformer  # noqa: F401 — graph analysis shared with openvino (was here)
 from edgebuild.targets.settings import OnnxSettings, Precision, Settings
 
 # onnxruntime's defaults (OnnxSettings), overridden per profile (targets/profiles/*.yaml `quant:`) and by the
@@ -21,17 +22,18 @@ INT8_DEFAULTS = OnnxSettings().to_dict()
 # The embedding table (Gather of a constant) too: MiniLM-L3's word embeddings are 69 % of its weights; int8 there cost
 # nothing measurable (pooled-embedding cosine 0.9389 with, 0.9389 without) and made the file all-INT8 (31 % -> 100 %).
 WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"]
-ATTENTION_GLUE = ("Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Dropout", "Transpose", "Reshape")
 
 
 CALIB_CHUNK = 16  # calibration samples whose tensors are held at once
 
 
-@register("onnx")
+INFO = register(BackendInfo(
+    name="onnx", backend=f"{__name__}:OnnxBackend", precisions=tuple(Precision), settings_type=OnnxSettings,
+    extra="onnx", requires=("onnx", "onnxruntime"), device_runtimes=("onnxruntime",), suffixes=(".onnx",),
+    metadata="onnx metadata_props", versions=("onnx", "onnxruntime", "numpy")))
+
+
 class OnnxBackend(Backend):
-    precisions = tuple(Precision)
-    settings_type = OnnxSettings
-    requires = ("onnx", "onnxruntime")
     simulate_quantization = False  # run QDQ graphs unfused on the host (see tensorrt backend)
     supports_float_layers = True
 
@@ -87,6 +89,24 @@ class OnnxBackend(Backend):
 
     def runner(self, artifact: Artifact, threads: int) -> Runner:
         return OrtRunner(artifact.path, threads, simulate=self.simulate_quantization and artifact.precision == "int8")
+
+    def source_runner(self, onnx_path: Path, threads: int) -> Runner:
+        return OrtRunner(Path(onnx_path), threads)
+
+    def fake_quant(self, onnx_path: Path, calib: SampleSet, workdir: Path) -> "FakeQuant":
+        return FakeQuant(onnx_path, calib, workdir)
+
+    def embed_metadata(self, path: Path, meta: dict[str, str]) -> str | None:
+        if path.suffix.lower() != ".onnx":
+            return None
+        embed_onnx_metadata(path, meta)
+        return self.info.metadata
+
+    def read_metadata(self, path: Path) -> dict[str, str]:
+        return read_onnx_metadata(path) if path.suffix.lower() == ".onnx" else {}
+
+    def weight_counts(self, path: Path) -> list | None:
+        return None  # ONNX files are read by pipeline/stages/weights.py itself (the pipeline's interchange format)
 
 
 class OrtRunner(Runner):
@@ -344,32 +364,27 @@ class _FakeQuantHost:
         return self.runner.run(feed)
 
 
-def is_transformer(onnx_path: Path) -> bool:
-    """Attention in the graph: a Softmax whose input comes from a MatMul (through scaling/mask arithmetic) and
-    whose output feeds a MatMul — the pattern of every (self-)attention block, whatever the model's name."""
+META_PREFIX = "edgebuild."  # the keys of edgebuild's metadata (pipeline/stages/embed.py fields)
+
+
+def embed_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
+    """``meta`` into the model's ``metadata_props`` (external tensors stay where they are), as a new file."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    producer = {t: n for n in graph.node for t in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    model = onnx.load(str(path), load_external_data=False)
+    kept = [p for p in model.metadata_props if p.key not in meta]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    replace_file(path, model.SerializeToString())
 
-    def back(node, depth):
-        if node is None or depth > 4:
-            return False
-        if node.op_type in ("MatMul", "Gemm"):
-            return True
-        return node.op_type in ATTENTION_GLUE and any(back(producer.get(t), depth + 1) for t in node.input)
 
-    def forward(tensor, depth):
-        for c in consumers.get(tensor, []):
-            if c.op_type == "MatMul" or (depth < 3 and c.op_type in ATTENTION_GLUE and any(forward(o, depth + 1) for o in c.output)):
-                return True
-        return False
+def read_onnx_metadata(path: Path) -> dict[str, str]:
+    import onnx
 
-    return any(n.op_type == "Softmax" and back(producer.get(n.input[0]), 0) and forward(n.output[0], 0) for n in graph.node)
+    m = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in m.metadata_props if p.key.startswith(META_PREFIX)}
 
 
 def resolve_op_types(src: Path, op_types) -> tuple[list[str] | None, str | None]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError, EdgeBuildError, MissingToolError
-from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, register, stem
+from edgebuild.targets.base import Artifact, Backend, BackendInfo, ExportedModel, Runner, register, replace_file, stem
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import OpenVinoSettings, Precision, Settings
 
@@ -42,6 +42,7 @@ PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
 # AVX2/AVX-512 int8 kernels (no VNNI) can saturate; subset_size None: every calibration sample the build chose
 # (calibration/budget.py); ignored_scope: layers kept in float (ONNX or OpenVINO terms).
 INT8_DEFAULTS = OpenVinoSettings().to_dict()
+META_PREFIX = "edgebuild."  # the keys of edgebuild's metadata (pipeline/stages/embed.py fields)
 APPLIED = "applied"  # record key: what the conversion resolved (OpenVinoSettings ignores it when fed back)
 # ONNX operator types (what the rest of edgebuild speaks) -> the OpenVINO operations they become
 ONNX_TO_OV_TYPES = {
@@ -53,15 +54,18 @@ ONNX_TO_OV_TYPES = {
 }
 
 
-@register("openvino")
-class OpenVinoBackend(Backend):
-    precisions = PRECISIONS
-    settings_type = OpenVinoSettings
-    requires = ("openvino",)  # nncf too, for INT8 (checked when INT8 is built)
+INFO = register(BackendInfo(
+    name="openvino", backend=f"{__name__}:OpenVinoBackend", precisions=PRECISIONS, settings_type=OpenVinoSettings,
+    extra="openvino", requires=("openvino",), optional=("nncf",),  # nncf for INT8 (checked when INT8 is built)
+    device_runtimes=("openvino",), suffixes=(".xml",), metadata="openvino rt_info",
+    versions=("openvino", "nncf", "onnx", "numpy"),
     # OpenVINO is native code: the runtime runs in a spawned process so that a crash fails the target, not
     # the build. Measured on the demo (2-core host): 0.4-0.6 s more to open a runner, evaluation of 797
     # samples unchanged within noise (0.35 s), latency unchanged (it is timed inside that process).
-    isolate_runner = True
+    isolate_runner=True))
+
+
+class OpenVinoBackend(Backend):
     supports_float_layers = True
 
     def artifact_name(self, precision: str, settings: dict | None = None) -> str:
@@ -100,7 +104,7 @@ class OpenVinoBackend(Backend):
             if importlib.util.find_spec("nncf") is None:
                 raise MissingToolError(profile.name, "nncf")
             if settings["model_type"] == "auto":  # resolved in the record; what was asked stays "auto"
-                from edgebuild.targets.onnx import is_transformer
+                from edgebuild.targets.regions import is_transformer
 
                 settings["model_type"] = "transformer" if is_transformer(model.onnx_path) else None
             if calib is None or len(calib) == 0:
@@ -121,6 +125,34 @@ class OpenVinoBackend(Backend):
 
     def runner(self, artifact: Artifact, threads: int) -> Runner:
         return OpenVinoRunner(artifact.path, artifact.precision, threads)
+
+    def embed_metadata(self, path: Path, meta: dict[str, str]) -> str | None:
+        """``<rt_info><edgebuild>`` in the IR's XML (the .bin is untouched)."""
+        if path.suffix.lower() != ".xml" or not path.with_suffix(".bin").is_file():
+            return None
+        import xml.etree.ElementTree as ET
+
+        tree = ET.parse(path)
+        net = tree.getroot()
+        rt = net.find("rt_info")
+        if rt is None:
+            rt = ET.SubElement(net, "rt_info")
+        old = rt.find("edgebuild")
+        if old is not None:
+            rt.remove(old)
+        node = ET.SubElement(rt, "edgebuild")
+        for k, v in meta.items():
+            ET.SubElement(node, k[len(META_PREFIX):] if k.startswith(META_PREFIX) else k, value=v)
+        replace_file(path, ET.tostring(net, encoding="utf-8", xml_declaration=True))
+        return self.info.metadata
+
+    def read_metadata(self, path: Path) -> dict[str, str]:
+        if path.suffix.lower() != ".xml":
+            return {}
+        import xml.etree.ElementTree as ET
+
+        node = ET.parse(path).getroot().find("rt_info/edgebuild")
+        return {} if node is None else {META_PREFIX + c.tag: c.get("value", "") for c in node}
 
 
 def _convert_job(job: dict) -> tuple[dict, dict, list[str]]:

@@ -81,8 +81,9 @@ class TargetProfile:
         if not isinstance(self.backend, str) or not registered_backend(self.backend):
             raise BadInputError(f"profile {self.name}: unknown backend {self.backend!r} "
                                 f"(one of {', '.join(known_backends())})")
-        if self.micro not in (True, False) or (self.micro and self.backend != "tflite"):
-            raise BadInputError(f"profile {self.name}: micro: true needs backend tflite (TensorFlow Lite Micro)")
+        if self.micro not in (True, False) or (self.micro and not _backend_info(self.backend).micro):
+            raise BadInputError(f"profile {self.name}: micro: true needs a backend with a microcontroller check "
+                                f"({', '.join(b for b in known_backends() if _backend_info(b).micro)}: TensorFlow Lite Micro)")
         if not isinstance(self.quant, dict):
             raise BadInputError(f"profile {self.name}: quant must be a mapping")
         if not isinstance(self.description, str) or not self.description.strip():
@@ -95,16 +96,21 @@ class TargetProfile:
         return asdict(self)
 
 
+def _backend_info(name: str):
+    from edgebuild.targets.base import backend_info
+
+    return backend_info(name)
+
+
 def _plain(precision):
     return precision.value if isinstance(precision, Precision) else precision
 
 
 def known_backends() -> list[str]:
-    """Backends registered in targets/ (found by their ``@register("name")`` line: nothing is imported)."""
-    folder = Path(__file__).parent
-    modules = {f.stem: [f] for f in folder.glob("*.py")}  # a backend module, or a sub-package (targets/tflite/)
-    modules.update({d.name: list(d.glob("*.py")) for d in folder.iterdir() if (d / "__init__.py").is_file()})
-    return sorted(name for name, files in modules.items() if any(f'@register("{name}")' in f.read_text() for f in files))
+    """Backends registered in targets/ (targets/base.py: each backend module registers its descriptor on import)."""
+    from edgebuild.targets.base import known_backends as registered
+
+    return registered()
 
 
 def registered_backend(name: str) -> bool:

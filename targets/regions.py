@@ -55,8 +55,6 @@ def float_regions(onnx_path: Path | str) -> dict[str, list[str]]:
                   lambda n: [c for o in n.output for c in consumers.get(o, [])])
     back = reach([producer[o.name] for o in graph.output if o.name in producer],
                  lambda n: [producer[t] for t in n.input if t in producer])
-    from edgebuild.targets.onnx import is_transformer
-
     if not any(weighted(n) for n in graph.node) or is_transformer(onnx_path):
         # attention's activation MatMuls carry no constant weights: the walk would run through every block (and the
         # transformer recipe already keeps LayerNorm, Softmax and the mask arithmetic float)
@@ -70,3 +68,34 @@ def describe(regions: dict[str, list[str]]) -> str | None:
     parts = [f"{len(v)} {k} op(s)" for k, v in regions.items() if v]
     return ("kept in float from the start: " + ", ".join(parts) + " (a signal-processing front-end before the first "
             "weighted layer / post-processing after the last)") if parts else None
+
+
+ATTENTION_GLUE = ("Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Dropout", "Transpose", "Reshape")
+
+
+def is_transformer(onnx_path: Path) -> bool:
+    """Attention in the graph: a Softmax whose input comes from a MatMul (through scaling/mask arithmetic) and
+    whose output feeds a MatMul — the pattern of every (self-)attention block, whatever the model's name."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    producer = {t: n for n in graph.node for t in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+
+    def back(node, depth):
+        if node is None or depth > 4:
+            return False
+        if node.op_type in ("MatMul", "Gemm"):
+            return True
+        return node.op_type in ATTENTION_GLUE and any(back(producer.get(t), depth + 1) for t in node.input)
+
+    def forward(tensor, depth):
+        for c in consumers.get(tensor, []):
+            if c.op_type == "MatMul" or (depth < 3 and c.op_type in ATTENTION_GLUE and any(forward(o, depth + 1) for o in c.output)):
+                return True
+        return False
+
+    return any(n.op_type == "Softmax" and back(producer.get(n.input[0]), 0) and forward(n.output[0], 0) for n in graph.node)

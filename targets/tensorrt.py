@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 
 from edgebuild.calibration.dataset import SampleSet
-from edgebuild.targets.base import Artifact, ExportedModel, register
+from edgebuild.targets.base import Artifact, BackendInfo, ExportedModel, register
 from edgebuild.targets.onnx import OnnxBackend
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, TensorRTSettings
@@ -18,10 +18,15 @@ from edgebuild.targets.settings import Precision, TensorRTSettings
 TRTEXEC_FLAGS = {Precision.INT8: "--int8 --fp16", Precision.FP16: "--fp16", Precision.FP32: ""}
 
 
-@register("tensorrt")
+INFO = register(BackendInfo(
+    name="tensorrt", backend=f"{__name__}:TensorRTBackend",
+    precisions=tuple(TRTEXEC_FLAGS),  # explicit-quantization INT8, FP16, FP32 engines; no weight-only INT8
+    settings_type=TensorRTSettings,  # the onnx backend's QDQ options
+    extra="onnx", requires=("onnx", "onnxruntime"), suffixes=(".onnx",), metadata="onnx metadata_props",
+    versions=("onnx", "onnxruntime", "numpy", "tensorrt")))
+
+
 class TensorRTBackend(OnnxBackend):
-    precisions = tuple(TRTEXEC_FLAGS)  # explicit-quantization INT8, FP16, FP32 engines; no weight-only INT8
-    settings_type = TensorRTSettings  # the onnx backend's QDQ options
     simulate_quantization = True
 
     def convert(self, model: ExportedModel, profile: TargetProfile, precision: str, calib: SampleSet,

@@ -1,7 +1,7 @@
 """Per-layer INT8 sensitivity: a stage whose output is keyed by all it depends on, so every target gets the same.
 
-Each quantizable layer (Conv, Gemm, MatMul, ...) is quantized *alone* by the ONNX backend's public fake-quant
-helper (``targets/onnx.py`` ``FakeQuant``: onnxruntime QDQ, per-tensor uint8 activations, per-channel int8
+Each quantizable layer (Conv, Gemm, MatMul, ...) is quantized *alone* by the reference backend's fake-quant
+helper (``targets/base.py`` ``fake_quant``, the backend contract's ``Backend.fake_quant``; ONNX: onnxruntime QDQ, per-tensor uint8 activations, per-channel int8
 weights, run unfused on ONNX Runtime CPU: the arithmetic of an int8 kernel without any CPU-specific
 saturation); its sensitivity is the quality it costs on the selection part of the evaluation split. Layer
 names are the FP32 ONNX graph's node names, which every backend maps onto its own ops.
@@ -122,7 +122,7 @@ def rank_layers(onnx_path: Path, calib: SampleSet, select: SampleSet, reference:
     """Quality loss (``V.quality_loss``: the build's own budgets) per layer, most sensitive first, and whether every
     layer was measured before ``deadline``. ``stage`` (the build's progress) shows each layer as a counted step."""
 
-    from edgebuild.targets.onnx import FakeQuant
+    from edgebuild.targets.base import fake_quant
 
     layers = quantizable_layers(onnx_path)[:max_layers]
     small = at_most(calib, SENSITIVITY_CALIB_SAMPLES)  # a random part: the first ones may be one class
@@ -133,14 +133,14 @@ def rank_layers(onnx_path: Path, calib: SampleSet, select: SampleSet, reference:
     scores: dict[str, float] = {}
     complete = True
     with tempfile.TemporaryDirectory(prefix="edgebuild-sens-", dir=tempdir()) as tmp, \
-            FakeQuant(onnx_path, small, Path(tmp)) as fake_quant:  # the ONNX backend's fake-quant helper: one child
+            fake_quant(onnx_path, small, Path(tmp)) as quantizer:  # the reference backend's fake-quant: one child
         for i, name in enumerate(layers, 1):
             if time.monotonic() > deadline:
                 complete = False
                 break
             try:
                 step = stage(f"{SUBSTEP}sensitivity: layer {i}/{len(layers)} ({name})") if stage else nullcontext()
-                with step, fake_quant.runner([name]) as runner:
+                with step, quantizer.runner([name]) as runner:
                     metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
             except Exception:  # noqa: BLE001 — a layer onnxruntime cannot quantize alone has no rank; the search goes on
                 continue

@@ -36,12 +36,12 @@ def weight_share(path: Path, backend: str) -> dict | None:
             counts = _onnx_counts(path)
         elif path.suffix == ".xml":
             counts = _openvino_counts(path)
-        elif path.suffix == ".tflite":
-            from edgebuild.targets.tflite.weights import weight_counts  # the arm64 backend's reader
+        else:  # a format its backend reads (Backend.weight_counts)
+            from edgebuild.targets.base import get_backend
 
-            counts = weight_counts(path)
-        else:
-            return None
+            counts = get_backend(backend).weight_counts(path)
+            if counts is None:
+                return None
     except Exception as e:  # noqa: BLE001 — a measurement, not the build: say why it is missing
         return {"error": f"{type(e).__name__}: {str(e)[:160]}"}
     int8 = sum(n for n, q, _ in counts if q)

@@ -41,16 +41,13 @@ class MissingToolError(BadInputError):
     """An optional library is not installed (exit 2: the install lacks an extra, nothing was built): one line naming
     what needs it and the extra that brings it."""
 
+    # import name -> the extra that installs it, for what the pipeline itself uses; a backend's libraries come from
+    # its descriptor (targets/base.py BackendInfo.extra), through ``resolvers``
     EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "onnxslim": "onnx",
-              "openvino": "openvino", "nncf": "openvino",
-              "tensorflow": "tflite", "tf_keras": "tflite", "onnx2tf": "tflite", "onnx_graphsurgeon": "tflite",
-              "sng4onnx": "tflite", "ai_edge_litert": "tflite", "tflite_micro": "tflite", "flatbuffers": "tflite",
               "torch": "torch", "safetensors": "torch", "onnxscript": "torch", "torch_pruning": "torch",
-              "sklearn": "torch", "executorch": "executorch", "torchao": "executorch", "ray": "batch",
-              "matplotlib": "report"}  # import name -> the extra that installs it
-    DISTRIBUTIONS = {"sklearn": "scikit-learn", "tf_keras": "tf-keras", "onnx_graphsurgeon": "onnx-graphsurgeon",
-                     "ai_edge_litert": "ai-edge-litert", "tflite_micro": "tflite-micro",
-                     "torch_pruning": "torch-pruning"}  # import name -> what pip calls it, where they differ
+              "sklearn": "torch", "ray": "batch", "matplotlib": "report"}
+    resolvers: list = []  # functions import name -> extra (or None), added by targets/base.py: the backends' own
+    DISTRIBUTIONS = {"sklearn": "scikit-learn"}  # import name -> what pip calls it, where it is not the name with '-'
     NEEDED_BY = {  # what needs a library, when the code that found it missing did not say
         "torch": "a PyTorch model (package.module:attr, .pt, .pt2), the built-in demo or --compress",
         "sklearn": "the digits data (--calib/--eval digits, the built-in demo)",
@@ -59,20 +56,27 @@ class MissingToolError(BadInputError):
         "ray": "edgebuild batch on Ray", "matplotlib": "report.html's charts",
     }
 
-    def __init__(self, target: str, package: str, needed_by: str | None = None):
+    def __init__(self, target: str, package: str, needed_by: str | None = None, extra: str | None = None):
         self.package = package.split(".")[0]
-        extra = self.EXTRAS.get(self.package, "all")
-        dist = self.DISTRIBUTIONS.get(self.package, self.package)
+        extra = extra or self.extra_of(self.package) or "all"
+        dist = self.DISTRIBUTIONS.get(self.package, self.package.replace("_", "-"))
         what = needed_by or (f"target {target}" if target else self.NEEDED_BY.get(self.package, "this build"))
         super().__init__(f"{what} needs {dist}, which is not installed: install it with `pip install 'edgebuild[{extra}]'`"
                          + (" (or every backend: 'edgebuild[all]')" if extra != "all" else ""))
+
+    @classmethod
+    def extra_of(cls, package: str) -> str | None:
+        """The extra that installs import name ``package`` (None: not an optional library of edgebuild)."""
+        if package in cls.EXTRAS:
+            return cls.EXTRAS[package]
+        return next((e for e in (r(package) for r in cls.resolvers) if e), None)
 
     @classmethod
     def optional(cls, error: ModuleNotFoundError) -> "MissingToolError | None":
         """The one-line error for an optional library's ModuleNotFoundError; None for any other module (a bug, or a
         user's module: it keeps its traceback)."""
         name = (getattr(error, "name", None) or "").split(".")[0]
-        return cls("", name) if name in cls.EXTRAS else None
+        return cls("", name) if name and cls.extra_of(name) else None
 
 
 def require(module: str, needed_by: str):

@@ -1,5 +1,18 @@
-"""The TFLite backend (LiteRT) as a sub-package: ``backend`` (the Backend and its Runner), the converter child
-(``convert``: onnx2tf via ``onnx2tf_run``, mixed precision in ``mixed``, sibling artifacts in ``family``,
-XNNPACK coverage in ``xnnpack``), pass-through outputs (``passthrough``), weight counts (``weights``) and
-TensorFlow Lite Micro's fit (``tflm``)."""
-from edgebuild.targets.tflite.backend import TFLiteBackend, TFLiteRunner  # noqa: F401 — registers "tflite"
+"""The TFLite backend (LiteRT) as a sub-package. This file is its descriptor (what the pipeline reads without
+importing TensorFlow); the rest: ``backend`` (the Backend and its Runner), the converter child (``convert``:
+onnx2tf via ``onnx2tf_run``, mixed precision in ``mixed``, sibling artifacts in ``family``, XNNPACK coverage in
+``xnnpack``), the model's ports (``port``), pass-through outputs (``passthrough``), weight counts (``weights``),
+edgebuild's metadata in the file (``metadata``) and TensorFlow Lite Micro's fit (``tflm``)."""
+from edgebuild.targets.base import BackendInfo, register
+from edgebuild.targets.settings import Precision, TFLiteSettings
+
+INFO = register(BackendInfo(
+    name="tflite", backend="edgebuild.targets.tflite.backend:TFLiteBackend",
+    precisions=(Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8), settings_type=TFLiteSettings,
+    extra="tflite", requires=("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "onnxruntime", "ai_edge_litert"),
+    optional=("sng4onnx", "flatbuffers", "tflite_micro"),  # onnx2tf's helper, the metadata writer, TFLM (micro: true)
+    runtime_modules=("ai_edge_litert.interpreter",),  # what its runner imports (pipeline/memory.py baseline)
+    device_runtimes=("ai_edge_litert", "tflite_runtime", "tensorflow"),  # a board's LiteRT, preferred first
+    suffixes=(".tflite",), metadata="tflite metadata 'edgebuild'",
+    versions=("tensorflow", "onnx2tf", "ai-edge-litert", "tf-keras", "onnx-graphsurgeon", "onnx", "onnxruntime", "numpy"),
+    isolate_runner=True, micro=True))

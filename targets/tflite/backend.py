@@ -38,17 +38,17 @@ from edgebuild.calibration.budget import at_most
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets.tflite import passthrough
-from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, TensorInfo, register, stem
+from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, TensorInfo, stem
 from edgebuild.targets.isolated import quiet_native_stderr
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, Settings, TFLiteSettings
 from edgebuild.targets.tflite.convert import CHANNEL_LAST
-from edgebuild.targets.tflite.family import run_child as _run_child
+from edgebuild.targets.tflite.family import run_child
 from edgebuild.targets.tflite.family import sibling_dir, sibling_results
 from edgebuild.targets.tflite.mixed import AUTO_FLOAT
+from edgebuild.targets.tflite.port import Port
 from edgebuild.targets.tflite.tflm import write_c_array
 
-PRECISIONS = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
 # Settings (TFLiteSettings; profile `quant:` keys override them) for every precision ...
 DEFAULTS = TFLiteSettings().for_precision(Precision.FP32)
 # ... and for full-integer INT8 only (calibration_samples None: every sample the build chose, calibration/budget.py)
@@ -56,17 +56,13 @@ INT8_DEFAULTS = {k: v for k, v in TFLiteSettings().to_dict().items() if k not in
 FLOAT_CHECK_SAMPLES = 8  # samples sent to float conversions (onnx2tf's shape inference, the FP32 graph check)
 
 
-@register("tflite")
 class TFLiteBackend(Backend):
-    precisions = PRECISIONS
-    settings_type = TFLiteSettings
-    requires = ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "onnxruntime", "ai_edge_litert")
-    runtime_modules = ("ai_edge_litert.interpreter",)  # what its runner imports (pipeline/memory.py baseline)
-    isolate_runner = True
+    """The descriptor (precisions, libraries, runtimes, versions) is ``edgebuild.targets.tflite.INFO``."""
+
     supports_float_layers = True
 
     def artifact_name(self, precision: str, settings: dict | None = None) -> str:
-        if precision not in PRECISIONS:
+        if precision not in self.precisions:
             raise BadInputError(f"tflite backend cannot build precision {precision!r}")
         return stem(precision, settings) + ".tflite"
 
@@ -118,7 +114,7 @@ class TFLiteBackend(Backend):
                    "siblings": {p: {"settings": ss} for p, (_, ss) in shared.items()}}
             (job_dir / "job.json").write_text(json.dumps(job, default=str))
             try:
-                result = _run_child(job_dir, f"{profile.name}: TFLite {precision}", float(s["timeout_s"]))
+                result = run_child(job_dir, f"{profile.name}: TFLite {precision}", float(s["timeout_s"]))
             except ConversionError as e:  # the float siblings made before it failed (or crashed) are still good
                 e.siblings = self._siblings(model, profile, precision, inputs, shared, job_dir, time.perf_counter() - t0)
                 raise
@@ -171,6 +167,30 @@ class TFLiteBackend(Backend):
     def runner(self, artifact: Artifact, threads: int) -> Runner:
         return TFLiteRunner(artifact.path, artifact.io, threads, artifact.settings.get("host_kernels", "xnnpack"))
 
+    def embed_metadata(self, path: Path, meta: dict[str, str]) -> str | None:
+        if path.suffix.lower() != ".tflite":
+            return None
+        from edgebuild.targets.tflite.metadata import embed
+
+        embed(path, meta)
+        return self.info.metadata
+
+    def read_metadata(self, path: Path) -> dict[str, str]:
+        from edgebuild.targets.tflite.metadata import read
+
+        return read(path) if path.suffix.lower() == ".tflite" else {}
+
+    def weight_counts(self, path: Path) -> list | None:
+        from edgebuild.targets.tflite.weights import weight_counts
+
+        return weight_counts(path) if path.suffix.lower() == ".tflite" else None
+
+    def micro(self):
+        """TensorFlow Lite Micro on the host (targets/tflite/tflm.py): arena, flash, agreement with LiteRT."""
+        from edgebuild.targets.tflite import tflm
+
+        return tflm
+
 
 class TFLiteRunner(Runner):
     """A .tflite on LiteRT, fed and read in the source model's layout and dtype.
@@ -191,8 +211,8 @@ class TFLiteRunner(Runner):
                 self.interpreter.allocate_tensors()
             signature = self.interpreter.get_signature_runner()
             ins, outs = signature.get_input_details(), signature.get_output_details()
-            self.inputs = [_Port(spec, ins[spec["signature_key"]]) for spec in io["inputs"]]
-            self.outputs = [spec if "from_input" in spec else _Port(spec, outs[spec["signature_key"]])
+            self.inputs = [Port(spec, ins[spec["signature_key"]]) for spec in io["inputs"]]
+            self.outputs = [spec if "from_input" in spec else Port(spec, outs[spec["signature_key"]])
                             for spec in io["outputs"]]
         except (ValueError, RuntimeError, KeyError) as e:
             raise ConversionError(f"LiteRT cannot load {Path(path).name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
@@ -218,35 +238,6 @@ class TFLiteRunner(Runner):
             self.interpreter.invoke()
             times.append((time.perf_counter() - t0) * 1e3)
         return times
-
-
-class _Port:
-    """One model input or output: its tensor, layout permutation and quantization (read from the model)."""
-
-    def __init__(self, spec: dict, details: dict):
-        self.name, self.index = spec["name"], details["index"]
-        self.dtype = np.dtype(details["dtype"])
-        self.perm = tuple(spec["perm"]) if spec.get("perm") else None  # inputs: source -> tflite; outputs: tflite -> source
-        scale, zero_point = details["quantization"]
-        self.quantized = self.dtype.kind in "iu" and scale != 0.0
-        self.scale, self.zero_point = float(scale), int(zero_point)
-
-    def to_tensor(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        if self.perm:
-            x = x.transpose(self.perm)
-        if x.ndim == 0:  # a 0-d source input is [1] in the .tflite (onnx2tf makes scalar inputs rank 1)
-            x = x.reshape(1)
-        if self.quantized and x.dtype.kind == "f":
-            info = np.iinfo(self.dtype)
-            x = np.clip(np.round(x / self.scale) + self.zero_point, info.min, info.max)
-        return np.ascontiguousarray(x, dtype=self.dtype)
-
-    def from_tensor(self, y: np.ndarray) -> np.ndarray:
-        y = (y.astype(np.float32) - self.zero_point) * np.float32(self.scale) if self.quantized else y.astype(np.float32)
-        return np.ascontiguousarray(y.transpose(self.perm) if self.perm else y)
-
-
 
 
 def _recurrent(onnx_path) -> bool:

@@ -56,7 +56,7 @@ def with_siblings(job_dir: Path, siblings: dict) -> None:
     """Make convert.py convert ``siblings`` from the job's Keras graph before the job's own precision, with the
     calibration data on disk (``_calibration_to_disk``)."""
     from edgebuild.targets.tflite import convert as tc
-    from edgebuild.targets.isolated import _fault
+    from edgebuild.targets.isolated import fault
 
     real = tc._convert_checked
     done: set[str] = set()
@@ -72,7 +72,7 @@ def with_siblings(job_dir: Path, siblings: dict) -> None:
                 _convert_sibling(real, km, job, calib, job_dir, precision, spec["settings"], phase)
                 _release_memory()
         if job["precision"] == "int8":
-            _fault("convert:tflite-int8")  # tests: the job's own INT8 model crashes after its siblings were made
+            fault("convert:tflite-int8")  # tests: the job's own INT8 model crashes after its siblings were made
         return real(km, job, calib, out_dir, phase)
 
     tc._convert_checked = convert_checked

@@ -76,7 +76,7 @@ class TFLMRunner(Runner):
         from ai_edge_litert.interpreter import Interpreter as LiteRT
         from tflite_micro.python.tflite_micro import runtime
 
-        from edgebuild.targets.tflite.backend import _Port
+        from edgebuild.targets.tflite.port import Port
 
         data = artifact.path.read_bytes()
         self.arena_size = arena_given(len(data))  # generous: the used part is what TFLM reports
@@ -100,11 +100,11 @@ class TFLMRunner(Runner):
         order_in = [d["index"] for d in host.get_input_details()]
         order_out = [d["index"] for d in host.get_output_details()]
 
-        def port(spec: dict, order: list[int], kind: str) -> _Port:
+        def port(spec: dict, order: list[int], kind: str) -> Port:
             position = order.index(sig[kind][spec["signature_key"]])
             details = {"index": position, "dtype": spec["dtype"],
                        "quantization": (spec.get("scale") or 0.0, spec.get("zero_point") or 0)}
-            return _Port(spec, details)
+            return Port(spec, details)
 
         self.inputs = [port(s, order_in, "inputs") for s in artifact.io["inputs"]]
         self.outputs = [s if "from_input" in s else port(s, order_out, "outputs") for s in artifact.io["outputs"]]

@@ -128,7 +128,7 @@ def test_bad_setting_is_bad_input(backend, profiles, demo_onnx, digits_split, tm
 
 
 def test_port_layout_and_quantization():
-    from edgebuild.targets.tflite.backend import _Port
+    from edgebuild.targets.tflite.port import Port as _Port
 
     x = np.random.default_rng(0).random((1, 3, 4, 5), dtype=np.float32)
     port = _Port({"name": "x", "perm": [0, 2, 3, 1]}, {"index": 0, "dtype": np.int8, "quantization": (1 / 255, -128)})
@@ -147,7 +147,7 @@ def test_port_layout_and_quantization():
 
 def test_converter_crash_is_a_conversion_error(tmp_path, monkeypatch):
     from edgebuild.targets.isolated import FAULT_ENV
-    from edgebuild.targets.tflite.backend import _run_child
+    from edgebuild.targets.tflite.family import run_child as _run_child
 
     with pytest.raises(ConversionError, match=r"arm64: TFLite int8: FileNotFoundError: .*job\.json"):
         _run_child(tmp_path, "arm64: TFLite int8", 60)  # no job.json: an error in the child, one line

@@ -54,7 +54,7 @@ def test_micro_needs_the_tflite_backend(tmp_path):
 
     p = tmp_path / "p.yaml"
     p.write_text("name: mcu\nbackend: onnx\ndescription: d\nmicro: true\n")
-    with pytest.raises(BadInputError, match="micro: true needs backend tflite"):
+    with pytest.raises(BadInputError, match=r"micro: true needs a backend with a microcontroller check \(tflite"):
         load_profile(p)
 
 
