@@ -248,7 +248,8 @@ class Backend:
         raise NotImplementedError(f"the {self.name} backend does not run ONNX sources")
 
     def fake_quant(self, onnx_path: Path, calib: "SampleSet", workdir: Path) -> Any:
-        """A context manager whose ``runner(layers)`` runs the FP32 ONNX model with only ``layers`` quantized (the
+        """A context manager whose ``runner(layers)`` runs the FP32 ONNX model with only ``layers`` quantized (and
+        ``runner_except(layers)`` with every node but them; the
         reference backend's: layer sensitivity, pipeline/stages/sensitivity.py)."""
         raise NotImplementedError(f"the {self.name} backend has no fake-quant reference")
 

@@ -266,6 +266,9 @@ def test_no_upward_import_and_the_pipeline_names_no_backend():
     up = [f"{m} (layer {layer(m, backends)}) imports {d} (layer {layer(d, backends)})"
           for m, deps in sorted(graph.items()) for d in sorted(deps) if layer(d, backends) > layer(m, backends)]
     assert not up, "upward imports:\n" + "\n".join(up)
+    direct = [f"{m} imports {d}" for m, deps in sorted(graph.items()) if layer(m, backends) == 4
+              for d in sorted(deps) if layer(d, backends) == 3]
+    assert not direct, "the pipeline imports a backend (use the contract, targets/base.py):\n" + "\n".join(direct)
     named = []  # get_backend("tflite") / backend_info("onnx") in the pipeline: a backend known by name
     for name, path in tree_modules().items():
         if layer(name, backends) != 4:

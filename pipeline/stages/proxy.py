@@ -27,7 +27,7 @@ def first_step(onnx_path, calib, select, reference, ranked: list[str], steps: li
                deadline: float) -> tuple[int | None, dict]:
     """(index into ``steps`` of the smallest step whose ``ranked[:k]`` float layers pass the fake-quant proxy, or
     None when the proxy cannot tell; the record). ``steps`` ascending; bisection, so about log2(len(steps)) + 1 runs."""
-    from edgebuild.targets.onnx import FakeQuant
+    from edgebuild.targets.base import fake_quant
 
     record: dict = {"method": "ONNX Runtime fake quantization of every node but the float layers, on evaluation[select]",
                     "scores": {}}
@@ -36,7 +36,7 @@ def first_step(onnx_path, calib, select, reference, ranked: list[str], steps: li
     from edgebuild.procs import tempdir
 
     with tempfile.TemporaryDirectory(prefix="edgebuild-proxy-", dir=tempdir()) as tmp, \
-            FakeQuant(onnx_path, at_most(calib, PROXY_CALIB_SAMPLES), Path(tmp)) as fq:
+            fake_quant(onnx_path, at_most(calib, PROXY_CALIB_SAMPLES), Path(tmp)) as fq:
         def loss(k: int) -> float:
             with fq.runner_except(ranked[:k]) as runner:
                 metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)
