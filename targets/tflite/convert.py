@@ -186,6 +186,8 @@ def run(job_dir: Path) -> dict:
 ONNX_OF = {"LOCAL_RESPONSE_NORMALIZATION": "LRN", "ADD_N": "Sum", "POW": "Pow", "EXP": "Exp", "LOG": "Log",
            "SQRT": "Sqrt", "RSQRT": "Sqrt/Div", "DIV": "Div", "CUMSUM": "CumSum"}
 MAX_REPAIRS = 2
+WEIGHTED_TFLITE_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D", "BATCH_MATMUL",
+                       "UNIDIRECTIONAL_SEQUENCE_LSTM", "EMBEDDING_LOOKUP", "GATHER"}
 
 
 def _xnnpack_on(job: dict) -> bool:
@@ -223,7 +225,7 @@ def _convert_checked(km, job: dict, calib: dict, job_dir: Path, phase) -> tuple[
                                                      "layers, or replace the op in the model)", e.op) from None
                 if attempt == MAX_REPAIRS:
                     raise
-                _keep_float(job, e.ops)
+                _remember_float(job, e.ops)
                 repairs.append(f"kept in float (no int8 kernel): {', '.join(sorted({op['op'] for op in e.ops}))}")
                 continue
         if _xnnpack_on(job):
@@ -271,6 +273,18 @@ def _bytes_or_mlir(km, job: dict, calib: dict, repairs: list[str]) -> bytes:
     job["quantizer_used"] = "mlir"
     repairs.append(f"MLIR quantizer: the legacy quantizer cannot quantize {unsupported.group(1)}")
     return _tflite_bytes(km, job["precision"], job["settings"], calib, job)
+
+
+def _remember_float(job: dict, ops: list[dict]) -> None:
+    """Keep ``ops`` (left float by the quantizer) float in the next conversion. The same type left float again,
+    elsewhere, means the quantizer is not deterministic there (unrolled LSTM gate SPLITs): every op of that type stays
+    float (targets/tflite/mixed.py ``ops_of_types``), weighted types never (their weights would)."""
+    _keep_float(job, ops)
+    types = {op["op"] for op in ops}
+    again = (types & set(job.get("auto_float_seen", []))) - WEIGHTED_TFLITE_OPS
+    job["auto_float_seen"] = sorted({*job.get("auto_float_seen", []), *types})
+    if again:
+        job["auto_float_types"] = sorted({*job.get("auto_float_types", []), *again})
 
 
 def _keep_float(job: dict, ops: list[dict]) -> None:

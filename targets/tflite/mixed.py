@@ -79,6 +79,22 @@ def tflite_ops_of(model: bytes, km, layer_map: dict[str, list[str]]) -> dict[str
                    for o in op["outputs"]] for node, wanted in layer_map.items()}
 
 
+def ops_of_types(model: bytes, types) -> list[dict]:
+    """Every op of the given TFLite op types, ``{"op": type, "tensor": output name}`` per output.
+
+    The MLIR quantizer is not deterministic on unrolled LSTMs: the same inputs leave a different subset of the gate
+    SPLITs in float from one run to the next, so keeping the ones one run named in float and converting again met
+    other float SPLITs, until the repairs ran out ("1 op(s) still run in float (SPLIT)", exit 3, about one build in
+    six). An op type with no int8 kernel in one place has none anywhere: the repair keeps the whole type float."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=model)
+    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    wanted = set(types)
+    return [{"op": op["op_name"], "tensor": names[int(o)]} for op in it._get_ops_details()
+            if op["op_name"] in wanted for o in op["outputs"]]
+
+
 def _all_layers(km) -> list[str]:
     return [layer.name for layer in km.layers]
 
@@ -95,6 +111,10 @@ def selective_int8(converter, km, job: dict, io_type) -> bytes:
     requested = tflite_ops_of(calibrated, km, job.get("float_layer_map") or {})
     if job.get("auto_float_ops"):  # ops kept in float by the conversion itself (no int8 kernel, XNNPACK repair)
         requested[AUTO_FLOAT] = [{"op": op["op"], "tensor": t} for op in job["auto_float_ops"] for t in op["outputs"]]
+    if job.get("auto_float_types"):  # ... and every op of a type the quantizer left float (not only those it named)
+        known = {(r["op"], r["tensor"]) for r in requested.get(AUTO_FLOAT, [])}
+        requested.setdefault(AUTO_FLOAT, []).extend(
+            r for r in ops_of_types(calibrated, job["auto_float_types"]) if (r["op"], r["tensor"]) not in known)
     job["float_ops_requested"] = requested
     deny = sorted({op["tensor"] for ops in requested.values() for op in ops})
     if not deny:

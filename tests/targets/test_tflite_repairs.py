@@ -1,0 +1,40 @@
+"""Issue 22: the full-integer repair of a non-deterministic quantizer. TF's MLIR quantizer leaves a different subset of
+an unrolled LSTM's gate SPLITs float from run to run; the repair kept the SPLITs one run named float, the next run
+left others float, and after two repairs the build ended in exit 3 ("1 op(s) still run in float (SPLIT)") about once
+in six. A type left float twice now stays float everywhere: ``ops_of_types`` finds every op of it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+
+def test_every_op_of_a_type_is_found_for_the_deny_list():
+    import tensorflow as tf
+
+    from edgebuild.targets.tflite.mixed import ops_of_types
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 6, 6], tf.float32)])
+    def f(x):
+        a, b = tf.split(x, 2, axis=-1)
+        c, d, _ = tf.split(tf.nn.relu(a) + b, 3, axis=1)
+        return tf.concat([c, d], axis=1)
+
+    model = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f).convert()
+    found = ops_of_types(model, ["SPLIT"])
+    assert {r["op"] for r in found} == {"SPLIT"} and len(found) == 2 + 3, found  # both SPLITs, one entry per output
+    assert len({r["tensor"] for r in found}) == 5 and ops_of_types(model, ["CONV_2D"]) == []
+    np.testing.assert_equal(len(ops_of_types(model, ["SPLIT", "CONCATENATION"])), 6)
+
+
+def test_a_type_left_float_twice_is_kept_float_everywhere_but_never_a_weighted_one():
+    from edgebuild.targets.tflite import convert as C
+
+    job = {"auto_float_ops": [], "allow_float_layers": True}
+    first = [{"op": "SPLIT", "outputs": ["s1"]}, {"op": "FULLY_CONNECTED", "outputs": ["f1"]}]
+    second = [{"op": "SPLIT", "outputs": ["s7"]}, {"op": "FULLY_CONNECTED", "outputs": ["f3"]}]
+    C._remember_float(job, first)
+    assert "auto_float_types" not in job  # once: only the ops it named
+    C._remember_float(job, second)
+    assert job["auto_float_types"] == ["SPLIT"]  # twice: the type; FULLY_CONNECTED keeps per-op repairs (weights)
