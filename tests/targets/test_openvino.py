@@ -159,8 +159,8 @@ def test_recorded_settings_can_be_fed_back_and_candidates_are_valid(built, model
 
     labels = [label for label, _ in backend.recovery_candidates(x86, settings)]
     seven_bit = ["7-bit weights in every layer (overflow_fix=enable)"] if host_isa()["vnni"] else []  # else already
-    assert labels == [*seven_bit, "full bias correction", "asymmetric activations (preset=mixed)",
-                      "preset=mixed with full bias correction", "NNCF model_type=transformer (SmoothQuant)"]
+    assert labels == ["full bias correction", "asymmetric activations (preset=mixed)",  # VNNI: 7-bit weights last
+                      "preset=mixed with full bias correction", "NNCF model_type=transformer (SmoothQuant)", *seven_bit]
     n100 = backend.recovery_candidates(catalogue()["intel-n100"], {**settings, "overflow_fix": "first_layer_only"})
     label, variant = n100[0]  # a new frozen Settings (dataclasses.replace), the rest as asked
     assert label == "7-bit weights in every layer (overflow_fix=enable)" and variant.overflow_fix == "enable"
