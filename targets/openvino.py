@@ -172,9 +172,11 @@ def _convert_job(job: dict) -> tuple[dict, dict, list[str]]:
         set_phase("openvino.convert_model")
         ov_model = ov.convert_model(job["onnx"])
         if precision == "int8":
+            converted = {op.get_friendly_name() for op in ov_model.get_ops()}
             set_phase("nncf.quantize")
             ov_model, applied, notes = _quantize(ov_model, samples_from_disk(job["samples"]), settings, target,
                                                  _onnx_outputs(job["onnx"]), job["onnx"])
+            stable_names(ov_model, converted)
         else:
             settings, applied = {"compress_to_fp16": precision == "fp16"}, {}
         set_phase("openvino.save_model")
@@ -186,6 +188,24 @@ def _convert_job(job: dict) -> tuple[dict, dict, list[str]]:
         raise ConversionError(f"{target}: OpenVINO {precision} conversion failed: {_one_line(e)}") from e
     applied["converter"] = f"openvino.convert_model(ONNX) {ov.get_version().split('-')[0]}"
     return settings, applied, notes
+
+
+def stable_names(ov_model, kept: set[str]) -> None:
+    """Name the operations NNCF added under generated names (``Constant_37534``: a counter global to the converting
+    process, whose value varies from run to run) ``<type>_<k>`` in graph order, so that one conversion always writes
+    the same .xml (issue 24: a batch cell and the same build alone). Names in ``kept`` (the converted model's) stay."""
+    used = {op.get_friendly_name() for op in ov_model.get_ops()}
+    k = 0
+    for op in ov_model.get_ordered_ops():
+        name, kind = op.get_friendly_name(), op.get_type_name()
+        if name in kept or not (name.startswith(kind + "_") and name[len(kind) + 1:].isdigit()):
+            continue
+        k += 1
+        while f"{kind}_{k}" in used:
+            k += 1
+        used.discard(name)
+        op.set_friendly_name(f"{kind}_{k}")
+        used.add(f"{kind}_{k}")
 
 
 def compile_config(precision: str, threads: int | None = None) -> dict:
