@@ -43,29 +43,38 @@ def running_marker(batch_out: Path, model: str, target: str) -> Path:
     return batch_out / RUNNING_DIR / f"{model}--{target}.json"
 
 
-def run_cell(cell_data: dict, batch_out: str, shared_timing: bool) -> dict:
-    """Build one cell; returns its summary (``batch.json``'s cell). Never raises for a build that failed."""
+def run_cell(cell_data: dict, batch_out: str) -> dict:
+    """Build one cell; returns its summary (``batch.json``'s cell). Never raises for a build that failed.
+
+    The cell's work holds its node shared and its timing holds it alone (``turns.NodeTurns``): from here, before
+    the build imports anything, to its end."""
     from edgebuild.pipeline.batch.matrix import Cell
+    from edgebuild.pipeline.batch.turns import NodeTurns
 
     cell = Cell.from_dict(cell_data)
     bound_threads(cell.resources.num_cpus)
-    marker = running_marker(Path(batch_out), cell.model, cell.target)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    node = {"host": socket.gethostname(), "pid": os.getpid(), **_ray_node()}
-    attempt = _attempt(marker)  # a marker left behind: the worker of an earlier attempt died
-    tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({**node, "started": started, "attempt": attempt}))
-    os.replace(tmp, marker)
+    turns = NodeTurns()
+    turns.work()
     try:
-        record = _build(cell)
+        marker = running_marker(Path(batch_out), cell.model, cell.target)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        node = {"host": socket.gethostname(), "pid": os.getpid(), **_ray_node()}
+        attempt = _attempt(marker)  # a marker left behind: the worker of an earlier attempt died
+        tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({**node, "started": started, "attempt": attempt}))
+        os.replace(tmp, marker)
+        try:
+            record = _build(cell, turns.stage)
+        finally:
+            marker.unlink(missing_ok=True)
+        record.update(seconds=round(time.time() - started, 2), started=round(started, 3), cpu_seconds=_cpu_seconds(),
+                      worker=node, threads=cell.resources.num_cpus, attempts=attempt,
+                      timing_waited_s=round(turns.waited_s, 2))
+        if record["exit"] in (0, 1):
+            _write_cell_record(cell, record, turns.record())
     finally:
-        marker.unlink(missing_ok=True)
-    record.update(seconds=round(time.time() - started, 2), started=round(started, 3), cpu_seconds=_cpu_seconds(),
-                  worker=node,
-                  threads=cell.resources.num_cpus, timing_shared_cores=shared_timing, attempts=attempt)
-    if record["exit"] in (0, 1):
-        _write_cell_record(cell, record)
+        turns.close()
     return record
 
 
@@ -94,7 +103,7 @@ def _ray_node() -> dict:
     return {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
-def _build(cell) -> dict:
+def _build(cell, stage) -> dict:
     from edgebuild.pipeline.build import build
     from edgebuild.pipeline.buildlog import build_log, keep
     from edgebuild.pipeline.errors import EdgeBuildError
@@ -105,7 +114,7 @@ def _build(cell) -> dict:
     spec = BuildSpec.from_dict(cell.spec)
     try:
         with build_log(Path(spec.out), False) as (log, _terminal):
-            result = build(spec, jobs=1)
+            result = build(spec, stage=stage, jobs=1)
         keep(log, result)
     except EdgeBuildError as e:
         return {**_cell_head(cell), "exit": e.exit_code, "verdict": "error", "error": str(e)}
@@ -139,19 +148,48 @@ def summary_of(manifest: dict, target: str, out: Path) -> dict:
         "artifact_sha256": (files.get(t.artifact) or {}).get("sha256") if t.artifact else None,
         "precision": t.precision, "accuracy_drop": None if m is None else m.accuracy_drop,
         "speedup_vs_fp32": (t.ratios or {}).get("speedup_vs_fp32"), "size_bytes": t.size_bytes,
-        "build_seconds": typed.seconds, "report": "report.html",
+        "build_seconds": typed.seconds, "report": "report.html", "outputs_sha256": outputs_digest(manifest),
         "table": {k: row.get(k) for k in ("verdict", "accuracy", "drop", "p50", "size", "speedup")},
     }
 
 
-def _write_cell_record(cell, record: dict) -> None:
-    """``batch_cell.json`` beside the manifest: where and how the batch ran this build (threads, node, whether its
-    timing shared the node's cores with other cells' conversions)."""
-    keep = {k: record[k] for k in ("worker", "threads", "timing_shared_cores", "seconds", "attempts") if k in record}
+# What two runs of one build may differ in without having built anything differently: when and where it ran, how
+# long it took, what came from the cache, and what was measured (latency, speed-ups, memory; ``why`` quotes them).
+MEASURED = frozenset({"created", "seconds", "cwd", "cache", "latency", "latency_p50_ms", "memory", "ratios",
+                      "host_validation", "why"})
+SPEC_PLACE = frozenset({"out", "cache", "cache_dir"})  # where a build writes and caches, not what it builds
+
+
+def reproducible(manifest: dict) -> dict:
+    """The manifest without ``MEASURED`` values (at any depth) and the spec's ``SPEC_PLACE``: what a batch cell and
+    the same build alone must agree on (artifacts and their sha256, verdicts, precision, settings, metrics, search)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in MEASURED}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    out = strip(manifest)
+    out["spec"] = {k: v for k, v in (out.get("spec") or {}).items() if k not in SPEC_PLACE}
+    return out
+
+
+def outputs_digest(manifest: dict) -> str:
+    """sha256 of ``reproducible(manifest)``: batch.json's ``outputs_sha256`` of a cell."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(reproducible(manifest), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_cell_record(cell, record: dict, turns: dict) -> None:
+    """``batch_cell.json`` beside the manifest: where and how the batch ran this build (threads, node, when it worked
+    and when it timed alone on its node, how long its timing waited for the node)."""
+    keep = {k: record[k] for k in ("worker", "threads", "seconds", "attempts") if k in record}
     path = cell.out / "batch_cell.json"
     if cell.out.is_dir():
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({**keep, "resources": cell.to_dict()["resources"],
+        tmp.write_text(json.dumps({**keep, "node_turns": turns, "resources": cell.to_dict()["resources"],
                                    "python": platform.python_version()}, indent=2))
         os.replace(tmp, path)
 
@@ -180,7 +218,7 @@ def finished(cell) -> dict | None:
     record = {**_cell_head(cell), **summary_of(manifest, cell.target, cell.out), "skipped": True}
     try:
         record.update({k: v for k, v in json.loads((cell.out / "batch_cell.json").read_text()).items()
-                       if k in ("worker", "threads", "timing_shared_cores", "seconds")})
+                       if k in ("worker", "threads", "seconds")})
     except (OSError, ValueError):
         pass
     return record

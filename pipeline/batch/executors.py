@@ -18,9 +18,9 @@ from edgebuild.pipeline.errors import BadInputError
 
 OnDone = Callable[[dict], None]
 # Sent to every Ray worker (whose environment is its node's, not the driver's): where the shared cache's key is and
-# edgebuild's own settings. The key itself (EDGEBUILD_CACHE_KEY) is never sent: a task's environment is visible to
+# the node lock's path when the driver names one (pipeline/batch/turns.py; default: each node's temp directory). The key itself (EDGEBUILD_CACHE_KEY) is never sent: a task's environment is visible to
 # whoever can inspect the cluster; give it to each node (`ray start`'s environment) or use EDGEBUILD_CACHE_KEY_FILE.
-FORWARDED_ENV = ("EDGEBUILD_CACHE_KEY_FILE",)
+FORWARDED_ENV = ("EDGEBUILD_CACHE_KEY_FILE", "EDGEBUILD_NODE_LOCK")
 OBJECT_STORE_BYTES = 100 << 20  # a local Ray's object store: cells return small dicts, artifacts go to disk
 POLL_SECONDS = 0.2
 CANCEL_GRACE_S = 10.0  # Ctrl-C: how long running builds get to clean up before their workers are killed
@@ -101,11 +101,6 @@ class RayExecutor:
                                     f"the largest node offers {most_cpu} CPU(s), {most_mem:.0f} MB: lower its "
                                     "resources (resources.num_cpus / memory_mb)")
 
-    def shared_timing(self, cell: Cell, cells: list[Cell]) -> bool:
-        """Whether another cell can run beside this one on a node (then its timing runs shared the node's cores)."""
-        least = min(c.resources.num_cpus for c in cells)
-        return len(cells) > 1 and any(n.get("CPU", 0) >= cell.resources.num_cpus + least for n in self.nodes)
-
     def run(self, cells: list[Cell], batch_out: Path, retries: int, on_done: OnDone) -> dict[str, dict]:
         import ray
 
@@ -116,7 +111,7 @@ class RayExecutor:
             refs[task.options(num_cpus=c.resources.num_cpus, memory=int(c.resources.memory_mb * 1e6),
                               max_retries=retries, retry_exceptions=False, name=f"edgebuild:{c.name}",
                               runtime_env={"env_vars": env} if env else None)
-                 .remote(c.to_dict(), str(batch_out), self.shared_timing(c, cells))] = c
+                 .remote(c.to_dict(), str(batch_out))] = c
         results: dict[str, dict] = {}
         pending = list(refs)
         try:
@@ -178,10 +173,6 @@ class LocalExecutor:
                 raise BadInputError(f"cell {c.name} needs {c.resources.num_cpus} CPU(s); this host has {self.cores}: "
                                     "lower its resources.num_cpus")
 
-    def shared_timing(self, cell: Cell, cells: list[Cell]) -> bool:
-        least = min(c.resources.num_cpus for c in cells)
-        return len(cells) > 1 and self.cores >= cell.resources.num_cpus + least
-
     def run(self, cells: list[Cell], batch_out: Path, retries: int, on_done: OnDone) -> dict[str, dict]:
         import multiprocessing as mp
         from multiprocessing.connection import wait
@@ -197,8 +188,7 @@ class LocalExecutor:
                 while queue and (not running or used + queue[0].resources.num_cpus <= self.cores):
                     c = queue.pop(0)
                     recv, send = ctx.Pipe(duplex=False)
-                    p = ctx.Process(target=_child, args=(send, c.to_dict(), str(batch_out),
-                                                         self.shared_timing(c, cells)), name=f"edgebuild:{c.name}")
+                    p = ctx.Process(target=_child, args=(send, c.to_dict(), str(batch_out)), name=f"edgebuild:{c.name}")
                     p.start()
                     send.close()
                     attempts[c.name] += 1
@@ -229,13 +219,13 @@ class LocalExecutor:
         return results
 
 
-def _child(send, cell_data: dict, batch_out: str, shared_timing: bool) -> None:
+def _child(send, cell_data: dict, batch_out: str) -> None:
     import signal
 
     from edgebuild.procs import terminate_as_interrupt
 
     signal.signal(signal.SIGTERM, terminate_as_interrupt)  # the batch stopping: the build cleans up, kills its children
-    send.send(run_cell(cell_data, batch_out, shared_timing))
+    send.send(run_cell(cell_data, batch_out))
     send.close()
 
 

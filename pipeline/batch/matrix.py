@@ -181,8 +181,8 @@ def cache_location(value: Any, base: Path) -> str:
         return str(default_root().expanduser().resolve())
     _need(isinstance(value, str) and value, "cache: must be a directory path")
     if value.startswith(OBJECT_STORES):
-        raise BadInputError(f"cache: {value}: object-store caches are not supported yet; use a directory on a "
-                            "filesystem every node mounts (NFS, a cluster filesystem)")
+        raise BadInputError(f"cache: {value}: object-store caches are not supported (not built: no store to test "
+                            "against offline); use a directory every node mounts (NFS, a cluster filesystem)")
     path = Path(os.path.expanduser(value))
     return str((path if path.is_absolute() else base / path).resolve())
 

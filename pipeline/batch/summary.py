@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 EXIT_ORDER = (0, 1, 3, 2, 130)  # worst last: a batch exits with the worst of its cells
-CELL_KEYS = ("model", "target", "exit", "verdict", "artifact", "artifact_sha256", "skipped", "precision",
+CELL_KEYS = ("model", "target", "exit", "verdict", "artifact", "artifact_sha256", "outputs_sha256", "skipped", "precision",
              "accuracy_drop", "speedup_vs_fp32", "size_bytes", "seconds", "build_seconds", "cpu_seconds", "started", "error", "worker",
-             "threads", "timing_shared_cores", "attempts")
+             "threads", "timing_waited_s", "attempts")
 
 
 def batch_exit(records: list[dict]) -> int:
