@@ -155,9 +155,10 @@ def summary_of(manifest: dict, target: str, out: Path) -> dict:
 
 # What two runs of one build may differ in without having built anything differently: when and where it ran, how
 # long it took, what came from the cache, and what was measured (latency, speed-ups, memory; ``why`` quotes them).
-MEASURED = frozenset({"created", "seconds", "cwd", "cache", "latency", "latency_p50_ms", "memory", "ratios",
-                      "host_validation", "why"})
+MEASURED = frozenset({"created", "seconds", "cwd", "cache", "from_cache", "latency", "latency_p50_ms", "memory",
+                      "ratios", "host_validation", "why"})
 SPEC_PLACE = frozenset({"out", "cache", "cache_dir"})  # where a build writes and caches, not what it builds
+CACHE_NOTE = "restored from the stage cache"  # a target's note when its artifact came from the cache (pipeline/cache.py)
 
 
 def reproducible(manifest: dict) -> dict:
@@ -167,7 +168,7 @@ def reproducible(manifest: dict) -> dict:
         if isinstance(x, dict):
             return {k: strip(v) for k, v in x.items() if k not in MEASURED}
         if isinstance(x, list):
-            return [strip(v) for v in x]
+            return [strip(v) for v in x if not (isinstance(v, str) and v.startswith(CACHE_NOTE))]
         return x
 
     out = strip(manifest)

@@ -1,6 +1,7 @@
 """The matrix file: cells expanded and checked before any work; a bad cell is one line, exit 2, nothing written."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -147,3 +148,24 @@ def test_cli_exits_with_the_worst_cell_in_one_line(codes, expected, tmp_path, mo
     assert len(err) == (expected != 0)
     if expected:
         assert "m/t1 (exit" in err[0] and "batch.html" in err[0]
+
+
+def test_outputs_digest_ignores_what_was_measured_not_what_was_built():
+    from edgebuild.pipeline.batch.cell import outputs_digest
+
+    base = {"created": "t0", "seconds": 3.0, "cwd": "/a", "spec": {"out": "/a/out", "cache": True, "seed": 0},
+            "targets": {"x86": {"files": {"m.xml": {"sha256": "aa"}}, "precision": "int8", "latency": {"p50_ms": 1.0},
+                                "notes": ["restored from the stage cache (sha256 verified)"],
+                                "search": {"from_cache": True, "tries": [{"label": "p", "latency_p50_ms": 2}]}}}}
+    measured = json.loads(json.dumps(base))
+    measured.update(created="t1", seconds=9.0, cwd="/b", spec={"out": "/b/x", "cache": False, "seed": 0})
+    t = measured["targets"]["x86"]
+    t.update(latency={"p50_ms": 7.0}, notes=[], search={"tries": [{"label": "p", "latency_p50_ms": 5}]})
+    assert outputs_digest(measured) == outputs_digest(base)
+    for change in (lambda m: m["targets"]["x86"]["files"]["m.xml"].update(sha256="bb"),
+                   lambda m: m["targets"]["x86"].update(precision="fp16"),
+                   lambda m: m["spec"].update(seed=1),
+                   lambda m: m["targets"]["x86"]["notes"].append("NNCF: a warning")):
+        other = json.loads(json.dumps(base))
+        change(other)
+        assert outputs_digest(other) != outputs_digest(base)
