@@ -155,8 +155,8 @@ def summary_of(manifest: dict, target: str, out: Path) -> dict:
 
 # What two runs of one build may differ in without having built anything differently: when and where it ran, how
 # long it took, what came from the cache, and what was measured (latency, speed-ups, memory; ``why`` quotes them).
-MEASURED = frozenset({"created", "seconds", "cwd", "cache", "from_cache", "latency", "latency_p50_ms", "memory",
-                      "ratios", "host_validation", "why"})
+MEASURED = frozenset({"created", "seconds", "cwd", "cache", "from_cache", "latency", "latency_p50_ms", "latency_ms",
+                      "latency_speedup", "memory", "ratios", "host_validation", "why"})
 SPEC_PLACE = frozenset({"out", "cache", "cache_dir"})  # where a build writes and caches, not what it builds
 CACHE_NOTE = "restored from the stage cache"  # a target's note when its artifact came from the cache (pipeline/cache.py)
 

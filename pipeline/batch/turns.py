@@ -6,7 +6,7 @@ shares it, and a dead worker's locks go with it):
 * a cell's **work** (loading, export, conversions, evaluation) holds ``<lock>`` shared, from the start of its task
   to its end; at every stage of its build it passes through the gate, so a cell waiting to time gets in at the
   next stage boundary of the others (one conversion or evaluation at most), not at their end;
-* a cell's **timing** (the build's ``<target>: timing ...`` stage) drops its own shared hold, takes ``<lock>.gate``
+* a cell's **timing** (the build's ``<target>: timing ...`` stage, and compression's ``measuring`` stages) drops its own shared hold, takes ``<lock>.gate``
   and then ``<lock>`` exclusive: it starts once every other cell on the node stands at a gate, and none starts
   working again before it is done. Timings of different cells take turns (the gate is theirs in order).
 
@@ -26,6 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TIMING_STAGE = ": timing "  # the stage in which a build times its artifacts (pipeline/stages/per_target.finish_target)
+COMPRESSION, MEASURING = "compression", ": measuring"  # compression's before/after (latency too: stages/compress)
+
+
+def is_timing(text: str) -> bool:
+    """Whether a build's stage measures latency (then it runs alone on the node)."""
+    return TIMING_STAGE in text or (text.startswith(COMPRESSION) and MEASURING in text)
 LOCK_ENV = "EDGEBUILD_NODE_LOCK"
 MERGE_S = 0.01  # a hold released and taken back sooner than this (no timing came in between) is one interval
 
@@ -113,7 +119,7 @@ class NodeTurns:
     @contextmanager
     def stage(self, text: str):
         """The build's stage callable: its timing stage alone on the node, every other stage a gate."""
-        if TIMING_STAGE in text:
+        if is_timing(text):
             with self.timing():
                 yield
         else:

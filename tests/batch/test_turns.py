@@ -88,3 +88,10 @@ def test_the_build_still_names_its_timing_stage_as_turns_expects():
 
     source = inspect.getsource(per_target.finish_target)
     assert f'stage(f"{{p.profile.name}}{TIMING_STAGE}' in source
+    from edgebuild.pipeline.batch.turns import is_timing
+    from edgebuild.pipeline.stages import compress
+
+    measuring = [line for line in inspect.getsource(compress).splitlines() if "with stage(" in line and "measuring" in line]
+    assert len(measuring) == 2, measuring  # the original model, and each step's result: both time the model
+    assert is_timing("compression: measuring the original model") and is_timing("compression step 1/2 (prune): measuring")
+    assert not is_timing("compression step 1/2 (prune)") and not is_timing("measuring per-layer INT8 sensitivity")
