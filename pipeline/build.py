@@ -289,6 +289,9 @@ def _signals_held():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    from edgebuild.procs import safe_signal_stack
+
+    safe_signal_stack()  # a held signal must be deliverable: never onto an alternate stack a library left dangling
     held: list[int] = []
     wanted = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in wanted}

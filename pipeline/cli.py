@@ -526,8 +526,9 @@ def main(argv=None) -> int:
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        from edgebuild.procs import terminate_as_interrupt
+        from edgebuild.procs import safe_signal_stack, terminate_as_interrupt
 
+        safe_signal_stack()  # SIGTERM/Ctrl-C must reach the handler, not die on a dangling alternate stack (procs)
         signal.signal(signal.SIGTERM, terminate_as_interrupt)  # SIGTERM = Ctrl-C: clean up, exit 130
         signal.signal(signal.SIGINT, terminate_as_interrupt)  # Ctrl-C also kills every target's child at once
     from edgebuild.pipeline.offline import no_telemetry

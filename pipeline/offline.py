@@ -7,7 +7,7 @@ A build changes nothing process-wide for it: its child processes (the TFLite con
 TFLite child): in the build's own process, where the FP32 reference and the ONNX targets run, it is stopped by
 ``runtime_telemetry_off`` — the one switch a build flips in its process, one-way and the same for every build
 (telemetry off changes no result). OpenVINO and NNCF telemetry is replaced by their no-op stubs, declared as patches
-applied inside the child that imports them (targets/openvino.py ``TELEMETRY_OFF``); TensorFlow sends nothing by itself.
+applied inside every child of a build (targets/isolated.py ``NO_TELEMETRY``); TensorFlow sends nothing by itself.
 
 The CLI (and a batch cell), which own their process, set ``OFFLINE_ENV`` in it as well (``no_telemetry``).
 """

@@ -236,6 +236,15 @@ class OpenVinoRunner(Runner):
         self.request = self.compiled.create_infer_request()
         self.outputs = list(self.compiled.outputs)
 
+    def close(self) -> None:
+        """Release the compiled model now, then repair the thread's alternate signal stack: the CPU plugin leaves it
+        pointing at freed memory when compiled models go in the order they were made (``procs.safe_signal_stack``:
+        the next SIGTERM or Ctrl-C of an in-process caller would be a SIGSEGV)."""
+        from edgebuild.procs import safe_signal_stack
+
+        self.request = self.compiled = self.outputs = None
+        safe_signal_stack()
+
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in feed.items()})  # 0-d stays 0-d
         return [np.array(result[o], dtype=np.float32) for o in self.outputs]

@@ -193,6 +193,40 @@ def patched(patches) -> Iterator[None]:
                 setattr(holder, name, old)
 
 
+def safe_signal_stack() -> bool:
+    """Make the calling thread's alternate signal stack safe to take a signal on; True when it had to be disabled.
+
+    Python installs every signal handler with SA_ONSTACK: the kernel builds the handler's frame on the thread's
+    alternate stack (``sigaltstack``) when one is set. OpenVINO's CPU plugin sets one on each thread that compiles a
+    model and puts the previous one back when the compiled model goes; two of them released in the order they were
+    made (not the reverse) leave the thread's alternate stack pointing at memory already unmapped. The next signal to
+    that thread (a SIGTERM, a Ctrl-C) then cannot be delivered and the kernel kills the process with SIGSEGV at the
+    ``kill`` call, before any handler runs (tests/reliability/test_trust_paths.py crashed so after tests/targets ran
+    OpenVINO in the pytest process). A stack whose memory is no longer mapped is disabled here (handlers then run on
+    the thread's own stack); any other is left as it is. Linux only; elsewhere a no-op."""
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    ss_disable = 2
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        current_stack = StackT()
+        if libc.sigaltstack(None, ctypes.byref(current_stack)) != 0 or current_stack.ss_flags & ss_disable:
+            return False
+        start = current_stack.ss_sp or 0
+        end = start + current_stack.ss_size
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+                if lo <= start and end <= hi:
+                    return False  # mapped: a live alternate stack
+        return libc.sigaltstack(ctypes.byref(StackT(None, ss_disable, 0)), None) == 0
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """In a child: ask the kernel to send ``sig`` when the parent dies (Linux; a no-op elsewhere)."""
     try:
