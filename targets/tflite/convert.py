@@ -314,11 +314,11 @@ def keras_saved_once(km, directory: Path) -> Iterator[None]:
     if real is None or not hasattr(real, "save"):
         yield
         return
-    lite._save = _SavedOnce(real, km, directory)
-    try:
+    from edgebuild.procs import Patch, patched
+
+    with patched([Patch("tensorflow.lite.python.lite", "_save", _SavedOnce(real, km, directory),
+                        why="every conversion of km reads one SavedModel of it, saved once")]):
         yield
-    finally:
-        lite._save = real
 
 
 class _SavedOnce:

@@ -9,7 +9,8 @@ starts TensorFlow and onnx2tf a second time. A sibling that fails is reported in
 then converts it on its own); it never fails the job's own conversion.
 
 The sibling hooks into ``convert._convert_checked`` (the one step that turns the Keras graph into a
-checked ``.tflite``) in this child process only, so the conversion itself stays the one of convert.py.
+checked ``.tflite``) through a declared patch (``with_siblings``) applied for the job only, in this child process,
+so the conversion itself stays the one of convert.py.
 
 Memory: before the first conversion the calibration arrays go to disk (``_calibration_to_disk``: read back one
 sample at a time), and what a sibling's conversion freed is given back to the system before the next one; the
@@ -26,6 +27,7 @@ import traceback
 from pathlib import Path
 
 from edgebuild.errors import ConversionError
+from edgebuild.procs import Patch
 from edgebuild.targets.isolated import log_hint
 
 SIBLING_KEYS_DROPPED = ("float_layer_map", "auto_float_ops", "quantizer_used", "graph")  # what the job's INT8 conversion adds
@@ -52,30 +54,32 @@ def _convert_sibling(convert_checked, km, job: dict, calib: dict, job_dir: Path,
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
 
 
-def with_siblings(job_dir: Path, siblings: dict) -> None:
-    """Make convert.py convert ``siblings`` from the job's Keras graph before the job's own precision, with the
-    calibration data on disk (``_calibration_to_disk``)."""
-    from edgebuild.targets.tflite import convert as tc
+def with_siblings(job_dir: Path, siblings: dict) -> Patch:
+    """The patch (applied by ``convert_job``, edgebuild.procs.patched) that makes convert.py convert ``siblings``
+    from the job's Keras graph before the job's own precision, with the calibration data on disk
+    (``_calibration_to_disk``)."""
     from edgebuild.targets.isolated import fault
 
-    real = tc._convert_checked
     done: set[str] = set()
 
-    def convert_checked(km, job, calib, out_dir, phase):
-        if not done:  # the first time: the calibration data goes to disk (the ONNX checks that needed it are done)
-            done.add("")
-            _calibration_to_disk(calib, job_dir)
-            _release_memory()  # onnx2tf's and the ONNX check's garbage
-        for precision, spec in siblings.items():
-            if precision not in done:  # once, not again on a repair round of the job's own conversion
-                done.add(precision)
-                _convert_sibling(real, km, job, calib, job_dir, precision, spec["settings"], phase)
-                _release_memory()
-        if job["precision"] == "int8":
-            fault("convert:tflite-int8")  # tests: the job's own INT8 model crashes after its siblings were made
-        return real(km, job, calib, out_dir, phase)
+    def hooked(real):
+        def convert_checked(km, job, calib, out_dir, phase):
+            if not done:  # the first time: the calibration data goes to disk (the ONNX checks that needed it are done)
+                done.add("")
+                _calibration_to_disk(calib, job_dir)
+                _release_memory()  # onnx2tf's and the ONNX check's garbage
+            for precision, spec in siblings.items():
+                if precision not in done:  # once, not again on a repair round of the job's own conversion
+                    done.add(precision)
+                    _convert_sibling(real, km, job, calib, job_dir, precision, spec["settings"], phase)
+                    _release_memory()
+            if job["precision"] == "int8":
+                fault("convert:tflite-int8")  # tests: the job's own INT8 model crashes after its siblings were made
+            return real(km, job, calib, out_dir, phase)
+        return convert_checked
 
-    tc._convert_checked = convert_checked
+    return Patch("edgebuild.targets.tflite.convert", "_convert_checked", wrap=hooked,
+                 why="the float siblings are converted from the job's own Keras graph")
 
 
 class _DiskRows:
@@ -162,9 +166,11 @@ def _checked(result: dict, what: str, log: Path) -> dict:
 
 def convert_job(job_dir: str) -> dict:
     """In the converter child: no network, the siblings hooked in, then convert.py's conversion of the job."""
+    from edgebuild.procs import patched
     from edgebuild.targets.tflite import convert as tc
+    from edgebuild.targets.tflite.onnx2tf_run import NO_NETWORK
 
-    tc.block_network()
     path = Path(job_dir)
-    with_siblings(path, json.loads((path / "job.json").read_text()).get("siblings") or {})
-    return tc.run(path)
+    siblings = json.loads((path / "job.json").read_text()).get("siblings") or {}
+    with patched([*NO_NETWORK, with_siblings(path, siblings)]):  # restored when the job ends
+        return tc.run(path)

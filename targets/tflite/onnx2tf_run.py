@@ -1,7 +1,7 @@
 """onnx2tf, run offline: ONNX -> TF/Keras graph (NHWC), checked against onnxruntime on one sample.
 
-Used by the conversion child (targets/tflite/convert.py). Nothing may download: ``block_network`` makes the
-socket layer refuse any non-local connection, and onnx2tf's sample-image download (it fetches MS-COCO images
+Used by the conversion child (targets/tflite/convert.py). Nothing may download: ``NO_NETWORK`` (patches, applied
+in the child for its job) makes the socket layer refuse any non-local connection, and onnx2tf's sample-image download (it fetches MS-COCO images
 from GitHub for every model whose inputs are all 3-channel 4-D tensors) is replaced by our own calibration
 images. Before onnx2tf, targets/onnx_rewrite.py rewrites what onnx2tf or INT8 cannot handle.
 
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import itertools
 import re
-import socket
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
+from edgebuild.procs import Patch, patched
 from edgebuild.similarity import cosine
 from edgebuild.targets.isolated import ANSI, O2T_BOILERPLATE
 from edgebuild.targets.tflite.mixed import ConversionFailure
@@ -37,24 +38,39 @@ class NetworkBlocked(OSError):
     pass
 
 
-def block_network() -> None:
-    """Refuse every non-local connection (and name lookup) in this process: conversion is offline."""
-    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
+def _refuse_connect(real):
     def connect(self, address):
         host = address[0] if isinstance(address, tuple) else address
         if isinstance(host, str) and host not in LOCAL_HOSTS and not host.startswith("/"):
             raise NetworkBlocked(f"edgebuild converts offline; refused a connection to {address}")
-        return real_connect(self, address)
+        return real(self, address)
+    return connect
 
+
+def _refuse_lookup(real):
     def getaddrinfo(host, *args, **kwargs):
         if host not in (None, *LOCAL_HOSTS):
             raise NetworkBlocked(f"edgebuild converts offline; refused to look up {host}")
-        return real_getaddrinfo(host, *args, **kwargs)
+        return real(host, *args, **kwargs)
+    return getaddrinfo
 
-    socket.socket.connect = connect
-    socket.socket.connect_ex = connect
-    socket.getaddrinfo = getaddrinfo
+
+# Conversion is offline: every non-local connection and name lookup is refused (edgebuild.procs.patched, inside the
+# converter child: targets/tflite/family.py ``convert_job``).
+NO_NETWORK = (
+    Patch("socket:socket", "connect", wrap=_refuse_connect, why="no connection to a non-local address"),
+    Patch("socket:socket", "connect_ex", wrap=_refuse_connect, why="no connection to a non-local address"),
+    Patch("socket", "getaddrinfo", wrap=_refuse_lookup, why="no name lookup of a non-local host"),
+)
+
+
+_FOR_THE_PROCESS = ExitStack()  # block_network's patches (held: a collected generator would restore them)
+
+
+def block_network() -> None:
+    """Refuse every non-local connection (and name lookup) for the rest of this process: for a process of its own
+    (``python -m edgebuild.targets.tflite.convert``); a converter child applies ``NO_NETWORK`` for its job only."""
+    _FOR_THE_PROCESS.enter_context(patched(NO_NETWORK))  # never closed: the process ends with it
 
 
 def offline_sample_images(calib: dict[str, np.ndarray], job: dict):
@@ -76,8 +92,6 @@ def offline_sample_images(calib: dict[str, np.ndarray], job: dict):
 def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
     import onnx
     import onnx2tf
-    import onnx2tf.onnx2tf as o2t_main
-    import onnx2tf.utils.common_functions as o2t_common
     import tensorflow as tf
 
     inputs = job["inputs"]
@@ -91,31 +105,33 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
     if job["settings"].get("onnx_rewrites", True):
         graph, job["rewrites"] = rewrite(graph, job.get("precision", "fp32"))
     graph = with_shapes(graph)
-    originals = o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs
     sample = offline_sample_images(calib, job)
-    o2t_main.download_test_image_data = sample  # the name onnx2tf.convert calls
-    o2t_common.download_test_image_data = sample
     tensors: dict = {}
 
-    def outputs_keeping_tensors(*args, **kwargs):  # onnx2tf's map ONNX tensor name -> TF tensor, kept for float_layers
-        tensors.update(kwargs.get("tf_layers_dict") or {})
-        return originals[2](*args, **kwargs)
+    def keeping_tensors(real):  # onnx2tf's map ONNX tensor name -> TF tensor, kept for float_layers
+        def outputs(*args, **kwargs):
+            tensors.update(kwargs.get("tf_layers_dict") or {})
+            return real(*args, **kwargs)
+        return outputs
 
-    o2t_main.get_tf_model_outputs = outputs_keeping_tensors
+    onnx2tf_patches = (  # applied for this conversion only: a caller's process (tests) keeps onnx2tf as it was
+        Patch("onnx2tf.onnx2tf", "download_test_image_data", sample, why="the name onnx2tf.convert calls: our own "
+              "calibration images, never a download"),
+        Patch("onnx2tf.utils.common_functions", "download_test_image_data", sample, why="the same, where it is defined"),
+        Patch("onnx2tf.onnx2tf", "get_tf_model_outputs", wrap=keeping_tensors, why="the ONNX -> TF tensor map"),
+    )
     created: list = []
-    try:
-        with tf.variable_creator_scope(lambda make, **kw: created.append(make(**kw)) or created[-1]):
-            # a graph, not a file path: onnx2tf then starts no onnxsim subprocess and no auto-JSON retries
-            km = onnx2tf.convert(
-                onnx_graph=graph, output_folder_path=str(workdir / "onnx2tf"), disable_model_save=True,
-                verbosity="warn", not_use_onnxsim=True,
-                enable_rnn_unroll=rnn_unrolled(job),
-                keep_shape_absolutely_input_names=keep_shape or None, keep_ncw_or_nchw_or_ncdhw_input_names=keep_nchw or None,
-            )
-        track_variables(km, created)
-        return km, {name: v["tf_node"] for name, v in tensors.items() if isinstance(v, dict) and "tf_node" in v}
-    finally:  # converting in the caller's process (tests) must leave onnx2tf as it was
-        o2t_main.download_test_image_data, o2t_common.download_test_image_data, o2t_main.get_tf_model_outputs = originals
+    with patched(onnx2tf_patches), \
+            tf.variable_creator_scope(lambda make, **kw: created.append(make(**kw)) or created[-1]):
+        # a graph, not a file path: onnx2tf then starts no onnxsim subprocess and no auto-JSON retries
+        km = onnx2tf.convert(
+            onnx_graph=graph, output_folder_path=str(workdir / "onnx2tf"), disable_model_save=True,
+            verbosity="warn", not_use_onnxsim=True,
+            enable_rnn_unroll=rnn_unrolled(job),
+            keep_shape_absolutely_input_names=keep_shape or None, keep_ncw_or_nchw_or_ncdhw_input_names=keep_nchw or None,
+        )
+    track_variables(km, created)
+    return km, {name: v["tf_node"] for name, v in tensors.items() if isinstance(v, dict) and "tf_node" in v}
 
 
 def rnn_unrolled(job: dict) -> bool:
