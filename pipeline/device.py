@@ -27,6 +27,7 @@ import numpy as np
 
 from edgebuild.pipeline import timing
 from edgebuild.pipeline.errors import BadInputError, ConversionError, EdgeBuildError
+from edgebuild.procs import tempdir
 
 RUNNER = Path(__file__).parent / "assets" / "device_runner.py"
 CONNECT_TIMEOUT_S = 10
@@ -211,7 +212,7 @@ def validate_on_device(artifact_dir: Path, eval_source: str, url: str, evaluator
     meta = json.loads((artifact_dir / "metadata.json").read_text())
     found = probe(board, meta.get("target", "?"), meta.get("backend", "?"))
     loaded = load(artifact_dir, eval_source, evaluator)
-    with tempfile.TemporaryDirectory(prefix="edgebuild-device-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgebuild-device-", dir=tempdir()) as tmp:
         job = Path(tmp) / "job"
         job.mkdir()
         write_job(loaded, job, timed=True)

@@ -23,6 +23,7 @@ import numpy as np
 from edgebuild.pipeline.device import DeviceError, RUNNER, read_results, runner_failed, write_job
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.stages import validate as V
+from edgebuild.procs import tempdir
 
 SITE = "/opt/edgebuild/site"  # inside the root: where the setup script installed the aarch64 wheels
 RUNTIMES = ("ai_edge_litert",)  # what the root has (setup_arm64_emulator.sh): a backend whose device runtimes include it
@@ -70,7 +71,7 @@ def validate_emulated(artifact_dir: Path, eval_source: str, evaluator: str | Non
     if not set(backend_info(loaded.meta["backend"]).device_runtimes) & set(RUNTIMES):
         raise BadInputError(f"--emulate runs .tflite artifacts on aarch64 LiteRT; {artifact_dir} is a "
                             f"{loaded.meta['backend']} artifact")
-    with tempfile.TemporaryDirectory(prefix="edgebuild-emulate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgebuild-emulate-", dir=tempdir()) as tmp:
         job = Path(tmp)
         write_job(loaded, job, timed=False)
         argv, env = command()

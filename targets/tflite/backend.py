@@ -37,6 +37,7 @@ import numpy as np
 from edgebuild.calibration.budget import at_most
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError
+from edgebuild.procs import tempdir
 from edgebuild.targets.tflite import passthrough
 from edgebuild.targets.base import Artifact, Backend, ExportedModel, Runner, TensorInfo, stem
 from edgebuild.targets.isolated import quiet_native_stderr
@@ -100,7 +101,7 @@ class TFLiteBackend(Backend):
                   and not (recurrent and ss.get("rnn_unroll", True))}
         inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-", dir=tempdir()) as tmp:  # the build's scratch
             job_dir = Path(tmp)
             calib = at_most(calib, s.get("calibration_samples")) if precision == "int8" else calib
             n = len(calib) if precision == "int8" else min(len(calib), FLOAT_CHECK_SAMPLES)

@@ -26,6 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from edgebuild.errors import ConversionError, MissingToolError
+from edgebuild.procs import tempdir
 from edgebuild.targets.base import Artifact, Runner
 
 RUNTIME_MODULES = ("tflite_micro.python.tflite_micro.runtime",)  # imported before the memory baseline
@@ -50,7 +51,7 @@ def _captured_stderr() -> Iterator[list[str]]:
     lines: list[str] = []
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as f:
+    with tempfile.TemporaryFile(dir=tempdir()) as f:
         os.dup2(f.fileno(), 2)
         try:
             yield lines

@@ -77,6 +77,21 @@ def test_a_scope_reaches_the_threads_a_build_starts_and_no_other_build(tmp_path)
     assert tempdir() is None and tempfile.tempdir == system_tempdir  # outside a build: the system's, never changed
 
 
+def _child_env(names):  # runs in a child process (targets/isolated.py)
+    import tempfile as t
+
+    return {**{n: os.environ.get(n) for n in names}, "tempdir": t.gettempdir()}
+
+
+def test_a_builds_children_get_its_scratch_and_environment_and_its_process_keeps_its_own(tmp_path):
+    from edgebuild.targets.isolated import run_isolated
+
+    with entered(Scope(scratch=tmp_path, env={"EDGEBUILD_PROBE": "7"})):
+        seen = run_isolated(_child_env, ("EDGEBUILD_PROBE", "HF_HUB_OFFLINE", "DO_NOT_TRACK"), 120)
+    assert seen == {"EDGEBUILD_PROBE": "7", "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "tempdir": str(tmp_path)}
+    assert "EDGEBUILD_PROBE" not in os.environ
+
+
 def test_an_interrupted_build_kills_its_own_children_and_no_other_builds(tmp_path):
     import subprocess
 
