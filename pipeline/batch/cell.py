@@ -129,6 +129,14 @@ def _cell_head(cell) -> dict:
     return {"model": cell.model, "target": cell.target, "out": str(cell.out), "skipped": False}
 
 
+def clock_decided(manifest: dict, target: str) -> list[str]:
+    """What the clock decided in this target's accuracy search (its ``search.time_limit``: a try that did not fit
+    before ``auto_max_seconds``/``build_max_seconds``, a sensitivity cut short). Empty: the build is a function of
+    its inputs, and building the cell alone gives the same ``outputs_sha256``; otherwise it may not."""
+    search = ((manifest.get("targets") or {}).get(target) or {}).get("search") or {}
+    return list(search.get("time_limit") or []) if isinstance(search, dict) else []
+
+
 def summary_of(manifest: dict, target: str, out: Path) -> dict:
     """A cell's line of ``batch.json`` from its manifest: exit, verdict, artifact (+ sha256), precision, quality,
     speed-up, size, and the formatted values of the build's own summary table."""
@@ -149,6 +157,7 @@ def summary_of(manifest: dict, target: str, out: Path) -> dict:
         "precision": t.precision, "accuracy_drop": None if m is None else m.accuracy_drop,
         "speedup_vs_fp32": (t.ratios or {}).get("speedup_vs_fp32"), "size_bytes": t.size_bytes,
         "build_seconds": typed.seconds, "report": "report.html", "outputs_sha256": outputs_digest(manifest),
+        "clock_decided": clock_decided(manifest, target),
         "table": {k: row.get(k) for k in ("verdict", "accuracy", "drop", "p50", "size", "speedup")},
     }
 

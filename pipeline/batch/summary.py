@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 
 EXIT_ORDER = (0, 1, 3, 2, 130)  # worst last: a batch exits with the worst of its cells
-CELL_KEYS = ("model", "target", "exit", "verdict", "artifact", "artifact_sha256", "outputs_sha256", "skipped", "precision",
+CELL_KEYS = ("model", "target", "exit", "verdict", "artifact", "artifact_sha256", "outputs_sha256", "clock_decided",
+             "skipped", "precision",
              "accuracy_drop", "speedup_vs_fp32", "size_bytes", "seconds", "build_seconds", "cpu_seconds", "started", "error", "worker",
              "threads", "timing_waited_s", "attempts")
 
@@ -74,6 +75,9 @@ def _cell_html(line: dict | None) -> str:
         parts.append(f"{e(str(line.get('precision') or '–'))} · {e(str(line.get('artifact') or '–'))}")
         parts.append(f"quality vs FP32 {e(str(table.get('drop') or '–'))} · speed-up {e(str(table.get('speedup') or '–'))}"
                      f" · {e(str(table.get('size') or '–'))}")
+        if line.get("clock_decided"):
+            parts.append(f"<span class='err'>the search's time limit decided: {e('; '.join(line['clock_decided']))}"
+                         "</span>")
         parts.append(f"<a href='{e(line['report'])}'>report</a>")
     else:
         parts.append(f"<span class='err'>{e(str(line.get('error') or ''))}</span>")

@@ -114,6 +114,7 @@ def test_summary_grid_links_each_cell_report(tmp_path):
     records = {c.name: {**ok, "model": c.model, "target": c.target} for c in m.cells}
     records["demo-lowrank/x86"] = {"model": "demo-lowrank", "target": "x86", "verdict": "error", "exit": 3,
                                    "error": "the worker died 3 time(s)"}
+    records["demo/x86"]["clock_decided"] = ["a try did not fit before the search's time limit"]
     doc = write_summary(tmp_path / "out", m, {"name": "local", "cpus": 2}, records, 7.0)
     assert doc["exit"] == 3 and doc["executor"] == "local"
     assert doc["counts"]["pass"] == 3 and doc["counts"]["error"] == 1
@@ -123,6 +124,16 @@ def test_summary_grid_links_each_cell_report(tmp_path):
     assert page == render_html(doc, m)
     assert page.count("<a href='demo/onnx-cpu/report.html'>") == 1 and "demo-lowrank/x86/report.html" not in page
     assert "the worker died 3 time(s)" in page and "1.50×" in page and "int8" in page
+    assert page.count("the search's time limit decided: a try did not fit") == 1
+
+
+def test_clock_decided_reads_the_search_record():
+    from edgebuild.pipeline.batch.cell import clock_decided
+
+    hit = {"targets": {"x86": {"search": {"enabled": True, "time_limit": ["a try did not fit before the limit"]}}}}
+    assert clock_decided(hit, "x86") == ["a try did not fit before the limit"]
+    assert clock_decided({"targets": {"x86": {"search": {"enabled": True, "tries": []}}}}, "x86") == []
+    assert clock_decided({"targets": {}}, "x86") == []
 
 
 def test_batch_help_imports_no_ray_and_no_heavy_backend():
