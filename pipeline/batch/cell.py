@@ -166,6 +166,7 @@ def summary_of(manifest: dict, target: str, out: Path) -> dict:
 # long it took, what came from the cache, and what was measured (latency, speed-ups, memory; ``why`` quotes them).
 MEASURED = frozenset({"created", "seconds", "cwd", "cache", "from_cache", "latency", "latency_p50_ms", "latency_ms",
                       "latency_speedup", "memory", "ratios", "host_validation", "why"})
+MEASURED_OBJECTIVE = frozenset({"warnings"})  # the objective's warnings quote measured speed ("runs slower than FP32")
 SPEC_PLACE = frozenset({"out", "cache", "cache_dir"})  # where a build writes and caches, not what it builds
 CACHE_NOTE = "restored from the stage cache"  # a target's note when its artifact came from the cache (pipeline/cache.py)
 
@@ -173,9 +174,10 @@ CACHE_NOTE = "restored from the stage cache"  # a target's note when its artifac
 def reproducible(manifest: dict) -> dict:
     """The manifest without ``MEASURED`` values (at any depth) and the spec's ``SPEC_PLACE``: what a batch cell and
     the same build alone must agree on (artifacts and their sha256, verdicts, precision, settings, metrics, search)."""
-    def strip(x):
+    def strip(x, within: str = ""):
         if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in MEASURED}
+            return {k: strip(v, k) for k, v in x.items()
+                    if k not in MEASURED and not (within == "objective" and k in MEASURED_OBJECTIVE)}
         if isinstance(x, list):
             return [strip(v) for v in x if not (isinstance(v, str) and v.startswith(CACHE_NOTE))]
         return x

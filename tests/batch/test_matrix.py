@@ -167,14 +167,17 @@ def test_outputs_digest_ignores_what_was_measured_not_what_was_built():
     base = {"created": "t0", "seconds": 3.0, "cwd": "/a", "spec": {"out": "/a/out", "cache": True, "seed": 0},
             "targets": {"x86": {"files": {"m.xml": {"sha256": "aa"}}, "precision": "int8", "latency": {"p50_ms": 1.0},
                                 "notes": ["restored from the stage cache (sha256 verified)"],
+                                "objective": {"shipped": "m.xml", "warnings": []},
                                 "search": {"from_cache": True, "tries": [{"label": "p", "latency_p50_ms": 2}]}}}}
     measured = json.loads(json.dumps(base))
     measured.update(created="t1", seconds=9.0, cwd="/b", spec={"out": "/b/x", "cache": False, "seed": 0})
     t = measured["targets"]["x86"]
-    t.update(latency={"p50_ms": 7.0}, notes=[], search={"tries": [{"label": "p", "latency_p50_ms": 5}]})
+    t.update(latency={"p50_ms": 7.0}, notes=[], search={"tries": [{"label": "p", "latency_p50_ms": 5}]},
+             objective={"shipped": "m.xml", "warnings": ["FP16 runs slower than the FP32 baseline on this host: 0.90x"]})
     assert outputs_digest(measured) == outputs_digest(base)
     for change in (lambda m: m["targets"]["x86"]["files"]["m.xml"].update(sha256="bb"),
                    lambda m: m["targets"]["x86"].update(precision="fp16"),
+                   lambda m: m["targets"]["x86"]["objective"].update(shipped="m_fp16.xml"),
                    lambda m: m["spec"].update(seed=1),
                    lambda m: m["targets"]["x86"]["notes"].append("NNCF: a warning")):
         other = json.loads(json.dumps(base))
