@@ -17,12 +17,13 @@ from edgebuild.targets.profiles import TargetProfile
 
 GB = 1 << 30
 MEMORY_MARGIN = 1 << 30  # kept free for the system and the build's own process when --max-memory-gb is not given
-# A conversion's peak resident memory, roughly: a fixed part (the converter's libraries: TensorFlow in the TFLite
-# child, OpenVINO + NNCF, ONNX Runtime's calibrator) and a multiple of the FP32 model's size (graph copies, the
-# calibration's statistics, the artifact and its FP32 sibling). Fitted to measured peaks: ResNet-50 (98 MB) x86
-# 1090 MB, onnx-cpu,x86,arm64 at --jobs 2 2600 MB; MobileNetV2 (14 MB) three targets 1151 MB.
-PEAK_MODEL = {"tflite": (600 << 20, 8.0), "openvino": (300 << 20, 8.0), "onnx": (150 << 20, 4.0)}
-PEAK_OTHER = (600 << 20, 8.0)  # a backend not measured yet: as the heaviest
+# A target's peak resident memory before any build of the model measured it (pipeline/peaks.py; later builds use the
+# measured number): a fixed part (the converter's libraries: TensorFlow in the TFLite child, OpenVINO + NNCF, ONNX
+# Runtime's calibrator) and a multiple of the FP32 model's size (graph copies, the calibration's statistics, the
+# artifact and its FP32 sibling). Fitted to its children's peaks as pipeline/peaks.py measures them, --no-auto:
+# ResNet-50 (98 MB) onnx-cpu 741 MB, x86 844 MB, arm64 2649 MB; MobileNetV2 (14 MB) onnx-cpu 315 MB, arm64 ~1150 MB.
+PEAK_MODEL = {"tflite": (900 << 20, 18.0), "openvino": (300 << 20, 8.0), "onnx": (245 << 20, 5.0)}
+PEAK_OTHER = (900 << 20, 18.0)  # a backend not measured yet: as the heaviest
 log = logging.getLogger("edgebuild.schedule")
 
 
