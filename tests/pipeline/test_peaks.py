@@ -119,3 +119,27 @@ def test_a_real_build_measures_its_converter_and_the_next_build_schedules_by_it(
     assert 50 < measured < 4000  # a spawned Python with ONNX Runtime's quantizer: tens to hundreds of MB
     second = run("b")
     assert second and f"scheduled by {measured} MB (measured)" in second[0], second
+
+
+def test_the_memory_benchmark_reads_the_lines_a_build_logs(tmp_path, caplog):
+    """scripts/benchmark_memory.py reads what each target was scheduled by and measured from build.log."""
+    import importlib.util
+    from pathlib import Path
+
+    from edgebuild.pipeline.cache import open_cache
+    from edgebuild.pipeline.peaks import Meter, record
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_memory", Path(__file__).resolve().parents[2] / "scripts" / "benchmark_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    profiles = [SimpleNamespace(name="arm64", backend="tflite"), SimpleNamespace(name="x86", backend="openvino")]
+    meter = Meter()
+    meter.peaks, meter.converted = {"arm64": 2649 * MB}, {"arm64"}
+    with caplog.at_level(logging.INFO, logger="edgebuild.schedule"):
+        record(_ctx(open_cache(tmp_path / "c")), profiles, meter, {"arm64": (1379 * MB, "model size"),
+                                                                   "x86": (844 * MB, "measured")})
+    (tmp_path / "build.log").write_text("".join(f"12:00:00 [info] {r.name}: {r.getMessage()}\n" for r in caplog.records))
+    assert bench.schedule_lines(tmp_path) == {
+        "arm64": {"scheduled_mb": 1379, "source": "model size", "measured_mb": 2649},
+        "x86": {"scheduled_mb": 844, "source": "measured", "measured_mb": None}}
