@@ -125,7 +125,10 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
             with stage("exporting FP32 ONNX"):
                 model, export_record = export_onnx(loaded, evalset, refdir, calib=calib)
                 calib = budget_calibration(calib, model.onnx_path, spec, data_record)  # samples scaled to the model's cost
-            if any(get_backend(p.backend).consumes == TORCH_EXPORT for p in profiles):
+            from edgebuild.pipeline.stages.alternatives import eager_programs
+
+            if loaded.kind == "torch" and any(get_backend(p.backend).consumes == TORCH_EXPORT
+                                              for p in eager_programs(profiles, spec, reloadable=not models)):
                 with stage("exporting the torch.export program"):
                     model, program_record = export_program(loaded, model, scratch)
                     export_record.update(program_record)

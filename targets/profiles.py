@@ -57,6 +57,10 @@ class TargetProfile:
     host_is_device: bool = False  # the host runs the device's runtime: host latency is the device's
     host_validation: str = ""  # how the host check relates to the device (shown in the report)
     micro: bool = False  # also load and run the artifact on TensorFlow Lite Micro (arena, flash, op support)
+    # other profiles for the same devices (pipeline/stages/alternatives.py): built when this one fails to convert
+    # (alternatives_mode: fallback), or built too, the one with the better objective shipping (compete)
+    alternatives: tuple[str, ...] = ()
+    alternatives_mode: str = "fallback"
     source: str = ""  # the YAML file it came from
 
     def __post_init__(self):
@@ -86,6 +90,11 @@ class TargetProfile:
                                 f"({', '.join(b for b in known_backends() if _backend_info(b).micro)}: TensorFlow Lite Micro)")
         if not isinstance(self.quant, dict):
             raise BadInputError(f"profile {self.name}: quant must be a mapping")
+        if not isinstance(self.alternatives, (list, tuple)) or not all(isinstance(a, str) for a in self.alternatives) \
+                or self.name in self.alternatives or self.alternatives_mode not in ("fallback", "compete"):
+            raise BadInputError(f"profile {self.name}: alternatives must list other profiles' names and "
+                                "alternatives_mode be fallback or compete")
+        object.__setattr__(self, "alternatives", tuple(dict.fromkeys(self.alternatives)))
         if not isinstance(self.description, str) or not self.description.strip():
             raise BadInputError(f"profile {self.name}: description must be a non-empty text")
         from edgebuild.targets.base import get_backend  # the backend module only, never its heavy libraries
@@ -162,6 +171,11 @@ def catalogue(extra: tuple[str, ...] = ()) -> dict[str, TargetProfile]:
     for path in sorted(PROFILE_DIR.glob("*.yaml")) + [Path(p) for p in extra]:
         p = load_profile(path)
         profiles[p.name] = p
+    for p in profiles.values():
+        unknown = [a for a in p.alternatives if a not in profiles]
+        if unknown:
+            raise BadInputError(f"profile {p.name}: unknown alternative(s) {', '.join(unknown)} "
+                                f"(profiles: {', '.join(profiles)})")
     return profiles
 
 
