@@ -1,8 +1,10 @@
-"""`edgebuild validate DIR --emulate`: the arm64 artifact on the aarch64 build of LiteRT, under qemu-user.
+"""`edgebuild validate DIR --emulate`: the arm64 artifact on the aarch64 build of its runtime, under qemu-user: a
+.tflite on LiteRT, a .pte on ExecuTorch.
 
 The emulator is an arm64 Debian root with Python and the aarch64 wheels of numpy and ai-edge-litert (the
 versions of requirements.lock), made once by ``edgebuild setup-emulator`` (pipeline/assets/setup_arm64_emulator.sh) under
-``$EDGEBUILD_ARM64_ROOT`` (default ``~/.cache/edgebuild/arm64-root``). Its Python runs the same self-contained
+``$EDGEBUILD_ARM64_ROOT`` (default ``~/.cache/edgebuild/arm64-root``); ``EDGEBUILD_EMULATOR_EXECUTORCH=1`` adds
+the aarch64 torch (CPU) and executorch of the host's versions (``EXECUTORCH_MARK``). Its Python runs the same self-contained
 runner a board runs (``pipeline/assets/device_runner.py``) through ``qemu-aarch64-static -L ROOT``, offline.
 
 The emulated outputs are judged against the FP32 reference like any validation (``revalidate.judged``, no
@@ -27,6 +29,9 @@ from edgebuild.procs import tempdir
 
 SITE = "/opt/edgebuild/site"  # inside the root: where the setup script installed the aarch64 wheels
 RUNTIMES = ("ai_edge_litert",)  # what the root has (setup_arm64_emulator.sh): a backend whose device runtimes include it
+OPTIONAL = {"executorch": "EDGEBUILD_EMULATOR_EXECUTORCH=1 edgebuild setup-emulator"}  # added on request
+EXECUTORCH_MARK = ".edgebuild-executorch"  # in the root: the torch and executorch versions the setup installed
+NAMES = {"ai_edge_litert": "LiteRT", "executorch": "ExecuTorch"}
 RUN_TIMEOUT_S = 900
 CPU = "cortex-a76"  # the Raspberry Pi 5's core; the setup script's ROOT/proc/cpuinfo describes the same
 # emulated (aarch64 LiteRT) vs host (x86-64 LiteRT), same artifact and feeds: the same kernels (XNNPACK) on two
@@ -68,9 +73,14 @@ def validate_emulated(artifact_dir: Path, eval_source: str, evaluator: str | Non
     if why:
         raise DeviceError(f"--emulate: the arm64 emulator is not set up: {why}; run `edgebuild setup-emulator`")
     loaded = load(artifact_dir, eval_source, evaluator)
-    if not set(backend_info(loaded.meta["backend"]).device_runtimes) & set(RUNTIMES):
-        raise BadInputError(f"--emulate runs .tflite artifacts on aarch64 LiteRT; {artifact_dir} is a "
-                            f"{loaded.meta['backend']} artifact")
+    wanted = backend_info(loaded.meta["backend"]).device_runtimes
+    runtime = next((r for r in wanted if r in RUNTIMES or r in OPTIONAL), None)
+    if runtime is None:
+        raise BadInputError(f"--emulate runs .tflite artifacts on aarch64 LiteRT and .pte on aarch64 ExecuTorch; "
+                            f"{artifact_dir} is a {loaded.meta['backend']} artifact")
+    if runtime == "executorch" and not (emulator_root() / EXECUTORCH_MARK).is_file():
+        raise DeviceError(f"--emulate: the arm64 emulator at {emulator_root()} has no ExecuTorch runtime; run "
+                          f"`{OPTIONAL[runtime]}` (adds the aarch64 torch and executorch wheels, ~250 MB)")
     with tempfile.TemporaryDirectory(prefix="edgebuild-emulate-", dir=tempdir()) as tmp:
         job = Path(tmp)
         write_job(loaded, job, timed=False)
@@ -80,7 +90,7 @@ def validate_emulated(artifact_dir: Path, eval_source: str, evaluator: str | Non
         except subprocess.TimeoutExpired:
             raise DeviceError(f"--emulate: the emulated runner did not finish within {RUN_TIMEOUT_S} s") from None
         if done.returncode != 0:
-            raise runner_failed("aarch64 LiteRT under qemu", done.returncode, done.stderr)
+            raise runner_failed(f"aarch64 {NAMES[runtime]} under qemu", done.returncode, done.stderr)
         emulated, result = read_results(job, len(loaded.evalset))
     with open_runner(loaded.backend, loaded.artifact, loaded.meta["runtime"]["threads"]) as runner:
         host = V.collect(runner, loaded.evalset)

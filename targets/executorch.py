@@ -73,7 +73,8 @@ INFO = register(BackendInfo(
     # torchao), 29 s against 0.04 s on a loaded host, and every runtime child (validation, timing, memory) paid it
     runtime_modules=("torch", "executorch.extension.pybindings._C"),
     suffixes=(".pte",), metadata=f"executorch constant method '{METADATA_METHOD}'",
-    versions=("torch", "executorch", "torchao", "numpy"), consumes=TORCH_EXPORT, isolate_runner=True))
+    versions=("torch", "executorch", "torchao", "numpy"), consumes=TORCH_EXPORT, isolate_runner=True,
+    device_runtimes=("executorch",)))  # pipeline/assets/device_runner.py's ExecuTorch (the runtime's bindings)
 
 
 class ExecuTorchBackend(Backend):

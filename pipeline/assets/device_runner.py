@@ -4,7 +4,7 @@ artifact's runtime only (never edgebuild). Shipped to the device by `edgebuild v
     python3 device_runner.py --probe          one JSON line: machine, python, the runtimes importable here
     python3 device_runner.py JOB_DIR          runs JOB_DIR/job.json on JOB_DIR/feeds.npz -> outputs.npz, result.json
 
-job.json: backend (tflite | onnx | openvino), artifact (file name in JOB_DIR), io (the artifact's I/O record from
+job.json: backend (tflite | onnx | openvino | executorch), artifact (file name in JOB_DIR), io (the artifact's I/O record from
 metadata.json), inputs (source input names, in order), samples, threads, timing {warmup, runs, budget_s},
 compile_config (OpenVINO: the CPU plugin properties the build recorded).
 feeds.npz holds ``x<k>`` = input k stacked over the samples, in the source model's layout and dtype; this runner
@@ -20,7 +20,7 @@ import sys
 import time
 
 RUNTIMES = {"tflite": ("ai_edge_litert", "tflite_runtime", "tensorflow"), "onnx": ("onnxruntime",),
-            "openvino": ("openvino",)}
+            "openvino": ("openvino",), "executorch": ("executorch",)}
 
 
 def probe():
@@ -128,10 +128,40 @@ class OpenVino:
         return [np.array(self.result[o], dtype=np.float32) for o in self.compiled.outputs]
 
 
+class ExecuTorch:
+    """A .pte on ExecuTorch's C++ runtime through its Python bindings (the executorch wheel: portable kernels and
+    the XNNPACK delegate). Only the bindings' extension is loaded, never executorch.exir (the compiler side): it
+    needs torch's shared libraries (``import torch`` first) and numpy, nothing else."""
+    runtime = "executorch"
+
+    def __init__(self, path, io, threads, compile_config=None):
+        import torch  # noqa: F401 — loads libtorch, which the bindings link against
+        from executorch.extension.pybindings import _C
+        try:
+            _C._unsafe_reset_threadpool(int(threads))  # the XNNPACK delegate's thread pool
+        except Exception:
+            pass
+        self.module = _C._load_for_executorch(path)
+        self.inputs = [(spec["name"], spec["dtype"]) for spec in io["inputs"]]
+        self.args, self.result = [], None
+
+    def set(self, feed):
+        import numpy as np
+        import torch
+        self.args = [torch.from_numpy(np.array(feed[name], dtype=dtype, copy=True)) for name, dtype in self.inputs]
+
+    def invoke(self):
+        self.result = self.module.forward(self.args)
+
+    def get(self):
+        import numpy as np
+        return [np.array(o.numpy() if hasattr(o, "numpy") else o, dtype=np.float32) for o in self.result]
+
+
 def run(job_dir):
     import numpy as np
     job = json.load(open(os.path.join(job_dir, "job.json")))
-    cls = {"tflite": TFLite, "onnx": Onnx, "openvino": OpenVino}[job["backend"]]
+    cls = {"tflite": TFLite, "onnx": Onnx, "openvino": OpenVino, "executorch": ExecuTorch}[job["backend"]]
     stacked = np.load(os.path.join(job_dir, "feeds.npz"), allow_pickle=False)
     feeds = [{name: stacked["x%d" % k][i] for k, name in enumerate(job["inputs"])} for i in range(job["samples"])]
     t0 = time.perf_counter()

@@ -8,6 +8,11 @@
 # debootstrap (installed with apt-get when missing). No binfmt_misc and no chroot: edgebuild starts the
 # root's python with `qemu-aarch64-static -L ROOT`. The root is built beside its final place and moved there
 # when it works, so an interrupted run leaves nothing half-made.
+# EDGEBUILD_EMULATOR_EXECUTORCH=1 adds ExecuTorch for .pte artifacts (an existing root gets it without being made
+# again): the aarch64 executorch wheel of the host's version from PyPI and torch's CPU build of the host's version
+# from PyTorch's CPU index ($EDGEBUILD_TORCH_INDEX, default https://download.pytorch.org/whl/cpu, as the
+# Dockerfile's torch: PyPI's aarch64 torch needs CUDA's libraries, GBs), plus torch's pure-Python dependencies;
+# ~250 MB. Marked by ROOT/.edgebuild-executorch.
 set -euo pipefail
 : "${PYTHON:?}" "${NUMPY_VERSION:?}" "${LITERT_VERSION:?}"
 ROOT=${EDGEBUILD_ARM64_ROOT:-$HOME/.cache/edgebuild/arm64-root}
@@ -16,7 +21,31 @@ MIRROR=${EDGEBUILD_ARM64_MIRROR:-http://deb.debian.org/debian}
 SITE=/opt/edgebuild/site            # inside the root: the aarch64 wheels, installed
 WANT="suite=$SUITE cpu=cortex-a76 numpy=$NUMPY_VERSION ai-edge-litert=$LITERT_VERSION"
 
+add_executorch() {  # $1: the root; installs the aarch64 torch (CPU) and executorch under $1$SITE, checks them
+  local root=$1 versions py
+  versions=$("$PYTHON" -c 'from importlib.metadata import version as v; print(v("torch").split("+")[0], v("executorch").split("+")[0])') \
+    || { echo "edgebuild setup-emulator: EDGEBUILD_EMULATOR_EXECUTORCH=1 needs torch and executorch installed here" >&2; exit 2; }
+  set -- "$root" $versions
+  local want="torch=$2 executorch=$3"
+  [ "$(cat "$1/.edgebuild-executorch" 2>/dev/null)" = "$want" ] && return 0
+  py=$(basename "$(readlink -f "$1/usr/bin/python3")" | sed 's/^python//')
+  echo "aarch64 torch (CPU) and executorch for cp${py/./} ($want)" >&2
+  local wheels="$1/opt/edgebuild/wheels-executorch" plat=(--platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64)
+  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "${plat[@]}" --python-version "$py" --implementation cp \
+    -d "$wheels" --index-url "${EDGEBUILD_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" "torch==$2"
+  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "${plat[@]}" --python-version "$py" --implementation cp \
+    -d "$wheels" "executorch==$3" typing-extensions sympy mpmath filelock networkx jinja2 markupsafe fsspec
+  "$PYTHON" -m pip install -q --no-deps --no-index --find-links "$wheels" --only-binary=:all: "${plat[@]}" \
+    --python-version "$py" --implementation cp --target "$1$SITE" --upgrade "$wheels"/*.whl
+  rm -rf "$wheels"
+  echo "checking: aarch64 python loads ExecuTorch's runtime under qemu" >&2
+  PYTHONPATH=$SITE PYTHONNOUSERSITE=1 qemu-aarch64-static -cpu cortex-a76 -L "$1" "$1/usr/bin/python3" -c \
+    'import platform, torch; from executorch.extension.pybindings import _C; assert platform.machine() == "aarch64"; print("executorch runtime", torch.__version__)' >&2
+  echo "$want" >"$1/.edgebuild-executorch"
+}
+
 if [ "$(cat "$ROOT/.edgebuild-ready" 2>/dev/null)" = "$WANT" ]; then
+  if [ "${EDGEBUILD_EMULATOR_EXECUTORCH:-}" = 1 ]; then add_executorch "$ROOT"; fi
   echo "arm64 emulator ready: $ROOT ($WANT)" >&2
   exit 0
 fi
@@ -69,6 +98,8 @@ echo "checking: aarch64 python imports numpy and ai_edge_litert under qemu" >&2
 PYTHONPATH=$SITE PYTHONNOUSERSITE=1 qemu-aarch64-static -cpu cortex-a76 -L "$work" "$work/usr/bin/python3" -c \
   'import platform, numpy, ai_edge_litert.interpreter as i; assert platform.machine() == "aarch64"; print(platform.machine(), numpy.__version__)' >&2
 
+
+if [ "${EDGEBUILD_EMULATOR_EXECUTORCH:-}" = 1 ]; then add_executorch "$work"; fi
 
 echo "$WANT" >"$work/.edgebuild-ready"
 rm -rf "$ROOT" "$work.log"

@@ -255,3 +255,57 @@ def test_demo_builds_end_to_end_with_metadata_in_the_pte(tmp_path):
         got = np.stack([runner.run({"input": feeds["input"][i][None]})[0] for i in range(50)])
     assert (got.reshape(50, -1).argmax(1) == want.reshape(50, -1).argmax(1)).mean() >= 0.95
     assert "torch_export" in result.manifest["model"]
+    _validate_again(tmp_path / "out", target, v)
+
+
+def _validate_again(out, target, built, monkeypatch=None):
+    """The shipped .pte checked again after the build: `edgebuild validate` on the host's ExecuTorch runtime; the
+    self-contained board runner (what --device and --emulate run) on the same feeds; --emulate, when an arm64 root
+    with ExecuTorch is set up (else exit 4 naming the setup)."""
+    import os
+    import shutil
+
+    from edgebuild.pipeline import emulate
+    from edgebuild.pipeline.device import RUNNER, read_results, write_job
+    from edgebuild.pipeline.revalidate import load
+    from edgebuild.pipeline.stages.per_target import open_runner
+    from edgebuild.pipeline.stages.validate import collect
+
+    cli = [sys.executable, "-m", "edgebuild.pipeline.cli", "validate", str(target), "--json"]
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads(r.stdout)
+    assert again["verdict"] == "pass" and again["metrics"]["accuracy"] == pytest.approx(built["metrics"]["accuracy"])
+    assert {"p50_ms", "p90_ms"} <= set(again["latency"])
+
+    loaded = load(target, None, None)
+    job = out.parent / "job"
+    job.mkdir()
+    write_job(loaded, job, timed=False)
+    done = subprocess.run([sys.executable, RUNNER.name, "."], cwd=job, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    board, result = read_results(job, len(loaded.evalset))
+    assert result["runtime"] == "executorch" and result["runtime_version"].startswith("1.")
+    with open_runner(loaded.backend, loaded.artifact, 1) as runner:
+        host = collect(runner, loaded.evalset)
+    assert len(board) == len(host) > 100
+    np.testing.assert_allclose(np.stack([b[0] for b in board]), np.stack([h[0] for h in host]), rtol=0, atol=1e-5)
+
+    if emulate.missing() is None and (emulate.emulator_root() / emulate.EXECUTORCH_MARK).is_file():
+        r = subprocess.run(cli[:-1] + ["--emulate", "--json"], capture_output=True, text=True, timeout=1800)
+        assert r.returncode == 0, r.stderr[-2000:]
+        e = json.loads(r.stdout)["emulation"]
+        assert "executorch" in e["runtime"] and "(aarch64," in e["runtime"] and e["vs_host"]["top1_agreement"] >= 99.5
+        return
+    root = out.parent / "root-without-executorch"  # an arm64 root made without EDGEBUILD_EMULATOR_EXECUTORCH=1
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "usr" / "bin" / "python3").touch()
+    (root / ".edgebuild-ready").touch()
+    r = subprocess.run(cli[:-1] + ["--emulate"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "EDGEBUILD_ARM64_ROOT": str(root)})
+    assert r.returncode == 4, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    if shutil.which("qemu-aarch64-static"):
+        assert "has no ExecuTorch runtime" in line and "EDGEBUILD_EMULATOR_EXECUTORCH=1 edgebuild setup-emulator" in line
+    else:
+        assert "qemu-aarch64-static is not installed" in line
