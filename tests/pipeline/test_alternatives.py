@@ -75,7 +75,7 @@ def _edgebuild(*args, env=None, timeout=900):
 def test_a_pytorch_model_the_tflite_way_cannot_convert_ships_the_executorch_pte(tmp_path):
     pytest.importorskip("executorch")
     out = tmp_path / "out"
-    r = _edgebuild("--target", "arm64", "--no-auto", "--no-cache", "-o", str(out), env={"EDGEBUILD_FAULT": "crash:convert:tflite"})
+    r = _edgebuild("--target", "arm64", "--no-auto", "--calib-samples", "32", "--no-cache", "-o", str(out), env={"EDGEBUILD_FAULT": "crash:convert:tflite"})
     assert r.returncode == 0, r.stderr[-3000:]
     t = json.loads((out / "manifest.json").read_text())["targets"]["arm64"]
     assert t["backend"] == "executorch" and t["artifact"].endswith(".pte") and (out / "arm64" / t["artifact"]).is_file()
@@ -109,7 +109,7 @@ def test_an_onnx_model_has_no_executorch_way_and_fails_with_both_reasons(tmp_pat
 def test_arm64_best_builds_both_ways_and_ships_the_better(tmp_path):
     pytest.importorskip("executorch")
     out = tmp_path / "out"
-    r = _edgebuild("--target", "arm64-best", "--no-auto", "--no-cache", "-o", str(out))
+    r = _edgebuild("--target", "arm64-best", "--no-auto", "--calib-samples", "32", "--no-cache", "-o", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     t = json.loads((out / "manifest.json").read_text())["targets"]["arm64-best"]
     alt = t["alternatives"]
