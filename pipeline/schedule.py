@@ -121,7 +121,7 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
     any order. The target threads run in the build's scope (``edgebuild.procs``); when the build is interrupted
     while they work, the build's children are killed at once, so each thread ends with its converter."""
     from edgebuild.pipeline import peaks
-    from edgebuild.pipeline.stages.per_target import finish_target, prepare_target
+    from edgebuild.pipeline.stages.alternatives import finish_target, prepare_target  # per_target's, or alternatives
     from edgebuild.procs import bound, current, set_owner
     from edgebuild.targets.base import get_backend
 

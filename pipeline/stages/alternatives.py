@@ -15,7 +15,9 @@ An alternative that cannot take this model (an ExecuTorch profile and an ONNX fi
 capture), whose backend is not installed or that does not run the requested precision is skipped, with the reason in
 the record: the profile itself can still build. Alternatives' own alternatives are not followed.
 
-The record is the target's ``alternatives`` entry (manifest.json, validation.json) and a note.
+The record is the target's ``alternatives`` entry (manifest.json, validation.json) and a note. The build's
+scheduler (pipeline/schedule.py) calls ``prepare_target``/``finish_target`` here: per_target's own for a profile
+without alternatives (per_target knows nothing of alternatives).
 """
 from __future__ import annotations
 
@@ -43,15 +45,30 @@ class Candidate:
 
 @dataclass
 class PreparedAlternatives:
-    """What ``per_target.prepare_target`` returns for a profile with alternatives; ``finish`` picks what ships."""
+    """What ``prepare_target`` returns for a profile with alternatives; ``finish_target`` picks what ships."""
 
     profile: TargetProfile
     outdir: Path
     candidates: list[Candidate]
     skipped: dict[str, str] = field(default_factory=dict)
 
-    def finish(self, ctx: BuildContext):
-        return finish_alternatives(ctx, self)
+
+def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path):
+    """``per_target.prepare_target``, or for a profile with alternatives, its candidates (``PreparedAlternatives``)."""
+    from edgebuild.pipeline.stages import per_target
+
+    if profile.alternatives:
+        return prepare_alternatives(ctx, profile, outdir)
+    return per_target.prepare_target(ctx, profile, outdir)
+
+
+def finish_target(ctx: BuildContext, prepared):
+    """``per_target.finish_target``, or for a profile with alternatives, what ships among its candidates."""
+    from edgebuild.pipeline.stages import per_target
+
+    if isinstance(prepared, PreparedAlternatives):
+        return finish_alternatives(ctx, prepared)
+    return per_target.finish_target(ctx, prepared)
 
 
 def alternatives_of(profile: TargetProfile, extra: tuple[str, ...] = ()) -> list[TargetProfile]:

@@ -270,10 +270,6 @@ def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> Tar
 def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> Prepared:
     """Convert (or restore) and validate the target's artifact and its FP32 baseline; safe to run for several
     targets at once (threads)."""
-    if profile.alternatives:  # other ways to the same devices (arm64: LiteRT or ExecuTorch): finish picks one
-        from edgebuild.pipeline.stages.alternatives import prepare_alternatives
-
-        return prepare_alternatives(ctx, profile, outdir)
     backend = get_backend(profile.backend)
     backend.check_available(profile.name)
     precision = precision_for(profile, ctx.job.spec)
@@ -335,8 +331,6 @@ def advice_warnings(profile: TargetProfile, budget: V.Budget, chosen: Attempt) -
 def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
     """Time the chosen artifact (interleaved with its FP32 baseline) and write the target's files. A parallel
     build runs this one target at a time, after every conversion, so that timing runs on a quiet machine."""
-    if not isinstance(p, Prepared):  # a profile with alternatives (pipeline/stages/alternatives.py)
-        return p.finish(ctx)
     with ctx.work.stage(f"{p.profile.name}: timing {p.chosen.artifact.main}" + (" and FP32, interleaved" if p.baseline else "")):
         timing = time_artifacts(ctx, p.backend, p.profile, p.chosen, p.baseline, p.budget)
     from edgebuild.pipeline.stages import objective as O

@@ -99,4 +99,4 @@ def test_device_end_to_end_on_the_loopback_board(board, request, capsys, target,
 def test_a_tensorrt_target_is_refused_before_any_connection(tmp_path, capsys):
     d = _target_dir(tmp_path, "jetson-orin", backend="tensorrt")
     assert main(["validate", str(d), "--device", f"ssh://nobody@127.0.0.1:{sshd._free_port()}"]) == 2
-    assert "runs onnx, openvino, tflite artifacts, not tensorrt" in _one_error_line(capsys)
+    assert "runs executorch, onnx, openvino, tflite artifacts, not tensorrt" in _one_error_line(capsys)
