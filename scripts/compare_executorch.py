@@ -315,6 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "edgebuild-compare-executorch")
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--no-auto", action="store_true", help="the first INT8 configuration only (no accuracy search)")
     ap.add_argument("--table", action="store_true", help="only print the table from the builds already in --workdir")
     args = ap.parse_args(argv)
     if args.list:
@@ -342,7 +343,8 @@ def main(argv=None) -> int:
             continue
         extra = prepare(name, MODELS[name], args.workdir)
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [edgebuild, "--target", ",".join(TARGETS), "--jobs", "1", "-o", str(out), *extra]
+        cmd = [edgebuild, "--target", ",".join(TARGETS), "--jobs", "1", "-o", str(out), *extra,
+               *(["--no-auto"] if args.no_auto else [])]
         print(f"{name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         try:

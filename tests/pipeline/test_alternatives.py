@@ -123,3 +123,36 @@ def test_arm64_best_builds_both_ways_and_ships_the_better(tmp_path):
     assert alt["shipped"] == want["profile"] and t["artifact"] == want["artifact"]
     assert sorted(p.name for p in (out / "arm64-best").iterdir() if p.suffix in (".pte", ".tflite")) == [t["artifact"]]
     assert "objective precision" in alt["why"] and f"{want['profile']} (" in alt["why"]
+
+
+@pytest.mark.slow
+def test_a_model_onnx2tf_has_no_op_for_gets_its_arm64_artifact_through_executorch(tmp_path):
+    """A real dead end, no fault injected: torch.fft.rfft exports to ONNX DFT (ONNX Runtime runs it, the reference),
+    which onnx2tf does not implement; ExecuTorch runs the same program. FP32, so the check is the way, not INT8."""
+    pytest.importorskip("executorch")
+    import numpy as np
+    import torch
+    from torch import nn
+
+    class Spectral(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Sequential(nn.Linear(65, 32), nn.ReLU(), nn.Linear(32, 8))
+
+        def forward(self, x):
+            spec = torch.view_as_real(torch.fft.rfft(x, dim=-1))
+            return self.head(torch.log1p((spec * spec).sum(-1)))
+
+    torch.manual_seed(0)
+    program = tmp_path / "spectral.pt2"
+    torch.export.save(torch.export.export(Spectral().eval(), (torch.randn(1, 128),), strict=False), str(program))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((96, 128)).astype(np.float32))
+    out = tmp_path / "out"
+    r = _edgebuild("--target", "arm64", "--model", str(program), "--calib", str(tmp_path / "data.npz"),
+                   "--precision", "fp32", "--no-cache", "-o", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = json.loads((out / "manifest.json").read_text())["targets"]["arm64"]
+    assert t["backend"] == "executorch" and t["artifact"] == "model_fp32.pte" and t["metrics"]["cosine_min"] > 0.999
+    own = t["alternatives"]["candidates"][0]
+    assert own["verdict"] == "error" and "DFT" in own["error"], own
