@@ -270,7 +270,8 @@ def run_isolated(fn: Callable[[Any], Any], job: Any, timeout: float, *, what: st
     finally:  # done, failed, timed out, Ctrl-C or SIGTERM: nothing is left running
         child.kill()
         if echo and log is not None and log.is_file():
-            sys.stderr.write(f"---- {what}: the converter's output ({log.name}) ----\n")
+            # named by process and target (``what`` is the error's prefix: "onnx-cpu: ONNX int8 conversion failed")
+            sys.stderr.write(f"---- {name}, {what.partition(': ')[0]}: the converter's output ({log.name}) ----\n")
             with open(log, encoding="utf-8", errors="replace") as f:
                 while text := f.read(1 << 16):
                     sys.stderr.write(ANSI.sub("", text))  # colour codes cut at a chunk's end stay: harmless

@@ -82,6 +82,9 @@ def test_stdout_is_the_manifest_and_everything_else_is_in_build_log(project):
     if any("percentile" in t or "entropy" in t for t in tries):  # ONNX Runtime's histogram calibrators print (in the
         assert re.search(r"\[(out|err)\] Collecting tensor data and making histogram", log)  # converter child: echoed)
     assert re.search(r"\[stage\] onnx-cpu: accuracy search 2/4", log) and "[debug] edgebuild.export" in log
+    # a converter's echoed output is headed by the process and the target, never by an error's words
+    assert re.search(r"\[err\] ---- convert:onnx, onnx-cpu: the converter's output \(child\.log\) ----", log), log[-3000:]
+    assert "conversion failed: the converter's output" not in log
     assert "hello from mynet" in run.stderr and "[debug] edgebuild" in run.stderr  # --verbose echoes them
 
 
