@@ -147,8 +147,22 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
                                  None if compress_record is None else _gate_compression(compress_record, spec))
             return BuildResult(_finish(staging, out, manifest), out)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+        _remove_workdirs(staging, scratch)
+
+
+def _remove_workdirs(*dirs: Path) -> None:
+    """Remove the build's staging and scratch, to the end even when Ctrl-C / SIGTERM (a KeyboardInterrupt) comes
+    meanwhile, which is raised after: a build stopped just after its output swapped in left its scratch beside it."""
+    stopped = None
+    for d in dirs:
+        while True:
+            try:
+                shutil.rmtree(d, ignore_errors=True)
+                break
+            except KeyboardInterrupt as e:
+                stopped = e
+    if stopped is not None:
+        raise stopped
 
 
 MANIFEST_KEYS = ("edgebuild", "targets", "spec")  # what makes a manifest.json edgebuild's

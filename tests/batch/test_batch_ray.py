@@ -46,22 +46,60 @@ def _ray(env, *args, timeout=120):
 
 def _ray_processes(tag: str) -> list[str]:
     """Processes whose command line names this cluster's temp dir (the raylets, GCS, workers of this test)."""
-    found = []
+    return [f"{pid}: {cmd[:120]}" for pid, cmd in _processes().items() if tag in cmd]
+
+
+def _processes() -> dict[int, str]:
+    found = {}
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found[int(p.name)] = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if tag in cmd:
-                found.append(f"{p.name}: {cmd[:120]}")
     return found
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_cluster(tag: str, grace_s: float = 30) -> None:
+    """Stop this test's cluster only, by process id: the processes naming its temp dir and their descendants (its
+    workers). Not `ray stop`, which ends every Ray process of the machine by name (another run's cluster too)."""
+    procs = _processes()
+    ours = {pid for pid, cmd in procs.items() if tag in cmd}
+    grew = True
+    while grew:
+        kids = {pid for pid in procs if pid not in ours and _parent(pid) in ours}
+        grew, ours = bool(kids), ours | kids
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not any(_alive(pid) for pid in ours):
+            break
+        for pid in ours:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(pid) for pid in ours):
+            time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """Two Ray nodes of one CPU each on 127.0.0.1 (head + worker, own ports), token auth with a key of this test;
-    `ray stop` afterwards, and no process of the cluster may be left."""
+    stopped afterwards by process id (``_stop_cluster``), and no process of the cluster may be left."""
     temp = tempfile.mkdtemp(prefix="ebray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     port = _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
@@ -76,13 +114,13 @@ def cluster():
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield {"address": f"127.0.0.1:{port}", "env": env, "temp": temp}
     finally:
-        _ray(env, "stop", "--force")
+        _stop_cluster(temp)
         deadline = time.monotonic() + 30
         while _ray_processes(temp) and time.monotonic() < deadline:
             time.sleep(0.5)
         left = _ray_processes(temp)
         shutil.rmtree(temp, ignore_errors=True)
-        assert not left, f"ray stop left processes behind: {left}"
+        assert not left, f"stopping the cluster left processes behind: {left}"
 
 
 def _batch(args, env, **kw) -> subprocess.CompletedProcess:
