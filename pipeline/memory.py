@@ -89,29 +89,22 @@ def micro_fit(ctx, backend, artifact) -> tuple[dict, bool]:
 
 def judge_memory(ctx, p) -> dict:
     """A prepared target's runtime memory (its artifact and the FP32 baseline), its microcontroller fit when the
-    profile says ``micro: true`` (targets/tflite/tflm.py), and its failures judged again with them. Returns what came
-    from the cache."""
-    from edgebuild.pipeline.stages import validate as V
-
+    profile says ``micro: true`` (targets/tflite/tflm.py), into the attempts' measurements (their checks follow from them,
+    ``Attempt.assessment``). Returns what came from the cache."""
     with ctx.work.stage(f"{p.profile.name}: runtime memory"):
         cached = {"memory": measure_target(ctx, p.backend, p.profile, {"chosen": p.chosen, "fp32": p.baseline})}
     if p.profile.micro:
         with ctx.work.stage(f"{p.profile.name}: TensorFlow Lite Micro arena and flash"):
             p.chosen.memory["micro"], cached["micro"] = micro_fit(ctx, p.backend, p.chosen.artifact)
-    c = p.chosen
-    c.failures = V.judge(c.metrics, c.artifact.size_bytes, c.latency, p.budget, ctx.job.judging.task, c.memory)
     return cached
 
 
-def after_packaging(ctx, chosen, budget) -> None:
+def after_packaging(chosen) -> None:
     """The flash a microcontroller needs is the shipped file, metadata embedded by packaging included: measured
-    again on it, and the budgets judged again."""
+    again on it (the attempt's checks follow from it)."""
     micro = chosen.memory.get("micro")
     if not micro:
         return
-    from edgebuild.pipeline.stages import validate as V
     from edgebuild.targets.base import get_backend
 
     micro.update(get_backend(chosen.artifact.backend).micro().flash(chosen.artifact))
-    chosen.failures = V.judge(chosen.metrics, chosen.artifact.size_bytes, chosen.latency, budget, ctx.job.judging.task,
-                              chosen.memory)

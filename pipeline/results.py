@@ -12,7 +12,7 @@ order they were read in, an absent key stays absent and a null one stays null.""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 MANIFEST_FORMAT = 1  # manifest.json's format version; a change that breaks a reader makes it 2 (and a new schema)
@@ -261,6 +261,33 @@ def decide(failures=(), error: str | None = None, parts=()) -> Verdict:
     return Verdict("fail" if failures or "fail" in statuses else "pass", failures, error)
 
 
+# ---- a target's records -----------------------------------------------------------------------------------
+SIBLING_CONVERSION = "converted in the same conversion run as the {} artifact"  # a person's line; never parsed
+
+
+@dataclass(frozen=True)
+class CacheUse(_Record):
+    """Which of a target's stages came from the stage cache (``cache`` of a target's record). ``search``: absent when
+    the target did not search; the baseline keys: absent for an FP32 target (no baseline). ``baseline_conversion``
+    is true (restored), false, or for a baseline made in the same run as the target's own artifact a line saying so;
+    ``baseline_validation`` is true, false or "the reference" (the FP32 reference itself, not evaluated again)."""
+
+    search: bool | None = None
+    conversion: bool | None = None
+    validation: bool | None = None
+    baseline_conversion: bool | str | None = None
+    baseline_validation: bool | str | None = None
+    latency: bool | None = None
+    memory: dict | None = None  # {"memory": bool, "micro": bool (micro profiles)}
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+    def with_baseline(self, restored: bool, sibling_of: str | None, reference: bool, cached: bool) -> "CacheUse":
+        """The FP32 baseline's conversion (restored, or made in the same run as ``sibling_of``) and validation."""
+        conversion = True if restored else SIBLING_CONVERSION.format(sibling_of) if sibling_of else False
+        return replace(self, baseline_conversion=conversion, baseline_validation="the reference" if reference else cached)
+
+
 # ---- a target, a build ------------------------------------------------------------------------------------
 _VERDICT_KEYS = ("verdict", "error", "failures", "failed_checks")
 
@@ -285,7 +312,7 @@ class TargetResult(_Record):
     budgets: dict | None = None
     host_validation: str | None = None
     threads: dict | None = None  # {profile, used}
-    cache: dict | None = None
+    cache: CacheUse | None = None
     search: dict | None = None
     objective: dict | None = None
     gate: dict | None = None  # what decided the verdict: the task metric (generic checks as collapse guard) or generic
@@ -317,7 +344,8 @@ class TargetResult(_Record):
         """The target's entry in manifest.json (``ratios`` and ``baseline_fp32`` are null when there is none)."""
         previous = self.previous.to_dict() if isinstance(self.previous, TargetResult) else self.previous
         return self._write(list(self.MANIFEST), ("ratios", "baseline_fp32") if self.artifact else (),
-                           **self.verdict.to_dict(), metrics=_dump(self.metrics), previous=previous)
+                           **self.verdict.to_dict(), metrics=_dump(self.metrics), previous=previous,
+                           cache=_dump(self.cache))
 
     def to_validation(self) -> dict:
         """The target's validation.json (and, with ``target``, a re-validation's record)."""
@@ -338,6 +366,8 @@ class TargetResult(_Record):
     @classmethod
     def _load(cls, d: dict, names: tuple[str, ...], **typed) -> "TargetResult":
         metrics = Metrics.from_dict(d["metrics"]) if isinstance(d.get("metrics"), dict) else d.get("metrics")
+        if isinstance(d.get("cache"), dict):
+            typed["cache"] = CacheUse.from_dict(d["cache"])
         kw = {k: d[k] for k in names if k in d and k not in _VERDICT_KEYS and k not in typed and k != "threads_used"}
         return cls(Verdict.from_dict(d), **{**kw, **typed, "metrics": metrics},
                    extra={k: v for k, v in d.items() if k not in names}, keys=tuple(d))

@@ -24,7 +24,7 @@ from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline.cache import StageCache
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.stages import validate as V
-from edgebuild.targets.base import Artifact, ExportedModel
+from edgebuild.targets.base import ExportedModel
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Memo:
 @dataclass
 class Carryover:
     stages: Memo = field(default_factory=Memo)  # stage outputs by key (every input of the stage in the key)
-    siblings: dict[str, Artifact] = field(default_factory=dict)  # conversion key -> artifact made besides another
+    siblings: dict[str, "ConversionOutcome"] = field(default_factory=dict)  # conversion key -> one made besides another (stages/convert.py)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Stage: convert one target's artifact (cached), with the sibling artifacts its backend gives from the same run."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgebuild.errors import ConversionError
@@ -13,9 +13,20 @@ from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Settings
 
 
+@dataclass(frozen=True)
+class ConversionOutcome:
+    """What ``convert`` gave and how: ``restored`` from the stage cache (sha256 verified), or made in the same
+    conversion run as the ``sibling_of`` precision (``Backend.convert_family``), else converted now. These fields,
+    never the artifact's notes (which are for people), say where an artifact came from."""
+
+    artifact: Artifact
+    restored: bool = False
+    sibling_of: str | None = None
+
+
 def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, directory: Path,
-            settings: Settings | dict | None = None, siblings: dict[str, Path] | None = None) -> Artifact:
-    """The artifact (cached). ``settings``: what to ask the backend for, a whole ``Settings`` (a search variant) or
+            settings: Settings | dict | None = None, siblings: dict[str, Path] | None = None) -> ConversionOutcome:
+    """The artifact (cached), with how it came (``ConversionOutcome``). ``settings``: what to ask the backend for, a whole ``Settings`` (a search variant) or
     a mapping of changes to the profile's (``Backend.requested_settings``; frozen, checked here). ``siblings``
     ({precision: directory}): precisions the backend may give from the same conversion run
     (``Backend.convert_family``); they are cached and kept in ``ctx.carry.siblings`` for the later ``convert`` of that
@@ -24,12 +35,12 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
     k = _convert_key(ctx, backend, profile, precision, requested)
     directory.mkdir(parents=True, exist_ok=True)
     made = ctx.carry.siblings.pop(k, None)
-    if made is not None and made.directory == directory:
+    if made is not None and made.artifact.directory == directory:
         return made
     cached = ctx.work.cache.get(k, directory)
     if cached is not None:
         cached.target = profile.name
-        return cached
+        return ConversionOutcome(cached, restored=True)
     wanted = {}
     for p, d in (siblings or {}).items():
         ss = backend.requested_settings(profile)
@@ -40,18 +51,18 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
         arts = backend.convert_family(ctx.job.model, profile, precision, ctx.job.calib, directory, requested,
                                       {p: (d, ss) for p, (d, ss, _) in wanted.items()} or None)
     except ConversionError as e:  # what the same run gave before it failed is kept for the search's float tries
-        _keep_siblings(ctx, wanted, getattr(e, "siblings", {}))
+        _keep_siblings(ctx, wanted, getattr(e, "siblings", {}), precision)
         raise
     art = arts.pop(precision)
     ctx.work.cache.put(k, art)
-    _keep_siblings(ctx, wanted, arts)
-    return art
+    _keep_siblings(ctx, wanted, arts, precision)
+    return ConversionOutcome(art)
 
 
-def _keep_siblings(ctx: BuildContext, wanted: dict, arts: dict[str, Artifact]) -> None:
+def _keep_siblings(ctx: BuildContext, wanted: dict, arts: dict[str, Artifact], precision: str) -> None:
     for p, sib in arts.items():
         ctx.work.cache.put(wanted[p][2], sib)
-        ctx.carry.siblings[wanted[p][2]] = sib
+        ctx.carry.siblings[wanted[p][2]] = ConversionOutcome(sib, sibling_of=precision)
 
 
 def _in_cache(ctx: BuildContext, k: str) -> bool:
@@ -86,12 +97,3 @@ def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: str) -> 
     if precision == "int8" and ctx.job.spec.auto and profile.allow_float_layers and "fp16" in profile.precisions:
         dirs["fp16"] = ctx.work.scratch / profile.name / "fp16-sibling"
     return dirs
-
-
-def _sibling_note(art: Artifact) -> str | bool:
-    """How a baseline converted in the same run as the target's own artifact says so (else False)."""
-    return next((n for n in art.notes if "same onnx2tf" in n or "same conversion" in n), False)
-
-
-def _restored(art: Artifact) -> bool:
-    return any(n.startswith("restored from the stage cache") for n in art.notes)

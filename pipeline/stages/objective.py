@@ -19,7 +19,6 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 
-from edgebuild.pipeline.stages import validate as V
 from edgebuild.specs import OBJECTIVES, check_objective  # noqa: F401 (re-exported)
 
 
@@ -103,8 +102,9 @@ def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tup
     return best, {**record, "shipped": best.artifact.main, "why": why}
 
 
-def ship(ctx, p, budget, best):
-    """The Attempt that ships from ``p.outdir``: the FP32 baseline's files replace the target's own artifact."""
+def ship(ctx, p, best):
+    """The Attempt that ships from ``p.outdir``: the FP32 baseline's files replace the target's own artifact (its
+    checks, ``Attempt.assessment``, follow from the shipped files)."""
     if best is p.chosen:
         return p.chosen
     for f in p.chosen.artifact.files:
@@ -112,6 +112,4 @@ def ship(ctx, p, budget, best):
     for f in best.artifact.files:
         shutil.copyfile(best.artifact.directory / f, p.outdir / f)
     art = replace(best.artifact, directory=p.outdir, target=p.profile.name, notes=list(best.artifact.notes))
-    shipped = replace(best, artifact=art, label=f"FP32 baseline, shipped for objective {objective_for(p.profile, ctx.job.spec)}")
-    shipped.failures = V.judge(shipped.metrics, art.size_bytes, shipped.latency, budget, ctx.job.judging.task)
-    return shipped
+    return replace(best, artifact=art, label=f"FP32 baseline, shipped for objective {objective_for(p.profile, ctx.job.spec)}")

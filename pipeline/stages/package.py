@@ -34,7 +34,7 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
     embedded = _embed(ctx, profile, art, outdir)  # metadata inside the artifact, before its sha256 is taken
     from edgebuild.pipeline.memory import after_packaging
 
-    after_packaging(ctx, chosen, budget)  # a microcontroller's flash holds the shipped bytes, metadata included
+    after_packaging(chosen)  # a microcontroller's flash holds the shipped bytes, metadata included
     files = {f: {"bytes": (outdir / f).stat().st_size, "sha256": file_sha(outdir / f)} for f in art.files}
     metadata = {
         "embedded_metadata": embedded,

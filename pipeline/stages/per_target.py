@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +13,11 @@ from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline import timing
 from edgebuild.pipeline.cache import code_hash, key
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.pipeline.results import Metrics, TargetResult, decide
+from edgebuild.pipeline.results import CacheUse, Metrics, TargetResult, decide
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
-from edgebuild.pipeline.stages.convert import _baseline_dir, _restored, _sibling_note, convert  # noqa: F401 (search imports convert here)
+from edgebuild.pipeline.stages.convert import ConversionOutcome, _baseline_dir, convert  # noqa: F401 (search imports convert here)
 from edgebuild.pipeline.stages.export import file_hash
 from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import Artifact, Backend, Runner, get_backend
@@ -26,18 +26,35 @@ from edgebuild.targets.profiles import TargetProfile
 
 @dataclass
 class Attempt:
-    """One conversion with its validation."""
+    """One conversion with its measurements (metrics, then latency, memory). Its checks are never stored: they are
+    computed from what was measured, against its ``budget``, in one place (``V.assess``), so every stage that adds a
+    measurement (timing, memory, packaging) changes the verdict only through that measurement."""
 
     artifact: Artifact
     metrics: dict
-    latency: dict
-    failures: list[V.Check]
+    budget: V.Budget
+    task: str = "auto"  # the judging's task (``V.Judging.task``)
+    latency: dict = field(default_factory=dict)
     label: str = "profile settings"
     data: dict = field(default_factory=dict)  # the evaluation data these numbers were measured on
-    loss: float = 0.0  # V.quality_loss: lower is better, <= 0 within every quality budget
     cached: bool = False  # the metrics came from the stage cache (this artifact was not evaluated again)
     memory: dict = field(default_factory=dict)  # runtime memory (pipeline/memory.py), TFLM fit under "micro"
     seconds: float = 0.0  # conversion + validation time (the accuracy search's first estimate of one try)
+    restored: bool = False  # the artifact came from the stage cache (ConversionOutcome.restored)
+    reference: bool = False  # the FP32 reference itself: its metrics were not measured again (``reference_attempt``)
+
+    @property
+    def assessment(self) -> V.Assessment:
+        return V.assess(self.metrics, self.budget, self.task, self.artifact.size_bytes, self.latency, self.memory)
+
+    @property
+    def failures(self) -> list[V.Check]:
+        return self.assessment.failures
+
+    @property
+    def loss(self) -> float:
+        """V.Assessment.loss: lower is better, <= 0 within every quality budget."""
+        return self.assessment.loss
 
     @property
     def quality_ok(self) -> bool:
@@ -117,7 +134,7 @@ def _judging_key(ctx: BuildContext):
 
 
 def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: Artifact, budget: V.Budget,
-             timed: bool = True, data: tuple[SampleSet, list] | None = None) -> Attempt:
+             timed: bool = True, data: tuple[SampleSet, list] | None = None, restored: bool = False) -> Attempt:
     """Validate ``art`` on the evaluation set (or on ``data`` = (a subset, its reference outputs)).
 
     The metrics are cached, keyed by (artifact sha256, evaluation data hash, reference, judging, runtime and
@@ -144,9 +161,7 @@ def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: A
         if k:
             ctx.work.cache.put_result(k, {"metrics": metrics})
             metrics = _json_round_trip(metrics)  # a cold and a warm build report the same
-    failures = V.judge(metrics, art.size_bytes, None, budget, ctx.job.judging.task)
-    loss = V.quality_loss(metrics, budget, ctx.job.judging.task)
-    return Attempt(art, metrics, {}, failures, data=evalset.describe(), loss=loss, cached=cached)
+    return Attempt(art, metrics, budget, ctx.job.judging.task, data=evalset.describe(), cached=cached, restored=restored)
 
 
 def _json_round_trip(obj):
@@ -156,16 +171,15 @@ def _json_round_trip(obj):
         return obj
 
 
-def reference_attempt(ctx: BuildContext, art: Artifact, budget: V.Budget) -> Attempt | None:
+def reference_attempt(ctx: BuildContext, art: Artifact, budget: V.Budget, restored: bool = False) -> Attempt | None:
     """The FP32 baseline's metrics without running it, when it is numerically the reference: the same ONNX file
     on the same runtime (onnx backend, FP32). None when it is not."""
     if art.backend != "onnx" or art.precision != "fp32" or len(art.files) != 1 \
             or file_sha(art.path) != file_sha(ctx.job.model.onnx_path):
         return None
     metrics = _json_round_trip(V.compare(ctx.job.reference, ctx.job.reference, ctx.job.evalset.labels, ctx.job.judging))
-    failures = V.judge(metrics, art.size_bytes, None, budget, ctx.job.judging.task)
-    return Attempt(art, metrics, {}, failures, label="the FP32 reference itself (not evaluated again)",
-                   data=ctx.job.evalset.describe(), loss=V.quality_loss(metrics, budget, ctx.job.judging.task))
+    return Attempt(art, metrics, budget, ctx.job.judging.task, label="the FP32 reference itself (not evaluated again)",
+                   data=ctx.job.evalset.describe(), restored=restored, reference=True)
 
 
 def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, chosen: Attempt,
@@ -191,7 +205,6 @@ def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
     for name, attempt in (("chosen", chosen), ("fp32", baseline)):
         if attempt is not None:
             attempt.latency = {**record["latency"][name], "threads_profile": profile.threads}
-    chosen.failures = V.judge(chosen.metrics, chosen.artifact.size_bytes, chosen.latency, budget, ctx.job.judging.task)
     return {"speedup": record["speedup"], "cached": hit is not None}
 
 
@@ -234,7 +247,7 @@ def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
         data = _split(ctx)[1]
         if data[0].content_hash() != payload["data_hash"]:
             return None
-    chosen = evaluate(ctx, backend, profile, art, budget, data=data)
+    chosen = evaluate(ctx, backend, profile, art, budget, data=data, restored=True)
     chosen.label = payload["label"]
     return chosen, {**payload["record"], "from_cache": True}
 
@@ -259,7 +272,7 @@ class Prepared:
     chosen: Attempt
     baseline: Attempt | None
     search: dict | None
-    cache_use: dict
+    cache_use: CacheUse
 
 
 def build_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> TargetResult:
@@ -275,20 +288,20 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
     precision = precision_for(profile, ctx.job.spec)
     budget = budget_for(profile, ctx.job.spec)
     searching = precision == "int8" and ctx.job.spec.auto
-    cache_use = {}
+    cache_use = CacheUse()
     chosen, failed, search = None, None, None
     search_key = _search_key(ctx, backend, profile, budget) if searching else None
     restored = _cached_search(ctx, backend, profile, budget, outdir, search_key) if searching else None
     if restored is not None:
         chosen, search = restored
-        cache_use["search"] = True
+        cache_use = replace(cache_use, search=True)
     else:
         try:
             t0 = time.monotonic()
             with ctx.work.stage(f"{profile.name}: converting to {precision}"):
-                art = convert(ctx, backend, profile, precision, outdir, siblings=_baseline_dir(ctx, profile, precision))
-            with ctx.work.stage(f"{profile.name}: validating {art.main}"):
-                chosen = evaluate(ctx, backend, profile, art, budget)
+                made = convert(ctx, backend, profile, precision, outdir, siblings=_baseline_dir(ctx, profile, precision))
+            with ctx.work.stage(f"{profile.name}: validating {made.artifact.main}"):
+                chosen = evaluate(ctx, backend, profile, made.artifact, budget, restored=made.restored)
             chosen.seconds = time.monotonic() - t0
         except ConversionError as e:  # with the search on, a failed INT8 conversion is where the search starts
             if not searching:
@@ -299,16 +312,15 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
 
             chosen, search = recover(ctx, backend, profile, budget, chosen, outdir, first_error=failed)
             _store_search(ctx, search_key, chosen, search)
-            cache_use["search"] = False
-    cache_use["conversion"] = _restored(chosen.artifact)
-    cache_use["validation"] = chosen.cached
+            cache_use = replace(cache_use, search=False)
+    cache_use = replace(cache_use, conversion=chosen.restored, validation=chosen.cached)
     baseline = None
     if precision != "fp32":
         with ctx.work.stage(f"{profile.name}: FP32 baseline for size and speed ratios"):
-            base_art = convert(ctx, backend, profile, "fp32", _baseline_dir(ctx, profile, precision)["fp32"])
-            baseline = reference_attempt(ctx, base_art, budget) or evaluate(ctx, backend, profile, base_art, budget)
-        cache_use["baseline_conversion"] = _restored(base_art) or _sibling_note(base_art)
-        cache_use["baseline_validation"] = "the reference" if baseline.label.startswith("the FP32") else baseline.cached
+            base = convert(ctx, backend, profile, "fp32", _baseline_dir(ctx, profile, precision)["fp32"])
+            baseline = (reference_attempt(ctx, base.artifact, budget, base.restored)
+                        or evaluate(ctx, backend, profile, base.artifact, budget, restored=base.restored))
+        cache_use = cache_use.with_baseline(base.restored, base.sibling_of, baseline.reference, baseline.cached)
     return Prepared(profile, backend, budget, outdir, chosen, baseline, search, cache_use)
 
 
@@ -337,10 +349,10 @@ def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
 
     best, objective = O.pick(O.objective_for(p.profile, ctx.job.spec), p.profile, p.chosen, p.baseline, timing["speedup"])
     if best is not p.chosen:
-        p.chosen, timing["speedup"] = O.ship(ctx, p, p.budget, best), None
+        p.chosen, timing["speedup"] = O.ship(ctx, p, best), None
     from edgebuild.pipeline.memory import judge_memory
 
-    cache_use = {**p.cache_use, "latency": timing["cached"], "memory": judge_memory(ctx, p)}
+    cache_use = replace(p.cache_use, latency=timing["cached"], memory=judge_memory(ctx, p))
     advice = advice_warnings(p.profile, p.budget, p.chosen)
     if advice:
         objective["advice"] = advice

@@ -118,8 +118,9 @@ class _Search:
         with ctx.work.stage(f"{profile.name}: accuracy search {n}/{ctx.job.spec.auto_max_tries} — {label}"
                        + (f" ({left:.0f} s left)" if left < float("inf") else "")):
             try:
-                art = convert(ctx, self.backend, profile, precision, directory, settings)
-                a = evaluate(ctx, self.backend, profile, art, self.budget, timed=False, data=self.select)
+                made = convert(ctx, self.backend, profile, precision, directory, settings)
+                a = evaluate(ctx, self.backend, profile, made.artifact, self.budget, timed=False, data=self.select,
+                             restored=made.restored)
             except EdgeBuildError as e:  # a candidate that cannot be built is a failed try, not a failed build
                 self.record["tries"].append({"label": label, "precision": precision, "error": str(e),
                                              "failures": [str(e)], "size_bytes": 0})
@@ -166,7 +167,8 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
         search.durations.append(took)  # the first estimate of a try's length
     if first is not None:
         t_select = time.monotonic()
-        first_on_select = evaluate(ctx, backend, profile, first.artifact, select_budget, timed=False, data=select)
+        first_on_select = evaluate(ctx, backend, profile, first.artifact, select_budget, timed=False, data=select,
+                                   restored=first.restored)
         t_select = time.monotonic() - t_select
         first_on_select.label = first.label
         search.tries.append(first_on_select)
@@ -531,4 +533,4 @@ def _install(ctx, backend, profile, budget, best: Attempt, outdir, holdout) -> A
     for f in best.artifact.files:
         shutil.copyfile(best.artifact.directory / f, outdir / f)
     best.artifact.directory = outdir
-    return evaluate(ctx, backend, profile, best.artifact, budget, timed=True, data=holdout)
+    return evaluate(ctx, backend, profile, best.artifact, budget, timed=True, data=holdout, restored=best.restored)

@@ -409,15 +409,40 @@ def available(m: dict) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """Every check of one candidate against its budget — quality, latency, size and memory — computed in one place
+    (``assess``), for a build's candidates and for ``edgebuild validate`` alike."""
+
+    checks: tuple[Check, ...]
+
+    @property
+    def failures(self) -> list[Check]:
+        """Every budget the candidate misses, each a Check whose ``str`` is one readable line with value and limit."""
+        return [c for c in self.checks if not c.ok]
+
+    @property
+    def loss(self) -> float:
+        """One number to rank candidates, lower is better: the worst relative excess over the quality budgets."""
+        return max((c.excess for c in self.checks if c.kind == "quality"), default=0.0)
+
+
+def assess(m: dict, budget: Budget, task: str = "auto", size_bytes: int | None = None, lat: dict | None = None,
+           memory: dict | None = None) -> Assessment:
+    """THE checks of a candidate: its metrics and whatever else was measured of it (size, latency, runtime memory and
+    a microcontroller's fit); a measurement not taken (None or empty) is not judged."""
+    return Assessment(tuple(checks(m, size_bytes, lat or None, budget, task, memory or None)))
+
+
 def judge(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto",
           memory: dict | None = None) -> list[Check]:
-    """Every budget the artifact misses, each a Check whose ``str`` is one readable line with value and limit."""
-    return [c for c in checks(m, size_bytes, lat, budget, task, memory) if not c.ok]
+    """Every budget the artifact misses (``assess(...).failures``)."""
+    return assess(m, budget, task, size_bytes, lat, memory).failures
 
 
 def quality_loss(m: dict, budget: Budget, task: str = "auto") -> float:
-    """One number to rank candidates, lower is better: the worst relative excess over the quality budgets."""
-    return max((c.excess for c in checks(m, None, None, budget, task) if c.kind == "quality"), default=0.0)
+    """One number to rank candidates, lower is better (``assess(...).loss``)."""
+    return assess(m, budget, task).loss
 
 
 def coarseness_warning(n_samples: int, budget: Budget) -> str | None:
