@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from edgebuild.pipeline import manifest as manifest_file
 from edgebuild.pipeline.cache import StageCache, default_root, open_cache
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError
 from edgebuild.pipeline.offline import runtime_telemetry_off
@@ -165,22 +166,6 @@ def _remove_workdirs(*dirs: Path) -> None:
         raise stopped
 
 
-MANIFEST_KEYS = ("edgebuild", "targets", "spec")  # what makes a manifest.json edgebuild's
-
-
-def edgebuild_manifest(out: Path) -> dict | None:
-    """``out/manifest.json`` when edgebuild wrote it (by content), else None."""
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or not all(k in manifest for k in MANIFEST_KEYS):
-        return None
-    if not isinstance(manifest["targets"], dict) or not isinstance(manifest["spec"], dict):
-        return None
-    return manifest
-
-
 def _check_replaceable(out: Path) -> None:
     """An output directory is replaced only when it is edgebuild's: new, empty, or holding its manifest."""
     resolved, cwd = out.resolve(), Path.cwd().resolve()
@@ -193,7 +178,7 @@ def _check_replaceable(out: Path) -> None:
         raise BadInputError(f"refusing to replace {out}: it is a file, not an edgebuild output directory")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):  # renaming a directory away needs write access to it
         raise BadInputError(f"--out {out}: the output folder is read-only; cannot replace it")
-    if out.is_dir() and any(out.iterdir()) and edgebuild_manifest(out) is None:
+    if out.is_dir() and any(out.iterdir()) and manifest_file.read(out) is None:
         raise BadInputError(f"refusing to replace {out}: it is not empty and not an edgebuild output "
                             "(no manifest.json written by edgebuild)")
 
@@ -332,7 +317,7 @@ def _finish(staging: Path, out: Path, manifest: Manifest) -> Manifest:
 
     with _output_lock(out):
         _check_replaceable(out)  # another build may have written it meanwhile
-        previous = edgebuild_manifest(out) if out.is_dir() else None
+        previous = manifest_file.read(out) if out.is_dir() else None
         statuses = [t.verdict.status for t in manifest.targets.values()]
         if previous is not None and statuses and all(v == "error" for v in statuses):
             return replace(manifest, output=f"not written: every target failed; {out} still holds the earlier build "
@@ -340,7 +325,7 @@ def _finish(staging: Path, out: Path, manifest: Manifest) -> Manifest:
         try:  # a full disk, a quota: one line, the earlier output kept (staging is removed by build)
             if previous is not None:
                 manifest = _carry_over(previous, out, staging, manifest)
-            (staging / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2, default=str))
+            manifest_file.write(staging, manifest)
             write_report(manifest, staging / "report.md")
         except OSError as e:
             raise BadInputError(f"--out {out}: cannot write the output ({e.strerror or e}); "

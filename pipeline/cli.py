@@ -90,12 +90,13 @@ def _bind_input_shapes(data: dict, texts) -> None:
 
 
 def spec_from_flags(config: str | None, **flags):
+    from edgebuild.pipeline import manifest as manifest_file
     from edgebuild.pipeline.spec import BuildSpec, load_config
 
     data = {}
     config_path = config or ("edgebuild.yaml" if Path("edgebuild.yaml").is_file() else None)
     if config_path:
-        data = _manifest_spec(Path(config_path)) or load_config(config_path)
+        data = manifest_file.rerun_spec(Path(config_path)) or load_config(config_path)
     _bind_input_shapes(data, flags.pop("input_shape"))
     preprocess = _preprocess_flags(flags)
     if preprocess:
@@ -158,36 +159,6 @@ def _preprocess_flags(flags: dict) -> dict:
         if value is not None:
             out[name] = value
     return out
-
-
-def _manifest_spec(path: Path) -> dict | None:
-    """``-c out/manifest.json``: the spec of that build, its relative paths resolved against the directory the
-    build ran in (the manifest sits at <that directory>/<spec.out>/manifest.json), so it re-runs from anywhere;
-    the output is that build's output directory unless -o says otherwise."""
-    from edgebuild.pipeline.build import edgebuild_manifest
-    from edgebuild.pipeline.spec import _is_builtin_or_module
-
-    if path.name != "manifest.json" or not path.is_file():
-        return None
-    manifest = edgebuild_manifest(path.parent)
-    if manifest is None:
-        return None
-    spec = dict(manifest["spec"])
-    out_dir = path.resolve().parent
-    base = out_dir
-    out_rel = Path(str(spec.get("out") or "out"))
-    if not out_rel.is_absolute() and ".." not in out_rel.parts:
-        for _ in out_rel.parts:
-            base = base.parent
-    elif manifest.get("cwd"):  # the output is not below the build's directory: that directory, as recorded
-        base = Path(manifest["cwd"])
-    for key in ("model", "weights", "calib", "eval", "train", "cache_dir"):
-        value = spec.get(key)
-        if isinstance(value, str) and not _is_builtin_or_module(value) and not Path(value).is_absolute():
-            spec[key] = str(base / value)
-    spec["profile_files"] = [p if Path(p).is_absolute() else str(base / p) for p in spec.get("profile_files") or ()]
-    spec["out"] = str(out_dir)
-    return spec
 
 
 def _parse_step(text: str) -> dict:
@@ -295,7 +266,9 @@ def cli(ctx, as_json, quiet, verbose, config, eval_, jobs, max_memory_gb, **flag
             result = build(spec, stage=stage, jobs=jobs, max_memory_gb=max_memory_gb)
     keep(log, result)
     if as_json:
-        click.echo(json.dumps(result.manifest, indent=2, default=str))
+        from edgebuild.pipeline import manifest as manifest_file
+
+        click.echo(manifest_file.dumps(result.manifest))
     else:
         _print_summary(result.typed, result.out)
     result.raise_for_verdict()

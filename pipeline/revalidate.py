@@ -107,13 +107,13 @@ def load(artifact_dir: Path, eval_source: str | None, evaluator: str | None = No
 def build_evalset(artifact_dir: Path, inputs: tuple[InputSpec, ...]):
     """The evaluation set of the build that made ``artifact_dir``, made again from its manifest's spec (sources and
     split are deterministic) and checked against the content hash the build recorded."""
-    from edgebuild.pipeline.cli import _manifest_spec
+    from edgebuild.pipeline import manifest as manifest_file
     from edgebuild.pipeline.spec import BuildSpec
     from edgebuild.pipeline.stages.data import resolve_data
 
-    manifest = artifact_dir.resolve().parent / "manifest.json"
+    manifest = manifest_file.beside(artifact_dir)
     try:
-        data = _manifest_spec(manifest)
+        data = manifest_file.rerun_spec(manifest)
         if data is None:
             raise FileNotFoundError(f"no edgebuild manifest at {manifest}")
         spec = BuildSpec.from_dict(data)

@@ -228,7 +228,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     base = path.parent.resolve()  # absolute: the manifest re-runs the build from any directory
     for key in ("model", "weights", "calib", "eval", "train"):
         value = data.get(key)
-        if isinstance(value, str) and not _is_builtin_or_module(value) and not Path(value).is_absolute():
+        if isinstance(value, str) and not is_builtin_or_module(value) and not Path(value).is_absolute():
             data[key] = str(base / value)
     if "profile_files" in data:
         data["profile_files"] = [str(base / p) for p in data["profile_files"]]
@@ -242,5 +242,5 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _is_builtin_or_module(value: str) -> bool:
+def is_builtin_or_module(value: str) -> bool:
     return value == "digits" or value.startswith("digits:") or (":" in value and not value.endswith((".onnx", ".pt", ".pt2")) and "/" not in value)

@@ -208,11 +208,11 @@ def _write_cell_record(cell, record: dict, turns: dict) -> None:
 
 def finished(cell) -> dict | None:
     """The summary of a cell an earlier run built, when it may be skipped; else None."""
-    from edgebuild.pipeline.build import edgebuild_manifest
+    from edgebuild.pipeline import manifest as manifest_file
     from edgebuild.pipeline.errors import BadInputError
     from edgebuild.pipeline.revalidate import verify_files
 
-    manifest = edgebuild_manifest(cell.out)
+    manifest = manifest_file.read(cell.out)
     if manifest is None or manifest.get("spec") != cell.spec:
         return None
     from edgebuild.pipeline.results import Manifest

@@ -127,12 +127,12 @@ def _read_yaml(path: Path) -> dict:
 
 def _resolved_paths(options: dict, base: Path) -> dict:
     """Relative file paths of inline options against the matrix file's folder (as edgebuild.yaml's against its own)."""
-    from edgebuild.pipeline.spec import _is_builtin_or_module
+    from edgebuild.pipeline.spec import is_builtin_or_module
 
     out = dict(options)
     for key in PATH_KEYS:
         value = out.get(key)
-        if isinstance(value, str) and not _is_builtin_or_module(value) and not Path(value).is_absolute():
+        if isinstance(value, str) and not is_builtin_or_module(value) and not Path(value).is_absolute():
             out[key] = str(base / value)
     if isinstance(out.get("profile_files"), list):
         out["profile_files"] = [str(base / p) for p in out["profile_files"]]
