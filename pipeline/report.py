@@ -7,7 +7,7 @@ import logging
 import re
 from pathlib import Path
 
-from edgebuild.pipeline.results import Manifest, Metrics, TargetResult
+from edgebuild.pipeline.results import Manifest, Metrics, ObjectiveDecision, TargetResult
 
 log = logging.getLogger("edgebuild.report")
 
@@ -172,10 +172,10 @@ def slower_than_fp32(manifest: Manifest | dict) -> list[str]:
     """A quantized artifact that runs slower than the FP32 one on the host: passing budgets, but worth a word."""
     out = []
     for name, t in Manifest.of(manifest).targets.items():
-        obj = t.objective or {}
-        if obj.get("objective", "precision") != "precision" or obj.get("overruled"):  # what shipped, and why
-            out.append(f"{name}: objective {obj['objective']}: shipped {obj['shipped']} ({obj['why']})")
-        out += [f"{name}: advice: {w}" for w in obj.get("advice", [])]  # a profile's typical device limits, not budgets
+        obj = t.objective or ObjectiveDecision()
+        if obj.applied:  # what shipped, and why
+            out.append(f"{name}: objective {obj.objective}: shipped {obj.shipped} ({obj.why})")
+        out += [f"{name}: advice: {w}" for w in obj.advice or []]  # a profile's typical device limits, not budgets
         speedup = (t.ratios or {}).get("speedup_vs_fp32")
         if t.verdict.status == "error" or t.precision == "fp32" or speedup is None or speedup >= 1.0:
             continue

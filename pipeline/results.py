@@ -13,10 +13,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 from typing import ClassVar
 
+class Status(str, Enum):
+    """A verdict's status. A ``str`` enum: equal to its value and written as it in JSON ("pass", "fail", "error")."""
+
+    PASS = "pass"  # every budget holds
+    FAIL = "fail"  # a budget failed; the artifact is kept
+    ERROR = "error"  # nothing was built
+
+    def __str__(self) -> str:
+        return self.value
+
+    __hash__ = str.__hash__
+
+
 MANIFEST_FORMAT = 1  # manifest.json's format version; a change that breaks a reader makes it 2 (and a new schema)
-EXIT_CODES = {"pass": 0, "fail": 1, "error": 3}  # the build's exit code for its verdict (README "Exit codes")
+EXIT_CODES = {Status.PASS: 0, Status.FAIL: 1, Status.ERROR: 3}  # the build's exit code for its verdict (README "Exit codes")
 
 
 def _ordered(d: dict, keys: tuple[str, ...]) -> dict:
@@ -219,9 +233,12 @@ def compression_check(record: dict) -> Check | None:
 class Verdict:
     """pass (every budget holds), fail (a budget failed; the artifact is kept) or error (nothing was built)."""
 
-    status: str
+    status: Status
     failures: tuple[Check, ...] = ()
     error: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "status", Status(self.status))  # a status read from JSON is checked here
 
     @property
     def exit_code(self) -> int:
@@ -229,18 +246,18 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        return self.status == "pass"
+        return self.status is Status.PASS
 
     @property
     def quality_ok(self) -> bool:
         """No quality budget failed (latency, size and memory failures aside): what the accuracy search asks."""
-        return self.status != "error" and not any(f.kind == "quality" for f in self.failures)
+        return self.status is not Status.ERROR and not any(f.kind == "quality" for f in self.failures)
 
     def to_dict(self) -> dict:
         """The verdict keys of a target's record: verdict, error (when there is one), failures, failed_checks."""
-        d = {"verdict": self.status, **({"error": self.error} if self.error is not None else {}),
+        d = {"verdict": self.status.value, **({"error": self.error} if self.error is not None else {}),
              "failures": [str(f) for f in self.failures]}
-        return d if self.status == "error" else {**d, "failed_checks": [f.to_dict() for f in self.failures]}
+        return d if self.status is Status.ERROR else {**d, "failed_checks": [f.to_dict() for f in self.failures]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Verdict":
@@ -256,9 +273,9 @@ def decide(failures=(), error: str | None = None, parts=()) -> Verdict:
     failures those of the whole build (the compression budget)."""
     failures = tuple(failures)
     statuses = {p.status for p in parts}
-    if error is not None or "error" in statuses:
-        return Verdict("error", failures, error)
-    return Verdict("fail" if failures or "fail" in statuses else "pass", failures, error)
+    if error is not None or Status.ERROR in statuses:
+        return Verdict(Status.ERROR, failures, error)
+    return Verdict(Status.FAIL if failures or Status.FAIL in statuses else Status.PASS, failures, error)
 
 
 # ---- a target's records -----------------------------------------------------------------------------------
@@ -288,6 +305,29 @@ class CacheUse(_Record):
         return replace(self, baseline_conversion=conversion, baseline_validation="the reference" if reference else cached)
 
 
+@dataclass(frozen=True)
+class ObjectiveDecision(_Record):
+    """Which candidate a target ships for its objective, and why (``pipeline/stages/objective.py``): ``candidates``
+    ({role, artifact, precision, size_bytes, latency_p50_ms, quality_loss, within_accuracy_budget}) when there was a
+    choice; ``overruled`` when the default objective shipped the FP32 baseline; ``advice``: the profile's typical
+    device limits the shipped artifact exceeds."""
+
+    objective: str | None = None
+    candidates: list | None = None
+    warnings: list | None = None
+    shipped: str | None = None
+    why: str | None = None
+    overruled: bool | None = None
+    advice: list | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+    @property
+    def applied(self) -> bool:
+        """Another objective than the default decided, or the default overruled the profile's precision."""
+        return (self.objective or "precision") != "precision" or bool(self.overruled)
+
+
 # ---- a target, a build ------------------------------------------------------------------------------------
 _VERDICT_KEYS = ("verdict", "error", "failures", "failed_checks")
 
@@ -314,7 +354,7 @@ class TargetResult(_Record):
     threads: dict | None = None  # {profile, used}
     cache: CacheUse | None = None
     search: dict | None = None
-    objective: dict | None = None
+    objective: ObjectiveDecision | None = None
     gate: dict | None = None  # what decided the verdict: the task metric (generic checks as collapse guard) or generic
     quantized: dict | None = None  # share of the weights stored/run in INT8 (pipeline/stages/weights.py)
     profile: dict | None = None
@@ -345,12 +385,13 @@ class TargetResult(_Record):
         previous = self.previous.to_dict() if isinstance(self.previous, TargetResult) else self.previous
         return self._write(list(self.MANIFEST), ("ratios", "baseline_fp32") if self.artifact else (),
                            **self.verdict.to_dict(), metrics=_dump(self.metrics), previous=previous,
-                           cache=_dump(self.cache))
+                           cache=_dump(self.cache), objective=_dump(self.objective))
 
     def to_validation(self) -> dict:
         """The target's validation.json (and, with ``target``, a re-validation's record)."""
         threads = self.threads or {}
         return self._write(list(self.VALIDATION), **self.verdict.to_dict(), metrics=_dump(self.metrics),
+                           objective=_dump(self.objective),
                            threads=threads.get("profile"), threads_used=threads.get("used"))
 
     @classmethod
@@ -368,6 +409,8 @@ class TargetResult(_Record):
         metrics = Metrics.from_dict(d["metrics"]) if isinstance(d.get("metrics"), dict) else d.get("metrics")
         if isinstance(d.get("cache"), dict):
             typed["cache"] = CacheUse.from_dict(d["cache"])
+        if isinstance(d.get("objective"), dict):
+            typed["objective"] = ObjectiveDecision.from_dict(d["objective"])
         kw = {k: d[k] for k in names if k in d and k not in _VERDICT_KEYS and k not in typed and k != "threads_used"}
         return cls(Verdict.from_dict(d), **{**kw, **typed, "metrics": metrics},
                    extra={k: v for k, v in d.items() if k not in names}, keys=tuple(d))
@@ -420,7 +463,7 @@ class Manifest(_Record):
 
     def to_dict(self) -> dict:
         targets = {n: t.to_dict() for n, t in self.targets.items()}
-        return self._write(list(self.ORDER), verdict=self.verdict.status, exit_code=self.exit_code, targets=targets)
+        return self._write(list(self.ORDER), verdict=self.verdict.status.value, exit_code=self.exit_code, targets=targets)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":

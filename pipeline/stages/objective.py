@@ -19,6 +19,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 
+from edgebuild.pipeline.results import ObjectiveDecision
 from edgebuild.specs import OBJECTIVES, check_objective  # noqa: F401 (re-exported)
 
 
@@ -50,9 +51,15 @@ def slower(speedup: dict | None) -> bool:
     return top is not None and top < 1.0 and s.get("median", 1.0) < 1.0
 
 
-def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tuple[object, dict]:
-    """(the Attempt to ship, the record for validation.json/manifest: objective, candidates, shipped, why)."""
-    record = {"objective": objective, "candidates": [], "warnings": []}
+def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tuple[object, ObjectiveDecision]:
+    """(the Attempt to ship, the decision for validation.json/manifest: objective, candidates, shipped, why)."""
+    best, record = _pick(objective, profile, chosen, baseline, speedup)
+    return best, ObjectiveDecision(objective, record["candidates"], record["warnings"], best.artifact.main, record["why"],
+                                   record.get("overruled"))
+
+
+def _pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tuple[object, dict]:
+    record = {"candidates": [], "warnings": []}
     warning = slower_warning(chosen, speedup)
     if warning:
         record["warnings"].append(warning)
@@ -65,25 +72,23 @@ def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tup
                    f"host_is_device): the FP32 baseline ships; `objective: size` ships the smaller, slower one")
             record["warnings"].append(f"default objective: shipped {baseline.artifact.main} instead of "
                                       f"{chosen.artifact.main} ({speedup['median']:.2f}× the FP32 speed)")
-            return baseline, {**record, "shipped": baseline.artifact.main, "why": why, "overruled": True}
+            return baseline, {**record, "why": why, "overruled": True}
         why = "the profile's precision (objective: precision)"
         if baseline is not None and profile.host_is_device and speedup is not None:
             why += (f"; FP32 runs in {base_ms:.3f} ms, too little to judge speed beyond the runner's own overhead"
                     if slower(speedup) and base_ms is not None and base_ms < MIN_JUDGED_MS
                     else f", not slower than FP32 beyond the timing's noise (median {speedup.get('median', 0):.2f}×, "
                          f"p75 {speedup.get('p75', speedup.get('median', 0)):.2f}×)")
-        return chosen, {**record, "shipped": chosen.artifact.main, "why": why}
+        return chosen, {**record, "why": why}
     if baseline is None:
-        return chosen, {**record, "shipped": chosen.artifact.main, "why": "no FP32 baseline to choose from"}
+        return chosen, {**record, "why": "no FP32 baseline to choose from"}
     record["candidates"] = [_candidate(chosen, "target"), _candidate(baseline, "fp32 baseline")]
     if objective == "latency" and not profile.host_is_device:
-        return chosen, {**record, "shipped": chosen.artifact.main,
-                        "why": f"objective latency not applied: {profile.name}'s host timing is not the device's "
+        return chosen, {**record, "why": f"objective latency not applied: {profile.name}'s host timing is not the device's "
                                "(host_is_device: false); the profile's precision ships"}
     ok = [a for a in (chosen, baseline) if a.quality_ok]
     if not ok:
-        return chosen, {**record, "shipped": chosen.artifact.main,
-                        "why": "no candidate meets the accuracy budget; the profile's precision ships (and fails)"}
+        return chosen, {**record, "why": "no candidate meets the accuracy budget; the profile's precision ships (and fails)"}
     s = (speedup or {}).get("median")
     if objective == "latency":
         faster = chosen.quality_ok and (s is None or s >= 1.0)
@@ -99,7 +104,7 @@ def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tup
         measure = (lambda a: a.artifact.size_bytes) if objective == "size" else (lambda a: a.loss)
         best = min(ok, key=measure)  # min keeps the first (the target's own) on a tie
         why = f"the {'smallest' if objective == 'size' else 'most accurate'} candidate within the accuracy budget"
-    return best, {**record, "shipped": best.artifact.main, "why": why}
+    return best, {**record, "why": why}
 
 
 def ship(ctx, p, best):

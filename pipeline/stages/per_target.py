@@ -355,12 +355,12 @@ def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
     cache_use = replace(p.cache_use, latency=timing["cached"], memory=judge_memory(ctx, p))
     advice = advice_warnings(p.profile, p.budget, p.chosen)
     if advice:
-        objective["advice"] = advice
+        objective = replace(objective, advice=advice)
     from edgebuild.pipeline.stages.weights import rename_to_share, weight_share
 
     quantized = weight_share(p.chosen.artifact.path, p.backend.name) if p.chosen.artifact.precision == "int8" else None
-    if rename_to_share(p.chosen.artifact, quantized) and objective.get("shipped"):
-        objective["shipped"] = p.chosen.artifact.main
+    if rename_to_share(p.chosen.artifact, quantized) and objective.shipped:
+        objective = replace(objective, shipped=p.chosen.artifact.main)
     from edgebuild.pipeline.stages.package import describe
 
     return describe(ctx, p.profile, p.backend, p.chosen, p.baseline, p.budget, p.outdir, p.search, timing["speedup"],

@@ -114,26 +114,26 @@ def speed(median):
 def test_pick(objective, int8_speed, int8_ok, shipped):
     int8 = FakeAttempt(INT8.artifact, INT8.loss, int8_ok)
     best, record = O.pick(objective, catalogue()["onnx-cpu"], int8, FP32, speed(int8_speed))
-    assert best.artifact.main == shipped == record["shipped"]
-    assert bool(record["warnings"]) == (int8_speed < 1.0)
+    assert best.artifact.main == shipped == record.shipped
+    assert bool(record.warnings) == (int8_speed < 1.0)
 
 
 def test_default_objective_ships_the_slower_artifact_where_the_host_is_not_the_device():
     best, record = O.pick("precision", catalogue()["arm64"], INT8, FP32, speed(0.6))
-    assert best is INT8 and record["warnings"]
+    assert best is INT8 and record.warnings
 
 
 def test_latency_objective_without_a_measured_speedup_keeps_the_target_artifact():
     """No speed-up measured (nothing timed): nothing shows INT8 slower, so it ships, and the record says why."""
     best, record = O.pick("latency", catalogue()["onnx-cpu"], INT8, FP32, None)
-    assert best is INT8 and "no speed-up measured" in record["why"] and not record["warnings"]
+    assert best is INT8 and "no speed-up measured" in record.why and not record.warnings
 
 
 def test_latency_objective_is_not_applied_where_the_host_is_not_the_device():
     arm64 = catalogue()["arm64"]
     assert arm64.host_is_device is False
     best, record = O.pick("latency", arm64, INT8, FP32, speed(0.6))
-    assert best is INT8 and "not applied" in record["why"] and record["warnings"]
+    assert best is INT8 and "not applied" in record.why and record.warnings
 
 
 def test_bad_objective_is_bad_input(tmp_path):
