@@ -358,8 +358,8 @@ def _print_summary(manifest, out: Path, console=None) -> None:
     title = f"edgebuild — {manifest.verdict.status.upper()} ({manifest.seconds} s)"
     console.print(summary_table(summary_rows(manifest), title, console.width))
     for name, t in manifest.targets.items():
-        if (t.search or {}).get("float_layers"):
-            console.print(f"{name}: kept in float: {', '.join(t.search['float_layers'])}")
+        if t.search and t.search.float_layers:
+            console.print(f"{name}: kept in float: {', '.join(t.search.float_layers)}")
     for warning in slower_than_fp32(manifest):
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     console.print(f"artifacts in {out}/ (manifest.json, report.md, report.html, build.log)")

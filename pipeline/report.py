@@ -141,9 +141,10 @@ def _target_lines(name: str, t: TargetResult, charts: dict[int, str], at: int) -
     lines += memory_lines(t)
     lines += [f"- note: {note}" for note in t.notes or []]
     if t.search:
-        charts[at + len(lines)] = charts.get(at + len(lines), "") + plots.search(name, t.search) + plots.sensitivity(
-            name, (t.search.get("sensitivity") or {}).get("layers") or {})
-        lines += _search_lines(t.search)
+        search = t.search.to_dict()  # the tries as manifest.json has them (their headline key varies)
+        charts[at + len(lines)] = charts.get(at + len(lines), "") + plots.search(name, search) + plots.sensitivity(
+            name, (t.search.sensitivity or {}).get("layers") or {})
+        lines += _search_lines(search)
     return lines
 
 

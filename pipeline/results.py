@@ -328,6 +328,72 @@ class ObjectiveDecision(_Record):
         return (self.objective or "precision") != "precision" or bool(self.overruled)
 
 
+@dataclass(frozen=True)
+class SearchTry(_Record):
+    """One configuration the accuracy search tried: its label, precision and settings, its headline number (a key
+    named after it: ``accuracy_drop``, ``cosine_min``, ...), quality loss, size, latency and failures, the data it
+    was judged on; or the ``error`` it failed to convert with."""
+
+    label: str | None = None
+    precision: str | None = None
+    settings: dict | None = None
+    error: str | None = None
+    quality_loss: float | None = None
+    size_bytes: int | None = None
+    latency_p50_ms: float | None = None
+    failures: list | None = None
+    data: str | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+
+@dataclass
+class SearchRecord(_Record):
+    """A target's accuracy search (``pipeline/stages/search.py``): every try, the one chosen and why. Written while
+    the search runs (attributes set in the order things happen, and written in that order)."""
+
+    enabled: bool | None = None
+    chosen: str | None = None
+    tries: list[SearchTry] | None = None
+    result: str | None = None  # why the search ended where it did (no search, nothing met the budget, ...)
+    selection: str | None = None  # how the evaluation split was divided into selection and held-out parts
+    selection_margin: str | None = None
+    collapsed: str | None = None
+    error_island: dict | str | None = None  # the nodes a conversion error named, kept in float
+    float_first: str | None = None
+    collapse_spread: str | None = None
+    sensitivity: dict | None = None  # {method, seconds, layers: {name: loss}}
+    float_layers_forbidden: str | None = None
+    mixed_skipped: str | None = None
+    float_share_skipped: dict | None = None
+    float_share_limit: str | None = None
+    float_layers_no_effect: list | None = None
+    float_layers: dict | None = None  # the layers kept in float: {name: sensitivity}
+    float_weight_share: float | None = None
+    held_out_miss: str | None = None
+    fp16_safety: str | None = None  # an FP16 candidate kept as the fallback while INT8 is tried further
+    float_layers_proxy: dict | None = None
+    mixed_from: str | None = None  # the INT8 variant mixed precision builds on (the one closest to the budget)  # the fake-quant proxy's first step of mixed precision
+    time_limit: list | None = None  # every decision the clock made (a search without one is a function of its inputs)
+    seconds: float | None = None
+    from_cache: bool | None = None  # a warm re-run: this record and the choice came from the stage cache
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name not in ("extra", "keys") and name not in self.keys:  # written in the order it was set
+            super().__setattr__("keys", (*self.keys, name))
+
+    def to_dict(self) -> dict:
+        return self._write(tries=None if self.tries is None else [t.to_dict() for t in self.tries])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchRecord":
+        tries = d.get("tries")
+        return cls._read(d, tries=None if tries is None else [SearchTry.from_dict(t) for t in tries])
+
+
 # ---- a target, a build ------------------------------------------------------------------------------------
 _VERDICT_KEYS = ("verdict", "error", "failures", "failed_checks")
 
@@ -353,7 +419,7 @@ class TargetResult(_Record):
     host_validation: str | None = None
     threads: dict | None = None  # {profile, used}
     cache: CacheUse | None = None
-    search: dict | None = None
+    search: SearchRecord | None = None
     objective: ObjectiveDecision | None = None
     gate: dict | None = None  # what decided the verdict: the task metric (generic checks as collapse guard) or generic
     quantized: dict | None = None  # share of the weights stored/run in INT8 (pipeline/stages/weights.py)
@@ -385,13 +451,13 @@ class TargetResult(_Record):
         previous = self.previous.to_dict() if isinstance(self.previous, TargetResult) else self.previous
         return self._write(list(self.MANIFEST), ("ratios", "baseline_fp32") if self.artifact else (),
                            **self.verdict.to_dict(), metrics=_dump(self.metrics), previous=previous,
-                           cache=_dump(self.cache), objective=_dump(self.objective))
+                           cache=_dump(self.cache), objective=_dump(self.objective), search=_dump(self.search))
 
     def to_validation(self) -> dict:
         """The target's validation.json (and, with ``target``, a re-validation's record)."""
         threads = self.threads or {}
         return self._write(list(self.VALIDATION), **self.verdict.to_dict(), metrics=_dump(self.metrics),
-                           objective=_dump(self.objective),
+                           objective=_dump(self.objective), search=_dump(self.search),
                            threads=threads.get("profile"), threads_used=threads.get("used"))
 
     @classmethod
@@ -409,6 +475,8 @@ class TargetResult(_Record):
         metrics = Metrics.from_dict(d["metrics"]) if isinstance(d.get("metrics"), dict) else d.get("metrics")
         if isinstance(d.get("cache"), dict):
             typed["cache"] = CacheUse.from_dict(d["cache"])
+        if isinstance(d.get("search"), dict):
+            typed["search"] = SearchRecord.from_dict(d["search"])
         if isinstance(d.get("objective"), dict):
             typed["objective"] = ObjectiveDecision.from_dict(d["objective"])
         kw = {k: d[k] for k in names if k in d and k not in _VERDICT_KEYS and k not in typed and k != "threads_used"}

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from edgebuild.pipeline.results import Metrics, TargetResult, decide
+from edgebuild.pipeline.results import CacheUse, Metrics, ObjectiveDecision, SearchRecord, TargetResult, decide
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.per_target import Attempt, file_sha, timing_threads
@@ -28,8 +28,8 @@ def _embed(ctx: BuildContext, profile: TargetProfile, art: Artifact, outdir: Pat
 
 
 def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen: Attempt, baseline: Attempt | None,
-             budget: V.Budget, outdir: Path, search: dict | None = None, speedup: dict | None = None,
-             cache_use: dict | None = None, objective: dict | None = None, quantized: dict | None = None) -> TargetResult:
+             budget: V.Budget, outdir: Path, search: SearchRecord | None = None, speedup: dict | None = None,
+             cache_use: CacheUse | None = None, objective: ObjectiveDecision | None = None, quantized: dict | None = None) -> TargetResult:
     art = chosen.artifact
     embedded = _embed(ctx, profile, art, outdir)  # metadata inside the artifact, before its sha256 is taken
     from edgebuild.pipeline.memory import after_packaging

@@ -13,7 +13,7 @@ from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline import timing
 from edgebuild.pipeline.cache import code_hash, key
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.pipeline.results import CacheUse, Metrics, TargetResult, decide
+from edgebuild.pipeline.results import CacheUse, Metrics, SearchRecord, TargetResult, decide
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
@@ -227,7 +227,7 @@ def _search_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, bud
 
 
 def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget, outdir: Path,
-                   k: str | None) -> tuple[Attempt, dict] | None:
+                   k: str | None) -> tuple[Attempt, SearchRecord] | None:
     """A warm re-run of a build that searched: the chosen artifact (sha256-verified) and the search record."""
     hit = ctx.work.cache.get_result(k) if k else None
     if hit is None:
@@ -249,15 +249,17 @@ def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
             return None
     chosen = evaluate(ctx, backend, profile, art, budget, data=data, restored=True)
     chosen.label = payload["label"]
-    return chosen, {**payload["record"], "from_cache": True}
+    record = SearchRecord.from_dict(payload["record"])
+    record.from_cache = True
+    return chosen, record
 
 
-def _store_search(ctx: BuildContext, k: str | None, chosen: Attempt, search: dict) -> None:
-    if not k or search.get("time_limit"):  # a choice the clock made is not a function of the key: not kept
+def _store_search(ctx: BuildContext, k: str | None, chosen: Attempt, search: SearchRecord) -> None:
+    if not k or search.time_limit:  # a choice the clock made is not a function of the key: not kept
         return
     art_key = key(stage="search-choice", search=k)
     ctx.work.cache.put(art_key, chosen.artifact)
-    ctx.work.cache.put_result(k, {"artifact_key": art_key, "label": chosen.label, "record": search,
+    ctx.work.cache.put_result(k, {"artifact_key": art_key, "label": chosen.label, "record": search.to_dict(),
                              "data_hash": chosen.data.get("content_hash")})
 
 
@@ -271,7 +273,7 @@ class Prepared:
     outdir: Path
     chosen: Attempt
     baseline: Attempt | None
-    search: dict | None
+    search: SearchRecord | None
     cache_use: CacheUse
 
 

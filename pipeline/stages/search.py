@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from edgebuild.pipeline.errors import ConversionError, EdgeBuildError
+from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.per_target import Attempt, convert, evaluate
@@ -78,9 +79,10 @@ class _Search:
     def timed_out(self, what: str) -> None:
         """Record a decision the clock made (the only way the search's result depends on wall time; a search that
         records none is a function of its inputs): ``auto_max_seconds``/``build_max_seconds`` are inputs (spec)."""
-        hits = self.record.setdefault("time_limit", [])
-        if what not in hits:
-            hits.append(what)
+        if self.record.time_limit is None:
+            self.record.time_limit = []
+        if what not in self.record.time_limit:
+            self.record.time_limit.append(what)
 
     def room(self, fallback: bool = False) -> bool:
         """Whether another try may start: within the count, and (judged by the slowest try so far) able to end
@@ -93,7 +95,7 @@ class _Search:
             if not fits:
                 self.timed_out("a float fallback try did not fit before build_max_seconds")
             return fits
-        if len(self.record["tries"]) >= self.ctx.job.spec.auto_max_tries - self.reserve:
+        if len(self.record.tries) >= self.ctx.job.spec.auto_max_tries - self.reserve:
             return False
         if now + expected >= self.deadline:
             self.timed_out("a try did not fit before the search's time limit")
@@ -111,8 +113,8 @@ class _Search:
         if not self.room(fallback):
             return None
         ctx, profile = self.ctx, self.profile
-        directory = ctx.work.scratch / profile.name / f"try{len(self.record['tries'])}"
-        n = len(self.record["tries"]) + 1
+        directory = ctx.work.scratch / profile.name / f"try{len(self.record.tries)}"
+        n = len(self.record.tries) + 1
         t0 = time.monotonic()
         left = self.deadline - t0
         with ctx.work.stage(f"{profile.name}: accuracy search {n}/{ctx.job.spec.auto_max_tries} — {label}"
@@ -122,32 +124,40 @@ class _Search:
                 a = evaluate(ctx, self.backend, profile, made.artifact, self.budget, timed=False, data=self.select,
                              restored=made.restored)
             except EdgeBuildError as e:  # a candidate that cannot be built is a failed try, not a failed build
-                self.record["tries"].append({"label": label, "precision": precision, "error": str(e),
-                                             "failures": [str(e)], "size_bytes": 0})
+                self.record.tries.append(_failed_try(label, precision, e))
                 return None
             finally:
                 self.durations.append(time.monotonic() - t0)
         a.label = label
         self.tries.append(a)
-        self.record["tries"].append(a.summary() | {"data": "evaluation[select]"})
+        self.record.tries.append(SearchTry.from_dict(a.summary() | {"data": "evaluation[select]"}))
         if not hasattr(self, "asked"):
             self.asked = {}
         self.asked[label] = settings  # what this try asked for: mixed precision builds on the best INT8 variant
         return a
 
 
+def _failed_try(label: str, precision: str, error: BaseException) -> SearchTry:
+    """A configuration that could not be converted: a failed try, with its error."""
+    return SearchTry.from_dict({"label": label, "precision": precision, "error": str(error), "failures": [str(error)],
+                                "size_bytes": 0})
+
+
 def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget, first: Attempt | None,
-            outdir, first_error: EdgeBuildError | None = None) -> tuple[Attempt, dict]:
+            outdir, first_error: EdgeBuildError | None = None) -> tuple[Attempt, SearchRecord]:
     """Search from ``first`` (or from a first INT8 conversion that failed with ``first_error``)."""
+    record = SearchRecord()
+    record.enabled = True
     if first is not None:
-        record: dict = {"enabled": True, "tries": [first.summary() | {"data": "evaluation (all)"}], "chosen": first.label}
+        record.tries = [SearchTry.from_dict(first.summary() | {"data": "evaluation (all)"})]
+        record.chosen = first.label
         if first.quality_ok:
             return first, record
     else:
-        record = {"enabled": True, "chosen": None, "tries": [{"label": "profile settings", "precision": "int8",
-                  "error": str(first_error), "failures": [str(first_error)], "size_bytes": 0}]}
+        record.chosen = None
+        record.tries = [_failed_try("profile settings", "int8", first_error)]
     if len(ctx.job.evalset) < MIN_SEARCH_SAMPLES:
-        record["result"] = f"no search: {len(ctx.job.evalset)} evaluation samples cannot be split into selection and hold-out"
+        record.result = f"no search: {len(ctx.job.evalset)} evaluation samples cannot be split into selection and hold-out"
         if first is None:
             raise first_error
         return first, record
@@ -155,10 +165,10 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
         _converts_at_all(ctx, backend, profile, first_error)
     select, holdout = _split(ctx)
     select_budget, margin = selection_budget(budget, len(select[0]))
-    record["selection"] = (f"candidates judged on {len(select[0])} samples of the evaluation split (seed "
+    record.selection = (f"candidates judged on {len(select[0])} samples of the evaluation split (seed "
                            f"{ctx.job.spec.seed + 1}); the chosen one is reported on the other {len(holdout[0])}")
     if margin:
-        record["selection_margin"] = margin
+        record.selection_margin = margin
     fallbacks = [p for p in FLOAT_FALLBACKS if profile.allow_float_layers and p in profile.precisions]
     search = _Search(ctx, backend, profile, select_budget, select, record, reserve=min(len(fallbacks), 1))
     first_on_select = None
@@ -176,22 +186,22 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
             search.durations[-1] = try_estimate(took, t_select, len(ctx.job.evalset), len(select[0]))
     collapsed = first_on_select is None or first_on_select.loss > COLLAPSED_LOSS
     if collapsed:
-        record["collapsed"] = ("the first INT8 conversion failed" if first is None else
+        record.collapsed = ("the first INT8 conversion failed" if first is None else
                                f"INT8 collapsed (quality loss {first_on_select.loss:.1f}): FP16 first when the loss is spread "
                                "over the graph, else one backend variant before mixed precision and the float fallback")
     found = _error_island(ctx, backend, profile, search, first_error) if first is None else None
     found = found or _search(ctx, backend, profile, search, collapsed)
-    record["seconds"] = round(time.monotonic() - search.started, 2)
+    record.seconds = round(time.monotonic() - search.started, 2)
     if not search.tries:
-        record["result"] = "every configuration failed to convert"
+        record.result = "every configuration failed to convert"
         raise first_error or ConversionError(f"{profile.name}: no configuration could be converted")
     best = found or min(search.tries, key=_quality)
-    record["chosen"] = best.label
+    record.chosen = best.label
     if best is first_on_select:
-        record["result"] = "no configuration met the budget; the profile settings are kept"
+        record.result = "no configuration met the budget; the profile settings are kept"
         return first, record
     if not found:
-        record["result"] = "no configuration met the budget; the best one found is kept (and fails the gate)"
+        record.result = "no configuration met the budget; the best one found is kept (and fails the gate)"
     final = _install(ctx, backend, profile, budget, best, outdir, holdout)
     final.label = best.label
     if found:
@@ -217,7 +227,7 @@ def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt
     missed = (f"{best.label} met the budget on the selection part but not on the held-out part "
               f"({'; '.join(map(str, final.failures))})")
     if backend is not None:
-        tried = {t.get("label") for t in search.record["tries"]}
+        tried = {t.label for t in search.record.tries}
         settings = backend.default_settings(profile, "int8")
         for label, overrides in backend.recovery_candidates(profile, settings):
             if label in tried:
@@ -228,8 +238,8 @@ def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt
             held = _install(ctx, backend, profile, budget, a, outdir, holdout)
             held.label = a.label
             if held.quality_ok:
-                search.record["held_out_miss"] = f"{missed}: {a.label} instead"
-                search.record["chosen"] = a.label
+                search.record.held_out_miss = f"{missed}: {a.label} instead"
+                search.record.chosen = a.label
                 return held
             final = held  # this one missed too: the last installed stands unless another candidate holds
     if not _fp16_allowed(profile):
@@ -241,8 +251,8 @@ def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt
     a = a or search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", "fp16", {}, fallback=True)
     if a is None or not a.quality_ok:
         return final
-    search.record["held_out_miss"] = f"{missed}: FP16 instead"
-    search.record["chosen"] = a.label
+    search.record.held_out_miss = f"{missed}: FP16 instead"
+    search.record.chosen = a.label
     fp16 = _install(ctx, backend, profile, budget, a, outdir, holdout)
     fp16.label = a.label
     return fp16
@@ -279,12 +289,12 @@ def _error_island(ctx, backend: Backend, profile: TargetProfile, search: _Search
         return None
     named = nodes_named_in(ctx.job.model.onnx_path, str(error))
     if not named:
-        search.record["error_island"] = "the conversion error names no node of the model: no float island from it"
+        search.record.error_island = "the conversion error names no node of the model: no float island from it"
         return None
     settings = backend.default_settings(profile, "int8")
     a = search.attempt(f"INT8 with the {len(named)} node(s) the error names in float", "int8",
                        {**settings, "float_layers": named})
-    search.record["error_island"] = {"nodes": named, "result": "converted and met the budget" if a is not None and
+    search.record.error_island = {"nodes": named, "result": "converted and met the budget" if a is not None and
                                      a.quality_ok else "did not help" if a is None else "converted, missed the budget"}
     return a if a is not None and a.quality_ok else None
 
@@ -315,7 +325,7 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, coll
         # INT8 before leaving it: the variants (likeliest first) use the time; FP16 first only when not even one more
         # INT8 try fits beside it (its try is reserved and may pass the search's own limit)
         if search.short_of_time(2) and _fp16_allowed(profile):
-            search.record["float_first"] = (f"a try takes up to {max(search.durations):.0f} s: not one more of the "
+            search.record.float_first = (f"a try takes up to {max(search.durations):.0f} s: not one more of the "
                                             f"{len(todo) - i} backend variant(s) left fits the time left, FP16 first")
             safety = _float_fallbacks(search, profile, only_fp16=True)
             if safety is not None:
@@ -332,7 +342,7 @@ def _int8_beside(ctx, backend, profile, search: _Search, settings: dict, variant
     variants not tried yet, then mixed precision), and an INT8 candidate that meets the budget ships instead. Before,
     a search that took FP16 first (short of time, or after a collapse spread over the graph) stopped there with most
     of its time left (PP-OCRv4's detector: FP16 after 54 of 150 s, not one INT8 variant tried)."""
-    search.record["fp16_safety"] = (f"{safety.label} met the budget on the selection part and is kept as the fallback; "
+    search.record.fp16_safety = (f"{safety.label} met the budget on the selection part and is kept as the fallback; "
                                     "the time left goes to INT8 candidates first")
     for label, overrides in variants:
         if not search.room():
@@ -375,7 +385,7 @@ def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: _Search) -> 
     loss = min(t.loss for t in search.tries)
     top = sum(max(v, 0.0) for v in sens[:CONCENTRATED_LAYERS])
     diffuse = not sens or top < CONCENTRATED_SHARE * loss
-    search.record["collapse_spread"] = (f"the {min(len(sens), CONCENTRATED_LAYERS)} most sensitive layers alone cost "
+    search.record.collapse_spread = (f"the {min(len(sens), CONCENTRATED_LAYERS)} most sensitive layers alone cost "
                                         f"{top:.2f} of the INT8 loss {loss:.2f}: " +
                                         ("spread over the graph, FP16 next" if diffuse else "concentrated, mixed precision next"))
     return diffuse
@@ -398,12 +408,12 @@ def _float_fallbacks(search: _Search, profile: TargetProfile, only_fp16: bool, s
 def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, settings: dict) -> Attempt | None:
     """The most sensitive layers kept in float, 1, 2, 3, 4, 6, 8... at a time, at most half of the weights."""
     if not profile.allow_float_layers:
-        search.record["float_layers_forbidden"] = f"profile {profile.name} runs integer-only: no layer may stay in float"
+        search.record.float_layers_forbidden = f"profile {profile.name} runs integer-only: no layer may stay in float"
         return None
     if not backend.supports_float_layers:
         return None
     if not search.room():
-        search.record["mixed_skipped"] = (f"a try takes up to {max(search.durations, default=0):.0f} s: mixed precision "
+        search.record.mixed_skipped = (f"a try takes up to {max(search.durations, default=0):.0f} s: mixed precision "
                                           "does not fit the search's time left")
         return None
     ranked = _sensitivity(ctx, search)
@@ -418,7 +428,7 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
     # kept in float — the model would not be INT8 any more — but the next most sensitive layers still may be
     heavy = [n for n in ranked if weights.get(n, 0) / total > MAX_FLOAT_SHARE]
     if heavy:
-        search.record["float_share_skipped"] = {n: round(weights.get(n, 0) / total, 4) for n in heavy}
+        search.record.float_share_skipped = {n: round(weights.get(n, 0) / total, 4) for n in heavy}
         ranked = [n for n in ranked if n not in heavy]
     done = set()
     plain = next((t.artifact for t in search.tries if t.artifact.precision == "int8"
@@ -433,19 +443,21 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
             break
         share = sum(weights.get(n, 0) for n in layers) / total
         if share > MAX_FLOAT_SHARE:  # mostly float: not an INT8 model any more; FP16 is smaller and honest
-            search.record["float_share_limit"] = (f"keeping {len(layers)} layers in float would leave {share:.0%} of "
+            search.record.float_share_limit = (f"keeping {len(layers)} layers in float would leave {share:.0%} of "
                                                   f"the weights float (> {MAX_FLOAT_SHARE:.0%}): stopped")
             break
         done.add(layers)
         a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", "int8", {**settings, "float_layers": list(layers)})
         if a is not None and plain is not None and _same_files(a.artifact, plain):
             # the float island changed nothing: the backend did not find the layers (a renamed or fused op)
-            search.record.setdefault("float_layers_no_effect", []).append(
+            if search.record.float_layers_no_effect is None:
+                search.record.float_layers_no_effect = []
+            search.record.float_layers_no_effect.append(
                 f"{a.label}: byte-identical to plain INT8 ({', '.join(layers[:3])}{'…' if len(layers) > 3 else ''} "
                 "not found in the backend's graph)")
         if a is not None and a.quality_ok:
-            search.record["float_layers"] = {n: round(search.sensitivity.layers[n], 4) for n in layers}
-            search.record["float_weight_share"] = round(share, 4)
+            search.record.float_layers = {n: round(search.sensitivity.layers[n], 4) for n in layers}
+            search.record.float_weight_share = round(share, 4)
             return a
     return None
 
@@ -459,7 +471,7 @@ def _best_int8_base(search: _Search, settings: dict) -> dict:
                key=lambda t: t.loss, default=None)
     if best is None or any(t.loss <= best.loss for t in tried if t.label not in asked):
         return settings
-    search.record["mixed_from"] = f"{best.label} (the INT8 variant closest to the budget: quality loss {best.loss:.3g})"
+    search.record.mixed_from = f"{best.label} (the INT8 variant closest to the budget: quality loss {best.loss:.3g})"
     return dict(asked[best.label])
 
 
@@ -479,7 +491,7 @@ def _proxy_start(ctx, search: _Search, ranked: list[str], weights: dict, total: 
                                    steps, ctx.job.judging, search.budget, until)
     if time.monotonic() > until:
         search.timed_out("the fake-quant proxy's bisection was cut short by the time limit")
-    search.record["float_layers_proxy"] = record
+    search.record.float_layers_proxy = record
     return steps[index] if index is not None else 1
 
 
@@ -517,7 +529,7 @@ def _sensitivity(ctx: BuildContext, search: _Search) -> list[str]:
         if not search.sensitivity.complete:
             search.timed_out("the per-layer sensitivity was cut short by the time limit")
     sens = search.sensitivity.layers
-    record["sensitivity"] = {"method": "one layer quantized at a time, ONNX Runtime fake-quant, on evaluation[select]; "
+    record.sensitivity = {"method": "one layer quantized at a time, ONNX Runtime fake-quant, on evaluation[select]; "
                                        "quality loss = worst relative excess over the quality budgets",
                              "seconds": search.sensitivity.seconds, "cached": search.sensitivity.cached,
                              "layers": {n: round(v, 4) for n, v in list(sens.items())[:10]}}

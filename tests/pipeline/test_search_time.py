@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from edgebuild.pipeline.cli import main
+from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages import search as R
 from edgebuild.pipeline.stages.sensitivity import LAYER_SAMPLE_BUDGET, MIN_EVAL_SAMPLES, Sensitivity, samples_per_layer
@@ -45,7 +46,7 @@ def test_the_whole_build_limit_stops_even_the_float_fallback(tmp_path):
 def _search(sensitivity: dict, losses: list[float], seconds_left: float = 100.0, durations=()):
     ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=12)), SimpleNamespace(deadline=float("inf")))
     s = R._Search.__new__(R._Search)
-    s.ctx, s.record, s.reserve, s.sensitivity = ctx, {"tries": [{}]}, 1, Sensitivity(sensitivity, 0.0)
+    s.ctx, s.record, s.reserve, s.sensitivity = ctx, SearchRecord(tries=[SearchTry()]), 1, Sensitivity(sensitivity, 0.0)
     s.tries = [SimpleNamespace(loss=v) for v in losses]
     s.deadline, s.durations = time.monotonic() + seconds_left, list(durations)
     return ctx, s
@@ -56,10 +57,10 @@ def test_a_collapse_spread_over_the_graph_goes_to_fp16_first():
     profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
     spread = {f"/layer{i}/MatMul": 0.4 for i in range(24)}  # 24 layers, each a little: 4 of them explain 1.6 of 38
     ctx, s = _search(spread, [38.0])
-    assert R._diffuse(ctx, backend, profile, s) and "spread over the graph" in s.record["collapse_spread"]
+    assert R._diffuse(ctx, backend, profile, s) and "spread over the graph" in s.record.collapse_spread
     local = {"/features.3/Conv": 150.0, **{f"/l{i}/Conv": 0.1 for i in range(8)}}  # one outlier layer explains it
     ctx, s = _search(local, [170.0])
-    assert not R._diffuse(ctx, backend, profile, s) and "concentrated" in s.record["collapse_spread"]
+    assert not R._diffuse(ctx, backend, profile, s) and "concentrated" in s.record.collapse_spread
     ctx, s = _search(spread, [38.0])  # a profile without FP16 cannot take the float route
     assert not R._diffuse(ctx, backend, SimpleNamespace(allow_float_layers=True, precisions=("int8",)), s)
 
@@ -96,7 +97,7 @@ def test_an_int8_choice_that_misses_on_held_out_data_gives_way_to_fp16(monkeypat
                         SimpleNamespace(artifact=a.artifact, quality_ok=True, label=None))
     shipped = R._held_out_miss(None, None, profile, None, s, best, missed, None, None)
     assert asked == [("fp16", True)] and shipped.artifact.precision == "fp16" and shipped.label == "FP16"
-    assert "not on the held-out part (agreement 97.5 < 99.5)" in s.record["held_out_miss"]
+    assert "not on the held-out part (agreement 97.5 < 99.5)" in s.record.held_out_miss
     asked.clear()  # integer-only profiles, or FP16 already tried and missed: the honest held-out failure stands
     assert R._held_out_miss(None, None, SimpleNamespace(allow_float_layers=False, precisions=("int8",)), None, s, best,
                             missed, None, None) is missed
