@@ -25,27 +25,35 @@ from edgebuild.specs import (  # noqa: F401 (the leaf types calibration/ and tar
     check_objective,
 )
 from edgebuild.specs import check as _check
+from edgebuild.targets.profiles import Budget
 
 
 @dataclass(frozen=True)
-class Budgets:
-    """Budget overrides; ``None`` keeps the profile's value."""
+class Budgets(Budget):
+    """The config's ``budgets:``: a ``Budget`` over each target profile's (``None`` keeps the profile's value) and
+    the build's own compression budget. A score budget ``cosine_min`` is the floor ``min_cosine`` of every output."""
 
-    max_accuracy_drop: float | None = None  # percentage points
-    max_latency_ms: float | None = None  # p50 at batch 1
-    max_size_mb: float | None = None
-    max_memory_mb: float | None = None  # peak runtime memory above the runner's baseline, MB = 10^6 bytes
-    max_arena_kb: float | None = None  # microcontrollers: TFLM tensor arena, KB = 1024 bytes
-    max_flash_kb: float | None = None  # microcontrollers: the model in flash (+ its C array source)
     max_compression_drop: float = 1.0  # FP32 accuracy the compression steps may cost, in points
-    metrics: dict = field(default_factory=dict)  # any measured score: {<score>_drop|_min|_max: limit}
+
+    KEYS = ("max_accuracy_drop", "max_latency_ms", "max_size_mb") + MEMORY_BUDGETS + ("max_compression_drop", "metrics")
 
     def __post_init__(self):
-        for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "max_compression_drop") + MEMORY_BUDGETS:
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, check_budget(f"budgets.{name}", value,
-                                                            positive=name in ("max_latency_ms", "max_size_mb") + MEMORY_BUDGETS))
+        metrics = dict(self.metrics)
+        if "cosine_min" in metrics:  # `cosine_min: 0.995` raises every output's floor
+            object.__setattr__(self, "min_cosine", metrics.pop("cosine_min"))
+            object.__setattr__(self, "metrics", metrics)
+        super().__post_init__()
+        object.__setattr__(self, "max_compression_drop",
+                           check_budget("budgets.max_compression_drop", self.max_compression_drop))
+
+    def for_targets(self) -> Budget:
+        """The part that judges each target (``Budget.over`` a profile's)."""
+        return Budget(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Budget)})
+
+    def to_dict(self) -> dict:
+        """As the config writes it (manifest.json's ``spec.budgets``): ``cosine_min`` among the score budgets."""
+        metrics = {**({"cosine_min": self.min_cosine} if self.min_cosine is not None else {}), **dict(self.metrics)}
+        return {k: metrics if k == "metrics" else getattr(self, k) for k in self.KEYS}
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,7 @@ class BuildSpec:
 
     # ---- JSON round trip -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return json.loads(json.dumps({**dataclasses.asdict(self), "budgets": self.budgets.to_dict()}))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BuildSpec":
@@ -145,7 +153,7 @@ class BuildSpec:
         if "preprocess" in data:
             data["preprocess"] = PreprocessSpec(**_known(PreprocessSpec, data["preprocess"] or {}, "preprocess"))
         if "budgets" in data:
-            data["budgets"] = Budgets(**_known(Budgets, _metric_budgets(data["budgets"]), "budgets"))
+            data["budgets"] = Budgets(**_known(Budgets.KEYS, _metric_budgets(data["budgets"]), "budgets"))
         if "compress" in data:
             data["compress"] = tuple(_compress_step(s) for s in data["compress"] or ())
         try:
@@ -166,8 +174,9 @@ def _number(value: Any) -> bool:
 
 
 def _known(cls, data: dict, where: str) -> dict:
+    """``cls``: a dataclass, or the names it takes."""
     _check(isinstance(data, dict), f"{where} must be a mapping")
-    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - (set(cls) if isinstance(cls, tuple) else {f.name for f in dataclasses.fields(cls)})
     _check(not unknown, f"unknown {where} option(s): {', '.join(sorted(unknown))}")
     return data
 
@@ -179,7 +188,7 @@ def _metric_budgets(data: Any) -> Any:
     """``{mAP50_drop: 1.0, max_latency_ms: 20}`` -> named budgets stay, scores' budgets go to ``metrics``."""
     if not isinstance(data, dict):
         return data or {}
-    names = {f.name for f in dataclasses.fields(Budgets)}
+    names = set(Budgets.KEYS)
     metrics = dict(data.get("metrics") or {})
     for k, v in data.items():
         if k not in names and isinstance(k, str) and k.endswith(METRIC_BUDGET_SUFFIXES):

@@ -12,14 +12,22 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
 @dataclass(frozen=True)
-class ProfileBudgets:
-    max_accuracy_drop: float = 0.5  # percentage points vs the FP32 source (or top-1 disagreement without labels)
+class Budget:
+    """THE budget type: a profile's ``budgets:`` (and its ``advice:``), the config's (``spec.Budgets``, which adds the
+    build's compression budget) and the one a target is judged against (``over``: the user's over the profile's).
+    ``None``: not set (no check, or the lower layer's value). ``metrics``: budgets on any measured score,
+    ((<score>_drop | <score>_min | <score>_max, limit), ...)."""
+
+    max_accuracy_drop: float | None = None  # percentage points vs the FP32 source (or top-1 disagreement without labels)
     max_latency_ms: float | None = None  # p50 at batch 1 on the host runtime
     max_size_mb: float | None = None
     min_cosine: float | None = None  # fidelity floor for outputs that are not class scores
+    metrics: tuple[tuple[str, float], ...] = ()
     max_memory_mb: float | None = None  # peak runtime memory above the runner's baseline (MB = 10^6 bytes)
     max_arena_kb: float | None = None  # TFLM tensor arena (profiles with micro: true), KB = 1024 bytes
     max_flash_kb: float | None = None  # the model in flash (+ its C array source)
+
+    LIMITS = ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "min_cosine") + MEMORY_BUDGETS  # a profile's keys
 
     def __post_init__(self):
         for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb") + MEMORY_BUDGETS:
@@ -32,6 +40,27 @@ class ProfileBudgets:
             if value > 1.0:
                 raise BadInputError(f"budgets.min_cosine must be between -1 and 1, got {self.min_cosine!r}")
             object.__setattr__(self, "min_cosine", value)
+        metrics = self.metrics.items() if isinstance(self.metrics, dict) else self.metrics
+        object.__setattr__(self, "metrics", tuple(sorted((str(k), v) for k, v in metrics)))
+
+    def over(self, base: "Budget") -> "Budget":
+        """This budget's values where set, ``base``'s elsewhere (a score budget: this one's, else ``base``'s)."""
+        limits = {n: getattr(self, n) if getattr(self, n) is not None else getattr(base, n) for n in self.LIMITS}
+        return Budget(**limits, metrics={**dict(base.metrics), **dict(self.metrics)})
+
+    def limits(self) -> dict:
+        """The named limits (a profile's ``budgets:`` keys), without score budgets."""
+        return {n: getattr(self, n) for n in self.LIMITS}
+
+    def to_dict(self) -> dict:
+        """As a target's ``budgets`` record (metadata.json, manifest.json): every field, ``metrics`` a mapping."""
+        d = asdict(self)
+        d["metrics"] = dict(self.metrics)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Budget":
+        return cls(**{**d, "metrics": d.get("metrics") or {}})
 
 
 @dataclass(frozen=True)
@@ -47,10 +76,10 @@ class TargetProfile:
     host_runtime: str = ""
     device_runtime: str = ""
     devices: tuple[str, ...] = ()
-    budgets: ProfileBudgets = ProfileBudgets()
+    budgets: Budget = Budget(max_accuracy_drop=0.5)
     # a device's typical limits (latency, size, memory): advice, a warning in the report, never a failed build;
     # only the user's budgets (edgebuild.yaml, CLI, their own profile's `budgets:`) fail a build
-    advice: ProfileBudgets = ProfileBudgets(max_accuracy_drop=None)
+    advice: Budget = Budget()
     quant: dict = field(default_factory=dict)  # backend-specific INT8 settings
     allow_float_layers: bool = True  # may the accuracy search keep layers in float?
     objective: str = "precision"  # precision | latency | size | accuracy: what ships (pipeline/stages/objective.py)
@@ -102,7 +131,7 @@ class TargetProfile:
         get_backend(self.backend).check_settings(self)  # quant: parsed into the backend's Settings: a typo is exit 2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "budgets": self.budgets.limits(), "advice": self.advice.limits()}
 
 
 def _backend_info(name: str):
@@ -152,15 +181,15 @@ def load_profile(path: str | Path) -> TargetProfile:
     budgets = data.pop("budgets", None) or {}
     if not isinstance(budgets, dict):
         raise BadInputError(f"{path}: budgets must be a mapping")
-    unknown = set(budgets) - {f.name for f in fields(ProfileBudgets)}
+    unknown = set(budgets) - set(Budget.LIMITS)
     if unknown:
         raise BadInputError(f"{path}: unknown budget(s) {', '.join(sorted(unknown))}")
     advice = data.pop("advice", None) or {}
     if not isinstance(advice, dict) or set(advice) - {"max_latency_ms", "max_size_mb", *MEMORY_BUDGETS}:
         raise BadInputError(f"{path}: advice takes max_latency_ms, max_size_mb and the memory limits, got {advice!r}")
     try:
-        return TargetProfile(**data, budgets=ProfileBudgets(**budgets), source=str(path),
-                             advice=ProfileBudgets(max_accuracy_drop=None, **advice))
+        return TargetProfile(**data, budgets=Budget(**{"max_accuracy_drop": 0.5, **budgets}), source=str(path),
+                             advice=Budget(**advice))
     except TypeError as e:
         raise BadInputError(f"{path}: {e}") from None
 

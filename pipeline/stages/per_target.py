@@ -75,13 +75,8 @@ def precision_for(profile: TargetProfile, spec: BuildSpec) -> str:
 
 
 def budget_for(profile: TargetProfile, spec: BuildSpec) -> V.Budget:
-    b, o = profile.budgets, spec.budgets
-    pick = lambda name: getattr(o, name) if getattr(o, name) is not None else getattr(b, name)  # noqa: E731
-    metrics = dict(o.metrics)
-    min_cosine = metrics.pop("cosine_min", b.min_cosine)  # `cosine_min: 0.995` raises every output's floor
-    return V.Budget(pick("max_accuracy_drop"), pick("max_latency_ms"), pick("max_size_mb"), min_cosine,
-                    tuple(sorted(metrics.items())), max_memory_mb=pick("max_memory_mb"),
-                    max_arena_kb=pick("max_arena_kb"), max_flash_kb=pick("max_flash_kb"))
+    """The budget a target is judged against: the user's (config, flags) over its profile's."""
+    return spec.budgets.for_targets().over(profile.budgets)
 
 
 def open_runner(backend: Backend, artifact: Artifact, threads: int) -> Runner:

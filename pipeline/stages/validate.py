@@ -22,6 +22,7 @@ from edgebuild.pipeline import tasks as T
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.results import Check  # one budget applied to one number; a failure is a Check that fails
 from edgebuild.targets.base import Runner
+from edgebuild.targets.profiles import Budget  # noqa: F401 (the one budget type; judged here)
 
 DEFAULT_MIN_COSINE = 0.99  # fidelity floor of every output that is not class scores (worst sample / group)
 CLASS_MIN_COSINE = 0.9  # floor of class-score outputs (mean over samples): uniform or zero scores fail it
@@ -30,29 +31,6 @@ CHANCE_MARGIN = 1.5  # reference accuracy below this many times the majority-cla
 # the SQNR over the whole set (never the single worst sample, never a channel without energy) must reach these.
 GUARD_MIN_COSINE = 0.9
 GENERIC, TASK = "generic per-output checks", "task metric"
-
-
-@dataclass(frozen=True)
-class Budget:
-    max_accuracy_drop: float | None
-    max_latency_ms: float | None
-    max_size_mb: float | None
-    min_cosine: float | None
-    metrics: tuple[tuple[str, float], ...] = ()  # any score: (<score>_drop | <score>_min | <score>_max, limit)
-    max_memory_mb: float | None = None  # peak runtime memory above the runner's baseline (pipeline/memory.py)
-    max_arena_kb: float | None = None  # TensorFlow Lite Micro tensor arena (targets/tflite/tflm.py), KB = 1024 bytes
-    max_flash_kb: float | None = None  # the model in a microcontroller's flash (+ its C array source)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["metrics"] = dict(self.metrics)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Budget":
-        d = dict(d)
-        d["metrics"] = tuple(sorted((d.get("metrics") or {}).items()))
-        return cls(**d)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgebuild.pipeline.stages import validate as V
+from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages.validate import Budget, Judging, compare, judge
 
 BUDGET = Budget(max_accuracy_drop=0.5, max_latency_ms=None, max_size_mb=None, min_cosine=None)
@@ -218,10 +219,10 @@ def test_speed_is_not_judged_below_the_runners_own_overhead():
     speed = {"median": 0.76, "p75": 0.78, "rounds": 12}
     fp32.latency = {"p50_ms": 0.05}
     best, record = O.pick("precision", catalogue()["onnx-cpu"], int8, fp32, speed)
-    assert best is int8 and "too little to judge" in record["why"]
+    assert best is int8 and "too little to judge" in record.why
     fp32.latency = {"p50_ms": 5.0}
     best, record = O.pick("precision", catalogue()["onnx-cpu"], int8, fp32, speed)
-    assert best is fp32 and record["overruled"]
+    assert best is fp32 and record.overruled
 
 
 def test_a_held_out_miss_tries_the_next_int8_candidate_before_fp16(monkeypatch):
@@ -241,7 +242,7 @@ def test_a_held_out_miss_tries_the_next_int8_candidate_before_fp16(monkeypatch):
                                                                        {"preset": "mixed"})])
     profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
     s = R._Search.__new__(R._Search)
-    s.record, s.tries, s.deadline, s.durations = {"tries": [{"label": "full bias correction"}]}, [best], time.monotonic() + 99, []
+    s.record, s.tries, s.deadline, s.durations = SearchRecord(tries=[SearchTry("full bias correction")]), [best], time.monotonic() + 99, []
     asked = []
 
     def attempt(label, precision, settings, fallback=False):
@@ -253,7 +254,7 @@ def test_a_held_out_miss_tries_the_next_int8_candidate_before_fp16(monkeypatch):
                         SimpleNamespace(artifact=a.artifact, quality_ok=True, label=None))
     shipped = R._held_out_miss(None, backend, profile, None, s, best, missed, None, None)
     assert asked == [("int8", "mixed")] and shipped.artifact.precision == "int8"
-    assert "preset=mixed" in s.record["chosen"] and "instead" in s.record["held_out_miss"]
+    assert "preset=mixed" in s.record.chosen and "instead" in s.record.held_out_miss
     # when the next INT8 candidate misses the held-out part too, FP16 comes
     asked.clear()
     monkeypatch.setattr(R, "_install", lambda ctx, backend, profile, budget, a, outdir, holdout:
@@ -487,7 +488,7 @@ def test_int8_variants_use_the_search_time_before_fp16():
                               supports_float_layers=True)
     profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
     s = R._Search.__new__(R._Search)
-    s.record, s.tries, s.deadline, s.durations = {"tries": [{}]}, [], time.monotonic() + 100, [24.0]
+    s.record, s.tries, s.deadline, s.durations = SearchRecord(tries=[SearchTry()]), [], time.monotonic() + 100, [24.0]
     asked = []
 
     def attempt(label, precision, settings, fallback=False):
@@ -496,11 +497,11 @@ def test_int8_variants_use_the_search_time_before_fp16():
 
     s.attempt = attempt
     found = R._search(None, backend, profile, s, collapsed=False)
-    assert asked == ["variant 0", "variant 1"] and found.label == "variant 1" and "float_first" not in s.record
+    assert asked == ["variant 0", "variant 1"] and found.label == "variant 1" and s.record.float_first is None
     s.deadline, asked[:] = time.monotonic() + 30, []  # not even one more 24 s INT8 try fits beside FP16: FP16 first
     s.attempt = lambda label, precision, settings, fallback=False: asked.append(label) or SimpleNamespace(
         quality_ok=precision == "fp16", label=label, artifact=SimpleNamespace(precision=precision))
     s.ctx, s.reserve = SimpleNamespace(job=SimpleNamespace(spec=SimpleNamespace(auto_max_tries=2)),
                                        work=SimpleNamespace(deadline=float("inf"))), 1  # no INT8 try left beside it
     found = R._search(None, backend, profile, s, collapsed=False)
-    assert asked[0].startswith("FP16") and "float_first" in s.record and found.label.startswith("FP16")
+    assert asked[0].startswith("FP16") and s.record.float_first and found.label.startswith("FP16")

@@ -34,14 +34,14 @@ def test_every_shipped_profile_validates_and_a_typo_does_not():
 def test_the_schemas_name_exactly_the_fields_of_the_code():
     from edgebuild.pipeline.spec import Budgets, BuildSpec
     from edgebuild.specs import InputSpec, PreprocessSpec
-    from edgebuild.targets.profiles import ProfileBudgets, TargetProfile
+    from edgebuild.targets.profiles import Budget, TargetProfile
 
     names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
     profile, config = schema("profile"), schema("config")
     assert set(profile["properties"]) == names(TargetProfile) - {"source"}
-    assert set(profile["$defs"]["budgets"]["properties"]) == names(ProfileBudgets)
+    assert set(profile["$defs"]["budgets"]["properties"]) == set(Budget.LIMITS)  # a profile's budgets: the named limits
     assert set(config["properties"]) == names(BuildSpec) | {"input"}
-    assert set(config["$defs"]["budgets"]["properties"]) == names(Budgets)
+    assert set(config["$defs"]["budgets"]["properties"]) == set(Budgets.KEYS)
     assert set(config["$defs"]["preprocess"]["properties"]) == names(PreprocessSpec)
     assert set(config["$defs"]["input"]["properties"]) == names(InputSpec)
 
