@@ -112,7 +112,7 @@ def host_failures(vs_host: dict) -> list[V.Check]:
 def agreement(host: list, emulated: list, labels, judging: V.Judging) -> dict:
     """Emulated vs host outputs: top-1 agreement (class scores), worst max abs error and cosine over the outputs
     (the labels only let the outputs be told apart as they are in the build; accuracies are not kept)."""
-    m = V.compare(host, emulated, labels, judging)
+    m = V.compare(host, emulated, labels, judging).to_dict()
     keys = ("top1_agreement", "max_abs_error", "cosine_min", "cosine_mean", "samples")
     out = {k: m[k] for k in keys if k in m}
     ref = V.stacked(host, tuple(m["outputs"]))

@@ -142,6 +142,10 @@ class Metrics(_Record):
     extra: dict = field(default_factory=dict)
     keys: tuple = field(default=(), repr=False, compare=False)
 
+    def get(self, name: str):
+        """A summary measure by name (a typed one or one of ``extra``), else None: budgets name measures by string."""
+        return getattr(self, name) if name in self._names() else self.extra.get(name)
+
     def headline(self) -> tuple[str, float]:
         """The number a person reads first: accuracy drop, top-1 disagreement, a task score, or the worst cosine."""
         if self.accuracy_drop is not None:

@@ -150,10 +150,10 @@ def judged(loaded: Loaded, outputs: list, lat: dict | None, **extra) -> dict:
     metrics = V.compare(loaded.reference, outputs, loaded.evalset.labels, loaded.judging)
     art = loaded.artifact
     memory = recorded_memory(art.directory)
-    verdict = decide(V.judge(metrics, art.size_bytes, lat, loaded.budget, loaded.judging.task, memory)
+    verdict = decide(V.assess(metrics, loaded.budget, loaded.judging.task, art.size_bytes, lat, memory).failures
                      + extra.pop("extra_failures", []))
     return {"target": loaded.meta["target"], **verdict.to_dict(),
-            "metrics": metrics, "latency": lat, "size_bytes": art.size_bytes,
+            "metrics": metrics.to_dict(), "latency": lat, "size_bytes": art.size_bytes,
             **({"memory": {**memory, "source": "measured by the build (validation.json)"}} if memory else {}),
             "evaluation": loaded.evalset.describe(), "reference": loaded.reference_source, **extra}
 

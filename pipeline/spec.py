@@ -20,6 +20,7 @@ from edgebuild.specs import (  # noqa: F401 (the leaf types calibration/ and tar
     OBJECTIVES,
     PRECISIONS,
     InputSpec,
+    Precision,
     PreprocessSpec,
     check_budget,
     check_objective,
@@ -77,7 +78,7 @@ class BuildSpec:
     targets: tuple[str, ...] = ()
     profile_files: tuple[str, ...] = ()
     out: str = "out"
-    precision: str | None = None
+    precision: Precision | None = None
     objective: str | None = None  # precision | latency | size | accuracy: overrides every profile's objective
     budgets: Budgets = Budgets()
     compress: tuple[CompressStep, ...] = ()
@@ -113,6 +114,8 @@ class BuildSpec:
             check_objective(self.objective, "config")
         _check(self.precision is None or self.precision in PRECISIONS,
                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision is not None:
+            object.__setattr__(self, "precision", Precision(self.precision))
         _check(self.calib_samples is None or (isinstance(self.calib_samples, int) and not isinstance(self.calib_samples, bool)
                                              and self.calib_samples > 0),
                f"calib_samples must be positive (a whole number of samples), got {self.calib_samples!r}")

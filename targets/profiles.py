@@ -68,8 +68,8 @@ class TargetProfile:
     name: str
     backend: str
     description: str
-    precision: str = "int8"
-    precisions: tuple[str, ...] = Precision.values()  # precisions this device family can run
+    precision: Precision = Precision.INT8
+    precisions: tuple[Precision, ...] = tuple(Precision)  # precisions this device family can run
     io_dtype: str = "float32"  # dtype of the artifact's own inputs/outputs (int8: quantized I/O)
     layout: str = "source"  # source | NHWC: the artifact's input layout
     threads: int = 2
@@ -96,8 +96,8 @@ class TargetProfile:
         if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.name) or self.name in ("reference", "all"):
             raise BadInputError(f"profile name {self.name!r}: use lower-case letters, digits, '.', '_' or '-' "
                                 "(and not 'reference' or 'all')")
-        object.__setattr__(self, "precisions", tuple(_plain(p) for p in self.precisions))  # Precision -> its value
-        object.__setattr__(self, "precision", _plain(self.precision))
+        object.__setattr__(self, "precisions", tuple(_typed(p) for p in self.precisions))  # "int8" -> Precision.INT8
+        object.__setattr__(self, "precision", _typed(self.precision))
         object.__setattr__(self, "devices", tuple(self.devices))
         if self.precision not in self.precisions:
             raise BadInputError(f"profile {self.name}: default precision {self.precision} not in {self.precisions}")
@@ -140,8 +140,9 @@ def _backend_info(name: str):
     return backend_info(name)
 
 
-def _plain(precision):
-    return precision.value if isinstance(precision, Precision) else precision
+def _typed(precision):
+    """A precision's name as the Precision it names (an unknown one is left for the checks to name)."""
+    return Precision(precision) if precision in Precision.values() else precision
 
 
 def known_backends() -> list[str]:

@@ -11,6 +11,7 @@ from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import Artifact, Backend
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Settings
+from edgebuild.specs import Precision
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,11 @@ class ConversionOutcome:
 
     artifact: Artifact
     restored: bool = False
-    sibling_of: str | None = None
+    sibling_of: Precision | None = None
 
 
-def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str, directory: Path,
-            settings: Settings | dict | None = None, siblings: dict[str, Path] | None = None) -> ConversionOutcome:
+def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: Precision, directory: Path,
+            settings: Settings | dict | None = None, siblings: dict[Precision, Path] | None = None) -> ConversionOutcome:
     """The artifact (cached), with how it came (``ConversionOutcome``). ``settings``: what to ask the backend for, a whole ``Settings`` (a search variant) or
     a mapping of changes to the profile's (``Backend.requested_settings``; frozen, checked here). ``siblings``
     ({precision: directory}): precisions the backend may give from the same conversion run
@@ -59,7 +60,7 @@ def convert(ctx: BuildContext, backend: Backend, profile: TargetProfile, precisi
     return ConversionOutcome(art)
 
 
-def _keep_siblings(ctx: BuildContext, wanted: dict, arts: dict[str, Artifact], precision: str) -> None:
+def _keep_siblings(ctx: BuildContext, wanted: dict, arts: dict[Precision, Artifact], precision: Precision) -> None:
     for p, sib in arts.items():
         ctx.work.cache.put(wanted[p][2], sib)
         ctx.carry.siblings[wanted[p][2]] = ConversionOutcome(sib, sibling_of=precision)
@@ -69,7 +70,7 @@ def _in_cache(ctx: BuildContext, k: str) -> bool:
     return ctx.work.cache.has(k)
 
 
-def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: str,
+def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: Precision,
                  settings: Settings) -> str:
     versions = {k: v for k, v in tool_versions().items() if v}
     # what a conversion depends on; two profiles that differ only in budgets/threads share artifacts
@@ -77,8 +78,8 @@ def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, pr
                precision=precision, settings=settings.for_precision(precision), model=ctx.job.model.content_hash,
                code=code_hash(),
                inputs=[asdict(i) for i in ctx.job.model.inputs],
-               calib=ctx.job.calib.content_hash() if precision == "int8" else None, versions=versions,
-               isa=_isa() if precision == "int8" else None)  # `auto` settings are chosen from the host's ISA
+               calib=ctx.job.calib.content_hash() if precision == Precision.INT8 else None, versions=versions,
+               isa=_isa() if precision == Precision.INT8 else None)  # `auto` settings are chosen from the host's ISA
 
 
 def _isa() -> dict:
@@ -87,13 +88,14 @@ def _isa() -> dict:
     return host_isa()
 
 
-def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: str) -> dict[str, Path] | None:
+def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: Precision) -> dict[Precision, Path] | None:
     """Where the FP32 baseline goes (a sibling of the target's own conversion where the backend can give one), and
     for a searched INT8 build the FP16 the search falls back to (most real models that collapse in INT8 ship it;
     from the same onnx2tf graph it costs one TFLite conversion instead of a second onnx2tf run)."""
-    if precision == "fp32":
+    if precision == Precision.FP32:
         return None
-    dirs = {"fp32": ctx.work.scratch / profile.name / "fp32"}
-    if precision == "int8" and ctx.job.spec.auto and profile.allow_float_layers and "fp16" in profile.precisions:
-        dirs["fp16"] = ctx.work.scratch / profile.name / "fp16-sibling"
+    dirs = {Precision.FP32: ctx.work.scratch / profile.name / "fp32"}
+    if precision == Precision.INT8 and ctx.job.spec.auto and profile.allow_float_layers \
+            and Precision.FP16 in profile.precisions:
+        dirs[Precision.FP16] = ctx.work.scratch / profile.name / "fp16-sibling"
     return dirs

@@ -20,6 +20,7 @@ import shutil
 from dataclasses import replace
 
 from edgebuild.pipeline.results import ObjectiveDecision
+from edgebuild.specs import Precision
 from edgebuild.specs import OBJECTIVES, check_objective  # noqa: F401 (re-exported)
 
 
@@ -35,7 +36,7 @@ def _candidate(a, role: str) -> dict:
 
 def slower_warning(chosen, speedup: dict | None) -> str | None:
     s = (speedup or {}).get("median")
-    if s is None or s >= 1.0 or chosen.artifact.precision == "fp32":
+    if s is None or s >= 1.0 or chosen.artifact.precision == Precision.FP32:
         return None
     return (f"{chosen.artifact.precision.upper()} artifact {chosen.artifact.main} runs slower than the FP32 baseline on "
             f"this host: {s:.2f}× speed (median of {speedup.get('rounds')} interleaved rounds, IQR {speedup.get('iqr')})")
@@ -65,7 +66,7 @@ def _pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tu
         record["warnings"].append(warning)
     if objective == "precision":
         base_ms = (baseline.latency or {}).get("p50_ms") if baseline is not None else None
-        if (baseline is not None and profile.host_is_device and chosen.artifact.precision != "fp32"
+        if (baseline is not None and profile.host_is_device and chosen.artifact.precision != Precision.FP32
                 and slower(speedup) and baseline.quality_ok and (base_ms is None or base_ms >= MIN_JUDGED_MS)):
             record["candidates"] = [_candidate(chosen, "target"), _candidate(baseline, "fp32 baseline")]
             why = (f"{chosen.artifact.main} is slower than the FP32 baseline on this host ({speedup['median']:.2f}× speed, "

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from edgebuild.pipeline.results import CacheUse, Metrics, ObjectiveDecision, SearchRecord, TargetResult, decide
+from edgebuild.pipeline.results import CacheUse, ObjectiveDecision, SearchRecord, TargetResult, decide
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.per_target import Attempt, file_sha, timing_threads
@@ -53,7 +53,7 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
     (outdir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
     result = TargetResult(
         decide(chosen.failures), backend=backend.name, precision=art.precision, artifact=art.main, files=files,
-        settings=art.settings, metrics=Metrics.from_dict(chosen.metrics), latency=chosen.latency,
+        settings=art.settings, metrics=chosen.metrics, latency=chosen.latency,
         size_bytes=art.size_bytes, memory=chosen.memory, notes=art.notes, budgets=budget.to_dict(),
         host_validation=profile.host_validation, threads={"profile": profile.threads, "used": timing_threads(profile)},
         cache=cache_use, search=search, objective=objective, evaluation=chosen.data,
@@ -67,7 +67,7 @@ def _versus_baseline(chosen: Attempt, baseline: Attempt, speedup: dict | None) -
     """The FP32 baseline's record and the artifact's size and speed relative to it."""
     art, b = chosen.artifact, baseline.artifact
     return {"baseline_fp32": {"artifact": b.main, "size_bytes": b.size_bytes, "latency": baseline.latency,
-                              "metrics": baseline.metrics, "evaluated": baseline.label, "memory": baseline.memory},
+                              "metrics": baseline.metrics.to_dict(), "evaluated": baseline.label, "memory": baseline.memory},
             "ratios": {
                 "size_vs_fp32": art.size_bytes / b.size_bytes,
                 # median of the per-round ratios of the interleaved timing; its spread below

@@ -20,6 +20,7 @@ from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.convert import ConversionOutcome, _baseline_dir, convert  # noqa: F401 (search imports convert here)
 from edgebuild.pipeline.stages.export import file_hash
 from edgebuild.pipeline.versions import tool_versions
+from edgebuild.specs import Precision
 from edgebuild.targets.base import Artifact, Backend, Runner, get_backend
 from edgebuild.targets.profiles import TargetProfile
 
@@ -31,7 +32,7 @@ class Attempt:
     measurement (timing, memory, packaging) changes the verdict only through that measurement."""
 
     artifact: Artifact
-    metrics: dict
+    metrics: Metrics
     budget: V.Budget
     task: str = "auto"  # the judging's task (``V.Judging.task``)
     latency: dict = field(default_factory=dict)
@@ -61,14 +62,14 @@ class Attempt:
         return decide(self.failures).quality_ok
 
     def summary(self) -> dict:
-        name, value = Metrics.from_dict(self.metrics).headline()
+        name, value = self.metrics.headline()
         return {"label": self.label, "precision": self.artifact.precision, "settings": self.artifact.settings, name: value,
                 "quality_loss": round(self.loss, 4), "size_bytes": self.artifact.size_bytes,
                 "latency_p50_ms": self.latency.get("p50_ms"), "failures": [str(f) for f in self.failures]}
 
 
-def precision_for(profile: TargetProfile, spec: BuildSpec) -> str:
-    precision = spec.precision or profile.precision
+def precision_for(profile: TargetProfile, spec: BuildSpec) -> Precision:
+    precision = Precision(spec.precision or profile.precision)
     if precision not in profile.precisions:
         raise BadInputError(f"target {profile.name} does not run {precision} (it runs {', '.join(profile.precisions)})")
     return precision
@@ -145,7 +146,7 @@ def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: A
     hit = ctx.work.cache.get_result(k) if k else None
     cached = hit is not None
     if cached:
-        metrics = hit[0]["metrics"]
+        metrics = Metrics.from_dict(hit[0]["metrics"])
     else:
         with open_runner(backend, art, threads) as runner:
             outputs = V.collect(runner, evalset)
@@ -154,8 +155,8 @@ def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: A
         except ValueError as e:
             raise ConversionError(f"{profile.name}: {art.main} gives outputs unlike the source model ({e})") from e
         if k:
-            ctx.work.cache.put_result(k, {"metrics": metrics})
-            metrics = _json_round_trip(metrics)  # a cold and a warm build report the same
+            ctx.work.cache.put_result(k, {"metrics": metrics.to_dict()})
+            metrics = Metrics.from_dict(_json_round_trip(metrics.to_dict()))  # a cold and a warm build report the same
     return Attempt(art, metrics, budget, ctx.job.judging.task, data=evalset.describe(), cached=cached, restored=restored)
 
 
@@ -169,10 +170,11 @@ def _json_round_trip(obj):
 def reference_attempt(ctx: BuildContext, art: Artifact, budget: V.Budget, restored: bool = False) -> Attempt | None:
     """The FP32 baseline's metrics without running it, when it is numerically the reference: the same ONNX file
     on the same runtime (onnx backend, FP32). None when it is not."""
-    if art.backend != "onnx" or art.precision != "fp32" or len(art.files) != 1 \
+    if art.backend != "onnx" or art.precision != Precision.FP32 or len(art.files) != 1 \
             or file_sha(art.path) != file_sha(ctx.job.model.onnx_path):
         return None
-    metrics = _json_round_trip(V.compare(ctx.job.reference, ctx.job.reference, ctx.job.evalset.labels, ctx.job.judging))
+    metrics = V.compare(ctx.job.reference, ctx.job.reference, ctx.job.evalset.labels, ctx.job.judging)
+    metrics = Metrics.from_dict(_json_round_trip(metrics.to_dict()))
     return Attempt(art, metrics, budget, ctx.job.judging.task, label="the FP32 reference itself (not evaluated again)",
                    data=ctx.job.evalset.describe(), restored=restored, reference=True)
 
@@ -284,7 +286,7 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
     backend.check_available(profile.name)
     precision = precision_for(profile, ctx.job.spec)
     budget = budget_for(profile, ctx.job.spec)
-    searching = precision == "int8" and ctx.job.spec.auto
+    searching = precision is Precision.INT8 and ctx.job.spec.auto
     cache_use = CacheUse()
     chosen, failed, search = None, None, None
     search_key = _search_key(ctx, backend, profile, budget) if searching else None
@@ -312,9 +314,9 @@ def prepare_target(ctx: BuildContext, profile: TargetProfile, outdir: Path) -> P
             cache_use = replace(cache_use, search=False)
     cache_use = replace(cache_use, conversion=chosen.restored, validation=chosen.cached)
     baseline = None
-    if precision != "fp32":
+    if precision is not Precision.FP32:
         with ctx.work.stage(f"{profile.name}: FP32 baseline for size and speed ratios"):
-            base = convert(ctx, backend, profile, "fp32", _baseline_dir(ctx, profile, precision)["fp32"])
+            base = convert(ctx, backend, profile, Precision.FP32, _baseline_dir(ctx, profile, precision)[Precision.FP32])
             baseline = (reference_attempt(ctx, base.artifact, budget, base.restored)
                         or evaluate(ctx, backend, profile, base.artifact, budget, restored=base.restored))
         cache_use = cache_use.with_baseline(base.restored, base.sibling_of, baseline.reference, baseline.cached)
@@ -355,7 +357,7 @@ def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
         objective = replace(objective, advice=advice)
     from edgebuild.pipeline.stages.weights import rename_to_share, weight_share
 
-    quantized = weight_share(p.chosen.artifact.path, p.backend.name) if p.chosen.artifact.precision == "int8" else None
+    quantized = weight_share(p.chosen.artifact.path, p.backend.name) if p.chosen.artifact.precision == Precision.INT8 else None
     if rename_to_share(p.chosen.artifact, quantized) and objective.shipped:
         objective = replace(objective, shipped=p.chosen.artifact.main)
     from edgebuild.pipeline.stages.package import describe

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgebuild.pipeline.errors import ConversionError, EdgeBuildError
 from edgebuild.pipeline.results import SearchRecord, SearchTry
+from edgebuild.specs import Precision
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.per_target import Attempt, convert, evaluate
@@ -30,7 +31,7 @@ COLLAPSED_LOSS = 10.0  # ten times past the budget's room: INT8 has plainly coll
 COLLAPSED_VARIANTS = 1  # backend variants tried at most after a collapse
 MAX_FLOAT_SHARE = 0.5  # an "_int8_mixed" artifact keeps at most this share of the weights in float
 CONCENTRATED_LAYERS, CONCENTRATED_SHARE = 4, 0.25  # a collapse these few layers explain this much of is local
-FLOAT_FALLBACKS = ("fp16", "fp32")  # last resorts, where the profile runs them and allows float
+FLOAT_FALLBACKS = (Precision.FP16, Precision.FP32)  # last resorts, where the profile runs them and allows float
 
 
 def _quality(a: Attempt) -> float:
@@ -109,7 +110,7 @@ class _Search:
             self.timed_out(f"fewer than {tries} more tries fit before the search's time limit")
         return short
 
-    def attempt(self, label: str, precision: str, settings: dict, fallback: bool = False) -> Attempt | None:
+    def attempt(self, label: str, precision: Precision, settings: dict, fallback: bool = False) -> Attempt | None:
         if not self.room(fallback):
             return None
         ctx, profile = self.ctx, self.profile
@@ -137,7 +138,7 @@ class _Search:
         return a
 
 
-def _failed_try(label: str, precision: str, error: BaseException) -> SearchTry:
+def _failed_try(label: str, precision: Precision, error: BaseException) -> SearchTry:
     """A configuration that could not be converted: a failed try, with its error."""
     return SearchTry.from_dict({"label": label, "precision": precision, "error": str(error), "failures": [str(error)],
                                 "size_bytes": 0})
@@ -155,7 +156,7 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
             return first, record
     else:
         record.chosen = None
-        record.tries = [_failed_try("profile settings", "int8", first_error)]
+        record.tries = [_failed_try("profile settings", Precision.INT8, first_error)]
     if len(ctx.job.evalset) < MIN_SEARCH_SAMPLES:
         record.result = f"no search: {len(ctx.job.evalset)} evaluation samples cannot be split into selection and hold-out"
         if first is None:
@@ -222,17 +223,17 @@ def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt
     """An INT8 choice that met the budget on the selection part but misses it on the held-out part does not ship:
     the next INT8 candidates (backend variants not tried yet) are tried first, each judged on the selection part and
     then on the held-out part; then FP16 (allowed, not tried yet). The held-out miss is the better evidence of the two."""
-    if final.quality_ok or best.artifact.precision != "int8":
+    if final.quality_ok or best.artifact.precision != Precision.INT8:
         return final
     missed = (f"{best.label} met the budget on the selection part but not on the held-out part "
               f"({'; '.join(map(str, final.failures))})")
     if backend is not None:
         tried = {t.label for t in search.record.tries}
-        settings = backend.default_settings(profile, "int8")
+        settings = backend.default_settings(profile, Precision.INT8)
         for label, overrides in backend.recovery_candidates(profile, settings):
             if label in tried:
                 continue
-            a = search.attempt(f"{label} (next INT8 candidate after a held-out miss)", "int8", {**settings, **overrides})
+            a = search.attempt(f"{label} (next INT8 candidate after a held-out miss)", Precision.INT8, {**settings, **overrides})
             if a is None or not a.quality_ok:
                 continue
             held = _install(ctx, backend, profile, budget, a, outdir, holdout)
@@ -245,10 +246,10 @@ def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt
     if not _fp16_allowed(profile):
         return final
     # an FP16 that met the budget on the selection part (the safety net the INT8 search went on beside) ships now
-    a = next((t for t in search.tries if t.artifact.precision == "fp16" and t.quality_ok), None)
-    if a is None and any(t.artifact.precision == "fp16" for t in search.tries):
+    a = next((t for t in search.tries if t.artifact.precision == Precision.FP16 and t.quality_ok), None)
+    if a is None and any(t.artifact.precision == Precision.FP16 for t in search.tries):
         return final
-    a = a or search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", "fp16", {}, fallback=True)
+    a = a or search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", Precision.FP16, {}, fallback=True)
     if a is None or not a.quality_ok:
         return final
     search.record.held_out_miss = f"{missed}: FP16 instead"
@@ -291,8 +292,8 @@ def _error_island(ctx, backend: Backend, profile: TargetProfile, search: _Search
     if not named:
         search.record.error_island = "the conversion error names no node of the model: no float island from it"
         return None
-    settings = backend.default_settings(profile, "int8")
-    a = search.attempt(f"INT8 with the {len(named)} node(s) the error names in float", "int8",
+    settings = backend.default_settings(profile, Precision.INT8)
+    a = search.attempt(f"INT8 with the {len(named)} node(s) the error names in float", Precision.INT8,
                        {**settings, "float_layers": named})
     search.record.error_island = {"nodes": named, "result": "converted and met the budget" if a is not None and
                                      a.quality_ok else "did not help" if a is None else "converted, missed the budget"}
@@ -304,7 +305,7 @@ def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error:
     the converter's, not INT8's, and no quantization setting can help: the target fails now, without a search."""
     with ctx.work.stage(f"{profile.name}: does the model convert at all? (FP32)"):
         try:
-            convert(ctx, backend, profile, "fp32", ctx.work.scratch / profile.name / "fp32")
+            convert(ctx, backend, profile, Precision.FP32, ctx.work.scratch / profile.name / "fp32")
         except ConversionError as e:
             raise ConversionError(f"{first_error} (FP32 fails to convert too, so the accuracy search was skipped: "
                                   f"{str(e)[:200]})") from e
@@ -313,7 +314,7 @@ def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error:
 def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, collapsed: bool) -> Attempt | None:
     """Backend variants, mixed precision, FP16/FP32. After a collapse the per-layer sensitivity decides first: when
     no few layers explain the loss (it is spread over the graph, as in transformer encoders), FP16 comes next."""
-    settings = backend.default_settings(profile, "int8")  # what `first` was asked for (its record may say more)
+    settings = backend.default_settings(profile, Precision.INT8)  # what `first` was asked for (its record may say more)
     variants = backend.recovery_candidates(profile, settings)
     if collapsed and search.tries and _diffuse(ctx, backend, profile, search):
         safety = _float_fallbacks(search, profile, only_fp16=True)
@@ -331,7 +332,7 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, coll
             if safety is not None:
                 return _int8_beside(ctx, backend, profile, search, settings, todo[i:], safety)
             return _rest(ctx, backend, profile, search, settings, todo[i:], True, fp16_done=True)
-        a = search.attempt(label, "int8", {**settings, **overrides})
+        a = search.attempt(label, Precision.INT8, {**settings, **overrides})
         if a is not None and a.quality_ok:
             return a
     return _rest(ctx, backend, profile, search, settings, variants, collapsed, fp16_done=False)
@@ -347,14 +348,14 @@ def _int8_beside(ctx, backend, profile, search: _Search, settings: dict, variant
     for label, overrides in variants:
         if not search.room():
             break
-        a = search.attempt(label, "int8", {**settings, **overrides})
+        a = search.attempt(label, Precision.INT8, {**settings, **overrides})
         if a is not None and a.quality_ok:
             return a
     return _mixed(ctx, backend, profile, search, settings) or safety
 
 
 def _fp16_allowed(profile: TargetProfile) -> bool:
-    return profile.allow_float_layers and "fp16" in profile.precisions
+    return profile.allow_float_layers and Precision.FP16 in profile.precisions
 
 
 def _rest(ctx, backend, profile, search: _Search, settings: dict, variants, collapsed: bool, fp16_done: bool):
@@ -366,7 +367,7 @@ def _rest(ctx, backend, profile, search: _Search, settings: dict, variants, coll
         return found
     if collapsed:
         for label, overrides in variants[COLLAPSED_VARIANTS:] if not fp16_done else variants:
-            a = search.attempt(label, "int8", {**settings, **overrides})
+            a = search.attempt(label, Precision.INT8, {**settings, **overrides})
             if a is not None and a.quality_ok:
                 return a
     return None
@@ -393,13 +394,13 @@ def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: _Search) -> 
 
 def _float_fallbacks(search: _Search, profile: TargetProfile, only_fp16: bool, skip_fp16: bool = False) -> Attempt | None:
     if _fp16_allowed(profile) and not skip_fp16:
-        a = search.attempt("FP16 (no INT8)", "fp16", {}, fallback=True)
+        a = search.attempt("FP16 (no INT8)", Precision.FP16, {}, fallback=True)
         if a is not None and a.quality_ok:
             return a
     if only_fp16:
         return None
-    if profile.allow_float_layers and "fp32" in profile.precisions and not any(t.quality_ok for t in search.tries):
-        a = search.attempt("FP32 (nothing converts to INT8 or FP16 within budget)", "fp32", {}, fallback=True)
+    if profile.allow_float_layers and Precision.FP32 in profile.precisions and not any(t.quality_ok for t in search.tries):
+        a = search.attempt("FP32 (nothing converts to INT8 or FP16 within budget)", Precision.FP32, {}, fallback=True)
         if a is not None and a.quality_ok:
             return a
     return None
@@ -431,7 +432,7 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
         search.record.float_share_skipped = {n: round(weights.get(n, 0) / total, 4) for n in heavy}
         ranked = [n for n in ranked if n not in heavy]
     done = set()
-    plain = next((t.artifact for t in search.tries if t.artifact.precision == "int8"
+    plain = next((t.artifact for t in search.tries if t.artifact.precision == Precision.INT8
                   and not (t.artifact.settings or {}).get("float_layers")), None)
     start = _proxy_start(ctx, search, ranked, weights, total)
     settings = _best_int8_base(search, settings)
@@ -447,7 +448,7 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
                                                   f"the weights float (> {MAX_FLOAT_SHARE:.0%}): stopped")
             break
         done.add(layers)
-        a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", "int8", {**settings, "float_layers": list(layers)})
+        a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", Precision.INT8, {**settings, "float_layers": list(layers)})
         if a is not None and plain is not None and _same_files(a.artifact, plain):
             # the float island changed nothing: the backend did not find the layers (a renamed or fused op)
             if search.record.float_layers_no_effect is None:

@@ -21,6 +21,7 @@ from edgebuild.pipeline import metrics as M
 from edgebuild.pipeline import tasks as T
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.results import Check  # one budget applied to one number; a failure is a Check that fails
+from edgebuild.pipeline.results import Metrics, OutputMetrics
 from edgebuild.targets.base import Runner
 from edgebuild.targets.profiles import Budget  # noqa: F401 (the one budget type; judged here)
 
@@ -123,7 +124,7 @@ def output_kind(name: str, ref: np.ndarray, judging: Judging) -> str:
 
 # ---- comparing --------------------------------------------------------------------------------------------
 def compare(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]], labels: np.ndarray | None,
-            judging: Judging | None = None) -> dict:
+            judging: Judging | None = None) -> Metrics:
     """Per-output fidelity (and accuracy for the output the labels belong to), plus task/evaluator scores.
 
     Top-level ``accuracy*``, ``top1_agreement``, ``cosine_min`` and ``max_abs_error`` summarise the outputs
@@ -157,7 +158,7 @@ def compare(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]], 
         m["task"] = task
     if judging.warnings:
         m["warnings"] = list(judging.warnings)
-    return m
+    return Metrics.from_dict(m)  # the typed record from here on (its keys in the order measured, as JSON keeps them)
 
 
 def _output_metrics(name, ref, out, labels, judging: Judging, finite: bool) -> dict:
@@ -199,26 +200,30 @@ def _task_scores(ref: dict, out: dict, labels, judging: Judging) -> dict | None:
 
 
 # ---- judging ----------------------------------------------------------------------------------------------
-def decided_by(m: dict, task: str = "auto") -> str | None:
+def decided_by(m: Metrics, task: str = "auto") -> str | None:
     """The task metric that gates this build (its name), or None when only the generic per-output checks can.
 
     A task metric exists with labels on a class-score output (accuracy), a built-in task's scores (detection,
     segmentation, embedding, sequence), a user's evaluator, or ``task: classification`` (top-1 agreement)."""
-    scores = m.get("task") or {}
-    if scores.get("evaluator_scores"):
-        return f"evaluator {scores.get('name')} ({scores['evaluator_scores'][0]})"
-    if scores.get("name") in T.DEFAULT_GATES:
-        return f"task {scores['name']} ({', '.join(T.DEFAULT_GATES[scores['name']])})"
-    labelled = [n for n, o in m["outputs"].items() if "accuracy_drop" in o]
+    scores = m.task
+    if scores is not None and scores.evaluator_scores:
+        return f"evaluator {scores.name} ({scores.evaluator_scores[0]})"
+    if scores is not None and scores.name in T.DEFAULT_GATES:
+        return f"task {scores.name} ({', '.join(T.DEFAULT_GATES[scores.name])})"
+    labelled = [n for n, o in _outputs(m).items() if o.accuracy_drop is not None]
     if labelled:
         return f"accuracy on labels (output {labelled[0]})"
-    if task == "classification" and any(o["kind"] == "class_scores" for o in m["outputs"].values()):
-        first = next(n for n, o in m["outputs"].items() if o["kind"] == "class_scores")
+    if task == "classification" and any(o.kind == "class_scores" for o in _outputs(m).values()):
+        first = next(n for n, o in _outputs(m).items() if o.kind == "class_scores")
         return f"task classification (top-1 agreement of output {first})"
     return None
 
 
-def gate(m: dict, budget: Budget, task: str = "auto") -> dict:
+def _outputs(m: Metrics) -> dict[str, OutputMetrics]:
+    return m.outputs or {}
+
+
+def gate(m: Metrics, budget: Budget, task: str = "auto") -> dict:
     """What decided the verdict (for the manifest and report): the task metric, or the generic per-output checks."""
     by = decided_by(m, task)
     if by is None:
@@ -234,7 +239,7 @@ def _floor(budget: Budget) -> float:
     return budget.min_cosine if budget.min_cosine is not None else DEFAULT_MIN_COSINE
 
 
-def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto",
+def checks(m: Metrics, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto",
            memory: dict | None = None) -> list[Check]:
     """Every budget that applies to these measurements, each as a Check (passing or not).
 
@@ -242,21 +247,21 @@ def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, ta
     weighted mean cosine and SQNR over the set, or the user's own ``cosine_min``), so a generic check never vetoes
     an artifact that keeps the task. Without one, every output is gated by its worst cosine and SQNR."""
     out: list[Check] = []
-    if not m.get("finite", True):
+    if m.finite is False:
         out.append(Check("finite", 0.0, 1.0, "min", what="outputs finite (the artifact produces NaN/Inf)", fmt=".0f"))
     drop = budget.max_accuracy_drop
     by = decided_by(m, task)
     step = percent_step(m)
-    for name, o in m["outputs"].items():
-        label = f"output {name}: " if len(m["outputs"]) > 1 else ""
-        if o["kind"] == "class_scores":
+    for name, o in _outputs(m).items():
+        label = f"output {name}: " if len(_outputs(m)) > 1 else ""
+        if o.kind == "class_scores":
             floor = budget.min_cosine if budget.min_cosine is not None else CLASS_MIN_COSINE
-            out.append(Check(f"{name}.cosine", o["cosine"], floor, "min", what=f"{label}cosine similarity", output=name))
-            if drop is not None and "accuracy_drop" in o:
-                out.append(Check(f"{name}.accuracy_drop", o["accuracy_drop"], drop, what=f"{label}accuracy drop",
+            out.append(Check(f"{name}.cosine", o.cosine, floor, "min", what=f"{label}cosine similarity", output=name))
+            if drop is not None and o.accuracy_drop is not None:
+                out.append(Check(f"{name}.accuracy_drop", o.accuracy_drop, drop, what=f"{label}accuracy drop",
                                  unit=" pt", fmt=".2f", output=name, resolution=step))
             elif drop is not None and (by is None or by.endswith(f"output {name})")):
-                out.append(Check(f"{name}.top1_disagreement", 100.0 - o["top1_agreement"], drop, unit=" pt", fmt=".2f",
+                out.append(Check(f"{name}.top1_disagreement", 100.0 - o.top1_agreement, drop, unit=" pt", fmt=".2f",
                                  what=f"{label}top-1 disagreement with FP32 (no labels)", output=name, resolution=step))
         elif by is not None and budget.min_cosine is None:
             out += _guard_checks(name, o, label)
@@ -264,11 +269,11 @@ def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, ta
             floor = _floor(budget)
             worst = _worst_group(o)
             where = f" (channel group {worst['slices']} on axis {worst['axis']})" if worst else ""
-            out.append(Check(f"{name}.cosine", o["cosine"], floor, "min", what=f"{label}cosine similarity{where}",
+            out.append(Check(f"{name}.cosine", o.cosine, floor, "min", what=f"{label}cosine similarity{where}",
                              output=name))
             worst = _worst_group(o, "sqnr_db", "sqnr_min_db")
             where = f" (channel group {worst['slices']} on axis {worst['axis']})" if worst else ""
-            out.append(Check(f"{name}.sqnr_min_db", o["sqnr_min_db"], round(M.sqnr_floor_db(floor), 2), "min",
+            out.append(Check(f"{name}.sqnr_min_db", o.sqnr_min_db, round(M.sqnr_floor_db(floor), 2), "min",
                              what=f"{label}SQNR{where}", unit=" dB", fmt=".1f", output=name))
     out += _score_checks(m, budget, task)
     if budget.max_latency_ms is not None and lat:
@@ -282,17 +287,18 @@ def checks(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, ta
 PERCENT_ROOM = 1.0  # a percentage score's room is at least 1 pt: 7 pt of 200 samples is 7, a collapse is tens
 
 
-def percent_step(m: dict) -> float:
+def percent_step(m: Metrics) -> float:
     """The resolution of a percentage over the samples: one sample's worth, at least ``PERCENT_ROOM``."""
-    return max(100.0 / max(int(m.get("samples") or 1), 1), PERCENT_ROOM)
+    return max(100.0 / max(int(m.samples or 1), 1), PERCENT_ROOM)
 
 
-def _guard_checks(name: str, o: dict, label: str) -> list[Check]:
+def _guard_checks(name: str, o: OutputMetrics, label: str) -> list[Check]:
     """Collapse guards of an output the task metric does not score, over the set (low-energy samples count by their
     weight, channels without energy not at all), and per channel group (scores collapsed next to box pixels)."""
-    cos, sqnr = o.get("cosine_energy", o.get("cosine_mean", o["cosine"])), o.get("sqnr_db", o["sqnr_min_db"])
+    cos = next(v for v in (o.get("cosine_energy"), o.cosine_mean, o.cosine) if v is not None)
+    sqnr = o.sqnr_db if o.sqnr_db is not None else o.sqnr_min_db
     where_cos = where_sqnr = ""
-    for g in (g for g in o.get("groups", []) if g["judged"]):
+    for g in (g for g in o.groups or () if g["judged"]):
         if g["cosine"] < cos:
             cos, where_cos = g["cosine"], f" (channel group {g['slices']} on axis {g['axis']})"
         if g["sqnr_db"] < sqnr:
@@ -318,20 +324,20 @@ def memory_checks(memory: dict | None, budget: Budget) -> list[Check]:
     return out
 
 
-def _worst_group(o: dict, key: str = "cosine", overall: str = "cosine") -> dict | None:
-    groups = [g for g in o.get("groups", []) if g["judged"]]
+def _worst_group(o: OutputMetrics, key: str = "cosine", overall: str = "cosine") -> dict | None:
+    groups = [g for g in o.groups or () if g["judged"]]
     worst = min(groups, key=lambda g: g[key], default=None)
-    return worst if worst is not None and worst[key] <= o[overall] + 1e-12 else None
+    return worst if worst is not None and worst[key] <= o.get(overall) + 1e-12 else None
 
 
-def _score_checks(m: dict, budget: Budget, task: str) -> list[Check]:
+def _score_checks(m: Metrics, budget: Budget, task: str) -> list[Check]:
     """Task/evaluator defaults plus the build's ``<score>_drop|_min|_max`` budgets on any measured number."""
-    scores = m.get("task") or {}
-    wanted = dict(T.DEFAULT_GATES.get(scores.get("name", task), {}))
-    if "mAP50" in scores.get("artifact", {}) and budget.max_accuracy_drop is not None:
+    scores = m.task
+    wanted = dict(T.DEFAULT_GATES.get(scores.name if scores is not None and scores.name is not None else task, {}))
+    if scores is not None and "mAP50" in (scores.artifact or {}) and budget.max_accuracy_drop is not None:
         wanted["mAP50_drop"] = budget.max_accuracy_drop  # ground-truth boxes: mAP@0.5 like accuracy
-    if scores.get("evaluator_scores") and budget.max_accuracy_drop is not None:
-        wanted[f"{scores['evaluator_scores'][0]}_drop"] = budget.max_accuracy_drop
+    if scores is not None and scores.evaluator_scores and budget.max_accuracy_drop is not None:
+        wanted[f"{scores.evaluator_scores[0]}_drop"] = budget.max_accuracy_drop
     given = dict(budget.metrics)
     named = {k.rsplit("_", 1)[0] for k in given}
     wanted = {k: v for k, v in wanted.items() if k.rsplit("_", 1)[0] not in named}
@@ -364,26 +370,27 @@ def _resolution(base: str, value: float | None, step: float) -> float:
     return step if percent else 0.0
 
 
-def _find_score(m: dict, base: str) -> list[tuple[str, float | None, float]]:
-    scores = m.get("task") or {}
-    if base in scores.get("artifact", {}):
-        return [(base, scores["reference"].get(base), scores["artifact"][base])]
+def _find_score(m: Metrics, base: str) -> list[tuple[str, float | None, float]]:
+    scores = m.task
+    if scores is not None and base in (scores.artifact or {}):
+        return [(base, (scores.reference or {}).get(base), scores.artifact[base])]
     out_name, _, metric = base.rpartition(".")
     found = []
-    for name, o in m["outputs"].items():
+    for name, o in _outputs(m).items():
         if (not out_name or out_name == name) and isinstance(o.get(metric), (int, float)):
             ref_value = o.get(f"{metric}_reference") if metric == "accuracy" else (
                 1.0 if metric == "cosine" else 100.0 if metric.endswith("agreement") else None)
-            found.append((f"{name}.{metric}", ref_value, float(o[metric])))
-    if not found and isinstance(m.get(base), (int, float)) and not isinstance(m.get(base), bool):
-        found.append((base, None, float(m[base])))
+            found.append((f"{name}.{metric}", ref_value, float(o.get(metric))))
+    value = m.get(base)
+    if not found and isinstance(value, (int, float)) and not isinstance(value, bool):
+        found.append((base, None, float(value)))
     return found
 
 
-def available(m: dict) -> list[str]:
-    names = list((m.get("task") or {}).get("artifact", {}))
-    for o in m["outputs"].values():
-        names += [k for k, v in o.items() if isinstance(v, float) and k not in names]
+def available(m: Metrics) -> list[str]:
+    names = list((m.task.artifact if m.task is not None else None) or {})
+    for o in _outputs(m).values():
+        names += [k for k, v in o.to_dict().items() if isinstance(v, float) and k not in names]
     return names
 
 
@@ -405,20 +412,20 @@ class Assessment:
         return max((c.excess for c in self.checks if c.kind == "quality"), default=0.0)
 
 
-def assess(m: dict, budget: Budget, task: str = "auto", size_bytes: int | None = None, lat: dict | None = None,
+def assess(m: Metrics, budget: Budget, task: str = "auto", size_bytes: int | None = None, lat: dict | None = None,
            memory: dict | None = None) -> Assessment:
     """THE checks of a candidate: its metrics and whatever else was measured of it (size, latency, runtime memory and
     a microcontroller's fit); a measurement not taken (None or empty) is not judged."""
     return Assessment(tuple(checks(m, size_bytes, lat or None, budget, task, memory or None)))
 
 
-def judge(m: dict, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto",
+def judge(m: Metrics, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto",
           memory: dict | None = None) -> list[Check]:
     """Every budget the artifact misses (``assess(...).failures``)."""
     return assess(m, budget, task, size_bytes, lat, memory).failures
 
 
-def quality_loss(m: dict, budget: Budget, task: str = "auto") -> float:
+def quality_loss(m: Metrics, budget: Budget, task: str = "auto") -> float:
     """One number to rank candidates, lower is better (``assess(...).loss``)."""
     return assess(m, budget, task).loss
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgebuild.specs import Precision
+
 INT8_NAME_SHARE = 0.9
 MIN_WEIGHT = 16  # constants smaller than this are scales, zero points or shapes, not weights
 _ONNX_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "LSTM": (1, 2),
@@ -145,7 +147,7 @@ def rename_to_share(art, share: dict | None) -> str | None:
     """``_int8`` -> ``_int8_mixed`` for an artifact whose INT8 weight share is below INT8_NAME_SHARE (files renamed in
     place, ``art.main``/``art.files`` updated). Returns the note, or None when the name already tells the truth."""
     s = (share or {}).get("int8_weight_share")
-    if art.precision != "int8" or s is None or s >= INT8_NAME_SHARE or "_int8_mixed" in art.main or "_int8" not in art.main:
+    if art.precision != Precision.INT8 or s is None or s >= INT8_NAME_SHARE or "_int8_mixed" in art.main or "_int8" not in art.main:
         return None
     renamed = {}
     for f in art.files:

@@ -54,7 +54,7 @@ def test_task_perfect_int8_is_not_vetoed_by_the_per_sample_cosine_of_quiet_sampl
     assert any(f.metric == "box.cosine" for f in generic), generic
     # with labels, accuracy decides: the box head is only guarded against collapse (energy-weighted, over the set)
     m = compare(ref, out, labels, Judging(output_names=names))
-    assert m["accuracy_drop"] == 0.0 and m["outputs"]["box"]["cosine"] < 0.99 < m["outputs"]["box"]["cosine_energy"]
+    assert m.accuracy_drop == 0.0 and m.outputs["box"].get("cosine") < 0.99 < m.outputs["box"].get("cosine_energy")
     assert judge(m, None, None, BUDGET) == []
     g = V.gate(m, BUDGET)
     assert g["decided_by"] == V.TASK and "accuracy" in g["metric"] and "collapse guard" in g["guard"]
@@ -80,7 +80,7 @@ def test_a_channel_without_energy_never_decides():
     out[:, :, 7] = 0.0
     ref, art = [[e] for e in emb], [[o] for o in out]
     m = compare(ref, art, None, Judging(output_names=("emb",)))
-    assert all(not g["judged"] for g in m["outputs"]["emb"].get("groups", []) if g["slices"] == "7")
+    assert all(not g["judged"] for g in (m.outputs["emb"].groups or []) if g["slices"] == "7")
     assert judge(m, None, None, BUDGET) == []
 
 
@@ -93,7 +93,7 @@ def test_quality_loss_is_on_the_metric_resolution_one_sample_is_not_a_collapse()
     p[0, 0] = p.max() + 0.1
     out[i][0] = p / p.sum()
     m = compare(ref, out, labels, Judging(output_names=("prob", "box")))
-    assert m["accuracy_drop"] == pytest.approx(100 / 27)
+    assert m.accuracy_drop == pytest.approx(100 / 27)
     tight = Budget(max_accuracy_drop=0.0, max_latency_ms=None, max_size_mb=None, min_cosine=None)
     loss = V.quality_loss(m, tight)
     assert 0.9 < loss < 1.1, loss

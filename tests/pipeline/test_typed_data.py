@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from edgebuild.pipeline.build import build
-from edgebuild.pipeline.results import CacheUse, TargetResult
+from edgebuild.pipeline.results import CacheUse, Metrics, TargetResult
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.stages import validate as V
 
@@ -62,9 +62,9 @@ def test_cache_use_round_trips_and_says_a_sibling_in_its_own_words():
         "baseline_conversion": True, "baseline_validation": "the reference"}
 
 
-def _metrics(cosine: float) -> dict:
-    return {"samples": 10, "finite": True, "outputs": {"y": {"kind": "tensor", "cosine": cosine, "cosine_mean": cosine,
-                                                             "max_abs_error": 0.1, "sqnr_min_db": 40.0}}}
+def _metrics(cosine: float) -> Metrics:
+    return Metrics.from_dict({"samples": 10, "finite": True, "outputs": {"y": {
+        "kind": "tensor", "cosine": cosine, "cosine_mean": cosine, "max_abs_error": 0.1, "sqnr_min_db": 40.0}}})
 
 
 def test_one_assessment_judges_every_measurement_it_is_given():
@@ -92,3 +92,68 @@ def test_an_attempts_failures_follow_its_measurements(tmp_path):
     a.memory = {"peak_mb": 3.0}
     assert [c.metric for c in a.failures] == ["latency_p50_ms", "memory_peak_mb"]
     assert not dataclasses.replace(a, metrics=_metrics(0.5)).quality_ok
+
+
+def test_compare_returns_typed_metrics_that_write_the_json_keys_in_measured_order():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ref = [[rng.normal(size=(1, 10)).astype(np.float32)] for _ in range(20)]
+    labels = np.array([int(np.argmax(r[0])) for r in ref])
+    m = V.compare(ref, ref, labels)
+    assert isinstance(m, Metrics) and isinstance(m.outputs["output_0"].cosine, float)
+    assert m.accuracy_drop == 0.0 and m.headline() == ("accuracy_drop", 0.0)
+    d = m.to_dict()
+    assert list(d)[:3] == ["samples", "finite", "outputs"] and Metrics.from_dict(d) == m
+    assert V.assess(m, V.Budget(0.5)).failures == []
+
+
+TYPED_MODULES = ("search", "per_target", "convert", "objective", "weights", "validate", "package")
+
+
+def precision_literals(source: str) -> list[int]:
+    """Lines where a precision is a plain string where the code decides or asks for something: compared, tested for
+    membership, or passed to a call ("int8" as a dict key naming a role, or inside a message, is not one)."""
+    import ast
+
+    from edgebuild.specs import PRECISIONS
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+        elif isinstance(node, ast.Call):
+            operands = [*node.args, *(k.value for k in node.keywords)]
+        else:
+            continue
+        for o in operands:
+            items = o.elts if isinstance(o, (ast.Tuple, ast.List, ast.Set)) else [o]
+            lines += [node.lineno for i in items if isinstance(i, ast.Constant) and i.value in PRECISIONS]
+    return lines
+
+
+def test_no_precision_string_creeps_back_into_the_stages():
+    from pathlib import Path
+
+    import edgebuild.pipeline.stages as stages
+
+    assert precision_literals('if p == "int8" or p in ("fp16", "x"):\n    f(p, "fp32")\n') == [1, 1, 2]
+    assert precision_literals('d = {"fp32": 1}\nf"{p} int8"\n') == []
+    folder = Path(stages.__file__).parent
+    found = {m: precision_literals((folder / f"{m}.py").read_text()) for m in TYPED_MODULES}
+    assert not any(found.values()), f"use edgebuild.specs.Precision, not a plain string: {found}"
+
+
+def test_precision_is_typed_from_the_profile_to_the_target_and_written_as_before():
+    from edgebuild.pipeline.stages.per_target import precision_for
+    from edgebuild.specs import Precision
+    from edgebuild.targets.profiles import catalogue
+
+    arm64 = catalogue()["arm64"]
+    assert arm64.precision is Precision.INT8 and all(isinstance(p, Precision) for p in arm64.precisions)
+    assert precision_for(arm64, BuildSpec()) is Precision.INT8
+    assert precision_for(arm64, BuildSpec(precision="fp16")) is Precision.FP16
+    assert BuildSpec(precision="fp16").to_dict()["precision"] == "fp16"
+    import json
+
+    assert json.loads(json.dumps(arm64.to_dict()))["precisions"][0] in ("int8", "fp16", "fp32", "dynamic")

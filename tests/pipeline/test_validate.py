@@ -17,7 +17,7 @@ def test_scalar_outputs_are_judged_across_samples():
     ref = [[np.array([[1.0]])], [np.array([[2.0]])], [np.array([[3.0]])]]
     bad = [[np.array([[25.0]])], [np.array([[-3.0]])], [np.array([[0.0]])]]
     m = compare(ref, bad, None)
-    assert m["cosine_min"] < 0.9 and any("cosine" in f for f in texts(m))
+    assert m.cosine_min < 0.9 and any("cosine" in f for f in texts(m))
     assert not judge(compare(ref, ref, None), 1, None, BUDGET)
 
 
@@ -25,7 +25,7 @@ def test_nan_outputs_fail():
     ref = [[np.array([[0.1, 0.9]])], [np.array([[0.8, 0.2]])]]
     nan = [[np.full((1, 2), np.nan)], [np.full((1, 2), np.nan)]]
     m = compare(ref, nan, np.array([1, 0]))
-    assert not m["finite"] and m["accuracy"] == 0.0
+    assert not m.finite and m.accuracy == 0.0
     assert any("NaN" in f for f in texts(m))
 
 
@@ -46,7 +46,7 @@ def test_accuracy_drop_and_disagreement_without_labels():
     ref = [[np.array([[0.1, 0.9]])], [np.array([[0.8, 0.2]])], [np.array([[0.3, 0.7]])], [np.array([[0.6, 0.4]])]]
     out = [[np.array([[0.9, 0.1]])], *ref[1:]]
     m = compare(ref, out, np.array([1, 0, 1, 0]))
-    assert m["accuracy_drop"] == pytest.approx(25.0) and m["top1_agreement"] == pytest.approx(75.0)
+    assert m.accuracy_drop == pytest.approx(25.0) and m.top1_agreement == pytest.approx(75.0)
     assert "accuracy drop 25.00 pt > max 0.5 pt" in texts(m)
     unlabeled = compare(ref, out, None)
     assert "top-1 disagreement with FP32 (no labels) 25.00 pt > max 0.5 pt" in texts(unlabeled)
@@ -101,10 +101,10 @@ def test_detection_task_decodes_and_fails_on_collapse_with_the_metric_named():
     ref = _yolo_like()
     j = Judging(task="detection")
     m = compare(ref, _requantize(ref, 320 / 255), None, j)
-    assert m["task"]["reference"]["f1"] == 100.0 and m["task"]["artifact"]["f1"] < 90
+    assert m.task.reference["f1"] == 100.0 and m.task.artifact["f1"] < 90
     assert any(f.startswith("f1 ") and "< min 90" in f for f in texts(m, task="detection"))
     good = compare(ref, _requantize(ref, 1 / 255), None, j)
-    assert good["task"]["artifact"]["f1"] == 100.0 and texts(good, task="detection") == []
+    assert good.task.artifact["f1"] == 100.0 and texts(good, task="detection") == []
 
 
 def test_ssd_layout_two_outputs():
@@ -118,9 +118,9 @@ def test_ssd_layout_two_outputs():
         ref.append([boxes, scores])
     j = Judging(task="detection", task_options=(("background_class", 0),))
     m = compare(ref, ref, None, j)
-    assert m["task"]["artifact"]["f1"] == 100.0 and m["task"]["artifact"]["detections_per_sample"] >= 1
+    assert m.task.artifact["f1"] == 100.0 and m.task.artifact["detections_per_sample"] >= 1
     shifted = [[b + 0.3, s] for b, s in ref]
-    assert compare(ref, shifted, None, j)["task"]["artifact"]["f1"] < 50
+    assert compare(ref, shifted, None, j).task.artifact["f1"] < 50
 
 
 def test_two_head_model_labels_go_to_the_probability_output_and_the_box_head_is_guarded_against_collapse():
@@ -130,8 +130,8 @@ def test_two_head_model_labels_go_to_the_probability_output_and_the_box_head_is_
     boxes = np.random.default_rng(1).normal(0, 1, (n, 4)).astype(np.float32)
     ref = [[boxes[i:i + 1], prob[i:i + 1]] for i in range(n)]
     m = compare(ref, ref, labels, Judging(output_names=("bbox", "prob")))
-    assert m["outputs"]["prob"]["kind"] == "class_scores" and m["outputs"]["bbox"]["kind"] == "vector"
-    assert m["accuracy_reference"] == 100.0
+    assert m.outputs["prob"].get("kind") == "class_scores" and m.outputs["bbox"].get("kind") == "vector"
+    assert m.accuracy_reference == 100.0
     bad_boxes = [[-b, p] for b, p in ref]
     # the labels' accuracy decides; the box head is still guarded against collapse (negated boxes: cosine -1)
     assert any("output bbox: collapse guard" in f for f in texts(compare(ref, bad_boxes, labels, Judging(output_names=("bbox", "prob")))))
@@ -142,7 +142,7 @@ def test_ambiguous_labels_are_not_scored_and_say_so():
     a, b = np.random.default_rng(0).normal(size=(n, 3)), np.random.default_rng(1).normal(size=(n, 3))
     ref = [[a[i:i + 1], b[i:i + 1]] for i in range(n)]
     m = compare(ref, ref, np.zeros(n, dtype=np.int64) + np.arange(n) % 3)
-    assert "accuracy" not in m and "set labels_output" in m["warnings"][0]
+    assert m.accuracy is None and "set labels_output" in m.warnings[0]
 
 
 def test_labels_at_chance_on_a_regression_output_are_ignored_with_a_warning():
@@ -151,7 +151,7 @@ def test_labels_at_chance_on_a_regression_output_are_ignored_with_a_warning():
     ref = [[rng.normal(size=(1, 4)).astype(np.float32)] for _ in range(n)]
     labels = rng.integers(0, 2, n)
     m = compare(ref, ref, labels)
-    assert "accuracy" not in m and "near chance" in m["warnings"][0]
+    assert m.accuracy is None and "near chance" in m.warnings[0]
     with pytest.raises(BadInputError, match="labels_output"):
         compare(ref, ref, labels, Judging(labels_output="nope"))
 
@@ -162,8 +162,8 @@ def test_embedding_is_judged_by_cosine_not_argmax():
     ref = [[e] for e in emb]
     noisy = [[e + rng.normal(0, 0.01, e.shape).astype(np.float32)] for e in emb]
     m = compare(ref, noisy, None, Judging(task="embedding"))
-    assert m["outputs"]["output_0"]["kind"] == "vector" and "top1_agreement" not in m
-    assert texts(m, task="embedding") == [] and m["task"]["artifact"]["nn_agreement"] >= 90
+    assert m.outputs["output_0"].get("kind") == "vector" and m.top1_agreement is None
+    assert texts(m, task="embedding") == [] and m.task.artifact["nn_agreement"] >= 90
     flipped = [[-e] for e in emb]
     assert any("cosine" in f for f in texts(compare(ref, flipped, None, Judging(task="embedding")), task="embedding"))
 
@@ -176,7 +176,7 @@ def test_uniform_or_zero_softmax_cannot_pass_on_agreement():
     ref = [[p[None]] for p in prob]
     zeros = [[np.zeros((1, 10), np.float32)] for _ in prob]  # ... and argmax of zeros is 0 too
     m = compare(ref, zeros, None)
-    assert m["top1_agreement"] == 100.0
+    assert m.top1_agreement == 100.0
     assert any("cosine similarity" in f for f in texts(m))
 
 
@@ -184,15 +184,15 @@ def test_sequence_and_segmentation_tasks():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(12, 1, 20, 8)).astype(np.float32)
     ref = [[x] for x in logits]
-    assert compare(ref, ref, None, Judging(task="sequence"))["task"]["artifact"]["sequence_agreement"] == 100.0
+    assert compare(ref, ref, None, Judging(task="sequence")).task.artifact["sequence_agreement"] == 100.0
     scrambled = [[x[:, ::-1]] for x in logits]
     m = compare(ref, scrambled, None, Judging(task="sequence"))
     assert any("sequence_agreement" in f for f in texts(m, task="sequence"))
     masks = rng.normal(size=(6, 1, 3, 16, 16)).astype(np.float32)
     ref = [[x] for x in masks]
     seg = compare(ref, ref, None, Judging(task="segmentation"))
-    assert seg["task"]["artifact"]["miou"] == 100.0
-    assert compare(ref, [[-x] for x in masks], None, Judging(task="segmentation"))["task"]["artifact"]["miou"] < 50
+    assert seg.task.artifact["miou"] == 100.0
+    assert compare(ref, [[-x] for x in masks], None, Judging(task="segmentation")).task.artifact["miou"] < 50
 
 
 def test_user_evaluator_changes_the_verdict(tmp_path, monkeypatch):
@@ -252,6 +252,6 @@ def test_detection_with_ground_truth_boxes_reports_and_gates_map50(tmp_path):
     assert data.labels.shape == (16, 8, 5)
     j = Judging(task="detection")
     m = compare(ref, _requantize(ref, 320 / 255), data.labels, j)
-    assert m["task"]["reference"]["mAP50"] == 100.0 > m["task"]["artifact"]["mAP50"]
+    assert m.task.reference["mAP50"] == 100.0 > m.task.artifact["mAP50"]
     assert any(f.startswith("mAP50 drop vs FP32") for f in texts(m, task="detection"))
-    assert compare(ref, ref, data.labels, j)["task"]["artifact"]["mAP50"] == 100.0
+    assert compare(ref, ref, data.labels, j).task.artifact["mAP50"] == 100.0

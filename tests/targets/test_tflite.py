@@ -61,7 +61,7 @@ def built(tmp_path_factory, backend, profiles, demo_onnx, digits_split):
 def evaluate(backend, art, reference, evalset, threads=2) -> dict:
     with backend.runner(art, threads) as runner:
         outputs = V.collect(runner, evalset)
-    return V.compare(reference, outputs, evalset.labels)
+    return V.compare(reference, outputs, evalset.labels).to_dict()  # as manifest.json has it
 
 
 def float_tensors(path) -> tuple[int, int]:

@@ -258,7 +258,7 @@ def test_architecture_converts_to_int8_within_budget(name, tmp_path):
         import onnx
 
         assert onnx.load(str(model.onnx_path)).opset_import[0].version == ZOO[name][2]
-    assert metrics["accuracy_reference"] > 80, "the tiny model should have learned the task"
+    assert metrics.accuracy_reference > 80, "the tiny model should have learned the task"
     in_layouts = {p["name"]: p["layout"] for p in art.io["inputs"]}
     for spec in model.inputs:  # 4-D NCHW inputs become NHWC; the others keep their shape
         assert in_layouts[spec.name] == ("NHWC" if spec.layout == "NCHW" else spec.layout)
