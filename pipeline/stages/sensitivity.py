@@ -153,6 +153,7 @@ def samples_per_layer(n_layers: int) -> int:
     return max(MIN_EVAL_SAMPLES, min(SENSITIVITY_EVAL_SAMPLES, LAYER_SAMPLE_BUDGET // max(n_layers, 1)))
 
 
-def distortion(metrics: dict) -> float:
+def distortion(metrics: V.Metrics) -> float:
     """How far the outputs moved, continuous and in [0, 2]: 1 - the mean cosine over samples and outputs."""
-    return min(max(1.0 - float(metrics.get("cosine_mean", 1.0)), 0.0), 2.0)
+    mean = metrics.cosine_mean if metrics.cosine_mean is not None else 1.0
+    return min(max(1.0 - float(mean), 0.0), 2.0)
