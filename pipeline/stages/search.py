@@ -17,6 +17,7 @@ import numpy as np
 from edgebuild.pipeline.errors import ConversionError, EdgeBuildError
 from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.specs import Precision
+from edgebuild.targets.settings import Settings
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.per_target import Attempt, convert, evaluate
@@ -110,7 +111,7 @@ class _Search:
             self.timed_out(f"fewer than {tries} more tries fit before the search's time limit")
         return short
 
-    def attempt(self, label: str, precision: Precision, settings: dict, fallback: bool = False) -> Attempt | None:
+    def attempt(self, label: str, precision: Precision, settings: Settings | None, fallback: bool = False) -> Attempt | None:
         if not self.room(fallback):
             return None
         ctx, profile = self.ctx, self.profile
@@ -229,11 +230,11 @@ def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt
               f"({'; '.join(map(str, final.failures))})")
     if backend is not None:
         tried = {t.label for t in search.record.tries}
-        settings = backend.default_settings(profile, Precision.INT8)
+        settings = backend.requested_settings(profile)
         for label, overrides in backend.recovery_candidates(profile, settings):
             if label in tried:
                 continue
-            a = search.attempt(f"{label} (next INT8 candidate after a held-out miss)", Precision.INT8, {**settings, **overrides})
+            a = search.attempt(f"{label} (next INT8 candidate after a held-out miss)", Precision.INT8, overrides)
             if a is None or not a.quality_ok:
                 continue
             held = _install(ctx, backend, profile, budget, a, outdir, holdout)
@@ -249,7 +250,7 @@ def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt
     a = next((t for t in search.tries if t.artifact.precision == Precision.FP16 and t.quality_ok), None)
     if a is None and any(t.artifact.precision == Precision.FP16 for t in search.tries):
         return final
-    a = a or search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", Precision.FP16, {}, fallback=True)
+    a = a or search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", Precision.FP16, None, fallback=True)
     if a is None or not a.quality_ok:
         return final
     search.record.held_out_miss = f"{missed}: FP16 instead"
@@ -292,9 +293,9 @@ def _error_island(ctx, backend: Backend, profile: TargetProfile, search: _Search
     if not named:
         search.record.error_island = "the conversion error names no node of the model: no float island from it"
         return None
-    settings = backend.default_settings(profile, Precision.INT8)
+    settings = backend.requested_settings(profile)
     a = search.attempt(f"INT8 with the {len(named)} node(s) the error names in float", Precision.INT8,
-                       {**settings, "float_layers": named})
+                       settings.replace(float_layers=tuple(named)))
     search.record.error_island = {"nodes": named, "result": "converted and met the budget" if a is not None and
                                      a.quality_ok else "did not help" if a is None else "converted, missed the budget"}
     return a if a is not None and a.quality_ok else None
@@ -314,7 +315,7 @@ def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error:
 def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, collapsed: bool) -> Attempt | None:
     """Backend variants, mixed precision, FP16/FP32. After a collapse the per-layer sensitivity decides first: when
     no few layers explain the loss (it is spread over the graph, as in transformer encoders), FP16 comes next."""
-    settings = backend.default_settings(profile, Precision.INT8)  # what `first` was asked for (its record may say more)
+    settings = backend.requested_settings(profile)  # what `first` was asked for (its record may say more)
     variants = backend.recovery_candidates(profile, settings)
     if collapsed and search.tries and _diffuse(ctx, backend, profile, search):
         safety = _float_fallbacks(search, profile, only_fp16=True)
@@ -332,13 +333,13 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, coll
             if safety is not None:
                 return _int8_beside(ctx, backend, profile, search, settings, todo[i:], safety)
             return _rest(ctx, backend, profile, search, settings, todo[i:], True, fp16_done=True)
-        a = search.attempt(label, Precision.INT8, {**settings, **overrides})
+        a = search.attempt(label, Precision.INT8, overrides)
         if a is not None and a.quality_ok:
             return a
     return _rest(ctx, backend, profile, search, settings, variants, collapsed, fp16_done=False)
 
 
-def _int8_beside(ctx, backend, profile, search: _Search, settings: dict, variants, safety: Attempt) -> Attempt:
+def _int8_beside(ctx, backend, profile, search: _Search, settings: Settings, variants, safety: Attempt) -> Attempt:
     """FP16 met the budget and is kept as the safety net; the search's time left still goes to INT8 (the backend
     variants not tried yet, then mixed precision), and an INT8 candidate that meets the budget ships instead. Before,
     a search that took FP16 first (short of time, or after a collapse spread over the graph) stopped there with most
@@ -348,7 +349,7 @@ def _int8_beside(ctx, backend, profile, search: _Search, settings: dict, variant
     for label, overrides in variants:
         if not search.room():
             break
-        a = search.attempt(label, Precision.INT8, {**settings, **overrides})
+        a = search.attempt(label, Precision.INT8, overrides)
         if a is not None and a.quality_ok:
             return a
     return _mixed(ctx, backend, profile, search, settings) or safety
@@ -358,7 +359,7 @@ def _fp16_allowed(profile: TargetProfile) -> bool:
     return profile.allow_float_layers and Precision.FP16 in profile.precisions
 
 
-def _rest(ctx, backend, profile, search: _Search, settings: dict, variants, collapsed: bool, fp16_done: bool):
+def _rest(ctx, backend, profile, search: _Search, settings: Settings, variants, collapsed: bool, fp16_done: bool):
     found = _mixed(ctx, backend, profile, search, settings)
     if found is not None:
         return found
@@ -367,7 +368,7 @@ def _rest(ctx, backend, profile, search: _Search, settings: dict, variants, coll
         return found
     if collapsed:
         for label, overrides in variants[COLLAPSED_VARIANTS:] if not fp16_done else variants:
-            a = search.attempt(label, Precision.INT8, {**settings, **overrides})
+            a = search.attempt(label, Precision.INT8, overrides)
             if a is not None and a.quality_ok:
                 return a
     return None
@@ -394,19 +395,19 @@ def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: _Search) -> 
 
 def _float_fallbacks(search: _Search, profile: TargetProfile, only_fp16: bool, skip_fp16: bool = False) -> Attempt | None:
     if _fp16_allowed(profile) and not skip_fp16:
-        a = search.attempt("FP16 (no INT8)", Precision.FP16, {}, fallback=True)
+        a = search.attempt("FP16 (no INT8)", Precision.FP16, None, fallback=True)
         if a is not None and a.quality_ok:
             return a
     if only_fp16:
         return None
     if profile.allow_float_layers and Precision.FP32 in profile.precisions and not any(t.quality_ok for t in search.tries):
-        a = search.attempt("FP32 (nothing converts to INT8 or FP16 within budget)", Precision.FP32, {}, fallback=True)
+        a = search.attempt("FP32 (nothing converts to INT8 or FP16 within budget)", Precision.FP32, None, fallback=True)
         if a is not None and a.quality_ok:
             return a
     return None
 
 
-def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, settings: dict) -> Attempt | None:
+def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, settings: Settings) -> Attempt | None:
     """The most sensitive layers kept in float, 1, 2, 3, 4, 6, 8... at a time, at most half of the weights."""
     if not profile.allow_float_layers:
         search.record.float_layers_forbidden = f"profile {profile.name} runs integer-only: no layer may stay in float"
@@ -418,7 +419,7 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
                                           "does not fit the search's time left")
         return None
     ranked = _sensitivity(ctx, search)
-    if settings.get("float_regions"):  # the backend keeps these float from the start: not worth a try of their own
+    if getattr(settings, "float_regions", False):  # the backend keeps these float from the start: not worth a try of their own
         from edgebuild.targets.regions import float_regions
 
         already = {n for v in float_regions(ctx.job.model.onnx_path).values() for n in v}
@@ -448,7 +449,7 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
                                                   f"the weights float (> {MAX_FLOAT_SHARE:.0%}): stopped")
             break
         done.add(layers)
-        a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", Precision.INT8, {**settings, "float_layers": list(layers)})
+        a = search.attempt(f"INT8 with {len(layers)} layer(s) in float", Precision.INT8, settings.replace(float_layers=tuple(layers)))
         if a is not None and plain is not None and _same_files(a.artifact, plain):
             # the float island changed nothing: the backend did not find the layers (a renamed or fused op)
             if search.record.float_layers_no_effect is None:

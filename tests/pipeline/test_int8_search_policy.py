@@ -8,9 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages import search as R
 from edgebuild.pipeline.stages.sensitivity import Sensitivity
 from edgebuild.pipeline.stages.context import BuildContext
+from edgebuild.targets.settings import OnnxSettings
 
 
 def art(precision: str):
@@ -25,7 +27,7 @@ def stand_in(seconds_left: float, durations=(10.0,), tries: int = 12):
     ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=tries), evalset=[0] * 100),
                        SimpleNamespace(deadline=float("inf")))
     s = R._Search.__new__(R._Search)
-    s.ctx, s.record, s.reserve = ctx, {"tries": [{"label": "profile settings"}]}, 1
+    s.ctx, s.record, s.reserve = ctx, SearchRecord(tries=[SearchTry("profile settings")]), 1
     s.sensitivity = Sensitivity({}, 0.0)
     s.tries = [tried("profile settings", "int8", False, 0.3)]
     s.deadline, s.durations, s.started = time.monotonic() + seconds_left, list(durations), time.monotonic()
@@ -39,8 +41,8 @@ PROFILE = SimpleNamespace(name="onnx-cpu", allow_float_layers=True, precisions=(
 class Backend:
     supports_float_layers = True
 
-    def default_settings(self, profile, precision):
-        return {}
+    def requested_settings(self, profile):
+        return OnnxSettings()
 
     def recovery_candidates(self, profile, settings):
         return [("weighted layers only", {"op_types": "weighted"}), ("percentile calibration", {"calibrate_method": "p"})]
@@ -56,7 +58,7 @@ def test_fp16_first_when_short_of_time_then_the_time_left_goes_to_int8(monkeypat
         asked.append(label)
         a = tried(label, precision, ok=precision == "fp16" or label == "weighted layers only")
         s.tries.append(a)
-        s.record["tries"].append({"label": label})
+        s.record.tries.append(SearchTry(label))
         return a
 
     s.attempt = attempt
@@ -64,7 +66,7 @@ def test_fp16_first_when_short_of_time_then_the_time_left_goes_to_int8(monkeypat
     found = R._search(ctx, Backend(), PROFILE, s, collapsed=False)
     assert asked == ["FP16 (no INT8)", "weighted layers only"], asked
     assert found.artifact.precision == "int8" and found.label == "weighted layers only"
-    assert "kept as the fallback" in s.record["fp16_safety"] and "float_first" in s.record
+    assert "kept as the fallback" in s.record.fp16_safety and s.record.float_first
 
 
 def test_the_fp16_safety_net_ships_when_no_int8_candidate_meets_the_budget(monkeypatch):
@@ -73,7 +75,7 @@ def test_the_fp16_safety_net_ships_when_no_int8_candidate_meets_the_budget(monke
     def attempt(label, precision, settings, fallback=False):
         a = tried(label, precision, ok=precision == "fp16")
         s.tries.append(a)
-        s.record["tries"].append({"label": label})
+        s.record.tries.append(SearchTry(label))
         return a
 
     s.attempt = attempt
@@ -99,7 +101,7 @@ def test_an_int8_that_misses_on_held_out_data_gives_way_to_the_fp16_safety_net(m
     monkeypatch.setattr(R, "_install", lambda ctx, backend, profile, budget, a, outdir, holdout:
                         SimpleNamespace(artifact=a.artifact, quality_ok=True, label=None))
     shipped = R._held_out_miss(None, None, PROFILE, None, s, best, missed, None, None)
-    assert shipped.artifact.precision == "fp16" and "FP16 instead" in s.record["held_out_miss"]
+    assert shipped.artifact.precision == "fp16" and "FP16 instead" in s.record.held_out_miss
 
 
 def test_layers_that_flip_no_decision_are_ranked_by_how_far_they_move_the_outputs(tmp_path):
@@ -190,9 +192,9 @@ def test_mixed_precision_starts_where_the_proxy_says(monkeypatch):
         return tried(label, precision, ok=len(settings["float_layers"]) >= 4)
 
     s.attempt = attempt
-    found = R._mixed(ctx, Backend(), PROFILE, s, {})
+    found = R._mixed(ctx, Backend(), PROFILE, s, OnnxSettings())
     assert asked == [4] and found.label == "INT8 with 4 layer(s) in float"  # not 1, 2, 3 first
-    assert s.record["float_layers_proxy"]["result"].startswith("4 layer(s)")
+    assert s.record.float_layers_proxy["result"].startswith("4 layer(s)")
 
 
 def test_an_output_softmax_stays_float_so_near_ties_keep_their_arg_max(tmp_path):
@@ -260,8 +262,8 @@ def test_layers_the_backend_keeps_float_anyway_get_no_try_of_their_own(monkeypat
     monkeypatch.setattr(regions, "float_regions", lambda path: {"frontend": [], "postprocess": ["softmax"]})
     monkeypatch.setattr(proxy, "first_step", lambda *a: (None, {}))
     asked = []
-    s.attempt = lambda label, precision, settings, fallback=False: asked.append(settings["float_layers"])
-    R._mixed(ctx, Backend(), PROFILE, s, {"float_regions": True})
+    s.attempt = lambda label, precision, settings, fallback=False: asked.append(list(settings.float_layers))
+    R._mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=True))
     assert asked and asked[0] == ["conv1"], asked
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.results import SearchRecord, SearchTry
+from edgebuild.targets.settings import OnnxSettings, OpenVinoSettings
 from edgebuild.pipeline.stages.validate import Budget, Judging, compare, judge
 
 BUDGET = Budget(max_accuracy_drop=0.5, max_latency_ms=None, max_size_mb=None, min_cosine=None)
@@ -236,17 +237,17 @@ def test_a_held_out_miss_tries_the_next_int8_candidate_before_fp16(monkeypatch):
     art = lambda p: SimpleNamespace(precision=p)  # noqa: E731
     best = SimpleNamespace(artifact=art("int8"), label="full bias correction", quality_ok=True)
     missed = SimpleNamespace(artifact=art("int8"), label=best.label, quality_ok=False, failures=["cosine 0.9857 < 0.99"])
-    backend = SimpleNamespace(default_settings=lambda profile, p: {"preset": "performance"},
-                              recovery_candidates=lambda profile, s: [("full bias correction", {}),
-                                                                      ("asymmetric activations (preset=mixed)",
-                                                                       {"preset": "mixed"})])
+    backend = SimpleNamespace(requested_settings=lambda profile: OpenVinoSettings(preset="performance"),
+                              recovery_candidates=lambda profile, s: [
+                                  ("full bias correction", s.replace(fast_bias_correction=False)),
+                                  ("asymmetric activations (preset=mixed)", s.replace(preset="mixed"))])
     profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
     s = R._Search.__new__(R._Search)
     s.record, s.tries, s.deadline, s.durations = SearchRecord(tries=[SearchTry("full bias correction")]), [best], time.monotonic() + 99, []
     asked = []
 
     def attempt(label, precision, settings, fallback=False):
-        asked.append((precision, settings.get("preset")))
+        asked.append((precision, settings and settings.preset))  # a whole, typed Settings (None: the profile's)
         return SimpleNamespace(artifact=art(precision), label=label, quality_ok=True)
 
     s.attempt = attempt
@@ -483,7 +484,7 @@ def test_int8_variants_use_the_search_time_before_fp16():
 
     from edgebuild.pipeline.stages import search as R
 
-    backend = SimpleNamespace(default_settings=lambda profile, p: {},
+    backend = SimpleNamespace(requested_settings=lambda profile: OnnxSettings(),
                               recovery_candidates=lambda profile, s: [(f"variant {i}", {"v": i}) for i in range(5)],
                               supports_float_layers=True)
     profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
