@@ -188,11 +188,11 @@ def test_mixed_precision_starts_where_the_proxy_says(monkeypatch):
     asked = []
 
     def attempt(label, precision, settings, fallback=False):
-        asked.append(len(settings["float_layers"]))
-        return tried(label, precision, ok=len(settings["float_layers"]) >= 4)
+        asked.append(len(settings.float_layers))
+        return tried(label, precision, ok=len(settings.float_layers) >= 4)
 
     s.attempt = attempt
-    found = R._mixed(ctx, Backend(), PROFILE, s, OnnxSettings())
+    found = R._mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=False))
     assert asked == [4] and found.label == "INT8 with 4 layer(s) in float"  # not 1, 2, 3 first
     assert s.record.float_layers_proxy["result"].startswith("4 layer(s)")
 
