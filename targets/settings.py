@@ -116,9 +116,10 @@ def plain(value):
 
 
 @dataclass(frozen=True)
-class Settings(Mapping):
-    """Base of a backend's frozen settings. Reads like a read-only mapping too (``s["per_channel"]``,
-    ``{**s, **changes}``), so code that merges settings dicts keeps working; it never changes."""
+class Settings:
+    """Base of a backend's frozen settings: read as attributes (``s.per_channel``), changed only into a new object
+    (``s.replace(per_channel=False)``, checked like the profile's); ``to_dict`` / ``for_precision`` give the plain
+    dict of a record. Not a mapping: code that wants a dict asks for one."""
 
     backend: ClassVar[str] = ""  # named in error messages
     INT8_ONLY: ClassVar[tuple[str, ...] | None] = ()  # fields for INT8 only; None: every field
@@ -160,12 +161,15 @@ class Settings(Mapping):
         except BadInputError as e:
             raise BadInputError(f"{prefix}{e}") from None
 
-    def with_changes(self, changes: Mapping | None, where: str = "") -> "Settings":
-        """A new object with ``changes`` (a mapping of settings, or a whole Settings) applied, checked."""
-        if not changes:
-            return self
+    def with_changes(self, changes: "Mapping | Settings | None", where: str = "") -> "Settings":
+        """A new object with ``changes`` (a mapping of settings, e.g. an artifact's record fed back, or a whole
+        Settings) applied, checked."""
         if isinstance(changes, type(self)):
             return changes
+        if isinstance(changes, Settings):
+            changes = changes.to_dict()
+        if not changes:
+            return self
         return type(self).from_profile({**self.to_dict(), **dict(changes)}, where)
 
     def replace(self, **changes) -> "Settings":
@@ -180,18 +184,6 @@ class Settings(Mapping):
             return self.to_dict()
         int8_only = self.known() if self.INT8_ONLY is None else self.INT8_ONLY
         return {k: v for k, v in self.to_dict().items() if k not in int8_only}
-
-    # the read-only mapping view
-    def __getitem__(self, key: str):
-        if key not in self.known():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self):
-        return iter(self.known())
-
-    def __len__(self) -> int:
-        return len(fields(self))
 
 
 class NoSettings(Settings):

@@ -167,7 +167,7 @@ def test_recorded_settings_can_be_fed_back_and_candidates_are_valid(built, model
     assert variant.replace(overflow_fix="first_layer_only") == backend.requested_settings(
         catalogue()["intel-n100"], {**settings, "overflow_fix": "first_layer_only"})
     for _, variant in n100:
-        _int8_settings({**settings, **variant}, "x86")
+        _int8_settings({**settings, **variant.to_dict()}, "x86")  # a record is a dict; Settings are not
     calib, _ = small_sets
     again = backend.convert(model, x86, "int8", calib, tmp_path, {**settings, "fast_bias_correction": False})
     assert again.settings["fast_bias_correction"] is False and again.main == "model_int8.xml"

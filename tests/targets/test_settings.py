@@ -7,6 +7,7 @@ settings never change, and the accuracy search's variants are new objects.
 import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,10 @@ def test_settings_round_trip_to_dict_and_json(backend):
     assert changes, f"{backend}: no field to vary"
     changed = default.replace(**changes)
     assert changed != default and cls.from_profile(json.loads(json.dumps(changed.to_dict()))) == changed
-    assert {**changed} == {k: getattr(changed, k) for k in cls.known()}  # the read-only mapping view
+    assert not isinstance(changed, Mapping)  # issue 21: typed through the search and the backends, never a dict view
+    with pytest.raises(TypeError):
+        {**changed}
+    assert set(changed.to_dict()) == set(cls.known())  # a record asks for its plain dict
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
