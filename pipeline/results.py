@@ -376,8 +376,8 @@ class SearchRecord(_Record):
     float_weight_share: float | None = None
     held_out_miss: str | None = None
     fp16_safety: str | None = None  # an FP16 candidate kept as the fallback while INT8 is tried further
-    float_layers_proxy: dict | None = None
-    mixed_from: str | None = None  # the INT8 variant mixed precision builds on (the one closest to the budget)  # the fake-quant proxy's first step of mixed precision
+    float_layers_proxy: dict | None = None  # the fake-quant proxy's first step of mixed precision
+    mixed_from: str | None = None  # the INT8 variant mixed precision builds on (the one closest to the budget)
     time_limit: list | None = None  # every decision the clock made (a search without one is a function of its inputs)
     seconds: float | None = None
     from_cache: bool | None = None  # a warm re-run: this record and the choice came from the stage cache

@@ -10,6 +10,7 @@ import pytest
 
 from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages import search as R
+from edgebuild.pipeline.stages.convert import ConversionOutcome
 from edgebuild.pipeline.stages.sensitivity import Sensitivity
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.targets.settings import OnnxSettings
@@ -301,15 +302,16 @@ def test_mixed_precision_builds_on_the_int8_variant_closest_to_the_budget(monkey
     s.tries = [tried("profile settings", "int8", False, loss=0.28)]
     s.attempt = R._Search.attempt.__get__(s)  # the real bookkeeping, around a stand-in conversion
     s.backend, s.profile, s.select, s.budget = Backend(), PROFILE, None, None
-    monkeypatch.setattr(R, "convert", lambda *a, **k: art("int8"))
+    monkeypatch.setattr(R, "convert", lambda *a, **k: ConversionOutcome(art("int8")))
     losses = {"weighted layers only": 0.03, "percentile calibration": 0.14}
-    monkeypatch.setattr(R, "evaluate", lambda c, b, p, a, budget, timed, data: SimpleNamespace(
+    monkeypatch.setattr(R, "evaluate", lambda c, b, p, a, budget, timed, data, restored=False: SimpleNamespace(
         artifact=a, loss=0.0, quality_ok=False, summary=lambda: {}))
     ctx.work.stage = lambda text: contextlib.nullcontext()
     ctx.work.scratch = __import__("pathlib").Path("/nonexistent")
     ctx.job.spec.auto_max_tries = 12
     for label, loss in losses.items():  # the variants as the search tried them
-        a = s.attempt(label, "int8", {"op_types": "weighted"} if label.startswith("weighted") else {"calibrate_method": "p"})
+        a = s.attempt(label, "int8", OnnxSettings(op_types="weighted") if label.startswith("weighted")
+                      else OnnxSettings(calibrate_method="percentile"))
         a.loss = loss
     ranked = ["conv1", "conv2"]
     ctx.carry.sensitivity = Sensitivity({n: 1.0 for n in ranked}, 0.0)
@@ -318,7 +320,7 @@ def test_mixed_precision_builds_on_the_int8_variant_closest_to_the_budget(monkey
     monkeypatch.setattr(R, "_layer_weights", lambda path: {n: 1 for n in ranked})
     monkeypatch.setattr(proxy, "first_step", lambda *a: (None, {}))
     asked = []
-    s.attempt = lambda label, precision, settings, fallback=False: asked.append(dict(settings))
-    R._mixed(ctx, Backend(), PROFILE, s, {})
-    assert asked[0] == {"op_types": "weighted", "float_layers": ["conv1"]}, asked
-    assert s.record["mixed_from"].startswith("weighted layers only")
+    s.attempt = lambda label, precision, settings, fallback=False: asked.append(settings)
+    R._mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=False))
+    assert asked[0] == OnnxSettings(op_types="weighted", float_layers=("conv1",)), asked
+    assert s.record.mixed_from.startswith("weighted layers only")
