@@ -108,10 +108,6 @@ TREE = {"pipeline/toplevel": "edgebuild", "pipeline": "edgebuild.pipeline", "tar
 # Cycles still in files other helpers own this session (issue 21): each is one edge away from gone. A cycle not
 # listed here fails the test; a listed one that is gone fails it too (take it off the list).
 KNOWN_CYCLES = {
-    # revalidate imports cli._manifest_spec (reading a manifest's spec belongs in the manifest module: `types`)
-    frozenset({"edgebuild.pipeline.cli", "edgebuild.pipeline.revalidate", "edgebuild.pipeline.device",
-               "edgebuild.pipeline.emulate", "edgebuild.pipeline.batch", "edgebuild.pipeline.batch.cell",
-               "edgebuild.pipeline.batch.executors", "edgebuild.pipeline.batch.run"}),
     # memory/search import per_target's helpers; per_target imports them back (`types`)
     frozenset({"edgebuild.pipeline.memory", "edgebuild.pipeline.stages.package", "edgebuild.pipeline.stages.per_target",
                "edgebuild.pipeline.stages.search"}),
