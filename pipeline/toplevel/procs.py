@@ -120,7 +120,7 @@ def entered(scope: Scope) -> Iterator[Scope]:
 
 def bound(fn: Callable) -> Callable:
     """``fn`` to be called once in another thread, within the scope of the thread that binds it (a copy of its
-    context: a pool's worker threads otherwise run in the context they were created in)."""
+    context: a new thread otherwise starts with an empty one, the default scope)."""
     return _Bound(contextvars.copy_context(), fn)
 
 
