@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,12 @@ FIDELITY_SAMPLES = 64
 MIN_EXPORT_COSINE = 0.9999
 log = logging.getLogger("edgebuild.export")
 
+
+# torch's exporters keep process-global state (torch.onnx's GLOBALS.in_onnx_export: two exports at once in one process
+# fail with "GLOBALS.in_onnx_export must be False"), and warnings.catch_warnings swaps the process's warning filters
+# (two at once can leave "ignore" behind): one export at a time per process. Builds in threads of one process wait
+# for each other's export only; their results are what each gives alone.
+TORCH_EXPORT = threading.Lock()
 
 def export_onnx(loaded: LoadedModel, evalset: SampleSet, workdir: Path,
                 calib: SampleSet | None = None) -> tuple[ExportedModel, dict]:
@@ -73,10 +80,11 @@ def export_program(loaded: LoadedModel, model: ExportedModel, workdir: Path) -> 
                 raise ConversionError("a TorchScript model cannot be captured by torch.export; give the nn.Module "
                                       "(package.module:attr) or a torch.export .pt2 program")
             args = tuple(torch.zeros(i.shape, dtype=getattr(torch, i.dtype)) for i in loaded.inputs)
-            with warnings.catch_warnings():
+            with TORCH_EXPORT, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ep = torch.export.export(loaded.module, args, strict=False)
-        torch.export.save(ep, str(out))
+        with TORCH_EXPORT:
+            torch.export.save(ep, str(out))
     except Exception as e:  # noqa: BLE001 — torch.export raises many types; it fails only the targets that need it
         error = f"torch.export failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:240]}"
         return dataclasses.replace(model, program_error=error), {"torch_export": error}
@@ -93,7 +101,7 @@ def _export_torch(loaded: LoadedModel, workdir: Path):
     outputs = output_names(loaded, _dry_run(loaded, args))
     tmp = workdir / "_export.onnx"
     try:
-        with warnings.catch_warnings():
+        with TORCH_EXPORT, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if loaded.exported_program is not None:
                 torch.onnx.export(loaded.exported_program, args, str(tmp), dynamo=True, input_names=names,
@@ -137,7 +145,7 @@ def _dry_run(loaded: LoadedModel, args):
     import torch
 
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with TORCH_EXPORT, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return loaded.module(*args)
     except Exception as e:

@@ -35,6 +35,15 @@ def comparable(manifest: dict):
     return json.loads(json.dumps(scrub(manifest), sort_keys=True, default=str))
 
 
+def differences(a, b, path="") -> list[str]:
+    """Where two comparable manifests differ (paths and both values), for the assertion's message."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {str(a)[:200]} != {str(b)[:200]}"]
+
+
 # ---- the pieces ----------------------------------------------------------------------------------------------------
 
 
@@ -164,12 +173,12 @@ def _tiny(kind: str):
                                torch.nn.Linear(12, 5)).eval()
 
 
-def _api_build(kind: str, out: Path):
+def _api_build(kind: str, out: Path, net=None):
     from edgebuild import build
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(48, 1, 4, 4)).astype(np.float32)
-    return build(model=_tiny(kind), input_shape=(1, 1, 4, 4), calib=x[:24], eval=x[24:], targets=["onnx-cpu"],
+    return build(model=_tiny(kind) if net is None else net, input_shape=(1, 1, 4, 4), calib=x[:24], eval=x[24:], targets=["onnx-cpu"],
                  out=str(out), cache=False, budgets={"cosine_min": 0.9})
 
 
@@ -200,9 +209,10 @@ def test_two_builds_in_threads_of_one_process_give_what_each_gives_alone(tmp_pat
     watcher = threading.Thread(target=watch)
     watcher.start()
     running.set()
+    nets = {k: _tiny(k) for k in ("conv", "mlp")}  # made here: torch's random generator is the process's own
     try:
         with ThreadPoolExecutor(2) as pool:
-            together = dict(zip(("conv", "mlp"), pool.map(lambda k: _api_build(k, tmp_path / f"together-{k}"),
+            together = dict(zip(("conv", "mlp"), pool.map(lambda k: _api_build(k, tmp_path / f"together-{k}", nets[k]),
                                                          ("conv", "mlp"))))
     finally:
         running.clear()
@@ -210,7 +220,8 @@ def test_two_builds_in_threads_of_one_process_give_what_each_gives_alone(tmp_pat
     assert not changes, changes[:3]
     for k in ("conv", "mlp"):
         assert alone[k].exit_code == together[k].exit_code == 0
-        assert comparable(alone[k].manifest) == comparable(together[k].manifest), k
+        assert not differences(comparable(alone[k].manifest), comparable(together[k].manifest)), \
+            (k, differences(comparable(alone[k].manifest), comparable(together[k].manifest))[:8])
         art = alone[k].manifest["targets"]["onnx-cpu"]["artifact"]
         assert (alone[k].out / "onnx-cpu" / art).read_bytes() == (together[k].out / "onnx-cpu" / art).read_bytes()
     assert comparable(alone["conv"].manifest)["model"]["sha256"] != comparable(alone["mlp"].manifest)["model"]["sha256"]
@@ -248,6 +259,7 @@ def test_each_target_gets_the_same_result_whatever_order_the_targets_are_built_i
     for name in ("strict-cpu", "loose-cpu"):
         search = a["targets"][name]["search"]
         assert "sensitivity" in search and "time_limit" not in search, search.get("time_limit")
-        assert a["targets"][name] == b["targets"][name], name
+        assert not differences(a["targets"][name], b["targets"][name]), (name, differences(a["targets"][name],
+                                                                                 b["targets"][name])[:8])
     sens = [a["targets"][n]["search"]["sensitivity"]["layers"] for n in ("strict-cpu", "loose-cpu")]
     assert sens[0] != sens[1], "the two budgets rank with their own losses (each target's own sensitivity)"
