@@ -237,6 +237,9 @@ def _convert_job(job: dict) -> dict:
     ep = torch.export.load(job["program"])
     example = tuple(torch.zeros(i["shape"], dtype=getattr(torch, i["dtype"])) for i in job["inputs"])
     record: dict = {}
+    ep, rewritten = _prelu_for_xnnpack(ep, example)
+    if rewritten:
+        record["prelu_rewritten"] = rewritten
     if precision == "fp16":
         set_phase("casting the program to FP16")
         ep = torch.export.export(_half_module(ep.module()), example, strict=False)
@@ -258,6 +261,37 @@ def _convert_job(job: dict) -> dict:
                               f"{len(job['outputs'])} ({', '.join(job['outputs'])})")
     record["runtime_checked"] = True
     return {"record": record}
+
+
+PRELU_OPS = ("aten._prelu_kernel.default", "aten.prelu.default")
+
+
+def _prelu_for_xnnpack(ep, example):
+    """PReLU on a tensor that is not 4-D (after a Linear: MTCNN's RNet/ONet) written as relu(x) - w * relu(-x):
+    ExecuTorch 1.5.1's XNNPACK layout pass (ChannelsLastTaggedReshapePass) asserts on it ("non-NHWC compatible
+    node"), failing the whole lowering, FP32 too. 4-D PReLU stays one op. Returns the program and how many."""
+    import torch
+
+    gm = ep.module()
+    aten = torch.ops.aten
+    found = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in PRELU_OPS
+             and getattr(n.args[0].meta.get("val"), "dim", lambda: 4)() != 4]
+    if not found:
+        return ep, 0
+    graph = gm.graph
+    for n in found:
+        x, w = n.args[0], n.args[1]
+        rank = x.meta["val"].dim()
+        with graph.inserting_before(n):
+            if rank > 2:  # the weight is per channel (dim 1): [C] -> [C, 1, ...] to broadcast over the rest
+                w = graph.call_function(aten.reshape.default, (w, [-1] + [1] * (rank - 2)))
+            pos = graph.call_function(aten.relu.default, (x,))
+            neg = graph.call_function(aten.relu.default, (graph.call_function(aten.neg.default, (x,)),))
+            out = graph.call_function(aten.sub.Tensor, (pos, graph.call_function(aten.mul.Tensor, (neg, w))))
+        n.replace_all_uses_with(out)
+        graph.erase_node(n)
+    gm.recompile()
+    return torch.export.export(gm, example, strict=False), len(found)
 
 
 def _half_module(module):
@@ -519,6 +553,9 @@ def _notes(precision: str, s: dict, seconds: float) -> list[str]:
              f"({d.get('xnnpack_partitions', '?')} partition(s)); ops on portable kernels: "
              f"{', '.join(d.get('ops_outside_xnnpack') or []) or 'none'}",
              what[precision]]
+    if s.get("prelu_rewritten"):
+        notes.append(f"{s['prelu_rewritten']} PReLU(s) on 2-D/3-D tensors written as relu(x) - w * relu(-x) (ExecuTorch "
+                     "1.5.1's XNNPACK layout pass cannot lower them)")
     for layer, nodes in (s.get("float_layers_kept") or {}).items():
         notes.append(f"float layer {layer}: torch ops {', '.join(nodes)}")
     if precision == "int8" and s.get("int8_weight_share", 1.0) < INT8_NAMING_SHARE and not s.get("float_layers"):

@@ -309,3 +309,29 @@ def _validate_again(out, target, built, monkeypatch=None):
         assert "has no ExecuTorch runtime" in line and "EDGEBUILD_EMULATOR_EXECUTORCH=1 edgebuild setup-emulator" in line
     else:
         assert "qemu-aarch64-static is not installed" in line
+
+
+@pytest.mark.slow
+def test_prelu_after_a_linear_is_rewritten_so_xnnpack_can_lower_it(tmp_path):
+    """MTCNN's RNet/ONet: PReLU on the 2-D output of a Linear makes ExecuTorch 1.5.1's XNNPACK layout pass assert
+    (the whole lowering fails, FP32 too); written as relu(x) - w * relu(-x) it lowers and gives the same outputs."""
+    torch = _torch()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from edgebuild.targets.executorch import _prelu_for_xnnpack, load_pte
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.PReLU(8),
+                          nn.Unflatten(1, (2, 4)), nn.PReLU(2)).eval()
+    example = (torch.zeros(1, 3, 8, 8),)
+    ep = torch.export.export(model, example, strict=False)
+    with pytest.raises(Exception, match="ChannelsLastTaggedReshapePass"):  # if this starts passing, drop the rewrite
+        to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    ep, rewritten = _prelu_for_xnnpack(ep, example)
+    assert rewritten == 2  # the 2-D and the 3-D one; the 4-D PReLU after the conv stays one op
+    (tmp_path / "m.pte").write_bytes(to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+    x = torch.randn(1, 3, 8, 8)
+    got = load_pte(tmp_path / "m.pte").forward([x])[0]
+    assert torch.allclose(got, model(x), atol=1e-5)
