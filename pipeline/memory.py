@@ -46,14 +46,14 @@ def measure_target(ctx, backend, profile, attempts: dict) -> bool:
     cached as a result entry keyed by the artifact's sha256, the feed, the runtime, threads and host. Returns
     True when every number came from the cache."""
     from edgebuild.pipeline.cache import key
-    from edgebuild.pipeline.stages.per_target import _json_round_trip, _runtime_key, array_hash, artifact_hash, timing_threads
+    from edgebuild.pipeline.stages.candidate import array_hash, artifact_hash, json_round_trip, runtime_key, timing_threads
 
     threads = timing_threads(profile)
     feed = ctx.job.evalset.feed(0)
     all_cached = True
     for attempt in (a for a in attempts.values() if a is not None):
         k = key(stage="memory", artifact=artifact_hash(attempt.artifact), runs=RUNS,
-                feed={n: array_hash(v) for n, v in sorted(feed.items())}, runtime=_runtime_key(backend, threads))
+                feed={n: array_hash(v) for n, v in sorted(feed.items())}, runtime=runtime_key(backend, threads))
         hit = ctx.work.cache.get_result(k)
         if hit is not None:
             attempt.memory = hit[0]
@@ -61,7 +61,7 @@ def measure_target(ctx, backend, profile, attempts: dict) -> bool:
         all_cached = False
         record = measure(backend.name, attempt.artifact, threads, feed)
         ctx.work.cache.put_result(k, record)
-        attempt.memory = _json_round_trip(record)
+        attempt.memory = json_round_trip(record)
     return all_cached
 
 
@@ -70,7 +70,7 @@ def micro_fit(ctx, backend, artifact) -> tuple[dict, bool]:
     (the backend's ``micro()``: TFLM for TFLite, targets/tflite/tflm.py), cached as a result entry by the artifact's
     sha256, the samples and the microcontroller runtime's version. Returns (record, from cache)."""
     from edgebuild.pipeline.cache import key
-    from edgebuild.pipeline.stages.per_target import _json_round_trip, array_hash, artifact_hash, open_runner
+    from edgebuild.pipeline.stages.candidate import array_hash, artifact_hash, json_round_trip, open_runner
 
     micro = backend.micro()
     version = micro.installed_version(artifact.target)
@@ -84,7 +84,7 @@ def micro_fit(ctx, backend, artifact) -> tuple[dict, bool]:
         host = [r.run(f) for f in feeds]
     record = micro.micro_fit(artifact, feeds, host, version)
     ctx.work.cache.put_result(k, record)
-    return _json_round_trip(record), False
+    return json_round_trip(record), False
 
 
 def judge_memory(ctx, p) -> dict:

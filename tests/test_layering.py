@@ -108,9 +108,6 @@ TREE = {"pipeline/toplevel": "edgebuild", "pipeline": "edgebuild.pipeline", "tar
 # Cycles still in files other helpers own this session (issue 21): each is one edge away from gone. A cycle not
 # listed here fails the test; a listed one that is gone fails it too (take it off the list).
 KNOWN_CYCLES = {
-    # memory/search import per_target's helpers; per_target imports them back (`types`)
-    frozenset({"edgebuild.pipeline.memory", "edgebuild.pipeline.stages.package", "edgebuild.pipeline.stages.per_target",
-               "edgebuild.pipeline.stages.search"}),
     frozenset({"edgebuild.pipeline.stages.export", "edgebuild.pipeline.stages.load"}),  # `value`
     frozenset({"edgebuild.pipeline.peaks", "edgebuild.pipeline.schedule"}),  # `value`
 }
@@ -279,15 +276,6 @@ def test_no_upward_import_and_the_pipeline_names_no_backend():
 # private names still imported across modules in files other helpers own (issue 21: `types`, `value`, `cli`, `batch`);
 # a listed one that is gone is fine, a new one fails
 KNOWN_PRIVATE = {
-    ("edgebuild.pipeline.cli", "edgebuild.pipeline.spec", "_is_builtin_or_module"),
-    ("edgebuild.pipeline.batch.matrix", "edgebuild.pipeline.spec", "_is_builtin_or_module"),
-    ("edgebuild.pipeline.revalidate", "edgebuild.pipeline.cli", "_manifest_spec"),
-    ("edgebuild.pipeline.stages.per_target", "edgebuild.pipeline.stages.convert", "_baseline_dir"),
-    ("edgebuild.pipeline.stages.per_target", "edgebuild.pipeline.stages.convert", "_restored"),
-    ("edgebuild.pipeline.stages.per_target", "edgebuild.pipeline.stages.convert", "_sibling_note"),
-    ("edgebuild.pipeline.stages.per_target", "edgebuild.pipeline.stages.search", "_split"),
-    ("edgebuild.pipeline.memory", "edgebuild.pipeline.stages.per_target", "_json_round_trip"),
-    ("edgebuild.pipeline.memory", "edgebuild.pipeline.stages.per_target", "_runtime_key"),
     ("edgebuild.pipeline.build", "edgebuild.pipeline.schedule", "_build_all"),
     ("edgebuild.pipeline.batch.run", "edgebuild.pipeline.batch.executors", "_Interrupted"),  # `batch`
 }

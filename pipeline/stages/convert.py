@@ -88,7 +88,7 @@ def _isa() -> dict:
     return host_isa()
 
 
-def _baseline_dir(ctx: BuildContext, profile: TargetProfile, precision: Precision) -> dict[Precision, Path] | None:
+def baseline_dirs(ctx: BuildContext, profile: TargetProfile, precision: Precision) -> dict[Precision, Path] | None:
     """Where the FP32 baseline goes (a sibling of the target's own conversion where the backend can give one), and
     for a searched INT8 build the FP16 the search falls back to (most real models that collapse in INT8 ship it;
     from the same onnx2tf graph it costs one TFLite conversion instead of a second onnx2tf run)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from edgebuild.pipeline.results import CacheUse, ObjectiveDecision, SearchRecord, TargetResult, decide
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
-from edgebuild.pipeline.stages.per_target import Attempt, file_sha, timing_threads
+from edgebuild.pipeline.stages.candidate import Attempt, file_sha, timing_threads
 from edgebuild.targets.base import Artifact, Backend
 from edgebuild.targets.profiles import TargetProfile
 

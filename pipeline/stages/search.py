@@ -20,7 +20,8 @@ from edgebuild.specs import Precision
 from edgebuild.targets.settings import Settings
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
-from edgebuild.pipeline.stages.per_target import Attempt, convert, evaluate
+from edgebuild.pipeline.stages.candidate import Attempt, evaluate
+from edgebuild.pipeline.stages.convert import convert
 from edgebuild.targets.base import Backend
 from edgebuild.targets.profiles import TargetProfile
 
@@ -40,7 +41,7 @@ def _quality(a: Attempt) -> float:
     return a.loss
 
 
-def _split(ctx: BuildContext):
+def split(ctx: BuildContext):
     n = len(ctx.job.evalset)
     perm = np.random.default_rng(ctx.job.spec.seed + 1).permutation(n)
     k = max(1, int(n * (SMALL_SELECT_FRACTION if n < SMALL_EVAL else SELECT_FRACTION)))
@@ -165,7 +166,7 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
         return first, record
     if first is None:
         _converts_at_all(ctx, backend, profile, first_error)
-    select, holdout = _split(ctx)
+    select, holdout = split(ctx)
     select_budget, margin = selection_budget(budget, len(select[0]))
     record.selection = (f"candidates judged on {len(select[0])} samples of the evaluation split (seed "
                            f"{ctx.job.spec.seed + 1}); the chosen one is reported on the other {len(holdout[0])}")
@@ -499,7 +500,7 @@ def _proxy_start(ctx, search: _Search, ranked: list[str], weights: dict, total: 
 
 def _same_files(a, b) -> bool:
     """Two artifacts with byte-identical model files (a float island that changed nothing)."""
-    from edgebuild.pipeline.stages.per_target import file_sha
+    from edgebuild.pipeline.stages.candidate import file_sha
 
     pick = lambda files: sorted(f for f in files if f.endswith(".bin")) or sorted(files)  # noqa: E731 (IR: weights)
     try:

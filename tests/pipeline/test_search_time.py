@@ -118,7 +118,7 @@ def test_a_first_conversion_that_failed_late_is_the_first_estimate_of_a_try(monk
     profile = SimpleNamespace(name="arm64", allow_float_layers=True, precisions=("int8", "fp16"))
     seen = {}
     monkeypatch.setattr(R, "_converts_at_all", lambda *a: None)
-    monkeypatch.setattr(R, "_split", lambda c: (([0] * 40, []), ([0] * 40, [])))
+    monkeypatch.setattr(R, "split", lambda c: (([0] * 40, []), ([0] * 40, [])))
     monkeypatch.setattr(R, "selection_budget", lambda budget, n: (budget, None))
     monkeypatch.setattr(R, "_search", lambda c, b, p, search, collapsed:
                         seen.update(durations=list(search.durations), room=search.room(), fallback=search.room(True)))
