@@ -67,7 +67,7 @@ class Memo:
             return value
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a field that does not exist (a stale ``carry.sensitivity``) is an error, not a no-op
 class Carryover:
     stages: Memo = field(default_factory=Memo)  # stage outputs by key (every input of the stage in the key)
     siblings: dict[str, "ConversionOutcome"] = field(default_factory=dict)  # conversion key -> one made besides another (stages/convert.py)

@@ -255,7 +255,7 @@ def test_layers_the_backend_keeps_float_anyway_get_no_try_of_their_own(monkeypat
 
     ranked = ["softmax", "conv1", "conv2"]
     ctx, s = stand_in(seconds_left=500.0)
-    ctx.carry.sensitivity = Sensitivity({n: 1.0 for n in ranked}, 0.0)
+    s.sensitivity = Sensitivity({n: 1.0 for n in ranked}, 0.0)  # the search's own (no carry field since issue 21)
     ctx.job.model = SimpleNamespace(onnx_path="model.onnx")
     ctx.work.stage = lambda text: contextlib.nullcontext()
     monkeypatch.setattr(R, "_sensitivity", lambda c, search: ranked)
@@ -314,7 +314,7 @@ def test_mixed_precision_builds_on_the_int8_variant_closest_to_the_budget(monkey
                       else OnnxSettings(calibrate_method="percentile"))
         a.loss = loss
     ranked = ["conv1", "conv2"]
-    ctx.carry.sensitivity = Sensitivity({n: 1.0 for n in ranked}, 0.0)
+    s.sensitivity = Sensitivity({n: 1.0 for n in ranked}, 0.0)  # the search's own (no carry field since issue 21)
     ctx.job.model = SimpleNamespace(onnx_path="model.onnx")
     monkeypatch.setattr(R, "_sensitivity", lambda c, search: ranked)
     monkeypatch.setattr(R, "_layer_weights", lambda path: {n: 1 for n in ranked})
