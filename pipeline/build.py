@@ -411,11 +411,11 @@ REFERENCE_THREADS = 2
 
 def _reference_outputs(cache: StageCache, model, evalset) -> tuple[list, bool]:
     """The FP32 source's outputs on the evaluation set, cached by (model hash, evaluation data hash, runtime)."""
-    from edgebuild.pipeline.cache import code_hash, key
-    from edgebuild.targets.base import reference_runner
+    from edgebuild.pipeline.cache import cached
+    from edgebuild.targets.base import REFERENCE_BACKEND, reference_runner
 
-    k = key(stage="reference", model=model.content_hash, data=evalset.content_hash(), threads=REFERENCE_THREADS,
-            versions={n: v for n, v in tool_versions().items() if v}, code=code_hash())
+    k = cached("reference", inputs={"model": model.content_hash, "data": evalset.content_hash()},
+               config={"threads": REFERENCE_THREADS}, backend=REFERENCE_BACKEND)
     hit = cache.get_result(k)
     if hit is not None:
         n_out, arrays = hit[0]["outputs"], hit[1]

@@ -43,7 +43,7 @@ def default_root() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def code_hash() -> str:
-    """Hash of edgebuild's own sources: a changed converter never gets a stale cache hit."""
+    """Hash of edgebuild's own sources (a fingerprint of the tree; cache keys do not use it: see ``cached``)."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for folder in ("targets", "calibration", "pipeline"):
@@ -83,7 +83,32 @@ def open_cache(root: Path | None) -> "StageCache":
 
 
 def key(**parts) -> str:
+    """A content hash of ``parts`` (JSON, sorted keys)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# Each stage's own version: bump a stage's number when its code changes what it stores. Together with the versions
+# of the packages its backend declares (BackendInfo.versions, and the backend's cache_version), it replaces the hash
+# of edgebuild's whole source tree the keys used to carry, so editing one module no longer invalidates every entry.
+STAGES = {"convert": 1, "reference": 1, "validate": 1, "latency": 1, "memory": 1, "micro": 1, "search": 1,
+          "search-choice": 1, "sensitivity": 1, "peak": 1}
+
+
+def cached(stage: str, inputs: dict, config: dict | None = None, backend: str | tuple[str, ...] | None = None) -> str:
+    """The stage-cache key of what ``stage`` makes from ``inputs`` (content hashes: model, data, artifacts) under
+    ``config`` (settings, judging, threads, host...): keyed on the stage's own version (``STAGES``), the versions of
+    the packages that ``backend`` (one name or several) declares, its ``cache_version``, and the host's Python and
+    machine. Every stage builds its keys here (get and put with ``StageCache``, whose entries stay hash-checked)."""
+    from edgebuild.pipeline.versions import tool_versions
+    from edgebuild.targets.base import backend_info
+
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} has no cache version (pipeline/cache.py STAGES)")
+    names = (backend,) if isinstance(backend, str) else tuple(backend or ())
+    infos = [backend_info(n) for n in names]
+    packages = sorted({p for i in infos for p in i.versions})
+    return key(stage=stage, stage_version=STAGES[stage], inputs=inputs, config=config or {},
+               backends={i.name: i.cache_version for i in infos}, versions=tool_versions(packages))
 
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # no '/', no '..', not hidden, not absolute

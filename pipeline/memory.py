@@ -45,15 +45,16 @@ def measure_target(ctx, backend, profile, attempts: dict) -> bool:
     """Measure each attempt's artifact (``{"chosen": Attempt, "fp32": Attempt | None}``) into ``attempt.memory``;
     cached as a result entry keyed by the artifact's sha256, the feed, the runtime, threads and host. Returns
     True when every number came from the cache."""
-    from edgebuild.pipeline.cache import key
+    from edgebuild.pipeline.cache import cached
     from edgebuild.pipeline.stages.candidate import array_hash, artifact_hash, json_round_trip, runtime_key, timing_threads
 
     threads = timing_threads(profile)
     feed = ctx.job.evalset.feed(0)
     all_cached = True
     for attempt in (a for a in attempts.values() if a is not None):
-        k = key(stage="memory", artifact=artifact_hash(attempt.artifact), runs=RUNS,
-                feed={n: array_hash(v) for n, v in sorted(feed.items())}, runtime=runtime_key(backend, threads))
+        k = cached("memory", inputs={"artifact": artifact_hash(attempt.artifact),
+                                     "feed": {n: array_hash(v) for n, v in sorted(feed.items())}},
+                   config={"runs": RUNS, "runtime": runtime_key(backend, threads)}, backend=backend.name)
         hit = ctx.work.cache.get_result(k)
         if hit is not None:
             attempt.memory = hit[0]
@@ -69,14 +70,15 @@ def micro_fit(ctx, backend, artifact) -> tuple[dict, bool]:
     """Arena, flash and the microcontroller runtime's agreement with the host runtime on the first evaluation samples
     (the backend's ``micro()``: TFLM for TFLite, targets/tflite/tflm.py), cached as a result entry by the artifact's
     sha256, the samples and the microcontroller runtime's version. Returns (record, from cache)."""
-    from edgebuild.pipeline.cache import key
+    from edgebuild.pipeline.cache import cached
     from edgebuild.pipeline.stages.candidate import array_hash, artifact_hash, json_round_trip, open_runner
 
     micro = backend.micro()
     version = micro.installed_version(artifact.target)
     feeds = [ctx.job.evalset.feed(i) for i in range(min(micro.SAMPLES, len(ctx.job.evalset)))]
-    k = key(stage="tflm", artifact=artifact_hash(artifact), tflm=version,
-            feeds=[{n: array_hash(v) for n, v in sorted(f.items())} for f in feeds])
+    k = cached("micro", inputs={"artifact": artifact_hash(artifact),
+                                "feeds": [{n: array_hash(v) for n, v in sorted(f.items())} for f in feeds]},
+               config={"micro_runtime": version}, backend=backend.name)
     hit = ctx.work.cache.get_result(k)
     if hit is not None:
         return hit[0], True

@@ -129,11 +129,11 @@ class Meter:
 
 
 def _key(ctx, profile) -> str:
-    from edgebuild.pipeline.cache import key
+    from edgebuild.pipeline.cache import cached
 
     calib = ctx.job.calib
-    return key(stage="peak", model=ctx.job.model.content_hash, target=profile.name, backend=profile.backend,
-               calib=None if calib is None else len(calib))
+    return cached("peak", inputs={"model": ctx.job.model.content_hash, "calib": None if calib is None else len(calib)},
+                  config={"target": profile.name}, backend=profile.backend)
 
 
 def estimates(ctx, profiles, model_bytes: int) -> dict[str, tuple[int, str]]:

@@ -16,15 +16,14 @@ import numpy as np
 
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline import timing
-from edgebuild.pipeline.cache import code_hash, key
+from edgebuild.pipeline.cache import cached as stage_key, key  # `cached` is a local name in evaluate()
 from edgebuild.pipeline.errors import ConversionError
 from edgebuild.pipeline.results import Metrics, decide
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.export import file_hash
-from edgebuild.pipeline.versions import tool_versions
 from edgebuild.specs import Precision
-from edgebuild.targets.base import Artifact, Backend, Runner
+from edgebuild.targets.base import REFERENCE_BACKEND, Artifact, Backend, Runner
 from edgebuild.targets.profiles import TargetProfile
 
 
@@ -110,8 +109,8 @@ def artifact_hash(art: Artifact) -> str:
 
 
 def runtime_key(backend: Backend, threads: int) -> dict:
-    versions = {k: v for k, v in tool_versions().items() if v}
-    return {"backend": backend.name, "versions": versions, "threads": threads, "host": host_id(), "code": code_hash()}
+    """Where a result was measured (the backend's package versions key it through ``cache.cached``)."""
+    return {"backend": backend.name, "threads": threads, "host": host_id()}
 
 
 def judging_key(ctx: BuildContext):
@@ -131,9 +130,10 @@ def evaluate(ctx: BuildContext, backend: Backend, profile: TargetProfile, art: A
     evalset, reference = data or (ctx.job.evalset, ctx.job.reference)
     threads = timing_threads(profile)
     # a user's evaluator is code whose changes no key sees: its results are not cached
-    k = None if ctx.job.judging.evaluator else key(
-        stage="validate", artifact=artifact_hash(art), data=evalset.content_hash(), reference=ctx.job.model.content_hash,
-        judging=judging_key(ctx), runtime=runtime_key(backend, threads))
+    k = None if ctx.job.judging.evaluator else stage_key(
+        "validate", inputs={"artifact": artifact_hash(art), "data": evalset.content_hash(),
+                            "reference": ctx.job.model.content_hash},
+        config={"judging": judging_key(ctx), "runtime": runtime_key(backend, threads)}, backend=backend.name)
     hit = ctx.work.cache.get_result(k) if k else None
     cached = hit is not None
     if cached:
@@ -161,7 +161,7 @@ def json_round_trip(obj):
 def reference_attempt(ctx: BuildContext, art: Artifact, budget: V.Budget, restored: bool = False) -> Attempt | None:
     """The FP32 baseline's metrics without running it, when it is numerically the reference: the same ONNX file
     on the same runtime (onnx backend, FP32). None when it is not."""
-    if art.backend != "onnx" or art.precision != Precision.FP32 or len(art.files) != 1 \
+    if art.backend != REFERENCE_BACKEND or art.precision != Precision.FP32 or len(art.files) != 1 \
             or file_sha(art.path) != file_sha(ctx.job.model.onnx_path):
         return None
     metrics = V.compare(ctx.job.reference, ctx.job.reference, ctx.job.evalset.labels, ctx.job.judging)

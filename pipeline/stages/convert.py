@@ -5,9 +5,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgebuild.errors import ConversionError
-from edgebuild.pipeline.cache import code_hash, key
+from edgebuild.pipeline.cache import cached
 from edgebuild.pipeline.stages.context import BuildContext
-from edgebuild.pipeline.versions import tool_versions
 from edgebuild.targets.base import Artifact, Backend
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Settings
@@ -72,14 +71,14 @@ def _in_cache(ctx: BuildContext, k: str) -> bool:
 
 def _convert_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, precision: Precision,
                  settings: Settings) -> str:
-    versions = {k: v for k, v in tool_versions().items() if v}
     # what a conversion depends on; two profiles that differ only in budgets/threads share artifacts
-    return key(stage="convert", backend=backend.name, io=(profile.io_dtype, profile.layout), quant=profile.quant,
-               precision=precision, settings=settings.for_precision(precision), model=ctx.job.model.content_hash,
-               code=code_hash(),
-               inputs=[asdict(i) for i in ctx.job.model.inputs],
-               calib=ctx.job.calib.content_hash() if precision == Precision.INT8 else None, versions=versions,
-               isa=_isa() if precision == Precision.INT8 else None)  # `auto` settings are chosen from the host's ISA
+    return cached("convert", inputs={"model": ctx.job.model.content_hash,
+                                     "calib": ctx.job.calib.content_hash() if precision == Precision.INT8 else None},
+                  config={"io": (profile.io_dtype, profile.layout), "quant": profile.quant, "precision": precision,
+                          "settings": settings.for_precision(precision),
+                          "inputs": [asdict(i) for i in ctx.job.model.inputs],
+                          "isa": _isa() if precision == Precision.INT8 else None},  # `auto` settings come from the host's ISA
+                  backend=backend.name)
 
 
 def _isa() -> dict:

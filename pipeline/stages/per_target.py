@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edgebuild.pipeline import timing
-from edgebuild.pipeline.cache import key
+from edgebuild.pipeline.cache import cached
 from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.pipeline.results import CacheUse, SearchRecord, TargetResult
 from edgebuild.pipeline.spec import BuildSpec
@@ -29,7 +29,7 @@ from edgebuild.pipeline.stages.candidate import (  # noqa: F401 (re-exported: a 
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.convert import baseline_dirs, convert
 from edgebuild.specs import Precision
-from edgebuild.targets.base import Backend, get_backend
+from edgebuild.targets.base import REFERENCE_BACKEND, Backend, get_backend
 from edgebuild.targets.profiles import TargetProfile
 
 
@@ -52,9 +52,10 @@ def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
     threads = timing_threads(profile)
     feed = ctx.job.evalset.feed(0)
     arts = {"chosen": chosen.artifact, **({"fp32": baseline.artifact} if baseline is not None else {})}
-    k = key(stage="latency", artifacts={n: artifact_hash(a) for n, a in arts.items()},
-            feed={n: array_hash(v) for n, v in sorted(feed.items())},
-            rounds=(timing.ROUNDS, timing.ROUND_S, timing.MAX_ROUND_RUNS, timing.WARMUP), runtime=runtime_key(backend, threads))
+    k = cached("latency", inputs={"artifacts": {n: artifact_hash(a) for n, a in arts.items()},
+                                  "feed": {n: array_hash(v) for n, v in sorted(feed.items())}},
+               config={"rounds": (timing.ROUNDS, timing.ROUND_S, timing.MAX_ROUND_RUNS, timing.WARMUP),
+                       "runtime": runtime_key(backend, threads)}, backend=backend.name)
     hit = ctx.work.cache.get_result(k)
     if hit is not None:
         record = hit[0]
@@ -76,10 +77,13 @@ def _search_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, bud
     if ctx.job.spec.build_max_seconds is not None or ctx.job.judging.evaluator:
         return None
     spec = ctx.job.spec
-    return key(stage="search", model=ctx.job.model.content_hash, calib=ctx.job.calib.content_hash(),
-               eval=ctx.job.evalset.content_hash(), profile=profile.to_dict(), budget=budget.to_dict(),
-               search=(spec.seed, spec.auto_max_tries, spec.auto_max_seconds), judging=judging_key(ctx),
-               inputs=[asdict(i) for i in ctx.job.model.inputs], runtime=runtime_key(backend, timing_threads(profile)))
+    return cached("search", inputs={"model": ctx.job.model.content_hash, "calib": ctx.job.calib.content_hash(),
+                                    "eval": ctx.job.evalset.content_hash()},
+                  config={"profile": profile.to_dict(), "budget": budget.to_dict(),
+                          "search": (spec.seed, spec.auto_max_tries, spec.auto_max_seconds), "judging": judging_key(ctx),
+                          "inputs": [asdict(i) for i in ctx.job.model.inputs],
+                          "runtime": runtime_key(backend, timing_threads(profile))},
+                  backend=(backend.name, REFERENCE_BACKEND))  # the search converts, runs and measures sensitivity
 
 
 def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget, outdir: Path,
@@ -113,7 +117,7 @@ def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
 def _store_search(ctx: BuildContext, k: str | None, chosen: Attempt, search: SearchRecord) -> None:
     if not k or search.time_limit:  # a choice the clock made is not a function of the key: not kept
         return
-    art_key = key(stage="search-choice", search=k)
+    art_key = cached("search-choice", inputs={"search": k})
     ctx.work.cache.put(art_key, chosen.artifact)
     ctx.work.cache.put_result(k, {"artifact_key": art_key, "label": chosen.label, "record": search.to_dict(),
                              "data_hash": chosen.data.get("content_hash")})

@@ -39,8 +39,6 @@ LAYER_SAMPLE_BUDGET = 1536  # layers x samples scored at most: more layers, fewe
 # ranking of a classifier's layers was their graph order; the output distortion (1 - mean cosine) breaks the ties
 TIE_BREAK = 1e-3
 MAX_LAYERS = 64  # layers ranked at most (the graph's first ones)
-STAGE_VERSION = 1  # of this stage's method: a change of it is a new cache key
-RUNTIME_PACKAGES = ("onnx", "onnxruntime", "numpy")  # what the measurement runs on (its cache key)
 
 
 @dataclass(frozen=True)
@@ -53,8 +51,8 @@ class Sensitivity:
 
 def stage_key(ctx, select, budget: V.Budget) -> str | None:
     """What a sensitivity ranking depends on; None when a user's evaluator judges (its code is not part of a key)."""
-    from edgebuild.pipeline.cache import key
-    from edgebuild.pipeline.versions import tool_versions
+    from edgebuild.pipeline.cache import cached
+    from edgebuild.targets.base import REFERENCE_BACKEND
 
     if ctx.job.judging.evaluator:
         return None
@@ -65,10 +63,10 @@ def stage_key(ctx, select, budget: V.Budget) -> str | None:
     for outputs in reference:
         for o in outputs:
             ref.update(np.ascontiguousarray(o).tobytes())
-    return key(stage="sensitivity", version=STAGE_VERSION, model=ctx.job.model.content_hash,
-               calib=ctx.job.calib.content_hash(), select=samples.content_hash(), reference=ref.hexdigest(),
-               judging=judging, budget=budget.to_dict(), max_layers=MAX_LAYERS,
-               versions={n: tool_versions(RUNTIME_PACKAGES).get(n) for n in RUNTIME_PACKAGES})
+    return cached("sensitivity", inputs={"model": ctx.job.model.content_hash, "calib": ctx.job.calib.content_hash(),
+                                         "select": samples.content_hash(), "reference": ref.hexdigest()},
+                  config={"judging": judging, "budget": budget.to_dict(), "max_layers": MAX_LAYERS},
+                  backend=REFERENCE_BACKEND)  # the reference backend's fake quantization measures it
 
 
 def measure(ctx, select, budget: V.Budget, until: float) -> Sensitivity:
