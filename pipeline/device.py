@@ -32,9 +32,15 @@ from edgebuild.procs import tempdir
 RUNNER = Path(__file__).parent / "assets" / "device_runner.py"
 CONNECT_TIMEOUT_S = 10
 RUN_TIMEOUT_S = 600
-# the machines (uname -m) a target's boards have; targets not listed run on any machine with the runtime
-ARCHES = {"arm64": ("aarch64", "arm64"), "android-arm64": ("aarch64",), "x86": ("x86_64", "amd64"),
-          "x86-fp16": ("x86_64",), "intel-n100": ("x86_64",)}
+
+
+def machines(target: str) -> tuple[str, ...]:
+    """The machines (``uname -m``) the target's boards have (its profile's ``machines``); () = any machine with the
+    runtime (also for a target whose profile is not in the catalogue)."""
+    from edgebuild.targets.profiles import catalogue
+
+    profile = catalogue().get(target)
+    return profile.machines if profile is not None else ()
 
 
 def device_runtimes() -> dict[str, tuple[str, ...]]:
@@ -131,7 +137,7 @@ def probe(board: Board, target: str, backend: str) -> dict:
         raise DeviceError(f"{board.name} is unreachable: {_last_line(done.stderr)}")
     lines = done.stdout.strip().splitlines()
     machine = lines[0].strip() if lines else "?"
-    accepted = None if board.arch == "any" else ((board.arch,) if board.arch else ARCHES.get(target))
+    accepted = None if board.arch == "any" else ((board.arch,) if board.arch else machines(target))
     if accepted and machine not in accepted:
         raise DeviceError(f"{board.name} is a {machine} machine; target {target} runs on {'/'.join(accepted)} "
                           f"(add ?arch=any to the URL to run it there anyway)")

@@ -22,7 +22,7 @@ MEMORY_MARGIN = 1 << 30  # kept free for the system and the build's own process 
 # Runtime's calibrator) and a multiple of the FP32 model's size (graph copies, the calibration's statistics, the
 # artifact and its FP32 sibling). Fitted to its children's peaks as pipeline/peaks.py measures them, --no-auto:
 # ResNet-50 (98 MB) onnx-cpu 741 MB, x86 844 MB, arm64 2649 MB; MobileNetV2 (14 MB) onnx-cpu 315 MB, arm64 ~1150 MB.
-PEAK_MODEL = {"tflite": (900 << 20, 18.0), "openvino": (300 << 20, 8.0), "onnx": (245 << 20, 5.0)}
+# (each backend declares its own: BackendInfo.peak_memory)
 PEAK_OTHER = (900 << 20, 18.0)  # a backend not measured yet: as the heaviest
 log = logging.getLogger("edgebuild.schedule")
 
@@ -48,8 +48,11 @@ def memory_limit(max_memory_gb: float | None) -> int:
 
 
 def estimate_peak(backend: str, model_bytes: int) -> int:
-    """A conversion's estimated peak memory in bytes (``PEAK_MODEL``) for an FP32 ONNX model of ``model_bytes``."""
-    fixed, per_byte = PEAK_MODEL.get(backend, PEAK_OTHER)
+    """A conversion's estimated peak memory in bytes (the backend's ``peak_memory``) for an FP32 ONNX model of
+    ``model_bytes``."""
+    from edgebuild.targets.base import backend_info
+
+    fixed, per_byte = backend_info(backend).peak_memory or PEAK_OTHER
     return int(fixed + per_byte * model_bytes)
 
 

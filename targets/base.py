@@ -144,6 +144,11 @@ class BackendInfo:
     cache_version: int = 1  # bump when its conversion changes what it writes (keys its cache entries)
     isolate_runner: bool = False  # run the runtime in a subprocess (native code that may crash)
     micro: bool = False  # can check a microcontroller fit (profiles with ``micro: true``; Backend.micro)
+    # a conversion's peak resident memory before one is measured: (fixed bytes, bytes per byte of the FP32 model)
+    # (pipeline/schedule.py, --max-memory-gb), and a batch cell's declared memory in MB (pipeline/batch/matrix.py);
+    # unset: as the heaviest backend
+    peak_memory: tuple[int, float] | None = None
+    cell_memory_mb: int | None = None
 
     def __post_init__(self):
         if not self.name.isidentifier() or ":" not in self.backend:

@@ -36,7 +36,8 @@ MIN_HISTOGRAM_SAMPLES = 32
 INFO = register(BackendInfo(
     name="onnx", backend=f"{__name__}:OnnxBackend", precisions=tuple(Precision), settings_type=OnnxSettings,
     extra="onnx", requires=("onnx", "onnxruntime"), device_runtimes=("onnxruntime",), suffixes=(".onnx",),
-    metadata="onnx metadata_props", versions=("onnx", "onnxruntime", "numpy")))
+    metadata="onnx metadata_props", versions=("onnx", "onnxruntime", "numpy"),
+    peak_memory=(245 << 20, 5.0), cell_memory_mb=1000))
 
 
 class OnnxBackend(Backend):

@@ -62,7 +62,7 @@ INFO = register(BackendInfo(
     # OpenVINO is native code: the runtime runs in a spawned process so that a crash fails the target, not
     # the build. Measured on the demo (2-core host): 0.4-0.6 s more to open a runner, evaluation of 797
     # samples unchanged within noise (0.35 s), latency unchanged (it is timed inside that process).
-    isolate_runner=True))
+    isolate_runner=True, peak_memory=(300 << 20, 8.0), cell_memory_mb=1500))
 
 
 class OpenVinoBackend(Backend):

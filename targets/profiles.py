@@ -76,6 +76,7 @@ class TargetProfile:
     host_runtime: str = ""
     device_runtime: str = ""
     devices: tuple[str, ...] = ()
+    machines: tuple[str, ...] = ()  # `uname -m` of its boards (validate --device refuses another); () = any machine
     budgets: Budget = Budget(max_accuracy_drop=0.5)
     # a device's typical limits (latency, size, memory): advice, a warning in the report, never a failed build;
     # only the user's budgets (edgebuild.yaml, CLI, their own profile's `budgets:`) fail a build
@@ -99,6 +100,9 @@ class TargetProfile:
         object.__setattr__(self, "precisions", tuple(_typed(p) for p in self.precisions))  # "int8" -> Precision.INT8
         object.__setattr__(self, "precision", _typed(self.precision))
         object.__setattr__(self, "devices", tuple(self.devices))
+        if isinstance(self.machines, str) or not all(isinstance(m, str) for m in self.machines):
+            raise BadInputError(f"profile {self.name}: machines must be a list of `uname -m` names, got {self.machines!r}")
+        object.__setattr__(self, "machines", tuple(self.machines))
         if self.precision not in self.precisions:
             raise BadInputError(f"profile {self.name}: default precision {self.precision} not in {self.precisions}")
         bad = [p for p in self.precisions if p not in Precision.values()]

@@ -39,7 +39,7 @@ OBJECT_STORES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hdfs://")
 
 # What a cell's memory is declared as when the matrix does not say: a conversion's peak by backend (TensorFlow in
 # the TFLite child dominates), plus the model file 20 times over (its copies: ONNX export, reference, converters).
-BASE_MEMORY_MB = {"tflite": 3000, "openvino": 1500, "onnx": 1000}
+# (each backend's descriptor: BackendInfo.cell_memory_mb)
 OTHER_BACKEND_MB, MODEL_COPIES = 2000, 20
 
 
@@ -170,7 +170,9 @@ def memory_for(backend: str, spec: dict) -> int:
     size_mb = 0.0
     if isinstance(model, str) and Path(model).is_file():
         size_mb = Path(model).stat().st_size / 1e6
-    return int(BASE_MEMORY_MB.get(backend, OTHER_BACKEND_MB) + MODEL_COPIES * size_mb)
+    from edgebuild.targets.base import backend_info
+
+    return int((backend_info(backend).cell_memory_mb or OTHER_BACKEND_MB) + MODEL_COPIES * size_mb)
 
 
 def cache_location(value: Any, base: Path) -> str:

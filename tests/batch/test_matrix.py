@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgebuild.pipeline.batch.matrix import BASE_MEMORY_MB, load_matrix
+from edgebuild.pipeline.batch.matrix import load_matrix
+from edgebuild.targets.base import backend_info
 from edgebuild.pipeline.batch.summary import batch_exit, render_html, write_summary
 from edgebuild.pipeline.cli import main
 from edgebuild.pipeline.errors import BadInputError
@@ -33,7 +34,7 @@ def test_example_matrix_is_two_demo_models_by_two_targets(tmp_path):
         assert c.spec["out"] == str((tmp_path / "out" / c.model / c.target).resolve())
         assert c.spec["cache_dir"] == m.cache  # one cache for every cell
         assert c.resources.num_cpus == 1
-        assert c.resources.memory_mb == BASE_MEMORY_MB[c.backend]  # the demo's file size adds nothing
+        assert c.resources.memory_mb == backend_info(c.backend).cell_memory_mb  # the demo's file size adds nothing
     assert m.cells[2].spec["compress"] == [{"kind": "lowrank", "options": {"energy": 0.95}}]
     assert m.models == ("demo", "demo-lowrank") and m.targets == ("onnx-cpu", "x86")
 
@@ -61,7 +62,7 @@ def test_defaults_groups_overrides_and_paths(tmp_path):
     a = cells["a/x86"]
     assert a.spec["model"] == str(tmp_path.resolve() / "models" / "m.onnx")  # relative to the matrix file
     assert a.spec["budgets"]["max_accuracy_drop"] == 2.0 and a.spec["budgets"]["max_size_mb"] == 5  # merged
-    assert a.resources.num_cpus == 2 and a.resources.memory_mb == BASE_MEMORY_MB["openvino"] + 40
+    assert a.resources.num_cpus == 2 and a.resources.memory_mb == backend_info("openvino").cell_memory_mb + 40
     b = cells["b/x86"]
     assert b.resources.num_cpus == 1 and b.resources.memory_mb == 777
     assert b.spec["budgets"]["max_latency_ms"] == 9 and b.spec["budgets"]["max_accuracy_drop"] == 2.0
