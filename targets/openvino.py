@@ -151,6 +151,11 @@ class OpenVinoBackend(Backend):
         replace_file(path, ET.tostring(net, encoding="utf-8", xml_declaration=True))
         return self.info.metadata
 
+    def weight_counts(self, path: Path) -> list | None:
+        from edgebuild.targets.openvino_weights import weight_counts
+
+        return weight_counts(path) if path.suffix.lower() == ".xml" else None
+
     def read_metadata(self, path: Path) -> dict[str, str]:
         if path.suffix.lower() != ".xml":
             return {}

@@ -24,10 +24,6 @@ _ONNX_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "Mat
                        "MatMulInteger": (1,), "ConvInteger": (1,), "QLinearConv": (3,), "QLinearMatMul": (3,)}
 _ONNX_PASS = ("DequantizeLinear", "Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "QuantizeLinear")
 _INT_TYPES_ONNX = {2, 3, 22, 21, 4, 5}  # uint8, int8, int4, uint4, uint16, int16 (TensorProto)
-_OV_WEIGHTED = {"Convolution": (1,), "GroupConvolution": (1,), "ConvolutionBackpropData": (1,),
-                "GroupConvolutionBackpropData": (1,), "MatMul": (0, 1), "LSTMSequence": (4, 5), "GRUSequence": (4, 5),
-                "RNNSequence": (4, 5), "LSTMCell": (3, 4), "GRUCell": (2, 3), "Gather": (0,)}
-_OV_PASS = ("Convert", "Multiply", "Subtract", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "FakeQuantize")
 
 
 def weight_share(path: Path, backend: str) -> dict | None:
@@ -36,8 +32,6 @@ def weight_share(path: Path, backend: str) -> dict | None:
     try:
         if path.suffix == ".onnx":
             counts = _onnx_counts(path)
-        elif path.suffix == ".xml":
-            counts = _openvino_counts(path)
         else:  # a format its backend reads (Backend.weight_counts)
             from edgebuild.targets.base import get_backend
 
@@ -90,56 +84,6 @@ def _onnx_counts(path: Path) -> list[tuple[int, bool, str]]:
                 continue
             seen.add(name)
             out.append((size, t.data_type in _INT_TYPES_ONNX, node.name or name))
-    return out
-
-
-def _openvino_counts(path: Path) -> list[tuple[int, bool, str]]:
-    import xml.etree.ElementTree as ET
-
-    root = ET.parse(path).getroot()
-    layers = {}
-    for layer in root.iter("layer"):
-        data = layer.find("data")
-        layers[layer.get("id")] = (layer.get("type"), layer.get("name"), data.attrib if data is not None else {})
-    into: dict[tuple[str, str], str] = {}  # (to layer, to port) -> from layer
-    for e in root.iter("edge"):
-        into[(e.get("to-layer"), e.get("to-port"))] = e.get("from-layer")
-    ports: dict[str, list[str]] = {}
-    for layer in root.iter("layer"):
-        inp = layer.find("input")
-        ports[layer.get("id")] = [p.get("id") for p in inp.findall("port")] if inp is not None else []
-
-    def consts(lid: str, depth: int = 0) -> list[tuple[int, str, str]]:
-        typ, name, data = layers[lid]
-        if typ == "Const":
-            shape = [int(d) for d in data.get("shape", "").split(",") if d.strip()]
-            return [(int(np.prod(shape)) if shape else 1, data.get("element_type", ""), lid)]
-        if typ not in _OV_PASS or depth > 6:
-            return []
-        found = []
-        for p in ports[lid]:
-            src = into.get((lid, p))
-            if src is not None:
-                found += consts(src, depth + 1)
-        return found
-
-    seen: set[str] = set()
-    out = []
-    for lid, (typ, name, _) in layers.items():
-        for i in _OV_WEIGHTED.get(typ, ()):
-            if i >= len(ports[lid]):
-                continue
-            src = into.get((lid, ports[lid][i]))
-            if src is None:
-                continue
-            found = [c for c in consts(src) if c[0] >= MIN_WEIGHT and c[1] not in ("i32", "i64", "boolean")]
-            if not found:
-                continue
-            size, etype, cid = max(found)
-            if cid in seen:
-                continue
-            seen.add(cid)
-            out.append((size, etype in ("i8", "u8", "i4", "u4", "nf4"), name))
     return out
 
 
