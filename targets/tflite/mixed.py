@@ -129,7 +129,9 @@ def check_integer(float_ops: list[dict], job: dict) -> dict:
     and the QUANTIZE/DEQUANTIZE at their borders. Returns what stayed float, per ONNX node."""
     requested = job.get("float_ops_requested") or {}
     wanted = [op for ops in requested.values() for op in ops]
-    stray = [op for op in float_ops if op["op"] not in ("QUANTIZE", "DEQUANTIZE") and not any(map(_same_op(op), wanted))]
+    by_type = set(job.get("auto_float_types") or ())  # every op of these types stays float (see ``ops_of_types``)
+    stray = [op for op in float_ops if op["op"] not in ("QUANTIZE", "DEQUANTIZE", *by_type)
+             and not any(map(_same_op(op), wanted))]
     if stray or (float_ops and not requested):
         left = sorted({op["op"] for op in stray}) or sorted({op["op"] for op in float_ops})
         where = " outside the requested float layers" if requested else ""

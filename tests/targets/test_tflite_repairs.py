@@ -38,3 +38,17 @@ def test_a_type_left_float_twice_is_kept_float_everywhere_but_never_a_weighted_o
     assert "auto_float_types" not in job  # once: only the ops it named
     C._remember_float(job, second)
     assert job["auto_float_types"] == ["SPLIT"]  # twice: the type; FULLY_CONNECTED keeps per-op repairs (weights)
+
+
+def test_the_full_integer_check_accepts_any_op_of_a_type_kept_float_by_type():
+    """The deny list names the ops one run of the quantizer had; the next run may leave a different op of that
+    type float under another tensor name. A type kept float by type is float everywhere, so the check accepts any
+    op of it; an op of another type still fails the check."""
+    from edgebuild.targets.tflite.mixed import AUTO_FLOAT, ConversionFailure, check_integer
+
+    job = {"float_ops_requested": {AUTO_FLOAT: [{"op": "SPLIT", "tensor": "s1"}]}, "auto_float_types": ["SPLIT"]}
+    assert check_integer([{"op": "SPLIT", "outputs": ["s1"]}, {"op": "SPLIT", "outputs": ["s9"]}], job)
+    with pytest.raises(ConversionFailure, match="SPLIT"):  # without the type: the stray SPLIT fails the check
+        check_integer([{"op": "SPLIT", "outputs": ["s9"]}], {**job, "auto_float_types": []})
+    with pytest.raises(ConversionFailure, match="TANH"):
+        check_integer([{"op": "SPLIT", "outputs": ["s9"]}, {"op": "TANH", "outputs": ["t1"]}], job)
