@@ -192,13 +192,14 @@ def finish_alternatives(ctx: BuildContext, pa: PreparedAlternatives):
     requested = precision_for(pa.profile, ctx.job.spec)
     best = choose(built, objective, requested)
     why = _why(pa, best, built, objective, requested)
+    summaries = [_summary(c) for c in pa.candidates]  # before the move: a candidate's checks read its files' sizes
     if best.outdir != pa.outdir:
         _empty(pa.outdir)
         for f in best.outdir.iterdir():
             shutil.move(str(f), str(pa.outdir / f.name))
     record = {"mode": pa.profile.alternatives_mode, "objective": objective, "shipped": best.profile.name,
               "backend": best.profile.backend, "why": why,
-              "candidates": [_summary(c) for c in pa.candidates],
+              "candidates": summaries,
               **({"skipped": pa.skipped} if pa.skipped else {})}
     r = best.result
     validation = pa.outdir / "validation.json"  # written by finish_target: the record goes there too
