@@ -70,7 +70,24 @@ def build(d, out, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["onnx-cpu", "arm64"])
+def test_on_onnx_cpu_the_detectors_sigmoid_and_concat_tail_stays_float_and_the_first_int8_keeps_the_task(
+        detector_files, tmp_path):
+    """The head's Sigmoid/Concat tail (box pixels and class scores under one int8 scale collapsed the scores) is an
+    output tail with a Sigmoid: onnx-cpu keeps it float from the start (targets/regions.py POST_OPS), so the profile's
+    own INT8 keeps the task — no search needed, and the file is still `_int8` (the tail holds no weights)."""
+    import onnx
+
+    code, m = build(detector_files, tmp_path / "naive", "--target", "onnx-cpu", "--no-auto")
+    t = m["targets"]["onnx-cpu"]
+    assert code == 0 and t["verdict"] == "pass" and t["artifact"] == "model_int8_qdq.onnx", t["failures"]
+    assert t["metrics"]["task"]["artifact"]["f1"] >= 90
+    graph = onnx.load(str(tmp_path / "naive" / "onnx-cpu" / t["artifact"])).graph
+    concat = [n.output[0] for n in graph.node if n.op_type == "Concat"]
+    assert concat and not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in concat]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["arm64"])
 def test_collapsed_detector_fails_the_gate_naming_the_metric(detector_files, tmp_path, target):
     code, m = build(detector_files, tmp_path / "naive", "--target", target, "--no-auto")
     t = m["targets"][target]
@@ -89,11 +106,14 @@ def test_accuracy_search_keeps_the_concatenating_head_in_float(detector_files, t
     code, m = build(detector_files, tmp_path / "auto", "--target", "onnx-cpu")
     t = m["targets"]["onnx-cpu"]
     assert code == 0 and not t["failures"], t["failures"]
-    # two routes keep the head's Concat (box pixels + class scores under one int8 scale) in float: ONNX Runtime's
+    # three routes keep the head's Concat (box pixels + class scores under one int8 scale) in float: the output tail
+    # kept float from the start (targets/regions.py, the profile's own settings pass), ONNX Runtime's
     # "weighted layers only" variant (elementwise ops float, every weighted layer int8: still `_int8`), or mixed
     # precision naming the Concat (`_int8_mixed`)
     chosen = t["search"]["chosen"]
-    if chosen.startswith("weighted layers only"):
+    if chosen == "profile settings":  # the output tail (Sigmoid, Concat) kept float from the start (targets/regions.py)
+        assert t["artifact"] == "model_int8_qdq.onnx"
+    elif chosen.startswith("weighted layers only"):
         assert t["artifact"] == "model_int8_qdq.onnx"
     else:
         assert chosen == "INT8 with 1 layer(s) in float" and list(t["search"]["float_layers"]) == ["/Concat"]
