@@ -46,6 +46,7 @@ class Judging:
     evaluator_base: str | None = None  # folders (os.pathsep-joined) the evaluator module is imported from (the config's)
     resolved: bool = False
     warnings: tuple[str, ...] = ()
+    class_output: str = ""  # after ``resolve``, with ``task: classification``: the output that holds the class scores
 
     @property
     def options(self) -> dict:
@@ -76,7 +77,19 @@ def resolve(judging: Judging, reference: list[list[np.ndarray]], labels: np.ndar
     if labels is not None and labels.ndim == 1:
         target, warnings = _labels_output(ref, labels, judging)
     return dataclasses.replace(judging, output_names=names, labels_output=target, resolved=True,
-                               warnings=tuple(warnings))
+                               warnings=tuple(warnings), class_output=_class_output(ref, target, judging))
+
+
+def _class_output(ref: dict, labelled: str, judging: Judging) -> str:
+    """The output ``task: classification`` declares to be class scores: the labelled one, else the only probability
+    distribution among several outputs, else the first output. A face detector's first output is often its box
+    offsets beside a softmax: argmax over four offsets is no class, and its top-1 "agreement" must not gate."""
+    if judging.task != "classification" or not ref:
+        return ""
+    if labelled:
+        return labelled
+    dists = [n for n, a in ref.items() if M.sample_vector(a) is not None and M.is_distribution(a)]
+    return dists[0] if len(dists) == 1 else next(iter(ref))
 
 
 def _labels_output(ref: dict, labels: np.ndarray, judging: Judging) -> tuple[str, list[str]]:
@@ -115,7 +128,7 @@ def output_kind(name: str, ref: np.ndarray, judging: Judging) -> str:
     if name == judging.labels_output:
         return "class_scores"
     v = M.sample_vector(ref)
-    if v is not None and (M.is_distribution(ref) or (judging.task == "classification" and name == judging.output_names[0])):
+    if v is not None and (M.is_distribution(ref) or (judging.task == "classification" and name == judging.class_output)):
         return "class_scores"
     if v is not None:
         return "vector"

@@ -255,3 +255,43 @@ def test_detection_with_ground_truth_boxes_reports_and_gates_map50(tmp_path):
     assert m.task.reference["mAP50"] == 100.0 > m.task.artifact["mAP50"]
     assert any(f.startswith("mAP50 drop vs FP32") for f in texts(m, task="detection"))
     assert compare(ref, ref, data.labels, j).task.artifact["mAP50"] == 100.0
+
+
+def _face_net_outputs(n=400, seed=3, box_noise=0.02, flip=0):
+    """A face/non-face net's outputs as MTCNN's R-Net gives them: box offsets first (four small numbers near zero),
+    then the softmax over face/non-face. The artifact's offsets carry quantization noise; ``flip`` samples of the
+    softmax change their decision."""
+    rng = np.random.default_rng(seed)
+    boxes = rng.normal(0, 0.05, (n, 4)).astype(np.float32)
+    logits = rng.normal(0, 3, (n, 2))
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    noisy = boxes + rng.normal(0, box_noise, boxes.shape).astype(np.float32)
+    flipped = probs.copy()
+    flipped[:flip] = flipped[:flip, ::-1]
+    ref = [[boxes[i:i + 1], probs[i:i + 1]] for i in range(n)]
+    out = [[noisy[i:i + 1], flipped[i:i + 1]] for i in range(n)]
+    return ref, out
+
+
+def test_classification_is_judged_on_the_softmax_output_not_on_box_offsets_listed_first():
+    ref, out = _face_net_outputs()
+    judging = Judging(output_names=("boxes", "prob"), task="classification")
+    m = compare(ref, out, None, judging)
+    assert m.outputs["prob"].kind == "class_scores" and m.outputs["boxes"].kind == "vector"
+    assert 100.0 - m.outputs["prob"].top1_agreement == 0.0
+    # argmax over four offsets "disagrees" on many samples: it must not be what gates a classification
+    assert (np.argmax(np.concatenate([r[0] for r in ref]), 1) != np.argmax(np.concatenate([o[0] for o in out]), 1)).mean() > 0.05
+    assert texts(m, task="classification") == []
+    # the box output is still guarded against collapse, and a real change of decisions still fails
+    _, wrecked = _face_net_outputs(box_noise=1.0)
+    assert any("boxes" in f and "collapse guard" in f for f in texts(compare(ref, wrecked, None, judging), task="classification"))
+    _, flipped = _face_net_outputs(flip=8)
+    assert any("prob" in f and "top-1 disagreement" in f for f in texts(compare(ref, flipped, None, judging), task="classification"))
+
+
+def test_classification_without_a_softmax_output_still_declares_the_first_output_class_scores():
+    rng = np.random.default_rng(0)
+    logits, emb = rng.normal(0, 2, (50, 5)), rng.normal(0, 1, (50, 8))
+    ref = [[logits[i:i + 1], emb[i:i + 1]] for i in range(50)]
+    m = compare(ref, ref, None, Judging(output_names=("logits", "emb"), task="classification"))
+    assert m.outputs["logits"].kind == "class_scores" and m.outputs["emb"].kind == "vector"
