@@ -2,8 +2,10 @@
 candidates the build made for it.
 
 - ``precision`` (default): the profile's precision, as the accuracy search leaves it — the smallest candidate that
-  keeps the task — unless, on a profile with ``host_is_device: true``, it is slower than the FP32 baseline (three
-  quarters of the interleaved rounds slower): then the FP32 baseline ships (a user asked for a faster model).
+  keeps the task — unless, on a profile with ``host_is_device: true``, it is slower than the FP32 baseline (the
+  median of the interleaved rounds' ratios below 1x and a sign test over the rounds at 5 %; rounds are added, up to
+  36, while the median says slower and the test cannot yet): then the FP32 baseline ships (a user asked for a
+  faster model).
 - ``latency``: the fastest candidate within the accuracy budget; never one slower than the FP32 baseline (the
   speed-up is the median of the interleaved rounds' ratios). Only on profiles with ``host_is_device: true``
   (the host runs the device's runtime, so host latency is the device's); elsewhere the profile's precision
@@ -19,6 +21,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 
+from edgebuild.pipeline import timing
 from edgebuild.pipeline.results import ObjectiveDecision
 from edgebuild.specs import Precision
 from edgebuild.specs import OBJECTIVES, check_objective  # noqa: F401 (re-exported)
@@ -46,10 +49,9 @@ MIN_JUDGED_MS = 1.0  # below this FP32 p50 the runner's own per-call overhead is
 
 
 def slower(speedup: dict | None) -> bool:
-    """Slower than FP32 beyond the timing's noise: three quarters of the interleaved rounds slower (p75 < 1)."""
-    s = speedup or {}
-    top = s.get("p75", s.get("median"))
-    return top is not None and top < 1.0 and s.get("median", 1.0) < 1.0
+    """Slower than FP32 beyond the timing's noise (``timing.slower``: the median below 1x and the sign test over the
+    interleaved rounds)."""
+    return timing.slower(speedup)
 
 
 def pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tuple[object, ObjectiveDecision]:
@@ -79,7 +81,7 @@ def _pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tu
             why += (f"; FP32 runs in {base_ms:.3f} ms, too little to judge speed beyond the runner's own overhead"
                     if slower(speedup) and base_ms is not None and base_ms < MIN_JUDGED_MS
                     else f", not slower than FP32 beyond the timing's noise (median {speedup.get('median', 0):.2f}×, "
-                         f"p75 {speedup.get('p75', speedup.get('median', 0)):.2f}×)")
+                         f"{speedup.get('rounds_not_slower', '?')} of {speedup.get('rounds')} rounds at or above 1×)")
         return chosen, {**record, "why": why}
     if baseline is None:
         return chosen, {**record, "why": "no FP32 baseline to choose from"}

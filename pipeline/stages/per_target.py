@@ -54,7 +54,8 @@ def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
     arts = {"chosen": chosen.artifact, **({"fp32": baseline.artifact} if baseline is not None else {})}
     k = cached("latency", inputs={"artifacts": {n: artifact_hash(a) for n, a in arts.items()},
                                   "feed": {n: array_hash(v) for n, v in sorted(feed.items())}},
-               config={"rounds": (timing.ROUNDS, timing.ROUND_S, timing.MAX_ROUND_RUNS, timing.WARMUP),
+               config={"rounds": (timing.ROUNDS, timing.ROUND_S, timing.MAX_ROUND_RUNS, timing.WARMUP, timing.MAX_ROUNDS,
+                                          timing.SLOWER_P),
                        "runtime": runtime_key(backend, threads)}, backend=backend.name)
     hit = ctx.work.cache.get_result(k)
     if hit is not None:
@@ -62,7 +63,8 @@ def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
     else:
         with ExitStack() as stack:
             runners = {n: stack.enter_context(open_runner(backend, a, threads)) for n, a in arts.items()}
-            lat, p50s = timing.latency_interleaved(runners, feed)
+            lat, p50s = timing.latency_interleaved(runners, feed,
+                                                   more=timing.undecided("fp32", "chosen") if baseline is not None else None)
         record = {"latency": lat, "speedup": timing.speedup(p50s["fp32"], p50s["chosen"]) if baseline is not None else None}
         ctx.work.cache.put_result(k, record)
         record = json_round_trip(record)

@@ -19,7 +19,7 @@ def fake_timing(chosen_ms: float, fp32_ms: float):
     """latency_interleaved as the build calls it, with fixed p50s per role ("chosen", "fp32")."""
     ms = {"chosen": chosen_ms, "fp32": fp32_ms}
 
-    def latency_interleaved(runners, feed, rounds=timing.ROUNDS, round_s=timing.ROUND_S):
+    def latency_interleaved(runners, feed, rounds=timing.ROUNDS, round_s=timing.ROUND_S, more=None, max_rounds=None):
         lat = {n: {"p50_ms": ms[n], "p90_ms": ms[n], "p99_ms": ms[n], "runs": rounds, "warmup": 0, "rounds": rounds,
                    "runs_per_round": 1, "interleaved_with": [o for o in runners if o != n], "threads_used": 1}
                for n in runners}
