@@ -172,6 +172,11 @@ class Settings:
             return self
         return type(self).from_profile({**self.to_dict(), **dict(changes)}, where)
 
+    def kind(self) -> str:
+        """The kind of INT8 recipe these settings ask for (the accuracy search tries every kind before giving INT8 up
+        after a collapse): backends with one recipe have one kind."""
+        return "static"
+
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
 
@@ -229,6 +234,14 @@ class OnnxSettings(Settings):
     # LSTM weights in int8 (onnxruntime's DynamicQuantizeLSTM; static QDQ leaves recurrent layers float)
     quantize_recurrent: bool = flag(True)
     float_regions: bool = flag(True)  # a signal-processing front-end / post-processing tail stays float (targets/regions.py)
+    # static: Q/DQ with calibrated activation ranges; dynamic: onnxruntime's quantize_dynamic (MatMul/Gemm, embedding
+    # Gather and LSTM weights int8, activations quantized per call: no calibration; Conv and the rest stay float)
+    activations: str = choice("static", "static", "dynamic", fold=str.lower)
+    # the recurrent state (a stateful model's state input -> LSTM/GRU initial state -> state output) without Q/DQ
+    float_state: bool = flag(True)
+
+    def kind(self) -> str:
+        return self.activations
 
 
 @dataclass(frozen=True)

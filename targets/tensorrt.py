@@ -23,7 +23,7 @@ INFO = register(BackendInfo(
     precisions=tuple(TRTEXEC_FLAGS),  # explicit-quantization INT8, FP16, FP32 engines; no weight-only INT8
     settings_type=TensorRTSettings,  # the onnx backend's QDQ options
     extra="onnx", requires=("onnx", "onnxruntime"), suffixes=(".onnx",), metadata="onnx metadata_props",
-    versions=("onnx", "onnxruntime", "numpy", "tensorrt")))
+    versions=("onnx", "onnxruntime", "numpy", "tensorrt"), cache_version=2))  # 2: the onnx backend's quantization (cache_version 2)
 
 
 class TensorRTBackend(OnnxBackend):

@@ -232,7 +232,7 @@ def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt
     if backend is not None:
         tried = {t.label for t in search.record.tries}
         settings = backend.requested_settings(profile)
-        for label, overrides in backend.recovery_candidates(profile, settings):
+        for label, overrides in candidates(ctx, backend, profile, settings):
             if label in tried:
                 continue
             a = search.attempt(f"{label} (next INT8 candidate after a held-out miss)", Precision.INT8, overrides)
@@ -313,11 +313,45 @@ def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error:
                                   f"{str(e)[:200]})") from e
 
 
+def candidates(ctx, backend: Backend, profile: TargetProfile, settings: Settings) -> list[tuple[str, Settings]]:
+    """The INT8 candidates after the profile's own settings, likeliest first: those the backend chooses from the graph
+    (``graph_candidates``: dynamic INT8 where MatMul/LSTM/embedding tables hold most of the weights), then its
+    calibration/granularity/range variants."""
+    graph = getattr(backend, "graph_candidates", None)
+    found = list(graph(profile, settings, ctx.job.model.onnx_path)) if graph is not None else []
+    return found + list(backend.recovery_candidates(profile, settings))
+
+
+def _kind(settings) -> str:
+    return settings.kind() if isinstance(settings, Settings) else "static"
+
+
+def other_kinds(variants, settings) -> list:
+    """After a collapse: the candidates of a kind of INT8 recipe not tried yet (dynamic beside static QDQ), one per
+    kind. A collapse of static INT8 says nothing about dynamic INT8: the search tries each kind before leaving INT8."""
+    seen, out = {_kind(settings)}, []
+    for label, s in variants:
+        if _kind(s) not in seen:
+            seen.add(_kind(s))
+            out.append((label, s))
+    return out
+
+
 def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, collapsed: bool) -> Attempt | None:
-    """Backend variants, mixed precision, FP16/FP32. After a collapse the per-layer sensitivity decides first: when
-    no few layers explain the loss (it is spread over the graph, as in transformer encoders), FP16 comes next."""
+    """Backend variants, mixed precision, FP16/FP32. After a collapse the INT8 candidates of another kind come first
+    (dynamic INT8 when the profile's is static), then the per-layer sensitivity decides: when no few layers explain
+    the loss (it is spread over the graph, as in transformer encoders), FP16 comes next."""
     settings = backend.requested_settings(profile)  # what `first` was asked for (its record may say more)
-    variants = backend.recovery_candidates(profile, settings)
+    variants = candidates(ctx, backend, profile, settings)
+    if collapsed:
+        others = other_kinds(variants, settings)
+        if others:
+            search.record.extra["other_kinds"] = [label for label, _ in others]  # tried after the collapse
+        for label, overrides in others:
+            a = search.attempt(label, Precision.INT8, overrides)
+            if a is not None and a.quality_ok:
+                return a
+        variants = [v for v in variants if v not in others]
     if collapsed and search.tries and _diffuse(ctx, backend, profile, search):
         safety = _float_fallbacks(search, profile, only_fp16=True)
         if safety is not None:
@@ -368,7 +402,10 @@ def _rest(ctx, backend, profile, search: _Search, settings: Settings, variants, 
     if found is not None:
         return found
     if collapsed:
+        tried = {t.label for t in search.record.tries}
         for label, overrides in variants[COLLAPSED_VARIANTS:] if not fp16_done else variants:
+            if label in tried:
+                continue
             a = search.attempt(label, Precision.INT8, overrides)
             if a is not None and a.quality_ok:
                 return a

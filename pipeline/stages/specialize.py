@@ -22,7 +22,21 @@ MAX_REL_DIFF = 1e-5
 
 def specialize_constant_ifs(model, datasets: Iterable) -> tuple[object, dict[str, object], list[str]]:
     """Return (model, frozen input values, notes); the model is unchanged (and no input frozen) when no If's
-    condition is fixed by the data, or when the specialized graph would not compute what the original does."""
+    condition is fixed by the data, or when the specialized graph would not compute what the original does.
+    Repeated while it inlines: an inlined branch may hold Ifs of its own (Silero VAD's LSTM sits in a decoder If
+    whose condition is a Shape of the state input: fixed by the data's shapes)."""
+    datasets = list(datasets)
+    frozen, notes = {}, []
+    for _ in range(4):
+        model, more_frozen, more = _specialize_once(model, datasets)
+        frozen.update(more_frozen)
+        notes += more
+        if not more_frozen and not any("inlined" in n for n in more):
+            break
+    return model, frozen, notes
+
+
+def _specialize_once(model, datasets: list) -> tuple[object, dict[str, object], list[str]]:
     g = model.graph
     ifs = [n for n in g.node if n.op_type == "If"]
     if not ifs:
@@ -41,6 +55,9 @@ def specialize_constant_ifs(model, datasets: Iterable) -> tuple[object, dict[str
         return model, {}, [f"If node(s) kept: their condition depends on input(s) {varying}, which vary in the data"]
 
     conds = _evaluate(model, [n.input[0] for n in fixed], datasets[0].feed(0))
+    for i in range(1, min(len(datasets[0]), 4)):  # a condition read from shapes only: the same on other samples too
+        again = _evaluate(model, [n.input[0] for n in fixed], datasets[0].feed(i))
+        fixed = [n for n in fixed if again[n.input[0]] == conds[n.input[0]]]
     out = _copy(model)
     inlined = []
     for node in fixed:
@@ -59,7 +76,7 @@ def specialize_constant_ifs(model, datasets: Iterable) -> tuple[object, dict[str
     if diff is None or diff > MAX_REL_DIFF:
         why = "it does not run" if diff is None else f"its outputs differ by {diff:.2g} (relative)"
         return model, {}, [f"If node(s) kept: the specialized graph was refused ({why})"]
-    shown = ", ".join(f"{k}={_show(v)}" for k, v in frozen.items())
+    shown = ", ".join(f"{k}={_show(v)}" for k, v in frozen.items()) or "the inputs' sizes"
     return out, {k: v.tolist() for k, v in frozen.items()}, [
         f"graph specialized for {shown} (the value of every data sample): If {', '.join(inlined)} inlined, "
         f"untaken branch(es) dropped; the input(s) stay in the interface but are ignored "
@@ -77,6 +94,8 @@ def _input_deps(name: str, producer: dict, graph_inputs: set[str]) -> set[str]:
             found.add(t)
         elif t in producer:
             node = producer[t]
+            if node.op_type in ("Shape", "Size"):  # reads its input's shape only: fixed when the inputs' sizes are
+                continue
             todo.extend(node.input)
             todo.extend(_outer_refs(node))
     return found

@@ -21,7 +21,8 @@ INT8_NAME_SHARE = 0.9
 MIN_WEIGHT = 16  # constants smaller than this are scales, zero points or shapes, not weights
 _ONNX_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "LSTM": (1, 2),
                        "GRU": (1, 2), "RNN": (1, 2), "Gather": (0,), "DynamicQuantizeLSTM": (1, 2),
-                       "MatMulInteger": (1,), "ConvInteger": (1,), "QLinearConv": (3,), "QLinearMatMul": (3,)}
+                       "MatMulInteger": (1,), "ConvInteger": (1,), "QLinearConv": (3,), "QLinearMatMul": (3,),
+                       "DynamicQuantizeMatMul": (1,), "MatMulIntegerToFloat": (1,), "QGemm": (3,)}
 _ONNX_PASS = ("DequantizeLinear", "Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "QuantizeLinear")
 _INT_TYPES_ONNX = {2, 3, 22, 21, 4, 5}  # uint8, int8, int4, uint4, uint16, int16 (TensorProto)
 
