@@ -209,8 +209,13 @@ def _fold_constant_weights(path: Path) -> int:
     graph = model.graph
     known = {i.name for i in graph.initializer}
     values: dict = {}
-    keep, folded = [], 0
+    keep, folded, alias = [], 0, {}
+    outputs = {o.name for o in graph.output} | _subgraph_reads(graph)
     for n in graph.node:
+        if n.op_type == "Identity" and n.input and n.input[0] in known and n.output[0] not in outputs:
+            alias[n.output[0]] = n.input[0]  # a weight shared by two layers (an exporter's dedup) stays one tensor
+            folded += 1
+            continue
         has_graph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
         inputs = [t for t in n.input if t]
         if has_graph or n.domain not in ("", "ai.onnx") or not n.output or \
@@ -232,12 +237,26 @@ def _fold_constant_weights(path: Path) -> int:
         folded += 1
     if not folded:
         return 0
+    for n in keep:
+        for i, t in enumerate(n.input):
+            if t in alias:
+                n.input[i] = alias[t]
     used = {t for n in keep for t in n.input} | {o.name for o in graph.output}
     del graph.node[:]
     graph.node.extend(keep)
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in values.items() if k in used)
     onnx.save(model, str(path))
     return folded
+
+
+def _subgraph_reads(graph) -> set[str]:
+    """Names the subgraphs of ``graph``'s nodes (If/Loop bodies) read."""
+    out: set[str] = set()
+    for n in graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out |= {t for m in sub.node for t in m.input} | _subgraph_reads(sub)
+    return out
 
 
 def _single_node_model(model, node, feeds: dict):
