@@ -207,7 +207,8 @@ def _fold_constant_weights(path: Path) -> int:
 
     model = onnx.load(str(path))
     graph = model.graph
-    known = {i.name for i in graph.initializer}
+    by_name = {i.name: i for i in graph.initializer}
+    known = set(by_name)
     values: dict = {}
     keep, folded, alias = [], 0, {}
     outputs = {o.name for o in graph.output} | _subgraph_reads(graph)
@@ -218,13 +219,12 @@ def _fold_constant_weights(path: Path) -> int:
             continue
         has_graph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
         inputs = [t for t in n.input if t]
-        if has_graph or n.domain not in ("", "ai.onnx") or not n.output or \
+        if has_graph or n.domain not in ("", "ai.onnx") or not n.output or any(o in outputs for o in n.output) or \
                 (n.op_type != "Constant" and (not inputs or not all(t in known or t in values for t in inputs))):
             keep.append(n)
             continue
         try:
-            feeds = {t: values[t] if t in values else numpy_helper.to_array(next(i for i in graph.initializer if i.name == t))
-                     for t in inputs}
+            feeds = {t: values[t] if t in values else numpy_helper.to_array(by_name[t]) for t in inputs}
             outs = ReferenceEvaluator(_single_node_model(model, n, feeds)).run(None, feeds)
         except Exception:  # noqa: BLE001 — an op the reference evaluator does not run stays as it is
             keep.append(n)
