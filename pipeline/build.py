@@ -22,7 +22,8 @@ import numpy as np
 
 from edgebuild.pipeline import manifest as manifest_file
 from edgebuild.pipeline import tasks as T
-from edgebuild.pipeline.cache import StageCache, default_root, open_cache
+from edgebuild.pipeline.cache import StageCache, default_location
+from edgebuild.pipeline.cache_store import open_cache
 from edgebuild.pipeline.errors import BadInputError, BudgetError, ConversionError
 from edgebuild.pipeline.offline import runtime_telemetry_off
 from edgebuild.pipeline.results import Manifest, TargetResult, compression_check
@@ -98,7 +99,7 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
     _check_replaceable(out)
     _clean_stale(out)
     _check_lock(out)
-    cache = open_cache((Path(spec.cache_dir) if spec.cache_dir else default_root()) if spec.cache else None)
+    cache = open_cache((spec.cache_dir or default_location()) if spec.cache else None)  # a folder or s3://, gs://
     runtime_telemetry_off()  # before any runtime starts in this process (children: Scope.child_env)
     staging, scratch = _make_workdirs(out)
     scope = Scope(scratch=scratch, env=dict(env or {}))  # temp files (calibration data too), children's environment

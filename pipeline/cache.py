@@ -10,10 +10,15 @@ writer is trusted, in one of two ways:
   16 bytes, never inside the cache): every entry carries an HMAC-SHA256 of its key name and its metadata (which
   records each file's sha256); an entry whose HMAC does not verify (swapped and re-hashed, written without the
   key or with another) is dropped and rebuilt. This is the way to share a cache (several users, Ray workers on a
-  shared filesystem): every writer uses the same key; ``open_cache(root)`` reads it from the environment.
+  shared filesystem): every writer uses the same key; ``open_cache(location)`` (pipeline/cache_store.py)
+  reads it from the environment.
 - **no key**: the cache is private to one user: its folder (and each entry) must belong to the user running the
   build and must not be writable by group or others (it is created ``0700``). Otherwise it is not used: every
   lookup is a miss, nothing is stored, a warning is logged and each artifact's notes say why.
+
+``EDGEBUILD_CACHE`` (or a spec's ``cache_dir``) may also name an object store, ``s3://bucket/prefix`` or
+``gs://bucket/prefix``: ``pipeline/cache_store.py`` keeps the same entries there (it needs a key: nobody can check who
+may write in a bucket); its ``open_cache(location)`` opens either kind.
 """
 from __future__ import annotations
 
@@ -37,8 +42,26 @@ MIN_KEY_BYTES = 16
 log = logging.getLogger("edgebuild.cache")
 
 
+OBJECT_STORES = ("s3://", "gs://", "gcs://")  # URIs of an object-store cache (pipeline/cache_store.py)
+
+
+def is_object_store(location: object) -> bool:
+    """``location`` is an object-store URI (``s3://…``, ``gs://…``), not a directory."""
+    return isinstance(location, str) and location.startswith(OBJECT_STORES)
+
+
+def default_location() -> str | Path:
+    """Where the stage cache is: ``$EDGEBUILD_CACHE`` (a directory or an object-store URI, kept a string), else
+    ~/.cache/edgebuild."""
+    env = os.environ.get("EDGEBUILD_CACHE")
+    return env if is_object_store(env) else default_root()
+
+
 def default_root() -> Path:
-    return Path(os.environ.get("EDGEBUILD_CACHE") or Path.home() / ".cache" / "edgebuild")
+    env = os.environ.get("EDGEBUILD_CACHE")
+    if is_object_store(env):  # not a directory: callers that need one get the default folder
+        env = None
+    return Path(env or Path.home() / ".cache" / "edgebuild")
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,7 +87,7 @@ def cache_key(root: Path | None = None, environ=None) -> bytes | None:
         secret, where = env[KEY_ENV].encode(), KEY_ENV
     elif env.get(KEY_FILE_ENV):
         path = Path(env[KEY_FILE_ENV]).expanduser()
-        if root is not None and path.resolve().is_relative_to(Path(root).resolve()):
+        if root is not None and not is_object_store(str(root)) and path.resolve().is_relative_to(Path(root).resolve()):
             raise BadInputError(f"{KEY_FILE_ENV}={path}: the cache key must not be stored in the cache ({root})")
         try:
             secret, where = path.read_bytes().strip(), f"{KEY_FILE_ENV}={path}"
@@ -75,11 +98,6 @@ def cache_key(root: Path | None = None, environ=None) -> bytes | None:
     if len(secret) < MIN_KEY_BYTES:
         raise BadInputError(f"{where}: a cache key needs at least {MIN_KEY_BYTES} bytes")
     return secret
-
-
-def open_cache(root: Path | None) -> "StageCache":
-    """The stage cache at ``root`` (None: disabled) with the key from the environment, if any."""
-    return StageCache(root, cache_key(root) if root is not None else None)
 
 
 def key(**parts) -> str:
@@ -112,6 +130,7 @@ def cached(stage: str, inputs: dict, config: dict | None = None, backend: str | 
 
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # no '/', no '..', not hidden, not absolute
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def plain_name(name: object) -> bool:
@@ -231,9 +250,11 @@ class StageCache:
         art.notes = [*art.notes, "restored from the stage cache (sha256 verified)"]
         return art
 
-    def _read_entry(self, k: str, entry: Path, directory: Path) -> tuple[Artifact, dict[str, str]]:
+    def _artifact_meta(self, k: str, entry, text: str | bytes, directory: Path) -> tuple[Artifact, dict[str, str]]:
+        """The artifact an entry's ``artifact.json`` describes and each file's recorded sha256, once its signature
+        (or the entry's privacy), its file names and its digest list are checked (else ``BadEntry``)."""
         try:
-            meta = self._verified(k, entry, json.loads((entry / "artifact.json").read_text()))
+            meta = self._verified(k, entry, json.loads(text))
             if "sha256" not in meta:
                 raise BadEntry("no sha256 recorded (an entry of an older edgebuild)")
             digests = meta.pop("sha256")
@@ -244,8 +265,13 @@ class StageCache:
         bad = [n for n in names if not plain_name(n)]
         if bad:
             raise BadEntry(f"file name {bad[0]!r} is not a plain file name")
-        if not isinstance(digests, dict) or set(digests) != set(art.files) or art.main not in art.files:
+        if not isinstance(digests, dict) or set(digests) != set(art.files) or art.main not in art.files \
+                or not all(isinstance(d, str) and SHA256.fullmatch(d) for d in digests.values()):
             raise BadEntry("the recorded sha256 list does not match the files")
+        return art, digests
+
+    def _read_entry(self, k: str, entry: Path, directory: Path) -> tuple[Artifact, dict[str, str]]:
+        art, digests = self._artifact_meta(k, entry, (entry / "artifact.json").read_text(), directory)
         for f in art.files:
             if not (entry / f).is_file() or (entry / f).is_symlink():
                 raise BadEntry(f"{f} is missing")
@@ -312,12 +338,7 @@ class StageCache:
         if not (entry / RESULT_FILE).is_file():
             return None
         try:
-            meta = self._verified(k, entry, json.loads((entry / RESULT_FILE).read_text()))
-            payload, files = meta["payload"], meta["files"]
-            if _payload_digest(payload) != meta["payload_sha256"] or not isinstance(files, dict):
-                raise BadEntry("result.json does not match its recorded sha256")
-            if any(n != ARRAYS_FILE for n in files):
-                raise BadEntry("an entry file is not a plain result file")
+            payload, files = self._result_meta(k, entry, (entry / RESULT_FILE).read_text())
             arrays = {}
             if files:
                 path = entry / ARRAYS_FILE
@@ -334,6 +355,18 @@ class StageCache:
             return None
 
 
+    def _result_meta(self, k: str, entry, text: str | bytes) -> tuple[object, dict[str, str]]:
+        """A result entry's payload and its files' recorded sha256, once its signature (or the entry's privacy) and
+        the payload's own digest are checked (``BadEntry``; a broken file raises ValueError/KeyError/TypeError)."""
+        meta = self._verified(k, entry, json.loads(text))
+        payload, files = meta["payload"], meta["files"]
+        if payload_digest(payload) != meta["payload_sha256"] or not isinstance(files, dict):
+            raise BadEntry("result.json does not match its recorded sha256")
+        if any(n != ARRAYS_FILE for n in files) or not all(isinstance(d, str) and SHA256.fullmatch(d)
+                                                         for d in files.values()):
+            raise BadEntry("an entry file is not a plain result file")
+        return payload, files
+
     def put_result(self, k: str, payload, arrays: dict | None = None) -> bool:
         """Store a JSON-serialisable ``payload`` (and arrays); False when it was not stored (disabled, not JSON,
         unwritable cache: it costs speed, never the build)."""
@@ -343,7 +376,7 @@ class StageCache:
             return False
         self.rejected.pop(k, None)
         try:
-            meta = {"payload": payload, "payload_sha256": _payload_digest(payload), "files": {}}
+            meta = {"payload": payload, "payload_sha256": payload_digest(payload), "files": {}}
             _make_root(self.root)
             tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         except (TypeError, ValueError, OSError):
@@ -367,7 +400,7 @@ class StageCache:
 RESULT_FILE, ARRAYS_FILE = "result.json", "arrays.npz"
 
 
-def _payload_digest(payload) -> str:
+def payload_digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -85,7 +85,8 @@ def rerun_spec(manifest_path: Path) -> dict | None:
         base = Path(manifest["cwd"])
     for key in RELATIVE_SPEC_KEYS:
         value = spec.get(key)
-        if isinstance(value, str) and not is_builtin_or_module(value) and not Path(value).is_absolute():
+        if isinstance(value, str) and not is_builtin_or_module(value) and not Path(value).is_absolute() \
+                and "://" not in value:  # an object-store cache (s3://...) is not a path
             spec[key] = str(base / value)
     spec["profile_files"] = [p if Path(p).is_absolute() else str(base / p) for p in spec.get("profile_files") or ()]
     spec["out"] = str(out_dir)

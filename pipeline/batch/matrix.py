@@ -35,7 +35,7 @@ RESOURCE_KEYS = {"num_cpus", "memory_mb"}
 CELL_KEYS = {"resources", "budgets"}
 PATH_KEYS = ("model", "weights", "calib", "eval", "train")
 NOT_PER_CELL = {"out", "targets", "cache_dir"}  # the batch decides these
-OBJECT_STORES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hdfs://")
+OTHER_STORES = ("az://", "abfs://", "hdfs://")  # URIs of stores the cache cannot use (it can: s3://, gs://)
 
 # What a cell's memory is declared as when the matrix does not say: a conversion's peak by backend (TensorFlow in
 # the TFLite child dominates), plus the model file 20 times over (its copies: ONNX export, reference, converters).
@@ -176,15 +176,19 @@ def memory_for(backend: str, spec: dict) -> int:
 
 
 def cache_location(value: Any, base: Path) -> str:
-    """The shared cache: the matrix's ``cache:``, else ``$EDGEBUILD_CACHE``, else ~/.cache/edgebuild (absolute)."""
-    from edgebuild.pipeline.cache import default_root
+    """The shared cache: the matrix's ``cache:``, else ``$EDGEBUILD_CACHE``, else ~/.cache/edgebuild (an absolute
+    directory, or an object-store URI kept as written: ``s3://bucket/prefix``, ``gs://bucket/prefix``)."""
+    from edgebuild.pipeline.cache import default_location, is_object_store
 
     if value is None:
-        return str(default_root().expanduser().resolve())
-    _need(isinstance(value, str) and value, "cache: must be a directory path")
-    if value.startswith(OBJECT_STORES):
-        raise BadInputError(f"cache: {value}: object-store caches are not supported (not built: no store to test "
-                            "against offline); use a directory every node mounts (NFS, a cluster filesystem)")
+        value = default_location()
+        return value if is_object_store(value) else str(Path(value).expanduser().resolve())
+    _need(isinstance(value, str) and value, "cache: must be a directory path or an s3:// or gs:// URI")
+    if is_object_store(value):
+        return value
+    if value.startswith(OTHER_STORES) or "://" in value:
+        raise BadInputError(f"cache: {value}: not a store the cache can use (s3://, gs://) nor a directory; use a "
+                            "directory every node mounts (NFS, a cluster filesystem) or an S3/GCS bucket")
     path = Path(os.path.expanduser(value))
     return str((path if path.is_absolute() else base / path).resolve())
 

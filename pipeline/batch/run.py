@@ -95,9 +95,13 @@ def run_batch(matrix_file: str | Path, out: str | Path = "batch", address: str |
     t0 = time.perf_counter()
     out = Path(out)
     matrix = load_matrix(matrix_file, out)
-    from edgebuild.pipeline.cache import cache_key
+    from edgebuild.pipeline.cache import cache_key, is_object_store
+    from edgebuild.pipeline.cache_store import open_cache
 
-    cache_key(Path(matrix.cache))  # a bad EDGEBUILD_CACHE_KEY(_FILE): exit 2 before any cell runs
+    if is_object_store(matrix.cache):  # no key, no pyarrow, a bad URI: exit 2 before any cell runs
+        open_cache(matrix.cache)
+    else:
+        cache_key(Path(matrix.cache))  # a bad EDGEBUILD_CACHE_KEY(_FILE): exit 2 before any cell runs
     out.mkdir(parents=True, exist_ok=True)
     _clean_markers(out)  # left by a batch that was killed: not earlier attempts of this one
     records: dict[str, dict] = {}

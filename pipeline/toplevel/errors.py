@@ -45,7 +45,7 @@ class MissingToolError(BadInputError):
     # its descriptor (targets/base.py BackendInfo.extra), through ``resolvers``
     EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "onnxslim": "onnx",
               "torch": "torch", "safetensors": "torch", "onnxscript": "torch", "torch_pruning": "torch",
-              "sklearn": "torch", "ray": "batch", "matplotlib": "report"}
+              "sklearn": "torch", "ray": "batch", "matplotlib": "report", "pyarrow": "store"}
     resolvers: list = []  # functions import name -> extra (or None), added by targets/base.py: the backends' own
     DISTRIBUTIONS = {"sklearn": "scikit-learn"}  # import name -> what pip calls it, where it is not the name with '-'
     NEEDED_BY = {  # what needs a library, when the code that found it missing did not say

@@ -76,7 +76,7 @@ BAD = {
     "bad precision": ("models: {a: {precision: int4}}\ntargets: [x86]\n", r"model a target x86: .*precision"),
     "bad resources": ("models: {a: {resources: {num_cpus: 0}}}\ntargets: [x86]\n", r"num_cpus must be"),
     "missing model": ("models: {a: {model: nowhere.onnx}}\ntargets: [x86]\n", r"model a target x86: model: .*nowhere.onnx does not exist"),
-    "object store": ("models: {a: {}}\ntargets: [x86]\ncache: s3://bucket/cache\n", r"object-store caches are not supported"),
+    "other store": ("models: {a: {}}\ntargets: [x86]\ncache: az://container/cache\n", r"not a store the cache can use"),
     "not yaml": ("models: [a\n", r"not valid YAML"),
     "no targets": ("models: {a: {}}\n", r"model a: no targets"),
     "cell of no target": ("models: {a: {cells: {arm64: {}}}}\ntargets: [x86]\n", r"cells: arm64 is not one of its targets"),

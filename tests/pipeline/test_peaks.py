@@ -74,7 +74,7 @@ def _ctx(cache, model="a" * 64, calib=300):
 
 
 def test_a_measured_peak_is_recorded_once_and_schedules_the_next_build_of_the_same_model(tmp_path, caplog):
-    from edgebuild.pipeline.cache import open_cache
+    from edgebuild.pipeline.cache_store import open_cache
     from edgebuild.pipeline.peaks import Meter, estimates, record
     from edgebuild.pipeline.schedule import estimate_peak
 
@@ -126,7 +126,7 @@ def test_the_memory_benchmark_reads_the_lines_a_build_logs(tmp_path, caplog):
     import importlib.util
     from pathlib import Path
 
-    from edgebuild.pipeline.cache import open_cache
+    from edgebuild.pipeline.cache_store import open_cache
     from edgebuild.pipeline.peaks import Meter, record
 
     spec = importlib.util.spec_from_file_location(

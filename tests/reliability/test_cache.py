@@ -197,8 +197,8 @@ def test_with_a_key_an_entry_moved_to_another_key_or_a_forged_result_is_rejected
     entry = tmp_path / "cache" / "lat" / "result.json"
     meta = json.loads(entry.read_text())
     meta["payload"] = {"p50_ms": 0.000123}
-    from edgebuild.pipeline.cache import _payload_digest
-    meta["payload_sha256"] = _payload_digest(meta["payload"])
+    from edgebuild.pipeline.cache import payload_digest
+    meta["payload_sha256"] = payload_digest(meta["payload"])
     entry.write_text(json.dumps(meta))
     assert cache.get_result("lat") is None
 
