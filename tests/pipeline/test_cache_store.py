@@ -168,8 +168,13 @@ def test_two_writers_of_one_entry_at_once(store, tmp_path):
             t.start()
         for t in writers:
             t.join()
-        got = open_cache(cache.root).get(f"k{rnd}", tmp_path / f"dst{rnd}")
-        assert got is not None, f"round {rnd}: no usable entry"
+        for _ in range(3):  # a server that stalls past the client's timeout (a loaded host) is asked again
+            reader = open_cache(cache.root)
+            got = reader.get(f"k{rnd}", tmp_path / f"dst{rnd}")
+            if not reader.down:
+                break
+        assert got is not None and not reader.rejected, \
+            f"round {rnd}: no usable entry: {reader.rejected} {reader.down} {[a.notes for a in arts]}"
         assert (tmp_path / f"dst{rnd}" / "model_int8.onnx").read_bytes() in payloads
 
 
