@@ -7,7 +7,7 @@ import logging
 import re
 from pathlib import Path
 
-from edgebuild.pipeline.results import Manifest, Metrics, ObjectiveDecision, TargetResult
+from edgebuild.pipeline.results import Latency, Manifest, Memory, Metrics, ObjectiveDecision, Ratios, TargetResult
 
 log = logging.getLogger("edgebuild.report")
 
@@ -34,42 +34,43 @@ def summary_rows(manifest: Manifest | dict) -> list[dict]:
     """One row per target: the build summary table (report.md and the CLI)."""
     rows = []
     for name, t in Manifest.of(manifest).targets.items():
-        m, lat, r = t.metrics, t.latency or {}, t.ratios or {}
+        m, lat, r = t.metrics, t.latency or Latency(), t.ratios or Ratios()
         rows.append({
             "target": name, "verdict": t.verdict.status.upper(), "artifact": (t.artifact or "–") + _int8_share(t),
             "accuracy": _quality(m),
             "drop": _fmt(m.accuracy_drop, "+.2f", " pt") if m is not None and m.accuracy_drop is not None else "–",
-            "p50": _fmt(lat.get("p50_ms"), ".3f", " ms"),
+            "p50": _fmt(lat.p50_ms, ".3f", " ms"),
             "size": _fmt(t.size_bytes / 1e6 if t.size_bytes else None, ".3f", " MB"),
-            "size_ratio": _fmt(r.get("size_vs_fp32"), ".3f", "×"),
-            "speedup": _fmt(r.get("speedup_vs_fp32"), ".2f", "×"),
-            "memory": _memory(t.memory or {}),
+            "size_ratio": _fmt(r.size_vs_fp32, ".3f", "×"),
+            "speedup": _fmt(r.speedup_vs_fp32, ".2f", "×"),
+            "memory": _memory(t.memory or Memory()),
         })
     return rows
 
 
 def _int8_share(t: TargetResult) -> str:
     """The share of the weights in INT8 (pipeline/stages/weights.py), when measured: ``_int8`` means >= 90 %."""
-    share = (t.quantized or {}).get("int8_weight_share")
+    share = t.quantized.int8_weight_share if t.quantized else None
     return f" ({share:.0%} INT8 weights)" if share is not None else ""
 
 
-def _memory(mem: dict) -> str:
+def _memory(mem: Memory) -> str:
     """Peak runtime memory above the runner's baseline; on a microcontroller, TFLM's arena too."""
-    text = _fmt(mem.get("peak_mb"), ".1f", " MB")
-    arena = (mem.get("micro") or {}).get("arena_kb")
+    text = _fmt(mem.peak_mb, ".1f", " MB")
+    arena = (mem.micro or {}).get("arena_kb")
     return text + (f" (arena {arena:.1f} KB)" if arena is not None else "")
 
 
 def memory_lines(t: TargetResult) -> list[str]:
     """How much memory the runtime needed (pipeline/memory.py), and a microcontroller's fit (targets/tflite/tflm.py)."""
-    mem, base = t.memory or {}, (t.baseline_fp32 or {}).get("memory") or {}
+    mem = t.memory or Memory()
+    base = (t.baseline_fp32.memory if t.baseline_fp32 else None) or Memory()
     lines = []
-    if mem.get("peak_mb") is not None:
-        fp32 = f"; FP32 {base['peak_mb']:.2f} MB" if base.get("peak_mb") is not None else ""
-        lines.append(f"- runtime memory: peak {mem['peak_mb']:.2f} MB above the runner's baseline "
-                     f"(after loading {mem['load_mb']:.2f} MB){fp32}; {mem.get('method', '')}")
-    micro = mem.get("micro")
+    if mem.peak_mb is not None:
+        fp32 = f"; FP32 {base.peak_mb:.2f} MB" if base.peak_mb is not None else ""
+        lines.append(f"- runtime memory: peak {mem.peak_mb:.2f} MB above the runner's baseline "
+                     f"(after loading {mem.load_mb:.2f} MB){fp32}; {mem.method or ''}")
+    micro = mem.micro
     if micro:
         agree = "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in o.items())
                           for n, o in micro["agreement_with_litert"]["outputs"].items())
@@ -177,11 +178,11 @@ def slower_than_fp32(manifest: Manifest | dict) -> list[str]:
         if obj.applied:  # what shipped, and why
             out.append(f"{name}: objective {obj.objective}: shipped {obj.shipped} ({obj.why})")
         out += [f"{name}: advice: {w}" for w in obj.advice or []]  # a profile's typical device limits, not budgets
-        speedup = (t.ratios or {}).get("speedup_vs_fp32")
+        speedup = t.ratios.speedup_vs_fp32 if t.ratios else None
         if t.verdict.status == "error" or t.precision == "fp32" or speedup is None or speedup >= 1.0:
             continue
-        base = ((t.baseline_fp32 or {}).get("latency") or {}).get("p50_ms")
-        vs = f"p50 {t.latency['p50_ms']:.3f} ms vs {base:.3f} ms" if base and t.latency else f"{speedup:.2f}×"
+        base = t.baseline_fp32.latency.p50_ms if t.baseline_fp32 and t.baseline_fp32.latency else None
+        vs = f"p50 {t.latency.p50_ms:.3f} ms vs {base:.3f} ms" if base and t.latency else f"{speedup:.2f}×"
         out.append(f"{name}: the {str(t.precision or 'quantized').upper()} artifact is slower than FP32 on this "
                    f"host ({speedup:.2f}× speed, {vs}); check the runtime's kernels for it on the device")
     return out

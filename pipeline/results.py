@@ -14,7 +14,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from edgebuild.targets.profiles import Budget
 
 class Status(str, Enum):
     """A verdict's status. A ``str`` enum: equal to its value and written as it in JSON ("pass", "fail", "error")."""
@@ -41,7 +44,8 @@ def _ordered(d: dict, keys: tuple[str, ...]) -> dict:
 
 
 def _dump(value):
-    return value.to_dict() if isinstance(value, _Record) else value
+    """A record (or a Budget) as JSON; anything else as it is."""
+    return value.to_dict() if isinstance(value, _Record) or type(value).__name__ == "Budget" else value
 
 
 class _Record:
@@ -398,6 +402,146 @@ class SearchRecord(_Record):
         return cls._read(d, tries=None if tries is None else [SearchTry.from_dict(t) for t in tries])
 
 
+# ---- a target's measurements -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Latency(_Record):
+    """An artifact's timing on the host (``pipeline/timing.py``): percentiles of every timed run, how it was timed
+    (warm-up, rounds interleaved with the other artifacts of the target), the threads the runtime used and the
+    profile's; ``round_p50_ms`` ({min, max, iqr}): the spread of the rounds' p50s (``edgebuild validate``)."""
+
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    runs: int | None = None
+    warmup: int | None = None
+    rounds: int | None = None
+    runs_per_round: int | None = None
+    interleaved_with: list | None = None
+    threads_used: int | None = None
+    round_p50_ms: dict | None = None
+    threads_profile: int | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Memory(_Record):
+    """An artifact's runtime memory (``pipeline/memory.py``): peak and load above the runner's baseline, in MB;
+    ``micro``: a microcontroller's fit (TFLM arena, flash); ``source``: where a re-validation took it from."""
+
+    peak_mb: float | None = None
+    load_mb: float | None = None
+    baseline_mb: float | None = None
+    runs: int | None = None
+    threads: int | None = None
+    method: str | None = None
+    runtime: dict | str | None = None
+    micro: dict | None = None
+    source: str | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Ratios(_Record):
+    """The shipped artifact against its FP32 baseline: size, and speed (the median of the interleaved rounds' ratios,
+    its spread ``{median, p25, p75, iqr, min, max, rounds}``)."""
+
+    size_vs_fp32: float | None = None
+    speedup_vs_fp32: float | None = None
+    speedup_vs_fp32_spread: dict | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Baseline(_Record):
+    """A target's FP32 baseline: its artifact, size, latency, metrics and memory, and what evaluated it."""
+
+    artifact: str | None = None
+    size_bytes: int | None = None
+    latency: Latency | None = None
+    metrics: Metrics | None = None
+    evaluated: str | None = None
+    memory: Memory | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return self._write(latency=_dump(self.latency), metrics=_dump(self.metrics), memory=_dump(self.memory))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Baseline":
+        return cls._read(d, **_typed(d, latency=Latency, metrics=Metrics, memory=Memory))
+
+
+@dataclass(frozen=True)
+class Gate(_Record):
+    """What decided a target's verdict (``validate.gate``): the task metric (``decided_by`` "task metric", its
+    ``metric``, the collapse ``guard`` on the other outputs) or the generic checks (``detail``)."""
+
+    decided_by: str | None = None
+    metric: str | None = None
+    guard: str | None = None
+    detail: str | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class WeightShare(_Record):
+    """How much of an artifact really is INT8 (``pipeline/stages/weights.py``): weights stored in 8 bits or fewer,
+    in float, the share, the largest float layers; or the ``error`` that kept it from being counted."""
+
+    int8_weights: int | None = None
+    float_weights: int | None = None
+    int8_weight_share: float | None = None
+    float_layers: list | None = None
+    method: str | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class FileRecord(_Record):
+    """One file of a target: its size and sha256 (``edgebuild validate`` checks them first)."""
+
+    bytes: int | None = None
+    sha256: str | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Threads(_Record):
+    """The threads a target's runtime runs with: the profile's (the device's) and those used on this host."""
+
+    profile: int | None = None
+    used: int | None = None
+    extra: dict = field(default_factory=dict)
+    keys: tuple = field(default=(), repr=False, compare=False)
+
+
+def _typed(d: dict, **types) -> dict:
+    """The keys of ``d`` that hold a JSON object, read as their record type (others are left as they are)."""
+    return {k: t.from_dict(d[k]) for k, t in types.items() if isinstance(d.get(k), dict)}
+
+
+def _budget(d):
+    """A target's ``budgets`` record as THE Budget type; one that does not read back to the same JSON (a newer
+    version's keys, a value out of range) is kept as it was written."""
+    if not isinstance(d, dict):
+        return d
+    from edgebuild.targets.profiles import Budget
+
+    try:
+        b = Budget.from_dict(d)
+    except Exception:  # noqa: BLE001 — not this version's budget: kept as JSON, never dropped
+        return d
+    return b if b.to_dict() == d and list(b.to_dict()) == list(d) else d
+
+
 # ---- a target, a build ------------------------------------------------------------------------------------
 _VERDICT_KEYS = ("verdict", "error", "failures", "failed_checks")
 
@@ -410,23 +554,23 @@ class TargetResult(_Record):
     backend: str | None = None
     precision: str | None = None
     artifact: str | None = None  # the main file, in the target's directory
-    files: dict | None = None  # name -> {bytes, sha256}
+    files: dict[str, FileRecord] | None = None  # name -> its size and sha256
     settings: dict | None = None  # what the conversion applied
     metrics: Metrics | None = None
-    latency: dict | None = None
+    latency: Latency | None = None
     size_bytes: int | None = None
-    memory: dict | None = None
-    ratios: dict | None = None  # size_vs_fp32, speedup_vs_fp32 (+ its spread)
-    baseline_fp32: dict | None = None
+    memory: Memory | None = None
+    ratios: Ratios | None = None  # size_vs_fp32, speedup_vs_fp32 (+ its spread)
+    baseline_fp32: Baseline | None = None
     notes: list | None = None
-    budgets: dict | None = None
+    budgets: "Budget | dict | None" = None  # THE Budget type (targets/profiles.py); a foreign one stays JSON
     host_validation: str | None = None
-    threads: dict | None = None  # {profile, used}
+    threads: Threads | None = None
     cache: CacheUse | None = None
     search: SearchRecord | None = None
     objective: ObjectiveDecision | None = None
-    gate: dict | None = None  # what decided the verdict: the task metric (generic checks as collapse guard) or generic
-    quantized: dict | None = None  # share of the weights stored/run in INT8 (pipeline/stages/weights.py)
+    gate: Gate | None = None  # what decided the verdict: the task metric (generic checks as collapse guard) or generic
+    quantized: WeightShare | None = None  # share of the weights stored/run in INT8 (pipeline/stages/weights.py)
     profile: dict | None = None
     seconds: float | None = None
     previous: "TargetResult | None" = None  # this target's earlier build, still in its directory (failed now)
@@ -445,6 +589,11 @@ class TargetResult(_Record):
         "target", "verdict", "failures", "failed_checks", "metrics", "latency", "size_bytes", "memory", "budgets",
         "threads", "threads_used", "evaluation", "baseline_fp32", "ratios", "search", "objective", "gate", "quantized")
 
+    # the fields held as typed records (JSON objects in manifest.json and validation.json)
+    RECORDS: ClassVar[dict[str, type]] = {
+        "metrics": Metrics, "latency": Latency, "memory": Memory, "ratios": Ratios, "baseline_fp32": Baseline,
+        "cache": CacheUse, "search": SearchRecord, "objective": ObjectiveDecision, "gate": Gate, "quantized": WeightShare}
+
     @classmethod
     def failed(cls, backend: str, error: str) -> "TargetResult":
         """A target that could not be built (its conversion failed): verdict error."""
@@ -454,37 +603,39 @@ class TargetResult(_Record):
         """The target's entry in manifest.json (``ratios`` and ``baseline_fp32`` are null when there is none)."""
         previous = self.previous.to_dict() if isinstance(self.previous, TargetResult) else self.previous
         return self._write(list(self.MANIFEST), ("ratios", "baseline_fp32") if self.artifact else (),
-                           **self.verdict.to_dict(), metrics=_dump(self.metrics), previous=previous,
-                           cache=_dump(self.cache), objective=_dump(self.objective), search=_dump(self.search))
+                           **self.verdict.to_dict(), **self._records(), previous=previous, threads=_dump(self.threads))
 
     def to_validation(self) -> dict:
         """The target's validation.json (and, with ``target``, a re-validation's record)."""
-        threads = self.threads or {}
-        return self._write(list(self.VALIDATION), **self.verdict.to_dict(), metrics=_dump(self.metrics),
-                           objective=_dump(self.objective), search=_dump(self.search),
-                           threads=threads.get("profile"), threads_used=threads.get("used"))
+        threads = self.threads or Threads()
+        return self._write(list(self.VALIDATION), **self.verdict.to_dict(), **self._records(),
+                           threads=threads.profile, threads_used=threads.used)
+
+    def _records(self) -> dict:
+        """The typed records of this target as JSON."""
+        files = None if self.files is None else {n: _dump(f) for n, f in self.files.items()}
+        return {name: _dump(getattr(self, name)) for name in self.RECORDS} | {"files": files, "budgets": _dump(self.budgets)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TargetResult":
         previous = cls.from_dict(d["previous"]) if isinstance(d.get("previous"), dict) else d.get("previous")
-        return cls._load(d, cls.MANIFEST, previous=previous)
+        threads = {"threads": Threads.from_dict(d["threads"])} if isinstance(d.get("threads"), dict) else {}
+        return cls._load(d, cls.MANIFEST, previous=previous, **threads)
 
     @classmethod
     def from_validation(cls, d: dict) -> "TargetResult":
-        threads = {"profile": d.get("threads"), "used": d.get("threads_used")} if "threads" in d else None
+        threads = Threads(d.get("threads"), d.get("threads_used")) if "threads" in d else None
         return cls._load(d, cls.VALIDATION, threads=threads)
 
     @classmethod
     def _load(cls, d: dict, names: tuple[str, ...], **typed) -> "TargetResult":
-        metrics = Metrics.from_dict(d["metrics"]) if isinstance(d.get("metrics"), dict) else d.get("metrics")
-        if isinstance(d.get("cache"), dict):
-            typed["cache"] = CacheUse.from_dict(d["cache"])
-        if isinstance(d.get("search"), dict):
-            typed["search"] = SearchRecord.from_dict(d["search"])
-        if isinstance(d.get("objective"), dict):
-            typed["objective"] = ObjectiveDecision.from_dict(d["objective"])
+        typed = {**_typed(d, **cls.RECORDS), **typed}
+        if isinstance(d.get("files"), dict):
+            typed["files"] = {n: FileRecord.from_dict(f) if isinstance(f, dict) else f for n, f in d["files"].items()}
+        if "budgets" in d:
+            typed["budgets"] = _budget(d["budgets"])
         kw = {k: d[k] for k in names if k in d and k not in _VERDICT_KEYS and k not in typed and k != "threads_used"}
-        return cls(Verdict.from_dict(d), **{**kw, **typed, "metrics": metrics},
+        return cls(Verdict.from_dict(d), **{**kw, **typed},
                    extra={k: v for k, v in d.items() if k not in names}, keys=tuple(d))
 
 

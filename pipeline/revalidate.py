@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgebuild.pipeline import timing
 from edgebuild.pipeline.errors import BadInputError, IntegrityError
-from edgebuild.pipeline.results import TargetResult, decide
+from edgebuild.pipeline.results import Latency, Memory, TargetResult, decide
 from edgebuild.pipeline.spec import InputSpec, PreprocessSpec
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.targets.base import Artifact, get_backend
@@ -152,10 +152,19 @@ def judged(loaded: Loaded, outputs: list, lat: dict | None, **extra) -> dict:
     memory = recorded_memory(art.directory)
     verdict = decide(V.assess(metrics, loaded.budget, loaded.judging.task, art.size_bytes, lat, memory).failures
                      + extra.pop("extra_failures", []))
-    return {"target": loaded.meta["target"], **verdict.to_dict(),
-            "metrics": metrics.to_dict(), "latency": lat, "size_bytes": art.size_bytes,
-            **({"memory": {**memory, "source": "measured by the build (validation.json)"}} if memory else {}),
-            "evaluation": loaded.evalset.describe(), "reference": loaded.reference_source, **extra}
+    result = TargetResult(
+        verdict, metrics=metrics, latency=None if lat is None else Latency.from_dict(lat), size_bytes=art.size_bytes,
+        memory=Memory.from_dict({**memory, "source": "measured by the build (validation.json)"}) if memory else None,
+        evaluation=loaded.evalset.describe(), target=loaded.meta["target"],
+        extra={"reference": loaded.reference_source, **extra},
+        keys=tuple(k for k in JUDGED_KEYS if k != "memory" or memory))
+    return result.to_validation()
+
+
+# a validation result's keys, in order (``latency`` null when none was judged, ``memory`` absent when the build
+# measured none), then what the runner adds
+JUDGED_KEYS = ("target", "verdict", "failures", "failed_checks", "metrics", "latency", "size_bytes", "memory",
+               "evaluation", "reference")
 
 
 def recorded_memory(artifact_dir: Path) -> dict | None:
@@ -205,8 +214,8 @@ def summary_lines(result: dict) -> list[str]:
     acc = f"accuracy {m.accuracy:.2f} % (FP32 {m.accuracy_reference:.2f} %)" if m.accuracy is not None else \
         f"cosine {m.cosine_min:.4f}"
     lat = r.latency
-    where = f" on {lat['measured_on']}" if lat and lat.get("measured_on") else ""
-    p50 = f", p50 {lat['p50_ms']:.3f} ms{where}" if lat else ""
+    where = f" on {lat.extra['measured_on']}" if lat and lat.extra.get("measured_on") else ""
+    p50 = f", p50 {lat.p50_ms:.3f} ms{where}" if lat else ""
     lines = [f"{r.target}: {r.verdict.status.upper()} — {acc}{p50}"]
     if "device" in r.extra:
         lines.append(f"  device: {r.extra['device']['machine']}, {r.extra['device']['runtime']}")

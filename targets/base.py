@@ -60,13 +60,16 @@ class Artifact:
 
     target: str
     backend: str
-    precision: str
+    precision: Precision  # a plain string given is read as the enum (an unknown one is a ValueError)
     directory: Path
     main: str
     files: list[str]
     settings: dict = field(default_factory=dict)  # the conversion/quantization options actually used
     io: dict = field(default_factory=dict)  # {"inputs": [TensorInfo...], "outputs": [...]} of the artifact itself
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.precision = Precision(self.precision)
 
     @property
     def path(self) -> Path:

@@ -153,9 +153,9 @@ def summary_of(manifest: dict, target: str, out: Path) -> dict:
     return {
         "exit": typed.exit_code, "verdict": t.verdict.status, "error": t.verdict.error,
         "artifact": f"{target}/{t.artifact}" if t.artifact else None,
-        "artifact_sha256": (files.get(t.artifact) or {}).get("sha256") if t.artifact else None,
+        "artifact_sha256": files[t.artifact].sha256 if t.artifact in files else None,
         "precision": t.precision, "accuracy_drop": None if m is None else m.accuracy_drop,
-        "speedup_vs_fp32": (t.ratios or {}).get("speedup_vs_fp32"), "size_bytes": t.size_bytes,
+        "speedup_vs_fp32": t.ratios.speedup_vs_fp32 if t.ratios else None, "size_bytes": t.size_bytes,
         "build_seconds": typed.seconds, "report": "report.html", "outputs_sha256": outputs_digest(manifest),
         "clock_decided": clock_decided(manifest, target),
         "table": {k: row.get(k) for k in ("verdict", "accuracy", "drop", "p50", "size", "speedup")},

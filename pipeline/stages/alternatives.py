@@ -211,7 +211,7 @@ def finish_alternatives(ctx: BuildContext, pa: PreparedAlternatives):
 
 
 def _p50(c: Candidate) -> float:
-    return (c.result.latency or {}).get("p50_ms") or math.inf
+    return (c.result.latency.p50_ms if c.result.latency else None) or math.inf
 
 
 def choose(built: list[Candidate], objective: str, requested: str) -> Candidate:
@@ -269,7 +269,7 @@ def _summary(c: Candidate) -> dict:
         return {**d, "verdict": "error", "error": c.error}
     r = c.result
     return {**d, "verdict": r.verdict.status, "artifact": r.artifact, "precision": r.precision,
-            "size_bytes": r.size_bytes, "latency_p50_ms": (r.latency or {}).get("p50_ms"),
+            "size_bytes": r.size_bytes, "latency_p50_ms": r.latency.p50_ms if r.latency else None,
             "quality_loss": round(c.prepared.chosen.loss, 4), "failures": [str(f) for f in r.verdict.failures]}
 
 

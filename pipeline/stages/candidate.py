@@ -18,7 +18,7 @@ from edgebuild.calibration.dataset import SampleSet
 from edgebuild.pipeline import timing
 from edgebuild.pipeline.cache import cached as stage_key, key  # `cached` is a local name in evaluate()
 from edgebuild.pipeline.errors import ConversionError
-from edgebuild.pipeline.results import Metrics, decide
+from edgebuild.pipeline.results import Latency, Metrics, decide
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.export import file_hash
@@ -37,7 +37,7 @@ class Attempt:
     metrics: Metrics
     budget: V.Budget
     task: str = "auto"  # the judging's task (``V.Judging.task``)
-    latency: dict = field(default_factory=dict)
+    latency: Latency | None = None  # timed last, interleaved with the FP32 baseline (``per_target.time_artifacts``)
     label: str = "profile settings"
     data: dict = field(default_factory=dict)  # the evaluation data these numbers were measured on
     cached: bool = False  # the metrics came from the stage cache (this artifact was not evaluated again)
@@ -48,7 +48,8 @@ class Attempt:
 
     @property
     def assessment(self) -> V.Assessment:
-        return V.assess(self.metrics, self.budget, self.task, self.artifact.size_bytes, self.latency, self.memory)
+        lat = None if self.latency is None else self.latency.to_dict()
+        return V.assess(self.metrics, self.budget, self.task, self.artifact.size_bytes, lat, self.memory)
 
     @property
     def failures(self) -> list[V.Check]:
@@ -63,11 +64,16 @@ class Attempt:
     def quality_ok(self) -> bool:
         return decide(self.failures).quality_ok
 
+    @property
+    def p50_ms(self) -> float | None:
+        """The p50 latency on the host (None until timed)."""
+        return None if self.latency is None else self.latency.p50_ms
+
     def summary(self) -> dict:
         name, value = self.metrics.headline()
         return {"label": self.label, "precision": self.artifact.precision, "settings": self.artifact.settings, name: value,
                 "quality_loss": round(self.loss, 4), "size_bytes": self.artifact.size_bytes,
-                "latency_p50_ms": self.latency.get("p50_ms"), "failures": [str(f) for f in self.failures]}
+                "latency_p50_ms": self.p50_ms, "failures": [str(f) for f in self.failures]}
 
 
 def open_runner(backend: Backend, artifact: Artifact, threads: int) -> Runner:

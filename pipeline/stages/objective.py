@@ -33,7 +33,7 @@ def objective_for(profile, spec) -> str:
 
 def _candidate(a, role: str) -> dict:
     return {"role": role, "artifact": a.artifact.main, "precision": a.artifact.precision,
-            "size_bytes": a.artifact.size_bytes, "latency_p50_ms": a.latency.get("p50_ms"),
+            "size_bytes": a.artifact.size_bytes, "latency_p50_ms": a.p50_ms,
             "quality_loss": round(a.loss, 4), "within_accuracy_budget": a.quality_ok}
 
 
@@ -67,7 +67,7 @@ def _pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tu
     if warning:
         record["warnings"].append(warning)
     if objective == "precision":
-        base_ms = (baseline.latency or {}).get("p50_ms") if baseline is not None else None
+        base_ms = baseline.p50_ms if baseline is not None else None
         if (baseline is not None and profile.host_is_device and chosen.artifact.precision != Precision.FP32
                 and slower(speedup) and baseline.quality_ok and (base_ms is None or base_ms >= MIN_JUDGED_MS)):
             record["candidates"] = [_candidate(chosen, "target"), _candidate(baseline, "fp32 baseline")]

@@ -8,7 +8,20 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from edgebuild.pipeline.results import CacheUse, ObjectiveDecision, SearchRecord, TargetResult, decide
+from edgebuild.pipeline.results import (
+    Baseline,
+    CacheUse,
+    FileRecord,
+    Gate,
+    Memory,
+    ObjectiveDecision,
+    Ratios,
+    SearchRecord,
+    TargetResult,
+    Threads,
+    WeightShare,
+    decide,
+)
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.candidate import Attempt, file_sha, timing_threads
@@ -29,7 +42,8 @@ def _embed(ctx: BuildContext, profile: TargetProfile, art: Artifact, outdir: Pat
 
 def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen: Attempt, baseline: Attempt | None,
              budget: V.Budget, outdir: Path, search: SearchRecord | None = None, speedup: dict | None = None,
-             cache_use: CacheUse | None = None, objective: ObjectiveDecision | None = None, quantized: dict | None = None) -> TargetResult:
+             cache_use: CacheUse | None = None, objective: ObjectiveDecision | None = None,
+             quantized: WeightShare | None = None) -> TargetResult:
     art = chosen.artifact
     embedded = _embed(ctx, profile, art, outdir)  # metadata inside the artifact, before its sha256 is taken
     from edgebuild.pipeline.memory import after_packaging
@@ -52,12 +66,12 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
     }
     (outdir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
     result = TargetResult(
-        decide(chosen.failures), backend=backend.name, precision=art.precision, artifact=art.main, files=files,
-        settings=art.settings, metrics=chosen.metrics, latency=chosen.latency,
-        size_bytes=art.size_bytes, memory=chosen.memory, notes=art.notes, budgets=budget.to_dict(),
-        host_validation=profile.host_validation, threads={"profile": profile.threads, "used": timing_threads(profile)},
+        decide(chosen.failures), backend=backend.name, precision=art.precision, artifact=art.main,
+        files={n: FileRecord.from_dict(f) for n, f in files.items()}, settings=art.settings, metrics=chosen.metrics,
+        latency=chosen.latency, size_bytes=art.size_bytes, memory=Memory.from_dict(chosen.memory), notes=art.notes,
+        budgets=budget, host_validation=profile.host_validation, threads=Threads(profile.threads, timing_threads(profile)),
         cache=cache_use, search=search, objective=objective, evaluation=chosen.data,
-        gate=V.gate(chosen.metrics, budget, ctx.job.judging.task), quantized=quantized,
+        gate=Gate.from_dict(V.gate(chosen.metrics, budget, ctx.job.judging.task)), quantized=quantized,
         **(_versus_baseline(chosen, baseline, speedup) if baseline is not None else {}))
     (outdir / "validation.json").write_text(json.dumps(result.to_validation(), indent=2, default=str))
     return result
@@ -66,10 +80,9 @@ def describe(ctx: BuildContext, profile: TargetProfile, backend: Backend, chosen
 def _versus_baseline(chosen: Attempt, baseline: Attempt, speedup: dict | None) -> dict:
     """The FP32 baseline's record and the artifact's size and speed relative to it."""
     art, b = chosen.artifact, baseline.artifact
-    return {"baseline_fp32": {"artifact": b.main, "size_bytes": b.size_bytes, "latency": baseline.latency,
-                              "metrics": baseline.metrics.to_dict(), "evaluated": baseline.label, "memory": baseline.memory},
-            "ratios": {
-                "size_vs_fp32": art.size_bytes / b.size_bytes,
+    return {"baseline_fp32": Baseline(b.main, b.size_bytes, baseline.latency, baseline.metrics, baseline.label,
+                                      Memory.from_dict(baseline.memory)),
+            "ratios": Ratios(
+                art.size_bytes / b.size_bytes,
                 # median of the per-round ratios of the interleaved timing; its spread below
-                "speedup_vs_fp32": speedup["median"] if speedup else baseline.latency["p50_ms"] / chosen.latency["p50_ms"],
-                **({"speedup_vs_fp32_spread": speedup} if speedup else {})}}
+                speedup["median"] if speedup else baseline.latency.p50_ms / chosen.latency.p50_ms, speedup)}

@@ -9,7 +9,7 @@ from pathlib import Path
 from edgebuild.pipeline import timing
 from edgebuild.pipeline.cache import cached
 from edgebuild.pipeline.errors import BadInputError, ConversionError
-from edgebuild.pipeline.results import CacheUse, SearchRecord, TargetResult
+from edgebuild.pipeline.results import CacheUse, Latency, SearchRecord, TargetResult, WeightShare
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.candidate import (  # noqa: F401 (re-exported: a target's candidates, stages/candidate.py)
@@ -70,7 +70,7 @@ def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
         record = json_round_trip(record)
     for name, attempt in (("chosen", chosen), ("fp32", baseline)):
         if attempt is not None:
-            attempt.latency = {**record["latency"][name], "threads_profile": profile.threads}
+            attempt.latency = Latency.from_dict({**record["latency"][name], "threads_profile": profile.threads})
     return {"speedup": record["speedup"], "cached": hit is not None}
 
 
@@ -192,7 +192,7 @@ def advice_warnings(profile: TargetProfile, budget: V.Budget, chosen: Attempt) -
     """The profile's typical device limits (``advice:``) the shipped artifact exceeds, where the user set no budget of
     their own: a line each for the report, never a failure."""
     a, out = profile.advice, []
-    p50, size, peak = chosen.latency.get("p50_ms"), chosen.artifact.size_bytes / 1e6, (chosen.memory or {}).get("peak_mb")
+    p50, size, peak = chosen.p50_ms, chosen.artifact.size_bytes / 1e6, (chosen.memory or {}).get("peak_mb")
     if a.max_latency_ms is not None and budget.max_latency_ms is None and p50 is not None and p50 > a.max_latency_ms:
         out.append(f"latency p50 {p50:.1f} ms on this host is above {profile.name}'s typical {a.max_latency_ms:g} ms "
                    "(advice; set budgets.max_latency_ms to enforce a limit)")
@@ -222,8 +222,9 @@ def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
         objective = replace(objective, advice=advice)
     from edgebuild.pipeline.stages.weights import rename_to_share, weight_share
 
-    quantized = weight_share(p.chosen.artifact.path, p.backend.name) if p.chosen.artifact.precision == Precision.INT8 else None
-    if rename_to_share(p.chosen.artifact, quantized) and objective.shipped:
+    share = weight_share(p.chosen.artifact.path, p.backend.name) if p.chosen.artifact.precision == Precision.INT8 else None
+    quantized = None if share is None else WeightShare.from_dict(share)
+    if rename_to_share(p.chosen.artifact, share) and objective.shipped:
         objective = replace(objective, shipped=p.chosen.artifact.main)
     from edgebuild.pipeline.stages.package import describe
 

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from edgebuild.errors import BadInputError
+from edgebuild.pipeline.results import Latency
 from edgebuild.pipeline.stages.alternatives import Candidate, choose
 from edgebuild.targets.profiles import catalogue
 
@@ -43,7 +44,7 @@ def test_bad_alternatives_are_exit_2(tmp_path, body, match):
 
 def _built(name, status="pass", precision="int8", p50=1.0, size=1000, loss=0.0):
     verdict = SimpleNamespace(passed=status == "pass", status=status)
-    result = SimpleNamespace(verdict=verdict, precision=precision, latency={"p50_ms": p50}, size_bytes=size)
+    result = SimpleNamespace(verdict=verdict, precision=precision, latency=Latency(p50_ms=p50), size_bytes=size)
     c = Candidate(SimpleNamespace(name=name), Path(name))
     c.result, c.prepared = result, SimpleNamespace(chosen=SimpleNamespace(loss=loss))
     return c

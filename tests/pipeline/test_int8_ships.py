@@ -124,7 +124,7 @@ def test_profile_latency_and_size_numbers_are_advice_only_user_budgets_fail_a_bu
         size_bytes = 300_000_000
 
     class Chosen:
-        latency, artifact, memory = {"p50_ms": 120.0}, Art(), {}
+        p50_ms, artifact, memory = 120.0, Art(), {}
 
     warnings = advice_warnings(profile, budget_for(profile, BuildSpec()), Chosen())
     assert len(warnings) == 2 and "120.0 ms" in warnings[0] and "advice" in warnings[0]
@@ -214,14 +214,14 @@ def test_speed_is_not_judged_below_the_runners_own_overhead():
         artifact: Art
         loss: float = -0.5
         quality_ok: bool = True
-        latency: dict = field(default_factory=dict)
+        p50_ms: float | None = None
 
     int8, fp32 = Att(Art("model_int8_qdq.onnx", "int8", 100)), Att(Art("model_fp32.onnx", "fp32", 400))
     speed = {"median": 0.76, "p75": 0.78, "rounds": 12}
-    fp32.latency = {"p50_ms": 0.05}
+    fp32.p50_ms = 0.05
     best, record = O.pick("precision", catalogue()["onnx-cpu"], int8, fp32, speed)
     assert best is int8 and "too little to judge" in record.why
-    fp32.latency = {"p50_ms": 5.0}
+    fp32.p50_ms = 5.0
     best, record = O.pick("precision", catalogue()["onnx-cpu"], int8, fp32, speed)
     assert best is fp32 and record.overruled
 

@@ -88,7 +88,7 @@ class FakeAttempt:
     artifact: FakeArtifact
     loss: float
     quality_ok: bool = True
-    latency: dict = field(default_factory=dict)
+    p50_ms: float | None = None
 
 
 INT8 = FakeAttempt(FakeArtifact("model_int8.onnx", "int8", 100), loss=-0.2)

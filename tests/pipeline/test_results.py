@@ -3,11 +3,12 @@ verdict function decides targets and builds."""
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgebuild.pipeline.results import (Check, Failure, Manifest, Metrics, OutputMetrics, TargetResult, TaskScores,
+from edgebuild.pipeline.results import (Check, Failure, Manifest, Metrics, OutputMetrics, TargetResult, TaskScores, Threads,
                                         Verdict, compression_check, decide)
 
 SIZE = Check("size_mb", 2.5, 1.0, kind="size", what="size", unit=" MB", fmt=".3f")
@@ -91,7 +92,7 @@ def test_target_results_round_trip(d):
 
 def test_a_target_result_writes_its_manifest_entry_and_its_validation_json():
     t = TargetResult(decide([SIZE]), backend="onnx", artifact="m.onnx", metrics=Metrics.from_dict(METRICS),
-                     threads={"profile": 4, "used": 2}, evaluation={"samples": 40})
+                     threads=Threads(4, 2), evaluation={"samples": 40})
     entry, validation = t.to_dict(), t.to_validation()
     assert entry["ratios"] is None and entry["baseline_fp32"] is None and "evaluation" not in entry
     assert "ratios" not in validation and validation["threads"] == 4 and validation["threads_used"] == 2
@@ -160,3 +161,46 @@ def test_a_failed_build_raises_one_budget_error_naming_the_check(built):
 
     with pytest.raises(BudgetError, match=r"budget failed — onnx-cpu: size [0-9.]+ MB > max 1e-06 MB"):
         built.raise_for_verdict()
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_the_demo_manifest_reads_as_typed_records_and_writes_back_byte_for_byte():
+    """A real manifest.json (and validation.json) written by the demo build (`edgebuild --target
+    onnx-cpu,x86,arm64`): every measurement of a target is a typed record, and writing it back gives the same
+    bytes (keys, their order, values, absent and null keys)."""
+    from edgebuild.pipeline.results import Baseline, FileRecord, Gate, Latency, Memory, Ratios, WeightShare
+    from edgebuild.specs import Precision
+    from edgebuild.targets.profiles import Budget
+
+    text = (DATA / "demo_manifest.json").read_text()
+    manifest = Manifest.from_dict(json.loads(text))
+    assert json.dumps(manifest.to_dict(), indent=2, default=str) == text
+    assert list(manifest.targets) == ["onnx-cpu", "x86", "arm64"]
+    for name, t in manifest.targets.items():
+        assert isinstance(t.latency, Latency) and t.latency.p50_ms > 0 and t.latency.threads_profile >= 1, name
+        assert isinstance(t.memory, Memory) and t.memory.peak_mb > 0
+        assert isinstance(t.ratios, Ratios) and 0 < t.ratios.size_vs_fp32 < 1 and t.ratios.speedup_vs_fp32_spread
+        assert isinstance(t.baseline_fp32, Baseline) and t.baseline_fp32.artifact.startswith("model_fp32")
+        assert isinstance(t.baseline_fp32.latency, Latency) and isinstance(t.baseline_fp32.metrics, Metrics)
+        assert isinstance(t.baseline_fp32.memory, Memory)
+        assert isinstance(t.gate, Gate) and t.gate.decided_by == "task metric"
+        assert isinstance(t.quantized, WeightShare) and t.quantized.int8_weight_share == 1.0
+        assert isinstance(t.budgets, Budget) and t.budgets.max_accuracy_drop is not None
+        assert isinstance(t.threads, Threads) and t.threads.used >= 1
+        assert all(isinstance(f, FileRecord) and len(f.sha256) == 64 for f in t.files.values())
+        assert sum(f.bytes for f in t.files.values()) == t.size_bytes and t.precision == Precision.INT8
+    validation = (DATA / "demo_arm64_validation.json").read_text()
+    v = TargetResult.from_validation(json.loads(validation))
+    assert json.dumps(v.to_validation(), indent=2, default=str) == validation
+    assert v.latency == manifest.targets["arm64"].latency and v.threads == manifest.targets["arm64"].threads
+
+
+def test_records_keep_what_this_version_does_not_know():
+    """A newer build's keys inside a record, and a budget this version cannot read, survive a round trip."""
+    entry = {**ENTRY, "latency": {"p50_ms": 1.0, "p95_ms": 2.0}, "budgets": {"max_accuracy_drop": 1.0, "max_joules": 3},
+             "files": {"m.onnx": {"bytes": 3, "sha256": "0" * 64, "mtime": 1}}, "threads": {"profile": 4, "used": 2}}
+    t = TargetResult.from_dict(entry)
+    assert t.latency.extra == {"p95_ms": 2.0} and t.budgets == entry["budgets"] and t.files["m.onnx"].bytes == 3
+    _exact(TargetResult.from_dict, TargetResult.to_dict, entry)

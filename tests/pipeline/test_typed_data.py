@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from edgebuild.pipeline.build import build
-from edgebuild.pipeline.results import CacheUse, Metrics, TargetResult
+from edgebuild.pipeline.results import CacheUse, Latency, Metrics, TargetResult
 from edgebuild.pipeline.spec import BuildSpec
 from edgebuild.pipeline.stages import validate as V
 
@@ -87,7 +87,7 @@ def test_an_attempts_failures_follow_its_measurements(tmp_path):
     art = Artifact("t", "onnx", "int8", tmp_path, "m.onnx", ["m.onnx"])
     a = Attempt(art, _metrics(0.999), V.Budget(None, 1.0, None, None, max_memory_mb=2.0))
     assert a.failures == [] and a.quality_ok
-    a.latency = {"p50_ms": 5.0}
+    a.latency = Latency(p50_ms=5.0)
     assert [c.metric for c in a.failures] == ["latency_p50_ms"] and a.quality_ok
     a.memory = {"peak_mb": 3.0}
     assert [c.metric for c in a.failures] == ["latency_p50_ms", "memory_peak_mb"]
