@@ -14,7 +14,7 @@ model, the evaluation data and the reference outputs it holds for all targets) i
 limit keeps ``schedule.MEMORY_MARGIN`` for it; its peak is measured and logged too.
 
 **Which number schedules a build.** The first build of a model — no record yet — schedules by
-``schedule.estimate_peak``: a fixed part per backend plus a multiple of the FP32 model's size, fitted to peaks
+``estimate_peak``: a fixed part per backend plus a multiple of the FP32 model's size, fitted to peaks
 measured on ResNet-50 and MobileNetV2. Its measured peaks are recorded in the stage cache (a result entry per
 model content hash, target, backend and number of calibration samples) when the target really converted (a
 converter child ran: a build whose conversions came from the cache measures only its runtimes, and records
@@ -32,6 +32,23 @@ SAMPLE_S = 0.1
 MB = 1 << 20
 METHOD = "the largest of its child processes' summed VmRSS (sampled) and of one child's VmHWM"
 log = logging.getLogger("edgebuild.schedule")
+
+# A target's peak resident memory before any build of the model measured it (later builds use the number measured
+# here): a fixed part (the converter's libraries: TensorFlow in the TFLite child, OpenVINO + NNCF, ONNX
+# Runtime's calibrator) and a multiple of the FP32 model's size (graph copies, the calibration's statistics, the
+# artifact and its FP32 sibling). Fitted to its children's peaks as ``Meter`` measures them, --no-auto:
+# ResNet-50 (98 MB) onnx-cpu 741 MB, x86 844 MB, arm64 2649 MB; MobileNetV2 (14 MB) onnx-cpu 315 MB, arm64 ~1150 MB.
+# (each backend declares its own: BackendInfo.peak_memory)
+PEAK_OTHER = (900 << 20, 18.0)  # a backend not measured yet: as the heaviest
+
+
+def estimate_peak(backend: str, model_bytes: int) -> int:
+    """A conversion's estimated peak memory in bytes (the backend's ``peak_memory``) for an FP32 ONNX model of
+    ``model_bytes``."""
+    from edgebuild.targets.base import backend_info
+
+    fixed, per_byte = backend_info(backend).peak_memory or PEAK_OTHER
+    return int(fixed + per_byte * model_bytes)
 
 
 def _status(pid: int) -> tuple[int, int, str] | None:
@@ -138,8 +155,7 @@ def _key(ctx, profile) -> str:
 
 def estimates(ctx, profiles, model_bytes: int) -> dict[str, tuple[int, str]]:
     """Per target: (bytes, source) — the peak measured by an earlier build of this model (``"measured"``), else
-    ``schedule.estimate_peak`` (``"model size"``)."""
-    from edgebuild.pipeline.schedule import estimate_peak
+    ``estimate_peak`` (``"model size"``)."""
 
     out = {}
     for p in profiles:

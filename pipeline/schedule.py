@@ -17,13 +17,6 @@ from edgebuild.targets.profiles import TargetProfile
 
 GB = 1 << 30
 MEMORY_MARGIN = 1 << 30  # kept free for the system and the build's own process when --max-memory-gb is not given
-# A target's peak resident memory before any build of the model measured it (pipeline/peaks.py; later builds use the
-# measured number): a fixed part (the converter's libraries: TensorFlow in the TFLite child, OpenVINO + NNCF, ONNX
-# Runtime's calibrator) and a multiple of the FP32 model's size (graph copies, the calibration's statistics, the
-# artifact and its FP32 sibling). Fitted to its children's peaks as pipeline/peaks.py measures them, --no-auto:
-# ResNet-50 (98 MB) onnx-cpu 741 MB, x86 844 MB, arm64 2649 MB; MobileNetV2 (14 MB) onnx-cpu 315 MB, arm64 ~1150 MB.
-# (each backend declares its own: BackendInfo.peak_memory)
-PEAK_OTHER = (900 << 20, 18.0)  # a backend not measured yet: as the heaviest
 log = logging.getLogger("edgebuild.schedule")
 
 
@@ -45,15 +38,6 @@ def memory_limit(max_memory_gb: float | None) -> int:
             raise BadInputError(f"--max-memory-gb {max_memory_gb:g}: must be positive")
         return int(max_memory_gb * GB)
     return max(_available_memory() - MEMORY_MARGIN, 0)
-
-
-def estimate_peak(backend: str, model_bytes: int) -> int:
-    """A conversion's estimated peak memory in bytes (the backend's ``peak_memory``) for an FP32 ONNX model of
-    ``model_bytes``."""
-    from edgebuild.targets.base import backend_info
-
-    fixed, per_byte = backend_info(backend).peak_memory or PEAK_OTHER
-    return int(fixed + per_byte * model_bytes)
 
 
 def _available_memory() -> int:

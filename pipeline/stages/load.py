@@ -86,11 +86,11 @@ def _need_file(path: Path) -> None:
 
 def _onnx(path: Path, spec: BuildSpec) -> LoadedModel:
     """Input shapes come from the graph: a symbolic dimension is the batch (fixed to 1) when it is named like one
-    or leads; any other takes its size from the data (``export.input_shape``). Old files (IR < 4,
+    or leads; any other takes its size from the data (``onnx_file.input_shape``). Old files (IR < 4,
     weights as inputs or not) are checked as upgraded (the export records each change)."""
     import onnx
 
-    from edgebuild.pipeline.stages.export import check_onnx, input_shape, upgrade_legacy_onnx
+    from edgebuild.pipeline.stages.onnx_file import check_onnx, input_shape, upgrade_legacy_onnx
 
     _need_file(path)
     try:

@@ -76,7 +76,7 @@ def _ctx(cache, model="a" * 64, calib=300):
 def test_a_measured_peak_is_recorded_once_and_schedules_the_next_build_of_the_same_model(tmp_path, caplog):
     from edgebuild.pipeline.cache_store import open_cache
     from edgebuild.pipeline.peaks import Meter, estimates, record
-    from edgebuild.pipeline.schedule import estimate_peak
+    from edgebuild.pipeline.peaks import estimate_peak
 
     cache = open_cache(tmp_path / "cache")
     profiles = [SimpleNamespace(name="x86", backend="openvino"), SimpleNamespace(name="onnx-cpu", backend="onnx")]

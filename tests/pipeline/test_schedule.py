@@ -56,7 +56,8 @@ def test_estimates_grow_with_the_model_and_the_limit_is_the_flag_or_available_me
     import pytest
 
     from edgebuild.pipeline.errors import BadInputError
-    from edgebuild.pipeline.schedule import GB, MEMORY_MARGIN, _available_memory, estimate_peak, memory_limit
+    from edgebuild.pipeline.peaks import estimate_peak
+    from edgebuild.pipeline.schedule import GB, MEMORY_MARGIN, _available_memory, memory_limit
 
     resnet50 = 98 << 20
     assert estimate_peak("openvino", resnet50) == pytest.approx(1090 << 20, rel=0.1)  # measured: 1090 MB
