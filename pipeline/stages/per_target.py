@@ -45,13 +45,16 @@ def budget_for(profile: TargetProfile, spec: BuildSpec) -> V.Budget:
     return spec.budgets.for_targets().over(profile.budgets)
 
 
+CHOSEN, BASELINE = "chosen", "fp32"  # the roles of a target's timed artifacts (the cached record's keys)
+
+
 def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, chosen: Attempt,
                    baseline: Attempt | None, budget: V.Budget) -> dict:
     """Time the chosen artifact and its FP32 baseline interleaved in rounds in this process (cached by both
     artifacts' hashes, the feed, runtime, threads and host); fills in their latency and the latency budget."""
     threads = timing_threads(profile)
     feed = ctx.job.evalset.feed(0)
-    arts = {"chosen": chosen.artifact, **({"fp32": baseline.artifact} if baseline is not None else {})}
+    arts = {CHOSEN: chosen.artifact, **({BASELINE: baseline.artifact} if baseline is not None else {})}
     k = cached("latency", inputs={"artifacts": {n: artifact_hash(a) for n, a in arts.items()},
                                   "feed": {n: array_hash(v) for n, v in sorted(feed.items())}},
                config={"rounds": (timing.ROUNDS, timing.ROUND_S, timing.MAX_ROUND_RUNS, timing.WARMUP, timing.MAX_ROUNDS,
@@ -64,11 +67,11 @@ def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
         with ExitStack() as stack:
             runners = {n: stack.enter_context(open_runner(backend, a, threads)) for n, a in arts.items()}
             lat, p50s = timing.latency_interleaved(runners, feed,
-                                                   more=timing.undecided("fp32", "chosen") if baseline is not None else None)
-        record = {"latency": lat, "speedup": timing.speedup(p50s["fp32"], p50s["chosen"]) if baseline is not None else None}
+                                                   more=timing.undecided(BASELINE, CHOSEN) if baseline is not None else None)
+        record = {"latency": lat, "speedup": timing.speedup(p50s[BASELINE], p50s[CHOSEN]) if baseline is not None else None}
         ctx.work.cache.put_result(k, record)
         record = json_round_trip(record)
-    for name, attempt in (("chosen", chosen), ("fp32", baseline)):
+    for name, attempt in ((CHOSEN, chosen), (BASELINE, baseline)):
         if attempt is not None:
             attempt.latency = Latency.from_dict({**record["latency"][name], "threads_profile": profile.threads})
     return {"speedup": record["speedup"], "cached": hit is not None}
