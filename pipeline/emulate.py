@@ -37,9 +37,7 @@ CPU = "cortex-a76"  # the Raspberry Pi 5's core; the setup script's ROOT/proc/cp
 # emulated (aarch64 LiteRT) vs host (x86-64 LiteRT), same artifact and feeds: the same kernels (XNNPACK) on two
 # ISAs. Float rounding (FMA) and the NEON vs AVX requantization may differ by a unit in the last place, which can
 # flip a near-tie decision now and then; anything beyond that is a runtime that does not give the same answers.
-# (metric, limit, op): max_abs_error_relative is the max abs error over the largest |host output| (per output)
-HOST_AGREEMENT = (("top1_agreement", 99.5, "min"), ("cosine_min", 0.999, "min"),
-                  ("max_abs_error_relative", 0.01, "max"))
+HOST_AGREEMENT = V.HOST_AGREEMENT  # the judge's (pipeline/stages/validate.py), named here for the record
 
 
 def emulator_root() -> Path:
@@ -99,14 +97,12 @@ def validate_emulated(artifact_dir: Path, eval_source: str, evaluator: str | Non
                             f"{result['python']}) under qemu-user -cpu {CPU}", "root": str(emulator_root()),
                  "vs_host": vs_host, "tolerance": {k: {op: limit} for k, limit, op in HOST_AGREEMENT},
                  "latency": "not measured: time under emulation is not device latency"}
-    return judged(loaded, emulated, None, emulation=emulation, extra_failures=host_failures(vs_host))
+    return judged(loaded, emulated, None, vs_host=vs_host, emulation=emulation)  # agreement judged in V.assess
 
 
 def host_failures(vs_host: dict) -> list[V.Check]:
-    """The ``HOST_AGREEMENT`` checks the emulated outputs miss."""
-    checks = [V.Check(f"emulated_vs_host_{k}", vs_host[k], limit, op, what=f"emulated vs host {k}")
-              for k, limit, op in HOST_AGREEMENT if vs_host.get(k) is not None]
-    return [c for c in checks if not c.ok]
+    """The ``HOST_AGREEMENT`` checks the emulated outputs miss (``V.agreement_checks`` that fail)."""
+    return [c for c in V.agreement_checks(vs_host) if not c.ok]
 
 
 def agreement(host: list, emulated: list, labels, judging: V.Judging) -> dict:

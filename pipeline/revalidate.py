@@ -144,14 +144,14 @@ def _reference(artifact_dir: Path, meta: dict, evalset) -> tuple[list, str]:
     return V.collect(runner, evalset), "recomputed (FP32 reference model on this data)"
 
 
-def judged(loaded: Loaded, outputs: list, lat: dict | None, **extra) -> dict:
+def judged(loaded: Loaded, outputs: list, lat: dict | None, vs_host: dict | None = None, **extra) -> dict:
     """The outputs of the artifact (from any runner: host, emulator, device) judged against the FP32 reference and
-    the build's budgets, as a validation result. ``lat`` None: no latency is judged (e.g. under emulation)."""
+    the build's budgets, as a validation result, every check by the one judge (``V.assess``). ``lat`` None: no
+    latency is judged (e.g. under emulation); ``vs_host``: emulated outputs' agreement with the host's."""
     metrics = V.compare(loaded.reference, outputs, loaded.evalset.labels, loaded.judging)
     art = loaded.artifact
     memory = recorded_memory(art.directory)
-    verdict = decide(V.assess(metrics, loaded.budget, loaded.judging.task, art.size_bytes, lat, memory).failures
-                     + extra.pop("extra_failures", []))
+    verdict = decide(V.assess(metrics, loaded.budget, loaded.judging.task, art.size_bytes, lat, memory, vs_host).failures)
     result = TargetResult(
         verdict, metrics=metrics, latency=None if lat is None else Latency.from_dict(lat), size_bytes=art.size_bytes,
         memory=Memory.from_dict({**memory, "source": "measured by the build (validation.json)"}) if memory else None,

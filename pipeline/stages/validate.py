@@ -425,11 +425,24 @@ class Assessment:
         return max((c.excess for c in self.checks if c.kind == "quality"), default=0.0)
 
 
+# ``validate --emulate``: the emulated runtime's outputs against the host's on the same feeds, (metric, limit, op).
+# Same runtime, another ISA: float reassociation may flip a near-tie now and then, nothing more. max_abs_error_relative
+# is the max abs error over the largest |host output| (per output).
+HOST_AGREEMENT = (("top1_agreement", 99.5, "min"), ("cosine_min", 0.999, "min"), ("max_abs_error_relative", 0.01, "max"))
+
+
+def agreement_checks(vs_host: dict | None) -> list[Check]:
+    """The ``HOST_AGREEMENT`` checks of outputs produced elsewhere (emulated) against the host's own."""
+    return [Check(f"emulated_vs_host_{k}", vs_host[k], limit, op, what=f"emulated vs host {k}")
+            for k, limit, op in HOST_AGREEMENT if vs_host and vs_host.get(k) is not None]
+
+
 def assess(m: Metrics, budget: Budget, task: str = "auto", size_bytes: int | None = None, lat: dict | None = None,
-           memory: dict | None = None) -> Assessment:
+           memory: dict | None = None, vs_host: dict | None = None) -> Assessment:
     """THE checks of a candidate: its metrics and whatever else was measured of it (size, latency, runtime memory and
-    a microcontroller's fit); a measurement not taken (None or empty) is not judged."""
-    return Assessment(tuple(checks(m, size_bytes, lat or None, budget, task, memory or None)))
+    a microcontroller's fit, and for outputs produced under emulation their agreement with the host's: ``vs_host``);
+    a measurement not taken (None or empty) is not judged."""
+    return Assessment(tuple(checks(m, size_bytes, lat or None, budget, task, memory or None) + agreement_checks(vs_host)))
 
 
 def judge(m: Metrics, size_bytes: int | None, lat: dict | None, budget: Budget, task: str = "auto",

@@ -157,3 +157,31 @@ def test_precision_is_typed_from_the_profile_to_the_target_and_written_as_before
     import json
 
     assert json.loads(json.dumps(arm64.to_dict()))["precisions"][0] in ("int8", "fp16", "fp32", "dynamic")
+
+
+def test_validate_emulate_judges_its_host_agreement_in_the_one_judge(tmp_path, monkeypatch):
+    """`validate --emulate`: the emulated outputs' agreement with the host's is a check of ``V.assess`` like every
+    other (no failure is appended outside the judge), so the verdict, the failed checks and the ranking agree."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from edgebuild.pipeline import emulate, revalidate
+
+    seen = []
+    real = V.assess
+    monkeypatch.setattr(V, "assess", lambda *a, **k: seen.append(a) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    ref = [[rng.normal(size=(1, 10)).astype(np.float32)] for _ in range(20)]
+    loaded = SimpleNamespace(reference=ref, evalset=SimpleNamespace(labels=None, describe=lambda: {"samples": 20}),
+                             judging=V.Judging(), artifact=SimpleNamespace(size_bytes=100, directory=tmp_path),
+                             budget=V.Budget(max_accuracy_drop=1.0), meta={"target": "arm64"}, reference_source="saved")
+    bad = {"top1_agreement": 90.0, "cosine_min": 0.9999, "max_abs_error_relative": 0.001}
+    r = revalidate.judged(loaded, ref, None, vs_host=bad, emulation={"vs_host": bad})
+    assert r["verdict"] == "fail" and [c["metric"] for c in r["failed_checks"]] == ["emulated_vs_host_top1_agreement"]
+    assert r["failures"] == ["emulated vs host top1_agreement 90 < min 99.5"] and r["emulation"] == {"vs_host": bad}
+    assert seen and seen[-1][-1] == bad  # through the judge
+    assert revalidate.judged(loaded, ref, None, vs_host={**bad, "top1_agreement": 100.0})["verdict"] == "pass"
+    assessment = real(Metrics(), V.Budget(), vs_host=bad)
+    assert [c.metric for c in assessment.checks] == [f"emulated_vs_host_{k}" for k, _, _ in V.HOST_AGREEMENT]
+    assert [str(c) for c in emulate.host_failures(bad)] == r["failures"] and emulate.HOST_AGREEMENT is V.HOST_AGREEMENT
