@@ -15,4 +15,5 @@ INFO = register(BackendInfo(
     device_runtimes=("ai_edge_litert", "tflite_runtime", "tensorflow"),  # a board's LiteRT, preferred first
     suffixes=(".tflite",), metadata="tflite metadata 'edgebuild'",
     versions=("tensorflow", "onnx2tf", "ai-edge-litert", "tf-keras", "onnx-graphsurgeon", "onnx", "onnxruntime", "numpy"),
-    isolate_runner=True, micro=True, peak_memory=(900 << 20, 18.0), cell_memory_mb=3000))
+    isolate_runner=True, micro=True, peak_memory=(900 << 20, 18.0), cell_memory_mb=3000,
+    cache_version=3))  # 3: INT8 ranges measured without buffer sharing (ranges.py); more rewrites for XNNPACK

@@ -155,6 +155,8 @@ class TFLiteBackend(Backend):
         used["fp32_graph_check"] = result.get("fp32_graph_check")  # FP32 TF graph vs ONNX on one sample
         if precision == "int8":
             used["quantizer_used"] = result["quantizer_used"]
+            # activation ranges TF's calibrator logged too wide (buffer sharing), narrowed (targets/tflite/ranges.py)
+            used["ranges_narrowed"] = len(result.get("ranges_repaired") or [])
             if auto_float:
                 used["float_ops_kept"] = auto_float  # "TFLITE_OP output-tensor": no int8 kernel or XNNPACK repair
                 used["repairs"] = result.get("repairs") or []
@@ -357,6 +359,12 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
                         f"converter ({'; '.join(s.get('repairs') or [])}), with QUANTIZE/DEQUANTIZE at their borders; "
                         f"calibrated on {s.get('calibration_samples_used')} samples")
     notes.append(what[precision])
+    narrowed = result.get("ranges_repaired") or []
+    if precision == "int8" and narrowed:
+        first = narrowed[0]
+        notes.append(f"{len(narrowed)} activation range(s) narrowed to what the calibration data holds (TF's calibrator "
+                     f"logs an op's first input after the op overwrote its buffer), e.g. {first['tensor'][:60]} "
+                     f"{first['logged']} -> {first['measured']}")
     if any(op.startswith("WHILE ") for op in result["ops"]):
         notes.append("recurrent layers kept as a WHILE loop over time steps (not unrolled: XNNPACK would hold packed "
                      "weights once per step)")

@@ -37,6 +37,7 @@ from edgebuild.targets.tflite.onnx2tf_run import (  # noqa: F401 — CHANNEL_LAS
     CHANNEL_LAST, NetworkBlocked, adopt_input_layouts, block_network, check_float_graph, explain, to_keras,
     to_tf_layout)
 from edgebuild.targets.tflite.mixed import ConversionFailure, check_integer, float_layer_map, selective_int8
+from edgebuild.targets.tflite.ranges import exact_ranges
 
 
 def _phase(job_dir: Path, text: str) -> None:
@@ -86,6 +87,12 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
         converter.inference_output_type = io_type
         converter._experimental_disable_per_channel = not settings.get("per_channel", True)
         converter.experimental_new_quantizer = job["quantizer_used"] == "mlir"
+        if converter.experimental_new_quantizer:  # calibration ranges without buffer sharing (targets/tflite/ranges.py)
+            job["ranges_repaired"] = []
+            with exact_ranges(job["ranges_repaired"]):
+                if job.get("float_layer_map") or job.get("auto_float_ops"):
+                    return selective_int8(converter, km, job, io_type)
+                return converter.convert()
         if job.get("float_layer_map") or job.get("auto_float_ops"):
             return selective_int8(converter, km, job, io_type)
     elif precision != "fp32":
@@ -172,7 +179,8 @@ def run(job_dir: Path) -> dict:
         result = {"ok": True, "keras_inputs": list(km.input_names), "keras_outputs": list(km.output_names),
                   "quantizer_used": job["quantizer_used"] if job["precision"] == "int8" else None,
                   "input_perms": in_perms, "output_perms": out_perms, "fp32_graph_check": check, "rewrites": job.get("rewrites") or [],
-                  "repairs": repairs, "xnnpack_checked": _xnnpack_on(job), **described, **kept}
+                  "repairs": repairs, "xnnpack_checked": _xnnpack_on(job), **described, **kept,
+                  "ranges_repaired": job.get("ranges_repaired")}
     except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit() on some errors
         result = {"ok": False, "phase": phase, **explain(e, phase, job["onnx"], job_dir / "convert.log"),
                   "traceback": traceback.format_exc(limit=8)}
