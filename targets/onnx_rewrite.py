@@ -14,6 +14,9 @@ onnx2tf's tensor map still find them. Runs in the conversion child (targets/tfli
   Where that padding is exactly TF's SAME split (``MaxPool2d(3, 2, ceil_mode=True)`` on an even size), the pool
   becomes ``auto_pad=SAME_UPPER`` instead: one MAX_POOL_2D, as XNNPACK has no MIRROR_PAD (the edge pad's op fell
   back to LiteRT's kernels and split the model into more XNNPACK partitions).
+  After a non-negative op (Relu, Clip from >= 0, Sigmoid) the pad is zeros instead (exact there: every window holds
+  a real value >= 0), TFLite's PAD, which XNNPACK runs; a model's own edge Pad that only MaxPools read gets the
+  same (``edge_pad_before_maxpool``: yahoo-open-nsfw's stem, two MIRROR_PAD fallbacks and three partitions).
 - **PRelu, for INT8 only** (``prelu_int8``): XNNPACK has no int8 PRELU kernel; each of an MTCNN's PReLUs fell back
   to LiteRT's reference-speed kernel and cut the model into one more XNNPACK partition. ``PRelu(x, a) =
   x + (1 - a) * Relu(-x)`` (exact) is made of int8 ops XNNPACK takes (MUL with a fused RELU, MUL, ADD; a lone
@@ -67,9 +70,9 @@ ERF_MAX_ABS_ERROR = 3.6e-4
 def rewrite(model, precision: str = "fp32") -> tuple[object, list[str]]:
     """All rewrites, in order (``prelu_int8`` for an INT8 conversion only); returns (model, notes)."""
     notes: list[str] = []
-    steps = (tf_scope_safe_node_names, tf_safe_output_names, slice_per_axis, maxpool_edge_padding, erf_to_tanh,
-             sum_to_add_chain, scatter_elements_reduction, gather_of_concat)
-    for step in ((prelu_int8, hard_activations_int8) if precision == "int8" else ()) + steps:
+    steps = (tf_scope_safe_node_names, tf_safe_output_names, slice_per_axis, maxpool_edge_padding,
+             edge_pad_before_maxpool, erf_to_tanh, sum_to_add_chain, scatter_elements_reduction, gather_of_concat)
+    for step in ((prelu_int8, hard_activations_int8, scalar_affine_int8, nearest_upsample_int8) if precision == "int8" else ()) + steps:
         model, note = step(model)
         if note:
             notes.append(note)
@@ -180,6 +183,8 @@ def maxpool_edge_padding(model):
     if _opset(model) < 11:  # Pad takes its pads as an input from opset 11 on
         return model, None
     shapes, replacements, inits, done = _shapes(model), {}, [], []
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for idx, node in enumerate(model.graph.node):
         if node.op_type != "MaxPool" or len(node.output) != 1:
             continue
@@ -221,17 +226,93 @@ def maxpool_edge_padding(model):
         pads_name = _unique(model, node.output[0] + "_edge_pads")
         padded = _unique(model, node.output[0] + "_edge_padded")
         inits.append(numpy_helper.from_array(np.array([0, 0] + pads[:n] + [0, 0] + end, np.int64), pads_name))
-        pad = helper.make_node("Pad", [node.input[0], pads_name], [padded], mode="edge", name=f"{node.name}/edge_pad")
+        if _nonnegative(node.input[0], producer, consts):
+            # every window holds a real value >= 0: zeros change no maximum, and PAD (unlike MIRROR_PAD, the edge
+            # pad's TFLite op) is one XNNPACK takes in int8 and float
+            pad = helper.make_node("Pad", [node.input[0], pads_name], [padded], mode="constant", name=f"{node.name}/zero_pad")
+            done.append((node.name or node.output[0]) + " (zero pad after a non-negative op)")
+        else:
+            pad = helper.make_node("Pad", [node.input[0], pads_name], [padded], mode="edge", name=f"{node.name}/edge_pad")
+            done.append(node.name or node.output[0])
         keep = {key: v for key, v in a.items() if key not in ("pads", "ceil_mode", "auto_pad")}
         pool = helper.make_node("MaxPool", [padded], list(node.output), name=node.name, **keep)
         replacements[idx] = [pad, pool]
-        done.append(node.name or node.output[0])
     if not done:
         return model, None
     _replace_nodes(model, replacements, inits)
-    return model, (f"MaxPool padding as TF's SAME pooling where it pads so, else as an edge Pad (exact; onnx2tf's "
+    return model, (f"MaxPool padding as TF's SAME pooling where it pads so, else as a zero Pad after a non-negative "
+                   f"op (Relu, Clip from >= 0, Sigmoid), else as an edge Pad (exact; onnx2tf's "
                    f"-3.4e38 pad breaks INT8 ranges and XNNPACK): "
                    f"{', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
+
+
+def edge_pad_before_maxpool(model):
+    """A model's own ``Pad(edge)`` that only MaxPools read, on a non-negative tensor -> ``Pad(constant 0)`` (exact).
+
+    TF-exported ResNets (yahoo-open-nsfw) pad ``Relu -> Transpose`` with an edge Pad before a VALID MaxPool; TFLite
+    makes it MIRROR_PAD, which XNNPACK does not run (2 fallbacks, 3 partitions in the real model). Zeros give the same
+    maxima when every value is >= 0 and every pooling window holds a real value (each pad < the kernel)."""
+    from onnx import helper, numpy_helper
+
+    if _opset(model) < 11:
+        return model, None
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    replacements, done = {}, []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type != "Pad" or node.domain not in ("", "ai.onnx") or _attrs(node).get("mode") not in (b"edge", "edge"):
+            continue
+        if len(node.input) < 2 or node.input[1] not in consts or (len(node.input) > 3 and node.input[3]):
+            continue  # pads computed at run time, or an axes input
+        pools = readers.get(node.output[0], [])
+        if not pools or node.output[0] in outputs or any(p.op_type != "MaxPool" for p in pools):
+            continue
+        pads = [int(v) for v in consts[node.input[1]].ravel()]
+        rank = len(pads) // 2
+        ok = rank >= 3 and not any(pads[:2] + pads[rank:rank + 2]) and min(pads) >= 0
+        for p in pools:
+            a = _attrs(p)
+            k = list(a.get("kernel_shape", []))
+            if len(k) != rank - 2 or any(a.get("pads", [0] * 2 * len(k))) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") \
+                    or any(d != 1 for d in a.get("dilations", [1] * len(k))) or a.get("ceil_mode", 0):
+                ok = False
+            elif any(pads[2 + d] >= k[d] or pads[rank + 2 + d] >= k[d] for d in range(len(k))):
+                ok = False  # a window could lie in the padding alone
+        if not ok or not _nonnegative(node.input[0], producer, consts):
+            continue
+        replacements[idx] = [helper.make_node("Pad", [node.input[0], node.input[1]], list(node.output), name=node.name,
+                                              mode="constant")]
+        done.append(node.name or node.output[0])
+    if not done:
+        return model, None
+    _replace_nodes(model, replacements, [])
+    return model, (f"edge Pad before MaxPool as a zero Pad on a non-negative input (exact; XNNPACK has no MIRROR_PAD): "
+                   f"{', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
+
+
+def _nonnegative(tensor: str, producer: dict, consts: dict) -> bool:
+    """Is every value of ``tensor`` >= 0 by the op that makes it (Relu, Sigmoid, Clip with a lower bound >= 0),
+    looking through ops that move values without changing them (Transpose, Reshape, Identity)?"""
+    node = producer.get(tensor)
+    for _ in range(8):
+        if node is None or node.op_type not in ("Transpose", "Reshape", "Identity", "Flatten", "Squeeze", "Unsqueeze"):
+            break
+        node = producer.get(node.input[0])
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in ("Relu", "Sigmoid", "HardSigmoid", "Softmax"):
+        return True
+    if node.op_type == "Clip":
+        lo = _attrs(node).get("min") if len(node.input) == 1 else \
+            (float(consts[node.input[1]].ravel()[0]) if len(node.input) > 1 and node.input[1] in consts
+             and consts[node.input[1]].size == 1 else None)
+        return lo is not None and lo >= 0
+    return False
 
 
 def erf_to_tanh(model):
@@ -572,6 +653,119 @@ def prelu_int8(model):
     _replace_nodes(model, replacements, [])
     return model, (f"PRelu as x + (1 - slope) * Relu(-x) for INT8 (exact; XNNPACK has no int8 PRELU kernel): "
                    f"{len(done)} node(s)")
+
+
+def scalar_affine_int8(model):
+    """``Add(Mul(x, s), b)`` with scalar constants s, b on an NCHW tensor -> a 1x1 depthwise ``Conv`` (weight s, bias b).
+
+    PaddlePaddle's learnable affine blocks (PP-LCNetV3 in PP-OCRv4) scale and shift every activation by two learned
+    scalars. In INT8 a shift far below the tensor's range (b = -8.8e-5 on a [-20, 20] tensor) gets a constant scale
+    XNNPACK refuses for ADD (input/output scale ratio under 2^-10): the real PP-OCRv4 detector had 4 such ADDs on
+    LiteRT's own kernels. A depthwise conv's bias is int32 at the input x weight scale, so any shift is kept, and XNNPACK
+    runs it; one op instead of two. Exact in float (s * x + b)."""
+    from onnx import helper, numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                   if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"})
+    shapes = _shapes(model)
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    index = {id(n): i for i, n in enumerate(model.graph.node)}
+
+    def scalar(names) -> tuple[str, float] | None:  # (the other input, the scalar) of a binary op
+        a, b = names
+        for x, k in ((a, b), (b, a)):
+            if k in consts and consts[k].size == 1 and consts[k].dtype == np.float32 and x not in consts:
+                return x, float(consts[k].ravel()[0])
+        return None
+
+    replacements, inits, done = {}, [], []
+    for mul in model.graph.node:
+        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2:
+            continue
+        found = scalar(mul.input)
+        users = readers.get(mul.output[0], [])
+        if not found or len(users) != 1 or mul.output[0] in outputs or users[0].op_type != "Add" or len(users[0].input) != 2:
+            continue
+        add = users[0]
+        shift = scalar(add.input)
+        x, s = found
+        shape = shapes.get(x)
+        if not shift or shift[0] != mul.output[0] or not shape or len(shape) != 4 or shape[1] <= 0:
+            continue
+        c, b = shape[1], shift[1]
+        w, bias = _unique(model, f"{add.output[0]}_affine_w"), _unique(model, f"{add.output[0]}_affine_b")
+        inits += [numpy_helper.from_array(np.full((c, 1, 1, 1), s, np.float32), w),
+                  numpy_helper.from_array(np.full((c,), b, np.float32), bias)]
+        replacements[index[id(mul)]] = []
+        replacements[index[id(add)]] = [helper.make_node("Conv", [x, w, bias], list(add.output), name=add.name,
+                                                         group=c, kernel_shape=[1, 1])]
+        done.append(add.name or add.output[0])
+    if not done:
+        return model, None
+    _replace_nodes(model, replacements, inits)
+    return model, (f"scalar affine s * x + b as a 1x1 depthwise Conv for INT8 (exact; XNNPACK refuses an int8 ADD of a "
+                   f"shift far below the tensor's range): {len(done)} node pair(s)")
+
+
+def nearest_upsample_int8(model):
+    """``Resize(nearest)`` by an integer factor k in H and W on NCHW -> ``Concat`` of k*k copies + ``DepthToSpace(k)``.
+
+    XNNPACK has no RESIZE_NEAREST_NEIGHBOR: the real PP-OCRv4 detector's FPN had 6 upsamplings on LiteRT's own kernels,
+    8 XNNPACK partitions in INT8. DepthToSpace (DCR) puts channel block (i*k + j) at offset (i, j) of each k x k cell;
+    with every block a copy of x, that is out[h*k + i, w*k + j] = x[h, w], what nearest upsampling with
+    ``asymmetric``/``floor`` (torch's and Paddle's export) or half-pixel/round coordinates gives for an integer
+    factor. CONCATENATION and DEPTH_TO_SPACE are int8 ops XNNPACK runs. Exact (values are moved, not computed)."""
+    from onnx import helper
+
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                   if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"})
+    shapes = _shapes(model)
+    exact = {(b"asymmetric", b"floor"), (b"half_pixel", b"round_prefer_floor"), (b"half_pixel", b"round_prefer_ceil"),
+             (b"pytorch_half_pixel", b"round_prefer_floor"), (b"pytorch_half_pixel", b"round_prefer_ceil")}
+    replacements, done = {}, []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type != "Resize" or node.domain not in ("", "ai.onnx"):
+            continue
+        a = {k: (v.encode() if isinstance(v, str) else v) for k, v in _attrs(node).items()}
+        opset = _opset(model)
+        coords = a.get("coordinate_transformation_mode", b"half_pixel" if opset >= 11 else b"asymmetric")
+        rounding = a.get("nearest_mode", b"round_prefer_floor") if opset >= 11 else b"floor"
+        if a.get("mode", b"nearest") != b"nearest" or (coords, rounding) not in exact or a.get("axes") \
+                or a.get("keep_aspect_ratio_policy", b"stretch") != b"stretch":
+            continue
+        shape = shapes.get(node.input[0])
+        if not shape or len(shape) != 4 or min(shape[1:]) <= 0:
+            continue
+        scales_in = node.input[1] if opset < 11 else (node.input[2] if len(node.input) > 2 else "")
+        sizes_in = node.input[3] if opset >= 11 and len(node.input) > 3 else ""
+        if scales_in and scales_in in consts and consts[scales_in].size == 4:
+            k = [float(v) for v in consts[scales_in].ravel()]
+        elif sizes_in and sizes_in in consts and consts[sizes_in].size == 4:
+            k = [float(o) / float(i) for o, i in zip(consts[sizes_in].ravel(), shape)]
+        else:
+            continue
+        f = int(round(k[2]))
+        if k[:2] != [1.0, 1.0] or k[2] != k[3] or k[2] != f or not 2 <= f <= 8:
+            continue
+        copies = _unique(model, f"{node.output[0]}_nearest_copies")
+        replacements[idx] = [helper.make_node("Concat", [node.input[0]] * (f * f), [copies], axis=1,
+                                              name=f"{node.name}/copies"),
+                             helper.make_node("DepthToSpace", [copies], list(node.output), blocksize=f, mode="DCR",
+                                              name=node.name)]
+        done.append(f"{node.name or node.output[0]} (x{f})")
+    if not done:
+        return model, None
+    _replace_nodes(model, replacements, [])
+    return model, (f"nearest upsampling by an integer factor as Concat + DepthToSpace for INT8 (exact; XNNPACK has no "
+                   f"RESIZE_NEAREST_NEIGHBOR): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
 
 
 def hard_activations_int8(model):

@@ -219,3 +219,110 @@ def test_decomposed_hardswish_int8_matches_onnxruntime():
     assert [n.op_type for n in out.graph.node] == ["Add", "Clip", "Mul", "Mul"] and out.graph.node[-1].output[0] == "y"
     x = np.linspace(-8, 8, 100, dtype=np.float32).reshape(2, 50)
     np.testing.assert_allclose(run(out, {"x": x}), run(m, {"x": x}), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("producer", ["Relu", "Clip", "Neg"])
+def test_maxpool_ceil_pad_is_zero_after_a_nonnegative_op(producer):
+    """MaxPool(4, 2, ceil_mode) on an odd size (not TF's SAME split): after Relu/Clip(0, ..) a zero Pad (TFLite PAD,
+    which XNNPACK runs; the real nsfw-resnet's two edge pads were MIRROR_PAD fallbacks and cut 3 partitions), else
+    the edge Pad; both exact."""
+    from edgebuild.targets.onnx_rewrite import maxpool_edge_padding
+
+    rng = np.random.default_rng(5)
+    first = (helper.make_node("Clip", ["x", "lo"], ["r"], name="act") if producer == "Clip"
+             else helper.make_node(producer, ["x"], ["r"], name="act"))
+    nodes = [first, helper.make_node("MaxPool", ["r"], ["y"], kernel_shape=[4, 4], strides=[2, 2], ceil_mode=1,
+                                     name="pool")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 11, 11])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 5, 5])],
+                          [numpy_helper.from_array(np.array(0.0, np.float32), "lo")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    out, note = maxpool_edge_padding(onnx.load_from_string(m.SerializeToString()))
+    pads = [n for n in out.graph.node if n.op_type == "Pad"]
+    mode = {a.name: a.s for a in pads[0].attribute}["mode"]
+    assert mode == (b"edge" if producer == "Neg" else b"constant"), (producer, mode, note)
+    for _ in range(3):
+        feed = {"x": rng.normal(size=(1, 3, 11, 11)).astype(np.float32)}
+        np.testing.assert_array_equal(run(out, feed), run(m, feed))
+
+
+@pytest.mark.parametrize("producer", ["Relu", "Neg"])
+def test_models_own_edge_pad_before_maxpool_is_zero_after_relu(producer):
+    """Relu -> Transpose -> Pad(edge) -> MaxPool (a TF-exported ResNet's stem, yahoo-open-nsfw): the edge pad becomes a
+    zero pad where its input is >= 0 (exact), else it stays."""
+    from edgebuild.targets.onnx_rewrite import edge_pad_before_maxpool
+
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node(producer, ["x"], ["r"], name="act"),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 3, 1, 2], name="nchw"),
+             helper.make_node("Pad", ["t", "pads"], ["p"], mode="edge", name="pad"),
+             helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[3, 3], strides=[2, 2], name="pool")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10, 10, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
+                          [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    out, note = edge_pad_before_maxpool(onnx.load_from_string(m.SerializeToString()))
+    mode = {a.name: a.s for a in next(n for n in out.graph.node if n.op_type == "Pad").attribute}["mode"]
+    assert (mode == b"constant" and "pad" in note) if producer == "Relu" else (mode == b"edge" and note is None)
+    for _ in range(3):
+        feed = {"x": rng.normal(size=(1, 10, 10, 4)).astype(np.float32)}
+        np.testing.assert_array_equal(run(out, feed), run(m, feed))
+
+
+def test_scalar_affine_becomes_a_depthwise_conv():
+    """Add(Mul(x, s), b) with scalars (PP-LCNetV3's learnable affine block) -> a 1x1 depthwise Conv, INT8 only: a
+    shift far below the tensor's range made int8 ADDs XNNPACK refuses (the real PP-OCRv4 detector: 4 fallbacks)."""
+    from edgebuild.targets.onnx_rewrite import scalar_affine_int8
+
+    rng = np.random.default_rng(7)
+    shift = helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(np.array(-8.8e-5, np.float32)))
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="act"), shift,
+             helper.make_node("Mul", ["r", "s"], ["m"], name="scale"),
+             helper.make_node("Add", ["b", "m"], ["y"], name="shift")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 6, 6])],
+                          [numpy_helper.from_array(np.array(1.37, np.float32), "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    out, note = scalar_affine_int8(onnx.load_from_string(m.SerializeToString()))
+    assert note and [n.op_type for n in out.graph.node if n.op_type != "Constant"] == ["Relu", "Conv"]
+    assert out.graph.node[-1].name == "shift" and out.graph.node[-1].output[0] == "y"  # name kept for float_layers
+    assert "Conv" not in {n.op_type for n in rewrite(onnx.load_from_string(m.SerializeToString()))[0].graph.node}
+    for _ in range(3):
+        feed = {"x": rng.normal(0, 20, size=(1, 5, 6, 6)).astype(np.float32)}
+        np.testing.assert_allclose(run(out, feed), run(m, feed), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("factor,coords,rounding,opset", [(2, "asymmetric", "floor", 12), (8, "asymmetric", "floor", 13),
+                                                          (4, "half_pixel", "round_prefer_floor", 13),
+                                                          (3, "pytorch_half_pixel", "round_prefer_ceil", 18),
+                                                          (2, "half_pixel", "floor", 13)])
+def test_nearest_upsample_is_concat_and_depth_to_space(factor, coords, rounding, opset):
+    """Resize(nearest, integer factor) -> Concat of k*k copies + DepthToSpace(k) (INT8 only: XNNPACK has no
+    RESIZE_NEAREST_NEIGHBOR; the real PP-OCRv4 detector had 6 on LiteRT's kernels); half_pixel + floor is not a
+    plain repeat and stays."""
+    from edgebuild.targets.onnx_rewrite import nearest_upsample_int8
+
+    rng = np.random.default_rng(8)
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="act"),
+         helper.make_node("Resize", ["r", "roi", "scales"], ["y"], mode="nearest", coordinate_transformation_mode=coords,
+                          nearest_mode=rounding, name="up")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 5 * factor, 4 * factor])],
+        [numpy_helper.from_array(np.array([1, 1, factor, factor], np.float32), "scales"),
+         numpy_helper.from_array(np.zeros(0, np.float32), "roi")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    out, note = nearest_upsample_int8(onnx.load_from_string(m.SerializeToString()))
+    ops = [n.op_type for n in out.graph.node]
+    if rounding == "floor" and coords != "asymmetric":
+        assert note is None and "Resize" in ops
+        return
+    assert ops == ["Relu", "Concat", "DepthToSpace"] and f"up (x{factor})" in note
+    assert out.graph.node[-1].name == "up"
+    for _ in range(2):
+        feed = {"x": rng.normal(size=(1, 3, 5, 4)).astype(np.float32)}
+        np.testing.assert_array_equal(run(out, feed), run(m, feed))

@@ -82,4 +82,40 @@ def test_hardswish_se_block_int8_runs_on_xnnpack(tmp_path):
     art = convert(mi, calib, tmp_path)
     cov = art.settings["xnnpack_coverage"]
     assert cov["partitions"] <= 2 and set(cov["fallback"]) <= {"SOFTMAX"}, cov
+    # each x / 6 of a rewritten HardSwish is the first input of a MUL: TF's calibrator logged it with the product's
+    # range (targets/tflite/ranges.py), narrowed to its own (the real PP-LCNet: 28 narrowed, top-1 96.2 -> 100 %)
+    assert art.settings["ranges_narrowed"] >= 3 and any("range(s) narrowed" in n for n in art.notes)
+    assert fidelity(art, mi, calib) > 0.99
+
+
+@pytest.mark.slow
+def test_fpn_with_affine_blocks_and_nearest_upsampling_int8_runs_on_xnnpack(tmp_path):
+    """PP-OCRv4 detector shape: scalar affine blocks (s * x + b, a shift far below the range) and nearest upsampling
+    added back (an FPN). XNNPACK refused the int8 ADD of such a shift and has no RESIZE_NEAREST_NEIGHBOR: on the
+    real detector 4 ADD + 6 RESIZE_NEAREST_NEIGHBOR fell back, 8 partitions."""
+    torch = pytest.importorskip("torch")
+    from tests.targets.test_tflite_conformance import export
+
+    nn = torch.nn
+
+    class Fpn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 2, 1)
+            self.s, self.b = nn.Parameter(torch.tensor([1.3])), nn.Parameter(torch.tensor([-8.8e-5]))
+            self.head = nn.Conv2d(8, 1, 1)
+
+        def forward(self, x):
+            a = torch.relu(self.c1(x))
+            low = torch.relu(self.c2(a)) * self.s + self.b
+            return torch.sigmoid(self.head(a + nn.functional.interpolate(low, scale_factor=2.0, mode="nearest")))
+
+    torch.manual_seed(0)
+    mi = model_input(export(Fpn(), (torch.zeros(1, 3, 32, 32),), ["x"], ["p"], tmp_path / "fpn.onnx"))
+    calib = calibration(mi)
+    art = convert(mi, calib, tmp_path)
+    cov = art.settings["xnnpack_coverage"]
+    assert cov["partitions"] == 1 and not cov["fallback"], cov
+    rewrites = " ".join(art.settings["onnx_rewrites"])
+    assert "1x1 depthwise Conv" in rewrites and "Concat + DepthToSpace" in rewrites, rewrites
     assert fidelity(art, mi, calib) > 0.99
