@@ -713,7 +713,7 @@ def scalar_affine_int8(model):
 
 
 def nearest_upsample_int8(model):
-    """``Resize(nearest)`` by an integer factor k in H and W on NCHW -> ``Concat`` of k*k copies + ``DepthToSpace(k)``.
+    """``Resize(nearest)`` by an integer factor k in H and W on NCHW -> ``Concat``s of k*k copies + ``DepthToSpace(k)``.
 
     XNNPACK has no RESIZE_NEAREST_NEIGHBOR: the real PP-OCRv4 detector's FPN had 6 upsamplings on LiteRT's own kernels,
     8 XNNPACK partitions in INT8. DepthToSpace (DCR) puts channel block (i*k + j) at offset (i, j) of each k x k cell;
@@ -753,13 +753,20 @@ def nearest_upsample_int8(model):
         else:
             continue
         f = int(round(k[2]))
-        if k[:2] != [1.0, 1.0] or k[2] != k[3] or k[2] != f or not 2 <= f <= 8:
+        if k[:2] != [1.0, 1.0] or k[2] != k[3] or k[2] != f or f not in (2, 3, 4, 5, 8, 16):
             continue
-        copies = _unique(model, f"{node.output[0]}_nearest_copies")
-        replacements[idx] = [helper.make_node("Concat", [node.input[0]] * (f * f), [copies], axis=1,
-                                              name=f"{node.name}/copies"),
-                             helper.make_node("DepthToSpace", [copies], list(node.output), blocksize=f, mode="DCR",
-                                              name=node.name)]
+        # XNNPACK concatenates at most 5 inputs (64 copies fell back): k*k copies as k copies of k copies, and a
+        # power of two as steps of 2 (nearest x2 twice is nearest x4)
+        steps, x, nodes = [2] * (f.bit_length() - 1) if f & (f - 1) == 0 else [f], node.input[0], []
+        for n, step in enumerate(steps):
+            row, grid = (_unique(model, f"{node.output[0]}_nearest{n}_{w}") for w in ("row", "grid"))
+            out = node.output[0] if n == len(steps) - 1 else _unique(model, f"{node.output[0]}_nearest{n}")
+            nodes += [helper.make_node("Concat", [x] * step, [row], axis=1, name=f"{node.name}/copies{n}"),
+                      helper.make_node("Concat", [row] * step, [grid], axis=1, name=f"{node.name}/grid{n}"),
+                      helper.make_node("DepthToSpace", [grid], [out], blocksize=step, mode="DCR",
+                                       name=node.name if n == len(steps) - 1 else f"{node.name}/up{n}")]
+            x = out
+        replacements[idx] = nodes
         done.append(f"{node.name or node.output[0]} (x{f})")
     if not done:
         return model, None

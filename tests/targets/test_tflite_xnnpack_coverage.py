@@ -111,7 +111,7 @@ def test_fpn_with_affine_blocks_and_nearest_upsampling_int8_runs_on_xnnpack(tmp_
             return torch.sigmoid(self.head(a + nn.functional.interpolate(low, scale_factor=2.0, mode="nearest")))
 
     torch.manual_seed(0)
-    mi = model_input(export(Fpn(), (torch.zeros(1, 3, 32, 32),), ["x"], ["p"], tmp_path / "fpn.onnx"))
+    mi = model_input(export(Fpn(), (torch.zeros(1, 3, 16, 16),), ["x"], ["p"], tmp_path / "fpn.onnx"))
     calib = calibration(mi)
     art = convert(mi, calib, tmp_path)
     cov = art.settings["xnnpack_coverage"]
