@@ -127,6 +127,10 @@ def _target_lines(name: str, t: TargetResult, charts: dict[int, str], at: int) -
     from edgebuild.pipeline import plots
 
     lines = ["", f"## {name}", "", t.profile["description"].strip(), ""]
+    alt = t.extra.get("alternatives")
+    if isinstance(alt, dict) and alt.get("shipped") and alt["shipped"] != name:
+        lines += [f"Shipped by profile **{alt['shipped']}** ({alt.get('backend')}), an alternative of {name} "
+                  f"({alt.get('mode')}): {alt.get('why')}", ""]
     if t.verdict.status == "error":
         return lines + [f"**Conversion failed:** {t.verdict.error}"]
     if t.verdict.failures:

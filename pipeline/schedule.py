@@ -152,7 +152,7 @@ def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
     for profile, (prep, seconds) in zip(profiles, prepared):
         t0 = time.perf_counter()
         result = prep if isinstance(prep, TargetResult) else _guarded(profile, staging, lambda: finish_target(ctx, prep))
-        targets[profile.name] = replace(result, profile=profile.to_dict(),
+        targets[profile.name] = replace(result, profile=result.profile or profile.to_dict(),  # alternatives: the shipped
                                         seconds=round(seconds + time.perf_counter() - t0, 2))  # this target's own work
     return targets
 

@@ -15,7 +15,8 @@ An alternative that cannot take this model (an ExecuTorch profile and an ONNX fi
 capture), whose backend is not installed or that does not run the requested precision is skipped, with the reason in
 the record: the profile itself can still build. Alternatives' own alternatives are not followed.
 
-The record is the target's ``alternatives`` entry (manifest.json, validation.json) and a note. The build's
+The record is the target's ``alternatives`` entry (manifest.json, validation.json: ``requested`` the target's own
+profile, ``shipped`` the one whose artifact ships) and a note; the target's ``profile`` is the shipped one's. The build's
 scheduler (pipeline/schedule.py) calls ``prepare_target``/``finish_target`` here: per_target's own for a profile
 without alternatives (per_target knows nothing of alternatives).
 """
@@ -197,7 +198,8 @@ def finish_alternatives(ctx: BuildContext, pa: PreparedAlternatives):
         _empty(pa.outdir)
         for f in best.outdir.iterdir():
             shutil.move(str(f), str(pa.outdir / f.name))
-    record = {"mode": pa.profile.alternatives_mode, "objective": objective, "shipped": best.profile.name,
+    record = {"mode": pa.profile.alternatives_mode, "objective": objective, "requested": pa.profile.name,
+              "shipped": best.profile.name,
               "backend": best.profile.backend, "why": why,
               "candidates": summaries,
               **({"skipped": pa.skipped} if pa.skipped else {})}
@@ -206,7 +208,8 @@ def finish_alternatives(ctx: BuildContext, pa: PreparedAlternatives):
     if validation.is_file():
         validation.write_text(json.dumps({**json.loads(validation.read_text()), "alternatives": record}, indent=2,
                                          default=str))
-    return dataclasses.replace(r, notes=[*(r.notes or []), f"alternatives: {why}"],
+    shipped = pa.profile if best is pa.candidates[0] else best.profile  # the profile whose artifact ships
+    return dataclasses.replace(r, notes=[*(r.notes or []), f"alternatives: {why}"], profile=shipped.to_dict(),
                                extra={**r.extra, "alternatives": record})
 
 

@@ -89,6 +89,11 @@ def test_a_pytorch_model_the_tflite_way_cannot_convert_ships_the_executorch_pte(
     assert any(n.startswith("alternatives: ") for n in t["notes"])
     assert not list((out / "arm64").glob("*.tflite"))
     assert json.loads((out / "arm64" / "validation.json").read_text())["alternatives"]["shipped"] == "arm64-executorch"
+    # the target's profile is the one whose artifact shipped; the requested one is in the record
+    assert t["profile"]["name"] == "arm64-executorch" and t["profile"]["backend"] == "executorch"
+    assert alt["requested"] == "arm64" and t["profile"]["precision"] == "int8"
+    report = (out / "report.md").read_text()
+    assert "Shipped by profile **arm64-executorch** (executorch), an alternative of arm64 (fallback)" in report
     # the shipped .pte is validated again by the ExecuTorch runtime (`edgebuild validate`, not emulated)
     v = _edgebuild("validate", str(out / "arm64"), "--json", timeout=600)
     assert v.returncode == 0, v.stderr[-3000:]
@@ -124,6 +129,8 @@ def test_arm64_best_builds_both_ways_and_ships_the_better(tmp_path):
     assert alt["shipped"] == want["profile"] and t["artifact"] == want["artifact"]
     assert sorted(p.name for p in (out / "arm64-best").iterdir() if p.suffix in (".pte", ".tflite")) == [t["artifact"]]
     assert "objective precision" in alt["why"] and f"{want['profile']} (" in alt["why"]
+    assert t["profile"]["name"] == alt["shipped"] and alt["requested"] == "arm64-best"
+    assert t["profile"]["alternatives"] == ([] if alt["shipped"] != "arm64-best" else ["arm64-executorch"])
 
 
 @pytest.mark.slow
