@@ -553,6 +553,9 @@ def _layer_weights(onnx_path) -> dict[str, int]:
 
     graph = onnx.load(str(onnx_path)).graph
     sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
+    for n in graph.node:  # weights held by Constant nodes (tf2onnx, PyTorch's inlined branches) count as well
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            sizes[n.output[0]] = int(np.prod(n.attribute[0].t.dims))
     return {n.name: sum(sizes.get(x, 0) for x in n.input) for n in graph.node if n.name}
 
 

@@ -302,3 +302,19 @@ def test_candidates_put_the_graphs_own_first_and_kinds_are_told_apart():
     assert [label for label, _ in R.other_kinds(R.candidates(ctx, Backend(), PROFILE, OnnxSettings()), OnnxSettings())] \
         == ["dynamic INT8"]
     assert R.other_kinds([("weighted layers only", OnnxSettings(op_types="weighted"))], OnnxSettings()) == []
+
+
+def test_mixed_precision_counts_weights_held_by_constant_nodes(tmp_path):
+    """A layer whose weight is a Constant node (an inlined If branch, tf2onnx) weighs its weight: the "at most half of
+    the weights float" guard of mixed precision is not blind to it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "wv")
+    graph = helper.make_graph([helper.make_node("Constant", [], ["w"], name="c", value=w),
+                               helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "c.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert R._layer_weights(path)["mm"] == 32
