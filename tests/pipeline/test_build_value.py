@@ -241,10 +241,15 @@ quant: {{activation_type: uint8, weight_type: int8, per_channel: true, reduce_ra
 
 
 @pytest.mark.slow
-def test_each_target_gets_the_same_result_whatever_order_the_targets_are_built_in(tmp_path):
+def test_each_target_gets_the_same_result_whatever_order_the_targets_are_built_in(tmp_path, monkeypatch):
     """Two targets whose searches rank layers with different budgets: each one's sensitivity (and so its float
     layers, artifact and record) is its own, whether it is built first or second, one at a time or side by side."""
     from edgebuild import build
+    from edgebuild.targets import onnx
+
+    # the model's Linear layers hold most of its weights, so after the static collapse the search would ship dynamic
+    # INT8 before it measures any sensitivity: not offered here, this test is about the sensitivity stage
+    monkeypatch.setattr(onnx, "DYNAMIC_SHARE", 1.01)
 
     profiles = []
     for name, drop in (("strict-cpu", 0.5), ("loose-cpu", 3.0)):
