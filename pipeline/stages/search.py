@@ -266,7 +266,10 @@ QUANT_SUFFIXES = ("_QuantizeLinear", "_DequantizeLinear", "_quantized", "_quant"
 
 def nodes_named_in(onnx_path, text: str) -> list[str]:
     """The FP32 graph's nodes an error message names (onnxruntime: "Node (/Concat_3) Op (Concat) ..."), also through
-    the quantizer's renaming (``/Concat_3_quant``): the region a failed INT8 graph should keep in float."""
+    the quantizer's renaming (``/Concat_3_quant``): the region a failed INT8 graph should keep in float. Whole names
+    only: onnxruntime's ``Node (NAME)`` form first, then the message's words split at spaces, quotes, brackets and
+    commas (tf2onnx names hold ``;``: ``model_1/cq/stack_8;model_1/cq/stack_8_Concat__319``), then the older
+    identifier-like tokens."""
     import re
 
     import onnx
@@ -274,8 +277,12 @@ def nodes_named_in(onnx_path, text: str) -> list[str]:
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     by_name = {n.name: n.name for n in graph.node if n.name}
     by_output = {o: n.name for n in graph.node if n.name for o in n.output}
+    tokens = re.findall(r"Node \((.+?)\) Op \(", text)
+    for word in re.findall(r"[^\s'\"(),\[\]{}<>]+", text):
+        tokens += [word, word.rstrip(".:;,")]
+    tokens += re.findall(r"[\w./@:-]+", text)
     found = []
-    for token in re.findall(r"[\w./@:-]+", text):
+    for token in tokens:
         for cut in ("", *QUANT_SUFFIXES):
             t = token[: -len(cut)] if cut and token.endswith(cut) else token
             name = by_name.get(t) or by_output.get(t)
@@ -284,21 +291,50 @@ def nodes_named_in(onnx_path, text: str) -> list[str]:
     return found
 
 
+ISLAND_CALIBRATION_SAMPLES = 2  # a load check's calibration: only whether the INT8 graph loads matters
+
+
 def _error_island(ctx, backend: Backend, profile: TargetProfile, search: _Search, error) -> Attempt | None:
-    """A first INT8 conversion that failed to load or convert, naming nodes: those nodes in float, before any variant
-    (the audio-to-notes model's 9 INT8 tries all failed on one Concat). Nothing named: the variants and mixed
-    precision come as before (no bisection yet)."""
+    """A first INT8 conversion that failed to load or convert: the float island that makes it load, found by cheap
+    load checks (stages/islands.py: the nodes the error names, the region upstream of them, else a bisection over the
+    quantizable nodes), then ONE real conversion with that island in float, judged as usual, before any variant (the
+    audio-to-notes model's 9 INT8 tries all failed on one Concat). Recorded as ``error_island``."""
     if error is None or not (profile.allow_float_layers and backend.supports_float_layers):
         return None
-    named = nodes_named_in(ctx.job.model.onnx_path, str(error))
-    if not named:
-        search.record.error_island = "the conversion error names no node of the model: no float island from it"
-        return None
+    from edgebuild.pipeline.stages.islands import find_island, quantizable_order
+
+    path = ctx.job.model.onnx_path
+    order, parents = quantizable_order(path)
+    named = [n for n in nodes_named_in(path, str(error)) if n in set(order)]
     settings = backend.requested_settings(profile)
-    a = search.attempt(f"INT8 with the {len(named)} node(s) the error names in float", Precision.INT8,
-                       settings.replace(float_layers=tuple(named)))
-    search.record.error_island = {"nodes": named, "result": "converted and met the budget" if a is not None and
-                                     a.quality_ok else "did not help" if a is None else "converted, missed the budget"}
+    calib = ctx.job.calib.subset(range(min(ISLAND_CALIBRATION_SAMPLES, len(ctx.job.calib))))
+    checked = ctx.work.scratch / profile.name / "island"
+
+    def loads(float_nodes: list[str]) -> str | None:
+        where = checked / str(len(island_rounds))
+        island_rounds.append(where)
+        try:
+            art = backend.convert(ctx.job.model, profile, Precision.INT8, calib, where,
+                                  settings.replace(float_layers=tuple(float_nodes)))
+            backend.runner(art, 1)  # the load check
+            return None
+        except EdgeBuildError as e:
+            return str(e).splitlines()[0] if str(e) else type(e).__name__
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+
+    island_rounds: list = []
+    with ctx.work.stage(f"{profile.name}: the INT8 graph failed to load or convert: finding its float island"):
+        island = find_island(order, parents, named, loads, time_left=lambda: time.monotonic() < search.deadline)
+    record = {"named": named, **island.record()}
+    search.record.error_island = record
+    if not island.nodes:
+        record["result"] = "no float island found: " + (island.how or "the error names no node of the model")
+        return None
+    a = search.attempt(f"INT8 with {len(island.nodes)} node(s) in float (the island that makes it load)",
+                       Precision.INT8, settings.replace(float_layers=tuple(island.nodes)))
+    record["result"] = ("converted and met the budget" if a is not None and a.quality_ok else
+                        "did not help" if a is None else "converted, missed the budget")
     return a if a is not None and a.quality_ok else None
 
 
