@@ -292,6 +292,10 @@ class OpenVinoSettings(Settings):
         d["ignored_scope"] = {k: list(v) for k, v in self.ignored_scope}
         return d
 
+    def kind(self) -> str:
+        # NNCF's transformer scheme (SmoothQuant, sensitive ops float) is another recipe, tried even after a collapse
+        return "transformer scheme" if self.model_type == "transformer" else "static"
+
 
 @dataclass(frozen=True)
 class TFLiteSettings(Settings):

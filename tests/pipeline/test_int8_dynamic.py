@@ -318,3 +318,13 @@ def test_mixed_precision_counts_weights_held_by_constant_nodes(tmp_path):
     path = tmp_path / "c.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     assert R._layer_weights(path)["mm"] == 32
+
+
+def test_nncf_transformer_scheme_is_another_kind_tried_after_an_x86_collapse():
+    from edgebuild.targets.settings import OpenVinoSettings
+
+    s = OpenVinoSettings()
+    variants = [("full bias correction", s.replace(fast_bias_correction=False)),
+                ("asymmetric activations (preset=mixed)", s.replace(preset="mixed")),
+                ("NNCF model_type=transformer (SmoothQuant)", s.replace(model_type="transformer"))]
+    assert [label for label, _ in R.other_kinds(variants, s)] == ["NNCF model_type=transformer (SmoothQuant)"]
