@@ -187,12 +187,12 @@ def _preprocessed(src: Path, workdir: Path, keep_names: bool = False) -> Path:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from edgebuild.targets.onnx_islands import unshare_biases
+    from edgebuild.targets.onnx_islands import quantizer_safe
 
     pre = workdir / "_preprocessed.onnx"
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=keep_names)
     _fold_constant_weights(pre)
-    unshare_biases(pre)  # onnxruntime's copies of a shared bias can take a graph tensor's name (targets/onnx_islands.py)
+    quantizer_safe(pre)  # names onnxruntime's quantizer would define twice (a shared bias's copies; targets/onnx_islands.py)
     return pre
 
 

@@ -12,6 +12,12 @@ Concat must have same rank" further down). Excluding the node the error names ch
 made upstream, by whichever layer's bias copy takes the name), and renaming every tensor to ``t<k>`` only moves the
 collision (``t12`` + ``3`` = ``t123``). :func:`unshare_biases` gives every later use of a shared bias its own copy,
 named so that it collides with no name of the graph, before quantizing: the quantizer then never duplicates a bias.
+
+The same quantizer names what it adds ``<tensor>_scale``, ``<tensor>_zero_point``, ``<tensor>_QuantizeLinear_Output``,
+``<tensor>_DequantizeLinear_Output``...; a graph that already holds ``h`` and ``h_DequantizeLinear_Output`` gives a
+model with two definitions of one name ("Duplicate definition of name", or a KeyError while quantizing).
+:func:`quantizer_safe_names_in` renames such inner tensors first. A graph *output* keeps its name (the user's
+interface): a collision there is left to the float island (pipeline/stages/islands.py).
 """
 
 from __future__ import annotations
@@ -54,12 +60,59 @@ def unshare_biases_in(model) -> int:
     return made
 
 
-def unshare_biases(path: Path | str) -> int:
-    """:func:`unshare_biases_in` on the ONNX file at ``path`` (rewritten only when a bias was shared)."""
+# the suffixes onnxruntime.quantization appends to a tensor's name for what it adds (quant_utils.py, qdq_quantizer.py)
+QUANTIZER_SUFFIXES = ("_scale", "_zero_point", "_quantized", "_QuantizeLinear", "_QuantizeLinear_Input",
+                      "_QuantizeLinear_Output", "_DequantizeLinear", "_DequantizeLinear_Input",
+                      "_DequantizeLinear_Output")
+
+
+def _subgraph_names(graph) -> set[str]:
+    """Every name the subgraphs of ``graph``'s nodes (If/Loop bodies) use: they may read outer tensors by name."""
+    import onnx
+
+    out: set[str] = set()
+    for n in graph.node:
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                out |= {t for m in g.node for t in (*m.input, *m.output)} | _subgraph_names(g)
+    return out
+
+
+def quantizer_safe_names_in(model) -> int:
+    """Inner tensors named ``<another tensor><a quantizer suffix>`` renamed ``..._t<k>`` (in place; see the module
+    docstring). Node names are unchanged (float layers name nodes). Returns how many were renamed."""
+    graph = model.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | _subgraph_names(graph)
+    names = {i.name for i in graph.initializer} | {t for n in graph.node for t in (*n.input, *n.output) if t} | keep
+    rename: dict[str, str] = {}
+    for t in sorted(names - keep):
+        for suffix in QUANTIZER_SUFFIXES:
+            if t.endswith(suffix) and t[: -len(suffix)] in names:
+                k = 1
+                while f"{t}_t{k}" in names:
+                    k += 1
+                rename[t] = f"{t}_t{k}"
+                names.add(rename[t])
+                break
+    if not rename:
+        return 0
+    for i in graph.initializer:
+        i.name = rename.get(i.name, i.name)
+    for n in graph.node:
+        n.input[:] = [rename.get(t, t) for t in n.input]
+        n.output[:] = [rename.get(t, t) for t in n.output]
+    for v in graph.value_info:
+        v.name = rename.get(v.name, v.name)
+    return len(rename)
+
+
+def quantizer_safe(path: Path | str) -> int:
+    """:func:`unshare_biases_in` and :func:`quantizer_safe_names_in` on the ONNX file at ``path`` (rewritten only when
+    something changed). Returns how many biases were copied and tensors renamed."""
     import onnx
 
     model = onnx.load(str(path))
-    made = unshare_biases_in(model)
+    made = quantizer_safe_names_in(model) + unshare_biases_in(model)
     if made:
         onnx.save(model, str(path))
     return made

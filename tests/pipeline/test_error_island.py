@@ -71,14 +71,14 @@ def _load_error(path) -> str | None:
 def test_onnxruntime_own_qdq_of_a_shared_bias_does_not_load_and_edgebuild_quantizes_it(tmp_path):
     from edgebuild.calibration.dataset import SampleSet
     from edgebuild.targets.onnx import quantize_static
-    from edgebuild.targets.onnx_islands import unshare_biases
+    from edgebuild.targets.onnx_islands import quantizer_safe
 
     src = _front_end_model(tmp_path / "m.onnx")
     _plain_ort_qdq(src, tmp_path / "plain.onnx")
     assert _load_error(tmp_path / "plain.onnx")  # the failure is real: onnxruntime's quantizer made it
     fixed = tmp_path / "fixed.onnx"
     fixed.write_bytes(src.read_bytes())
-    assert unshare_biases(fixed) == 4 and unshare_biases(fixed) == 0
+    assert quantizer_safe(fixed) == 4 and quantizer_safe(fixed) == 0
     names = [i.name for i in onnx.load(str(fixed)).graph.initializer]
     assert len(names) == len(set(names))
     calib = SampleSet("calib", {"x": _samples()[:, 0]})
@@ -145,3 +145,64 @@ def test_island_search_stays_within_its_checks(tmp_path, checks):
     seen = []
     island = find_island(order, parents, [], lambda nodes: seen.append(nodes) or "still fails", max_checks=checks)
     assert len(seen) == checks and island.nodes == [] and "no float prefix" in island.how
+
+
+def _output_collision_model(path):
+    """Three Conv+Relu layers, and a side output named ``h_DequantizeLinear_Output`` for the inner tensor ``h``: the
+    name onnxruntime's quantizer gives ``h``'s DequantizeLinear output, so the INT8 graph defines it twice and does
+    not load. A graph output keeps its name (the user's interface), so no renaming fixes it before quantizing."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i, out in enumerate(["h", "g", "y"]):
+        w, b = f"w{i}", f"b{i}"
+        inits += [nh.from_array(rng.normal(size=(4, 4 if i else 2, 1, 3)).astype(np.float32) * 0.5, w),
+                  nh.from_array(rng.normal(size=4).astype(np.float32) * 0.1, b)]
+        nodes += [h.make_node("Conv", [x, w, b], [f"c{i}"], name=f"conv{i}", pads=[0, 1, 0, 1]),
+                  h.make_node("Relu", [f"c{i}"], [out], name=f"relu{i}")]
+        x = out
+    nodes.append(h.make_node("Sigmoid", ["h"], ["h_DequantizeLinear_Output"], name="side"))
+    graph = h.make_graph(nodes, "collide", [h.make_tensor_value_info("x", T.FLOAT, [1, 2, 1, 8])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 1, 8]),
+                          h.make_tensor_value_info("h_DequantizeLinear_Output", T.FLOAT, [1, 4, 1, 8])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_inner_names_the_quantizer_would_define_twice_are_renamed(tmp_path):
+    from edgebuild.targets.onnx_islands import quantizer_safe_names_in
+
+    model = onnx.load(str(_output_collision_model(tmp_path / "m.onnx")))
+    assert quantizer_safe_names_in(model) == 0  # a graph output keeps its name
+    model.graph.output.pop()  # the side tensor becomes an inner one: renamed, its node keeps its name
+    model.graph.output.append(h.make_tensor_value_info("sideout", T.FLOAT, [1, 4, 1, 8]))
+    model.graph.node.append(h.make_node("Neg", ["h_DequantizeLinear_Output"], ["sideout"], name="neg"))
+    assert quantizer_safe_names_in(model) == 1
+    side = next(n for n in model.graph.node if n.name == "side")
+    assert side.output[0] == "h_DequantizeLinear_Output_t1"
+    assert next(n for n in model.graph.node if n.name == "neg").input[0] == "h_DequantizeLinear_Output_t1"
+
+
+@pytest.mark.slow
+def test_a_build_whose_int8_graph_does_not_load_finds_its_float_island_and_ships_int8(tmp_path):
+    import json
+
+    from edgebuild.pipeline.cli import main
+
+    src = _output_collision_model(tmp_path / "m.onnx")
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "calib.npy", rng.normal(size=(16, 1, 2, 1, 8)).astype(np.float32))
+    np.save(tmp_path / "eval.npy", rng.normal(size=(40, 1, 2, 1, 8)).astype(np.float32))
+    out = tmp_path / "out"
+    code = main(["--model", str(src), "--calib", str(tmp_path / "calib.npy"), "--eval", str(tmp_path / "eval.npy"),
+                 "--target", "onnx-cpu", "--out", str(out)])
+    t = json.loads((out / "manifest.json").read_text())["targets"]["onnx-cpu"]
+    search = t["search"]
+    assert "Duplicate definition" in search["tries"][0]["error"]
+    island = search["error_island"]
+    assert island["result"] == "converted and met the budget" and 0 < len(island["rounds"]) <= 8
+    assert island["node_count"] < 7 and "conv2" not in island["nodes"]  # the last layer stays INT8
+    assert code == 0 and t["precision"] == "int8" and search["chosen"].startswith("INT8 with")
+    q = onnx.load(str(out / "onnx-cpu" / t["artifact"])).graph
+    assert "w2" in {n.input[0].removesuffix("_quantized") for n in q.node if n.op_type == "DequantizeLinear"}
