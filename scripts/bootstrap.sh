@@ -30,17 +30,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" >"$stamp"
 fi
 
-# The local S3 server that the object-store cache's tests run against (moto's server mode, a separate process): its
-# own venv, $VENV/s3server, from requirements-s3server.lock. Not in .venv: every botocore requires python-dateutil<3
-# and requirements.lock pins 4.0.0. A test tool only (~140 MB); edgebuild itself never imports it.
-s3venv="$VENV/s3server"
-want_s3=$(sha256sum requirements-s3server.lock | cut -d' ' -f1)
-if [ "$(cat "$s3venv/.edgebuild-installed" 2>/dev/null)" != "$want_s3" ]; then
-  echo "installing the test S3 server into $s3venv" >&2
-  "$PYTHON" -m venv "$s3venv"
-  "$s3venv/bin/pip" install --disable-pip-version-check -q --require-hashes -r requirements-s3server.lock
-  "$s3venv/bin/pip" check >/dev/null
-  echo "$want_s3" >"$s3venv/.edgebuild-installed"
+# The local object stores that the object-store cache's tests run against (moto's S3 server mode and a GCS
+# emulator, separate processes): their own venv, $VENV/stores, from requirements-stores.lock. Not in .venv: every
+# botocore requires python-dateutil<3 and requirements.lock pins 4.0.0. Test tools only (~140 MB); edgebuild itself
+# never imports them.
+stores="$VENV/stores"
+want_stores=$(sha256sum requirements-stores.lock | cut -d' ' -f1)
+if [ "$(cat "$stores/.edgebuild-installed" 2>/dev/null)" != "$want_stores" ]; then
+  echo "installing the test object stores into $stores" >&2
+  "$PYTHON" -m venv "$stores"
+  "$stores/bin/pip" install --disable-pip-version-check -q --require-hashes -r requirements-stores.lock
+  "$stores/bin/pip" check >/dev/null
+  echo "$want_stores" >"$stores/.edgebuild-installed"
 fi
 
 # System tools the tests use: the OpenSSH client and server (`validate --device`: the tests start a throwaway sshd

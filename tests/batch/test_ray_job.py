@@ -1,6 +1,6 @@
 """`ray job submit ... -- edgebuild batch matrix.yaml` for real: a local head with the job server (the `cluster`
 extra, ray[default]) on 127.0.0.1, the demo model x onnx-cpu submitted as a job, its cells sharing a stage cache in
-an S3 bucket (moto's server on 127.0.0.1, tests/s3server.py) with the credentials in the node's environment and the
+an S3 bucket (moto's server on 127.0.0.1, tests/stores.py) with the credentials in the node's environment and the
 key file's path in the job's runtime environment (never the key). About a minute on this 2-core host."""
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ if importlib.util.find_spec("aiohttp") is None or importlib.util.find_spec("open
                 allow_module_level=True)
 
 from tests.batch.test_batch_ray import BIN, EXAMPLE, _free_port, _ray, _ray_processes, _stop_cluster  # noqa: E402
-from tests.s3server import client_env, make_bucket, moto_server  # noqa: E402
+from tests.stores import client_env, make_bucket, moto_server  # noqa: E402
 
 
 def test_ray_job_submit_builds_the_matrix_with_an_s3_cache(tmp_path):

@@ -1,5 +1,5 @@
 """The stage cache in an object store (pipeline/cache_store.py), against a real S3 server on 127.0.0.1 (moto's server
-mode, tests/s3server.py): entries round-trip, are verified on read (sha256 per blob, the HMAC with the cache key),
+mode, tests/stores.py): entries round-trip, are verified on read (sha256 per blob, the HMAC with the cache key),
 a tampered or half-written entry is never used, two writers of one entry are safe, and a build without the key or
 without a reachable store behaves as documented. The two end-to-end builds sharing a bucket are marked slow."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from edgebuild.pipeline.cache_store import open_cache
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.targets.base import Artifact
-from tests.s3server import client_env, make_bucket, moto_server
+from tests.stores import client_env, make_bucket, moto_server
 
 KEY = b"k" * 32
 BUCKET = "edgebuild-cache"
@@ -168,11 +168,8 @@ def test_two_writers_of_one_entry_at_once(store, tmp_path):
             t.start()
         for t in writers:
             t.join()
-        for _ in range(3):  # a server that stalls past the client's timeout (a loaded host) is asked again
-            reader = open_cache(cache.root)
-            got = reader.get(f"k{rnd}", tmp_path / f"dst{rnd}")
-            if not reader.down:
-                break
+        reader = open_cache(cache.root)
+        got = reader.get(f"k{rnd}", tmp_path / f"dst{rnd}")
         assert got is not None and not reader.rejected, \
             f"round {rnd}: no usable entry: {reader.rejected} {reader.down} {[a.notes for a in arts]}"
         assert (tmp_path / f"dst{rnd}" / "model_int8.onnx").read_bytes() in payloads
@@ -268,3 +265,40 @@ def test_builds_share_an_s3_cache(store, tmp_path, capsys, monkeypatch):
     assert shipped.read_bytes() != evil
     for k in entries:  # rebuilt and signed again
         assert "hmac" in json.loads(_read(fs, f"{base}/{k}/artifact.json"))
+
+
+def test_a_gcs_bucket_keeps_entries_the_same_way(tmp_path):
+    """gs:// through pyarrow's GCS client against a GCS emulator (the JSON API): a round trip, an entry re-hashed
+    without the key refused, metadata missing not used. The client is built here (anonymous, the emulator's
+    endpoint): `open_cache("gs://...")` itself takes Google's credentials from the environment, untested."""
+    from edgebuild.pipeline.cache_store import StoreCache
+    from tests.stores import gcs_filesystem, gcs_server
+
+    with gcs_server("gbk") as endpoint:
+        fs = gcs_filesystem(endpoint)
+
+        def opened():
+            return StoreCache("gs://gbk/cache", KEY, gcs_filesystem(endpoint), "gbk/cache")
+
+        cache = opened()
+        src = _artifact(tmp_path / "src")
+        cache.put("k", src)
+        assert not cache.down and not [n for n in src.notes if "not stored" in n], src.notes
+        got = opened().get("k", tmp_path / "dst")
+        assert got is not None and (tmp_path / "dst" / "model_int8.onnx").read_bytes() == b"model-bytes" * 100
+        assert cache.put_result("r", {"a": 1}, {"x": np.arange(3)}) and opened().get_result("r")[0] == {"a": 1}
+
+        evil = b"evil-model" * 50
+        digest = __import__("hashlib").sha256(evil).hexdigest()
+        _write(fs, f"gbk/cache/blobs/{digest}", evil)
+        meta = json.loads(_read(fs, "gbk/cache/k/artifact.json"))
+        meta.pop("hmac")
+        meta["sha256"]["model_int8.onnx"] = digest
+        _write(fs, "gbk/cache/k/artifact.json", json.dumps(meta).encode())
+        reader = opened()
+        assert reader.get("k", tmp_path / "dst2") is None and "HMAC does not verify" in reader.rejected["k"]
+        assert not (tmp_path / "dst2" / "model_int8.onnx").exists()
+
+        cache.put("k2", _artifact(tmp_path / "src2"))
+        fs.delete_file("gbk/cache/k2/artifact.json")  # a writer that died before its metadata
+        assert not opened().has("k2") and opened().get("k2", tmp_path / "dst3") is None
