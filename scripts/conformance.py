@@ -312,7 +312,8 @@ def build(edgebuild: str, onnx_path, calib, evals, config, target: str, out: Pat
                    speedup=r.get("speedup_vs_fp32"), size=r.get("size_vs_fp32"), share=share,
                    task=task_vs_fp32(m), decided=(t.get("gate") or {}).get("decided_by", ""),
                    int8=t.get("precision") == "int8" and t["verdict"] == "pass" and (share is None or share >= 0.9),
-                   error=t.get("error") or "; ".join(t.get("failures") or []))
+                   error=t.get("error") or "; ".join(t.get("failures") or []),
+                   coverage=xnnpack_cell((t.get("settings") or {}).get("xnnpack_coverage")))
         if not row["int8"]:
             row["why"] = why_not_int8(t)
     else:
@@ -330,6 +331,14 @@ def build(edgebuild: str, onnx_path, calib, evals, config, target: str, out: Pat
             row.update(verdict="crash" if crash else "error",
                        error=(exc or lines or [f"exit {proc.returncode}, no output"])[-1] + (f" [{at}]" if at else ""))
     return row
+
+
+def xnnpack_cell(cov) -> str:
+    """A .tflite's XNNPACK coverage (targets/tflite/xnnpack.coverage): ops delegated / all, partitions, fallbacks."""
+    if not cov or "ops" not in cov:
+        return ""
+    rest = ", ".join(f"{op} x{n}" for op, n in sorted(cov.get("fallback", {}).items()))
+    return f"{cov['delegated']}/{cov['ops']} in {cov['partitions']}" + (f" ({rest})" if rest else "")
 
 
 def task_vs_fp32(m: dict) -> str:
@@ -397,8 +406,8 @@ def main(argv=None) -> int:
     print(f"edgebuild tree {git.stdout.strip() or '?'}, per-build limit {args.timeout:.0f} s, {N_CALIB} calibration + "
           f"{N_EVAL_SMALL} (small models) or {N_EVAL} evaluation samples (generated, no labels: quality is agreement with FP32)\n")
     print("| model | target | exit | verdict | artifact | INT8 weights | task metric vs FP32 | decided by | "
-          "INT8/FP32 speed-up | size vs FP32 | wall s | error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          "INT8/FP32 speed-up | XNNPACK ops in partitions | size vs FP32 | wall s | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     errors, shipped, reasons = [], {}, []
     for name in names:
         prepared = prepare(name, MODELS[name], args.workdir)
@@ -409,6 +418,7 @@ def main(argv=None) -> int:
             share = f"{r['share']:.0%}" if r.get("share") is not None else None
             print(f"| {name} | {target} | {r['exit']} | {r['verdict']} | {cell(r.get('artifact'))} | {cell(share)} | "
                   f"{cell(r.get('task'))} | {cell(r.get('decided'))} | {cell(r.get('speedup'), '.2f')} | "
+                  f"{cell(r.get('coverage'))} | "
                   f"{cell(r.get('size'), '.3f')} | {r['seconds']:.0f} | {cell(r.get('error'))[:160]} |", flush=True)
             shipped.setdefault(target, []).append(bool(r.get("int8")))
             if not r.get("int8"):

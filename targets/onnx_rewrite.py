@@ -25,6 +25,11 @@ onnx2tf's tensor map still find them. Runs in the conversion child (targets/tfli
   int8 HARD_SWISH or RELU_0_TO_1; the document-orientation classifier's 28 HardSwish fell back and cut it into 32
   XNNPACK partitions (INT8 at 0.38x the FP32 speed). ``HardSwish(x) = x * Clip(x + 3, 0, 6) / 6`` and
   ``HardSigmoid(x) = Clip(6a x + 6b, 0, 6) / 6`` (exact) become ADD with a fused RELU6 and MULs.
+- **Scalar affine s*x + b, for INT8 only** (``scalar_affine_int8``; PP-LCNetV3's learnable affine blocks in the
+  PP-OCRv4 detector): a shift far below the tensor's range gave int8 ADDs XNNPACK refuses; a 1x1 depthwise Conv
+  keeps the shift in its int32 bias (exact).
+- **Nearest upsampling by an integer factor, for INT8 only** (``nearest_upsample_int8``; FPNs): XNNPACK has no
+  RESIZE_NEAREST_NEIGHBOR; Concats of copies + DepthToSpace move the same values (exact).
 - **Erf** (GELU in BERT-style models): TFLite has no builtin Erf (``'tf.Erf' op is neither a custom op nor a
   flex op``). ``erf(x) ~ tanh(2/sqrt(pi) * (x + 0.08943 x^3))``: max abs error 3.6e-4 (GELU built on it: 3.4e-4),
   made of ops that have int8 kernels (MUL, ADD, TANH).
@@ -72,7 +77,8 @@ def rewrite(model, precision: str = "fp32") -> tuple[object, list[str]]:
     notes: list[str] = []
     steps = (tf_scope_safe_node_names, tf_safe_output_names, slice_per_axis, maxpool_edge_padding,
              edge_pad_before_maxpool, erf_to_tanh, sum_to_add_chain, scatter_elements_reduction, gather_of_concat)
-    for step in ((prelu_int8, hard_activations_int8, scalar_affine_int8, nearest_upsample_int8) if precision == "int8" else ()) + steps:
+    int8_only = (prelu_int8, hard_activations_int8, scalar_affine_int8, nearest_upsample_int8)
+    for step in (int8_only if precision == "int8" else ()) + steps:
         model, note = step(model)
         if note:
             notes.append(note)

@@ -119,3 +119,4 @@ def test_fpn_with_affine_blocks_and_nearest_upsampling_int8_runs_on_xnnpack(tmp_
     rewrites = " ".join(art.settings["onnx_rewrites"])
     assert "1x1 depthwise Conv" in rewrites and "Concat + DepthToSpace" in rewrites, rewrites
     assert fidelity(art, mi, calib) > 0.99
+
