@@ -6,7 +6,8 @@
     groups: {cheap: [onnx-cpu, x86]}
     resources: {num_cpus: 1}     # per cell: CPUs (= the build's threads), memory_mb (default: from model and target)
     retries: 2                   # a cell whose worker died is run again this many times, then reported failed
-    cache: .cache/edgebuild      # the stage cache every cell shares (default: $EDGEBUILD_CACHE or ~/.cache/edgebuild)
+    cache: .cache/edgebuild      # the stage cache every cell shares: a folder or s3://bucket/prefix, gs://bucket/prefix
+                                 # (default: $EDGEBUILD_CACHE or ~/.cache/edgebuild)
     models:
       demo: {}                   # no `model:`: the built-in demo
       resnet:

@@ -302,3 +302,18 @@ def test_a_gcs_bucket_keeps_entries_the_same_way(tmp_path):
         cache.put("k2", _artifact(tmp_path / "src2"))
         fs.delete_file("gbk/cache/k2/artifact.json")  # a writer that died before its metadata
         assert not opened().has("k2") and opened().get("k2", tmp_path / "dst3") is None
+
+
+def test_batch_with_a_keyless_store_is_one_line_exit_2_before_any_cell(tmp_path, monkeypatch, capsys):
+    from edgebuild.pipeline.cli import main
+
+    monkeypatch.delenv("EDGEBUILD_CACHE_KEY", raising=False)
+    monkeypatch.delenv("EDGEBUILD_CACHE_KEY_FILE", raising=False)
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text("models: {demo: {}}\ntargets: [onnx-cpu]\ncache: s3://bucket/cache\n")
+    code = main(["batch", str(matrix), "-o", str(tmp_path / "out"), "--local"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("edgebuild: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "s3://bucket/cache: an object-store cache needs a key" in lines[0]
+    assert not (tmp_path / "out").exists()
