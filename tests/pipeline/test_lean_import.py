@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-HEAVY = ("torch", "tensorflow", "openvino", "nncf", "onnx2tf", "onnxruntime", "onnx", "ai_edge_litert", "sklearn")
+HEAVY = ("torch", "tensorflow", "openvino", "nncf", "onnx2tf", "onnxruntime", "onnx", "ai_edge_litert", "sklearn", "pyarrow")
 
 PROBE = """
 import sys
