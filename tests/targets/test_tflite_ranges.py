@@ -82,3 +82,18 @@ def test_small_channels_survive_int8():
         errors.append(np.sqrt(((got - ref) ** 2).mean((0, 1, 2))) / np.sqrt((ref ** 2).mean((0, 1, 2))))
     err = np.mean(errors, 0)
     assert err[:4].max() < 0.05 and err[4:].mean() < 0.85, err.round(3)
+
+
+def test_integer_inputs_are_fed_as_integers(capfd):
+    """Token ids (int32) reach the re-measuring interpreter as integers, not cast to float (a BERT's ids)."""
+    from edgebuild.targets.tflite.ranges import exact_ranges
+
+    ids = keras.Input((6,), batch_size=1, dtype="int32")
+    km = keras.Model(ids, keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Embedding(20, 4)(ids))))
+    rng = np.random.default_rng(1)
+    samples = [rng.integers(0, 20, (1, 6)).astype(np.int32) for _ in range(8)]
+    record: list = []
+    with exact_ranges(record):
+        model = _converter(km, samples).convert()
+    assert model and record == []  # nothing shares a buffer here: every logged range was already exact
+    assert "not re-measured" not in capfd.readouterr().err  # a float feed into the int32 input failed and was skipped
