@@ -67,7 +67,9 @@ def test_ray_job_submit_builds_the_matrix_with_an_s3_cache(tmp_path):
             assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
             assert "succeeded" in job.stdout, job.stdout[-2000:]
         finally:
-            _stop_cluster(temp)
+            t1 = time.monotonic()
+            _stop_cluster(temp, grace_s=10)  # then SIGKILL: the dashboard's processes may linger on SIGTERM
+            stopped = time.monotonic() - t1
             deadline = time.monotonic() + 30
             while _ray_processes(temp) and time.monotonic() < deadline:
                 time.sleep(0.5)
@@ -85,4 +87,5 @@ def test_ray_job_submit_builds_the_matrix_with_an_s3_cache(tmp_path):
         assert markers and any("/blobs/" in p for p in stored), stored
         with fs.open_input_stream(markers[0]) as f:
             assert len(json.loads(f.read())["hmac"]) == 64  # signed with the key the job's runtime env named
-        print(f"\nray job submit: head with job server {started:.1f} s, job (1 cell) {submitted:.1f} s")
+        print(f"\nray job submit: head with job server {started:.1f} s, job (1 cell) {submitted:.1f} s, "
+              f"cluster stopped in {stopped:.1f} s")
