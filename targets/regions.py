@@ -2,7 +2,8 @@
 
 A front-end built from ops (an STFT, a constant-Q transform or a mel filterbank as Pad/Slice/Mul/Concat/Pow/Log...)
 is everything between the model's inputs and its first weighted layer (a Conv, ConvTranspose, MatMul or Gemm with
-constant weights, an LSTM/GRU); a post-processing tail (box decoding, NonMaxSuppression, TopK) is everything between
+constant weights, an LSTM/GRU), or, for a spectrogram whose transform is convolutions with fixed kernels, everything
+up to its Log (``spectral_frontend``); a post-processing tail (box decoding, NonMaxSuppression, TopK) is everything between
 the last weighted layer and the outputs. A plain CNN has a handful of ops there at most (a Transpose, a Sub/Div
 normalization); a region of ``MIN_REGION`` ops or more, or one holding NMS/TopK or an output Softmax/Sigmoid
 (``POST_OPS``), is kept in float: quantizing it costs
@@ -60,8 +61,40 @@ def float_regions(onnx_path: Path | str) -> dict[str, list[str]]:
         # transformer recipe already keeps LayerNorm, Softmax and the mask arithmetic float)
         return {"frontend": [], "postprocess": []}
     keep = lambda region, ops=(): len(region) >= MIN_REGION or any(n.op_type in ops for n in region)  # noqa: E731
+    spectral = spectral_frontend(graph, inputs, producer)
+    if len(spectral) >= MIN_REGION:
+        front = [*spectral, *[n for n in front if id(n) not in {id(m) for m in spectral}]]
     return {"frontend": [n.name for n in front if n.name] if keep(front) else [],
             "postprocess": [n.name for n in back if n.name] if keep(back, POST_OPS) else []}
+
+
+# ops of a learned network: a front-end holding one is no fixed signal processing
+LEARNED_OPS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
+               "Clip", "Softmax", "LogSoftmax", "Softplus", "Mish", "Gelu", "BatchNormalization",
+               "InstanceNormalization", "LayerNormalization", "GroupNormalization", "LSTM", "GRU", "RNN")
+
+
+def spectral_frontend(graph, inputs: set[str], producer: dict) -> list:
+    """A spectrogram computed inside the graph: the first Log reached from an input and everything it depends on,
+    when no op of a learned network (``LEARNED_OPS``) is among them. Its convolutions hold fixed kernels (Spotify
+    Basic Pitch's constant-Q transform: 26 Convs, Neg/stack for the real and imaginary parts, Sqrt of their squares,
+    Log: 192 ops; a mel filterbank is a MatMul), so the first-weighted-layer walk stopped at its first Conv; 8-bit
+    there cost the model its output (cosine 0.89), float there passes (issue 28)."""
+    for log in (n for n in graph.node if n.op_type == "Log"):
+        seen, todo, region, from_input = set(), [log], [], False
+        while todo:
+            n = todo.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op_type in LEARNED_OPS:
+                return []
+            region.append(n)
+            from_input = from_input or any(t in inputs for t in n.input)
+            todo += [producer[t] for t in n.input if t in producer]
+        if from_input:
+            return [n for n in graph.node if id(n) in seen]
+    return []
 
 
 def describe(regions: dict[str, list[str]]) -> str | None:

@@ -206,3 +206,49 @@ def test_a_build_whose_int8_graph_does_not_load_finds_its_float_island_and_ships
     assert code == 0 and t["precision"] == "int8" and search["chosen"].startswith("INT8 with")
     q = onnx.load(str(out / "onnx-cpu" / t["artifact"])).graph
     assert "w2" in {n.input[0].removesuffix("_quantized") for n in q.node if n.op_type == "DequantizeLinear"}
+
+
+def _spectral_model(path, learned_in_front: bool = False):
+    """A constant-Q-like front-end from ops: two Convs with fixed kernels (real and imaginary part) on the waveform,
+    squared, summed, Sqrt, Log; then a learned Conv+Relu. ``learned_in_front``: a Relu before the Log (a learned
+    network computing a log, not a spectrogram)."""
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.normal(size=(8, 1, 16)).astype(np.float32), "kre"),
+             nh.from_array(rng.normal(size=(8, 1, 16)).astype(np.float32), "kim"),
+             nh.from_array(np.array([1e-6], np.float32), "eps"),
+             nh.from_array(rng.normal(size=(4, 8, 3)).astype(np.float32), "w"),
+             nh.from_array(np.zeros(4, np.float32), "b")]
+    nodes = [h.make_node("Pad", ["x", "pads"], ["xp"], name="pad", mode="reflect"),
+             h.make_node("Conv", ["xp", "kre"], ["re"], name="cq/re", strides=[4]),
+             h.make_node("Conv", ["xp", "kim"], ["im0"], name="cq/im", strides=[4]),
+             h.make_node("Neg", ["im0"], ["im"], name="cq/neg"),
+             h.make_node("Mul", ["re", "re"], ["re2"], name="cq/re2"),
+             h.make_node("Mul", ["im", "im"], ["im2"], name="cq/im2"),
+             h.make_node("Add", ["re2", "im2"], ["p0"], name="cq/power"),
+             h.make_node("Mul", ["p0", "eps"], ["p00"], name="cq/scale"),
+             h.make_node("Div", ["p00", "eps"], ["p"], name="cq/unscale"),
+             h.make_node("Relu" if learned_in_front else "Identity", ["p"], ["p1"], name="cq/p1"),
+             h.make_node("Sqrt", ["p1"], ["mag"], name="cq/mag"),
+             h.make_node("Add", ["mag", "eps"], ["mag1"], name="cq/eps"),
+             h.make_node("Log", ["mag1"], ["logmag"], name="cq/log"),
+             h.make_node("Mul", ["logmag", "eps"], ["scaled"], name="norm/scale"),
+             h.make_node("Transpose", ["scaled"], ["t"], name="t", perm=[0, 1, 2]),
+             h.make_node("Conv", ["t", "w", "b"], ["c"], name="learned/conv", pads=[1, 1]),
+             h.make_node("Relu", ["c"], ["y"], name="learned/relu")]
+    inits.append(nh.from_array(np.array([0, 0, 8, 0, 0, 8], np.int64), "pads"))
+    graph = h.make_graph(nodes, "spectral", [h.make_tensor_value_info("x", T.FLOAT, [1, 1, 256])],
+                         [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_spectrogram_made_of_fixed_kernel_convolutions_is_a_float_front_end(tmp_path):
+    from edgebuild.targets.regions import float_regions
+
+    front = float_regions(_spectral_model(tmp_path / "s.onnx"))["frontend"]
+    assert {"cq/re", "cq/im", "cq/mag", "cq/log", "pad"} <= set(front)
+    assert not {"learned/conv", "learned/relu", "norm/scale"} & set(front)
+    # a learned op before the Log: no spectrogram, the walk stops at the first weighted layer as before
+    front = float_regions(_spectral_model(tmp_path / "l.onnx", learned_in_front=True))["frontend"]
+    assert "cq/log" not in front and "cq/re" not in front
