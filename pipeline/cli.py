@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,8 @@ import click
 
 from edgebuild.errors import optional_imports
 from edgebuild.pipeline.errors import BadInputError, EdgeBuildError
+from edgebuild.pipeline.flags import spec_from_flags  # (tests import it from here too)
+from edgebuild.pipeline.summary import print_summary as _print_summary
 from edgebuild.specs import PRECISIONS
 
 EXIT_CODES = """\b
@@ -33,150 +34,6 @@ def _console(file=None):
     from rich.console import Console
 
     return Console(file=file) if file is not None else Console(stderr=True)
-
-
-def _parse_shape(text: str | None):
-    """``1,3,224,224`` (or ``1x3x224x224``, ``[1, 3, 224, 224]``) -> a tuple of positive ints."""
-    if not text:
-        return None
-    try:
-        shape = tuple(int(v) for v in text.strip().strip("[]()").replace("x", ",").split(","))
-    except ValueError:
-        raise BadInputError(f"--input-shape must look like 1,3,224,224 or NAME:1,3,224,224, got {text!r}") from None
-    if any(d <= 0 for d in shape):
-        raise BadInputError(f"--input-shape must be positive integers, got {text!r}")
-    return shape
-
-
-def _parse_input_shapes(texts) -> list[tuple[str | None, tuple[int, ...]]]:
-    """Each ``--input-shape``: ``NAME:1,3,224,224`` (the input of that name; the name may itself hold a colon, as
-    TensorFlow's ``input:0``) or ``1,3,224,224`` (the model's only input, whatever it is called)."""
-    if isinstance(texts, str):
-        texts = (texts,)
-    shapes = []
-    for text in texts or ():
-        name, colon, dims = text.rpartition(":")
-        shapes.append((name.strip() or None, _parse_shape(dims)) if colon else (None, _parse_shape(text)))
-    unnamed = [s for n, s in shapes if n is None]
-    if unnamed and len(shapes) > 1:
-        raise BadInputError("several --input-shape flags: name each input, e.g. --input-shape image:1,3,224,224 "
-                            "--input-shape mask:1,1,224,224")
-    names = [n for n, _ in shapes if n]
-    if len(set(names)) != len(names):
-        raise BadInputError(f"--input-shape names an input twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
-    return shapes
-
-
-def _bind_input_shapes(data: dict, texts) -> None:
-    """--input-shape over the config's ``inputs``: a named shape sets (or adds) that input; an unnamed one sets the
-    only input (for an ONNX file, the graph's one input whatever its name: edgebuild.pipeline.stages.load binds it)."""
-    shapes = _parse_input_shapes(texts)
-    if not shapes:
-        return
-    inputs = [dict(i) for i in data.get("inputs") or []]
-    if shapes[0][0] is None:
-        if len(inputs) > 1:
-            raise BadInputError(f"--input-shape {','.join(map(str, shapes[0][1]))}: the config has inputs "
-                                f"{[i.get('name') for i in inputs]}; say which: --input-shape NAME:1,3,224,224")
-        data["inputs"] = [{**(inputs[0] if inputs else {}), "shape": list(shapes[0][1])}]
-        return
-    for name, shape in shapes:
-        same = next((i for i in inputs if i.get("name", "input") == name), None)
-        if same is None:
-            inputs.append({"name": name, "shape": list(shape)})
-        else:
-            same.update(name=name, shape=list(shape))
-    data["inputs"] = inputs
-
-
-def spec_from_flags(config: str | None, **flags):
-    from edgebuild.pipeline import manifest as manifest_file
-    from edgebuild.pipeline.spec import BuildSpec, load_config
-
-    data = {}
-    config_path = config or ("edgebuild.yaml" if Path("edgebuild.yaml").is_file() else None)
-    if config_path:
-        data = manifest_file.rerun_spec(Path(config_path)) or load_config(config_path)
-    _bind_input_shapes(data, flags.pop("input_shape"))
-    preprocess = _preprocess_flags(flags)
-    if preprocess:
-        data["preprocess"] = {**(data.get("preprocess") or {}), **preprocess}
-    budgets = data.get("budgets") or {}
-    if not isinstance(budgets, dict):
-        raise BadInputError(f"budgets must be a mapping, e.g. budgets: {{max_latency_ms: 20}}; got {budgets!r}"[:300])
-    budgets = dict(budgets)
-    for name in ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "max_compression_drop"):
-        value = flags.pop(name)
-        if value is not None:
-            budgets[name] = value
-    data["budgets"] = budgets
-    if flags.pop("no_auto"):
-        data["auto"] = False
-    if flags.pop("no_cache"):
-        data["cache"] = False
-    if flags.pop("trust_model"):
-        data["trust_model"] = True
-    steps = flags.pop("compress_steps")
-    if steps:
-        data["compress"] = [_parse_step(s) for s in steps]
-    targets = flags.pop("target")
-    if targets:
-        data["targets"] = [t for chunk in targets for t in chunk.split(",") if t]
-    profiles = flags.pop("profile")
-    if profiles:
-        data["profile_files"] = [*data.get("profile_files", []), *profiles]
-    for k, v in flags.items():
-        if v is not None:
-            data[k] = v
-    return BuildSpec.from_dict(data), config_path
-
-
-def _numbers(flag: str, text: str, kind=float) -> list:
-    try:
-        values = [kind(v) for v in text.strip().strip("[]()").replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise BadInputError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise BadInputError(f"{flag} must be comma-separated numbers, got {text!r}")
-    return values
-
-
-def _preprocess_flags(flags: dict) -> dict:
-    """--resize/--mean/--std/--scale/--color/--layout -> preprocess: fields (over the config's)."""
-    out = {}
-    resize = flags.pop("resize", None)
-    if resize:
-        hw = _numbers("--resize", resize, int)
-        if len(hw) not in (1, 2) or min(hw) <= 0:
-            raise BadInputError(f"--resize must be HEIGHT,WIDTH (or one size for both), got {resize!r}")
-        out["resize"] = hw * 2 if len(hw) == 1 else hw
-    for name in ("mean", "std"):
-        value = flags.pop(name, None)
-        if value:
-            out[name] = _numbers(f"--{name}", value)
-    for name in ("scale", "color", "layout", "crop", "interpolation"):
-        value = flags.pop(name, None)
-        if value is not None:
-            out[name] = value
-    return out
-
-
-def _parse_step(text: str) -> dict:
-    """`prune:method=structured,ratio=0.5` -> {"prune": {"method": "structured", "ratio": 0.5}}."""
-    import yaml
-
-    kind, _, rest = text.partition(":")
-    options = {}
-    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [a,b] belong to the list
-        k, eq, v = item.partition("=")
-        if not eq or not k:
-            raise BadInputError(f"--compress {text!r}: options must be key=value, comma-separated")
-        try:
-            options[k.strip()] = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            raise BadInputError(f"--compress {text!r}: cannot read the value of {k.strip()} "
-                                f"({str(e).splitlines()[0]})") from None
-    return {kind.strip(): options}
 
 
 @contextmanager
@@ -272,97 +129,6 @@ def cli(ctx, as_json, quiet, verbose, config, eval_, jobs, max_memory_gb, **flag
     else:
         _print_summary(result.typed, result.out)
     result.raise_for_verdict()
-
-
-SUMMARY_COLUMNS = ("target", "verdict", "artifact", "accuracy", "drop", "p50", "size", "size_ratio", "speedup", "memory")
-NARROW_COLUMNS = (  # below NARROW terminal columns: (heading, row keys stacked in the cell, one a line)
-    ("target", ("target",)), ("result", ("verdict",)), ("artifact", ("artifact",)),
-    ("quality\ndrop", ("accuracy", "drop")), ("p50\nspeedup", ("p50", "speedup")),
-    ("size\n×FP32", ("size", "size_ratio")), ("memory", ("memory",)),
-)
-NARROW = 120  # below this many columns the table is compact: paired cells, long artifact names shortened
-ARTIFACT_CHARS = 18  # an artifact name longer than this is shortened in its middle (report.md has it in full)
-
-
-def _abbreviate(text: str, limit: int) -> str:
-    """``text`` shortened in its middle to ``limit`` characters (its start and its extension stay)."""
-    if len(text) <= limit:
-        return text
-    tail = max(limit // 3, 6)
-    return text[:limit - tail - 1] + "…" + text[-tail:]
-
-
-def _narrow_cell(key: str, value: str) -> str:
-    if key == "artifact":  # "model_int8_mixed.tflite (64% INT8 weights)": the share on a line of its own
-        name, _, share = value.partition(" (")
-        return _abbreviate(name, ARTIFACT_CHARS) + (f"\n{share.rstrip(')').replace(' weights', '')}" if share else "")
-    if key == "memory":
-        return value.replace(" (arena ", "\narena ").rstrip(")")
-    return value
-
-
-def summary_table(rows: list[dict], title: str, width: int):
-    """The summary as a rich Table that fits ``width`` columns (80 included): below ``NARROW`` two figures share a
-    cell (one a line), artifact names are shortened in their middle and long cells wrap; report.md keeps every name
-    in full."""
-    from rich.table import Table
-
-    style = {"PASS": "green", "FAIL": "red", "ERROR": "red"}
-    if width >= NARROW:
-        table = Table(title=title)
-        for key in SUMMARY_COLUMNS:
-            table.add_column(key.replace("_", " "), overflow="fold")  # never cut: wrapped
-        for row in rows:
-            table.add_row(*[row[key] for key in SUMMARY_COLUMNS], style=style.get(row["verdict"]))
-        return table
-    rows_cells = [["\n".join(_narrow_cell(k, row[k]) for k in keys if row[k] != "–" or k == keys[0])
-                   for _, keys in NARROW_COLUMNS] for row in rows]
-    widths = _fit_widths([heading for heading, _ in NARROW_COLUMNS], rows_cells, width)
-    table = Table(title=title, box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold underline")
-    for n, ((heading, _), w) in enumerate(zip(NARROW_COLUMNS, widths)):  # a width holds its column's gap
-        table.add_column(heading, width=w + (n < len(widths) - 1), overflow="fold")
-    for row, cells in zip(rows, rows_cells):
-        table.add_row(*cells, style=style.get(row["verdict"]), end_section=True)
-    return table
-
-
-SHRINK_TO = {2: ARTIFACT_CHARS, 3: 8, 6: 6}  # column index -> narrowest it wraps to (artifact, quality, memory)
-
-
-def _fit_widths(headings: list[str], rows: list[list[str]], width: int) -> list[int]:
-    """Column widths that fit ``width`` (a one-space gap between columns): each column's widest line, the widest of
-    the wrapping columns (artifact, quality, memory) narrowed, widest first, down to what still reads."""
-    natural = [max(len(line) for cell in [h, *(r[i] for r in rows)] for line in cell.splitlines() or [""])
-               for i, h in enumerate(headings)]
-    widths, gaps = list(natural), len(headings) - 1
-    while sum(widths) + gaps > width:
-        shrinkable = [i for i, low in SHRINK_TO.items() if widths[i] > low]
-        if not shrinkable:
-            break
-        i = max(shrinkable, key=lambda i: widths[i] - SHRINK_TO[i])
-        widths[i] -= 1
-    return widths
-
-
-def _print_summary(manifest, out: Path, console=None) -> None:
-    """The build's summary table (``manifest``: a ``pipeline.results.Manifest``), fitted to the terminal's width
-    (160 columns when stdout is not a terminal)."""
-    from rich.console import Console
-
-    from edgebuild.pipeline.report import slower_than_fp32, summary_rows
-
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=160)
-    title = f"edgebuild — {manifest.verdict.status.upper()} ({manifest.seconds} s)"
-    console.print(summary_table(summary_rows(manifest), title, console.width))
-    for name, t in manifest.targets.items():
-        if t.search and t.search.float_layers:
-            console.print(f"{name}: kept in float: {', '.join(t.search.float_layers)}")
-    for warning in slower_than_fp32(manifest):
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
-    console.print(f"artifacts in {out}/ (manifest.json, report.md, report.html, build.log)")
 
 
 @cli.command()

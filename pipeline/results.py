@@ -1,7 +1,7 @@
 """Typed results: what a build measured and decided, as frozen dataclasses that round-trip exactly to the JSON
 edgebuild writes (``to_dict()`` / ``from_dict()``).
 
-- ``Metrics``: one artifact measured on the evaluation set, an ``OutputMetrics`` per model output, ``TaskScores``;
+- ``Metrics`` and a target's measurements (``Latency``, ``Memory``, ...): ``pipeline/records.py``, re-exported here;
 - ``Check``: one budget applied to one number; a ``Failure`` is a check that does not hold (the same type);
 - ``decide``: the one place a ``Verdict`` (pass / fail / error with its failures) is decided, for one target from
   its failures or its conversion error, for a build from its targets' verdicts and its own failures;
@@ -12,9 +12,27 @@ order they were read in, an absent key stays absent and a null one stays null.""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
+
+from edgebuild.pipeline.records import (  # noqa: F401 (re-exported: the records a target's result is made of)
+    Baseline,
+    FileRecord,
+    Gate,
+    Latency,
+    Memory,
+    Metrics,
+    OutputMetrics,
+    Ratios,
+    Record,
+    TaskScores,
+    Threads,
+    WeightShare,
+    budget_record,
+    dump,
+    typed_fields,
+)
 
 if TYPE_CHECKING:
     from edgebuild.targets.profiles import Budget
@@ -34,141 +52,6 @@ class Status(str, Enum):
 
 MANIFEST_FORMAT = 1  # manifest.json's format version; a change that breaks a reader makes it 2 (and a new schema)
 EXIT_CODES = {Status.PASS: 0, Status.FAIL: 1, Status.ERROR: 3}  # the build's exit code for its verdict (README "Exit codes")
-
-
-def _ordered(d: dict, keys: tuple[str, ...]) -> dict:
-    """``d`` with the keys of ``keys`` first, in that order (the order they were read in)."""
-    out = {k: d[k] for k in keys if k in d}
-    out.update((k, v) for k, v in d.items() if k not in out)
-    return out
-
-
-def _dump(value):
-    """A record (or a Budget) as JSON; anything else as it is."""
-    return value.to_dict() if isinstance(value, _Record) or type(value).__name__ == "Budget" else value
-
-
-class _Record:
-    """A JSON object as a dataclass: each field is a key (None: absent, unless it was read as null or is written
-    ``always``); ``extra`` keeps keys this version does not know, ``keys`` the order they were read in."""
-
-    @classmethod
-    def _names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in ("extra", "keys")]
-
-    @classmethod
-    def _read(cls, d: dict, **typed):
-        names = set(cls._names())
-        kw = {k: v for k, v in d.items() if k in names}
-        return cls(**{**kw, **typed}, extra={k: v for k, v in d.items() if k not in names}, keys=tuple(d))
-
-    def _write(self, names: list[str] | None = None, always: tuple[str, ...] = (), **typed) -> dict:
-        d = {}
-        for name in names if names is not None else self._names():
-            v = typed[name] if name in typed else getattr(self, name, None)
-            if v is not None or name in self.keys or name in always:
-                d[name] = v
-        d.update(self.extra)
-        return _ordered(d, self.keys)
-
-    def to_dict(self) -> dict:
-        return self._write()
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        return cls._read(d)
-
-
-# ---- metrics ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OutputMetrics(_Record):
-    """One model output, judged by what it is (``kind``: class_scores | vector | tensor | scalar)."""
-
-    kind: str | None = None
-    cosine: float | None = None  # the judged cosine (worst sample or channel group; class scores: the mean)
-    cosine_mean: float | None = None
-    max_abs_error: float | None = None
-    sqnr_db: float | None = None
-    sqnr_min_db: float | None = None
-    finite: bool | None = None
-    top1_agreement: float | None = None
-    accuracy: float | None = None  # only on the output the labels score
-    accuracy_reference: float | None = None
-    accuracy_drop: float | None = None
-    top5_accuracy: float | None = None
-    groups: list | None = None  # channel groups: {axis, slices, count, cosine, sqnr_db, judged, ...}
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-    def get(self, name: str):
-        """A measure by name (a typed one or one of ``extra``, e.g. ``decision_agreement``), else None."""
-        return getattr(self, name) if name in self._names() else self.extra.get(name)
-
-    def worst_group(self) -> dict | None:
-        judged = [g for g in self.groups or () if g.get("judged")]
-        return min(judged, key=lambda g: g["cosine"], default=None)
-
-
-@dataclass(frozen=True)
-class TaskScores(_Record):
-    """A task evaluator's (or a user's evaluator's) scores of the FP32 reference and of the artifact."""
-
-    name: str | None = None
-    reference: dict | None = None
-    artifact: dict | None = None
-    evaluator_scores: list | None = None  # a user evaluator's score names, its first one is the headline
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-    def first(self) -> tuple[str, float] | None:
-        """The score a person reads first: the user evaluator's first, else the task's first."""
-        names = self.evaluator_scores or list(self.artifact or {})
-        return (names[0], self.artifact[names[0]]) if names else None
-
-
-@dataclass(frozen=True)
-class Metrics(_Record):
-    """One artifact on the evaluation set: per-output metrics and their summary (``pipeline/stages/validate.py compare``)."""
-
-    samples: int | None = None
-    finite: bool | None = None
-    outputs: dict[str, OutputMetrics] | None = None
-    cosine_min: float | None = None
-    cosine_mean: float | None = None
-    max_abs_error: float | None = None
-    classifier: bool | None = None
-    top1_agreement: float | None = None  # of the labelled (else first) class-score output
-    accuracy: float | None = None
-    accuracy_reference: float | None = None
-    accuracy_drop: float | None = None
-    task: TaskScores | None = None
-    warnings: list | None = None
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-    def get(self, name: str):
-        """A summary measure by name (a typed one or one of ``extra``), else None: budgets name measures by string."""
-        return getattr(self, name) if name in self._names() else self.extra.get(name)
-
-    def headline(self) -> tuple[str, float]:
-        """The number a person reads first: accuracy drop, top-1 disagreement, a task score, or the worst cosine."""
-        if self.accuracy_drop is not None:
-            return "accuracy_drop", self.accuracy_drop
-        if self.top1_agreement is not None:
-            return "top1_disagreement", 100.0 - self.top1_agreement
-        first = self.task.first() if self.task else None
-        return first if first else ("cosine_min", self.cosine_min)
-
-    def to_dict(self) -> dict:
-        outputs = None if self.outputs is None else {n: o.to_dict() for n, o in self.outputs.items()}
-        return self._write(outputs=outputs, task=_dump(self.task))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Metrics":
-        outputs = d.get("outputs")
-        outputs = None if outputs is None else {n: OutputMetrics.from_dict(o) for n, o in outputs.items()}
-        task = TaskScores.from_dict(d["task"]) if isinstance(d.get("task"), dict) else d.get("task")
-        return cls._read(d, outputs=outputs, task=task)
 
 
 # ---- checks, failures, the verdict ------------------------------------------------------------------------
@@ -291,7 +174,7 @@ SIBLING_CONVERSION = "converted in the same conversion run as the {} artifact"  
 
 
 @dataclass(frozen=True)
-class CacheUse(_Record):
+class CacheUse(Record):
     """Which of a target's stages came from the stage cache (``cache`` of a target's record). ``search``: absent when
     the target did not search; the baseline keys: absent for an FP32 target (no baseline). ``baseline_conversion``
     is true (restored), false, or for a baseline made in the same run as the target's own artifact a line saying so;
@@ -314,7 +197,7 @@ class CacheUse(_Record):
 
 
 @dataclass(frozen=True)
-class ObjectiveDecision(_Record):
+class ObjectiveDecision(Record):
     """Which candidate a target ships for its objective, and why (``pipeline/stages/objective.py``): ``candidates``
     ({role, artifact, precision, size_bytes, latency_p50_ms, quality_loss, within_accuracy_budget}) when there was a
     choice; ``overruled`` when the default objective shipped the FP32 baseline; ``advice``: the profile's typical
@@ -337,7 +220,7 @@ class ObjectiveDecision(_Record):
 
 
 @dataclass(frozen=True)
-class SearchTry(_Record):
+class SearchTry(Record):
     """One configuration the accuracy search tried: its label, precision and settings, its headline number (a key
     named after it: ``accuracy_drop``, ``cosine_min``, ...), quality loss, size, latency and failures, the data it
     was judged on; or the ``error`` it failed to convert with."""
@@ -356,7 +239,7 @@ class SearchTry(_Record):
 
 
 @dataclass
-class SearchRecord(_Record):
+class SearchRecord(Record):
     """A target's accuracy search (``pipeline/stages/search.py``): every try, the one chosen and why. Written while
     the search runs (attributes set in the order things happen, and written in that order)."""
 
@@ -402,152 +285,12 @@ class SearchRecord(_Record):
         return cls._read(d, tries=None if tries is None else [SearchTry.from_dict(t) for t in tries])
 
 
-# ---- a target's measurements -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Latency(_Record):
-    """An artifact's timing on the host (``pipeline/timing.py``): percentiles of every timed run, how it was timed
-    (warm-up, rounds interleaved with the other artifacts of the target), the threads the runtime used and the
-    profile's; ``round_p50_ms`` ({min, max, iqr}): the spread of the rounds' p50s (``edgebuild validate``)."""
-
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    p99_ms: float | None = None
-    runs: int | None = None
-    warmup: int | None = None
-    rounds: int | None = None
-    runs_per_round: int | None = None
-    interleaved_with: list | None = None
-    threads_used: int | None = None
-    round_p50_ms: dict | None = None
-    threads_profile: int | None = None
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Memory(_Record):
-    """An artifact's runtime memory (``pipeline/memory.py``): peak and load above the runner's baseline, in MB;
-    ``micro``: a microcontroller's fit (TFLM arena, flash); ``source``: where a re-validation took it from."""
-
-    peak_mb: float | None = None
-    load_mb: float | None = None
-    baseline_mb: float | None = None
-    runs: int | None = None
-    threads: int | None = None
-    method: str | None = None
-    runtime: dict | str | None = None
-    micro: dict | None = None
-    source: str | None = None
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Ratios(_Record):
-    """The shipped artifact against its FP32 baseline: size, and speed (the median of the interleaved rounds' ratios,
-    its spread ``{median, p25, p75, iqr, min, max, rounds}``)."""
-
-    size_vs_fp32: float | None = None
-    speedup_vs_fp32: float | None = None
-    speedup_vs_fp32_spread: dict | None = None
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Baseline(_Record):
-    """A target's FP32 baseline: its artifact, size, latency, metrics and memory, and what evaluated it."""
-
-    artifact: str | None = None
-    size_bytes: int | None = None
-    latency: Latency | None = None
-    metrics: Metrics | None = None
-    evaluated: str | None = None
-    memory: Memory | None = None
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-    def to_dict(self) -> dict:
-        return self._write(latency=_dump(self.latency), metrics=_dump(self.metrics), memory=_dump(self.memory))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Baseline":
-        return cls._read(d, **_typed(d, latency=Latency, metrics=Metrics, memory=Memory))
-
-
-@dataclass(frozen=True)
-class Gate(_Record):
-    """What decided a target's verdict (``validate.gate``): the task metric (``decided_by`` "task metric", its
-    ``metric``, the collapse ``guard`` on the other outputs) or the generic checks (``detail``)."""
-
-    decided_by: str | None = None
-    metric: str | None = None
-    guard: str | None = None
-    detail: str | None = None
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class WeightShare(_Record):
-    """How much of an artifact really is INT8 (``pipeline/stages/weights.py``): weights stored in 8 bits or fewer,
-    in float, the share, the largest float layers; or the ``error`` that kept it from being counted."""
-
-    int8_weights: int | None = None
-    float_weights: int | None = None
-    int8_weight_share: float | None = None
-    float_layers: list | None = None
-    method: str | None = None
-    error: str | None = None
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class FileRecord(_Record):
-    """One file of a target: its size and sha256 (``edgebuild validate`` checks them first)."""
-
-    bytes: int | None = None
-    sha256: str | None = None
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Threads(_Record):
-    """The threads a target's runtime runs with: the profile's (the device's) and those used on this host."""
-
-    profile: int | None = None
-    used: int | None = None
-    extra: dict = field(default_factory=dict)
-    keys: tuple = field(default=(), repr=False, compare=False)
-
-
-def _typed(d: dict, **types) -> dict:
-    """The keys of ``d`` that hold a JSON object, read as their record type (others are left as they are)."""
-    return {k: t.from_dict(d[k]) for k, t in types.items() if isinstance(d.get(k), dict)}
-
-
-def _budget(d):
-    """A target's ``budgets`` record as THE Budget type; one that does not read back to the same JSON (a newer
-    version's keys, a value out of range) is kept as it was written."""
-    if not isinstance(d, dict):
-        return d
-    from edgebuild.targets.profiles import Budget
-
-    try:
-        b = Budget.from_dict(d)
-    except Exception:  # noqa: BLE001 — not this version's budget: kept as JSON, never dropped
-        return d
-    return b if b.to_dict() == d and list(b.to_dict()) == list(d) else d
-
-
 # ---- a target, a build ------------------------------------------------------------------------------------
 _VERDICT_KEYS = ("verdict", "error", "failures", "failed_checks")
 
 
 @dataclass(frozen=True)
-class TargetResult(_Record):
+class TargetResult(Record):
     """One target of a build: its verdict, artifact, measurements and records (search, objective, cache)."""
 
     verdict: Verdict
@@ -603,7 +346,7 @@ class TargetResult(_Record):
         """The target's entry in manifest.json (``ratios`` and ``baseline_fp32`` are null when there is none)."""
         previous = self.previous.to_dict() if isinstance(self.previous, TargetResult) else self.previous
         return self._write(list(self.MANIFEST), ("ratios", "baseline_fp32") if self.artifact else (),
-                           **self.verdict.to_dict(), **self._records(), previous=previous, threads=_dump(self.threads))
+                           **self.verdict.to_dict(), **self._records(), previous=previous, threads=dump(self.threads))
 
     def to_validation(self) -> dict:
         """The target's validation.json (and, with ``target``, a re-validation's record)."""
@@ -613,8 +356,8 @@ class TargetResult(_Record):
 
     def _records(self) -> dict:
         """The typed records of this target as JSON."""
-        files = None if self.files is None else {n: _dump(f) for n, f in self.files.items()}
-        return {name: _dump(getattr(self, name)) for name in self.RECORDS} | {"files": files, "budgets": _dump(self.budgets)}
+        files = None if self.files is None else {n: dump(f) for n, f in self.files.items()}
+        return {name: dump(getattr(self, name)) for name in self.RECORDS} | {"files": files, "budgets": dump(self.budgets)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TargetResult":
@@ -629,18 +372,18 @@ class TargetResult(_Record):
 
     @classmethod
     def _load(cls, d: dict, names: tuple[str, ...], **typed) -> "TargetResult":
-        typed = {**_typed(d, **cls.RECORDS), **typed}
+        typed = {**typed_fields(d, **cls.RECORDS), **typed}
         if isinstance(d.get("files"), dict):
             typed["files"] = {n: FileRecord.from_dict(f) if isinstance(f, dict) else f for n, f in d["files"].items()}
         if "budgets" in d:
-            typed["budgets"] = _budget(d["budgets"])
+            typed["budgets"] = budget_record(d["budgets"])
         kw = {k: d[k] for k in names if k in d and k not in _VERDICT_KEYS and k not in typed and k != "threads_used"}
         return cls(Verdict.from_dict(d), **{**kw, **typed},
                    extra={k: v for k, v in d.items() if k not in names}, keys=tuple(d))
 
 
 @dataclass(frozen=True)
-class Manifest(_Record):
+class Manifest(Record):
     """manifest.json: the build's verdict, its model, data, judging, spec, tool versions and every target."""
 
     edgebuild: str | None = None
