@@ -195,3 +195,49 @@ def test_a_builds_judging_carries_the_models_image_size():
     model = SimpleNamespace(inputs=(TensorInfo("image", (1, 3, 800, 608), "float32", "NCHW"),),
                             outputs=tuple(TensorInfo(n, (1, 10, 4), "float32") for n in ("s", "b")))
     assert judging_for(spec, model).options == {"score_threshold": 0.3, "input_size": [800, 608]}
+
+
+def _tiny_dfl_model(path):
+    """A two-level DFL head on a 64x96 image (strides 8 and 16, 4 classes, 8 bins), exported to ONNX."""
+    import torch
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            conv = lambda i, o, s: torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, s, 1), torch.nn.ReLU())  # noqa: E731
+            self.stem, self.p8, self.p16 = torch.nn.Sequential(conv(3, 16, 2), conv(16, 16, 2)), conv(16, 16, 2), conv(16, 16, 2)
+            self.h8, self.h16 = torch.nn.Conv2d(16, 4 + 32, 1), torch.nn.Conv2d(16, 4 + 32, 1)
+
+        def forward(self, x):
+            f8 = self.p8(self.stem(x))
+            levels = [h(f).flatten(2).transpose(1, 2) for f, h in ((f8, self.h8), (self.p16(f8), self.h16))]
+            return (*(torch.sigmoid(y[..., :4] * 3 - 1) for y in levels), *(y[..., 4:] * 3 for y in levels))
+
+    torch.onnx.export(Head().eval(), (torch.zeros(1, 3, 64, 96),), str(path), dynamo=False, opset_version=17,
+                      input_names=["image"], output_names=["s8", "s16", "b8", "b16"])
+
+
+@pytest.mark.slow
+def test_a_build_judges_a_dfl_head_by_its_detections(tmp_path):
+    import json
+
+    from edgebuild.pipeline.cli import main
+
+    _tiny_dfl_model(tmp_path / "dfl.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", image=rng.normal(0, 1, (32, 1, 3, 64, 96)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", image=rng.normal(0, 1, (48, 1, 3, 64, 96)).astype(np.float32))
+    args = ["--model", str(tmp_path / "dfl.onnx"), "--calib", str(tmp_path / "calib.npz"), "--eval",
+            str(tmp_path / "eval.npz"), "--target", "onnx-cpu", "--no-auto"]
+    (tmp_path / "bad.yaml").write_text("task: detection\ntask_options: {bins: 5}\n")
+    assert main([*args, "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+    (tmp_path / "good.yaml").write_text("task: detection\n")
+    assert main([*args, "--config", str(tmp_path / "good.yaml"), "--out", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["judging"]["task_options"] == {"input_size": [64, 96]}
+    target = manifest["targets"][0] if isinstance(manifest["targets"], list) else next(iter(manifest["targets"].values()))
+    assert target["gate"]["metric"] == "task detection (f1_min)"
+    task = target["metrics"]["task"]
+    assert task["reference"]["detections_per_sample"] > 1 and task["artifact"]["f1"] >= 90
