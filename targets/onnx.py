@@ -29,8 +29,10 @@ WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"]
 # (ConvInteger has no fast kernel). MiniLM-L3 (3 x 384): pooled-embedding cosine mean 0.9947 / worst 0.9915,
 # 2.2x faster than FP32; static QDQ on the same ops: mean 0.947.
 DYNAMIC_OPS = ("MatMul", "Gather", "LSTM")
-# the dynamic candidate is offered when these ops hold at least this share of the graph's weights
-DYNAMIC_SHARE = 0.5
+# the dynamic candidate is offered when these ops hold at least this share of the graph's weights: the share an
+# artifact needs to be named _int8 (pipeline/stages/weights.py INT8_NAME_SHARE). Below it the candidate would leave the
+# convolutions float (a CNN whose dense head holds 59 % of the weights: dynamic INT8 is no INT8 model of it)
+DYNAMIC_SHARE = 0.9
 
 
 CALIB_CHUNK = 16  # calibration samples whose tensors are held at once
@@ -64,8 +66,8 @@ class OnnxBackend(Backend):
         LSTM and embedding tables hold most of the weights (transformers, recurrent models); static QDQ with the
         recurrent state path float when the model carries its state in and out. Likeliest first."""
         s = self.requested_settings(profile, settings)
-        if self.simulate_quantization or s.activations == "dynamic":  # TensorRT builds from QDQ only
-            return []
+        if self.simulate_quantization or s.activations == "dynamic" or not profile.allow_float_layers:
+            return []  # TensorRT builds from QDQ only; an integer-only profile runs no float op between int8 layers
         out = []
         share = dynamic_share(onnx_path)
         if share >= DYNAMIC_SHARE:

@@ -328,3 +328,26 @@ def test_nncf_transformer_scheme_is_another_kind_tried_after_an_x86_collapse():
                 ("asymmetric activations (preset=mixed)", s.replace(preset="mixed")),
                 ("NNCF model_type=transformer (SmoothQuant)", s.replace(model_type="transformer"))]
     assert [label for label, _ in R.other_kinds(variants, s)] == ["NNCF model_type=transformer (SmoothQuant)"]
+
+
+def test_no_dynamic_candidate_for_a_cnn_with_a_big_dense_head_nor_on_an_integer_only_profile(tmp_path, monkeypatch):
+    """Dynamic INT8 leaves Conv float: a CNN whose dense layers hold 59 % of its weights gets no such candidate (it
+    would be no INT8 model of it), and an integer-only profile never gets one."""
+    import dataclasses
+
+    import torch
+
+    from edgebuild.pipeline.demo_model import load_demo
+    from edgebuild.targets import onnx as O
+    from edgebuild.targets.base import get_backend
+    from edgebuild.targets.profiles import catalogue
+
+    path = tmp_path / "demo.onnx"
+    torch.onnx.export(load_demo().eval(), (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False, opset_version=17)
+    backend, profile = get_backend("onnx"), catalogue()["onnx-cpu"]
+    assert 0.5 < O.dynamic_share(path) < O.DYNAMIC_SHARE
+    assert backend.graph_candidates(profile, backend.requested_settings(profile), path) == []
+    monkeypatch.setattr(O, "DYNAMIC_SHARE", 0.5)
+    assert len(backend.graph_candidates(profile, backend.requested_settings(profile), path)) == 1
+    npu = dataclasses.replace(profile, allow_float_layers=False)
+    assert backend.graph_candidates(npu, backend.requested_settings(npu), path) == []
