@@ -215,5 +215,5 @@ def keep(log: BuildLog, result) -> Path | None:
         return None
     dest = out / "build.log"
     os.replace(log.path, dest)
-    log.path.unlink(missing_ok=True)  # still there when the swap already linked it in (build._link_running_log)
+    log.path.unlink(missing_ok=True)  # still there when the swap already linked it in (output._link_running_log)
     return dest

@@ -1,5 +1,5 @@
 """Targets in parallel: how many at once (``effective_jobs``) and the scheduler that converts and validates them
-side by side, then times and packages them one at a time (``_build_all``)."""
+side by side, then times and packages them one at a time (``build_all``)."""
 from __future__ import annotations
 
 import logging
@@ -98,7 +98,7 @@ class MemorySlots:
         self.release()
 
 
-def _build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
+def build_all(ctx, profiles: list[TargetProfile], staging: Path, jobs: int,
                memory: int | None = None) -> dict[str, TargetResult]:
     """Every target: conversions and validations of up to ``jobs`` targets at once (threads: the runtimes release
     the GIL in native code, the TFLite conversion runs in its own child process, and threads share the loaded

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from edgebuild.pipeline import build as build_module
+from edgebuild.pipeline import output as build_module
 
 
 def test_workdirs_are_removed_to_the_end_and_the_interrupt_raised_after(tmp_path, monkeypatch):
@@ -24,5 +24,5 @@ def test_workdirs_are_removed_to_the_end_and_the_interrupt_raised_after(tmp_path
 
     monkeypatch.setattr(build_module.shutil, "rmtree", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
-        build_module._remove_workdirs(*dirs)
+        build_module.remove_workdirs(*dirs)
     assert not any(d.exists() for d in dirs) and len(calls) == 3

@@ -51,7 +51,7 @@ def test_a_dangling_alternate_stack_is_disabled_and_the_signal_reaches_its_handl
 
 def test_a_signal_during_the_output_swap_is_held_after_openvino_ran_in_the_process():
     r = _run("""
-        from edgebuild.pipeline.build import _signals_held
+        from edgebuild.pipeline.output import _signals_held
         poison()
         with _signals_held():
             os.kill(os.getpid(), signal.SIGTERM)

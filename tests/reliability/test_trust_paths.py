@@ -173,7 +173,7 @@ def test_a_planted_lock_is_refused_before_any_work(kind, built, workdir, tmp_pat
 
 
 def test_the_lock_opened_at_the_swap_refuses_a_symlink_planted_meanwhile(tmp_path):
-    from edgebuild.pipeline.build import _output_lock
+    from edgebuild.pipeline.output import _output_lock
     from edgebuild.pipeline.errors import BadInputError
 
     out = tmp_path / "out"
@@ -314,7 +314,7 @@ def test_a_signal_just_after_the_swap_leaves_the_new_output_whole_with_its_log(b
     import contextlib
     import signal
 
-    from edgebuild.pipeline import build as B
+    from edgebuild.pipeline import output as B
 
     for f in ("tiny.onnx", "data.npz"):
         shutil.copy(built / f, workdir / f)
