@@ -7,8 +7,9 @@ up to its Log (``spectral_frontend``); a post-processing tail (box decoding, Non
 the last weighted layer and the outputs. A plain CNN has a handful of ops there at most (a Transpose, a Sub/Div
 normalization); a region of ``MIN_REGION`` ops or more, or one holding NMS/TopK or an output Softmax/Sigmoid
 (``POST_OPS``), is kept in float: quantizing it costs
-accuracy for no speed (it is a small share of the time), and quantizing an audio-to-notes model's ~190 constant-Q ops
-gave graphs onnxruntime refused to load ("All inputs to Concat must have same rank").
+accuracy for no speed (it is a small share of the time): an audio-to-notes model's 192 constant-Q ops in 8-bit gave
+an output cosine of 0.89 vs FP32, in float 0.9996. (Its INT8 graphs onnxruntime refused to load, "All inputs to
+Concat must have same rank", were a name collision of the quantizer's, fixed in targets/onnx_islands.py.)
 """
 from __future__ import annotations
 
