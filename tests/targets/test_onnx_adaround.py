@@ -1,0 +1,129 @@
+"""AdaRound (targets/onnx_adaround.py): learned weight rounding that lands on onnxruntime's INT8 grid exactly and
+reduces the layer output error against nearest rounding on held-out samples."""
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from edgebuild.calibration.dataset import SampleSet  # noqa: E402
+from edgebuild.targets.onnx_adaround import adaround, grid, weighted_layers  # noqa: E402
+
+
+def _cnn(path, seed=0):
+    """Conv(3->8, 3x3) -> Relu -> depthwise Conv(8, 3x3, stride 2, asymmetric pads) -> Relu -> global average pool
+    -> Gemm(8->4), the shape of a small classifier.
+    Weights with a few large values per channel (a wide grid), so nearest rounding costs measurable output error."""
+    rng = np.random.default_rng(seed)
+
+    def heavy(*shape):
+        w = rng.normal(0, 0.05, shape).astype(np.float32)
+        flat = w.reshape(shape[0], -1)
+        flat[:, 0] = rng.choice([-1, 1], shape[0]) * rng.uniform(0.8, 1.2, shape[0])  # one outlier per channel
+        return flat.reshape(shape)
+
+    w1, b1 = heavy(8, 3, 3, 3), rng.normal(0, 0.1, 8).astype(np.float32)
+    w2 = heavy(8, 1, 3, 3)
+    w3, b3 = heavy(4, 8), np.zeros(4, np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="dw", group=8, strides=[2, 2], pads=[0, 0, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(a, n) for a, n in
+                               ((w1, "w1"), (b1, "b1"), (w2, "w2"), (w3, "w3"), (b3, "b3"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _samples(n, seed):
+    """Image-like inputs: smooth in space and correlated across channels (where rounding errors add up)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 1, (n, 1, 14, 14))
+    smooth = (base[..., :-2, :-2] + base[..., 1:-1, 1:-1] + base[..., 2:, 2:] + base[..., 1:-1, :-2]) / 2
+    return SampleSet("s", {"x": (smooth + 0.2 * rng.normal(0, 1, (n, 3, 12, 12))).astype(np.float32)})
+
+
+def _quantized_weights(path, tmp, per_channel):
+    """onnxruntime's own INT8 weights (name -> int8 array) after quantize_static on ``path``."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from edgebuild.calibration.adapters import ort_reader
+
+    out = tmp / f"q_{path.stem}_{per_channel}.onnx"
+    quantize_static(str(path), str(out), ort_reader(_samples(4, 9)), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                    extra_options={"WeightSymmetric": True, "QuantizeBias": True})
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    return {n: inits[n + "_quantized"] for n in ("w1", "w2", "w3")}
+
+
+def _weights(path):
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_adjusted_weights_sit_on_onnxruntimes_int8_grid(tmp_path, per_channel):
+    src = _cnn(tmp_path / "m.onnx")
+    out = tmp_path / "ada.onnx"
+    record = adaround(src, out, _samples(16, 1), tmp_path, per_channel=per_channel, iterations=60)
+    assert record["layers"] == 3 and record["of"] == 3
+    before, after = _weights(src), _weights(out)
+    q = _quantized_weights(out, tmp_path, per_channel)
+    for name, axis in (("w1", 0), ("w2", 0), ("w3", 0)):
+        axis = axis if per_channel else None
+        scale = grid(before[name], axis, 127)
+        np.testing.assert_array_equal(grid(after[name], axis, 127), scale)  # the scale did not move
+        k = np.round(after[name] / scale)
+        np.testing.assert_allclose(after[name], k * scale, rtol=0, atol=1e-7)  # on the grid
+        np.testing.assert_array_equal(q[name], k.astype(np.int8))  # and onnxruntime stores exactly those integers
+        # every weight moved by less than one grid step (rounded up or down, nothing else)
+        assert np.all(np.abs(after[name] - before[name]) < scale * (1 + 1e-5))
+    assert any(not np.array_equal(_quantized_weights(src, tmp_path, per_channel)[n], q[n]) for n in q)
+
+
+def test_adaround_reduces_held_out_output_error(tmp_path):
+    """Weights-only INT8 (activations float) of nearest vs learned rounding, on samples AdaRound never saw."""
+    import onnxruntime as ort
+
+    src = _cnn(tmp_path / "m.onnx", seed=3)
+    out = tmp_path / "ada.onnx"
+    adaround(src, out, _samples(64, 1), tmp_path, iterations=300)
+    nearest = tmp_path / "nearest.onnx"
+    model = onnx.load(str(src))
+    for t in model.graph.initializer:
+        if t.name in ("w1", "w2", "w3"):
+            w = numpy_helper.to_array(t)
+            s = grid(w, 0, 127)
+            t.CopyFrom(numpy_helper.from_array((np.clip(np.round(w / s), -127, 127) * s).astype(np.float32), t.name))
+    onnx.save(model, str(nearest))
+    held = _samples(64, 7)
+
+    def outputs(p):
+        sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        return np.concatenate([sess.run(None, f)[0] for f in held.feeds()])
+
+    ref = outputs(src)
+    mse_nearest = float(np.mean((outputs(nearest) - ref) ** 2))
+    mse_ada = float(np.mean((outputs(out) - ref) ** 2))
+    assert mse_nearest > 0
+    assert mse_ada < 0.8 * mse_nearest, (mse_ada, mse_nearest)
+
+
+def test_shared_and_skipped_weights_are_left_alone(tmp_path):
+    model = onnx.load(str(_cnn(tmp_path / "m.onnx")))
+    assert [n.name for n in weighted_layers(model)] == ["conv1", "dw", "fc"]
+    assert [n.name for n in weighted_layers(model, {"dw"})] == ["conv1", "fc"]
+    model.graph.node[0].input[1] = "w2"  # conv1 now shares dw's weight: neither is adjusted
+    assert [n.name for n in weighted_layers(model)] == ["fc"]
