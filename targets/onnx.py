@@ -91,7 +91,19 @@ class OnnxBackend(Backend):
             out.append(("full-range weights (no reduce_range)", s.replace(reduce_range=False)) if reduced else
                        ("7-bit weights (reduce_range)", s.replace(reduce_range=True)))
             out.append(("U8U8 (unsigned weights)", s.replace(weight_type="uint8", symmetric_weights=False)))
+        if s.weight_type == "int8" and s.symmetric_weights and s.rounding == "nearest":  # the costliest: last
+            from edgebuild.targets.onnx_adaround import candidate_label
+
+            out.append((candidate_label(), s.replace(rounding="adaround")))
         return out
+
+    def extra_seconds(self, settings: Settings | dict, onnx_path: Path) -> float:
+        """What a candidate costs beyond a plain INT8 try (the search skips it when that does not fit)."""
+        if (settings.get("rounding") if isinstance(settings, dict) else getattr(settings, "rounding", "")) != "adaround":
+            return 0.0
+        from edgebuild.targets.onnx_adaround import expected_seconds
+
+        return expected_seconds(onnx_path)
 
     def convert(self, model: ExportedModel, profile: TargetProfile, precision: str, calib: SampleSet,
                 workdir: Path, settings: dict | None = None) -> Artifact:
@@ -723,6 +735,13 @@ def _quantize_static(src: Path, out: Path, calib: SampleSet, s: dict, workdir: P
             regions += state
             note = "; ".join(filter(None, [note, f"the recurrent state path in float ({len(state)} op(s) between the "
                                                  "state input/output and the recurrent layer)"]))
+    if s.get("rounding", "nearest") == "adaround":  # learned weight rounding first (targets/onnx_adaround.py)
+        from edgebuild.targets.onnx_adaround import apply
+
+        pre, ada_note = apply(pre, calib, s, workdir, skip={*s["nodes_to_exclude"], *s["float_layers"], *regions},
+                              owned=not preprocessed)
+        note = "; ".join(filter(None, [note, ada_note]))
+        preprocessed = False  # the adjusted copy is this call's own: removed below
     ranges = calibration_cache or workdir / "_ranges.json"
     if not ranges.is_file():
         used = histogram_samples(pre, calib) if s["calibrate_method"] != "minmax" else calib

@@ -1,4 +1,4 @@
-"""AdaRound for onnxruntime's static INT8: learned rounding of Conv/Gemm weights onto onnxruntime's own INT8 grid.
+"""AdaRound for onnxruntime's static INT8: learned rounding of Conv/Gemm/MatMul weights onto onnxruntime's own INT8 grid.
 
 Nagel et al. 2020 ("Up or Down? Adaptive Rounding for Post-Training Quantization"): rounding every weight to the
 nearest grid point is not what keeps a layer's output best; each weight gets a soft rounding variable (a rectified
@@ -32,15 +32,17 @@ BETA = (20.0, 2.0)  # the regulariser's exponent, annealed from ... to ...
 WARMUP = 0.2  # share of the steps with reconstruction only
 CAPTURE_ELEMENTS = 40_000_000  # layer inputs held at once (floats): fewer calibration samples for large activations
 MAX_SAMPLES = 64
+TIME_LIMIT = 120.0  # seconds of one conversion's AdaRound; the layers after it keep nearest rounding (recorded)
 VALIDATION = 0.25  # share of the captured samples held back to check each layer's learned rounding
 
 
 def weighted_layers(model, skip: set[str] = frozenset()) -> list:
-    """The nodes AdaRound can adjust: Conv (not auto_pad) and Gemm (transA=0) with a constant weight read by no other
-    node, in graph (topological) order."""
+    """The nodes AdaRound can adjust: Conv (not auto_pad), Gemm (transA=0) and MatMul (a 2-D constant B) with a
+    constant weight read by no other node, in graph (topological) order."""
     import onnx
 
-    inits = {t.name for t in model.graph.initializer}
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    inits = set(shapes)
     readers: dict[str, int] = {}
     for n in model.graph.node:
         for t in n.input:
@@ -53,6 +55,8 @@ def weighted_layers(model, skip: set[str] = frozenset()) -> list:
         if n.op_type == "Conv" and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"):
             out.append(n)
         elif n.op_type == "Gemm" and not attrs.get("transA", 0):
+            out.append(n)
+        elif n.op_type == "MatMul" and len(shapes.get(n.input[1], ())) == 2:
             out.append(n)
     return out
 
@@ -71,6 +75,8 @@ def grid(w: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
 def weight_axis(node) -> int:
     import onnx
 
+    if node.op_type == "MatMul":  # onnxruntime's per-channel axis for a MatMul's B: its output columns
+        return 1
     if node.op_type == "Gemm":
         return 0 if any(a.name == "transB" and onnx.helper.get_attribute_value(a) for a in node.attribute) else 1
     return 0
@@ -115,6 +121,8 @@ def _layer_fn(node, attrs: dict, bias):
     import torch
     import torch.nn.functional as F
 
+    if node.op_type == "MatMul":
+        return lambda x, w: x @ w
     if node.op_type == "Gemm":
         alpha, beta, trans_b = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0)), bool(attrs.get("transB", 0))
 
@@ -202,7 +210,7 @@ def on_grid(w: np.ndarray, k: np.ndarray, scale: np.ndarray, axis: int | None) -
 def adaround(src: Path, out: Path, samples: SampleSet, workdir: Path, *, per_channel: bool = True,
              reduce_range: bool = False, skip: set[str] = frozenset(), iterations: int = ITERATIONS,
              time_limit: float | None = None, seed: int = 0) -> dict:
-    """Write ``out``: ``src`` with the weights of its Conv/Gemm layers (not in ``skip``) rounded by AdaRound onto
+    """Write ``out``: ``src`` with the weights of its Conv/Gemm/MatMul layers (not in ``skip``) rounded by AdaRound onto
     onnxruntime's symmetric INT8 grid. Returns the record: layers adjusted, output error relative to nearest
     rounding (median over the layers, on the held-back calibration samples), samples, steps, seconds."""
     import onnx
@@ -259,9 +267,39 @@ def adaround(src: Path, out: Path, samples: SampleSet, workdir: Path, *, per_cha
 def describe(record: dict) -> str:
     if not record.get("layers"):
         return "AdaRound: no Conv/Gemm layer to adjust"
-    text = (f"AdaRound weight rounding on {record['layers']} of {record['of']} Conv/Gemm layers ({record['improved']} "
+    text = (f"AdaRound weight rounding on {record['layers']} of {record['of']} Conv/Gemm/MatMul layers ({record['improved']} "
             f"improved; output error vs nearest rounding median {record['relative_mse_median']}x on the held-back "
             f"part of {record['samples']} calibration samples, {record['iterations']} steps per layer, {record['seconds']} s)")
     if record.get("not_adjusted"):
         text += f"; {record['not_adjusted']} layer(s) left at nearest rounding (time limit)"
     return text
+
+LAYER_SECONDS = 2.0  # one layer's steps and input capture, for a small CNN on one loaded core (the search's estimate)
+
+
+def expected_seconds(onnx_path: Path) -> float:
+    """The search's estimate of what AdaRound adds to a conversion: its layers' steps, at most TIME_LIMIT."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return min(TIME_LIMIT, LAYER_SECONDS * len(weighted_layers(model)))
+
+
+def candidate_label() -> str:
+    return (f"AdaRound weight rounding (Conv/Gemm/MatMul weights rounded up or down as learned on the calibration samples, "
+            f"{ITERATIONS} steps per layer, at most {TIME_LIMIT:.0f} s)")
+
+
+def apply(pre: Path, calib: SampleSet, s: dict, workdir: Path, skip: set[str], owned: bool) -> tuple[Path, str]:
+    """In the quantizer: the pre-processed model with AdaRound weights (a new file in ``workdir``) and the note that
+    says what was done. ``owned``: ``pre`` is this conversion's own copy (removed once adjusted)."""
+    from edgebuild.errors import ConversionError
+
+    if s["weight_type"] != "int8" or not s["symmetric_weights"]:
+        raise ConversionError("AdaRound rounding needs symmetric int8 weights (weight_type: int8, symmetric_weights: true)")
+    out = workdir / "_adaround.onnx"
+    record = adaround(pre, out, calib, workdir, per_channel=bool(s["per_channel"]), reduce_range=bool(s["reduce_range"]),
+                      skip=skip, time_limit=TIME_LIMIT)
+    if owned:
+        pre.unlink()
+    return out, describe(record)

@@ -239,6 +239,9 @@ class OnnxSettings(Settings):
     activations: str = choice("static", "static", "dynamic", fold=str.lower)
     # the recurrent state (a stateful model's state input -> LSTM/GRU initial state -> state output) without Q/DQ
     float_state: bool = flag(True)
+    # weight rounding: nearest (onnxruntime's) or adaround (learned per weight on the calibration samples, onto the
+    # same symmetric INT8 grid: targets/onnx_adaround.py); only with symmetric int8 weights
+    rounding: str = choice("nearest", "nearest", "adaround", fold=str.lower)
 
     def kind(self) -> str:
         return self.activations

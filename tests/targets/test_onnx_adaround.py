@@ -13,7 +13,7 @@ from edgebuild.calibration.dataset import SampleSet  # noqa: E402
 from edgebuild.targets.onnx_adaround import adaround, grid, weighted_layers  # noqa: E402
 
 
-def _cnn(path, seed=0):
+def _cnn(path, seed=0, matmul=False):
     """Conv(3->8, 3x3) -> Relu -> depthwise Conv(8, 3x3, stride 2, asymmetric pads) -> Relu -> global average pool
     -> Gemm(8->4), the shape of a small classifier.
     Weights with a few large values per channel (a wide grid), so nearest rounding costs measurable output error."""
@@ -37,6 +37,10 @@ def _cnn(path, seed=0):
         helper.make_node("Flatten", ["p"], ["f"], name="flat"),
         helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1),
     ]
+    if matmul:  # the classifier as MatMul (B: [in, out]) + Add, as PaddlePaddle exports it
+        w3 = np.ascontiguousarray(w3.T)
+        nodes[-1:] = [helper.make_node("MatMul", ["f", "w3"], ["mm"], name="fc"),
+                      helper.make_node("Add", ["mm", "b3"], ["y"], name="fc_add")]
     graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
                               [numpy_helper.from_array(a, n) for a, n in
@@ -73,15 +77,15 @@ def _weights(path):
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-@pytest.mark.parametrize("per_channel", [True, False])
-def test_adjusted_weights_sit_on_onnxruntimes_int8_grid(tmp_path, per_channel):
-    src = _cnn(tmp_path / "m.onnx")
+@pytest.mark.parametrize("per_channel,matmul", [(True, False), (False, False), (True, True)])
+def test_adjusted_weights_sit_on_onnxruntimes_int8_grid(tmp_path, per_channel, matmul):
+    src = _cnn(tmp_path / "m.onnx", matmul=matmul)
     out = tmp_path / "ada.onnx"
     record = adaround(src, out, _samples(16, 1), tmp_path, per_channel=per_channel, iterations=60)
     assert record["layers"] == 3 and record["of"] == 3
     before, after = _weights(src), _weights(out)
     q = _quantized_weights(out, tmp_path, per_channel)
-    for name, axis in (("w1", 0), ("w2", 0), ("w3", 0)):
+    for name, axis in (("w1", 0), ("w2", 0), ("w3", 1 if matmul else 0)):
         axis = axis if per_channel else None
         scale = grid(before[name], axis, 127)
         np.testing.assert_array_equal(grid(after[name], axis, 127), scale)  # the scale did not move
@@ -127,3 +131,45 @@ def test_shared_and_skipped_weights_are_left_alone(tmp_path):
     assert [n.name for n in weighted_layers(model, {"dw"})] == ["conv1", "fc"]
     model.graph.node[0].input[1] = "w2"  # conv1 now shares dw's weight: neither is adjusted
     assert [n.name for n in weighted_layers(model)] == ["fc"]
+
+
+def test_the_onnx_backend_offers_and_builds_the_adaround_candidate(model, small_sets, tmp_path):
+    """onnx-cpu's INT8 candidates end with AdaRound; its conversion says what it did and stores other integers."""
+    from edgebuild.targets.base import get_backend
+    from edgebuild.targets.profiles import catalogue
+
+    calib, _ = small_sets
+    backend, profile = get_backend("onnx"), catalogue()["onnx-cpu"]
+    label, settings = backend.recovery_candidates(profile, {})[-1]
+    assert label.startswith("AdaRound") and settings.rounding == "adaround"
+    assert backend.extra_seconds(settings, model.onnx_path) > 0 == backend.extra_seconds({}, model.onnx_path)
+    plain = backend.convert(model, profile, "int8", calib, tmp_path / "plain", None)
+    ada = backend.convert(model, profile, "int8", calib, tmp_path / "ada", settings)
+    assert ada.settings["rounding"] == "adaround" and plain.settings["rounding"] == "nearest"  # in the manifest
+    assert any("AdaRound weight rounding on" in n for n in ada.notes), ada.notes
+
+    def ints(art):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(art.path)).graph.initializer
+                if t.data_type == TensorProto.INT8}
+
+    a, p = ints(ada), ints(plain)
+    assert a.keys() == p.keys() and any(not np.array_equal(a[k], p[k]) for k in a)
+    for k in a:  # rounded up or down: never more than one step from onnxruntime's nearest
+        assert np.abs(a[k].astype(int) - p[k].astype(int)).max() <= 1
+
+
+def test_the_search_skips_adaround_with_a_reason_when_it_does_not_fit():
+    import time
+    from types import SimpleNamespace
+
+    from edgebuild.pipeline.results import SearchRecord, SearchTry
+    from edgebuild.pipeline.stages import search as R
+
+    s = R._Search.__new__(R._Search)
+    s.ctx = SimpleNamespace(job=SimpleNamespace(spec=SimpleNamespace(auto_max_tries=12), model=SimpleNamespace(onnx_path="m")),
+                            work=SimpleNamespace(deadline=float("inf")))
+    s.record, s.reserve, s.durations = SearchRecord(tries=[SearchTry()]), 1, [10.0]
+    s.deadline = time.monotonic() + 60.0
+    s.backend = SimpleNamespace(extra_seconds=lambda settings, path: 100.0)
+    assert s.attempt("AdaRound weight rounding", "int8", {"rounding": "adaround"}) is None
+    assert any("skipped: AdaRound" in t for t in s.record.time_limit), s.record.time_limit
