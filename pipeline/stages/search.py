@@ -116,7 +116,8 @@ class _Search:
         if not self.room(fallback):
             return None
         extra = getattr(self.backend, "extra_seconds", None)  # a candidate costlier than a plain try (AdaRound)
-        extra = extra(settings, self.ctx.job.model.onnx_path) if extra is not None and settings is not None else 0.0
+        model = getattr(self.ctx.job, "model", None)
+        extra = extra(settings, model.onnx_path) if extra is not None and settings is not None and model else 0.0
         if extra and time.monotonic() + max(self.durations, default=0.0) + extra >= self.deadline:
             self.timed_out(f"skipped: {label} (about {extra:.0f} s more than a plain try) did not fit before the "
                            "search's time limit")
