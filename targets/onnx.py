@@ -97,6 +97,13 @@ class OnnxBackend(Backend):
             out.append((candidate_label(), s.replace(rounding="adaround")))
         return out
 
+    def on_best_variant(self, candidate: Settings, best: Settings) -> Settings | None:
+        """AdaRound refines the static INT8 variant that came closest (its calibration, granularity, op types)."""
+        if getattr(candidate, "rounding", "nearest") != "adaround" or best.rounding != "nearest" \
+                or best.activations != "static" or best.weight_type != "int8" or not best.symmetric_weights:
+            return None
+        return best.replace(rounding="adaround")
+
     def extra_seconds(self, settings: Settings | dict, onnx_path: Path) -> float:
         """What a candidate costs beyond a plain INT8 try (the search skips it when that does not fit)."""
         if (settings.get("rounding") if isinstance(settings, dict) else getattr(settings, "rounding", "")) != "adaround":

@@ -173,3 +173,32 @@ def test_the_search_skips_adaround_with_a_reason_when_it_does_not_fit():
     s.backend = SimpleNamespace(extra_seconds=lambda settings, path: 100.0)
     assert s.attempt("AdaRound weight rounding", "int8", {"rounding": "adaround"}) is None
     assert any("skipped: AdaRound" in t for t in s.record.time_limit), s.record.time_limit
+
+
+def test_adaround_is_built_on_the_int8_variant_that_came_closest():
+    from types import SimpleNamespace
+
+    from edgebuild.pipeline.stages import search as R
+    from edgebuild.specs import Precision
+    from edgebuild.targets.base import get_backend
+    from edgebuild.targets.profiles import catalogue
+
+    backend, profile = get_backend("onnx"), catalogue()["onnx-cpu"]
+    variants = dict(backend.recovery_candidates(profile, {}))
+    ada_label = next(k for k in variants if k.startswith("AdaRound"))
+    s = R._Search.__new__(R._Search)
+    s.backend, s.asked = backend, {"entropy calibration": variants["entropy calibration"],
+                                   "U8U8 (unsigned weights)": variants.get("U8U8 (unsigned weights)")}
+
+    def tried(label, loss):
+        return SimpleNamespace(label=label, loss=loss, artifact=SimpleNamespace(precision=Precision.INT8))
+
+    s.tries = [tried("profile settings", 3.6), tried("entropy calibration", 3.0)]
+    label, settings = s.on_best(ada_label, variants[ada_label])
+    assert label.endswith(", on entropy calibration")
+    assert settings.rounding == "adaround" and settings.calibrate_method == "entropy"
+    s.tries = [tried("profile settings", 2.0), tried("entropy calibration", 3.0)]  # the profile's came closest
+    assert s.on_best(ada_label, variants[ada_label]) == (ada_label, variants[ada_label])
+    if s.asked["U8U8 (unsigned weights)"] is not None:  # unsigned weights: no AdaRound on them, the plain candidate
+        s.tries = [tried("profile settings", 3.6), tried("U8U8 (unsigned weights)", 1.0)]
+        assert s.on_best(ada_label, variants[ada_label]) == (ada_label, variants[ada_label])
