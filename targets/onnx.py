@@ -99,7 +99,7 @@ class OnnxBackend(Backend):
 
     def on_best_variant(self, candidate: Settings, best: Settings) -> Settings | None:
         """AdaRound refines the static INT8 variant that came closest (its calibration, granularity, op types)."""
-        if getattr(candidate, "rounding", "nearest") != "adaround" or best.rounding != "nearest" \
+        if getattr(candidate, "rounding", "nearest") != "adaround" or candidate.float_layers or best.rounding != "nearest" \
                 or best.activations != "static" or best.weight_type != "int8" or not best.symmetric_weights:
             return None
         return best.replace(rounding="adaround")
