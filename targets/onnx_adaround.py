@@ -1,4 +1,4 @@
-"""AdaRound for onnxruntime's static INT8: learned rounding of Conv/Gemm/MatMul weights onto onnxruntime's own INT8 grid.
+"""AdaRound for onnxruntime's static INT8: learned rounding of Conv/Gemm/MatMul weights onto onnxruntime's INT8 grid.
 
 Nagel et al. 2020 ("Up or Down? Adaptive Rounding for Post-Training Quantization"): rounding every weight to the
 nearest grid point is not what keeps a layer's output best; each weight gets a soft rounding variable (a rectified
@@ -27,7 +27,8 @@ ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (the paper's values)
 ITERATIONS = 300  # optimisation steps per layer
 BATCH = 8  # calibration samples per step
 LR = 3e-2  # Adam on the rounding variables (10, 3e-2: 95 % of them binary after 300 steps on a small CNN)
-REG_WEIGHT = 10.0  # rounding regulariser (mean over the weights) beside the output error normalised by nearest rounding's
+# the rounding regulariser (mean over the weights) beside the output error normalised by nearest rounding's
+REG_WEIGHT = 10.0
 BETA = (20.0, 2.0)  # the regulariser's exponent, annealed from ... to ...
 WARMUP = 0.2  # share of the steps with reconstruction only
 CAPTURE_ELEMENTS = 40_000_000  # layer inputs held at once (floats): fewer calibration samples for large activations
@@ -82,7 +83,8 @@ def weight_axis(node) -> int:
     return 0
 
 
-def _capture(model, layers: list, samples: SampleSet, workdir: Path, n: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+def _capture(model, layers: list, samples: SampleSet, workdir: Path,
+             n: int | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Each layer's input in ``model`` on the first ``n`` samples (default: as many as CAPTURE_ELEMENTS allows), by
     tensor name, and that number of samples."""
     import onnx
@@ -124,7 +126,8 @@ def _layer_fn(node, attrs: dict, bias):
     if node.op_type == "MatMul":
         return lambda x, w: x @ w
     if node.op_type == "Gemm":
-        alpha, beta, trans_b = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0)), bool(attrs.get("transB", 0))
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        trans_b = bool(attrs.get("transB", 0))
 
         def gemm(x, w):
             y = alpha * (x.reshape(x.shape[0], -1) @ (w.t() if trans_b else w))
@@ -148,7 +151,8 @@ def _round_layer(fn, x: np.ndarray, xq: np.ndarray, w: np.ndarray, scale: np.nda
                  rng) -> tuple:
     """The rounding that makes the layer, fed ``xq`` (its input with the layers before it already rounded), reproduce
     its FP32 output on ``x`` (the FP32 input): Nagel et al.'s asymmetric reconstruction, which also absorbs the
-    error of the layers before. Returns the learned integers of one layer (same shape as ``w``) and the output MSE of nearest and of learned rounding
+    error of the layers before. Returns the learned integers of one layer (same shape as ``w``) and the output MSE
+    of nearest and of learned rounding
     on the held-back part of the samples (VALIDATION of them, never optimised on). A learned rounding that does not
     beat nearest rounding there (too few samples for the layer's fan-in: it fits the optimised part only) is not
     used: nearest comes back, with equal errors."""
@@ -247,7 +251,8 @@ def adaround(src: Path, out: Path, samples: SampleSet, workdir: Path, *, per_cha
             continue
         axis = weight_axis(node) if per_channel else None
         scale = grid(w, axis, qmax)
-        x = inputs.pop(node.input[0]) if sum(n.input[0] == node.input[0] for n in layers) == 1 else inputs[node.input[0]]
+        shared = sum(n.input[0] == node.input[0] for n in layers) > 1  # an input several layers read stays
+        x = inputs[node.input[0]] if shared else inputs.pop(node.input[0])
         xq = x if node is layers[0] else _capture(model, [node], samples, workdir, record["samples"])[0][node.input[0]]
         k, base, err = _round_layer(_layer_fn(node, attrs, bias), x, xq, w, scale, qmax, iterations, rng)
         if err < base:
@@ -267,9 +272,11 @@ def adaround(src: Path, out: Path, samples: SampleSet, workdir: Path, *, per_cha
 def describe(record: dict) -> str:
     if not record.get("layers"):
         return "AdaRound: no Conv/Gemm layer to adjust"
-    text = (f"AdaRound weight rounding on {record['layers']} of {record['of']} Conv/Gemm/MatMul layers ({record['improved']} "
+    text = (f"AdaRound weight rounding on {record['layers']} of {record['of']} Conv/Gemm/MatMul layers "
+            f"({record['improved']} "
             f"improved; output error vs nearest rounding median {record['relative_mse_median']}x on the held-back "
-            f"part of {record['samples']} calibration samples, {record['iterations']} steps per layer, {record['seconds']} s)")
+            f"part of {record['samples']} calibration samples, {record['iterations']} steps per layer, "
+            f"{record['seconds']} s)")
     if record.get("not_adjusted"):
         text += f"; {record['not_adjusted']} layer(s) left at nearest rounding (time limit)"
     return text
@@ -286,8 +293,8 @@ def expected_seconds(onnx_path: Path) -> float:
 
 
 def candidate_label() -> str:
-    return (f"AdaRound weight rounding (Conv/Gemm/MatMul weights rounded up or down as learned on the calibration samples, "
-            f"{ITERATIONS} steps per layer, at most {TIME_LIMIT:.0f} s)")
+    return ("AdaRound weight rounding (Conv/Gemm/MatMul weights rounded up or down as learned on the calibration "
+            f"samples, {ITERATIONS} steps per layer, at most {TIME_LIMIT:.0f} s)")
 
 
 def apply(pre: Path, calib: SampleSet, s: dict, workdir: Path, skip: set[str], owned: bool) -> tuple[Path, str]:
@@ -296,10 +303,11 @@ def apply(pre: Path, calib: SampleSet, s: dict, workdir: Path, skip: set[str], o
     from edgebuild.errors import ConversionError
 
     if s["weight_type"] != "int8" or not s["symmetric_weights"]:
-        raise ConversionError("AdaRound rounding needs symmetric int8 weights (weight_type: int8, symmetric_weights: true)")
+        raise ConversionError("AdaRound rounding needs symmetric int8 weights "
+                              "(weight_type: int8, symmetric_weights: true)")
     out = workdir / "_adaround.onnx"
-    record = adaround(pre, out, calib, workdir, per_channel=bool(s["per_channel"]), reduce_range=bool(s["reduce_range"]),
-                      skip=skip, time_limit=TIME_LIMIT)
+    record = adaround(pre, out, calib, workdir, per_channel=bool(s["per_channel"]),
+                      reduce_range=bool(s["reduce_range"]), skip=skip, time_limit=TIME_LIMIT)
     if owned:
         pre.unlink()
     return out, describe(record)
