@@ -16,4 +16,4 @@ INFO = register(BackendInfo(
     suffixes=(".tflite",), metadata="tflite metadata 'edgebuild'",
     versions=("tensorflow", "onnx2tf", "ai-edge-litert", "tf-keras", "onnx-graphsurgeon", "onnx", "onnxruntime", "numpy"),
     isolate_runner=True, micro=True, peak_memory=(900 << 20, 18.0), cell_memory_mb=3000,
-    cache_version=4))  # 4: INT8 ranges measured without buffer sharing (ranges.py); more rewrites for XNNPACK
+    cache_version=5))  # 5: narrowed ranges only where buffer sharing can widen them, never a fixed-scale output, at most 256x

@@ -24,6 +24,10 @@ import sys
 import numpy as np
 
 WIDER = 1.01  # narrow a logged range only when it is over 1 % wider than the measured one (else it is the same)
+# ... and only when at most this much wider: the op that shared the buffer has an output that wide (an attention
+# mask's -3.4e38 added to a MatMul), and XNNPACK's int8 add/multiply rescale inputs to outputs by at most ~2^8, so a
+# narrowed input that far finer than the op's output aborted LiteRT (SIGABRT while loading) instead of helping
+MAX_NARROWING = 256.0
 
 
 def measured_ranges(calibrated: bytes, samples) -> tuple[bytes, list[dict]]:
@@ -41,7 +45,19 @@ def measured_ranges(calibrated: bytes, samples) -> tuple[bytes, list[dict]]:
     logged = {i: t for i, t in enumerate(graph.tensors) if t.type == schema.TensorType.FLOAT32
               and t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1}
     produced = {int(o) for op in graph.operators for o in op.outputs}
-    wanted = sorted(i for i in logged if i in produced)  # op outputs; a model input is fed, never overwritten
+    # only what buffer sharing can widen: an op's first input whose buffer the op may overwrite with its output (one
+    # output of the same shape and type); op outputs only (a model input is fed, never overwritten)
+    shared = {int(op.inputs[0]) for op in graph.operators
+              if op.inputs is not None and len(op.inputs) and op.outputs is not None and len(op.outputs) == 1
+              and int(op.inputs[0]) >= 0 and _same_shape(graph.tensors[int(op.inputs[0])], graph.tensors[int(op.outputs[0])])}
+    # an op whose int8 output has a fixed scale by definition (TANH: 1/128, LOGISTIC/SOFTMAX: 1/256): its output range
+    # is the op's, not the data's; narrowed, the converter gave TANH another scale and XNNPACK aborted on it
+    ops = schema.BuiltinOperator
+    fixed_kinds = {ops.TANH, ops.LOGISTIC, ops.SOFTMAX, ops.LOG_SOFTMAX}
+    code = lambda op: max(model.operatorCodes[op.opcodeIndex].builtinCode,  # noqa: E731
+                          model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
+    fixed = {int(o) for op in graph.operators if code(op) in fixed_kinds for o in op.outputs}
+    wanted = sorted(i for i in logged if i in produced and i in shared and i not in fixed)
     if not wanted:
         return calibrated, []
     it = Interpreter(model_content=bytes(calibrated), num_threads=1, experimental_preserve_all_tensors=True,
@@ -68,7 +84,8 @@ def measured_ranges(calibrated: bytes, samples) -> tuple[bytes, list[dict]]:
         q = logged[i].quantization
         was = (float(q.min[0]), float(q.max[0]))
         now = (max(lo[i], was[0]), min(hi[i], was[1]))  # sharing only ever widens a range
-        if not np.isfinite(now).all() or now[1] - now[0] <= 0 or (was[1] - was[0]) <= WIDER * (now[1] - now[0]):
+        if (not np.isfinite(now).all() or now[1] - now[0] <= 0 or (was[1] - was[0]) <= WIDER * (now[1] - now[0])
+                or (was[1] - was[0]) > MAX_NARROWING * (now[1] - now[0])):
             continue
         q.min, q.max = [now[0]], [now[1]]
         name = graph.tensors[i].name
@@ -80,6 +97,11 @@ def measured_ranges(calibrated: bytes, samples) -> tuple[bytes, list[dict]]:
     builder = flatbuffers.Builder(len(calibrated) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output()), changed
+
+
+def _same_shape(a, b) -> bool:
+    shape = lambda t: [] if t.shape is None else [int(d) for d in t.shape]  # noqa: E731
+    return a.type == b.type and shape(a) == shape(b)
 
 
 @contextlib.contextmanager
