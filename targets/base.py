@@ -165,6 +165,9 @@ class Backend:
 
     info: BackendInfo
     supports_float_layers: bool = False  # can settings["float_layers"] (ONNX node names) stay in float?
+    # a folder of this build's own where conversions may keep calibration statistics for later conversions of the
+    # same graph and samples (the accuracy search sets it; a backend that can reuse them does: ONNX's ranges)
+    calibration_store: Path | None = None
 
     name = property(lambda self: self.info.name)
     precisions = property(lambda self: self.info.precisions)

@@ -310,11 +310,10 @@ def _onnx_outputs(path: str) -> dict[str, list[str]]:
     ``Multiply_7837``, with no trace of the ONNX name; PaddlePaddle's PP-OCR graphs are all Conv + BN)."""
     import onnx
 
+    from edgebuild.targets.regions import graph_index
+
     graph = onnx.load(path, load_external_data=False).graph
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    _, consumers = graph_index(graph)
     out = {}
     for n in graph.node:
         names = [o for o in n.output if o]

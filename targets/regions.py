@@ -25,17 +25,30 @@ WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN")
 POST_OPS = ("NonMaxSuppression", "TopK", "Softmax", "LogSoftmax", "Sigmoid")
 
 
-def float_regions(onnx_path: Path | str) -> dict[str, list[str]]:
-    """{"frontend": node names, "postprocess": node names}: the regions to keep float (empty lists when none)."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    constant = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+def graph_index(graph) -> tuple[dict, dict[str, list]]:
+    """(tensor -> the node producing it, tensor -> the nodes reading it, in graph order) of an ONNX graph (its own
+    nodes, not its subgraphs'): the index every graph walk here and in the ONNX/OpenVINO backends starts from."""
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:
         for t in n.input:
             consumers.setdefault(t, []).append(n)
+    return producer, consumers
+
+
+def float_regions(onnx_path: Path | str) -> dict[str, list[str]]:
+    """{"frontend": node names, "postprocess": node names}: the regions to keep float (empty lists when none)."""
+    return {k: [n.name for n in v if n.name] for k, v in float_region_nodes(onnx_path).items()}
+
+
+def float_region_nodes(onnx_path: Path | str) -> dict[str, list]:
+    """``float_regions`` as ONNX NodeProtos, unnamed nodes included (a decode tail appended to an exported detector
+    often has no node names; the TFLite backend finds their ops through their tensors, targets/tflite/mixed.py)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    constant = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer, consumers = graph_index(graph)
 
     def weighted(n) -> bool:
         return n.op_type in WEIGHTED and any(t in constant for t in n.input[1:] if t) or \
@@ -65,8 +78,7 @@ def float_regions(onnx_path: Path | str) -> dict[str, list[str]]:
     spectral = spectral_frontend(graph, inputs, producer)
     if len(spectral) >= MIN_REGION:
         front = [*spectral, *[n for n in front if id(n) not in {id(m) for m in spectral}]]
-    return {"frontend": [n.name for n in front if n.name] if keep(front) else [],
-            "postprocess": [n.name for n in back if n.name] if keep(back, POST_OPS) else []}
+    return {"frontend": front if keep(front) else [], "postprocess": back if keep(back, POST_OPS) else []}
 
 
 # ops of a learned network: a front-end holding one is no fixed signal processing
@@ -113,11 +125,7 @@ def is_transformer(onnx_path: Path) -> bool:
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    producer = {t: n for n in graph.node for t in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    producer, consumers = graph_index(graph)
 
     def back(node, depth):
         if node is None or depth > 4:

@@ -305,16 +305,23 @@ class TFLiteSettings(Settings):
     """The tflite backend's conversion options (every precision) and full-integer INT8 options."""
 
     backend = "tflite"
-    INT8_ONLY = ("io_dtype", "per_channel", "calibration_samples", "quantizer", "float_layers")
+    INT8_ONLY = ("io_dtype", "per_channel", "calibration_samples", "quantizer", "float_layers", "transformer_float",
+                 "float_tail")
 
     input_layout: str = choice("NHWC", "NHWC", "source")  # NHWC: 4-D NCHW inputs become channels-last
     rnn_unroll: bool = flag(True)  # onnx2tf unrolls LSTM/GRU/RNN for INT8 (the calibrator crashes on loops); float: loop
     host_kernels: str = choice("xnnpack", "xnnpack", "builtin", "reference")  # reference: as on MCUs
     c_array: bool = flag(False)  # also write <model>_data.cc/.h (a C array for TensorFlow Lite Micro)
-    onnx_rewrites: bool = flag(True)  # MaxPool padding, Erf, Sum rewritten before onnx2tf (targets/onnx_rewrite.py)
+    onnx_rewrites: bool = flag(True)  # MaxPool padding, Erf, Sum rewritten before onnx2tf (targets/tflite/rewrite/)
     timeout_s: float = number(900)
     io_dtype: str = choice("float32", "float32", "int8", "uint8")
     per_channel: bool = flag(True)
     calibration_samples: int | None = count(None, optional=True)  # None: every calibration sample
     quantizer: str = choice("auto", "auto", "mlir", "legacy")  # TF's quantizer (auto: legacy for LSTM/GRU/RNN)
     float_layers: tuple[str, ...] = names()  # ONNX node names whose TFLite ops stay float (mixed precision)
+    # a graph with attention keeps LayerNorm, Softmax and GELU float in INT8 (targets/tflite/transformer.py) where the
+    # profile allows float layers, as ONNX Runtime's and NNCF's transformer recipes do
+    transformer_float: bool = flag(True)
+    # a detector's post-processing tail (box decoding, the Concat of pixel boxes and [0, 1] scores, output Sigmoids)
+    # stays float in INT8 (targets/tflite/tail.py) where the profile allows float layers
+    float_tail: bool = flag(True)

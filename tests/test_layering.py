@@ -270,16 +270,8 @@ def test_no_upward_import_and_the_pipeline_names_no_backend():
     assert not named, "the pipeline names a backend:\n" + "\n".join(named)
 
 
-# private names still imported across modules in files other helpers own (issue 21: `types`, `value`, `cli`, `batch`);
-# a listed one that is gone is fine, a new one fails
-KNOWN_PRIVATE = {
-    ("edgebuild.pipeline.batch.run", "edgebuild.pipeline.batch.executors", "_Interrupted"),  # `batch`
-}
-
-
 def test_no_private_name_imported_across_modules():
     _, private = import_graph()
-    found = {(m, t, n) for m, hits in private.items() for _, t, n in hits}
-    new = sorted(found - KNOWN_PRIVATE)
+    new = sorted({(m, t, n) for m, hits in private.items() for _, t, n in hits})
     assert not new, "private names imported from another module (make them public or move them):\n" + "\n".join(
         f"{m} imports {t}.{n}" for m, t, n in new)

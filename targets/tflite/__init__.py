@@ -1,8 +1,9 @@
 """The TFLite backend (LiteRT) as a sub-package. This file is its descriptor (what the pipeline reads without
 importing TensorFlow); the rest: ``backend`` (the Backend and its Runner), the converter child (``convert``:
-onnx2tf via ``onnx2tf_run``, mixed precision in ``mixed``, sibling artifacts in ``family``, XNNPACK coverage in
-``xnnpack``), the model's ports (``port``), pass-through outputs (``passthrough``), weight counts (``weights``),
-edgebuild's metadata in the file (``metadata``) and TensorFlow Lite Micro's fit (``tflm``)."""
+onnx2tf via ``onnx2tf_run`` after the ONNX graph rewrites in ``rewrite/``, mixed precision in ``mixed``, sibling
+artifacts in ``family``, XNNPACK coverage in ``xnnpack``), the model's ports (``port``), pass-through outputs
+(``passthrough``), weight counts (``weights``), edgebuild's metadata in the file (``metadata``) and TensorFlow Lite
+Micro's fit (``tflm``)."""
 from edgebuild.targets.base import BackendInfo, register
 from edgebuild.targets.settings import Precision, TFLiteSettings
 
@@ -16,4 +17,4 @@ INFO = register(BackendInfo(
     suffixes=(".tflite",), metadata="tflite metadata 'edgebuild'",
     versions=("tensorflow", "onnx2tf", "ai-edge-litert", "tf-keras", "onnx-graphsurgeon", "onnx", "onnxruntime", "numpy"),
     isolate_runner=True, micro=True, peak_memory=(900 << 20, 18.0), cell_memory_mb=3000,
-    cache_version=5))  # 5: narrowed ranges only where buffer sharing can widen them, never a fixed-scale output, at most 256x
+    cache_version=8))  # 7: a transformer keeps LayerNorm, Softmax, GELU, attention products, outliers float; 8: a detector's post-processing tail float

@@ -1,0 +1,231 @@
+"""Static INT8 (QDQ) with onnxruntime: activation ranges calibrated on the calibration samples (in chunks, histogram
+methods capped), the op types quantized, float regions and the recurrent state path left float."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from edgebuild.calibration.dataset import SampleSet
+from edgebuild.errors import ConversionError
+from edgebuild.targets.onnx.prepare import prepared, state_path
+from edgebuild.targets.regions import graph_index, is_transformer
+from edgebuild.targets.settings import OnnxSettings
+
+
+# ONNX Runtime's recipe for transformers: Q/DQ on the matrix products only; LayerNorm, Softmax, GELU (Erf),
+# residual Adds, the attention-mask arithmetic and the embedding Gather stay in float. Measured on a 3-layer
+# MiniLM sentence encoder (random tokens): worst cosine of the embedding 0.61 with every op quantized, 0.92 with this.
+# The embedding table (Gather of a constant) too: MiniLM-L3's word embeddings are 69 % of its weights; int8 there cost
+# nothing measurable (pooled-embedding cosine 0.9389 with, 0.9389 without) and made the file all-INT8 (31 % -> 100 %).
+WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"]
+
+
+CALIB_CHUNK = 16  # calibration samples whose tensors are held at once
+# percentile/entropy calibration histograms every activation value of every sample: PP-OCRv4's detector (327 tensors
+# of up to 320x320) took 40 s per try on an idle host and 140 s on a loaded one at 120 samples, most of a search's
+# time. They read at most this many activation values (at least MIN_HISTOGRAM_SAMPLES samples): a 99.999th
+# percentile of tens of millions of values per tensor is as good as of hundreds of millions
+HISTOGRAM_ELEMENTS = 600_000_000
+MIN_HISTOGRAM_SAMPLES = 32
+
+
+def quantize_static(src: Path, out: Path, calib: SampleSet, settings: dict, workdir: Path,
+                    calibration_cache: Path | None = None, preprocessed: bool = False) -> None:
+    """Static INT8 QDQ with onnxruntime (public for the pipeline's sensitivity analysis).
+
+    ``calibration_cache``: a JSON file of activation ranges written by the first call and reused by the next
+    ones (onnxruntime's ``calibration_cache_path``), so quantizing one layer at a time calibrates once.
+    ``preprocessed``: ``src`` is already ``preprocess(src)``'s output (not pre-processed again per call).
+    """
+    quantize_qdq(src, out, calib, OnnxSettings().with_changes(settings).to_dict(), workdir, calibration_cache,
+                     preprocessed)
+
+
+def resolve_op_types(src: Path, op_types) -> tuple[list[str] | None, str | None]:
+    """The op types given Q/DQ (None: onnxruntime's whole registry) and a note saying why, for ``op_types``."""
+    if isinstance(op_types, list):
+        return [str(t) for t in op_types], f"quantized op types as configured: {', '.join(map(str, op_types))}"
+    if op_types == "weighted" or (op_types == "auto" and is_transformer(src)):
+        why = "attention found in the graph (transformer): " if op_types == "auto" else ""
+        return list(WEIGHTED_OPS), (f"{why}only {', '.join(WEIGHTED_OPS)} quantized (onnxruntime's recipe for "
+                                    "transformers); LayerNorm, Softmax, GELU and the other ops stay in float")
+    return None, None
+
+
+def quantize_qdq(src: Path, out: Path, calib: SampleSet, s: dict, workdir: Path,
+                calibration_cache: Path | None = None, preprocessed: bool = False,
+                ranges_store: Path | None = None) -> list[str]:
+    """Static INT8 QDQ of ``src`` into ``out``; the conversion's notes. ``ranges_store``: a folder where the activation
+    ranges are kept across the conversions of one build (``stored_ranges``), so a try whose graph, samples and
+    calibration method an earlier try had calibrated does not calibrate again."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    named = [*s["nodes_to_exclude"], *s["float_layers"], *s["nodes_to_quantize"]]
+    pre = src if preprocessed else prepared(src, workdir, keep_names=bool(named))
+    if named and not preprocessed:
+        import onnx
+
+        present = {n.name for n in onnx.load(str(pre)).graph.node}
+        missing = sorted(set(named) - present)
+        if missing:
+            raise ConversionError(f"nodes named in the quantization settings are not in the model: {', '.join(missing[:5])}")
+    extra = {"ActivationSymmetric": bool(s["symmetric_activations"]), "WeightSymmetric": bool(s["symmetric_weights"]),
+             "QuantizeBias": bool(s["quantize_bias"]), "DedicatedQDQPair": bool(s["dedicated_qdq_pair"])}
+    calib_extra = {"percentile": float(s["percentile"])} if s["calibrate_method"] == "percentile" else {}
+    if s["calibrate_method"] == "percentile":
+        extra["CalibPercentile"] = float(s["percentile"])
+    op_types, note = resolve_op_types(src, s.get("op_types", "all"))
+    regions: list[str] = []
+    found: dict = {}
+    if s.get("float_regions", False) and not s["nodes_to_quantize"]:
+        from edgebuild.targets.regions import describe, float_regions
+
+        found = float_regions(pre)
+        regions = [n for v in found.values() for n in v]
+        note = "; ".join(filter(None, [note, describe(found)])) or None
+    if s.get("float_state", True) and not s["nodes_to_quantize"]:
+        state = state_path(pre)
+        if state:
+            regions += state
+            note = "; ".join(filter(None, [note, f"the recurrent state path in float ({len(state)} op(s) between the "
+                                                 "state input/output and the recurrent layer)"]))
+    if s.get("rounding", "nearest") == "adaround":  # learned weight rounding first (targets/onnx_adaround.py)
+        from edgebuild.targets.onnx_adaround import apply
+
+        pre, ada_note = apply(pre, calib, s, workdir, skip={*s["nodes_to_exclude"], *s["float_layers"], *regions},
+                              owned=not preprocessed)
+        note = "; ".join(filter(None, [note, ada_note]))
+        preprocessed = False  # the adjusted copy is this call's own: removed below
+    ranges = calibration_cache or workdir / "_ranges.json"
+    if not ranges.is_file():
+        used = histogram_samples(pre, calib) if s["calibrate_method"] != "minmax" else calib
+        if len(used) < len(calib):
+            note = "; ".join(filter(None, [note, f"{s['calibrate_method']} calibration histograms {len(used)} of the "
+                                                 f"{len(calib)} calibration samples (activation values capped)"]))
+        kept = stored_ranges(ranges_store, pre, calib, s)
+        if kept is not None and kept.is_file():
+            shutil.copyfile(kept, ranges)
+        else:
+            calibrate_in_chunks(pre, used, methods[s["calibrate_method"]], calib_extra, ranges, workdir)
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                part = kept.with_name(f".{kept.name}.{os.getpid()}")
+                shutil.copyfile(ranges, part)
+                part.replace(kept)  # whole or absent: a try killed mid-copy leaves no half file under the name
+    quantize_static(
+        str(pre), str(out), None, quant_format=QuantFormat.QDQ,
+        activation_type=types[s["activation_type"]], weight_type=types[s["weight_type"]],
+        per_channel=bool(s["per_channel"]), reduce_range=bool(s["reduce_range"]),
+        calibrate_method=methods[s["calibrate_method"]],
+        nodes_to_exclude=[*s["nodes_to_exclude"], *s["float_layers"], *regions],
+        nodes_to_quantize=list(s["nodes_to_quantize"]) or None,
+        op_types_to_quantize=op_types, extra_options=extra, calibration_cache_path=ranges,
+    )
+    if regions and found.get("postprocess"):
+        float_into_tail(out, set(found["postprocess"]))
+    if not preprocessed:
+        pre.unlink()
+    if calibration_cache is None:
+        ranges.unlink()
+    for leftover in workdir.glob("*.onnx.data"):
+        leftover.unlink()
+    return [note] if note else []
+
+
+def float_into_tail(path: Path, tail: set[str]) -> None:
+    """No Q/DQ on a tensor that only the float tail reads (an output Softmax/Sigmoid kept float, targets/regions.py):
+    onnxruntime quantizes a Gemm/Conv's output whatever reads it, so the logits a float Softmax takes were still 8-bit
+    (the arg-max of two close symbols tied). The layer before keeps its int8 weights and inputs, with a float output
+    (onnxruntime fuses DQ -> Gemm/MatMul into an integer kernel with float output)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    _, consumers = graph_index(graph)
+    outputs = {o.name for o in graph.output}
+    drop, rename = [], {}
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] in outputs:
+            continue
+        users = consumers.get(q.output[0], [])
+        if len(users) != 1 or users[0].op_type != "DequantizeLinear" or users[0].output[0] in outputs:
+            continue
+        dq = users[0]
+        readers = consumers.get(dq.output[0], [])
+        if readers and all(r.name in tail for r in readers):
+            drop += [q, dq]
+            rename[dq.output[0]] = q.input[0]
+    if not drop:
+        return
+    for n in drop:
+        graph.node.remove(n)
+    for n in graph.node:
+        for i, t in enumerate(n.input):
+            if t in rename:
+                n.input[i] = rename[t]
+    onnx.save(model, str(path))
+
+
+def stored_ranges(store: Path | None, model: Path, calib: SampleSet, s: dict) -> Path | None:
+    """Where ``store`` keeps the activation ranges of this pre-processed graph (its bytes), these calibration samples
+    and this calibration method. The ranges are those of every tensor the calibrator augments, whatever is quantized
+    afterwards: float layers, float regions and the op types only decide which tensors get Q/DQ, so every
+    mixed-precision and float-island try of a search reuses one calibration (PP-OCRv4's detector: calibration was
+    38 of a try's 49 s). A graph that differs (AdaRound's adjusted weights, a fused pre-processing) has another key."""
+    if store is None:
+        return None
+    h = hashlib.sha256()
+    with open(model, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    method = [s["calibrate_method"], float(s["percentile"]) if s["calibrate_method"] == "percentile" else None,
+              HISTOGRAM_ELEMENTS, MIN_HISTOGRAM_SAMPLES, CALIB_CHUNK]
+    h.update(json.dumps([calib.content_hash(), method]).encode())
+    return Path(store) / f"ranges-{h.hexdigest()[:40]}.json"
+
+
+def calibrate_in_chunks(model: Path, calib: SampleSet, method, extra: dict, ranges: Path, workdir: Path) -> None:
+    """Activation ranges over every calibration sample, CALIB_CHUNK samples at a time, into ``ranges`` (JSON).
+
+    onnxruntime's calibrators keep each sample's tensors until ranges or histograms are computed: the histogram
+    ones (percentile, entropy) keep whole activations, which took an OCR recogniser past 22 GB at 120 samples.
+    Their ``collect_data`` merges into what earlier calls collected, so feeding chunks bounds the memory: MinMax
+    ranges are identical, histograms are re-binned as their range grows (scales within a few %). (Not ``CalibMaxIntermediateOutputs``: in onnxruntime 1.32 it clears collected outputs
+    without merging them, silently calibrating on the last few samples only.)
+    """
+    import numpy as np
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    from edgebuild.calibration.adapters import ort_reader
+
+    augmented = workdir / "_augmented.onnx"
+    calibrator = create_calibrator(model, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                                   augmented_model_path=str(augmented), calibrate_method=method, extra_options=extra)
+    try:
+        for start in range(0, len(calib), CALIB_CHUNK):
+            calibrator.collect_data(ort_reader(calib.subset(np.arange(start, min(start + CALIB_CHUNK, len(calib))))))
+        save_tensors_data(calibrator.compute_data(), ranges)
+    finally:
+        del calibrator
+        augmented.unlink(missing_ok=True)
+        for leftover in workdir.glob("_augmented.onnx*"):
+            leftover.unlink()
+
+
+def histogram_samples(model: Path, calib: SampleSet) -> SampleSet:
+    """The calibration samples a histogram method reads: all, or a random part whose activation values stay within
+    HISTOGRAM_ELEMENTS (never fewer than MIN_HISTOGRAM_SAMPLES)."""
+    from edgebuild.calibration.budget import activation_elements, at_most
+
+    per = activation_elements(model)
+    if not per:
+        return calib
+    limit = max(MIN_HISTOGRAM_SAMPLES, HISTOGRAM_ELEMENTS // per)
+    return at_most(calib, limit) if limit < len(calib) else calib
