@@ -10,6 +10,12 @@ Storage: ``inputs[name]`` stacks the samples along a new leading axis, each samp
 loader fixes a symbolic dimension to 1 wherever it is); a 0-d input, or one without an axis of size 1,
 has none. ``shapes`` holds the full model input shapes; a set without them (raw data, ``digits``) treats
 axis 0 as the batch.
+
+Sequences (stateful models): ``sequences`` gives each sample its (sequence id, step); ``state`` says which model
+output is fed back into which input on the next step. Contiguous samples of one sequence with consecutive steps form
+a *run* (``runs()``): a closed-loop evaluation feeds each run's first step as stored and every later step the state
+the model itself produced (``pipeline/stages/closed_loop.py``). A subset keeps each sample's (id, step), so a subset
+that drops a step starts a new run there, from the state stored for that step.
 """
 from __future__ import annotations
 
@@ -35,6 +41,16 @@ def sample_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape) if axis is None else tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
 
+@dataclass(frozen=True)
+class StateLink:
+    """A recurrent state of a stateful model: output ``output`` (position ``index`` among the model's outputs) is
+    the value of input ``input`` on the next step of a sequence."""
+
+    output: str
+    input: str
+    index: int
+
+
 def _read_only(a):
     if not isinstance(a, np.ndarray):
         return a
@@ -56,6 +72,8 @@ class SampleSet:
     labels: np.ndarray | None = None
     origin: dict = field(default_factory=dict)  # where the samples came from (recorded in the manifest)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # full model input shapes, by input
+    sequences: np.ndarray | None = None  # [N, 2] int64: (sequence id, step) of each sample; None: independent samples
+    state: tuple[StateLink, ...] = ()  # outputs fed back into inputs on a sequence's next step (closed loop)
 
     def __post_init__(self):
         if not self.inputs:
@@ -78,6 +96,34 @@ class SampleSet:
         # caller's own arrays stay writable
         self.inputs = {k: _read_only(v) for k, v in self.inputs.items()}
         self.labels = None if self.labels is None else _read_only(self.labels)
+        if self.sequences is not None:
+            seq = np.asarray(self.sequences, dtype=np.int64)
+            if seq.shape != (len(self), 2):
+                raise BadInputError(f"{self.name}: sequences must give (id, step) for each of the {len(self)} samples, "
+                                    f"got shape {list(seq.shape)}")
+            self.sequences = _read_only(seq)
+        self.state = tuple(self.state)
+        for link in self.state:
+            if link.input not in self.inputs:
+                raise BadInputError(f"{self.name}: state input {link.input!r} is not among the inputs "
+                                    f"({', '.join(self.inputs)})")
+
+    @property
+    def closed_loop(self) -> bool:
+        """True when a model output feeds an input on the next step (``state``)."""
+        return bool(self.state)
+
+    def runs(self) -> list[tuple[int, int]]:
+        """``[start, stop)`` of each run of consecutive steps of one sequence, in sample order (independent
+        samples: one run each)."""
+        n = len(self)
+        if self.sequences is None:
+            return [(i, i + 1) for i in range(n)]
+        s = np.asarray(self.sequences)
+        new = np.ones(n, dtype=bool)
+        new[1:] = (s[1:, 0] != s[:-1, 0]) | (s[1:, 1] != s[:-1, 1] + 1)
+        starts = np.flatnonzero(new)
+        return [(int(a), int(b)) for a, b in zip(starts, [*starts[1:], n])]
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -134,6 +180,8 @@ class SampleSet:
             None if self.labels is None else self.labels[idx],
             {**self.origin, **origin},
             dict(self.shapes),
+            None if self.sequences is None else np.asarray(self.sequences)[idx],
+            self.state,
         )
 
     def sample_hashes(self) -> list[str]:
@@ -158,6 +206,10 @@ class SampleSet:
             h.update(np.ascontiguousarray(self.inputs[k]).tobytes())
         if self.labels is not None:
             h.update(np.ascontiguousarray(self.labels).tobytes())
+        if self.sequences is not None:  # only then: the hashes of independent samples stay what they were
+            h.update(b"sequences" + np.ascontiguousarray(self.sequences).tobytes())
+        if self.state:
+            h.update(repr([(s.output, s.input, s.index) for s in self.state]).encode())
         return h.hexdigest()[:16]
 
     def describe(self) -> dict:
@@ -167,6 +219,8 @@ class SampleSet:
             "labels": self.has_labels,
             "inputs": {k: {"shape": list(self.input_shape(k)), "dtype": str(v.dtype)} for k, v in self.inputs.items()},
             "content_hash": self.content_hash(),
+            **({"sequences": {"runs": len(self.runs()), "steps": len(self)}} if self.sequences is not None else {}),
+            **({"state": {s.output: s.input for s in self.state}} if self.state else {}),
             **self.origin,
         }
 
@@ -176,11 +230,39 @@ def split(data: SampleSet, eval_fraction: float, seed: int) -> tuple[SampleSet, 
     n = len(data)
     if n < 4:
         raise BadInputError(f"{data.name}: {n} samples are too few to split into calibration and evaluation")
-    perm = np.random.default_rng(seed).permutation(n)
     n_eval = max(1, int(round(n * eval_fraction)))
-    ev, cal = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
     how = {"split": {"seed": seed, "eval_fraction": eval_fraction, "of": n}}
+    if data.sequences is not None:  # whole sequences on each side (one longer than a quarter of all: cut in quarters)
+        ev, cal = whole_runs(data, n_eval, seed, max_steps=-(-n // 4))
+        if len(ev) == 0 or len(cal) == 0:
+            raise BadInputError(f"{data.name}: {len(data.runs())} sequence(s) cannot be split into calibration and "
+                                "evaluation; give --calib and --eval separately, or more sequences")
+        how["split"]["by"] = "whole sequences"
+        return (data.subset(cal, f"{data.name}[calib]", **how), data.subset(ev, f"{data.name}[eval]", **how))
+    perm = np.random.default_rng(seed).permutation(n)
+    ev, cal = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
     return (data.subset(cal, f"{data.name}[calib]", **how), data.subset(ev, f"{data.name}[eval]", **how))
+
+
+def whole_runs(data: SampleSet, n_wanted: int, seed: int, max_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``data`` into (chosen, rest) sample indices, each sorted, by whole runs (``SampleSet.runs``) in a
+    seeded random order, until at least ``n_wanted`` samples are chosen. ``max_steps``: runs longer than that are
+    first cut into contiguous pieces of at most ``max_steps`` steps (a piece then starts from the state stored for
+    its first step)."""
+    pieces = []
+    for a, b in data.runs():
+        step = max_steps or (b - a)
+        pieces += [(s, min(s + step, b)) for s in range(a, b, step)]
+    chosen, total = [], 0
+    for k in np.random.default_rng(seed).permutation(len(pieces)):
+        if total >= n_wanted:
+            break
+        chosen.append(pieces[k])
+        total += pieces[k][1] - pieces[k][0]
+    mask = np.zeros(len(data), dtype=bool)
+    for a, b in chosen:
+        mask[a:b] = True
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
 
 
 def cap(data: SampleSet, max_samples: int, seed: int) -> SampleSet:

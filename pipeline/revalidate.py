@@ -100,8 +100,38 @@ def load(artifact_dir: Path, eval_source: str | None, evaluator: str | None = No
     inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i.get("layout") or "ANY")
                    for i in meta["source_inputs"])  # feeds are in the source model's layout; runners adapt
     pre = PreprocessSpec(**meta.get("preprocess", {}))
-    evalset = load_source(eval_source, inputs, pre) if eval_source else build_evalset(artifact_dir, inputs)
+    saved = _saved_loop(artifact_dir, meta)
+    if saved is not None and not eval_source:  # a stateful build: the saved feeds are its evaluation set, loop and all
+        evalset = saved.evalset
+    elif saved is not None:  # other data, judged closed loop like the build: its state links, its sequences
+        evalset = _looped(load_source(eval_source, inputs, pre), saved.evalset.state, artifact_dir, eval_source)
+    else:
+        evalset = load_source(eval_source, inputs, pre) if eval_source else build_evalset(artifact_dir, inputs)
     return _loaded(meta, art, evalset, *_reference(artifact_dir, meta, evalset), evaluator)
+
+
+def _saved_loop(artifact_dir: Path, meta: dict):
+    """The build's saved reference when the model was judged closed loop (pipeline/stages/closed_loop.py), else None."""
+    from edgebuild.pipeline.stages import reference as saved_reference
+
+    try:
+        saved = saved_reference.load((artifact_dir / meta["reference"]).parent)
+    except BadInputError:
+        return None
+    return saved if saved.evalset.closed_loop else None
+
+
+def _looped(evalset, state, artifact_dir: Path, source: str):
+    """``evalset`` run closed loop with the build's state links, in sequences as the build's spec declared them (one
+    stream when it declared none)."""
+    import dataclasses
+
+    from edgebuild.calibration import sequences as S
+    from edgebuild.pipeline import manifest as manifest_file
+    from edgebuild.pipeline.spec import check_sequences
+
+    spec = manifest_file.rerun_spec(manifest_file.beside(artifact_dir)) or {}
+    return dataclasses.replace(S.assign(evalset, check_sequences(spec.get("sequences")), source), state=state)
 
 
 def build_evalset(artifact_dir: Path, inputs: tuple[InputSpec, ...]):

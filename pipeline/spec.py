@@ -98,6 +98,10 @@ class BuildSpec:
     output_names: tuple[str, ...] = ()  # torch models: names of the exported outputs (default: from forward's return)
     class_names: tuple[str, ...] = ()  # what class index i means (default: an image folder's class sub-folders)
     python_path: tuple[str, ...] = ()  # directories package.module:attr references import from (the config's own)
+    # stateful models (pipeline/stages/closed_loop.py): {output: input} fed back on the next step; None: inferred from
+    # the names (state/stateN, h0/hn, ...) when one pair fits; "none": every step judged with the data's own state
+    state: dict | str | None = None
+    sequences: str | int | dict | None = None  # stream | N (steps per sequence) | {length: N} | {ids: npz key}
 
     def __post_init__(self):
         for name in ("output_names", "class_names", "python_path"):
@@ -135,6 +139,8 @@ class BuildSpec:
 
         _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _check(isinstance(self.task_options, dict), "task_options must be a mapping")
+        check_state(self.state)
+        object.__setattr__(self, "sequences", check_sequences(self.sequences))
         _check(self.evaluator is None or (":" in self.evaluator and all(self.evaluator.partition(":")[::2])),
                f"evaluator must be package.module:function, got {self.evaluator!r}")
 
@@ -166,6 +172,43 @@ class BuildSpec:
 
     def replace(self, **changes) -> "BuildSpec":
         return dataclasses.replace(self, **changes)
+
+
+STATE_OFF = "none"
+
+
+def check_state(value: Any) -> None:
+    """``state:`` is a mapping {output: input}, ``auto`` / null (inferred), or ``none`` (no closed loop)."""
+    if value is None or value in ("auto", STATE_OFF):
+        return
+    _check(isinstance(value, dict) and value and all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                      for k, v in value.items()),
+           f"state must map each state output to the input it feeds on the next step (e.g. {{stateN: state}}), "
+           f"or be auto or none; got {value!r}")
+    _check(len(set(value.values())) == len(value), f"state: an input is fed by two outputs ({value!r})")
+
+
+def check_sequences(value: Any) -> dict | None:
+    """``sequences:`` as one normal form: {kind: stream} | {kind: length, length: N} | {kind: ids, key: K}."""
+    if value is None or isinstance(value, dict) and value.get("kind") in ("stream", "length", "ids") and \
+            set(value) <= {"kind", "length", "key"}:
+        if isinstance(value, dict) and value["kind"] == "length":
+            _check(_whole(value.get("length")) and value["length"] > 0,
+                   f"sequences: length must be a positive whole number of steps, got {value.get('length')!r}")
+        if isinstance(value, dict) and value["kind"] == "ids":
+            _check(isinstance(value.get("key"), str) and value["key"], "sequences: ids must name an array of the .npz")
+        return value
+    if value == "stream":
+        return {"kind": "stream"}
+    if _whole(value) and value > 0:
+        return {"kind": "length", "length": value}
+    if isinstance(value, dict) and set(value) == {"length"}:
+        return check_sequences(value["length"]) if _whole(value["length"]) and value["length"] > 0 else \
+            _check(False, f"sequences: length must be a positive whole number of steps, got {value['length']!r}")
+    if isinstance(value, dict) and set(value) == {"ids"} and isinstance(value["ids"], str) and value["ids"]:
+        return {"kind": "ids", "key": value["ids"]}
+    _check(False, f"sequences must be stream, a number of steps per sequence, {{length: N}} or {{ids: KEY}} (an array "
+                  f"of the .npz with one sequence id per sample); got {value!r}")
 
 
 def _whole(value: Any) -> bool:

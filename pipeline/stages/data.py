@@ -1,12 +1,14 @@
 """Resolve the calibration and evaluation sets of a build: disjoint, deterministic, recorded."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 from edgebuild.calibration.budget import DEFAULT_SAMPLES, activation_elements, choose_samples
 from edgebuild.calibration.dataset import SampleSet, cap, drop_overlap, split
 from edgebuild.calibration.sources import load_source
+from edgebuild.calibration import sequences as S
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.spec import BuildSpec, InputSpec
 
@@ -24,6 +26,8 @@ def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[Sample
     if calib_src and eval_src and calib_src != eval_src:
         calib = load_source(calib_src, inputs, spec.preprocess)
         evalset = load_source(eval_src, inputs, spec.preprocess)
+        if _sequenced(spec):
+            evalset = S.assign(evalset, spec.sequences, eval_src)
         classes = [d.origin.get("classes") for d in (calib, evalset)]
         if all(classes) and classes[0] != classes[1]:
             raise BadInputError(f"calibration and evaluation folders have different class sub-folders "
@@ -33,7 +37,10 @@ def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[Sample
             record["overlap_removed_from_calibration"] = removed
     else:
         whole = load_source(calib_src or eval_src, inputs, spec.preprocess)
+        if _sequenced(spec):  # whole sequences on each side of the split
+            whole = S.assign(whole, spec.sequences, calib_src or eval_src)
         calib, evalset = split(whole, spec.eval_fraction, spec.seed)
+        calib = dataclasses.replace(calib, sequences=None)
         record["split"] = f"one source split {len(calib)}/{len(evalset)} (seed {spec.seed})"
     if len(evalset) == 0:
         raise BadInputError("the evaluation set is empty")
@@ -45,6 +52,12 @@ def resolve_data(spec: BuildSpec, inputs: tuple[InputSpec, ...]) -> tuple[Sample
     log.debug("calibration: %d samples (%s); evaluation: %d samples (%s); labels: %s; classes: %s", len(calib),
               calib.name, len(evalset), evalset.name, evalset.has_labels, len(names) if names else "none")
     return calib, evalset, record
+
+
+def _sequenced(spec: BuildSpec) -> bool:
+    """The evaluation samples form sequences when the config says how, or declares a state mapping (then: one
+    stream unless ``sequences:`` says otherwise); see ``calibration/sequences.py``."""
+    return spec.sequences is not None or isinstance(spec.state, dict)
 
 
 def budget_calibration(calib: SampleSet, onnx_path: Path, spec: BuildSpec, record: dict) -> SampleSet:

@@ -10,13 +10,18 @@ stored uncompressed, outputs.npz compressed)::
     reference/feeds.npz         the evaluation inputs: one array per model input, keyed by the input's name,
                                 sample-major [samples, *input shape without its batch axis], in the source model's
                                 layout and dtype; plus ``labels`` (class indices) or ``boxes`` ([samples, K, 5]) when
-                                the evaluation data has them. It is the ``.npz`` data-source format: ``--eval
-                                reference/feeds.npz`` reads exactly these samples.
+                                the evaluation data has them; a stateful model's ``sequences`` ([samples, 2]:
+                                sequence id, step; each step's state input is the state FP32 carried into it). It is
+                                the ``.npz`` data-source format: ``--eval reference/feeds.npz`` reads exactly these
+                                samples.
     reference/outputs.npz       the FP32 outputs on those feeds: one array per model output, keyed by the output's
                                 name, sample-major [samples, *output shape] (sample i = feed i)
     reference/reference.json    {"format", "samples", "inputs": [names], "input_shapes", "outputs": [names, in
                                  the model's order], "labels": the key of the labels in feeds.npz or null,
-                                 "evaluation_content_hash": the build's evaluation data, as in validation.json}
+                                 "evaluation_content_hash": the build's evaluation data, as in validation.json,
+                                 "sequences": the key of the sequences in feeds.npz or null, "state": [[output,
+                                 input, output index]] fed back on a sequence's next step: outputs.npz then holds
+                                 the closed-loop outputs, and a device's outputs must be too}
 
 A device's outputs file has the same form as ``outputs.npz``: keyed by output name, sample i computed on sample i of
 ``feeds.npz``, float values as the model outputs them (a leading batch axis of 1 per sample may be dropped). The
@@ -30,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebuild.calibration.dataset import SampleSet
+from edgebuild.calibration.dataset import SampleSet, StateLink
 from edgebuild.errors import BadInputError
 
 FORMAT = "edgebuild-reference/1"
@@ -62,12 +67,17 @@ def save(refdir: Path, reference: list[list[np.ndarray]], evalset: SampleSet, ou
     labels_key = None if evalset.labels is None else _labels_key(evalset.labels, feeds)
     if labels_key:
         feeds[labels_key] = evalset.labels
+    seq_key = None
+    if evalset.sequences is not None:  # (sequence id, step) per sample: `sequences: {ids: sequences}` reads it back
+        seq_key = next(k for k in ("sequences", "sequence_ids", "_sequences") if k not in feeds)
+        feeds[seq_key] = np.asarray(evalset.sequences)
     np.savez(refdir / "feeds.npz", **feeds)  # uncompressed: deflating 200 images took 4.6 s of a 8 s warm build
     if any(len({np.shape(s[j]) for s in reference}) != 1 for j in range(len(names))):
         return False
     np.savez_compressed(refdir / "outputs.npz", **{n: np.stack([s[j] for s in reference]) for j, n in enumerate(names)})
     record = {"format": FORMAT, "samples": len(reference), "inputs": list(evalset.inputs), "outputs": names,
               "labels": labels_key, "evaluation_content_hash": evalset.content_hash(),
+              "sequences": seq_key, "state": [[t.output, t.input, t.index] for t in evalset.state],
               "input_shapes": {k: list(evalset.input_shape(k)) for k in evalset.inputs}}
     (refdir / "reference.json").write_text(json.dumps(record, indent=2))
     return True
@@ -99,8 +109,13 @@ def load(refdir: Path) -> SavedReference:
     if missing or any(len(outputs[n]) != samples for n in names):
         raise BadInputError(f"{refdir}: the saved reference is incomplete (missing {missing or 'samples'}); rebuild")
     labels = feeds.get(record.get("labels") or "", None)
+    try:
+        state = tuple(StateLink(str(o), str(i), int(j)) for o, i, j in record.get("state") or ())
+    except (TypeError, ValueError):
+        raise BadInputError(f"{index}: its state links are not [output, input, index] triples") from None
+    sequences = feeds.get(record.get("sequences") or "", None)
     evalset = SampleSet("reference feeds", {n: feeds[n] for n in inputs}, labels,
-                             {"source": str(refdir / "feeds.npz")}, shapes)
+                        {"source": str(refdir / "feeds.npz")}, shapes, sequences, state)
     if evalset.content_hash() != record.get("evaluation_content_hash"):
         raise BadInputError(f"{refdir}: feeds.npz does not hold the evaluation data the reference was computed on "
                             "(content hash differs from reference.json); rebuild")

@@ -54,6 +54,12 @@ class Judging:
 
 
 def collect(runner: Runner, evalset: SampleSet) -> list[list[np.ndarray]]:
+    """The runner's outputs on every sample; a stateful model's closed loop, each artifact feeding back its own state
+    (``closed_loop.collect``), when the evaluation set says which output feeds which input."""
+    if evalset.closed_loop:
+        from edgebuild.pipeline.stages.closed_loop import collect as closed
+
+        return closed(runner, evalset)
     return [runner.run(feed) for feed in evalset.feeds()]
 
 
@@ -454,6 +460,15 @@ def judge(m: Metrics, size_bytes: int | None, lat: dict | None, budget: Budget, 
 def quality_loss(m: Metrics, budget: Budget, task: str = "auto") -> float:
     """One number to rank candidates, lower is better (``assess(...).loss``)."""
     return assess(m, budget, task).loss
+
+
+def judges_accuracy_drop(m: Metrics, budget: Budget, task: str = "auto") -> bool:
+    """Whether ``max_accuracy_drop`` gates these measurements (a class output's accuracy or top-1 agreement, mAP@0.5,
+    an evaluator's first score): a task floor such as ``sequence_agreement_min`` or ``f1_min`` does not use it."""
+    if budget.max_accuracy_drop is None:
+        return False
+    names = lambda b: {c.metric for c in checks(m, None, None, b, task)}  # noqa: E731
+    return names(budget) != names(dataclasses.replace(budget, max_accuracy_drop=None))
 
 
 def coarseness_warning(n_samples: int, budget: Budget) -> str | None:

@@ -87,9 +87,15 @@ def test_on_onnx_cpu_the_detectors_sigmoid_and_concat_tail_stays_float_and_the_f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["arm64"])
-def test_collapsed_detector_fails_the_gate_naming_the_metric(detector_files, tmp_path, target):
-    code, m = build(detector_files, tmp_path / "naive", "--target", target, "--no-auto")
+def test_collapsed_detector_fails_the_gate_naming_the_metric(detector_files, tmp_path):
+    """arm64 keeps this tail float by default now (``float_tail``, tests/targets/test_tflite_tail.py); with it off,
+    as on an integer-only accelerator, the scores collapse and the gate must say so."""
+    target = "arm64-int8-tail"
+    profile = tmp_path / "tail.yaml"
+    profile.write_text(f"name: {target}\nbackend: tflite\ndescription: arm64 with the post-processing tail in int8\n"
+                       "precisions: [int8, fp16, fp32]\nlayout: NHWC\nthreads: 4\n"
+                       "quant: {per_channel: true, host_kernels: xnnpack, float_tail: false}\n")
+    code, m = build(detector_files, tmp_path / "naive", "--target", target, "--profile", str(profile), "--no-auto")
     t = m["targets"][target]
     assert code == 1 and t["verdict"] == "fail", t.get("error")
     assert t["metrics"]["cosine_mean"] > 0.99, "the whole tensor looks fine: the collapse hides in the scores"

@@ -4,7 +4,8 @@ import pytest
 
 from edgebuild.pipeline.errors import BadInputError
 from edgebuild.pipeline.stages.search import selection_budget
-from edgebuild.pipeline.stages.validate import Budget, Judging, coarseness_warning, compare, judge, quality_loss
+from edgebuild.pipeline.stages.validate import (Budget, Judging, coarseness_warning, compare, judge, judges_accuracy_drop,
+                                                quality_loss)
 
 BUDGET = Budget(0.5, None, None, None)
 
@@ -235,6 +236,18 @@ def test_coarse_evaluation_and_selection_margin():
     b, note = selection_budget(Budget(1.0, None, None, None), 43)
     assert b.max_accuracy_drop == 0.0 and "43 selection samples" in note, "never negative: a candidate can still pass"
     assert selection_budget(Budget(1.0, None, None, None), 300) == (Budget(1.0, None, None, None), None)
+
+
+def test_the_selection_margin_note_names_the_accuracy_budget_only_where_it_gates():
+    """A sequence task gated by its strings' agreement is not made coarse by one sample of a 0.5 pt budget it never
+    reads (the search's selection note said so on a CTC recogniser); class scores are."""
+    ref = [[np.array([[0.1, 0.9]])], [np.array([[0.8, 0.2]])], [np.array([[0.3, 0.7]])], [np.array([[0.6, 0.4]])]]
+    assert judges_accuracy_drop(compare(ref, ref, None), BUDGET)
+    assert judges_accuracy_drop(compare(ref, ref, np.array([1, 0, 1, 0])), BUDGET)
+    logits = [[x] for x in np.random.default_rng(0).normal(size=(12, 1, 20, 8)).astype(np.float32)]
+    seq = compare(logits, logits, None, Judging(task="sequence"))
+    assert not judges_accuracy_drop(seq, BUDGET, "sequence")
+    assert not judges_accuracy_drop(compare(ref, ref, None), Budget(None, None, None, None))
 
 
 def test_detection_with_ground_truth_boxes_reports_and_gates_map50(tmp_path):
