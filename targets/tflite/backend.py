@@ -46,7 +46,7 @@ from edgebuild.targets.settings import Precision, Settings, TFLiteSettings
 from edgebuild.targets.tflite.convert import CHANNEL_LAST
 from edgebuild.targets.tflite.family import run_child
 from edgebuild.targets.tflite.family import sibling_dir, sibling_results
-from edgebuild.targets.tflite.mixed import AUTO_FLOAT
+from edgebuild.targets.tflite.mixed import AUTO_FLOAT, TAIL_FLOAT, TRANSFORMER_FLOAT
 from edgebuild.targets.tflite.port import Port
 from edgebuild.targets.tflite.tflm import write_c_array
 
@@ -139,7 +139,10 @@ class TFLiteBackend(Backend):
                   result: dict, job_dir: Path, workdir: Path, seconds: float, n: int) -> Artifact:
         """Move the child's ``model.tflite`` into ``workdir`` and describe it."""
         auto_float = (result.get("float_layers_kept") or {}).pop(AUTO_FLOAT, None)
-        out = workdir / self.artifact_name(precision, {**s, "float_layers": s.get("float_layers") or bool(auto_float)})
+        transformer = (result.get("float_layers_kept") or {}).pop(TRANSFORMER_FLOAT, None)
+        tail = (result.get("float_layers_kept") or {}).pop(TAIL_FLOAT, None)
+        mixed = s.get("float_layers") or bool(auto_float) or bool(transformer) or bool(tail)
+        out = workdir / self.artifact_name(precision, {**s, "float_layers": mixed})
         workdir.mkdir(parents=True, exist_ok=True)
         shutil.move(str(job_dir / "model.tflite"), out)
         if "input_perms" in result:  # the layout onnx2tf gave each input (onnx2tf_run.adopt_input_layouts)
@@ -148,7 +151,7 @@ class TFLiteBackend(Backend):
         files = [out.name] + (write_c_array(out) if s["c_array"] else [])
         used = {**s, "converter": _converter_version(), "calibration_samples_used": n if precision == "int8" else 0,
                 "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"]}}
-        used["onnx_rewrites"] = result.get("rewrites") or []  # graph rewrites before onnx2tf (targets/onnx_rewrite.py)
+        used["onnx_rewrites"] = result.get("rewrites") or []  # graph rewrites before onnx2tf (targets/tflite/rewrite/)
         used["xnnpack_checked"] = bool(result.get("xnnpack_checked"))  # loaded and ran once with XNNPACK
         # XNNPACK's share in LiteRT: {"ops", "delegated", "partitions", "fallback": {op: count}} (xnnpack.coverage)
         used["xnnpack_coverage"] = result.get("xnnpack_coverage")
@@ -160,6 +163,10 @@ class TFLiteBackend(Backend):
             if auto_float:
                 used["float_ops_kept"] = auto_float  # "TFLITE_OP output-tensor": no int8 kernel or XNNPACK repair
                 used["repairs"] = result.get("repairs") or []
+            if transformer:  # "TFLITE_OP output-tensor" of the LayerNorm, Softmax and GELU (transformer_float)
+                used["transformer_float_ops"] = transformer
+            if tail:  # "TFLITE_OP output-tensor" of a detector's post-processing tail (float_tail, tail.py)
+                used["tail_float_ops"] = tail
             if s["float_layers"]:
                 used["float_layers_kept"] = result["float_layers_kept"]  # ONNX node -> "TFLITE_OP output-tensor"
         else:
@@ -354,7 +361,17 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
                         f"DEQUANTIZE at their borders; calibrated on {s.get('calibration_samples_used')} samples; "
                         f"{'per-channel' if s.get('per_channel', True) else 'per-tensor'} weights; TF's mlir quantizer, "
                         "as the legacy one cannot keep layers in float)")
-    if s.get("float_ops_kept") and not s.get("float_layers_kept"):
+    if s.get("transformer_float_ops") and not s.get("float_layers_kept"):
+        what["int8"] = (f"mixed INT8 for a transformer: every op int8 except the {len(s['transformer_float_ops'])} TFLite "
+                        "op(s) of its LayerNorm, Softmax and GELU, kept in float (transformer_float: TFLite has no int8 "
+                        "LayerNorm, and its int8 decomposition lost the model's accuracy); calibrated on "
+                        f"{s.get('calibration_samples_used')} samples")
+    elif s.get("tail_float_ops") and not s.get("float_layers_kept"):
+        what["int8"] = (f"mixed INT8: every op int8 except the {len(s['tail_float_ops'])} TFLite op(s) of the "
+                        "post-processing tail after the last weighted layer, kept in float (float_tail: one int8 "
+                        "scale for pixel boxes and [0, 1] scores rounds the scores away); calibrated on "
+                        f"{s.get('calibration_samples_used')} samples")
+    elif s.get("float_ops_kept") and not s.get("float_layers_kept"):
         what["int8"] = (f"mixed INT8: every op int8 except {len(s['float_ops_kept'])} TFLite op(s) kept in float by the "
                         f"converter ({'; '.join(s.get('repairs') or [])}), with QUANTIZE/DEQUANTIZE at their borders; "
                         f"calibrated on {s.get('calibration_samples_used')} samples")

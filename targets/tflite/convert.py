@@ -5,7 +5,7 @@
 ``JOB_DIR/job.json`` says what to build, ``JOB_DIR/calib.npz`` holds the calibration feeds: per input, the
 feeds ``SampleSet.feed(i)`` made, stacked on a new leading axis (``calib[name][i]`` has exactly the ONNX
 input's shape and dtype: 0-d scalars, batch on any axis, integer ids).
-Before onnx2tf, targets/onnx_rewrite.py rewrites what onnx2tf or INT8 cannot handle (MaxPool padding, Erf,
+Before onnx2tf, targets/tflite/rewrite/ rewrites what onnx2tf or INT8 cannot handle (MaxPool padding, Erf,
 Sum); every artifact is then loaded with XNNPACK and run once (``xnnpack_check``). The child writes ``JOB_DIR/model.tflite`` and ``JOB_DIR/result.json``
 (the artifact's real I/O, the ops it uses, or the error), and its progress to ``JOB_DIR/phase`` so that a
 crash of the native converter (the TF calibrator segfaults on some graphs) can be reported by phase.
@@ -33,11 +33,15 @@ from typing import Iterator
 
 import numpy as np
 
+from edgebuild.procs import patched
 from edgebuild.targets.tflite.onnx2tf_run import (  # noqa: F401 — CHANNEL_LAST, block_network: this module's API
     CHANNEL_LAST, NetworkBlocked, adopt_input_layouts, block_network, check_float_graph, explain, to_keras,
     to_tf_layout)
-from edgebuild.targets.tflite.mixed import ConversionFailure, check_integer, float_layer_map, selective_int8
+from edgebuild.targets.tflite.mixed import (TAIL_FLOAT, ConversionFailure, check_integer, float_layer_map, region_layers,
+                                            selective_int8)
 from edgebuild.targets.tflite.ranges import exact_ranges
+from edgebuild.targets.tflite.tail import tail_nodes
+from edgebuild.targets.tflite.transformer import float_nodes
 
 
 def _phase(job_dir: Path, text: str) -> None:
@@ -89,23 +93,30 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
         converter.experimental_new_quantizer = job["quantizer_used"] == "mlir"
         if converter.experimental_new_quantizer:  # calibration ranges without buffer sharing (targets/tflite/ranges.py)
             job["ranges_repaired"] = []
-            with exact_ranges(job["ranges_repaired"]):
-                if job.get("float_layer_map") or job.get("auto_float_ops"):
+            with patched([exact_ranges(job["ranges_repaired"])]):
+                if _selective(job):
                     return selective_int8(converter, km, job, io_type)
                 return converter.convert()
-        if job.get("float_layer_map") or job.get("auto_float_ops"):
+        if _selective(job):
             return selective_int8(converter, km, job, io_type)
     elif precision != "fp32":
         raise ConversionFailure("tflite converter", f"unknown precision {precision}")
     return converter.convert()
 
 
+def _selective(job: dict) -> bool:
+    """Does the INT8 conversion keep some ops float (the MLIR quantizer's deny list, targets/tflite/mixed.py)?"""
+    return any(job.get(k) for k in ("float_layer_map", "auto_float_ops", "transformer_float_map", "tail_float_map"))
+
+
 def describe_tflite(path: Path) -> dict:
     """Signature I/O details, the builtin ops with their versions, and the model's min_runtime_version."""
     from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    it = Interpreter(model_path=str(path))
+    # no delegate, no allocation: LiteRT prepares no kernel here, so a graph that aborts it (an int8 ADD whose
+    # rescaling it cannot express) is still described, and the isolated load check names the op (xnnpack.py)
+    it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     runner = it.get_signature_runner()
 
     def io(details: dict) -> dict:
@@ -164,6 +175,14 @@ def run(job_dir: Path) -> dict:
         float_layers = [str(n) for n in job["settings"].get("float_layers") or []] if job["precision"] == "int8" else []
         if float_layers:
             job["float_layer_map"] = float_layer_map(km, tensors, job["onnx"], float_layers)
+        transformer = [n for n in float_nodes(job["onnx"]) if n not in float_layers] \
+            if job["precision"] == "int8" and job.get("allow_float_layers") and job["settings"].get("transformer_float") else []
+        if transformer:  # LayerNorm, Softmax, GELU of a graph with attention (targets/tflite/transformer.py)
+            job["transformer_float_map"] = float_layer_map(km, tensors, job["onnx"], transformer)
+        tail = tail_nodes(job["onnx"]) if job["precision"] == "int8" and job.get("allow_float_layers") \
+            and job["settings"].get("float_tail", True) else []
+        if tail:  # a detector's decode / output-activation tail (targets/tflite/tail.py)
+            job["tail_float_map"] = {TAIL_FLOAT: region_layers(km, tensors, tail)}
         phase = "FP32 graph check"
         _phase(job_dir, phase)
         out_perms, check = check_float_graph(km, job, calib)
@@ -172,7 +191,7 @@ def run(job_dir: Path) -> dict:
         phase = "tflite converter" if job["precision"] != "int8" else "tflite converter (INT8 calibration)"
         _phase(job_dir, phase)
         # keeping layers in float needs the MLIR quantizer's deny list
-        job["quantizer_used"] = "mlir" if float_layers else pick_quantizer(job["settings"].get("quantizer", "auto"), job["onnx"])
+        job["quantizer_used"] = "mlir" if float_layers or transformer or tail else pick_quantizer(job["settings"].get("quantizer", "auto"), job["onnx"])
         with keras_saved_once(km, job_dir / "keras_savedmodel"):  # every conversion below reads one SavedModel
             described, kept, repairs = _convert_checked(km, job, calib, job_dir, lambda p: _phase(job_dir, p))
         described["float_ops"] = [op["op"] for op in described["float_ops"]]
@@ -242,9 +261,14 @@ def _convert_checked(km, job: dict, calib: dict, job_dir: Path, phase) -> tuple[
             phase("XNNPACK load check")
             keys = dict(zip([i["name"] for i in job["inputs"]], km.input_names))
             feed = {i["name"]: calib[i["name"]][0] for i in job["inputs"]}
-            error = xnn.load_and_run(path, feed, keys, {i["name"]: i.get("perm") for i in job["inputs"]})
+            perms = {i["name"]: i.get("perm") for i in job["inputs"]}
+            error = xnn.load_and_run_isolated(path, feed, keys, perms)  # a crash in LiteRT is an error line here
             if error:
                 found = xnn.suspects(path)
+                if not found or "crashed" in error:  # a crash, or nothing out of range in the quantization
+                    phase("XNNPACK load check: finding the op at fault")  # parameters: cut the graph until it loads
+                    first = xnn.bisect(path, feed, keys, perms, job_dir)
+                    found = ([first] if first else []) + [f for f in found if first is None or f["outputs"] != first["outputs"]]
                 if int8 and allow and found and attempt < MAX_REPAIRS:
                     _keep_float(job, found)
                     repairs.append(f"kept in float for XNNPACK: {xnn.describe(found)}")

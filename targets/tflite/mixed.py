@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 
 AUTO_FLOAT = "(kept in float by the converter)"  # the float_ops_requested key of ops no ONNX layer asked for
+TRANSFORMER_FLOAT = "(transformer: LayerNorm, Softmax, GELU)"  # ... and of a transformer's (targets/tflite/transformer.py)
+TAIL_FLOAT = "(post-processing tail)"  # ... and of a detector's decode tail (targets/tflite/tail.py)
 
 
 class ConversionFailure(Exception):
@@ -37,6 +39,18 @@ def float_layer_map(km, tensors: dict, onnx_path: str, names: list[str]) -> dict
 
     return {n: sorted(_layers_behind([keras(o) for o in nodes[n].output]) - _layers_behind([keras(i) for i in nodes[n].input]))
             for n in names}
+
+
+def region_layers(km, tensors: dict, nodes: list) -> list[str]:
+    """The Keras layers onnx2tf made for a region of ONNX nodes (NodeProtos, named or not): those between the tensors
+    entering the region and the region's outputs."""
+    def keras(name: str):
+        t = tensors.get(name.replace(":", "__"))
+        return t if hasattr(t, "_keras_history") else None
+
+    made = {o for n in nodes for o in n.output}
+    entering = {i for n in nodes for i in n.input if i and i not in made}
+    return sorted(_layers_behind([keras(o) for o in made]) - _layers_behind([keras(i) for i in entering]))
 
 
 def _layers_behind(keras_tensors) -> set[str]:
@@ -95,6 +109,46 @@ def ops_of_types(model: bytes, types) -> list[dict]:
             if op["op_name"] in wanted for o in op["outputs"]]
 
 
+OUTLIER_RATIO = 8.0  # an output range this many times the median FULLY_CONNECTED output range is an outlier
+
+
+def outlier_ops(calibrated: bytes) -> list[dict]:
+    """The FULLY_CONNECTED and ADD ops of a calibrated transformer whose output range is ``OUTLIER_RATIO`` times the
+    median range of the FULLY_CONNECTED outputs or more: ``{"op", "tensor"}``.
+
+    BERT-style encoders have a few hidden dimensions with outlier activations in a feed-forward output and the
+    residual sum after it: in the real MiniLM-L3, layer 0's second feed-forward MatMul spans [-5.7, 192] and its
+    residual Add [-10, 214], where the other MatMul outputs span about 10 (one int8 step there: 0.91, every ordinary
+    dimension rounded to a few steps). With only those two ops float (3.5 % of the weights) the pooled embedding's
+    cosine to FP32 went from 0.854 to 0.987."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
+    g = m.subgraphs[0]
+    kinds = {schema.BuiltinOperator.FULLY_CONNECTED: "FULLY_CONNECTED", schema.BuiltinOperator.ADD: "ADD"}
+
+    def width(i: int) -> float | None:
+        q = g.tensors[i].quantization
+        if q is None or q.min is None or q.max is None or len(q.min) != 1:
+            return None
+        return float(q.max[0]) - float(q.min[0])
+
+    ops = []
+    for op in g.operators:
+        code = m.operatorCodes[op.opcodeIndex]
+        kind = kinds.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+        if kind and op.outputs is not None and len(op.outputs) == 1 and width(int(op.outputs[0])) is not None:
+            ops.append((kind, int(op.outputs[0]), width(int(op.outputs[0]))))
+    fc = [w for kind, _, w in ops if kind == "FULLY_CONNECTED"]
+    if len(fc) < 4:
+        return []
+    typical = float(np.median(fc))
+    name = lambda i: g.tensors[i].name.decode(errors="replace") if isinstance(g.tensors[i].name, bytes) \
+        else str(g.tensors[i].name)  # noqa: E731
+    return [{"op": kind, "tensor": name(i)} for kind, i, w in ops if typical > 0 and w >= OUTLIER_RATIO * typical]
+
+
 def _all_layers(km) -> list[str]:
     return [layer.name for layer in km.layers]
 
@@ -108,9 +162,19 @@ def selective_int8(converter, km, job: dict, io_type) -> bytes:
 
     converter._experimental_calibrate_only = True
     calibrated = converter.convert()
-    requested = tflite_ops_of(calibrated, km, job.get("float_layer_map") or {})
+    transformer = {n: layers for n, layers in (job.get("transformer_float_map") or {}).items()
+                   if n not in (job.get("float_layer_map") or {})}
+    requested = tflite_ops_of(calibrated, km, {**transformer, **(job.get("float_layer_map") or {})})
+    if transformer:  # one entry for them all: no single node of them is a requested float layer
+        requested[TRANSFORMER_FLOAT] = [op for n in transformer for op in requested.pop(n)]
+        known = {op["tensor"] for op in requested[TRANSFORMER_FLOAT]}
+        requested[TRANSFORMER_FLOAT] += [op for op in outlier_ops(calibrated) if op["tensor"] not in known]
+    if job.get("tail_float_map"):  # a detector's post-processing tail (targets/tflite/tail.py), one entry
+        requested.update(tflite_ops_of(calibrated, km, job["tail_float_map"]))
     if job.get("auto_float_ops"):  # ops kept in float by the conversion itself (no int8 kernel, XNNPACK repair)
-        requested[AUTO_FLOAT] = [{"op": op["op"], "tensor": t} for op in job["auto_float_ops"] for t in op["outputs"]]
+        names = _tensor_names(calibrated)
+        requested[AUTO_FLOAT] = [{"op": op["op"], "tensor": _calibrated_name(t, names)} for op in job["auto_float_ops"]
+                                 for t in op["outputs"]]
     if job.get("auto_float_types"):  # ... and every op of a type the quantizer left float (not only those it named)
         known = {(r["op"], r["tensor"]) for r in requested.get(AUTO_FLOAT, [])}
         requested.setdefault(AUTO_FLOAT, []).extend(
@@ -122,6 +186,22 @@ def selective_int8(converter, km, job: dict, io_type) -> bytes:
                                         input_data_type=io_type, output_data_type=io_type)
     return tf_convert.mlir_quantize(calibrated, converter._experimental_disable_per_channel, fully_quantize=False,
                                     input_data_type=io_type, output_data_type=io_type, denylisted_nodes=deny)
+
+
+def _tensor_names(model: bytes) -> set[str]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    return {d["name"] for d in Interpreter(model_content=model).get_tensor_details()}
+
+
+def _calibrated_name(name: str, names: set[str]) -> str:
+    """The calibrated model's name of a quantized model's tensor: the quantizer makes a model output's name unique
+    when its DEQUANTIZE takes it over (``PartitionedCall:0`` -> ``PartitionedCall:01``, see ``_same_op``); an op named
+    by the quantized name would not be on the deny list."""
+    if name in names:
+        return name
+    same = [n for n in names if name.startswith(n) and name[len(n):].isdigit()]
+    return max(same, key=len) if same else name
 
 
 def check_integer(float_ops: list[dict], job: dict) -> dict:
@@ -144,7 +224,8 @@ def check_integer(float_ops: list[dict], job: dict) -> dict:
             for node, ops in requested.items()}
     # a requested float layer the quantizer quantized anyway is an error; the converter's own repairs (AUTO_FLOAT) that
     # come out int8 in this run (the quantizer moves an unrolled LSTM's float SPLITs around) are not
-    ignored = [node for node, ops in requested.items() if node != AUTO_FLOAT and ops and not kept[node]]
+    ignored = [node for node, ops in requested.items() if node not in (AUTO_FLOAT, TRANSFORMER_FLOAT, TAIL_FLOAT) and ops
+               and not kept[node]]
     if ignored:
         raise ConversionFailure("float layers", f"the quantizer did not keep {', '.join(ignored)} in float")
     return {"float_layers_kept": kept, "float_layers_keras": job.get("float_layer_map") or {},

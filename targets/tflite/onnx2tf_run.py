@@ -3,7 +3,7 @@
 Used by the conversion child (targets/tflite/convert.py). Nothing may download: ``NO_NETWORK`` (patches, applied
 in the child for its job) makes the socket layer refuse any non-local connection, and onnx2tf's sample-image download (it fetches MS-COCO images
 from GitHub for every model whose inputs are all 3-channel 4-D tensors) is replaced by our own calibration
-images. Before onnx2tf, targets/onnx_rewrite.py rewrites what onnx2tf or INT8 cannot handle.
+images. Before onnx2tf, targets/tflite/rewrite/ rewrites what onnx2tf or INT8 cannot handle.
 
 onnx2tf options, and why:
 - a graph, not a file path: onnx2tf then starts no onnxsim subprocess and no auto-JSON retries;
@@ -99,7 +99,7 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
     # ``serving_default_input_2:0``): an unsanitized name matched nothing, and a 3-D audio input [1, N, 1] went NWC
     keep_shape = [n for i in inputs if not i.get("perm") and not i.get("keep_source_layout") for n in _o2t_names(i["name"])]
     keep_nchw = [n for i in inputs if i.get("keep_source_layout") for n in _o2t_names(i["name"])]
-    from edgebuild.targets.onnx_rewrite import rewrite
+    from edgebuild.targets.tflite.rewrite import rewrite
 
     graph = constants_to_initializers(onnx.load(onnx_path))
     if job["settings"].get("onnx_rewrites", True):
@@ -343,7 +343,11 @@ def _node_of(onnx_path: str, node_name: str) -> tuple[str | None, str]:
     try:
         import onnx
 
-        node = next((n for n in onnx.load(onnx_path, load_external_data=False).graph.node if n.name == node_name), None)
+        from edgebuild.targets.tflite.rewrite.names import scope_safe
+
+        nodes = onnx.load(onnx_path, load_external_data=False).graph.node
+        node = next((n for n in nodes if n.name == node_name), None) or \
+            next((n for n in nodes if n.name and scope_safe(n.name) == node_name), None)  # renamed before onnx2tf
     except Exception:
         return None, ""
     if node is None:

@@ -6,7 +6,7 @@ when nothing else reads that input, so the logged range of that input is the uni
 op's output. Measured on TF 2.21: in ``(x * 0.5) * relu6(x + 3)`` the calibrated range of ``x * 0.5`` was
 [-1.46, 9.28] where its values span [-1.46, 1.55] (the max is the product's); every other tensor's range was
 exact. An int8 tensor with a range 6x too wide loses 2.6 of its 8 bits: on the real PP-LCNet document-orientation
-model, whose HardSwish is rewritten to ``(x / 6) * relu6(x + 3)`` for XNNPACK (targets/onnx_rewrite.py), each
+model, whose HardSwish is rewritten to ``(x / 6) * relu6(x + 3)`` for XNNPACK (targets/tflite/rewrite/xnnpack.py), each
 ``x / 6`` took the HardSwish output's range, and the channels with small activations turned to noise (INT8 top-1
 agreement with FP32 96.2 %, 3.8 pt over a 0.5 pt budget). The same hits the first operand of every residual ADD.
 
@@ -18,10 +18,11 @@ legacy quantizer calibrates and quantizes in one C++ call, out of reach). Runs i
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import numpy as np
+
+from edgebuild.procs import Patch
 
 WIDER = 1.01  # narrow a logged range only when it is over 1 % wider than the measured one (else it is the same)
 # ... and only when at most this much wider: the op that shared the buffer has an output that wide (an attention
@@ -104,27 +105,23 @@ def _same_shape(a, b) -> bool:
     return a.type == b.type and shape(a) == shape(b)
 
 
-@contextlib.contextmanager
-def exact_ranges(record: list):
-    """While open, TF's ``Calibrator.calibrate`` (what the MLIR quantizer path and ``_experimental_calibrate_only``
-    call) returns ``measured_ranges`` of its result; the changed tensors are appended to ``record``."""
-    from tensorflow.lite.python.optimize import calibrator
+def exact_ranges(record: list) -> Patch:
+    """The patch (apply with ``procs.patched``) under which TF's ``Calibrator.calibrate`` (what the MLIR quantizer
+    path and ``_experimental_calibrate_only`` call) returns ``measured_ranges`` of its result; the changed tensors are
+    appended to ``record``."""
 
-    original = calibrator.Calibrator.calibrate
+    def wrap(original):
+        def calibrate(self, dataset_gen):
+            calibrated = original(self, dataset_gen)
+            try:
+                fixed, changed = measured_ranges(calibrated, dataset_gen())
+            except (RuntimeError, ValueError, KeyError, MemoryError) as e:  # keep TF's ranges rather than fail the build
+                print(f"edgebuild: calibration ranges not re-measured ({type(e).__name__}: {e}); TF's ranges kept",
+                      file=sys.stderr, flush=True)
+                return calibrated
+            record.extend(changed)
+            return fixed
+        return calibrate
 
-    def calibrate(self, dataset_gen):
-        calibrated = original(self, dataset_gen)
-        try:
-            fixed, changed = measured_ranges(calibrated, dataset_gen())
-        except (RuntimeError, ValueError, KeyError, MemoryError) as e:  # keep TF's ranges rather than fail the build
-            print(f"edgebuild: calibration ranges not re-measured ({type(e).__name__}: {e}); TF's ranges kept",
-                  file=sys.stderr, flush=True)
-            return calibrated
-        record.extend(changed)
-        return fixed
-
-    calibrator.Calibrator.calibrate = calibrate
-    try:
-        yield record
-    finally:
-        calibrator.Calibrator.calibrate = original
+    return Patch("tensorflow.lite.python.optimize.calibrator:Calibrator", "calibrate", wrap=wrap,
+                 why="calibration ranges without buffer sharing (measured_ranges)")

@@ -7,6 +7,13 @@ tensor's scale is not a positive normal number, or when an op's requantization s
 input / output scale for the others) falls outside [2^-32, 256). ``suspects`` finds those ops from the
 model's own quantization parameters, so the error names them (and the repair can keep them in float).
 Runs in the conversion child (targets/tflite/convert.py).
+
+Some quantized graphs make LiteRT abort (SIGABRT in XNNPACK's delegate while it prepares the graph) instead of
+failing: loaded in the converter child, that killed the child before the repair could name the op, and the whole
+INT8 kind died. ``check`` therefore loads and runs the model in a process of its own (``load_and_run_isolated``:
+a crash is an error line), and when the quantization parameters name no op, ``bisect`` finds the first op whose
+presence makes the check fail: it loads the main graph cut after its first k ops (``prefix``), each in a process of
+its own, halving the range of k (about log2(ops) loads of a second or two each).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import numpy as np
 WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 MIN_RATIO, MAX_RATIO = 2.0 ** -32, 256.0
 MAX_SANE_SCALE = 1e6  # an activation scale above this means a range of ~1e8: a calibration artefact
+PROBE_TIMEOUT_S = 300.0  # one isolated load-and-run (a float model of a few hundred MB takes a few seconds)
 
 
 def load_and_run(path, feed: dict[str, np.ndarray], keys: dict[str, str], perms: dict[str, list | None]) -> str | None:
@@ -41,6 +49,96 @@ def load_and_run(path, feed: dict[str, np.ndarray], keys: dict[str, str], perms:
     except (RuntimeError, ValueError) as e:
         return " ".join(str(e).split())[:300] or type(e).__name__
     return None
+
+
+def _probe(job: tuple) -> str | None:
+    return load_and_run(*job)
+
+
+def load_and_run_isolated(path, feed: dict[str, np.ndarray], keys: dict[str, str], perms: dict[str, list | None],
+                          timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """``load_and_run`` in a process of its own: LiteRT's crash (an abort while XNNPACK prepares the graph) is an
+    error line here, not the death of the process that asked."""
+    import re
+
+    from edgebuild.errors import ConversionError
+    from edgebuild.targets.isolated import run_isolated
+
+    try:
+        return run_isolated(_probe, (str(path), feed, keys, perms), timeout, what="XNNPACK load check",
+                            name="xnnpack-check")
+    except ConversionError as e:
+        how = re.search(r"(crashed \([^)]*\)|timed out after \S+ s)", str(e))
+        return f"LiteRT {how.group(1) if how else 'failed'} loading or running the model with XNNPACK" if how \
+            else " ".join(str(e).split())[:300]
+
+
+def prefix(model: bytes, k: int) -> bytes:
+    """The model with its main graph cut after its first ``k`` ops: its outputs are the tensors those ops make that
+    none of them reads (and the model's own outputs they make); inputs, buffers and other subgraphs unchanged."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    g = m.subgraphs[0]
+    g.operators = list(g.operators[:k])
+    made = [int(o) for op in g.operators for o in op.outputs if o >= 0]
+    read = {int(i) for op in g.operators for i in (op.inputs if op.inputs is not None else []) if i >= 0}
+    finals = {int(o) for o in g.outputs}
+    outs = [o for o in dict.fromkeys(made) if o not in read or o in finals]
+    g.outputs = outs
+    for sig in m.signatureDefs or []:
+        if sig.subgraphIndex == 0:
+            tm = []
+            for n, o in enumerate(outs):
+                t = schema.TensorMapT()
+                t.name, t.tensorIndex = f"cut_{n}".encode(), o
+                tm.append(t)
+            sig.outputs = tm
+    builder = flatbuffers.Builder(len(model) + 1024)
+    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def bisect(path, feed: dict[str, np.ndarray], keys: dict[str, str], perms: dict[str, list | None],
+           scratch) -> dict | None:
+    """The first op (in the main graph's order) whose presence makes the isolated load check fail: ``{"op",
+    "outputs", "why"}``; None when the cut models do not fail the way the whole one does (not one op's fault)."""
+    from pathlib import Path
+
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = Path(path).read_bytes()
+    m = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    g = m.subgraphs[0]
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    cut = Path(scratch) / "cut.tflite"
+    lo, hi, loads = 0, len(g.operators), 0  # the first lo ops load and run; all hi ops do not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        cut.write_bytes(prefix(data, mid))
+        loads += 1
+        if load_and_run_isolated(cut, feed, keys, perms):
+            hi = mid
+        else:
+            lo = mid
+    if not g.operators:
+        return None
+    cut.write_bytes(prefix(data, hi))
+    fails = load_and_run_isolated(cut, feed, keys, perms)  # the error of the shortest failing cut (again)
+    cut.unlink(missing_ok=True)
+    if not fails:  # the whole graph fails, no cut of it does: not one op's fault
+        return None
+    op = g.operators[hi - 1]
+    code = m.operatorCodes[op.opcodeIndex]
+    outputs = [_text(g.tensors[int(o)].name) for o in op.outputs]
+    return {"op": names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"), "outputs": outputs,
+            "why": f"the graph fails once this op (number {hi - 1} of {len(g.operators)}) is in it ({fails}; "
+                   f"bisected in {loads + 1} isolated loads)"}
+
+
+def _text(name) -> str:
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
 def suspects(path) -> list[dict]:

@@ -336,7 +336,8 @@ def test_vad_state_off_axis_0_and_scalar_int64_input(tmp_path):
 def test_rewrites_are_exact_or_bounded(tmp_path):
     import onnxruntime as ort
 
-    from edgebuild.targets.onnx_rewrite import ERF_MAX_ABS_ERROR, rewrite
+    from edgebuild.targets.tflite.rewrite.ops import ERF_MAX_ABS_ERROR
+    from edgebuild.targets.tflite.rewrite import rewrite
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 11, 10])
     nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1, name="pool"),

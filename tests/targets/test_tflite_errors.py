@@ -38,6 +38,28 @@ def test_first_real_error_is_the_cause_not_the_advice(tmp_path):
     assert first_real_error(tmp_path / "missing.log") is None
 
 
+def test_the_error_names_the_op_of_a_node_renamed_before_onnx2tf(tmp_path):
+    """torch names nodes ``/color_hist_layer/ScatterElements``; TF refuses a leading '/', so rewrite/names.py hands
+    onnx2tf ``n/color_hist_layer/ScatterElements``, the name its error gives. The message must still find the node's
+    op and attributes in the source file (it said "(None)" on TransNetV2's histogram)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgebuild.targets.tflite.onnx2tf_run import explain
+
+    node = helper.make_node("ScatterElements", ["d", "i", "u"], ["y"], name="/hist/ScatterElements", axis=0,
+                            reduction="add")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("d", TensorProto.FLOAT, [8]),
+                                            helper.make_tensor_value_info("i", TensorProto.INT64, [4]),
+                                            helper.make_tensor_value_info("u", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "m.onnx")
+    log = tmp_path / "convert.log"
+    log.write_text(ONNX2TF_LOG.replace("onnx_op_name: histogram", "onnx_op_name: n/hist/ScatterElements"))
+    msg = explain(SystemExit(1), "onnx2tf", str(tmp_path / "m.onnx"), log)["message"]
+    assert "ONNX node 'n/hist/ScatterElements' (ScatterElements, axis=0, reduction=add)" in msg, msg
+
+
 @pytest.mark.slow
 def test_unsupported_op_names_node_op_attribute_and_log_is_echoed(tmp_path, capfd):
     """With the rewrites off, onnx2tf's ScatterElements(reduction=add) error is the message; its output is on stderr

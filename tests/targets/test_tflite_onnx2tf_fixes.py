@@ -2,7 +2,7 @@
 
     model (built here)                               what broke on arm64                      fixed by
     STFT magnitude (Conv1d, Slice over all axes,     state out [2, 0, 128] (onnx2tf sliced     Slice per axis
-    Sqrt) -> LSTM, state [2, 1, H], 0-d int64 sr     the wrong axis); legacy quantizer: SQRT   (onnx_rewrite); MLIR
+    Sqrt) -> LSTM, state [2, 1, H], 0-d int64 sr     the wrong axis); legacy quantizer: SQRT   (tflite/rewrite); MLIR
                                                                                               quantizer on refusal
     opset-11 CNN with a grouped (not depthwise) Conv "SignatureDef signature_key is None and   Keras model owns
                                                      model has 0 Signatures" in calibration    onnx2tf's variables
@@ -111,7 +111,7 @@ def test_slice_per_axis_is_exact(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from edgebuild.targets.onnx_rewrite import slice_per_axis
+    from edgebuild.targets.tflite.rewrite.ops import slice_per_axis
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 5])
     inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in [

@@ -43,11 +43,12 @@ def _converter(km, samples, calibrate_only=False):
 def test_calibrated_ranges_are_what_the_tensors_hold():
     from ai_edge_litert import schema_py_generated as schema
 
+    from edgebuild.procs import patched
     from edgebuild.targets.tflite.ranges import exact_ranges
 
     km, half, samples = _model()
     record: list = []
-    with exact_ranges(record):
+    with patched([exact_ranges(record)]):
         calibrated = _converter(km, samples[:20], calibrate_only=True).convert()
     true = np.concatenate([half(x).numpy().ravel() for x in samples[:20]])
     graph = schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0).subgraphs[0]
@@ -67,10 +68,11 @@ def test_small_channels_survive_int8():
     0.014-0.037 and 0.50-0.96 (mean 0.69; what is left is the product's own per-tensor int8 step)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+    from edgebuild.procs import patched
     from edgebuild.targets.tflite.ranges import exact_ranges
 
     km, _, samples = _model()
-    with exact_ranges([]):
+    with patched([exact_ranges([])]):
         model = _converter(km, samples[:20]).convert()
     it = Interpreter(model_content=model, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     run = it.get_signature_runner()
@@ -86,6 +88,7 @@ def test_small_channels_survive_int8():
 
 def test_integer_inputs_are_fed_as_integers(capfd):
     """Token ids (int32) reach the re-measuring interpreter as integers, not cast to float (a BERT's ids)."""
+    from edgebuild.procs import patched
     from edgebuild.targets.tflite.ranges import exact_ranges
 
     ids = keras.Input((6,), batch_size=1, dtype="int32")
@@ -93,7 +96,61 @@ def test_integer_inputs_are_fed_as_integers(capfd):
     rng = np.random.default_rng(1)
     samples = [rng.integers(0, 20, (1, 6)).astype(np.int32) for _ in range(8)]
     record: list = []
-    with exact_ranges(record):
+    with patched([exact_ranges(record)]):
         model = _converter(km, samples).convert()
     assert model and record == []  # nothing shares a buffer here: every logged range was already exact
     assert "not re-measured" not in capfd.readouterr().err  # a float feed into the int32 input failed and was skipped
+
+
+def _doctored(calibrated: bytes, widen: dict[str, float]) -> bytes:
+    """``calibrated`` with the logged range of each named tensor widened by the given factor (about its centre)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
+    for t in m.subgraphs[0].tensors:
+        k = widen.get(t.name.decode())
+        if k:
+            lo, hi = float(t.quantization.min[0]), float(t.quantization.max[0])
+            mid, half = (lo + hi) / 2, (hi - lo) / 2 * k
+            t.quantization.min, t.quantization.max = [mid - half], [mid + half]
+    b = flatbuffers.Builder(len(calibrated) + 1024)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def test_each_narrowing_rule():
+    """The three rules of ``measured_ranges`` (10c2d28), one tensor each in ``tanh(fc(x) * 0.5) + 1 -> reshape -> fc``:
+    the FC's output (read by the TANH, which may overwrite it) is narrowed when logged 4x too wide, kept when logged
+    1000x too wide (past MAX_NARROWING: an attention mask's -3.4e38 narrowed that far aborted LiteRT); the TANH's
+    output, widened by the ADD that wrote into its buffer, keeps its logged range (a fixed-scale int8 output); the
+    ADD's output, read only by a RESHAPE to another shape (no buffer to share), keeps a range logged 4x too wide."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from edgebuild.targets.tflite.ranges import MAX_NARROWING, measured_ranges
+
+    rng = np.random.default_rng(0)
+    inp = keras.Input((8,), batch_size=1, name="x")
+    h = keras.layers.Lambda(lambda t: tf.math.multiply(t, 0.5), name="half")(keras.layers.Dense(8, name="fc")(inp))
+    h = keras.layers.Lambda(lambda t: tf.math.add(tf.math.tanh(t), 1.0), name="plus")(h)
+    km = keras.Model(inp, keras.layers.Dense(3, name="fc2")(keras.layers.Reshape((2, 4))(h)), name="rules")
+    samples = [{"x": rng.normal(0, 1, (1, 8)).astype(np.float32)} for _ in range(8)]
+    c = _converter(km, [s["x"] for s in samples], calibrate_only=True)
+    calibrated = c.convert()
+    names = [t.name.decode() for t in schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0).subgraphs[0].tensors]
+    fc = next(n for n in names if n.startswith("rules/fc/MatMul"))
+    tanh, add = "rules/plus/Tanh", "rules/plus/Add"
+    assert {tanh, add} <= set(names), names
+    model = schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
+    logged_tanh = next(t for t in model.subgraphs[0].tensors if t.name.decode() == tanh).quantization.max[0]
+    assert logged_tanh > 1.2  # tanh <= 1: the ADD's output widened it, and it is not narrowed (below)
+
+    def changed(widen):
+        return {r["tensor"]: r for r in measured_ranges(_doctored(calibrated, widen), samples)[1]}
+
+    narrowed = changed({fc: 4.0, add: 4.0})
+    assert fc in narrowed and add not in narrowed and tanh not in narrowed, narrowed
+    lo, hi = narrowed[fc]["logged"]
+    mlo, mhi = narrowed[fc]["measured"]
+    assert (hi - lo) > 3.5 * (mhi - mlo)
+    assert MAX_NARROWING < 1000 and fc not in changed({fc: 1000.0})

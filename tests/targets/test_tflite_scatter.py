@@ -1,7 +1,7 @@
 """ONNX rewrites of issue 22, exact against onnxruntime.
 
 ScatterElements with a reduction (a colour histogram's ``scatter_add_``), which onnx2tf 1.28.8 refuses
-("ScatterElements currently supports only reduction=['none']"): targets/onnx_rewrite.py rewrites it into a one-hot
+("ScatterElements currently supports only reduction=['none']"): targets/tflite/rewrite/ rewrites it into a one-hot
 mask and a reduction. The rewrite is checked against onnxruntime on random inputs with duplicate and negative
 indices for every reduction, axis and opset; the histogram model then builds arm64 INT8 and runs in LiteRT. Gather of one index from a Concat (a stacked
 RNN's ``h_n[-1]``) becomes that Concat input."""
@@ -14,7 +14,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edgebuild.targets.onnx_rewrite import rewrite, scatter_elements_reduction  # noqa: E402
+from edgebuild.targets.tflite.rewrite import rewrite  # noqa: E402
+from edgebuild.targets.tflite.rewrite.scatter import scatter_elements_reduction  # noqa: E402
 
 
 def scatter_model(reduction: str, data_shape, idx_shape, axis: int, opset: int = 18, idx_type=TensorProto.INT64):
@@ -134,7 +135,7 @@ def test_histogram_builds_arm64_int8(tmp_path):
 @pytest.mark.parametrize("index,sizes", [(-1, (1, 1, 1)), (0, (1, 1, 1)), (3, (2, 3, 1)), (-2, (2, 3, 1))])
 def test_gather_of_concat_matches_onnxruntime(index, sizes):
     """h_n[-1] of a stacked RNN: Gather(Concat(Y_h of each layer), -1) -> that layer's Y_h (also rewritten here)."""
-    from edgebuild.targets.onnx_rewrite import gather_of_concat
+    from edgebuild.targets.tflite.rewrite.ops import gather_of_concat
 
     ins = [helper.make_tensor_value_info(f"h{i}", TensorProto.FLOAT, [s, 1, 4]) for i, s in enumerate(sizes)]
     nodes = [helper.make_node("Concat", [v.name for v in ins], ["hn"], axis=0, name="cat"),
@@ -156,7 +157,8 @@ def test_gather_of_concat_matches_onnxruntime(index, sizes):
 def test_prelu_int8_and_maxpool_same_match_onnxruntime():
     """PRelu -> x + (1 - a) * Relu(-x) (INT8 only: XNNPACK has no int8 PRELU); MaxPool(3, 2, ceil_mode) on an even
     size -> SAME pooling (XNNPACK has no MIRROR_PAD, the edge pad's op)."""
-    from edgebuild.targets.onnx_rewrite import maxpool_edge_padding, prelu_int8
+    from edgebuild.targets.tflite.rewrite.pooling import maxpool_edge_padding
+    from edgebuild.targets.tflite.rewrite.xnnpack import prelu_int8
 
     rng = np.random.default_rng(4)
     slope = rng.uniform(0.05, 0.4, (3, 1, 1)).astype(np.float32)
@@ -181,7 +183,7 @@ def test_prelu_int8_and_maxpool_same_match_onnxruntime():
 def test_hard_activations_int8_match_onnxruntime(opset):
     """HardSwish -> x * Clip(x + 3, 0, 6) / 6, HardSigmoid -> Clip(6a x + 6b, 0, 6) / 6 (INT8 only: XNNPACK has no
     int8 HARD_SWISH or RELU_0_TO_1, PP-LCNet's INT8 ran at 0.38x FP32 in 32 partitions)."""
-    from edgebuild.targets.onnx_rewrite import hard_activations_int8
+    from edgebuild.targets.tflite.rewrite.xnnpack import hard_activations_int8
 
     nodes = [helper.make_node("HardSigmoid", ["x"], ["s"], alpha=0.25, beta=0.4, name="hsig")]
     if opset >= 14:
@@ -202,7 +204,7 @@ def test_hard_activations_int8_match_onnxruntime(opset):
 def test_decomposed_hardswish_int8_matches_onnxruntime():
     """PaddlePaddle's hard_swish, Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6), -> Mul(Mul(x, 1/6), Clip(...)) (TFLite folds
     the first form into HARD_SWISH, which XNNPACK does not run in int8: PP-OCR's classifier kept 18)."""
-    from edgebuild.targets.onnx_rewrite import hard_activations_int8
+    from edgebuild.targets.tflite.rewrite.xnnpack import hard_activations_int8
 
     f = lambda v, n: numpy_helper.from_array(np.array(v, np.float32), n)  # noqa: E731
     nodes = [helper.make_node("Add", ["x", "three"], ["a"], name="Add@0"),
@@ -226,7 +228,7 @@ def test_maxpool_ceil_pad_is_zero_after_a_nonnegative_op(producer):
     """MaxPool(4, 2, ceil_mode) on an odd size (not TF's SAME split): after Relu/Clip(0, ..) a zero Pad (TFLite PAD,
     which XNNPACK runs; the real nsfw-resnet's two edge pads were MIRROR_PAD fallbacks and cut 3 partitions), else
     the edge Pad; both exact."""
-    from edgebuild.targets.onnx_rewrite import maxpool_edge_padding
+    from edgebuild.targets.tflite.rewrite.pooling import maxpool_edge_padding
 
     rng = np.random.default_rng(5)
     first = (helper.make_node("Clip", ["x", "lo"], ["r"], name="act") if producer == "Clip"
@@ -251,7 +253,7 @@ def test_maxpool_ceil_pad_is_zero_after_a_nonnegative_op(producer):
 def test_models_own_edge_pad_before_maxpool_is_zero_after_relu(producer):
     """Relu -> Transpose -> Pad(edge) -> MaxPool (a TF-exported ResNet's stem, yahoo-open-nsfw): the edge pad becomes a
     zero pad where its input is >= 0 (exact), else it stays."""
-    from edgebuild.targets.onnx_rewrite import edge_pad_before_maxpool
+    from edgebuild.targets.tflite.rewrite.pooling import edge_pad_before_maxpool
 
     rng = np.random.default_rng(6)
     nodes = [helper.make_node(producer, ["x"], ["r"], name="act"),
@@ -274,7 +276,7 @@ def test_models_own_edge_pad_before_maxpool_is_zero_after_relu(producer):
 def test_scalar_affine_becomes_a_depthwise_conv():
     """Add(Mul(x, s), b) with scalars (PP-LCNetV3's learnable affine block) -> a 1x1 depthwise Conv, INT8 only: a
     shift far below the tensor's range made int8 ADDs XNNPACK refuses (the real PP-OCRv4 detector: 4 fallbacks)."""
-    from edgebuild.targets.onnx_rewrite import scalar_affine_int8
+    from edgebuild.targets.tflite.rewrite.xnnpack import scalar_affine_int8
 
     rng = np.random.default_rng(7)
     shift = helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(np.array(-8.8e-5, np.float32)))
@@ -303,7 +305,7 @@ def test_nearest_upsample_is_concat_and_depth_to_space(factor, coords, rounding,
     """Resize(nearest, integer factor) -> Concat of k*k copies + DepthToSpace(k) (INT8 only: XNNPACK has no
     RESIZE_NEAREST_NEIGHBOR; the real PP-OCRv4 detector had 6 on LiteRT's kernels); half_pixel + floor is not a
     plain repeat and stays."""
-    from edgebuild.targets.onnx_rewrite import nearest_upsample_int8
+    from edgebuild.targets.tflite.rewrite.xnnpack import nearest_upsample_int8
 
     rng = np.random.default_rng(8)
     g = helper.make_graph(

@@ -1,0 +1,84 @@
+"""Issue 22: TFLite INT8 of a detector keeps its float post-processing tail float (``float_tail``,
+targets/tflite/tail.py). ddddocr's captcha detector concatenates decoded pixel boxes and [0, 1] scores into one output:
+one int8 scale for both rounded every score to 0 (arm64 INT8 f1 44-46 vs FP32); ONNX Runtime and OpenVINO keep that
+tail float and passed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnx2tf")
+
+from torch import nn  # noqa: E402
+
+from tests.targets.test_tflite_conformance import calibration, convert, export, model_input  # noqa: E402
+
+
+class TinyDetector(nn.Module):
+    """A conv head on an 8x8 grid, then YOLOX-style decoding in the graph: (xy + grid) * stride, exp(wh) * stride
+    (pixels, up to a few hundred) concatenated with sigmoid objectness and class scores (mostly small, as a detector's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.head = nn.Conv2d(16, 6, 1)
+        with torch.no_grad():
+            self.head.bias[4:] -= 3.0  # objectness / class logits around -3: scores about 0.05
+        ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+        self.register_buffer("grid", torch.stack([xs, ys], -1).reshape(1, 64, 2))
+
+    def forward(self, x):
+        p = self.head(self.body(x)).flatten(2).transpose(1, 2)  # (1, 64, 6)
+        xy = (p[..., :2] + self.grid) * 4.0
+        wh = torch.exp(p[..., 2:4]) * 4.0
+        return torch.cat([xy * 8.0, wh * 8.0, torch.sigmoid(p[..., 4:])], -1)  # stride 32: boxes in pixels
+
+
+def _detector(tmp_path):
+    torch.manual_seed(0)
+    return export(TinyDetector(), (torch.zeros(1, 3, 32, 32),), ["images"], ["detections"], tmp_path / "det.onnx")
+
+
+def test_the_tail_of_a_detector_is_its_decode_and_a_classifier_has_none(tmp_path):
+    from edgebuild.targets.tflite.tail import tail_nodes
+
+    kinds = {n.op_type for n in tail_nodes(_detector(tmp_path))}
+    assert {"Exp", "Sigmoid", "Concat", "Add", "Mul"} <= kinds and "Conv" not in kinds, kinds
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 5), nn.Softmax(-1))
+    path = export(net, (torch.zeros(1, 3, 32, 32),), ["x"], ["y"], tmp_path / "cls.onnx")
+    assert tail_nodes(path) == []  # a lone output Softmax stays int8, as before
+
+
+def _score_cosine(art, mi, calib, n=8) -> float:
+    """Worst cosine over n samples of the score channels (4:) between the artifact on LiteRT + XNNPACK and ONNX."""
+    import onnxruntime as ort
+
+    from edgebuild.targets.tflite.backend import TFLiteRunner
+
+    sess = ort.InferenceSession(str(mi.onnx_path), providers=["CPUExecutionProvider"])
+    runner = TFLiteRunner(art.path, art.io, 2, "xnnpack")
+    worst = 1.0
+    for i in range(n):
+        feed = calib.feed(i)
+        got = np.ravel(np.asarray(runner.run(feed)[0])[..., 4:]).astype(np.float64)
+        ref = np.ravel(sess.run(None, feed)[0][..., 4:]).astype(np.float64)
+        worst = min(worst, float(got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref) + 1e-12)))
+    return worst
+
+
+@pytest.mark.slow
+def test_a_detector_ships_int8_with_its_decode_tail_float(tmp_path):
+    mi = model_input(_detector(tmp_path))
+    calib = calibration(mi)
+    art = convert(mi, calib, tmp_path / "on")
+    assert art.main == "model_int8_mixed.tflite" and art.settings["tail_float_ops"]
+    kinds = {op.split()[0] for op in art.settings["tail_float_ops"]}
+    assert {"CONCATENATION", "EXP", "LOGISTIC"} <= kinds and "CONV_2D" not in kinds, kinds  # the convs stay int8
+    assert any("post-processing tail" in n for n in art.notes)
+    on = _score_cosine(art, mi, calib)
+    off = convert(mi, calib, tmp_path / "off", float_tail=False)
+    assert "tail_float_ops" not in off.settings
+    collapsed = _score_cosine(off, mi, calib)
+    assert on > 0.99 and collapsed < 0.9, (on, collapsed)  # one int8 scale for pixels and scores: the scores round away
