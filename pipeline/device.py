@@ -169,6 +169,9 @@ def write_job(loaded, job_dir: Path, timed: bool) -> None:
            "samples": len(evalset), "threads": meta["runtime"]["threads"],
            "compile_config": ((meta.get("settings") or {}).get("applied") or {}).get("compile_config"),
            "timing": {"warmup": timing.WARMUP, "runs": timing.MAX_RUNS if timed else 0, "budget_s": timing.TIME_BUDGET_S}}
+    if evalset.closed_loop:  # a stateful model: the runner feeds back the artifact's own state (closed_loop.py)
+        job["state"] = [[link.index, link.input] for link in evalset.state]
+        job["runs"] = [list(r) for r in evalset.runs()]
     (job_dir / "job.json").write_text(json.dumps(job))
 
 

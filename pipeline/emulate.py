@@ -4,16 +4,23 @@
 The emulator is an arm64 Debian root with Python and the aarch64 wheels of numpy and ai-edge-litert (the
 versions of requirements.lock), made once by ``edgebuild setup-emulator`` (pipeline/assets/setup_arm64_emulator.sh) under
 ``$EDGEBUILD_ARM64_ROOT`` (default ``~/.cache/edgebuild/arm64-root``); ``EDGEBUILD_EMULATOR_EXECUTORCH=1`` adds
-the aarch64 torch (CPU) and executorch of the host's versions (``EXECUTORCH_MARK``). Its Python runs the same self-contained
+the aarch64 executorch runtime of the host's version (``EXECUTORCH_MARK``). Its Python runs the same self-contained
 runner a board runs (``pipeline/assets/device_runner.py``) through ``qemu-aarch64-static -L ROOT``, offline.
 
 The emulated outputs are judged against the FP32 reference like any validation (``revalidate.judged``, no
-latency: time under emulation says nothing about a board), and compared with the host's x86-64 LiteRT on the
+latency: time under emulation says nothing about a board), and compared with the host's x86-64 runtime on the
 same feeds: top-1 agreement, max abs error and cosine go into ``emulation.vs_host``; agreement below
-``HOST_AGREEMENT`` is a failed check. A missing emulator is one line and exit 4 (``DeviceError``).
+``HOST_AGREEMENT`` is a failed check. The runner's invoke time under qemu is kept apart, in
+``emulation.qemu_invoke_ms`` (what the emulation cost on this host, never a device number). A missing emulator is
+one line and exit 4 (``DeviceError``).
+
+A .pte runs on the aarch64 executorch wheel's prebuilt C++ runtime (libexecutorch, kernels, XNNPACK delegate)
+through ``edgebuild_et`` (pipeline/assets/edgebuild_et.cpp/.py, compiled against that wheel by the setup): the
+wheel's Python bindings link libtorch, whose aarch64 build on PyPI is the CUDA one (~2.7 GB with its CUDA wheels).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,9 +37,10 @@ from edgebuild.procs import tempdir
 SITE = "/opt/edgebuild/site"  # inside the root: where the setup script installed the aarch64 wheels
 RUNTIMES = ("ai_edge_litert",)  # what the root has (setup_arm64_emulator.sh): a backend whose device runtimes include it
 OPTIONAL = {"executorch": "EDGEBUILD_EMULATOR_EXECUTORCH=1 edgebuild setup-emulator"}  # added on request
-EXECUTORCH_MARK = ".edgebuild-executorch"  # in the root: the torch and executorch versions the setup installed
+EXECUTORCH_MARK = ".edgebuild-executorch"  # in the root: the executorch version and edgebuild_et's hash installed
 NAMES = {"ai_edge_litert": "LiteRT", "executorch": "ExecuTorch"}
 RUN_TIMEOUT_S = 900
+QEMU_RUNS = 10  # timed invokes under qemu (emulation cost, not latency)
 CPU = "cortex-a76"  # the Raspberry Pi 5's core; the setup script's ROOT/proc/cpuinfo describes the same
 # emulated (aarch64 LiteRT) vs host (x86-64 LiteRT), same artifact and feeds: the same kernels (XNNPACK) on two
 # ISAs. Float rounding (FMA) and the NEON vs AVX requantization may differ by a unit in the last place, which can
@@ -78,10 +86,13 @@ def validate_emulated(artifact_dir: Path, eval_source: str, evaluator: str | Non
                             f"{artifact_dir} is a {loaded.meta['backend']} artifact")
     if runtime == "executorch" and not (emulator_root() / EXECUTORCH_MARK).is_file():
         raise DeviceError(f"--emulate: the arm64 emulator at {emulator_root()} has no ExecuTorch runtime; run "
-                          f"`{OPTIONAL[runtime]}` (adds the aarch64 torch and executorch wheels, ~250 MB)")
+                          f"`{OPTIONAL[runtime]}` (adds the aarch64 executorch wheel's runtime, ~18 MB)")
     with tempfile.TemporaryDirectory(prefix="edgebuild-emulate-", dir=tempdir()) as tmp:
         job = Path(tmp)
-        write_job(loaded, job, timed=False)
+        write_job(loaded, job, timed=True)  # the invoke times are the emulation's cost, kept apart from latency
+        spec = json.loads((job / "job.json").read_text())
+        spec["timing"] = {"warmup": 1, "runs": QEMU_RUNS, "budget_s": 0}  # a few: emulation is ~100x slower
+        (job / "job.json").write_text(json.dumps(spec))
         argv, env = command()
         try:
             done = subprocess.run(argv, cwd=job, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -93,11 +104,21 @@ def validate_emulated(artifact_dir: Path, eval_source: str, evaluator: str | Non
     with open_runner(loaded.backend, loaded.artifact, loaded.meta["runtime"]["threads"]) as runner:
         host = V.collect(runner, loaded.evalset)
     vs_host = agreement(host, emulated, loaded.evalset.labels, loaded.judging)
+    binding = {"edgebuild_et": ", C++ runtime through edgebuild_et"}.get(result.get("binding"), "")
     emulation = {"runtime": f"{result['runtime']} {result['runtime_version']} ({result['machine']}, Python "
-                            f"{result['python']}) under qemu-user -cpu {CPU}", "root": str(emulator_root()),
+                            f"{result['python']}{binding}) under qemu-user -cpu {CPU}", "root": str(emulator_root()),
                  "vs_host": vs_host, "tolerance": {k: {op: limit} for k, limit, op in HOST_AGREEMENT},
-                 "latency": "not measured: time under emulation is not device latency"}
+                 "latency": "not measured: time under emulation is not device latency",
+                 "qemu_invoke_ms": qemu_time(result["times_ms"])}
     return judged(loaded, emulated, None, vs_host=vs_host, emulation=emulation)  # agreement judged in V.assess
+
+
+def qemu_time(times_ms: list) -> dict | None:
+    """The runner's invoke times under qemu-user on this host: the emulation's cost, not a device latency."""
+    if not times_ms:
+        return None
+    return {"p50": round(float(np.median(times_ms)), 3), "runs": len(times_ms),
+            "note": "emulated (qemu-user on this x86-64 host), not a device number"}
 
 
 def host_failures(vs_host: dict) -> list[V.Check]:

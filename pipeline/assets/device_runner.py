@@ -6,7 +6,9 @@ artifact's runtime only (never edgebuild). Shipped to the device by `edgebuild v
 
 job.json: backend (tflite | onnx | openvino | executorch), artifact (file name in JOB_DIR), io (the artifact's I/O record from
 metadata.json), inputs (source input names, in order), samples, threads, timing {warmup, runs, budget_s},
-compile_config (OpenVINO: the CPU plugin properties the build recorded).
+compile_config (OpenVINO: the CPU plugin properties the build recorded); for a stateful model, state ([[output index,
+input name]]) and runs ([[start, stop]]): within a run, each step after the first is fed the state outputs of the
+step before (closed loop), as edgebuild judges it.
 feeds.npz holds ``x<k>`` = input k stacked over the samples, in the source model's layout and dtype; this runner
 adapts them to the artifact (TFLite: the layout permutation and the int8/uint8 input quantization recorded in the
 model) and back, like edgebuild's host runners. Latency times the runtime's invoke alone, inputs already set.
@@ -131,12 +133,18 @@ class OpenVino:
 class ExecuTorch:
     """A .pte on ExecuTorch's C++ runtime through its Python bindings (the executorch wheel: portable kernels and
     the XNNPACK delegate). Only the bindings' extension is loaded, never executorch.exir (the compiler side): it
-    needs torch's shared libraries (``import torch`` first) and numpy, nothing else."""
+    needs torch's shared libraries (``import torch`` first) and numpy, nothing else. Without torch (the emulator
+    root) the same runtime runs through edgebuild_et (a C ABI over its C++ Module API, numpy in and out)."""
     runtime = "executorch"
 
     def __init__(self, path, io, threads, compile_config=None):
-        import torch  # noqa: F401 — loads libtorch, which the bindings link against
-        from executorch.extension.pybindings import _C
+        try:
+            import torch  # noqa: F401 — loads libtorch, which the bindings link against
+            from executorch.extension.pybindings import _C
+            self.binding = "pybindings"
+        except ImportError:  # no torch (the emulator root): the same C++ runtime through edgebuild_et's C ABI
+            import edgebuild_et as _C
+            self.binding = "edgebuild_et"
         try:
             _C._unsafe_reset_threadpool(int(threads))  # the XNNPACK delegate's thread pool
         except Exception:
@@ -147,8 +155,10 @@ class ExecuTorch:
 
     def set(self, feed):
         import numpy as np
-        import torch
-        self.args = [torch.from_numpy(np.array(feed[name], dtype=dtype, copy=True)) for name, dtype in self.inputs]
+        self.args = [np.array(feed[name], dtype=dtype, copy=True) for name, dtype in self.inputs]
+        if self.binding == "pybindings":
+            import torch
+            self.args = [torch.from_numpy(a) for a in self.args]
 
     def invoke(self):
         self.result = self.module.forward(self.args)
@@ -168,7 +178,12 @@ def run(job_dir):
     model = cls(os.path.join(job_dir, job["artifact"]), job["io"], job["threads"], job.get("compile_config"))
     load_s = time.perf_counter() - t0
     outputs = []
-    for feed in feeds:
+    starts = set(r[0] for r in job.get("runs") or [[i, i + 1] for i in range(len(feeds))])
+    for i, feed in enumerate(feeds):
+        if i not in starts:
+            for index, name in job.get("state") or []:
+                like = np.asarray(feed[name])
+                feed = dict(feed, **{name: np.asarray(outputs[-1][index]).reshape(like.shape).astype(like.dtype)})
         model.set(feed)
         model.invoke()
         outputs.append(model.get())
@@ -187,6 +202,8 @@ def run(job_dir):
             times.append((time.perf_counter() - s) * 1e3)
     result = {"runtime": model.runtime, "runtime_version": _version(model.runtime), "load_s": load_s,
               "samples": len(outputs), "times_ms": times, "warmup": t.get("warmup", 0), **probe()}
+    if getattr(model, "binding", None):
+        result["binding"] = model.binding  # ExecuTorch: its Python bindings, or edgebuild_et (C ABI, no torch)
     json.dump(result, open(os.path.join(job_dir, "result.json"), "w"))
 
 

@@ -9,10 +9,12 @@
 # root's python with `qemu-aarch64-static -L ROOT`. The root is built beside its final place and moved there
 # when it works, so an interrupted run leaves nothing half-made.
 # EDGEBUILD_EMULATOR_EXECUTORCH=1 adds ExecuTorch for .pte artifacts (an existing root gets it without being made
-# again): the aarch64 executorch wheel of the host's version from PyPI and torch's CPU build of the host's version
-# from PyTorch's CPU index ($EDGEBUILD_TORCH_INDEX, default https://download.pytorch.org/whl/cpu, as the
-# Dockerfile's torch: PyPI's aarch64 torch needs CUDA's libraries, GBs), plus torch's pure-Python dependencies;
-# ~250 MB. Marked by ROOT/.edgebuild-executorch.
+# again): the aarch64 executorch wheel of the host's version from PyPI (~18 MB), whose prebuilt C++ runtime
+# (libexecutorch, kernels, XNNPACK delegate) runs the .pte through edgebuild_et.cpp, a C ABI over the runtime's
+# extension::Module compiled here with aarch64-linux-gnu-g++ (apt-get install g++-aarch64-linux-gnu) against the
+# wheel's own headers, and edgebuild_et.py (ctypes, numpy). The wheel's Python bindings are not used: they link
+# libtorch, and PyPI's aarch64 torch is the CUDA build (~2.7 GB with its CUDA wheels). Marked by
+# ROOT/.edgebuild-executorch (version and shim hash).
 set -euo pipefail
 : "${PYTHON:?}" "${NUMPY_VERSION:?}" "${LITERT_VERSION:?}"
 ROOT=${EDGEBUILD_ARM64_ROOT:-$HOME/.cache/edgebuild/arm64-root}
@@ -21,26 +23,41 @@ MIRROR=${EDGEBUILD_ARM64_MIRROR:-http://deb.debian.org/debian}
 SITE=/opt/edgebuild/site            # inside the root: the aarch64 wheels, installed
 WANT="suite=$SUITE cpu=cortex-a76 numpy=$NUMPY_VERSION ai-edge-litert=$LITERT_VERSION"
 
-add_executorch() {  # $1: the root; installs the aarch64 torch (CPU) and executorch under $1$SITE, checks them
-  local root=$1 versions py
-  versions=$("$PYTHON" -c 'from importlib.metadata import version as v; print(v("torch").split("+")[0], v("executorch").split("+")[0])') \
-    || { echo "edgebuild setup-emulator: EDGEBUILD_EMULATOR_EXECUTORCH=1 needs torch and executorch installed here" >&2; exit 2; }
-  set -- "$root" $versions
-  local want="torch=$2 executorch=$3"
+add_executorch() {  # $1: the root; the aarch64 executorch runtime under $1$SITE, driven without torch, checked
+  local root=$1 version py here
+  version=$("$PYTHON" -c 'from importlib.metadata import version as v; print(v("executorch").split("+")[0])') \
+    || { echo "edgebuild setup-emulator: EDGEBUILD_EMULATOR_EXECUTORCH=1 needs executorch installed here" >&2; exit 2; }
+  here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  local want="executorch=$version shim=$(cat "$here/edgebuild_et.cpp" "$here/edgebuild_et.py" | sha256sum | cut -c1-12)"
   [ "$(cat "$1/.edgebuild-executorch" 2>/dev/null)" = "$want" ] && return 0
+  if ! command -v aarch64-linux-gnu-g++ >/dev/null; then
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+      echo "edgebuild setup-emulator: ExecuTorch needs aarch64-linux-gnu-g++ (apt-get install g++-aarch64-linux-gnu)" >&2
+      exit 2
+    fi
+    echo "installing g++-aarch64-linux-gnu" >&2
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++-aarch64-linux-gnu >/dev/null
+  fi
   py=$(basename "$(readlink -f "$1/usr/bin/python3")" | sed 's/^python//')
-  echo "aarch64 torch (CPU) and executorch for cp${py/./} ($want)" >&2
+  echo "aarch64 executorch runtime for cp${py/./} ($want)" >&2
   local wheels="$1/opt/edgebuild/wheels-executorch" plat=(--platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64)
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "${plat[@]}" --python-version "$py" --implementation cp \
-    -d "$wheels" --index-url "${EDGEBUILD_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" "torch==$2"
-  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "${plat[@]}" --python-version "$py" --implementation cp \
-    -d "$wheels" "executorch==$3" typing-extensions sympy mpmath filelock networkx jinja2 markupsafe fsspec
-  "$PYTHON" -m pip install -q --no-deps --no-index --find-links "$wheels" --only-binary=:all: "${plat[@]}" \
-    --python-version "$py" --implementation cp --target "$1$SITE" --upgrade "$wheels"/*.whl
+    -d "$wheels" "executorch==$version"
+  # The wheel's libraries and headers only (--no-deps): its Python side (exir, the compiler) and its bindings (_C,
+  # which links libtorch: PyPI's aarch64 torch is the CUDA build, ~2.7 GB with its CUDA wheels) are never loaded.
+  "$PYTHON" -m pip install -q --no-deps --no-index --only-binary=:all: "${plat[@]}" --python-version "$py" \
+    --implementation cp --target "$1$SITE" --upgrade "$wheels"/executorch-*.whl
   rm -rf "$wheels"
+  local et="$1$SITE/executorch"
+  aarch64-linux-gnu-g++ -std=c++17 -O2 -shared -fPIC -w -DC10_USING_CUSTOM_GENERATED_MACROS \
+    -DET_EVENT_TRACER_ENABLED -DET_USE_THREADPOOL -I "$et/include" -I "$et/include/executorch/runtime/core/portable_type/c10" \
+    "$here/edgebuild_et.cpp" -L "$et/lib" -Wl,--no-as-needed -lexecutorch -lexecutorch_kernels_optimized \
+    -lexecutorch_kernels_quantized -lexecutorch_backend_xnnpack -lexecutorch_threadpool -Wl,--as-needed \
+    -Wl,-rpath,'$ORIGIN/executorch/lib' -o "$1$SITE/libedgebuild_et.so"
+  cp "$here/edgebuild_et.py" "$1$SITE/edgebuild_et.py"
   echo "checking: aarch64 python loads ExecuTorch's runtime under qemu" >&2
   PYTHONPATH=$SITE PYTHONNOUSERSITE=1 qemu-aarch64-static -cpu cortex-a76 -L "$1" "$1/usr/bin/python3" -c \
-    'import platform, torch; from executorch.extension.pybindings import _C; assert platform.machine() == "aarch64"; print("executorch runtime", torch.__version__)' >&2
+    'import platform, edgebuild_et; edgebuild_et._unsafe_reset_threadpool(2); assert platform.machine() == "aarch64"; print("executorch runtime loaded")' >&2
   echo "$want" >"$1/.edgebuild-executorch"
 }
 
