@@ -49,7 +49,11 @@ class Attempt:
     @property
     def assessment(self) -> V.Assessment:
         lat = None if self.latency is None else self.latency.to_dict()
-        return V.assess(self.metrics, self.budget, self.task, self.artifact.size_bytes, lat, self.memory)
+        # a search try whose files were replaced by a later one (installed in the same folder) keeps its quality
+        # checks; its size is no longer there to judge (it was judged when it was made)
+        present = all((self.artifact.directory / f).is_file() for f in self.artifact.files)
+        size = self.artifact.size_bytes if present else None
+        return V.assess(self.metrics, self.budget, self.task, size, lat, self.memory)
 
     @property
     def failures(self) -> list[V.Check]:

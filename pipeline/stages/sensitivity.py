@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.calibration.budget import at_most
-from edgebuild.calibration.dataset import SampleSet
+from edgebuild.calibration.dataset import SampleSet, whole_runs
 from edgebuild.pipeline.progress import SUBSTEP
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.procs import tempdir
@@ -127,6 +127,8 @@ def rank_layers(onnx_path: Path, calib: SampleSet, select: SampleSet, reference:
     keep_n = samples_per_layer(len(layers))
     if len(select) > keep_n:  # layers x samples bounded: rank on a fixed-size part
         keep = np.sort(np.random.default_rng(0).permutation(len(select))[:keep_n])
+        if select.sequences is not None:  # whole sequences (contiguous pieces), judged closed loop
+            keep = whole_runs(select, keep_n, 0, max_steps=keep_n)[0]
         select, reference = select.subset(keep), [reference[i] for i in keep]
     scores: dict[str, float] = {}
     complete = True

@@ -166,7 +166,7 @@ def test_weights_computed_from_constants_are_folded_so_the_quantizer_sees_them(t
     from onnx import TensorProto, helper, numpy_helper
 
     from edgebuild.pipeline.stages.weights import weight_share
-    from edgebuild.targets.onnx import _fold_constant_weights, dynamic_share
+    from edgebuild.targets.onnx import dynamic_share, fold_constant_weights
 
     rng = np.random.default_rng(0)
     H, X = 32, 8
@@ -182,7 +182,7 @@ def test_weights_computed_from_constants_are_folded_so_the_quantizer_sees_them(t
     path = tmp_path / "cell.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     assert dynamic_share(path) == 1.0  # counted through Unsqueeze(Constant) before folding
-    assert _fold_constant_weights(path) == 4
+    assert fold_constant_weights(path) == 4
     folded = onnx.load(str(path)).graph
     assert [n.op_type for n in folded.node] == ["LSTM"] and {"W", "R"} <= {i.name for i in folded.initializer}
     assert weight_share(path, "onnx")["float_weights"] == 4 * H * (X + H)

@@ -30,7 +30,7 @@ def stand_in(seconds_left: float, durations=(10.0,), tries: int = 12):
     s = R._Search.__new__(R._Search)
     s.ctx, s.record, s.reserve = ctx, SearchRecord(tries=[SearchTry("profile settings")]), 1
     s.sensitivity = Sensitivity({}, 0.0)
-    s.tries = [tried("profile settings", "int8", False, 0.3)]
+    s.tries = [tried("profile settings", "int8", False, 3.0)]  # not a near miss (R.NEAR_MISS)
     s.deadline, s.durations, s.started = time.monotonic() + seconds_left, list(durations), time.monotonic()
     s.profile = SimpleNamespace(name="onnx-cpu")
     return ctx, s
@@ -185,7 +185,7 @@ def test_mixed_precision_starts_where_the_proxy_says(monkeypatch):
     s.select, s.budget = (None, None), None
     monkeypatch.setattr(R, "_sensitivity", lambda c, search: ranked)
     monkeypatch.setattr(R, "_layer_weights", lambda path: {n: 1 for n in ranked})
-    monkeypatch.setattr(proxy, "first_step", lambda *a: (3, {"result": "4 layer(s) in float pass the proxy"}))
+    monkeypatch.setattr(proxy, "first_step", lambda *a, **k: (3, {"result": "4 layer(s) in float pass the proxy"}))
     asked = []
 
     def attempt(label, precision, settings, fallback=False):
@@ -261,7 +261,7 @@ def test_layers_the_backend_keeps_float_anyway_get_no_try_of_their_own(monkeypat
     monkeypatch.setattr(R, "_sensitivity", lambda c, search: ranked)
     monkeypatch.setattr(R, "_layer_weights", lambda path: {"conv1": 1, "conv2": 1})
     monkeypatch.setattr(regions, "float_regions", lambda path: {"frontend": [], "postprocess": ["softmax"]})
-    monkeypatch.setattr(proxy, "first_step", lambda *a: (None, {}))
+    monkeypatch.setattr(proxy, "first_step", lambda *a, **k: (None, {}))
     asked = []
     s.attempt = lambda label, precision, settings, fallback=False: asked.append(list(settings.float_layers))
     R._mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=True))
@@ -274,6 +274,7 @@ def test_histogram_calibration_reads_a_bounded_number_of_activation_values(tmp_p
     import numpy as np
 
     from edgebuild.targets import onnx as O
+    from edgebuild.targets.onnx import static
     from tests.pipeline.int8_models import outlier_chain, outlier_input
 
     rng = np.random.default_rng(0)
@@ -281,13 +282,13 @@ def test_histogram_calibration_reads_a_bounded_number_of_activation_values(tmp_p
     calib = outlier_input(rng, 100)
     from edgebuild.calibration.budget import activation_elements
 
-    monkeypatch.setattr(O, "HISTOGRAM_ELEMENTS", 40 * activation_elements(path))  # 40 samples' worth
-    monkeypatch.setattr(O, "MIN_HISTOGRAM_SAMPLES", 10)
+    monkeypatch.setattr(static, "HISTOGRAM_ELEMENTS", 40 * activation_elements(path))  # 40 samples' worth
+    monkeypatch.setattr(static, "MIN_HISTOGRAM_SAMPLES", 10)
     assert len(O.histogram_samples(path, calib)) == 40
     settings = O.OnnxSettings().replace(calibrate_method="percentile", float_regions=False).to_dict()
-    notes = O._quantize_static(path, tmp_path / "q.onnx", calib, settings, tmp_path)
+    notes = O.quantize_qdq(path, tmp_path / "q.onnx", calib, settings, tmp_path)
     assert any("percentile calibration histograms" in n and "of the 100 calibration samples" in n for n in notes), notes
-    notes = O._quantize_static(path, tmp_path / "m.onnx", calib, {**settings, "calibrate_method": "minmax"}, tmp_path)
+    notes = O.quantize_qdq(path, tmp_path / "m.onnx", calib, {**settings, "calibrate_method": "minmax"}, tmp_path)
     assert not any("histograms" in n for n in notes)
 
 
@@ -318,7 +319,7 @@ def test_mixed_precision_builds_on_the_int8_variant_closest_to_the_budget(monkey
     ctx.job.model = SimpleNamespace(onnx_path="model.onnx")
     monkeypatch.setattr(R, "_sensitivity", lambda c, search: ranked)
     monkeypatch.setattr(R, "_layer_weights", lambda path: {n: 1 for n in ranked})
-    monkeypatch.setattr(proxy, "first_step", lambda *a: (None, {}))
+    monkeypatch.setattr(proxy, "first_step", lambda *a, **k: (None, {}))
     asked = []
     s.attempt = lambda label, precision, settings, fallback=False: asked.append(settings)
     R._mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=False))

@@ -164,7 +164,8 @@ def test_a_core_only_install_names_the_missing_extra_in_one_line(core_only, tmp_
     files = archive.namelist()
     assert "edgebuild" in {p.split("/")[0] for p in files} and not {"tests", "scripts"} & {p.split("/")[0] for p in files}
     for shipped in ("edgebuild/pipeline/schemas/manifest.v1.schema.json", "edgebuild/pipeline/schemas/config.v1.schema.json",
-                    "edgebuild/pipeline/schemas/profile.v1.schema.json", "edgebuild/pipeline/assets/setup_arm64_emulator.sh"):
+                    "edgebuild/pipeline/schemas/profile.v1.schema.json", "edgebuild/pipeline/assets/setup_arm64_emulator.sh",
+                    "edgebuild/pipeline/assets/edgebuild_et.cpp", "edgebuild/pipeline/assets/edgebuild_et.py"):
         assert shipped in files, shipped
     meta = archive.read(next(f for f in files if f.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in meta, meta[:1500]
@@ -221,6 +222,17 @@ def test_licence_urls_and_package_data_are_declared():
     assert "urls" not in meta.get("dynamic", [])
     data = tool["package-data"]
     assert "*.schema.json" in data["edgebuild.pipeline.schemas"] and "*.sh" in data["edgebuild.pipeline.assets"]
+
+
+def test_every_package_directory_is_in_the_wheel():
+    """A new sub-package (a folder with __init__.py under pipeline/, targets/, calibration/) is declared with its
+    folder: the editable install imports it anyway, a wheel without the declaration lacks it."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = {tool["package-dir"][p] for p in tool["packages"]}
+    folders = {str(i.parent.relative_to(ROOT)) for top in ("pipeline", "targets", "calibration")
+               for i in (ROOT / top).rglob("__init__.py") if "__pycache__" not in i.parts}
+    assert folders <= declared, f"sub-packages missing from pyproject.toml: {sorted(folders - declared)}"
+    assert all((ROOT / d).is_dir() for d in declared), "a declared package folder is gone"  # data folders: no __init__
 
 
 def _string_constants(tree):
