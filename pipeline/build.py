@@ -139,8 +139,19 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
                     model, program_record = export_program(loaded, model, scratch)
                     export_record.update(program_record)
             with stage("running the FP32 reference"):
-                reference, reference_cached = _reference_outputs(cache, model, evalset)
-                save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # pipeline/stages/reference.py
+                from edgebuild.pipeline.stages import closed_loop
+
+                evalset, loop_record = closed_loop.resolve(spec.state, model, evalset, spec.sequences, data_record)
+                reference, reference_cached = _reference_outputs(cache, model, evalset)  # closed loop when stateful
+                evalset = closed_loop.carried(evalset, reference)  # each step's state: the one FP32 carried into it
+                if loop_record:
+                    data_record["evaluation"] = evalset.describe()
+                try:  # a full disk, a quota: one line, like the output's own writing (staging is removed below)
+                    save_reference(refdir, reference, evalset, [o.name for o in model.outputs])  # stages/reference.py
+                except OSError as e:
+                    kept = "the earlier output is kept" if out.exists() else "nothing written"
+                    raise BadInputError(f"--out {out}: cannot write the output ({e.strerror or e}: "
+                                        f"the FP32 reference); {kept}") from None
                 judging = V.resolve(judging_for(spec, model), reference, evalset.labels)
             deadline = time.monotonic() - (time.perf_counter() - t_start) + (spec.build_max_seconds or float("inf"))
             ctx = BuildContext(BuildJob(spec, model, calib, evalset, reference, judging),
@@ -150,7 +161,8 @@ def build(spec: BuildSpec, stage: Callable[[str], object] = _quiet_stage, jobs: 
                             "note": "per target: `cache` says which results came from the stage cache"}
             manifest = _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets,
                                  time.perf_counter() - t_start, judging, cache_record,
-                                 None if compress_record is None else _gate_compression(compress_record, spec))
+                                 None if compress_record is None else _gate_compression(compress_record, spec),
+                                 loop_record)
             return BuildResult(finish(staging, out, manifest), out)
     finally:
         remove_workdirs(staging, scratch)
@@ -196,19 +208,22 @@ def judging_for(spec: BuildSpec, model) -> V.Judging:
                      evaluator=spec.evaluator, evaluator_base=os.pathsep.join(spec.python_path) or None)
 
 
-def _judging_record(judging: V.Judging, evalset, spec: BuildSpec, profiles) -> dict:
+def _judging_record(judging: V.Judging, evalset, spec: BuildSpec, profiles, loop: dict | None = None) -> dict:
     from edgebuild.pipeline.stages.per_target import budget_for
 
     warnings = list(judging.warnings)
     for note in dict.fromkeys(V.coarseness_warning(len(evalset), budget_for(p, spec)) for p in profiles):
         if note:
             warnings.append(note)
+    if loop and not loop.get("closed_loop"):
+        warnings.append(f"state {loop['state']} {loop['how']}, but judged per step: {loop['why_not']}")
     return {"task": judging.task, "task_options": judging.options, "labels_output": judging.labels_output or None,
-            "evaluator": judging.evaluator, "outputs": list(judging.output_names), "warnings": warnings}
+            "evaluator": judging.evaluator, "outputs": list(judging.output_names), "warnings": warnings,
+            **({"stateful": loop} if loop else {})}
 
 
 def _manifest(spec, profiles, model, export_record, data_record, reference, evalset, targets, seconds,
-              judging: V.Judging, cache: dict, compression: dict | None) -> Manifest:
+              judging: V.Judging, cache: dict, compression: dict | None, loop: dict | None = None) -> Manifest:
     ref = {"onnx": "reference/model_fp32.onnx", "sha256": model.content_hash,
            "size_bytes": model.onnx_path.stat().st_size, "inputs": [i.__dict__ for i in model.inputs],
            "outputs": [o.__dict__ for o in model.outputs], **export_record}
@@ -220,5 +235,5 @@ def _manifest(spec, profiles, model, export_record, data_record, reference, eval
         edgebuild=tool_versions(("edgebuild",))["edgebuild"],
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         seconds=round(seconds, 2), spec=spec.to_dict(), cwd=str(Path.cwd()),  # relative spec paths start here
-        tools=tool_versions(), model=ref, data=data_record, judging=_judging_record(judging, evalset, spec, profiles),
+        tools=tool_versions(), model=ref, data=data_record, judging=_judging_record(judging, evalset, spec, profiles, loop),
         targets=targets, cache=cache, compression=compression)

@@ -305,6 +305,12 @@ def _judging_lines(j: dict) -> list[str]:
         what = f"task {j.get('task', 'auto')}" + (f", evaluator `{j['evaluator']}`" if j.get("evaluator") else "")
         lines.append(f"- judged per output ({', '.join(j.get('outputs', []))}): {what}; labels score "
                      f"{'output ' + j['labels_output'] if j.get('labels_output') else 'no output'}")
+    loop = (j or {}).get("stateful")
+    if loop and loop.get("closed_loop"):
+        mapping = ", ".join(f"{o} -> {i}" for o, i in loop["state"].items())
+        lines.append(f"- stateful model, judged **closed loop**: state {mapping} ({loop['how']}); the FP32 reference and "
+                     f"every artifact fed back their own state over {loop['sequences']} sequence(s), {loop['steps']} "
+                     f"steps (longest {loop['longest']}); a sequence's first step takes {loop['first_step']}")
     lines += [f"- **warning:** {w}" for w in j.get("warnings", [])]
     return lines
 

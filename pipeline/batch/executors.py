@@ -133,11 +133,11 @@ class RayExecutor:
                 ray.cancel(ref, force=True)
             for ref in pending:
                 results[refs[ref].name] = interrupted(refs[ref])
-            raise _Interrupted(results) from None
+            raise BatchInterrupted(results) from None
         return results
 
 
-class _Interrupted(KeyboardInterrupt):
+class BatchInterrupted(KeyboardInterrupt):
     """Ctrl-C / SIGTERM during a batch, carrying the cells that finished (and the others, as interrupted)."""
 
     def __init__(self, results: dict[str, dict]):
@@ -215,7 +215,7 @@ class LocalExecutor:
                 results[c.name] = interrupted(c)
             for c in queue:
                 results[c.name] = interrupted(c)
-            raise _Interrupted(results) from None
+            raise BatchInterrupted(results) from None
         return results
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgebuild.pipeline.batch.cell import RUNNING_DIR, finished
-from edgebuild.pipeline.batch.executors import _Interrupted, make_executor
+from edgebuild.pipeline.batch.executors import BatchInterrupted, make_executor
 from edgebuild.pipeline.batch.matrix import load_matrix
 from edgebuild.pipeline.batch.summary import write_summary
 
@@ -129,7 +129,7 @@ def run_batch(matrix_file: str | Path, out: str | Path = "batch", address: str |
                 console.print(description["note"], style="dim", markup=False, highlight=False)
             try:
                 records.update(executor.run(todo, out, matrix.retries, progress.cell))
-            except _Interrupted as e:
+            except BatchInterrupted as e:
                 by_name = {c.name: c for c in todo}
                 for name, record in e.results.items():
                     if record.get("verdict") == "interrupted":  # its build may have swapped its output in already

@@ -38,6 +38,22 @@ def _swap_and_rehash(entry: Path, name: str, other: bytes) -> None:
 FAULTS = ("swapped and re-hashed (keyed cache)", "truncated", "a symlink", "a file pointing outside")
 
 
+def test_a_full_disk_while_the_fp32_reference_is_written_is_one_line(here, edgebuild):
+    """The output's folder on a 1 MB tmpfs and 5000 evaluation samples (1.3 MB of feeds): the FP32 reference is the
+    first thing that does not fit. Found on a real detector's 660 MB evaluation set (it was a traceback, exit 3)."""
+    disk = here / "disk"
+    if not _mount_tmpfs(disk, "1m"):
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+    np.savez(here / "big.npz", x=np.random.default_rng(1).random((5000, 1, 8, 8), dtype=np.float32))
+    try:
+        r = edgebuild("--model", "tiny.onnx", "--target", "onnx-cpu", *BUILD, "--eval", "big.npz", "--no-cache",
+                      "-o", disk / "out")
+        r.check(2, r"cannot write the output \(No space left on device: the FP32 reference\); nothing written")
+        assert not [p.name for p in disk.iterdir() if p.name.startswith(".out.") and p.name != ".out.lock"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 def test_a_bad_cache_entry_is_never_shipped(here, edgebuild, monkeypatch, tmp_path):
     """One build fills the cache (signed: a key is set), then each fault in turn is made on every entry holding the
     artifact and the next build must ship the good artifact, rebuilt, and say so."""
