@@ -22,6 +22,7 @@ from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.candidate import Attempt, evaluate
 from edgebuild.pipeline.stages.convert import convert
+from edgebuild.pipeline.stages.search_state import Search, failed_try, share_calibration
 from edgebuild.targets.base import Backend
 from edgebuild.targets.profiles import TargetProfile
 
@@ -76,120 +77,6 @@ def selection_budget(budget: V.Budget, n_select: int) -> tuple[V.Budget, str | N
     return dataclasses.replace(budget, max_accuracy_drop=tightened), note
 
 
-class _Search:
-    """The tries of one target's search, bounded in count and time (one try is kept for the float fallback)."""
-
-    ranking: dict[str, float] | None = None  # what mixed precision ranks layers by (``_ranking``), once asked
-    mixed_done = False  # mixed precision was tried (after a near miss, or in its turn): not twice
-
-    def __init__(self, ctx, backend, profile, budget, select, record, reserve: int):
-        self.ctx, self.backend, self.profile, self.budget, self.select, self.record = ctx, backend, profile, budget, select, record
-        self.tries: list[Attempt] = []
-        self.started = time.monotonic()
-        self.deadline = min(self.started + ctx.job.spec.auto_max_seconds, ctx.work.deadline)
-        self.reserve = reserve
-        self.durations: list[float] = []  # seconds each try took (conversion + evaluation)
-        self.sensitivity = None  # the per-layer ranking (stages/sensitivity.py), once this search asked for it
-
-    def timed_out(self, what: str) -> None:
-        """Record a decision the clock made (the only way the search's result depends on wall time; a search that
-        records none is a function of its inputs): ``auto_max_seconds``/``build_max_seconds`` are inputs (spec)."""
-        if self.record.time_limit is None:
-            self.record.time_limit = []
-        if what not in self.record.time_limit:
-            self.record.time_limit.append(what)
-
-    def room(self, fallback: bool = False) -> bool:
-        """Whether another try may start: within the count, and (judged by the slowest try so far) able to end
-        before the search's limit. A float fallback has its try reserved and may pass the search's own limit,
-        never the whole build's (``build_max_seconds``)."""
-        now = time.monotonic()
-        expected = max(self.durations, default=0.0)
-        if fallback:
-            fits = now + expected < self.ctx.work.deadline
-            if not fits:
-                self.timed_out("a float fallback try did not fit before build_max_seconds")
-            return fits
-        if len(self.record.tries) >= self.ctx.job.spec.auto_max_tries - self.reserve:
-            return False
-        if now + expected >= self.deadline:
-            self.timed_out("a try did not fit before the search's time limit")
-            return False
-        return True
-
-    def short_of_time(self, tries: int) -> bool:
-        """Fewer than ``tries`` more tries (as long as the slowest so far) fit before the search's limit."""
-        short = bool(self.durations) and time.monotonic() + tries * max(self.durations) > self.deadline
-        if short:
-            self.timed_out(f"fewer than {tries} more tries fit before the search's time limit")
-        return short
-
-    def on_best(self, label: str, settings: Settings | None) -> tuple[str, Settings | None]:
-        """A candidate that refines another (AdaRound: learned weight rounding) is built on the INT8 variant that came
-        closest so far, when the backend says it applies there (``on_best_variant``): on ocr-cls, AdaRound on the
-        profile's min-max calibration left 13 of 500 samples changed, on entropy calibration 9."""
-        refine = getattr(self.backend, "on_best_variant", None)
-        asked = getattr(self, "asked", {})
-        if refine is None or not isinstance(settings, Settings):
-            return label, settings
-        tried = [t for t in self.tries if t.artifact.precision == Precision.INT8]
-        best = min((t for t in tried if isinstance(asked.get(t.label), Settings) and not asked[t.label].float_layers),
-                   key=lambda t: t.loss, default=None)
-        if best is None or any(t.loss <= best.loss for t in tried if t.label not in asked):
-            return label, settings  # the profile's own settings came closest: the candidate as it is
-        refined = refine(settings, asked[best.label])
-        return (f"{label}, on {best.label}", refined) if refined is not None else (label, settings)
-
-    def attempt(self, label: str, precision: Precision, settings: Settings | None, fallback: bool = False) -> Attempt | None:
-        if not self.room(fallback):
-            return None
-        label, settings = self.on_best(label, settings)
-        extra = getattr(self.backend, "extra_seconds", None)  # a candidate costlier than a plain try (AdaRound)
-        model = getattr(self.ctx.job, "model", None)
-        extra = extra(settings, model.onnx_path) if extra is not None and settings is not None and model else 0.0
-        if extra and time.monotonic() + max(self.durations, default=0.0) + extra >= self.deadline:
-            self.timed_out(f"skipped: {label} (about {extra:.0f} s more than a plain try) did not fit before the "
-                           "search's time limit")
-            return None
-        ctx, profile = self.ctx, self.profile
-        directory = ctx.work.scratch / profile.name / f"try{len(self.record.tries)}"
-        share_calibration(ctx, self.backend, profile)
-        n = len(self.record.tries) + 1
-        t0 = time.monotonic()
-        left = self.deadline - t0
-        with ctx.work.stage(f"{profile.name}: accuracy search {n}/{ctx.job.spec.auto_max_tries} — {label}"
-                       + (f" ({left:.0f} s left)" if left < float("inf") else "")):
-            try:
-                made = convert(ctx, self.backend, profile, precision, directory, settings)
-                a = evaluate(ctx, self.backend, profile, made.artifact, self.budget, timed=False, data=self.select,
-                             restored=made.restored)
-            except EdgeBuildError as e:  # a candidate that cannot be built is a failed try, not a failed build
-                self.record.tries.append(_failed_try(label, precision, e))
-                return None
-            finally:
-                self.durations.append(time.monotonic() - t0)
-        a.label = label
-        self.tries.append(a)
-        self.record.tries.append(SearchTry.from_dict(a.summary() | {"data": "evaluation[select]"}))
-        if not hasattr(self, "asked"):
-            self.asked = {}
-        self.asked[label] = settings  # what this try asked for: mixed precision builds on the best INT8 variant
-        return a
-
-
-def share_calibration(ctx, backend: Backend, profile: TargetProfile) -> None:
-    """The tries of one search share calibration statistics where the backend can reuse them (ONNX: a graph's
-    activation ranges, for every float-layer set): a mixed-precision or island try then costs a quantization pass, not
-    a calibration (PP-OCRv4's detector on onnx-cpu: 11 s instead of 49 s). The folder is this build's own."""
-    backend.calibration_store = ctx.work.scratch / profile.name / "calibration"
-
-
-def _failed_try(label: str, precision: Precision, error: BaseException) -> SearchTry:
-    """A configuration that could not be converted: a failed try, with its error."""
-    return SearchTry.from_dict({"label": label, "precision": precision, "error": str(error), "failures": [str(error)],
-                                "size_bytes": 0})
-
-
 def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget, first: Attempt | None,
             outdir, first_error: EdgeBuildError | None = None) -> tuple[Attempt, SearchRecord]:
     """Search from ``first`` (or from a first INT8 conversion that failed with ``first_error``)."""
@@ -202,7 +89,7 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
             return first, record
     else:
         record.chosen = None
-        record.tries = [_failed_try("profile settings", Precision.INT8, first_error)]
+        record.tries = [failed_try("profile settings", Precision.INT8, first_error)]
     if len(ctx.job.evalset) < MIN_SEARCH_SAMPLES:
         record.result = f"no search: {len(ctx.job.evalset)} evaluation samples cannot be split into selection and hold-out"
         if first is None:
@@ -220,7 +107,7 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     if margin and (first is None or V.judges_accuracy_drop(first.metrics, budget, first.task)):
         record.selection_margin = margin  # (a task floor that gates instead is not made coarse by one sample)
     fallbacks = [p for p in FLOAT_FALLBACKS if profile.allow_float_layers and p in profile.precisions]
-    search = _Search(ctx, backend, profile, select_budget, select, record, reserve=min(len(fallbacks), 1))
+    search = Search(ctx, backend, profile, select_budget, select, record, reserve=min(len(fallbacks), 1))
     first_on_select = None
     took = first.seconds if first is not None else getattr(first_error, "seconds", 0.0)
     if took > 0:  # the first conversion (or its failure: a crash in the load check comes after calibration) is
@@ -268,7 +155,7 @@ def try_estimate(first_seconds: float, select_seconds: float, n_all: int, n_sele
     return max(conversion, 0.0) + select_seconds
 
 
-def _held_out_miss(ctx, backend, profile, budget, search: _Search, best: Attempt, final: Attempt, outdir, holdout) -> Attempt:
+def _held_out_miss(ctx, backend, profile, budget, search: Search, best: Attempt, final: Attempt, outdir, holdout) -> Attempt:
     """An INT8 choice that met the budget on the selection part but misses it on the held-out part does not ship:
     the next INT8 candidates (backend variants not tried yet) are tried first, each judged on the selection part and
     then on the held-out part; then FP16 (allowed, not tried yet). The held-out miss is the better evidence of the two."""
@@ -341,7 +228,7 @@ def nodes_named_in(onnx_path, text: str) -> list[str]:
 ISLAND_CALIBRATION_SAMPLES = 2  # a load check's calibration: only whether the INT8 graph loads matters
 
 
-def _error_island(ctx, backend: Backend, profile: TargetProfile, search: _Search, error) -> Attempt | None:
+def _error_island(ctx, backend: Backend, profile: TargetProfile, search: Search, error) -> Attempt | None:
     """A first INT8 conversion that failed to load or convert: the float island that makes it load, found by cheap
     load checks (stages/islands.py: the nodes the error names, the region upstream of them, else a bisection over the
     quantizable nodes), then ONE real conversion with that island in float, judged as usual, before any variant (the
@@ -421,7 +308,7 @@ def other_kinds(variants, settings) -> list:
     return out
 
 
-def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, collapsed: bool) -> Attempt | None:
+def _search(ctx, backend: Backend, profile: TargetProfile, search: Search, collapsed: bool) -> Attempt | None:
     """Backend variants, mixed precision, FP16/FP32. After a collapse the INT8 candidates of another kind come first
     (dynamic INT8 when the profile's is static), then the per-layer sensitivity decides: when no few layers explain
     the loss (it is spread over the graph, as in transformer encoders), FP16 comes next."""
@@ -463,7 +350,7 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: _Search, coll
     return _rest(ctx, backend, profile, search, settings, variants, collapsed, fp16_done=False)
 
 
-def _int8_beside(ctx, backend, profile, search: _Search, settings: Settings, variants, safety: Attempt) -> Attempt:
+def _int8_beside(ctx, backend, profile, search: Search, settings: Settings, variants, safety: Attempt) -> Attempt:
     """FP16 met the budget and is kept as the safety net; the search's time left still goes to INT8 (the backend
     variants not tried yet, then mixed precision), and an INT8 candidate that meets the budget ships instead. Before,
     a search that took FP16 first (short of time, or after a collapse spread over the graph) stopped there with most
@@ -485,13 +372,13 @@ def _int8_beside(ctx, backend, profile, search: _Search, settings: Settings, var
     return _mixed(ctx, backend, profile, search, settings) or safety
 
 
-def _near_miss(search: _Search) -> Attempt | None:
+def _near_miss(search: Search) -> Attempt | None:
     """The closest INT8 try when it is a near miss (0 < loss <= NEAR_MISS), else None."""
     best = min((t for t in search.tries if t.artifact.precision == Precision.INT8), key=lambda t: t.loss, default=None)
     return best if best is not None and 0 < best.loss <= NEAR_MISS else None
 
 
-def _rounding_first(search: _Search, variants: list) -> list:
+def _rounding_first(search: Search, variants: list) -> list:
     """After a near miss that mixed precision could not close, the learned-rounding candidates (AdaRound) come before
     the other calibration variants: a gap of a fraction of a sample is a rounding-level gap. PP-OCRv4's detector on
     onnx-cpu: weighted layers only at mIoU 89.73, even 32 layers in float 89.85 in the proxy; AdaRound on it passed
@@ -504,7 +391,7 @@ def _rounding_first(search: _Search, variants: list) -> list:
     return learned + [v for v in variants if v not in learned]
 
 
-def _mixed_after_near_miss(ctx, backend, profile, search: _Search, settings: Settings) -> Attempt | None:
+def _mixed_after_near_miss(ctx, backend, profile, search: Search, settings: Settings) -> Attempt | None:
     """Mixed precision before the other backend variants when an INT8 try came within NEAR_MISS of its budget: a few
     layers in float are likelier to close a small gap than another calibration method, and with the calibration
     shared (``share_calibration``) they cost a quantization pass each (PP-OCRv4's detector on onnx-cpu: weighted
@@ -521,7 +408,7 @@ def _fp16_allowed(profile: TargetProfile) -> bool:
     return profile.allow_float_layers and Precision.FP16 in profile.precisions
 
 
-def _rest(ctx, backend, profile, search: _Search, settings: Settings, variants, collapsed: bool, fp16_done: bool):
+def _rest(ctx, backend, profile, search: Search, settings: Settings, variants, collapsed: bool, fp16_done: bool):
     found = _mixed(ctx, backend, profile, search, settings)
     if found is not None:
         return found
@@ -539,7 +426,7 @@ def _rest(ctx, backend, profile, search: _Search, settings: Settings, variants, 
     return None
 
 
-def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: _Search) -> bool:
+def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: Search) -> bool:
     """True when INT8 collapsed and its loss is spread over many layers: the few most sensitive layers, each
     quantized alone, explain less than CONCENTRATED_SHARE of it, so keeping a few in float cannot fix it."""
     if not (backend.supports_float_layers and _fp16_allowed(profile)):
@@ -558,7 +445,7 @@ def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: _Search) -> 
     return diffuse
 
 
-def _float_fallbacks(search: _Search, profile: TargetProfile, only_fp16: bool, skip_fp16: bool = False) -> Attempt | None:
+def _float_fallbacks(search: Search, profile: TargetProfile, only_fp16: bool, skip_fp16: bool = False) -> Attempt | None:
     if _fp16_allowed(profile) and not skip_fp16:
         a = search.attempt("FP16 (no INT8)", Precision.FP16, None, fallback=True)
         if a is not None and a.quality_ok:
@@ -572,7 +459,7 @@ def _float_fallbacks(search: _Search, profile: TargetProfile, only_fp16: bool, s
     return None
 
 
-def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, settings: Settings) -> Attempt | None:
+def _mixed(ctx, backend: Backend, profile: TargetProfile, search: Search, settings: Settings) -> Attempt | None:
     """The most sensitive layers kept in float, 1, 2, 3, 4, 6, 8... at a time, at most half of the weights."""
     if not profile.allow_float_layers:
         search.record.float_layers_forbidden = f"profile {profile.name} runs integer-only: no layer may stay in float"
@@ -634,7 +521,7 @@ def _mixed(ctx, backend: Backend, profile: TargetProfile, search: _Search, setti
     return None
 
 
-def _best_int8_base(search: _Search, settings: Settings) -> Settings:
+def _best_int8_base(search: Search, settings: Settings) -> Settings:
     """The settings float layers are added to: the INT8 variant that came closest (PP-OCRv4's detector on onnx-cpu:
     Q/DQ on the weighted layers only reached mIoU 89.73 against 90, the profile settings 87.2), else the profile's."""
     asked = getattr(search, "asked", {})
@@ -647,7 +534,7 @@ def _best_int8_base(search: _Search, settings: Settings) -> Settings:
     return asked[best.label]
 
 
-def _proxy_start(ctx, search: _Search, ranked: list[str], weights: dict, total: int,
+def _proxy_start(ctx, search: Search, ranked: list[str], weights: dict, total: int,
                  settings: Settings | None = None) -> int | None:
     """The fewest float layers worth a real try, by the fake-quant proxy (pipeline/stages/proxy.py) within a third of
     the search's time left; 1 (every step, as before) when it cannot tell; None when even the most layers in float
@@ -697,7 +584,7 @@ def _layer_weights(onnx_path) -> dict[str, int]:
     return {n.name: sum(sizes.get(x, 0) for x in n.input) for n in graph.node if n.name}
 
 
-def _ranking(ctx: BuildContext, search: _Search) -> list[str]:
+def _ranking(ctx: BuildContext, search: Search) -> list[str]:
     """The layers mixed precision keeps in float first: the per-layer sensitivity (one layer quantized at a time) when
     it was measured already or the graph has at most NOISE_RANK_LAYERS quantizable layers; else the quantization
     noise each layer adds in ONE fake-quantized run (stages/proxy.py ``noise_ranking``): layer by layer, a graph of
@@ -720,7 +607,7 @@ def _ranking(ctx: BuildContext, search: _Search) -> list[str]:
     return ranked
 
 
-def _sensitivity(ctx: BuildContext, search: _Search) -> list[str]:
+def _sensitivity(ctx: BuildContext, search: Search) -> list[str]:
     """Layers ranked by sensitivity (a stage output keyed by its inputs, stages/sensitivity.py), measured within half
     of the search's time left."""
     from edgebuild.pipeline.stages.sensitivity import measure

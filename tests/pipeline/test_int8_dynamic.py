@@ -13,6 +13,7 @@ import pytest
 from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages import search as R
 from edgebuild.pipeline.stages.context import BuildContext
+from edgebuild.pipeline.stages.search_state import Search
 from edgebuild.pipeline.stages.sensitivity import Sensitivity
 from edgebuild.targets.settings import OnnxSettings
 
@@ -243,7 +244,7 @@ def _stand_in():
     ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=12), evalset=[0] * 100,
                                        model=SimpleNamespace(onnx_path="m.onnx")),
                        SimpleNamespace(deadline=float("inf")))
-    s = R._Search.__new__(R._Search)
+    s = Search.__new__(Search)
     s.ctx, s.record, s.reserve = ctx, SearchRecord(tries=[SearchTry("profile settings")]), 1
     s.sensitivity = Sensitivity({}, 0.0)
     s.tries = [SimpleNamespace(artifact=SimpleNamespace(precision="int8", settings={}, files=[]),

@@ -10,9 +10,11 @@ import pytest
 
 from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages import search as R
+from edgebuild.pipeline.stages import search_state as S
 from edgebuild.pipeline.stages.convert import ConversionOutcome
 from edgebuild.pipeline.stages.sensitivity import Sensitivity
 from edgebuild.pipeline.stages.context import BuildContext
+from edgebuild.pipeline.stages.search_state import Search
 from edgebuild.targets.settings import OnnxSettings
 
 
@@ -27,7 +29,7 @@ def tried(label: str, precision: str, ok: bool, loss: float = 0.0):
 def stand_in(seconds_left: float, durations=(10.0,), tries: int = 12):
     ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=tries), evalset=[0] * 100),
                        SimpleNamespace(deadline=float("inf")))
-    s = R._Search.__new__(R._Search)
+    s = Search.__new__(Search)
     s.ctx, s.record, s.reserve = ctx, SearchRecord(tries=[SearchTry("profile settings")]), 1
     s.sensitivity = Sensitivity({}, 0.0)
     s.tries = [tried("profile settings", "int8", False, 3.0)]  # not a near miss (R.NEAR_MISS)
@@ -301,11 +303,11 @@ def test_mixed_precision_builds_on_the_int8_variant_closest_to_the_budget(monkey
 
     ctx, s = stand_in(seconds_left=500.0)
     s.tries = [tried("profile settings", "int8", False, loss=0.28)]
-    s.attempt = R._Search.attempt.__get__(s)  # the real bookkeeping, around a stand-in conversion
+    s.attempt = Search.attempt.__get__(s)  # the real bookkeeping, around a stand-in conversion
     s.backend, s.profile, s.select, s.budget = Backend(), PROFILE, None, None
-    monkeypatch.setattr(R, "convert", lambda *a, **k: ConversionOutcome(art("int8")))
+    monkeypatch.setattr(S, "convert", lambda *a, **k: ConversionOutcome(art("int8")))
     losses = {"weighted layers only": 0.03, "percentile calibration": 0.14}
-    monkeypatch.setattr(R, "evaluate", lambda c, b, p, a, budget, timed, data, restored=False: SimpleNamespace(
+    monkeypatch.setattr(S, "evaluate", lambda c, b, p, a, budget, timed, data, restored=False: SimpleNamespace(
         artifact=a, loss=0.0, quality_ok=False, summary=lambda: {}))
     ctx.work.stage = lambda text: contextlib.nullcontext()
     ctx.work.scratch = __import__("pathlib").Path("/nonexistent")

@@ -233,6 +233,7 @@ def test_a_held_out_miss_tries_the_next_int8_candidate_before_fp16(monkeypatch):
     from types import SimpleNamespace
 
     from edgebuild.pipeline.stages import search as R
+    from edgebuild.pipeline.stages.search_state import Search
 
     art = lambda p: SimpleNamespace(precision=p)  # noqa: E731
     best = SimpleNamespace(artifact=art("int8"), label="full bias correction", quality_ok=True)
@@ -242,7 +243,7 @@ def test_a_held_out_miss_tries_the_next_int8_candidate_before_fp16(monkeypatch):
                                   ("full bias correction", s.replace(fast_bias_correction=False)),
                                   ("asymmetric activations (preset=mixed)", s.replace(preset="mixed"))])
     profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
-    s = R._Search.__new__(R._Search)
+    s = Search.__new__(Search)
     s.record, s.tries, s.deadline, s.durations = SearchRecord(tries=[SearchTry("full bias correction")]), [best], time.monotonic() + 99, []
     asked = []
 
@@ -483,12 +484,13 @@ def test_int8_variants_use_the_search_time_before_fp16():
     from types import SimpleNamespace
 
     from edgebuild.pipeline.stages import search as R
+    from edgebuild.pipeline.stages.search_state import Search
 
     backend = SimpleNamespace(requested_settings=lambda profile: OnnxSettings(),
                               recovery_candidates=lambda profile, s: [(f"variant {i}", {"v": i}) for i in range(5)],
                               supports_float_layers=True)
     profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
-    s = R._Search.__new__(R._Search)
+    s = Search.__new__(Search)
     s.record, s.tries, s.deadline, s.durations = SearchRecord(tries=[SearchTry()]), [], time.monotonic() + 100, [24.0]
     asked = []
 

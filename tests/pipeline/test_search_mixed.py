@@ -12,13 +12,14 @@ import numpy as np
 from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages import search as R
 from edgebuild.pipeline.stages.context import BuildContext
+from edgebuild.pipeline.stages.search_state import Search
 from edgebuild.specs import Precision
 from tests.pipeline.int8_models import outlier_chain, sample_set
 
 
 def _stand_in(losses: list[float]):
     ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=12)), SimpleNamespace(deadline=float("inf")))
-    s = R._Search.__new__(R._Search)
+    s = Search.__new__(Search)
     s.ctx, s.record, s.reserve, s.sensitivity, s.ranking, s.mixed_done = ctx, SearchRecord(tries=[SearchTry()]), 1, None, None, False
     s.tries = [SimpleNamespace(artifact=SimpleNamespace(precision=Precision.INT8, settings={}), loss=v, label=f"try {i}")
                for i, v in enumerate(losses)]

@@ -13,6 +13,7 @@ from edgebuild.pipeline.cli import main
 from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages import search as R
+from edgebuild.pipeline.stages.search_state import Search
 from edgebuild.pipeline.stages.sensitivity import LAYER_SAMPLE_BUDGET, MIN_EVAL_SAMPLES, Sensitivity, samples_per_layer
 
 OUTLIER = ["--model", "tests.outlier_model:outlier_demo", "--input-shape", "1,1,8,8",
@@ -45,7 +46,7 @@ def test_the_whole_build_limit_stops_even_the_float_fallback(tmp_path):
 
 def _search(sensitivity: dict, losses: list[float], seconds_left: float = 100.0, durations=()):
     ctx = BuildContext(SimpleNamespace(spec=SimpleNamespace(auto_max_tries=12)), SimpleNamespace(deadline=float("inf")))
-    s = R._Search.__new__(R._Search)
+    s = Search.__new__(Search)
     s.ctx, s.record, s.reserve, s.sensitivity = ctx, SearchRecord(tries=[SearchTry()]), 1, Sensitivity(sensitivity, 0.0)
     s.tries = [SimpleNamespace(loss=v) for v in losses]
     s.deadline, s.durations = time.monotonic() + seconds_left, list(durations)

@@ -163,9 +163,9 @@ def test_the_search_skips_adaround_with_a_reason_when_it_does_not_fit():
     from types import SimpleNamespace
 
     from edgebuild.pipeline.results import SearchRecord, SearchTry
-    from edgebuild.pipeline.stages import search as R
+    from edgebuild.pipeline.stages.search_state import Search
 
-    s = R._Search.__new__(R._Search)
+    s = Search.__new__(Search)
     s.ctx = SimpleNamespace(job=SimpleNamespace(spec=SimpleNamespace(auto_max_tries=12), model=SimpleNamespace(onnx_path="m")),
                             work=SimpleNamespace(deadline=float("inf")))
     s.record, s.reserve, s.durations = SearchRecord(tries=[SearchTry()]), 1, [10.0]
@@ -178,7 +178,7 @@ def test_the_search_skips_adaround_with_a_reason_when_it_does_not_fit():
 def test_adaround_is_built_on_the_int8_variant_that_came_closest():
     from types import SimpleNamespace
 
-    from edgebuild.pipeline.stages import search as R
+    from edgebuild.pipeline.stages.search_state import Search
     from edgebuild.specs import Precision
     from edgebuild.targets.base import get_backend
     from edgebuild.targets.profiles import catalogue
@@ -186,7 +186,7 @@ def test_adaround_is_built_on_the_int8_variant_that_came_closest():
     backend, profile = get_backend("onnx"), catalogue()["onnx-cpu"]
     variants = dict(backend.recovery_candidates(profile, {}))
     ada_label = next(k for k in variants if k.startswith("AdaRound"))
-    s = R._Search.__new__(R._Search)
+    s = Search.__new__(Search)
     s.backend, s.asked = backend, {"entropy calibration": variants["entropy calibration"],
                                    "U8U8 (unsigned weights)": variants.get("U8U8 (unsigned weights)")}
 
