@@ -2,7 +2,8 @@
 time, each converted and judged on the selection part and recorded in the ``SearchRecord``.
 
 :class:`Search` is what the search's parts share: the search order (search.py), mixed precision
-and the float island of a failed first conversion all make their tries through ``Search.attempt``.
+(mixed_precision.py) and the float island of a failed first conversion all make their tries through
+``Search.attempt``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from edgebuild.targets.profiles import TargetProfile
 class Search:
     """The tries of one target's search, bounded in count and time (one try is kept for the float fallback)."""
 
-    ranking: dict[str, float] | None = None  # what mixed precision ranks layers by (``_ranking``), once asked
+    ranking: dict[str, float] | None = None  # what mixed precision ranks layers by (mixed_precision.py), once asked
     mixed_done = False  # mixed precision was tried (after a near miss, or in its turn): not twice
 
     def __init__(self, ctx, backend, profile, budget, select, record, reserve: int):

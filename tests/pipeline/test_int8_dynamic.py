@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgebuild.pipeline.results import SearchRecord, SearchTry
+from edgebuild.pipeline.stages import mixed_precision as M
 from edgebuild.pipeline.stages import search as R
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.search_state import Search
@@ -289,7 +290,7 @@ def test_when_dynamic_int8_fails_too_the_search_goes_on_as_before_without_trying
 
     s.attempt = attempt
     monkeypatch.setattr(R, "_diffuse", lambda *a: False)
-    monkeypatch.setattr(R, "_mixed", lambda *a: None)
+    monkeypatch.setattr(R, "mixed", lambda *a: None)
     R._search(ctx, Backend(), PROFILE, s, collapsed=True)
     assert asked[:2] == ["dynamic INT8", "weighted layers only"] and asked.count("dynamic INT8") == 1, asked
     assert "percentile calibration" in asked  # the rest of the static variants after the float fallbacks
@@ -318,7 +319,7 @@ def test_mixed_precision_counts_weights_held_by_constant_nodes(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     path = tmp_path / "c.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    assert R._layer_weights(path)["mm"] == 32
+    assert M._layer_weights(path)["mm"] == 32
 
 
 def test_nncf_transformer_scheme_is_another_kind_tried_after_an_x86_collapse():

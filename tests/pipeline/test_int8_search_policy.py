@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from edgebuild.pipeline.results import SearchRecord, SearchTry
+from edgebuild.pipeline.stages import mixed_precision as M
 from edgebuild.pipeline.stages import search as R
 from edgebuild.pipeline.stages import search_state as S
 from edgebuild.pipeline.stages.convert import ConversionOutcome
@@ -65,7 +66,7 @@ def test_fp16_first_when_short_of_time_then_the_time_left_goes_to_int8(monkeypat
         return a
 
     s.attempt = attempt
-    monkeypatch.setattr(R, "_mixed", lambda *a: pytest.fail("mixed precision before the backend variants"))
+    monkeypatch.setattr(R, "mixed", lambda *a: pytest.fail("mixed precision before the backend variants"))
     found = R._search(ctx, Backend(), PROFILE, s, collapsed=False)
     assert asked == ["FP16 (no INT8)", "weighted layers only"], asked
     assert found.artifact.precision == "int8" and found.label == "weighted layers only"
@@ -83,7 +84,7 @@ def test_the_fp16_safety_net_ships_when_no_int8_candidate_meets_the_budget(monke
 
     s.attempt = attempt
     mixed = []
-    monkeypatch.setattr(R, "_mixed", lambda *a: mixed.append(1))  # tried (returns None: nothing met the budget)
+    monkeypatch.setattr(R, "mixed", lambda *a: mixed.append(1))  # tried (returns None: nothing met the budget)
     found = R._search(ctx, Backend(), PROFILE, s, collapsed=False)
     assert found.artifact.precision == "fp16" and mixed == [1]
 
@@ -185,8 +186,8 @@ def test_mixed_precision_starts_where_the_proxy_says(monkeypatch):
     ctx.job.calib, ctx.job.judging = None, SimpleNamespace(task="classification")
     ctx.work.stage = lambda text: contextlib.nullcontext()
     s.select, s.budget = (None, None), None
-    monkeypatch.setattr(R, "_sensitivity", lambda c, search: ranked)
-    monkeypatch.setattr(R, "_layer_weights", lambda path: {n: 1 for n in ranked})
+    monkeypatch.setattr(M, "sensitive_layers", lambda c, search: ranked)
+    monkeypatch.setattr(M, "_layer_weights", lambda path: {n: 1 for n in ranked})
     monkeypatch.setattr(proxy, "first_step", lambda *a, **k: (3, {"result": "4 layer(s) in float pass the proxy"}))
     asked = []
 
@@ -195,7 +196,7 @@ def test_mixed_precision_starts_where_the_proxy_says(monkeypatch):
         return tried(label, precision, ok=len(settings.float_layers) >= 4)
 
     s.attempt = attempt
-    found = R._mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=False))
+    found = M.mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=False))
     assert asked == [4] and found.label == "INT8 with 4 layer(s) in float"  # not 1, 2, 3 first
     assert s.record.float_layers_proxy["result"].startswith("4 layer(s)")
 
@@ -260,13 +261,13 @@ def test_layers_the_backend_keeps_float_anyway_get_no_try_of_their_own(monkeypat
     s.sensitivity = Sensitivity({n: 1.0 for n in ranked}, 0.0)  # the search's own (no carry field since issue 21)
     ctx.job.model = SimpleNamespace(onnx_path="model.onnx")
     ctx.work.stage = lambda text: contextlib.nullcontext()
-    monkeypatch.setattr(R, "_sensitivity", lambda c, search: ranked)
-    monkeypatch.setattr(R, "_layer_weights", lambda path: {"conv1": 1, "conv2": 1})
+    monkeypatch.setattr(M, "sensitive_layers", lambda c, search: ranked)
+    monkeypatch.setattr(M, "_layer_weights", lambda path: {"conv1": 1, "conv2": 1})
     monkeypatch.setattr(regions, "float_regions", lambda path: {"frontend": [], "postprocess": ["softmax"]})
     monkeypatch.setattr(proxy, "first_step", lambda *a, **k: (None, {}))
     asked = []
     s.attempt = lambda label, precision, settings, fallback=False: asked.append(list(settings.float_layers))
-    R._mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=True))
+    M.mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=True))
     assert asked and asked[0] == ["conv1"], asked
 
 
@@ -319,11 +320,11 @@ def test_mixed_precision_builds_on_the_int8_variant_closest_to_the_budget(monkey
     ranked = ["conv1", "conv2"]
     s.sensitivity = Sensitivity({n: 1.0 for n in ranked}, 0.0)  # the search's own (no carry field since issue 21)
     ctx.job.model = SimpleNamespace(onnx_path="model.onnx")
-    monkeypatch.setattr(R, "_sensitivity", lambda c, search: ranked)
-    monkeypatch.setattr(R, "_layer_weights", lambda path: {n: 1 for n in ranked})
+    monkeypatch.setattr(M, "sensitive_layers", lambda c, search: ranked)
+    monkeypatch.setattr(M, "_layer_weights", lambda path: {n: 1 for n in ranked})
     monkeypatch.setattr(proxy, "first_step", lambda *a, **k: (None, {}))
     asked = []
     s.attempt = lambda label, precision, settings, fallback=False: asked.append(settings)
-    R._mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=False))
+    M.mixed(ctx, Backend(), PROFILE, s, OnnxSettings(float_regions=False))
     assert asked[0] == OnnxSettings(op_types="weighted", float_layers=("conv1",)), asked
     assert s.record.mixed_from.startswith("weighted layers only")

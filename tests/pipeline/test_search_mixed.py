@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from edgebuild.pipeline.results import SearchRecord, SearchTry
+from edgebuild.pipeline.stages import mixed_precision as M
 from edgebuild.pipeline.stages import search as R
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.search_state import Search
@@ -34,7 +35,7 @@ def _run(monkeypatch, first_loss: float, variant_loss: float) -> list[str]:
     ctx, s = _stand_in([first_loss])
     variants = [("weighted layers only", "w"), ("percentile calibration", "p"), ("entropy calibration", "e")]
     monkeypatch.setattr(R, "candidates", lambda *a: list(variants))
-    monkeypatch.setattr(R, "_mixed", lambda *a: events.append("mixed") or setattr(s, "mixed_done", True))
+    monkeypatch.setattr(R, "mixed", lambda *a: events.append("mixed") or setattr(s, "mixed_done", True))
     monkeypatch.setattr(R, "_float_fallbacks", lambda *a, **k: events.append("fp16") or None)
 
     def attempt(label, precision, settings, fallback=False):
@@ -87,9 +88,9 @@ def test_a_graph_of_many_layers_is_ranked_by_noise_not_layer_by_layer(tmp_path, 
     ctx.job.calib = calib
     ctx.work.stage = lambda what: contextlib.nullcontext()
     s.select = (select, [])
-    monkeypatch.setattr(R, "_sensitivity", lambda *a: (_ for _ in ()).throw(AssertionError("measured layer by layer")))
+    monkeypatch.setattr(M, "sensitive_layers", lambda *a: (_ for _ in ()).throw(AssertionError("measured layer by layer")))
     monkeypatch.setattr(proxy, "NOISE_RANK_LAYERS", 4)  # 6 layers: more than 4
-    ranked = R._ranking(ctx, s)
+    ranked = M._ranking(ctx, s)
     assert ranked[0] == "m3" and s.ranking["m3"] == max(s.ranking.values())
     assert "quantization noise" in s.record.sensitivity["method"]
 
@@ -108,8 +109,8 @@ def test_the_proxy_quantizes_what_the_base_quantizes_and_its_all_miss_skips_mixe
     ctx.work.stage = lambda text: contextlib.nullcontext()
     s.select, s.budget, s.asked = (None, None), None, {}
     s.ranking = {n: 1.0 for n in ranked}
-    monkeypatch.setattr(R, "_ranking", lambda c, search: ranked)
-    monkeypatch.setattr(R, "_layer_weights", lambda path: {n: 1 for n in ranked})
+    monkeypatch.setattr(M, "_ranking", lambda c, search: ranked)
+    monkeypatch.setattr(M, "_layer_weights", lambda path: {n: 1 for n in ranked})
     asked, seen = [], {}
 
     def first_step(*a, weighted_only=False):
@@ -120,7 +121,7 @@ def test_the_proxy_quantizes_what_the_base_quantizes_and_its_all_miss_skips_mixe
     s.attempt = lambda label, precision, settings, fallback=False: asked.append(label)
     backend = SimpleNamespace(supports_float_layers=True)
     profile = SimpleNamespace(name="onnx-cpu", allow_float_layers=True, precisions=("int8", "fp16"))
-    assert R._mixed(ctx, backend, profile, s, OnnxSettings(float_regions=False, op_types="weighted")) is None
+    assert M.mixed(ctx, backend, profile, s, OnnxSettings(float_regions=False, op_types="weighted")) is None
     assert asked == [] and seen["weighted_only"] is True and "proxy" in s.record.mixed_skipped
 
 
@@ -171,7 +172,7 @@ def test_after_a_near_miss_that_mixed_precision_cannot_close_learned_rounding_co
                 ("entropy calibration", OnnxSettings(calibrate_method="entropy")),
                 ("AdaRound", OnnxSettings(rounding="adaround"))]
     monkeypatch.setattr(R, "candidates", lambda *a: list(variants))
-    monkeypatch.setattr(R, "_mixed", lambda *a: events.append("mixed") or setattr(s, "mixed_done", True))
+    monkeypatch.setattr(R, "mixed", lambda *a: events.append("mixed") or setattr(s, "mixed_done", True))
     monkeypatch.setattr(R, "_float_fallbacks", lambda *a, **k: None)
 
     def attempt(label, precision, settings, fallback=False):
