@@ -1,11 +1,11 @@
 """The float island of an INT8 graph that fails to load or convert, found from the failure itself.
 
-The search (stages/search.py ``_error_island``) asks :func:`find_island` which nodes to keep in float so that the INT8
-graph loads. Each question is a cheap check (an INT8 conversion calibrated on 1-2 samples: only whether the result
-loads matters, not its accuracy), at most ``max_checks`` of them; the island found is then converted once for real and
-judged like any other try. The order of the questions:
+The search (stages/search.py ``recover``) calls :func:`error_island`, which asks :func:`find_island` which nodes to
+keep in float so that the INT8 graph loads. Each question is a cheap check (an INT8 conversion calibrated on 1-2
+samples: only whether the result loads matters, not its accuracy), at most ``max_checks`` of them; the island found is
+then converted once for real and judged like any other try. The order of the questions:
 
-1. the nodes the error names (onnxruntime: ``Node (NAME) Op (Concat) ...``);
+1. the nodes the error names (onnxruntime: ``Node (NAME) Op (Concat) ...``; :func:`nodes_named_in`);
 2. those nodes with everything upstream of them (the broken tensor is often made upstream of the node that trips on
    it: a quantizer's copy of a shared bias taking a tensor's name, targets/onnx_islands.py);
 3. a bisection for loadability over the model's quantizable nodes in topological order: the shortest float prefix
@@ -15,9 +15,18 @@ judged like any other try. The order of the questions:
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from edgebuild.pipeline.errors import EdgeBuildError
+from edgebuild.pipeline.stages.candidate import Attempt
+from edgebuild.pipeline.stages.search_state import Search, share_calibration
+from edgebuild.specs import Precision
+from edgebuild.targets.base import Backend
+from edgebuild.targets.profiles import TargetProfile
 
 MAX_CHECKS = 8  # cheap load checks per failed INT8 graph (a bisection over 2^6 = 64 nodes, or a coarser one)
 
@@ -141,3 +150,79 @@ def _bisect(island: Island, nodes: list[str], named: list[str], check, how: str,
     island.nodes = with_named(nodes[lo:hi])
     island.how = f"{how}: nodes {lo}..{hi} of {len(nodes)}"
     return island
+
+
+QUANT_SUFFIXES = ("_QuantizeLinear", "_DequantizeLinear", "_quantized", "_quant", "_dequant", "_output_0")
+
+
+def nodes_named_in(onnx_path, text: str) -> list[str]:
+    """The FP32 graph's nodes an error message names (onnxruntime: "Node (/Concat_3) Op (Concat) ..."), also through
+    the quantizer's renaming (``/Concat_3_quant``): the region a failed INT8 graph should keep in float. Whole names
+    only: onnxruntime's ``Node (NAME)`` form first, then the message's words split at spaces, quotes, brackets and
+    commas (tf2onnx names hold ``;``: ``model_1/cq/stack_8;model_1/cq/stack_8_Concat__319``), then the older
+    identifier-like tokens."""
+    import re
+
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    by_name = {n.name: n.name for n in graph.node if n.name}
+    by_output = {o: n.name for n in graph.node if n.name for o in n.output}
+    tokens = re.findall(r"Node \((.+?)\) Op \(", text)
+    for word in re.findall(r"[^\s'\"(),\[\]{}<>]+", text):
+        tokens += [word, word.rstrip(".:;,")]
+    tokens += re.findall(r"[\w./@:-]+", text)
+    found = []
+    for token in tokens:
+        for cut in ("", *QUANT_SUFFIXES):
+            t = token[: -len(cut)] if cut and token.endswith(cut) else token
+            name = by_name.get(t) or by_output.get(t)
+            if name and len(t) > 2 and name not in found:
+                found.append(name)
+    return found
+
+
+ISLAND_CALIBRATION_SAMPLES = 2  # a load check's calibration: only whether the INT8 graph loads matters
+
+
+def error_island(ctx, backend: Backend, profile: TargetProfile, search: Search, error) -> Attempt | None:
+    """A first INT8 conversion that failed to load or convert: the float island that makes it load, found by cheap
+    load checks (:func:`find_island`: the nodes the error names, the region upstream of them, else a bisection over the
+    quantizable nodes), then ONE real conversion with that island in float, judged as usual, before any variant (the
+    audio-to-notes model's 9 INT8 tries all failed on one Concat). Recorded as ``error_island``."""
+    if error is None or not (profile.allow_float_layers and backend.supports_float_layers):
+        return None
+    path = ctx.job.model.onnx_path
+    order, parents = quantizable_order(path)
+    named = [n for n in nodes_named_in(path, str(error)) if n in set(order)]
+    settings = backend.requested_settings(profile)
+    calib = ctx.job.calib.subset(range(min(ISLAND_CALIBRATION_SAMPLES, len(ctx.job.calib))))
+    checked = ctx.work.scratch / profile.name / "island"
+    share_calibration(ctx, backend, profile)  # the load checks' 2-sample ranges, calibrated once
+
+    def loads(float_nodes: list[str]) -> str | None:
+        where = checked / str(len(island_rounds))
+        island_rounds.append(where)
+        try:
+            art = backend.convert(ctx.job.model, profile, Precision.INT8, calib, where,
+                                  settings.replace(float_layers=tuple(float_nodes)))
+            backend.runner(art, 1)  # the load check
+            return None
+        except EdgeBuildError as e:
+            return str(e).splitlines()[0] if str(e) else type(e).__name__
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+
+    island_rounds: list = []
+    with ctx.work.stage(f"{profile.name}: the INT8 graph failed to load or convert: finding its float island"):
+        island = find_island(order, parents, named, loads, time_left=lambda: time.monotonic() < search.deadline)
+    record = {"named": named, **island.record()}
+    search.record.error_island = record
+    if not island.nodes:
+        record["result"] = "no float island found: " + (island.how or "the error names no node of the model")
+        return None
+    a = search.attempt(f"INT8 with {len(island.nodes)} node(s) in float (the island that makes it load)",
+                       Precision.INT8, settings.replace(float_layers=tuple(island.nodes)))
+    record["result"] = ("converted and met the budget" if a is not None and a.quality_ok else
+                        "did not help" if a is None else "converted, missed the budget")
+    return a if a is not None and a.quality_ok else None

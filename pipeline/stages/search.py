@@ -5,6 +5,11 @@ Cheapest first, stopping at the first configuration within budget, bounded by ``
 (layers kept in float, most sensitive first), then FP16 where the profile allows float. Candidates are
 judged on a *selection* part of the evaluation split; the chosen artifact's reported numbers come from the
 *held-out* rest, which played no part in choosing.
+
+This module decides the order of the tries, splits the evaluation data and installs the chosen artifact; the parts
+it orders live beside it: ``search_state.py`` (``Search``: the tries, bounded in count and time, and their record),
+``mixed_precision.py`` (layers kept in float) and ``islands.py`` (the float island of a first INT8 conversion that
+failed to load or convert).
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.candidate import Attempt, evaluate
 from edgebuild.pipeline.stages.convert import convert
+from edgebuild.pipeline.stages.islands import error_island
 from edgebuild.pipeline.stages.mixed_precision import mixed, sensitive_layers
-from edgebuild.pipeline.stages.search_state import Search, failed_try, share_calibration
+from edgebuild.pipeline.stages.search_state import Search, failed_try
 from edgebuild.targets.base import Backend
 from edgebuild.targets.profiles import TargetProfile
 
@@ -125,7 +131,7 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
         record.collapsed = ("the first INT8 conversion failed" if first is None else
                                f"INT8 collapsed (quality loss {first_on_select.loss:.1f}): FP16 first when the loss is spread "
                                "over the graph, else one backend variant before mixed precision and the float fallback")
-    found = _error_island(ctx, backend, profile, search, first_error) if first is None else None
+    found = error_island(ctx, backend, profile, search, first_error) if first is None else None
     found = found or _search(ctx, backend, profile, search, collapsed)
     record.seconds = round(time.monotonic() - search.started, 2)
     if not search.tries:
@@ -192,84 +198,6 @@ def _held_out_miss(ctx, backend, profile, budget, search: Search, best: Attempt,
     fp16 = _install(ctx, backend, profile, budget, a, outdir, holdout)
     fp16.label = a.label
     return fp16
-
-
-QUANT_SUFFIXES = ("_QuantizeLinear", "_DequantizeLinear", "_quantized", "_quant", "_dequant", "_output_0")
-
-
-def nodes_named_in(onnx_path, text: str) -> list[str]:
-    """The FP32 graph's nodes an error message names (onnxruntime: "Node (/Concat_3) Op (Concat) ..."), also through
-    the quantizer's renaming (``/Concat_3_quant``): the region a failed INT8 graph should keep in float. Whole names
-    only: onnxruntime's ``Node (NAME)`` form first, then the message's words split at spaces, quotes, brackets and
-    commas (tf2onnx names hold ``;``: ``model_1/cq/stack_8;model_1/cq/stack_8_Concat__319``), then the older
-    identifier-like tokens."""
-    import re
-
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    by_name = {n.name: n.name for n in graph.node if n.name}
-    by_output = {o: n.name for n in graph.node if n.name for o in n.output}
-    tokens = re.findall(r"Node \((.+?)\) Op \(", text)
-    for word in re.findall(r"[^\s'\"(),\[\]{}<>]+", text):
-        tokens += [word, word.rstrip(".:;,")]
-    tokens += re.findall(r"[\w./@:-]+", text)
-    found = []
-    for token in tokens:
-        for cut in ("", *QUANT_SUFFIXES):
-            t = token[: -len(cut)] if cut and token.endswith(cut) else token
-            name = by_name.get(t) or by_output.get(t)
-            if name and len(t) > 2 and name not in found:
-                found.append(name)
-    return found
-
-
-ISLAND_CALIBRATION_SAMPLES = 2  # a load check's calibration: only whether the INT8 graph loads matters
-
-
-def _error_island(ctx, backend: Backend, profile: TargetProfile, search: Search, error) -> Attempt | None:
-    """A first INT8 conversion that failed to load or convert: the float island that makes it load, found by cheap
-    load checks (stages/islands.py: the nodes the error names, the region upstream of them, else a bisection over the
-    quantizable nodes), then ONE real conversion with that island in float, judged as usual, before any variant (the
-    audio-to-notes model's 9 INT8 tries all failed on one Concat). Recorded as ``error_island``."""
-    if error is None or not (profile.allow_float_layers and backend.supports_float_layers):
-        return None
-    from edgebuild.pipeline.stages.islands import find_island, quantizable_order
-
-    path = ctx.job.model.onnx_path
-    order, parents = quantizable_order(path)
-    named = [n for n in nodes_named_in(path, str(error)) if n in set(order)]
-    settings = backend.requested_settings(profile)
-    calib = ctx.job.calib.subset(range(min(ISLAND_CALIBRATION_SAMPLES, len(ctx.job.calib))))
-    checked = ctx.work.scratch / profile.name / "island"
-    share_calibration(ctx, backend, profile)  # the load checks' 2-sample ranges, calibrated once
-
-    def loads(float_nodes: list[str]) -> str | None:
-        where = checked / str(len(island_rounds))
-        island_rounds.append(where)
-        try:
-            art = backend.convert(ctx.job.model, profile, Precision.INT8, calib, where,
-                                  settings.replace(float_layers=tuple(float_nodes)))
-            backend.runner(art, 1)  # the load check
-            return None
-        except EdgeBuildError as e:
-            return str(e).splitlines()[0] if str(e) else type(e).__name__
-        finally:
-            shutil.rmtree(where, ignore_errors=True)
-
-    island_rounds: list = []
-    with ctx.work.stage(f"{profile.name}: the INT8 graph failed to load or convert: finding its float island"):
-        island = find_island(order, parents, named, loads, time_left=lambda: time.monotonic() < search.deadline)
-    record = {"named": named, **island.record()}
-    search.record.error_island = record
-    if not island.nodes:
-        record["result"] = "no float island found: " + (island.how or "the error names no node of the model")
-        return None
-    a = search.attempt(f"INT8 with {len(island.nodes)} node(s) in float (the island that makes it load)",
-                       Precision.INT8, settings.replace(float_layers=tuple(island.nodes)))
-    record["result"] = ("converted and met the budget" if a is not None and a.quality_ok else
-                        "did not help" if a is None else "converted, missed the budget")
-    return a if a is not None and a.quality_ok else None
 
 
 def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error: EdgeBuildError) -> None:

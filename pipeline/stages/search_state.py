@@ -2,7 +2,7 @@
 time, each converted and judged on the selection part and recorded in the ``SearchRecord``.
 
 :class:`Search` is what the search's parts share: the search order (search.py), mixed precision
-(mixed_precision.py) and the float island of a failed first conversion all make their tries through
+(mixed_precision.py) and the float island of a failed first conversion (islands.py) all make their tries through
 ``Search.attempt``.
 """
 from __future__ import annotations

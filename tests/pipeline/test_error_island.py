@@ -94,8 +94,7 @@ def test_onnxruntime_own_qdq_of_a_shared_bias_does_not_load_and_edgebuild_quanti
 
 
 def test_the_float_island_of_an_unloadable_int8_graph_is_found_by_load_checks(tmp_path):
-    from edgebuild.pipeline.stages.islands import MAX_CHECKS, find_island, quantizable_order
-    from edgebuild.pipeline.stages.search import nodes_named_in
+    from edgebuild.pipeline.stages.islands import MAX_CHECKS, find_island, nodes_named_in, quantizable_order
 
     src = _front_end_model(tmp_path / "m.onnx")
     order, parents = quantizable_order(src)
@@ -125,7 +124,7 @@ def test_the_float_island_of_an_unloadable_int8_graph_is_found_by_load_checks(tm
 
 
 def test_nodes_named_in_matches_whole_tf2onnx_names_with_semicolons(tmp_path):
-    from edgebuild.pipeline.stages.search import nodes_named_in
+    from edgebuild.pipeline.stages.islands import nodes_named_in
 
     src = _front_end_model(tmp_path / "m.onnx")
     text = ("onnxruntime cannot load model_int8_qdq.onnx: Fail: [ONNXRuntimeError] : 1 : FAIL : Node "

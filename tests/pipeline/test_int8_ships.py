@@ -452,7 +452,7 @@ def test_a_signal_processing_front_end_and_a_topk_tail_stay_float_from_the_start
 
 
 def test_nodes_a_runtime_error_names_become_the_float_island(tmp_path):
-    from edgebuild.pipeline.stages.search import nodes_named_in
+    from edgebuild.pipeline.stages.islands import nodes_named_in
 
     exported, _, fc = _big_float_layer_model(tmp_path)
     text = (f"onnxruntime cannot load model_int8_qdq.onnx: Fail: [ShapeInferenceError] Node ({fc}_quant) Op (Gemm) "

@@ -108,8 +108,8 @@ def test_compare_returns_typed_metrics_that_write_the_json_keys_in_measured_orde
     assert V.assess(m, V.Budget(0.5)).failures == []
 
 
-TYPED_MODULES = ("search", "search_state", "mixed_precision", "per_target", "convert", "objective", "weights",
-                 "validate", "package")
+TYPED_MODULES = ("search", "search_state", "mixed_precision", "islands", "per_target", "convert", "objective",
+                 "weights", "validate", "package")
 
 
 def precision_literals(source: str) -> list[int]:
