@@ -10,6 +10,7 @@
       convert     one backend conversion at one precision, cached
       validate    per-output metrics against the reference, a verdict against the budget
       search      the accuracy search: calibration variants, layers kept in float, precision fallbacks
+                  (search_state: its tries; mixed_precision: layers in float; islands: a failed graph's island)
       sensitivity per-layer INT8 sensitivity for the search
       objective   which passing candidate ships (latency, size or accuracy)
       package     the target's manifest record; embed: the artifact as a C array for microcontrollers
