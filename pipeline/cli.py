@@ -17,7 +17,7 @@ from edgebuild.errors import optional_imports
 from edgebuild.pipeline.errors import BadInputError, EdgeBuildError
 from edgebuild.pipeline.flags import spec_from_flags  # (tests import it from here too)
 from edgebuild.pipeline.summary import print_summary as _print_summary
-from edgebuild.specs import PRECISIONS
+from edgebuild.specs import OBJECTIVES, PRECISIONS
 
 EXIT_CODES = """\b
 Exit codes:
@@ -76,6 +76,7 @@ def _nullcontext():
 @click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]), help="Image folders: resize filter (default bicubic).")
 @click.option("--out", "-o", help="Output directory (default: out), replaced atomically.")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="Override the profiles' precision.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), help="What ships, for every target (default: each profile's; precision: the profile's precision unless slower than FP32 on a host-is-device profile; latency; size; accuracy).")
 @click.option("--max-accuracy-drop", type=float, help="Budget: accuracy drop vs FP32 in points.")
 @click.option("--max-latency-ms", type=float, help="Budget: p50 latency at batch 1 in ms.")
 @click.option("--max-size-mb", type=float, help="Budget: artifact size in MB.")

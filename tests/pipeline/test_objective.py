@@ -145,3 +145,23 @@ def test_bad_objective_is_bad_input(tmp_path):
 
     with pytest.raises(BadInputError, match="objective must be one of"):
         load_profile(p)
+
+
+def test_objective_flag_sets_every_targets_objective_and_a_bad_one_exits_2(tmp_path, monkeypatch, capsys):
+    """`--objective size` is the config's `objective: size` (and wins over it); an unknown value is exit 2."""
+    from edgebuild.pipeline.cli import main
+    from edgebuild.pipeline.flags import spec_from_flags
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edgebuild.yaml").write_text("objective: accuracy\n")
+    seen = {}
+    monkeypatch.setattr("edgebuild.pipeline.cli.spec_from_flags",
+                        lambda config, **flags: seen.setdefault("spec", spec_from_flags(config, **flags)))
+    monkeypatch.setattr("edgebuild.pipeline.build.build", lambda spec, **kw: (_ for _ in ()).throw(SystemExit(0)))
+    try:
+        main(["--target", "onnx-cpu", "--objective", "size"])
+    except SystemExit:
+        pass
+    assert seen["spec"][0].objective == "size"
+    assert main(["--target", "onnx-cpu", "--objective", "fastest"]) == 2
+    assert "fastest" in capsys.readouterr().err
