@@ -110,7 +110,19 @@ def test_encoder_builds_onnx_cpu_and_x86_without_a_collapse_passed_as_success(en
         if t["verdict"] == "fail":  # an honest failure names the quality budget it misses
             assert any("cosine" in f for f in t["failures"]), t["failures"]
     # every op quantized, this encoder's worst cosine is ~0.72; with Q/DQ on the matrix products only it is ~0.99
-    assert onnx_cpu["precision"] == "int8" and onnx_cpu["metrics"]["cosine_min"] > 0.95, onnx_cpu.get("search")
+    from edgebuild.targets.isa import host_isa
+
+    if host_isa()["vnni"]:
+        assert onnx_cpu["precision"] == "int8" and onnx_cpu["metrics"]["cosine_min"] > 0.95, onnx_cpu.get("search")
+    else:  # AVX2 without VNNI: 7-bit weights (reduce_range: auto) cost this small encoder its worst-sample cosine
+        # (0.976 measured), full-range ones saturate in the u8 x s8 kernels (0.945): INT8 misses, honestly — the
+        # search tried the INT8 candidates first, each in the record with its miss, and a float artifact that keeps
+        # the embedding ships and passes
+        tries = onnx_cpu["search"]["tries"]
+        assert tries[0]["settings"]["reduce_range"] is True and "VNNI" in str(tries[0]["settings"].get("isa")), tries[0]
+        int8 = [t for t in tries if t["precision"] == "int8"]
+        assert len(int8) >= 3 and onnx_cpu["precision"] in ("fp16", "fp32") and onnx_cpu["verdict"] == "pass"
+        assert onnx_cpu["metrics"]["cosine_min"] > 0.99
     qdq = out / "onnx-cpu" / onnx_cpu["artifact"]
     if onnx_cpu["precision"] == "int8":  # the transformer recipe: LayerNorm/Softmax/Erf have no Q/DQ around them
         import onnx
