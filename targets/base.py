@@ -264,7 +264,7 @@ class Backend:
         reference backend's: layer sensitivity, pipeline/stages/sensitivity.py)."""
         raise NotImplementedError(f"the {self.name} backend has no fake-quant reference")
 
-    # ---- accuracy search hooks (pipeline/stages/search.py) -------------------------------------------
+    # ---- accuracy search hooks (pipeline/stages/search.py, search_state.py, mixed_precision.py) ------
     def recovery_candidates(self, profile: "TargetProfile", settings: Settings | dict) -> list[tuple[str, Settings]]:
         """Cheaper INT8 variants to try before keeping layers in float: (label, new Settings made from
         ``settings`` with ``dataclasses.replace``)."""

@@ -90,14 +90,11 @@ def mixed(ctx, backend: Backend, profile: TargetProfile, search: Search, setting
 def _best_int8_base(search: Search, settings: Settings) -> Settings:
     """The settings float layers are added to: the INT8 variant that came closest (PP-OCRv4's detector on onnx-cpu:
     Q/DQ on the weighted layers only reached mIoU 89.73 against 90, the profile settings 87.2), else the profile's."""
-    asked = getattr(search, "asked", {})
-    tried = [t for t in search.tries if t.artifact.precision == Precision.INT8]
-    best = min((t for t in tried if isinstance(asked.get(t.label), Settings) and not asked[t.label].float_layers),
-               key=lambda t: t.loss, default=None)
-    if best is None or any(t.loss <= best.loss for t in tried if t.label not in asked):
+    best = search.closest_variant()
+    if best is None:
         return settings
     search.record.mixed_from = f"{best.label} (the INT8 variant closest to the budget: quality loss {best.loss:.3g})"
-    return asked[best.label]
+    return search.asked[best.label]
 
 
 def _proxy_start(ctx, search: Search, ranked: list[str], weights: dict, total: int,

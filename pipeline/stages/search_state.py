@@ -72,16 +72,24 @@ class Search:
         closest so far, when the backend says it applies there (``on_best_variant``): on ocr-cls, AdaRound on the
         profile's min-max calibration left 13 of 500 samples changed, on entropy calibration 9."""
         refine = getattr(self.backend, "on_best_variant", None)
-        asked = getattr(self, "asked", {})
         if refine is None or not isinstance(settings, Settings):
             return label, settings
+        best = self.closest_variant()
+        if best is None:
+            return label, settings  # the profile's own settings came closest: the candidate as it is
+        refined = refine(settings, self.asked[best.label])
+        return (f"{label}, on {best.label}", refined) if refined is not None else (label, settings)
+
+    def closest_variant(self) -> Attempt | None:
+        """The INT8 try of a backend variant (its own Settings, no float layers) that came closest to the budget, when
+        it came closer than every try of the profile's own settings; else None."""
+        asked = getattr(self, "asked", {})
         tried = [t for t in self.tries if t.artifact.precision == Precision.INT8]
         best = min((t for t in tried if isinstance(asked.get(t.label), Settings) and not asked[t.label].float_layers),
                    key=lambda t: t.loss, default=None)
         if best is None or any(t.loss <= best.loss for t in tried if t.label not in asked):
-            return label, settings  # the profile's own settings came closest: the candidate as it is
-        refined = refine(settings, asked[best.label])
-        return (f"{label}, on {best.label}", refined) if refined is not None else (label, settings)
+            return None
+        return best
 
     def attempt(self, label: str, precision: Precision, settings: Settings | None, fallback: bool = False) -> Attempt | None:
         if not self.room(fallback):
