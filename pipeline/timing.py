@@ -101,10 +101,14 @@ def sign_test(k: int, n: int) -> float:
 
 def slower(s: dict | None) -> bool:
     """Slower than the baseline beyond the timing's noise: the median ratio below 1 and the sign test over the rounds
-    at ``SLOWER_P`` over the ``LOOKS`` an extended timing may take (records from before the test: three quarters of the rounds slower, p75 < 1)."""
+    at ``SLOWER_P`` over the ``LOOKS`` an extended timing may take (records from before the test: three quarters of
+    the rounds slower, p75 < 1); where the record holds a single-threaded second timing (``single_thread``), it must
+    say slower too."""
     s = s or {}
     if s.get("median") is None or s["median"] >= 1.0:
         return False
+    if s.get("single_thread") is not None and not slower(s["single_thread"]):
+        return False  # slower at the profile's threads only: the host's load, not the artifact (per_target.py)
     if s.get("p_slower") is not None:
         return s["p_slower"] < SLOWER_P / LOOKS
     return s.get("p75", s["median"]) < 1.0
