@@ -29,7 +29,7 @@ from edgebuild.pipeline.progress import SUBSTEP
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.procs import tempdir
 
-QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM")  # LSTM: int8 weights (DynamicQuantizeLSTM)
 SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 SENSITIVITY_CALIB_SAMPLES = 64  # of the build's calibration samples (calibration/budget.py): a ranking, not shipped ranges
 SENSITIVITY_EVAL_SAMPLES = 96  # selection samples each layer is scored on, at most
@@ -65,7 +65,8 @@ def stage_key(ctx, select, budget: V.Budget) -> str | None:
             ref.update(np.ascontiguousarray(o).tobytes())
     return cached("sensitivity", inputs={"model": ctx.job.model.content_hash, "calib": ctx.job.calib.content_hash(),
                                          "select": samples.content_hash(), "reference": ref.hexdigest()},
-                  config={"judging": judging, "budget": budget.to_dict(), "max_layers": MAX_LAYERS},
+                  config={"judging": judging, "budget": budget.to_dict(), "max_layers": MAX_LAYERS,
+                          "layers": QUANTIZABLE},
                   backend=REFERENCE_BACKEND)  # the reference backend's fake quantization measures it
 
 

@@ -76,16 +76,21 @@ def quantize_dynamic_all(src: Path, out: Path, workdir: Path) -> None:
     pre.unlink()
 
 
+def recurrent_layers(path: Path) -> list[str]:
+    """The named LSTM nodes of an ONNX model: the recurrent layers onnxruntime has an int8 kernel for."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "LSTM" and n.name]
+
+
 def quantize_recurrent(path: Path, s: dict, workdir: Path) -> list[str]:
     """LSTM layers (which static QDQ leaves in float) with int8 weights: onnxruntime's DynamicQuantizeLSTM (weights
     int8 per tensor, activations quantized at run time). A 3-layer LSTM of 128: 3.7x smaller, output cosine
     0.9999995. GRU/RNN have no such kernel in onnxruntime and stay float (the INT8 weight share says so)."""
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     excluded = {*s.get("nodes_to_exclude", ()), *s.get("float_layers", ())}
-    lstms = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node
-             if n.op_type == "LSTM" and n.name not in excluded]
+    lstms = [n for n in recurrent_layers(path) if n not in excluded]
     if not lstms:
         return []
     tmp = workdir / "_recurrent.onnx"

@@ -1,12 +1,14 @@
 """Fake quantization for the pipeline's per-layer sensitivity and mixed-precision proxy (QDQ run unfused)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.targets.base import Runner
+from edgebuild.targets.onnx.dynamic import quantize_recurrent, recurrent_layers
 from edgebuild.targets.onnx.prepare import preprocess
 from edgebuild.targets.onnx.runner import OrtRunner
 from edgebuild.targets.onnx.static import WEIGHTED_OPS, float_into_tail, quantize_static
@@ -93,19 +95,30 @@ class _FakeQuantHost:
         if not self.model.is_file():  # once, not once per layer (a 70 MB encoder: ~3 s each), nor per child
             preprocess(Path(onnx_path), self.workdir).rename(self.model)
         self.ranges = self.workdir / "fake_quant_ranges.json"
+        self.recurrent = set(recurrent_layers(self.model))
 
     def quantize(self, layers: list[str], tail: set[str] | None = None) -> None:
         """Only ``layers`` quantized; ``tail``: nodes of a float post-processing tail, whose input tensors get no
-        Q/DQ when only the tail reads them (as in a real conversion, static.py ``float_into_tail``)."""
+        Q/DQ when only the tail reads them (as in a real conversion, static.py ``float_into_tail``). LSTM layers
+        among them are quantized as a conversion quantizes them (static QDQ has no LSTM: onnxruntime's
+        DynamicQuantizeLSTM, dynamic.py ``quantize_recurrent``), so the sensitivity ranks recurrent layers too: a
+        speaker encoder's first LSTM, fed linear mel power, is the one that collapses at 8 bits."""
         out, self.runner = self.workdir / "fake_quant.onnx", None
+        recurrent = [n for n in layers if n in self.recurrent]
+        static = [n for n in layers if n not in self.recurrent]
         if not layers:  # nothing to quantize (onnxruntime reads an empty nodes_to_quantize as every node)
             self.runner = OrtRunner(self.model, 1)
             return
-        quantize_static(self.model, out, self.calib, {**FAKE_QUANT_SETTINGS, "nodes_to_quantize": layers},
-                        self.workdir, self.ranges, preprocessed=True)
-        if tail:
-            float_into_tail(out, tail)
-        self.runner = OrtRunner(out, 1, simulate=True)
+        if static:
+            quantize_static(self.model, out, self.calib, {**FAKE_QUANT_SETTINGS, "nodes_to_quantize": static},
+                            self.workdir, self.ranges, preprocessed=True)
+            if tail:
+                float_into_tail(out, tail)
+        else:
+            shutil.copyfile(self.model, out)
+        if recurrent:
+            quantize_recurrent(out, {"float_layers": [n for n in self.recurrent if n not in recurrent]}, self.workdir)
+        self.runner = OrtRunner(out, 1, simulate=bool(static))
 
     def quantize_except(self, float_layers: list[str], weighted_only: bool = False) -> None:
         import onnx
