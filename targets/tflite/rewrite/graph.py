@@ -36,6 +36,17 @@ def replace_nodes(model, replacements: dict[int, list], initializers: list) -> N
     model.graph.initializer.extend(initializers)
 
 
+def finish(model, replacements: dict[int, list], initializers: list, done: list[str], what: str,
+           count: str | None = None):
+    """A rewrite pass's result: ``(model, None)`` when it rewrote nothing, else the model with ``replacements``
+    applied and its note, ``what`` followed by the first five nodes ``done`` (or their number and ``count``)."""
+    if not done:
+        return model, None
+    replace_nodes(model, replacements, initializers)
+    listed = f"{len(done)} {count}" if count else f"{', '.join(done[:5])}{' ...' if len(done) > 5 else ''}"
+    return model, f"{what}: {listed}"
+
+
 def node_attrs(node) -> dict:
     import onnx
 

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .graph import node_attrs, opset_of, replace_nodes, static_shapes, unique_name
+from .graph import finish, node_attrs, opset_of, static_shapes, unique_name
 
 ERF_A = 2.0 / math.sqrt(math.pi)
 ERF_B = 0.08943
@@ -49,12 +49,11 @@ def erf_to_tanh(model):
             helper.make_node("Tanh", [t[3]], [y], name=node.name),
         ]
         done.append(base)
-    if not done:
-        return model, None
     _ = TensorProto  # float32 graphs only: the constants are float32 like onnx2tf's float graph
-    replace_nodes(model, replacements, inits)
-    return model, (f"Erf as tanh(2/sqrt(pi) (x + {ERF_B} x^3)) (max abs error {ERF_MAX_ABS_ERROR:g}; TFLite has no Erf "
-                   f"kernel): {len(done)} node(s)")
+    return finish(model, replacements, inits, done,
+                  f"Erf as tanh(2/sqrt(pi) (x + {ERF_B} x^3)) (max abs error {ERF_MAX_ABS_ERROR:g}; TFLite has "
+                  "no Erf kernel)",
+                  count="node(s)")
 
 
 def sum_to_add_chain(model):
@@ -74,10 +73,8 @@ def sum_to_add_chain(model):
             acc = out
         replacements[idx] = chain
         done.append(base)
-    if not done:
-        return model, None
-    replace_nodes(model, replacements, [])
-    return model, f"Sum as a chain of Add (ADD_N has no int8 kernel): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}"
+    return finish(model, replacements, [], done,
+                  "Sum as a chain of Add (ADD_N has no int8 kernel)")
 
 
 INT_END = 2**31 - 1  # an end at or past this takes the whole axis (torch exports INT64_MAX)
@@ -133,11 +130,9 @@ def slice_per_axis(model):
             src = out
         replacements[idx] = chain
         done.append(base)
-    if not done:
-        return model, None
-    replace_nodes(model, replacements, [])
-    return model, (f"Slice over several axes as one Slice per axis (exact; onnx2tf slices the wrong axis once the channel "
-                   f"axis has moved): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
+    return finish(model, replacements, [], done,
+                  "Slice over several axes as one Slice per axis (exact; onnx2tf slices the wrong axis once "
+                  "the channel axis has moved)")
 
 
 def gather_of_concat(model):
@@ -180,8 +175,7 @@ def gather_of_concat(model):
             new = helper.make_node("Gather", [src, at], list(node.output), name=node.name, axis=axis)
         replacements[idx] = [new]
         done.append(base)
-    if not done:
-        return model, None
-    replace_nodes(model, replacements, [])  # the Concat stays when something else reads it; onnx2tf drops it if not
-    return model, (f"Gather of one index from a Concat as that Concat input (exact; onnx2tf gathered a stacked RNN's "
-                   f"h_n[-1] from a channels-last copy): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
+    # the Concat stays when something else reads it; onnx2tf drops it if not
+    return finish(model, replacements, [], done,
+                  "Gather of one index from a Concat as that Concat input (exact; onnx2tf gathered a stacked "
+                  "RNN's h_n[-1] from a channels-last copy)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import node_attrs, nonnegative, opset_of, replace_nodes, static_shapes, unique_name
+from .graph import finish, node_attrs, nonnegative, opset_of, static_shapes, unique_name
 
 def maxpool_edge_padding(model):
     """MaxPool(pads, ceil_mode) -> Pad(edge) + MaxPool(VALID), where TF's SAME/VALID pooling cannot do it."""
@@ -80,13 +80,10 @@ def maxpool_edge_padding(model):
         keep = {key: v for key, v in a.items() if key not in ("pads", "ceil_mode", "auto_pad")}
         pool = helper.make_node("MaxPool", [padded], list(node.output), name=node.name, **keep)
         replacements[idx] = [pad, pool]
-    if not done:
-        return model, None
-    replace_nodes(model, replacements, inits)
-    return model, (f"MaxPool padding as TF's SAME pooling where it pads so, else as a zero Pad after a non-negative "
-                   f"op (Relu, Clip from >= 0, Sigmoid), else as an edge Pad (exact; onnx2tf's "
-                   f"-3.4e38 pad breaks INT8 ranges and XNNPACK): "
-                   f"{', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
+    return finish(model, replacements, inits, done,
+                  "MaxPool padding as TF's SAME pooling where it pads so, else as a zero Pad after a "
+                  "non-negative op (Relu, Clip from >= 0, Sigmoid), else as an edge Pad (exact; onnx2tf's "
+                  "-3.4e38 pad breaks INT8 ranges and XNNPACK)")
 
 
 def edge_pad_before_maxpool(model):
@@ -131,8 +128,6 @@ def edge_pad_before_maxpool(model):
         replacements[idx] = [helper.make_node("Pad", [node.input[0], node.input[1]], list(node.output), name=node.name,
                                               mode="constant")]
         done.append(node.name or node.output[0])
-    if not done:
-        return model, None
-    replace_nodes(model, replacements, [])
-    return model, (f"edge Pad before MaxPool as a zero Pad on a non-negative input (exact; XNNPACK has no MIRROR_PAD): "
-                   f"{', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
+    return finish(model, replacements, [], done,
+                  "edge Pad before MaxPool as a zero Pad on a non-negative input (exact; XNNPACK has no "
+                  "MIRROR_PAD)")

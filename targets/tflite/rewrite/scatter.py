@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import elem_types, node_attrs, opset_of, replace_nodes, static_shapes, unique_name
+from .graph import elem_types, finish, node_attrs, opset_of, static_shapes, unique_name
 
 SCATTER_ONEHOT_MAX = 1 << 24  # elements of a ScatterElements rewrite's one-hot tensors (64 MB in float32)
 SCATTER_MAX_ROWS = 64  # rows (data elements / scatter-axis size) a ScatterElements rewrite unrolls
@@ -54,11 +54,9 @@ def scatter_elements_reduction(model):
             continue  # indices smaller than data on another axis, or too big to unroll: onnx2tf names the node
         replacements[idx] = _scatter_rows(model, node, red, axis, ds, n, rows, types.get(updates, TensorProto.FLOAT), opset)
         done.append(f"{node.name or node.output[0]} ({red})")
-    if not done:
-        return model, None
-    replace_nodes(model, replacements, [])
-    return model, (f"ScatterElements with a reduction as a one-hot mask and a reduction per row (exact; onnx2tf "
-                   f"supports only reduction=none): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
+    return finish(model, replacements, [], done,
+                  "ScatterElements with a reduction as a one-hot mask and a reduction per row (exact; onnx2tf "
+                  "supports only reduction=none)")
 
 
 def _scatter_rows(model, node, red: str, axis: int, ds: list[int], n: int, rows: int, dtype: int, opset: int) -> list:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import node_attrs, opset_of, replace_nodes, static_shapes, unique_name
+from .graph import finish, node_attrs, opset_of, static_shapes, unique_name
 
 DECOMPOSED_HARDSWISH = True  # also rewrite Paddle's decomposed hard_swish (_decomposed_hardswish)
 
@@ -45,11 +45,9 @@ def prelu_int8(model):
             helper.make_node("Add", [x, t["negpart"]], [y], name=node.name),
         ]
         done.append(base)
-    if not done:
-        return model, None
-    replace_nodes(model, replacements, [])
-    return model, (f"PRelu as x + (1 - slope) * Relu(-x) for INT8 (exact; XNNPACK has no int8 PRELU kernel): "
-                   f"{len(done)} node(s)")
+    return finish(model, replacements, [], done,
+                  "PRelu as x + (1 - slope) * Relu(-x) for INT8 (exact; XNNPACK has no int8 PRELU kernel)",
+                  count="node(s)")
 
 
 def scalar_affine_int8(model):
@@ -102,11 +100,10 @@ def scalar_affine_int8(model):
         replacements[index[id(add)]] = [helper.make_node("Conv", [x, w, bias], list(add.output), name=add.name,
                                                          group=c, kernel_shape=[1, 1])]
         done.append(add.name or add.output[0])
-    if not done:
-        return model, None
-    replace_nodes(model, replacements, inits)
-    return model, (f"scalar affine s * x + b as a 1x1 depthwise Conv for INT8 (exact; XNNPACK refuses an int8 ADD of a "
-                   f"shift far below the tensor's range): {len(done)} node pair(s)")
+    return finish(model, replacements, inits, done,
+                  "scalar affine s * x + b as a 1x1 depthwise Conv for INT8 (exact; XNNPACK refuses an int8 "
+                  "ADD of a shift far below the tensor's range)",
+                  count="node pair(s)")
 
 
 def nearest_upsample_int8(model):
@@ -165,11 +162,9 @@ def nearest_upsample_int8(model):
             x = out
         replacements[idx] = nodes
         done.append(f"{node.name or node.output[0]} (x{f})")
-    if not done:
-        return model, None
-    replace_nodes(model, replacements, [])
-    return model, (f"nearest upsampling by an integer factor as Concat + DepthToSpace for INT8 (exact; XNNPACK has no "
-                   f"RESIZE_NEAREST_NEIGHBOR): {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}")
+    return finish(model, replacements, [], done,
+                  "nearest upsampling by an integer factor as Concat + DepthToSpace for INT8 (exact; XNNPACK "
+                  "has no RESIZE_NEAREST_NEIGHBOR)")
 
 
 def hard_activations_int8(model):
@@ -212,11 +207,10 @@ def hard_activations_int8(model):
         replacements[idx] = nodes
         done.append(f"{base} ({node.op_type})")
     done += _decomposed_hardswish(model, replacements, const) if DECOMPOSED_HARDSWISH else []
-    if not done:
-        return model, None
-    replace_nodes(model, replacements, [])
-    return model, (f"HardSwish/HardSigmoid as ADD + RELU6 + MUL for INT8 (exact; XNNPACK has no int8 HARD_SWISH or "
-                   f"RELU_0_TO_1): {len(done)} node(s)")
+    return finish(model, replacements, [], done,
+                  "HardSwish/HardSigmoid as ADD + RELU6 + MUL for INT8 (exact; XNNPACK has no int8 HARD_SWISH "
+                  "or RELU_0_TO_1)",
+                  count="node(s)")
 
 
 def _decomposed_hardswish(model, replacements: dict, const) -> list[str]:
