@@ -6,7 +6,8 @@ candidates the build made for it.
   median of the interleaved rounds' ratios below 1x and a sign test over the rounds at 5 %; rounds are added, up to
   36, while the median says slower and the test cannot yet; and, where the profile runs several threads, the same
   again with one thread each, so the load of a busy host is not called the artifact's): then the FP32 baseline
-  ships (a user asked for a faster model). However fast FP32 is: a 0.2 ms model is judged like a 200 ms one.
+  ships (a user asked for a faster model). However fast FP32 is: a 0.2 ms model is judged like a 200 ms one. An
+  artifact that misses its accuracy budget is not replaced: the build fails on it (the miss is the news).
 - ``latency``: the fastest candidate within the accuracy budget; never one slower than the FP32 baseline (the
   speed-up is the median of the interleaved rounds' ratios). Only on profiles with ``host_is_device: true``
   (the host runs the device's runtime, so host latency is the device's); elsewhere the profile's precision
@@ -68,7 +69,7 @@ def _pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tu
         record["warnings"].append(warning)
     if objective == "precision":
         if (baseline is not None and profile.host_is_device and chosen.artifact.precision != Precision.FP32
-                and slower(speedup) and baseline.quality_ok):
+                and slower(speedup) and baseline.quality_ok and chosen.quality_ok):
             record["candidates"] = [_candidate(chosen, "target"), _candidate(baseline, "fp32 baseline")]
             one = speedup.get("single_thread")
             why = (f"{chosen.artifact.main} is slower than the FP32 baseline on this host ({speedup['median']:.2f}× speed"

@@ -69,7 +69,7 @@ def time_artifacts(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
             lat, p50s = timing.latency_interleaved(runners, feed,
                                                    more=timing.undecided(BASELINE, CHOSEN) if baseline is not None else None)
         speedup = timing.speedup(p50s[BASELINE], p50s[CHOSEN]) if baseline is not None else None
-        if timing.slower(speedup) and threads > 1:
+        if timing.slower(speedup) and threads > 1 and profile.host_is_device:  # where it decides what ships
             speedup["single_thread"] = _single_thread_speedup(backend, arts, feed)
         record = {"latency": lat, "speedup": speedup}
         ctx.work.cache.put_result(k, record)

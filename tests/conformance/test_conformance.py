@@ -130,9 +130,15 @@ def test_if_on_a_fixed_scalar_builds_every_cpu_target_as_a_plain_graph(tmp_path,
     assert [i["name"] for i in m["model"]["inputs"]] == ["input", "state", "sr"]
     import onnx
 
-    qdq = onnx.load(str(out / "onnx-cpu" / "model_int8_qdq.onnx"))
-    assert m["targets"]["onnx-cpu"]["artifact"] == "model_int8_qdq.onnx"
-    assert "If" not in {n.op_type for n in qdq.graph.node} and any(n.op_type == "QuantizeLinear" for n in qdq.graph.node)
+    t = m["targets"]["onnx-cpu"]
+    shipped = onnx.load(str(out / "onnx-cpu" / t["artifact"]))
+    assert "If" not in {n.op_type for n in shipped.graph.node}
+    if t["artifact"] == "model_int8_qdq.onnx":
+        assert any(n.op_type == "QuantizeLinear" for n in shipped.graph.node)
+    else:  # this 0.05 ms VAD's INT8 (its stateful LSTM float) can run slower than FP32: FP32 ships, INT8 was a candidate
+        assert t["artifact"] == "model_fp32.onnx" and t["objective"]["overruled"], t["objective"]
+        cand = {c["artifact"]: c for c in t["objective"]["candidates"]}
+        assert cand["model_int8_qdq.onnx"]["within_accuracy_budget"]
     for target in ("onnx-cpu", "x86"):
         check_target(m, out, target, data)
     t = m["targets"]["arm64"]
