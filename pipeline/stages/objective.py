@@ -43,10 +43,16 @@ def slower_warning(chosen, speedup: dict | None) -> str | None:
     s = (speedup or {}).get("median")
     if s is None or s >= 1.0 or chosen.artifact.precision == Precision.FP32:
         return None
-    one = speedup.get("single_thread")
     return (f"{chosen.artifact.precision.upper()} artifact {chosen.artifact.main} runs slower than the FP32 baseline on "
             f"this host: {s:.2f}× speed (median of {speedup.get('rounds')} interleaved rounds, IQR {speedup.get('iqr')}"
-            + (f"; on one thread each {one['median']:.2f}×" if one else "") + ")")
+            f"{_one_thread(speedup, '; on one thread each {median}')})")
+
+
+def _one_thread(speedup: dict, text: str) -> str:
+    """``text`` filled with the single-threaded second timing's numbers (median as 0.00×, rounds_not_slower,
+    rounds), or nothing where the record has none (timing.slower)."""
+    one = (speedup or {}).get("single_thread")
+    return text.format(median=f"{one['median']:.2f}×", **{k: v for k, v in one.items() if k != "median"}) if one else ""
 
 
 def slower(speedup: dict | None) -> bool:
@@ -71,20 +77,17 @@ def _pick(objective: str, profile, chosen, baseline, speedup: dict | None) -> tu
         if (baseline is not None and profile.host_is_device and chosen.artifact.precision != Precision.FP32
                 and slower(speedup) and baseline.quality_ok and chosen.quality_ok):
             record["candidates"] = [_candidate(chosen, "target"), _candidate(baseline, "fp32 baseline")]
-            one = speedup.get("single_thread")
             why = (f"{chosen.artifact.main} is slower than the FP32 baseline on this host ({speedup['median']:.2f}× speed"
-                   + (f", {one['median']:.2f}× on one thread" if one else "")
-                   + ", host_is_device): the FP32 baseline ships; `objective: size` ships the smaller, slower one")
+                   f"{_one_thread(speedup, ', {median} on one thread')}, host_is_device): the FP32 baseline ships; "
+                   "`objective: size` ships the smaller, slower one")
             record["warnings"].append(f"default objective: shipped {baseline.artifact.main} instead of "
                                       f"{chosen.artifact.main} ({speedup['median']:.2f}× the FP32 speed)")
             return baseline, {**record, "why": why, "overruled": True}
         why = "the profile's precision (objective: precision)"
         if baseline is not None and profile.host_is_device and speedup is not None:
-            one = speedup.get("single_thread")
             why += (f", not slower than FP32 beyond the timing's noise (median {speedup.get('median', 0):.2f}×, "
                     f"{speedup.get('rounds_not_slower', '?')} of {speedup.get('rounds')} rounds at or above 1×"
-                    + (f"; on one thread {one['median']:.2f}×, {one['rounds_not_slower']} of {one['rounds']} rounds"
-                       if one else "") + ")")
+                    f"{_one_thread(speedup, '; on one thread {median}, {rounds_not_slower} of {rounds} rounds')})")
         return chosen, {**record, "why": why}
     if baseline is None:
         return chosen, {**record, "why": "no FP32 baseline to choose from"}
