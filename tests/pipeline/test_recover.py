@@ -24,7 +24,8 @@ def test_outlier_model_collapses_without_search_and_recovers_with_it(tmp_path, t
     assert m["targets"][target]["metrics"]["accuracy_drop"] > 0.5
     assert "search" not in m["targets"][target]
 
-    code, m = build(tmp_path / "auto", *OUTLIER, "--target", target)
+    # objective size: the recovery is under test, not whether an 8x8 net's INT8 outruns its FP32 on this host
+    code, m = build(tmp_path / "auto", *OUTLIER, "--target", target, "--objective", "size")
     t = m["targets"][target]
     assert code == 0, t["failures"]
     assert t["metrics"]["accuracy_drop"] <= 0.5
