@@ -330,3 +330,59 @@ def test_nearest_upsample_is_concat_and_depth_to_space(factor, coords, rounding,
     for _ in range(2):
         feed = {"x": rng.normal(size=(1, 3, 5, 4)).astype(np.float32)}
         np.testing.assert_array_equal(run(out, feed), run(m, feed))
+
+
+def flat_scatter_model(path, data_shape, x_shape, data_is_input: bool):
+    """bins = floor(clip(x * depth, 0, depth - 1)) scattered (add) with the updates x itself along the last axis: a
+    histogram that weights each sample by its value. Shapes chosen so the one-hot rewrite cannot take it."""
+    depth = data_shape[-1]
+    f = lambda v, n: numpy_helper.from_array(np.array(v, np.float32), n)  # noqa: E731
+    nodes = [helper.make_node("Mul", ["x", "depth"], ["xs"], name="scale"),
+             helper.make_node("Clip", ["xs", "lo", "hi"], ["xc"], name="clip"),
+             helper.make_node("Floor", ["xc"], ["xf"], name="floor"),
+             helper.make_node("Cast", ["xf"], ["bins"], to=TensorProto.INT64, name="bins"),
+             helper.make_node("ScatterElements", ["data", "bins", "x"], ["hist"], axis=-1, reduction="add",
+                              name="histogram")]
+    inits = [f(depth, "depth"), f(0, "lo"), f(depth - 1, "hi")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
+    if data_is_input:
+        inputs.append(helper.make_tensor_value_info("data", TensorProto.FLOAT, list(data_shape)))
+    else:
+        inits.append(numpy_helper.from_array(np.zeros(data_shape, np.float32), "data"))
+    g = helper.make_graph(nodes, "flat", inputs, [helper.make_tensor_value_info("hist", TensorProto.FLOAT, list(data_shape))],
+                          inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data_shape,x_shape,data_is_input", [
+    ((1, 80, 4), (1, 80, 10), False),  # 80 rows (> SCATTER_MAX_ROWS), more updates than bins: sliced
+    ((1, 6, 50), (1, 3, 4), True),     # indices smaller than data on another axis, fewer updates than bins: padded
+])
+def test_big_scatter_add_is_one_flat_scatter_exact_in_litert(tmp_path, data_shape, x_shape, data_is_input):
+    """A scatter-add the one-hot cannot take (TransNetV2's colour histogram: 129,600 updates into 51,200 bins) is one
+    flat MaxUnpool, which onnx2tf makes a TFLite SCATTER_ND that sums duplicates: LiteRT matches onnxruntime on the
+    original ScatterElements, duplicates included."""
+    pytest.importorskip("onnx2tf")
+    from edgebuild.targets.tflite.backend import TFLiteRunner
+    from tests.targets.test_tflite_conformance import calibration, convert, model_input
+
+    mi = model_input(flat_scatter_model(tmp_path / "flat.onnx", data_shape, x_shape, data_is_input))
+    rewritten, notes = rewrite(onnx.load(str(mi.onnx_path)))
+    assert any("histogram (add, flat)" in n for n in notes), notes
+    assert "MaxUnpool" in {n.op_type for n in rewritten.graph.node}
+    art = convert(mi, calibration(mi), tmp_path, precision="fp32")
+    assert "SCATTER_ND" in {op.split()[0] for op in art.settings["device_requires"]["builtin_ops"]}
+    runner = TFLiteRunner(art.path, art.io, 2, "xnnpack")
+    sess = ort.InferenceSession(str(mi.onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(9)
+    for _ in range(3):
+        feed = {"x": rng.uniform(-0.1, 1.1, x_shape).astype(np.float32)}  # clipped ends: many duplicates
+        if data_is_input:
+            feed["data"] = rng.normal(size=data_shape).astype(np.float32)
+        got, want = runner.run(feed)[0], sess.run(None, feed)[0]
+        np.testing.assert_allclose(np.reshape(got, want.shape), want, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,13 @@
   ``Where(any hit, Max(data, ReduceMax(Where(onehot, updates, min(updates)))), data)`` (the filler is the updates'
   own minimum, so INT8 ranges stay those of the data). Exact up to float summation order; the one-hot tensor has
   ``indices.size * D`` elements (not rewritten above ``SCATTER_ONEHOT_MAX``, then the error names the node).
+- **A scatter-add too big for the one-hot** (a video model's colour histogram: 129,600 updates into 51,200 bins, a
+  6.6e9-element one-hot) is one flat scatter: each update's flat position in the data (``index * stride`` plus the
+  position of its other coordinates, a constant), and one 1-D ``MaxUnpool`` of all updates onto those positions.
+  onnx2tf converts MaxUnpool to ``tf.scatter_nd`` (TFLite ``SCATTER_ND``), which *sums* updates that land on the same
+  position — a scatter-add, exact up to summation order (ONNX leaves MaxUnpool's duplicates undefined, so this form is
+  for onnx2tf only; tests/targets/test_tflite_scatter.py checks the TFLite result against ONNX Runtime's).
+  mul/max/min have no such form: too big for the one-hot, the error names the node.
 """
 from __future__ import annotations
 
@@ -50,13 +57,72 @@ def scatter_elements_reduction(model):
             continue  # onnx2tf then names the node (onnx2tf_run.explain)
         axis = int(a.get("axis", 0)) % rank
         rows, n, depth = int(np.prod(ds)) // ds[axis], xs[axis], ds[axis]
+        dtype = types.get(updates, TensorProto.FLOAT)
+        if any(xs[d] > ds[d] for d in range(rank) if d != axis):
+            continue  # not a valid scatter: onnx2tf names the node
         if any(xs[d] != ds[d] for d in range(rank) if d != axis) or rows > SCATTER_MAX_ROWS or n * depth * rows > SCATTER_ONEHOT_MAX:
-            continue  # indices smaller than data on another axis, or too big to unroll: onnx2tf names the node
-        replacements[idx] = _scatter_rows(model, node, red, axis, ds, n, rows, types.get(updates, TensorProto.FLOAT), opset)
+            if red != "add":
+                continue  # indices smaller than data on another axis, or too big to unroll: onnx2tf names the node
+            replacements[idx] = _scatter_add_flat(model, node, axis, ds, xs, dtype)
+            done.append(f"{node.name or node.output[0]} (add, flat)")
+            continue
+        replacements[idx] = _scatter_rows(model, node, red, axis, ds, n, rows, dtype, opset)
         done.append(f"{node.name or node.output[0]} ({red})")
     return finish(model, replacements, [], done,
                   "ScatterElements with a reduction as a one-hot mask and a reduction per row (exact; onnx2tf "
                   "supports only reduction=none)")
+
+
+def _scatter_add_flat(model, node, axis: int, ds: list[int], xs: list[int], dtype: int) -> list:
+    """The nodes of a scatter-add as one flat scatter (module docstring): ``positions = index * stride[axis] +
+    offsets`` (the other coordinates' part, a constant), ``MaxUnpool`` of the updates onto ``positions`` in a 1-D
+    tensor at least as long as the data (zero updates at position 0 pad it), then ``data + reshape(...)``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    data, indices, updates = node.input[:3]
+    y, base, rank = node.output[0], node.name or node.output[0], len(ds)
+    total, count = int(np.prod(ds)), int(np.prod(xs))
+    length = max(total, count)
+    strides = [int(np.prod(ds[d + 1:])) for d in range(rank)]
+    coords = np.indices(xs, dtype=np.int64)
+    offsets = sum((coords[d] * strides[d] for d in range(rank) if d != axis), np.zeros(xs, np.int64))
+    nodes: list = []
+
+    def const(value, key: str) -> str:
+        name = unique_name(model, f"{y}_scatter_{key}")
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(kind: str, ins: list[str], key: str, out: str | None = None, **attrs) -> str:
+        out = out or unique_name(model, f"{y}_scatter_{key}")
+        nodes.append(helper.make_node(kind, ins, [out], name=f"{base}/{key}" if out != y else node.name, **attrs))
+        return out
+
+    idx = op("Cast", [indices], "index_int64", to=TensorProto.INT64)
+    negative = op("Cast", [op("Less", [idx, const(np.array(0, np.int64), "zero")], "negative")], "negative_int",
+                  to=TensorProto.INT64)  # negative indices count from the end
+    idx = op("Add", [idx, op("Mul", [negative, const(np.array(ds[axis], np.int64), "depth")], "shift")], "index")
+    pos = op("Mul", [idx, const(np.array(strides[axis], np.int64), "stride")], "position")
+    if offsets.any():
+        pos = op("Add", [pos, const(offsets, "offsets")], "flat_position")
+    row = const(np.array([1, 1, count], np.int64), "row_shape")
+    pos = op("Reshape", [pos, row], "position_row")
+    upd = updates if dtype == TensorProto.FLOAT else op("Cast", [updates], "updates_float", to=TensorProto.FLOAT)
+    upd = op("Reshape", [upd, row], "updates_row")
+    if length > count:  # MaxUnpool's output is as long as its input: zero updates at position 0 make it the data's
+        upd = op("Concat", [upd, const(np.zeros((1, 1, length - count), np.float32), "pad")], "updates_padded", axis=2)
+        pos = op("Concat", [pos, const(np.zeros((1, 1, length - count), np.int64), "pad_position")], "position_padded",
+                 axis=2)
+    flat = op("Reshape", [op("MaxUnpool", [upd, pos], "scatter", kernel_shape=[1], strides=[1]),
+                          const(np.array([length], np.int64), "flat_shape")], "flat")
+    if length > total:
+        flat = op("Slice", [flat, const(np.array([0], np.int64), "start"), const(np.array([total], np.int64), "end"),
+                            const(np.array([0], np.int64), "axis")], "data_part")
+    flat = op("Reshape", [flat, const(np.array(ds, np.int64), "out_shape")], "sums")
+    if dtype != TensorProto.FLOAT:
+        flat = op("Cast", [flat], "sums_typed", to=dtype)
+    op("Add", [data, flat], "out", out=y)
+    return nodes
 
 
 def _scatter_rows(model, node, red: str, axis: int, ds: list[int], n: int, rows: int, dtype: int, opset: int) -> list:
