@@ -12,12 +12,54 @@
   After a non-negative op (Relu, Clip from >= 0, Sigmoid) the pad is zeros instead (exact there: every window holds
   a real value >= 0), TFLite's PAD, which XNNPACK runs; a model's own edge Pad that only MaxPools read gets the
   same (``edge_pad_before_maxpool``: yahoo-open-nsfw's stem, two MIRROR_PAD fallbacks and three partitions).
+- **A 3-D pool that pools each frame alone** (kernel and stride 1 on the depth axis: TransNetV2's
+  ``AvgPool3d((1, 2, 2))`` on ``[1, 64, 100, 27, 48]``): onnx2tf 1.28.8 stops with "Index out of range using input
+  dim 5" in its slicing. Channels and frames merge into one axis (a Reshape, no data moves), a 2-D pool of the same
+  kernel, strides, pads and ceil_mode runs over it, and a Reshape splits them again (``frame_pool_as_2d``, exact).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .graph import finish, node_attrs, nonnegative, opset_of, static_shapes, unique_name
+
+def frame_pool_as_2d(model):
+    """AveragePool/MaxPool on [N, C, D, H, W] with kernel 1 and stride 1 on D -> Reshape [N, C*D, H, W], the 2-D
+    pool, Reshape [N, C, D, H', W'] (exact: each frame of each channel is pooled alone either way)."""
+    from onnx import helper, numpy_helper
+
+    shapes, replacements, inits, done = static_shapes(model), {}, [], []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type not in ("AveragePool", "MaxPool") or len(node.output) != 1:
+            continue
+        a = node_attrs(node)
+        x_shape, y_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
+        k, s = list(a.get("kernel_shape", [])), list(a.get("strides", [1, 1, 1]))
+        pads = list(a.get("pads", [0] * 6))
+        if len(k) != 3 or k[0] != 1 or s[0] != 1 or pads[0] or pads[3] or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        if any(d != 1 for d in a.get("dilations", [1, 1, 1])) or a.get("storage_order", 0):
+            continue
+        if not x_shape or not y_shape or len(x_shape) != 5 or len(y_shape) != 5 or min(x_shape + y_shape) <= 0:
+            continue
+        n, c, depth = x_shape[:3]
+        merged = unique_name(model, node.output[0] + "_frames")
+        pooled = unique_name(model, node.output[0] + "_frames_pooled")
+        in_shape = unique_name(model, node.output[0] + "_frames_shape")
+        out_shape = unique_name(model, node.output[0] + "_shape")
+        inits += [numpy_helper.from_array(np.array([n, c * depth, *x_shape[3:]], np.int64), in_shape),
+                  numpy_helper.from_array(np.array(y_shape, np.int64), out_shape)]
+        keep = {key: v for key, v in a.items() if key not in ("kernel_shape", "strides", "pads", "dilations")}
+        replacements[idx] = [
+            helper.make_node("Reshape", [node.input[0], in_shape], [merged], name=f"{node.name}/frames"),
+            helper.make_node(node.op_type, [merged], [pooled], name=node.name, kernel_shape=k[1:], strides=s[1:],
+                             pads=pads[1:3] + pads[4:6], **keep),
+            helper.make_node("Reshape", [pooled, out_shape], list(node.output), name=f"{node.name}/unframes")]
+        done.append(node.name or node.output[0])
+    return finish(model, replacements, inits, done,
+                  "3-D pooling with kernel 1 over frames as a 2-D pool over channels x frames (exact; onnx2tf's "
+                  "3-D pool slicing fails on 5-D tensors)")
+
 
 def maxpool_edge_padding(model):
     """MaxPool(pads, ceil_mode) -> Pad(edge) + MaxPool(VALID), where TF's SAME/VALID pooling cannot do it."""
