@@ -202,3 +202,23 @@ def test_adaround_is_built_on_the_int8_variant_that_came_closest():
     if s.asked["U8U8 (unsigned weights)"] is not None:  # unsigned weights: no AdaRound on them, the plain candidate
         s.tries = [tried("profile settings", 3.6), tried("U8U8 (unsigned weights)", 1.0)]
         assert s.on_best(ada_label, variants[ada_label]) == (ada_label, variants[ada_label])
+
+
+def test_a_layer_starts_only_when_one_as_long_as_the_longest_still_fits_the_limit(tmp_path, monkeypatch):
+    """ddddocr's CTC recogniser: "at most 120 s" took the search 180 s past its limit; the limit was checked only
+    before each layer, so the last layer started at 119 s. Each layer here takes 1 s against a 1.5 s limit: the
+    second would end past it, so it does not start."""
+    import time
+
+    from edgebuild.targets import onnx_adaround as A
+
+    real = A._round_layer
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_round_layer", slow)
+    record = adaround(_cnn(tmp_path / "m.onnx"), tmp_path / "ada.onnx", _samples(8, 1), tmp_path, iterations=5,
+                      time_limit=1.5)
+    assert record["layers"] == 1 and record["not_adjusted"] == 2, record
