@@ -48,7 +48,7 @@ def test_calibrated_ranges_are_what_the_tensors_hold():
 
     km, half, samples = _model()
     record: list = []
-    with patched([exact_ranges(record)]):
+    with patched([exact_ranges(record, {})]):
         calibrated = _converter(km, samples[:20], calibrate_only=True).convert()
     true = np.concatenate([half(x).numpy().ravel() for x in samples[:20]])
     graph = schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0).subgraphs[0]
@@ -72,7 +72,7 @@ def test_small_channels_survive_int8():
     from edgebuild.targets.tflite.ranges import exact_ranges
 
     km, _, samples = _model()
-    with patched([exact_ranges([])]):
+    with patched([exact_ranges([], {})]):
         model = _converter(km, samples[:20]).convert()
     it = Interpreter(model_content=model, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     run = it.get_signature_runner()
@@ -96,7 +96,7 @@ def test_integer_inputs_are_fed_as_integers(capfd):
     rng = np.random.default_rng(1)
     samples = [rng.integers(0, 20, (1, 6)).astype(np.int32) for _ in range(8)]
     record: list = []
-    with patched([exact_ranges(record)]):
+    with patched([exact_ranges(record, {})]):
         model = _converter(km, samples).convert()
     assert model and record == []  # nothing shares a buffer here: every logged range was already exact
     assert "not re-measured" not in capfd.readouterr().err  # a float feed into the int32 input failed and was skipped
@@ -154,3 +154,22 @@ def test_each_narrowing_rule():
     mlo, mhi = narrowed[fc]["measured"]
     assert (hi - lo) > 3.5 * (mhi - mlo)
     assert MAX_NARROWING < 1000 and fc not in changed({fc: 1000.0})
+
+
+def test_a_reconversion_of_the_same_graph_reuses_its_calibration(capfd):
+    """A repair reconverts the same graph with other ops kept float (targets/tflite/convert.py): the float model is the
+    same, so its calibration is reused — the dataset is not read again and the INT8 model is byte-identical."""
+    from edgebuild.procs import patched
+    from edgebuild.targets.tflite.ranges import exact_ranges
+
+    km, _, samples = _model()
+    memo, first, again = {}, [], []
+    with patched([exact_ranges(first, memo)]):
+        model = _converter(km, samples[:12]).convert()
+    read = []
+    converter = _converter(km, samples[:12])
+    converter.representative_dataset = lambda: (read.append(1) or {km.input_names[0]: x} for x in samples[:12])
+    with patched([exact_ranges(again, memo)]):
+        assert converter.convert() == model
+    assert read == [] and again == first and len(memo) == 1
+    assert "calibration of this float model reused" in capfd.readouterr().err
