@@ -262,7 +262,7 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: Search, colla
         return _rest(ctx, backend, profile, search, settings, variants, collapsed, fp16_done=True)
     todo = list(variants[:COLLAPSED_VARIANTS] if collapsed else variants)
     for i in range(len(todo)):
-        found = _mixed_after_near_miss(ctx, backend, profile, search, settings)
+        found = _mixed_early(ctx, backend, profile, search, settings)
         if found is not None:
             return found
         todo[i:] = _rounding_first(search, todo[i:])
@@ -293,7 +293,7 @@ def _int8_beside(ctx, backend, profile, search: Search, settings: Settings, vari
     for i in range(len(variants)):
         if not search.room():
             break
-        found = _mixed_after_near_miss(ctx, backend, profile, search, settings)
+        found = _mixed_early(ctx, backend, profile, search, settings)
         if found is not None:
             return found
         variants[i:] = _rounding_first(search, variants[i:])
@@ -323,7 +323,7 @@ def _rounding_first(search: Search, variants: list) -> list:
     return learned + [v for v in variants if v not in learned]
 
 
-def _mixed_after_near_miss(ctx, backend, profile, search: Search, settings: Settings) -> Attempt | None:
+def _mixed_early(ctx, backend, profile, search: Search, settings: Settings) -> Attempt | None:
     """Mixed precision before the other backend variants when an INT8 try came within NEAR_MISS of its budget, or
     when MIXED_AFTER_MISSES INT8 tries have each missed without a collapse: a few layers in float are likelier to close
     the gap than another calibration method, and with the calibration shared (``share_calibration``) they cost a

@@ -93,7 +93,8 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
         converter.experimental_new_quantizer = job["quantizer_used"] == "mlir"
         if converter.experimental_new_quantizer:  # calibration ranges without buffer sharing (targets/tflite/ranges.py)
             job["ranges_repaired"] = []
-            with patched([exact_ranges(job["ranges_repaired"], _CALIBRATED)]):
+            # this job's calibrations by float model: a repair's reconversion reuses the first one's (ranges.py)
+            with patched([exact_ranges(job["ranges_repaired"], job.setdefault("calibrations", {}))]):
                 if _selective(job):
                     return selective_int8(converter, km, job, io_type)
                 return converter.convert()
@@ -162,14 +163,9 @@ def _text(name) -> str:
     return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
-# this job's calibrations by float model (ranges.exact_ranges): a repair's reconversion reuses the first one's
-_CALIBRATED: dict = {}
-
-
 def run(job_dir: Path) -> dict:
     """Convert as ``job.json`` says; returns (and writes) result.json's content."""
     job = json.loads((job_dir / "job.json").read_text())
-    _CALIBRATED.clear()
     with np.load(job_dir / "calib.npz", allow_pickle=False) as z:
         calib = {k: z[k] for k in z.files}
     phase = "onnx2tf"

@@ -86,6 +86,15 @@ def test_constant_data_and_updates(reduction):
         np.testing.assert_allclose(run(out, feed), run(m, feed), rtol=1e-5, atol=1e-6)
 
 
+def _saved(graph, path):
+    """``graph`` as a checked opset-17 model at ``path``."""
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
 def histogram_model(path, reduction="add"):
     """A colour-histogram branch beside a conv: bins = floor(clip(x * 4, 0, 3)), scatter-add of ones -> [1, 3, 4]."""
     w = np.random.default_rng(0).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
@@ -108,11 +117,7 @@ def histogram_model(path, reduction="add"):
     g = helper.make_graph(nodes, "hist", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("feat", TensorProto.FLOAT, [1, 4]),
                            helper.make_tensor_value_info("hist_n", TensorProto.FLOAT, [1, 3, 4])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
-    return path
+    return _saved(g, path)
 
 
 @pytest.mark.slow
@@ -351,11 +356,7 @@ def flat_scatter_model(path, data_shape, x_shape, data_is_input: bool):
         inits.append(numpy_helper.from_array(np.zeros(data_shape, np.float32), "data"))
     g = helper.make_graph(nodes, "flat", inputs, [helper.make_tensor_value_info("hist", TensorProto.FLOAT, list(data_shape))],
                           inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
-    return path
+    return _saved(g, path)
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def _reduce(op: str, x: str, axis: int, out: str, name: str, opset: int, model, 
 
 def scatter_elements_reduction(model):
     """ScatterElements(reduction=add|mul|max|min) -> per row, a one-hot mask and a reduction (exact), in 2-D ops."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
     shapes, types, opset = static_shapes(model), elem_types(model), opset_of(model)
     replacements, done = {}, []
@@ -73,35 +73,56 @@ def scatter_elements_reduction(model):
                   "supports only reduction=none)")
 
 
+class _Nodes:
+    """The nodes of one ScatterElements rewrite: constants (initializers) and ops named after the node, the last one
+    writing the node's own output under its own name."""
+
+    def __init__(self, model, node):
+        self.model, self.node, self.nodes = model, node, []
+        self.y, self.base = node.output[0], node.name or node.output[0]
+
+    def const(self, value, key: str) -> str:
+        from onnx import numpy_helper
+
+        name = unique_name(self.model, f"{self.y}_scatter_{key}")
+        self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, kind: str, ins: list[str], key: str, out: str | None = None, **attrs) -> str:
+        from onnx import helper
+
+        out = out or unique_name(self.model, f"{self.y}_scatter_{key}")
+        name = f"{self.base}/{key}" if out != self.y else self.node.name
+        self.nodes.append(helper.make_node(kind, ins, [out], name=name, **attrs))
+        return out
+
+    def index(self, indices: str, depth: int) -> str:
+        """``indices`` as int64 in [0, depth): negative indices count from the end."""
+        from onnx import TensorProto
+
+        idx = self.op("Cast", [indices], "index_int64", to=TensorProto.INT64)
+        negative = self.op("Cast", [self.op("Less", [idx, self.const(np.array(0, np.int64), "zero")], "negative")],
+                           "negative_int", to=TensorProto.INT64)
+        shift = self.op("Mul", [negative, self.const(np.array(depth, np.int64), "depth")], "shift")
+        return self.op("Add", [idx, shift], "index")
+
+
 def _scatter_add_flat(model, node, axis: int, ds: list[int], xs: list[int], dtype: int) -> list:
     """The nodes of a scatter-add as one flat scatter (module docstring): ``positions = index * stride[axis] +
     offsets`` (the other coordinates' part, a constant), ``MaxUnpool`` of the updates onto ``positions`` in a 1-D
     tensor at least as long as the data (zero updates at position 0 pad it), then ``data + reshape(...)``."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
     data, indices, updates = node.input[:3]
-    y, base, rank = node.output[0], node.name or node.output[0], len(ds)
+    y, rank = node.output[0], len(ds)
     total, count = int(np.prod(ds)), int(np.prod(xs))
     length = max(total, count)
     strides = [int(np.prod(ds[d + 1:])) for d in range(rank)]
     coords = np.indices(xs, dtype=np.int64)
     offsets = sum((coords[d] * strides[d] for d in range(rank) if d != axis), np.zeros(xs, np.int64))
-    nodes: list = []
-
-    def const(value, key: str) -> str:
-        name = unique_name(model, f"{y}_scatter_{key}")
-        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(kind: str, ins: list[str], key: str, out: str | None = None, **attrs) -> str:
-        out = out or unique_name(model, f"{y}_scatter_{key}")
-        nodes.append(helper.make_node(kind, ins, [out], name=f"{base}/{key}" if out != y else node.name, **attrs))
-        return out
-
-    idx = op("Cast", [indices], "index_int64", to=TensorProto.INT64)
-    negative = op("Cast", [op("Less", [idx, const(np.array(0, np.int64), "zero")], "negative")], "negative_int",
-                  to=TensorProto.INT64)  # negative indices count from the end
-    idx = op("Add", [idx, op("Mul", [negative, const(np.array(ds[axis], np.int64), "depth")], "shift")], "index")
+    b = _Nodes(model, node)
+    const, op = b.const, b.op
+    idx = b.index(indices, ds[axis])
     pos = op("Mul", [idx, const(np.array(strides[axis], np.int64), "stride")], "position")
     if offsets.any():
         pos = op("Add", [pos, const(offsets, "offsets")], "flat_position")
@@ -122,7 +143,7 @@ def _scatter_add_flat(model, node, axis: int, ds: list[int], xs: list[int], dtyp
     if dtype != TensorProto.FLOAT:
         flat = op("Cast", [flat], "sums_typed", to=dtype)
     op("Add", [data, flat], "out", out=y)
-    return nodes
+    return b.nodes
 
 
 def _scatter_rows(model, node, red: str, axis: int, ds: list[int], n: int, rows: int, dtype: int, opset: int) -> list:
@@ -136,17 +157,8 @@ def _scatter_rows(model, node, red: str, axis: int, ds: list[int], n: int, rows:
     y, base, rank, depth = node.output[0], node.name or node.output[0], len(ds), ds[axis]
     perm = [d for d in range(rank) if d != axis] + [axis]  # scatter axis last
     inverse = [int(v) for v in np.argsort(perm)]
-    nodes: list = []
-
-    def const(value, key: str) -> str:
-        name = unique_name(model, f"{y}_scatter_{key}")
-        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(kind: str, ins: list[str], key: str, out: str | None = None, **attrs) -> str:
-        out = out or unique_name(model, f"{y}_scatter_{key}")
-        nodes.append(helper.make_node(kind, ins, [out], name=f"{base}/{key}" if out != y else node.name, **attrs))
-        return out
+    b = _Nodes(model, node)
+    const, op, nodes = b.const, b.op, b.nodes
 
     consts = {i.name: i for i in model.graph.initializer if i.name in (data, updates)}
 
@@ -157,11 +169,7 @@ def _scatter_rows(model, node, red: str, axis: int, ds: list[int], n: int, rows:
         t = op("Reshape", [t, const(np.array([rows, length], np.int64), f"{key}_shape")], f"{key}_rows")
         return op("Transpose", [t], f"{key}_cols", perm=[1, 0])
 
-    idx = op("Cast", [indices], "index_int64", to=TensorProto.INT64)
-    idx = cols(idx, "index", n)
-    negative = op("Cast", [op("Less", [idx, const(np.array(0, np.int64), "zero")], "negative")], "negative_int",
-                  to=TensorProto.INT64)  # negative indices count from the end
-    idx = op("Add", [idx, op("Mul", [negative, const(np.array(depth, np.int64), "depth")], "shift")], "index")
+    idx = b.index(cols(indices, "index", n), depth)
     upd = cols(updates, "updates", n)
     if data in consts:
         data_rows = const(numpy_helper.to_array(consts[data]).transpose(perm).reshape(rows, depth).copy(), "data_rows")
