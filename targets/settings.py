@@ -305,8 +305,8 @@ class TFLiteSettings(Settings):
     """The tflite backend's conversion options (every precision) and full-integer INT8 options."""
 
     backend = "tflite"
-    INT8_ONLY = ("io_dtype", "per_channel", "calibration_samples", "quantizer", "float_layers", "transformer_float",
-                 "float_tail")
+    INT8_ONLY = ("io_dtype", "per_channel", "calibration_samples", "quantizer", "calibrate_method", "percentile",
+                 "float_layers", "transformer_float", "float_tail")
 
     input_layout: str = choice("NHWC", "NHWC", "source")  # NHWC: 4-D NCHW inputs become channels-last
     rnn_unroll: bool = flag(True)  # onnx2tf unrolls LSTM/GRU/RNN for INT8 (the calibrator crashes on loops); float: loop
@@ -318,6 +318,9 @@ class TFLiteSettings(Settings):
     per_channel: bool = flag(True)
     calibration_samples: int | None = count(None, optional=True)  # None: every calibration sample
     quantizer: str = choice("auto", "auto", "mlir", "legacy")  # TF's quantizer (auto: legacy for LSTM/GRU/RNN)
+    # activation ranges: TF's min-max, or a histogram method over the same samples (MLIR quantizer; ranges.py)
+    calibrate_method: str = choice("minmax", "minmax", "percentile", "entropy")
+    percentile: float = number(99.999, 0.0, 100.0)
     float_layers: tuple[str, ...] = names()  # ONNX node names whose TFLite ops stay float (mixed precision)
     # a graph with attention keeps LayerNorm, Softmax and GELU float in INT8 (targets/tflite/transformer.py) where the
     # profile allows float layers, as ONNX Runtime's and NNCF's transformer recipes do

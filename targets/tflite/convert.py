@@ -94,7 +94,8 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
         if converter.experimental_new_quantizer:  # calibration ranges without buffer sharing (targets/tflite/ranges.py)
             job["ranges_repaired"] = []
             # this job's calibrations by float model: a repair's reconversion reuses the first one's (ranges.py)
-            with patched([exact_ranges(job["ranges_repaired"], job.setdefault("calibrations", {}))]):
+            with patched([exact_ranges(job["ranges_repaired"], job.setdefault("calibrations", {}),
+                                       settings.get("calibrate_method", "minmax"), settings.get("percentile", 99.999))]):
                 if _selective(job):
                     return selective_int8(converter, km, job, io_type)
                 return converter.convert()
@@ -191,8 +192,10 @@ def run(job_dir: Path) -> dict:
                         "input_perms": in_perms, "output_perms": out_perms, "fp32_graph_check": check, "rewrites": job.get("rewrites") or []}
         phase = "tflite converter" if job["precision"] != "int8" else "tflite converter (INT8 calibration)"
         _phase(job_dir, phase)
-        # keeping layers in float needs the MLIR quantizer's deny list
-        job["quantizer_used"] = "mlir" if float_layers or transformer or tail else pick_quantizer(job["settings"].get("quantizer", "auto"), job["onnx"])
+        # keeping layers in float needs the MLIR quantizer's deny list; histogram calibration its ranges hook (ranges.py)
+        histogram = job["settings"].get("calibrate_method", "minmax") != "minmax"
+        job["quantizer_used"] = "mlir" if float_layers or transformer or tail or histogram \
+            else pick_quantizer(job["settings"].get("quantizer", "auto"), job["onnx"])
         with keras_saved_once(km, job_dir / "keras_savedmodel"):  # every conversion below reads one SavedModel
             described, kept, repairs = _convert_checked(km, job, calib, job_dir, lambda p: _phase(job_dir, p))
         described["float_ops"] = [op["op"] for op in described["float_ops"]]

@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from edgebuild.calibration.histogram import Histograms
 from edgebuild.procs import Patch
 
 WIDER = 1.01  # narrow a logged range only when it is over 1 % wider than the measured one (else it is the same)
@@ -32,12 +33,15 @@ WIDER = 1.01  # narrow a logged range only when it is over 1 % wider than the me
 MAX_NARROWING = 256.0
 
 
-def measured_ranges(calibrated: bytes, samples) -> tuple[bytes, list[dict]]:
+def measured_ranges(calibrated: bytes, samples, method: str = "minmax",
+                    percentile: float = 99.999) -> tuple[bytes, list[dict]]:
     """``calibrated`` (a float .tflite with min/max per tensor) with the ranges that buffer sharing widened set to
     the measured ones; and what changed, ``{"tensor", "logged": [lo, hi], "measured": [lo, hi]}`` per tensor.
 
-    ``samples``: what TF's representative dataset yields (dicts keyed by signature input, or lists in input order).
-    Only the main graph is measured (a WHILE body keeps its logged ranges)."""
+    ``method`` ``percentile`` or ``entropy``: every activation's range (not only the shared ones) is the histogram
+    method's over the values measured here (calibration/histogram.py, as onnx-cpu's calibration does), never wider
+    than the logged min-max. ``samples``: what TF's representative dataset yields (dicts keyed by signature input, or
+    lists in input order). Only the main graph is measured (a WHILE body keeps its logged ranges)."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     import flatbuffers
@@ -59,7 +63,12 @@ def measured_ranges(calibrated: bytes, samples) -> tuple[bytes, list[dict]]:
     code = lambda op: max(model.operatorCodes[op.opcodeIndex].builtinCode,  # noqa: E731
                           model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
     fixed = {int(o) for op in graph.operators if code(op) in fixed_kinds for o in op.outputs}
-    wanted = sorted(i for i in logged if i in produced and i in shared and i not in fixed)
+    inputs = {int(i) for i in graph.inputs}
+    histograms = None if method == "minmax" else Histograms(method, {  # bins over the logged range (an upper bound)
+        i: max(abs(float(t.quantization.min[0])), abs(float(t.quantization.max[0]))) for i, t in logged.items()},
+        percentile)
+    wanted = sorted(i for i in logged if i not in fixed and (
+        i in produced and i in shared if histograms is None else i in produced or i in inputs))
     if not wanted:
         return calibrated, []
     it = Interpreter(model_content=bytes(calibrated), num_threads=1, experimental_preserve_all_tensors=True,
@@ -81,11 +90,16 @@ def measured_ranges(calibrated: bytes, samples) -> tuple[bytes, list[dict]]:
             v = it.get_tensor(i)
             if v.size:
                 lo[i], hi[i] = min(lo[i], float(v.min())), max(hi[i], float(v.max()))
+        if histograms is not None:
+            histograms.add({i: it.get_tensor(i) for i in wanted})
+    if histograms is not None:
+        for i, (a, b) in histograms.ranges().items():
+            lo[i], hi[i] = max(lo[i], a), min(hi[i], b)
     changed = []
     for i in wanted:
         q = logged[i].quantization
         was = (float(q.min[0]), float(q.max[0]))
-        now = (max(lo[i], was[0]), min(hi[i], was[1]))  # sharing only ever widens a range
+        now = (max(lo[i], was[0]), min(hi[i], was[1]))  # sharing only ever widens a range; a histogram narrows it
         if (not np.isfinite(now).all() or now[1] - now[0] <= 0 or (was[1] - was[0]) <= WIDER * (now[1] - now[0])
                 or (was[1] - was[0]) > MAX_NARROWING * (now[1] - now[0])):
             continue
@@ -106,23 +120,24 @@ def _same_shape(a, b) -> bool:
     return a.type == b.type and shape(a) == shape(b)
 
 
-def exact_ranges(record: list, memo: dict) -> Patch:
+def exact_ranges(record: list, memo: dict, method: str = "minmax", percentile: float = 99.999) -> Patch:
     """The patch (apply with ``procs.patched``) under which TF's ``Calibrator.calibrate`` (what the MLIR quantizer
     path and ``_experimental_calibrate_only`` call) returns ``measured_ranges`` of its result; the changed tensors are
     appended to ``record``. ``memo`` keeps each result by the float model's sha256: a repair that reconverts the same
     graph with other ops kept float (convert.py, ``MAX_REPAIRS``) gets the same float model and reuses its
-    calibration (TransNetV2 on 2 cores: ~8 min of calibration per conversion, before the repair paid it again)."""
+    calibration (TransNetV2 on 2 cores: ~8 min of calibration per conversion, before the repair paid it again).
+    ``method``/``percentile``: as in ``measured_ranges``."""
 
     def wrap(original):
         def calibrate(self, dataset_gen):
-            key = hashlib.sha256(bytes(self._model_content)).hexdigest()
+            key = (hashlib.sha256(bytes(self._model_content)).hexdigest(), method, percentile)
             if key in memo:
                 record.extend(memo[key][1])
                 print("edgebuild: calibration of this float model reused", file=sys.stderr, flush=True)
                 return memo[key][0]
             calibrated = original(self, dataset_gen)
             try:
-                fixed, changed = measured_ranges(calibrated, dataset_gen())
+                fixed, changed = measured_ranges(calibrated, dataset_gen(), method, percentile)
             except (RuntimeError, ValueError, KeyError, MemoryError) as e:  # keep TF's ranges rather than fail the build
                 print(f"edgebuild: calibration ranges not re-measured ({type(e).__name__}: {e}); TF's ranges kept",
                       file=sys.stderr, flush=True)

@@ -106,7 +106,18 @@ def test_honest_artifact_names(backend):
 def test_accuracy_search_hooks(backend, profiles):
     assert backend.supports_float_layers and not profiles["cortex-m"].allow_float_layers
     settings = backend.default_settings(profiles["arm64"], "int8")
-    assert settings["float_layers"] == [] and backend.recovery_candidates(profiles["arm64"], settings) == []
+    assert settings["float_layers"] == [] and settings["calibrate_method"] == "minmax"
+    variants = backend.recovery_candidates(profiles["arm64"], settings)  # histogram calibration before float layers
+    assert [s.calibrate_method for _, s in variants] == ["percentile", "entropy"]
+    assert [label for label, _ in variants] == ["percentile calibration (99.999)", "entropy calibration"]
+    assert backend.recovery_candidates(profiles["arm64"], settings | {"quantizer": "legacy"}) == []  # no ranges hook
+    assert backend.recovery_candidates(profiles["arm64"], settings | {"calibrate_method": "entropy"}) == []
+
+
+def test_histogram_calibration_needs_the_mlir_quantizer(backend, profiles, tmp_path):
+    with pytest.raises(BadInputError, match="needs the MLIR quantizer"):
+        backend.convert_family(None, profiles["arm64"], "int8", None, tmp_path,  # refused before the model is read
+                               {"calibrate_method": "percentile", "quantizer": "legacy"})
 
 
 def test_default_settings(backend, profiles):

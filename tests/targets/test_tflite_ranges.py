@@ -173,3 +173,67 @@ def test_a_reconversion_of_the_same_graph_reuses_its_calibration(capfd):
         assert converter.convert() == model
     assert read == [] and again == first and len(memo) == 1
     assert "calibration of this float model reused" in capfd.readouterr().err
+
+
+def _outlier_model():
+    """A conv whose output is ReLU-like with a rare spike: one calibration sample in 40 holds a value 40x the rest."""
+    rng = np.random.default_rng(3)
+    inp = keras.Input((8, 8, 2), batch_size=1)
+    conv = keras.layers.Conv2D(4, 1, name="conv")
+    x = keras.layers.Lambda(lambda t: tf.nn.relu(t), name="act")(conv(inp))
+    km = keras.Model(inp, keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(x)))
+    conv.set_weights([np.eye(2, 4, dtype=np.float32)[None, None], np.zeros(4, np.float32)])
+    samples = [rng.normal(0, 1, (1, 8, 8, 2)).astype(np.float32) for _ in range(40)]
+    samples[7][0, 3, 3, 0] = 160.0  # one spike in 10,240 values (the percentile cuts 0.05 % each side)
+    return km, samples
+
+
+def _logged(calibrated: bytes, part: str) -> tuple[float, float]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    graph = schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0).subgraphs[0]
+    t, = [t for t in graph.tensors if part in t.name.decode() and t.quantization is not None
+          and t.quantization.min is not None and len(t.quantization.min)]
+    return float(t.quantization.min[0]), float(t.quantization.max[0])
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_clips_a_rare_spike(method):
+    """``calibrate_method: percentile|entropy`` (the arm64 search's INT8 variants): the activation's range is the
+    histogram method's, not the spike's; min-max keeps the spike (the whole int8 grid spent on one value)."""
+    from edgebuild.procs import patched
+    from edgebuild.targets.tflite.ranges import exact_ranges
+
+    km, samples = _outlier_model()
+    minmax = _logged(_converter(km, samples, calibrate_only=True).convert(), "act")
+    record: list = []
+    with patched([exact_ranges(record, {}, method, 99.9)]):
+        clipped = _logged(_converter(km, samples, calibrate_only=True).convert(), "act")
+    bulk = np.quantile(np.concatenate([np.maximum(s, 0).ravel() for s in samples]), 0.999)
+    assert minmax[1] >= 159.0
+    # percentile: within one of its 2048 bins of the 99.9th; entropy: KL's choice among a quarter of the bound to all
+    # of it (its bins are the bound's: 0.3 wide here, the bulk of the values in the first ten)
+    want = (0.9 * bulk, minmax[1] / 3) if method == "percentile" else (minmax[1] / 4, 0.9 * minmax[1])
+    assert want[0] <= clipped[1] < want[1], (method, clipped, minmax, bulk)
+    assert any("act" in r["tensor"] for r in record)
+
+
+def test_entropy_searches_thresholds_below_the_maximum():
+    """onnxruntime's entropy defaults (128 bins, 128 quantized bins) leave one candidate: the whole +-max|x| range
+    (more only when a later chunk re-bins a wider range at the first one's bin width);
+    with calibration/histogram.py's bins the KL search finds a threshold below a rare spike (onnx-cpu and arm64)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from edgebuild.calibration.histogram import Histograms
+
+    rng = np.random.default_rng(0)
+    batches = [np.maximum(rng.standard_normal(4000), 0).astype(np.float32) for _ in range(6)]
+    batches[2][0] = 40.0
+    ours = Histograms("entropy", {"t": 40.0})
+    stock = HistogramCollector("entropy", False, 128, 128, 99.999, "same")
+    for b in batches:
+        ours.add({"t": b})
+    stock.collect({"t": np.concatenate(batches)})  # one chunk (onnx-cpu calibrates 16 samples per chunk)
+    assert stock.compute_collection_result()["t"][1] == pytest.approx(40.0)
+    lo, hi = ours.ranges()["t"]
+    assert lo == 0.0 and 1.0 < hi < 0.5 * 40.0
