@@ -165,6 +165,9 @@ class Backend:
 
     info: BackendInfo
     supports_float_layers: bool = False  # can settings["float_layers"] (ONNX node names) stay in float?
+    # the accuracy search tries mixed precision after the first INT8 miss, before this backend's recovery_candidates
+    # (pipeline/stages/search.py ``_mixed_early``): where each variant is a whole costly conversion that rarely helps
+    mixed_before_variants: bool = False
     # a folder of this build's own where conversions may keep calibration statistics for later conversions of the
     # same graph and samples (the accuracy search sets it; a backend that can reuse them does: ONNX's ranges)
     calibration_store: Path | None = None

@@ -10,6 +10,9 @@ them: symmetric INT8, per channel (or per tensor), scale ``max|w| / qmax``. Each
 unchanged (so the scale is the same) and every other weight is ``k * scale`` with ``|k| <= qmax``; quantizing the
 adjusted model with ``quantize_static`` then stores the learned integers (tests/targets/test_onnx_adaround.py).
 
+The tflite backend runs it on the ONNX model before onnx2tf (targets/tflite/backend.py): TF's quantizer derives the
+same grid (symmetric int8 +-127 per output channel), so the .tflite stores the learned integers too.
+
 Layers are optimised one by one in graph order, each on the FP32 inputs it sees in the calibration samples; a layer
 whose hard-rounded result reconstructs worse than nearest rounding keeps nearest rounding. (aimet-onnx implements the
 same method, but it pins its own torch and CUDA stack: it does not fit requirements.lock.)
@@ -293,6 +296,12 @@ def expected_seconds(onnx_path: Path) -> float:
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     return min(TIME_LIMIT, LAYER_SECONDS * len(weighted_layers(model)))
+
+
+def extra_seconds(settings, onnx_path: Path) -> float:
+    """A backend's ``extra_seconds``: what a candidate with ``rounding: adaround`` adds to a plain INT8 try."""
+    rounding = settings.get("rounding") if isinstance(settings, dict) else getattr(settings, "rounding", "")
+    return expected_seconds(onnx_path) if rounding == "adaround" else 0.0
 
 
 def candidate_label() -> str:

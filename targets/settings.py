@@ -306,7 +306,7 @@ class TFLiteSettings(Settings):
 
     backend = "tflite"
     INT8_ONLY = ("io_dtype", "per_channel", "calibration_samples", "quantizer", "calibrate_method", "percentile",
-                 "float_layers", "transformer_float", "float_tail")
+                 "rounding", "float_layers", "transformer_float", "float_tail")
 
     input_layout: str = choice("NHWC", "NHWC", "source")  # NHWC: 4-D NCHW inputs become channels-last
     rnn_unroll: bool = flag(True)  # onnx2tf unrolls LSTM/GRU/RNN for INT8 (the calibrator crashes on loops); float: loop
@@ -321,6 +321,8 @@ class TFLiteSettings(Settings):
     # activation ranges: TF's min-max, or a histogram method over the same samples (MLIR quantizer; ranges.py)
     calibrate_method: str = choice("minmax", "minmax", "percentile", "entropy")
     percentile: float = number(99.999, 0.0, 100.0)
+    # weight rounding: nearest (TF's), or AdaRound onto TF's symmetric int8 grid before onnx2tf (targets/onnx_adaround.py)
+    rounding: str = choice("nearest", "nearest", "adaround")
     float_layers: tuple[str, ...] = names()  # ONNX node names whose TFLite ops stay float (mixed precision)
     # a graph with attention keeps LayerNorm, Softmax and GELU float in INT8 (targets/tflite/transformer.py) where the
     # profile allows float layers, as ONNX Runtime's and NNCF's transformer recipes do

@@ -325,7 +325,8 @@ def _rounding_first(search: Search, variants: list) -> list:
 
 def _mixed_early(ctx, backend, profile, search: Search, settings: Settings) -> Attempt | None:
     """Mixed precision before the other backend variants when an INT8 try came within NEAR_MISS of its budget, or
-    when MIXED_AFTER_MISSES INT8 tries have each missed without a collapse: a few layers in float are likelier to close
+    when MIXED_AFTER_MISSES INT8 tries (one, for a backend with ``mixed_before_variants``) have each missed without a
+    collapse: a few layers in float are likelier to close
     the gap than another calibration method, and with the calibration shared (``share_calibration``) they cost a
     quantization pass each (PP-OCRv4's detector on onnx-cpu: weighted layers only at mIoU 89.73 against 90; the
     percentile and entropy variants after it took the search's time)."""
@@ -338,10 +339,14 @@ def _mixed_early(ctx, backend, profile, search: Search, settings: Settings) -> A
         return mixed(ctx, backend, profile, search, settings)
     missed = [t for t in search.tries if t.artifact.precision == Precision.INT8 and t.loss > 0]
     closest = min(missed, key=lambda t: t.loss, default=None)
-    if len(missed) < MIXED_AFTER_MISSES or closest.loss >= COLLAPSED_LOSS:
+    first = getattr(backend, "mixed_before_variants", False)  # a backend whose variants are whole conversions
+    after = 1 if first else MIXED_AFTER_MISSES
+    if len(missed) < after or closest.loss >= COLLAPSED_LOSS:
         return None
     search.record.extra["mixed_first"] = (f"{len(missed)} INT8 tries missed the budget, the closest {closest.label} "
-                                          f"by {closest.loss:.3g}: mixed precision before the other variants")
+                                          f"by {closest.loss:.3g}: mixed precision before the other variants" +
+                                          (f" (the {backend.name} backend's variants are whole conversions)"
+                                           if first else ""))
     return mixed(ctx, backend, profile, search, settings)
 
 

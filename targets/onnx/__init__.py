@@ -98,11 +98,9 @@ class OnnxBackend(Backend):
 
     def extra_seconds(self, settings: Settings | dict, onnx_path: Path) -> float:
         """What a candidate costs beyond a plain INT8 try (the search skips it when that does not fit)."""
-        if (settings.get("rounding") if isinstance(settings, dict) else getattr(settings, "rounding", "")) != "adaround":
-            return 0.0
-        from edgebuild.targets.onnx_adaround import expected_seconds
+        from edgebuild.targets.onnx_adaround import extra_seconds
 
-        return expected_seconds(onnx_path)
+        return extra_seconds(settings, onnx_path)
 
     def convert(self, model: ExportedModel, profile: TargetProfile, precision: str, calib: SampleSet,
                 workdir: Path, settings: dict | None = None) -> Artifact:

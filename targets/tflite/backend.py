@@ -61,6 +61,11 @@ class TFLiteBackend(Backend):
     """The descriptor (precisions, libraries, runtimes, versions) is ``edgebuild.targets.tflite.INFO``."""
 
     supports_float_layers = True
+    # each variant (histogram calibration, AdaRound) is a whole onnx2tf + TF conversion (20-150 s on real models), and
+    # on PP-OCR's text classifier and ddddocr's CTC recogniser both histogram methods missed by more than min-max
+    # (2.4 -> 3.5 / 6.0 pt; 85.5 -> 82 / 81 % strings): mixed precision first, whose fake-quant proxy says cheaply
+    # whether a few float layers can pass, then the variants with the time left
+    mixed_before_variants = True
 
     def artifact_name(self, precision: str, settings: dict | None = None) -> str:
         if precision not in self.precisions:
@@ -72,11 +77,29 @@ class TFLiteBackend(Backend):
         LiteRT, targets/tflite/ranges.py) before layers in float. TF's own calibrators are min-max only; weights are
         already per-channel, and the other quantizer did not help where INT8 collapses (the outlier model: 87.7 pt
         accuracy drop with the legacy quantizer, 89.3 pt with MLIR)."""
+        from edgebuild.targets.onnx_adaround import candidate_label
+
         s = self.requested_settings(profile, settings)
-        if s.calibrate_method != "minmax" or s.quantizer == "legacy":  # histograms need the MLIR quantizer's hook
-            return []
-        return [(f"percentile calibration ({s.percentile:g})", s.replace(calibrate_method="percentile")),
-                ("entropy calibration", s.replace(calibrate_method="entropy"))]
+        out = []
+        if s.calibrate_method == "minmax" and s.quantizer != "legacy":  # histograms need the MLIR quantizer's hook
+            out += [(f"percentile calibration ({s.percentile:g})", s.replace(calibrate_method="percentile")),
+                    ("entropy calibration", s.replace(calibrate_method="entropy"))]
+        if s.rounding == "nearest":  # the costliest: last
+            out.append((candidate_label(), s.replace(rounding="adaround")))
+        return out
+
+    def on_best_variant(self, candidate: Settings, best: Settings) -> Settings | None:
+        """AdaRound refines the INT8 variant that came closest (its calibration method)."""
+        if getattr(candidate, "rounding", "nearest") != "adaround" or candidate.float_layers \
+                or getattr(best, "rounding", "") != "nearest":
+            return None
+        return best.replace(rounding="adaround")
+
+    def extra_seconds(self, settings: Settings | dict, onnx_path: Path) -> float:
+        """What a candidate costs beyond a plain INT8 try (AdaRound's layers)."""
+        from edgebuild.targets.onnx_adaround import extra_seconds
+
+        return extra_seconds(settings, onnx_path)
 
     def profile_settings(self, profile: TargetProfile) -> dict:
         """The profile's layout and I/O dtype (``quant:`` may still override them)."""
@@ -103,9 +126,10 @@ class TFLiteBackend(Backend):
                                 "(quantizer: auto or mlir), not legacy")
         asked = {p: (d, self.requested_settings(profile, ss).for_precision(p)) for p, (d, ss) in (siblings or {}).items()}
         recurrent = precision == "int8" and _recurrent(model.onnx_path)  # INT8 unrolls, float keeps the loop
+        adaround = precision == "int8" and s["rounding"] == "adaround"  # other weights: a graph of its own
         shared = {p: (d, ss) for p, (d, ss) in asked.items()
                   if p != precision and p != "int8" and all(ss.get(k) == s.get(k) for k in self.GRAPH_SETTINGS)
-                  and not (recurrent and ss.get("rnn_unroll", True))}
+                  and not (recurrent and ss.get("rnn_unroll", True)) and not adaround}
         inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-", dir=tempdir()) as tmp:  # the build's scratch
@@ -116,6 +140,8 @@ class TFLiteBackend(Backend):
             through = passthrough.find(model.onnx_path)  # outputs that are an input: onnx2tf drops them
             onnx_in = passthrough.trimmed_copy(model.onnx_path, through, job_dir / "model.onnx") if through \
                 else Path(model.onnx_path).resolve()
+            rounded = _adaround(onnx_in, calib, s, job_dir) if adaround else None
+            onnx_in = job_dir / "adaround.onnx" if adaround else onnx_in
             job = {"onnx": str(onnx_in), "precision": precision, "settings": s, "inputs": inputs,
                    "outputs": [{"name": o.name, "shape": list(o.shape)} for o in model.outputs if o.name not in through],
                    "allow_float_layers": precision == "int8" and profile.allow_float_layers,
@@ -128,6 +154,8 @@ class TFLiteBackend(Backend):
                 raise
             seconds = time.perf_counter() - t0
             arts = {precision: self._artifact(model, profile, precision, s, inputs, result, job_dir, workdir, seconds, n)}
+            if rounded:
+                arts[precision].notes.append(rounded)
             return arts | self._siblings(model, profile, precision, inputs, shared, job_dir, seconds)
 
     def _siblings(self, model: ExportedModel, profile: TargetProfile, precision: str, inputs: list[dict], shared: dict,
@@ -423,3 +451,15 @@ def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> l
     notes.append(f"host check: LiteRT {_version('ai-edge-litert')} with {s['host_kernels']} kernels; "
                  "latency times invoke() only, like benchmark_model")
     return notes
+
+
+def _adaround(onnx_in: Path, calib: SampleSet, s: dict, job_dir: Path) -> str:
+    """``job_dir/adaround.onnx``: ``onnx_in`` with its Conv/Gemm/MatMul weights rounded by AdaRound onto the grid TF's
+    quantizer derives from them (symmetric int8 +-127, per output channel or per tensor: the same as onnxruntime's,
+    so each learned integer is the one the .tflite stores); onnx2tf converts that. Returns the note."""
+    from edgebuild.targets.onnx_adaround import TIME_LIMIT, adaround, describe
+
+    record = adaround(onnx_in, job_dir / "adaround.onnx", calib, job_dir, per_channel=bool(s["per_channel"]),
+                      reduce_range=False, time_limit=TIME_LIMIT)
+    return describe(record) + " (before onnx2tf, onto TF's int8 weight grid)"
+

@@ -28,7 +28,7 @@ def _stand_in(losses: list[float]):
     return ctx, s
 
 
-def _run(monkeypatch, first_loss: float, variant_loss: float) -> list[str]:
+def _run(monkeypatch, first_loss: float, variant_loss: float, mixed_before_variants: bool = False) -> list[str]:
     """The order of events of a search whose first INT8 try lost ``first_loss`` and whose variants lose
     ``variant_loss``; mixed precision never passes here."""
     events = []
@@ -46,7 +46,8 @@ def _run(monkeypatch, first_loss: float, variant_loss: float) -> list[str]:
         return a
 
     s.attempt = attempt
-    backend = SimpleNamespace(supports_float_layers=True, requested_settings=lambda p: "settings")
+    backend = SimpleNamespace(supports_float_layers=True, requested_settings=lambda p: "settings", name="tflite",
+                              mixed_before_variants=mixed_before_variants)
     profile = SimpleNamespace(name="onnx-cpu", allow_float_layers=True, precisions=("int8", "fp16"))
     R._search(ctx, backend, profile, s, collapsed=False)
     return events
@@ -70,6 +71,19 @@ def test_three_int8_misses_go_to_mixed_precision_before_the_other_variants(monke
     assert R.MIXED_AFTER_MISSES == 3
     assert events[:4] == ["weighted layers only", "percentile calibration", "mixed", "entropy calibration"], events
     events = _run(monkeypatch, first_loss=30.0, variant_loss=12.0)  # collapses: every variant first, as before
+    assert events[:4] == ["weighted layers only", "percentile calibration", "entropy calibration", "mixed"], events
+
+
+def test_a_backend_whose_variants_are_whole_conversions_goes_to_mixed_precision_after_one_miss(monkeypatch):
+    """TFLite (``mixed_before_variants``): its variants (histogram calibration, AdaRound) are each a whole onnx2tf +
+    TF conversion; on ddddocr's CTC recogniser the profile's try, percentile and entropy took the 150 s and mixed
+    precision did not fit. Mixed precision (its proxy says cheaply whether it can pass) now follows the first miss."""
+    from edgebuild.targets.base import get_backend
+
+    assert get_backend("tflite").mixed_before_variants and not get_backend("onnx").mixed_before_variants
+    events = _run(monkeypatch, first_loss=3.0, variant_loss=2.0, mixed_before_variants=True)
+    assert events[:3] == ["mixed", "weighted layers only", "percentile calibration"], events
+    events = _run(monkeypatch, first_loss=30.0, variant_loss=12.0, mixed_before_variants=True)  # collapse: as before
     assert events[:4] == ["weighted layers only", "percentile calibration", "entropy calibration", "mixed"], events
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,10 +109,15 @@ def test_accuracy_search_hooks(backend, profiles):
     settings = backend.default_settings(profiles["arm64"], "int8")
     assert settings["float_layers"] == [] and settings["calibrate_method"] == "minmax"
     variants = backend.recovery_candidates(profiles["arm64"], settings)  # histogram calibration before float layers
-    assert [s.calibrate_method for _, s in variants] == ["percentile", "entropy"]
-    assert [label for label, _ in variants] == ["percentile calibration (99.999)", "entropy calibration"]
-    assert backend.recovery_candidates(profiles["arm64"], settings | {"quantizer": "legacy"}) == []  # no ranges hook
-    assert backend.recovery_candidates(profiles["arm64"], settings | {"calibrate_method": "entropy"}) == []
+    assert [(s.calibrate_method, s.rounding) for _, s in variants] == [
+        ("percentile", "nearest"), ("entropy", "nearest"), ("minmax", "adaround")]  # AdaRound, the costliest, last
+    assert [label for label, _ in variants][:2] == ["percentile calibration (99.999)", "entropy calibration"]
+    legacy = backend.recovery_candidates(profiles["arm64"], settings | {"quantizer": "legacy"})  # no ranges hook
+    assert [s.rounding for _, s in legacy] == ["adaround"]
+    assert len(backend.recovery_candidates(profiles["arm64"], settings | {"calibrate_method": "entropy"})) == 1
+    closest = backend.requested_settings(profiles["arm64"], {"calibrate_method": "entropy"})
+    refined = backend.on_best_variant(variants[-1][1], closest)  # AdaRound on the variant that came closest
+    assert (refined.calibrate_method, refined.rounding) == ("entropy", "adaround")
 
 
 def test_histogram_calibration_needs_the_mlir_quantizer(backend, profiles, tmp_path):
@@ -334,3 +340,39 @@ def test_torch_module_source(tmp_path):
                 "--calib", "digits:train", "--eval", "digits:test", "--out", str(out)) == 0
     validation = json.loads((out / "arm64" / "validation.json").read_text())
     assert validation["metrics"]["accuracy_drop"] <= 0.5
+
+
+def _weights_int8(path) -> list[np.ndarray]:
+    """The int8 weight tensors (4-D conv filters, 2-D fully-connected) of a .tflite, largest first."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(bytearray(Path(path).read_bytes()), 0)
+    out = []
+    for t in m.subgraphs[0].tensors:
+        data = m.buffers[t.buffer].data if t.buffer < len(m.buffers) else None
+        if t.type == schema.TensorType.INT8 and data is not None and len(t.shape) in (2, 4):
+            out.append(np.frombuffer(bytes(bytearray(data)), np.int8).reshape([int(d) for d in t.shape]))
+    return sorted(out, key=lambda a: -a.size)
+
+
+def test_adaround_weights_land_on_tfs_int8_grid(backend, built, digits_split, demo_onnx, tmp_path):
+    """``rounding: adaround``: the weights are rounded by AdaRound onto the grid TF's quantizer derives (symmetric
+    +-127 per output channel) before onnx2tf, so the .tflite stores AdaRound's integers, not nearest rounding's."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgebuild.targets.onnx_adaround import adaround, grid
+
+    art = built("arm64", "int8", rounding="adaround")
+    assert art.settings["rounding"] == "adaround" and any("AdaRound weight rounding" in n for n in art.notes)
+    nearest = _weights_int8(built("arm64", "int8").path)
+    learned = _weights_int8(art.path)
+    calib = digits_split[0].subset(np.arange(CALIB_SAMPLES))
+    adaround(demo_onnx, tmp_path / "adj.onnx", calib, tmp_path, per_channel=True)  # what the backend ran, seed 0
+    adjusted = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "adj.onnx")).graph.initializer}
+    conv = max((w for w in adjusted.values() if w.ndim == 4), key=lambda w: w.size)  # [O, I, kh, kw]
+    want = np.round(conv / grid(conv, 0, 127)).astype(np.int8).transpose(0, 2, 3, 1)  # TFLite: [O, kh, kw, I]
+    got, = [w for w in learned if w.shape == want.shape]
+    before, = [w for w in nearest if w.shape == want.shape]
+    assert (got == want).mean() > 0.99  # AdaRound's integers (bar a tie at a rounding edge)
+    assert (got != before).mean() > 0.02  # ... which are not nearest rounding's
