@@ -24,12 +24,9 @@ tensors in the source model's layout and dtype: it transposes NCHW <-> NHWC and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +44,7 @@ from edgebuild.targets.tflite.convert import CHANNEL_LAST
 from edgebuild.targets.tflite.family import run_child
 from edgebuild.targets.tflite.family import sibling_dir, sibling_results
 from edgebuild.targets.tflite.mixed import AUTO_FLOAT, TAIL_FLOAT, TRANSFORMER_FLOAT
+from edgebuild.targets.tflite.notes import artifact_notes, converter_version
 from edgebuild.targets.tflite.port import Port
 from edgebuild.targets.tflite.tflm import write_c_array
 
@@ -184,7 +182,7 @@ class TFLiteBackend(Backend):
             inputs = [{**plan, "perm": perm} for plan, perm in zip(inputs, result["input_perms"])]
         io = _artifact_io(model, inputs, result, profile.name, passthrough.find(model.onnx_path))
         files = [out.name] + (write_c_array(out) if s["c_array"] else [])
-        used = {**s, "converter": _converter_version(), "calibration_samples_used": n if precision == "int8" else 0,
+        used = {**s, "converter": converter_version(), "calibration_samples_used": n if precision == "int8" else 0,
                 "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"]}}
         used["onnx_rewrites"] = result.get("rewrites") or []  # graph rewrites before onnx2tf (targets/tflite/rewrite/)
         used["xnnpack_checked"] = bool(result.get("xnnpack_checked"))  # loaded and ran once with XNNPACK
@@ -206,7 +204,7 @@ class TFLiteBackend(Backend):
                 used["float_layers_kept"] = result["float_layers_kept"]  # ONNX node -> "TFLITE_OP output-tensor"
         else:
             used["io_dtype"] = "float32"
-        notes = _notes(precision, io, result, used, seconds)
+        notes = artifact_notes(precision, io, result, used, seconds)
         return Artifact(profile.name, self.name, precision, workdir, out.name, files, used, io, notes)
 
     def runner(self, artifact: Artifact, threads: int) -> Runner:
@@ -365,92 +363,6 @@ def _layout(perm, source: str, inverse: bool = False) -> str:
     if tuple(forward) == CHANNEL_LAST.get(len(forward)):
         return CHANNEL_LAST_NAMES[len(forward)]
     return "permuted " + "".join(str(v) for v in forward)
-
-
-def _converter_version() -> str:
-    v = {n: _version(n) for n in ("onnx2tf", "tensorflow")}
-    return f"onnx2tf {v['onnx2tf']} -> tf.lite.TFLiteConverter (tensorflow {v['tensorflow']})"
-
-
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "?"
-
-
-def _notes(precision: str, io: dict, result: dict, s: dict, seconds: float) -> list[str]:
-    notes = [f"converted in {seconds:.1f} s with {_converter_version()}",
-             f"device runtime: LiteRT / TensorFlow Lite >= {result.get('min_runtime_version', '?')} "
-             f"(the model's min_runtime_version); builtin ops: {', '.join(result['ops'])}"]
-    what = {"fp32": "FP32 weights and arithmetic",
-            "fp16": "FP16 weights (half size): the GPU delegate computes in FP16; XNNPACK on CPU dequantizes to FP32",
-            "dynamic": "weight-only INT8 (dynamic range): activations stay float, quantized on the fly per op",
-            "int8": f"full-integer INT8 (every op int8; calibrated on {s.get('calibration_samples_used')} samples; "
-                    f"{'per-channel' if s.get('per_channel', True) else 'per-tensor'} weights; "
-                    f"TF's {s.get('quantizer_used')} quantizer)"}
-    if s.get("float_layers_kept"):
-        kept = s["float_layers_kept"]
-        what["int8"] = (f"mixed INT8: every op int8 except the {sum(map(len, kept.values()))} TFLite op(s) of "
-                        f"{len(kept)} ONNX layer(s) kept in float (float weights and activations, with QUANTIZE/"
-                        f"DEQUANTIZE at their borders; calibrated on {s.get('calibration_samples_used')} samples; "
-                        f"{'per-channel' if s.get('per_channel', True) else 'per-tensor'} weights; TF's mlir quantizer, "
-                        "as the legacy one cannot keep layers in float)")
-    if s.get("transformer_float_ops") and not s.get("float_layers_kept"):
-        what["int8"] = (f"mixed INT8 for a transformer: every op int8 except the {len(s['transformer_float_ops'])} TFLite "
-                        "op(s) of its LayerNorm, Softmax and GELU, kept in float (transformer_float: TFLite has no int8 "
-                        "LayerNorm, and its int8 decomposition lost the model's accuracy); calibrated on "
-                        f"{s.get('calibration_samples_used')} samples")
-    elif s.get("tail_float_ops") and not s.get("float_layers_kept"):
-        what["int8"] = (f"mixed INT8: every op int8 except the {len(s['tail_float_ops'])} TFLite op(s) of the "
-                        "post-processing tail after the last weighted layer, kept in float (float_tail: one int8 "
-                        "scale for pixel boxes and [0, 1] scores rounds the scores away); calibrated on "
-                        f"{s.get('calibration_samples_used')} samples")
-    elif s.get("float_ops_kept") and not s.get("float_layers_kept"):
-        what["int8"] = (f"mixed INT8: every op int8 except {len(s['float_ops_kept'])} TFLite op(s) kept in float by the "
-                        f"converter ({'; '.join(s.get('repairs') or [])}), with QUANTIZE/DEQUANTIZE at their borders; "
-                        f"calibrated on {s.get('calibration_samples_used')} samples")
-    notes.append(what[precision])
-    narrowed = result.get("ranges_repaired") or []
-    if precision == "int8" and narrowed:
-        first = narrowed[0]
-        notes.append(f"{len(narrowed)} activation range(s) narrowed to what the calibration data holds (TF's calibrator "
-                     f"logs an op's first input after the op overwrote its buffer), e.g. {first['tensor'][:60]} "
-                     f"{first['logged']} -> {first['measured']}")
-    if any(op.startswith("WHILE ") for op in result["ops"]):
-        notes.append("recurrent layers kept as a WHILE loop over time steps (not unrolled: XNNPACK would hold packed "
-                     "weights once per step)")
-    notes += [f"ONNX rewrite before onnx2tf: {r}" for r in s.get("onnx_rewrites") or []]
-    if s.get("xnnpack_checked"):
-        notes.append("loaded and ran one sample in LiteRT with XNNPACK after conversion")
-    cov = s.get("xnnpack_coverage") or {}
-    if "ops" in cov:
-        rest = ", ".join(f"{op} x{n}" for op, n in sorted(cov["fallback"].items()))
-        notes.append(f"XNNPACK runs {cov['delegated']} of {cov['ops']} ops in {cov['partitions']} partition(s)"
-                     + (f"; on LiteRT's builtin kernels: {rest}" if rest else ""))
-    for node, ops in (s.get("float_layers_kept") or {}).items():
-        notes.append(f"float layer {node}: " + ("; ".join(ops) if ops else "no TFLite op of its own stayed float "
-                                                "(folded or fused by the converter)"))
-    for p in io["inputs"] + io["outputs"]:
-        if "from_input" in p:
-            notes.append(f"output {p['name']} is input {p['from_input']} unchanged: the .tflite does not compute it "
-                         "(onnx2tf drops pass-through outputs); edgebuild's runner returns the input, a device app has it")
-        elif p["scale"] is not None:
-            notes.append(f"{p['name']} is {p['dtype']} on the device: real = {p['scale']:.6g} * (q - {p['zero_point']})")
-    for p in io["inputs"]:
-        if p["source_shape"] == [] and p["shape"] == [1]:
-            notes.append(f"input {p['name']} is 0-d in the source and shape [1] on the device (onnx2tf makes scalar "
-                         "inputs rank 1); edgebuild's runner reshapes, a device app feeds one value as [1]")
-        if p["perm"]:
-            notes.append(f"input {p['name']} is {p['layout']} {p['shape']} on the device (source {p['source_layout']} "
-                         f"{p['source_shape']}); edgebuild's runner transposes, a device app feeds it in that layout")
-    for p in io["outputs"]:
-        if p.get("perm"):
-            notes.append(f"output {p['name']} is {p['layout']} {p['shape']} on the device (source "
-                         f"{p['source_shape']}); edgebuild's runner transposes it back")
-    notes.append(f"host check: LiteRT {_version('ai-edge-litert')} with {s['host_kernels']} kernels; "
-                 "latency times invoke() only, like benchmark_model")
-    return notes
 
 
 def _adaround(onnx_in: Path, calib: SampleSet, s: dict, job_dir: Path) -> str:

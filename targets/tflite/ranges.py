@@ -130,7 +130,7 @@ def exact_ranges(record: list, memo: dict, method: str = "minmax", percentile: f
 
     def wrap(original):
         def calibrate(self, dataset_gen):
-            key = (hashlib.sha256(bytes(self._model_content)).hexdigest(), method, percentile)
+            key = f"{hashlib.sha256(bytes(self._model_content)).hexdigest()} {method} {percentile}"
             if key in memo:
                 record.extend(memo[key][1])
                 print("edgebuild: calibration of this float model reused", file=sys.stderr, flush=True)
