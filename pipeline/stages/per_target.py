@@ -121,7 +121,7 @@ def _cached_search(ctx: BuildContext, backend: Backend, profile: TargetProfile, 
     art.target = profile.name
     data = None
     if payload["data_hash"] != ctx.job.evalset.content_hash():
-        from edgebuild.pipeline.stages.search import split
+        from edgebuild.pipeline.stages.selection import split
 
         data = split(ctx)[1]
         if data[0].content_hash() != payload["data_hash"]:

@@ -13,11 +13,8 @@ failed to load or convert).
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
-
-import numpy as np
 
 from edgebuild.pipeline.errors import ConversionError, EdgeBuildError
 from edgebuild.pipeline.results import SearchRecord, SearchTry
@@ -30,11 +27,10 @@ from edgebuild.pipeline.stages.convert import convert
 from edgebuild.pipeline.stages.islands import error_island
 from edgebuild.pipeline.stages.mixed_precision import mixed, sensitive_layers
 from edgebuild.pipeline.stages.search_state import Search, failed_try
+from edgebuild.pipeline.stages.selection import selection_budget, split, try_estimate
 from edgebuild.targets.base import Backend
 from edgebuild.targets.profiles import TargetProfile
 
-SELECT_FRACTION = 0.4
-SMALL_EVAL, SMALL_SELECT_FRACTION = 250, 0.5  # few samples: a wider selection part
 MIN_SEARCH_SAMPLES = 10
 COLLAPSED_LOSS = 10.0  # ten times past the budget's room: INT8 has plainly collapsed, go to the strong fixes
 COLLAPSED_VARIANTS = 1  # backend variants tried at most after a collapse
@@ -50,41 +46,6 @@ NEAR_MISS = 0.1
 # the search's time was gone before mixed precision was ever tried)
 MIXED_AFTER_MISSES = 3
 FLOAT_FALLBACKS = (Precision.FP16, Precision.FP32)  # last resorts, where the profile runs them and allows float
-
-
-def _quality(a: Attempt) -> float:
-    """Lower is better: the worst relative excess over the quality budgets (V.quality_loss)."""
-    return a.loss
-
-
-def split(ctx: BuildContext):
-    n = len(ctx.job.evalset)
-    perm = np.random.default_rng(ctx.job.spec.seed + 1).permutation(n)
-    k = max(1, int(n * (SMALL_SELECT_FRACTION if n < SMALL_EVAL else SELECT_FRACTION)))
-    sel, hold = np.sort(perm[:k]), np.sort(perm[k:])
-    if getattr(ctx.job.evalset, "sequences", None) is not None:  # a stateful model's sequences stay whole (closed_loop.split)
-        from edgebuild.pipeline.stages.closed_loop import split as by_sequences
-
-        sel, hold = by_sequences(ctx.job.evalset, k, ctx.job.spec.seed + 1)
-    part = lambda idx, name: (ctx.job.evalset.subset(idx, name), [ctx.job.reference[i] for i in idx])  # noqa: E731
-    return part(sel, "evaluation[select]"), part(hold, "evaluation[holdout]")
-
-
-def selection_budget(budget: V.Budget, n_select: int) -> tuple[V.Budget, str | None]:
-    """A budget with a margin of one selection sample when one sample is coarser than the budget itself.
-
-    Without it, a candidate that happens to get every one of 40 selection samples right (0.0 pt) is
-    chosen and then misses the budget on the held-out part; with it, the search says it cannot certify
-    the budget on so few samples and keeps looking for a candidate clearly inside it.
-    """
-    step = 100.0 / max(n_select, 1)
-    drop = budget.max_accuracy_drop
-    if drop is None or step <= drop:
-        return budget, None
-    tightened = max(0.0, drop - step)
-    note = (f"one of {n_select} selection samples is {step:.2f} pt, more than the {drop} pt budget: the budget cannot be "
-            f"certified on so few samples, so candidates must lose nothing ({tightened:.2f} pt) on the selection part")
-    return dataclasses.replace(budget, max_accuracy_drop=tightened), note
 
 
 def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget, first: Attempt | None,
@@ -142,7 +103,7 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     if not search.tries:
         record.result = "every configuration failed to convert"
         raise first_error or ConversionError(f"{profile.name}: no configuration could be converted")
-    best = found or min(search.tries, key=_quality)
+    best = found or min(search.tries, key=lambda t: t.loss)  # the worst relative excess over the budgets
     record.chosen = best.label
     if best is first_on_select:
         record.result = "no configuration met the budget; the profile settings are kept"
@@ -154,15 +115,6 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
     if found:
         final = _held_out_miss(ctx, backend, profile, budget, search, best, final, outdir, holdout)
     return final, record
-
-
-def try_estimate(first_seconds: float, select_seconds: float, n_all: int, n_select: int) -> float:
-    """How long one search try takes, from the first conversion (converted, then evaluated on all ``n_all`` samples)
-    and its evaluation on the ``n_select`` selection samples (what a try evaluates): the conversion part of the first
-    plus one selection evaluation. Taking the first's whole time overestimated a try by the evaluation of the other
-    samples (PP-OCRv4's detector: 75 s taken as a try's length, so FP16 came first and no INT8 variant was tried)."""
-    conversion = first_seconds - select_seconds * n_all / max(n_select, 1)
-    return max(conversion, 0.0) + select_seconds
 
 
 def _held_out_miss(ctx, backend, profile, budget, search: Search, best: Attempt, final: Attempt, outdir, holdout) -> Attempt:

@@ -16,6 +16,7 @@ from edgebuild.pipeline.stages.convert import ConversionOutcome
 from edgebuild.pipeline.stages.sensitivity import Sensitivity
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.search_state import Search
+from edgebuild.pipeline.stages.selection import try_estimate
 from edgebuild.targets.settings import OnnxSettings
 
 
@@ -91,8 +92,8 @@ def test_the_fp16_safety_net_ships_when_no_int8_candidate_meets_the_budget(monke
 
 def test_a_try_is_estimated_from_the_conversion_not_the_whole_first_evaluation():
     # first build: 15 s conversion + 60 s evaluating 200 samples; a try evaluates 80 of them (24 s): 39 s, not 75
-    assert R.try_estimate(75.0, 24.0, 200, 80) == pytest.approx(39.0)
-    assert R.try_estimate(10.0, 24.0, 200, 80) == pytest.approx(24.0)  # never below one selection evaluation
+    assert try_estimate(75.0, 24.0, 200, 80) == pytest.approx(39.0)
+    assert try_estimate(10.0, 24.0, 200, 80) == pytest.approx(24.0)  # never below one selection evaluation
 
 
 def test_an_int8_that_misses_on_held_out_data_gives_way_to_the_fp16_safety_net(monkeypatch):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from edgebuild.pipeline.errors import BadInputError
-from edgebuild.pipeline.stages.search import selection_budget
+from edgebuild.pipeline.stages.selection import selection_budget
 from edgebuild.pipeline.stages.validate import (Budget, Judging, coarseness_warning, compare, judge, judges_accuracy_drop,
                                                 quality_loss)
 
