@@ -171,6 +171,7 @@ def selective_int8(converter, km, job: dict, io_type) -> bytes:
         requested[TRANSFORMER_FLOAT] += [op for op in outlier_ops(calibrated) if op["tensor"] not in known]
     if job.get("tail_float_map"):  # a detector's post-processing tail (targets/tflite/tail.py), one entry
         requested.update(tflite_ops_of(calibrated, km, job["tail_float_map"]))
+        calibrated = without_ranges(calibrated, {op["tensor"] for op in requested.get(TAIL_FLOAT, [])})
     if job.get("auto_float_ops"):  # ops kept in float by the conversion itself (no int8 kernel, XNNPACK repair)
         names = _tensor_names(calibrated)
         requested[AUTO_FLOAT] = [{"op": op["op"], "tensor": _calibrated_name(t, names)} for op in job["auto_float_ops"]
@@ -186,6 +187,30 @@ def selective_int8(converter, km, job: dict, io_type) -> bytes:
                                         input_data_type=io_type, output_data_type=io_type)
     return tf_convert.mlir_quantize(calibrated, converter._experimental_disable_per_channel, fully_quantize=False,
                                     input_data_type=io_type, output_data_type=io_type, denylisted_nodes=deny)
+
+
+def without_ranges(calibrated: bytes, tensors: set[str]) -> bytes:
+    """``calibrated`` with no calibration statistics on the named tensors (ops that stay float need none). The MLIR
+    quantizer gives ops like CONCATENATION, RESHAPE, TRANSPOSE and STRIDED_SLICE one scale for their inputs and
+    outputs and propagates it along a chain of them even when they stay float: a detector's box-regression conv
+    ([1, 52, 52, 4], offsets of a few units) took the decoded output's pixel range through the float tail's layout ops
+    (int8 scale 1.63 for values of ~0.05 steps) and INT8 collapsed to f1 39 on ddddocr's detector."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
+    dropped = 0
+    for graph in model.subgraphs:
+        for t in graph.tensors:
+            name = t.name.decode(errors="replace") if isinstance(t.name, bytes) else str(t.name)
+            if name in tensors and t.quantization is not None and t.quantization.min is not None:
+                t.quantization.min, t.quantization.max = None, None
+                dropped += 1
+    if not dropped:
+        return calibrated
+    builder = flatbuffers.Builder(len(calibrated) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def _tensor_names(model: bytes) -> set[str]:
