@@ -8,8 +8,9 @@ Entropy needs more histogram bins than the quantized grid has: with onnxruntime'
 bins) its KL search has exactly one candidate threshold, the whole histogram (``+-max|x|``: wider than min-max for a
 ReLU output), unless a later chunk re-bins a wider range. ENTROPY_BINS gives it thresholds from a quarter of the bound
 to all of it. Cost of onnxruntime's numpy KL search on this 2-core host: ~0.14 s per tensor at 512 bins, ~0.9 s at
-2048 (TensorRT's count). onnx-cpu keeps onnxruntime's defaults: there the collector re-bins at the first chunk's bin
-width, and 512 bins took the 519 tensors of PP-OCR's text classifier from 1 s to 64 s.
+2048 (TensorRT's count). onnx-cpu uses these histograms too (targets/onnx/static.py ``calibrate_histograms``), bounded
+by the min-max ranges it already calibrated: onnxruntime's own collector re-bins at the first chunk's bin width, and
+512 bins through it took the 519 tensors of PP-OCR's text classifier from 1 s to 64 s.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ class Histograms:
             self._hi[k] = max(self._hi.get(k, -np.inf), float(v.max()))
 
     def ranges(self) -> dict:
-        """tensor -> (lo, hi) for every tensor that got values."""
+        """tensor -> (lo, hi) for every tensor that got values, never wider than the values seen (a symmetric
+        threshold on a ReLU output keeps its lower end at the smallest value, not at ``-threshold``)."""
         if not self._counts:
             return {}
         self._collector.histogram_dict = {
@@ -69,4 +71,4 @@ class Histograms:
             for k, c in self._counts.items()}
         with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its progress
             found = self._collector.compute_collection_result()
-        return {k: (float(v[0]), float(v[1])) for k, v in found.items()}
+        return {k: (max(float(v[0]), self._lo[k]), min(float(v[1]), self._hi[k])) for k, v in found.items()}

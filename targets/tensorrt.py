@@ -23,7 +23,7 @@ INFO = register(BackendInfo(
     precisions=tuple(TRTEXEC_FLAGS),  # explicit-quantization INT8, FP16, FP32 engines; no weight-only INT8
     settings_type=TensorRTSettings,  # the onnx backend's QDQ options
     extra="onnx", requires=("onnx", "onnxruntime"), suffixes=(".onnx",), metadata="onnx metadata_props",
-    versions=("onnx", "onnxruntime", "numpy", "tensorrt"), cache_version=2))  # 2: the onnx backend's quantization (cache_version 2)
+    versions=("onnx", "onnxruntime", "numpy", "tensorrt"), cache_version=3))  # follows the onnx backend's quantization (its cache_version 4)
 
 
 class TensorRTBackend(OnnxBackend):

@@ -77,7 +77,6 @@ def quantize_qdq(src: Path, out: Path, calib: SampleSet, s: dict, workdir: Path,
             raise ConversionError(f"nodes named in the quantization settings are not in the model: {', '.join(missing[:5])}")
     extra = {"ActivationSymmetric": bool(s["symmetric_activations"]), "WeightSymmetric": bool(s["symmetric_weights"]),
              "QuantizeBias": bool(s["quantize_bias"]), "DedicatedQDQPair": bool(s["dedicated_qdq_pair"])}
-    calib_extra = {"percentile": float(s["percentile"])} if s["calibrate_method"] == "percentile" else {}
     if s["calibrate_method"] == "percentile":
         extra["CalibPercentile"] = float(s["percentile"])
     op_types, note = resolve_op_types(src, s.get("op_types", "all"))
@@ -112,12 +111,12 @@ def quantize_qdq(src: Path, out: Path, calib: SampleSet, s: dict, workdir: Path,
         if kept is not None and kept.is_file():
             shutil.copyfile(kept, ranges)
         else:
-            calibrate_in_chunks(pre, used, methods[s["calibrate_method"]], calib_extra, ranges, workdir)
-            if kept is not None:
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                part = kept.with_name(f".{kept.name}.{os.getpid()}")
-                shutil.copyfile(ranges, part)
-                part.replace(kept)  # whole or absent: a try killed mid-copy leaves no half file under the name
+            if s["calibrate_method"] == "minmax":
+                calibrate_in_chunks(pre, used, ranges, workdir)
+            else:
+                bounds = minmax_ranges(pre, calib, s, workdir, ranges_store)
+                calibrate_histograms(pre, used, s, bounds, ranges, workdir)
+            _store(ranges, kept)
     quantize_static(
         str(pre), str(out), None, quant_format=QuantFormat.QDQ,
         activation_type=types[s["activation_type"]], weight_type=types[s["weight_type"]],
@@ -184,22 +183,89 @@ def stored_ranges(store: Path | None, model: Path, calib: SampleSet, s: dict) ->
     with open(model, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    from edgebuild.calibration.histogram import ENTROPY_BINS, PERCENTILE_BINS
+
     method = [s["calibrate_method"], float(s["percentile"]) if s["calibrate_method"] == "percentile" else None,
               HISTOGRAM_ELEMENTS, MIN_HISTOGRAM_SAMPLES, CALIB_CHUNK]
+    if s["calibrate_method"] != "minmax":
+        method += ["fixed bins", ENTROPY_BINS, PERCENTILE_BINS]
     h.update(json.dumps([calib.content_hash(), method]).encode())
     return Path(store) / f"ranges-{h.hexdigest()[:40]}.json"
 
 
-def calibrate_in_chunks(model: Path, calib: SampleSet, method, extra: dict, ranges: Path, workdir: Path) -> None:
-    """Activation ranges over every calibration sample, CALIB_CHUNK samples at a time, into ``ranges`` (JSON).
+def _store(ranges: Path, kept: Path | None) -> None:
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        part = kept.with_name(f".{kept.name}.{os.getpid()}")
+        shutil.copyfile(ranges, part)
+        part.replace(kept)  # whole or absent: a try killed mid-copy leaves no half file under the name
 
-    onnxruntime's calibrators keep each sample's tensors until ranges or histograms are computed: the histogram
-    ones (percentile, entropy) keep whole activations, which took an OCR recogniser past 22 GB at 120 samples.
-    Their ``collect_data`` merges into what earlier calls collected, so feeding chunks bounds the memory: MinMax
-    ranges are identical, histograms are re-binned as their range grows (scales within a few %). (Not ``CalibMaxIntermediateOutputs``: in onnxruntime 1.32 it clears collected outputs
-    without merging them, silently calibrating on the last few samples only.)
+
+def minmax_ranges(model: Path, calib: SampleSet, s: dict, workdir: Path, store: Path | None) -> dict:
+    """tensor -> (lo, hi): the min-max ranges of ``model`` over every calibration sample, from the ranges store when
+    an earlier try calibrated them (the search's first try is min-max), else calibrated now (and stored)."""
+    import numpy as np
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    kept = stored_ranges(store, model, calib, {**s, "calibrate_method": "minmax"})
+    path = kept if kept is not None and kept.is_file() else workdir / "_minmax.json"
+    if path != kept:
+        calibrate_in_chunks(model, calib, path, workdir)
+        _store(path, kept)
+    data = load_tensors_data(path)
+    found = {k: (float(np.ravel(v.range_value[0])[0]), float(np.ravel(v.range_value[1])[0])) for k, v in data.items()}
+    if path != kept:
+        path.unlink()
+    return found
+
+
+def calibrate_histograms(model: Path, calib: SampleSet, s: dict, bounds: dict, ranges: Path, workdir: Path) -> None:
+    """Percentile or entropy ranges of every tensor onnxruntime's calibrators read, into ``ranges`` (JSON), by
+    onnxruntime's own threshold search over fixed-bin histograms bounded by the min-max ``bounds``
+    (calibration/histogram.py, the same as arm64's). Not onnxruntime's calibrator: with its defaults (128 bins,
+    128 quantized bins) the KL search had exactly one candidate, ``+-max|x|`` (wider than min-max on a ReLU output), so
+    "entropy calibration" was min-max or worse; with more bins its collector re-binned chunk by chunk (PP-OCR's text
+    classifier: 1 s -> 64 s). A tensor without a histogram (constant, never reached) keeps its min-max range."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    from edgebuild.calibration.adapters import ort_reader
+    from edgebuild.calibration.histogram import Histograms
+
+    method = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[s["calibrate_method"]]
+    augmented = workdir / "_augmented.onnx"
+    calibrator = create_calibrator(model, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                                   augmented_model_path=str(augmented), calibrate_method=method)
+    histograms = Histograms(s["calibrate_method"], {k: max(abs(lo), abs(hi)) for k, (lo, hi) in bounds.items()},
+                            float(s["percentile"]))
+    try:  # the calibrator only for its augmented graph (every tensor it reads is an output) and session
+        session = calibrator.infer_session
+        names = [o.name for o in session.get_outputs()]
+        wanted = set(calibrator.tensors_to_calibrate) & set(bounds)
+        reader = ort_reader(calib)
+        while (feeds := reader.get_next()) is not None:
+            histograms.add({n: v for n, v in zip(names, session.run(None, feeds)) if n in wanted})
+    finally:
+        del calibrator
+        augmented.unlink(missing_ok=True)
+        for leftover in workdir.glob("_augmented.onnx*"):
+            leftover.unlink()
+    found = {**bounds, **histograms.ranges()}
+    save_tensors_data(TensorsData(method, {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+                                           for k, (lo, hi) in found.items()}), ranges)
+
+
+def calibrate_in_chunks(model: Path, calib: SampleSet, ranges: Path, workdir: Path) -> None:
+    """Min-max activation ranges over every calibration sample, CALIB_CHUNK samples at a time, into ``ranges``
+    (JSON): onnxruntime's calibrator keeps each sample's tensors until the ranges are computed, and its
+    ``collect_data`` merges into what earlier calls collected, so chunks bound the memory and give the same ranges.
+    (Not ``CalibMaxIntermediateOutputs``: in onnxruntime 1.32 it clears collected outputs without merging them,
+    silently calibrating on the last few samples only.)
     """
     import numpy as np
+    from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
@@ -207,7 +273,7 @@ def calibrate_in_chunks(model: Path, calib: SampleSet, method, extra: dict, rang
 
     augmented = workdir / "_augmented.onnx"
     calibrator = create_calibrator(model, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
-                                   augmented_model_path=str(augmented), calibrate_method=method, extra_options=extra)
+                                   augmented_model_path=str(augmented), calibrate_method=CalibrationMethod.MinMax)
     try:
         for start in range(0, len(calib), CALIB_CHUNK):
             calibrator.collect_data(ort_reader(calib.subset(np.arange(start, min(start + CALIB_CHUNK, len(calib))))))
