@@ -18,5 +18,6 @@ INFO = register(BackendInfo(
     versions=("tensorflow", "onnx2tf", "ai-edge-litert", "tf-keras", "onnx-graphsurgeon", "onnx", "onnxruntime", "numpy"),
     isolate_runner=True, micro=True, peak_memory=(900 << 20, 18.0), cell_memory_mb=3000,
     # 7: a transformer keeps LayerNorm, Softmax, GELU, attention products, outliers float; 8: a detector's
-    # post-processing tail float; 9: the video rewrites (frame pools, dilated 3-D convs, flat scatter-add); 10: percentile/entropy calibration; 11: no statistics on the float tail
-    cache_version=11))
+    # post-processing tail float; 9: the video rewrites (frame pools, dilated 3-D convs, flat scatter-add); 10: percentile/entropy calibration; 11: no statistics on the float tail; 12: every range measured in LiteRT (TF logs one
+    # sample), 3-D convs as per-frame 2-D convs
+    cache_version=12))

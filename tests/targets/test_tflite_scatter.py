@@ -438,24 +438,30 @@ def _video_net():
     return Block().eval()
 
 
-def test_frame_dilation_as_taps_matches_onnxruntime(tmp_path):
+def test_frame_taps_matches_onnxruntime(tmp_path):
     import torch
 
-    from edgebuild.targets.tflite.rewrite.conv import frame_dilation_as_taps
+    from edgebuild.targets.tflite.rewrite.conv import frame_taps, frames_conv_as_2d
 
     torch.onnx.export(_video_net(), (torch.zeros(1, 3, 10, 8, 8),), str(tmp_path / "v.onnx"), dynamo=False,
                       opset_version=17, input_names=["x"])
     m = onnx.load(str(tmp_path / "v.onnx"))
-    out, note = frame_dilation_as_taps(onnx.load(str(tmp_path / "v.onnx")))
-    assert note and "(dilation 2)" in note and "(dilation 4)" in note and "(dilation 1)" not in note, note
+    out, note = frame_taps(onnx.load(str(tmp_path / "v.onnx")))
+    assert note and all(f"(dilation {d})" in note for d in (1, 2, 4)), note
     convs = [n for n in out.graph.node if n.op_type == "Conv"]
     assert all(list(next(a.ints for a in n.attribute if a.name == "dilations")) == [1, 1, 1] for n in convs[2:])
     assert len(convs) == 4 and {n.name for n in convs} == {n.name for n in m.graph.node if n.op_type == "Conv"}
     onnx.checker.check_model(out)
+    flat, note2d = frames_conv_as_2d(onnx.load_from_string(out.SerializeToString()))
+    assert note2d and note2d.endswith("4 node(s)"), note2d  # every conv now has kernel 1 over frames
+    assert all(len(next(a.ints for a in n.attribute if a.name == "kernel_shape")) == 2
+               for n in flat.graph.node if n.op_type == "Conv")
+    onnx.checker.check_model(flat)
     rng = np.random.default_rng(11)
     for _ in range(3):
         feed = {"x": rng.normal(size=(1, 3, 10, 8, 8)).astype(np.float32)}
         np.testing.assert_allclose(run(out, feed), run(m, feed), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(run(flat, feed), run(m, feed), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -474,7 +480,11 @@ def test_a_video_block_converts_to_tflite_fp32_and_int8(tmp_path):
     calib = calibration(mi)
     fp32 = convert(mi, calib, tmp_path / "fp32", precision="fp32")
     notes = " ".join(fp32.settings["onnx_rewrites"])
-    assert "dilated over frames" in notes and "3-D pooling" in notes, notes
+    assert "over several frames" in notes and "3-D pooling" in notes and "2-D convolution of every frame" in notes, notes
     assert fidelity(fp32, mi, calib) > 0.99999
     int8 = convert(mi, calib, tmp_path / "int8")
     assert fidelity(int8, mi, calib) > 0.98
+    # every conv is a CONV_2D, int8 and on XNNPACK (TFLite's CONV_3D has neither): the artifact is all-INT8
+    ops = {op.split()[0] for op in int8.settings["device_requires"]["builtin_ops"]}
+    assert "CONV_2D" in ops and "CONV_3D" not in ops, ops
+    assert not int8.settings.get("float_ops_kept"), int8.settings.get("float_ops_kept")
