@@ -37,8 +37,9 @@ from edgebuild.procs import patched
 from edgebuild.targets.tflite.onnx2tf_run import (  # noqa: F401 — CHANNEL_LAST, block_network: this module's API
     CHANNEL_LAST, NetworkBlocked, adopt_input_layouts, block_network, check_float_graph, explain, to_keras,
     to_tf_layout)
-from edgebuild.targets.tflite.mixed import (TAIL_FLOAT, ConversionFailure, check_integer, float_layer_map, region_layers,
-                                            selective_int8)
+from edgebuild.targets.tflite.describe import describe_tflite
+from edgebuild.targets.tflite.mixed import (TAIL_FLOAT, ConversionFailure, check_integer, computed_int8_divisions,
+                                            float_layer_map, region_layers, selective_int8)
 from edgebuild.targets.tflite.ranges import exact_ranges
 from edgebuild.targets.tflite.tail import tail_nodes
 from edgebuild.targets.tflite.transformer import float_nodes
@@ -109,59 +110,6 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
 def _selective(job: dict) -> bool:
     """Does the INT8 conversion keep some ops float (the MLIR quantizer's deny list, targets/tflite/mixed.py)?"""
     return any(job.get(k) for k in ("float_layer_map", "auto_float_ops", "transformer_float_map", "tail_float_map"))
-
-
-def describe_tflite(path: Path) -> dict:
-    """Signature I/O details, the builtin ops with their versions, and the model's min_runtime_version."""
-    from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    # no delegate, no allocation: LiteRT prepares no kernel here, so a graph that aborts it (an int8 ADD whose
-    # rescaling it cannot express) is still described, and the isolated load check names the op (xnnpack.py)
-    it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    runner = it.get_signature_runner()
-
-    def io(details: dict) -> dict:
-        out = {}
-        for key, d in details.items():
-            scale, zp = d["quantization"]
-            quantized = d["dtype"] in (np.int8, np.uint8, np.int16)
-            out[key] = {"shape": [int(v) for v in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
-                        "scale": float(scale) if quantized else None, "zero_point": int(zp) if quantized else None}
-        return out
-
-    model = schema.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    ops = sorted({f"{names.get(max(c.builtinCode, c.deprecatedBuiltinCode), c.customCode)} v{c.version}"
-                  for c in model.operatorCodes})
-    meta = {"float_ops": _float_ops(model, names)}
-    for m in model.metadata or []:
-        data = model.buffers[m.buffer].data
-        if m.name == b"min_runtime_version" and data is not None:
-            meta["min_runtime_version"] = bytes(data).rstrip(b"\0").decode(errors="replace")
-    return {"inputs": io(runner.get_input_details()), "outputs": io(runner.get_output_details()), "ops": ops, **meta}
-
-
-def _float_ops(model, names: dict) -> list[str]:
-    """Ops of the main graph that touch a float tensor other than the model's own inputs and outputs:
-    ``{"op": type, "outputs": [output tensor names]}``."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    graph = model.subgraphs[0]
-    floating = {schema.TensorType.FLOAT32, schema.TensorType.FLOAT16}
-    edges = set(graph.inputs) | set(graph.outputs)
-    inner = {i for i, t in enumerate(graph.tensors) if t.type in floating and i not in edges}
-    ops = []
-    for op in graph.operators:
-        if inner & ({int(i) for i in op.inputs if i >= 0} | {int(i) for i in op.outputs}):
-            code = model.operatorCodes[op.opcodeIndex]
-            ops.append({"op": names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"),
-                        "outputs": [_text(graph.tensors[int(i)].name) for i in op.outputs]})
-    return ops
-
-
-def _text(name) -> str:
-    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
 def run(job_dir: Path) -> dict:
@@ -261,6 +209,12 @@ def _convert_checked(km, job: dict, calib: dict, job_dir: Path, phase) -> tuple[
                 # the last conversion: a type the quantizer left float twice is accepted float wherever it is now
                 # (an unrolled LSTM's gate SPLITs move between runs); anything else still fails the check
                 kept = check_integer(described["float_ops"], job)
+            divisions = computed_int8_divisions(path) if allow and attempt < MAX_REPAIRS else []
+            if divisions:
+                _keep_float(job, divisions)
+                repairs.append(f"kept in float: {len(divisions)} DIV(s) by a computed divisor (TFLite's int8 DIV "
+                               "fails to invoke on a divisor that rounds to zero)")
+                continue
         if _xnnpack_on(job):
             phase("XNNPACK load check")
             keys = dict(zip([i["name"] for i in job["inputs"]], km.input_names))

@@ -9,6 +9,7 @@ child process (targets/tflite/convert.py).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 AUTO_FLOAT = "(kept in float by the converter)"  # the float_ops_requested key of ops no ONNX layer asked for
 TRANSFORMER_FLOAT = "(transformer: LayerNorm, Softmax, GELU)"  # ... and of a transformer's (targets/tflite/transformer.py)
@@ -265,3 +266,29 @@ def _same_op(op: dict):
         return wanted["op"] == op["op"] and any(
             t == wanted["tensor"] or re.fullmatch(re.escape(wanted["tensor"]) + r"\d+", t) for t in op["outputs"])
     return match
+
+
+def computed_int8_divisions(path: Path) -> list[dict]:
+    """The int8 DIVs of the main graph whose divisor is computed, not a constant: ``{"op": "DIV", "outputs": [...]}``.
+    TFLite's int8 DIV refuses a divisor that rounds to its zero point ("div.cc data[i] != zero_point ... failed to
+    invoke"), and every int8 range holds zero, so any input whose divisor falls within half a step of 0 fails the
+    model (Basic Pitch's normalisation: its INT8 failed on one evaluation sample); XNNPACK has no int8 DIV either."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    graph = model.subgraphs[0]
+    found = []
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.DIV or op.inputs is None \
+                or len(op.inputs) < 2 or op.inputs[1] < 0:
+            continue
+        divisor = graph.tensors[int(op.inputs[1])]
+        data = model.buffers[divisor.buffer].data if divisor.buffer < len(model.buffers) else None
+        if divisor.type == schema.TensorType.INT8 and (data is None or not len(data)):
+            found.append({"op": "DIV", "outputs": [_name(graph.tensors[int(i)].name) for i in op.outputs]})
+    return found
+
+
+def _name(raw) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)

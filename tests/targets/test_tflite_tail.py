@@ -132,3 +132,31 @@ def test_the_head_conv_keeps_its_own_int8_range_when_layout_ops_join_it_to_the_o
     scale = _head_output_scale(art.path)
     assert scale * 255 < 3 * (raw.max() - raw.min()), (scale, raw.min(), raw.max())
 
+
+
+class Normalised(nn.Module):
+    """Features divided by a computed scale (a normalisation, as Basic Pitch's): the scale is near 0 on some inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Conv2d(3, 8, 3, 2, 1)
+        self.scale = nn.Conv2d(3, 1, 4, 4)
+
+    def forward(self, x):
+        return self.features(x).flatten(1) / (self.scale(x).flatten(1).mean(1, keepdim=True) + 1e-3)
+
+
+def test_a_division_by_a_computed_divisor_stays_float_on_arm64(tmp_path):
+    """TFLite's int8 DIV fails to invoke when the divisor rounds to its zero point (``div.cc data[i] != zero_point``),
+    and every int8 range holds zero: Basic Pitch's INT8 failed on one evaluation sample, and the build on the FP16
+    fallback. The converter keeps such a DIV float (the artifact is then ``_int8_mixed``)."""
+    from edgebuild.targets.tflite.mixed import computed_int8_divisions
+
+    torch.manual_seed(0)
+    path = export(Normalised(), (torch.zeros(1, 3, 16, 16),), ["x"], ["y"], tmp_path / "norm.onnx")
+    mi = model_input(path)
+    calib = calibration(mi, lambda t, shape, rng: rng.normal(0, 1, shape).astype(np.float32))
+    art = convert(mi, calib, tmp_path)
+    assert computed_int8_divisions(art.path) == [], "an int8 DIV by a computed divisor is left in the artifact"
+    assert any("DIV" in r for r in art.settings["repairs"]), art.settings.get("repairs")
+    assert "DIV" in " ".join(art.settings["float_ops_kept"])

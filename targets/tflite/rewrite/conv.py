@@ -21,22 +21,32 @@ import numpy as np
 from .graph import finish, node_attrs, static_shapes, unique_name
 
 
-def frame_taps(model):
-    """Conv over [N, C, T, H, W] with kernel kt > 1 over T (any dilation d), stride 1 over T, group 1, constant
-    weights -> Pad, kt Slices shifted by d, Concat over channels, Conv with kernel 1 over T."""
-    from onnx import helper, numpy_helper
+def _convs_3d(model):
+    """Each 3-D Conv with constant weights and explicit pads: (index, node, attributes, weights, input shape, output
+    shape, dilations, strides, pads); shapes where static shape inference knows them."""
+    from onnx import numpy_helper
 
-    shapes, replacements, inits, done = static_shapes(model), {}, [], []
+    shapes = static_shapes(model)
     consts = {i.name: i for i in model.graph.initializer}
     for idx, node in enumerate(model.graph.node):
         if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in consts:
             continue
         a = node_attrs(node)
         w = numpy_helper.to_array(consts[node.input[1]])
-        x_shape, y_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
-        dil, strides = list(a.get("dilations", [1] * 3)), list(a.get("strides", [1] * 3))
-        pads = list(a.get("pads", [0] * 6))
-        if w.ndim != 5 or a.get("group", 1) != 1 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if w.ndim != 5 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        yield (idx, node, a, w, shapes.get(node.input[0]), shapes.get(node.output[0]),
+               list(a.get("dilations", [1] * 3)), list(a.get("strides", [1] * 3)), list(a.get("pads", [0] * 6)))
+
+
+def frame_taps(model):
+    """Conv over [N, C, T, H, W] with kernel kt > 1 over T (any dilation d), stride 1 over T, group 1, constant
+    weights -> Pad, kt Slices shifted by d, Concat over channels, Conv with kernel 1 over T."""
+    from onnx import helper, numpy_helper
+
+    replacements, inits, done = {}, [], []
+    for idx, node, a, w, x_shape, y_shape, dil, strides, pads in _convs_3d(model):
+        if a.get("group", 1) != 1:
             continue
         out_c, in_c, kt = w.shape[:3]
         if kt <= 1 or strides[0] != 1 or not x_shape or len(x_shape) != 5 or min(x_shape) <= 0:
@@ -84,19 +94,9 @@ def frames_conv_as_2d(model):
     Transpose [N, D, C, H, W], Reshape [N*D, C, H, W], the 2-D Conv, Reshape [N, D, O, H', W'], Transpose back."""
     from onnx import helper, numpy_helper
 
-    shapes, replacements, inits, done = static_shapes(model), {}, [], []
-    consts = {i.name: i for i in model.graph.initializer}
-    for idx, node in enumerate(model.graph.node):
-        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in consts:
-            continue
-        a = node_attrs(node)
-        w = numpy_helper.to_array(consts[node.input[1]])
-        x_shape, y_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
-        dil, strides = list(a.get("dilations", [1] * 3)), list(a.get("strides", [1] * 3))
-        pads = list(a.get("pads", [0] * 6))
-        if w.ndim != 5 or w.shape[2] != 1 or dil[0] != 1 or strides[0] != 1 or pads[0] or pads[3]:
-            continue
-        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or not x_shape or not y_shape \
+    replacements, inits, done = {}, [], []
+    for idx, node, a, w, x_shape, y_shape, dil, strides, pads in _convs_3d(model):
+        if w.shape[2] != 1 or dil[0] != 1 or strides[0] != 1 or pads[0] or pads[3] or not x_shape or not y_shape \
                 or len(x_shape) != 5 or len(y_shape) != 5 or min(x_shape + y_shape) <= 0:
             continue
         base, y = node.name or node.output[0], node.output[0]
