@@ -19,5 +19,6 @@ INFO = register(BackendInfo(
     isolate_runner=True, micro=True, peak_memory=(900 << 20, 18.0), cell_memory_mb=3000,
     # 7: a transformer keeps LayerNorm, Softmax, GELU, attention products, outliers float; 8: a detector's
     # post-processing tail float; 9: the video rewrites (frame pools, dilated 3-D convs, flat scatter-add); 10: percentile/entropy calibration; 11: no statistics on the float tail; 12: every range measured in LiteRT (TF logs one
-    # sample), 3-D convs as per-frame 2-D convs; 13: an int8 DIV by a computed divisor kept float
-    cache_version=13))
+    # sample), 3-D convs as per-frame 2-D convs; 13: an int8 DIV by a computed divisor kept float;
+    # 14: recurrent source graphs keep TF's whole calibration
+    cache_version=14))

@@ -185,13 +185,16 @@ def _same_shape(a, b) -> bool:
     return a.type == b.type and shape(a) == shape(b)
 
 
-def exact_ranges(record: list, memo: dict, method: str = "minmax", percentile: float = 99.999) -> Patch:
+def exact_ranges(record: list, memo: dict, method: str = "minmax", percentile: float = 99.999,
+                 one_sample: bool = True) -> Patch:
     """The patch (apply with ``procs.patched``) under which TF's ``Calibrator.calibrate`` (what the MLIR quantizer
     path and ``_experimental_calibrate_only`` call) returns ``measured_ranges`` of its result; the changed tensors are
     appended to ``record``. ``memo`` keeps each result by the float model's sha256: a repair that reconverts the same
     graph with other ops kept float (convert.py, ``MAX_REPAIRS``) gets the same float model and reuses its
     calibration (TransNetV2 on 2 cores: ~8 min of calibration per conversion, before the repair paid it again).
-    ``method``/``percentile``: as in ``measured_ranges``."""
+    ``method``/``percentile``: as in ``measured_ranges``. ``one_sample``: TF's calibrator may log one sample on a
+    one-graph model (``measured_ranges(every=True)``); off for a recurrent source graph, whose unrolled gate SPLITs the
+    MLIR quantizer leaves float from run to run (convert.py ``pick_quantizer``): it keeps TF's whole calibration."""
 
     def wrap(original):
         def calibrate(self, dataset_gen):
@@ -200,7 +203,7 @@ def exact_ranges(record: list, memo: dict, method: str = "minmax", percentile: f
                 record.extend(memo[key][1])
                 print("edgebuild: calibration of this float model reused", file=sys.stderr, flush=True)
                 return memo[key][0]
-            if single_graph(self._model_content):  # TF logs one sample; every range is measured on all of them
+            if one_sample and single_graph(self._model_content):  # TF logs one sample; all are measured
                 calibrated = original(self, lambda: itertools.islice(dataset_gen(), 1))
                 try:
                     fixed, changed = measured_ranges(calibrated, dataset_gen, method, percentile, every=True)
