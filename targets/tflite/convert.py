@@ -97,7 +97,7 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
             # this job's calibrations by float model: a repair's reconversion reuses the first one's (ranges.py)
             with patched([exact_ranges(job["ranges_repaired"], job.setdefault("calibrations", {}),
                                        settings.get("calibrate_method", "minmax"), settings.get("percentile", 99.999),
-                                       one_sample=pick_quantizer("auto", job["onnx"]) == "mlir")]):
+                                       one_sample=not job.get("onnx") or pick_quantizer("auto", job["onnx"]) == "mlir")]):
                 if _selective(job):
                     return selective_int8(converter, km, job, io_type)
                 return converter.convert()
