@@ -52,9 +52,10 @@ def _float_ops(model, names: dict) -> list[str]:
         if inner & ({int(i) for i in op.inputs if i >= 0} | {int(i) for i in op.outputs}):
             code = model.operatorCodes[op.opcodeIndex]
             ops.append({"op": names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"),
-                        "outputs": [_text(graph.tensors[int(i)].name) for i in op.outputs]})
+                        "outputs": [tensor_name(graph.tensors[int(i)].name) for i in op.outputs]})
     return ops
 
 
-def _text(name) -> str:
+def tensor_name(name) -> str:
+    """A flatbuffer tensor name as text."""
     return name.decode(errors="replace") if isinstance(name, bytes) else str(name)

@@ -275,6 +275,8 @@ def computed_int8_divisions(path: Path) -> list[dict]:
     model (Basic Pitch's normalisation: its INT8 failed on one evaluation sample); XNNPACK has no int8 DIV either."""
     from ai_edge_litert import schema_py_generated as schema
 
+    from edgebuild.targets.tflite.describe import tensor_name
+
     model = schema.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
     graph = model.subgraphs[0]
     found = []
@@ -286,9 +288,5 @@ def computed_int8_divisions(path: Path) -> list[dict]:
         divisor = graph.tensors[int(op.inputs[1])]
         data = model.buffers[divisor.buffer].data if divisor.buffer < len(model.buffers) else None
         if divisor.type == schema.TensorType.INT8 and (data is None or not len(data)):
-            found.append({"op": "DIV", "outputs": [_name(graph.tensors[int(i)].name) for i in op.outputs]})
+            found.append({"op": "DIV", "outputs": [tensor_name(graph.tensors[int(i)].name) for i in op.outputs]})
     return found
-
-
-def _name(raw) -> str:
-    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)

@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from edgebuild.targets.tflite.describe import tensor_name
+
 WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 MIN_RATIO, MAX_RATIO = 2.0 ** -32, 256.0
 MAX_SANE_SCALE = 1e6  # an activation scale above this means a range of ~1e8: a calibration artefact
@@ -131,14 +133,11 @@ def bisect(path, feed: dict[str, np.ndarray], keys: dict[str, str], perms: dict[
         return None
     op = g.operators[hi - 1]
     code = m.operatorCodes[op.opcodeIndex]
-    outputs = [_text(g.tensors[int(o)].name) for o in op.outputs]
+    outputs = [tensor_name(g.tensors[int(o)].name) for o in op.outputs]
     return {"op": names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"), "outputs": outputs,
             "why": f"the graph fails once this op (number {hi - 1} of {len(g.operators)}) is in it ({fails}; "
                    f"bisected in {loads + 1} isolated loads)"}
 
-
-def _text(name) -> str:
-    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
 def suspects(path) -> list[dict]:
