@@ -38,8 +38,8 @@ from edgebuild.targets.tflite.onnx2tf_run import (  # noqa: F401 — CHANNEL_LAS
     CHANNEL_LAST, NetworkBlocked, adopt_input_layouts, block_network, check_float_graph, explain, to_keras,
     to_tf_layout)
 from edgebuild.targets.tflite.describe import describe_tflite
-from edgebuild.targets.tflite.mixed import (TAIL_FLOAT, ConversionFailure, check_integer, computed_int8_divisions,
-                                            float_layer_map, region_layers, selective_int8)
+from edgebuild.targets.tflite.mixed import (AUTO_FLOAT, TAIL_FLOAT, ConversionFailure, check_integer,
+                                            computed_int8_divisions, float_layer_map, region_layers, selective_int8)
 from edgebuild.targets.tflite.ranges import exact_ranges
 from edgebuild.targets.tflite.tail import tail_nodes
 from edgebuild.targets.tflite.transformer import float_nodes
@@ -207,8 +207,12 @@ def _convert_checked(km, job: dict, calib: dict, job_dir: Path, phase) -> tuple[
                 repairs.append(f"kept in float (no int8 kernel): {', '.join(sorted({op['op'] for op in e.ops}))}")
                 if attempt < MAX_REPAIRS:
                     continue
-                # the last conversion: a type the quantizer left float twice is accepted float wherever it is now
-                # (an unrolled LSTM's gate SPLITs move between runs); anything else still fails the check
+                # the last conversion: what it left float is accepted float, as one more repair would keep it (the
+                # MLIR quantizer moves an unrolled LSTM's gate SPLITs between runs: another conversion could leave
+                # others float, and CI once ended in exit 3 on a SPLIT first left float by the last conversion)
+                requested = job.setdefault("float_ops_requested", {})
+                requested[AUTO_FLOAT] = [*requested.get(AUTO_FLOAT, []),
+                                         *({"op": op["op"], "tensor": t} for op in e.ops for t in op["outputs"])]
                 kept = check_integer(described["float_ops"], job)
             divisions = computed_int8_divisions(path) if allow and attempt < MAX_REPAIRS else []
             if divisions:
