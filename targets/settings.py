@@ -306,7 +306,7 @@ class TFLiteSettings(Settings):
 
     backend = "tflite"
     INT8_ONLY = ("io_dtype", "per_channel", "calibration_samples", "quantizer", "calibrate_method", "percentile",
-                 "rounding", "float_layers", "transformer_float", "float_tail")
+                 "rounding", "float_layers", "transformer_float", "float_tail", "float_frontend")
 
     input_layout: str = choice("NHWC", "NHWC", "source")  # NHWC: 4-D NCHW inputs become channels-last
     rnn_unroll: bool = flag(True)  # onnx2tf unrolls LSTM/GRU/RNN for INT8 (the calibrator crashes on loops); float: loop
@@ -330,3 +330,11 @@ class TFLiteSettings(Settings):
     # a detector's post-processing tail (box decoding, the Concat of pixel boxes and [0, 1] scores, output Sigmoids)
     # stays float in INT8 (targets/tflite/tail.py) where the profile allows float layers
     float_tail: bool = flag(True)
+    # a signal-processing front-end built from ops (a constant-Q transform, an STFT, a mel filterbank) stays float in
+    # INT8 (targets/tflite/tail.py) where the profile allows float layers
+    float_frontend: bool = flag(True)
+
+    @property
+    def float_regions(self) -> bool:
+        """Does INT8 keep targets/regions.py's regions float from the start (the accuracy search skips them)?"""
+        return self.float_tail or self.float_frontend

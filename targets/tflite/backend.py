@@ -43,7 +43,7 @@ from edgebuild.targets.settings import Precision, Settings, TFLiteSettings
 from edgebuild.targets.tflite.convert import CHANNEL_LAST
 from edgebuild.targets.tflite.family import run_child
 from edgebuild.targets.tflite.family import sibling_dir, sibling_results
-from edgebuild.targets.tflite.mixed import AUTO_FLOAT, TAIL_FLOAT, TRANSFORMER_FLOAT
+from edgebuild.targets.tflite.mixed import AUTO_FLOAT, FRONT_FLOAT, TAIL_FLOAT, TRANSFORMER_FLOAT
 from edgebuild.targets.tflite.notes import artifact_notes, converter_version
 from edgebuild.targets.tflite.port import Port
 from edgebuild.targets.tflite.tflm import write_c_array
@@ -174,7 +174,8 @@ class TFLiteBackend(Backend):
         auto_float = (result.get("float_layers_kept") or {}).pop(AUTO_FLOAT, None)
         transformer = (result.get("float_layers_kept") or {}).pop(TRANSFORMER_FLOAT, None)
         tail = (result.get("float_layers_kept") or {}).pop(TAIL_FLOAT, None)
-        mixed = s.get("float_layers") or bool(auto_float) or bool(transformer) or bool(tail)
+        front = (result.get("float_layers_kept") or {}).pop(FRONT_FLOAT, None)
+        mixed = s.get("float_layers") or bool(auto_float) or bool(transformer) or bool(tail) or bool(front)
         out = workdir / self.artifact_name(precision, {**s, "float_layers": mixed})
         workdir.mkdir(parents=True, exist_ok=True)
         shutil.move(str(job_dir / "model.tflite"), out)
@@ -200,6 +201,8 @@ class TFLiteBackend(Backend):
                 used["transformer_float_ops"] = transformer
             if tail:  # "TFLITE_OP output-tensor" of a detector's post-processing tail (float_tail, tail.py)
                 used["tail_float_ops"] = tail
+            if front:  # ... and of a signal-processing front-end (float_frontend, tail.py)
+                used["frontend_float_ops"] = front
             if s["float_layers"]:
                 used["float_layers_kept"] = result["float_layers_kept"]  # ONNX node -> "TFLITE_OP output-tensor"
         else:

@@ -38,10 +38,10 @@ from edgebuild.targets.tflite.onnx2tf_run import (  # noqa: F401 — CHANNEL_LAS
     CHANNEL_LAST, NetworkBlocked, adopt_input_layouts, block_network, check_float_graph, explain, to_keras,
     to_tf_layout)
 from edgebuild.targets.tflite.describe import describe_tflite
-from edgebuild.targets.tflite.mixed import (AUTO_FLOAT, TAIL_FLOAT, ConversionFailure, check_integer,
+from edgebuild.targets.tflite.mixed import (AUTO_FLOAT, FRONT_FLOAT, TAIL_FLOAT, ConversionFailure, check_integer,
                                             computed_int8_divisions, float_layer_map, region_layers, selective_int8)
 from edgebuild.targets.tflite.ranges import exact_ranges
-from edgebuild.targets.tflite.tail import tail_nodes
+from edgebuild.targets.tflite.tail import frontend_nodes, tail_nodes
 from edgebuild.targets.tflite.transformer import float_nodes
 
 
@@ -110,7 +110,8 @@ def _tflite_bytes(km, precision: str, settings: dict, calib: dict, job: dict) ->
 
 def _selective(job: dict) -> bool:
     """Does the INT8 conversion keep some ops float (the MLIR quantizer's deny list, targets/tflite/mixed.py)?"""
-    return any(job.get(k) for k in ("float_layer_map", "auto_float_ops", "transformer_float_map", "tail_float_map"))
+    return any(job.get(k) for k in ("float_layer_map", "auto_float_ops", "transformer_float_map", "tail_float_map",
+                                    "front_float_map"))
 
 
 def run(job_dir: Path) -> dict:
@@ -130,10 +131,13 @@ def run(job_dir: Path) -> dict:
             if job["precision"] == "int8" and job.get("allow_float_layers") and job["settings"].get("transformer_float") else []
         if transformer:  # LayerNorm, Softmax, GELU of a graph with attention (targets/tflite/transformer.py)
             job["transformer_float_map"] = float_layer_map(km, tensors, job["onnx"], transformer)
-        tail = tail_nodes(job["onnx"]) if job["precision"] == "int8" and job.get("allow_float_layers") \
-            and job["settings"].get("float_tail", True) else []
+        regions = job["precision"] == "int8" and job.get("allow_float_layers")
+        tail = tail_nodes(job["onnx"]) if regions and job["settings"].get("float_tail", True) else []
         if tail:  # a detector's decode / output-activation tail (targets/tflite/tail.py)
             job["tail_float_map"] = {TAIL_FLOAT: region_layers(km, tensors, tail)}
+        front = frontend_nodes(job["onnx"]) if regions and job["settings"].get("float_frontend", True) else []
+        if front:  # a spectrogram built from ops (targets/tflite/tail.py)
+            job["front_float_map"] = {FRONT_FLOAT: region_layers(km, tensors, front)}
         phase = "FP32 graph check"
         _phase(job_dir, phase)
         out_perms, check = check_float_graph(km, job, calib)
@@ -143,7 +147,7 @@ def run(job_dir: Path) -> dict:
         _phase(job_dir, phase)
         # keeping layers in float needs the MLIR quantizer's deny list; histogram calibration its ranges hook (ranges.py)
         histogram = job["settings"].get("calibrate_method", "minmax") != "minmax"
-        job["quantizer_used"] = "mlir" if float_layers or transformer or tail or histogram \
+        job["quantizer_used"] = "mlir" if float_layers or transformer or tail or front or histogram \
             else pick_quantizer(job["settings"].get("quantizer", "auto"), job["onnx"])
         with keras_saved_once(km, job_dir / "keras_savedmodel"):  # every conversion below reads one SavedModel
             described, kept, repairs = _convert_checked(km, job, calib, job_dir, lambda p: _phase(job_dir, p))

@@ -30,7 +30,7 @@ from edgebuild.errors import ConversionError
 from edgebuild.procs import Patch
 from edgebuild.targets.isolated import log_hint
 
-SIBLING_KEYS_DROPPED = ("float_layer_map", "transformer_float_map", "tail_float_map", "auto_float_ops", "quantizer_used", "graph")  # what the job's INT8 conversion adds
+SIBLING_KEYS_DROPPED = ("float_layer_map", "transformer_float_map", "tail_float_map", "front_float_map", "auto_float_ops", "quantizer_used", "graph")  # what the job's INT8 conversion adds
 
 
 def sibling_dir(job_dir: Path, precision: str) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 AUTO_FLOAT = "(kept in float by the converter)"  # the float_ops_requested key of ops no ONNX layer asked for
 TRANSFORMER_FLOAT = "(transformer: LayerNorm, Softmax, GELU)"  # ... and of a transformer's (targets/tflite/transformer.py)
 TAIL_FLOAT = "(post-processing tail)"  # ... and of a detector's decode tail (targets/tflite/tail.py)
+FRONT_FLOAT = "(signal-processing front-end)"  # ... and of a spectrogram built from ops (targets/tflite/tail.py)
 
 
 class ConversionFailure(Exception):
@@ -173,6 +174,8 @@ def selective_int8(converter, km, job: dict, io_type) -> bytes:
     if job.get("tail_float_map"):  # a detector's post-processing tail (targets/tflite/tail.py), one entry
         requested.update(tflite_ops_of(calibrated, km, job["tail_float_map"]))
         calibrated = without_ranges(calibrated, {op["tensor"] for op in requested.get(TAIL_FLOAT, [])})
+    if job.get("front_float_map"):  # a signal-processing front-end (targets/tflite/tail.py), one entry, ranges kept
+        requested.update(tflite_ops_of(calibrated, km, job["front_float_map"]))
     if job.get("auto_float_ops"):  # ops kept in float by the conversion itself (no int8 kernel, XNNPACK repair)
         names = _tensor_names(calibrated)
         requested[AUTO_FLOAT] = [{"op": op["op"], "tensor": _calibrated_name(t, names)} for op in job["auto_float_ops"]
@@ -250,7 +253,7 @@ def check_integer(float_ops: list[dict], job: dict) -> dict:
             for node, ops in requested.items()}
     # a requested float layer the quantizer quantized anyway is an error; the converter's own repairs (AUTO_FLOAT) that
     # come out int8 in this run (the quantizer moves an unrolled LSTM's float SPLITs around) are not
-    ignored = [node for node, ops in requested.items() if node not in (AUTO_FLOAT, TRANSFORMER_FLOAT, TAIL_FLOAT) and ops
+    ignored = [node for node, ops in requested.items() if node not in (AUTO_FLOAT, TRANSFORMER_FLOAT, TAIL_FLOAT, FRONT_FLOAT) and ops
                and not kept[node]]
     if ignored:
         raise ConversionFailure("float layers", f"the quantizer did not keep {', '.join(ignored)} in float")

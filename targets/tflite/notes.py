@@ -43,6 +43,13 @@ def artifact_notes(precision: str, io: dict, result: dict, s: dict, seconds: flo
                         "post-processing tail after the last weighted layer, kept in float (float_tail: one int8 "
                         "scale for pixel boxes and [0, 1] scores rounds the scores away); calibrated on "
                         f"{s.get('calibration_samples_used')} samples")
+    elif s.get("frontend_float_ops") and not s.get("float_layers_kept"):
+        what["int8"] = (f"mixed INT8: every op int8 except the {len(s['frontend_float_ops'])} TFLite op(s) of the "
+                        "signal-processing front-end before the first learned layer, kept in float with its fixed "
+                        "kernels (float_frontend: 8-bit there loses the spectrogram)"
+                        + (f", and {len(s['float_ops_kept'])} kept in float by the converter "
+                           f"({'; '.join(s.get('repairs') or [])})" if s.get("float_ops_kept") else "")
+                        + f"; calibrated on {s.get('calibration_samples_used')} samples")
     elif s.get("float_ops_kept") and not s.get("float_layers_kept"):
         what["int8"] = (f"mixed INT8: every op int8 except {len(s['float_ops_kept'])} TFLite op(s) kept in float by the "
                         f"converter ({'; '.join(s.get('repairs') or [])}), with QUANTIZE/DEQUANTIZE at their borders; "

@@ -29,6 +29,19 @@ from pathlib import Path
 TRIVIAL = ("Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 
 
+def frontend_nodes(onnx_path: Path | str) -> list:
+    """The ONNX nodes of a signal-processing front-end built from ops to keep float (``float_frontend``): regions.py's
+    front-end region (a constant-Q transform, an STFT, a mel filterbank before the first learned layer), [] when none.
+
+    Spotify Basic Pitch on arm64: its 193 constant-Q ops in int8 gave an output cosine of 0.89 to FP32 (SQNR 9.6 dB),
+    as in ONNX Runtime, which keeps that region float. Its fixed CQT kernels are float then, which the artifact's INT8
+    weight share says (``_int8_mixed``). Unlike the tail's, the region's tensors keep their calibration statistics: its
+    last one is the int8 input of the first learned layer."""
+    from edgebuild.targets.regions import float_region_nodes
+
+    return float_region_nodes(onnx_path)["frontend"]
+
+
 def tail_nodes(onnx_path: Path | str) -> list:
     """The ONNX nodes (NodeProtos) of the post-processing tail to keep float; [] when there is none worth it."""
     from edgebuild.targets.regions import float_region_nodes

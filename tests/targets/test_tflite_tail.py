@@ -13,7 +13,7 @@ pytest.importorskip("onnx2tf")
 
 from torch import nn  # noqa: E402
 
-from tests.targets.test_tflite_conformance import calibration, convert, export, model_input  # noqa: E402
+from tests.targets.test_tflite_conformance import calibration, convert, export, fidelity, model_input  # noqa: E402
 
 
 class TinyDetector(nn.Module):
@@ -160,3 +160,23 @@ def test_a_division_by_a_computed_divisor_stays_float_on_arm64(tmp_path):
     assert computed_int8_divisions(art.path) == [], "an int8 DIV by a computed divisor is left in the artifact"
     assert any("DIV" in r for r in art.settings["repairs"]), art.settings.get("repairs")
     assert "DIV" in " ".join(art.settings["float_ops_kept"])
+
+
+@pytest.mark.slow
+def test_a_spectrogram_front_end_stays_float_and_the_learned_layers_int8(tmp_path):
+    """``float_frontend``: a front-end of fixed-kernel convolutions, squares, Sqrt and Log (a constant-Q transform as
+    Basic Pitch has it, whose 193 ops in int8 gave an output cosine of 0.89 on arm64) stays float; the learned conv
+    after it is int8."""
+    from tests.pipeline.test_error_island import _spectral_model
+
+    mi = model_input(_spectral_model(tmp_path / "s.onnx"))
+    calib = calibration(mi, lambda t, shape, rng: rng.normal(0, 1, shape).astype(np.float32))
+    art = convert(mi, calib, tmp_path / "on")
+    assert art.main == "model_int8_mixed.tflite" and art.settings["frontend_float_ops"], art.settings
+    kinds = {op.split()[0] for op in art.settings["frontend_float_ops"]}
+    assert {"LOG", "SQRT"} <= kinds, kinds
+    assert any("signal-processing front-end" in n for n in art.notes)
+    off = convert(mi, calib, tmp_path / "off", float_frontend=False)
+    assert "frontend_float_ops" not in off.settings
+    on, quantized = fidelity(art, mi, calib), fidelity(off, mi, calib)
+    assert on > 0.999 and on > quantized, (on, quantized)
