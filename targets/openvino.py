@@ -23,15 +23,17 @@ import importlib
 import importlib.util
 import io
 import logging
-import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError, EdgeBuildError, MissingToolError
+from edgebuild.procs import tempdir
 from edgebuild.targets.base import Artifact, Backend, BackendInfo, ExportedModel, Runner, register, replace_file, stem
+from edgebuild.targets.onnx.equalize import equalization_candidate
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import OpenVinoSettings, Precision, Settings
 
@@ -72,6 +74,10 @@ class OpenVinoBackend(Backend):
         if precision not in PRECISIONS:
             raise BadInputError(f"the openvino backend builds {', '.join(PRECISIONS)}, not {precision}")
         return stem(precision, {"float_layers": _float_requested(settings or {})}) + ".xml"
+
+    def graph_candidates(self, profile: TargetProfile, settings: Settings | dict, onnx_path: Path) -> list[tuple[str, Settings]]:
+        """Activation equalization where the graph has conv -> activation -> depthwise conv chains."""
+        return equalization_candidate(self.requested_settings(profile, settings), onnx_path)
 
     def recovery_candidates(self, profile: TargetProfile, settings: Settings | dict) -> list[tuple[str, Settings]]:
         """NNCF variants, free ones first: 7-bit weights everywhere (int8 saturation on CPUs without VNNI)
@@ -173,14 +179,23 @@ def _convert_job(job: dict) -> tuple[dict, dict, list[str]]:
     precision, settings, target = job["precision"], job["settings"], job["target"]
     ov = import_without_telemetry("openvino")
     notes: list[str] = []
+    scratch = tempfile.TemporaryDirectory(prefix="edgebuild-openvino-", dir=tempdir())
     try:
+        source = job["onnx"]
+        if precision == "int8" and settings.get("equalize"):  # per-channel rescale first (targets/onnx/equalize.py)
+            from edgebuild.targets.onnx.equalize import equalized_source
+
+            set_phase("activation equalization")
+            equalized, note = equalized_source(source, samples_from_disk(job["samples"]), Path(scratch.name))
+            source, notes = str(equalized), [note]
         set_phase("openvino.convert_model")
-        ov_model = ov.convert_model(job["onnx"])
+        ov_model = ov.convert_model(source)
         if precision == "int8":
             converted = {op.get_friendly_name() for op in ov_model.get_ops()}
             set_phase("nncf.quantize")
-            ov_model, applied, notes = _quantize(ov_model, samples_from_disk(job["samples"]), settings, target,
-                                                 _onnx_outputs(job["onnx"]), job["onnx"])
+            ov_model, applied, quantized = _quantize(ov_model, samples_from_disk(job["samples"]), settings, target,
+                                                     _onnx_outputs(source), source)
+            notes += quantized
             stable_names(ov_model, converted)
         else:
             settings, applied = {"compress_to_fp16": precision == "fp16"}, {}
@@ -191,6 +206,8 @@ def _convert_job(job: dict) -> tuple[dict, dict, list[str]]:
         raise
     except Exception as e:  # OpenVINO and NNCF raise many types; they are conversion failures of this target
         raise ConversionError(f"{target}: OpenVINO {precision} conversion failed: {_one_line(e)}") from e
+    finally:
+        scratch.cleanup()
     applied["converter"] = f"openvino.convert_model(ONNX) {ov.get_version().split('-')[0]}"
     return settings, applied, notes
 

@@ -242,6 +242,9 @@ class OnnxSettings(Settings):
     # weight rounding: nearest (onnxruntime's) or adaround (learned per weight on the calibration samples, onto the
     # same symmetric INT8 grid: targets/onnx_adaround.py); only with symmetric int8 weights
     rounding: str = choice("nearest", "nearest", "adaround", fold=str.lower)
+    # conv -> Relu/HardSwish -> depthwise conv chains rescaled per channel before quantizing (exact in float; evens out
+    # the activations' channel ranges: targets/onnx/equalize.py); static INT8 only
+    equalize: bool = flag(False)
 
     def kind(self) -> str:
         return self.activations
@@ -289,6 +292,9 @@ class OpenVinoSettings(Settings):
     ignored_scope: tuple = field(default=(), metadata={"check": _check_scope})  # layers kept in float (ONNX or OpenVINO terms)
     float_layers: tuple[str, ...] = names()  # ONNX node names kept in float by the accuracy search
     float_regions: bool = flag(True)  # a signal-processing front-end / post-processing tail stays float (targets/regions.py)
+    # conv -> Relu/HardSwish -> depthwise conv chains rescaled per channel in the ONNX model before the IR (exact in
+    # float: targets/onnx/equalize.py)
+    equalize: bool = flag(False)
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -306,7 +312,7 @@ class TFLiteSettings(Settings):
 
     backend = "tflite"
     INT8_ONLY = ("io_dtype", "per_channel", "calibration_samples", "quantizer", "calibrate_method", "percentile",
-                 "rounding", "float_layers", "transformer_float", "float_tail", "float_frontend")
+                 "rounding", "float_layers", "transformer_float", "float_tail", "float_frontend", "equalize")
 
     input_layout: str = choice("NHWC", "NHWC", "source")  # NHWC: 4-D NCHW inputs become channels-last
     rnn_unroll: bool = flag(True)  # onnx2tf unrolls LSTM/GRU/RNN for INT8 (the calibrator crashes on loops); float: loop
@@ -333,6 +339,9 @@ class TFLiteSettings(Settings):
     # a signal-processing front-end built from ops (a constant-Q transform, an STFT, a mel filterbank) stays float in
     # INT8 (targets/tflite/tail.py) where the profile allows float layers
     float_frontend: bool = flag(True)
+    # conv -> Relu/HardSwish -> depthwise conv chains rescaled per channel in the ONNX model before onnx2tf (exact in
+    # float: targets/onnx/equalize.py)
+    equalize: bool = flag(False)
 
     @property
     def float_regions(self) -> bool:

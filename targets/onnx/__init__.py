@@ -12,6 +12,7 @@ from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import ConversionError
 from edgebuild.targets.base import Artifact, Backend, BackendInfo, ExportedModel, Runner, register, replace_file, stem
 from edgebuild.targets.onnx.dynamic import DYNAMIC_OPS, DYNAMIC_SHARE, dynamic_share
+from edgebuild.targets.onnx.equalize import equalization_candidate
 from edgebuild.targets.onnx.fake_quant import FakeQuant
 from edgebuild.targets.onnx.prepare import fold_constant_weights, preprocess, state_path
 from edgebuild.targets.onnx.quantize import quantize_isolated
@@ -65,7 +66,7 @@ class OnnxBackend(Backend):
         if share >= DYNAMIC_SHARE:
             out.append((f"dynamic INT8 (MatMul/Gemm, LSTM and embedding weights int8 = {share:.0%} of the weights; "
                         "activations quantized per call)", s.replace(activations="dynamic")))
-        return out
+        return out + (equalization_candidate(s, onnx_path) if s.activations == "static" else [])
 
     def recovery_candidates(self, profile: TargetProfile, settings: Settings | dict) -> list[tuple[str, Settings]]:
         s = self.requested_settings(profile, settings)

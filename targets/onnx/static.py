@@ -94,6 +94,12 @@ def quantize_qdq(src: Path, out: Path, calib: SampleSet, s: dict, workdir: Path,
             regions += state
             note = "; ".join(filter(None, [note, f"the recurrent state path in float ({len(state)} op(s) between the "
                                                  "state input/output and the recurrent layer)"]))
+    if s.get("equalize", False):  # per-channel ranges evened out before depthwise convs (targets/onnx/equalize.py)
+        from edgebuild.targets.onnx.equalize import apply as equalized
+
+        pre, eq_note = equalized(pre, calib, workdir, owned=not preprocessed)
+        note = "; ".join(filter(None, [note, eq_note]))
+        preprocessed = False  # the equalized copy is this call's own: removed below
     if s.get("rounding", "nearest") == "adaround":  # learned weight rounding first (targets/onnx_adaround.py)
         from edgebuild.targets.onnx_adaround import apply
 

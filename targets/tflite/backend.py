@@ -70,6 +70,12 @@ class TFLiteBackend(Backend):
             raise BadInputError(f"tflite backend cannot build precision {precision!r}")
         return stem(precision, settings) + ".tflite"
 
+    def graph_candidates(self, profile: TargetProfile, settings: Settings | dict, onnx_path: Path) -> list[tuple[str, Settings]]:
+        """Activation equalization where the graph has conv -> activation -> depthwise conv chains."""
+        from edgebuild.targets.onnx.equalize import equalization_candidate
+
+        return equalization_candidate(self.requested_settings(profile, settings), onnx_path)
+
     def recovery_candidates(self, profile: TargetProfile, settings: Settings | dict) -> list[tuple[str, Settings]]:
         """Histogram calibration of the activation ranges (percentile, entropy: the same as onnx-cpu's, measured in
         LiteRT, targets/tflite/ranges.py) before layers in float. TF's own calibrators are min-max only; weights are
@@ -125,9 +131,10 @@ class TFLiteBackend(Backend):
         asked = {p: (d, self.requested_settings(profile, ss).for_precision(p)) for p, (d, ss) in (siblings or {}).items()}
         recurrent = precision == "int8" and _recurrent(model.onnx_path)  # INT8 unrolls, float keeps the loop
         adaround = precision == "int8" and s["rounding"] == "adaround"  # other weights: a graph of its own
+        equalize = precision == "int8" and s["equalize"]  # ... as is an equalized one (targets/onnx/equalize.py)
         shared = {p: (d, ss) for p, (d, ss) in asked.items()
                   if p != precision and p != "int8" and all(ss.get(k) == s.get(k) for k in self.GRAPH_SETTINGS)
-                  and not (recurrent and ss.get("rnn_unroll", True)) and not adaround}
+                  and not (recurrent and ss.get("rnn_unroll", True)) and not adaround and not equalize}
         inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-", dir=tempdir()) as tmp:  # the build's scratch
@@ -138,6 +145,11 @@ class TFLiteBackend(Backend):
             through = passthrough.find(model.onnx_path)  # outputs that are an input: onnx2tf drops them
             onnx_in = passthrough.trimmed_copy(model.onnx_path, through, job_dir / "model.onnx") if through \
                 else Path(model.onnx_path).resolve()
+            equalized = None
+            if equalize:
+                from edgebuild.targets.onnx.equalize import equalized_source
+
+                onnx_in, equalized = equalized_source(onnx_in, calib, job_dir)
             rounded = _adaround(onnx_in, calib, s, job_dir) if adaround else None
             onnx_in = job_dir / "adaround.onnx" if adaround else onnx_in
             job = {"onnx": str(onnx_in), "precision": precision, "settings": s, "inputs": inputs,
@@ -152,8 +164,7 @@ class TFLiteBackend(Backend):
                 raise
             seconds = time.perf_counter() - t0
             arts = {precision: self._artifact(model, profile, precision, s, inputs, result, job_dir, workdir, seconds, n)}
-            if rounded:
-                arts[precision].notes.append(rounded)
+            arts[precision].notes += [n for n in (equalized, rounded) if n]
             return arts | self._siblings(model, profile, precision, inputs, shared, job_dir, seconds)
 
     def _siblings(self, model: ExportedModel, profile: TargetProfile, precision: str, inputs: list[dict], shared: dict,
