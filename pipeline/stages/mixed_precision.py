@@ -114,7 +114,8 @@ def _proxy_start(ctx, search: Search, ranked: list[str], weights: dict, total: i
     with ctx.work.stage("mixed precision: how many layers in float (fake-quant proxy)"):
         index, record = first_step(ctx.job.model.onnx_path, ctx.job.calib, search.select[0], search.select[1], ranked,
                                    steps, ctx.job.judging, search.budget, until,
-                                   weighted_only=getattr(settings, "op_types", None) == "weighted")
+                                   weighted_only=getattr(settings, "op_types", None) == "weighted",
+                                   equalize=bool(getattr(settings, "equalize", False)))
     if time.monotonic() > until:
         search.timed_out("the fake-quant proxy's bisection was cut short by the time limit")
     search.record.float_layers_proxy = record

@@ -24,21 +24,32 @@ PROXY_CALIB_SAMPLES = 64  # calibration samples of the fake-quant ranges (a rank
 
 
 def first_step(onnx_path, calib, select, reference, ranked: list[str], steps: list[int], judging, budget,
-               deadline: float, weighted_only: bool = False) -> tuple[int | None, dict]:
+               deadline: float, weighted_only: bool = False, equalize: bool = False) -> tuple[int | None, dict]:
     """(index into ``steps`` of the smallest step whose ``ranked[:k]`` float layers pass the fake-quant proxy, or
     None when the proxy cannot tell; the record, with ``all_miss`` when even the last step misses). ``steps``
     ascending; bisection, so about log2(len(steps)) + 1 runs. ``weighted_only``: only the weighted layers
-    (Conv/Gemm/MatMul...) are quantized, as in a conversion with ``op_types: weighted``."""
-    from edgebuild.targets.base import fake_quant
+    (Conv/Gemm/MatMul...) are quantized, as in a conversion with ``op_types: weighted``; ``equalize``: the graph is
+    equalized first, as in a conversion with ``equalize`` (targets/onnx/equalize.py; node names are kept)."""
+    from edgebuild.procs import tempdir
 
     record: dict = {"method": f"ONNX Runtime fake quantization of every {'weighted ' if weighted_only else ''}node but "
                               "the float layers, on evaluation[select]", "scores": {}}
     t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edgebuild-proxy-", dir=tempdir()) as tmp:
+        if equalize:  # the base the float layers are added to rescales its depthwise chains: so does the proxy
+            from edgebuild.targets.onnx.equalize import equalized_source
 
-    from edgebuild.procs import tempdir
+            onnx_path, note = equalized_source(onnx_path, calib, Path(tmp))
+            record["method"] += f" ({note})"
+        return _bisect(onnx_path, calib, select, reference, ranked, steps, judging, budget, deadline, weighted_only,
+                       record, t0, Path(tmp))
 
-    with tempfile.TemporaryDirectory(prefix="edgebuild-proxy-", dir=tempdir()) as tmp, \
-            fake_quant(onnx_path, at_most(calib, PROXY_CALIB_SAMPLES), Path(tmp)) as fq:
+
+def _bisect(onnx_path, calib, select, reference, ranked, steps, judging, budget, deadline, weighted_only, record, t0,
+            tmp: Path) -> tuple[int | None, dict]:
+    from edgebuild.targets.base import fake_quant
+
+    with fake_quant(onnx_path, at_most(calib, PROXY_CALIB_SAMPLES), tmp) as fq:
         def loss(k: int) -> float:
             with fq.runner_except(ranked[:k], weighted_only=weighted_only) as runner:
                 metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)

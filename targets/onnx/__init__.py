@@ -57,16 +57,18 @@ class OnnxBackend(Backend):
     def graph_candidates(self, profile: TargetProfile, settings: Settings | dict, onnx_path: Path) -> list[tuple[str, Settings]]:
         """INT8 candidates of another kind than the profile's, chosen from the graph: dynamic INT8 when MatMul/Gemm,
         LSTM and embedding tables hold most of the weights (transformers, recurrent models); static QDQ with the
-        recurrent state path float when the model carries its state in and out. Likeliest first."""
+        recurrent state path float when the model carries its state in and out; static QDQ of the graph with its
+        conv -> activation -> depthwise conv chains equalized (any profile: it keeps every op int8). Likeliest first."""
         s = self.requested_settings(profile, settings)
-        if self.simulate_quantization or s.activations == "dynamic" or not profile.allow_float_layers:
-            return []  # TensorRT builds from QDQ only; an integer-only profile runs no float op between int8 layers
-        out = []
+        if s.activations == "dynamic":
+            return []
+        equalized = equalization_candidate(s, onnx_path)
+        if self.simulate_quantization or not profile.allow_float_layers:
+            return equalized  # TensorRT builds from QDQ only; an integer-only profile runs no float op between int8 layers
         share = dynamic_share(onnx_path)
-        if share >= DYNAMIC_SHARE:
-            out.append((f"dynamic INT8 (MatMul/Gemm, LSTM and embedding weights int8 = {share:.0%} of the weights; "
-                        "activations quantized per call)", s.replace(activations="dynamic")))
-        return out + (equalization_candidate(s, onnx_path) if s.activations == "static" else [])
+        dynamic = [(f"dynamic INT8 (MatMul/Gemm, LSTM and embedding weights int8 = {share:.0%} of the weights; "
+                    "activations quantized per call)", s.replace(activations="dynamic"))] if share >= DYNAMIC_SHARE else []
+        return dynamic + equalized
 
     def recovery_candidates(self, profile: TargetProfile, settings: Settings | dict) -> list[tuple[str, Settings]]:
         s = self.requested_settings(profile, settings)
