@@ -83,7 +83,10 @@ def pairs(model) -> list[dict]:
         readers = 2 if kind == "hardswish" else 1  # the decomposed forms read x twice (gate and product)
         if a is None or not only(x, readers) or not _scalable(a, constant):
             continue
-        found.append({"a": a, "act": act, "b": b, "x": x, "y": y, "kind": kind})
+        conv = producer.get(a.input[0]) if a.op_type == "BatchNormalization" else None
+        fold = conv if conv is not None and _scalable(conv, constant) and conv.op_type == "Conv" and only(a.input[0]) \
+            else None
+        found.append({"a": a, "act": act, "b": b, "x": x, "y": y, "kind": kind, "fold": fold})
     return found
 
 
@@ -183,7 +186,8 @@ def equalize(src: Path, out: Path, calib: SampleSet) -> int:
 
     model = onnx.load(str(src))
     inits = {i.name for i in model.graph.initializer}
-    found = [p for p in pairs(model) if all(t in inits for n in (p["a"], p["b"]) for t in n.input[1:] if t)]
+    found = [p for p in pairs(model) if all(t in inits for n in (p["a"], p["b"], p["fold"]) if n is not None
+                                            for t in n.input[1:] if t)]
     if not found:
         onnx.save(model, str(out))
         return 0
@@ -193,6 +197,8 @@ def equalize(src: Path, out: Path, calib: SampleSet) -> int:
     for k, p in enumerate(found):
         s = scales(ranges[p["y"]], ranges[p["x"]])
         a, b = p["a"], p["b"]
+        if p["fold"] is not None:  # Conv -> BatchNormalization: the BN into the conv, the scale with it
+            a = _folded(graph, inits, p["fold"], a, tag=f"eq{k}")
         if a.op_type == "Conv":
             _scaled(graph, inits, a, 1, 1 / s, axis=0, tag=f"eq{k}")
             if len(a.input) > 2 and a.input[2]:
@@ -205,6 +211,36 @@ def equalize(src: Path, out: Path, calib: SampleSet) -> int:
             _scaled_gate(graph, p, s, k)
     onnx.save(model, str(out))
     return len(found)
+
+
+def _folded(graph, inits: dict, conv, bn, tag: str):
+    """``bn`` folded into ``conv`` (its weights and bias take the normalization), ``bn`` left as the identity (its
+    name and place kept, for the float layers and regions that name it): returns ``conv``. Scaling a BN's gamma
+    instead would spread it over 1000x, and a converter that keeps the BN unfused quantizes gamma per tensor."""
+    from onnx import numpy_helper
+
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    gamma, beta, mean, var = (numpy_helper.to_array(inits[t]).astype(np.float64) for t in bn.input[1:5])
+    k = gamma / np.sqrt(var + eps)
+    w = numpy_helper.to_array(inits[conv.input[1]])
+    bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
+        else np.zeros(w.shape[0])
+    _scaled(graph, inits, conv, 1, k.astype(np.float32), axis=0, tag=tag)
+    name = f"{conv.name or conv.output[0]}/{tag}/bias"
+    new_bias = numpy_helper.from_array(((bias - mean) * k + beta).astype(w.dtype), name)
+    graph.initializer.append(new_bias)
+    inits[name] = new_bias
+    if len(conv.input) > 2:
+        conv.input[2] = name
+    else:
+        conv.input.append(name)
+    c = w.shape[0]
+    for i, value in zip(range(1, 5), (np.ones(c), np.zeros(c), np.zeros(c), np.full(c, 1 - eps))):
+        ident = numpy_helper.from_array(value.astype(np.float32), f"{bn.input[i]}/{tag}/identity")
+        graph.initializer.append(ident)
+        inits[ident.name] = ident
+        bn.input[i] = ident.name
+    return conv
 
 
 def _scaled(graph, inits: dict, node, index: int, factor: np.ndarray, axis: int, tag: str) -> None:
