@@ -62,7 +62,10 @@ def _bisect(onnx_path, calib, select, reference, ranked, steps, judging, budget,
                 record["result"] = "plain INT8 passes the proxy: it cannot tell how many layers the backend needs in float"
                 return None, _done(record, t0)
             lo, hi = -1, len(steps) - 1  # steps[lo] fails (-1: zero layers), steps[hi] is the candidate
-            if time.monotonic() > deadline or loss(steps[hi]) > 0:
+            if time.monotonic() > deadline:  # not scored: no guidance (an unscored step is no miss)
+                record["result"] = f"time ran out before the proxy scored {steps[hi]} layers in float"
+                return None, _done(record, t0)
+            if loss(steps[hi]) > 0:
                 record["result"] = f"even {steps[hi]} layers in float miss the budget in the proxy"
                 record["all_miss"] = True
                 return None, _done(record, t0)
