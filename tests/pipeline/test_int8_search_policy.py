@@ -173,6 +173,9 @@ def test_the_fake_quant_proxy_finds_how_many_layers_must_stay_float(tmp_path):
     index, record = first_step(path, calib, select, reference, ranked, [1, 2, 3], judging, V.Budget(100.0, None, None, 0.0),
                                float("inf"))
     assert index is None and "cannot tell" in record["result"]
+    # the time limit passed before the most-float step was scored: no guidance, and no "every step misses"
+    index, record = first_step(path, calib, select, reference, ranked, [1, 2, 3], judging, budget, 0.0)
+    assert index is None and "time ran out" in record["result"] and not record.get("all_miss"), record
 
 
 def test_mixed_precision_starts_where_the_proxy_says(monkeypatch):
