@@ -384,7 +384,8 @@ def test_x86_float_island_finds_ops_openvino_renamed_and_changes_the_artifact(tm
     from edgebuild.pipeline.stages.export import file_hash
     from edgebuild.pipeline.stages.mixed_precision import _same_files
     from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
-    from edgebuild.targets.openvino import _int8_settings, _onnx_outputs, import_without_telemetry, resolve_float_scope
+    from edgebuild.targets.openvino import _int8_settings
+    from edgebuild.targets.openvino_nncf import _onnx_outputs, import_without_telemetry, resolve_float_scope
     from edgebuild.targets.profiles import catalogue
 
     path = _conv_bn_paddle_like(tmp_path)
