@@ -137,16 +137,17 @@ def test_the_proxy_quantizes_what_the_base_quantizes_and_its_all_miss_skips_mixe
     monkeypatch.setattr(M, "_layer_weights", lambda path: {n: 1 for n in ranked})
     asked, seen = [], {}
 
-    def first_step(*a, weighted_only=False):
-        seen["weighted_only"] = weighted_only
+    def first_step(*a, weighted_only=False, equalize=False):
+        seen["weighted_only"], seen["equalize"] = weighted_only, equalize
         return None, {"result": "even 4 layers in float miss the budget in the proxy", "all_miss": True}
 
     monkeypatch.setattr(proxy, "first_step", first_step)
     s.attempt = lambda label, precision, settings, fallback=False: asked.append(label)
     backend = SimpleNamespace(supports_float_layers=True)
     profile = SimpleNamespace(name="onnx-cpu", allow_float_layers=True, precisions=("int8", "fp16"))
-    assert M.mixed(ctx, backend, profile, s, OnnxSettings(float_regions=False, op_types="weighted")) is None
+    assert M.mixed(ctx, backend, profile, s, OnnxSettings(float_regions=False, op_types="weighted", equalize=True)) is None
     assert asked == [] and seen["weighted_only"] is True and "proxy" in s.record.mixed_skipped
+    assert seen["equalize"] is True  # an equalized base: the proxy equalizes too (targets/onnx/equalize.py)
 
 
 def test_fake_quant_of_weighted_layers_only_leaves_the_elementwise_ops_float(tmp_path):
