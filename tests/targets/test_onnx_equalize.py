@@ -184,5 +184,5 @@ def test_after_a_collapse_equalization_is_tried_as_a_recipe_of_its_own(settings_
     from edgebuild.targets import settings as S
 
     s = getattr(S, settings_type)()
-    variants = [("per-tensor weights", s.replace(per_channel=False)), ("equalized", s.replace(equalize=True))]
+    variants = [("float layers", s.replace(float_layers=("conv0",))), ("equalized", s.replace(equalize=True))]
     assert [label for label, _ in other_kinds(variants, s)] == ["equalized"]
