@@ -7,8 +7,9 @@ norm folded) then amplify. Cross-layer equalization (Nagel et al. 2019, "Data-Fr
 differences into the weights around the activation; a depthwise conv's channel is one output channel, so with
 per-channel weights the scale is absorbed in full on both sides and costs the weights nothing.
 
-For each ``A -> act -> B`` (``A`` a Conv or BatchNormalization with constant parameters, ``act`` a Relu or a
-HardSwish, ``B`` a depthwise Conv with constant weights, every tensor read by the next op only), channel ``c`` of
+For each ``A -> act -> B`` (``A`` a Conv or BatchNormalization with constant parameters, ``act`` a Relu, a HardSwish
+or nothing, optionally followed by a constant affine ``* a + b`` (PP-LCNetV3's learnable affine block, whose ``b``
+becomes ``b / s`` per channel), ``B`` a depthwise Conv with constant weights, every tensor read by the next op only), channel ``c`` of
 ``A`` is divided by ``s_c`` and ``B``'s channel ``c`` multiplied by it. Relu is positively homogeneous; HardSwish is
 not, so it is computed on the scaled tensor as ``hardswish(s * x') / s = x' * hardsigmoid(s * x')``: one Mul by the
 per-channel ``s`` before its gate (the decomposed form ``x * clip(x + 3, 0, 6) / 6`` gets the Mul before its Add, a
@@ -75,10 +76,18 @@ def pairs(model) -> list[dict]:
         last = producer.get(y)
         if last is None or not only(y):
             continue
-        chain = _activation(last, producer, consumers, scalar)
-        if chain is None:
-            continue
-        kind, act, x = chain
+        affine = _affine(last, producer, constant, only)  # PP-LCNetV3's learnable affine block: act * a + b
+        if affine:
+            last = producer.get(affine[0].input[0])
+            if last is None:
+                continue
+        if _scalable(last, constant):  # no activation (Conv -> BN -> depthwise): the identity
+            kind, act, x = "none", [], last.output[0]
+        else:
+            chain = _activation(last, producer, consumers, scalar)
+            if chain is None:
+                continue
+            kind, act, x = chain
         a = producer.get(x)
         readers = 2 if kind == "hardswish" else 1  # the decomposed forms read x twice (gate and product)
         if a is None or not only(x, readers) or not _scalable(a, constant):
@@ -86,8 +95,20 @@ def pairs(model) -> list[dict]:
         conv = producer.get(a.input[0]) if a.op_type == "BatchNormalization" else None
         fold = conv if conv is not None and _scalable(conv, constant) and conv.op_type == "Conv" and only(a.input[0]) \
             else None
-        found.append({"a": a, "act": act, "b": b, "x": x, "y": y, "kind": kind, "fold": fold})
+        found.append({"a": a, "act": act, "b": b, "x": x, "y": y, "kind": kind, "fold": fold, "affine": affine})
     return found
+
+
+def _affine(last, producer, constant: set[str], only) -> list:
+    """[Mul, Add] when ``last`` is ``Add(Mul(h, a), b)`` with constant ``a`` and ``b`` (one value or one per channel)
+    and ``h`` read by the Mul only, else []."""
+    if last.op_type != "Add" or len(last.input) != 2 or last.input[1] not in constant:
+        return []
+    mul = producer.get(last.input[0])
+    if mul is None or mul.op_type != "Mul" or len(mul.input) != 2 or mul.input[1] not in constant \
+            or not only(mul.output[0]) or not only(mul.input[0]):
+        return []
+    return [mul, last]
 
 
 def _activation(last, producer, consumers, scalar):
@@ -186,12 +207,12 @@ def equalize(src: Path, out: Path, calib: SampleSet) -> int:
 
     model = onnx.load(str(src))
     inits = {i.name for i in model.graph.initializer}
-    found = [p for p in pairs(model) if all(t in inits for n in (p["a"], p["b"], p["fold"]) if n is not None
-                                            for t in n.input[1:] if t)]
+    found = [p for p in pairs(model) if all(t in inits for n in (p["a"], p["b"], p["fold"], *p["affine"])
+                                            if n is not None for t in n.input[1:] if t)]
     if not found:
         onnx.save(model, str(out))
         return 0
-    ranges = channel_ranges(src, [t for p in found for t in (p["x"], p["y"])], calib)
+    ranges = channel_ranges(src, sorted({t for p in found for t in (p["x"], p["y"])}), calib)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     for k, p in enumerate(found):
@@ -207,8 +228,10 @@ def equalize(src: Path, out: Path, calib: SampleSet) -> int:
             _scaled(graph, inits, a, 1, 1 / s, axis=0, tag=f"eq{k}")
             _scaled(graph, inits, a, 2, 1 / s, axis=0, tag=f"eq{k}")
         _scaled(graph, inits, b, 1, s, axis=0, tag=f"eq{k}")
-        if p["kind"] != "relu":
+        if p["kind"] not in ("relu", "none"):
             _scaled_gate(graph, p, s, k)
+        if p["affine"]:  # act * a + b on the scaled tensor: b / s per channel (a commutes with the scale)
+            _per_channel_shift(graph, inits, p["affine"][1], s, _rank(graph, p["y"]), tag=f"eq{k}")
     onnx.save(model, str(out))
     return len(found)
 
@@ -241,6 +264,19 @@ def _folded(graph, inits: dict, conv, bn, tag: str):
         inits[ident.name] = ident
         bn.input[i] = ident.name
     return conv
+
+
+def _per_channel_shift(graph, inits: dict, add, s: np.ndarray, rank: int, tag: str) -> None:
+    """``add``'s constant ``b`` (one value or one per channel) as ``b / s`` per channel, shaped [1, C, 1, ...]."""
+    from onnx import numpy_helper
+
+    b = numpy_helper.to_array(inits[add.input[1]]).reshape(-1)
+    values = (np.full(s.shape, b[0]) if b.size == 1 else b) / s
+    name = f"{add.input[1]}/{tag}"
+    new = numpy_helper.from_array(values.astype(np.float32).reshape([1, -1] + [1] * max(0, rank - 2)), name)
+    graph.initializer.append(new)
+    inits[name] = new
+    add.input[1] = name
 
 
 def _scaled(graph, inits: dict, node, index: int, factor: np.ndarray, axis: int, tag: str) -> None:

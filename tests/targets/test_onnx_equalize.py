@@ -186,3 +186,41 @@ def test_after_a_collapse_equalization_is_tried_as_a_recipe_of_its_own(settings_
     s = getattr(S, settings_type)()
     variants = [("float layers", s.replace(float_layers=("conv0",))), ("equalized", s.replace(equalize=True))]
     assert [label for label, _ in other_kinds(variants, s)] == ["equalized"]
+
+
+def test_an_affine_block_after_the_activation_and_a_chain_without_one(tmp_path):
+    """PP-LCNetV3's learnable affine block (``act * a + b`` with scalar a, b) between the activation and the depthwise
+    conv: ``b`` becomes ``b / s`` per channel; and a Conv -> BN -> depthwise chain with no activation (its first one)."""
+    from edgebuild.targets.onnx.equalize import equalizable, equalize
+
+    rng = np.random.default_rng(0)
+    spread = np.geomspace(0.01, 20, C).astype(np.float32)
+    inits = [nh.from_array((rng.normal(0, 1, (C, 3, 1, 1)) * spread[:, None, None, None]).astype(np.float32), "w0"),
+             nh.from_array(np.float32(0.7), "la"), nh.from_array(np.float32(0.3), "lb"),
+             nh.from_array((rng.normal(0, 1, (C, 1, 3, 3)) / spread[:, None, None, None]).astype(np.float32), "dw0"),
+             nh.from_array((rng.normal(0, 1, (C, C, 1, 1)) * spread[:, None, None, None]).astype(np.float32), "w1"),
+             *(nh.from_array(v.astype(np.float32), n) for n, v in
+               (("g", np.ones(C)), ("be", 0.1 * spread), ("mu", np.zeros(C)), ("var", np.ones(C)))),
+             nh.from_array((rng.normal(0, 1, (C, 1, 3, 3)) / spread[:, None, None, None]).astype(np.float32), "dw1")]
+    nodes = [h.make_node("Conv", ["input", "w0"], ["x0"], name="conv0"), h.make_node("Relu", ["x0"], ["r0"], name="relu0"),
+             h.make_node("Mul", ["r0", "la"], ["m0"], name="lab/mul"), h.make_node("Add", ["m0", "lb"], ["y0"], name="lab/add"),
+             h.make_node("Conv", ["y0", "dw0"], ["d0"], name="dw0", group=C, pads=[1] * 4),
+             h.make_node("Conv", ["d0", "w1"], ["c1"], name="conv1"),
+             h.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["y1"], name="bn1"),
+             h.make_node("Conv", ["y1", "dw1"], ["out"], name="dw1", group=C, pads=[1] * 4)]
+    graph = h.make_graph(nodes, "affine", [h.make_tensor_value_info("input", T.FLOAT, [1, 3, 8, 8])],
+                         [h.make_tensor_value_info("out", T.FLOAT, [1, C, 8, 8])], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(src))
+    assert equalizable(src) == 2
+    assert equalize(src, tmp_path / "e.onnx", _calib()) == 2
+    feeds = list(_calib(8, seed=2).feeds())
+    for y in ("y0", "y1", "out"):
+        before, = _run(src, [y], feeds)
+        after, = _run(tmp_path / "e.onnx", [y], feeds)
+        if y == "out":
+            np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5 * np.abs(before).max())
+        else:  # the depthwise inputs: rescaled, their channel ranges within 20x of each other
+            new = np.abs(after).max(axis=(0, 2, 3))
+            assert np.abs(before).max(axis=(0, 2, 3)).max() / np.abs(before).max(axis=(0, 2, 3)).min() > 100
+            assert new.max() / new.min() < 20, (y, new)
