@@ -78,7 +78,7 @@ def pairs(model) -> list[dict]:
             continue
         affine = _affine(last, producer, constant, only)  # PP-LCNetV3's learnable affine block: act * a + b
         if affine:
-            last = producer.get(affine[0].input[0])
+            last = producer.get(_data_input(affine[0], constant))
             if last is None:
                 continue
         if _scalable(last, constant):  # no activation (Conv -> BN -> depthwise): the identity
@@ -90,25 +90,40 @@ def pairs(model) -> list[dict]:
             kind, act, x = chain
         a = producer.get(x)
         readers = 2 if kind == "hardswish" else 1  # the decomposed forms read x twice (gate and product)
-        if a is None or not only(x, readers) or not _scalable(a, constant):
+        if a is None or not only(x, readers):
+            continue
+        before = [] if _scalable(a, constant) or kind == "none" else _affine(a, producer, constant, only)
+        if before:  # ... and one before it: x = conv * a + b
+            a = producer.get(_data_input(before[0], constant))
+        if a is None or not _scalable(a, constant):
             continue
         conv = producer.get(a.input[0]) if a.op_type == "BatchNormalization" else None
         fold = conv if conv is not None and _scalable(conv, constant) and conv.op_type == "Conv" and only(a.input[0]) \
             else None
-        found.append({"a": a, "act": act, "b": b, "x": x, "y": y, "kind": kind, "fold": fold, "affine": affine})
+        found.append({"a": a, "act": act, "b": b, "x": x, "y": y, "kind": kind, "fold": fold,
+                      "affine": affine + before})
     return found
 
 
 def _affine(last, producer, constant: set[str], only) -> list:
-    """[Mul, Add] when ``last`` is ``Add(Mul(h, a), b)`` with constant ``a`` and ``b`` (one value or one per channel)
-    and ``h`` read by the Mul only, else []."""
-    if last.op_type != "Add" or len(last.input) != 2 or last.input[1] not in constant:
-        return []
-    mul = producer.get(last.input[0])
-    if mul is None or mul.op_type != "Mul" or len(mul.input) != 2 or mul.input[1] not in constant \
-            or not only(mul.output[0]) or not only(mul.input[0]):
-        return []
-    return [mul, last]
+    """[Mul, Add] when ``last`` is ``Add(Mul(h, a), b)`` (either operand order) with constant ``a`` and ``b`` (one
+    value or one per channel) and ``h`` read by the Mul only, else []."""
+    data = _one_constant(last, "Add", constant)
+    mul = producer.get(data) if data else None
+    h = _one_constant(mul, "Mul", constant) if mul is not None else None
+    return [mul, last] if h and only(mul.output[0]) and only(h) else []
+
+
+def _one_constant(node, op_type: str, constant: set[str]) -> str | None:
+    """The other input of a two-input ``op_type`` node one of whose inputs is constant, else None."""
+    if node is None or node.op_type != op_type or len(node.input) != 2:
+        return None
+    first, second = (t in constant for t in node.input)
+    return node.input[0] if second and not first else node.input[1] if first and not second else None
+
+
+def _data_input(node, constant: set[str]) -> str:
+    return next(t for t in node.input if t not in constant)
 
 
 def _activation(last, producer, consumers, scalar):
@@ -207,8 +222,8 @@ def equalize(src: Path, out: Path, calib: SampleSet) -> int:
 
     model = onnx.load(str(src))
     inits = {i.name for i in model.graph.initializer}
-    found = [p for p in pairs(model) if all(t in inits for n in (p["a"], p["b"], p["fold"], *p["affine"])
-                                            if n is not None for t in n.input[1:] if t)]
+    found = [p for p in pairs(model) if all(t in inits for n in (p["a"], p["b"], p["fold"]) if n is not None
+                                            for t in n.input[1:] if t) and all(set(n.input) & inits for n in p["affine"])]
     if not found:
         onnx.save(model, str(out))
         return 0
@@ -230,8 +245,8 @@ def equalize(src: Path, out: Path, calib: SampleSet) -> int:
         _scaled(graph, inits, b, 1, s, axis=0, tag=f"eq{k}")
         if p["kind"] not in ("relu", "none"):
             _scaled_gate(graph, p, s, k)
-        if p["affine"]:  # act * a + b on the scaled tensor: b / s per channel (a commutes with the scale)
-            _per_channel_shift(graph, inits, p["affine"][1], s, _rank(graph, p["y"]), tag=f"eq{k}")
+        for add in p["affine"][1::2]:  # x * a + b on a scaled tensor: b / s per channel (a commutes with the scale)
+            _per_channel_shift(graph, inits, add, s, _rank(graph, p["y"]), tag=f"eq{k}")
     onnx.save(model, str(out))
     return len(found)
 
@@ -270,13 +285,14 @@ def _per_channel_shift(graph, inits: dict, add, s: np.ndarray, rank: int, tag: s
     """``add``'s constant ``b`` (one value or one per channel) as ``b / s`` per channel, shaped [1, C, 1, ...]."""
     from onnx import numpy_helper
 
-    b = numpy_helper.to_array(inits[add.input[1]]).reshape(-1)
+    index = 0 if add.input[0] in inits else 1
+    b = numpy_helper.to_array(inits[add.input[index]]).reshape(-1)
     values = (np.full(s.shape, b[0]) if b.size == 1 else b) / s
-    name = f"{add.input[1]}/{tag}"
+    name = f"{add.input[index]}/{tag}"
     new = numpy_helper.from_array(values.astype(np.float32).reshape([1, -1] + [1] * max(0, rank - 2)), name)
     graph.initializer.append(new)
     inits[name] = new
-    add.input[1] = name
+    add.input[index] = name
 
 
 def _scaled(graph, inits: dict, node, index: int, factor: np.ndarray, axis: int, tag: str) -> None:
