@@ -189,7 +189,7 @@ def test_after_a_collapse_equalization_is_tried_as_a_recipe_of_its_own(settings_
 
 
 def test_an_affine_block_after_the_activation_and_a_chain_without_one(tmp_path):
-    """PP-LCNetV3's learnable affine block (``act * a + b`` with scalar a, b) between the activation and the depthwise
+    """PP-LCNetV3's learnable affine block (``a * act + b`` with scalar a, b; the constant first, as PaddlePaddle exports it) between the activation and the depthwise
     conv: ``b`` becomes ``b / s`` per channel; and a Conv -> BN -> depthwise chain with no activation (its first one)."""
     from edgebuild.targets.onnx.equalize import equalizable, equalize
 
@@ -203,7 +203,7 @@ def test_an_affine_block_after_the_activation_and_a_chain_without_one(tmp_path):
                (("g", np.ones(C)), ("be", 0.1 * spread), ("mu", np.zeros(C)), ("var", np.ones(C)))),
              nh.from_array((rng.normal(0, 1, (C, 1, 3, 3)) / spread[:, None, None, None]).astype(np.float32), "dw1")]
     nodes = [h.make_node("Conv", ["input", "w0"], ["x0"], name="conv0"), h.make_node("Relu", ["x0"], ["r0"], name="relu0"),
-             h.make_node("Mul", ["r0", "la"], ["m0"], name="lab/mul"), h.make_node("Add", ["m0", "lb"], ["y0"], name="lab/add"),
+             h.make_node("Mul", ["la", "r0"], ["m0"], name="lab/mul"), h.make_node("Add", ["m0", "lb"], ["y0"], name="lab/add"),
              h.make_node("Conv", ["y0", "dw0"], ["d0"], name="dw0", group=C, pads=[1] * 4),
              h.make_node("Conv", ["d0", "w1"], ["c1"], name="conv1"),
              h.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["y1"], name="bn1"),
