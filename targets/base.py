@@ -261,10 +261,11 @@ class Backend:
         """A runner of an unconverted FP32 ONNX model (the reference backend's: the build's reference)."""
         raise NotImplementedError(f"the {self.name} backend does not run ONNX sources")
 
-    def fake_quant(self, onnx_path: Path, calib: "SampleSet", workdir: Path) -> Any:
+    def fake_quant(self, onnx_path: Path, calib: "SampleSet", workdir: Path, equalize: bool = False) -> Any:
         """A context manager whose ``runner(layers)`` runs the FP32 ONNX model with only ``layers`` quantized (and
         ``runner_except(layers)`` with every node but them; the
-        reference backend's: layer sensitivity, pipeline/stages/sensitivity.py)."""
+        reference backend's: layer sensitivity, pipeline/stages/sensitivity.py). ``equalize``: on the graph with its
+        depthwise chains equalized first, as a conversion with ``equalize`` quantizes it (the mixed-precision proxy)."""
         raise NotImplementedError(f"the {self.name} backend has no fake-quant reference")
 
     # ---- accuracy search hooks (pipeline/stages/search.py, search_state.py, mixed_precision.py) ------
@@ -386,6 +387,6 @@ def reference_runner(onnx_path: Path, threads: int) -> Runner:
     return get_backend(REFERENCE_BACKEND).source_runner(Path(onnx_path), threads)
 
 
-def fake_quant(onnx_path: Path, calib: "SampleSet", workdir: Path) -> Any:
+def fake_quant(onnx_path: Path, calib: "SampleSet", workdir: Path, equalize: bool = False) -> Any:
     """The reference backend's fake-quant helper (``Backend.fake_quant``): layer sensitivity's yardstick."""
-    return get_backend(REFERENCE_BACKEND).fake_quant(Path(onnx_path), calib, Path(workdir))
+    return get_backend(REFERENCE_BACKEND).fake_quant(Path(onnx_path), calib, Path(workdir), equalize=equalize)

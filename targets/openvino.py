@@ -30,7 +30,7 @@ from edgebuild.errors import BadInputError, ConversionError, EdgeBuildError, Mis
 from edgebuild.procs import tempdir
 from edgebuild.targets.base import Artifact, Backend, BackendInfo, ExportedModel, Runner, register, replace_file, stem
 from edgebuild.targets.onnx.equalize import equalization_candidate
-from edgebuild.targets.openvino_nncf import _onnx_outputs, _quantize, import_without_telemetry
+from edgebuild.targets.openvino_nncf import import_without_telemetry, onnx_outputs, quantize
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import OpenVinoSettings, Precision, Settings
 
@@ -182,8 +182,8 @@ def _convert_job(job: dict) -> tuple[dict, dict, list[str]]:
         if precision == "int8":
             converted = {op.get_friendly_name() for op in ov_model.get_ops()}
             set_phase("nncf.quantize")
-            ov_model, applied, quantized = _quantize(ov_model, samples_from_disk(job["samples"]), settings, target,
-                                                     _onnx_outputs(source), source)
+            ov_model, applied, quantized = quantize(ov_model, samples_from_disk(job["samples"]), settings, target,
+                                                     onnx_outputs(source), source)
             notes += quantized
             stable_names(ov_model, converted)
         else:

@@ -30,7 +30,7 @@ def _ops_named(op_names: list[str], name: str) -> list[str]:
 FOLDED_INTO = ("BatchNormalization", "Add", "Mul", "Sub", "Div")  # what OpenVINO folds into a Conv/MatMul before it
 
 
-def _onnx_outputs(path: str) -> dict[str, list[str]]:
+def onnx_outputs(path: str) -> dict[str, list[str]]:
     """ONNX node name -> the tensor names OpenVINO may know its operation by: its outputs, and the outputs of the one
     op that consumes it when OpenVINO folds that op into it (a Conv + BatchNormalization becomes a Convolution named
     ``Multiply_7837``, with no trace of the ONNX name; PaddlePaddle's PP-OCR graphs are all Conv + BN)."""
@@ -101,7 +101,7 @@ def resolve_float_scope(ov_model, s: dict, target: str,
     return {"names": sorted(set(names)), "types": sorted(set(types)), "patterns": list(scope["patterns"])}, notes
 
 
-def _quantize(ov_model, calib: SampleSet, s: dict, target: str, onnx_outputs: dict | None = None,
+def quantize(ov_model, calib: SampleSet, s: dict, target: str, onnx_outputs: dict | None = None,
               onnx_path: str | None = None):
     """NNCF post-training quantization; returns (model, what was applied, notes)."""
     nncf = import_without_telemetry("nncf")

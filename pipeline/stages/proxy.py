@@ -31,25 +31,15 @@ def first_step(onnx_path, calib, select, reference, ranked: list[str], steps: li
     (Conv/Gemm/MatMul...) are quantized, as in a conversion with ``op_types: weighted``; ``equalize``: the graph is
     equalized first, as in a conversion with ``equalize`` (targets/onnx/equalize.py; node names are kept)."""
     from edgebuild.procs import tempdir
+    from edgebuild.targets.base import fake_quant
 
     record: dict = {"method": f"ONNX Runtime fake quantization of every {'weighted ' if weighted_only else ''}node but "
                               "the float layers, on evaluation[select]", "scores": {}}
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="edgebuild-proxy-", dir=tempdir()) as tmp:
-        if equalize:  # the base the float layers are added to rescales its depthwise chains: so does the proxy
-            from edgebuild.targets.onnx.equalize import equalized_source
-
-            onnx_path, note = equalized_source(onnx_path, calib, Path(tmp))
-            record["method"] += f" ({note})"
-        return _bisect(onnx_path, calib, select, reference, ranked, steps, judging, budget, deadline, weighted_only,
-                       record, t0, Path(tmp))
-
-
-def _bisect(onnx_path, calib, select, reference, ranked, steps, judging, budget, deadline, weighted_only, record, t0,
-            tmp: Path) -> tuple[int | None, dict]:
-    from edgebuild.targets.base import fake_quant
-
-    with fake_quant(onnx_path, at_most(calib, PROXY_CALIB_SAMPLES), tmp) as fq:
+    if equalize:  # the base the float layers are added to rescales its depthwise chains: so does the proxy
+        record["method"] += " (the graph's depthwise chains equalized, as its base quantizes it)"
+    with tempfile.TemporaryDirectory(prefix="edgebuild-proxy-", dir=tempdir()) as tmp, \
+            fake_quant(onnx_path, at_most(calib, PROXY_CALIB_SAMPLES), Path(tmp), equalize=equalize) as fq:
         def loss(k: int) -> float:
             with fq.runner_except(ranked[:k], weighted_only=weighted_only) as runner:
                 metrics = V.compare(reference, V.collect(runner, select), select.labels, judging)

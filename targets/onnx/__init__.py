@@ -141,7 +141,11 @@ class OnnxBackend(Backend):
     def source_runner(self, onnx_path: Path, threads: int) -> Runner:
         return OrtRunner(Path(onnx_path), threads)
 
-    def fake_quant(self, onnx_path: Path, calib: SampleSet, workdir: Path) -> "FakeQuant":
+    def fake_quant(self, onnx_path: Path, calib: SampleSet, workdir: Path, equalize: bool = False) -> "FakeQuant":
+        if equalize:  # as a base with ``equalize`` quantizes the graph (targets/onnx/equalize.py; node names kept)
+            from edgebuild.targets.onnx.equalize import equalized_source
+
+            onnx_path, _ = equalized_source(onnx_path, calib, workdir)
         return FakeQuant(onnx_path, calib, workdir)
 
     def embed_metadata(self, path: Path, meta: dict[str, str]) -> str | None:

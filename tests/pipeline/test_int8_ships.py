@@ -385,7 +385,7 @@ def test_x86_float_island_finds_ops_openvino_renamed_and_changes_the_artifact(tm
     from edgebuild.pipeline.stages.mixed_precision import _same_files
     from edgebuild.targets.base import ExportedModel, TensorInfo, get_backend
     from edgebuild.targets.openvino import _int8_settings
-    from edgebuild.targets.openvino_nncf import _onnx_outputs, import_without_telemetry, resolve_float_scope
+    from edgebuild.targets.openvino_nncf import import_without_telemetry, onnx_outputs, resolve_float_scope
     from edgebuild.targets.profiles import catalogue
 
     path = _conv_bn_paddle_like(tmp_path)
@@ -393,7 +393,7 @@ def test_x86_float_island_finds_ops_openvino_renamed_and_changes_the_artifact(tm
     model = ov.convert_model(str(path))
     assert "Conv@0" not in {op.get_friendly_name() for op in model.get_ops()}  # the ONNX name is gone
     scope, notes = resolve_float_scope(model, _int8_settings({"float_layers": ["Conv@0"]}, "x86"), "x86",
-                                       _onnx_outputs(str(path)))
+                                       onnx_outputs(str(path)))
     conv = {op.get_friendly_name(): op.get_type_name() for op in model.get_ops()}
     assert any(conv.get(n) == "Convolution" for n in scope["names"]) and not notes
     x = np.random.default_rng(1).normal(0, 1, (16, 1, 3, 8, 8)).astype(np.float32)
