@@ -76,7 +76,8 @@ def pairs(model) -> list[dict]:
         last = producer.get(y)
         if last is None or not only(y):
             continue
-        affine = _affine(last, producer, constant, only)  # PP-LCNetV3's learnable affine block: act * a + b
+        shifts = {t for t, dims in channels.items() if int(np.prod(dims)) in (1, group)}  # a b that b / s can be
+        affine = _affine(last, producer, constant, only, shifts)  # PP-LCNetV3's learnable affine block: act * a + b
         if affine:
             last = producer.get(_data_input(affine[0], constant))
             if last is None:
@@ -92,7 +93,7 @@ def pairs(model) -> list[dict]:
         readers = 2 if kind == "hardswish" else 1  # the decomposed forms read x twice (gate and product)
         if a is None or not only(x, readers):
             continue
-        before = [] if _scalable(a, constant) or kind == "none" else _affine(a, producer, constant, only)
+        before = [] if _scalable(a, constant) or kind == "none" else _affine(a, producer, constant, only, shifts)
         if before:  # ... and one before it: x = conv * a + b
             a = producer.get(_data_input(before[0], constant))
         if a is None or not _scalable(a, constant):
@@ -105,10 +106,12 @@ def pairs(model) -> list[dict]:
     return found
 
 
-def _affine(last, producer, constant: set[str], only) -> list:
-    """[Mul, Add] when ``last`` is ``Add(Mul(h, a), b)`` (either operand order) with constant ``a`` and ``b`` (one
-    value or one per channel) and ``h`` read by the Mul only, else []."""
+def _affine(last, producer, constant: set[str], only, shifts: set[str]) -> list:
+    """[Mul, Add] when ``last`` is ``Add(Mul(h, a), b)`` (either operand order) with constant ``a`` and ``b`` (``b`` in
+    ``shifts``: one value or one per channel) and ``h`` read by the Mul only, else []."""
     data = _one_constant(last, "Add", constant)
+    if data is not None and not set(last.input) - {data} <= shifts:
+        return []
     mul = producer.get(data) if data else None
     h = _one_constant(mul, "Mul", constant) if mul is not None else None
     return [mul, last] if h and only(mul.output[0]) and only(h) else []
