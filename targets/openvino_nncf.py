@@ -66,6 +66,23 @@ def _op_by_tensor(ov_model, tensors: list[str]) -> list[str]:
     return sorted(set(found))
 
 
+RECURRENT_OV = ("LSTMSequence", "GRUSequence", "RNNSequence")
+RESHAPING = ("Reshape", "Squeeze", "Unsqueeze", "Transpose")
+
+
+def _layer_behind(op) -> str | None:
+    """The recurrent operation whose output ``op`` reshapes: OpenVINO names an ONNX LSTM's last op (the Reshape of
+    Y to ONNX's layout) after the ONNX node and the LSTMSequence itself ``LSTMSequence_76``, so ignoring the name
+    alone left the LSTM's input quantized."""
+    for _ in range(3):
+        if op is None or op.get_type_name() not in RESHAPING or op.get_input_size() == 0:
+            return None
+        op = op.input_value(0).get_node()
+        if op.get_type_name() in RECURRENT_OV:
+            return op.get_friendly_name()
+    return None
+
+
 def resolve_float_scope(ov_model, s: dict, target: str,
                         onnx_outputs: dict[str, list[str]] | None = None) -> tuple[dict, list[str]]:
     """The NNCF ignored scope (OpenVINO names and types) for ``ignored_scope`` and ``float_layers``.
@@ -91,10 +108,12 @@ def resolve_float_scope(ov_model, s: dict, target: str,
     if missing:
         raise ConversionError(f"{target}: ignored_scope entries not in the model: {', '.join(missing)} "
                               f"(operations include {', '.join(op_names[:6])}, ...)")
+    by_name = {op.get_friendly_name(): op for op in ops}
     for n in s["float_layers"]:
         hits = _ops_named(op_names, n)
         if not hits and onnx_outputs:  # OpenVINO renamed it (a folded BatchNormalization): find it by its tensors
             hits = _op_by_tensor(ov_model, onnx_outputs.get(n, []))
+        hits += [w for h in hits if (w := _layer_behind(by_name.get(h))) is not None]
         names += hits
         if not hits:
             notes.append(f"float layer {n} has no OpenVINO operation of that name (fused by the converter); skipped")

@@ -246,6 +246,9 @@ class OnnxSettings(Settings):
     # conv -> Relu/HardSwish -> depthwise conv chains rescaled per channel before quantizing (exact in float; evens out
     # the activations' channel ranges: targets/onnx/equalize.py); static INT8 only
     equalize: bool = flag(False)
+    # the weights of the layers left float stored int8 per channel (DequantizeLinear in front; their activations float)
+    # where the outputs keep 35 dB against float weights (targets/onnx/weight_only.py)
+    weight_only: bool = flag(True)
 
     def kind(self) -> str:
         return self.activations + _equalized(self)
@@ -256,6 +259,8 @@ class TensorRTSettings(OnnxSettings):
     """The QDQ options of the explicit-quantization ONNX TensorRT builds from (the onnx backend's, same defaults)."""
 
     backend = "tensorrt"
+
+    weight_only: bool = flag(False)  # TensorRT builds its INT8 layers from Q/DQ pairs: a lone weight DQ is no INT8 layer
 
 
 def _check_scope(value):
@@ -296,6 +301,9 @@ class OpenVinoSettings(Settings):
     # conv -> Relu/HardSwish -> depthwise conv chains rescaled per channel in the ONNX model before the IR (exact in
     # float: targets/onnx/equalize.py)
     equalize: bool = flag(False)
+    # the float operations' weights stored int8 (weight decompression) where the outputs keep 35 dB against float
+    # weights (targets/openvino_weight_only.py)
+    weight_only: bool = flag(True)
 
     def to_dict(self) -> dict:
         d = super().to_dict()

@@ -8,6 +8,7 @@ from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import ConversionError
 from edgebuild.targets.onnx.dynamic import quantize_dynamic_all, quantize_int8_dynamic, quantize_recurrent
 from edgebuild.targets.onnx.static import quantize_qdq
+from edgebuild.targets.onnx.weight_only import int8_weights
 
 
 def quantize_isolated(src: Path, out: Path, calib: SampleSet, settings: dict, workdir: Path, precision: str,
@@ -20,7 +21,8 @@ def quantize_isolated(src: Path, out: Path, calib: SampleSet, settings: dict, wo
     job = {"src": str(src), "out": str(out), "settings": settings, "workdir": str(workdir), "precision": precision,
            "target": target, "ranges_store": str(ranges_store) if ranges_store else None}
     static = precision == "int8" and settings.get("activations") != "dynamic"
-    return run_with_samples(_quantize_job, job, calib if static else None,
+    samples = static or (precision == "int8" and settings.get("weight_only", False))  # the weight-only check's
+    return run_with_samples(_quantize_job, job, calib if samples else None,
                             what=f"{target}: ONNX {precision} conversion failed", name="convert:onnx")
 
 
@@ -35,13 +37,15 @@ def _quantize_job(job: dict) -> list[str]:
         return []
     if job["settings"].get("activations") == "dynamic":
         notes = quantize_int8_dynamic(src, out, job["settings"], workdir)
-        _check_quantized(out, job["target"])
-        return notes
-    store = Path(job["ranges_store"]) if job.get("ranges_store") else None
-    notes = quantize_qdq(src, out, samples_from_disk(job["samples"]), job["settings"], workdir, ranges_store=store)
-    if job["settings"].get("quantize_recurrent", True):
-        notes += quantize_recurrent(out, job["settings"], workdir)
+    else:
+        store = Path(job["ranges_store"]) if job.get("ranges_store") else None
+        notes = quantize_qdq(src, out, samples_from_disk(job["samples"]), job["settings"], workdir, ranges_store=store)
+        if job["settings"].get("quantize_recurrent", True):
+            notes += quantize_recurrent(out, job["settings"], workdir)
     _check_quantized(out, job["target"])
+    if job["settings"].get("weight_only", False):  # the float layers' weights int8 where it costs nothing
+        set_phase("weight-only INT8 of the float layers")
+        notes += int8_weights(out, out, samples_from_disk(job["samples"]), workdir, source=src)
     return notes
 
 

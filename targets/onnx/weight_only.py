@@ -1,0 +1,138 @@
+"""Weight-only INT8 for the layers an INT8 artifact keeps in float.
+
+A layer left float — by the accuracy search (``float_layers``), a float region (a signal-processing front-end, the
+post-processing tail), a first LSTM whose input cannot be quantized — keeps float *activations* because 8-bit
+activations lose the task there. Its weights need not be float: stored int8 per output channel with a
+DequantizeLinear in front, the layer still computes in float, and the file holds int8 weights (a 3-layer LSTM
+encoder with its first LSTM float: 76 % -> 100 % of the weights INT8, output cosine unchanged).
+
+Taken only where it costs nothing measurable (targets/weight_only.py ``Check``, on up to ``CHECK_SAMPLES``
+calibration samples); else a part of the weights (``choose``). The build's gate then judges the artifact as always.
+Setting ``quant.weight_only`` (default on; TensorRT, which builds from Q/DQ pairs, off).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgebuild.calibration.dataset import SampleSet
+from edgebuild.targets.weight_only import MAX_LOSS_DB, MIN_ELEMENTS, Check, choose, quantized, weight_only_note
+
+# op type -> (weight input index, the output-channel axis of that weight); MatMul's B is [K, N]: channels are N
+_WEIGHTS = {"Conv": ((1, 0),), "ConvTranspose": ((1, 1),), "MatMul": ((1, -1),), "LSTM": ((1, 1), (2, 1)),
+            "GRU": ((1, 1), (2, 1)), "RNN": ((1, 1), (2, 1))}
+
+
+def float_weights(graph) -> list[tuple[object, int, int]]:
+    """(node, weight input index, channel axis) for each weight of ``graph`` that is a float initializer read by a
+    layer directly (not through a DequantizeLinear: the quantized layers' weights)."""
+    inits = {i.name: i for i in graph.initializer if i.name not in {x.name for x in graph.input}}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
+    out = []
+    for n in graph.node:
+        spec = _WEIGHTS.get(n.op_type, ())
+        if n.op_type == "Gemm":
+            trans_b = any(a.name == "transB" and a.i for a in n.attribute)
+            spec = ((1, 0 if trans_b else 1),)
+        for i, axis in spec:
+            t = inits.get(n.input[i]) if i < len(n.input) else None
+            if t is None or t.data_type != 1 or int(np.prod(t.dims)) < MIN_ELEMENTS or readers[t.name] != 1:
+                continue
+            out.append((n, i, axis % len(t.dims)))
+    return out
+
+
+def int8_weights(path: Path, out: Path, calib: SampleSet, workdir: Path, source: Path | None = None) -> list[str]:
+    """``path`` with its float layers' weights int8 (DequantizeLinear in front) into ``out`` where that costs nothing
+    measurable (``costless``); the notes. ``out`` is not written when no weight is taken. ``source``: the FP32 model
+    the artifact was made from (the loss is measured against it)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    found = float_weights(model.graph)
+    if not found or opset < 13:  # DequantizeLinear per channel (axis) is opset 13
+        return []
+    found.sort(key=lambda c: _error(model.graph, *c))
+    feeds = _feeds(calib)
+    check = Check(_run(model, feeds, workdir), _run(onnx.load(str(source)), feeds, workdir) if source else None)
+
+    def trial(chosen):
+        m = onnx.load(str(path))
+        _replace(m.graph, [(n.name, i, axis) for n, i, axis in chosen])
+        return m, check.judge(_run(m, feeds, workdir))
+
+    taken = choose(found, lambda chosen: trial(chosen)[1])
+    if not taken:
+        return [f"weight-only INT8 not taken: the float layers' weights in int8 cost more than {MAX_LOSS_DB:g} dB of the "
+                f"artifact's output SQNR"]
+    m, verdict = trial(taken)
+    onnx.save(m, str(out))
+    total = sum(int(np.prod(_init(model.graph, n.input[i]).dims)) for n, i, _ in taken)
+    return [weight_only_note(len(taken), len(found), total, verdict)]
+
+
+def _init(graph, name: str):
+    return next(i for i in graph.initializer if i.name == name)
+
+
+def _error(graph, node, i: int, axis: int) -> float:
+    """The weight's relative int8 rounding error (norm of the error / norm of the weight)."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(_init(graph, node.input[i])).astype(np.float32)
+    q, scale = quantized(w, axis)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    err = np.linalg.norm(q * scale.reshape(shape) - w) / max(float(np.linalg.norm(w)), 1e-30)
+    return float(err)
+
+
+def _replace(graph, weights: list[tuple[str, int, int]]) -> None:
+    from onnx import helper, numpy_helper
+
+    nodes = {n.name: n for n in graph.node}
+    inits = {i.name: i for i in graph.initializer}
+    for k, (name, i, axis) in enumerate(weights):
+        node = nodes[name]
+        old = inits[node.input[i]]
+        q, scale = quantized(numpy_helper.to_array(old).astype(np.float32), axis)
+        base = f"{old.name}_w8"
+        graph.initializer.remove(old)
+        graph.initializer.extend([numpy_helper.from_array(q, base + "_q"), numpy_helper.from_array(scale, base + "_scale"),
+                                  numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + "_zero")])
+        at = list(graph.node).index(node)
+        graph.node.insert(at, helper.make_node("DequantizeLinear", [base + "_q", base + "_scale", base + "_zero"],
+                                               [old.name], name=f"{base}_dq", axis=axis))
+
+
+def _feeds(calib: SampleSet) -> list[dict]:
+    from edgebuild.calibration.adapters import ort_reader
+    from edgebuild.calibration.budget import at_most
+
+    from edgebuild.targets.weight_only import CHECK_SAMPLES
+
+    reader = ort_reader(at_most(calib, CHECK_SAMPLES))
+    out = []
+    while (f := reader.get_next()) is not None:
+        out.append(f)
+    return out
+
+
+def _run(model, feeds: list[dict], workdir: Path) -> list[list[np.ndarray]]:
+    import onnx
+    import onnxruntime as ort
+
+    path = workdir / "_weight_only_check.onnx"
+    onnx.save(model, str(path))
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return [session.run(None, f) for f in feeds]
+    finally:
+        path.unlink(missing_ok=True)
