@@ -190,7 +190,8 @@ def _convert_job(job: dict) -> tuple[dict, dict, list[str]]:
                 from edgebuild.targets.openvino_weight_only import int8_weights
 
                 set_phase("weight-only INT8 of the float operations")
-                notes += int8_weights(ov, ov_model, samples_from_disk(job["samples"]), compile_config("fp32"), source)
+                notes += int8_weights(ov, ov_model, samples_from_disk(job["samples"]), compile_config("fp32"), source,
+                                      settings.get("weight_only_loss_db", 1.0))
             stable_names(ov_model, converted)
         else:
             settings, applied = {"compress_to_fp16": precision == "fp16"}, {}

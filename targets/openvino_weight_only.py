@@ -41,7 +41,8 @@ def float_weights(ov_model) -> list[tuple[object, int, int, np.ndarray]]:
     return out
 
 
-def int8_weights(ov, ov_model, calib: SampleSet, config: dict, source: str | None = None) -> list[str]:
+def int8_weights(ov, ov_model, calib: SampleSet, config: dict, source: str | None = None,
+                 max_loss_db: float = MAX_LOSS_DB) -> list[str]:
     """The float operations' weights of ``ov_model`` int8 (in place) where that costs nothing measurable
     (targets/weight_only.py ``Check``, ``choose``); the notes. ``config``: the CPU plugin properties the IR is run
     with (f32 inference precision); ``source``: the FP32 ONNX model (run by ONNX Runtime for the reference)."""
@@ -53,7 +54,7 @@ def int8_weights(ov, ov_model, calib: SampleSet, config: dict, source: str | Non
     found.sort(key=lambda c: _error(c[3], c[2]))
     feeds = list(at_most(calib, CHECK_SAMPLES).feeds())
     core = ov.Core()
-    check = Check(_run(core, ov_model, feeds, config), _fp32(source, feeds) if source else None)
+    check = Check(_run(core, ov_model, feeds, config), _fp32(source, feeds) if source else None, max_loss_db)
 
     def judge(chosen):
         undo = [_replace(ov, op, port, axis, w) for op, port, axis, w in chosen]
@@ -65,7 +66,7 @@ def int8_weights(ov, ov_model, calib: SampleSet, config: dict, source: str | Non
 
     taken = choose(found, judge)
     if not taken:
-        return [f"weight-only INT8 not taken: the float operations' weights in int8 cost more than {MAX_LOSS_DB:g} dB "
+        return [f"weight-only INT8 not taken: the float operations' weights in int8 cost more than {max_loss_db:g} dB "
                 "of the artifact's output SQNR"]
     verdict = judge(taken)
     for op, port, axis, w in taken:

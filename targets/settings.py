@@ -247,8 +247,9 @@ class OnnxSettings(Settings):
     # the activations' channel ranges: targets/onnx/equalize.py); static INT8 only
     equalize: bool = flag(False)
     # the weights of the layers left float stored int8 per channel (DequantizeLinear in front; their activations float)
-    # where the outputs keep 35 dB against float weights (targets/onnx/weight_only.py)
+    # where that costs at most ``weight_only_loss_db`` of the output SQNR against FP32 (targets/weight_only.py)
     weight_only: bool = flag(True)
+    weight_only_loss_db: float = number(1.0, 0.0, 40.0)
 
     def kind(self) -> str:
         return self.activations + _equalized(self)
@@ -301,9 +302,10 @@ class OpenVinoSettings(Settings):
     # conv -> Relu/HardSwish -> depthwise conv chains rescaled per channel in the ONNX model before the IR (exact in
     # float: targets/onnx/equalize.py)
     equalize: bool = flag(False)
-    # the float operations' weights stored int8 (weight decompression) where the outputs keep 35 dB against float
-    # weights (targets/openvino_weight_only.py)
+    # the float operations' weights stored int8 (weight decompression) where that costs at most
+    # ``weight_only_loss_db`` of the output SQNR against FP32 (targets/openvino_weight_only.py)
     weight_only: bool = flag(True)
+    weight_only_loss_db: float = number(1.0, 0.0, 40.0)
 
     def to_dict(self) -> dict:
         d = super().to_dict()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 MIN_SQNR_DB = 35.0  # the int8-weight artifact against the float-weight one, per float output over the samples
-MAX_LOSS_DB = 1.0  # or: at most this much of the artifact's output SQNR against the FP32 model lost
+MAX_LOSS_DB = 1.0  # or: at most this much of the artifact's output SQNR against the FP32 model lost (the default
+# of the setting ``weight_only_loss_db``; the accuracy search may try more, judged by the gate)
 FEW = 8  # with at most this many float weights, each is judged on its own when all together cost too much
 CHECK_SAMPLES = 16
 MIN_ELEMENTS = 256  # a smaller weight is not worth a DequantizeLinear
@@ -30,14 +31,14 @@ class Check:
     against the FP32 model (a float first LSTM of a speaker encoder: its recurrent weights in int8 cost 1.5 dB, its
     input weights 14 dB)."""
 
-    def __init__(self, artifact: list, fp32: list | None):
-        self.artifact, self.fp32 = artifact, fp32
+    def __init__(self, artifact: list, fp32: list | None, max_loss_db: float = MAX_LOSS_DB):
+        self.artifact, self.fp32, self.max_loss_db = artifact, fp32, max_loss_db
         self.base = sqnr(fp32, artifact) if fp32 is not None else None
 
     def judge(self, got: list) -> dict:
         vs_artifact = sqnr(self.artifact, got)
         vs_fp32 = sqnr(self.fp32, got) if self.fp32 is not None else None
-        ok = vs_artifact >= MIN_SQNR_DB or (vs_fp32 is not None and vs_fp32 >= self.base - MAX_LOSS_DB)
+        ok = vs_artifact >= MIN_SQNR_DB or (vs_fp32 is not None and vs_fp32 >= self.base - self.max_loss_db)
         return {"ok": bool(ok), "vs_artifact": vs_artifact, "vs_fp32": vs_fp32, "artifact_vs_fp32": self.base}
 
 

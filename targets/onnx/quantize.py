@@ -45,7 +45,8 @@ def _quantize_job(job: dict) -> list[str]:
     _check_quantized(out, job["target"])
     if job["settings"].get("weight_only", False):  # the float layers' weights int8 where it costs nothing
         set_phase("weight-only INT8 of the float layers")
-        notes += int8_weights(out, out, samples_from_disk(job["samples"]), workdir, source=src)
+        notes += int8_weights(out, out, samples_from_disk(job["samples"]), workdir, source=src,
+                              max_loss_db=job["settings"].get("weight_only_loss_db", 1.0))
     return notes
 
 

@@ -46,7 +46,8 @@ def float_weights(graph) -> list[tuple[object, int, int]]:
     return out
 
 
-def int8_weights(path: Path, out: Path, calib: SampleSet, workdir: Path, source: Path | None = None) -> list[str]:
+def int8_weights(path: Path, out: Path, calib: SampleSet, workdir: Path, source: Path | None = None,
+                 max_loss_db: float = MAX_LOSS_DB) -> list[str]:
     """``path`` with its float layers' weights int8 (DequantizeLinear in front) into ``out`` where that costs nothing
     measurable (``costless``); the notes. ``out`` is not written when no weight is taken. ``source``: the FP32 model
     the artifact was made from (the loss is measured against it)."""
@@ -59,7 +60,8 @@ def int8_weights(path: Path, out: Path, calib: SampleSet, workdir: Path, source:
         return []
     found.sort(key=lambda c: _error(model.graph, *c))
     feeds = _feeds(calib)
-    check = Check(_run(model, feeds, workdir), _run(onnx.load(str(source)), feeds, workdir) if source else None)
+    check = Check(_run(model, feeds, workdir), _run(onnx.load(str(source)), feeds, workdir) if source else None,
+                  max_loss_db)
 
     def trial(chosen):
         m = onnx.load(str(path))
@@ -68,7 +70,7 @@ def int8_weights(path: Path, out: Path, calib: SampleSet, workdir: Path, source:
 
     taken = choose(found, lambda chosen: trial(chosen)[1])
     if not taken:
-        return [f"weight-only INT8 not taken: the float layers' weights in int8 cost more than {MAX_LOSS_DB:g} dB of the "
+        return [f"weight-only INT8 not taken: the float layers' weights in int8 cost more than {max_loss_db:g} dB of the "
                 f"artifact's output SQNR"]
     m, verdict = trial(taken)
     onnx.save(m, str(out))

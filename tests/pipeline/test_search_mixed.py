@@ -259,3 +259,35 @@ def test_fake_quant_keeps_the_logits_a_float_output_sigmoid_reads_float(tmp_path
     assert any(n.op_type == "DequantizeLinear" for n in q.node)  # the convs themselves are int8
     with FakeQuant(path, calib, tmp_path / "fq") as fq:  # a float layer adds no quantization noise of its own
         assert set(fq.layer_noise(["c1", "head", "score"], calib.subset(np.arange(4)))) == {"c1", "head"}
+
+
+def test_a_passing_mixed_artifact_under_the_int8_share_tries_its_float_layers_weights_int8(monkeypatch):
+    """A speaker encoder's float first LSTM: its recurrent weights in int8 cost 1.5 dB of output SQNR, more than the
+    weight-only check's default 1 dB, so the passing mixed artifact was 79 % INT8. The search tries it once more with
+    the check at RELAXED_LOSS_DB and keeps that one only when the gate passes it and more of its weights are INT8."""
+    from edgebuild.pipeline.stages import weights
+    from edgebuild.targets.settings import OnnxSettings
+
+    shares = {"try0": 0.79, "try1": 0.97}
+    monkeypatch.setattr(weights, "weight_share", lambda path, backend: {"int8_weight_share": shares[path]})
+    _, s = _stand_in([0.0])
+    asked = []
+
+    def attempt(label, precision, settings, fallback=False):
+        asked.append(settings.weight_only_loss_db)
+        return SimpleNamespace(artifact=SimpleNamespace(path="try1"), quality_ok=passes, label=label)
+
+    s.attempt = attempt
+    backend = SimpleNamespace(name="onnx")
+    mixed = SimpleNamespace(artifact=SimpleNamespace(path="try0"), quality_ok=True, label="INT8 with 1 layer(s) in float")
+    settings = OnnxSettings(float_layers=("lstm1",))
+    passes = True
+    better = M._float_weights_int8(s, backend, mixed, settings)
+    assert better is not None and better.artifact.path == "try1" and asked == [M.RELAXED_LOSS_DB]
+    passes = False  # the gate refuses it: the first mixed artifact stays
+    assert M._float_weights_int8(s, backend, mixed, settings) is None
+    shares["try0"] = 0.95  # already named _int8: no extra try
+    assert M._float_weights_int8(s, backend, mixed, settings) is None and len(asked) == 2
+    shares["try0"] = 0.79  # weight-only turned off, or already at the relaxed cost: no extra try
+    assert M._float_weights_int8(s, backend, mixed, settings.replace(weight_only=False)) is None
+    assert M._float_weights_int8(s, backend, mixed, settings.replace(weight_only_loss_db=3.0)) is None and len(asked) == 2
