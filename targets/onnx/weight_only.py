@@ -26,12 +26,10 @@ _WEIGHTS = {"Conv": ((1, 0),), "ConvTranspose": ((1, 1),), "MatMul": ((1, -1),),
 
 def float_weights(graph) -> list[tuple[object, int, int]]:
     """(node, weight input index, channel axis) for each weight of ``graph`` that is a float initializer read by a
-    layer directly (not through a DequantizeLinear: the quantized layers' weights)."""
+    layer directly (not through a DequantizeLinear: the quantized layers' weights); a shared one once, by its first
+    reader (the DequantizeLinear that replaces it keeps its name, so every reader reads it)."""
     inits = {i.name: i for i in graph.initializer if i.name not in {x.name for x in graph.input}}
-    readers: dict[str, int] = {}
-    for n in graph.node:
-        for t in n.input:
-            readers[t] = readers.get(t, 0) + 1
+    seen: set[str] = set()  # a weight shared by several layers (Basic Pitch's constant-Q kernels, one per octave) once
     out = []
     for n in graph.node:
         spec = _WEIGHTS.get(n.op_type, ())
@@ -40,8 +38,9 @@ def float_weights(graph) -> list[tuple[object, int, int]]:
             spec = ((1, 0 if trans_b else 1),)
         for i, axis in spec:
             t = inits.get(n.input[i]) if i < len(n.input) else None
-            if t is None or t.data_type != 1 or int(np.prod(t.dims)) < MIN_ELEMENTS or readers[t.name] != 1:
+            if t is None or t.data_type != 1 or int(np.prod(t.dims)) < MIN_ELEMENTS or t.name in seen:
                 continue
+            seen.add(t.name)
             out.append((n, i, axis % len(t.dims)))
     return out
 
@@ -59,13 +58,14 @@ def int8_weights(path: Path, out: Path, calib: SampleSet, workdir: Path, source:
     if not found or opset < 13:  # DequantizeLinear per channel (axis) is opset 13
         return []
     found.sort(key=lambda c: _error(model.graph, *c))
+    index = {id(n): k for k, n in enumerate(model.graph.node)}
     feeds = _feeds(calib)
     check = Check(_run(model, feeds, workdir), _run(onnx.load(str(source)), feeds, workdir) if source else None,
                   max_loss_db)
 
     def trial(chosen):
         m = onnx.load(str(path))
-        _replace(m.graph, [(n.name, i, axis) for n, i, axis in chosen])
+        _replace(m.graph, [(index[id(n)], i, axis) for n, i, axis in chosen])
         return m, check.judge(_run(m, feeds, workdir))
 
     taken = choose(found, lambda chosen: trial(chosen)[1])
@@ -94,22 +94,23 @@ def _error(graph, node, i: int, axis: int) -> float:
     return float(err)
 
 
-def _replace(graph, weights: list[tuple[str, int, int]]) -> None:
+def _replace(graph, weights: list[tuple[int, int, int]]) -> None:
+    """Each (node index, weight input, axis)'s float initializer as int8 + scale behind a DequantizeLinear that keeps
+    its name, inserted before that node."""
     from onnx import helper, numpy_helper
 
-    nodes = {n.name: n for n in graph.node}
     inits = {i.name: i for i in graph.initializer}
-    for k, (name, i, axis) in enumerate(weights):
-        node = nodes[name]
+    readers = [(graph.node[at], i, axis) for at, i, axis in weights]  # the nodes first: an insertion moves indices
+    for node, i, axis in readers:
         old = inits[node.input[i]]
         q, scale = quantized(numpy_helper.to_array(old).astype(np.float32), axis)
         base = f"{old.name}_w8"
         graph.initializer.remove(old)
         graph.initializer.extend([numpy_helper.from_array(q, base + "_q"), numpy_helper.from_array(scale, base + "_scale"),
                                   numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + "_zero")])
-        at = list(graph.node).index(node)
-        graph.node.insert(at, helper.make_node("DequantizeLinear", [base + "_q", base + "_scale", base + "_zero"],
-                                               [old.name], name=f"{base}_dq", axis=axis))
+        dq = helper.make_node("DequantizeLinear", [base + "_q", base + "_scale", base + "_zero"], [old.name],
+                              name=f"{base}_dq", axis=axis)
+        graph.node.insert(list(graph.node).index(node), dq)
 
 
 def _feeds(calib: SampleSet) -> list[dict]:

@@ -133,3 +133,29 @@ def test_openvino_float_lstm_is_found_and_keeps_int8_weights(speaker, tmp_path):
     assert any("weight-only INT8" in n for n in wo.notes)
     assert _worst_cosine(backend.runner(wo, 1), str(model.onnx_path), held) > \
         _worst_cosine(backend.runner(plain, 1), str(model.onnx_path), held) - 2e-3
+
+
+def test_a_weight_shared_by_several_float_layers_is_stored_int8_once(tmp_path):
+    """Basic Pitch applies one constant-Q kernel per octave: one initializer read by several convolutions. It becomes
+    one int8 tensor behind one DequantizeLinear that keeps its name, and every reader reads it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgebuild.targets.onnx.weight_only import int8_weights
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 0.1, (16, 1, 1, 32)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "k"], ["a"], name="octave0"),
+             helper.make_node("AveragePool", ["x"], ["x2"], kernel_shape=[1, 2], strides=[1, 2]),
+             helper.make_node("Conv", ["x2", "k"], ["b"], name="octave1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 256])],
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "k")])
+    path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    calib = SampleSet("x", {"x": rng.normal(0, 1, (8, 1, 1, 256)).astype(np.float32)}, None, {}, {"x": (1, 1, 1, 256)})
+    assert "weight-only INT8: 1 weight(s)" in int8_weights(path, out, calib, tmp_path, source=path)[0]
+    g = onnx.load(str(out)).graph
+    assert [n.op_type for n in g.node].count("DequantizeLinear") == 1
+    assert all(n.input[1] == "k" for n in g.node if n.op_type == "Conv") and "k" not in {i.name for i in g.initializer}
+    assert weight_share(out, "onnx")["int8_weight_share"] == 1.0
