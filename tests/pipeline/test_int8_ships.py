@@ -180,8 +180,9 @@ def test_an_int8_file_whose_big_layer_stays_float_is_named_mixed_with_its_share(
     share = weight_share(full.path, "onnx")
     assert share["int8_weight_share"] == 1.0 and rename_to_share(full, share) is None
     assert full.main == "model_int8_qdq.onnx"
-    # the user keeps the big layer out of quantization: the file is INT8 in name only unless renamed
-    art = backend.convert(exported, profile, "int8", calib, tmp_path / "big-float", {"nodes_to_exclude": [fc]})
+    # the user keeps the big layer out of quantization, weights too: the file is INT8 in name only unless renamed
+    art = backend.convert(exported, profile, "int8", calib, tmp_path / "big-float",
+                          {"nodes_to_exclude": [fc], "weight_only": False})
     assert art.main == "model_int8_qdq.onnx"
     share = weight_share(art.path, "onnx")
     assert share["int8_weight_share"] < 0.2 < INT8_NAME_SHARE and share["float_layers"][0]["layer"] == fc
@@ -192,7 +193,8 @@ def test_an_int8_file_whose_big_layer_stays_float_is_named_mixed_with_its_share(
     ov = get_backend("openvino")
     ir = ov.convert(exported, catalogue()["x86"], "int8", calib, tmp_path / "ov")
     assert weight_share(ir.path, "openvino")["int8_weight_share"] == 1.0
-    ir = ov.convert(exported, catalogue()["x86"], "int8", calib, tmp_path / "ov-f", {"ignored_scope": {"names": [fc]}})
+    ir = ov.convert(exported, catalogue()["x86"], "int8", calib, tmp_path / "ov-f", {"ignored_scope": {"names": [fc]},
+                                                                                      "weight_only": False})
     assert weight_share(ir.path, "openvino")["int8_weight_share"] < 0.2
 
 
@@ -342,8 +344,9 @@ def test_a_stacked_lstm_ships_int8_weights_on_onnx_cpu(tmp_path):
     with OrtRunner(path, 1) as ref, backend.runner(art, 1) as q:
         for i in range(32, 48):
             assert cosine(ref.run({"x": x[i:i + 1]})[0], q.run({"x": x[i:i + 1]})[0]) > 0.99
-    # off: the LSTM stays float and the share says the file is not INT8
-    flt = backend.convert(exported, profile, "int8", calib, tmp_path / "f", {"quantize_recurrent": False})
+    # off (and no weight-only INT8 for it either): the LSTM stays float and the share says the file is not INT8
+    flt = backend.convert(exported, profile, "int8", calib, tmp_path / "f", {"quantize_recurrent": False,
+                                                                            "weight_only": False})
     assert weight_share(flt.path, "onnx")["int8_weight_share"] < 0.1
     # x86: NNCF quantizes the LSTMSequence weights of the OpenVINO IR
     ir = get_backend("openvino").convert(exported, catalogue()["x86"], "int8", calib, tmp_path / "ov")

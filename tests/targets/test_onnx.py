@@ -69,8 +69,15 @@ def test_float_layers_keep_their_nodes_float_and_unknown_names_fail(model, small
     graph = onnx.load(str(art.path)).graph
     producers = {o: n for n in graph.node for o in n.output}
     gemm = next(n for n in graph.node if n.name == "/classifier/classifier.1/Gemm")
+    assert producers[gemm.input[1]].op_type == "DequantizeLinear" and any("weight-only INT8" in n for n in art.notes), \
+        "the float layer's weights are int8 behind a DequantizeLinear (weight-only; targets/onnx/weight_only.py)"
+    art = backend.convert(model, profile, "int8", calib, tmp_path / "c",
+                          {"float_layers": ["/classifier/classifier.1/Gemm"], "weight_only": False})
+    graph = onnx.load(str(art.path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    gemm = next(n for n in graph.node if n.name == "/classifier/classifier.1/Gemm")
     assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in gemm.input[1:]), \
-        "the float layer's weights are not quantized"
+        "without weight-only INT8 the float layer's weights are not quantized"
     with pytest.raises(ConversionError, match="not in the model"):
         backend.convert(model, profile, "int8", calib, tmp_path / "b", {"float_layers": ["/no/such/Conv"]})
 

@@ -133,8 +133,13 @@ def test_ignored_scope_keeps_the_named_layers_float(model, small_sets, backend, 
     ops = {op.get_friendly_name(): op for op in _ir(art).get_ops()}
     weighted = [op for op in ops.values() if op.get_type_name() in ("Convolution", "MatMul")]
 
-    def is_float(op):
+    from edgebuild.targets.openvino_weight_only import SUFFIX
+
+    def is_float(op):  # float activations; weights f32, or int8 behind a decompression (weight-only INT8)
         activation, weights = (op.input(i).get_source_output().get_node() for i in (0, 1))
+        if weights.get_type_name() == "Multiply" and weights.input_value(0).get_node().get_type_name() == "Convert":
+            weights = weights.input_value(0).get_node().input_value(0).get_node()
+            return weights.get_friendly_name().endswith(SUFFIX)  # written by weight-only, not NNCF's int8 weights
         return (activation.get_type_name() != "FakeQuantize" and weights.get_type_name() == "Constant"
                 and weights.get_output_element_type(0).get_type_name() == "f32")
 
