@@ -239,7 +239,9 @@ class WeightShare(Record):
 
     int8_weights: int | None = None
     float_weights: int | None = None
-    int8_weight_share: float | None = None
+    weight_only_weights: int | None = None  # stored int8 for a layer that computes in float (weight-only INT8)
+    int8_weight_share: float | None = None  # the weights run by int8 layers, of all weights
+    stored_int8_share: float | None = None  # the weights stored in 8 bits, weight-only ones included
     float_layers: list | None = None
     method: str | None = None
     error: str | None = None

@@ -49,9 +49,13 @@ def summary_rows(manifest: Manifest | dict) -> list[dict]:
 
 
 def _int8_share(t: TargetResult) -> str:
-    """The share of the weights in INT8 (pipeline/stages/weights.py), when measured: ``_int8`` means >= 90 %."""
+    """The share of the weights in INT8 layers (pipeline/stages/weights.py), when measured: ``_int8`` means >= 90 %;
+    with weight-only INT8 (a float layer's weights stored int8), the share stored in 8 bits too."""
     share = t.quantized.int8_weight_share if t.quantized else None
-    return f" ({share:.0%} INT8 weights)" if share is not None else ""
+    if share is None:
+        return ""
+    stored = t.quantized.stored_int8_share if t.quantized.weight_only_weights else None
+    return f" ({share:.0%} INT8 weights" + (f", {stored:.0%} stored in 8 bits)" if stored is not None else ")")
 
 
 def _memory(mem: Memory) -> str:

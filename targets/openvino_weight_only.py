@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.calibration.dataset import SampleSet
-from edgebuild.targets.weight_only import CHECK_SAMPLES, MAX_LOSS_DB, MIN_ELEMENTS, Check, choose, quantized, weight_only_note
+from edgebuild.targets.weight_only import (
+    CHECK_SAMPLES, MARK, MAX_LOSS_DB, MIN_ELEMENTS, Check, choose, quantized, weight_only_note)
 
-SUFFIX = "/weight_int8"  # the name of the int8 weight constants written here (mark_decompression finds them by it)
+SUFFIX = "/" + MARK  # the name of the int8 weight constants written here (mark_decompression finds them by it)
 # operation type -> (weight input port, the output-channel axis of that weight); MatMul: by transpose_b
 _WEIGHTS = {"Convolution": ((1, 0),), "GroupConvolution": ((1, 0),), "ConvolutionBackpropData": ((1, 1),),
             "LSTMSequence": ((4, 1), (5, 1)), "GRUSequence": ((4, 1), (5, 1)), "RNNSequence": ((4, 1), (5, 1))}

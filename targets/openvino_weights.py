@@ -14,7 +14,11 @@ WEIGHTED = {"Convolution": (1,), "GroupConvolution": (1,), "ConvolutionBackpropD
 PASS = ("Convert", "Multiply", "Subtract", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "FakeQuantize")
 
 
-def weight_counts(path: Path) -> list[tuple[int, bool, str]]:
+def weight_counts(path: Path) -> list[tuple[int, bool, str, bool]]:
+    """``(elements, stored in 8 bits or fewer, operation name, weight-only)`` per weight constant: weight-only means
+    stored int8 by targets/openvino_weight_only.py for an operation that computes in float."""
+    from edgebuild.targets.weight_only import MARK
+
     import xml.etree.ElementTree as ET
 
     root = ET.parse(path).getroot()
@@ -30,11 +34,11 @@ def weight_counts(path: Path) -> list[tuple[int, bool, str]]:
         inp = layer.find("input")
         ports[layer.get("id")] = [p.get("id") for p in inp.findall("port")] if inp is not None else []
 
-    def consts(lid: str, depth: int = 0) -> list[tuple[int, str, str]]:
+    def consts(lid: str, depth: int = 0) -> list[tuple[int, str, str, bool]]:
         typ, name, data = layers[lid]
         if typ == "Const":
             shape = [int(d) for d in data.get("shape", "").split(",") if d.strip()]
-            return [(int(np.prod(shape)) if shape else 1, data.get("element_type", ""), lid)]
+            return [(int(np.prod(shape)) if shape else 1, data.get("element_type", ""), lid, name.endswith("/" + MARK))]
         if typ not in PASS or depth > 6:
             return []
         found = []
@@ -56,9 +60,9 @@ def weight_counts(path: Path) -> list[tuple[int, bool, str]]:
             found = [c for c in consts(src) if c[0] >= MIN_WEIGHT and c[1] not in ("i32", "i64", "boolean")]
             if not found:
                 continue
-            size, etype, cid = max(found)
+            size, etype, cid, weight_only = max(found)
             if cid in seen:
                 continue
             seen.add(cid)
-            out.append((size, etype in ("i8", "u8", "i4", "u4", "nf4"), name))
+            out.append((size, etype in ("i8", "u8", "i4", "u4", "nf4"), name, weight_only))
     return out

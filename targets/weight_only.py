@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# the name mark of a weight stored int8 by weight-only INT8 (its layer computes in float): the INT8 share counts such
+# weights apart from those that run in int8 (pipeline/stages/weights.py), by this mark on the int8 constant's name
+MARK = "weight_only_int8"
 MIN_SQNR_DB = 35.0  # the int8-weight artifact against the float-weight one, per float output over the samples
 MAX_LOSS_DB = 1.0  # or: at most this much of the artifact's output SQNR against the FP32 model lost (the default
 # of the setting ``weight_only_loss_db``; the accuracy search may try more, judged by the gate)

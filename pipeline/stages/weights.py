@@ -1,4 +1,6 @@
-"""How much of an artifact really is INT8: the share of the weighted layers' weights stored in 8 bits or fewer.
+"""How much of an artifact really is INT8: the share of the weighted layers' weights stored in 8 bits or fewer and
+run by an int8 layer (a float layer's weights stored int8 by weight-only INT8, targets/weight_only.py, are counted
+apart: smaller, not INT8 compute).
 
 A file named ``_int8`` whose LSTM (95 % of the weights) stayed float is INT8 in name only. The weights counted are
 those of the layers that carry them — Conv/ConvTranspose/Gemm/MatMul (the initializer side), LSTM/GRU/RNN (W and R),
@@ -23,7 +25,9 @@ _ONNX_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "Mat
                        "GRU": (1, 2), "RNN": (1, 2), "Gather": (0,), "DynamicQuantizeLSTM": (1, 2),
                        "MatMulInteger": (1,), "ConvInteger": (1,), "QLinearConv": (3,), "QLinearMatMul": (3,),
                        "DynamicQuantizeMatMul": (1,), "MatMulIntegerToFloat": (1,), "QGemm": (3,)}
-_ONNX_PASS = ("DequantizeLinear", "Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "QuantizeLinear")
+# Mul: an int8 weight scaled per channel after a Cast (weight-only INT8 before opset 13, targets/onnx/weight_only.py)
+_ONNX_PASS = ("DequantizeLinear", "Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "QuantizeLinear",
+              "Mul")
 _INT_TYPES_ONNX = {2, 3, 22, 21, 4, 5}  # uint8, int8, int4, uint4, uint16, int16 (TensorProto)
 
 
@@ -41,19 +45,26 @@ def weight_share(path: Path, backend: str) -> dict | None:
                 return None
     except Exception as e:  # noqa: BLE001 — a measurement, not the build: say why it is missing
         return {"error": f"{type(e).__name__}: {str(e)[:160]}"}
-    int8 = sum(n for n, q, _ in counts if q)
-    flt = sum(n for n, q, _ in counts if not q)
-    total = int8 + flt
-    biggest = sorted(((n, name) for n, q, name in counts if not q), reverse=True)[:5]
-    return {"int8_weights": int(int8), "float_weights": int(flt),
+    # (elements, stored in 8 bits or fewer, layer[, weight-only: stored int8 for a layer that computes in float])
+    only = sum(c[0] for c in counts if c[1] and len(c) > 3 and c[3])
+    int8 = sum(c[0] for c in counts if c[1]) - only
+    flt = sum(c[0] for c in counts if not c[1])
+    total = int8 + flt + only
+    biggest = sorted(((c[0], c[2]) for c in counts if not c[1] or (len(c) > 3 and c[3])), reverse=True)[:5]
+    return {"int8_weights": int(int8), "float_weights": int(flt), "weight_only_weights": int(only),
             "int8_weight_share": round(int8 / total, 4) if total else None,
+            "stored_int8_share": round((int8 + only) / total, 4) if total else None,
             "float_layers": [{"layer": name, "weights": int(n)} for n, name in biggest],
-            "method": "weights of the weighted layers (Conv, MatMul/Gemm, LSTM/GRU/RNN, embedding Gather) stored in "
-                      "8 bits or fewer; biases, scales and shapes excluded"}
+            "method": "weights of the weighted layers (Conv, MatMul/Gemm, LSTM/GRU/RNN, embedding Gather) that run in "
+                      "int8 layers; a float layer's weights stored int8 (weight-only INT8) are counted apart "
+                      "(weight_only_weights; stored_int8_share counts them as INT8 storage); biases, scales and "
+                      "shapes excluded"}
 
 
-def _onnx_counts(path: Path) -> list[tuple[int, bool, str]]:
+def _onnx_counts(path: Path) -> list[tuple[int, bool, str, bool]]:
     import onnx
+
+    from edgebuild.targets.weight_only import MARK
 
     graph = onnx.load(str(path), load_external_data=False).graph
     inits = {i.name: i for i in graph.initializer}
@@ -84,7 +95,7 @@ def _onnx_counts(path: Path) -> list[tuple[int, bool, str]]:
             if size < MIN_WEIGHT or t.data_type in (6, 7, 9):  # int32/int64/bool: indices, shapes
                 continue
             seen.add(name)
-            out.append((size, t.data_type in _INT_TYPES_ONNX, node.name or name))
+            out.append((size, t.data_type in _INT_TYPES_ONNX, node.name or name, name.endswith("." + MARK)))
     return out
 
 

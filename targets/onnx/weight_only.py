@@ -3,8 +3,10 @@
 A layer left float — by the accuracy search (``float_layers``), a float region (a signal-processing front-end, the
 post-processing tail), a first LSTM whose input cannot be quantized — keeps float *activations* because 8-bit
 activations lose the task there. Its weights need not be float: stored int8 per output channel with a
-DequantizeLinear in front, the layer still computes in float, and the file holds int8 weights (a 3-layer LSTM
-encoder with its first LSTM float: 76 % -> 100 % of the weights INT8, output cosine unchanged).
+DequantizeLinear in front (Cast + Mul before opset 13), the layer still computes in float, and the file holds int8
+weights (a 3-layer LSTM encoder with its first LSTM float: 76 % -> 100 % of the weights stored in 8 bits, output
+cosine unchanged). These weights are not INT8 compute: the INT8 share counts them apart (their names carry
+targets/weight_only.py ``MARK``), so ``_int8`` still means that 90 % of the weights run in int8 layers.
 
 Taken only where it costs nothing measurable (targets/weight_only.py ``Check``, on up to ``CHECK_SAMPLES``
 calibration samples); else a part of the weights (``choose``). The build's gate then judges the artifact as always.
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.calibration.dataset import SampleSet
-from edgebuild.targets.weight_only import MAX_LOSS_DB, MIN_ELEMENTS, Check, choose, quantized, weight_only_note
+from edgebuild.targets.weight_only import MARK, MAX_LOSS_DB, MIN_ELEMENTS, Check, choose, quantized, weight_only_note
 
 # op type -> (weight input index, the output-channel axis of that weight); MatMul's B is [K, N]: channels are N
 _WEIGHTS = {"Conv": ((1, 0),), "ConvTranspose": ((1, 1),), "MatMul": ((1, -1),), "LSTM": ((1, 1), (2, 1)),
@@ -55,7 +57,7 @@ def int8_weights(path: Path, out: Path, calib: SampleSet, workdir: Path, source:
     model = onnx.load(str(path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     found = float_weights(model.graph)
-    if not found or opset < 13:  # DequantizeLinear per channel (axis) is opset 13
+    if not found:
         return []
     found.sort(key=lambda c: _error(model.graph, *c))
     index = {id(n): k for k, n in enumerate(model.graph.node)}
@@ -65,7 +67,7 @@ def int8_weights(path: Path, out: Path, calib: SampleSet, workdir: Path, source:
 
     def trial(chosen):
         m = onnx.load(str(path))
-        _replace(m.graph, [(index[id(n)], i, axis) for n, i, axis in chosen])
+        _replace(m.graph, [(index[id(n)], i, axis) for n, i, axis in chosen], opset)
         return m, check.judge(_run(m, feeds, workdir))
 
     taken = choose(found, lambda chosen: trial(chosen)[1])
@@ -94,9 +96,9 @@ def _error(graph, node, i: int, axis: int) -> float:
     return float(err)
 
 
-def _replace(graph, weights: list[tuple[int, int, int]]) -> None:
-    """Each (node index, weight input, axis)'s float initializer as int8 + scale behind a DequantizeLinear that keeps
-    its name, inserted before that node."""
+def _replace(graph, weights: list[tuple[int, int, int]], opset: int) -> None:
+    """Each (node index, weight input, axis)'s float initializer as int8 + scale behind a DequantizeLinear (opset 13
+    on; before it, Cast + Mul) whose output keeps its name, inserted before that node."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
@@ -104,13 +106,23 @@ def _replace(graph, weights: list[tuple[int, int, int]]) -> None:
     for node, i, axis in readers:
         old = inits[node.input[i]]
         q, scale = quantized(numpy_helper.to_array(old).astype(np.float32), axis)
-        base = f"{old.name}_w8"
+        base = f"{old.name}.{MARK}"
         graph.initializer.remove(old)
-        graph.initializer.extend([numpy_helper.from_array(q, base + "_q"), numpy_helper.from_array(scale, base + "_scale"),
-                                  numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + "_zero")])
-        dq = helper.make_node("DequantizeLinear", [base + "_q", base + "_scale", base + "_zero"], [old.name],
-                              name=f"{base}_dq", axis=axis)
-        graph.node.insert(list(graph.node).index(node), dq)
+        graph.initializer.append(numpy_helper.from_array(q, base))
+        if opset >= 13:
+            graph.initializer.extend([numpy_helper.from_array(scale, base + ".scale"),
+                                      numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + ".zero")])
+        at = list(graph.node).index(node)
+        if opset >= 13:
+            graph.node.insert(at, helper.make_node("DequantizeLinear", [base, base + ".scale", base + ".zero"],
+                                                   [old.name], name=f"{base}.dq", axis=axis))
+            continue
+        # before opset 13 DequantizeLinear has no axis: Cast + a per-channel Mul (folded by ONNX Runtime at load)
+        shape = [1] * len(old.dims)
+        shape[axis] = -1
+        graph.initializer.append(numpy_helper.from_array(scale.reshape(shape), base + ".scale"))
+        graph.node.insert(at, helper.make_node("Cast", [base], [base + ".float"], name=f"{base}.cast", to=1))
+        graph.node.insert(at + 1, helper.make_node("Mul", [base + ".float", base + ".scale"], [old.name], name=f"{base}.dq"))
 
 
 def _feeds(calib: SampleSet) -> list[dict]:

@@ -261,15 +261,16 @@ def test_fake_quant_keeps_the_logits_a_float_output_sigmoid_reads_float(tmp_path
         assert set(fq.layer_noise(["c1", "head", "score"], calib.subset(np.arange(4)))) == {"c1", "head"}
 
 
-def test_a_passing_mixed_artifact_under_the_int8_share_tries_its_float_layers_weights_int8(monkeypatch):
+def test_a_passing_mixed_artifact_with_float_weights_tries_its_float_layers_weights_int8(monkeypatch):
     """A speaker encoder's float first LSTM: its recurrent weights in int8 cost 1.5 dB of output SQNR, more than the
-    weight-only check's default 1 dB, so the passing mixed artifact was 79 % INT8. The search tries it once more with
-    the check at RELAXED_LOSS_DB and keeps that one only when the gate passes it and more of its weights are INT8."""
+    weight-only check's default 1 dB, so the passing mixed artifact stored 79 % of its weights in 8 bits. The search
+    tries it once more with the check at RELAXED_LOSS_DB and keeps that one only when the gate passes it and more of
+    its weights are stored in 8 bits."""
     from edgebuild.pipeline.stages import weights
     from edgebuild.targets.settings import OnnxSettings
 
     shares = {"try0": 0.79, "try1": 0.97}
-    monkeypatch.setattr(weights, "weight_share", lambda path, backend: {"int8_weight_share": shares[path]})
+    monkeypatch.setattr(weights, "weight_share", lambda path, backend: {"stored_int8_share": shares[path]})
     _, s = _stand_in([0.0])
     asked = []
 
