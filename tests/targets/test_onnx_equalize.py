@@ -224,3 +224,30 @@ def test_an_affine_block_after_the_activation_and_a_chain_without_one(tmp_path):
             new = np.abs(after).max(axis=(0, 2, 3))
             assert np.abs(before).max(axis=(0, 2, 3)).max() / np.abs(before).max(axis=(0, 2, 3)).min() > 100
             assert new.max() / new.min() < 20, (y, new)
+
+
+def test_the_variants_after_an_equalized_near_miss_are_tried_on_the_equalized_graph():
+    """PicoDet's layout detector on onnx-cpu: the equalized graph came closest (f1 75 against 90) and the next variant,
+    "weighted layers only", was built on the raw graph (f1 14). Every later variant is built on the equalized one."""
+    from types import SimpleNamespace
+
+    from edgebuild.pipeline.stages.search_state import Search
+    from edgebuild.specs import Precision
+    from edgebuild.targets.base import get_backend
+    from edgebuild.targets.profiles import catalogue
+
+    backend, profile = get_backend("onnx"), catalogue()["onnx-cpu"]
+    base = backend.requested_settings(profile, {})
+    variants = dict(backend.recovery_candidates(profile, {}))
+    weighted = next(k for k in variants if k.startswith("weighted layers only"))
+    s = Search.__new__(Search)
+    s.backend, s.asked = backend, {"activation equalization": base.replace(equalize=True)}
+
+    def tried(label, loss):
+        return SimpleNamespace(label=label, loss=loss, artifact=SimpleNamespace(precision=Precision.INT8))
+
+    s.tries = [tried("profile settings", 7.6), tried("activation equalization", 1.4)]
+    label, settings = s.on_best(weighted, variants[weighted])
+    assert label == f"{weighted}, on the equalized graph" and settings.equalize and settings.op_types == "weighted"
+    s.tries = [tried("profile settings", 1.0), tried("activation equalization", 1.4)]  # the raw graph came closest
+    assert s.on_best(weighted, variants[weighted]) == (weighted, variants[weighted])
