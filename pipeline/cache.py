@@ -110,8 +110,8 @@ def key(**parts) -> str:
 # of edgebuild's whole source tree the keys used to carry, so editing one module no longer invalidates every entry.
 # search 8: mixed precision before the variants on a backend whose variants are whole conversions (TFLite); 9: the
 # activation-equalization candidate (targets/onnx/equalize.py); 10: a recipe of another kind before early mixed precision;
-# (11 also: the variants after an equalized near miss are built on the equalized graph)
-# 11: a passing mixed artifact under the INT8 name share tries its float layers' weights int8 (weight-only)
+# 11: a passing mixed artifact with float weights tries its float layers' weights int8 (weight-only), and the variants
+# after an equalized near miss are built on the equalized graph
 STAGES = {"convert": 1, "reference": 2, "validate": 3, "latency": 1, "memory": 1, "micro": 1, "search": 11,
           "search-choice": 5, "sensitivity": 3, "peak": 1}
 
