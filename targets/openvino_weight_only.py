@@ -1,7 +1,7 @@
 """Weight-only INT8 for the operations an OpenVINO INT8 IR keeps in float (NNCF's ignored scope: the search's float
-layers, float regions), as targets/onnx/weight_only.py does for ONNX Runtime (the shared part: targets/weight_only.py): the weight stored int8 per output
-channel behind a Convert and a scale Multiply (OpenVINO's weight decompression pattern), the operation computing in
-float. Taken where it costs nothing measurable, as on ONNX Runtime (``Check``, ``choose``)."""
+layers, float regions), as targets/onnx/weight_only.py does for ONNX Runtime (the shared part: targets/weight_only.py):
+the weight stored int8 per output channel behind a Convert and a scale Multiply (OpenVINO's weight decompression
+pattern), the operation computing in float. Taken where it costs nothing measurable (``Check``, ``choose``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,10 +18,11 @@ _WEIGHTS = {"Convolution": ((1, 0),), "GroupConvolution": ((1, 0),), "Convolutio
             "LSTMSequence": ((4, 1), (5, 1)), "GRUSequence": ((4, 1), (5, 1)), "RNNSequence": ((4, 1), (5, 1))}
 
 
-def float_weights(ov_model) -> list[tuple[object, int, int, np.ndarray]]:
-    """(operation, weight port, channel axis, weight) for each f32 Constant weight read directly by a weighted
-    operation (NNCF's quantized weights reach theirs through a FakeQuantize)."""
-    out = []
+def float_weights(ov_model) -> list[tuple[object, int, np.ndarray]]:
+    """(the constant's output, channel axis, weight) for each f32 Constant weight read directly by weighted operations
+    (NNCF's quantized weights reach theirs through a FakeQuantize); a constant shared by several (Basic Pitch's
+    constant-Q kernels, one per octave) once, when every reader reads it as a weight with the same channel axis."""
+    readers: dict = {}  # the constant's output -> [(operation, port, axis)]
     for op in ov_model.get_ordered_ops():
         kind = op.get_type_name()
         spec = _WEIGHTS.get(kind, ())
@@ -32,13 +33,15 @@ def float_weights(ov_model) -> list[tuple[object, int, int, np.ndarray]]:
                 continue
             src = op.input_value(port)
             node = src.get_node()
-            if node.get_type_name() != "Constant" or node.get_element_type().get_type_name() != "f32" \
-                    or len(src.get_target_inputs()) != 1:
-                continue
-            w = node.get_data()
-            if w.size < MIN_ELEMENTS or w.ndim == 0:
-                continue
-            out.append((op, port, axis % w.ndim, np.array(w, dtype=np.float32)))
+            if node.get_type_name() == "Constant" and node.get_element_type().get_type_name() == "f32":
+                readers.setdefault(src, []).append((op, port, axis))
+    out = []
+    for src, uses in readers.items():
+        w = src.get_node().get_data()
+        if w.size < MIN_ELEMENTS or w.ndim == 0 or len(src.get_target_inputs()) != len(uses) \
+                or len({axis % w.ndim for _, _, axis in uses}) != 1:
+            continue
+        out.append((src, uses[0][2] % w.ndim, np.array(w, dtype=np.float32)))
     return out
 
 
@@ -52,13 +55,13 @@ def int8_weights(ov, ov_model, calib: SampleSet, config: dict, source: str | Non
     found = float_weights(ov_model)
     if not found:
         return []
-    found.sort(key=lambda c: _error(c[3], c[2]))
+    found.sort(key=lambda c: _error(c[2], c[1]))
     feeds = list(at_most(calib, CHECK_SAMPLES).feeds())
     core = ov.Core()
     check = Check(_run(core, ov_model, feeds, config), _fp32(source, feeds) if source else None, max_loss_db)
 
     def judge(chosen):
-        undo = [_replace(ov, op, port, axis, w) for op, port, axis, w in chosen]
+        undo = [_replace(ov, src, axis, w) for src, axis, w in chosen]
         try:
             return check.judge(_run(core, ov_model, feeds, config))
         finally:
@@ -70,9 +73,9 @@ def int8_weights(ov, ov_model, calib: SampleSet, config: dict, source: str | Non
         return [f"weight-only INT8 not taken: the float operations' weights in int8 cost more than {max_loss_db:g} dB "
                 "of the artifact's output SQNR"]
     verdict = judge(taken)
-    for op, port, axis, w in taken:
-        _replace(ov, op, port, axis, w)
-    return [weight_only_note(len(taken), len(found), sum(c[3].size for c in taken), verdict)]
+    for src, axis, w in taken:
+        _replace(ov, src, axis, w)
+    return [weight_only_note(len(taken), len(found), sum(c[2].size for c in taken), verdict)]
 
 
 def _fp32(source: str, feeds: list[dict]) -> list[list[np.ndarray]]:
@@ -89,19 +92,25 @@ def _error(w: np.ndarray, axis: int) -> float:
     return float(np.linalg.norm(q * scale.reshape(shape) - w) / max(float(np.linalg.norm(w)), 1e-30))
 
 
-def _replace(ov, op, port: int, axis: int, w: np.ndarray):
-    """Constant(i8) -> Convert(f32) -> Multiply(scale) into ``op``'s ``port``; returns what puts the f32 one back."""
+def _replace(ov, src, axis: int, w: np.ndarray):
+    """Constant(i8) -> Convert(f32) -> Multiply(scale) in place of the f32 constant ``src`` for every reader; returns
+    what puts the f32 one back."""
     opset = ov.opset13
     q, scale = quantized(w, axis)
     shape = [1] * w.ndim
     shape[axis] = -1
-    original = op.input_value(port)
-    name = original.get_node().get_friendly_name()
+    name = src.get_node().get_friendly_name()
     const = opset.constant(q, dtype=np.int8, name=f"{name}{SUFFIX}")
     decompressed = opset.multiply(opset.convert(const, "f32"),
                                   opset.constant(scale.reshape(shape), dtype=np.float32), name=f"{name}/dequantized")
-    op.input(port).replace_source_output(decompressed.output(0))
-    return lambda: op.input(port).replace_source_output(original)
+    readers = list(src.get_target_inputs())
+    for r in readers:
+        r.replace_source_output(decompressed.output(0))
+
+    def undo():
+        for r in readers:
+            r.replace_source_output(src)
+    return undo
 
 
 def mark_decompression(xml: Path) -> int:

@@ -165,3 +165,19 @@ def test_a_weight_shared_by_several_float_layers_is_stored_int8_once(tmp_path):
     assert all(n.input[1] == "k" for n in g.node if n.op_type == "Conv") and "k" not in {i.name for i in g.initializer}
     share = weight_share(out, "onnx")
     assert share["stored_int8_share"] == 1.0 and share["int8_weight_share"] == 0.0  # the convs compute in float
+    # OpenVINO: one int8 constant, both convolutions read it (the f32 one is gone from the IR)
+    pytest.importorskip("openvino")
+    from edgebuild.targets.openvino import compile_config
+    from edgebuild.targets.openvino_nncf import import_without_telemetry
+    from edgebuild.targets.openvino_weight_only import SUFFIX, float_weights
+    from edgebuild.targets.openvino_weight_only import int8_weights as ov_int8_weights
+
+    ov = import_without_telemetry("openvino")
+    ir = ov.convert_model(str(path))
+    assert len(float_weights(ir)) == 1
+    assert "weight-only INT8: 1 weight(s)" in ov_int8_weights(ov, ir, calib, compile_config("fp32"), str(path))[0]
+    convs = [op for op in ir.get_ops() if op.get_type_name() == "Convolution"]
+    assert len(convs) == 2 and all(c.input_value(1).get_node().get_type_name() == "Multiply" for c in convs)
+    assert not [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_output_size()
+                and op.get_element_type().get_type_name() == "f32" and op.get_data().size >= 512]
+    assert sum(op.get_friendly_name().endswith(SUFFIX) for op in ir.get_ops()) == 1
