@@ -78,13 +78,15 @@ class Search:
         if best is None:
             return label, settings  # the profile's own settings came closest: the candidate as it is
         closest = self.asked[best.label]
+        refine = getattr(self.backend, "on_best_variant", None)
+        refined = refine(settings, closest) if refine is not None else None
+        if refined is not None:
+            return f"{label}, on {best.label}", refined
         if getattr(closest, "equalize", False) and getattr(settings, "equalize", True) is False:
             # the equalized graph came closest (exact in float, it only evens out ranges): the next variants are
             # tried on it (PicoDet's layout detector: "weighted layers only" on the raw graph f1 14, equalized 75)
-            label, settings = f"{label}, on the equalized graph", settings.replace(equalize=True)
-        refine = getattr(self.backend, "on_best_variant", None)
-        refined = refine(settings, closest) if refine is not None else None
-        return (f"{label}, on {best.label}", refined) if refined is not None else (label, settings)
+            return f"{label}, on the equalized graph", settings.replace(equalize=True)
+        return label, settings
 
     def closest_variant(self) -> Attempt | None:
         """The INT8 try of a backend variant (its own Settings, no float layers) that came closest to the budget, when
