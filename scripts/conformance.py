@@ -530,9 +530,11 @@ def build(edgebuild: str, onnx_path, calib, evals, config, target: str, out: Pat
         quality = (f"drop {m['accuracy_drop']:+.2f} pt" if "accuracy_drop" in m else
                    f"agree {m['top1_agreement']:.1f} %" if "top1_agreement" in m else
                    f"cos {m['cosine_min']:.4f}" if "cosine_min" in m else "")
-        share = (t.get("quantized") or {}).get("int8_weight_share")
+        q = t.get("quantized") or {}
+        share = q.get("int8_weight_share")
+        stored = q.get("stored_int8_share") if q.get("weight_only_weights") else None  # weight-only INT8: storage
         row.update(verdict=t["verdict"], artifact=t.get("artifact") or "", quality=quality,
-                   speedup=r.get("speedup_vs_fp32"), size=r.get("size_vs_fp32"), share=share,
+                   speedup=r.get("speedup_vs_fp32"), size=r.get("size_vs_fp32"), share=share, stored=stored,
                    task=task_vs_fp32(m), decided=(t.get("gate") or {}).get("decided_by", ""),
                    int8=t.get("precision") == "int8" and t["verdict"] == "pass" and (share is None or share >= 0.9),
                    error=t.get("error") or "; ".join(t.get("failures") or []),
@@ -639,6 +641,8 @@ def main(argv=None) -> int:
             print(f"[conformance] {name} -> {target} (tree {rev.stdout.strip()}) ...", file=sys.stderr, flush=True)
             r = build(args.edgebuild, *prepared, target, args.workdir / name / f"out-{target}", args.timeout, env)
             share = f"{r['share']:.0%}" if r.get("share") is not None else None
+            if share and r.get("stored") is not None:
+                share += f" ({r['stored']:.0%} stored)"
             print(f"| {name} | {target} | {r['exit']} | {r['verdict']} | {cell(r.get('artifact'))} | {cell(share)} | "
                   f"{cell(r.get('task'))} | {cell(r.get('decided'))} | {cell(r.get('speedup'), '.2f')} | "
                   f"{cell(r.get('coverage'))} | "
