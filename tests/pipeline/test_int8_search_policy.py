@@ -21,7 +21,7 @@ from edgebuild.targets.settings import OnnxSettings
 
 
 def art(precision: str):
-    return SimpleNamespace(precision=precision, settings={}, files=[])
+    return SimpleNamespace(precision=precision, settings={}, files=[], path=None)  # no file: its share is unknown
 
 
 def tried(label: str, precision: str, ok: bool, loss: float = 0.0):
@@ -45,6 +45,7 @@ PROFILE = SimpleNamespace(name="onnx-cpu", allow_float_layers=True, precisions=(
 
 class Backend:
     supports_float_layers = True
+    name = "onnx"
 
     def requested_settings(self, profile):
         return OnnxSettings()
