@@ -10,7 +10,7 @@ import numpy as np
 
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.targets.weight_only import (
-    CHECK_SAMPLES, MARK, MAX_LOSS_DB, MIN_ELEMENTS, Check, choose, quantized, weight_only_note)
+    CHECK_SAMPLES, MARK, MAX_LOSS_DB, MIN_ELEMENTS, Check, choose, quantized, rounding_error, weight_only_note)
 
 SUFFIX = "/" + MARK  # the name of the int8 weight constants written here (mark_decompression finds them by it)
 # operation type -> (weight input port, the output-channel axis of that weight); MatMul: by transpose_b
@@ -55,7 +55,7 @@ def int8_weights(ov, ov_model, calib: SampleSet, config: dict, source: str | Non
     found = float_weights(ov_model)
     if not found:
         return []
-    found.sort(key=lambda c: _error(c[2], c[1]))
+    found.sort(key=lambda c: rounding_error(c[2], c[1]))
     feeds = list(at_most(calib, CHECK_SAMPLES).feeds())
     core = ov.Core()
     check = Check(_run(core, ov_model, feeds, config), _fp32(source, feeds) if source else None, max_loss_db)
@@ -83,13 +83,6 @@ def _fp32(source: str, feeds: list[dict]) -> list[list[np.ndarray]]:
 
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     return [session.run(None, f) for f in feeds]
-
-
-def _error(w: np.ndarray, axis: int) -> float:
-    q, scale = quantized(w, axis)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    return float(np.linalg.norm(q * scale.reshape(shape) - w) / max(float(np.linalg.norm(w)), 1e-30))
 
 
 def _replace(ov, src, axis: int, w: np.ndarray):
@@ -126,7 +119,8 @@ def mark_decompression(xml: Path) -> int:
     tree = ET.parse(xml)
     root = tree.getroot()
     layers = {layer.get("id"): layer for layer in root.iter("layer")}
-    ours = {lid for lid, layer in layers.items() if layer.get("type") == "Const" and layer.get("name", "").endswith(SUFFIX)}
+    ours = {lid for lid, layer in layers.items()
+            if layer.get("type") == "Const" and layer.get("name", "").endswith(SUFFIX)}
     marked = 0
     for edge in root.iter("edge"):
         target = layers.get(edge.get("to-layer"))

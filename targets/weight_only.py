@@ -28,6 +28,15 @@ def quantized(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def rounding_error(w: np.ndarray, axis: int) -> float:
+    """The weight's relative int8 rounding error (norm of the error / norm of the weight): ``choose`` leaves the
+    weights with the largest float first."""
+    q, scale = quantized(w, axis)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return float(np.linalg.norm(q * scale.reshape(shape) - w) / max(float(np.linalg.norm(w)), 1e-30))
+
+
 class Check:
     """Whether int8 weights cost nothing measurable: every float output of the artifact with them keeps
     ``MIN_SQNR_DB`` against the artifact without them, or loses at most ``MAX_LOSS_DB`` of the artifact's SQNR

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.calibration.dataset import SampleSet
-from edgebuild.targets.weight_only import MARK, MAX_LOSS_DB, MIN_ELEMENTS, Check, choose, quantized, weight_only_note
+from edgebuild.targets.weight_only import (
+    MARK, MAX_LOSS_DB, MIN_ELEMENTS, Check, choose, quantized, rounding_error, weight_only_note)
 
 # op type -> (weight input index, the output-channel axis of that weight); MatMul's B is [K, N]: channels are N
 _WEIGHTS = {"Conv": ((1, 0),), "ConvTranspose": ((1, 1),), "MatMul": ((1, -1),), "LSTM": ((1, 1), (2, 1)),
@@ -72,8 +73,8 @@ def int8_weights(path: Path, out: Path, calib: SampleSet, workdir: Path, source:
 
     taken = choose(found, lambda chosen: trial(chosen)[1])
     if not taken:
-        return [f"weight-only INT8 not taken: the float layers' weights in int8 cost more than {max_loss_db:g} dB of the "
-                f"artifact's output SQNR"]
+        return [f"weight-only INT8 not taken: the float layers' weights in int8 cost more than {max_loss_db:g} dB of "
+                "the artifact's output SQNR"]
     m, verdict = trial(taken)
     onnx.save(m, str(out))
     total = sum(int(np.prod(_init(model.graph, n.input[i]).dims)) for n, i, _ in taken)
@@ -85,15 +86,9 @@ def _init(graph, name: str):
 
 
 def _error(graph, node, i: int, axis: int) -> float:
-    """The weight's relative int8 rounding error (norm of the error / norm of the weight)."""
     from onnx import numpy_helper
 
-    w = numpy_helper.to_array(_init(graph, node.input[i])).astype(np.float32)
-    q, scale = quantized(w, axis)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    err = np.linalg.norm(q * scale.reshape(shape) - w) / max(float(np.linalg.norm(w)), 1e-30)
-    return float(err)
+    return rounding_error(numpy_helper.to_array(_init(graph, node.input[i])).astype(np.float32), axis)
 
 
 def _replace(graph, weights: list[tuple[int, int, int]], opset: int) -> None:
@@ -122,7 +117,8 @@ def _replace(graph, weights: list[tuple[int, int, int]], opset: int) -> None:
         shape[axis] = -1
         graph.initializer.append(numpy_helper.from_array(scale.reshape(shape), base + ".scale"))
         graph.node.insert(at, helper.make_node("Cast", [base], [base + ".float"], name=f"{base}.cast", to=1))
-        graph.node.insert(at + 1, helper.make_node("Mul", [base + ".float", base + ".scale"], [old.name], name=f"{base}.dq"))
+        graph.node.insert(at + 1, helper.make_node("Mul", [base + ".float", base + ".scale"], [old.name],
+                                                   name=f"{base}.dq"))
 
 
 def _feeds(calib: SampleSet) -> list[dict]:
