@@ -250,6 +250,9 @@ class OnnxSettings(Settings):
     # where that costs at most ``weight_only_loss_db`` of the output SQNR against FP32 (targets/weight_only.py)
     weight_only: bool = flag(True)
     weight_only_loss_db: float = number(1.0, 0.0, 40.0)
+    # HardSigmoid / HardSwish gates as Add -> Clip in int8, their slope folded into a scale (onnxruntime has no int8
+    # HardSigmoid: each ran in float between a DQ and a Q); exact in float (targets/onnx/hard_gates.py); static INT8
+    int8_gates: bool = flag(True)
 
     def kind(self) -> str:
         return self.activations + _equalized(self)
@@ -262,6 +265,7 @@ class TensorRTSettings(OnnxSettings):
     backend = "tensorrt"
 
     weight_only: bool = flag(False)  # TensorRT builds its INT8 layers from Q/DQ pairs: a lone weight DQ is no INT8 layer
+    int8_gates: bool = flag(False)  # an onnxruntime speed rewrite; TensorRT fuses its own activations
 
 
 def _check_scope(value):

@@ -40,7 +40,7 @@ INFO = register(BackendInfo(
     # 2: constant weights folded before quantizing, recurrent state path float, dynamic INT8; 3: the fake-quant
     # quantizes LSTMs (the sensitivity ranks them); 4: percentile/entropy over fixed-bin histograms bounded by min-max;
     # 5: the float layers' weights int8 (weight-only, targets/onnx/weight_only.py)
-    cache_version=5,
+    cache_version=6,
     extra="onnx", requires=("onnx", "onnxruntime"), device_runtimes=("onnxruntime",), suffixes=(".onnx",),
     metadata="onnx metadata_props", versions=("onnx", "onnxruntime", "numpy"),
     peak_memory=(245 << 20, 5.0), cell_memory_mb=1000))

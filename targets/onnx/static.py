@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import ConversionError
+from edgebuild.targets.onnx.hard_gates import applies, decompose, fold
 from edgebuild.targets.onnx.prepare import prepared, state_path
 from edgebuild.targets.regions import graph_index, is_transformer
 from edgebuild.targets.settings import OnnxSettings
@@ -107,6 +108,13 @@ def quantize_qdq(src: Path, out: Path, calib: SampleSet, s: dict, workdir: Path,
                               owned=not preprocessed)
         note = "; ".join(filter(None, [note, ada_note]))
         preprocessed = False  # the adjusted copy is this call's own: removed below
+    gates = s.get("int8_gates", False) and not s["nodes_to_quantize"] and applies(op_types)
+    if gates:  # onnxruntime has no int8 HardSigmoid: the gates as Add -> Clip (targets/onnx/hard_gates.py)
+        rewritten = workdir / "_gates.onnx"
+        n_gates = decompose(pre, rewritten, skip={*s["nodes_to_exclude"], *s["float_layers"], *regions})
+        if not preprocessed:
+            pre.unlink()
+        pre, preprocessed = rewritten, False
     ranges = calibration_cache or workdir / "_ranges.json"
     if not ranges.is_file():
         used = histogram_samples(pre, calib) if s["calibrate_method"] != "minmax" else calib
@@ -134,6 +142,10 @@ def quantize_qdq(src: Path, out: Path, calib: SampleSet, s: dict, workdir: Path,
     )
     if regions and found.get("postprocess"):
         float_into_tail(out, set(found["postprocess"]))
+    if gates and n_gates:
+        folded = fold(out)
+        note = "; ".join(filter(None, [note, f"{n_gates} HardSigmoid/HardSwish gate(s) as int8 Add -> Clip, {folded} slope(s) "
+                                             "folded into a scale (onnxruntime has no int8 HardSigmoid)"]))
     if not preprocessed:
         pre.unlink()
     if calibration_cache is None:
