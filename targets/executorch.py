@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from edgebuild.calibration.budget import at_most
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets.base import TORCH_EXPORT, Artifact, Backend, BackendInfo, ExportedModel, Runner, register
+from edgebuild.targets.executorch_graph import delegation, half_module, prelu_for_xnnpack, quantize_pt2e
 from edgebuild.targets.isolated import quiet_native_stderr
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, Settings, choice, count, flag, names, number
@@ -198,8 +197,6 @@ class ExecuTorchRunner(Runner):
             return None
 
 
-
-
 def load_pte(path: Path):
     """The .pte in ExecuTorch's C++ runtime (portable kernels + XNNPACK) through its bindings' extension alone:
     ``executorch.runtime`` would import the compiler side too (exir, torchao: ~30 s on a loaded host)."""
@@ -237,21 +234,21 @@ def _convert_job(job: dict) -> dict:
     ep = torch.export.load(job["program"])
     example = tuple(torch.zeros(i["shape"], dtype=getattr(torch, i["dtype"])) for i in job["inputs"])
     record: dict = {}
-    ep, rewritten = _prelu_for_xnnpack(ep, example)
+    ep, rewritten = prelu_for_xnnpack(ep, example)
     if rewritten:
         record["prelu_rewritten"] = rewritten
     if precision == "fp16":
         set_phase("casting the program to FP16")
-        ep = torch.export.export(_half_module(ep.module()), example, strict=False)
+        ep = torch.export.export(half_module(ep.module()), example, strict=False)
     elif precision in ("int8", "dynamic"):
         calib = samples_from_disk(job["samples"])
-        ep, record = _quantize(ep, example, precision, s, calib, job)
+        ep, record = quantize_pt2e(ep, example, precision, s, calib, job)
     set_phase("lowering to XNNPACK (to_edge_transform_and_lower)")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-    record["delegation"] = _delegation(edge.exported_program().graph_module)
+    record["delegation"] = delegation(edge.exported_program().graph_module)
     set_phase("serializing the .pte (to_executorch)")
     Path(job["out"]).write_bytes(edge.to_executorch().buffer)
     set_phase("loading the .pte in the ExecuTorch runtime")
@@ -261,232 +258,6 @@ def _convert_job(job: dict) -> dict:
                               f"{len(job['outputs'])} ({', '.join(job['outputs'])})")
     record["runtime_checked"] = True
     return {"record": record}
-
-
-PRELU_OPS = ("aten._prelu_kernel.default", "aten.prelu.default")
-
-
-def _prelu_for_xnnpack(ep, example):
-    """PReLU on a tensor that is not 4-D (after a Linear: MTCNN's RNet/ONet) written as relu(x) - w * relu(-x):
-    ExecuTorch 1.5.1's XNNPACK layout pass (ChannelsLastTaggedReshapePass) asserts on it ("non-NHWC compatible
-    node"), failing the whole lowering, FP32 too. 4-D PReLU stays one op. Returns the program and how many."""
-    import torch
-
-    gm = ep.module()
-    aten = torch.ops.aten
-    found = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in PRELU_OPS
-             and getattr(n.args[0].meta.get("val"), "dim", lambda: 4)() != 4]
-    if not found:
-        return ep, 0
-    graph = gm.graph
-    for n in found:
-        x, w = n.args[0], n.args[1]
-        rank = x.meta["val"].dim()
-        with graph.inserting_before(n):
-            if rank > 2:  # the weight is per channel (dim 1): [C] -> [C, 1, ...] to broadcast over the rest
-                w = graph.call_function(aten.reshape.default, (w, [-1] + [1] * (rank - 2)))
-            pos = graph.call_function(aten.relu.default, (x,))
-            neg = graph.call_function(aten.relu.default, (graph.call_function(aten.neg.default, (x,)),))
-            out = graph.call_function(aten.sub.Tensor, (pos, graph.call_function(aten.mul.Tensor, (neg, w))))
-        n.replace_all_uses_with(out)
-        graph.erase_node(n)
-    gm.recompile()
-    return torch.export.export(gm, example, strict=False), len(found)
-
-
-def _half_module(module):
-    """``module`` in FP16 behind float32 I/O: floating inputs cast to half on entry, floating outputs back to float32
-    on exit (XNNPACK runs the casts), so the .pte takes and gives what the source model does."""
-    import torch
-
-    class HalfWrapper(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner.half()
-
-        def forward(self, *args):
-            args = [a.half() if a.is_floating_point() else a for a in args]
-            out = self.inner(*args)
-            leaves = torch.utils._pytree.tree_leaves(out)
-            return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in leaves)
-
-    return HalfWrapper(module)
-
-
-def _quantize(ep, example, precision: str, s: dict, calib, job: dict):
-    """PT2E: prepare with XNNPACKQuantizer, calibrate (static) or observe the weights (dynamic), convert, re-export."""
-    import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                         get_symmetric_quantization_config)
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    from edgebuild.targets.isolated import set_phase
-
-    dynamic = precision == "dynamic"
-    config = get_symmetric_quantization_config(is_per_channel=bool(s.get("per_channel", True)), is_dynamic=dynamic)
-    if not dynamic and s.get("observer", "minmax") == "minmax":
-        config = _with_minmax_activations(config)
-    quantizer = XNNPACKQuantizer().set_global(config)
-    record: dict = {"quantizer": "executorch XNNPACKQuantizer (PT2E, torchao.quantization.pt2e)",
-                    "weights": "int8 symmetric " + ("per-channel" if s.get("per_channel", True) or dynamic else "per-tensor")}
-    ep, record["recurrent_unrolled"] = _unroll_recurrent(ep)
-    gm = ep.module()
-    kept = {}
-    if s.get("float_layers"):
-        kept, float_nodes = _float_nodes(gm, s["float_layers"], job)
-        quantizer.set_filter_function(lambda n: n.name not in float_nodes)
-        record["float_layers_kept"] = kept
-    set_phase("PT2E prepare")
-    prepared = prepare_pt2e(gm, quantizer)
-    with torch.no_grad():
-        if dynamic or calib is None:
-            set_phase("observing the weights (dynamic INT8)")
-            prepared(*example)
-        else:
-            names = [i["name"] for i in job["inputs"]]
-            for i in range(len(calib)):
-                set_phase(f"calibrating ({i + 1}/{len(calib)} samples)")
-                feed = calib.feed(i)
-                prepared(*(torch.from_numpy(np.array(feed[n], copy=True)) for n in names))
-    set_phase("PT2E convert")
-    converted = convert_pt2e(prepared)
-    record["int8_weight_share"] = round(_int8_share(converted), 4)
-    record["activations"] = ("float, quantized per run (dynamic)" if dynamic else
-                             f"int8 per-tensor, {s.get('observer', 'minmax')} ranges")
-    set_phase("re-exporting the quantized program")
-    return torch.export.export(converted, example, strict=False), record
-
-
-RECURRENT_OPS = ("lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input")
-
-
-def _unroll_recurrent(ep):
-    """LSTM/GRU/RNN ops decomposed into their per-step Linear and gate ops (torch's own decompositions) before PT2E:
-    the XNNPACK quantizer has no pattern for the fused recurrent op, which would leave its weights float; unrolled,
-    each weight is one int8 constant shared by every step. Returns the program and the ops unrolled."""
-    import torch
-    from torch._decomp import get_decompositions
-
-    present = {str(n.target).replace("aten.", "") for n in ep.graph.nodes if n.op == "call_function"}
-    ops = [name for name in RECURRENT_OPS if name in present]
-    if not ops:
-        return ep, []
-    table = get_decompositions([getattr(torch.ops.aten, name.split(".")[0]).input for name in ops])
-    return ep.run_decompositions(table), ops
-
-
-def _with_minmax_activations(config):
-    """The static config with min-max activation observers instead of XNNPACK's histogram ones."""
-    import dataclasses
-
-    from torchao.quantization.pt2e import MinMaxObserver
-
-    spec = config.input_activation
-    act = dataclasses.replace(spec, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
-    return dataclasses.replace(config, input_activation=act, output_activation=act)
-
-
-def _int8_share(gm) -> float:
-    """Share of the weight elements held as int8 after PT2E convert (the rest stays float)."""
-    import torch
-
-    int8 = total = 0
-    seen = set()
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or node.target in seen:
-            continue
-        seen.add(node.target)
-        t = _attr(gm, node.target)
-        if not isinstance(t, torch.Tensor) or t.numel() < 2:
-            continue
-        if t.dtype == torch.int8:
-            int8 += t.numel()
-            total += t.numel()
-        elif t.is_floating_point() and not _is_quant_param(node):
-            total += t.numel()
-    return int8 / total if total else 0.0
-
-
-def _is_quant_param(node) -> bool:
-    """Scales and zero points of per-channel quantization are attributes too; they are not weights."""
-    return any("quantize" in str(getattr(u, "target", "")) and u.args and u.args[0] is not node for u in node.users)
-
-
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-SCOPE_OPS = {"Conv": ("conv",), "ConvTranspose": ("conv_transpose",), "Gemm": ("linear", "addmm", "mm"),
-             "MatMul": ("linear", "matmul", "mm", "bmm"), "Add": ("add",), "Mul": ("mul",), "Concat": ("cat",),
-             "Relu": ("relu",), "AveragePool": ("avg_pool",), "GlobalAveragePool": ("adaptive_avg_pool", "mean")}
-
-
-def onnx_scope_module(onnx_name: str) -> tuple[str, str] | None:
-    """(torch module path, ONNX op type) of a node name the TorchScript-based exporter wrote, e.g.
-    ``/layer1/layer1.0/conv1/Conv`` -> ("layer1.0.conv1", "Conv"); ``/features/features.3/Conv`` -> ("features.3",
-    "Conv"). A scope part "seq.0" under "seq" is that Sequential's child 0. None for other names."""
-    if not onnx_name.startswith("/"):
-        return None
-    parts = onnx_name.strip("/").split("/")
-    op = re.sub(r"_\d+$", "", parts[-1])
-    path: list[str] = []
-    for part in parts[:-1]:
-        if path and part.startswith(path[-1] + "."):  # "layer1.0" under "layer1": the child, named in full
-            path[-1] = part
-        else:
-            path.append(part)
-    return ".".join(path), op
-
-
-def _float_nodes(gm, layers, job: dict) -> tuple[dict[str, list[str]], set[str]]:
-    """FX nodes of the torch program that each ONNX layer came from: the module path its ONNX scope names, ops of the
-    ONNX op's kind (a Conv's conv, a Gemm's linear); a dynamo-exported name ``node_<fx name>`` names the node itself.
-    A layer that maps to no node is a ConversionError (the try fails; nothing stays float silently)."""
-    by_module: dict[str, list] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_function":
-            stack = n.meta.get("nn_module_stack") or {}
-            path = list(stack.values())[-1][0] if stack else ""
-            by_module.setdefault(_plain_path(path), []).append(n)
-    names = {n.name for n in gm.graph.nodes}
-    kept: dict[str, list[str]] = {}
-    for layer in layers:
-        scoped = onnx_scope_module(layer)
-        if scoped is not None:
-            path, op = scoped
-            kinds = SCOPE_OPS.get(op)
-            hits = [n.name for n in by_module.get(path, [])
-                    if kinds is None or any(k in str(n.target) for k in kinds)]
-        else:
-            bare = layer[len("node_"):] if layer.startswith("node_") else layer
-            hits = [bare] if bare in names else []
-        if not hits:
-            raise ConversionError(f"{job['target']}: float layer {layer} maps to no op of the torch program")
-        kept[layer] = hits
-    return kept, {h for hits in kept.values() for h in hits}
-
-
-def _plain_path(path: str) -> str:
-    """nn_module_stack paths of a re-exported module may read ``L['self'].layer1[0]``: as ``layer1.0``."""
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    return re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).strip(".")
-
-
-def _delegation(gm) -> dict:
-    """How much of the program XNNPACK took: its partitions and the ops left to ExecuTorch's portable kernels."""
-    delegates, outside = 0, set()
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        name = getattr(n.target, "__name__", str(n.target))
-        if "executorch_call_delegate" in name:
-            delegates += 1
-        elif name != "getitem" and "getitem" not in name:
-            outside.add(re.sub(r"^(aten|dim_order_ops)[._]", "", name.split("::")[-1]))
-    return {"xnnpack_partitions": delegates, "ops_outside_xnnpack": sorted(outside)}
 
 
 # ---- metadata in the .pte (pipeline/stages/embed.py, through embed_metadata) ---------------------------------------

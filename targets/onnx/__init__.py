@@ -126,7 +126,7 @@ class OnnxBackend(Backend):
                 _to_fp16(model.onnx_path, out)
             elif precision in ("dynamic", "int8"):  # onnxruntime's native quantization: in a converter child
                 notes = quantize_isolated(model.onnx_path, out, calib, settings, workdir, precision, profile.name,
-                                          self.calibration_store)
+                                          self.calibration_store, runtime_counts=not self.simulate_quantization)
             else:
                 raise ConversionError(f"{profile.name}: onnx backend cannot build precision {precision}")
         except ConversionError:

@@ -6,20 +6,23 @@ from pathlib import Path
 
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import ConversionError
+from edgebuild.targets.onnx.coverage import coverage_note
 from edgebuild.targets.onnx.dynamic import quantize_dynamic_all, quantize_int8_dynamic, quantize_recurrent
 from edgebuild.targets.onnx.static import quantize_qdq
 from edgebuild.targets.onnx.weight_only import int8_weights
 
 
 def quantize_isolated(src: Path, out: Path, calib: SampleSet, settings: dict, workdir: Path, precision: str,
-                      target: str, ranges_store: Path | None = None) -> list[str]:
+                      target: str, ranges_store: Path | None = None, runtime_counts: bool = True) -> list[str]:
     """Dynamic or static INT8 quantization in a converter child (targets/isolated.py): a crash or a hang of
     onnxruntime's native code fails this target, not the build. Returns the conversion's notes. ``ranges_store``:
-    static INT8's activation ranges kept across this build's conversions (static.py ``stored_ranges``)."""
+    static INT8's activation ranges kept across this build's conversions (static.py ``stored_ranges``).
+    ``runtime_counts``: the notes say what onnxruntime runs in int8 and in float (not for a TensorRT artifact)."""
     from edgebuild.targets.isolated import run_with_samples
 
     job = {"src": str(src), "out": str(out), "settings": settings, "workdir": str(workdir), "precision": precision,
-           "target": target, "ranges_store": str(ranges_store) if ranges_store else None}
+           "target": target, "ranges_store": str(ranges_store) if ranges_store else None,
+           "runtime_counts": runtime_counts}
     static = precision == "int8" and settings.get("activations") != "dynamic"
     samples = static or (precision == "int8" and settings.get("weight_only", False))  # the weight-only check's
     return run_with_samples(_quantize_job, job, calib if samples else None,
@@ -47,6 +50,9 @@ def _quantize_job(job: dict) -> list[str]:
         set_phase("weight-only INT8 of the float layers")
         notes += int8_weights(out, out, samples_from_disk(job["samples"]), workdir, source=src,
                               max_loss_db=job["settings"].get("weight_only_loss_db", 1.0))
+    if job.get("runtime_counts", True):
+        set_phase("counting the int8 kernels onnxruntime runs")
+        notes += [n for n in [coverage_note(out)] if n]
     return notes
 
 

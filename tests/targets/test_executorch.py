@@ -83,16 +83,16 @@ def test_target_all_with_an_onnx_model_skips_the_pytorch_only_targets(tmp_path, 
 def test_onnx_layer_names_map_to_the_torch_ops_they_came_from():
     import torch
 
-    from edgebuild.targets.executorch import _float_nodes, onnx_scope_module
+    from edgebuild.targets.executorch_graph import float_nodes, onnx_scope_module
 
     assert onnx_scope_module("/layer1/layer1.0/conv1/Conv") == ("layer1.0.conv1", "Conv")
     assert onnx_scope_module("/layer1/layer1.0/seq/seq.0/Conv_1") == ("layer1.0.seq.0", "Conv")
     assert onnx_scope_module("/fc/Gemm") == ("fc", "Gemm") and onnx_scope_module("node_linear") is None
     gm = torch.export.export(_Cnn().eval(), (torch.zeros(1, 3, 16, 16),)).module()
-    kept, nodes = _float_nodes(gm, ["/features/features.3/Conv", "/head/Gemm"], {"target": "t"})
+    kept, nodes = float_nodes(gm, ["/features/features.3/Conv", "/head/Gemm"], {"target": "t"})
     assert kept["/features/features.3/Conv"] == ["conv2d_1"] and kept["/head/Gemm"] == ["linear"]
     with pytest.raises(Exception, match="maps to no op"):
-        _float_nodes(gm, ["/nothing/Conv"], {"target": "t"})
+        float_nodes(gm, ["/nothing/Conv"], {"target": "t"})
 
 
 # ---- models built here --------------------------------------------------------------------------------------
@@ -324,7 +324,8 @@ def test_prelu_after_a_linear_is_rewritten_so_xnnpack_can_lower_it(tmp_path):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from edgebuild.targets.executorch import _prelu_for_xnnpack, load_pte
+    from edgebuild.targets.executorch import load_pte
+    from edgebuild.targets.executorch_graph import prelu_for_xnnpack
 
     nn = torch.nn
     torch.manual_seed(0)
@@ -334,7 +335,7 @@ def test_prelu_after_a_linear_is_rewritten_so_xnnpack_can_lower_it(tmp_path):
     ep = torch.export.export(model, example, strict=False)
     with pytest.raises(Exception, match="ChannelsLastTaggedReshapePass"):  # if this starts passing, drop the rewrite
         to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-    ep, rewritten = _prelu_for_xnnpack(ep, example)
+    ep, rewritten = prelu_for_xnnpack(ep, example)
     assert rewritten == 2  # the 2-D and the 3-D one; the 4-D PReLU after the conv stays one op
     (tmp_path / "m.pte").write_bytes(to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
     x = torch.randn(1, 3, 8, 8)

@@ -82,16 +82,8 @@ def test_the_gates_are_rewritten_exactly_in_float(tmp_path):
     assert "HardSwish" in _ops(tmp_path / "skip.onnx")
 
 
-def _runtime_graph(path, tmp_path):
-    """The op types onnxruntime runs for ``path`` (its QDQ fusions applied, before the CPU layout transforms)."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.optimized_model_filepath = str(tmp_path / f"{path.stem}.runtime.onnx")
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return _ops(tmp_path / f"{path.stem}.runtime.onnx")
-
-
 def test_static_int8_runs_no_float_gate_and_keeps_the_accuracy(tmp_path):
+    from edgebuild.targets.onnx.coverage import coverage_note, runtime_ops
     from edgebuild.targets.onnx.hard_gates import MARK
     from edgebuild.targets.onnx.static import quantize_static
 
@@ -104,12 +96,12 @@ def test_static_int8_runs_no_float_gate_and_keeps_the_accuracy(tmp_path):
     graph = onnx.load(str(on)).graph
     assert not set(GATES) & {n.op_type for n in graph.node}
     assert not [n.name for n in graph.node if n.name.endswith(MARK)], "every gate's slope is folded into a scale"
-    # what onnxruntime runs: onnxruntime's own QDQ leaves the gates float (HardSigmoid between a DQ and a Q); with the
-    # rewrite every gate is a QLinearAdd, and nothing dequantizes between the int8 layers
-    assert "HardSigmoid" in _runtime_graph(off, tmp_path)
-    runtime = _runtime_graph(on, tmp_path)
-    assert "HardSigmoid" not in runtime and runtime.count("QLinearAdd") >= 3
-    assert runtime.count("DequantizeLinear") < _runtime_graph(off, tmp_path).count("DequantizeLinear")
+    # what onnxruntime runs (targets/onnx/coverage.py): its own QDQ leaves the gates float (HardSigmoid and the Div
+    # between a DQ and a Q); with the rewrite every gate is a QLinearAdd and no op runs in float
+    assert runtime_ops(off)["float_ops"] == {"HardSigmoid": 3, "Div": 1}
+    assert runtime_ops(on) == {"int8": runtime_ops(on)["int8"], "float": 0, "float_ops": {}}
+    assert runtime_ops(on)["int8"] > runtime_ops(off)["int8"]
+    assert coverage_note(on).endswith("no float op between them")
     xs = _samples(16, 2)
     ref = _outputs(src, xs)
 
