@@ -58,15 +58,15 @@ def decompose(src: Path, out: Path, skip: set[str]) -> int:
         return name
 
     def gate(u: str, a: float, b: float, out_name: str, base: str) -> list:
-        """Clip(u + b/a, 0, 1/a) * a into ``out_name``."""
+        """Clip(u + b/a, 0, 1/a) * a into ``out_name`` (whose name, unique in the graph, the constants take)."""
         shifted, clipped = f"{out_name}/shifted", f"{out_name}/clipped"
-        add = helper.make_node("Add", [u, const(f"{base}/offset", b / a)], [shifted], name=f"{base}/add")
+        add = helper.make_node("Add", [u, const(f"{out_name}/offset", b / a)], [shifted], name=f"{base}/add")
         if opset >= 11:
-            clip = helper.make_node("Clip", [shifted, const(f"{base}/low", 0.0), const(f"{base}/high", 1 / a)],
+            clip = helper.make_node("Clip", [shifted, const(f"{out_name}/low", 0.0), const(f"{out_name}/high", 1 / a)],
                                     [clipped], name=f"{base}/clip")
         else:
             clip = helper.make_node("Clip", [shifted], [clipped], name=f"{base}/clip", min=0.0, max=1 / a)
-        mul = helper.make_node("Mul", [clipped, const(f"{base}/slope", a)], [out_name], name=base + MARK)
+        mul = helper.make_node("Mul", [clipped, const(f"{out_name}/slope", a)], [out_name], name=base + MARK)
         return [add, clip, mul]
 
     for i, n in enumerate(graph.node):
@@ -87,7 +87,7 @@ def decompose(src: Path, out: Path, skip: set[str]) -> int:
             if moved is not None:
                 product, clipped, scale = moved
                 g = f"{clipped}/scaled"
-                slope = helper.make_node("Mul", [clipped, const(f"{name}/slope", scale)], [g], name=name + MARK)
+                slope = helper.make_node("Mul", [clipped, const(f"{clipped}/slope", scale)], [g], name=name + MARK)
                 x = product.input[1] if product.input[0] == clipped else product.input[0]
                 replaced[id(product)] = [slope, helper.make_node("Mul", [x, g], [n.output[0]], name=product.name)]
                 dropped.add(id(n))
@@ -154,7 +154,7 @@ def fold(path: Path) -> int:
             continue
         dq_a, q_b, factor, removed = found
         scale = numpy_helper.to_array(inits[dq_a.input[1]]).astype(np.float32) * np.float32(factor)
-        name = f"{mul.name}/folded_scale"
+        name = f"{mul.output[0]}/folded_scale"
         added.append(numpy_helper.from_array(scale, name))
         for dq_b in consumers[q_b.output[0]]:
             del dq_b.input[:]
