@@ -112,8 +112,13 @@ def test_encoder_builds_onnx_cpu_and_x86_without_a_collapse_passed_as_success(en
     # every op quantized, this encoder's worst cosine is ~0.72; with Q/DQ on the matrix products only it is ~0.99
     from edgebuild.targets.isa import host_isa
 
-    if host_isa()["vnni"]:
-        assert onnx_cpu["precision"] == "int8" and onnx_cpu["metrics"]["cosine_min"] > 0.95, onnx_cpu.get("search")
+    if host_isa()["vnni"]:  # full-range weights: the INT8 candidate keeps the embedding
+        chosen = next(t for t in onnx_cpu["search"]["tries"] if t["label"] == onnx_cpu["search"]["chosen"])
+        assert chosen["precision"] == "int8" and chosen["cosine_min"] > 0.95, onnx_cpu.get("search")
+        if onnx_cpu["precision"] != "int8":  # ... and ships unless it runs slower than FP32 on this (loaded) host: a
+            # few-ms encoder's INT8 QDQ can (the default objective's rule, pipeline/stages/objective.py)
+            assert onnx_cpu["objective"]["overruled"] and "slower than the FP32 baseline" in onnx_cpu["objective"]["why"]
+        assert onnx_cpu["metrics"]["cosine_min"] > 0.95
     else:  # AVX2 without VNNI: 7-bit weights (reduce_range: auto) cost this small encoder its worst-sample cosine
         # (0.976 measured), full-range ones saturate in the u8 x s8 kernels (0.945): INT8 misses, honestly — the
         # search tried the INT8 candidates first, each in the record with its miss, and a float artifact that keeps
