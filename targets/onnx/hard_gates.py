@@ -69,7 +69,7 @@ def decompose(src: Path, out: Path, skip: set[str]) -> int:
         mul = helper.make_node("Mul", [clipped, const(f"{out_name}/slope", a)], [out_name], name=base + MARK)
         return [add, clip, mul]
 
-    for i, n in enumerate(graph.node):
+    for n in graph.node:
         name = n.name or n.output[0]
         if n.name in skip or id(n) in dropped:
             continue
