@@ -39,7 +39,8 @@ INFO = register(BackendInfo(
     name="onnx", backend=f"{__name__}:OnnxBackend", precisions=tuple(Precision), settings_type=OnnxSettings,
     # 2: constant weights folded before quantizing, recurrent state path float, dynamic INT8; 3: the fake-quant
     # quantizes LSTMs (the sensitivity ranks them); 4: percentile/entropy over fixed-bin histograms bounded by min-max;
-    # 5: the float layers' weights int8 (weight-only, targets/onnx/weight_only.py)
+    # 5: the float layers' weights int8 (weight-only, targets/onnx/weight_only.py); 6: HardSigmoid/HardSwish gates in
+    # int8 (targets/onnx/hard_gates.py), what onnxruntime runs in int8 and in float in the notes (coverage.py)
     cache_version=6,
     extra="onnx", requires=("onnx", "onnxruntime"), device_runtimes=("onnxruntime",), suffixes=(".onnx",),
     metadata="onnx metadata_props", versions=("onnx", "onnxruntime", "numpy"),

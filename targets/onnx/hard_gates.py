@@ -39,7 +39,7 @@ def applies(op_types) -> bool:
 
 def decompose(src: Path, out: Path, skip: set[str]) -> int:
     """``src``'s HardSigmoid / HardSwish gates rewritten into ``out`` as described above (the nodes named in ``skip``
-    left as they are); the number rewritten. ``out`` is written even when none is."""
+    left as they are); the number rewritten. ``out`` is written only when some is."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -91,6 +91,8 @@ def decompose(src: Path, out: Path, skip: set[str]) -> int:
                 x = product.input[1] if product.input[0] == clipped else product.input[0]
                 replaced[id(product)] = [slope, helper.make_node("Mul", [x, g], [n.output[0]], name=product.name)]
                 dropped.add(id(n))
+    if not replaced:
+        return 0
     nodes = []
     for n in graph.node:
         if id(n) not in dropped:

@@ -112,9 +112,10 @@ def quantize_qdq(src: Path, out: Path, calib: SampleSet, s: dict, workdir: Path,
     if gates:  # onnxruntime has no int8 HardSigmoid: the gates as Add -> Clip (targets/onnx/hard_gates.py)
         rewritten = workdir / "_gates.onnx"
         n_gates = decompose(pre, rewritten, skip={*s["nodes_to_exclude"], *s["float_layers"], *regions})
-        if not preprocessed:
-            pre.unlink()
-        pre, preprocessed = rewritten, False
+        if n_gates:  # the graph unchanged otherwise (and its calibrated ranges stay keyed to it)
+            if not preprocessed:
+                pre.unlink()
+            pre, preprocessed = rewritten, False
     ranges = calibration_cache or workdir / "_ranges.json"
     if not ranges.is_file():
         used = histogram_samples(pre, calib) if s["calibrate_method"] != "minmax" else calib
