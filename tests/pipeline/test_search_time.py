@@ -128,3 +128,35 @@ def test_a_first_conversion_that_failed_late_is_the_first_estimate_of_a_try(monk
     with pytest.raises(ConversionError):  # nothing was tried in this stand-in: the first error stands
         R.recover(ctx, SimpleNamespace(supports_float_layers=False), profile, None, None, None, first_error=failed)
     assert seen == {"durations": [303.0], "room": False, "fallback": True}
+
+
+def test_a_costlier_try_does_not_make_plain_tries_look_longer(monkeypatch, tmp_path):
+    """PP-OCRv4's detector on onnx-cpu: the AdaRound try took 123 s of the 150 s search and, counted whole, made every
+    plain try (7 s) look too long to start. A try with ``extra_seconds`` is counted without them."""
+    import contextlib
+
+    from edgebuild.pipeline.stages import search_state as S
+
+    clock = [1000.0]
+    monkeypatch.setattr(S.time, "monotonic", lambda: clock[0])
+    made = SimpleNamespace(artifact=SimpleNamespace(precision="int8"), restored=None)
+
+    def convert(*a, **k):
+        clock[0] += 7.0 + (113.0 if (a[-1] or {}).get("rounding") == "adaround" else 0.0)
+        return made
+
+    monkeypatch.setattr(S, "convert", convert)
+    monkeypatch.setattr(S, "evaluate", lambda *a, **k: SimpleNamespace(summary=lambda: {"label": "x"}, loss=1.0))
+    monkeypatch.setattr(S, "share_calibration", lambda *a: None)
+    s = Search.__new__(Search)
+    s.ctx = SimpleNamespace(job=SimpleNamespace(spec=SimpleNamespace(auto_max_tries=12), model=SimpleNamespace(onnx_path="m")),
+                            work=SimpleNamespace(deadline=float("inf"), scratch=tmp_path,
+                                                 stage=lambda what: contextlib.nullcontext()))
+    s.profile, s.budget, s.select, s.reserve = SimpleNamespace(name="onnx-cpu"), None, None, 1
+    s.record, s.tries, s.durations = SearchRecord(tries=[SearchTry()]), [], [7.0]
+    s.deadline = clock[0] + 150.0
+    s.backend = SimpleNamespace(extra_seconds=lambda settings, path: 110.0 if settings.get("rounding") == "adaround" else 0.0)
+    assert s.attempt("AdaRound weight rounding", "int8", {"rounding": "adaround"}) is not None
+    assert s.durations == [7.0, 10.0]  # 120 s taken, 110 s of them AdaRound's
+    assert s.room()  # 30 s left: a plain try (at most 10 s) still starts
+    assert S.plain_seconds(5.0, 110.0) == 0.0 and S.plain_seconds(7.0, 0.0) == 7.0
