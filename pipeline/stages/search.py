@@ -45,6 +45,11 @@ NEAR_MISS = 0.1
 # than in the calibration (ddddocr's CTC recogniser: 7 variants at 90-95 % of strings against 98, then AdaRound, and
 # the search's time was gone before mixed precision was ever tried)
 MIXED_AFTER_MISSES = 3
+# ...when the time left still holds this many tries: the per-layer ranking and the fake-quant proxy cost about one or
+# two tries before mixed precision's first real try. With less, the pending backend variants (each a whole try that
+# may pass) keep their turn: PicoDet's layout detector on x86 (31 s a try) spent its last 42 s on the proxy and shipped
+# FP16, where the next variant, NNCF preset=mixed, passes at f1 91
+MIXED_EARLY_TRIES = 3
 FLOAT_FALLBACKS = (Precision.FP16, Precision.FP32)  # last resorts, where the profile runs them and allows float
 
 
@@ -314,6 +319,10 @@ def _mixed_early(ctx, backend, profile, search: Search, settings: Settings, pend
     first = getattr(backend, "mixed_before_variants", False)  # a backend whose variants are whole conversions
     after = 1 if first else MIXED_AFTER_MISSES
     if len(missed) < after or closest.loss >= COLLAPSED_LOSS:
+        return None
+    if pending and search.short_of_time(MIXED_EARLY_TRIES):
+        search.record.extra["mixed_later"] = (f"{len(missed)} INT8 tries missed, but fewer than {MIXED_EARLY_TRIES} "
+                                              "tries' time is left: the backend variants keep their turn")
         return None
     search.record.extra["mixed_first"] = (f"{len(missed)} INT8 tries missed the budget, the closest {closest.label} "
                                           f"by {closest.loss:.3g}: mixed precision before the other variants" +

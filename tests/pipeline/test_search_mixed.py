@@ -324,3 +324,22 @@ def test_a_passing_mixed_artifact_with_float_weights_tries_its_float_layers_weig
     shares["try0"] = 0.79  # weight-only turned off, or already at the relaxed cost: no extra try
     assert M._float_weights_int8(s, backend, mixed, settings.replace(weight_only=False)) is None
     assert M._float_weights_int8(s, backend, mixed, settings.replace(weight_only_loss_db=3.0)) is None and len(asked) == 2
+
+
+def test_after_three_misses_mixed_precision_waits_when_fewer_than_three_tries_fit(monkeypatch):
+    """PicoDet's layout detector on x86: three INT8 tries missed (f1 85.7-86.7 against 90) at 31 s each; mixed
+    precision then spent the last 42 s on the fake-quant proxy and FP16 shipped, where the next backend variant (NNCF
+    preset=mixed) passes at f1 91. With fewer than three tries' time left the pending variants keep their turn."""
+    from edgebuild.targets.settings import OnnxSettings
+
+    called = []
+    monkeypatch.setattr(R, "mixed", lambda *a: called.append("mixed"))
+    pending = [("preset=mixed", OnnxSettings(calibrate_method="percentile"))]
+    ctx, s = _stand_in([0.45, 0.37, 0.33])
+    s.durations = [31.0]
+    s.deadline = time.monotonic() + 57.0
+    assert R._mixed_early(ctx, None, None, s, OnnxSettings(), pending) is None and called == []
+    assert "the backend variants keep their turn" in s.record.extra["mixed_later"]
+    s.deadline = time.monotonic() + 200.0  # time for the ranking, the proxy and a real try: mixed precision first
+    R._mixed_early(ctx, None, None, s, OnnxSettings(), pending)
+    assert called == ["mixed"]
