@@ -43,7 +43,7 @@ def assign(data: SampleSet, decl: dict | None, source: str | None = None) -> Sam
 
 
 def _ids(data: SampleSet, key: str, source: str | None) -> np.ndarray:
-    from edgebuild.calibration.sources import read_npz
+    from edgebuild.calibration.npy import read_npz
 
     if not source or Path(source).suffix != ".npz":
         raise BadInputError(f"sequences: ids {key!r} are read from a .npz data source; {source or 'this data'} is not one")

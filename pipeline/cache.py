@@ -22,7 +22,6 @@ may write in a bucket); its ``open_cache(location)`` opens either kind.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import json
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from edgebuild.pipeline.errors import BadInputError, ConversionError
 from edgebuild.targets.base import Artifact
+from edgebuild.pipeline.cache_keys import STAGES, cached, code_hash, key  # noqa: F401 (re-exported)
 
 KEY_ENV, KEY_FILE_ENV = "EDGEBUILD_CACHE_KEY", "EDGEBUILD_CACHE_KEY_FILE"
 MIN_KEY_BYTES = 16
@@ -64,19 +64,6 @@ def default_root() -> Path:
     return Path(env or Path.home() / ".cache" / "edgebuild")
 
 
-@functools.lru_cache(maxsize=1)
-def code_hash() -> str:
-    """Hash of edgebuild's own sources (a fingerprint of the tree; cache keys do not use it: see ``cached``)."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for folder in ("targets", "calibration", "pipeline"):
-        for f in sorted((root / folder).rglob("*")):
-            if f.suffix in (".py", ".yaml") and f.is_file():
-                h.update(f.name.encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def cache_key(root: Path | None = None, environ=None) -> bytes | None:
     """The cache key from ``EDGEBUILD_CACHE_KEY`` or ``EDGEBUILD_CACHE_KEY_FILE`` (None: no key). A key that is too
     short, a key file that cannot be read or that lies inside the cache ``root`` is a ``BadInputError``."""
@@ -98,39 +85,6 @@ def cache_key(root: Path | None = None, environ=None) -> bytes | None:
     if len(secret) < MIN_KEY_BYTES:
         raise BadInputError(f"{where}: a cache key needs at least {MIN_KEY_BYTES} bytes")
     return secret
-
-
-def key(**parts) -> str:
-    """A content hash of ``parts`` (JSON, sorted keys)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-# Each stage's own version: bump a stage's number when its code changes what it stores. Together with the versions
-# of the packages its backend declares (BackendInfo.versions, and the backend's cache_version), it replaces the hash
-# of edgebuild's whole source tree the keys used to carry, so editing one module no longer invalidates every entry.
-# search 8: mixed precision before the variants on a backend whose variants are whole conversions (TFLite); 9: the
-# activation-equalization candidate (targets/onnx/equalize.py); 10: a recipe of another kind before early mixed precision;
-# 11: a passing mixed artifact with float weights tries its float layers' weights int8 (weight-only), and the variants
-# after an equalized near miss are built on the equalized graph
-STAGES = {"convert": 1, "reference": 2, "validate": 3, "latency": 1, "memory": 1, "micro": 1, "search": 11,
-          "search-choice": 5, "sensitivity": 3, "peak": 1}
-
-
-def cached(stage: str, inputs: dict, config: dict | None = None, backend: str | tuple[str, ...] | None = None) -> str:
-    """The stage-cache key of what ``stage`` makes from ``inputs`` (content hashes: model, data, artifacts) under
-    ``config`` (settings, judging, threads, host...): keyed on the stage's own version (``STAGES``), the versions of
-    the packages that ``backend`` (one name or several) declares, its ``cache_version``, and the host's Python and
-    machine. Every stage builds its keys here (get and put with ``StageCache``, whose entries stay hash-checked)."""
-    from edgebuild.pipeline.versions import tool_versions
-    from edgebuild.targets.base import backend_info
-
-    if stage not in STAGES:
-        raise ValueError(f"stage {stage!r} has no cache version (pipeline/cache.py STAGES)")
-    names = (backend,) if isinstance(backend, str) else tuple(backend or ())
-    infos = [backend_info(n) for n in names]
-    packages = sorted({p for i in infos for p in i.versions})
-    return key(stage=stage, stage_version=STAGES[stage], inputs=inputs, config=config or {},
-               backends={i.name: i.cache_version for i in infos}, versions=tool_versions(packages))
 
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # no '/', no '..', not hidden, not absolute

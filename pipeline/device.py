@@ -182,7 +182,7 @@ RESULT_FIELDS = {"times_ms": list, "warmup": int, "machine": str, "python": str,
 def read_results(job_dir: Path, n_samples: int) -> tuple[list, dict]:
     """The runner's outputs (per sample, per output) and its result record, checked as data from elsewhere: what a
     board sends back (garbage JSON, object arrays, missing fields) is one ``BadInputError`` line, never unpickled."""
-    from edgebuild.calibration.sources import read_npz
+    from edgebuild.calibration.npy import read_npz
 
     try:
         result = json.loads((job_dir / "result.json").read_text())

@@ -23,7 +23,7 @@ MB = 1e6
 
 def measure(backend: str, artifact, threads: int, feed: dict, runs: int = RUNS, opener: str = "") -> dict:
     """Peak memory of loading ``artifact`` and running ``feed`` ``runs`` times, in a child of its own."""
-    from edgebuild.targets.isolated import IsolatedRunner
+    from edgebuild.targets.served import IsolatedRunner
 
     with IsolatedRunner(backend, artifact, threads, opener=opener, memory=True) as runner:
         loaded = runner.memory()

@@ -82,7 +82,7 @@ class Attempt:
 
 def open_runner(backend: Backend, artifact: Artifact, threads: int) -> Runner:
     if backend.isolate_runner:
-        from edgebuild.targets.isolated import IsolatedRunner
+        from edgebuild.targets.served import IsolatedRunner
 
         return IsolatedRunner(backend.name, artifact, threads)
     return backend.runner(artifact, threads)

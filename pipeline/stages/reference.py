@@ -85,7 +85,7 @@ def save(refdir: Path, reference: list[list[np.ndarray]], evalset: SampleSet, ou
 
 def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     """Missing, a directory, not a zip, pickled objects, a lying header, truncated: one line (calibration/sources)."""
-    from edgebuild.calibration.sources import read_npz
+    from edgebuild.calibration.npy import read_npz
 
     return read_npz(path, ".npz archive")
 

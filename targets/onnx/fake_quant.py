@@ -37,7 +37,7 @@ class FakeQuant:
         self._served = None
 
     def runner(self, layers: list[str]) -> Runner:
-        from edgebuild.targets.isolated import Served
+        from edgebuild.targets.served import Served
 
         if self._served is None or not self._served.alive():
             self._served = Served(_FakeQuantHost, self._args, "fake-quant", "fake quantization", "quantizer")
@@ -47,7 +47,7 @@ class FakeQuant:
     def runner_except(self, float_layers: list[str], weighted_only: bool = False) -> Runner:
         """Every node quantized but ``float_layers`` (a mixed-precision candidate, fake-quantized); with
         ``weighted_only`` only the weighted layers (``WEIGHTED_OPS``, as ``op_types: weighted``)."""
-        from edgebuild.targets.isolated import Served
+        from edgebuild.targets.served import Served
 
         if self._served is None or not self._served.alive():
             self._served = Served(_FakeQuantHost, self._args, "fake-quant", "fake quantization", "quantizer")
@@ -59,7 +59,7 @@ class FakeQuant:
         one (``_FakeQuantHost.layer_noise``): {node name: relative error of its output - relative error of its
         input}, for the named nodes found in the graph. A cheap stand-in for quantizing one layer at a time (a
         quantization pass and an evaluation per layer: 64 layers of PP-OCRv4's detector took minutes)."""
-        from edgebuild.targets.isolated import Served
+        from edgebuild.targets.served import Served
 
         if self._served is None or not self._served.alive():
             self._served = Served(_FakeQuantHost, self._args, "fake-quant", "fake quantization", "quantizer")

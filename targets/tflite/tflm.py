@@ -172,7 +172,7 @@ def installed_version(target: str) -> str:
 def micro_fit(artifact: Artifact, feeds: list[dict], host: list[list[np.ndarray]], tflm_version: str) -> dict:
     """Arena and flash from TFLM, and TFLM's agreement with ``host`` (LiteRT's outputs of the same artifact on
     ``feeds``): TFLM loads and runs the artifact in a child of its own (it aborts on some models)."""
-    from edgebuild.targets.isolated import IsolatedRunner
+    from edgebuild.targets.served import IsolatedRunner
 
     try:
         with IsolatedRunner("tflite", artifact, 1, opener=OPENER, memory=True) as r:

@@ -178,8 +178,8 @@ def test_axes_are_padded_to_hold_every_mark_and_go_logarithmic_across_decades():
     chart, _ = plots._tradeoff(every_chart_kind())
     assert chart.ax.get_xscale() == "log"  # 0.019 ms next to 88 ms
     assert chart.ax.get_xlim()[0] < 0.0194 and chart.ax.get_xlim()[1] > 88
-    assert plots._fit([0.0], [(4, 40)], 300, False, floor=0.0)[1] > 0  # one bar of 0 still has an axis
-    lo, hi = plots._fit([98.49, 98.49], [(14, 14), (10, 10)], 200, False)
+    assert plots.fit([0.0], [(4, 40)], 300, False, floor=0.0)[1] > 0  # one bar of 0 still has an axis
+    lo, hi = plots.fit([98.49, 98.49], [(14, 14), (10, 10)], 200, False)
     assert lo < 98.49 - 0.4 and hi > 98.49 + 0.4
 
 

@@ -200,7 +200,7 @@ def _exported(name, tmp_path):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_int8_converts_and_runs_in_the_executorch_runtime(name, tmp_path):
     torch = _torch()
-    from edgebuild.targets.isolated import IsolatedRunner
+    from edgebuild.targets.served import IsolatedRunner
 
     module, model, calib, feeds = _exported(name, tmp_path)
     backend, profile = get_backend("executorch"), catalogue()["arm64-executorch"]
@@ -228,7 +228,7 @@ def test_demo_builds_end_to_end_with_metadata_in_the_pte(tmp_path):
     from edgebuild.pipeline.build import build
     from edgebuild.pipeline.spec import BuildSpec
     from edgebuild.pipeline.stages.embed import read
-    from edgebuild.targets.isolated import IsolatedRunner
+    from edgebuild.targets.served import IsolatedRunner
     from edgebuild.targets.base import Artifact
 
     result = build(BuildSpec(targets=("arm64-executorch",), out=str(tmp_path / "out"), calib_samples=64,

@@ -36,7 +36,7 @@ def _int8(name, tmp_path):
 
 
 def _host(art, feeds):
-    from edgebuild.targets.isolated import IsolatedRunner
+    from edgebuild.targets.served import IsolatedRunner
 
     with IsolatedRunner("executorch", art, 1) as runner:
         return [np.asarray(runner.run(f)[0], dtype=np.float32) for f in feeds]

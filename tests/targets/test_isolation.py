@@ -148,7 +148,7 @@ def test_a_hanging_converter_times_out(model, small_sets, tmp_path, monkeypatch)
 
 def test_a_crashing_runtime_is_a_conversion_error(tmp_path, monkeypatch):
     from edgebuild.targets.base import Artifact
-    from edgebuild.targets.isolated import IsolatedRunner
+    from edgebuild.targets.served import IsolatedRunner
 
     monkeypatch.setenv(FAULT_ENV, "crash:runtime:openvino")
     art = Artifact("x86", "openvino", "fp32", tmp_path, "model_fp32.xml", ["model_fp32.xml"])

@@ -277,7 +277,7 @@ def test_source_layout_keeps_nchw(backend, built, reference, digits_split):
 
 
 def test_isolated_runner_and_invoke_timing(backend, built, digits_split):
-    from edgebuild.targets.isolated import IsolatedRunner
+    from edgebuild.targets.served import IsolatedRunner
 
     art = built("arm64", "int8")
     feed = digits_split[1].feed(0)

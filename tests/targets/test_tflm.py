@@ -24,7 +24,7 @@ def _gelu_tflite(path):
 
 
 def test_an_op_without_a_tflm_kernel_is_a_conversion_error_naming_it(tmp_path):
-    from edgebuild.targets.isolated import IsolatedRunner
+    from edgebuild.targets.served import IsolatedRunner
 
     model = _gelu_tflite(tmp_path / "gelu.tflite")
     art = Artifact("cortex-m", "tflite", "fp32", tmp_path, model.name, [model.name])
