@@ -198,32 +198,40 @@ def test_fake_quant_of_weighted_layers_only_leaves_the_elementwise_ops_float(tmp
     assert {"m1", "m2"} <= weighted and not {"square", "relu"} & weighted  # (a weighted layer's output is Q/DQ'd)
 
 
-def test_after_a_near_miss_that_mixed_precision_cannot_close_learned_rounding_comes_next(monkeypatch):
-    """PP-OCRv4's detector on onnx-cpu: weighted layers only at mIoU 89.73 against 90, mixed precision could not close
-    it (32 layers in float: 89.85 in the proxy), and AdaRound (the last variant) passed when it had the time."""
+def _near_miss_search(monkeypatch, variants, passing: str, near: tuple[str, float]):
+    """``R._search`` over ``variants`` where mixed precision never passes, ``passing`` meets the budget and ``near``
+    = (label, loss) comes within the near-miss room; returns (events, the try found, the search)."""
     from edgebuild.targets.settings import OnnxSettings
 
     events = []
     ctx, s = _stand_in([3.0])
-    variants = [("weighted layers only", OnnxSettings(op_types="weighted")),
-                ("percentile calibration", OnnxSettings(calibrate_method="percentile")),
-                ("entropy calibration", OnnxSettings(calibrate_method="entropy")),
-                ("AdaRound", OnnxSettings(rounding="adaround"))]
     monkeypatch.setattr(R, "candidates", lambda *a: list(variants))
     monkeypatch.setattr(R, "mixed", lambda *a: events.append("mixed") or setattr(s, "mixed_done", True))
     monkeypatch.setattr(R, "_float_fallbacks", lambda *a, **k: None)
 
     def attempt(label, precision, settings, fallback=False):
         events.append(label)
-        a = SimpleNamespace(artifact=SimpleNamespace(precision=precision), label=label, quality_ok=label == "AdaRound",
-                            loss=0.027 if label == "weighted layers only" else 2.0)
+        a = SimpleNamespace(artifact=SimpleNamespace(precision=precision), label=label, quality_ok=label == passing,
+                            loss=near[1] if label == near[0] else 2.0)
         s.tries.append(a)
         return a
 
     s.attempt = attempt
-    backend = SimpleNamespace(supports_float_layers=True, requested_settings=lambda p: OnnxSettings())
-    profile = SimpleNamespace(name="onnx-cpu", allow_float_layers=True, precisions=("int8", "fp16"))
-    found = R._search(ctx, backend, profile, s, collapsed=False)
+    s.backend = SimpleNamespace(supports_float_layers=True, requested_settings=lambda p: OnnxSettings())
+    s.profile = SimpleNamespace(name="onnx-cpu", allow_float_layers=True, precisions=("int8", "fp16"))
+    return events, R._search(ctx, s.backend, s.profile, s, collapsed=False), s
+
+
+def test_after_a_near_miss_that_mixed_precision_cannot_close_learned_rounding_comes_next(monkeypatch):
+    """PP-OCRv4's detector on onnx-cpu: weighted layers only at mIoU 89.73 against 90, mixed precision could not close
+    it (32 layers in float: 89.85 in the proxy), and AdaRound (the last variant) passed when it had the time."""
+    from edgebuild.targets.settings import OnnxSettings
+
+    variants = [("weighted layers only", OnnxSettings(op_types="weighted")),
+                ("percentile calibration", OnnxSettings(calibrate_method="percentile")),
+                ("entropy calibration", OnnxSettings(calibrate_method="entropy")),
+                ("AdaRound", OnnxSettings(rounding="adaround"))]
+    events, found, s = _near_miss_search(monkeypatch, variants, "AdaRound", ("weighted layers only", 0.027))
     assert events == ["weighted layers only", "mixed", "AdaRound"] and found.label == "AdaRound", events
     assert "AdaRound before the other variants" in s.record.extra["rounding_first"]
 
@@ -234,27 +242,11 @@ def test_a_variant_that_quantizes_other_ops_comes_before_learned_rounding(monkey
     yet) passed at 90.29 once it got its turn. A plain try that changes which ops are quantized now comes first."""
     from edgebuild.targets.settings import OnnxSettings
 
-    events = []
-    ctx, s = _stand_in([3.0])
     variants = [("equalized", OnnxSettings(equalize=True)),
                 ("weighted layers only", OnnxSettings(op_types="weighted")),
                 ("percentile calibration", OnnxSettings(calibrate_method="percentile")),
                 ("AdaRound", OnnxSettings(rounding="adaround"))]
-    monkeypatch.setattr(R, "candidates", lambda *a: list(variants))
-    monkeypatch.setattr(R, "mixed", lambda *a: events.append("mixed") or setattr(s, "mixed_done", True))
-    monkeypatch.setattr(R, "_float_fallbacks", lambda *a, **k: None)
-
-    def attempt(label, precision, settings, fallback=False):
-        events.append(label)
-        a = SimpleNamespace(artifact=SimpleNamespace(precision=precision), label=label,
-                            quality_ok=label == "weighted layers only", loss=0.004 if label == "equalized" else 2.0)
-        s.tries.append(a)
-        return a
-
-    s.attempt = attempt
-    s.backend = backend = SimpleNamespace(supports_float_layers=True, requested_settings=lambda p: OnnxSettings())
-    s.profile = profile = SimpleNamespace(name="onnx-cpu", allow_float_layers=True, precisions=("int8", "fp16"))
-    found = R._search(ctx, backend, profile, s, collapsed=False)
+    events, found, s = _near_miss_search(monkeypatch, variants, "weighted layers only", ("equalized", 0.004))
     assert events == ["equalized", "mixed", "weighted layers only"] and found.label == "weighted layers only", events
     assert "after weighted layers only" in s.record.extra["rounding_first"]
     assert R._rounding_first(s, variants[2:]) == [variants[3], variants[2]]  # then AdaRound before percentile
