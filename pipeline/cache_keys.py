@@ -36,8 +36,8 @@ def key(**parts) -> str:
 # after an equalized near miss are built on the equalized graph; 12: after a near miss, a variant that quantizes
 # other ops comes before AdaRound, AdaRound's seconds do not count as a plain try's, and mixed precision after three
 # misses waits while fewer than three tries fit
-STAGES = {"convert": 1, "reference": 2, "validate": 3, "latency": 1, "memory": 1, "micro": 1, "search": 12,
-          "search-choice": 5, "sensitivity": 3, "peak": 1}
+STAGES = {"convert": 1, "reference": 2, "validate": 4, "latency": 1, "memory": 1, "micro": 1, "search": 13,
+          "search-choice": 6, "sensitivity": 4, "peak": 1}
 
 
 def cached(stage: str, inputs: dict, config: dict | None = None, backend: str | tuple[str, ...] | None = None) -> str:

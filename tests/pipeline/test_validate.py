@@ -196,6 +196,22 @@ def test_sequence_and_segmentation_tasks():
     assert compare(ref, [[-x] for x in masks], None, Judging(task="segmentation")).task.artifact["miou"] < 50
 
 
+def test_a_probability_map_is_thresholded_alike_on_both_sides_even_when_rounding_passes_one():
+    """ONNX Runtime's Sigmoid can give 1.0000001: the reference must still be read as probabilities (threshold 0.5),
+    as the artifact's map is, or a text detector's masks that agree to 99.9 % score mIoU ~90 (seen: PP-OCRv4 FP16)."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(scale=6.0, size=(8, 1, 1, 32, 32)).astype(np.float32)
+    probs = 1.0 / (1.0 + np.exp(-logits))
+    probs[0, 0, 0, 0, 0] = np.float32(1.0000001)  # float rounding above one
+    ref = [[x] for x in probs]
+    same = compare(ref, [[np.clip(x, 0, 1)] for x in probs], None, Judging(task="segmentation"))
+    assert same.task.artifact["miou"] == 100.0, same.task.artifact
+    # logits (outside [0, 1]) are thresholded at 0: the same map as logits agrees with itself, negated it does not
+    ref = [[x] for x in logits]
+    assert compare(ref, ref, None, Judging(task="segmentation")).task.artifact["miou"] == 100.0
+    assert compare(ref, [[-x] for x in logits], None, Judging(task="segmentation")).task.artifact["miou"] < 50
+
+
 def test_user_evaluator_changes_the_verdict(tmp_path, monkeypatch):
     (tmp_path / "my_metrics.py").write_text(
         "import numpy as np\n"
