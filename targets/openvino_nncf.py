@@ -147,16 +147,30 @@ def quantize(ov_model, calib: SampleSet, s: dict, target: str, onnx_outputs: dic
         preset=nncf.QuantizationPreset(s["preset"]), target_device=nncf.TargetDevice(s["target_device"]),
         subset_size=subset, fast_bias_correction=s["fast_bias_correction"],
         model_type=nncf.ModelType(s["model_type"]) if s["model_type"] else None, ignored_scope=scope,
-        advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(overflow_fix)),
+        advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(overflow_fix),
+                                                                **_activation_ranges(s.get("activation_ranges"))),
     )
     with _nncf_output() as warnings:
         quantized = nncf.quantize(ov_model, nncf_dataset(calib), **kwargs)
     applied = {"calibration_samples": subset, "ignored_scope": resolved, "overflow_fix": overflow_fix,
                **({"isa": isa} if isa else {}),
-               "algorithm": "nncf.quantize: min-max statistics + "
+               "algorithm": f"nncf.quantize: {RANGES[s.get('activation_ranges') or 'default']} + "
                             + ("fast bias correction" if s["fast_bias_correction"] else "bias correction")}
     notes += [f"NNCF: {w}" for w in dict.fromkeys(warnings)][:10]
     return quantized, applied, notes
+
+
+RANGES = {"default": "mean of per-sample min-max ranges", "minmax": "min-max ranges over the set",
+          "histogram": "histogram ranges (error-minimizing clip)", "mean_quantile": "mean 1e-4 quantile ranges"}
+
+
+def _activation_ranges(name: str | None) -> dict:
+    """NNCF's advanced parameter for the ``activation_ranges`` setting ({} for NNCF's own default)."""
+    if name in (None, "default"):
+        return {}
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    return {"activations_range_estimator_params": getattr(RangeEstimatorParametersSet, name.upper())}
 
 
 @contextlib.contextmanager

@@ -300,6 +300,11 @@ class OpenVinoSettings(Settings):
     fast_bias_correction: bool = flag(True)  # False: NNCF's full bias correction
     # auto: "enable" (7-bit weights everywhere) without VNNI/AMX, "disable" with them (targets/isa.py)
     overflow_fix: str = choice("first_layer_only", "enable", "first_layer_only", "disable", "auto", fold=str.lower)
+    # how NNCF sets the activations' ranges from the calibration statistics: default = NNCF's own (the mean over the
+    # samples of each sample's min and max); minmax = the extremes of the whole set; histogram = the range that
+    # minimizes the quantization error of the set's histogram (clips rare outliers); mean_quantile = the mean of each
+    # sample's 1e-4 and 1 - 1e-4 quantiles
+    activation_ranges: str = choice("default", "default", "minmax", "histogram", "mean_quantile", fold=str.lower)
     ignored_scope: tuple = field(default=(), metadata={"check": _check_scope})  # layers kept in float (ONNX or OpenVINO terms)
     float_layers: tuple[str, ...] = names()  # ONNX node names kept in float by the accuracy search
     float_regions: bool = flag(True)  # a signal-processing front-end / post-processing tail stays float (targets/regions.py)

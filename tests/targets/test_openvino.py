@@ -165,7 +165,8 @@ def test_recorded_settings_can_be_fed_back_and_candidates_are_valid(built, model
     labels = [label for label, _ in backend.recovery_candidates(x86, settings)]
     seven_bit = ["7-bit weights in every layer (overflow_fix=enable)"] if host_isa()["vnni"] else []  # else already
     assert labels == ["full bias correction", "asymmetric activations (preset=mixed)",  # VNNI: 7-bit weights last
-                      "preset=mixed with full bias correction", "NNCF model_type=transformer (SmoothQuant)", *seven_bit]
+                      "preset=mixed with full bias correction", "NNCF model_type=transformer (SmoothQuant)",
+                      "activation ranges from 1e-4 quantiles (NNCF mean_quantile)", *seven_bit]
     n100 = backend.recovery_candidates(catalogue()["intel-n100"], {**settings, "overflow_fix": "first_layer_only"})
     label, variant = n100[0]  # a new frozen Settings (dataclasses.replace), the rest as asked
     assert label == "7-bit weights in every layer (overflow_fix=enable)" and variant.overflow_fix == "enable"
@@ -177,6 +178,10 @@ def test_recorded_settings_can_be_fed_back_and_candidates_are_valid(built, model
     again = backend.convert(model, x86, "int8", calib, tmp_path, {**settings, "fast_bias_correction": False})
     assert again.settings["fast_bias_correction"] is False and again.main == "model_int8.xml"
     assert again.settings["applied"]["algorithm"].endswith("+ bias correction")
+    quantiles = backend.convert(model, x86, "int8", calib, tmp_path / "q", {**settings, "activation_ranges": "mean_quantile"})
+    assert "quantile ranges" in quantiles.settings["applied"]["algorithm"]
+    plain = built["int8"].path.with_suffix(".bin").read_bytes()
+    assert quantiles.path.with_suffix(".bin").read_bytes() != plain, "the range estimator changed nothing in the IR"
 
 
 @pytest.mark.parametrize("settings,error,match", [
