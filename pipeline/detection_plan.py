@@ -88,8 +88,13 @@ def as_rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
 
 
-def _unit(a: np.ndarray) -> bool:
-    return bool(a.size) and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+# how far outside [0, 1] float rounding takes probabilities (ONNX Runtime's Sigmoid gives 1.0000001)
+PROBABILITY_SLACK = 1e-3
+
+
+def in_unit_range(a: np.ndarray) -> bool:
+    """Values in [0, 1] up to float rounding: probabilities (or normalized boxes), not logits."""
+    return bool(a.size) and float(a.min()) >= -PROBABILITY_SLACK and float(a.max()) <= 1.0 + PROBABILITY_SLACK
 
 
 def _grid_count(h: float, w: float, s: float) -> int:
@@ -187,7 +192,7 @@ def _dfl_pairs(outputs: dict, o: dict) -> tuple[list[tuple[str, str]], str]:
                             "(set task_options scores_output/boxes_output)")
             cand = [n for n in names if is_boxes(n)]
             if len(cand) == 2:  # both widths fit 4 x bins: the box logits are the ones outside [0, 1]
-                cand = [n for n in names if not _unit(outputs[n])] if sum(_unit(outputs[n]) for n in names) == 1 else cand
+                cand = [n for n in names if not in_unit_range(outputs[n])] if sum(in_unit_range(outputs[n]) for n in names) == 1 else cand
             if len(cand) != 1:
                 return [], (f"outputs {', '.join(names)}: no single one is box distributions [N, 4 x bins] "
                             "(set task_options scores_output/boxes_output)")
@@ -221,7 +226,7 @@ def _dfl_plan(outputs: dict, o: dict, explicit: bool) -> DetectionPlan | None:
             raise BadInputError(f"task_options.bins {o['bins']} does not fit boxes output {boxes[0]} "
                                 f"({width} values per anchor, 4 x bins)")
         return fail(f"boxes output {boxes[0]} has {width} values per anchor, not 4 x bins")
-    if not explicit and all(_unit(outputs[b]) for b in boxes) and o["strides"] is None and o["bins"] is None:
+    if not explicit and all(in_unit_range(outputs[b]) for b in boxes) and o["strides"] is None and o["bins"] is None:
         return None  # probabilities in every box output: more likely another head than DFL logits
     levels, why = _grids([as_rows(outputs[s][0]).shape[0] for s in scores], o)
     if not levels:
@@ -229,7 +234,7 @@ def _dfl_plan(outputs: dict, o: dict, explicit: bool) -> DetectionPlan | None:
             raise BadInputError(f"task detection (dfl layout): {why}")
         return None
     act = o["scores_activation"]
-    sigmoid = act == "sigmoid" or (act == "auto" and not all(_unit(outputs[s]) for s in scores))
+    sigmoid = act == "sigmoid" or (act == "auto" and not all(in_unit_range(outputs[s]) for s in scores))
     dist = np.concatenate([as_rows(outputs[b][0]) for b in boxes]).reshape(-1, 4, bins)
     softmax = not (float(dist.min()) >= 0 and np.allclose(dist.sum(-1), 1.0, atol=1e-3))
     return DetectionPlan("dfl", (*scores, *boxes), levels, bins, sigmoid, softmax, float(o["cell_offset"]))

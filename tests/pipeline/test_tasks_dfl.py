@@ -79,6 +79,16 @@ def test_decoding_gives_the_boxes_put_in():
         np.testing.assert_allclose(boxes, want[:, 2:], atol=1e-3)
 
 
+def test_probabilities_rounded_past_one_are_not_taken_for_logits():
+    """ONNX Runtime's Sigmoid can give 1.0000001: still probabilities (a second sigmoid would lift every anchor to
+    at least 0.5, over any threshold)."""
+    out, _ = head()
+    key = next(k for k in out if k.startswith("score"))
+    out[key] = out[key].copy()
+    out[key].flat[0] = np.float32(1.0000001)
+    assert not T.detection_plan(out, {"input_size": [H, W]}).sigmoid
+
+
 def test_cell_offset_and_logit_scores():
     out, truth = head(n_samples=3)
     logits = {k: (np.log(v / (1 - v)) if k.startswith("score") else v) for k, v in out.items()}
