@@ -25,6 +25,7 @@ from edgebuild.pipeline.stages.export import file_hash
 from edgebuild.specs import Precision
 from edgebuild.targets.base import REFERENCE_BACKEND, Artifact, Backend, Runner
 from edgebuild.targets.profiles import TargetProfile
+from edgebuild.targets.settings import Settings
 
 
 @dataclass
@@ -185,3 +186,12 @@ def array_hash(a) -> str:
 
     a = np.ascontiguousarray(a)
     return hashlib.sha256(str((a.dtype.str, a.shape)).encode() + a.tobytes()).hexdigest()
+
+
+def candidates(ctx, backend: Backend, profile: TargetProfile, settings: Settings) -> list[tuple[str, Settings]]:
+    """The INT8 candidates after the profile's own settings, likeliest first: those the backend chooses from the graph
+    (``graph_candidates``: dynamic INT8 where MatMul/LSTM/embedding tables hold most of the weights), then its
+    calibration/granularity/range variants."""
+    graph = getattr(backend, "graph_candidates", None)
+    found = list(graph(profile, settings, ctx.job.model.onnx_path)) if graph is not None else []
+    return found + list(backend.recovery_candidates(profile, settings))

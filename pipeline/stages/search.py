@@ -13,7 +13,6 @@ failed to load or convert).
 """
 from __future__ import annotations
 
-import shutil
 import time
 
 from edgebuild.pipeline.errors import ConversionError, EdgeBuildError
@@ -22,7 +21,8 @@ from edgebuild.specs import Precision
 from edgebuild.targets.settings import Settings
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
-from edgebuild.pipeline.stages.candidate import Attempt, evaluate
+from edgebuild.pipeline.stages.candidate import Attempt, candidates, evaluate  # noqa: F401 (candidates: re-exported)
+from edgebuild.pipeline.stages.held_out import fp16_allowed, held_out_miss, install
 from edgebuild.pipeline.stages.convert import convert
 from edgebuild.pipeline.stages.islands import error_island
 from edgebuild.pipeline.stages.mixed_precision import mixed, sensitive_layers
@@ -115,51 +115,11 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
         return first, record
     if not found:
         record.result = "no configuration met the budget; the best one found is kept (and fails the gate)"
-    final = _install(ctx, backend, profile, budget, best, outdir, holdout)
+    final = install(ctx, backend, profile, budget, best, outdir, holdout)
     final.label = best.label
     if found:
-        final = _held_out_miss(ctx, backend, profile, budget, search, best, final, outdir, holdout)
+        final = held_out_miss(ctx, backend, profile, budget, search, best, final, outdir, holdout)
     return final, record
-
-
-def _held_out_miss(ctx, backend, profile, budget, search: Search, best: Attempt, final: Attempt, outdir, holdout) -> Attempt:
-    """An INT8 choice that met the budget on the selection part but misses it on the held-out part does not ship:
-    the next INT8 candidates (backend variants not tried yet) are tried first, each judged on the selection part and
-    then on the held-out part; then FP16 (allowed, not tried yet). The held-out miss is the better evidence of the two."""
-    if final.quality_ok or best.artifact.precision != Precision.INT8:
-        return final
-    missed = (f"{best.label} met the budget on the selection part but not on the held-out part "
-              f"({'; '.join(map(str, final.failures))})")
-    if backend is not None:
-        tried = {t.label for t in search.record.tries}
-        settings = backend.requested_settings(profile)
-        for label, overrides in candidates(ctx, backend, profile, settings):
-            if label in tried:
-                continue
-            a = search.attempt(f"{label} (next INT8 candidate after a held-out miss)", Precision.INT8, overrides)
-            if a is None or not a.quality_ok:
-                continue
-            held = _install(ctx, backend, profile, budget, a, outdir, holdout)
-            held.label = a.label
-            if held.quality_ok:
-                search.record.held_out_miss = f"{missed}: {a.label} instead"
-                search.record.chosen = a.label
-                return held
-            final = held  # this one missed too: the last installed stands unless another candidate holds
-    if not _fp16_allowed(profile):
-        return final
-    # an FP16 that met the budget on the selection part (the safety net the INT8 search went on beside) ships now
-    a = next((t for t in search.tries if t.artifact.precision == Precision.FP16 and t.quality_ok), None)
-    if a is None and any(t.artifact.precision == Precision.FP16 for t in search.tries):
-        return final
-    a = a or search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", Precision.FP16, None, fallback=True)
-    if a is None or not a.quality_ok:
-        return final
-    search.record.held_out_miss = f"{missed}: FP16 instead"
-    search.record.chosen = a.label
-    fp16 = _install(ctx, backend, profile, budget, a, outdir, holdout)
-    fp16.label = a.label
-    return fp16
 
 
 def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error: EdgeBuildError) -> None:
@@ -171,15 +131,6 @@ def _converts_at_all(ctx, backend: Backend, profile: TargetProfile, first_error:
         except ConversionError as e:
             raise ConversionError(f"{first_error} (FP32 fails to convert too, so the accuracy search was skipped: "
                                   f"{str(e)[:200]})") from e
-
-
-def candidates(ctx, backend: Backend, profile: TargetProfile, settings: Settings) -> list[tuple[str, Settings]]:
-    """The INT8 candidates after the profile's own settings, likeliest first: those the backend chooses from the graph
-    (``graph_candidates``: dynamic INT8 where MatMul/LSTM/embedding tables hold most of the weights), then its
-    calibration/granularity/range variants."""
-    graph = getattr(backend, "graph_candidates", None)
-    found = list(graph(profile, settings, ctx.job.model.onnx_path)) if graph is not None else []
-    return found + list(backend.recovery_candidates(profile, settings))
 
 
 def _kind(settings) -> str:
@@ -226,7 +177,7 @@ def _search(ctx, backend: Backend, profile: TargetProfile, search: Search, colla
         label, overrides = todo[i]
         # INT8 before leaving it: the variants (likeliest first) use the time; FP16 first only when not even one more
         # INT8 try fits beside it (its try is reserved and may pass the search's own limit)
-        if search.short_of_time(2) and _fp16_allowed(profile):
+        if search.short_of_time(2) and fp16_allowed(profile):
             search.record.float_first = (f"a try takes up to {max(search.durations):.0f} s: not one more of the "
                                             f"{len(todo) - i} backend variant(s) left fits the time left, FP16 first")
             safety = _float_fallbacks(search, profile, only_fp16=True)
@@ -331,9 +282,6 @@ def _mixed_early(ctx, backend, profile, search: Search, settings: Settings, pend
     return mixed(ctx, backend, profile, search, settings)
 
 
-def _fp16_allowed(profile: TargetProfile) -> bool:
-    return profile.allow_float_layers and Precision.FP16 in profile.precisions
-
 
 def _rest(ctx, backend, profile, search: Search, settings: Settings, variants, collapsed: bool, fp16_done: bool):
     found = mixed(ctx, backend, profile, search, settings)
@@ -356,7 +304,7 @@ def _rest(ctx, backend, profile, search: Search, settings: Settings, variants, c
 def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: Search) -> bool:
     """True when INT8 collapsed and its loss is spread over many layers: the few most sensitive layers, each
     quantized alone, explain less than CONCENTRATED_SHARE of it, so keeping a few in float cannot fix it."""
-    if not (backend.supports_float_layers and _fp16_allowed(profile)):
+    if not (backend.supports_float_layers and fp16_allowed(profile)):
         return False
     if not search.room():
         return True  # no time to measure: the cheap, safe fallback
@@ -373,7 +321,7 @@ def _diffuse(ctx, backend: Backend, profile: TargetProfile, search: Search) -> b
 
 
 def _float_fallbacks(search: Search, profile: TargetProfile, only_fp16: bool, skip_fp16: bool = False) -> Attempt | None:
-    if _fp16_allowed(profile) and not skip_fp16:
+    if fp16_allowed(profile) and not skip_fp16:
         a = search.attempt("FP16 (no INT8)", Precision.FP16, None, fallback=True)
         if a is not None and a.quality_ok:
             return a
@@ -384,14 +332,3 @@ def _float_fallbacks(search: Search, profile: TargetProfile, only_fp16: bool, sk
         if a is not None and a.quality_ok:
             return a
     return None
-
-
-def _install(ctx, backend, profile, budget, best: Attempt, outdir, holdout) -> Attempt:
-    """Put the chosen artifact in the target directory and validate it on the held-out part."""
-    for f in list(outdir.iterdir()):
-        if f.is_file():
-            f.unlink()
-    for f in best.artifact.files:
-        shutil.copyfile(best.artifact.directory / f, outdir / f)
-    best.artifact.directory = outdir
-    return evaluate(ctx, backend, profile, best.artifact, budget, timed=True, data=holdout, restored=best.restored)

@@ -10,7 +10,7 @@ import pytest
 
 from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages import mixed_precision as M
-from edgebuild.pipeline.stages import search as R
+from edgebuild.pipeline.stages import held_out as H, search as R
 from edgebuild.pipeline.stages import search_state as S
 from edgebuild.pipeline.stages.convert import ConversionOutcome
 from edgebuild.pipeline.stages.sensitivity import Sensitivity
@@ -104,9 +104,9 @@ def test_an_int8_that_misses_on_held_out_data_gives_way_to_the_fp16_safety_net(m
     safety = tried("FP16 (no INT8)", "fp16", True)
     s.tries = [tried("profile settings", "int8", False), safety, best]
     s.attempt = lambda *a, **k: pytest.fail("a new try although a passing FP16 is at hand")
-    monkeypatch.setattr(R, "_install", lambda ctx, backend, profile, budget, a, outdir, holdout:
+    monkeypatch.setattr(H, "install", lambda ctx, backend, profile, budget, a, outdir, holdout:
                         SimpleNamespace(artifact=a.artifact, quality_ok=True, label=None))
-    shipped = R._held_out_miss(None, None, PROFILE, None, s, best, missed, None, None)
+    shipped = H.held_out_miss(None, None, PROFILE, None, s, best, missed, None, None)
     assert shipped.artifact.precision == "fp16" and "FP16 instead" in s.record.held_out_miss
 
 

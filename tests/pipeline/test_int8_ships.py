@@ -241,7 +241,7 @@ def test_a_held_out_miss_tries_the_next_int8_candidate_before_fp16(monkeypatch):
     import time
     from types import SimpleNamespace
 
-    from edgebuild.pipeline.stages import search as R
+    from edgebuild.pipeline.stages import held_out as H
     from edgebuild.pipeline.stages.search_state import Search
 
     art = lambda p: SimpleNamespace(precision=p)  # noqa: E731
@@ -261,17 +261,17 @@ def test_a_held_out_miss_tries_the_next_int8_candidate_before_fp16(monkeypatch):
         return SimpleNamespace(artifact=art(precision), label=label, quality_ok=True)
 
     s.attempt = attempt
-    monkeypatch.setattr(R, "_install", lambda ctx, backend, profile, budget, a, outdir, holdout:
+    monkeypatch.setattr(H, "install", lambda ctx, backend, profile, budget, a, outdir, holdout:
                         SimpleNamespace(artifact=a.artifact, quality_ok=True, label=None))
-    shipped = R._held_out_miss(None, backend, profile, None, s, best, missed, None, None)
+    shipped = H.held_out_miss(None, backend, profile, None, s, best, missed, None, None)
     assert asked == [("int8", "mixed")] and shipped.artifact.precision == "int8"
     assert "preset=mixed" in s.record.chosen and "instead" in s.record.held_out_miss
     # when the next INT8 candidate misses the held-out part too, FP16 comes
     asked.clear()
-    monkeypatch.setattr(R, "_install", lambda ctx, backend, profile, budget, a, outdir, holdout:
+    monkeypatch.setattr(H, "install", lambda ctx, backend, profile, budget, a, outdir, holdout:
                         SimpleNamespace(artifact=a.artifact, quality_ok=a.artifact.precision == "fp16", label=None,
                                         failures=["x"]))
-    shipped = R._held_out_miss(None, backend, profile, None, s, best, missed, None, None)
+    shipped = H.held_out_miss(None, backend, profile, None, s, best, missed, None, None)
     assert asked == [("int8", "mixed"), ("fp16", None)] and shipped.artifact.precision == "fp16"
 
 

@@ -12,7 +12,7 @@ import pytest
 from edgebuild.pipeline.cli import main
 from edgebuild.pipeline.results import SearchRecord, SearchTry
 from edgebuild.pipeline.stages.context import BuildContext
-from edgebuild.pipeline.stages import search as R
+from edgebuild.pipeline.stages import held_out as H, search as R
 from edgebuild.pipeline.stages.search_state import Search
 from edgebuild.pipeline.stages.sensitivity import LAYER_SAMPLE_BUDGET, MIN_EVAL_SAMPLES, Sensitivity, samples_per_layer
 
@@ -96,16 +96,46 @@ def test_an_int8_choice_that_misses_on_held_out_data_gives_way_to_fp16(monkeypat
     s.tries = [best]
     asked = []
     s.attempt = lambda label, precision, settings, fallback=False: asked.append((precision, fallback)) or fp16
-    monkeypatch.setattr(R, "_install", lambda ctx, backend, profile, budget, a, outdir, holdout:
+    monkeypatch.setattr(H, "install", lambda ctx, backend, profile, budget, a, outdir, holdout:
                         SimpleNamespace(artifact=a.artifact, quality_ok=True, label=None))
-    shipped = R._held_out_miss(None, None, profile, None, s, best, missed, None, None)
+    shipped = H.held_out_miss(None, None, profile, None, s, best, missed, None, None)
     assert asked == [("fp16", True)] and shipped.artifact.precision == "fp16" and shipped.label == "FP16"
     assert "not on the held-out part (agreement 97.5 < 99.5)" in s.record.held_out_miss
     asked.clear()  # integer-only profiles, or FP16 already tried and missed: the honest held-out failure stands
-    assert R._held_out_miss(None, None, SimpleNamespace(allow_float_layers=False, precisions=("int8",)), None, s, best,
+    assert H.held_out_miss(None, None, SimpleNamespace(allow_float_layers=False, precisions=("int8",)), None, s, best,
                             missed, None, None) is missed
     s.tries.append(SimpleNamespace(artifact=art("fp16"), label="FP16", quality_ok=False))
-    assert R._held_out_miss(None, None, profile, None, s, best, missed, None, None) is missed and not asked
+    assert H.held_out_miss(None, None, profile, None, s, best, missed, None, None) is missed and not asked
+
+
+def test_a_float_choice_that_misses_on_held_out_data_gives_way_to_fp32(monkeypatch):
+    """Basic Pitch on arm64: FP16 met the cosine budget on the selection part (0.9935), missed it on the held-out part
+    (0.9886), and the build failed (exit 1) where FP32, which the profile allows, keeps the model. Now FP32 ships;
+    likewise when the FP16 that replaced a held-out INT8 miss misses too."""
+    art = lambda p: SimpleNamespace(precision=p)  # noqa: E731
+    profile = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16", "fp32"))
+    _, s = _search({}, [0.0])
+    asked = []
+    s.attempt = lambda label, precision, settings, fallback=False: asked.append(precision) or SimpleNamespace(
+        artifact=art(precision), label=label, quality_ok=True)
+    monkeypatch.setattr(H, "install", lambda ctx, backend, profile, budget, a, outdir, holdout: SimpleNamespace(
+        artifact=a.artifact, quality_ok=a.artifact.precision == "fp32", label=None, failures=["cosine 0.9886 < 0.99"]))
+    fp16 = SimpleNamespace(artifact=art("fp16"), label="FP16 (no INT8)", quality_ok=True)
+    missed = SimpleNamespace(artifact=art("fp16"), label=fp16.label, quality_ok=False, failures=["cosine 0.9886 < 0.99"])
+    s.tries = [fp16]
+    shipped = H.held_out_miss(None, None, profile, None, s, fp16, missed, None, None)
+    assert asked == ["fp32"] and shipped.artifact.precision == "fp32" and "FP32 instead" in s.record.held_out_miss
+    asked.clear()
+    int8 = SimpleNamespace(artifact=art("int8"), label="profile settings", quality_ok=True)
+    s.tries = [int8]
+    shipped = H.held_out_miss(None, None, profile, None, s, int8, SimpleNamespace(
+        artifact=art("int8"), label=int8.label, quality_ok=False, failures=["x"]), None, None)
+    assert asked == ["fp16", "fp32"] and shipped.artifact.precision == "fp32"
+    assert "FP16 missed it too" in s.record.held_out_miss
+    asked.clear()  # a profile without FP32: the held-out miss stands (exit 1)
+    no_fp32 = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
+    s.tries = [fp16]
+    assert H.held_out_miss(None, None, no_fp32, None, s, fp16, missed, None, None) is missed and not asked
 
 
 def test_a_first_conversion_that_failed_late_is_the_first_estimate_of_a_try(monkeypatch):
