@@ -36,7 +36,7 @@ def key(**parts) -> str:
 # after an equalized near miss are built on the equalized graph; 12: after a near miss, a variant that quantizes
 # other ops comes before AdaRound, AdaRound's seconds do not count as a plain try's, and mixed precision after three
 # misses waits while fewer than three tries fit
-STAGES = {"convert": 1, "reference": 2, "validate": 4, "latency": 1, "memory": 1, "micro": 1, "search": 13,
+STAGES = {"convert": 1, "reference": 2, "validate": 4, "latency": 1, "memory": 1, "micro": 1, "search": 14,
           "search-choice": 6, "sensitivity": 4, "peak": 1}
 
 
