@@ -13,8 +13,9 @@ from edgebuild.targets.profiles import TargetProfile
 def held_out_miss(ctx, backend, profile, budget, search: Search, best: Attempt, final: Attempt, outdir, holdout) -> Attempt:
     """A choice that met the budget on the selection part but misses it on the held-out part does not ship: after an
     INT8 miss the next INT8 candidates (backend variants not tried yet) are tried first, each judged on the selection
-    part and then on the held-out part; then FP16 (allowed, not tried yet); after an FP16 miss (or the FP16 after an
-    INT8 one), FP32 where the profile allows it. The held-out miss is the better evidence of the two."""
+    part and then on the held-out part; then FP16 (allowed, and not already missed on the selection part); when none
+    of those holds on the held-out part (or the choice was FP16), FP32 where the profile allows it. The held-out miss
+    is the better evidence of the two."""
     if final.quality_ok or best.artifact.precision == Precision.FP32:
         return final
     missed = (f"{best.label} met the budget on the selection part but not on the held-out part "
@@ -24,28 +25,35 @@ def held_out_miss(ctx, backend, profile, budget, search: Search, best: Attempt, 
         if held is not None and held.quality_ok:
             return held
         final = held or final
-        if not fp16_allowed(profile):
-            return final
-        # an FP16 that met the budget on the selection part (the safety net the INT8 search went on beside) ships now
-        a = next((t for t in search.tries if t.artifact.precision == Precision.FP16 and t.quality_ok), None)
-        if a is None and any(t.artifact.precision == Precision.FP16 for t in search.tries):
-            return final
-        a = a or search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", Precision.FP16, None,
-                                fallback=True)
-        if a is None or not a.quality_ok:
-            return final
-        final = _install_as(ctx, backend, profile, budget, a, outdir, holdout)
-        search.record.held_out_miss, search.record.chosen = f"{missed}: FP16 instead", a.label
-        if final.quality_ok:
-            return final
-        missed = f"{missed}; FP16 missed it too ({'; '.join(map(str, final.failures))})"
+        fp16 = _fp16_instead(ctx, backend, profile, budget, search, missed, outdir, holdout)
+        if fp16 is not None:
+            if fp16.quality_ok:
+                return fp16
+            final, missed = fp16, f"{missed}; FP16 missed it too ({'; '.join(map(str, fp16.failures))})"
     if not (profile.allow_float_layers and Precision.FP32 in profile.precisions):
         return final
-    a = search.attempt("FP32 (the float choice missed the budget on the held-out part)", Precision.FP32, None,
+    a = search.attempt("FP32 (the choice missed the budget on the held-out part)", Precision.FP32, None,
                        fallback=True)
     if a is None or not a.quality_ok:
         return final
     search.record.held_out_miss, search.record.chosen = f"{missed}: FP32 instead", a.label
+    return _install_as(ctx, backend, profile, budget, a, outdir, holdout)
+
+
+def _fp16_instead(ctx, backend, profile, budget, search: Search, missed: str, outdir, holdout) -> Attempt | None:
+    """FP16 after an INT8 held-out miss, installed and judged on the held-out part (None where the profile does not
+    allow it, or it missed on the selection part already)."""
+    if not fp16_allowed(profile):
+        return None
+    # an FP16 that met the budget on the selection part (the safety net the INT8 search went on beside) ships now
+    a = next((t for t in search.tries if t.artifact.precision == Precision.FP16 and t.quality_ok), None)
+    if a is None and any(t.artifact.precision == Precision.FP16 for t in search.tries):
+        return None
+    a = a or search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", Precision.FP16, None,
+                            fallback=True)
+    if a is None or not a.quality_ok:
+        return None
+    search.record.held_out_miss, search.record.chosen = f"{missed}: FP16 instead", a.label
     return _install_as(ctx, backend, profile, budget, a, outdir, holdout)
 
 

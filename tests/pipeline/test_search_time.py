@@ -132,6 +132,12 @@ def test_a_float_choice_that_misses_on_held_out_data_gives_way_to_fp32(monkeypat
         artifact=art("int8"), label=int8.label, quality_ok=False, failures=["x"]), None, None)
     assert asked == ["fp16", "fp32"] and shipped.artifact.precision == "fp32"
     assert "FP16 missed it too" in s.record.held_out_miss
+    asked.clear()  # a profile without FP16: FP32 straight after the INT8 candidates
+    s.tries = [int8]
+    shipped = H.held_out_miss(None, None, SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp32")), None, s,
+                              int8, SimpleNamespace(artifact=art("int8"), label=int8.label, quality_ok=False,
+                                                    failures=["x"]), None, None)
+    assert asked == ["fp32"] and shipped.artifact.precision == "fp32"
     asked.clear()  # a profile without FP32: the held-out miss stands (exit 1)
     no_fp32 = SimpleNamespace(allow_float_layers=True, precisions=("int8", "fp16"))
     s.tries = [fp16]
