@@ -34,10 +34,7 @@ def held_out_miss(ctx, backend, profile, budget, search: Search, best: Attempt, 
         return final
     a = search.attempt("FP32 (the choice missed the budget on the held-out part)", Precision.FP32, None,
                        fallback=True)
-    if a is None or not a.quality_ok:
-        return final
-    search.record.held_out_miss, search.record.chosen = f"{missed}: FP32 instead", a.label
-    return _install_as(ctx, backend, profile, budget, a, outdir, holdout)
+    return _instead(ctx, backend, profile, budget, search, a, f"{missed}: FP32 instead", outdir, holdout) or final
 
 
 def _fp16_instead(ctx, backend, profile, budget, search: Search, missed: str, outdir, holdout) -> Attempt | None:
@@ -51,9 +48,15 @@ def _fp16_instead(ctx, backend, profile, budget, search: Search, missed: str, ou
         return None
     a = a or search.attempt("FP16 (the INT8 choice missed the budget on the held-out part)", Precision.FP16, None,
                             fallback=True)
+    return _instead(ctx, backend, profile, budget, search, a, f"{missed}: FP16 instead", outdir, holdout)
+
+
+def _instead(ctx, backend, profile, budget, search: Search, a: Attempt | None, why: str, outdir, holdout) -> Attempt | None:
+    """``a`` (a float fallback that met the budget on the selection part) installed and judged on the held-out part,
+    and recorded as what ships instead; None when it did not meet the budget."""
     if a is None or not a.quality_ok:
         return None
-    search.record.held_out_miss, search.record.chosen = f"{missed}: FP16 instead", a.label
+    search.record.held_out_miss, search.record.chosen = why, a.label
     return _install_as(ctx, backend, profile, budget, a, outdir, holdout)
 
 
