@@ -30,7 +30,7 @@ def held_out_miss(ctx, backend, profile, budget, search: Search, best: Attempt, 
             if fp16.quality_ok:
                 return fp16
             final, missed = fp16, f"{missed}; FP16 missed it too ({'; '.join(map(str, fp16.failures))})"
-    if not (profile.allow_float_layers and Precision.FP32 in profile.precisions):
+    if not float_allowed(profile, Precision.FP32):
         return final
     a = search.attempt("FP32 (the choice missed the budget on the held-out part)", Precision.FP32, None,
                        fallback=True)
@@ -87,8 +87,13 @@ def _install_as(ctx, backend, profile, budget, a: Attempt, outdir, holdout) -> A
     return held
 
 
+def float_allowed(profile: TargetProfile, precision: str) -> bool:
+    """May the search fall back to this float precision: the profile runs it and allows float layers."""
+    return profile.allow_float_layers and precision in profile.precisions
+
+
 def fp16_allowed(profile: TargetProfile) -> bool:
-    return profile.allow_float_layers and Precision.FP16 in profile.precisions
+    return float_allowed(profile, Precision.FP16)
 
 
 def install(ctx, backend, profile, budget, best: Attempt, outdir, holdout) -> Attempt:

@@ -22,7 +22,7 @@ from edgebuild.targets.settings import Settings
 from edgebuild.pipeline.stages import validate as V
 from edgebuild.pipeline.stages.context import BuildContext
 from edgebuild.pipeline.stages.candidate import Attempt, candidates, evaluate  # noqa: F401 (candidates: re-exported)
-from edgebuild.pipeline.stages.held_out import fp16_allowed, held_out_miss, install
+from edgebuild.pipeline.stages.held_out import float_allowed, fp16_allowed, held_out_miss, install
 from edgebuild.pipeline.stages.convert import convert
 from edgebuild.pipeline.stages.islands import error_island
 from edgebuild.pipeline.stages.mixed_precision import mixed, sensitive_layers
@@ -82,7 +82,7 @@ def recover(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget:
                              f"{len(holdout[0].runs())} held out")
     if margin and (first is None or V.judges_accuracy_drop(first.metrics, budget, first.task)):
         record.selection_margin = margin  # (a task floor that gates instead is not made coarse by one sample)
-    fallbacks = [p for p in FLOAT_FALLBACKS if profile.allow_float_layers and p in profile.precisions]
+    fallbacks = [p for p in FLOAT_FALLBACKS if float_allowed(profile, p)]
     search = Search(ctx, backend, profile, select_budget, select, record, reserve=min(len(fallbacks), 1))
     first_on_select = None
     took = first.seconds if first is not None else getattr(first_error, "seconds", 0.0)
@@ -327,7 +327,7 @@ def _float_fallbacks(search: Search, profile: TargetProfile, only_fp16: bool, sk
             return a
     if only_fp16:
         return None
-    if profile.allow_float_layers and Precision.FP32 in profile.precisions and not any(t.quality_ok for t in search.tries):
+    if float_allowed(profile, Precision.FP32) and not any(t.quality_ok for t in search.tries):
         a = search.attempt("FP32 (nothing converts to INT8 or FP16 within budget)", Precision.FP32, None, fallback=True)
         if a is not None and a.quality_ok:
             return a
