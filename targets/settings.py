@@ -336,7 +336,7 @@ class TFLiteSettings(Settings):
 
     backend = "tflite"
     INT8_ONLY = ("io_dtype", "per_channel", "calibration_samples", "quantizer", "calibrate_method", "percentile",
-                 "rounding", "float_layers", "transformer_float", "float_tail", "float_frontend", "equalize")
+                 "rounding", "float_layers", "transformer_float", "float_tail", "float_frontend", "equalize", "activations")
 
     input_layout: str = choice("NHWC", "NHWC", "source")  # NHWC: 4-D NCHW inputs become channels-last
     rnn_unroll: bool = flag(True)  # onnx2tf unrolls LSTM/GRU/RNN for INT8 (the calibrator crashes on loops); float: loop
@@ -366,6 +366,13 @@ class TFLiteSettings(Settings):
     # conv -> Relu/HardSwish -> depthwise conv chains rescaled per channel in the ONNX model before onnx2tf (exact in
     # float: targets/onnx/equalize.py)
     equalize: bool = flag(False)
+    # static: full-integer INT8 (calibrated activations); dynamic: dynamic-range INT8, the weights int8 and the
+    # activations quantized per op and step at run time (recurrent layers stay a loop; their imbalanced inputs are
+    # smoothed first: targets/onnx/smooth_recurrent.py). Needs a profile that allows float layers
+    activations: str = choice("static", "static", "dynamic", fold=str.lower)
+
+    def kind(self) -> str:
+        return self.activations + _equalized(self)
 
     @property
     def float_regions(self) -> bool:

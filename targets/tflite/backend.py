@@ -68,13 +68,21 @@ class TFLiteBackend(Backend):
     def artifact_name(self, precision: str, settings: dict | None = None) -> str:
         if precision not in self.precisions:
             raise BadInputError(f"tflite backend cannot build precision {precision!r}")
-        return stem(precision, settings) + ".tflite"
+        dynamic = precision == "int8" and (settings or {}).get("activations") == "dynamic"
+        return stem(precision, settings) + ("_dynamic" if dynamic else "") + ".tflite"
 
     def graph_candidates(self, profile: TargetProfile, settings: Settings | dict, onnx_path: Path) -> list[tuple[str, Settings]]:
-        """Activation equalization where the graph has conv -> activation -> depthwise conv chains."""
+        """Dynamic-range INT8 for a recurrent graph (where the profile runs float ops): static INT8 calibrates one
+        range per tensor for every time step, which a recurrence's inputs and states do not keep (Resemblyzer's
+        LSTM: embedding cosine 0.53 static, 0.995 dynamic with its raw mel input smoothed). Then activation
+        equalization where the graph has conv -> activation -> depthwise conv chains."""
         from edgebuild.targets.onnx.equalize import equalization_candidate
 
-        return equalization_candidate(self.requested_settings(profile, settings), onnx_path)
+        s = self.requested_settings(profile, settings)
+        dynamic = [("dynamic-range INT8 (LSTM/GRU/RNN and other weights int8; activations quantized per op and time "
+                    "step; imbalanced recurrent inputs smoothed)", s.replace(activations="dynamic"))] \
+            if s.activations == "static" and profile.allow_float_layers and _recurrent(onnx_path) else []
+        return dynamic + equalization_candidate(s, onnx_path)
 
     def recovery_candidates(self, profile: TargetProfile, settings: Settings | dict) -> list[tuple[str, Settings]]:
         """Histogram calibration of the activation ranges (percentile, entropy: the same as onnx-cpu's, measured in
@@ -128,13 +136,18 @@ class TFLiteBackend(Backend):
         if precision == "int8" and s["calibrate_method"] != "minmax" and s["quantizer"] == "legacy":
             raise BadInputError(f"{profile.name}: calibrate_method {s['calibrate_method']} needs the MLIR quantizer "
                                 "(quantizer: auto or mlir), not legacy")
+        dynamic = precision == "int8" and s["activations"] == "dynamic"  # the child converts it as "dynamic"
+        if dynamic and not profile.allow_float_layers:
+            raise BadInputError(f"{profile.name} runs integer-only: dynamic-range INT8 keeps float activations")
+        if dynamic and s["float_layers"]:  # every weight is int8 there: a float layer would be a name, not a fact
+            raise ConversionError(f"{profile.name}: dynamic-range INT8 keeps no layer in float")
         asked = {p: (d, self.requested_settings(profile, ss).for_precision(p)) for p, (d, ss) in (siblings or {}).items()}
         recurrent = precision == "int8" and _recurrent(model.onnx_path)  # INT8 unrolls, float keeps the loop
         adaround = precision == "int8" and s["rounding"] == "adaround"  # other weights: a graph of its own
         equalize = precision == "int8" and s["equalize"]  # ... as is an equalized one (targets/onnx/equalize.py)
         shared = {p: (d, ss) for p, (d, ss) in asked.items()
                   if p != precision and p != "int8" and all(ss.get(k) == s.get(k) for k in self.GRAPH_SETTINGS)
-                  and not (recurrent and ss.get("rnn_unroll", True)) and not adaround and not equalize}
+                  and not (recurrent and ss.get("rnn_unroll", True)) and not adaround and not equalize and not dynamic}
         inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-", dir=tempdir()) as tmp:  # the build's scratch
@@ -150,9 +163,14 @@ class TFLiteBackend(Backend):
                 from edgebuild.targets.onnx.equalize import equalized_source
 
                 onnx_in, equalized = equalized_source(onnx_in, calib, job_dir)
+            smoothed = None
+            if dynamic:
+                from edgebuild.targets.onnx.smooth_recurrent import smoothed_source
+
+                onnx_in, smoothed = smoothed_source(onnx_in, calib, job_dir)
             rounded = _adaround(onnx_in, calib, s, job_dir) if adaround else None
             onnx_in = job_dir / "adaround.onnx" if adaround else onnx_in
-            job = {"onnx": str(onnx_in), "precision": precision, "settings": s, "inputs": inputs,
+            job = {"onnx": str(onnx_in), "precision": "dynamic" if dynamic else precision, "settings": s, "inputs": inputs,
                    "outputs": [{"name": o.name, "shape": list(o.shape)} for o in model.outputs if o.name not in through],
                    "allow_float_layers": precision == "int8" and profile.allow_float_layers,
                    "siblings": {p: {"settings": ss} for p, (_, ss) in shared.items()}}
@@ -164,7 +182,7 @@ class TFLiteBackend(Backend):
                 raise
             seconds = time.perf_counter() - t0
             arts = {precision: self._artifact(model, profile, precision, s, inputs, result, job_dir, workdir, seconds, n)}
-            arts[precision].notes += [n for n in (equalized, rounded) if n]
+            arts[precision].notes += [n for n in (equalized, smoothed, rounded) if n]
             return arts | self._siblings(model, profile, precision, inputs, shared, job_dir, seconds)
 
     def _siblings(self, model: ExportedModel, profile: TargetProfile, precision: str, inputs: list[dict], shared: dict,
@@ -194,14 +212,17 @@ class TFLiteBackend(Backend):
             inputs = [{**plan, "perm": perm} for plan, perm in zip(inputs, result["input_perms"])]
         io = _artifact_io(model, inputs, result, profile.name, passthrough.find(model.onnx_path))
         files = [out.name] + (write_c_array(out) if s["c_array"] else [])
-        used = {**s, "converter": converter_version(), "calibration_samples_used": n if precision == "int8" else 0,
+        calibrated = precision == "int8" and s.get("activations") != "dynamic"
+        used = {**s, "converter": converter_version(), "calibration_samples_used": n if calibrated else 0,
                 "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"]}}
         used["onnx_rewrites"] = result.get("rewrites") or []  # graph rewrites before onnx2tf (targets/tflite/rewrite/)
         used["xnnpack_checked"] = bool(result.get("xnnpack_checked"))  # loaded and ran once with XNNPACK
         # XNNPACK's share in LiteRT: {"ops", "delegated", "partitions", "fallback": {op: count}} (xnnpack.coverage)
         used["xnnpack_coverage"] = result.get("xnnpack_coverage")
         used["fp32_graph_check"] = result.get("fp32_graph_check")  # FP32 TF graph vs ONNX on one sample
-        if precision == "int8":
+        if precision == "int8" and s["activations"] == "dynamic":
+            used["quantizer_used"] = "dynamic range (TFLiteConverter, weights only: no representative data)"
+        elif precision == "int8":
             used["quantizer_used"] = result["quantizer_used"]
             # activation ranges TF's calibrator logged too wide (buffer sharing), narrowed (targets/tflite/ranges.py)
             used["ranges_narrowed"] = len(result.get("ranges_repaired") or [])

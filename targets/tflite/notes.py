@@ -54,6 +54,9 @@ def artifact_notes(precision: str, io: dict, result: dict, s: dict, seconds: flo
         what["int8"] = (f"mixed INT8: every op int8 except {len(s['float_ops_kept'])} TFLite op(s) kept in float by the "
                         f"converter ({'; '.join(s.get('repairs') or [])}), with QUANTIZE/DEQUANTIZE at their borders; "
                         f"calibrated on {s.get('calibration_samples_used')} samples")
+    if precision == "int8" and s.get("activations") == "dynamic":
+        what["int8"] = ("dynamic-range INT8 (the accuracy search's recurrent recipe): weights int8 per channel, "
+                        "activations float, quantized on the fly per op and time step; recurrent layers kept a loop")
     notes.append(what[precision])
     narrowed = result.get("ranges_repaired") or []
     if precision == "int8" and narrowed:

@@ -78,3 +78,45 @@ def test_all_states_have_the_onnx_shape(tmp_path):
     mi, calib, art = build(StatesOut(), (torch.zeros(1, 6, 6),), ["x"], ["gru_h", "h_n", "c_n", "h_last"], tmp_path)
     assert [p["source_shape"] for p in art.io["outputs"]] == [[2, 1, 10], [2, 1, 10], [2, 1, 10], [1, 10]]
     assert fidelity(art, mi, calib) > 0.98
+
+
+RAW_SCALES = (10.0 ** np.linspace(-3, 0.7, 12)).astype(np.float32)  # raw features' channel sizes: 0.001 .. 5
+
+
+class RawFeatureLstm(nn.Module):
+    """An LSTM reading raw features whose channels differ 5000x in size (a power spectrum), with the input weights
+    trained to match (large where a channel is small), as Resemblyzer's encoder reads its mel power frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.proj = nn.LSTM(12, 24, 2, batch_first=True), nn.Linear(24, 8)
+        with torch.no_grad():
+            self.lstm.weight_ih_l0.mul_(torch.from_numpy(1 / RAW_SCALES))
+
+    def forward(self, x):
+        _, (h, _) = self.lstm(x)
+        return self.proj(h[-1])
+
+
+def raw_features(t, shape, rng):
+    return (rng.normal(0, 1, shape) ** 2 * RAW_SCALES).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_dynamic_range_int8_smooths_raw_recurrent_inputs_and_keeps_the_loop(tmp_path):
+    """The search's recurrent recipe (``activations: dynamic``): dynamic-range INT8 with the first LSTM's input
+    channels smoothed into its weights. Plain dynamic range rounds the small channels away at every step."""
+    from edgebuild.targets.base import get_backend
+    from edgebuild.targets.profiles import catalogue
+
+    torch.manual_seed(0)
+    mi = model_input(export(RawFeatureLstm(), (torch.zeros(1, 16, 12),), ["feats"], ["y"], tmp_path / "m.onnx"))
+    calib = calibration(mi, raw_features)
+    candidates = dict(get_backend("tflite").graph_candidates(catalogue()["arm64"], None, mi.onnx_path))
+    label = next(k for k in candidates if k.startswith("dynamic-range INT8"))
+    art = convert(mi, calib, tmp_path / "smoothed", **candidates[label].to_dict())
+    assert art.main == "model_int8_dynamic.tflite" and art.precision == "int8"
+    assert any("recurrent input smoothing: /lstm/LSTM read" in n for n in art.notes), art.notes
+    assert "WHILE" in {op.split()[0] for op in art.settings["device_requires"]["builtin_ops"]}  # a loop, not unrolled
+    plain = convert(mi, calib, tmp_path / "plain", precision="dynamic")  # TFLite's dynamic range as it comes
+    assert fidelity(plain, mi, calib, n=16) < 0.98 < 0.99 < fidelity(art, mi, calib, n=16)
