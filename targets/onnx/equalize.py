@@ -380,17 +380,10 @@ def apply(pre: Path, calib: SampleSet, workdir: Path, owned: bool) -> tuple[Path
 def equalized_source(onnx_path: Path | str, calib: SampleSet, workdir: Path) -> tuple[Path, str]:
     """For a converter that takes the source ONNX model (onnx2tf, OpenVINO): ``workdir/equalized.onnx``, the model with
     its constant weights as initializers (an exporter's Constant nodes folded, names kept) and equalized; the note."""
-    import onnx
+    from edgebuild.targets.onnx.prepare import on_folded_copy
 
-    from edgebuild.targets.onnx.prepare import fold_constant_weights
-
-    copy = workdir / "_equalize_source.onnx"
-    onnx.save(onnx.load(str(onnx_path)), str(copy))
-    fold_constant_weights(copy)
     out = workdir / "equalized.onnx"
-    n = equalize(copy, out, calib)
-    copy.unlink()
-    return out, _note(n, calib)
+    return out, _note(on_folded_copy(onnx_path, out, lambda src, dst: equalize(src, dst, calib)), calib)
 
 
 def _note(n: int, calib: SampleSet) -> str:

@@ -27,6 +27,21 @@ def prepared(src: Path, workdir: Path, keep_names: bool = False) -> Path:
 FOLD_MAX_ELEMENTS = 1 << 24  # a folded tensor larger than this stays computed (a ConstantOfShape of a huge shape)
 
 
+def on_folded_copy(onnx_path: Path | str, out: Path, transform):
+    """``transform(copy, out)`` on a copy of ``onnx_path`` (beside ``out``) whose constant weights are initializers (an
+    exporter's Constant nodes folded, names kept): for a graph rewrite before a converter that takes the source ONNX
+    model (onnx2tf, OpenVINO). The copy is removed; returns what ``transform`` returns."""
+    import onnx
+
+    copy = out.with_name(f"_{out.stem}_source.onnx")
+    onnx.save(onnx.load(str(onnx_path)), str(copy))
+    try:
+        fold_constant_weights(copy)
+        return transform(copy, out)
+    finally:
+        copy.unlink()
+
+
 def fold_constant_weights(path: Path) -> int:
     """Weights computed from constants (Constant nodes, Unsqueeze/Slice/Concat of them: PyTorch's LSTM export reaches
     the LSTM's W and R that way) become initializers, so the quantizers see them as weights: onnxruntime quantizes

@@ -93,16 +93,10 @@ def smooth(src: Path, out: Path, calib: SampleSet, samples: int = 32) -> list[st
 def smoothed_source(onnx_path: Path | str, calib: SampleSet, workdir: Path) -> tuple[Path, str]:
     """For a converter that takes the source ONNX model (onnx2tf): ``workdir/smoothed.onnx``, the model with its constant
     weights as initializers (an exporter's Constant nodes folded, names kept) and smoothed; the note that says so."""
-    import onnx
+    from edgebuild.targets.onnx.prepare import on_folded_copy
 
-    from edgebuild.targets.onnx.prepare import fold_constant_weights
-
-    copy = workdir / "_smooth_source.onnx"
-    onnx.save(onnx.load(str(onnx_path)), str(copy))
-    fold_constant_weights(copy)
     out = workdir / "smoothed.onnx"
-    done = smooth(copy, out, calib)
-    copy.unlink()
+    done = on_folded_copy(onnx_path, out, lambda src, dst: smooth(src, dst, calib))
     return out, (f"recurrent input smoothing: {', '.join(done)} read input channels whose ranges differ by more than "
                  f"{SPREAD:g}x; each channel's range moved into the input weights (SmoothQuant, alpha {ALPHA}, exact "
                  "in float)" if done else "recurrent input smoothing: no recurrent layer reads imbalanced channels")
