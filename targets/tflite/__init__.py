@@ -1,5 +1,6 @@
 """The TFLite backend (LiteRT) as a sub-package. This file is its descriptor (what the pipeline reads without
-importing TensorFlow); the rest: ``backend`` (the Backend and its Runner), the converter child (``convert``:
+importing TensorFlow); the rest: ``backend`` (the Backend and its Runner), ``source`` (the ONNX graph the child
+takes: trimmed, equalized, smoothed or AdaRounded as the settings ask), the converter child (``convert``:
 onnx2tf via ``onnx2tf_run`` after the ONNX graph rewrites in ``rewrite/``, mixed precision in ``mixed``, sibling
 artifacts in ``family``, XNNPACK coverage in ``xnnpack``), the model's ports (``port``), pass-through outputs
 (``passthrough``), weight counts (``weights``), edgebuild's metadata in the file (``metadata``) and TensorFlow Lite

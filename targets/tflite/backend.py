@@ -44,6 +44,7 @@ from edgebuild.targets.tflite.convert import CHANNEL_LAST
 from edgebuild.targets.tflite.family import run_child
 from edgebuild.targets.tflite.family import sibling_dir, sibling_results
 from edgebuild.targets.tflite.mixed import AUTO_FLOAT, FRONT_FLOAT, TAIL_FLOAT, TRANSFORMER_FLOAT
+from edgebuild.targets.tflite.source import recurrent, source_graph
 from edgebuild.targets.tflite.notes import artifact_notes, converter_version
 from edgebuild.targets.tflite.port import Port
 from edgebuild.targets.tflite.tflm import write_c_array
@@ -81,7 +82,7 @@ class TFLiteBackend(Backend):
         s = self.requested_settings(profile, settings)
         dynamic = [("dynamic-range INT8 (LSTM/GRU/RNN and other weights int8; activations quantized per op and time "
                     "step; imbalanced recurrent inputs smoothed)", s.replace(activations="dynamic"))] \
-            if s.activations == "static" and profile.allow_float_layers and _recurrent(onnx_path) else []
+            if s.activations == "static" and profile.allow_float_layers and recurrent(onnx_path) else []
         return dynamic + equalization_candidate(s, onnx_path)
 
     def recovery_candidates(self, profile: TargetProfile, settings: Settings | dict) -> list[tuple[str, Settings]]:
@@ -142,12 +143,12 @@ class TFLiteBackend(Backend):
         if dynamic and s["float_layers"]:  # every weight is int8 there: a float layer would be a name, not a fact
             raise ConversionError(f"{profile.name}: dynamic-range INT8 keeps no layer in float")
         asked = {p: (d, self.requested_settings(profile, ss).for_precision(p)) for p, (d, ss) in (siblings or {}).items()}
-        recurrent = precision == "int8" and _recurrent(model.onnx_path)  # INT8 unrolls, float keeps the loop
+        unrolled = precision == "int8" and recurrent(model.onnx_path)  # INT8 unrolls, float keeps the loop
         adaround = precision == "int8" and s["rounding"] == "adaround"  # other weights: a graph of its own
         equalize = precision == "int8" and s["equalize"]  # ... as is an equalized one (targets/onnx/equalize.py)
         shared = {p: (d, ss) for p, (d, ss) in asked.items()
                   if p != precision and p != "int8" and all(ss.get(k) == s.get(k) for k in self.GRAPH_SETTINGS)
-                  and not (recurrent and ss.get("rnn_unroll", True)) and not adaround and not equalize and not dynamic}
+                  and not (unrolled and ss.get("rnn_unroll", True)) and not adaround and not equalize and not dynamic}
         inputs = [_input_plan(t, s["input_layout"]) for t in model.inputs]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="edgebuild-tflite-", dir=tempdir()) as tmp:  # the build's scratch
@@ -156,20 +157,7 @@ class TFLiteBackend(Backend):
             n = len(calib) if precision == "int8" else min(len(calib), FLOAT_CHECK_SAMPLES)
             np.savez(job_dir / "calib.npz", **_stacked_feeds(calib, model.inputs, n))
             through = passthrough.find(model.onnx_path)  # outputs that are an input: onnx2tf drops them
-            onnx_in = passthrough.trimmed_copy(model.onnx_path, through, job_dir / "model.onnx") if through \
-                else Path(model.onnx_path).resolve()
-            equalized = None
-            if equalize:
-                from edgebuild.targets.onnx.equalize import equalized_source
-
-                onnx_in, equalized = equalized_source(onnx_in, calib, job_dir)
-            smoothed = None
-            if dynamic:
-                from edgebuild.targets.onnx.smooth_recurrent import smoothed_source
-
-                onnx_in, smoothed = smoothed_source(onnx_in, calib, job_dir)
-            rounded = _adaround(onnx_in, calib, s, job_dir) if adaround else None
-            onnx_in = job_dir / "adaround.onnx" if adaround else onnx_in
+            onnx_in, rewrites = source_graph(model.onnx_path, through, s, precision == "int8", calib, job_dir)
             job = {"onnx": str(onnx_in), "precision": "dynamic" if dynamic else precision, "settings": s, "inputs": inputs,
                    "outputs": [{"name": o.name, "shape": list(o.shape)} for o in model.outputs if o.name not in through],
                    "allow_float_layers": precision == "int8" and profile.allow_float_layers,
@@ -182,7 +170,7 @@ class TFLiteBackend(Backend):
                 raise
             seconds = time.perf_counter() - t0
             arts = {precision: self._artifact(model, profile, precision, s, inputs, result, job_dir, workdir, seconds, n)}
-            arts[precision].notes += [n for n in (equalized, smoothed, rounded) if n]
+            arts[precision].notes += rewrites
             return arts | self._siblings(model, profile, precision, inputs, shared, job_dir, seconds)
 
     def _siblings(self, model: ExportedModel, profile: TargetProfile, precision: str, inputs: list[dict], shared: dict,
@@ -318,19 +306,6 @@ class TFLiteRunner(Runner):
         return times
 
 
-def _recurrent(onnx_path) -> bool:
-    """Has the ONNX graph an LSTM/GRU/RNN (onnx2tf unrolls them for INT8 only: the float graph differs)?"""
-    import onnx
-
-    from edgebuild.targets.tflite.convert import RNN_OPS
-
-    try:
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    except Exception:  # noqa: BLE001 — unreadable here means the converter names it; share nothing
-        return True
-    return any(n.op_type in RNN_OPS for n in graph.node)
-
-
 def _stacked_feeds(calib: SampleSet, inputs, n: int) -> dict[str, np.ndarray]:
     """The first ``n`` feeds, per input stacked on a new leading axis: ``[n, *ONNX input shape]``.
 
@@ -398,15 +373,3 @@ def _layout(perm, source: str, inverse: bool = False) -> str:
     if tuple(forward) == CHANNEL_LAST.get(len(forward)):
         return CHANNEL_LAST_NAMES[len(forward)]
     return "permuted " + "".join(str(v) for v in forward)
-
-
-def _adaround(onnx_in: Path, calib: SampleSet, s: dict, job_dir: Path) -> str:
-    """``job_dir/adaround.onnx``: ``onnx_in`` with its Conv/Gemm/MatMul weights rounded by AdaRound onto the grid TF's
-    quantizer derives from them (symmetric int8 +-127, per output channel or per tensor: the same as onnxruntime's,
-    so each learned integer is the one the .tflite stores); onnx2tf converts that. Returns the note."""
-    from edgebuild.targets.onnx_adaround import TIME_LIMIT, adaround, describe
-
-    record = adaround(onnx_in, job_dir / "adaround.onnx", calib, job_dir, per_channel=bool(s["per_channel"]),
-                      reduce_range=False, time_limit=TIME_LIMIT)
-    return describe(record) + " (before onnx2tf, onto TF's int8 weight grid)"
-
