@@ -192,23 +192,28 @@ def equalization_candidate(settings, onnx_path: Path | str) -> list:
              settings.replace(equalize=True))] if chains else []
 
 
-def channel_ranges(path: Path, tensors: list[str], calib: SampleSet) -> dict[str, np.ndarray]:
-    """Per tensor, the largest |value| of each channel (axis 1) over ``SAMPLES`` calibration samples."""
+def channel_ranges(path: Path, tensors: list[str], calib: SampleSet, axis: int = 1) -> dict[str, np.ndarray]:
+    """Per tensor (computed in the graph or fed to it), the largest |value| of each channel over ``SAMPLES``
+    calibration samples; the channel is ``axis`` (1: NCHW activations; -1: a recurrent layer's [T, B, C] input)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     model = onnx.load(str(path))
-    known = {o.name for o in model.graph.output}
+    fed = {i.name for i in model.graph.input}
+    known = {o.name for o in model.graph.output} | fed
     model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors if t not in known)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors by their names
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    computed = [t for t in tensors if t not in fed]
     out: dict[str, np.ndarray] = {}
     for i in range(min(SAMPLES, len(calib))):
-        for t, v in zip(tensors, session.run(tensors, calib.feed(i))):
-            axes = tuple(k for k in range(v.ndim) if k != 1)
-            m = np.abs(v).max(axis=axes) if v.ndim > 1 else np.abs(v)
+        feed = calib.feed(i)
+        values = dict(zip(computed, session.run(computed, feed) if computed else []))
+        for t in tensors:
+            v = np.abs(np.asarray(feed[t] if t in fed else values[t]))
+            m = v.max(axis=tuple(k for k in range(v.ndim) if k != axis % v.ndim)) if v.ndim > 1 else v
             out[t] = np.maximum(out[t], m) if t in out else m
     return out
 

@@ -39,39 +39,17 @@ def recurrent_inputs(model) -> list[tuple]:
             if n.op_type in RECURRENT and len(n.input) > 1 and n.input[1] in inits]
 
 
-def input_ranges(path: Path, tensors: list[str], calib: SampleSet, samples: int) -> dict[str, np.ndarray]:
-    """Per tensor, the largest |value| of each channel (the last axis: a recurrent input is [T, B, C] or [B, T, C])."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(path))
-    fed = {i.name for i in model.graph.input}
-    known = {o.name for o in model.graph.output} | fed
-    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors if t not in known)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors by their names
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    computed = [t for t in tensors if t not in fed]
-    out: dict[str, np.ndarray] = {}
-    for i in range(min(samples, len(calib))):
-        feed = calib.feed(i)
-        values = dict(zip(computed, session.run(computed, feed) if computed else []))
-        for t in tensors:
-            v = np.asarray(feed[t] if t in fed else values[t])
-            m = np.abs(v).reshape(-1, v.shape[-1]).max(axis=0)
-            out[t] = np.maximum(out[t], m) if t in out else m
-    return out
-
-
-def smooth(src: Path, out: Path, calib: SampleSet, samples: int = 32) -> list[str]:
-    """Write ``src`` with the imbalanced recurrent inputs smoothed to ``out``; the names of the layers smoothed."""
+def smooth(src: Path, out: Path, calib: SampleSet) -> list[str]:
+    """Write ``src`` with the imbalanced recurrent inputs smoothed to ``out``; the names of the layers smoothed. The
+    input ranges are measured as equalization measures its channels (``equalize.channel_ranges``, the last axis)."""
     import onnx
     from onnx import helper, numpy_helper
 
+    from edgebuild.targets.onnx.equalize import channel_ranges
+
     model = onnx.load(str(src))
     found = recurrent_inputs(model)
-    ranges = input_ranges(src, sorted({x for _, x, _ in found}), calib, samples) if found else {}
+    ranges = channel_ranges(src, sorted({x for _, x, _ in found}), calib, axis=-1) if found else {}
     done: list[str] = []
     for k, (node, x, w_init) in enumerate(found):
         a = np.maximum(ranges[x].astype(np.float64), FLOOR)
