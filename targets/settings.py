@@ -340,6 +340,8 @@ class TFLiteSettings(Settings):
 
     input_layout: str = choice("NHWC", "NHWC", "source")  # NHWC: 4-D NCHW inputs become channels-last
     rnn_unroll: bool = flag(True)  # onnx2tf unrolls LSTM/GRU/RNN for INT8 (the calibrator crashes on loops); float: loop
+    # float/dynamic LSTM as one UNIDIRECTIONAL_SEQUENCE_LSTM, which keeps its state between invocations (fused_lstm.py)
+    lstm_fused: bool = flag(False)
     host_kernels: str = choice("xnnpack", "xnnpack", "builtin", "reference")  # reference: as on MCUs
     c_array: bool = flag(False)  # also write <model>_data.cc/.h (a C array for TensorFlow Lite Micro)
     onnx_rewrites: bool = flag(True)  # MaxPool padding, Erf, Sum rewritten before onnx2tf (targets/tflite/rewrite/)

@@ -23,4 +23,4 @@ INFO = register(BackendInfo(
     # sample), 3-D convs as per-frame 2-D convs; 13: an int8 DIV by a computed divisor kept float;
     # 14: recurrent source graphs keep TF's whole calibration; 15: a signal-processing front-end float (float_frontend);
     # 16: dynamic-range INT8 as a search candidate for recurrent graphs (activations: dynamic, smoothed inputs)
-    cache_version=16))
+    cache_version=17))

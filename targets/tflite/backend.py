@@ -43,6 +43,7 @@ from edgebuild.targets.settings import Precision, Settings, TFLiteSettings
 from edgebuild.targets.tflite.convert import CHANNEL_LAST
 from edgebuild.targets.tflite.family import run_child
 from edgebuild.targets.tflite.family import sibling_dir, sibling_results
+from edgebuild.targets.tflite.fused_lstm import STATEFUL_OPS
 from edgebuild.targets.tflite.mixed import AUTO_FLOAT, FRONT_FLOAT, TAIL_FLOAT, TRANSFORMER_FLOAT
 from edgebuild.targets.tflite.source import recurrent, source_graph
 from edgebuild.targets.tflite.notes import artifact_notes, converter_version
@@ -119,7 +120,7 @@ class TFLiteBackend(Backend):
         return {"input_layout": "source" if profile.layout == "source" else "NHWC", "io_dtype": profile.io_dtype}
 
     # settings that shape the onnx2tf graph: a sibling precision shares the graph when they are equal
-    GRAPH_SETTINGS = ("input_layout", "rnn_unroll", "onnx_rewrites")
+    GRAPH_SETTINGS = ("input_layout", "rnn_unroll", "lstm_fused", "onnx_rewrites")
 
     def convert(self, model: ExportedModel, profile: TargetProfile, precision: str, calib: SampleSet,
                 workdir: Path, settings: Settings | dict | None = None) -> Artifact:
@@ -280,6 +281,9 @@ class TFLiteRunner(Runner):
             self.inputs = [Port(spec, ins[spec["signature_key"]]) for spec in io["inputs"]]
             self.outputs = [spec if "from_input" in spec else Port(spec, outs[spec["signature_key"]])
                             for spec in io["outputs"]]
+            # a fused sequence op keeps its state in variable tensors between invocations (fused_lstm.py): each run
+            # starts from the zero state, as the source model does, and as the artifact's note asks of a device app
+            self.stateful = any(op["op_name"] in STATEFUL_OPS for op in self.interpreter._get_ops_details())
         except (ValueError, RuntimeError, KeyError) as e:
             raise ConversionError(f"LiteRT cannot load {Path(path).name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
 
@@ -288,6 +292,8 @@ class TFLiteRunner(Runner):
             self.interpreter.set_tensor(port.index, port.to_tensor(feed[port.name]))
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.stateful:
+            self.interpreter.reset_all_variables()
         self._set(feed)
         self.interpreter.invoke()
         return [passthrough.value(port, feed) if isinstance(port, dict) else

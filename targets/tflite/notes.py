@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from importlib import metadata
 
+from edgebuild.targets.tflite.fused_lstm import STATEFUL_OPS
+
 
 def converter_version() -> str:
     v = {n: _version(n) for n in ("onnx2tf", "tensorflow")}
@@ -69,6 +71,11 @@ def artifact_notes(precision: str, io: dict, result: dict, s: dict, seconds: flo
     if any(op.startswith("WHILE ") for op in result["ops"]):
         notes.append("recurrent layers kept as a WHILE loop over time steps (not unrolled: XNNPACK would hold packed "
                      "weights once per step)")
+    fused = [op.split()[0] for op in result["ops"] if op.split()[0] in STATEFUL_OPS]
+    if fused:
+        notes.append(f"stateful: {', '.join(fused)} (lstm_fused) keeps its state in variable tensors between "
+                     "invocations; call reset_all_variables() (Android: resetVariableTensors()) before each independent "
+                     "sequence, as edgebuild's runner does before every run, or the next call starts from the last state")
     notes += [f"ONNX rewrite before onnx2tf: {r}" for r in s.get("onnx_rewrites") or []]
     if s.get("xnnpack_checked"):
         notes.append("loaded and ran one sample in LiteRT with XNNPACK after conversion")

@@ -13,7 +13,8 @@ onnx2tf options, and why:
 - ``enable_rnn_unroll`` for INT8 only (``rnn_unrolled``): LSTM/GRU unrolled into ops that have int8 kernels (TF's
   calibrator crashes on the loop form). FP32/FP16/dynamic keep the recurrence a WHILE loop: XNNPACK packs the
   weights of every op it takes, so an unrolled recurrence holds one packed copy per time step (a 4 MB CNN+BiLSTM
-  FP32 model: 212 MB resident in LiteRT with XNNPACK unrolled, 12.5 MB as a loop; 55 ms -> 17.5 ms).
+  FP32 model: 212 MB resident in LiteRT with XNNPACK unrolled, 12.5 MB as a loop; 55 ms -> 17.5 ms). With
+  ``lstm_fused`` (opt-in), an LSTM becomes TFLite's stateful fused sequence op instead (fused_lstm.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 from edgebuild.procs import Patch, patched
 from edgebuild.similarity import cosine
 from edgebuild.targets.isolated import ANSI, O2T_BOILERPLATE
+from edgebuild.targets.tflite.fused_lstm import FUSED_LSTM, without_unread_cell_state
 from edgebuild.targets.tflite.mixed import ConversionFailure
 
 CHANNEL_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}  # NC... -> N...C
@@ -102,6 +104,8 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
     from edgebuild.targets.tflite.rewrite import rewrite
 
     graph = constants_to_initializers(onnx.load(onnx_path))
+    if lstm_fused(job):
+        graph = without_unread_cell_state(graph)
     if job["settings"].get("onnx_rewrites", True):
         graph, job["rewrites"] = rewrite(graph, job.get("precision", "fp32"))
     graph = with_shapes(graph)
@@ -119,7 +123,7 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
               "calibration images, never a download"),
         Patch("onnx2tf.utils.common_functions", "download_test_image_data", sample, why="the same, where it is defined"),
         Patch("onnx2tf.onnx2tf", "get_tf_model_outputs", wrap=keeping_tensors, why="the ONNX -> TF tensor map"),
-    )
+    ) + (FUSED_LSTM if lstm_fused(job) else ())
     created: list = []
     with patched(onnx2tf_patches), \
             tf.variable_creator_scope(lambda make, **kw: created.append(make(**kw)) or created[-1]):
@@ -132,6 +136,11 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
         )
     track_variables(km, created)
     return km, {name: v["tf_node"] for name, v in tensors.items() if isinstance(v, dict) and "tf_node" in v}
+
+
+def lstm_fused(job: dict) -> bool:
+    """LSTM as TFLite's fused, stateful sequence op (``lstm_fused``, opt-in: fused_lstm.py) where it is not unrolled."""
+    return bool(job["settings"].get("lstm_fused", False)) and not rnn_unrolled(job)
 
 
 def rnn_unrolled(job: dict) -> bool:

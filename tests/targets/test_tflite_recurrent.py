@@ -120,3 +120,44 @@ def test_dynamic_range_int8_smooths_raw_recurrent_inputs_and_keeps_the_loop(tmp_
     assert "WHILE" in {op.split()[0] for op in art.settings["device_requires"]["builtin_ops"]}  # a loop, not unrolled
     plain = convert(mi, calib, tmp_path / "plain", precision="dynamic")  # TFLite's dynamic range as it comes
     assert fidelity(plain, mi, calib, n=16) < 0.98 < 0.99 < fidelity(art, mi, calib, n=16)
+
+
+class BiLstmHead(nn.Module):
+    """A forward 2-layer LSTM and a bidirectional one, read as a CTC recogniser and a speaker encoder read theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.uni, self.bi = nn.LSTM(8, 16, 2, batch_first=True), nn.LSTM(16, 12, 1, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        y, (h, _) = self.uni(x)
+        z, (hb, _) = self.bi(y)
+        return self.head(z), h[-1], hb
+
+
+@pytest.mark.slow
+def test_fused_lstm_is_one_sequence_op_per_direction_and_each_run_starts_from_zero(tmp_path):
+    """``lstm_fused``: every LSTM whose ``Y_c`` nothing reads becomes one UNIDIRECTIONAL_SEQUENCE_LSTM, exact to the
+    source over samples run one after another (the op keeps its state between invocations: the runner resets it,
+    and the note tells a device app to); one that outputs ``c_n`` keeps the loop."""
+    from edgebuild.targets.tflite.backend import TFLiteRunner
+
+    torch.manual_seed(0)
+    mi = model_input(export(BiLstmHead(), (torch.zeros(1, 10, 8),), ["x"], ["y", "h", "hb"], tmp_path / "m.onnx"))
+    calib = calibration(mi, lambda t, shape, rng: rng.normal(0, 1, shape).astype(np.float32))
+    art = convert(mi, calib, tmp_path / "fused", precision="fp32", lstm_fused=True)
+    ops = [op.split()[0] for op in art.settings["device_requires"]["builtin_ops"]]
+    assert "UNIDIRECTIONAL_SEQUENCE_LSTM" in ops and "WHILE" not in ops
+    assert any(n.startswith("stateful: UNIDIRECTIONAL_SEQUENCE_LSTM") for n in art.notes), art.notes
+    assert fidelity(art, mi, calib) > 0.99999  # every sample from the zero state
+    runner = TFLiteRunner(art.path, art.io, 2, "xnnpack")
+    first = runner.run(calib.feed(0))[0]
+    runner.interpreter.invoke()  # an app that does not reset: the second call starts from the first one's state
+    carried = runner.outputs[0].from_tensor(runner.interpreter.get_tensor(runner.outputs[0].index))
+    assert np.abs(carried - first).max() > 1e-3 and np.allclose(runner.run(calib.feed(0))[0], first, atol=1e-6)
+
+    states = model_input(export(StatesOut(), (torch.zeros(1, 6, 6),), ["x"], ["gru_h", "h_n", "c_n", "h_last"],
+                                tmp_path / "s.onnx"))
+    looped = convert(states, calibration(states), tmp_path / "states", precision="fp32", lstm_fused=True)
+    assert "UNIDIRECTIONAL_SEQUENCE_LSTM" not in {op.split()[0] for op in looped.settings["device_requires"]["builtin_ops"]}
