@@ -13,16 +13,17 @@ ended (measured: the same input twice, outputs 0.37 apart; tensorflow/tensorflow
 graph is still a variable, and a computed one does not convert ("Failed to duplicate values for the stateful op").
 The source model starts every call from zero, so a device app must call ``reset_all_variables()`` (Android:
 ``resetVariableTensors()``) before each independent sequence: the artifact's note says so, and edgebuild's runner
-does it before every run. Streaming apps that want the state carried over get it for free. Where the initial state is
-a graph input, the app feeds it on every call and nothing carries over.
+does it before every run. Streaming apps that want the state carried over get it for free. Nor is it faster where
+it counts (scripts/benchmark_lstm_fused.py): in FP32/FP16 the loop body's FULLY_CONNECTED run in XNNPACK and the
+fused op does not; TF's hybrid kernel (dynamic range) has one weight scale per gate matrix, not per channel.
 
 ``FUSED_LSTM`` builds that layer where it computes exactly what onnx2tf's cell computes: the default activations
-(sigmoid, tanh, tanh), no peepholes, no clip, no coupled input and forget gates, constant weights, and no final cell
-state ``Y_c`` read (the fused op outputs the sequence only: TF does not fuse a layer with ``return_state``; ``Y_h``
-is the sequence's last step, in processing order for a reverse direction as well). onnx2tf has already put the gates
-in Keras's order (i, f, c, o), transposed the weights to ``[input, 4*hidden]`` and split the bias; a reverse
-direction is ``go_backwards`` in both. Any other LSTM keeps onnx2tf's cell. GRU and RNN have no fused TFLite builtin
-and keep the loop.
+(sigmoid, tanh, tanh), no peepholes, no clip, no coupled input and forget gates, constant weights, a zero initial
+state (what a reset gives back), and no final cell state ``Y_c`` read (the fused op outputs the sequence only: TF
+does not fuse a layer with ``return_state``; ``Y_h`` is the sequence's last step, in processing order for a reverse
+direction as well). onnx2tf has already put the gates in Keras's order (i, f, c, o),
+transposed the weights to ``[input, 4*hidden]`` and split the bias; a reverse direction is ``go_backwards`` in both.
+Any other LSTM keeps onnx2tf's cell. GRU and RNN have no fused TFLite builtin and keep the loop.
 
 A PyTorch export names ``Y_c`` even when nothing reads it: ``without_unread_cell_state`` drops that output from the
 ONNX graph first (exact: an optional output no node and no graph output reads)."""
@@ -65,11 +66,6 @@ def _constant(t):
         return None
 
 
-def _zero_state(state) -> bool:
-    """No initial state, or one that is all zeros (a PyTorch export's default): the layer's own zero state."""
-    return not state or all((v := _constant(s)) is not None and not np.any(v) for s in state)
-
-
 def fused_layer_class():
     import tf_keras
 
@@ -86,8 +82,8 @@ def fused_layer_class():
                 unroll=False, unit_forget_bias=False, kernel_initializer=const(_constant(kernel)),
                 recurrent_initializer=const(_constant(recurrent_kernel)), bias_initializer=const(bias))
 
-        def call(self, inputs, initial_state=None):
-            sequence = self.lstm(inputs, initial_state=None if _zero_state(initial_state) else list(initial_state))
+        def call(self, inputs, initial_state=None):  # zeros or none (_state_resets_to_zero): the layer's own
+            sequence = self.lstm(inputs)
             last = sequence[:, -1, :]  # Y_h: the state after the last step processed
             # (outputs, Y_h, Y_c): onnx2tf stacks a Y_c tensor even when the node has none (without_unread_cell_state),
             # then drops it; the Y_h tensor stands there, in no graph output
@@ -105,10 +101,23 @@ def _fused_or_custom(custom):
     return make
 
 
+def _state_resets_to_zero(graph_node) -> bool:
+    """Is each initial state (``initial_h``, ``initial_c``) absent or all zeros?
+
+    What ``reset_all_variables()`` gives back is zeros: a non-zero constant state would be lost at the first reset,
+    and a state fed or computed in the graph reaches the op through a slice, which TF's converter cannot make the
+    op's variable ("cannot duplicate the value since it's not constant")."""
+    for t in graph_node.inputs[5:7]:
+        values = getattr(t, "values", None)  # a gs.Constant
+        if t.name and (values is None or np.any(np.asarray(values))):
+            return False
+    return True
+
+
 def _make_node(real):
     def make_node(*, graph_node, **kwargs):
-        if len(graph_node.outputs) >= 3 and graph_node.outputs[2].name:  # Y_c is read: the cell's loop
-            return real(graph_node=graph_node, **kwargs)
+        if len(graph_node.outputs) >= 3 and graph_node.outputs[2].name or not _state_resets_to_zero(graph_node):
+            return real(graph_node=graph_node, **kwargs)  # Y_c read, or a state the fused op cannot hold: the loop
         with patched([Patch("onnx2tf.ops.LSTM", "CustomLSTM", wrap=_fused_or_custom, why="this LSTM node's layer")]):
             return real(graph_node=graph_node, **kwargs)
 

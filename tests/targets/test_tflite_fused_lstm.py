@@ -66,3 +66,28 @@ def test_an_unread_final_cell_state_is_dropped_and_a_read_one_kept():
     as_output = lstm_graph(["y"])
     as_output.graph.output.append(helper.make_tensor_value_info("y_c", TensorProto.FLOAT, None))
     assert list(without_unread_cell_state(as_output).graph.node[0].output) == ["y", "y_h", "y_c"]
+
+
+class Tensor:
+    """onnx_graphsurgeon's view of a node input: a name, a constant's ``values``, or the nodes that make it."""
+
+    def __init__(self, name="", values=None, made_by=()):
+        self.name, self.inputs = name, list(made_by)
+        if values is not None:
+            self.values = values
+
+
+class Node:
+    def __init__(self, *states):
+        self.inputs = [Tensor("x"), Tensor("W", np.ones(2)), Tensor("R", np.ones(2)), Tensor(), Tensor(), *states]
+
+
+def test_only_a_zero_initial_state_is_fused_as_a_reset_restores_zeros():
+    from edgebuild.targets.tflite.fused_lstm import _state_resets_to_zero
+
+    assert _state_resets_to_zero(Node())  # no initial state
+    assert _state_resets_to_zero(Node(Tensor("h0", np.zeros((1, 1, 2))), Tensor("c0", np.zeros((1, 1, 2)))))
+    assert _state_resets_to_zero(Node(Tensor(), Tensor("c0", np.zeros((1, 1, 2)))))  # initial_h omitted
+    assert not _state_resets_to_zero(Node(Tensor("h0", np.full((1, 1, 2), 0.5))))  # lost at the first reset
+    assert not _state_resets_to_zero(Node(Tensor("state")))  # a graph input
+    assert not _state_resets_to_zero(Node(Tensor("h0"), Tensor("c0", made_by=["Gather"])))  # computed
