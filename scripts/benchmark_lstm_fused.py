@@ -7,7 +7,8 @@ The default model is the shape of Resemblyzer's speaker encoder (40 mel channels
 -> the last layer's final hidden state -> Linear(256) -> L2 norm), random weights, nothing downloaded. Each precision
 is converted twice by the tflite backend (``lstm_fused`` off and on) and the two artifacts are timed in interleaved
 rounds on LiteRT with XNNPACK (``invoke()`` alone, as benchmark_model times it), so machine load hits both alike.
-Printed per precision: p50 of each, the loop/fused speed ratio, sizes, and the worst cosine to onnxruntime over the
+Printed per precision: p50 of each, the loop/fused speed ratio, sizes, runtime memory (pipeline/memory.py: peak
+resident memory of loading and running it, in a child of its own), and the worst cosine to onnxruntime over the
 samples (each run from the zero state: the runner resets the fused op's variable tensors).
 """
 from __future__ import annotations
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
+    from edgebuild.pipeline import memory
     from edgebuild.similarity import cosine
     from edgebuild.targets.base import get_backend
     from edgebuild.targets.profiles import catalogue
@@ -119,8 +121,9 @@ def main(argv=None) -> int:
             p50 = {way: float(np.median(t)) for way, t in times.items()}
             for way in runners:
                 ops = sorted({op.split()[0] for op in arts[way].settings["device_requires"]["builtin_ops"]})
+                peak = memory.measure("tflite", arts[way], args.threads, feed)["peak_mb"]
                 print(f"{precision:8s} {way:6s} p50 {p50[way]:8.2f} ms  size {arts[way].size_bytes / 1e6:6.2f} MB  "
-                      f"worst cosine {worst[way]:.5f}  ops {', '.join(ops)}")
+                      f"runtime memory {peak:6.1f} MB  worst cosine {worst[way]:.5f}  ops {', '.join(ops)}")
             print(f"{precision:8s} fused speed-up over the loop: {p50['loop'] / p50['fused']:.2f}x "
                   f"({args.rounds} interleaved rounds, {args.threads} threads)")
     return 0
