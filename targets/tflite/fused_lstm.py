@@ -62,7 +62,7 @@ def _constant(t):
         return t
     try:
         return np.asarray(t.numpy())
-    except AttributeError:
+    except (AttributeError, TypeError, ValueError):  # a symbolic tensor has no value
         return None
 
 
@@ -101,22 +101,44 @@ def _fused_or_custom(custom):
     return make
 
 
-def _state_resets_to_zero(graph_node) -> bool:
-    """Is each initial state (``initial_h``, ``initial_c``) absent or all zeros?
+def _zeros(t, depth: int = 0) -> bool:
+    """Is graph-surgeon tensor ``t`` all zeros: a zero constant, or a broadcast of one (PyTorch's export of an LSTM's
+    default state: ``Expand`` of a zero constant to the batch's shape; ``ConstantOfShape`` of 0)?"""
+    values = getattr(t, "values", None)  # a gs.Constant
+    if values is not None:
+        return not np.any(np.asarray(values))
+    made_by = getattr(t, "inputs", None) or []
+    if len(made_by) != 1 or depth > 4:
+        return False
+    node = made_by[0]
+    if node.op in ("Expand", "Tile") and node.inputs:
+        return _zeros(node.inputs[0], depth + 1)
+    if node.op == "ConstantOfShape":
+        value = node.attrs.get("value")
+        return value is None or not np.any(np.asarray(getattr(value, "values", value)))
+    return False
+
+
+def _state_resets_to_zero(graph_node, tf_layers_dict: dict) -> bool:
+    """Is each initial state (``initial_h``, ``initial_c``) absent or all zeros (in the ONNX graph, or as onnx2tf
+    computed it eagerly)? The fused layer then starts from its own zero state.
 
     What ``reset_all_variables()`` gives back is zeros: a non-zero constant state would be lost at the first reset,
     and a state fed or computed in the graph reaches the op through a slice, which TF's converter cannot make the
     op's variable ("cannot duplicate the value since it's not constant")."""
     for t in graph_node.inputs[5:7]:
-        values = getattr(t, "values", None)  # a gs.Constant
-        if t.name and (values is None or np.any(np.asarray(values))):
+        if not t.name or _zeros(t):
+            continue
+        value = _constant(tf_layers_dict.get(t.name, {}).get("tf_node"))
+        if value is None or np.any(value):
             return False
     return True
 
 
 def _make_node(real):
     def make_node(*, graph_node, **kwargs):
-        if len(graph_node.outputs) >= 3 and graph_node.outputs[2].name or not _state_resets_to_zero(graph_node):
+        if len(graph_node.outputs) >= 3 and graph_node.outputs[2].name \
+                or not _state_resets_to_zero(graph_node, kwargs.get("tf_layers_dict") or {}):
             return real(graph_node=graph_node, **kwargs)  # Y_c read, or a state the fused op cannot hold: the loop
         with patched([Patch("onnx2tf.ops.LSTM", "CustomLSTM", wrap=_fused_or_custom, why="this LSTM node's layer")]):
             return real(graph_node=graph_node, **kwargs)

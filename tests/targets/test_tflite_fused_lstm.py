@@ -69,12 +69,17 @@ def test_an_unread_final_cell_state_is_dropped_and_a_read_one_kept():
 
 
 class Tensor:
-    """onnx_graphsurgeon's view of a node input: a name, a constant's ``values``, or the nodes that make it."""
+    """onnx_graphsurgeon's view of a tensor: a name, a constant's ``values``, or the node that makes it."""
 
-    def __init__(self, name="", values=None, made_by=()):
-        self.name, self.inputs = name, list(made_by)
+    def __init__(self, name="", values=None, made_by=None):
+        self.name, self.inputs = name, [made_by] if made_by else []
         if values is not None:
             self.values = values
+
+
+class Op:
+    def __init__(self, op, *inputs, **attrs):
+        self.op, self.inputs, self.attrs = op, list(inputs), attrs
 
 
 class Node:
@@ -85,9 +90,26 @@ class Node:
 def test_only_a_zero_initial_state_is_fused_as_a_reset_restores_zeros():
     from edgebuild.targets.tflite.fused_lstm import _state_resets_to_zero
 
-    assert _state_resets_to_zero(Node())  # no initial state
-    assert _state_resets_to_zero(Node(Tensor("h0", np.zeros((1, 1, 2))), Tensor("c0", np.zeros((1, 1, 2)))))
-    assert _state_resets_to_zero(Node(Tensor(), Tensor("c0", np.zeros((1, 1, 2)))))  # initial_h omitted
-    assert not _state_resets_to_zero(Node(Tensor("h0", np.full((1, 1, 2), 0.5))))  # lost at the first reset
-    assert not _state_resets_to_zero(Node(Tensor("state")))  # a graph input
-    assert not _state_resets_to_zero(Node(Tensor("h0"), Tensor("c0", made_by=["Gather"])))  # computed
+    class Eager:  # a tensor onnx2tf computed eagerly
+        def __init__(self, value):
+            self.value = value
+
+        def numpy(self):
+            return self.value
+
+    def fits(*states, made=None):
+        return _state_resets_to_zero(Node(*states), made or {})
+
+    zeros, shape = np.zeros((1, 1, 2)), Tensor("shape", made_by=Op("Shape", Tensor("x")))
+    assert fits()  # no initial state
+    assert fits(Tensor("h0", zeros), Tensor("c0", zeros))
+    assert fits(Tensor(), Tensor("c0", zeros))  # initial_h omitted
+    # PyTorch's export of the default state: Expand of a zero constant to the batch's shape; ConstantOfShape of 0
+    assert fits(Tensor("h0", made_by=Op("Expand", Tensor("z", np.zeros(1)), shape)),
+                Tensor("c0", made_by=Op("ConstantOfShape", shape)))
+    assert fits(Tensor("h0", made_by=Op("Mul", Tensor("x"), Tensor("k"))), made={"h0": {"tf_node": Eager(zeros)}})
+    assert not fits(Tensor("h0", np.full((1, 1, 2), 0.5)))  # lost at the first reset
+    assert not fits(Tensor("h0", made_by=Op("Expand", Tensor("z", np.ones(1)), shape)))
+    assert not fits(Tensor("c0", made_by=Op("ConstantOfShape", shape, value=np.ones(1))))
+    assert not fits(Tensor("state"), made={"state": {"tf_node": object()}})  # a graph input: symbolic in TF
+    assert not fits(Tensor("h0", made_by=Op("Gather", Tensor("state"))))  # computed
