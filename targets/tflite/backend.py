@@ -202,8 +202,10 @@ class TFLiteBackend(Backend):
         io = _artifact_io(model, inputs, result, profile.name, passthrough.find(model.onnx_path))
         files = [out.name] + (write_c_array(out) if s["c_array"] else [])
         calibrated = precision == "int8" and s.get("activations") != "dynamic"
+        stateful = any(op.split()[0] in STATEFUL_OPS for op in result["ops"])  # reset between sequences (fused_lstm.py)
         used = {**s, "converter": converter_version(), "calibration_samples_used": n if calibrated else 0,
-                "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"]}}
+                "device_requires": {"min_runtime_version": result.get("min_runtime_version"), "builtin_ops": result["ops"],
+                                    "reset_variables_per_sequence": stateful}}
         used["onnx_rewrites"] = result.get("rewrites") or []  # graph rewrites before onnx2tf (targets/tflite/rewrite/)
         used["xnnpack_checked"] = bool(result.get("xnnpack_checked"))  # loaded and ran once with XNNPACK
         # XNNPACK's share in LiteRT: {"ops", "delegated", "partitions", "fallback": {op: count}} (xnnpack.coverage)

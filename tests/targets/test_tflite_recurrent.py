@@ -150,6 +150,7 @@ def test_fused_lstm_is_one_sequence_op_per_direction_and_each_run_starts_from_ze
     ops = [op.split()[0] for op in art.settings["device_requires"]["builtin_ops"]]
     assert "UNIDIRECTIONAL_SEQUENCE_LSTM" in ops and "WHILE" not in ops
     assert any(n.startswith("stateful: UNIDIRECTIONAL_SEQUENCE_LSTM") for n in art.notes), art.notes
+    assert art.settings["device_requires"]["reset_variables_per_sequence"] is True
     assert fidelity(art, mi, calib) > 0.99999  # every sample from the zero state
     runner = TFLiteRunner(art.path, art.io, 2, "xnnpack")
     first = runner.run(calib.feed(0))[0]
@@ -161,3 +162,4 @@ def test_fused_lstm_is_one_sequence_op_per_direction_and_each_run_starts_from_ze
                                 tmp_path / "s.onnx"))
     looped = convert(states, calibration(states), tmp_path / "states", precision="fp32", lstm_fused=True)
     assert "UNIDIRECTIONAL_SEQUENCE_LSTM" not in {op.split()[0] for op in looped.settings["device_requires"]["builtin_ops"]}
+    assert looped.settings["device_requires"]["reset_variables_per_sequence"] is False
