@@ -1,7 +1,7 @@
 """LSTM on arm64: onnx2tf's WHILE loop against TFLite's fused UNIDIRECTIONAL_SEQUENCE_LSTM (``quant.lstm_fused``).
 
     .venv/bin/python scripts/benchmark_lstm_fused.py                       # a Resemblyzer-shaped encoder, made here
-    .venv/bin/python scripts/benchmark_lstm_fused.py --onnx m.onnx --calib calib.npz --precisions fp32,dynamic
+    .venv/bin/python scripts/benchmark_lstm_fused.py --onnx m.onnx --calib calib.npz --precisions fp32
 
 The default model is the shape of Resemblyzer's speaker encoder (40 mel channels x 160 frames -> 3-layer LSTM(256)
 -> the last layer's final hidden state -> Linear(256) -> L2 norm), random weights, nothing downloaded. Each precision
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", type=Path, help="an ONNX model with LSTMs (default: the encoder made here)")
     ap.add_argument("--calib", type=Path, help="an .npz of samples per input name (default: synthetic mel frames)")
-    ap.add_argument("--precisions", default="fp32,fp16", help="of fp32, fp16, dynamic (default: fp32,fp16)")
+    ap.add_argument("--precisions", default="fp32,fp16", help="of fp32, fp16 (dynamic range keeps the loop)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=20)

@@ -3,27 +3,28 @@
 onnx2tf builds every ONNX LSTM as a Keras ``RNN`` over its own ``CustomLSTMCell``: TF's converter keeps that as a
 WHILE loop whose body is a dozen small ops per time step (FULLY_CONNECTED, SPLIT, LOGISTIC, TANH, MUL, ADD, ...),
 each run by the interpreter once per step, outside XNNPACK. A Keras ``LSTM`` layer is what TF's converter fuses into
-one UNIDIRECTIONAL_SEQUENCE_LSTM (its ``api_implements`` signature): one kernel for the whole sequence, int8 weights
-under dynamic range (the hybrid kernel), float16 weights dequantized once under FP16.
+one UNIDIRECTIONAL_SEQUENCE_LSTM (its ``api_implements`` signature): one kernel for the whole sequence, float16 weights
+dequantized once under FP16.
 
-**The fused op is stateful, so it is opt-in** (``quant: {lstm_fused: true}``, float and dynamic-range conversions;
-full-integer INT8 unrolls the recurrence instead, ``onnx2tf_run.rnn_unrolled``). TFLite gives the op its initial
-state as variable tensors and writes the final state back into them: the next ``invoke()`` starts where the last one
-ended (measured: the same input twice, outputs 0.37 apart; tensorflow/tensorflow#47813). A zero state made in the
-graph is still a variable, and a computed one does not convert ("Failed to duplicate values for the stateful op").
-The source model starts every call from zero, so a device app must call ``reset_all_variables()`` (Android:
-``resetVariableTensors()``) before each independent sequence: the artifact's note says so, and edgebuild's runner
-does it before every run. Streaming apps that want the state carried over get it for free. Nor is it faster where
-it counts (scripts/benchmark_lstm_fused.py): in FP32/FP16 the loop body's FULLY_CONNECTED run in XNNPACK and the
-fused op does not; TF's hybrid kernel (dynamic range) has one weight scale per gate matrix, not per channel.
+**The fused op is stateful, so it is opt-in** (``quant: {lstm_fused: true}``, FP32 and FP16). TFLite gives the op its
+initial state as variable tensors and writes the final state back into them: the next ``invoke()`` starts where the
+last one ended (measured: the same input twice, outputs 0.37 apart; tensorflow/tensorflow#47813). A zero state made
+in the graph is still a variable, and a computed one does not convert ("Failed to duplicate values for the stateful
+op"). The source model starts every call from zero, so a device app must call ``reset_all_variables()`` (Android:
+``resetVariableTensors()``) before each independent sequence: the artifact's note and manifest say so, and
+edgebuild's runner does it before every run. Streaming apps that want the state carried over get it for free. It
+is not faster (scripts/benchmark_lstm_fused.py: the loop body's FULLY_CONNECTED run in XNNPACK, the fused op does
+not) but holds about 0.6x the runtime memory. Dynamic-range INT8 keeps the loop: TF's hybrid fused kernel has one
+weight scale per gate matrix, not per output channel, and on Resemblyzer's trained weights it collapsed (worst
+embedding cosine 0.35, and 0.46x the loop's speed) where the loop's per-channel FULLY_CONNECTED kept the task.
 
 ``FUSED_LSTM`` builds that layer where it computes exactly what onnx2tf's cell computes: the default activations
 (sigmoid, tanh, tanh), no peepholes, no clip, no coupled input and forget gates, constant weights, a zero initial
 state (what a reset gives back), and no final cell state ``Y_c`` read (the fused op outputs the sequence only: TF
 does not fuse a layer with ``return_state``; ``Y_h`` is the sequence's last step, in processing order for a reverse
-direction as well). onnx2tf has already put the gates in Keras's order (i, f, c, o),
-transposed the weights to ``[input, 4*hidden]`` and split the bias; a reverse direction is ``go_backwards`` in both.
-Any other LSTM keeps onnx2tf's cell. GRU and RNN have no fused TFLite builtin and keep the loop.
+direction as well). onnx2tf has already put the gates in Keras's order (i, f, c, o), transposed the weights to
+``[input, 4*hidden]`` and split the bias; a reverse direction is ``go_backwards`` in both. Any other LSTM keeps
+onnx2tf's cell. GRU and RNN have no fused TFLite builtin and keep the loop.
 
 A PyTorch export names ``Y_c`` even when nothing reads it: ``without_unread_cell_state`` drops that output from the
 ONNX graph first (exact: an optional output no node and no graph output reads)."""
@@ -34,6 +35,7 @@ import numpy as np
 from edgebuild.procs import Patch, patched
 
 DEFAULT_ACTIVATIONS = ("Sigmoid", "Tanh", "Tanh")  # f, g, h of the ONNX LSTM
+FUSED_PRECISIONS = ("fp32", "fp16")  # dynamic range keeps the loop's per-channel int8 weights
 # TFLite ops that keep a state in variable tensors from one invocation to the next
 STATEFUL_OPS = frozenset({"UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "UNIDIRECTIONAL_SEQUENCE_RNN",
                           "BIDIRECTIONAL_SEQUENCE_RNN", "LSTM", "SVDF"})

@@ -14,7 +14,7 @@ onnx2tf options, and why:
   calibrator crashes on the loop form). FP32/FP16/dynamic keep the recurrence a WHILE loop: XNNPACK packs the
   weights of every op it takes, so an unrolled recurrence holds one packed copy per time step (a 4 MB CNN+BiLSTM
   FP32 model: 212 MB resident in LiteRT with XNNPACK unrolled, 12.5 MB as a loop; 55 ms -> 17.5 ms). With
-  ``lstm_fused`` (opt-in), an LSTM becomes TFLite's stateful fused sequence op instead (fused_lstm.py).
+  ``lstm_fused`` (opt-in), an FP32/FP16 LSTM becomes TFLite's stateful fused sequence op instead (fused_lstm.py).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import numpy as np
 from edgebuild.procs import Patch, patched
 from edgebuild.similarity import cosine
 from edgebuild.targets.isolated import ANSI, O2T_BOILERPLATE
-from edgebuild.targets.tflite.fused_lstm import FUSED_LSTM, without_unread_cell_state
+from edgebuild.targets.tflite.fused_lstm import FUSED_LSTM, FUSED_PRECISIONS, without_unread_cell_state
 from edgebuild.targets.tflite.mixed import ConversionFailure
 
 CHANNEL_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}  # NC... -> N...C
@@ -139,8 +139,8 @@ def to_keras(onnx_path: str, job: dict, calib: dict, workdir: Path):
 
 
 def lstm_fused(job: dict) -> bool:
-    """LSTM as TFLite's fused, stateful sequence op (``lstm_fused``, opt-in: fused_lstm.py) where it is not unrolled."""
-    return bool(job["settings"].get("lstm_fused", False)) and not rnn_unrolled(job)
+    """LSTM as TFLite's fused, stateful sequence op (``lstm_fused``, opt-in: fused_lstm.py), in FP32 and FP16."""
+    return bool(job["settings"].get("lstm_fused", False)) and job.get("precision") in FUSED_PRECISIONS
 
 
 def rnn_unrolled(job: dict) -> bool:

@@ -113,3 +113,17 @@ def test_only_a_zero_initial_state_is_fused_as_a_reset_restores_zeros():
     assert not fits(Tensor("c0", made_by=Op("ConstantOfShape", shape, value=np.ones(1))))
     assert not fits(Tensor("state"), made={"state": {"tf_node": object()}})  # a graph input: symbolic in TF
     assert not fits(Tensor("h0", made_by=Op("Gather", Tensor("state"))))  # computed
+
+
+def test_fused_only_when_asked_and_only_in_float():
+    """Opt-in (the op is stateful); dynamic range keeps the loop's per-channel int8 weights (the hybrid fused kernel's
+    per-gate scale collapsed Resemblyzer), full-integer INT8 unrolls."""
+    pytest.importorskip("onnx2tf")
+    from edgebuild.targets.tflite.onnx2tf_run import lstm_fused
+
+    def job(precision, **settings):
+        return {"precision": precision, "settings": settings}
+
+    assert not lstm_fused(job("fp32"))
+    assert lstm_fused(job("fp32", lstm_fused=True)) and lstm_fused(job("fp16", lstm_fused=True))
+    assert not lstm_fused(job("dynamic", lstm_fused=True)) and not lstm_fused(job("int8", lstm_fused=True))
