@@ -22,5 +22,6 @@ INFO = register(BackendInfo(
     # post-processing tail float; 9: the video rewrites (frame pools, dilated 3-D convs, flat scatter-add); 10: percentile/entropy calibration; 11: no statistics on the float tail; 12: every range measured in LiteRT (TF logs one
     # sample), 3-D convs as per-frame 2-D convs; 13: an int8 DIV by a computed divisor kept float;
     # 14: recurrent source graphs keep TF's whole calibration; 15: a signal-processing front-end float (float_frontend);
-    # 16: dynamic-range INT8 as a search candidate for recurrent graphs (activations: dynamic, smoothed inputs)
-    cache_version=17))
+    # 16: dynamic-range INT8 as a search candidate for recurrent graphs (activations: dynamic, smoothed inputs);
+    # 17, 18: lstm_fused (FP32/FP16 LSTM as UNIDIRECTIONAL_SEQUENCE_LSTM), device_requires.reset_variables_per_sequence
+    cache_version=18))
