@@ -26,6 +26,7 @@ def test_every_config_round_trips_through_json():
     {"precision": "int4"}, {"nope": 1}, {"inputs": [{"name": "x", "shape": [1, -3]}]},
     {"inputs": [{"name": "x", "dtype": "float64"}]}, {"budgets": {"max_accuracy": 1}},
     {"preprocess": {"color": "cmyk"}}, {"compress": [{"prune": {}, "lowrank": {}}]}, {"calib_samples": 0},
+    {"task": "sequence", "task_options": {"near_tie_ratio": 1.5}},
 ])
 def test_invalid_options_are_bad_input(bad):
     with pytest.raises(BadInputError):

@@ -196,6 +196,27 @@ def test_sequence_and_segmentation_tasks():
     assert compare(ref, [[-x] for x in masks], None, Judging(task="segmentation")).task.artifact["miou"] < 50
 
 
+def test_sequence_agreement_lets_a_near_tie_frame_go_either_way_but_not_a_decisive_one():
+    """A string that differs from FP32's only where FP32 itself was torn between two classes (a captcha CTC model's
+    dynamic INT8: 3 of 200 strings, each one frame with FP32's top two 0.02-0.09 apart) keeps the task; a flip of a
+    frame FP32 was sure of does not, and ``near_tie_ratio: 1`` asks for exact strings."""
+    from edgebuild.pipeline.tasks import sequence
+
+    ref = np.full((4, 6, 5), -4.0, np.float32)
+    ref[:, np.arange(6), [1, 0, 2, 0, 3, 0]] = 8.0  # FP32 reads "1 2 3" in every sample
+    ref[0, 2, 4] = 7.95  # sample 0: at frame 2, class 4 is a near-tie (probability ratio 0.95)
+    ref[1, 2, 4] = 6.0  # sample 1: class 4 is 7x less likely than FP32's pick
+    out = ref.copy()
+    out[0, 2, 4] = out[1, 2, 4] = 8.5  # the artifact picks class 4 at frame 2 in both
+    scores = sequence({"y": out}, {"y": ref}, None, {})
+    assert scores["sequence_agreement"] == 75.0 and scores["sequence_agreement_exact"] == 50.0
+    probs = {k: np.exp(v) / np.exp(v).sum(-1, keepdims=True) for k, v in (("y", out), ("r", ref))}
+    assert sequence({"y": probs["y"]}, {"y": probs["r"]}, None, {})["sequence_agreement"] == 75.0  # softmax outputs
+    assert sequence({"y": out}, {"y": ref}, None, {"near_tie_ratio": 1})["sequence_agreement"] == 50.0
+    with pytest.raises(BadInputError, match="near_tie_ratio"):
+        sequence({"y": out}, {"y": ref}, None, {"near_tie_ratio": 0})
+
+
 def test_a_probability_map_is_thresholded_alike_on_both_sides_even_when_rounding_passes_one():
     """ONNX Runtime's Sigmoid can give 1.0000001: the reference must still be read as probabilities (threshold 0.5),
     as the artifact's map is, or a text detector's masks that agree to 99.9 % score mIoU ~90 (seen: PP-OCRv4 FP16)."""
