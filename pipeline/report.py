@@ -335,4 +335,9 @@ def _output_table(m: Metrics | None) -> list[str]:
     if task:
         lines += ["", f"Task scores ({task.name}):", "", "| score | FP32 | artifact |", "|---|---|---|"]
         lines += [f"| {k} | {task.reference.get(k, float('nan')):.4g} | {v:.4g} |" for k, v in task.artifact.items()]
+        near, exact = task.artifact.get("sequence_agreement"), task.artifact.get("sequence_agreement_exact")
+        if near is not None and exact is not None and near > exact:
+            lines += ["", f"{near - exact:.3g} % of the strings differ from FP32's only at near-tie frames (FP32's own "
+                      "top two classes within `near_tie_ratio`): they count as agreeing; `sequence_agreement_exact` "
+                      "counts them as not"]
     return ["", *lines, ""]

@@ -215,6 +215,11 @@ def test_sequence_agreement_lets_a_near_tie_frame_go_either_way_but_not_a_decisi
     assert sequence({"y": out}, {"y": ref}, None, {"near_tie_ratio": 1})["sequence_agreement"] == 50.0
     with pytest.raises(BadInputError, match="near_tie_ratio"):
         sequence({"y": out}, {"y": ref}, None, {"near_tie_ratio": 0})
+    from edgebuild.pipeline.report import _output_table
+
+    m = compare([[r[None]] for r in ref], [[o[None]] for o in out], None, Judging(task="sequence"))
+    assert m.task.artifact["sequence_agreement"] == 75.0
+    assert any("differ from FP32's only at near-tie frames" in line for line in _output_table(m))
 
 
 def test_a_probability_map_is_thresholded_alike_on_both_sides_even_when_rounding_passes_one():
