@@ -158,16 +158,45 @@ def _average_precision(dets: list, truths: list, iou_min: float) -> float:
     return 100.0 * float(np.mean(aps))
 
 
+def _near_tie_band(o: dict) -> tuple[float, float] | None:
+    """(lower, upper) score of a near-tie detection: within ``near_tie_ratio`` of the threshold on either side; None
+    for exact matching (ratio 1, or a threshold that is no probability)."""
+    from edgebuild.pipeline.metrics import NEAR_TIE_RATIO
+
+    ratio, t = o["near_tie_ratio"] if o["near_tie_ratio"] is not None else NEAR_TIE_RATIO, o["score_threshold"]
+    return (t * ratio, t / ratio) if ratio < 1 and 0 < t < 1 else None
+
+
+def _found(a: tuple, b: tuple, b_low: tuple | None, upper: float, iou: float) -> np.ndarray:
+    """Per detection of ``a``: matched by one of ``b``, or, when its own score is a near-tie (below ``upper``),
+    by one of ``b_low`` (``b``'s side decoded down to the band's lower score)."""
+    hit = _match(a, b, iou)[0]
+    if b_low is not None:
+        hit |= _match(a, b_low, iou)[0] & (a[1] < upper)
+    return hit
+
+
 def detection(outputs: dict, reference: dict, labels, options: dict) -> dict:
     o = check_options(options)
     plan = detection_plan(reference, options)  # read the FP32 outputs' layout once; the artifact's are read alike
     dets, refs = decode_detections(outputs, options, plan), decode_detections(reference, options, plan)
     tp = sum(int(_match(d, r, o["match_iou"])[0].sum()) for d, r in zip(dets, refs))
     n_det, n_ref = sum(len(d[0]) for d in dets), sum(len(r[0]) for r in refs)
+    band = _near_tie_band(o)
+    if band:  # a box either side finds just below the threshold, where the other finds it just above, agrees
+        low = {**options, "score_threshold": band[0]}
+        dets_low, refs_low = decode_detections(outputs, low, plan), decode_detections(reference, low, plan)
+    else:
+        dets_low = refs_low = [None] * len(dets)
+    upper = band[1] if band else 0.0
+    found_ref = sum(int(_found(r, d, dl, upper, o["match_iou"]).sum()) for r, d, dl in zip(refs, dets, dets_low))
+    found_det = sum(int(_found(d, r, rl, upper, o["match_iou"]).sum()) for d, r, rl in zip(dets, refs, refs_low))
     top = [bool(len(d[0])) and _match(tuple(x[:1] for x in d), tuple(x[:1] for x in r), o["match_iou"])[0].all()
            for d, r in zip(dets, refs) if len(r[0])]
-    scores = {"f1": 100.0 * 2 * tp / (n_det + n_ref) if n_det + n_ref else 100.0,
-              "precision": 100.0 * tp / n_det if n_det else 100.0, "recall": 100.0 * tp / n_ref if n_ref else 100.0,
+    scores = {"f1": 100.0 * (found_ref + found_det) / (n_det + n_ref) if n_det + n_ref else 100.0,
+              "f1_exact": 100.0 * 2 * tp / (n_det + n_ref) if n_det + n_ref else 100.0,
+              "precision": 100.0 * found_det / n_det if n_det else 100.0,
+              "recall": 100.0 * found_ref / n_ref if n_ref else 100.0,
               "top1_agreement": 100.0 * float(np.mean(top)) if top else 100.0,
               "mAP50_vs_fp32": _average_precision(dets, refs, o["match_iou"]),
               "detections_per_sample": n_det / max(len(dets), 1)}

@@ -10,7 +10,7 @@ import numpy as np
 from edgebuild.pipeline.errors import BadInputError
 
 DETECTION_OPTIONS = {"layout": "auto", "score_threshold": 0.25, "iou_threshold": 0.45, "match_iou": 0.5,
-                     "max_detections": 100, "box_format": "auto", "background_class": None,
+                     "max_detections": 100, "box_format": "auto", "background_class": None, "near_tie_ratio": None,
                      "boxes_output": None, "scores_output": None,
                      # layout dfl (GFL / Distribution Focal Loss heads: PicoDet, NanoDet-Plus, GFL, raw YOLOv6/v8)
                      "strides": None, "bins": None, "input_size": None, "cell_offset": 0.5, "scores_activation": "auto"}
@@ -51,6 +51,9 @@ def check_options(options: dict) -> dict:
         bad("input_size", "[height, width] in pixels")
     if not number(o["cell_offset"]) or not 0 <= o["cell_offset"] <= 1:
         bad("cell_offset", "a number in [0, 1] (anchor point within its cell: PicoDet 0.5, NanoDet 0)")
+    ratio = o["near_tie_ratio"]
+    if ratio is not None and not (number(ratio) and 0 < ratio <= 1):
+        bad("near_tie_ratio", "a number in (0, 1] (1: exact matching)")
     if o["scores_activation"] not in ("auto", "none", "sigmoid"):
         bad("scores_activation", "auto, none or sigmoid")
     for key in ("boxes_output", "scores_output"):

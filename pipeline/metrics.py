@@ -21,6 +21,13 @@ import numpy as np
 
 from edgebuild.similarity import cosine, per_sample_cosine  # the one definition (a leaf: targets/ use it too)
 
+# A decision within this probability ratio of going the other way is a near-tie for the FP32 model itself: the
+# artifact may take either side. A CTC frame: the artifact's class at least this likely, in FP32, as FP32's pick (an
+# 8210-class captcha model's dynamic INT8 changed 3 of 200 strings, each at one frame whose FP32 top two were 0.02-0.09
+# apart in log-probability; 1st percentile of its frames' margins: 0.47). A detection: its score within this ratio of
+# the threshold on both sides (PicoDet's layout detector: 19 % of its FP32 boxes score 0.25-0.30 at threshold 0.25).
+# ``task_options.near_tie_ratio``: 1 asks for exact agreement.
+NEAR_TIE_RATIO = 0.8
 GROUP_GAP = 20.0  # slices whose magnitudes differ by more than this factor belong to different groups
 MAX_GROUPS = 6
 DEAD = 1e-12  # a slice whose range is below this fraction of the output's range carries nothing to judge

@@ -17,6 +17,7 @@ import numpy as np
 from edgebuild.pipeline.detection import (  # noqa: F401 (re-exported: the task evaluators' one namespace)
     DETECTION_OPTIONS, DetectionPlan, decode_detections, detection, detection_plan, with_image_size)
 from edgebuild.pipeline.errors import BadInputError
+from edgebuild.pipeline.metrics import NEAR_TIE_RATIO
 
 TASKS = ("auto", "classification", "detection", "segmentation", "embedding", "regression", "sequence", "generic")
 # budget name -> limit, applied when the build sets none for that score (see README "Judging outputs")
@@ -98,14 +99,6 @@ def ctc_greedy(a: np.ndarray, blank: int, class_axis: int) -> list[tuple[int, ..
         keep = np.concatenate([[True], s[1:] != s[:-1]]) & (s != blank)
         seqs.append(tuple(int(t) for t in s[keep]))
     return seqs
-
-
-# A frame where the FP32 model finds its second class at least this likely relative to its first (probability
-# ratio) is a near-tie: the artifact may take either class there. On a 8210-class captcha CTC model every string
-# dynamic INT8 changed (3 of 200) differed in one frame whose FP32 top-two log-probabilities were 0.02-0.09 apart
-# (the 1st percentile of all its frames' margins: 0.47): a coin flip for FP32 itself, no measurable loss of the task.
-NEAR_TIE_RATIO = 0.8
-
 
 def _frames(a: np.ndarray, class_axis: int) -> np.ndarray:
     """One sample's class scores as [frames, classes]."""
