@@ -335,9 +335,20 @@ def _output_table(m: Metrics | None) -> list[str]:
     if task:
         lines += ["", f"Task scores ({task.name}):", "", "| score | FP32 | artifact |", "|---|---|---|"]
         lines += [f"| {k} | {task.reference.get(k, float('nan')):.4g} | {v:.4g} |" for k, v in task.artifact.items()]
-        near, exact = task.artifact.get("sequence_agreement"), task.artifact.get("sequence_agreement_exact")
-        if near is not None and exact is not None and near > exact:
-            lines += ["", f"{near - exact:.3g} % of the strings differ from FP32's only at near-tie frames (FP32's own "
-                      "top two classes within `near_tie_ratio`): they count as agreeing; `sequence_agreement_exact` "
-                      "counts them as not"]
+        lines += _near_tie_note(task.artifact)
     return ["", *lines, ""]
+
+
+def _near_tie_note(scores: dict) -> list[str]:
+    """What the near-tie rule (pipeline/metrics.py NEAR_TIE_RATIO) changed in a task score, when it did."""
+    seq, seq_exact = scores.get("sequence_agreement"), scores.get("sequence_agreement_exact")
+    if seq is not None and seq_exact is not None and seq > seq_exact:
+        return ["", f"{seq - seq_exact:.3g} % of the strings differ from FP32's only at near-tie frames (FP32's own "
+                "top two classes within `near_tie_ratio`): they count as agreeing; `sequence_agreement_exact` counts "
+                "them as not"]
+    f1, f1_exact = scores.get("f1"), scores.get("f1_exact")
+    if f1 is not None and f1_exact is not None and f1 > f1_exact:
+        return ["", f"f1 {f1:.4g} counts the boxes one side scores just above the threshold and the other just below "
+                f"(within `near_tie_ratio` of it: FP32 itself on the fence) as found; `f1_exact` {f1_exact:.4g} "
+                "counts them as missed"]
+    return []

@@ -171,6 +171,9 @@ def test_a_box_on_the_fence_for_fp32_may_fall_either_side_of_the_threshold_but_a
     flat[s, j] = 0.22  # ... and the artifact just below the threshold
     m = T.detection(fence, ref, None, {"layout": "dfl", "input_size": [H, W]})
     assert m["f1"] == 100.0 and m["f1_exact"] < 100.0
+    from edgebuild.pipeline.report import _near_tie_note
+
+    assert "counts them as missed" in " ".join(_near_tie_note(m))
     assert T.detection(fence, ref, None, {"layout": "dfl", "input_size": [H, W], "near_tie_ratio": 1})["f1"] < 100.0
     sure = {k: v.copy() for k, v in out.items()}
     sure[key].reshape(10, -1)[s, j] = 0.9
