@@ -36,9 +36,8 @@ def key(**parts) -> str:
 # after an equalized near miss are built on the equalized graph; 12: after a near miss, a variant that quantizes
 # other ops comes before AdaRound, AdaRound's seconds do not count as a plain try's, and mixed precision after three
 # misses waits while fewer than three tries fit. validate 5, search 15, search-choice 7, sensitivity 5: the sequence
-# and detection tasks let a near-tie decision go either way (pipeline/metrics.py NEAR_TIE_RATIO). latency 2: the
-# single-threaded second timing keeps both artifacts' p50 (stages/per_target.py threads_advice)
-STAGES = {"convert": 1, "reference": 2, "validate": 5, "latency": 2, "memory": 1, "micro": 1, "search": 15,
+# and detection tasks let a near-tie decision go either way (pipeline/metrics.py NEAR_TIE_RATIO)
+STAGES = {"convert": 1, "reference": 2, "validate": 5, "latency": 1, "memory": 1, "micro": 1, "search": 15,
           "search-choice": 7, "sensitivity": 5, "peak": 1}
 
 

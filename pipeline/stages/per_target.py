@@ -88,24 +88,7 @@ def _single_thread_speedup(backend: Backend, arts: dict, feed: dict) -> dict:
     with ExitStack() as stack:
         runners = {n: stack.enter_context(open_runner(backend, a, 1)) for n, a in arts.items()}
         _, p50s = timing.latency_interleaved(runners, feed, more=timing.undecided(BASELINE, CHOSEN))
-    import numpy as np
-
-    one = timing.speedup(p50s[BASELINE], p50s[CHOSEN])
-    return {**one, "p50_ms": {n: round(float(np.median(p50s[n])), 4) for n in (BASELINE, CHOSEN)}}
-
-
-def threads_advice(profile: TargetProfile, baseline: Attempt | None, chosen: Attempt, speedup: dict | None) -> list[str]:
-    """Where the single-threaded second timing ran FP32 itself faster than the profile's threads did, the host's
-    threads are the model's bottleneck, not the artifact: say so, with both artifacts' one-thread latency (PicoDet's
-    layout detector on a 2-core AMD EPYC: FP32 121.6 ms on 2 threads, 106.7 ms on one; INT8 124.8 / 88.3 ms)."""
-    one = (speedup or {}).get("single_thread") or {}
-    p50 = one.get("p50_ms") or {}
-    if baseline is None or baseline.p50_ms is None or not p50 or p50[BASELINE] >= baseline.p50_ms:
-        return []
-    threads = timing_threads(profile)
-    return [f"on this host one thread runs this model faster than {threads}: FP32 {p50[BASELINE]:.1f} ms vs "
-            f"{baseline.p50_ms:.1f} ms, {chosen.artifact.main} {p50[CHOSEN]:.1f} ms ({one['median']:.2f}x FP32 on one "
-            f"thread); run it with one thread on a device like this host"]
+    return timing.speedup(p50s[BASELINE], p50s[CHOSEN])
 
 
 def _search_key(ctx: BuildContext, backend: Backend, profile: TargetProfile, budget: V.Budget) -> str | None:
@@ -252,8 +235,6 @@ def finish_target(ctx: BuildContext, p: Prepared) -> TargetResult:
 
     cache_use = replace(p.cache_use, latency=timing["cached"], memory=judge_memory(ctx, p))
     advice = advice_warnings(p.profile, p.budget, p.chosen)
-    if best is p.chosen:
-        advice += threads_advice(p.profile, p.baseline, p.chosen, timing["speedup"])
     if advice:
         objective = replace(objective, advice=advice)
     from edgebuild.pipeline.stages.weights import rename_to_share, weight_share
