@@ -35,10 +35,10 @@ def key(**parts) -> str:
 # 11: a passing mixed artifact with float weights tries its float layers' weights int8 (weight-only), and the variants
 # after an equalized near miss are built on the equalized graph; 12: after a near miss, a variant that quantizes
 # other ops comes before AdaRound, AdaRound's seconds do not count as a plain try's, and mixed precision after three
-# misses waits while fewer than three tries fit. validate 5, search 15, search-choice 7, sensitivity 5: the sequence
-# and detection tasks let a near-tie decision go either way (pipeline/metrics.py NEAR_TIE_RATIO)
-STAGES = {"convert": 1, "reference": 2, "validate": 5, "latency": 1, "memory": 1, "micro": 1, "search": 15,
-          "search-choice": 7, "sensitivity": 5, "peak": 1}
+# misses waits while fewer than three tries fit. validate 6, search 16, search-choice 8, sensitivity 6: the sequence
+# and detection tasks let a near-tie decision go either way (pipeline/metrics.py NEAR_TIE_RATIO), one box one pair
+STAGES = {"convert": 1, "reference": 2, "validate": 6, "latency": 1, "memory": 1, "micro": 1, "search": 16,
+          "search-choice": 8, "sensitivity": 6, "peak": 1}
 
 
 def cached(stage: str, inputs: dict, config: dict | None = None, backend: str | tuple[str, ...] | None = None) -> str:

@@ -114,8 +114,9 @@ def decode_detections(outputs: dict[str, np.ndarray], options: dict,
     return result
 
 
-def _match(det, truth, iou_min: float) -> tuple[np.ndarray, int]:
-    """(true-positive flag per detection, in score order; number of truths)."""
+def _pairs(det, truth, iou_min: float) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy one-to-one matching, the detections in score order: (flag per detection: matched; flag per truth:
+    used)."""
     boxes, scores, classes = det
     t_boxes, t_classes = truth[0], truth[2]
     used = np.zeros(len(t_boxes), bool)
@@ -127,7 +128,12 @@ def _match(det, truth, iou_min: float) -> tuple[np.ndarray, int]:
             k = int(ious.argmax())
             if ious[k] >= iou_min:
                 used[k], tp[j] = True, True
-    return tp, len(t_boxes)
+    return tp, used
+
+
+def _match(det, truth, iou_min: float) -> tuple[np.ndarray, int]:
+    """(true-positive flag per detection, in score order; number of truths)."""
+    return _pairs(det, truth, iou_min)[0], len(truth[0])
 
 
 def _average_precision(dets: list, truths: list, iou_min: float) -> float:
@@ -159,44 +165,59 @@ def _average_precision(dets: list, truths: list, iou_min: float) -> float:
 
 
 def _near_tie_band(o: dict) -> tuple[float, float] | None:
-    """(lower, upper) score of a near-tie detection: within ``near_tie_ratio`` of the threshold on either side; None
-    for exact matching (ratio 1, or a threshold that is no probability)."""
+    """(lower, upper) score of a near-tie detection: within ``near_tie_ratio`` of the threshold on either side — of
+    the score below a threshold of 0.5, of one minus the score above it (a 0.85 threshold: 0.8125-0.88, not 0.68-1);
+    None for exact matching (ratio 1, or a threshold that is no probability)."""
     from edgebuild.pipeline.metrics import NEAR_TIE_RATIO
 
     ratio, t = o["near_tie_ratio"] if o["near_tie_ratio"] is not None else NEAR_TIE_RATIO, o["score_threshold"]
-    return (t * ratio, t / ratio) if ratio < 1 and 0 < t < 1 else None
+    if ratio >= 1 or not 0 < t < 1:
+        return None
+    return (t * ratio, t / ratio) if t <= 0.5 else (1 - (1 - t) / ratio, 1 - (1 - t) * ratio)
 
 
-def _found(a: tuple, b: tuple, b_low: tuple | None, upper: float, iou: float) -> np.ndarray:
-    """Per detection of ``a``: matched by one of ``b``, or, when its own score is a near-tie (below ``upper``),
-    by one of ``b_low`` (``b``'s side decoded down to the band's lower score)."""
-    hit = _match(a, b, iou)[0]
-    if b_low is not None:
-        hit |= _match(a, b_low, iou)[0] & (a[1] < upper)
-    return hit
+def _near_ties(a, b_below, matched: np.ndarray, upper: float, iou: float) -> int:
+    """How many of ``a``'s boxes the exact matching left unmatched, scored below ``upper``, that a box of the other
+    side found just below the threshold (``b_below``) matches, one to one."""
+    left = ~matched & (a[1] < upper)
+    if not left.any() or not len(b_below[0]):
+        return 0
+    return int(_pairs(tuple(x[left] for x in a), b_below, iou)[0].sum())
+
+
+def _agreement(d, r, d_low, r_low, o: dict, band) -> tuple[int, int, int]:
+    """(exact pairs, FP32 boxes found only as near-ties, artifact boxes kept only as near-ties) of one sample: one
+    one-to-one matching of the boxes above the threshold, then each side's unmatched near-tie boxes against the other
+    side's boxes between the band's lower score and the threshold (boxes no exact pair used)."""
+    tp, used = _pairs(d, r, o["match_iou"])
+    if band is None:
+        return int(tp.sum()), 0, 0
+    t = o["score_threshold"]
+    below = lambda x: tuple(v[x[1] < t] for v in x)  # noqa: E731 (the band boxes of a low-threshold decode)
+    return (int(tp.sum()), _near_ties(r, below(d_low), used, band[1], o["match_iou"]),
+            _near_ties(d, below(r_low), tp, band[1], o["match_iou"]))
 
 
 def detection(outputs: dict, reference: dict, labels, options: dict) -> dict:
     o = check_options(options)
     plan = detection_plan(reference, options)  # read the FP32 outputs' layout once; the artifact's are read alike
     dets, refs = decode_detections(outputs, options, plan), decode_detections(reference, options, plan)
-    tp = sum(int(_match(d, r, o["match_iou"])[0].sum()) for d, r in zip(dets, refs))
     n_det, n_ref = sum(len(d[0]) for d in dets), sum(len(r[0]) for r in refs)
     band = _near_tie_band(o)
-    if band:  # a box either side finds just below the threshold, where the other finds it just above, agrees
+    if band:  # a box one side finds just below the threshold, where the other finds it just above, agrees
         low = {**options, "score_threshold": band[0]}
         dets_low, refs_low = decode_detections(outputs, low, plan), decode_detections(reference, low, plan)
     else:
         dets_low = refs_low = [None] * len(dets)
-    upper = band[1] if band else 0.0
-    found_ref = sum(int(_found(r, d, dl, upper, o["match_iou"]).sum()) for r, d, dl in zip(refs, dets, dets_low))
-    found_det = sum(int(_found(d, r, rl, upper, o["match_iou"]).sum()) for d, r, rl in zip(dets, refs, refs_low))
+    counts = np.array([_agreement(d, r, dl, rl, o, band) for d, r, dl, rl in zip(dets, refs, dets_low, refs_low)]
+                      ).reshape(-1, 3).sum(0)
+    tp, near_ref, near_det = (int(c) for c in counts)
     top = [bool(len(d[0])) and _match(tuple(x[:1] for x in d), tuple(x[:1] for x in r), o["match_iou"])[0].all()
            for d, r in zip(dets, refs) if len(r[0])]
-    scores = {"f1": 100.0 * (found_ref + found_det) / (n_det + n_ref) if n_det + n_ref else 100.0,
+    scores = {"f1": 100.0 * (2 * tp + near_ref + near_det) / (n_det + n_ref) if n_det + n_ref else 100.0,
               "f1_exact": 100.0 * 2 * tp / (n_det + n_ref) if n_det + n_ref else 100.0,
-              "precision": 100.0 * found_det / n_det if n_det else 100.0,
-              "recall": 100.0 * found_ref / n_ref if n_ref else 100.0,
+              "precision": 100.0 * (tp + near_det) / n_det if n_det else 100.0,
+              "recall": 100.0 * (tp + near_ref) / n_ref if n_ref else 100.0,
               "top1_agreement": 100.0 * float(np.mean(top)) if top else 100.0,
               "mAP50_vs_fp32": _average_precision(dets, refs, o["match_iou"]),
               "detections_per_sample": n_det / max(len(dets), 1)}
