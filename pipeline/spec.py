@@ -139,7 +139,9 @@ class BuildSpec:
 
         _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _check(isinstance(self.task_options, dict), "task_options must be a mapping")
-        ratio = self.task_options.get("near_tie_ratio", 0.8)
+        from edgebuild.pipeline.metrics import NEAR_TIE_RATIO
+
+        ratio = self.task_options.get("near_tie_ratio", NEAR_TIE_RATIO)
         _check(_number(ratio) and 0 < ratio <= 1,
                f"task_options.near_tie_ratio must be in (0, 1] (1: exact agreement), got {ratio!r}")
         check_state(self.state)

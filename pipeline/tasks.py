@@ -91,27 +91,27 @@ def embedding(outputs: dict, reference: dict, labels, options: dict) -> dict:
     return scores
 
 
-def ctc_greedy(a: np.ndarray, blank: int, class_axis: int) -> list[tuple[int, ...]]:
-    seqs = []
-    for s in a:
-        s = np.moveaxis(s, class_axis, -1)
-        s = s.reshape(-1, s.shape[-1]).argmax(-1)
-        keep = np.concatenate([[True], s[1:] != s[:-1]]) & (s != blank)
-        seqs.append(tuple(int(t) for t in s[keep]))
-    return seqs
-
 def _frames(a: np.ndarray, class_axis: int) -> np.ndarray:
     """One sample's class scores as [frames, classes]."""
     return np.moveaxis(a, class_axis, -1).reshape(-1, a.shape[class_axis])
 
 
+def ctc_greedy(a: np.ndarray, blank: int, class_axis: int) -> list[tuple[int, ...]]:
+    seqs = []
+    for s in a:
+        s = _frames(s, class_axis).argmax(-1)
+        keep = np.concatenate([[True], s[1:] != s[:-1]]) & (s != blank)
+        seqs.append(tuple(int(t) for t in s[keep]))
+    return seqs
+
+
 def _log_scores(frames: np.ndarray) -> np.ndarray:
     """Scores whose differences are log-probability ratios: logits and log-softmax as they are, probabilities (a
-    sample wholly in [0, 1]: softmax or per-class sigmoid) as their log."""
+    sample wholly in [0, 1] up to float rounding: softmax or per-class sigmoid) as their log."""
+    from edgebuild.pipeline.detection_plan import in_unit_range
+
     f = frames.astype(np.float64)
-    if f.size and f.min() >= 0 and f.max() <= 1 + 1e-3:
-        return np.log(np.maximum(f, 1e-30))
-    return f
+    return np.log(np.maximum(f, 1e-30)) if in_unit_range(f) else f
 
 
 def near_tie_only(out: np.ndarray, ref: np.ndarray, class_axis: int, ratio: float) -> bool:
