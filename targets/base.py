@@ -180,6 +180,11 @@ class Backend:
     isolate_runner = property(lambda self: self.info.isolate_runner)
     consumes = property(lambda self: self.info.consumes)
 
+    def before_mixed(self, settings: Settings) -> bool:
+        """On a ``mixed_before_variants`` backend: does this pending variant still come before early mixed precision
+        (a variant that costs no more than a plain try)?"""
+        return False
+
     def check_available(self, target: str) -> None:
         for mod in self.requires:
             if importlib.util.find_spec(mod) is None:

@@ -222,7 +222,7 @@ class OnnxSettings(Settings):
     per_channel: bool = flag(True)
     # 7-bit weights: x86 CPUs without VNNI saturate u8*s8 with full-range ones; auto: from the ISA (targets/isa.py)
     reduce_range: bool | str = flag_or_auto(False)
-    calibrate_method: str = choice("minmax", "minmax", "percentile", "entropy")
+    calibrate_method: str = choice("minmax", "minmax", "percentile", "entropy", "mean_minmax")
     symmetric_activations: bool = flag(False)
     symmetric_weights: bool = flag(True)
     nodes_to_exclude: tuple[str, ...] = names()
@@ -351,7 +351,7 @@ class TFLiteSettings(Settings):
     calibration_samples: int | None = count(None, optional=True)  # None: every calibration sample
     quantizer: str = choice("auto", "auto", "mlir", "legacy")  # TF's quantizer (auto: legacy for LSTM/GRU/RNN)
     # activation ranges: TF's min-max, or a histogram method over the same samples (MLIR quantizer; ranges.py)
-    calibrate_method: str = choice("minmax", "minmax", "percentile", "entropy")
+    calibrate_method: str = choice("minmax", "minmax", "percentile", "entropy", "mean_minmax")
     percentile: float = number(99.999, 0.0, 100.0)
     # weight rounding: nearest (TF's), or AdaRound onto TF's symmetric int8 grid before onnx2tf (targets/onnx_adaround.py)
     rounding: str = choice("nearest", "nearest", "adaround")

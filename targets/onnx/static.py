@@ -30,6 +30,7 @@ CALIB_CHUNK = 16  # calibration samples whose tensors are held at once
 # time. They read at most this many activation values (at least MIN_HISTOGRAM_SAMPLES samples): a 99.999th
 # percentile of tens of millions of values per tensor is as good as of hundreds of millions
 HISTOGRAM_ELEMENTS = 600_000_000
+HISTOGRAM_METHODS = ("percentile", "entropy")  # mean_minmax reads every sample's min and max only: every sample
 MIN_HISTOGRAM_SAMPLES = 32
 
 
@@ -66,7 +67,7 @@ def quantize_qdq(src: Path, out: Path, calib: SampleSet, s: dict, workdir: Path,
 
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
+               "entropy": CalibrationMethod.Entropy, "mean_minmax": CalibrationMethod.MinMax}
     named = [*s["nodes_to_exclude"], *s["float_layers"], *s["nodes_to_quantize"]]
     pre = src if preprocessed else prepared(src, workdir, keep_names=bool(named))
     if named and not preprocessed:
@@ -118,7 +119,7 @@ def quantize_qdq(src: Path, out: Path, calib: SampleSet, s: dict, workdir: Path,
             pre, preprocessed = rewritten, False
     ranges = calibration_cache or workdir / "_ranges.json"
     if not ranges.is_file():
-        used = histogram_samples(pre, calib) if s["calibrate_method"] != "minmax" else calib
+        used = histogram_samples(pre, calib) if s["calibrate_method"] in HISTOGRAM_METHODS else calib
         if len(used) < len(calib):
             note = "; ".join(filter(None, [note, f"{s['calibrate_method']} calibration histograms {len(used)} of the "
                                                  f"{len(calib)} calibration samples (activation values capped)"]))
@@ -239,8 +240,8 @@ def minmax_ranges(model: Path, calib: SampleSet, s: dict, workdir: Path, store: 
 
 
 def calibrate_histograms(model: Path, calib: SampleSet, s: dict, bounds: dict, ranges: Path, workdir: Path) -> None:
-    """Percentile or entropy ranges of every tensor onnxruntime's calibrators read, into ``ranges`` (JSON), by
-    onnxruntime's own threshold search over fixed-bin histograms bounded by the min-max ``bounds``
+    """Percentile, entropy or mean-min-max ranges of every tensor onnxruntime's calibrators read, into ``ranges``
+    (JSON), by onnxruntime's own threshold search over fixed-bin histograms bounded by the min-max ``bounds``
     (calibration/histogram.py, the same as arm64's). Not onnxruntime's calibrator: with its defaults (128 bins,
     128 quantized bins) the KL search had exactly one candidate, ``+-max|x|`` (wider than min-max on a ReLU output), so
     "entropy calibration" was min-max or worse; with more bins its collector re-binned chunk by chunk (PP-OCR's text
@@ -253,7 +254,10 @@ def calibrate_histograms(model: Path, calib: SampleSet, s: dict, bounds: dict, r
     from edgebuild.calibration.adapters import ort_reader
     from edgebuild.calibration.histogram import Histograms
 
-    method = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[s["calibrate_method"]]
+    # mean_minmax reads each tensor's min and max per sample: the min-max calibrator's graph (ReduceMin/ReduceMax
+    # outputs), not every activation value
+    method = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
+              "mean_minmax": CalibrationMethod.MinMax}[s["calibrate_method"]]
     augmented = workdir / "_augmented.onnx"
     calibrator = create_calibrator(model, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
                                    augmented_model_path=str(augmented), calibrate_method=method)
@@ -262,10 +266,17 @@ def calibrate_histograms(model: Path, calib: SampleSet, s: dict, bounds: dict, r
     try:  # the calibrator only for its augmented graph (every tensor it reads is an output) and session
         session = calibrator.infer_session
         names = [o.name for o in session.get_outputs()]
-        wanted = set(calibrator.tensors_to_calibrate) & set(bounds)
+        reduced = method == CalibrationMethod.MinMax
+        read = {n[:-len("_ReduceMin")] for n in names if n.endswith("_ReduceMin")} if reduced \
+            else calibrator.tensors_to_calibrate
+        wanted = set(read) & set(bounds)
         reader = ort_reader(calib)
         while (feeds := reader.get_next()) is not None:
-            histograms.add({n: v for n, v in zip(names, session.run(None, feeds)) if n in wanted})
+            values = dict(zip(names, session.run(None, feeds)))
+            if reduced:  # a sample's min and max of each tensor, as one array
+                values = {t: np.array([values[f"{t}_ReduceMin"], values[f"{t}_ReduceMax"]])
+                          for t in wanted if f"{t}_ReduceMin" in values and f"{t}_ReduceMax" in values}
+            histograms.add({n: v for n, v in values.items() if n in wanted})
     finally:
         del calibrator
         augmented.unlink(missing_ok=True)

@@ -63,7 +63,9 @@ def artifact_notes(precision: str, io: dict, result: dict, s: dict, seconds: flo
     narrowed = result.get("ranges_repaired") or []
     if precision == "int8" and narrowed:
         first, method = narrowed[0], s.get("calibrate_method", "minmax")
-        why = (f"by onnxruntime's {method} search over the values measured in LiteRT (calibrate_method: {method})"
+        why = ("to the mean of each sample's min and max measured in LiteRT (calibrate_method: mean_minmax)"
+               if method == "mean_minmax" else
+               f"by onnxruntime's {method} search over the values measured in LiteRT (calibrate_method: {method})"
                if method != "minmax" else "to what the calibration data holds (TF's calibrator logs an op's first "
                "input after the op overwrote its buffer)")
         notes.append(f"{len(narrowed)} activation range(s) narrowed {why}, e.g. {first['tensor'][:60]} "

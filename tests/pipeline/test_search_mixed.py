@@ -335,3 +335,32 @@ def test_after_three_misses_mixed_precision_waits_when_fewer_than_three_tries_fi
     s.deadline = time.monotonic() + 200.0  # time for the ranking, the proxy and a real try: mixed precision first
     R._mixed_early(ctx, None, None, s, OnnxSettings(), pending)
     assert called == ["mixed"]
+
+
+def test_mean_min_max_ranges_come_before_mixed_precision_on_tflite(monkeypatch):
+    """PicoDet's layout detector on arm64: after the equalized graph missed (f1 86.4 against 90), mixed precision went
+    first, spent 43 of the search's 150 s on its proxy, and FP16 shipped. The mean of per-sample min-max ranges costs a
+    plain try (``before_mixed``): it keeps its turn; the other variants still wait for mixed precision."""
+    from edgebuild.calibration.histogram import MEAN_MINMAX_LABEL
+    from edgebuild.targets.base import get_backend
+    from edgebuild.targets.profiles import resolve
+    from edgebuild.targets.settings import TFLiteSettings
+
+    tflite = get_backend("tflite")
+    mean = TFLiteSettings(calibrate_method="mean_minmax")
+    assert tflite.before_mixed(mean) and not tflite.before_mixed(TFLiteSettings(calibrate_method="percentile"))
+    assert not get_backend("onnx").before_mixed(mean)
+    onnx_cpu = resolve(("onnx-cpu",))[0]  # onnx-cpu tries it first of its variants: it keeps every op int8
+    assert [label for label, _ in get_backend("onnx").recovery_candidates(onnx_cpu, {})][0] == MEAN_MINMAX_LABEL
+    arm64 = resolve(("arm64",))[0]
+    assert [label for label, _ in tflite.recovery_candidates(arm64, {})][0] \
+        == MEAN_MINMAX_LABEL
+    events = []
+    monkeypatch.setattr(R, "mixed", lambda *a: events.append("mixed") or setattr(s, "mixed_done", True))
+    ctx, s = _stand_in([3.0])
+    backend = SimpleNamespace(mixed_before_variants=True, before_mixed=tflite.before_mixed, name="tflite")
+    pending = [(MEAN_MINMAX_LABEL, mean), ("percentile calibration", TFLiteSettings(calibrate_method="percentile"))]
+    assert R._mixed_early(ctx, backend, None, s, TFLiteSettings(), pending) is None and events == []
+    assert "costs no more than a plain try" in s.record.extra["mixed_later"]
+    R._mixed_early(ctx, backend, None, s, TFLiteSettings(), pending[1:])
+    assert events == ["mixed"]

@@ -157,6 +157,25 @@ def test_histogram_calibration_on_onnx_cpu_clips_a_rare_spike(tmp_path, method):
     assert want[0] <= clipped * 255 < want[1], (method, clipped * 255, bulk)
 
 
+def test_mean_min_max_calibration_on_onnx_cpu_averages_each_samples_range(tmp_path):
+    """``calibrate_method: mean_minmax`` (NNCF's default for per-tensor activations; a search variant): the range is
+    the mean of each calibration sample's min and max, so one sample's spike no longer sets every sample's step."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgebuild.targets import onnx as backend
+
+    model, calib = _spiky_relu_model(tmp_path)
+    out = tmp_path / "mean.onnx"
+    backend.quantize_qdq(model, out, calib, {**backend.INT8_DEFAULTS, "calibrate_method": "mean_minmax"}, tmp_path)
+    g = onnx.load(str(out)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    q = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "act")
+    want = float(np.maximum(calib.inputs["x"], 0).max(axis=1).mean())  # each sample's min is 0 (a ReLU)
+    assert 3.0 < want < 160.0 / 10
+    assert float(np.ravel(inits[q.input[1]])[0]) * 255 == pytest.approx(want, rel=0.01)
+
+
 def test_the_tries_of_one_search_calibrate_once_per_graph_samples_and_method(model, small_sets, tmp_path, monkeypatch):
     """Float layers decide which tensors get Q/DQ, never a tensor's range: with a ranges store (the search's
     ``Backend.calibration_store``) the mixed-precision tries of one build calibrate once (issue 28: a mixed try on

@@ -253,6 +253,19 @@ def test_histogram_calibration_clips_a_rare_spike(method):
     assert any("act" in r["tensor"] for r in record)
 
 
+def test_mean_min_max_calibration_averages_each_samples_range():
+    """``calibrate_method: mean_minmax`` on arm64 (the search's first variant): the range is the mean of each sample's
+    min and max measured in LiteRT, as on onnx-cpu; the spike of one sample in 40 moves it by 1/40 of itself."""
+    from edgebuild.procs import patched
+    from edgebuild.targets.tflite.ranges import exact_ranges
+
+    km, samples = _outlier_model()
+    with patched([exact_ranges([], {}, "mean_minmax")]):
+        lo, hi = _logged(_converter(km, samples, calibrate_only=True).convert(), "act")
+    per_sample = [float(np.maximum(s[..., :2], 0).max()) for s in samples]  # the conv copies channels 0 and 1
+    assert lo == pytest.approx(0.0, abs=1e-6) and hi == pytest.approx(np.mean(per_sample), rel=0.01), (hi, per_sample)
+
+
 def test_entropy_searches_thresholds_below_the_maximum():
     """onnxruntime's entropy defaults (128 bins, 128 quantized bins) leave one candidate: the whole +-max|x| range
     (more only when a later chunk re-bins a wider range at the first one's bin width);
