@@ -110,8 +110,9 @@ def test_accuracy_search_hooks(backend, profiles):
     assert settings["float_layers"] == [] and settings["calibrate_method"] == "minmax"
     variants = backend.recovery_candidates(profiles["arm64"], settings)  # histogram calibration before float layers
     assert [(s.calibrate_method, s.rounding) for _, s in variants] == [
-        ("percentile", "nearest"), ("entropy", "nearest"), ("minmax", "adaround")]  # AdaRound, the costliest, last
-    assert [label for label, _ in variants][:2] == ["percentile calibration (99.999)", "entropy calibration"]
+        ("mean_minmax", "nearest"), ("percentile", "nearest"), ("entropy", "nearest"),
+        ("minmax", "adaround")]  # AdaRound, the costliest, last
+    assert [label for label, _ in variants][1:3] == ["percentile calibration (99.999)", "entropy calibration"]
     legacy = backend.recovery_candidates(profiles["arm64"], settings | {"quantizer": "legacy"})  # no ranges hook
     assert [s.rounding for _, s in legacy] == ["adaround"]
     assert len(backend.recovery_candidates(profiles["arm64"], settings | {"calibrate_method": "entropy"})) == 1
