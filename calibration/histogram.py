@@ -49,9 +49,9 @@ class Histograms:
         self.method = method
         self._bins = PERCENTILE_BINS if method == "percentile" else ENTROPY_BINS
         self._means: dict = {}  # mean_minmax: tensor -> [sum of the mins, sum of the maxes, samples]
-        self._collector = None if method == "mean_minmax" else HistogramCollector(method=method, symmetric=False, num_bins=self._bins,
-                                             num_quantized_bins=ENTROPY_QUANTIZED_BINS, percentile=float(percentile),
-                                             scenario="same")
+        self._collector = None if method == "mean_minmax" else HistogramCollector(
+            method=method, symmetric=False, num_bins=self._bins, num_quantized_bins=ENTROPY_QUANTIZED_BINS,
+            percentile=float(percentile), scenario="same")
         self._bounds = {k: float(b) for k, b in bounds.items() if np.isfinite(b) and b > 0}
         self._counts: dict = {}
         self._lo: dict = {}

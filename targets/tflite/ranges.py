@@ -42,11 +42,11 @@ def measured_ranges(calibrated: bytes, samples, method: str = "minmax", percenti
     """``calibrated`` (a float .tflite with min/max per tensor) with the ranges that buffer sharing widened set to
     the measured ones; and what changed, ``{"tensor", "logged": [lo, hi], "measured": [lo, hi]}`` per tensor.
 
-    ``method`` ``percentile`` or ``entropy``: every activation's range (not only the shared ones) is the histogram
-    method's over the values measured here (calibration/histogram.py, as onnx-cpu's calibration does), never wider
-    than the logged min-max. ``samples``: what TF's representative dataset yields (dicts keyed by signature input, or
-    lists in input order); a callable giving them anew when ``every``. Only the main graph is measured (a WHILE body
-    keeps its logged ranges).
+    ``method`` ``percentile``, ``entropy`` or ``mean_minmax``: every activation's range (not only the shared ones) is
+    the method's over the values measured here (calibration/histogram.py, as onnx-cpu's calibration does), never
+    wider than the logged min-max. ``samples``: what TF's representative dataset yields (dicts keyed by signature
+    input, or lists in input order); a callable giving them anew when ``every``. Only the main graph is measured (a
+    WHILE body keeps its logged ranges).
 
     ``every``: TF's calibrator logged one sample only (``exact_ranges``' fast path), so every activation's range is
     the one measured here over all the samples, not a narrowing of the logged one (a histogram method reads the
