@@ -65,8 +65,11 @@ class Histograms:
             if t is None or not v.size:
                 continue
             if self._collector is None:
+                lo, hi = float(v.min()), float(v.max())
+                if not np.isfinite([lo, hi]).all():  # onnxruntime reduces an empty tensor to (+inf, -inf): no sample
+                    continue
                 m = self._means.setdefault(k, [0.0, 0.0, 0])
-                m[0], m[1], m[2] = m[0] + float(v.min()), m[1] + float(v.max()), m[2] + 1
+                m[0], m[1], m[2] = m[0] + lo, m[1] + hi, m[2] + 1
                 continue
             counts, _ = np.histogram(np.clip(v, -t, t), self._bins, range=(-t, t))
             self._counts[k] = self._counts.get(k, 0) + counts

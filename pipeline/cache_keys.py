@@ -38,8 +38,8 @@ def key(**parts) -> str:
 # misses waits while fewer than three tries fit. validate 6, search 16, search-choice 8, sensitivity 6: the sequence
 # and detection tasks let a near-tie decision go either way (pipeline/metrics.py NEAR_TIE_RATIO), one box one pair
 # search 17: the mean-of-per-sample-min-max calibration candidate, before early mixed precision on TFLite; 18: it is
-# onnx-cpu's first variant too
-STAGES = {"convert": 1, "reference": 2, "validate": 6, "latency": 1, "memory": 1, "micro": 1, "search": 18,
+# onnx-cpu's first variant too; 19: its `mixed_later` note only where mixed precision would have run
+STAGES = {"convert": 1, "reference": 2, "validate": 6, "latency": 1, "memory": 1, "micro": 1, "search": 19,
           "search-choice": 8, "sensitivity": 6, "peak": 1}
 
 

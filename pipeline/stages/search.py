@@ -268,11 +268,11 @@ def _mixed_early(ctx, backend, profile, search: Search, settings: Settings, pend
     missed = [t for t in search.tries if t.artifact.precision == Precision.INT8 and t.loss > 0]
     closest = min(missed, key=lambda t: t.loss, default=None)
     first = getattr(backend, "mixed_before_variants", False)  # a backend whose variants are whole conversions
-    if first and pending and getattr(backend, "before_mixed", lambda s: False)(pending[0][1]):
-        search.record.extra["mixed_later"] = f"{pending[0][0]} first: it costs no more than a plain try"
-        return None
     after = 1 if first else MIXED_AFTER_MISSES
     if len(missed) < after or closest.loss >= COLLAPSED_LOSS:
+        return None
+    if first and pending and getattr(backend, "before_mixed", lambda s: False)(pending[0][1]):
+        search.record.extra["mixed_later"] = f"{pending[0][0]} first: it costs no more than a plain try"
         return None
     if pending and search.short_of_time(MIXED_EARLY_TRIES):
         search.record.extra["mixed_later"] = (f"{len(missed)} INT8 tries missed, but fewer than {MIXED_EARLY_TRIES} "

@@ -231,3 +231,33 @@ def test_the_backend_keeps_ranges_in_its_calibration_store(model, small_sets, tm
         art = backend.convert(model, profile, "int8", small_sets[0], tmp_path / f"t{i}", {"float_layers": (name,)})
         assert art.main == "model_int8_mixed_qdq.onnx"
     assert len(list((tmp_path / "store").glob("ranges-*.json"))) == 1
+
+
+def test_mean_min_max_skips_a_sample_whose_tensor_is_empty(tmp_path):
+    """A tensor of dynamic length (boxes after NMS on an image with none) is empty for some samples: onnxruntime
+    reduces it to (+inf, -inf), which must not enter the mean (it made the scale infinite)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgebuild.calibration.dataset import SampleSet
+    from edgebuild.targets import onnx as backend
+
+    one = numpy_helper.from_array(np.ones((1,), np.float32), "w")
+    consts = [one, numpy_helper.from_array(np.array([0], np.int64), "st"),
+              numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    nodes = [helper.make_node("Slice", ["x", "st", "n", "ax"], ["sl"]), helper.make_node("Mul", ["sl", "w"], ["m"]),
+             helper.make_node("Relu", ["m"], ["act"]), helper.make_node("Add", ["act", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                                           helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None])], consts)
+    path = tmp_path / "sliced.onnx"
+    onnx.save(onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])),
+              str(path))
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    calib = SampleSet("calib", {"x": x, "n": np.array([8, 0, 8, 8], np.int64)}, None, {}, {"x": (1, 8), "n": (1,)})
+    out = tmp_path / "q.onnx"
+    backend.quantize_qdq(path, out, calib, {**backend.INT8_DEFAULTS, "calibrate_method": "mean_minmax"}, tmp_path)
+    scales = {i.name: float(np.ravel(numpy_helper.to_array(i))[0]) for i in onnx.load(str(out)).graph.initializer
+              if i.name.endswith("_scale")}
+    want = float(np.mean([np.maximum(x[i], 0).max() for i in (0, 2, 3)]))  # the three samples that have values
+    assert np.isfinite(list(scales.values())).all() and scales["act_scale"] * 255 == pytest.approx(want, rel=0.01)
