@@ -37,7 +37,8 @@ from edgebuild.calibration.budget import at_most
 from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets.base import TORCH_EXPORT, Artifact, Backend, BackendInfo, ExportedModel, Runner, register
-from edgebuild.targets.executorch_graph import delegation, half_module, prelu_for_xnnpack, quantize_pt2e
+from edgebuild.targets.executorch_graph import (delegation, half_module, prelu_for_xnnpack, quantize_pt2e,
+                                               recurrent_as_scan, recurrent_ops)
 from edgebuild.targets.isolated import quiet_native_stderr
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, Settings, choice, count, flag, names, number
@@ -73,6 +74,7 @@ INFO = register(BackendInfo(
     runtime_modules=("torch", "executorch.extension.pybindings._C"),
     suffixes=(".pte",), metadata=f"executorch constant method '{METADATA_METHOD}'",
     versions=("torch", "executorch", "torchao", "numpy"), consumes=TORCH_EXPORT, isolate_runner=True,
+    cache_version=2,  # 2: recurrent layers as torch.scan loops (executorch_scan.py), not unrolled
     device_runtimes=("executorch",)))  # pipeline/assets/device_runner.py's ExecuTorch (the runtime's bindings)
 
 
@@ -237,17 +239,24 @@ def _convert_job(job: dict) -> dict:
     ep, rewritten = prelu_for_xnnpack(ep, example)
     if rewritten:
         record["prelu_rewritten"] = rewritten
+    if precision == "fp16" and recurrent_ops(ep.graph):
+        raise ConversionError(f"{job['target']}: ExecuTorch FP16 of recurrent layers "
+                              f"({', '.join(recurrent_ops(ep.graph))}) is not built: their loop form runs in float32 "
+                              "(INT8 and FP32 are built)")
     if precision == "fp16":
         set_phase("casting the program to FP16")
         ep = torch.export.export(half_module(ep.module()), example, strict=False)
-    elif precision in ("int8", "dynamic"):
+    if precision in ("int8", "dynamic"):
         calib = samples_from_disk(job["samples"])
-        ep, record = quantize_pt2e(ep, example, precision, s, calib, job)
+        ep, quantized = quantize_pt2e(ep, example, precision, s, calib, job)
+        record.update(quantized)
+    else:
+        set_phase("recurrent layers as loops (torch.scan)")
+        ep, scanned = recurrent_as_scan(ep, example)
+        if scanned:
+            record["recurrent_scan"] = scanned
     set_phase("lowering to XNNPACK (to_edge_transform_and_lower)")
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    edge = _lower(ep, bool(record.get("recurrent_scan")))
     record["delegation"] = delegation(edge.exported_program().graph_module)
     set_phase("serializing the .pte (to_executorch)")
     Path(job["out"]).write_bytes(edge.to_executorch().buffer)
@@ -258,6 +267,20 @@ def _convert_job(job: dict) -> dict:
                               f"{len(job['outputs'])} ({', '.join(job['outputs'])})")
     record["runtime_checked"] = True
     return {"record": record}
+
+
+def _lower(ep, loops: bool):
+    """``to_edge_transform_and_lower`` with XNNPACK; a program with recurrent loops gets their bodies lowered too
+    (targets/executorch_scan.py)."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    if loops:
+        from edgebuild.targets.executorch_scan import body_constants, scan_partitioner
+
+        return to_edge_transform_and_lower(ep, transform_passes=[body_constants()], partitioner=[scan_partitioner()])
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
 
 
 # ---- metadata in the .pte (pipeline/stages/embed.py, through embed_metadata) ---------------------------------------

@@ -85,11 +85,20 @@ def quantize_pt2e(ep, example, precision: str, s: dict, calib, job: dict):
     quantizer = XNNPACKQuantizer().set_global(config)
     record: dict = {"quantizer": "executorch XNNPACKQuantizer (PT2E, torchao.quantization.pt2e)",
                     "weights": "int8 symmetric " + ("per-channel" if s.get("per_channel", True) or dynamic else "per-tensor")}
-    ep, record["recurrent_unrolled"] = unroll_recurrent(ep)
+    from edgebuild.targets.executorch_scan import supported, to_scan
+
     gm = ep.module()
-    kept = {}
+    if not supported(gm):
+        ep, record["recurrent_unrolled"] = unroll_recurrent(ep)
+        gm = ep.module()
+    recurrent_floats: dict[str, set[int]] = {}
     if s.get("float_layers"):
         kept, floats = float_nodes(gm, s["float_layers"], job)
+        for name in (f for f in floats if LAYER_MARK in f):
+            if record.get("recurrent_unrolled"):
+                raise ConversionError(f"{job['target']}: float layer {name} is inside an unrolled recurrent op")
+            node, layer = name.split(LAYER_MARK)
+            recurrent_floats.setdefault(node, set()).add(int(layer))
         quantizer.set_filter_function(lambda n: n.name not in floats)
         record["float_layers_kept"] = kept
     set_phase("PT2E prepare")
@@ -106,25 +115,50 @@ def quantize_pt2e(ep, example, precision: str, s: dict, calib, job: dict):
                 prepared(*(torch.from_numpy(np.array(feed[n], copy=True)) for n in names))
     set_phase("PT2E convert")
     converted = convert_pt2e(prepared)
-    record["int8_weight_share"] = round(int8_share(converted), 4)
+    scanned = to_scan(converted, quantized=True, float_layers=recurrent_floats)
+    if scanned:
+        record["recurrent_scan"] = scanned
+        record["recurrent_activations"] = "float, quantized per run (dynamic)"
     record["activations"] = ("float, quantized per run (dynamic)" if dynamic else
                              f"int8 per-tensor, {s.get('observer', 'minmax')} ranges")
     set_phase("re-exporting the quantized program")
+    record["int8_weight_share"] = round(int8_share(converted), 4)
     return torch.export.export(converted, example, strict=False), record
 
 
+def recurrent_as_scan(ep, example):
+    """A float program's LSTM/GRU/RNN ops as ``torch.scan`` loops (targets/executorch_scan.py); the ops rewritten."""
+    import torch
+
+    from edgebuild.targets.executorch_scan import to_scan
+
+    gm = ep.module()
+    scanned = to_scan(gm, quantized=False)
+    if not scanned:
+        return ep, []
+    return torch.export.export(gm, example, strict=False), scanned
+
+
 RECURRENT_OPS = ("lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input")
+RECURRENT_ONNX = ("LSTM", "GRU", "RNN")
+LAYER_MARK = "@"  # "<recurrent node>@<layer>": a float layer inside a recurrent op
+
+
+def recurrent_ops(graph) -> list[str]:
+    """The LSTM/GRU/RNN ops of a torch.export graph."""
+    present = {str(n.target).replace("aten.", "") for n in graph.nodes if n.op == "call_function"}
+    return [name for name in RECURRENT_OPS if name in present]
 
 
 def unroll_recurrent(ep):
-    """LSTM/GRU/RNN ops decomposed into their per-step Linear and gate ops (torch's own decompositions) before PT2E:
+    """LSTM/GRU/RNN ops the loop form (executorch_scan.py) does not take (projections), decomposed into their
+    per-step Linear and gate ops (torch's own decompositions) before PT2E:
     the XNNPACK quantizer has no pattern for the fused recurrent op, which would leave its weights float; unrolled,
     each weight is one int8 constant shared by every step. Returns the program and the ops unrolled."""
     import torch
     from torch._decomp import get_decompositions
 
-    present = {str(n.target).replace("aten.", "") for n in ep.graph.nodes if n.op == "call_function"}
-    ops = [name for name in RECURRENT_OPS if name in present]
+    ops = recurrent_ops(ep.graph)
     if not ops:
         return ep, []
     table = get_decompositions([getattr(torch.ops.aten, name.split(".")[0]).input for name in ops])
@@ -143,22 +177,29 @@ def _with_minmax_activations(config):
 
 
 def int8_share(gm) -> float:
-    """Share of the weight elements held as int8 after PT2E convert (the rest stays float)."""
+    """Share of the weight elements held as int8 after PT2E convert (the rest stays float), the weights of recurrent
+    loop modules (executorch_scan.py) included."""
     import torch
 
-    int8 = total = 0
+    from edgebuild.targets.executorch_scan import LOOP_PREFIX
+
+    tensors = []
     seen = set()
     for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target.startswith(LOOP_PREFIX):
+            tensors += gm.get_submodule(node.target).weight_tensors()
         if node.op != "get_attr" or node.target in seen:
             continue
         seen.add(node.target)
-        t = _attr(gm, node.target)
+        tensors.append((_attr(gm, node.target), _is_quant_param(node)))
+    int8 = total = 0
+    for t, is_scale in tensors:
         if not isinstance(t, torch.Tensor) or t.numel() < 2:
             continue
         if t.dtype == torch.int8:
             int8 += t.numel()
             total += t.numel()
-        elif t.is_floating_point() and not _is_quant_param(node):
+        elif t.is_floating_point() and not is_scale:
             total += t.numel()
     return int8 / total if total else 0.0
 
@@ -200,7 +241,9 @@ def onnx_scope_module(onnx_name: str) -> tuple[str, str] | None:
 def float_nodes(gm, layers, job: dict) -> tuple[dict[str, list[str]], set[str]]:
     """FX nodes of the torch program that each ONNX layer came from: the module path its ONNX scope names, ops of the
     ONNX op's kind (a Conv's conv, a Gemm's linear); a dynamo-exported name ``node_<fx name>`` names the node itself.
-    A layer that maps to no node is a ConversionError (the try fails; nothing stays float silently)."""
+    An ONNX LSTM/GRU/RNN (one per layer: ``LSTM``, ``LSTM_1``...) names one layer of the torch op:
+    ``<node>@<layer>``, kept float by its loop form (executorch_scan.py). A layer that maps to no node is a
+    ConversionError (the try fails; nothing stays float silently)."""
     by_module: dict[str, list] = {}
     for n in gm.graph.nodes:
         if n.op == "call_function":
@@ -211,7 +254,11 @@ def float_nodes(gm, layers, job: dict) -> tuple[dict[str, list[str]], set[str]]:
     kept: dict[str, list[str]] = {}
     for layer in layers:
         scoped = onnx_scope_module(layer)
-        if scoped is not None:
+        if scoped is not None and scoped[1] in RECURRENT_ONNX:  # one ONNX node per layer: LSTM, LSTM_1, ...
+            suffix = re.search(r"_(\d+)$", layer)
+            hits = [f"{n.name}{LAYER_MARK}{suffix.group(1) if suffix else 0}" for n in by_module.get(scoped[0], [])
+                    if str(n.target).replace("aten.", "") in RECURRENT_OPS]
+        elif scoped is not None:
             path, op = scoped
             kinds = SCOPE_OPS.get(op)
             hits = [n.name for n in by_module.get(path, [])
@@ -232,9 +279,12 @@ def _plain_path(path: str) -> str:
 
 
 def delegation(gm) -> dict:
-    """How much of the program XNNPACK took: its partitions and the ops left to ExecuTorch's portable kernels."""
+    """How much of the program XNNPACK took: its partitions and the ops left to ExecuTorch's portable kernels (in
+    the bodies of recurrent loops too)."""
     delegates, outside = 0, set()
-    for n in gm.graph.nodes:
+    graphs = [gm.graph] + [getattr(gm, n.args[0].target).graph for n in gm.graph.nodes
+                           if n.op == "call_function" and getattr(n.target, "__name__", "") == "scan"]
+    for n in (n for graph in graphs for n in graph.nodes):
         if n.op != "call_function":
             continue
         name = getattr(n.target, "__name__", str(n.target))
