@@ -21,9 +21,12 @@ the largest step. Recurrent ops with projections (``proj_size``) keep torch's un
 
 from __future__ import annotations
 
+import functools
 from operator import attrgetter
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 LOOP_PREFIX = "edgebuild_scan_"  # the loop modules' names in the rewritten graph
 GATES = {"lstm.input": 4, "gru.input": 3, "rnn_tanh.input": 1, "rnn_relu.input": 1}
@@ -44,6 +47,8 @@ def supported(gm) -> list[str]:
 def _layer_params(gm, node):
     """Per layer and direction, (w_ih, w_hh, b_ih, b_hh) as tensors; None when a weight is computed in the graph or
     the op has projections."""
+    import torch
+
     params, has_bias, layers, bidirectional = node.args[2], node.args[3], node.args[4], node.args[7]
     per = 4 if has_bias else 2
     dirs = 2 if bidirectional else 1
@@ -74,7 +79,7 @@ def to_scan(gm, quantized: bool, float_layers: dict[str, set[int]] | None = None
     for k, node in enumerate(recurrent):
         kind, dirs = _op(node), 2 if node.args[7] else 1
         floats = (float_layers or {}).get(node.name, set())
-        module = ScanRecurrent(kind, _layer_params(gm, node), node.args[4], node.args[7], node.args[8],
+        module = loop_module_class()(kind, _layer_params(gm, node), node.args[4], node.args[7], node.args[8],
                                {g for g in range(node.args[4] * dirs) if quantized and g // dirs not in floats})
         name = f"{LOOP_PREFIX}{k}"
         gm.add_submodule(name, module)
@@ -99,96 +104,108 @@ def to_scan(gm, quantized: bool, float_layers: dict[str, set[int]] | None = None
 
 def _quantize_channels(w: torch.Tensor):
     """int8 symmetric per output channel: (q, scale, zero point)."""
+    import torch
+
     scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(torch.float32)
     q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
     return q, scale, torch.zeros_like(scale, dtype=torch.int64)
 
 
-class ScanRecurrent(torch.nn.Module):
-    """An LSTM/GRU/RNN op (torch's argument layout) as per-layer input projections and a ``torch.scan`` cell."""
+@functools.cache
+def loop_module_class():
+    """``ScanRecurrent`` (torch is imported here, not with the module: every target module is imported to list the
+    targets)."""
+    import torch
 
-    def __init__(self, kind: str, groups, layers: int, bidirectional: bool, batch_first: bool, quantized: set[int]):
-        """``groups``: per layer and direction (layer * directions + direction), its weights; ``quantized``: the
-        groups whose weights are int8 (the others stay float)."""
-        super().__init__()
-        self.kind, self.gates, self.layers = kind, GATES[kind], layers
-        self.dirs, self.batch_first, self.quantized = 2 if bidirectional else 1, batch_first, set(quantized)
-        self.hidden = groups[0][1].shape[1]
-        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(groups):
-            h = self.hidden
-            b_in = b_ih + b_hh if kind != "gru.input" else b_ih + torch.cat([b_hh[:2 * h], torch.zeros_like(b_hh[:h])])
-            self._weight(f"ih{k}", w_ih, k)
-            self.register_buffer(f"b_in{k}", b_in.contiguous())
-            for g in range(self.gates):
-                self._weight(f"hh{k}_{g}", w_hh[g * h:(g + 1) * h], k)
-            if kind == "gru.input":
-                self.register_buffer(f"b_hn{k}", b_hh[2 * h:].clone())
+    class ScanRecurrent(torch.nn.Module):
+        """An LSTM/GRU/RNN op (torch's argument layout) as per-layer input projections and a ``torch.scan`` cell."""
 
-    def _weight(self, name: str, w: torch.Tensor, group: int) -> None:
-        if group in self.quantized:
-            q, scale, zero = _quantize_channels(w)
-            self.register_buffer(name + "_q", q)
-            self.register_buffer(name + "_s", scale)
-            self.register_buffer(name + "_z", zero)
-        else:
-            self.register_buffer(name, w.clone(memory_format=torch.contiguous_format))  # a slice: its own storage
+        def __init__(self, kind: str, groups, layers: int, bidirectional: bool, batch_first: bool, quantized: set[int]):
+            """``groups``: per layer and direction (layer * directions + direction), its weights; ``quantized``: the
+            groups whose weights are int8 (the others stay float)."""
+            super().__init__()
+            self.kind, self.gates, self.layers = kind, GATES[kind], layers
+            self.dirs, self.batch_first, self.quantized = 2 if bidirectional else 1, batch_first, set(quantized)
+            self.hidden = groups[0][1].shape[1]
+            for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(groups):
+                h = self.hidden
+                # the input projection carries both biases, but GRU's b_hn, which r multiplies
+                b_hh_in = torch.cat([b_hh[:2 * h], torch.zeros_like(b_hh[:h])]) if kind == "gru.input" else b_hh
+                b_in = b_ih + b_hh_in
+                self._weight(f"ih{k}", w_ih, k)
+                self.register_buffer(f"b_in{k}", b_in.contiguous())
+                for g in range(self.gates):
+                    self._weight(f"hh{k}_{g}", w_hh[g * h:(g + 1) * h], k)
+                if kind == "gru.input":
+                    self.register_buffer(f"b_hn{k}", b_hh[2 * h:].clone())
 
-    def weight_tensors(self) -> list[tuple[torch.Tensor, bool]]:
-        """Its buffers as (tensor, whether it is a quantization scale rather than a weight)."""
-        return [(t, name.endswith("_s")) for name, t in self.named_buffers()]
+        def _weight(self, name: str, w: torch.Tensor, group: int) -> None:
+            if group in self.quantized:
+                q, scale, zero = _quantize_channels(w)
+                self.register_buffer(name + "_q", q)
+                self.register_buffer(name + "_s", scale)
+                self.register_buffer(name + "_z", zero)
+            else:
+                self.register_buffer(name, w.clone(memory_format=torch.contiguous_format))  # a slice: its own storage
 
-    def _linear(self, x, name: str, bias=None):
-        if not hasattr(self, name + "_q"):
-            return torch.nn.functional.linear(x, getattr(self, name), bias)
-        qd = torch.ops.quantized_decomposed
-        scale, zero = qd.choose_qparams.tensor(x, -128, 127, 2 ** -12, torch.int8)
-        x = qd.dequantize_per_tensor.tensor(qd.quantize_per_tensor.tensor(x, scale, zero, -128, 127, torch.int8),
-                                            scale, zero, -128, 127, torch.int8)
-        w = qd.dequantize_per_channel.default(getattr(self, name + "_q"), getattr(self, name + "_s"),
-                                              getattr(self, name + "_z"), 0, -127, 127, torch.int8)
-        return torch.nn.functional.linear(x, w, bias)
+        def weight_tensors(self) -> list[tuple[torch.Tensor, bool]]:
+            """Its buffers as (tensor, whether it is a quantization scale rather than a weight)."""
+            return [(t, name.endswith("_s")) for name, t in self.named_buffers()]
 
-    def forward(self, x, *states):
-        from torch._higher_order_ops.scan import scan
+        def _linear(self, x, name: str, bias=None):
+            if not hasattr(self, name + "_q"):
+                return torch.nn.functional.linear(x, getattr(self, name), bias)
+            qd = torch.ops.quantized_decomposed
+            scale, zero = qd.choose_qparams.tensor(x, -128, 127, 2 ** -12, torch.int8)
+            x = qd.dequantize_per_tensor.tensor(qd.quantize_per_tensor.tensor(x, scale, zero, -128, 127, torch.int8),
+                                                scale, zero, -128, 127, torch.int8)
+            w = qd.dequantize_per_channel.default(getattr(self, name + "_q"), getattr(self, name + "_s"),
+                                                  getattr(self, name + "_z"), 0, -127, 127, torch.int8)
+            return torch.nn.functional.linear(x, w, bias)
 
-        seq = x.transpose(0, 1) if self.batch_first else x  # [T, B, I]
-        steps, batch = seq.shape[0], seq.shape[1]
-        finals: list[list[torch.Tensor]] = [[] for _ in states]
-        for layer in range(self.layers):
-            outs = []
-            for d in range(self.dirs):
-                k = layer * self.dirs + d
-                src = seq.flip(0) if d else seq
-                proj = self._linear(src.reshape(steps * batch, src.shape[-1]), f"ih{k}", getattr(self, f"b_in{k}"))
-                proj = proj.reshape(steps, batch, self.gates * self.hidden)
-                xs = [proj[..., g * self.hidden:(g + 1) * self.hidden].contiguous() for g in range(self.gates)]
-                init = tuple(s[k] for s in states)
-                carry, ys = scan(lambda c, gx, k=k: self._cell(k, c, gx), init, xs)
-                for f, c in zip(finals, carry):
-                    f.append(c)
-                outs.append(ys.flip(0) if d else ys)
-            seq = outs[0] if self.dirs == 1 else torch.cat(outs, dim=-1)
-        out = seq.transpose(0, 1) if self.batch_first else seq
-        return (out, *(torch.stack(f) for f in finals))
+        def forward(self, x, *states):
+            from torch._higher_order_ops.scan import scan
 
-    def _cell(self, k: int, carry, gx):
-        h = carry[0]
-        rec = [self._linear(h, f"hh{k}_{g}", getattr(self, f"b_hn{k}") if self.kind == "gru.input" and g == 2
-                            else None) for g in range(self.gates)]
-        if self.kind == "lstm.input":
-            i, f = torch.sigmoid(gx[0] + rec[0]), torch.sigmoid(gx[1] + rec[1])
-            g, o = torch.tanh(gx[2] + rec[2]), torch.sigmoid(gx[3] + rec[3])
-            c = f * carry[1] + i * g
-            h = o * torch.tanh(c)
-            return (h, c), h.clone()
-        if self.kind == "gru.input":
-            r, z = torch.sigmoid(gx[0] + rec[0]), torch.sigmoid(gx[1] + rec[1])
-            n = torch.tanh(gx[2] + r * rec[2])
-            h = (1 - z) * n + z * h
+            seq = x.transpose(0, 1) if self.batch_first else x  # [T, B, I]
+            steps, batch = seq.shape[0], seq.shape[1]
+            finals: list[list[torch.Tensor]] = [[] for _ in states]
+            for layer in range(self.layers):
+                outs = []
+                for d in range(self.dirs):
+                    k = layer * self.dirs + d
+                    src = seq.flip(0) if d else seq
+                    proj = self._linear(src.reshape(steps * batch, src.shape[-1]), f"ih{k}", getattr(self, f"b_in{k}"))
+                    proj = proj.reshape(steps, batch, self.gates * self.hidden)
+                    xs = [proj[..., g * self.hidden:(g + 1) * self.hidden].contiguous() for g in range(self.gates)]
+                    init = tuple(s[k] for s in states)
+                    carry, ys = scan(lambda c, gx, k=k: self._cell(k, c, gx), init, xs)
+                    for f, c in zip(finals, carry):
+                        f.append(c)
+                    outs.append(ys.flip(0) if d else ys)
+                seq = outs[0] if self.dirs == 1 else torch.cat(outs, dim=-1)
+            out = seq.transpose(0, 1) if self.batch_first else seq
+            return (out, *(torch.stack(f) for f in finals))
+
+        def _cell(self, k: int, carry, gx):
+            h = carry[0]
+            rec = [self._linear(h, f"hh{k}_{g}", getattr(self, f"b_hn{k}") if self.kind == "gru.input" and g == 2
+                                else None) for g in range(self.gates)]
+            if self.kind == "lstm.input":
+                i, f = torch.sigmoid(gx[0] + rec[0]), torch.sigmoid(gx[1] + rec[1])
+                g, o = torch.tanh(gx[2] + rec[2]), torch.sigmoid(gx[3] + rec[3])
+                c = f * carry[1] + i * g
+                h = o * torch.tanh(c)
+                return (h, c), h.clone()
+            if self.kind == "gru.input":
+                r, z = torch.sigmoid(gx[0] + rec[0]), torch.sigmoid(gx[1] + rec[1])
+                n = torch.tanh(gx[2] + r * rec[2])
+                h = (1 - z) * n + z * h
+                return (h,), h.clone()
+            pre = gx[0] + rec[0]
+            h = torch.tanh(pre) if self.kind == "rnn_tanh.input" else torch.relu(pre)
             return (h,), h.clone()
-        pre = gx[0] + rec[0]
-        h = torch.tanh(pre) if self.kind == "rnn_tanh.input" else torch.relu(pre)
-        return (h,), h.clone()
+
+    return ScanRecurrent
 
 
 def body_constants():
@@ -208,6 +225,7 @@ def body_constants():
 def _constants_into_bodies(ep) -> int:
     import copy
 
+    import torch
     from torch.export.graph_signature import InputKind
 
     kinds = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
