@@ -38,7 +38,7 @@ from edgebuild.calibration.dataset import SampleSet
 from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets.base import TORCH_EXPORT, Artifact, Backend, BackendInfo, ExportedModel, Runner, register
 from edgebuild.targets.executorch_graph import (delegation, half_module, prelu_for_xnnpack, quantize_pt2e,
-                                               recurrent_as_scan, recurrent_ops)
+                                               recurrent_as_scan)
 from edgebuild.targets.isolated import quiet_native_stderr
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, Settings, choice, count, flag, names, number
@@ -227,6 +227,7 @@ def _convert_job(job: dict) -> dict:
 
     import torch
 
+    from edgebuild.targets.executorch_scan import supported as loop_supported
     from edgebuild.targets.isolated import samples_from_disk, set_phase
 
     warnings.simplefilter("ignore")  # torch.export and torchao deprecation chatter; errors still raise
@@ -239,10 +240,10 @@ def _convert_job(job: dict) -> dict:
     ep, rewritten = prelu_for_xnnpack(ep, example)
     if rewritten:
         record["prelu_rewritten"] = rewritten
-    if precision == "fp16" and recurrent_ops(ep.graph):
-        raise ConversionError(f"{job['target']}: ExecuTorch FP16 of recurrent layers "
-                              f"({', '.join(recurrent_ops(ep.graph))}) is not built: their loop form runs in float32 "
-                              "(INT8 and FP32 are built)")
+    loops = loop_supported(ep.module()) if precision == "fp16" else []
+    if loops:
+        raise ConversionError(f"{job['target']}: ExecuTorch FP16 of recurrent layers ({', '.join(loops)}) is not "
+                              "built: their loop form runs in float32 (INT8 and FP32 are built)")
     if precision == "fp16":
         set_phase("casting the program to FP16")
         ep = torch.export.export(half_module(ep.module()), example, strict=False)
@@ -250,7 +251,7 @@ def _convert_job(job: dict) -> dict:
         calib = samples_from_disk(job["samples"])
         ep, quantized = quantize_pt2e(ep, example, precision, s, calib, job)
         record.update(quantized)
-    else:
+    elif precision == "fp32":
         set_phase("recurrent layers as loops (torch.scan)")
         ep, scanned = recurrent_as_scan(ep, example)
         if scanned:

@@ -94,9 +94,7 @@ def quantize_pt2e(ep, example, precision: str, s: dict, calib, job: dict):
     recurrent_floats: dict[str, set[int]] = {}
     if s.get("float_layers"):
         kept, floats = float_nodes(gm, s["float_layers"], job)
-        for name in (f for f in floats if LAYER_MARK in f):
-            if record.get("recurrent_unrolled"):
-                raise ConversionError(f"{job['target']}: float layer {name} is inside an unrolled recurrent op")
+        for name in (f for f in floats if LAYER_MARK in f):  # an unrolled graph has no recurrent op to name
             node, layer = name.split(LAYER_MARK)
             recurrent_floats.setdefault(node, set()).add(int(layer))
         quantizer.set_filter_function(lambda n: n.name not in floats)
@@ -118,6 +116,7 @@ def quantize_pt2e(ep, example, precision: str, s: dict, calib, job: dict):
     scanned = to_scan(converted, quantized=True, float_layers=recurrent_floats)
     if scanned:
         record["recurrent_scan"] = scanned
+        record["recurrent_weights"] = "int8 symmetric per-channel (the loop form's, whatever per_channel says)"
         record["recurrent_activations"] = "float, quantized per run (dynamic)"
     record["activations"] = ("float, quantized per run (dynamic)" if dynamic else
                              f"int8 per-tensor, {s.get('observer', 'minmax')} ranges")
@@ -151,8 +150,8 @@ def recurrent_ops(graph) -> list[str]:
 
 
 def unroll_recurrent(ep):
-    """LSTM/GRU/RNN ops the loop form (executorch_scan.py) does not take (projections), decomposed into their
-    per-step Linear and gate ops (torch's own decompositions) before PT2E:
+    """LSTM/GRU/RNN ops, when the loop form (executorch_scan.py) does not take one of them (projections), decomposed
+    into their per-step Linear and gate ops (torch's own decompositions) before PT2E:
     the XNNPACK quantizer has no pattern for the fused recurrent op, which would leave its weights float; unrolled,
     each weight is one int8 constant shared by every step. Returns the program and the ops unrolled."""
     import torch
@@ -254,10 +253,10 @@ def float_nodes(gm, layers, job: dict) -> tuple[dict[str, list[str]], set[str]]:
     kept: dict[str, list[str]] = {}
     for layer in layers:
         scoped = onnx_scope_module(layer)
-        if scoped is not None and scoped[1] in RECURRENT_ONNX:  # one ONNX node per layer: LSTM, LSTM_1, ...
-            suffix = re.search(r"_(\d+)$", layer)
-            hits = [f"{n.name}{LAYER_MARK}{suffix.group(1) if suffix else 0}" for n in by_module.get(scoped[0], [])
-                    if str(n.target).replace("aten.", "") in RECURRENT_OPS]
+        recurrent = [n for n in by_module.get(scoped[0], []) if str(n.target).replace("aten.", "") in RECURRENT_OPS] \
+            if scoped is not None and scoped[1] in RECURRENT_ONNX else []
+        if recurrent:
+            hits = [_recurrent_layer(recurrent, layer, job)]
         elif scoped is not None:
             path, op = scoped
             kinds = SCOPE_OPS.get(op)
@@ -270,6 +269,20 @@ def float_nodes(gm, layers, job: dict) -> tuple[dict[str, list[str]], set[str]]:
             raise ConversionError(f"{job['target']}: float layer {layer} maps to no op of the torch program")
         kept[layer] = hits
     return kept, {h for hits in kept.values() for h in hits}
+
+
+def _recurrent_layer(nodes, layer: str, job: dict) -> str:
+    """``<node>@<layer>`` of an ONNX LSTM/GRU/RNN name: the exporter writes one ONNX node per layer and call, numbered
+    on through the scope (``LSTM``, ``LSTM_1``, ...), so the n-th is found by counting the layers of the scope's
+    recurrent ops in graph order."""
+    suffix = re.search(r"_(\d+)$", layer)
+    index = int(suffix.group(1)) if suffix else 0
+    for node in nodes:
+        if index < node.args[4]:
+            return f"{node.name}{LAYER_MARK}{index}"
+        index -= node.args[4]
+    raise ConversionError(f"{job['target']}: float layer {layer} is past the {sum(n.args[4] for n in nodes)} "
+                          "recurrent layers of its scope in the torch program")
 
 
 def _plain_path(path: str) -> str:

@@ -37,9 +37,10 @@ def _op(node) -> str:
 
 
 def supported(gm) -> list[str]:
-    """The recurrent ops of ``gm`` this module rewrites (every one, or none: a graph keeps one form)."""
+    """The recurrent ops of ``gm`` this module rewrites (every one, or none: a graph keeps one form). An op in
+    training mode with dropout is not taken (the loop has no dropout)."""
     ops = [n for n in gm.graph.nodes if n.op == "call_function" and _op(n) in GATES]
-    if not ops or not all(_layer_params(gm, n) is not None for n in ops):
+    if not ops or not all(_layer_params(gm, n) is not None and not (n.args[6] and n.args[5]) for n in ops):
         return []
     return sorted({_op(n) for n in ops})
 
@@ -76,6 +77,9 @@ def to_scan(gm, quantized: bool, float_layers: dict[str, set[int]] | None = None
     unknown = set(float_layers or {}) - {n.name for n in recurrent}
     if unknown:
         raise ValueError(f"float layers name no recurrent op of the program: {', '.join(sorted(unknown))}")
+    beyond = [f"{n.name}@{i}" for n in recurrent for i in (float_layers or {}).get(n.name, ()) if i >= n.args[4]]
+    if beyond:
+        raise ValueError(f"float layers beyond their op's layers: {', '.join(beyond)}")
     for k, node in enumerate(recurrent):
         kind, dirs = _op(node), 2 if node.args[7] else 1
         floats = (float_layers or {}).get(node.name, set())
@@ -280,9 +284,10 @@ def _holder_to_attr(body, holder, value, attr: str) -> None:
         if user.target != edge.permute_copy.default or list(user.args[1]) != [1, 0]:
             continue
         for mm in [u for u in user.users if u.target in (edge.mm.default, edge.addmm.default)]:
-            args = (mm.args[0], const) if mm.target == edge.mm.default else (mm.args[1], const, mm.args[0])
-            if mm.target == edge.addmm.default and (mm.kwargs or mm.args[2] is not user):
-                continue  # beta/alpha, or W^T as the input: not a Linear
+            plain = mm.target == edge.mm.default
+            if mm.args[1 if plain else 2] is not user or mm.kwargs:
+                continue  # W^T as the input, or addmm's beta/alpha: not a Linear
+            args = (mm.args[0], const) if plain else (mm.args[1], const, mm.args[0])
             with body.graph.inserting_before(mm):
                 linear = body.graph.call_function(edge.linear.default, args)
             linear.meta = dict(mm.meta)
@@ -314,14 +319,15 @@ def scan_partitioner():
         def partition(self, ep):
             tags = dict(self.inner.partition(ep).partition_tags)
             for k, (_name, body, _node) in enumerate(get_control_flow_submodules(ep.graph_module)):
-                view = copy.copy(ep)
+                view = copy.copy(ep)  # the XNNPACK configs read the program's signature and its graph module
                 view._graph_module = body
                 inner = self.inner.partition(view).partition_tags
+                outputs = set(body.graph.output_node().all_input_nodes)
                 for n in body.graph.nodes:
                     tag = n.meta.get("delegation_tag")
                     if tag is None or tag.startswith("scan"):
                         continue
-                    if "clone" in str(n.target):
+                    if n in outputs and "clone" in str(n.target):  # the per-step output's copy of a carried state
                         del n.meta["delegation_tag"]
                     else:
                         n.meta["delegation_tag"] = f"scan{k}_{tag}"

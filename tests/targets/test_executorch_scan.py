@@ -18,36 +18,42 @@ torch = pytest.importorskip("torch")
 
 
 class Recurrent(torch.nn.Module):
-    def __init__(self, kind: str, steps_first: bool = False):
+    def __init__(self, kind: str, steps_first: bool, bidirectional: bool, **options):
         super().__init__()
         cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[kind]
-        self.kind, self.batch_first = kind, not steps_first
-        self.rnn = cls(6, 16, num_layers=2, batch_first=not steps_first, bidirectional=kind == "lstm")
-        self.head = torch.nn.Linear(32 if kind == "lstm" else 16, 3)
+        self.batch_first = not steps_first
+        self.rnn = cls(6, 16, num_layers=2, batch_first=not steps_first, bidirectional=bidirectional, **options)
+        self.head = torch.nn.Linear(32 if bidirectional else 16, 3)
 
-    def forward(self, x, h0=None):
-        out, state = self.rnn(x, h0) if h0 is not None else self.rnn(x)
+    def forward(self, x, *state):
+        out, final = self.rnn(x, (state if len(state) > 1 else state[0]) if state else None)
         last = out[:, -1] if self.batch_first else out[-1]
-        final = state[0] if self.kind == "lstm" else state
-        return self.head(last), final
+        return (self.head(last), *(final if isinstance(final, tuple) else (final,)))
 
 
-CASES = {"lstm": ("lstm", False, False), "gru-states": ("gru", False, True), "rnn-steps-first": ("rnn", True, False)}
+CASES = {  # name: (kind, steps first, bidirectional, given states, options, the op)
+    "lstm-bidirectional": ("lstm", False, True, 0, {}, "lstm.input"),
+    "lstm-states": ("lstm", False, False, 2, {}, "lstm.input"),
+    "gru-states-bidirectional": ("gru", False, True, 1, {}, "gru.input"),
+    "rnn-relu-steps-first-no-bias": ("rnn", True, False, 0, {"nonlinearity": "relu", "bias": False}, "rnn_relu.input"),
+}
 
 
 def _case(name):
-    kind, steps_first, states = CASES[name]
+    kind, steps_first, bidirectional, states, options, _ = CASES[name]
     torch.manual_seed(0)
-    module = Recurrent(kind, steps_first).eval()
+    module = Recurrent(kind, steps_first, bidirectional, **options).eval()
     x = torch.randn(7, 2, 6) if steps_first else torch.randn(2, 7, 6)
-    args = (x, 0.5 * torch.randn(2, 2, 16)) if states else (x,)
-    return module, args
+    layers = 4 if bidirectional else 2
+    return module, (x, *(0.5 * torch.randn(layers, 2, 16) for _ in range(states)))
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_loop_form_keeps_the_recurrent_ops_numbers(name):
+    """Every output: the head on the last step, h_n (and c_n), with given initial states where the case has them."""
     import torchao.quantization.pt2e  # noqa: F401 — the quantized_decomposed ops
 
+    from edgebuild.targets.executorch_graph import recurrent_ops
     from edgebuild.targets.executorch_scan import to_scan
 
     module, args = _case(name)
@@ -55,12 +61,13 @@ def test_the_loop_form_keeps_the_recurrent_ops_numbers(name):
         want = [t.numpy() for t in module(*args)]
     for quantized in (False, True):
         gm = torch.export.export(module, args).module()
-        assert to_scan(gm, quantized) == [f"{CASES[name][0]}.input" if CASES[name][0] != "rnn" else "rnn_tanh.input"]
+        assert to_scan(gm, quantized) == [CASES[name][-1]]
         program = torch.export.export(gm, args, strict=False)
         assert any(n.target is torch.ops.higher_order.scan for n in program.graph.nodes)
-        assert not any("lstm" in str(n.target) or "gru" in str(n.target) for n in program.graph.nodes)
+        assert recurrent_ops(program.graph) == []
         with torch.no_grad():
             got = [t.numpy() for t in program.module()(*args)]
+        assert len(got) == len(want)
         for g, w in zip(got, want):
             if quantized:
                 cosine = (g * w).sum() / (np.linalg.norm(g) * np.linalg.norm(w))
@@ -151,7 +158,7 @@ def test_a_float_layer_keeps_that_layers_weights_float_and_only_it():
     from edgebuild.targets.executorch_graph import float_nodes
     from edgebuild.targets.executorch_scan import to_scan
 
-    module, args = _case("lstm")  # 2 layers, bidirectional: the ONNX exporter writes /rnn/LSTM and /rnn/LSTM_1
+    module, args = _case("lstm-bidirectional")  # 2 layers: the ONNX exporter writes /rnn/LSTM and /rnn/LSTM_1
     gm = torch.export.export(module, args).module()
     kept, floats = float_nodes(gm, ["/rnn/LSTM_1"], {"target": "t"})
     node, layer = next(iter(floats)).split("@")
@@ -162,3 +169,10 @@ def test_a_float_layer_keeps_that_layers_weights_float_and_only_it():
     assert hasattr(loop, "ih0_q") and hasattr(loop, "hh1_3_q") and hasattr(loop, "ih2") and not hasattr(loop, "ih2_q")
     with pytest.raises(ValueError, match="no recurrent op"):
         to_scan(torch.export.export(module, args).module(), True, {"nothing": {0}})
+    with pytest.raises(ValueError, match="beyond"):
+        to_scan(torch.export.export(module, args).module(), True, {node: {2}})
+    from edgebuild.errors import ConversionError
+
+    with pytest.raises(ConversionError, match="past the 2 recurrent layers"):
+        fresh = torch.export.export(module, args).module()
+        float_nodes(fresh, ["/rnn/LSTM_2"], {"target": "t"})  # numbered on past the op's layers: not silently int8
