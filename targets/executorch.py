@@ -39,6 +39,8 @@ from edgebuild.errors import BadInputError, ConversionError
 from edgebuild.targets.base import TORCH_EXPORT, Artifact, Backend, BackendInfo, ExportedModel, Runner, register
 from edgebuild.targets.executorch_graph import (delegation, half_module, prelu_for_xnnpack, quantize_pt2e,
                                                recurrent_as_scan)
+from edgebuild.targets.executorch_scan import body_constants, scan_partitioner
+from edgebuild.targets.executorch_scan import supported as loop_supported
 from edgebuild.targets.isolated import quiet_native_stderr
 from edgebuild.targets.profiles import TargetProfile
 from edgebuild.targets.settings import Precision, Settings, choice, count, flag, names, number
@@ -227,7 +229,6 @@ def _convert_job(job: dict) -> dict:
 
     import torch
 
-    from edgebuild.targets.executorch_scan import supported as loop_supported
     from edgebuild.targets.isolated import samples_from_disk, set_phase
 
     warnings.simplefilter("ignore")  # torch.export and torchao deprecation chatter; errors still raise
@@ -276,8 +277,6 @@ def _lower(ep, loops: bool):
     from executorch.exir import to_edge_transform_and_lower
 
     if loops:
-        from edgebuild.targets.executorch_scan import body_constants, scan_partitioner
-
         return to_edge_transform_and_lower(ep, transform_passes=[body_constants()], partitioner=[scan_partitioner()])
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 

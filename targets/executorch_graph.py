@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from edgebuild.errors import ConversionError
+from edgebuild.targets.executorch_scan import GATES, LOOP_PREFIX, op_name, supported, to_scan
 
 
 PRELU_OPS = ("aten._prelu_kernel.default", "aten.prelu.default")
@@ -85,8 +86,6 @@ def quantize_pt2e(ep, example, precision: str, s: dict, calib, job: dict):
     quantizer = XNNPACKQuantizer().set_global(config)
     record: dict = {"quantizer": "executorch XNNPACKQuantizer (PT2E, torchao.quantization.pt2e)",
                     "weights": "int8 symmetric " + ("per-channel" if s.get("per_channel", True) or dynamic else "per-tensor")}
-    from edgebuild.targets.executorch_scan import supported, to_scan
-
     gm = ep.module()
     if not supported(gm):
         ep, record["recurrent_unrolled"] = unroll_recurrent(ep)
@@ -129,8 +128,6 @@ def recurrent_as_scan(ep, example):
     """A float program's LSTM/GRU/RNN ops as ``torch.scan`` loops (targets/executorch_scan.py); the ops rewritten."""
     import torch
 
-    from edgebuild.targets.executorch_scan import to_scan
-
     gm = ep.module()
     scanned = to_scan(gm, quantized=False)
     if not scanned:
@@ -138,14 +135,14 @@ def recurrent_as_scan(ep, example):
     return torch.export.export(gm, example, strict=False), scanned
 
 
-RECURRENT_OPS = ("lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input")
+RECURRENT_OPS = tuple(GATES)
 RECURRENT_ONNX = ("LSTM", "GRU", "RNN")
 LAYER_MARK = "@"  # "<recurrent node>@<layer>": a float layer inside a recurrent op
 
 
 def recurrent_ops(graph) -> list[str]:
     """The LSTM/GRU/RNN ops of a torch.export graph."""
-    present = {str(n.target).replace("aten.", "") for n in graph.nodes if n.op == "call_function"}
+    present = {op_name(n) for n in graph.nodes if n.op == "call_function"}
     return [name for name in RECURRENT_OPS if name in present]
 
 
@@ -179,8 +176,6 @@ def int8_share(gm) -> float:
     """Share of the weight elements held as int8 after PT2E convert (the rest stays float), the weights of recurrent
     loop modules (executorch_scan.py) included."""
     import torch
-
-    from edgebuild.targets.executorch_scan import LOOP_PREFIX
 
     tensors = []
     seen = set()
@@ -253,7 +248,7 @@ def float_nodes(gm, layers, job: dict) -> tuple[dict[str, list[str]], set[str]]:
     kept: dict[str, list[str]] = {}
     for layer in layers:
         scoped = onnx_scope_module(layer)
-        recurrent = [n for n in by_module.get(scoped[0], []) if str(n.target).replace("aten.", "") in RECURRENT_OPS] \
+        recurrent = [n for n in by_module.get(scoped[0], []) if op_name(n) in RECURRENT_OPS] \
             if scoped is not None and scoped[1] in RECURRENT_ONNX else []
         if recurrent:
             hits = [_recurrent_layer(recurrent, layer, job)]

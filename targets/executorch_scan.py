@@ -21,7 +21,6 @@ the largest step. Recurrent ops with projections (``proj_size``) keep torch's un
 
 from __future__ import annotations
 
-import functools
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
@@ -32,17 +31,18 @@ LOOP_PREFIX = "edgebuild_scan_"  # the loop modules' names in the rewritten grap
 GATES = {"lstm.input": 4, "gru.input": 3, "rnn_tanh.input": 1, "rnn_relu.input": 1}
 
 
-def _op(node) -> str:
+def op_name(node) -> str:
+    """A call's ATen op as ``lstm.input``."""
     return str(node.target).replace("aten.", "")
 
 
 def supported(gm) -> list[str]:
     """The recurrent ops of ``gm`` this module rewrites (every one, or none: a graph keeps one form). An op in
     training mode with dropout is not taken (the loop has no dropout)."""
-    ops = [n for n in gm.graph.nodes if n.op == "call_function" and _op(n) in GATES]
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and op_name(n) in GATES]
     if not ops or not all(_layer_params(gm, n) is not None and not (n.args[6] and n.args[5]) for n in ops):
         return []
-    return sorted({_op(n) for n in ops})
+    return sorted({op_name(n) for n in ops})
 
 
 def _layer_params(gm, node):
@@ -73,7 +73,7 @@ def to_scan(gm, quantized: bool, float_layers: dict[str, set[int]] | None = None
         return []
     if quantized:
         import torchao.quantization.pt2e  # noqa: F401 — registers the quantized_decomposed ops
-    recurrent = [n for n in gm.graph.nodes if n.op == "call_function" and _op(n) in GATES]
+    recurrent = [n for n in gm.graph.nodes if n.op == "call_function" and op_name(n) in GATES]
     unknown = set(float_layers or {}) - {n.name for n in recurrent}
     if unknown:
         raise ValueError(f"float layers name no recurrent op of the program: {', '.join(sorted(unknown))}")
@@ -81,7 +81,7 @@ def to_scan(gm, quantized: bool, float_layers: dict[str, set[int]] | None = None
     if beyond:
         raise ValueError(f"float layers beyond their op's layers: {', '.join(beyond)}")
     for k, node in enumerate(recurrent):
-        kind, dirs = _op(node), 2 if node.args[7] else 1
+        kind, dirs = op_name(node), 2 if node.args[7] else 1
         floats = (float_layers or {}).get(node.name, set())
         module = loop_module_class()(kind, _layer_params(gm, node), node.args[4], node.args[7], node.args[8],
                                {g for g in range(node.args[4] * dirs) if quantized and g // dirs not in floats})
@@ -115,7 +115,6 @@ def _quantize_channels(w: torch.Tensor):
     return q, scale, torch.zeros_like(scale, dtype=torch.int64)
 
 
-@functools.cache
 def loop_module_class():
     """``ScanRecurrent`` (torch is imported here, not with the module: every target module is imported to list the
     targets)."""
